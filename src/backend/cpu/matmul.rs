@@ -1,0 +1,170 @@
+//! f32 matrix multiply `out[t, j] = Σ_k x[t, k]·w[j, k] (+ b[j])` with W in the checkpoint's
+//! `[out, in]` layout, so weights are used as stored (and later memory-mapped) without repacking.
+//!
+//! Work is split over output channels across the pool; each task computes register tiles of
+//! `TX` activation rows × `TW` weight rows as dot products along k (AVX2+FMA where the CPU has
+//! it, a scalar reference otherwise). Activation rows are processed in blocks that stay in L2.
+
+use super::simd::{cpu_features, SendPtr};
+use rayon::prelude::*;
+
+/// Weight rows per register tile.
+const TW: usize = 4;
+/// Activation rows per register tile.
+const TX: usize = 3;
+/// Activation rows per cache block (48 × 4 KiB rows of k = 1024 stay in L2).
+const X_BLOCK: usize = 48;
+
+/// Multiplies `x` (`rows × k`) by `wᵀ` (`w` is `n × k`) into `out` (`rows × n`).
+pub fn matmul(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    assert!(
+        x.len() >= rows * k && w.len() >= n * k && out.len() >= rows * n,
+        "matmul: buffer too small"
+    );
+    if let Some(b) = bias {
+        assert!(b.len() >= n, "matmul: bias too short");
+    }
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    // Several chunks per thread balance uneven finishing; chunks are whole tiles.
+    let chunk = n.div_ceil(threads * 4).next_multiple_of(TW).max(TW);
+    let chunks = n.div_ceil(chunk);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let use_avx2 = cpu_features().avx2_fma;
+    (0..chunks).into_par_iter().for_each(|c| {
+        let cols = c * chunk..((c + 1) * chunk).min(n);
+        // SAFETY: each task writes only columns `cols` of every output row, and the column ranges
+        // of different tasks are disjoint; `out` outlives the parallel loop.
+        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), rows * n) };
+        matmul_cols(x, rows, w, n, k, bias, out, cols, use_avx2);
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_cols(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    cols: std::ops::Range<usize>,
+    use_avx2: bool,
+) {
+    for xb in (0..rows).step_by(X_BLOCK) {
+        let xe = (xb + X_BLOCK).min(rows);
+        let mut j = cols.start;
+        while j < cols.end {
+            let tw = (cols.end - j).min(TW);
+            let mut t = xb;
+            while t < xe {
+                let tx = (xe - t).min(TX);
+                let mut acc = [[0f32; TW]; TX];
+                if use_avx2 {
+                    // SAFETY: avx2+fma were detected at run time.
+                    unsafe { super::simd::dot_tile_avx2(x, t, tx, w, j, tw, k, &mut acc) };
+                } else {
+                    dot_tile_scalar(x, t, tx, w, j, tw, k, &mut acc);
+                }
+                for (r, acc_row) in acc.iter().enumerate().take(tx) {
+                    for (c, &v) in acc_row.iter().enumerate().take(tw) {
+                        out[(t + r) * n + j + c] = v + bias.map_or(0.0, |b| b[j + c]);
+                    }
+                }
+                t += tx;
+            }
+            j += tw;
+        }
+    }
+}
+
+/// Reference tile: `acc[r][c] = x[t + r] · w[j + c]`.
+#[allow(clippy::too_many_arguments)]
+pub fn dot_tile_scalar(
+    x: &[f32],
+    t: usize,
+    tx: usize,
+    w: &[f32],
+    j: usize,
+    tw: usize,
+    k: usize,
+    acc: &mut [[f32; TW]; TX],
+) {
+    for r in 0..tx {
+        let xr = &x[(t + r) * k..(t + r + 1) * k];
+        for c in 0..tw {
+            let wr = &w[(j + c) * k..(j + c + 1) * k];
+            acc[r][c] = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+        }
+    }
+}
+
+pub const TILE_W: usize = TW;
+pub const TILE_X: usize = TX;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::rng::SplitMix64;
+
+    fn reference(
+        x: &[f32],
+        rows: usize,
+        w: &[f32],
+        n: usize,
+        k: usize,
+        bias: Option<&[f32]>,
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; rows * n];
+        for t in 0..rows {
+            for j in 0..n {
+                let mut s = bias.map_or(0.0, |b| b[j] as f64);
+                for i in 0..k {
+                    s += x[t * k + i] as f64 * w[j * k + i] as f64;
+                }
+                out[t * n + j] = s;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_f64_reference_on_odd_shapes() {
+        let mut rng = SplitMix64::new(7);
+        for &(rows, n, k) in &[
+            (1, 1, 1),
+            (1, 5, 7),
+            (2, 9, 8),
+            (3, 17, 33),
+            (7, 64, 100),
+            (50, 13, 129),
+            (97, 40, 17),
+        ] {
+            let x: Vec<f32> = (0..rows * k).map(|_| rng.normal()).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
+            let b: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+            let mut out = vec![0f32; rows * n];
+            matmul(&x, rows, &w, n, k, Some(&b), &mut out);
+            let want = reference(&x, rows, &w, n, k, Some(&b));
+            for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                // f32 accumulation of k terms of size ~1: error grows like sqrt(k)·eps.
+                let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-6;
+                assert!(
+                    (got as f64 - want).abs() <= tol * (1.0 + want.abs()),
+                    "{rows}x{n}x{k} [{i}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The CPU backend: f32 kernels (AVX2+FMA or scalar, chosen at run time).
+
+pub mod attention;
+pub mod matmul;
+pub mod ops;
+pub mod simd;

@@ -1,0 +1,174 @@
+//! Run-time CPU feature detection and the f32 SIMD kernels. Feature checks are cached; the
+//! environment variable `EDGEMOE_CPU=scalar` forces the portable path so tests run both tiers.
+
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, Copy)]
+pub struct CpuFeatures {
+    pub avx2_fma: bool,
+}
+
+pub fn cpu_features() -> CpuFeatures {
+    static FEATURES: OnceLock<CpuFeatures> = OnceLock::new();
+    *FEATURES.get_or_init(|| {
+        let forced_scalar = std::env::var("EDGEMOE_CPU").is_ok_and(|v| v == "scalar");
+        CpuFeatures {
+            avx2_fma: !forced_scalar && detect_avx2_fma(),
+        }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx2_fma() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx2_fma() -> bool {
+    false
+}
+
+/// A raw pointer that parallel tasks may share when each writes a disjoint part of the buffer.
+#[derive(Clone, Copy)]
+pub struct SendPtr<T>(pub *mut T);
+// SAFETY: only used where callers guarantee disjoint writes (see each use).
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// Through a method so closures capture the whole (Send) wrapper, not the raw field.
+    pub fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+use super::matmul::{TILE_W as TW, TILE_X as TX};
+
+/// AVX2 tile of dot products: `acc[r][c] = x[t + r] · w[j + c]` for `r < tx`, `c < tw`.
+///
+/// # Safety
+/// The CPU must support avx2 and fma; `x` must hold rows `t..t + tx` and `w` rows `j..j + tw`
+/// of length `k` (checked by the slicing below, which panics rather than reading out of bounds).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn dot_tile_avx2(
+    x: &[f32],
+    t: usize,
+    tx: usize,
+    w: &[f32],
+    j: usize,
+    tw: usize,
+    k: usize,
+    acc: &mut [[f32; TW]; TX],
+) {
+    use std::arch::x86_64::*;
+    if tx != TX || tw != TW {
+        // Edge tiles: one row pair at a time.
+        for r in 0..tx {
+            for c in 0..tw {
+                acc[r][c] = dot_avx2(
+                    &x[(t + r) * k..(t + r + 1) * k],
+                    &w[(j + c) * k..(j + c + 1) * k],
+                );
+            }
+        }
+        return;
+    }
+    let xs: [&[f32]; TX] = std::array::from_fn(|r| &x[(t + r) * k..(t + r + 1) * k]);
+    let ws: [&[f32]; TW] = std::array::from_fn(|c| &w[(j + c) * k..(j + c + 1) * k]);
+    let mut v = [[_mm256_setzero_ps(); TW]; TX];
+    let k8 = k / 8 * 8;
+    let mut i = 0;
+    while i < k8 {
+        let wv: [__m256; TW] = std::array::from_fn(|c| _mm256_loadu_ps(ws[c].as_ptr().add(i)));
+        for r in 0..TX {
+            let xv = _mm256_loadu_ps(xs[r].as_ptr().add(i));
+            for c in 0..TW {
+                v[r][c] = _mm256_fmadd_ps(xv, wv[c], v[r][c]);
+            }
+        }
+        i += 8;
+    }
+    for r in 0..TX {
+        for c in 0..TW {
+            let mut s = hsum(v[r][c]);
+            for ii in k8..k {
+                s += xs[r][ii] * ws[c][ii];
+            }
+            acc[r][c] = s;
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support avx2 and fma.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let n32 = n / 32 * 32;
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i < n32 {
+        for (u, a_u) in acc.iter_mut().enumerate() {
+            let av = _mm256_loadu_ps(a.as_ptr().add(i + 8 * u));
+            let bv = _mm256_loadu_ps(b.as_ptr().add(i + 8 * u));
+            *a_u = _mm256_fmadd_ps(av, bv, *a_u);
+        }
+        i += 32;
+    }
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
+    while i < n {
+        s += a[i] * b[i];
+        i += 1;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// Scalar fallbacks so non-x86 builds compile; never called there since detection says false.
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn dot_tile_avx2(
+    x: &[f32],
+    t: usize,
+    tx: usize,
+    w: &[f32],
+    j: usize,
+    tw: usize,
+    k: usize,
+    acc: &mut [[f32; TW]; TX],
+) {
+    super::matmul::dot_tile_scalar(x, t, tx, w, j, tw, k, acc)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Dot product on the best available tier.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    if cpu_features().avx2_fma {
+        // SAFETY: avx2+fma detected at run time.
+        unsafe { dot_avx2(a, b) }
+    } else {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+}

@@ -1,0 +1,3 @@
+//! What executes the ops. `cpu` is the reference and the first-class path.
+
+pub mod cpu;

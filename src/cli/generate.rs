@@ -1,0 +1,99 @@
+//! `edgemoe generate`: one completion, streamed to stdout (or one JSON object with `--json`).
+
+use super::ModelArgs;
+use crate::engine::generation::{generate, GenerateRequest};
+use crate::engine::sampling::SamplingParams;
+use std::io::Write;
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    /// Keep the K most likely tokens (0 = off).
+    #[arg(long = "top-k", default_value_t = 0)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens with this much probability (1 = off).
+    #[arg(long = "top-p", default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when this string appears (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(serde::Serialize)]
+struct JsonReport {
+    text: String,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    finish_reason: crate::engine::generation::FinishReason,
+    prefill_ms: f64,
+    decode_tokens_per_s: f64,
+    peak_rss_bytes: Option<u64>,
+}
+
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    if !(a.temp >= 0.0 && a.temp.is_finite()) {
+        anyhow::bail!("--temp must be a finite number >= 0");
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        anyhow::bail!("--top-p must be in (0, 1]");
+    }
+    let engine = a.model.engine()?;
+    let req = GenerateRequest {
+        prompt: a.prompt.clone(),
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temp,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        stop: a.stop.clone(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let out = generate(&engine, &req, |piece| {
+        if !a.json {
+            // A closed stdout (e.g. `| head`) ends generation instead of panicking.
+            return write!(stdout, "{piece}")
+                .and_then(|_| stdout.flush())
+                .is_ok();
+        }
+        true
+    })?;
+    if a.json {
+        let report = JsonReport {
+            text: out.text,
+            prompt_tokens: out.prompt_tokens,
+            completion_tokens: out.completion_tokens,
+            finish_reason: out.finish_reason,
+            prefill_ms: out.prefill_ms,
+            decode_tokens_per_s: out.decode_tokens_per_s,
+            peak_rss_bytes: crate::util::peak_rss_bytes(),
+        };
+        writeln!(stdout, "{}", serde_json::to_string(&report)?)?;
+    } else {
+        writeln!(stdout)?;
+        eprintln!(
+            "prompt {} tokens, prefill {:.1} ms; {} tokens at {:.1} tokens/s ({:?})",
+            out.prompt_tokens,
+            out.prefill_ms,
+            out.completion_tokens,
+            out.decode_tokens_per_s,
+            out.finish_reason
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! Subcommands, one file each. They live in the library so tests can drive them too.
+
+pub mod generate;
+pub mod ppl;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "edgemoe",
+    version,
+    about = "Run Mixture-of-Experts language models fast on small machines"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate a completion for a prompt.
+    Generate(generate::GenerateArgs),
+    /// Perplexity of a text file (GPTQ/SmoothQuant protocol: non-overlapping windows).
+    Ppl(ppl::PplArgs),
+}
+
+/// Options every model-running command shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint directory (Hugging Face layout); the built-in default model when omitted.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+impl ModelArgs {
+    pub fn engine(&self) -> anyhow::Result<crate::Engine> {
+        let started = std::time::Instant::now();
+        let model = crate::load_model(self.model.as_deref())?;
+        eprintln!(
+            "loaded {} ({:?}, {:.1} M params) in {:.2} s",
+            model.source,
+            model.config.arch,
+            model.num_params() as f64 / 1e6,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(crate::Engine::new(
+            std::sync::Arc::new(model),
+            self.threads,
+        )?)
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Ppl(a) => ppl::run(a),
+    }
+}

@@ -1,0 +1,237 @@
+//! One completion as a state machine that a scheduler can step: it says which tokens to run next,
+//! takes the logits back, samples, decodes a text piece, and decides when to finish (eos, a stop
+//! string, the token limit). `generate` drives one alone; `serve` batches many.
+
+use super::sampling::{Sampler, SamplingParams};
+use super::{BatchItem, Engine, Logits};
+use crate::error::{Error, Result};
+use crate::kv::KvCache;
+use crate::model::tokenizer::StreamDecoder;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Cancelled,
+    Error,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GenerateOutput {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub finish_reason: FinishReason,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub decode_tokens_per_s: f64,
+}
+
+pub struct Generation {
+    prompt: Vec<u32>,
+    pub cache: KvCache,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stop: Vec<String>,
+    max_tokens: usize,
+    eos: Vec<u32>,
+    generated: Vec<u32>,
+    text: String,
+    emitted: usize,
+    finish: Option<FinishReason>,
+    started: Instant,
+    prefill_ms: f64,
+    decode_started: Option<Instant>,
+}
+
+impl Generation {
+    pub fn new(engine: &Engine, req: &GenerateRequest) -> Result<Generation> {
+        let model = engine.model();
+        let mut prompt = model.tokenizer.encode(&req.prompt, true)?;
+        if prompt.is_empty() {
+            // An empty prompt still needs a first token to condition on.
+            match model.config.bos_token_id {
+                Some(b) => prompt.push(b),
+                None => {
+                    return Err(Error::invalid(
+                        "the prompt is empty and the model has no BOS token",
+                    ))
+                }
+            }
+        }
+        Ok(Generation {
+            prompt,
+            cache: engine.new_cache(),
+            sampler: Sampler::new(req.sampling.clone()),
+            decoder: StreamDecoder::new(),
+            stop: req.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            max_tokens: req.max_tokens,
+            eos: model.config.eos_token_ids.clone(),
+            generated: Vec::new(),
+            text: String::new(),
+            emitted: 0,
+            finish: if req.max_tokens == 0 {
+                Some(FinishReason::Length)
+            } else {
+                None
+            },
+            started: Instant::now(),
+            prefill_ms: 0.0,
+            decode_started: None,
+        })
+    }
+
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt.len()
+    }
+
+    pub fn finished(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// The next forward step's input: the prompt first, then the last sampled token.
+    pub fn batch_item(&mut self) -> BatchItem<'_> {
+        let tokens: &[u32] = match self.generated.last() {
+            Some(last) => std::slice::from_ref(last),
+            None => &self.prompt,
+        };
+        BatchItem {
+            tokens,
+            cache: &mut self.cache,
+            logits: Logits::Last,
+        }
+    }
+
+    /// Takes the logits of the step just run; returns the text that became final.
+    pub fn accept(
+        &mut self,
+        logits: &[f32],
+        tokenizer: &crate::model::tokenizer::Tokenizer,
+    ) -> String {
+        if self.generated.is_empty() {
+            self.prefill_ms = self.started.elapsed().as_secs_f64() * 1e3;
+            self.decode_started = Some(Instant::now());
+        }
+        let token = self.sampler.sample(logits);
+        self.generated.push(token);
+        if self.eos.contains(&token) {
+            self.finish = Some(FinishReason::Stop);
+            self.text.push_str(&self.decoder.finish(tokenizer));
+            return self.release(self.text.len());
+        }
+        self.text.push_str(&self.decoder.push(tokenizer, token));
+        if let Some(at) = self
+            .stop
+            .iter()
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
+        {
+            self.text.truncate(at);
+            self.finish = Some(FinishReason::Stop);
+            return self.release(at);
+        }
+        if self.generated.len() >= self.max_tokens {
+            self.finish = Some(FinishReason::Length);
+            self.text.push_str(&self.decoder.finish(tokenizer));
+            return self.release(self.text.len());
+        }
+        // Hold back a tail that could still become a stop string.
+        let held = self
+            .stop
+            .iter()
+            .map(|s| partial_suffix(&self.text, s))
+            .max()
+            .unwrap_or(0);
+        let mut safe = self.text.len() - held;
+        while !self.text.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        self.release(safe)
+    }
+
+    pub fn cancel(&mut self) {
+        if self.finish.is_none() {
+            self.finish = Some(FinishReason::Cancelled);
+        }
+    }
+
+    pub fn fail(&mut self) {
+        self.finish = Some(FinishReason::Error);
+    }
+
+    fn release(&mut self, upto: usize) -> String {
+        let upto = upto.max(self.emitted);
+        let piece = self.text[self.emitted..upto].to_string();
+        self.emitted = upto;
+        piece
+    }
+
+    pub fn output(&self) -> GenerateOutput {
+        let decode_ms = self
+            .decode_started
+            .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+        // The first sampled token comes from prefill; the rest from decode steps.
+        let decoded = self.generated.len().saturating_sub(1);
+        GenerateOutput {
+            text: self.text[..self.emitted].to_string(),
+            prompt_tokens: self.prompt.len(),
+            completion_tokens: self.generated.len(),
+            finish_reason: self.finish.unwrap_or(FinishReason::Length),
+            prefill_ms: self.prefill_ms,
+            decode_ms,
+            decode_tokens_per_s: if decode_ms > 0.0 {
+                decoded as f64 / (decode_ms / 1e3)
+            } else {
+                0.0
+            },
+        }
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `stop`.
+fn partial_suffix(text: &str, stop: &str) -> usize {
+    (1..stop.len().min(text.len() + 1))
+        .rev()
+        .find(|&n| stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
+        .unwrap_or(0)
+}
+
+/// Runs one completion to the end; `on_text` gets each final piece and may return false to stop.
+pub fn generate(
+    engine: &Engine,
+    req: &GenerateRequest,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<GenerateOutput> {
+    let mut g = Generation::new(engine, req)?;
+    let tokenizer = &engine.model().tokenizer;
+    while g.finished().is_none() {
+        let logits = engine.forward(&mut [g.batch_item()])?;
+        let piece = g.accept(&logits[0], tokenizer);
+        if !piece.is_empty() && !on_text(&piece) {
+            g.cancel();
+        }
+    }
+    Ok(g.output())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partial_suffix;
+
+    #[test]
+    fn partial_suffix_finds_overlap() {
+        assert_eq!(partial_suffix("hello\n", "\n\n"), 1);
+        assert_eq!(partial_suffix("hello", "\n\n"), 0);
+        assert_eq!(partial_suffix("abc", "bcd"), 2);
+    }
+}

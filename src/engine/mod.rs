@@ -1,0 +1,305 @@
+//! The forward pass, written once for every architecture: embed → per layer (norm → attention →
+//! norm → feed-forward, pre- or post-norm) → final norm → head. A batch holds several sequences,
+//! each with its own KV cache and any number of new tokens, so prefill, decode and continuous
+//! batching share one path and every weight matrix is read once per step for all rows.
+
+pub mod generation;
+pub mod moe;
+pub mod ppl;
+pub mod sampling;
+pub mod stats;
+
+use crate::backend::cpu::attention::{attend, AttentionShape};
+use crate::backend::cpu::matmul::matmul;
+use crate::backend::cpu::ops::{activate, gated_activation, norm_rows, Rope};
+use crate::error::{Error, Result};
+use crate::kv::KvCache;
+use crate::model::arch::opt::POSITION_OFFSET;
+use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, PlainMlp};
+use crate::model::Model;
+use stats::RuntimeStats;
+use std::sync::Arc;
+
+/// Which logits a sequence of the batch wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last new token's (generation).
+    Last,
+    /// Every new token's (perplexity).
+    All,
+}
+
+/// One sequence's part of a batched forward step.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub logits: Logits,
+}
+
+pub struct Engine {
+    model: Arc<Model>,
+    pool: rayon::ThreadPool,
+    rope: Option<Rope>,
+    pub stats: RuntimeStats,
+}
+
+impl Engine {
+    pub fn new(model: Arc<Model>, threads: usize) -> Result<Engine> {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("edgemoe-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot start {threads} worker threads: {e}")))?;
+        let cfg = &model.config;
+        let rope = cfg.rope_theta.map(|theta| Rope::new(cfg.head_dim, theta));
+        let stats = RuntimeStats::new(cfg.num_layers, cfg.num_experts);
+        Ok(Engine {
+            model,
+            pool,
+            rope,
+            stats,
+        })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.model.config.num_layers, self.model.config.kv_dim())
+    }
+
+    /// Runs the new tokens of every item through the model, appending them to the items' caches;
+    /// returns per item its logits, `rows × vocab` (one row for `Logits::Last`).
+    pub fn forward(&self, batch: &mut [BatchItem]) -> Result<Vec<Vec<f32>>> {
+        self.check_batch(batch)?;
+        let out = self.pool.install(|| self.forward_rows(batch));
+        for item in batch.iter_mut() {
+            item.cache.advance(item.tokens.len());
+        }
+        self.stats
+            .add_tokens(batch.iter().map(|b| b.tokens.len()).sum());
+        Ok(out)
+    }
+
+    fn check_batch(&self, batch: &[BatchItem]) -> Result<()> {
+        let cfg = &self.model.config;
+        for item in batch {
+            if item.tokens.is_empty() {
+                return Err(Error::invalid("a batch item has no tokens"));
+            }
+            if let Some(&bad) = item.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(Error::invalid(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    cfg.vocab_size
+                )));
+            }
+            let end = item.cache.next_position() + item.tokens.len();
+            if self.model.weights.positions.is_some() && end > cfg.max_position_embeddings {
+                return Err(Error::invalid(format!(
+                    "sequence of {end} tokens exceeds max_position_embeddings {} (learned positions)",
+                    cfg.max_position_embeddings
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn forward_rows(&self, batch: &mut [BatchItem]) -> Vec<Vec<f32>> {
+        let cfg = &self.model.config;
+        let w = &self.model.weights;
+        let positions: Vec<usize> = batch
+            .iter()
+            .flat_map(|b| (0..b.tokens.len()).map(move |i| b.cache.next_position() + i))
+            .collect();
+        let tokens: Vec<u32> = batch
+            .iter()
+            .flat_map(|b| b.tokens.iter().copied())
+            .collect();
+        let mut x = self.embed(&tokens, &positions);
+        for (li, layer) in w.layers.iter().enumerate() {
+            self.attention_block(li, layer, &mut x, batch, &positions);
+            self.ffn_block(li, layer, &mut x);
+        }
+        // Gather the rows whose logits are wanted, then the head runs only on those.
+        let h = cfg.hidden_size;
+        let mut start = 0;
+        let mut wanted = Vec::new();
+        let mut counts = Vec::with_capacity(batch.len());
+        for item in batch.iter() {
+            let n = item.tokens.len();
+            let rows = match item.logits {
+                Logits::Last => start + n - 1..start + n,
+                Logits::All => start..start + n,
+            };
+            counts.push(rows.len());
+            wanted.extend_from_slice(&x[rows.start * h..rows.end * h]);
+            start += n;
+        }
+        let rows = wanted.len() / h;
+        let mut hs = wanted;
+        if let Some(norm) = &w.final_norm {
+            let mut normed = vec![0f32; hs.len()];
+            norm_rows(norm, &hs, h, &mut normed);
+            hs = normed;
+        }
+        if let Some(p) = &w.project_out {
+            hs = self.linear(p, &hs, rows);
+        }
+        let logits = self.linear(w.head(), &hs, rows);
+        let v = cfg.vocab_size;
+        let mut out = Vec::with_capacity(batch.len());
+        let mut r = 0;
+        for n in counts {
+            out.push(logits[r * v..(r + n) * v].to_vec());
+            r += n;
+        }
+        out
+    }
+
+    fn embed(&self, tokens: &[u32], positions: &[usize]) -> Vec<f32> {
+        let w = &self.model.weights;
+        let e = w.embed.in_features;
+        let mut x: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&t| {
+                w.embed.weight[t as usize * e..(t as usize + 1) * e]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        if let Some(p) = &w.project_in {
+            x = self.linear(p, &x, tokens.len());
+        }
+        if let Some(table) = &w.positions {
+            let h = self.model.config.hidden_size;
+            for (row, &pos) in x.chunks_exact_mut(h).zip(positions) {
+                let pe = &table[(pos + POSITION_OFFSET) * h..][..h];
+                row.iter_mut().zip(pe).for_each(|(a, b)| *a += b);
+            }
+        }
+        x
+    }
+
+    fn attention_block(
+        &self,
+        li: usize,
+        layer: &Layer,
+        x: &mut [f32],
+        batch: &mut [BatchItem],
+        positions: &[usize],
+    ) {
+        let cfg = &self.model.config;
+        let (hd, rows) = (cfg.hidden_size, positions.len());
+        let h = self.pre_norm(&layer.attn_norm, x);
+        let a = &layer.attn;
+        let mut q = self.linear(&a.q, &h, rows);
+        let mut k = self.linear(&a.k, &h, rows);
+        let v = self.linear(&a.v, &h, rows);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        if let Some(rope) = &self.rope {
+            for (r, &pos) in positions.iter().enumerate() {
+                rope.apply(&mut q[r * qd..(r + 1) * qd], cfg.head_dim, pos);
+                rope.apply(&mut k[r * kvd..(r + 1) * kvd], cfg.head_dim, pos);
+            }
+        }
+        let shape = AttentionShape {
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            sliding_window: cfg.sliding_window,
+        };
+        let mut attn = vec![0f32; rows * qd];
+        let mut start = 0;
+        for item in batch.iter_mut() {
+            let n = item.tokens.len();
+            let cache = &mut item.cache.layers[li];
+            for r in start..start + n {
+                cache.append(
+                    &k[r * kvd..(r + 1) * kvd],
+                    &v[r * kvd..(r + 1) * kvd],
+                    positions[r],
+                );
+            }
+            attend(
+                &shape,
+                &q[start * qd..(start + n) * qd],
+                &positions[start..start + n],
+                cache,
+                &mut attn[start * qd..(start + n) * qd],
+            );
+            start += n;
+        }
+        let o = self.linear(&a.o, &attn, rows);
+        self.residual(&layer.attn_norm, x, &o, hd);
+    }
+
+    fn ffn_block(&self, li: usize, layer: &Layer, x: &mut [f32]) {
+        let hd = self.model.config.hidden_size;
+        let rows = x.len() / hd;
+        let h = self.pre_norm(&layer.ffn_norm, x);
+        let f = match &layer.ffn {
+            Ffn::Moe(block) => moe::forward(self, li, block, &h, rows),
+            Ffn::Gated(mlp) => self.gated_mlp(mlp, &h, rows),
+            Ffn::Plain(mlp) => self.plain_mlp(mlp, &h, rows),
+        };
+        self.residual(&layer.ffn_norm, x, &f, hd);
+    }
+
+    /// Pre-norm blocks normalize their input; post-norm blocks (OPT-350m) take it as is.
+    fn pre_norm(&self, norm: &crate::model::weights::Norm, x: &[f32]) -> Vec<f32> {
+        let mut h = vec![0f32; x.len()];
+        if self.model.config.pre_norm {
+            norm_rows(norm, x, self.model.config.hidden_size, &mut h);
+        } else {
+            h.copy_from_slice(x);
+        }
+        h
+    }
+
+    /// `x += y`, then normalize for post-norm blocks.
+    fn residual(&self, norm: &crate::model::weights::Norm, x: &mut [f32], y: &[f32], hd: usize) {
+        x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+        if !self.model.config.pre_norm {
+            let sum = x.to_vec();
+            norm_rows(norm, &sum, hd, x);
+        }
+    }
+
+    pub(crate) fn linear(&self, lin: &Linear, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut out = vec![0f32; rows * lin.out_features];
+        matmul(
+            x,
+            rows,
+            &lin.weight,
+            lin.out_features,
+            lin.in_features,
+            lin.bias.as_deref(),
+            &mut out,
+        );
+        out
+    }
+
+    pub(crate) fn gated_mlp(&self, mlp: &GatedMlp, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut g = self.linear(&mlp.gate, x, rows);
+        let u = self.linear(&mlp.up, x, rows);
+        gated_activation(self.model.config.activation, &mut g, &u);
+        self.linear(&mlp.down, &g, rows)
+    }
+
+    fn plain_mlp(&self, mlp: &PlainMlp, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut a = self.linear(&mlp.fc1, x, rows);
+        let act = self.model.config.activation;
+        a.iter_mut().for_each(|v| *v = activate(act, *v));
+        self.linear(&mlp.fc2, &a, rows)
+    }
+}

@@ -1,0 +1,93 @@
+//! The sparse feed-forward block: route each token to its top-k experts, run every chosen expert
+//! once on all the tokens that chose it, and mix the outputs by the routing weights.
+
+use super::Engine;
+use crate::backend::cpu::ops::{sigmoid, softmax};
+use crate::model::weights::MoeBlock;
+
+/// Top-k experts of one token and their mixing weights.
+pub fn route(router_logits: &[f32], top_k: usize, renormalize: bool) -> Vec<(usize, f32)> {
+    let mut probs = router_logits.to_vec();
+    softmax(&mut probs);
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    // Stable sort: ties go to the lower expert index, as torch.topk does in practice.
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    let mut chosen: Vec<(usize, f32)> = order[..top_k].iter().map(|&e| (e, probs[e])).collect();
+    if renormalize {
+        let sum: f32 = chosen.iter().map(|c| c.1).sum();
+        chosen.iter_mut().for_each(|c| c.1 /= sum);
+    }
+    chosen
+}
+
+pub fn forward(
+    engine: &Engine,
+    layer: usize,
+    block: &MoeBlock,
+    x: &[f32],
+    rows: usize,
+) -> Vec<f32> {
+    let cfg = &engine.model().config;
+    let h = cfg.hidden_size;
+    let logits = engine.linear(&block.router, x, rows);
+    let e_count = block.experts.len();
+    // Tokens (row, weight) per expert.
+    let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e_count];
+    for r in 0..rows {
+        for (e, wgt) in route(
+            &logits[r * e_count..(r + 1) * e_count],
+            cfg.top_k,
+            cfg.norm_topk_prob,
+        ) {
+            assigned[e].push((r, wgt));
+        }
+    }
+    let mut out = vec![0f32; rows * h];
+    for (e, tokens) in assigned.iter().enumerate() {
+        if tokens.is_empty() {
+            continue;
+        }
+        engine.stats.record_expert(layer, e, tokens.len());
+        let xs: Vec<f32> = tokens
+            .iter()
+            .flat_map(|&(r, _)| x[r * h..(r + 1) * h].iter().copied())
+            .collect();
+        let ys = engine.gated_mlp(&block.experts[e], &xs, tokens.len());
+        for (i, &(r, wgt)) in tokens.iter().enumerate() {
+            let y = &ys[i * h..(i + 1) * h];
+            out[r * h..(r + 1) * h]
+                .iter_mut()
+                .zip(y)
+                .for_each(|(o, v)| *o += wgt * v);
+        }
+    }
+    if let Some(shared) = &block.shared {
+        let ys = engine.gated_mlp(&shared.mlp, x, rows);
+        let gates = engine.linear(&shared.gate, x, rows);
+        for r in 0..rows {
+            let g = sigmoid(gates[r]);
+            out[r * h..(r + 1) * h]
+                .iter_mut()
+                .zip(&ys[r * h..(r + 1) * h])
+                .for_each(|(o, v)| *o += g * v);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_picks_top_k_and_renormalizes() {
+        let r = route(&[0.0, 2.0, 1.0, -1.0], 2, true);
+        assert_eq!(r.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 2]);
+        let sum: f32 = r.iter().map(|c| c.1).sum();
+        assert!((sum - 1.0).abs() < 1e-6);
+        let e = 1f32.exp();
+        assert!((r[0].1 - e / (e + 1.0)).abs() < 1e-6);
+        let r = route(&[0.0, 2.0, 1.0, -1.0], 2, false);
+        assert!(r.iter().map(|c| c.1).sum::<f32>() < 0.95);
+    }
+}

@@ -1,0 +1,26 @@
+//! edgemoe: run Mixture-of-Experts language models fast on machines with too little memory.
+//!
+//! Data flows one way: checkpoint → [`model::Model`] → [`engine::Engine`] (the forward pass over a
+//! backend) → tokens → interface (CLI, serve, C ABI).
+
+pub mod backend;
+pub mod engine;
+pub mod error;
+pub mod kv;
+pub mod model;
+pub mod util;
+
+pub use engine::Engine;
+pub use error::{Error, Result};
+pub use model::Model;
+
+use std::path::Path;
+
+/// Loads `path`, or the built-in default model when `path` is `None`.
+pub fn load_model(path: Option<&Path>) -> Result<Model> {
+    match path {
+        Some(p) => Model::load(p),
+        None => Ok(Model::builtin_default()),
+    }
+}
+pub mod cli;

@@ -1,0 +1,15 @@
+//! The `edgemoe` command line: parse, call the library, print. Errors end as one line on stderr.
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = edgemoe::cli::Cli::parse();
+    match edgemoe::cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

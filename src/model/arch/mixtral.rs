@@ -1,0 +1,133 @@
+//! Mixtral (https://arxiv.org/abs/2401.04088): RMSNorm → GQA attention with RoPE → RMSNorm →
+//! a router choosing top-k of E SwiGLU experts, whose outputs are mixed by the renormalized
+//! softmax weights. Tensor names follow transformers' MixtralForCausalLM.
+
+use crate::error::Result;
+use crate::model::config::ModelConfig;
+use crate::model::weights::{
+    Attention, Ffn, GatedMlp, Layer, Loader, MoeBlock, TensorSource, Weights,
+};
+
+pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
+    let l = Loader { src };
+    let h = cfg.hidden_size;
+    let layers = (0..cfg.num_layers)
+        .map(|i| {
+            let p = format!("model.layers.{i}");
+            Ok(Layer {
+                attn_norm: l.rms_norm(&format!("{p}.input_layernorm"), h, cfg.norm_eps)?,
+                attn: attention(&l, cfg, &format!("{p}.self_attn"), false)?,
+                ffn_norm: l.rms_norm(&format!("{p}.post_attention_layernorm"), h, cfg.norm_eps)?,
+                ffn: Ffn::Moe(moe(&l, cfg, &format!("{p}.block_sparse_moe"))?),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Weights {
+        embed: l.linear(
+            "model.embed_tokens",
+            cfg.vocab_size,
+            h,
+            false,
+            "vocab_size × hidden_size",
+        )?,
+        positions: None,
+        project_in: None,
+        layers,
+        final_norm: Some(l.rms_norm("model.norm", h, cfg.norm_eps)?),
+        project_out: None,
+        lm_head: lm_head(&l, cfg)?,
+    })
+}
+
+/// q/k/v/o projections; Qwen2-MoE shares this with `bias` on q/k/v.
+pub fn attention(l: &Loader, cfg: &ModelConfig, p: &str, qkv_bias: bool) -> Result<Attention> {
+    let h = cfg.hidden_size;
+    Ok(Attention {
+        q: l.linear(
+            &format!("{p}.q_proj"),
+            cfg.q_dim(),
+            h,
+            qkv_bias,
+            "num_attention_heads × head_dim, hidden_size",
+        )?,
+        k: l.linear(
+            &format!("{p}.k_proj"),
+            cfg.kv_dim(),
+            h,
+            qkv_bias,
+            "num_key_value_heads × head_dim, hidden_size",
+        )?,
+        v: l.linear(
+            &format!("{p}.v_proj"),
+            cfg.kv_dim(),
+            h,
+            qkv_bias,
+            "num_key_value_heads × head_dim, hidden_size",
+        )?,
+        o: l.linear(
+            &format!("{p}.o_proj"),
+            h,
+            cfg.q_dim(),
+            false,
+            "hidden_size, num_attention_heads × head_dim",
+        )?,
+    })
+}
+
+/// The untied head, or `None` when tied to the embeddings.
+pub fn lm_head(l: &Loader, cfg: &ModelConfig) -> Result<Option<crate::model::weights::Linear>> {
+    if cfg.tie_word_embeddings {
+        return Ok(None);
+    }
+    l.linear(
+        "lm_head",
+        cfg.vocab_size,
+        cfg.hidden_size,
+        false,
+        "vocab_size × hidden_size",
+    )
+    .map(Some)
+}
+
+fn moe(l: &Loader, cfg: &ModelConfig, p: &str) -> Result<MoeBlock> {
+    let (h, f) = (cfg.hidden_size, cfg.expert_ffn);
+    let experts = (0..cfg.num_experts)
+        .map(|e| {
+            let ep = format!("{p}.experts.{e}");
+            Ok(GatedMlp {
+                gate: l.linear(
+                    &format!("{ep}.w1"),
+                    f,
+                    h,
+                    false,
+                    "intermediate_size × hidden_size",
+                )?,
+                up: l.linear(
+                    &format!("{ep}.w3"),
+                    f,
+                    h,
+                    false,
+                    "intermediate_size × hidden_size",
+                )?,
+                down: l.linear(
+                    &format!("{ep}.w2"),
+                    h,
+                    f,
+                    false,
+                    "hidden_size × intermediate_size",
+                )?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(MoeBlock {
+        router: l.linear(
+            &format!("{p}.gate"),
+            cfg.num_experts,
+            h,
+            false,
+            "num_local_experts × hidden_size",
+        )?,
+        experts,
+        shared: None,
+    })
+}

@@ -1,0 +1,18 @@
+//! One loader per architecture: checkpoint tensor names → [`Weights`]. Each reads like the
+//! architecture's block diagram; the forward pass itself is shared (`engine`).
+
+pub mod mixtral;
+pub mod opt;
+pub mod qwen2_moe;
+
+use crate::error::Result;
+use crate::model::config::{Architecture, ModelConfig};
+use crate::model::weights::{TensorSource, Weights};
+
+pub fn load_weights(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
+    match cfg.arch {
+        Architecture::Mixtral => mixtral::load(cfg, src),
+        Architecture::Qwen2Moe => qwen2_moe::load(cfg, src),
+        Architecture::Opt => opt::load(cfg, src),
+    }
+}

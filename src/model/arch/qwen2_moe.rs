@@ -1,0 +1,112 @@
+//! Qwen2-MoE (https://qwenlm.github.io/blog/qwen-moe/): Mixtral's block with q/k/v biases, an
+//! optional renormalization of the top-k weights (`norm_topk_prob`), a shared expert added to
+//! every token scaled by `sigmoid(shared_expert_gate·x)`, and dense MLP layers where
+//! `mlp_only_layers` / `decoder_sparse_step` say so. Names follow Qwen2MoeForCausalLM.
+
+use super::mixtral::{attention, lm_head};
+use crate::error::Result;
+use crate::model::config::{FfnKind, ModelConfig};
+use crate::model::weights::{
+    Ffn, GatedMlp, Layer, Loader, MoeBlock, SharedExpert, TensorSource, Weights,
+};
+
+pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
+    let l = Loader { src };
+    let h = cfg.hidden_size;
+    let layers = (0..cfg.num_layers)
+        .map(|i| {
+            let p = format!("model.layers.{i}");
+            let ffn = match cfg.layer_ffn[i] {
+                FfnKind::Moe => Ffn::Moe(moe(&l, cfg, &format!("{p}.mlp"))?),
+                _ => Ffn::Gated(gated(
+                    &l,
+                    &format!("{p}.mlp"),
+                    h,
+                    cfg.dense_ffn,
+                    "intermediate_size",
+                )?),
+            };
+            Ok(Layer {
+                attn_norm: l.rms_norm(&format!("{p}.input_layernorm"), h, cfg.norm_eps)?,
+                attn: attention(&l, cfg, &format!("{p}.self_attn"), cfg.attention_bias)?,
+                ffn_norm: l.rms_norm(&format!("{p}.post_attention_layernorm"), h, cfg.norm_eps)?,
+                ffn,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Weights {
+        embed: l.linear(
+            "model.embed_tokens",
+            cfg.vocab_size,
+            h,
+            false,
+            "vocab_size × hidden_size",
+        )?,
+        positions: None,
+        project_in: None,
+        layers,
+        final_norm: Some(l.rms_norm("model.norm", h, cfg.norm_eps)?),
+        project_out: None,
+        lm_head: lm_head(&l, cfg)?,
+    })
+}
+
+fn gated(l: &Loader, p: &str, h: usize, f: usize, field: &str) -> Result<GatedMlp> {
+    let why = format!("{field} × hidden_size");
+    Ok(GatedMlp {
+        gate: l.linear(&format!("{p}.gate_proj"), f, h, false, &why)?,
+        up: l.linear(&format!("{p}.up_proj"), f, h, false, &why)?,
+        down: l.linear(
+            &format!("{p}.down_proj"),
+            h,
+            f,
+            false,
+            &format!("hidden_size × {field}"),
+        )?,
+    })
+}
+
+fn moe(l: &Loader, cfg: &ModelConfig, p: &str) -> Result<MoeBlock> {
+    let h = cfg.hidden_size;
+    let experts = (0..cfg.num_experts)
+        .map(|e| {
+            gated(
+                l,
+                &format!("{p}.experts.{e}"),
+                h,
+                cfg.expert_ffn,
+                "moe_intermediate_size",
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let shared = match cfg.shared_expert_ffn {
+        Some(f) => Some(SharedExpert {
+            mlp: gated(
+                l,
+                &format!("{p}.shared_expert"),
+                h,
+                f,
+                "shared_expert_intermediate_size",
+            )?,
+            gate: l.linear(
+                &format!("{p}.shared_expert_gate"),
+                1,
+                h,
+                false,
+                "1 × hidden_size",
+            )?,
+        }),
+        None => None,
+    };
+    Ok(MoeBlock {
+        router: l.linear(
+            &format!("{p}.gate"),
+            cfg.num_experts,
+            h,
+            false,
+            "num_experts × hidden_size",
+        )?,
+        experts,
+        shared,
+    })
+}

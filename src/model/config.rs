@@ -1,0 +1,558 @@
+//! One model configuration for all supported architectures, read from a Hugging Face config.json.
+//!
+//! Where config.json omits a field we use the default of transformers' configuration class for that
+//! architecture (real checkpoints rely on them); shapes are then checked against the weights, so a
+//! default that disagrees with the checkpoint fails naming the field.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Architecture {
+    /// MixtralForCausalLM: https://huggingface.co/docs/transformers/model_doc/mixtral
+    Mixtral,
+    /// Qwen2MoeForCausalLM: https://huggingface.co/docs/transformers/model_doc/qwen2_moe
+    Qwen2Moe,
+    /// OPTForCausalLM (dense): https://huggingface.co/docs/transformers/model_doc/opt
+    Opt,
+}
+
+impl Architecture {
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Architecture::Mixtral => "MixtralForCausalLM",
+            Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Architecture::Opt => "OPTForCausalLM",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activation {
+    Silu,
+    Relu,
+    Gelu,
+}
+
+/// What the feed-forward part of one decoder layer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FfnKind {
+    /// Routed experts (plus a gated shared expert where `shared_expert_ffn` is set).
+    Moe,
+    /// A dense gated MLP (Qwen2-MoE's mlp_only_layers / decoder_sparse_step).
+    DenseGated,
+    /// OPT's fc1 → activation → fc2.
+    DensePlain,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub arch: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub norm_eps: f32,
+    /// RoPE base; `None` for learned absolute positions (OPT).
+    pub rope_theta: Option<f32>,
+    pub sliding_window: Option<usize>,
+    pub tie_word_embeddings: bool,
+    pub activation: Activation,
+    pub layer_ffn: Vec<FfnKind>,
+    /// Hidden width of a dense FFN layer.
+    pub dense_ffn: usize,
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Hidden width of one routed expert.
+    pub expert_ffn: usize,
+    /// Renormalize the top-k routing weights to sum to one.
+    pub norm_topk_prob: bool,
+    pub shared_expert_ffn: Option<usize>,
+    pub attention_bias: bool,
+    /// OPT: embeddings of this width, projected to `hidden_size` when they differ.
+    pub word_embed_proj_dim: usize,
+    /// OPT: pre-norm (true) or post-norm (false, OPT-350m) blocks.
+    pub pre_norm: bool,
+    /// OPT: a final LayerNorm after the last block.
+    pub final_norm: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Reads config.json fields with a per-architecture default and names the field on error.
+struct Fields<'a> {
+    json: &'a Value,
+    path: &'a Path,
+}
+
+impl Fields<'_> {
+    fn present(&self, field: &str) -> Option<&Value> {
+        self.json.get(field).filter(|v| !v.is_null())
+    }
+
+    fn usize_or(&self, field: &str, default: Option<usize>) -> Result<usize> {
+        match self.present(field) {
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                Error::config(
+                    self.path,
+                    field,
+                    format!("expected a non-negative integer, got {v}"),
+                )
+            }),
+            None => default.ok_or_else(|| Error::config(self.path, field, "missing")),
+        }
+    }
+
+    fn positive(&self, field: &str, default: Option<usize>) -> Result<usize> {
+        let v = self.usize_or(field, default)?;
+        if v == 0 {
+            return Err(Error::config(self.path, field, "must be positive"));
+        }
+        Ok(v)
+    }
+
+    fn f32_or(&self, field: &str, default: f32) -> Result<f32> {
+        match self.present(field) {
+            Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| {
+                Error::config(self.path, field, format!("expected a number, got {v}"))
+            }),
+            None => Ok(default),
+        }
+    }
+
+    fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
+        match self.present(field) {
+            Some(v) => v.as_bool().ok_or_else(|| {
+                Error::config(self.path, field, format!("expected true/false, got {v}"))
+            }),
+            None => Ok(default),
+        }
+    }
+
+    fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
+        match self.present(field) {
+            Some(_) => self.usize_or(field, None).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn token_ids(&self, field: &str) -> Result<Vec<u32>> {
+        token_id_list(self.present(field)).ok_or_else(|| {
+            Error::config(
+                self.path,
+                field,
+                "expected a token id or a list of token ids",
+            )
+        })
+    }
+}
+
+/// `eos_token_id` may be an integer or a list of integers (generation_config.json).
+pub fn token_id_list(v: Option<&Value>) -> Option<Vec<u32>> {
+    match v {
+        None | Some(Value::Null) => Some(vec![]),
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]),
+        Some(Value::Array(items)) => items.iter().map(|i| i.as_u64().map(|x| x as u32)).collect(),
+        _ => None,
+    }
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<ModelConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            field: "(file)".into(),
+            reason: format!("not valid JSON: {e}"),
+        })?;
+        Self::from_json(&json, path)
+    }
+
+    pub fn from_json(json: &Value, path: &Path) -> Result<ModelConfig> {
+        let f = Fields { json, path };
+        let arch = architecture(&f)?;
+        let cfg = match arch {
+            Architecture::Mixtral => mixtral(&f)?,
+            Architecture::Qwen2Moe => qwen2_moe(&f)?,
+            Architecture::Opt => opt(&f)?,
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return Err(Error::config(
+                path,
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.num_kv_heads, self.num_heads
+                ),
+            ));
+        }
+        if self.rope_theta.is_some() && !self.head_dim.is_multiple_of(2) {
+            return Err(Error::config(path, "head_dim", "must be even for RoPE"));
+        }
+        if self.layer_ffn.contains(&FfnKind::Moe)
+            && (self.top_k == 0 || self.top_k > self.num_experts)
+        {
+            return Err(Error::config(
+                path,
+                "num_experts_per_tok",
+                format!("{} is not in 1..={}", self.top_k, self.num_experts),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    pub fn is_moe(&self) -> bool {
+        self.layer_ffn.contains(&FfnKind::Moe)
+    }
+
+    /// Applies generation_config.json: its eos/bos override the model config's.
+    pub fn apply_generation_config(&mut self, json: &Value) {
+        if let Some(ids) = token_id_list(json.get("eos_token_id")) {
+            if !ids.is_empty() {
+                self.eos_token_ids = ids;
+            }
+        }
+        if let Some(b) = json.get("bos_token_id").and_then(Value::as_u64) {
+            self.bos_token_id = Some(b as u32);
+        }
+    }
+}
+
+fn architecture(f: &Fields) -> Result<Architecture> {
+    let name = match f
+        .present("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Value::as_str)
+    {
+        Some(n) => n.to_string(),
+        None => match f.present("model_type").and_then(Value::as_str) {
+            Some("mixtral") => return Ok(Architecture::Mixtral),
+            Some("qwen2_moe") => return Ok(Architecture::Qwen2Moe),
+            Some("opt") => return Ok(Architecture::Opt),
+            Some(other) => other.to_string(),
+            None => {
+                return Err(Error::config(
+                    f.path,
+                    "architectures",
+                    "missing (and no model_type to fall back on)",
+                ))
+            }
+        },
+    };
+    match name.as_str() {
+        "MixtralForCausalLM" => Ok(Architecture::Mixtral),
+        "Qwen2MoeForCausalLM" => Ok(Architecture::Qwen2Moe),
+        "OPTForCausalLM" => Ok(Architecture::Opt),
+        _ => Err(Error::UnknownArchitecture {
+            path: f.path.to_path_buf(),
+            name,
+        }),
+    }
+}
+
+/// RoPE base from `rope_theta` or the newer `rope_parameters` / legacy `rope_scaling`; only the
+/// default (unscaled) rope type is supported, anything else is refused rather than run wrongly.
+fn rope_theta(f: &Fields, default: f32) -> Result<f32> {
+    for field in ["rope_parameters", "rope_scaling"] {
+        if let Some(p) = f.present(field) {
+            let kind = p
+                .get("rope_type")
+                .or_else(|| p.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(Error::config(
+                    f.path,
+                    field,
+                    format!("rope_type `{kind}` is not supported (only `default`)"),
+                ));
+            }
+            if let Some(theta) = p.get("rope_theta").and_then(Value::as_f64) {
+                return Ok(theta as f32);
+            }
+        }
+    }
+    f.f32_or("rope_theta", default)
+}
+
+fn activation(f: &Fields, field: &str, default: &str) -> Result<Activation> {
+    let name = f
+        .present(field)
+        .map(|v| v.as_str().unwrap_or(""))
+        .unwrap_or(default);
+    match name {
+        "silu" | "swish" => Ok(Activation::Silu),
+        "relu" => Ok(Activation::Relu),
+        "gelu" | "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::Gelu),
+        other => Err(Error::config(
+            f.path,
+            field,
+            format!("activation `{other}` is not supported"),
+        )),
+    }
+}
+
+fn attention_shape(
+    f: &Fields,
+    heads_default: usize,
+    kv_default: Option<usize>,
+) -> Result<(usize, usize, usize, usize)> {
+    let hidden = f.positive("hidden_size", Some(4096))?;
+    let heads = f.positive("num_attention_heads", Some(heads_default))?;
+    let kv = f.positive("num_key_value_heads", Some(kv_default.unwrap_or(heads)))?;
+    let head_dim = match f.opt_usize("head_dim")? {
+        Some(d) if d > 0 => d,
+        _ => {
+            if hidden % heads != 0 {
+                return Err(Error::config(
+                    f.path,
+                    "num_attention_heads",
+                    format!("{heads} does not divide hidden_size {hidden}"),
+                ));
+            }
+            hidden / heads
+        }
+    };
+    Ok((hidden, heads, kv, head_dim))
+}
+
+/// Defaults from transformers' MixtralConfig.
+fn mixtral(f: &Fields) -> Result<ModelConfig> {
+    let (hidden, heads, kv, head_dim) = attention_shape(f, 32, Some(8))?;
+    let layers = f.positive("num_hidden_layers", Some(32))?;
+    let ffn = f.positive("intermediate_size", Some(14336))?;
+    Ok(ModelConfig {
+        arch: Architecture::Mixtral,
+        vocab_size: f.positive("vocab_size", Some(32000))?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        max_position_embeddings: f.positive("max_position_embeddings", Some(4096 * 32))?,
+        norm_eps: f.f32_or("rms_norm_eps", 1e-5)?,
+        rope_theta: Some(rope_theta(f, 1e6)?),
+        sliding_window: f.opt_usize("sliding_window")?,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        activation: activation(f, "hidden_act", "silu")?,
+        layer_ffn: vec![FfnKind::Moe; layers],
+        dense_ffn: ffn,
+        num_experts: f.positive("num_local_experts", Some(8))?,
+        top_k: f.positive("num_experts_per_tok", Some(2))?,
+        expert_ffn: ffn,
+        norm_topk_prob: true,
+        shared_expert_ffn: None,
+        attention_bias: false,
+        word_embed_proj_dim: hidden,
+        pre_norm: true,
+        final_norm: true,
+        bos_token_id: f.opt_usize("bos_token_id")?.map(|x| x as u32),
+        eos_token_ids: f.token_ids("eos_token_id")?,
+    })
+}
+
+/// Defaults from transformers' Qwen2MoeConfig.
+fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
+    let (hidden, heads, kv, head_dim) = attention_shape(f, 16, None)?;
+    let layers = f.positive("num_hidden_layers", Some(24))?;
+    let num_experts = f.usize_or("num_experts", Some(60))?;
+    let sparse_step = f.positive("decoder_sparse_step", Some(1))?;
+    let mlp_only: Vec<usize> = match f.present("mlp_only_layers") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_u64().map(|x| x as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                Error::config(
+                    f.path,
+                    "mlp_only_layers",
+                    "expected a list of layer indices",
+                )
+            })?,
+        Some(_) => {
+            return Err(Error::config(
+                f.path,
+                "mlp_only_layers",
+                "expected a list of layer indices",
+            ))
+        }
+        None => vec![],
+    };
+    // As Qwen2MoeDecoderLayer decides: experts unless listed in mlp_only_layers or off the step.
+    let layer_ffn = (0..layers)
+        .map(|i| {
+            if !mlp_only.contains(&i) && num_experts > 0 && (i + 1) % sparse_step == 0 {
+                FfnKind::Moe
+            } else {
+                FfnKind::DenseGated
+            }
+        })
+        .collect();
+    let shared = f.usize_or("shared_expert_intermediate_size", Some(5632))?;
+    let use_sliding = f.bool_or("use_sliding_window", false)?;
+    Ok(ModelConfig {
+        arch: Architecture::Qwen2Moe,
+        vocab_size: f.positive("vocab_size", Some(151936))?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        max_position_embeddings: f.positive("max_position_embeddings", Some(32768))?,
+        norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
+        rope_theta: Some(rope_theta(f, 10000.0)?),
+        sliding_window: if use_sliding {
+            f.opt_usize("sliding_window")?
+        } else {
+            None
+        },
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        activation: activation(f, "hidden_act", "silu")?,
+        layer_ffn,
+        dense_ffn: f.positive("intermediate_size", Some(5632))?,
+        num_experts,
+        top_k: f.positive("num_experts_per_tok", Some(4))?,
+        expert_ffn: f.positive("moe_intermediate_size", Some(1408))?,
+        norm_topk_prob: f.bool_or("norm_topk_prob", false)?,
+        shared_expert_ffn: (shared > 0).then_some(shared),
+        attention_bias: f.bool_or("qkv_bias", true)?,
+        word_embed_proj_dim: hidden,
+        pre_norm: true,
+        final_norm: true,
+        bos_token_id: f.opt_usize("bos_token_id")?.map(|x| x as u32),
+        eos_token_ids: f.token_ids("eos_token_id")?,
+    })
+}
+
+/// Defaults from transformers' OPTConfig.
+fn opt(f: &Fields) -> Result<ModelConfig> {
+    let hidden = f.positive("hidden_size", Some(768))?;
+    let heads = f.positive("num_attention_heads", Some(12))?;
+    if hidden % heads != 0 {
+        return Err(Error::config(
+            f.path,
+            "num_attention_heads",
+            format!("{heads} does not divide hidden_size {hidden}"),
+        ));
+    }
+    let layers = f.positive("num_hidden_layers", Some(12))?;
+    let pre_norm = f.bool_or("do_layer_norm_before", true)?;
+    let remove_final = f.bool_or("_remove_final_layer_norm", false)?;
+    if !f.bool_or("layer_norm_elementwise_affine", true)? {
+        return Err(Error::config(
+            f.path,
+            "layer_norm_elementwise_affine",
+            "false is not supported",
+        ));
+    }
+    let ffn = f.positive("ffn_dim", Some(3072))?;
+    Ok(ModelConfig {
+        arch: Architecture::Opt,
+        vocab_size: f.positive("vocab_size", Some(50272))?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: heads,
+        head_dim: hidden / heads,
+        max_position_embeddings: f.positive("max_position_embeddings", Some(2048))?,
+        norm_eps: 1e-5,
+        rope_theta: None,
+        sliding_window: None,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", true)?,
+        activation: activation(f, "activation_function", "relu")?,
+        layer_ffn: vec![FfnKind::DensePlain; layers],
+        dense_ffn: ffn,
+        num_experts: 0,
+        top_k: 0,
+        expert_ffn: 0,
+        norm_topk_prob: false,
+        shared_expert_ffn: None,
+        attention_bias: f.bool_or("enable_bias", true)?,
+        word_embed_proj_dim: f.positive("word_embed_proj_dim", Some(hidden))?,
+        pre_norm,
+        final_norm: pre_norm && !remove_final,
+        bos_token_id: Some(f.usize_or("bos_token_id", Some(2))? as u32),
+        eos_token_ids: {
+            let ids = f.token_ids("eos_token_id")?;
+            if ids.is_empty() {
+                vec![2]
+            } else {
+                ids
+            }
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<ModelConfig> {
+        ModelConfig::from_json(&v, Path::new("config.json"))
+    }
+
+    #[test]
+    fn mixtral_defaults_fill_missing_fields() {
+        let c = parse(json!({"architectures": ["MixtralForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2})).unwrap();
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.num_experts, 8);
+        assert_eq!(c.rope_theta, Some(1e6));
+    }
+
+    #[test]
+    fn rope_parameters_are_read_and_scaling_refused() {
+        let c = parse(json!({"model_type": "mixtral", "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0}})).unwrap();
+        assert_eq!(c.rope_theta, Some(5000.0));
+        let e = parse(
+            json!({"model_type": "mixtral", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("rope_scaling"), "{e}");
+    }
+
+    #[test]
+    fn qwen_layer_kinds_follow_sparse_step_and_mlp_only() {
+        let c = parse(json!({"architectures": ["Qwen2MoeForCausalLM"], "num_hidden_layers": 4, "decoder_sparse_step": 2, "mlp_only_layers": [3]})).unwrap();
+        assert_eq!(
+            c.layer_ffn,
+            vec![
+                FfnKind::DenseGated,
+                FfnKind::Moe,
+                FfnKind::DenseGated,
+                FfnKind::DenseGated
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let e = parse(json!({"architectures": ["MixtralForCausalLM"], "hidden_size": "big"}))
+            .unwrap_err();
+        assert!(e.to_string().contains("hidden_size"), "{e}");
+        let e = parse(json!({"architectures": ["LlamaForCausalLM"]})).unwrap_err();
+        assert!(e.to_string().contains("LlamaForCausalLM"), "{e}");
+        let e = parse(json!({})).unwrap_err();
+        assert!(e.to_string().contains("architectures"), "{e}");
+        let e = parse(json!({"model_type": "mixtral", "num_experts_per_tok": 9})).unwrap_err();
+        assert!(e.to_string().contains("num_experts_per_tok"), "{e}");
+    }
+}

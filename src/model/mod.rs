@@ -1,0 +1,102 @@
+//! What a model is: its configuration, weights and tokenizer, loaded from a Hugging Face
+//! checkpoint directory or generated (the built-in default).
+
+pub mod arch;
+pub mod config;
+pub mod hf;
+pub mod safetensors;
+pub mod synthetic;
+pub mod tokenizer;
+pub mod weights;
+
+use crate::error::{Error, Result};
+use config::ModelConfig;
+use std::path::Path;
+use tokenizer::Tokenizer;
+use weights::{Ffn, Weights};
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    pub tokenizer: Tokenizer,
+    /// Where it came from, for reports.
+    pub source: String,
+}
+
+impl Model {
+    /// Loads a checkpoint directory (config.json, safetensors, tokenizer.json).
+    pub fn load(path: &Path) -> Result<Model> {
+        if !path.exists() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ));
+        }
+        if !path.is_dir() {
+            return Err(Error::invalid(format!(
+                "{}: expected a checkpoint directory",
+                path.display()
+            )));
+        }
+        let config = hf::HfCheckpoint::config(path)?;
+        let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
+        let ckpt = hf::HfCheckpoint::open(path)?;
+        let weights = arch::load_weights(&config, &ckpt)?;
+        Ok(Model {
+            config,
+            weights,
+            tokenizer,
+            source: path.display().to_string(),
+        })
+    }
+
+    /// The built-in default: a small Mixtral generated deterministically, byte-level tokenizer.
+    pub fn builtin_default() -> Model {
+        synthetic::default_model()
+    }
+
+    /// Parameters stored (embeddings and head counted once when tied).
+    pub fn num_params(&self) -> usize {
+        let w = &self.weights;
+        let mut n = w.embed.num_params() + w.lm_head.as_ref().map_or(0, |l| l.num_params());
+        n += w.positions.as_ref().map_or(0, Vec::len);
+        n += w.project_in.as_ref().map_or(0, |l| l.num_params())
+            + w.project_out.as_ref().map_or(0, |l| l.num_params());
+        n + w
+            .layers
+            .iter()
+            .map(|l| layer_params(l, usize::MAX))
+            .sum::<usize>()
+    }
+
+    /// Parameters one token uses: only `top_k` of the routed experts.
+    pub fn active_params(&self) -> usize {
+        let w = &self.weights;
+        let all: usize = w.layers.iter().map(|l| layer_params(l, usize::MAX)).sum();
+        let active: usize = w
+            .layers
+            .iter()
+            .map(|l| layer_params(l, self.config.top_k))
+            .sum();
+        self.num_params() - all + active
+    }
+}
+
+fn layer_params(l: &weights::Layer, experts: usize) -> usize {
+    let a = &l.attn;
+    let attn = a.q.num_params() + a.k.num_params() + a.v.num_params() + a.o.num_params();
+    let mlp = |m: &weights::GatedMlp| m.gate.num_params() + m.up.num_params() + m.down.num_params();
+    let ffn = match &l.ffn {
+        Ffn::Moe(b) => {
+            let per = b.experts.first().map_or(0, mlp);
+            b.router.num_params()
+                + per * b.experts.len().min(experts)
+                + b.shared
+                    .as_ref()
+                    .map_or(0, |s| mlp(&s.mlp) + s.gate.num_params())
+        }
+        Ffn::Gated(m) => mlp(m),
+        Ffn::Plain(m) => m.fc1.num_params() + m.fc2.num_params(),
+    };
+    attn + ffn
+}

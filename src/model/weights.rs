@@ -1,0 +1,184 @@
+//! The weights of a decoder-only transformer, in one shape for every supported architecture.
+//! Architecture files (`arch/`) fill these from checkpoint tensors; the engine runs them.
+
+use crate::error::{Error, Result};
+
+/// A dense `y = x·Wᵀ + b` with W stored row-major as `[out_features, in_features]`
+/// (the Hugging Face / PyTorch layout).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub out_features: usize,
+    pub in_features: usize,
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+}
+
+impl Linear {
+    pub fn new(
+        out_features: usize,
+        in_features: usize,
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+    ) -> Self {
+        debug_assert_eq!(weight.len(), out_features * in_features);
+        Linear {
+            out_features,
+            in_features,
+            weight,
+            bias,
+        }
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.weight.len() + self.bias.as_ref().map_or(0, Vec::len)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Norm {
+    Rms {
+        weight: Vec<f32>,
+        eps: f32,
+    },
+    Layer {
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        eps: f32,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+}
+
+/// `down(act(gate·x) ⊙ up·x)`: Mixtral's w1/w3/w2 and Qwen2-MoE's gate/up/down_proj.
+#[derive(Debug, Clone)]
+pub struct GatedMlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// OPT's `fc2(act(fc1·x))`.
+#[derive(Debug, Clone)]
+pub struct PlainMlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+/// Qwen2-MoE's always-on expert, scaled by `sigmoid(gate·x)`.
+#[derive(Debug, Clone)]
+pub struct SharedExpert {
+    pub mlp: GatedMlp,
+    pub gate: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct MoeBlock {
+    pub router: Linear,
+    pub experts: Vec<GatedMlp>,
+    pub shared: Option<SharedExpert>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    Moe(MoeBlock),
+    Gated(GatedMlp),
+    Plain(PlainMlp),
+}
+
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub attn_norm: Norm,
+    pub attn: Attention,
+    pub ffn_norm: Norm,
+    pub ffn: Ffn,
+}
+
+#[derive(Debug, Clone)]
+pub struct Weights {
+    /// Token embeddings `[vocab, word_embed_proj_dim]`; also the head when embeddings are tied.
+    pub embed: Linear,
+    /// Learned absolute positions (OPT), already without its offset of 2 rows removed:
+    /// row `p + POSITION_OFFSET` embeds position `p`.
+    pub positions: Option<Vec<f32>>,
+    pub project_in: Option<Linear>,
+    pub layers: Vec<Layer>,
+    pub final_norm: Option<Norm>,
+    pub project_out: Option<Linear>,
+    /// `None` when tied to `embed`.
+    pub lm_head: Option<Linear>,
+}
+
+impl Weights {
+    pub fn head(&self) -> &Linear {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+/// Where architecture loaders get tensors from: a checkpoint directory or an .emoe store.
+pub trait TensorSource {
+    fn has(&self, name: &str) -> bool;
+    /// The tensor as f32, checked against `shape`; `why` names the config fields behind the shape.
+    fn tensor(&self, name: &str, shape: &[usize], why: &str) -> Result<Vec<f32>>;
+}
+
+/// Helpers shared by the architecture loaders.
+pub struct Loader<'a> {
+    pub src: &'a dyn TensorSource,
+}
+
+impl Loader<'_> {
+    pub fn linear(
+        &self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        why: &str,
+    ) -> Result<Linear> {
+        let weight = self
+            .src
+            .tensor(&format!("{prefix}.weight"), &[out, inp], why)?;
+        let bias = if bias {
+            Some(self.src.tensor(&format!("{prefix}.bias"), &[out], why)?)
+        } else {
+            None
+        };
+        Ok(Linear::new(out, inp, weight, bias))
+    }
+
+    pub fn vector(&self, name: &str, len: usize, why: &str) -> Result<Vec<f32>> {
+        self.src.tensor(name, &[len], why)
+    }
+
+    pub fn rms_norm(&self, prefix: &str, dim: usize, eps: f32) -> Result<Norm> {
+        Ok(Norm::Rms {
+            weight: self.vector(&format!("{prefix}.weight"), dim, "hidden_size")?,
+            eps,
+        })
+    }
+
+    pub fn layer_norm(&self, prefix: &str, dim: usize, eps: f32) -> Result<Norm> {
+        Ok(Norm::Layer {
+            weight: self.vector(&format!("{prefix}.weight"), dim, "hidden_size")?,
+            bias: self.vector(&format!("{prefix}.bias"), dim, "hidden_size")?,
+            eps,
+        })
+    }
+
+    /// The first of `names` the source has (checkpoints differ in prefixes).
+    pub fn first_present<'n>(&self, names: &[&'n str]) -> Result<&'n str> {
+        names
+            .iter()
+            .copied()
+            .find(|n| self.src.has(n))
+            .ok_or_else(|| Error::MissingTensor {
+                name: names.join("` or `"),
+            })
+    }
+}

@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Make "unseen" random checkpoints (NOT committed) for manual checks of the
+engine against transformers, with shapes/configs unlike tests/fixtures/.
+
+usage: python tools/make_unseen.py [--out /tmp/unseen] [--ctx 64]
+
+Each OUT/<name>/ is written by transformers' save_pretrained, randomly
+re-initialised like the fixtures (hfcommon.reinit_), gets the trained-moe
+tokenizer (tests/fixtures/trained-moe/tokenizer.json, vocab 2048) copied in,
+and OUT/<name>/hf_ppl.json = tools/hf_ppl.py protocol on
+tests/fixtures/trained-moe/heldout.txt at --ctx (default 64).
+Random weights => the ppl values are large; they are only for comparing numbers.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import hf_ppl  # noqa: E402
+import hfcommon  # noqa: E402
+
+
+def specs():
+    from transformers import MixtralConfig, OPTConfig, Qwen2MoeConfig
+
+    return [
+        # bf16, sharded, 6 experts, head_dim 16, v5-style "rope_parameters"
+        dict(name="mixtral-h96-6e-bf16-sharded", seed=11, dtype=torch.bfloat16, shard="1MB", legacy=False,
+             gen=dict(bos_token_id=1, eos_token_id=2),
+             config=MixtralConfig(vocab_size=2048, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+                                  num_attention_heads=6, num_key_value_heads=2, num_local_experts=6,
+                                  num_experts_per_tok=2, max_position_embeddings=512,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+        # legacy top-level "rope_theta", explicit head_dim (32) != hidden/heads (16), top-1 of 4 experts, MQA
+        dict(name="mixtral-headdim32-top1-legacy", seed=12, dtype=torch.float32, shard=None, legacy=True,
+             gen=dict(bos_token_id=1, eos_token_id=[1, 2]),
+             config=MixtralConfig(vocab_size=2112, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  head_dim=32, num_attention_heads=4, num_key_value_heads=1, num_local_experts=4,
+                                  num_experts_per_tok=1, max_position_embeddings=256,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+                                  rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+        # Qwen2-MoE: norm_topk_prob, decoder_sparse_step 2 (layers 1, 3 MoE), top-3 of 6, head_dim 16
+        dict(name="qwen2moe-normtopk-step2", seed=13, dtype=torch.float32, shard=None, legacy=False,
+             gen=dict(bos_token_id=1, eos_token_id=[2, 1]),
+             config=Qwen2MoeConfig(vocab_size=2048, hidden_size=96, intermediate_size=192, num_hidden_layers=4,
+                                   num_attention_heads=6, num_key_value_heads=2, num_experts=6,
+                                   num_experts_per_tok=3, moe_intermediate_size=64,
+                                   shared_expert_intermediate_size=128, decoder_sparse_step=2,
+                                   mlp_only_layers=[], norm_topk_prob=True, max_position_embeddings=512,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                                   use_sliding_window=False, tie_word_embeddings=False,
+                                   bos_token_id=1, eos_token_id=2)),
+        # Qwen2-MoE bf16 sharded, legacy config, dense layer 0 via mlp_only_layers
+        dict(name="qwen2moe-bf16-sharded-legacy", seed=14, dtype=torch.bfloat16, shard="300KB", legacy=True,
+             gen=dict(bos_token_id=1, eos_token_id=2),
+             config=Qwen2MoeConfig(vocab_size=2048, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                   num_attention_heads=8, num_key_value_heads=4, num_experts=10,
+                                   num_experts_per_tok=4, moe_intermediate_size=32,
+                                   shared_expert_intermediate_size=64, decoder_sparse_step=1,
+                                   mlp_only_layers=[0], norm_topk_prob=False, max_position_embeddings=512,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                   use_sliding_window=False, tie_word_embeddings=False,
+                                   bos_token_id=1, eos_token_id=2)),
+        # OPT-350m-like: post-LN, project_in/out (48 <-> 96), tied head
+        dict(name="opt-350m-like", seed=15, dtype=torch.float32, shard=None, legacy=False,
+             gen=dict(bos_token_id=2, eos_token_id=2, pad_token_id=1),
+             config=OPTConfig(vocab_size=2048, hidden_size=96, ffn_dim=384, num_hidden_layers=3,
+                              num_attention_heads=6, max_position_embeddings=256, do_layer_norm_before=False,
+                              word_embed_proj_dim=48, tie_word_embeddings=True, dropout=0.0,
+                              pad_token_id=1, bos_token_id=2, eos_token_id=2)),
+        # dense OPT f32, pre-LN, UNTIED lm_head (lm_head.weight stored), 8 heads
+        dict(name="opt-dense-untied-f32", seed=16, dtype=torch.float32, shard=None, legacy=True,
+             gen=dict(bos_token_id=2, eos_token_id=2, pad_token_id=1),
+             config=OPTConfig(vocab_size=2064, hidden_size=128, ffn_dim=512, num_hidden_layers=2,
+                              num_attention_heads=8, max_position_embeddings=128, do_layer_norm_before=True,
+                              word_embed_proj_dim=128, tie_word_embeddings=False, dropout=0.0,
+                              pad_token_id=1, bos_token_id=2, eos_token_id=2)),
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="/tmp/unseen")
+    ap.add_argument("--ctx", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    trained = os.path.join(HERE, "..", "tests", "fixtures", "trained-moe")
+    heldout = os.path.join(trained, "heldout.txt")
+
+    for spec in specs():
+        d = os.path.join(args.out, spec["name"])
+        if os.path.isdir(d):
+            shutil.rmtree(d)
+        os.makedirs(d)
+        torch.manual_seed(spec["seed"])
+        model = AutoModelForCausalLM.from_config(spec["config"], dtype=torch.float32, attn_implementation="eager")
+        hfcommon.reinit_(model, spec["seed"])
+        model.generation_config = GenerationConfig(**spec["gen"])
+        model = model.to(spec["dtype"])
+        kw = {"max_shard_size": spec["shard"]} if spec["shard"] else {}
+        model.save_pretrained(d, **kw)
+        if spec["legacy"]:
+            hfcommon.legacy_config_json(os.path.join(d, "config.json"))
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(os.path.join(trained, f), os.path.join(d, f))
+
+        ids = hf_ppl.tokenize_file(d, heldout)
+        m = hfcommon.load_f32(d)
+        r = hf_ppl.perplexity(m, ids, args.ctx)
+        out = {"ppl": r["ppl"], "tokens": len(ids), "windows": r["windows"], "ctx": args.ctx,
+               "mean_nll": r["mean_nll"], "predictions": r["predictions"], "text_file": "heldout.txt",
+               "attn_implementation": "eager", "compute_dtype": "float32",
+               "transformers": transformers.__version__, "torch": torch.__version__}
+        with open(os.path.join(d, "hf_ppl.json"), "w") as f:
+            json.dump(out, f, indent=2, sort_keys=True)
+            f.write("\n")
+        files = sorted(os.listdir(d))
+        print(f"{spec['name']}: ppl {r['ppl']:.3f} ({r['windows']} windows), {hfcommon.dir_size(d)} bytes, {files}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
