@@ -1,0 +1,179 @@
+//! Bad input exits non-zero with one clear line naming the problem, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A private copy of a fixture to break.
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+/// Runs `edgemoe generate` on `model` and returns its stderr, asserting a clean failure.
+fn expect_failure(model: &Path, must_mention: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+        .args(["generate", "--prompt", "hi", "-n", "1", "--model"])
+        .arg(model)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for m in must_mention {
+        assert!(lines[0].contains(m), "{:?} should mention {m:?}", lines[0]);
+    }
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let path = dir.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(json.as_object_mut().unwrap());
+    std::fs::write(path, serde_json::to_string(&json).unwrap()).unwrap();
+}
+
+#[test]
+fn missing_model_directory() {
+    expect_failure(
+        Path::new("/nonexistent/model"),
+        &["/nonexistent/model", "no such file"],
+    );
+}
+
+#[test]
+fn missing_weights_file() {
+    let d = copy_fixture("opt-tiny");
+    std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
+    expect_failure(d.path(), &["model.safetensors"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let d = copy_fixture("mixtral-tiny");
+    let path = d.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    expect_failure(
+        d.path(),
+        &["model.safetensors", "past the end", "truncated"],
+    );
+}
+
+#[test]
+fn header_length_past_the_end() {
+    let d = copy_fixture("mixtral-tiny");
+    let path = d.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[..8].copy_from_slice(&(50_000_000u64).to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    expect_failure(
+        d.path(),
+        &[
+            "model.safetensors",
+            "header length 50000000 points past the end",
+        ],
+    );
+}
+
+#[test]
+fn tensor_offsets_past_the_end() {
+    let d = copy_fixture("opt-tiny");
+    let path = d.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&header).unwrap();
+    // Point the last tensor's range 4 bytes past the data, keeping its size.
+    let last = json
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .max_by_key(|(_, v)| v["data_offsets"][1].as_u64().unwrap())
+        .map(|(k, _)| k.clone())
+        .unwrap();
+    let offs = json[&last]["data_offsets"].clone();
+    json[&last]["data_offsets"] =
+        serde_json::json!([offs[0].as_u64().unwrap() + 4, offs[1].as_u64().unwrap() + 4]);
+    let mut new_header = serde_json::to_string(&json).unwrap();
+    while new_header.len() < n {
+        new_header.push(' ');
+    }
+    let mut out = (new_header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(new_header.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&path, out).unwrap();
+    expect_failure(
+        d.path(),
+        &["model.safetensors", &last, "past the end of the data"],
+    );
+}
+
+#[test]
+fn config_missing_architecture() {
+    let d = copy_fixture("mixtral-tiny");
+    edit_config(d.path(), |c| {
+        c.remove("architectures");
+        c.remove("model_type");
+    });
+    expect_failure(d.path(), &["config.json", "architectures", "missing"]);
+}
+
+#[test]
+fn config_missing_shape_field_is_named() {
+    let d = copy_fixture("mixtral-tiny");
+    // The default hidden_size (4096) then disagrees with the weights: the error names both.
+    edit_config(d.path(), |c| {
+        c.remove("hidden_size");
+    });
+    expect_failure(
+        d.path(),
+        &["hidden_size", "has shape [64], expected [4096]"],
+    );
+}
+
+#[test]
+fn config_not_json() {
+    let d = copy_fixture("opt-tiny");
+    std::fs::write(d.path().join("config.json"), "{ nope").unwrap();
+    expect_failure(d.path(), &["config.json", "not valid JSON"]);
+}
+
+#[test]
+fn unknown_architecture() {
+    let d = copy_fixture("mixtral-tiny");
+    edit_config(d.path(), |c| {
+        c.insert(
+            "architectures".into(),
+            serde_json::json!(["LlamaForCausalLM"]),
+        );
+    });
+    expect_failure(d.path(), &["unsupported architecture", "LlamaForCausalLM"]);
+}
+
+#[test]
+fn missing_tokenizer() {
+    let d = copy_fixture("qwen2moe-tiny");
+    std::fs::remove_file(d.path().join("tokenizer.json")).unwrap();
+    expect_failure(d.path(), &["tokenizer.json", "tokenizer"]);
+}
+
+#[test]
+fn corrupt_tokenizer() {
+    let d = copy_fixture("qwen2moe-tiny");
+    std::fs::write(d.path().join("tokenizer.json"), "{\"model\": 3}").unwrap();
+    expect_failure(d.path(), &["tokenizer.json", "not a valid tokenizer.json"]);
+}
