@@ -4,10 +4,13 @@
 //! backend) → tokens → interface (CLI, serve, C ABI).
 
 pub mod backend;
+pub mod bench;
+pub mod capi;
 pub mod engine;
 pub mod error;
 pub mod kv;
 pub mod model;
+pub mod serve;
 pub mod util;
 
 pub use engine::Engine;

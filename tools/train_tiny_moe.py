@@ -186,7 +186,7 @@ used as a real (non-random) reference for the engine's perplexity.
 * Training: AdamW (lr {args.lr}, betas 0.9/0.95, wd 0.1, warmup {warm}, cosine to 10%),
   {steps} steps x batch {args.batch} x ctx {args.ctx} random windows, router aux loss 0.02,
   seed {args.seed}, torch.set_num_threads({args.threads}); {train_s:.0f} s wall time
-  on a 2-core machine.
+  on a 2-core machine shared with a concurrent cargo build.
 * transformers perplexity on `heldout.txt` (tools/hf_ppl.py, ctx 256, non-overlapping
   windows, no BOS, float32, eager): **{ppl['ppl']:.4f}** ({ppl['windows']} windows,
   {ppl['tokens']} tokens; transformers {transformers.__version__}, torch {torch.__version__}).

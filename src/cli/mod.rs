@@ -1,7 +1,9 @@
 //! Subcommands, one file each. They live in the library so tests can drive them too.
 
+pub mod bench;
 pub mod generate;
 pub mod ppl;
+pub mod serve;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -23,6 +25,10 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Perplexity of a text file (GPTQ/SmoothQuant protocol: non-overlapping windows).
     Ppl(ppl::PplArgs),
+    /// Latency/throughput sweeps (llama-bench style).
+    Bench(bench::BenchArgs),
+    /// Serve completions as JSON lines over stdin/stdout, with continuous batching.
+    Serve(serve::ServeArgs),
 }
 
 /// Options every model-running command shares.
@@ -58,5 +64,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Ppl(a) => ppl::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

@@ -46,52 +46,52 @@ use super::matmul::{TILE_W as TW, TILE_X as TX};
 
 /// AVX2 tile of dot products: `acc[r][c] = x[t + r] · w[j + c]` for `r < tx`, `c < tw`.
 ///
+/// Every dot product is summed in the same order whatever the tile's size (one 8-lane
+/// accumulator, then a horizontal sum, then the scalar tail), so a row's result does not depend
+/// on which other rows share its batch: batched and single-sequence decoding agree bit for bit.
+///
 /// # Safety
 /// The CPU must support avx2 and fma; `x` must hold rows `t..t + tx` and `w` rows `j..j + tw`
 /// of length `k` (checked by the slicing below, which panics rather than reading out of bounds).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn dot_tile_avx2(
-    x: &[f32],
-    t: usize,
-    tx: usize,
-    w: &[f32],
-    j: usize,
-    tw: usize,
-    k: usize,
-    acc: &mut [[f32; TW]; TX],
-) {
-    use std::arch::x86_64::*;
-    if tx != TX || tw != TW {
-        // Edge tiles: one row pair at a time.
-        for r in 0..tx {
-            for c in 0..tw {
-                acc[r][c] = dot_avx2(
-                    &x[(t + r) * k..(t + r + 1) * k],
-                    &w[(j + c) * k..(j + c + 1) * k],
-                );
+pub unsafe fn dot_tile_avx2(x: &[f32], t: usize, tx: usize, w: &[f32], j: usize, tw: usize, k: usize, acc: &mut [[f32; TW]; TX]) {
+    // Monomorphize per tile shape so the accumulators live in registers.
+    macro_rules! dispatch {
+        ($($r:literal, $c:literal);*) => {
+            match (tx, tw) {
+                $(($r, $c) => tile_avx2::<$r, $c>(x, t, w, j, k, acc),)*
+                _ => unreachable!("tile shape {tx}x{tw} exceeds {TX}x{TW}"),
             }
-        }
-        return;
+        };
     }
-    let xs: [&[f32]; TX] = std::array::from_fn(|r| &x[(t + r) * k..(t + r + 1) * k]);
-    let ws: [&[f32]; TW] = std::array::from_fn(|c| &w[(j + c) * k..(j + c + 1) * k]);
-    let mut v = [[_mm256_setzero_ps(); TW]; TX];
+    dispatch!(1,1; 1,2; 1,3; 1,4; 2,1; 2,2; 2,3; 2,4; 3,1; 3,2; 3,3; 3,4);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile_avx2<const R: usize, const C: usize>(x: &[f32], t: usize, w: &[f32], j: usize, k: usize, acc: &mut [[f32; TW]; TX]) {
+    use std::arch::x86_64::*;
+    let xs: [&[f32]; R] = std::array::from_fn(|r| &x[(t + r) * k..(t + r + 1) * k]);
+    let ws: [&[f32]; C] = std::array::from_fn(|c| &w[(j + c) * k..(j + c + 1) * k]);
+    let mut v = [[_mm256_setzero_ps(); C]; R];
     let k8 = k / 8 * 8;
     let mut i = 0;
     while i < k8 {
-        let wv: [__m256; TW] = std::array::from_fn(|c| _mm256_loadu_ps(ws[c].as_ptr().add(i)));
-        for r in 0..TX {
+        // In bounds: i + 8 <= k8 <= k = each slice's length.
+        let wv: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(ws[c].as_ptr().add(i)));
+        for r in 0..R {
             let xv = _mm256_loadu_ps(xs[r].as_ptr().add(i));
-            for c in 0..TW {
+            for c in 0..C {
                 v[r][c] = _mm256_fmadd_ps(xv, wv[c], v[r][c]);
             }
         }
         i += 8;
     }
-    for r in 0..TX {
-        for c in 0..TW {
+    for r in 0..R {
+        for c in 0..C {
             let mut s = hsum(v[r][c]);
             for ii in k8..k {
                 s += xs[r][ii] * ws[c][ii];

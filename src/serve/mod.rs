@@ -1,0 +1,255 @@
+//! `edgemoe serve`: JSON lines in, JSON lines out, with continuous batching.
+//!
+//! A reader thread turns stdin into messages; the scheduler loop admits new requests between
+//! decode steps, runs one batched forward step over every active request (new prompts prefill in
+//! the same step as others decode), hands each its logits, and writes whole lines. A request
+//! joins and leaves the batch between steps; end of input finishes what is in flight.
+
+pub mod protocol;
+
+use crate::engine::generation::Generation;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use protocol::{parse_line, BadLine, Incoming};
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::io::{BufRead, Write};
+use std::sync::mpsc;
+
+pub struct ServeOptions {
+    /// Most requests decoded together in one step; the rest wait in arrival order.
+    pub max_batch: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions { max_batch: 16 }
+    }
+}
+
+enum Message {
+    Line(String),
+    NotUtf8,
+    Eof,
+}
+
+struct Active {
+    id: String,
+    stream: bool,
+    gen: Generation,
+}
+
+/// Serves until `input` ends and every admitted request has finished.
+pub fn serve<R: BufRead + Send + 'static, W: Write>(engine: &Engine, input: R, out: W, opts: &ServeOptions) -> Result<()> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || read_lines(input, tx));
+    let mut server = Server { engine, out, active: Vec::new(), waiting: VecDeque::new(), next_id: 0, max_batch: opts.max_batch.max(1) };
+    server.write(&json!({
+        "object": "edgemoe.ready",
+        "model": engine.model().source,
+        "architecture": engine.model().config.arch.hf_name(),
+        "threads": engine.threads(),
+    }))?;
+    let mut eof = false;
+    loop {
+        if server.active.is_empty() && server.waiting.is_empty() {
+            if eof {
+                return Ok(());
+            }
+            // Idle: block for the next line.
+            match rx.recv() {
+                Ok(m) => eof |= server.handle(m)?,
+                Err(_) => eof = true,
+            }
+        }
+        while let Ok(m) = rx.try_recv() {
+            eof |= server.handle(m)?;
+        }
+        server.admit()?;
+        server.step()?;
+    }
+}
+
+fn read_lines<R: BufRead>(mut input: R, tx: mpsc::Sender<Message>) {
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match input.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    buf.pop();
+                }
+                if buf.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let msg = match String::from_utf8(std::mem::take(&mut buf)) {
+                    Ok(s) => Message::Line(s),
+                    Err(_) => Message::NotUtf8,
+                };
+                if tx.send(msg).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = tx.send(Message::Eof);
+}
+
+struct Server<'e, W: Write> {
+    engine: &'e Engine,
+    out: W,
+    active: Vec<Active>,
+    waiting: VecDeque<Active>,
+    next_id: u64,
+    max_batch: usize,
+}
+
+impl<W: Write> Server<'_, W> {
+    fn write(&mut self, v: &Value) -> Result<()> {
+        let line = serde_json::to_string(v).map_err(|e| Error::invalid(e.to_string()))?;
+        // One write per line, flushed, so lines never interleave mid-object.
+        writeln!(self.out, "{line}")
+            .and_then(|_| self.out.flush())
+            .map_err(|e| Error::io("<stdout>", e))
+    }
+
+    fn reject(&mut self, bad: BadLine) -> Result<()> {
+        self.write(&bad.to_json())
+    }
+
+    /// Handles one message; returns true at end of input.
+    fn handle(&mut self, m: Message) -> Result<bool> {
+        match m {
+            Message::Eof => return Ok(true),
+            Message::NotUtf8 => self.reject(BadLine {
+                id: None,
+                message: "the line is not valid UTF-8".into(),
+                kind: "invalid_request_error",
+                code: "invalid_utf8",
+            })?,
+            Message::Line(line) => {
+                let next = &mut self.next_id;
+                let parsed = parse_line(&line, || {
+                    *next += 1;
+                    format!("cmpl-{next}")
+                });
+                match parsed {
+                    Err(bad) => self.reject(bad)?,
+                    Ok(Incoming::Stats) => {
+                        let stats = json!({
+                            "object": "edgemoe.stats",
+                            "active": self.active.len(),
+                            "waiting": self.waiting.len(),
+                            "runtime": self.engine.stats.snapshot(),
+                        });
+                        self.write(&stats)?
+                    }
+                    Ok(Incoming::Cancel { id }) => self.cancel(id)?,
+                    Ok(Incoming::Request { id, stream, req }) => self.submit(id, stream, &req)?,
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn submit(&mut self, id: String, stream: bool, req: &crate::engine::generation::GenerateRequest) -> Result<()> {
+        let bad = |code, message: String| BadLine { id: Some(id.clone()), message, kind: "invalid_request_error", code };
+        if self.active.iter().chain(&self.waiting).any(|a| a.id == id) {
+            return self.reject(bad("duplicate_id", format!("request `{id}` is already in flight")));
+        }
+        let gen = match Generation::new(self.engine, req) {
+            Ok(g) => g,
+            Err(e) => return self.reject(bad("invalid_prompt", e.to_string())),
+        };
+        let limit = self.engine.model().config.max_position_embeddings;
+        if gen.prompt_tokens() + req.max_tokens > limit {
+            let msg = format!(
+                "prompt ({} tokens) plus max_tokens ({}) exceeds the model's context of {limit} tokens",
+                gen.prompt_tokens(),
+                req.max_tokens
+            );
+            return self.reject(bad("context_length_exceeded", msg));
+        }
+        let a = Active { id, stream, gen };
+        if a.gen.finished().is_some() {
+            return self.finish(&a);
+        }
+        self.waiting.push_back(a);
+        Ok(())
+    }
+
+    fn cancel(&mut self, id: String) -> Result<()> {
+        let pos_active = self.active.iter().position(|a| a.id == id);
+        let pos_waiting = self.waiting.iter().position(|a| a.id == id);
+        let mut a = match (pos_active, pos_waiting) {
+            (Some(i), _) => self.active.remove(i),
+            (None, Some(i)) => match self.waiting.remove(i) {
+                Some(a) => a,
+                None => return Ok(()),
+            },
+            (None, None) => {
+                return self.reject(BadLine {
+                    id: Some(id.clone()),
+                    message: format!("no request `{id}` is in flight"),
+                    kind: "invalid_request_error",
+                    code: "not_found",
+                })
+            }
+        };
+        a.gen.cancel();
+        self.finish(&a)
+    }
+
+    fn admit(&mut self) -> Result<()> {
+        while self.active.len() < self.max_batch {
+            match self.waiting.pop_front() {
+                Some(a) => self.active.push(a),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// One batched forward step over every active request.
+    fn step(&mut self) -> Result<()> {
+        if self.active.is_empty() {
+            return Ok(());
+        }
+        let mut items: Vec<_> = self.active.iter_mut().map(|a| a.gen.batch_item()).collect();
+        let result = self.engine.forward(&mut items);
+        drop(items);
+        let tokenizer = &self.engine.model().tokenizer;
+        let mut lines = Vec::new();
+        match result {
+            Ok(logits) => {
+                for (a, l) in self.active.iter_mut().zip(&logits) {
+                    let piece = a.gen.accept(l, tokenizer);
+                    if a.stream && !piece.is_empty() {
+                        lines.push(protocol::chunk(&a.id, &piece));
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("serve: step failed: {e}");
+                for a in &mut self.active {
+                    a.gen.fail();
+                }
+            }
+        }
+        for line in lines {
+            self.write(&line)?;
+        }
+        let (done, still): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.active).into_iter().partition(|a| a.gen.finished().is_some());
+        self.active = still;
+        for a in &done {
+            self.finish(a)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, a: &Active) -> Result<()> {
+        let v = protocol::completion(&a.id, &self.engine.model().source, a.stream, &a.gen.output());
+        self.write(&v)
+    }
+}
