@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod kv;
 pub mod model;
+pub mod quant;
 pub mod serve;
 pub mod util;
 

@@ -24,13 +24,40 @@ struct Req {
 }
 
 fn requests() -> Vec<Req> {
-    let r = |id, prompt, max_tokens, temperature, top_k, top_p, seed, stop| Req { id, prompt, max_tokens, temperature, top_k, top_p, seed, stop };
+    let r = |id, prompt, max_tokens, temperature, top_k, top_p, seed, stop| Req {
+        id,
+        prompt,
+        max_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        stop,
+    };
     vec![
         r("r1", "In the beginning", 24, 0.0, 0, 1.0, 0, vec![]),
-        r("r2", "And the LORD said unto Moses", 30, 0.7, 40, 0.95, 1, vec![]),
+        r(
+            "r2",
+            "And the LORD said unto Moses",
+            30,
+            0.7,
+            40,
+            0.95,
+            1,
+            vec![],
+        ),
         r("r3", "Blessed are", 20, 1.0, 0, 1.0, 7, vec![]),
         r("r4", "For God so loved", 40, 0.8, 20, 0.9, 3, vec![";"]),
-        r("r5", "The kingdom of heaven", 12, 0.0, 0, 1.0, 0, vec![" the"]),
+        r(
+            "r5",
+            "The kingdom of heaven",
+            12,
+            0.0,
+            0,
+            1.0,
+            0,
+            vec![" the"],
+        ),
         r("r6", "And it came to pass", 35, 1.2, 50, 1.0, 11, vec![]),
         r("r7", "Thou shalt", 28, 0.5, 0, 0.8, 5, vec![]),
         r("r8", "Jesus", 16, 0.9, 10, 0.95, 99, vec![",", "."]),
@@ -40,14 +67,33 @@ fn requests() -> Vec<Req> {
 /// What `edgemoe generate --json` gives for the same request.
 fn generate_text(r: &Req) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgemoe"));
-    cmd.args(["generate", "--json", "--threads", "2", "--model"]).arg(model_dir());
-    cmd.args(["--prompt", r.prompt, "-n", &r.max_tokens.to_string(), "--temp", &r.temperature.to_string()]);
-    cmd.args(["--top-k", &r.top_k.to_string(), "--top-p", &r.top_p.to_string(), "--seed", &r.seed.to_string()]);
+    cmd.args(["generate", "--json", "--threads", "2", "--model"])
+        .arg(model_dir());
+    cmd.args([
+        "--prompt",
+        r.prompt,
+        "-n",
+        &r.max_tokens.to_string(),
+        "--temp",
+        &r.temperature.to_string(),
+    ]);
+    cmd.args([
+        "--top-k",
+        &r.top_k.to_string(),
+        "--top-p",
+        &r.top_p.to_string(),
+        "--seed",
+        &r.seed.to_string(),
+    ]);
     for s in &r.stop {
         cmd.args(["--stop", s]);
     }
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     v["text"].as_str().unwrap().to_string()
 }
@@ -72,9 +118,16 @@ fn concurrent_streams_cancel_and_bad_lines() {
         // Bad lines between the good ones.
         match i {
             0 => input.extend_from_slice(b"{\"id\":\"bad1\",\"prompt\": \n"),
-            1 => input.extend_from_slice(b"{\"id\":\"bad2\",\"prompt\":\"x\",\"max_tokens\":\"many\"}\n"),
+            1 => input
+                .extend_from_slice(b"{\"id\":\"bad2\",\"prompt\":\"x\",\"max_tokens\":\"many\"}\n"),
             2 => input.extend_from_slice(b"{\"id\":\"bad3\",\"prompt\":\"\"}\n"),
-            3 => input.extend_from_slice(format!("{}\n", json!({"id": "bad4", "prompt": "word ".repeat(2000)})).as_bytes()),
+            3 => input.extend_from_slice(
+                format!(
+                    "{}\n",
+                    json!({"id": "bad4", "prompt": "word ".repeat(2000)})
+                )
+                .as_bytes(),
+            ),
             4 => input.extend_from_slice(b"{\"id\":\"bad5\",\"prompt\":\"\xff\xfe\"}\n"),
             _ => {}
         }
@@ -88,7 +141,8 @@ fn concurrent_streams_cancel_and_bad_lines() {
     let mut lines = Vec::new();
     for line in reader.lines() {
         let line = line.unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not one JSON object per line: {line:?}: {e}"));
+        let v: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not one JSON object per line: {line:?}: {e}"));
         if v["id"] == "victim" && v["object"] == "text_completion.chunk" {
             if let Some(mut s) = stdin.take() {
                 // Cancel once the victim is streaming, then end the input.
@@ -97,7 +151,10 @@ fn concurrent_streams_cancel_and_bad_lines() {
         }
         lines.push(v);
     }
-    assert!(child.wait().unwrap().success(), "serve must exit 0 at end of input");
+    assert!(
+        child.wait().unwrap().success(),
+        "serve must exit 0 at end of input"
+    );
     assert_eq!(lines[0]["object"], "edgemoe.ready");
 
     let mut text: HashMap<String, String> = HashMap::new();
@@ -105,21 +162,34 @@ fn concurrent_streams_cancel_and_bad_lines() {
     let mut errors: HashMap<String, String> = HashMap::new();
     for v in &lines[1..] {
         if let Some(err) = v.get("error") {
-            let key = v["id"].as_str().map_or_else(|| format!("no-id-{}", errors.len()), str::to_string);
+            let key = v["id"]
+                .as_str()
+                .map_or_else(|| format!("no-id-{}", errors.len()), str::to_string);
             errors.insert(key, err["code"].as_str().unwrap().to_string());
             assert!(err["message"].is_string() && err["type"].is_string());
             continue;
         }
         let id = v["id"].as_str().unwrap().to_string();
-        assert!(!finish.contains_key(&id), "line after the final one for {id}");
+        assert!(
+            !finish.contains_key(&id),
+            "line after the final one for {id}"
+        );
         let choice = &v["choices"][0];
-        text.entry(id.clone()).or_default().push_str(choice["text"].as_str().unwrap());
+        text.entry(id.clone())
+            .or_default()
+            .push_str(choice["text"].as_str().unwrap());
         if !choice["finish_reason"].is_null() {
             finish.insert(id, v.clone());
         }
     }
     let codes: Vec<&str> = errors.values().map(String::as_str).collect();
-    for code in ["invalid_json", "invalid_type", "empty_prompt", "context_length_exceeded", "invalid_utf8"] {
+    for code in [
+        "invalid_json",
+        "invalid_type",
+        "empty_prompt",
+        "context_length_exceeded",
+        "invalid_utf8",
+    ] {
         assert!(codes.contains(&code), "missing error {code}: {errors:?}");
     }
     assert_eq!(errors.len(), 5, "{errors:?}");
@@ -130,6 +200,11 @@ fn concurrent_streams_cancel_and_bad_lines() {
         assert!(reason == "stop" || reason == "length", "{}: {reason}", r.id);
         assert!(f["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
         assert!(f["timings"]["prompt_ms"].is_number());
-        assert_eq!(text[r.id], generate_text(r), "request {} differs from generate", r.id);
+        assert_eq!(
+            text[r.id],
+            generate_text(r),
+            "request {} differs from generate",
+            r.id
+        );
     }
 }

@@ -9,17 +9,25 @@ use std::sync::Arc;
 #[test]
 fn trained_model_ppl_matches_transformers() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trained-moe");
-    let hf: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("hf_ppl.json")).unwrap()).unwrap();
+    let hf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("hf_ppl.json")).unwrap()).unwrap();
     let want = hf["ppl"].as_f64().unwrap();
     let ctx = hf["ctx"].as_u64().unwrap() as usize;
     let model = Arc::new(Model::load(&dir).unwrap());
     let text = std::fs::read_to_string(dir.join("heldout.txt")).unwrap();
     let tokens = model.tokenizer.encode(&text, false).unwrap();
-    assert_eq!(tokens.len() as u64, hf["tokens"].as_u64().unwrap(), "tokenization differs from transformers'");
+    assert_eq!(
+        tokens.len() as u64,
+        hf["tokens"].as_u64().unwrap(),
+        "tokenization differs from transformers'"
+    );
     let engine = Engine::new(model, 2).unwrap();
     let got = perplexity(&engine, &tokens, ctx, |_, _| {}).unwrap();
     assert_eq!(got.windows as u64, hf["windows"].as_u64().unwrap());
     let rel = (got.ppl - want).abs() / want;
-    eprintln!("edgemoe ppl {:.6}, transformers {want:.6}, relative difference {rel:.2e}", got.ppl);
+    eprintln!(
+        "edgemoe ppl {:.6}, transformers {want:.6}, relative difference {rel:.2e}",
+        got.ppl
+    );
     assert!(rel < 1e-3, "ppl {} vs transformers {want}", got.ppl);
 }

@@ -48,7 +48,11 @@ impl PointResult {
 
     pub fn tg_tokens_per_s(&self) -> Vec<f64> {
         let tokens = (self.point.batch * self.point.gen) as f64;
-        self.samples.iter().filter(|s| s.decode_s > 0.0).map(|s| tokens / s.decode_s).collect()
+        self.samples
+            .iter()
+            .filter(|s| s.decode_s > 0.0)
+            .map(|s| tokens / s.decode_s)
+            .collect()
     }
 
     pub fn ttft_ms(&self) -> Vec<f64> {
@@ -56,14 +60,19 @@ impl PointResult {
     }
 
     pub fn itl_ms(&self) -> Vec<f64> {
-        self.samples.iter().flat_map(|s| s.step_s.iter().map(|t| t * 1e3)).collect()
+        self.samples
+            .iter()
+            .flat_map(|s| s.step_s.iter().map(|t| t * 1e3))
+            .collect()
     }
 }
 
 /// Synthetic token ids, the same for every run with the same vocabulary.
 pub fn synthetic_tokens(count: usize, vocab: usize, stream: u64) -> Vec<u32> {
     let mut rng = SplitMix64::new(0xbe7c_4000 + stream);
-    (0..count).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()
+    (0..count)
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect()
 }
 
 /// Runs one point `reps` times (after one untimed warm-up run).
@@ -75,7 +84,13 @@ pub fn run_point(engine: &Engine, point: &BenchPoint, reps: usize) -> Result<Poi
     let mut samples = Vec::with_capacity(reps);
     let mut kv_bytes = 0;
     for rep in 0..=reps {
-        let before = engine.stats.snapshot().expert_tokens.iter().flatten().sum::<u64>();
+        let before = engine
+            .stats
+            .snapshot()
+            .expert_tokens
+            .iter()
+            .flatten()
+            .sum::<u64>();
         let mut caches: Vec<_> = (0..point.batch).map(|_| engine.new_cache()).collect();
         let prompt_len = point.prompt.max(1);
         let started = Instant::now();
@@ -85,24 +100,54 @@ pub fn run_point(engine: &Engine, point: &BenchPoint, reps: usize) -> Result<Poi
         let decode_start = Instant::now();
         for i in 0..point.gen {
             let t = Instant::now();
-            step(engine, &inputs, &mut caches, prompt_len + i..prompt_len + i + 1)?;
+            step(
+                engine,
+                &inputs,
+                &mut caches,
+                prompt_len + i..prompt_len + i + 1,
+            )?;
             step_s.push(t.elapsed().as_secs_f64());
         }
         let decode_s = decode_start.elapsed().as_secs_f64();
         kv_bytes = caches.iter().map(|c| c.bytes()).sum();
-        let after = engine.stats.snapshot().expert_tokens.iter().flatten().sum::<u64>();
+        let after = engine
+            .stats
+            .snapshot()
+            .expert_tokens
+            .iter()
+            .flatten()
+            .sum::<u64>();
         if rep > 0 {
-            samples.push(Sample { prefill_s, decode_s, step_s, expert_tokens: after - before });
+            samples.push(Sample {
+                prefill_s,
+                decode_s,
+                step_s,
+                expert_tokens: after - before,
+            });
         }
     }
-    Ok(PointResult { point: point.clone(), samples, peak_rss_bytes: crate::util::peak_rss_bytes(), kv_cache_bytes: kv_bytes })
+    Ok(PointResult {
+        point: point.clone(),
+        samples,
+        peak_rss_bytes: crate::util::peak_rss_bytes(),
+        kv_cache_bytes: kv_bytes,
+    })
 }
 
-fn step(engine: &Engine, inputs: &[Vec<u32>], caches: &mut [crate::kv::KvCache], range: std::ops::Range<usize>) -> Result<()> {
+fn step(
+    engine: &Engine,
+    inputs: &[Vec<u32>],
+    caches: &mut [crate::kv::KvCache],
+    range: std::ops::Range<usize>,
+) -> Result<()> {
     let mut items: Vec<BatchItem> = inputs
         .iter()
         .zip(caches.iter_mut())
-        .map(|(toks, cache)| BatchItem { tokens: &toks[range.clone()], cache, logits: Logits::Last })
+        .map(|(toks, cache)| BatchItem {
+            tokens: &toks[range.clone()],
+            cache,
+            logits: Logits::Last,
+        })
         .collect();
     engine.forward(&mut items)?;
     Ok(())
@@ -115,7 +160,11 @@ pub fn mean_sd(v: &[f64]) -> (f64, f64) {
     }
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 { v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    let var = if v.len() > 1 {
+        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
     (mean, var.sqrt())
 }
 

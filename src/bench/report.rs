@@ -37,10 +37,18 @@ fn rows(results: &[PointResult]) -> Vec<Row<'_>> {
     let mut out = Vec::new();
     for r in results {
         if r.point.prompt > 0 {
-            out.push(Row { r, test: format!("pp{}", r.point.prompt), tps: r.pp_tokens_per_s() });
+            out.push(Row {
+                r,
+                test: format!("pp{}", r.point.prompt),
+                tps: r.pp_tokens_per_s(),
+            });
         }
         if r.point.gen > 0 {
-            out.push(Row { r, test: format!("tg{}", r.point.gen), tps: r.tg_tokens_per_s() });
+            out.push(Row {
+                r,
+                test: format!("tg{}", r.point.gen),
+                tps: r.tg_tokens_per_s(),
+            });
         }
     }
     out
@@ -142,9 +150,15 @@ pub fn plot(path: &std::path::Path, results: &[PointResult]) -> anyhow::Result<(
             v.dedup();
             v.len()
         };
-        let candidates: [(&str, fn(&PointResult) -> usize); 3] =
-            [("batch", |r| r.point.batch), ("threads", |r| r.point.threads), ("prompt", |r| r.point.prompt)];
-        candidates.into_iter().max_by_key(|c| distinct(c.1)).unwrap_or(("batch", |r| r.point.batch))
+        let candidates: [(&str, fn(&PointResult) -> usize); 3] = [
+            ("batch", |r| r.point.batch),
+            ("threads", |r| r.point.threads),
+            ("prompt", |r| r.point.prompt),
+        ];
+        candidates
+            .into_iter()
+            .max_by_key(|c| distinct(c.1))
+            .unwrap_or(("batch", |r| r.point.batch))
     };
     let mut series: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
     for row in rows(results) {
@@ -154,7 +168,10 @@ pub fn plot(path: &std::path::Path, results: &[PointResult]) -> anyhow::Result<(
             "threads" => format!("{} b{}", row.test, p.batch),
             _ => format!("{} b{} t{}", row.test, p.batch, p.threads),
         };
-        series.entry(label).or_default().push(((axis.1)(row.r) as f64, mean_sd(&row.tps).0));
+        series
+            .entry(label)
+            .or_default()
+            .push(((axis.1)(row.r) as f64, mean_sd(&row.tps).0));
     }
     let xmax = series.values().flatten().map(|p| p.0).fold(1.0, f64::max);
     let ymax = series.values().flatten().map(|p| p.1).fold(1.0, f64::max);
@@ -166,7 +183,11 @@ pub fn plot(path: &std::path::Path, results: &[PointResult]) -> anyhow::Result<(
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..xmax * 1.05, 0f64..ymax * 1.1)?;
-    chart.configure_mesh().x_desc(axis.0).y_desc("tokens/s").draw()?;
+    chart
+        .configure_mesh()
+        .x_desc(axis.0)
+        .y_desc("tokens/s")
+        .draw()?;
     for (i, (label, mut pts)) in series.into_iter().enumerate() {
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         let color = Palette99::pick(i).to_rgba();
@@ -176,7 +197,11 @@ pub fn plot(path: &std::path::Path, results: &[PointResult]) -> anyhow::Result<(
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
     root.present()?;
     Ok(())
 }

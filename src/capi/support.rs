@@ -60,12 +60,15 @@ thread_local! {
 pub(super) fn set_last_error(message: &str) {
     // An interior NUL would cut the C string short; show it instead.
     let c = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+    // `try_with`: a call from a thread-local destructor must not panic outside the guard.
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = c);
 }
 
 /// The thread's last error; the pointer lives until the thread's next failing call replaces it.
 pub(super) fn last_error_ptr() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    LAST_ERROR
+        .try_with(|e| e.borrow().as_ptr())
+        .unwrap_or(c"".as_ptr())
 }
 
 /// A session: its own engine (and so its own worker threads) over a shared model.

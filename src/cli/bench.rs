@@ -12,13 +12,28 @@ pub struct BenchArgs {
     #[arg(long)]
     pub model: Option<std::path::PathBuf>,
     /// Prompt lengths (prompt processing, ppN), comma separated.
-    #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "64")]
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "64"
+    )]
     pub prompt: Vec<usize>,
     /// Generated tokens (tgN), comma separated.
-    #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_value = "64")]
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "64"
+    )]
     pub gen: Vec<usize>,
     /// Concurrent sequences decoded together, comma separated.
-    #[arg(short = 'b', long = "batch", value_delimiter = ',', default_value = "1")]
+    #[arg(
+        short = 'b',
+        long = "batch",
+        value_delimiter = ',',
+        default_value = "1"
+    )]
     pub batch: Vec<usize>,
     /// Worker threads, comma separated (0 = all cores).
     #[arg(long, value_delimiter = ',', default_value = "0")]
@@ -42,7 +57,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if a.batch.contains(&0) {
         anyhow::bail!("-b values must be at least 1");
     }
-    let base = ModelArgs { model: a.model.clone(), threads: 0 };
+    let base = ModelArgs {
+        model: a.model.clone(),
+        threads: 0,
+    };
     let model = Arc::new(crate::load_model(base.model.as_deref())?);
     let info = ModelInfo::of(&model, "cpu");
     let mut points = Vec::new();
@@ -50,7 +68,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         for &batch in &a.batch {
             for &prompt in &a.prompt {
                 for &gen in &a.gen {
-                    points.push(BenchPoint { threads, batch, prompt, gen });
+                    points.push(BenchPoint {
+                        threads,
+                        batch,
+                        prompt,
+                        gen,
+                    });
                 }
             }
         }
@@ -58,12 +81,27 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for (i, p) in points.iter().enumerate() {
         let engine = crate::Engine::new(model.clone(), p.threads)?;
-        let p = BenchPoint { threads: engine.threads(), ..p.clone() };
-        eprintln!("[{}/{}] threads {} batch {} pp{} tg{} x{}", i + 1, points.len(), p.threads, p.batch, p.prompt, p.gen, a.reps);
+        let p = BenchPoint {
+            threads: engine.threads(),
+            ..p.clone()
+        };
+        eprintln!(
+            "[{}/{}] threads {} batch {} pp{} tg{} x{}",
+            i + 1,
+            points.len(),
+            p.threads,
+            p.batch,
+            p.prompt,
+            p.gen,
+            a.reps
+        );
         results.push(run_point(&engine, &p, a.reps)?);
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report::json(&info, &results))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report::json(&info, &results))?
+        );
     } else if a.csv {
         print!("{}", report::csv(&info, &results));
     } else {

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod generate;
+pub mod inspect;
 pub mod ppl;
 pub mod serve;
 
@@ -29,6 +30,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Serve completions as JSON lines over stdin/stdout, with continuous batching.
     Serve(serve::ServeArgs),
+    /// Print an .emoe file's header, bytes per tensor class and expert-block layout.
+    Inspect(inspect::InspectArgs),
 }
 
 /// Options every model-running command shares.
@@ -66,5 +69,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ppl(a) => ppl::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Inspect(a) => inspect::run(a),
     }
 }

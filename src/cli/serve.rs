@@ -15,6 +15,13 @@ pub struct ServeArgs {
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let engine = a.model.engine()?;
     let stdin = std::io::BufReader::new(std::io::stdin());
-    serve(&engine, stdin, std::io::stdout().lock(), &ServeOptions { max_batch: a.max_batch })?;
+    serve(
+        &engine,
+        stdin,
+        std::io::stdout().lock(),
+        &ServeOptions {
+            max_batch: a.max_batch,
+        },
+    )?;
     Ok(())
 }

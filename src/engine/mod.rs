@@ -10,12 +10,13 @@ pub mod sampling;
 pub mod stats;
 
 use crate::backend::cpu::attention::{attend, AttentionShape};
+use crate::backend::cpu::int8::{self, quantize_rows_smoothed, QuantizedRows};
 use crate::backend::cpu::matmul::matmul;
 use crate::backend::cpu::ops::{activate, gated_activation, norm_rows, Rope};
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
 use crate::model::arch::opt::POSITION_OFFSET;
-use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, PlainMlp};
+use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, LinearWeight, PlainMlp};
 use crate::model::Model;
 use stats::RuntimeStats;
 use std::sync::Arc;
@@ -41,6 +42,13 @@ pub struct Engine {
     pool: rayon::ThreadPool,
     rope: Option<Rope>,
     pub stats: RuntimeStats,
+    /// Sees every linear layer's input (calibration); `None` in normal runs.
+    observer: Option<Arc<dyn LinearObserver>>,
+}
+
+/// Watches the inputs of linear layers, e.g. to collect quantization statistics.
+pub trait LinearObserver: Send + Sync {
+    fn observe(&self, linear: &Linear, x: &[f32], rows: usize);
 }
 
 impl Engine {
@@ -63,7 +71,13 @@ impl Engine {
             pool,
             rope,
             stats,
+            observer: None,
         })
+    }
+
+    pub fn with_observer(mut self, observer: Arc<dyn LinearObserver>) -> Engine {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -169,14 +183,22 @@ impl Engine {
     fn embed(&self, tokens: &[u32], positions: &[usize]) -> Vec<f32> {
         let w = &self.model.weights;
         let e = w.embed.in_features;
-        let mut x: Vec<f32> = tokens
-            .iter()
-            .flat_map(|&t| {
-                w.embed.weight[t as usize * e..(t as usize + 1) * e]
-                    .iter()
-                    .copied()
-            })
-            .collect();
+        let mut x: Vec<f32> = match &w.embed.weight {
+            LinearWeight::F32(table) => tokens
+                .iter()
+                .flat_map(|&t| table[t as usize * e..(t as usize + 1) * e].iter().copied())
+                .collect(),
+            // Quantized embeddings (a tied int8 head): dequantize the looked-up rows.
+            LinearWeight::Int8(matrix) => tokens
+                .iter()
+                .flat_map(|&t| {
+                    let scale = matrix.scales[t as usize];
+                    matrix.row(t as usize)[..e]
+                        .iter()
+                        .map(move |&q| q as f32 * scale)
+                })
+                .collect(),
+        };
         if let Some(p) = &w.project_in {
             x = self.linear(p, &x, tokens.len());
         }
@@ -276,16 +298,29 @@ impl Engine {
     }
 
     pub(crate) fn linear(&self, lin: &Linear, x: &[f32], rows: usize) -> Vec<f32> {
+        if let Some(obs) = &self.observer {
+            obs.observe(lin, x, rows);
+        }
         let mut out = vec![0f32; rows * lin.out_features];
-        matmul(
-            x,
-            rows,
-            &lin.weight,
-            lin.out_features,
-            lin.in_features,
-            lin.bias.as_deref(),
-            &mut out,
-        );
+        let (n, k, bias) = (lin.out_features, lin.in_features, lin.bias.as_deref());
+        match &lin.weight {
+            LinearWeight::F32(w) => match &lin.input_scale {
+                None => matmul(x, rows, w, n, k, bias, &mut out),
+                Some(s) => {
+                    let xs: Vec<f32> = x
+                        .chunks(k)
+                        .flat_map(|r| r.iter().zip(s).map(|(a, b)| a * b))
+                        .collect();
+                    matmul(&xs, rows, w, n, k, bias, &mut out)
+                }
+            },
+            LinearWeight::Int8(matrix) => {
+                // W8A8: quantize each token's activations (per-token scale), then int8 GEMM.
+                let mut q = QuantizedRows::new();
+                quantize_rows_smoothed(x, rows, k, lin.input_scale.as_deref(), &mut q);
+                int8::gemm(&mut out, &q, matrix, bias, &self.pool);
+            }
+        }
         out
     }
 

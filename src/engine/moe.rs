@@ -4,6 +4,7 @@
 use super::Engine;
 use crate::backend::cpu::ops::{sigmoid, softmax};
 use crate::model::weights::MoeBlock;
+use rayon::prelude::*;
 
 /// Top-k experts of one token and their mixing weights.
 pub fn route(router_logits: &[f32], top_k: usize, renormalize: bool) -> Vec<(usize, f32)> {
@@ -42,18 +43,24 @@ pub fn forward(
             assigned[e].push((r, wgt));
         }
     }
+    let chosen: Vec<usize> = (0..e_count).filter(|&e| !assigned[e].is_empty()).collect();
+    // Experts run side by side on the pool (one small matmul alone would not fill it); their
+    // outputs are mixed in expert order afterwards, so results don't depend on scheduling.
+    let outputs: Vec<Vec<f32>> = chosen
+        .par_iter()
+        .map(|&e| {
+            let tokens = &assigned[e];
+            engine.stats.record_expert(layer, e, tokens.len());
+            let xs: Vec<f32> = tokens
+                .iter()
+                .flat_map(|&(r, _)| x[r * h..(r + 1) * h].iter().copied())
+                .collect();
+            engine.gated_mlp(&block.experts[e], &xs, tokens.len())
+        })
+        .collect();
     let mut out = vec![0f32; rows * h];
-    for (e, tokens) in assigned.iter().enumerate() {
-        if tokens.is_empty() {
-            continue;
-        }
-        engine.stats.record_expert(layer, e, tokens.len());
-        let xs: Vec<f32> = tokens
-            .iter()
-            .flat_map(|&(r, _)| x[r * h..(r + 1) * h].iter().copied())
-            .collect();
-        let ys = engine.gated_mlp(&block.experts[e], &xs, tokens.len());
-        for (i, &(r, wgt)) in tokens.iter().enumerate() {
+    for (&e, ys) in chosen.iter().zip(&outputs) {
+        for (i, &(r, wgt)) in assigned[e].iter().enumerate() {
             let y = &ys[i * h..(i + 1) * h];
             out[r * h..(r + 1) * h]
                 .iter_mut()

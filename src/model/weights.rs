@@ -1,20 +1,35 @@
 //! The weights of a decoder-only transformer, in one shape for every supported architecture.
 //! Architecture files (`arch/`) fill these from checkpoint tensors; the engine runs them.
 
+use crate::backend::cpu::int8::Int8Matrix;
 use crate::error::{Error, Result};
 
 /// A dense `y = x·Wᵀ + b` with W stored row-major as `[out_features, in_features]`
 /// (the Hugging Face / PyTorch layout).
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// The checkpoint prefix (`model.layers.0.self_attn.q_proj`): names stats, blocks, reports.
+    pub name: String,
     pub out_features: usize,
     pub in_features: usize,
-    pub weight: Vec<f32>,
+    pub weight: LinearWeight,
     pub bias: Option<Vec<f32>>,
+    /// Multiplies the input per channel before the product: SmoothQuant's 1/s where no norm
+    /// precedes to absorb it (the int8 kernel applies it while quantizing activations).
+    pub input_scale: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    F32(Vec<f32>),
+    /// W8A8: int8 weights with per-output-channel scales; activations are quantized per token
+    /// at run time.
+    Int8(Int8Matrix),
 }
 
 impl Linear {
     pub fn new(
+        name: &str,
         out_features: usize,
         in_features: usize,
         weight: Vec<f32>,
@@ -22,15 +37,35 @@ impl Linear {
     ) -> Self {
         debug_assert_eq!(weight.len(), out_features * in_features);
         Linear {
+            name: name.to_string(),
             out_features,
             in_features,
-            weight,
+            weight: LinearWeight::F32(weight),
             bias,
+            input_scale: None,
+        }
+    }
+
+    /// The f32 weights, `None` once quantized.
+    pub fn f32_weight(&self) -> Option<&[f32]> {
+        match &self.weight {
+            LinearWeight::F32(w) => Some(w),
+            LinearWeight::Int8(_) => None,
         }
     }
 
     pub fn num_params(&self) -> usize {
-        self.weight.len() + self.bias.as_ref().map_or(0, Vec::len)
+        self.out_features * self.in_features + self.bias.as_ref().map_or(0, Vec::len)
+    }
+
+    /// Bytes the weights occupy in memory (what a decode step streams).
+    pub fn weight_bytes(&self) -> usize {
+        let w = match &self.weight {
+            LinearWeight::F32(w) => w.len() * 4,
+            LinearWeight::Int8(m) => m.data.len() + m.scales.len() * 4,
+        };
+        w + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+            + self.input_scale.as_ref().map_or(0, |s| s.len() * 4)
     }
 }
 
@@ -149,7 +184,7 @@ impl Loader<'_> {
         } else {
             None
         };
-        Ok(Linear::new(out, inp, weight, bias))
+        Ok(Linear::new(prefix, out, inp, weight, bias))
     }
 
     pub fn vector(&self, name: &str, len: usize, why: &str) -> Result<Vec<f32>> {

@@ -40,10 +40,22 @@ struct Active {
 }
 
 /// Serves until `input` ends and every admitted request has finished.
-pub fn serve<R: BufRead + Send + 'static, W: Write>(engine: &Engine, input: R, out: W, opts: &ServeOptions) -> Result<()> {
+pub fn serve<R: BufRead + Send + 'static, W: Write>(
+    engine: &Engine,
+    input: R,
+    out: W,
+    opts: &ServeOptions,
+) -> Result<()> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || read_lines(input, tx));
-    let mut server = Server { engine, out, active: Vec::new(), waiting: VecDeque::new(), next_id: 0, max_batch: opts.max_batch.max(1) };
+    let mut server = Server {
+        engine,
+        out,
+        active: Vec::new(),
+        waiting: VecDeque::new(),
+        next_id: 0,
+        max_batch: opts.max_batch.max(1),
+    };
     server.write(&json!({
         "object": "edgemoe.ready",
         "model": engine.model().source,
@@ -153,10 +165,23 @@ impl<W: Write> Server<'_, W> {
         Ok(false)
     }
 
-    fn submit(&mut self, id: String, stream: bool, req: &crate::engine::generation::GenerateRequest) -> Result<()> {
-        let bad = |code, message: String| BadLine { id: Some(id.clone()), message, kind: "invalid_request_error", code };
+    fn submit(
+        &mut self,
+        id: String,
+        stream: bool,
+        req: &crate::engine::generation::GenerateRequest,
+    ) -> Result<()> {
+        let bad = |code, message: String| BadLine {
+            id: Some(id.clone()),
+            message,
+            kind: "invalid_request_error",
+            code,
+        };
         if self.active.iter().chain(&self.waiting).any(|a| a.id == id) {
-            return self.reject(bad("duplicate_id", format!("request `{id}` is already in flight")));
+            return self.reject(bad(
+                "duplicate_id",
+                format!("request `{id}` is already in flight"),
+            ));
         }
         let gen = match Generation::new(self.engine, req) {
             Ok(g) => g,
@@ -240,7 +265,9 @@ impl<W: Write> Server<'_, W> {
         for line in lines {
             self.write(&line)?;
         }
-        let (done, still): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.active).into_iter().partition(|a| a.gen.finished().is_some());
+        let (done, still): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(|a| a.gen.finished().is_some());
         self.active = still;
         for a in &done {
             self.finish(a)?;
@@ -249,7 +276,12 @@ impl<W: Write> Server<'_, W> {
     }
 
     fn finish(&mut self, a: &Active) -> Result<()> {
-        let v = protocol::completion(&a.id, &self.engine.model().source, a.stream, &a.gen.output());
+        let v = protocol::completion(
+            &a.id,
+            &self.engine.model().source,
+            a.stream,
+            &a.gen.output(),
+        );
         self.write(&v)
     }
 }

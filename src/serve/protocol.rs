@@ -13,8 +13,14 @@ pub const MAX_STOP: usize = 4;
 /// One parsed input line.
 #[derive(Debug)]
 pub enum Incoming {
-    Request { id: String, stream: bool, req: GenerateRequest },
-    Cancel { id: String },
+    Request {
+        id: String,
+        stream: bool,
+        req: GenerateRequest,
+    },
+    Cancel {
+        id: String,
+    },
     Stats,
 }
 
@@ -29,7 +35,12 @@ pub struct BadLine {
 
 impl BadLine {
     fn new(id: Option<String>, code: &'static str, message: impl Into<String>) -> BadLine {
-        BadLine { id, message: message.into(), kind: "invalid_request_error", code }
+        BadLine {
+            id,
+            message: message.into(),
+            kind: "invalid_request_error",
+            code,
+        }
     }
 
     pub fn to_json(&self) -> Value {
@@ -50,7 +61,11 @@ pub fn parse_line(line: &str, next_id: impl FnOnce() -> String) -> Result<Incomi
     if let Some(c) = obj.get("cancel") {
         return match c.as_str() {
             Some(id) => Ok(Incoming::Cancel { id: id.to_string() }),
-            None => Err(BadLine::new(None, "invalid_type", "`cancel` must be a request id string")),
+            None => Err(BadLine::new(
+                None,
+                "invalid_type",
+                "`cancel` must be a request id string",
+            )),
         };
     }
     if let Some(op) = obj.get("op") {
@@ -62,7 +77,13 @@ pub fn parse_line(line: &str, next_id: impl FnOnce() -> String) -> Result<Incomi
     let id = match obj.get("id") {
         None | Some(Value::Null) => next_id(),
         Some(Value::String(s)) => s.clone(),
-        Some(other) => return Err(BadLine::new(None, "invalid_type", format!("`id` must be a string, got {other}"))),
+        Some(other) => {
+            return Err(BadLine::new(
+                None,
+                "invalid_type",
+                format!("`id` must be a string, got {other}"),
+            ))
+        }
     };
     parse_request(obj, &id).map_err(|(code, message)| BadLine::new(Some(id.clone()), code, message))
 }
@@ -72,31 +93,53 @@ type FieldError = (&'static str, String);
 fn parse_request(obj: &Map<String, Value>, id: &str) -> Result<Incoming, FieldError> {
     let prompt = match obj.get("prompt") {
         Some(Value::String(s)) => s.clone(),
-        Some(other) => return Err(("invalid_type", format!("`prompt` must be a string, got {}", type_name(other)))),
+        Some(other) => {
+            return Err((
+                "invalid_type",
+                format!("`prompt` must be a string, got {}", type_name(other)),
+            ))
+        }
         None => return Err(("missing_field", "`prompt` is required".into())),
     };
     if prompt.is_empty() {
         return Err(("empty_prompt", "`prompt` is empty".into()));
     }
     if prompt.len() > MAX_PROMPT_BYTES {
-        return Err(("context_length_exceeded", format!("`prompt` is {} bytes, over the {MAX_PROMPT_BYTES}-byte limit", prompt.len())));
+        return Err((
+            "context_length_exceeded",
+            format!(
+                "`prompt` is {} bytes, over the {MAX_PROMPT_BYTES}-byte limit",
+                prompt.len()
+            ),
+        ));
     }
     // OpenAI's completions defaults: 16 tokens, temperature 1, top_p 1.
     let max_tokens = uint(obj, "max_tokens", 16)? as usize;
     let temperature = number(obj, "temperature", 1.0)?;
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(("invalid_value", format!("`temperature` must be in [0, 2], got {temperature}")));
+        return Err((
+            "invalid_value",
+            format!("`temperature` must be in [0, 2], got {temperature}"),
+        ));
     }
     let top_p = number(obj, "top_p", 1.0)?;
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(("invalid_value", format!("`top_p` must be in (0, 1], got {top_p}")));
+        return Err((
+            "invalid_value",
+            format!("`top_p` must be in (0, 1], got {top_p}"),
+        ));
     }
     let top_k = uint(obj, "top_k", 0)? as usize;
     let seed = uint(obj, "seed", 0)?;
     let stream = match obj.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(other) => return Err(("invalid_type", format!("`stream` must be a boolean, got {}", type_name(other)))),
+        Some(other) => {
+            return Err((
+                "invalid_type",
+                format!("`stream` must be a boolean, got {}", type_name(other)),
+            ))
+        }
     };
     let stop = match obj.get("stop") {
         None | Some(Value::Null) => vec![],
@@ -105,11 +148,25 @@ fn parse_request(obj: &Map<String, Value>, id: &str) -> Result<Incoming, FieldEr
             .iter()
             .map(|v| v.as_str().map(str::to_string))
             .collect::<Option<Vec<_>>>()
-            .ok_or(("invalid_type", "`stop` must be a string or a list of strings".to_string()))?,
-        Some(other) => return Err(("invalid_type", format!("`stop` must be a string or a list of strings, got {}", type_name(other)))),
+            .ok_or((
+                "invalid_type",
+                "`stop` must be a string or a list of strings".to_string(),
+            ))?,
+        Some(other) => {
+            return Err((
+                "invalid_type",
+                format!(
+                    "`stop` must be a string or a list of strings, got {}",
+                    type_name(other)
+                ),
+            ))
+        }
     };
     if stop.len() > MAX_STOP {
-        return Err(("invalid_value", format!("at most {MAX_STOP} stop sequences")));
+        return Err((
+            "invalid_value",
+            format!("at most {MAX_STOP} stop sequences"),
+        ));
     }
     Ok(Incoming::Request {
         id: id.to_string(),
@@ -117,7 +174,12 @@ fn parse_request(obj: &Map<String, Value>, id: &str) -> Result<Incoming, FieldEr
         req: GenerateRequest {
             prompt,
             max_tokens,
-            sampling: SamplingParams { temperature: temperature as f32, top_k, top_p: top_p as f32, seed },
+            sampling: SamplingParams {
+                temperature: temperature as f32,
+                top_k,
+                top_p: top_p as f32,
+                seed,
+            },
             stop,
         },
     })
@@ -137,16 +199,24 @@ fn type_name(v: &Value) -> &'static str {
 fn uint(obj: &Map<String, Value>, field: &'static str, default: u64) -> Result<u64, FieldError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_u64()
-            .ok_or_else(|| ("invalid_type", format!("`{field}` must be a non-negative integer, got {v}"))),
+        Some(v) => v.as_u64().ok_or_else(|| {
+            (
+                "invalid_type",
+                format!("`{field}` must be a non-negative integer, got {v}"),
+            )
+        }),
     }
 }
 
 fn number(obj: &Map<String, Value>, field: &'static str, default: f64) -> Result<f64, FieldError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => v.as_f64().ok_or_else(|| ("invalid_type", format!("`{field}` must be a number, got {v}"))),
+        Some(v) => v.as_f64().ok_or_else(|| {
+            (
+                "invalid_type",
+                format!("`{field}` must be a number, got {v}"),
+            )
+        }),
     }
 }
 
@@ -160,7 +230,11 @@ pub fn chunk(id: &str, text: &str) -> Value {
 
 /// The last line of a request: the final chunk (streaming) or the whole completion.
 pub fn completion(id: &str, model: &str, stream: bool, out: &GenerateOutput) -> Value {
-    let (object, text) = if stream { ("text_completion.chunk", "") } else { ("text_completion", out.text.as_str()) };
+    let (object, text) = if stream {
+        ("text_completion.chunk", "")
+    } else {
+        ("text_completion", out.text.as_str())
+    };
     json!({
         "id": id,
         "object": object,
@@ -210,11 +284,27 @@ mod tests {
         assert_eq!(parse("{oops").unwrap_err().code, "invalid_json");
         let e = parse(r#"{"id":"a","prompt":5}"#).unwrap_err();
         assert_eq!((e.id.as_deref(), e.code), (Some("a"), "invalid_type"));
-        assert_eq!(parse(r#"{"id":"b","prompt":""}"#).unwrap_err().code, "empty_prompt");
-        assert_eq!(parse(r#"{"id":"c","prompt":"x","max_tokens":-1}"#).unwrap_err().code, "invalid_type");
-        assert_eq!(parse(r#"{"id":"d","prompt":"x","stop":[1]}"#).unwrap_err().code, "invalid_type");
+        assert_eq!(
+            parse(r#"{"id":"b","prompt":""}"#).unwrap_err().code,
+            "empty_prompt"
+        );
+        assert_eq!(
+            parse(r#"{"id":"c","prompt":"x","max_tokens":-1}"#)
+                .unwrap_err()
+                .code,
+            "invalid_type"
+        );
+        assert_eq!(
+            parse(r#"{"id":"d","prompt":"x","stop":[1]}"#)
+                .unwrap_err()
+                .code,
+            "invalid_type"
+        );
         assert_eq!(parse(r#"[1,2]"#).unwrap_err().code, "invalid_json");
-        assert!(matches!(parse(r#"{"cancel":"r1"}"#), Ok(Incoming::Cancel { .. })));
+        assert!(matches!(
+            parse(r#"{"cancel":"r1"}"#),
+            Ok(Incoming::Cancel { .. })
+        ));
         assert!(matches!(parse(r#"{"op":"stats"}"#), Ok(Incoming::Stats)));
     }
 }

@@ -32,7 +32,7 @@ pub fn attend(
         out.len() >= total && q.len() >= total,
         "attend: buffer too small"
     );
-    (0..rows * h).into_par_iter().for_each(|task| {
+    let work = |task: usize| {
         let (t, head) = (task / h, task % h);
         let kv_head = head / group;
         let pos = positions[t];
@@ -61,5 +61,13 @@ pub fn attend(
                 *oi += wgt * vi;
             }
         }
-    });
+    };
+    // Short contexts are cheaper to run inline than to hand to the pool.
+    if rows * h * cache.positions.len() * d < PARALLEL_MIN_MACS {
+        (0..rows * h).for_each(work);
+    } else {
+        (0..rows * h).into_par_iter().for_each(work);
+    }
 }
+
+const PARALLEL_MIN_MACS: usize = 1 << 16;

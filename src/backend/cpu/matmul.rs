@@ -14,6 +14,8 @@ const TW: usize = 4;
 const TX: usize = 3;
 /// Activation rows per cache block (48 × 4 KiB rows of k = 1024 stay in L2).
 const X_BLOCK: usize = 48;
+/// Below this many multiply-adds a task switch costs more than it saves: run on the caller.
+const PARALLEL_MIN_MACS: usize = 1 << 17;
 
 /// Multiplies `x` (`rows × k`) by `wᵀ` (`w` is `n × k`) into `out` (`rows × n`).
 pub fn matmul(
@@ -35,12 +37,16 @@ pub fn matmul(
     if rows == 0 || n == 0 {
         return;
     }
+    let use_avx2 = cpu_features().avx2_fma;
     let threads = rayon::current_num_threads().max(1);
+    if threads == 1 || rows * n * k < PARALLEL_MIN_MACS {
+        matmul_cols(x, rows, w, n, k, bias, out, 0..n, use_avx2);
+        return;
+    }
     // Several chunks per thread balance uneven finishing; chunks are whole tiles.
     let chunk = n.div_ceil(threads * 4).next_multiple_of(TW).max(TW);
     let chunks = n.div_ceil(chunk);
     let out_ptr = SendPtr(out.as_mut_ptr());
-    let use_avx2 = cpu_features().avx2_fma;
     (0..chunks).into_par_iter().for_each(|c| {
         let cols = c * chunk..((c + 1) * chunk).min(n);
         // SAFETY: each task writes only columns `cols` of every output row, and the column ranges

@@ -1,6 +1,7 @@
 //! The CPU backend: f32 kernels (AVX2+FMA or scalar, chosen at run time).
 
 pub mod attention;
+pub mod int8;
 pub mod matmul;
 pub mod ops;
 pub mod simd;

@@ -56,7 +56,16 @@ use super::matmul::{TILE_W as TW, TILE_X as TX};
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn dot_tile_avx2(x: &[f32], t: usize, tx: usize, w: &[f32], j: usize, tw: usize, k: usize, acc: &mut [[f32; TW]; TX]) {
+pub unsafe fn dot_tile_avx2(
+    x: &[f32],
+    t: usize,
+    tx: usize,
+    w: &[f32],
+    j: usize,
+    tw: usize,
+    k: usize,
+    acc: &mut [[f32; TW]; TX],
+) {
     // Monomorphize per tile shape so the accumulators live in registers.
     macro_rules! dispatch {
         ($($r:literal, $c:literal);*) => {
@@ -72,7 +81,14 @@ pub unsafe fn dot_tile_avx2(x: &[f32], t: usize, tx: usize, w: &[f32], j: usize,
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn tile_avx2<const R: usize, const C: usize>(x: &[f32], t: usize, w: &[f32], j: usize, k: usize, acc: &mut [[f32; TW]; TX]) {
+unsafe fn tile_avx2<const R: usize, const C: usize>(
+    x: &[f32],
+    t: usize,
+    w: &[f32],
+    j: usize,
+    k: usize,
+    acc: &mut [[f32; TW]; TX],
+) {
     use std::arch::x86_64::*;
     let xs: [&[f32]; R] = std::array::from_fn(|r| &x[(t + r) * k..(t + r + 1) * k]);
     let ws: [&[f32]; C] = std::array::from_fn(|c| &w[(j + c) * k..(j + c + 1) * k]);

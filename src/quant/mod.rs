@@ -1,0 +1,314 @@
+//! Hessian-aware W8A8 quantization: calibrate → smooth (SmoothQuant) → quantize weights
+//! (GPTQ with the smoothed inputs' Hessian, or round-to-nearest) → int8 linears. Activations are
+//! quantized per token at run time. Router, norms and embeddings stay f32.
+//!
+//! Methods: `rtn` (plain rounding), `smooth` (smoothing + rounding), `gptq` (Hessian only),
+//! `haq` (both).
+
+pub mod calibrate;
+pub mod gptq;
+pub mod outliers;
+pub mod smooth;
+
+use crate::backend::cpu::int8::Int8Matrix;
+use crate::error::{Error, Result};
+use crate::model::weights::{Ffn, Layer, Linear, LinearWeight};
+use crate::model::Model;
+use calibrate::{input_key, InputStats};
+use gptq::{gptq, GptqOptions};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Rtn,
+    Smooth,
+    Gptq,
+    Haq,
+}
+
+impl Method {
+    fn smooths(self) -> bool {
+        matches!(self, Method::Smooth | Method::Haq)
+    }
+    fn uses_hessian(self) -> bool {
+        matches!(self, Method::Gptq | Method::Haq)
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuantOptions {
+    pub method: Method,
+    /// SmoothQuant α; `None` searches it per layer group.
+    pub alpha: Option<f32>,
+    /// Also smooth inputs with no norm before them (o_proj, w2/down_proj, fc2) through a
+    /// per-channel input scale applied by the int8 kernel.
+    pub smooth_unnormed: bool,
+    pub act_order: bool,
+    pub damp: f64,
+    /// Linears that saw fewer calibration tokens fall back to round-to-nearest.
+    pub min_tokens: usize,
+    pub threads: usize,
+}
+
+impl QuantOptions {
+    /// The defaults of the issue: α 0.5 for OPT, 0.8 for MoE models.
+    pub fn new(method: Method, model: &Model) -> QuantOptions {
+        QuantOptions {
+            method,
+            alpha: Some(if model.config.is_moe() { 0.8 } else { 0.5 }),
+            smooth_unnormed: true,
+            act_order: false,
+            damp: 0.01,
+            min_tokens: 32,
+            threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct QuantSummary {
+    pub linears: usize,
+    pub params: usize,
+    pub gptq: usize,
+    /// Linears quantized by rounding because they saw too few calibration tokens.
+    pub rtn_fallback: Vec<String>,
+    /// α chosen per smoothed group.
+    pub alphas: Vec<(String, f32)>,
+    pub calib_tokens: usize,
+}
+
+/// Quantizes `model` in place of its linears, calibrating on `calib` in windows of `ctx`.
+pub fn quantize(
+    model: Model,
+    calib: &[u32],
+    ctx: usize,
+    opts: &QuantOptions,
+    mut progress: impl FnMut(&str, usize, usize),
+) -> Result<(Model, QuantSummary)> {
+    let model = Arc::new(model);
+    let mut stats = if opts.method == Method::Rtn {
+        HashMap::new()
+    } else {
+        calibrate::calibrate(model.clone(), opts.threads, calib, ctx, |d, t| {
+            progress("calibrate", d, t)
+        })?
+    };
+    let mut model = Arc::try_unwrap(model)
+        .map_err(|_| Error::invalid("model still shared after calibration"))?;
+    let mut summary = QuantSummary {
+        calib_tokens: calib.len(),
+        ..Default::default()
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads)
+        .build()
+        .map_err(|e| Error::invalid(format!("thread pool: {e}")))?;
+    let pre_norm = model.config.pre_norm;
+    let layers = model.weights.layers.len();
+    for (li, layer) in model.weights.layers.iter_mut().enumerate() {
+        if opts.method.smooths() {
+            smooth_layer(layer, pre_norm, opts, &mut stats, &mut summary);
+        }
+        pool.install(|| quantize_layer(layer, opts, &stats, &mut summary))?;
+        progress("quantize", li + 1, layers);
+    }
+    Ok((model, summary))
+}
+
+/// The linears of a layer's feed-forward block that read its (normalized) input.
+fn ffn_input_linears(ffn: &mut Ffn) -> Vec<&mut Linear> {
+    match ffn {
+        Ffn::Moe(b) => {
+            let mut v = vec![&mut b.router];
+            for e in &mut b.experts {
+                v.push(&mut e.gate);
+                v.push(&mut e.up);
+            }
+            if let Some(s) = &mut b.shared {
+                v.push(&mut s.mlp.gate);
+                v.push(&mut s.mlp.up);
+                v.push(&mut s.gate);
+            }
+            v
+        }
+        Ffn::Gated(m) => vec![&mut m.gate, &mut m.up],
+        Ffn::Plain(m) => vec![&mut m.fc1],
+    }
+}
+
+/// Linears whose input is an intermediate activation with no norm before it.
+fn unnormed_linears(layer: &mut Layer) -> Vec<&mut Linear> {
+    let mut v = vec![&mut layer.attn.o];
+    match &mut layer.ffn {
+        Ffn::Moe(b) => {
+            for e in &mut b.experts {
+                v.push(&mut e.down);
+            }
+            if let Some(s) = &mut b.shared {
+                v.push(&mut s.mlp.down);
+            }
+        }
+        Ffn::Gated(m) => v.push(&mut m.down),
+        Ffn::Plain(m) => v.push(&mut m.fc2),
+    }
+    v
+}
+
+fn record_keys(members: &[&mut Linear]) -> Vec<String> {
+    let mut keys: Vec<String> = members.iter().map(|l| input_key(&l.name)).collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+fn smooth_layer(
+    layer: &mut Layer,
+    pre_norm: bool,
+    opts: &QuantOptions,
+    stats: &mut HashMap<String, InputStats>,
+    summary: &mut QuantSummary,
+) {
+    // Attention input: q/k/v read the attention norm's output.
+    {
+        let a = &mut layer.attn;
+        let mut members = vec![&mut a.q, &mut a.k, &mut a.v];
+        let x_key = input_key(&members[0].name);
+        let keys = record_keys(&members);
+        if let Some((s, alpha)) =
+            smooth::smooth_group(&mut members, &x_key, &keys, stats, opts.alpha)
+        {
+            summary.alphas.push((x_key, alpha));
+            if pre_norm {
+                smooth::fold_into_norm(&mut layer.attn_norm, &s);
+            } else {
+                set_input_scale(&mut members, &s);
+            }
+        }
+    }
+    // Feed-forward input: the router (which sees every token) gives max |X|.
+    {
+        let mut members = ffn_input_linears(&mut layer.ffn);
+        let x_key = input_key(&members[0].name);
+        let keys = record_keys(&members);
+        if let Some((s, alpha)) =
+            smooth::smooth_group(&mut members, &x_key, &keys, stats, opts.alpha)
+        {
+            summary.alphas.push((x_key, alpha));
+            if pre_norm {
+                smooth::fold_into_norm(&mut layer.ffn_norm, &s);
+            } else {
+                set_input_scale(&mut members, &s);
+            }
+        }
+    }
+    if opts.smooth_unnormed {
+        for lin in unnormed_linears(layer) {
+            let key = input_key(&lin.name);
+            let mut one = [lin];
+            if let Some((s, alpha)) = smooth::smooth_group(
+                &mut one,
+                &key,
+                std::slice::from_ref(&key),
+                stats,
+                opts.alpha,
+            ) {
+                summary.alphas.push((key, alpha));
+                set_input_scale(&mut one, &s);
+            }
+        }
+    }
+}
+
+/// Where no norm can absorb 1/s, the input is multiplied by it before the product (inside
+/// the int8 kernel's activation quantization).
+fn set_input_scale(members: &mut [&mut Linear], s: &[f32]) {
+    let inv: Vec<f32> = s.iter().map(|f| 1.0 / f).collect();
+    for lin in members.iter_mut() {
+        lin.input_scale = Some(inv.clone());
+    }
+}
+
+/// Whether a linear is quantized to int8 (routers and the 1-wide shared-expert gate stay f32).
+pub fn is_quantized_layer(name: &str) -> bool {
+    let last = name.rsplit('.').next().unwrap_or(name);
+    !matches!(last, "gate" | "shared_expert_gate")
+}
+
+fn quantize_layer(
+    layer: &mut Layer,
+    opts: &QuantOptions,
+    stats: &HashMap<String, InputStats>,
+    summary: &mut QuantSummary,
+) -> Result<()> {
+    let mut all: Vec<&mut Linear> = vec![
+        &mut layer.attn.q,
+        &mut layer.attn.k,
+        &mut layer.attn.v,
+        &mut layer.attn.o,
+    ];
+    match &mut layer.ffn {
+        Ffn::Moe(b) => {
+            all.push(&mut b.router);
+            for e in &mut b.experts {
+                all.extend([&mut e.gate, &mut e.up, &mut e.down]);
+            }
+            if let Some(s) = &mut b.shared {
+                all.extend([&mut s.mlp.gate, &mut s.mlp.up, &mut s.mlp.down, &mut s.gate]);
+            }
+        }
+        Ffn::Gated(m) => all.extend([&mut m.gate, &mut m.up, &mut m.down]),
+        Ffn::Plain(m) => all.extend([&mut m.fc1, &mut m.fc2]),
+    }
+    for lin in all {
+        if is_quantized_layer(&lin.name) {
+            quantize_linear(lin, opts, stats, summary)?;
+        }
+    }
+    Ok(())
+}
+
+fn quantize_linear(
+    lin: &mut Linear,
+    opts: &QuantOptions,
+    stats: &HashMap<String, InputStats>,
+    summary: &mut QuantSummary,
+) -> Result<()> {
+    let LinearWeight::F32(w) = &lin.weight else {
+        return Ok(());
+    };
+    let (n, k) = (lin.out_features, lin.in_features);
+    let bad =
+        |e: crate::backend::cpu::int8::Int8Error| Error::invalid(format!("{}: {e}", lin.name));
+    let matrix = if opts.method.uses_hessian() {
+        match stats.get(&input_key(&lin.name)) {
+            Some(st) if st.tokens >= opts.min_tokens => {
+                summary.gptq += 1;
+                let (q, scales) = gptq(
+                    w,
+                    n,
+                    k,
+                    &st.hessian,
+                    &GptqOptions {
+                        damp: opts.damp,
+                        act_order: opts.act_order,
+                    },
+                );
+                Int8Matrix::from_quantized(n, k, &q, scales).map_err(bad)?
+            }
+            _ => {
+                summary.rtn_fallback.push(lin.name.clone());
+                Int8Matrix::quantize_rtn(w, n, k).map_err(bad)?
+            }
+        }
+    } else {
+        Int8Matrix::quantize_rtn(w, n, k).map_err(bad)?
+    };
+    summary.linears += 1;
+    summary.params += n * k;
+    lin.weight = LinearWeight::Int8(matrix);
+    Ok(())
+}

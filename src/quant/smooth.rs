@@ -1,0 +1,155 @@
+//! SmoothQuant (Xiao et al., 2023): per input channel j, s_j = max|X_j|^α / max|W_:,j|^(1−α),
+//! the weight max taken over every linear that reads the same input. X/s is easier to quantize
+//! per token and W·s barely harder per channel; the product is unchanged. 1/s is folded into
+//! the preceding norm where there is one, otherwise kept as a per-channel input scale that the
+//! int8 kernel applies while quantizing activations.
+
+use super::calibrate::InputStats;
+use crate::backend::cpu::int8::{quantize_rows, Int8Matrix, QuantizedRows};
+use crate::model::weights::{Linear, Norm};
+use std::collections::HashMap;
+
+/// Candidate α values for `--alpha auto`.
+pub const ALPHA_GRID: [f32; 7] = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
+
+pub fn factors(x_max: &[f32], members: &[&mut Linear], alpha: f32) -> Vec<f32> {
+    let k = x_max.len();
+    let mut w_max = vec![0f32; k];
+    for lin in members {
+        if let Some(w) = lin.f32_weight() {
+            for row in w.chunks(k) {
+                for (m, v) in w_max.iter_mut().zip(row) {
+                    *m = m.max(v.abs());
+                }
+            }
+        }
+    }
+    x_max
+        .iter()
+        .zip(&w_max)
+        .map(|(&x, &w)| {
+            if x <= 0.0 || w <= 0.0 {
+                return 1.0;
+            }
+            (x.powf(alpha) / w.powf(1.0 - alpha)).clamp(1e-5, 1e5)
+        })
+        .collect()
+}
+
+/// Multiplies the weight columns of every member by `s`.
+pub fn scale_columns(members: &mut [&mut Linear], s: &[f32]) {
+    for lin in members.iter_mut() {
+        if let crate::model::weights::LinearWeight::F32(w) = &mut lin.weight {
+            for row in w.chunks_mut(s.len()) {
+                row.iter_mut().zip(s).for_each(|(v, f)| *v *= f);
+            }
+        }
+    }
+}
+
+/// Divides a norm's output (weight, and bias for LayerNorm) by `s`.
+pub fn fold_into_norm(norm: &mut Norm, s: &[f32]) {
+    match norm {
+        Norm::Rms { weight, .. } => weight.iter_mut().zip(s).for_each(|(w, f)| *w /= f),
+        Norm::Layer { weight, bias, .. } => {
+            weight.iter_mut().zip(s).for_each(|(w, f)| *w /= f);
+            bias.iter_mut().zip(s).for_each(|(b, f)| *b /= f);
+        }
+    }
+}
+
+/// The statistics of an input that is now X/s.
+pub fn rescale_stats(stats: &mut InputStats, s: &[f32]) {
+    let k = stats.k;
+    stats.max_abs.iter_mut().zip(s).for_each(|(m, f)| *m /= f);
+    for i in 0..k {
+        for j in 0..k {
+            stats.hessian[i * k + j] /= (s[i] * s[j]) as f64;
+        }
+    }
+    for row in stats.samples.chunks_mut(k) {
+        row.iter_mut().zip(s).for_each(|(v, f)| *v /= f);
+    }
+}
+
+/// Relative output error of W8A8 with smoothing `alpha` on the sampled inputs, summed over
+/// the members: what `--alpha auto` minimizes per layer group.
+pub fn alpha_loss(stats: &InputStats, members: &[&mut Linear], alpha: f32) -> f64 {
+    let k = stats.k;
+    let rows = stats.sample_rows();
+    if rows == 0 {
+        return 0.0;
+    }
+    let s = factors(&stats.max_abs, members, alpha);
+    let xs: Vec<f32> = stats
+        .samples
+        .chunks(k)
+        .flat_map(|r| r.iter().zip(&s).map(|(v, f)| v / f))
+        .collect();
+    let mut q = QuantizedRows::new();
+    quantize_rows(&xs, rows, k, &mut q);
+    let mut total = 0.0;
+    for lin in members {
+        let Some(w) = lin.f32_weight() else { continue };
+        let n = lin.out_features;
+        let ws: Vec<f32> = w
+            .chunks(k)
+            .flat_map(|r| r.iter().zip(&s).map(|(v, f)| v * f))
+            .collect();
+        let Ok(wq) = Int8Matrix::quantize_rtn(&ws, n, k) else {
+            continue;
+        };
+        let (mut num, mut den) = (0f64, 0f64);
+        for r in 0..rows {
+            let (xq, xs_) = (q.row(r), q.scales[r]);
+            let x = &stats.samples[r * k..(r + 1) * k];
+            for j in 0..n {
+                let wr = wq.row(j);
+                let dot: i32 = xq[..k]
+                    .iter()
+                    .zip(&wr[..k])
+                    .map(|(&a, &b)| a as i32 * b as i32)
+                    .sum();
+                let approx = dot as f64 * xs_ as f64 * wq.scales[j] as f64;
+                let exact: f64 = x
+                    .iter()
+                    .zip(&w[j * k..(j + 1) * k])
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum();
+                num += (approx - exact).powi(2);
+                den += exact * exact;
+            }
+        }
+        total += num / den.max(1e-30);
+    }
+    total
+}
+
+/// Smooths one group of linears that read the same input. `stat_keys` are every record of that
+/// input (the group's and per-expert subsets), all rescaled; `x_key` gives max |X| and samples.
+/// Returns the factors, or `None` when the input was never observed.
+pub fn smooth_group(
+    members: &mut [&mut Linear],
+    x_key: &str,
+    stat_keys: &[String],
+    stats: &mut HashMap<String, InputStats>,
+    alpha: Option<f32>,
+) -> Option<(Vec<f32>, f32)> {
+    let x_stats = stats.get(x_key)?;
+    let alpha = match alpha {
+        Some(a) => a,
+        None => ALPHA_GRID
+            .iter()
+            .map(|&a| (a, alpha_loss(x_stats, members, a)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or(0.5, |best| best.0),
+    };
+    let s = factors(&x_stats.max_abs, members, alpha);
+    scale_columns(members, &s);
+    for key in stat_keys {
+        if let Some(st) = stats.get_mut(key) {
+            rescale_stats(st, &s);
+        }
+    }
+    Some((s, alpha))
+}
