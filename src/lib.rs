@@ -20,11 +20,15 @@ pub use model::Model;
 
 use std::path::Path;
 
-/// Loads `path`, or the built-in default model when `path` is `None`.
+/// Loads `path` (a checkpoint directory, an .emoe file, or `builtin:NAME`), or the built-in
+/// default model when `path` is `None`.
 pub fn load_model(path: Option<&Path>) -> Result<Model> {
     match path {
-        Some(p) => Model::load(p),
         None => Ok(Model::builtin_default()),
+        Some(p) => match p.to_str().and_then(|s| s.strip_prefix("builtin:")) {
+            Some(name) => model::synthetic::builtin(name),
+            None => Model::load(p),
+        },
     }
 }
 pub mod cli;

@@ -725,7 +725,7 @@ fn mutate(good: &[u8], json: &[u8], rng: &mut SplitMix64) -> Vec<u8> {
         1 => good[..pick(rng, good.len() + 1)].to_vec(),
         // Random bytes, half of them behind a valid magic and version.
         2 => {
-            let mut b = if rng.next_u64() % 2 == 0 {
+            let mut b = if rng.next_u64().is_multiple_of(2) {
                 good[..12].to_vec()
             } else {
                 Vec::new()
@@ -746,7 +746,7 @@ fn mutate(good: &[u8], json: &[u8], rng: &mut SplitMix64) -> Vec<u8> {
                 .collect();
             let s = starts[pick(rng, starts.len())];
             let e = s + text[s..].bytes().take_while(u8::is_ascii_digit).count();
-            let v = if rng.next_u64() % 2 == 0 {
+            let v = if rng.next_u64().is_multiple_of(2) {
                 INTERESTING[pick(rng, INTERESTING.len())].to_string()
             } else {
                 (rng.next_u64() % (2 * good.len() as u64)).to_string()
@@ -759,7 +759,7 @@ fn mutate(good: &[u8], json: &[u8], rng: &mut SplitMix64) -> Vec<u8> {
             let a = pick(rng, json.len());
             let b = (a + pick(rng, 40)).min(json.len());
             let mut new = json[..a].to_vec();
-            if rng.next_u64() % 2 == 0 {
+            if rng.next_u64().is_multiple_of(2) {
                 new.extend_from_slice(&json[a..b]);
                 new.extend_from_slice(&json[a..b]);
             }
@@ -769,7 +769,7 @@ fn mutate(good: &[u8], json: &[u8], rng: &mut SplitMix64) -> Vec<u8> {
         // An arbitrary header length.
         _ => {
             let mut b = good.to_vec();
-            let v = if rng.next_u64() % 2 == 0 {
+            let v = if rng.next_u64().is_multiple_of(2) {
                 INTERESTING[pick(rng, INTERESTING.len())]
             } else {
                 rng.next_u64() % (2 * good.len() as u64)
@@ -791,7 +791,7 @@ fn parse_header_survives_20k_mutations() {
     let mut accepted = 0;
     for _ in 0..20_000 {
         let mut b = mutate(&fx.bytes, &json, &mut rng);
-        if rng.next_u64() % 4 == 0 && !b.is_empty() {
+        if rng.next_u64().is_multiple_of(4) && !b.is_empty() {
             // Stack flips anywhere, tensor data included, on some.
             for _ in 0..1 + rng.next_u64() % 8 {
                 let i = (rng.next_u64() % b.len() as u64) as usize;
@@ -807,4 +807,14 @@ fn parse_header_survives_20k_mutations() {
         accepted < 20_000 / 2,
         "{accepted} of 20000 corrupt variants accepted"
     );
+}
+
+/// Seeds the fuzz corpus with a valid file, so `cargo fuzz run emoe_header` starts past the
+/// preamble: `cargo test --test emoe_format -- --ignored write_fuzz_seed`.
+#[test]
+#[ignore = "writes fuzz/corpus/emoe_header/fixture.emoe; run by hand before fuzzing"]
+fn write_fuzz_seed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/emoe_header");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("fixture.emoe"), fixture().bytes).unwrap();
 }

@@ -18,7 +18,7 @@ impl ModelInfo {
     pub fn of(model: &Model, backend: &str) -> ModelInfo {
         ModelInfo {
             name: model.source.clone(),
-            size_bytes: model.num_params() * 4,
+            size_bytes: model.weight_bytes(),
             params: model.num_params(),
             active_params: model.active_params(),
             backend: backend.to_string(),

@@ -45,6 +45,10 @@ pub struct BenchArgs {
     pub json: bool,
     #[arg(long)]
     pub csv: bool,
+    /// Quantize the loaded model in memory first (round-to-nearest W8A8; use `edgemoe quantize`
+    /// for calibrated methods).
+    #[arg(long, value_parser = ["rtn"])]
+    pub quant: Option<String>,
     /// Also draw tokens/s against the swept parameter into this SVG file.
     #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
@@ -61,8 +65,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         model: a.model.clone(),
         threads: 0,
     };
-    let model = Arc::new(crate::load_model(base.model.as_deref())?);
-    let info = ModelInfo::of(&model, "cpu");
+    let mut model = crate::load_model(base.model.as_deref())?;
+    if a.quant.is_some() {
+        let opts = crate::quant::QuantOptions::new(crate::quant::Method::Rtn, &model);
+        model = crate::quant::quantize(model, &[], 0, &opts, |_, _, _| {})?.0;
+    }
+    let model = Arc::new(model);
+    let info = ModelInfo::of(&model, if a.quant.is_some() { "cpu-w8a8" } else { "cpu" });
     let mut points = Vec::new();
     for &threads in &a.threads {
         for &batch in &a.batch {

@@ -43,8 +43,9 @@ fn quant_parts(quant: &Value) -> (String, Value) {
                 .get("method")
                 .and_then(Value::as_str)
                 .unwrap_or("(unnamed)");
-            let mut params = m.clone();
-            params.remove("method");
+            // Filtered, not `remove`d: that would reorder the parameters.
+            let params = m.iter().filter(|(k, _)| *k != "method");
+            let params = params.map(|(k, v)| (k.clone(), v.clone())).collect();
             (method.to_string(), Value::Object(params))
         }
         Value::Null => ("none".to_string(), Value::Null),
@@ -122,12 +123,13 @@ pub fn render_text(f: &EmoeFile, verified: bool) -> String {
     let tally = h.class_tally();
     let mut total = ClassStats::default();
     for (class, st) in &tally.0 {
-        class_row(&mut s, class.label(), st);
+        class_row(&mut s, class.label(), st, true);
         total.tensors += st.tensors;
         total.bytes += st.bytes;
         total.int8_params += st.int8_params;
     }
-    class_row(&mut s, "total", &total);
+    // Bytes per int8 param means little summed over classes without int8 weights.
+    class_row(&mut s, "total", &total, false);
 
     let _ = writeln!(s, "\nexpert blocks ({})", h.blocks.len());
     let _ = writeln!(
@@ -150,9 +152,10 @@ pub fn render_text(f: &EmoeFile, verified: bool) -> String {
     s
 }
 
-fn class_row(s: &mut String, label: &str, st: &ClassStats) {
+fn class_row(s: &mut String, label: &str, st: &ClassStats, per_param: bool) {
     let per = st
         .bytes_per_int8_param()
+        .filter(|_| per_param)
         .map_or("-".to_string(), |b| format!("{b:.4}"));
     let _ = writeln!(
         s,

@@ -70,6 +70,26 @@ impl Model {
             .sum::<usize>()
     }
 
+    /// Bytes of all weights as held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let w = &self.weights;
+        let lin = |l: &weights::Linear| l.weight_bytes();
+        let mut n = lin(&w.embed) + w.lm_head.as_ref().map_or(0, lin);
+        n += w.positions.as_ref().map_or(0, |p| p.len() * 4);
+        n += w.project_in.as_ref().map_or(0, lin) + w.project_out.as_ref().map_or(0, lin);
+        for l in &w.layers {
+            let a = &l.attn;
+            n += lin(&a.q) + lin(&a.k) + lin(&a.v) + lin(&a.o);
+            let mlp = |m: &weights::GatedMlp| lin(&m.gate) + lin(&m.up) + lin(&m.down);
+            n += match &l.ffn {
+                Ffn::Moe(b) => lin(&b.router) + b.experts.iter().map(mlp).sum::<usize>() + b.shared.as_ref().map_or(0, |s| mlp(&s.mlp) + lin(&s.gate)),
+                Ffn::Gated(m) => mlp(m),
+                Ffn::Plain(m) => lin(&m.fc1) + lin(&m.fc2),
+            };
+        }
+        n
+    }
+
     /// Parameters one token uses: only `top_k` of the routed experts.
     pub fn active_params(&self) -> usize {
         let w = &self.weights;

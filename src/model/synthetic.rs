@@ -8,6 +8,7 @@ use super::weights::TensorSource;
 use super::Model;
 use crate::error::Result;
 use crate::util::rng::SplitMix64;
+use rayon::prelude::*;
 
 pub fn default_config() -> ModelConfig {
     let layers = 4;
@@ -60,17 +61,25 @@ impl TensorSource for SyntheticTensors {
             });
         let mut rng = SplitMix64::new(h);
         let n: usize = shape.iter().product();
-        Ok(if name.ends_with("norm.weight") {
-            (0..n).map(|_| 1.0 + 0.1 * rng.normal()).collect()
+        let (center, scale) = if name.ends_with("norm.weight") {
+            (1.0, 0.1)
+        } else if name.contains("embed_tokens") {
+            (0.0, 1.0)
         } else {
-            let scale = 1.0 / (*shape.last().unwrap_or(&1) as f32).sqrt();
-            let scale = if name.contains("embed_tokens") {
-                1.0
-            } else {
-                scale
-            };
-            (0..n).map(|_| scale * rng.normal()).collect()
-        })
+            (0.0, 1.0 / (*shape.last().unwrap_or(&1) as f32).sqrt())
+        };
+        // Uniform with unit variance (±√3): cheap enough for gigabyte-sized bench models, and
+        // generated in parallel chunks with their own streams, so it stays deterministic.
+        let seed = rng.next_u64();
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(1 << 16).enumerate().for_each(|(i, chunk)| {
+            let mut r = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            for v in chunk {
+                let u = (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+                *v = center + scale * 3f32.sqrt() * (2.0 * u - 1.0);
+            }
+        });
+        Ok(out)
     }
 }
 
@@ -82,6 +91,39 @@ pub fn model_from_config(config: ModelConfig, seed: u64, source: &str) -> Result
         tokenizer: Tokenizer::Bytes,
         source: source.to_string(),
     })
+}
+
+/// A Mixtral-shaped model for benchmarks: hidden 1024, ffn 3584, 8 experts top-2, vocab
+/// 32000 (the shape llama.cpp's numbers in the README refer to), with `layers` layers.
+pub fn mixtral_bench_config(layers: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 32000,
+        hidden_size: 1024,
+        num_layers: layers,
+        num_heads: 8,
+        num_kv_heads: 2,
+        head_dim: 128,
+        layer_ffn: vec![FfnKind::Moe; layers],
+        dense_ffn: 3584,
+        expert_ffn: 3584,
+        word_embed_proj_dim: 1024,
+        rope_theta: Some(1e6),
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+        ..default_config()
+    }
+}
+
+/// Built-in models by name: `default` (small, byte tokenizer), `mixtral-bench` (4 layers,
+/// 1.4 GB f32) and `mixtral-1g` (12 layers, > 1 GB of int8 expert weights once quantized).
+pub fn builtin(name: &str) -> Result<Model> {
+    let config = match name {
+        "default" => default_config(),
+        "mixtral-bench" => mixtral_bench_config(4),
+        "mixtral-1g" => mixtral_bench_config(12),
+        other => return Err(crate::error::Error::invalid(format!("unknown built-in model `{other}` (default, mixtral-bench, mixtral-1g)"))),
+    };
+    model_from_config(config, 0x0edc_e0e0, &format!("builtin:{name}"))
 }
 
 pub fn default_model() -> Model {

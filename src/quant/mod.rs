@@ -51,6 +51,8 @@ pub struct QuantOptions {
     pub damp: f64,
     /// Linears that saw fewer calibration tokens fall back to round-to-nearest.
     pub min_tokens: usize,
+    /// Also quantize the output head (round-to-nearest, W8A8); embeddings tied to it too.
+    pub quantize_head: bool,
     pub threads: usize,
 }
 
@@ -64,6 +66,7 @@ impl QuantOptions {
             act_order: false,
             damp: 0.01,
             min_tokens: 32,
+            quantize_head: false,
             threads: 0,
         }
     }
@@ -115,6 +118,12 @@ pub fn quantize(
         }
         pool.install(|| quantize_layer(layer, opts, &stats, &mut summary))?;
         progress("quantize", li + 1, layers);
+    }
+    if opts.quantize_head {
+        let w = &mut model.weights;
+        let head = w.lm_head.as_mut().unwrap_or(&mut w.embed);
+        let rtn = QuantOptions { method: Method::Rtn, ..opts.clone() };
+        quantize_linear(head, &rtn, &stats, &mut summary)?;
     }
     Ok((model, summary))
 }

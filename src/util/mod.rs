@@ -1,5 +1,6 @@
 //! Small helpers with no better home.
 
+pub mod membw;
 pub mod rng;
 
 /// Peak resident set size of this process (VmHWM), where the OS reports it.

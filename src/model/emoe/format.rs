@@ -153,7 +153,7 @@ fn read_preamble(file: &[u8]) -> Result<(u32, u64), String> {
     if let Some(magic) = file.get(..MAGIC.len()) {
         if magic != MAGIC {
             return Err(format!(
-                "not an .emoe file: it starts with \"{}\", expected \"{}\"",
+                "bad magic \"{}\" (expected \"{}\"): not an .emoe file",
                 magic.escape_ascii(),
                 MAGIC.escape_ascii()
             ));
