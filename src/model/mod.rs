@@ -25,7 +25,7 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a checkpoint directory (config.json, safetensors, tokenizer.json).
+    /// Loads a checkpoint directory (config.json, safetensors, tokenizer.json) or an .emoe file.
     pub fn load(path: &Path) -> Result<Model> {
         if !path.exists() {
             return Err(Error::io(
@@ -49,6 +49,18 @@ impl Model {
             tokenizer,
             source: path.display().to_string(),
         })
+    }
+
+    /// Loads a quantized .emoe store (config and tokenizer are embedded).
+    pub fn load_emoe(path: &Path) -> Result<Model> {
+        let file = emoe::EmoeFile::open(path)?;
+        let config = file.config().clone();
+        let tokenizer = match file.tokenizer_json() {
+            "" => Tokenizer::Bytes,
+            json => Tokenizer::from_json_bytes(json.as_bytes(), path)?,
+        };
+        let weights = arch::load_weights(&config, &file)?;
+        Ok(Model { config, weights, tokenizer, source: path.display().to_string() })
     }
 
     /// The built-in default: a small Mixtral generated deterministically, byte-level tokenizer.

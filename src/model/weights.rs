@@ -70,12 +70,15 @@ impl Linear {
 }
 
 #[derive(Debug, Clone)]
+/// `name` is the checkpoint prefix (`model.norm`), so a quantized store keeps the names.
 pub enum Norm {
     Rms {
+        name: String,
         weight: Vec<f32>,
         eps: f32,
     },
     Layer {
+        name: String,
         weight: Vec<f32>,
         bias: Vec<f32>,
         eps: f32,
@@ -160,6 +163,10 @@ pub trait TensorSource {
     fn has(&self, name: &str) -> bool;
     /// The tensor as f32, checked against `shape`; `why` names the config fields behind the shape.
     fn tensor(&self, name: &str, shape: &[usize], why: &str) -> Result<Vec<f32>>;
+    /// An int8 tensor (quantized stores only).
+    fn tensor_i8(&self, name: &str, _shape: &[usize], _why: &str) -> Result<Vec<i8>> {
+        Err(Error::UnsupportedDtype { name: name.to_string(), dtype: "I8 (only .emoe stores hold int8 tensors)".into() })
+    }
 }
 
 /// Helpers shared by the architecture loaders.
@@ -193,6 +200,7 @@ impl Loader<'_> {
 
     pub fn rms_norm(&self, prefix: &str, dim: usize, eps: f32) -> Result<Norm> {
         Ok(Norm::Rms {
+            name: prefix.to_string(),
             weight: self.vector(&format!("{prefix}.weight"), dim, "hidden_size")?,
             eps,
         })
@@ -200,6 +208,7 @@ impl Loader<'_> {
 
     pub fn layer_norm(&self, prefix: &str, dim: usize, eps: f32) -> Result<Norm> {
         Ok(Norm::Layer {
+            name: prefix.to_string(),
             weight: self.vector(&format!("{prefix}.weight"), dim, "hidden_size")?,
             bias: self.vector(&format!("{prefix}.bias"), dim, "hidden_size")?,
             eps,

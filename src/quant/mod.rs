@@ -9,6 +9,7 @@ pub mod calibrate;
 pub mod gptq;
 pub mod outliers;
 pub mod smooth;
+pub mod store;
 
 use crate::backend::cpu::int8::Int8Matrix;
 use crate::error::{Error, Result};

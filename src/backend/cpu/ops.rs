@@ -7,14 +7,14 @@ use crate::model::weights::Norm;
 pub fn norm_rows(norm: &Norm, x: &[f32], dim: usize, out: &mut [f32]) {
     for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
         match norm {
-            Norm::Rms { weight, eps } => {
+            Norm::Rms { weight, eps, .. } => {
                 let ms = xr.iter().map(|v| v * v).sum::<f32>() / dim as f32;
                 let r = 1.0 / (ms + eps).sqrt();
                 for ((o, &v), &w) in or.iter_mut().zip(xr).zip(weight) {
                     *o = w * (v * r);
                 }
             }
-            Norm::Layer { weight, bias, eps } => {
+            Norm::Layer { weight, bias, eps, .. } => {
                 let mean = xr.iter().sum::<f32>() / dim as f32;
                 let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
                 let r = 1.0 / (var + eps).sqrt();

@@ -97,7 +97,12 @@ unsafe fn tile_avx2<const R: usize, const C: usize>(
     let mut i = 0;
     while i < k8 {
         // In bounds: i + 8 <= k8 <= k = each slice's length.
-        let wv: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(ws[c].as_ptr().add(i)));
+        // Plain loops, not closures: a closure would not inherit this function's target
+        // features, and every intrinsic in it would become an out-of-line call.
+        let mut wv = [_mm256_setzero_ps(); C];
+        for c in 0..C {
+            wv[c] = _mm256_loadu_ps(ws[c].as_ptr().add(i));
+        }
         for r in 0..R {
             let xv = _mm256_loadu_ps(xs[r].as_ptr().add(i));
             for c in 0..C {

@@ -229,4 +229,20 @@ impl TensorSource for EmoeFile {
             dtype: format!("{:?}", view.dtype),
         })
     }
+
+    fn tensor_i8(&self, name: &str, shape: &[usize], why: &str) -> Result<Vec<i8>> {
+        let view = EmoeFile::tensor(self, name)?;
+        if view.shape != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: view.shape.to_vec(),
+                why: format!("from the .emoe config {why}"),
+            });
+        }
+        view.as_i8().map(<[i8]>::to_vec).ok_or_else(|| Error::UnsupportedDtype {
+            name: name.to_string(),
+            dtype: format!("{:?}", view.dtype),
+        })
+    }
 }

@@ -2,11 +2,13 @@
 //!
 //! `vpmaddubsw` multiplies u8 × s8. We feed it `|x|` (u8) and `w` carrying `x`'s sign
 //! (`vpsignb`), so each product is `x·w` exactly. It adds adjacent pairs into saturating i16:
-//! with values in [-127, 127] a pair is at most 2·127·127 = 32258 < 32767, so it never saturates
-//! (this is why -128 is excluded). `vpmaddwd` with ones then widens the pairs into i32 lanes.
+//! with values in [-127, 127] a pair is at most 2·127·127 = 32258 < 32767, so it never saturates.
+//! (A -128 weight would break both steps: negating it wraps, and 2·128·128 saturates; hence
+//! `Int8Matrix` refuses it.) `vpmaddwd` with ones then widens the pairs into i32 lanes.
 //!
-//! Every function here has `#[target_feature(enable = "avx2")]`; the module's callers check
-//! `Tier::is_supported` before calling in.
+//! The kernels are safe `#[target_feature(enable = "avx2")]` functions; the entry points the
+//! parent module calls (`quantize_row`, `Avx2::dots`) are unsafe to call, and the parent checks
+//! `Tier::is_supported` first.
 
 use std::arch::x86_64::*;
 

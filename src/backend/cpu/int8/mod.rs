@@ -239,7 +239,7 @@ impl QuantizedRows {
 /// Quantizes `x` (`rows × k`, row-major) per row into `out`, reusing its buffers.
 ///
 /// # Panics
-/// If `x.len() != rows * k`.
+/// If `x.len() != rows * k` (or `rows × padded_k(k)` overflows).
 pub fn quantize_rows(x: &[f32], rows: usize, k: usize, out: &mut QuantizedRows) {
     quantize_rows_with_tier(active_tier(), x, rows, k, None, out);
 }
@@ -280,8 +280,11 @@ pub fn quantize_rows_with_tier(
     out.rows = rows;
     out.k = k;
     out.k_padded = k_padded;
+    let len = rows
+        .checked_mul(k_padded)
+        .expect("rows × k_padded overflows usize");
     // Every byte is rewritten below (padding included), so resizing alone is enough.
-    out.data.resize(rows * k_padded, 0);
+    out.data.resize(len, 0);
     out.scales.resize(rows, 0.0);
     for t in 0..rows {
         let src = &x[t * k..(t + 1) * k];
@@ -303,7 +306,7 @@ fn quantize_row(tier: Tier, x: &[f32], inv_smooth: Option<&[f32]>, dst: &mut [i8
 
 /// How a row is quantized, given the bits of its largest |x| (see [`abs_bits`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum RowScale {
+enum RowScale {
     /// Quantize with this scale.
     Quantize(f32),
     /// Write zeros and record this scale: 1 for an all-zero row, NaN for a non-finite one.
@@ -472,6 +475,7 @@ pub fn gemm_with_tier(
     };
     match chunks.len() {
         0 => {}
+        // Not worth a hop to the pool (or a one-thread pool): run on the caller's thread.
         1 => run(0..w.n),
         _ => pool.install(|| chunks.into_par_iter().for_each(run)),
     }
@@ -681,7 +685,7 @@ unsafe impl Sync for OutPtr {}
 ///
 /// Chosen over per-task buffers plus a scatter: the kernels write each output once, in place,
 /// with no extra pass over `rows × n` floats.
-pub(crate) struct ColumnSink<'a> {
+struct ColumnSink<'a> {
     out: OutPtr,
     n: usize,
     rows: usize,
@@ -717,7 +721,7 @@ impl<'a> ColumnSink<'a> {
 
     /// Writes `out[t][j]` from its integer dot product.
     #[inline]
-    pub(crate) fn store(&self, t: usize, j: usize, acc: i32) {
+    fn store(&self, t: usize, j: usize, acc: i32) {
         assert!(
             t < self.rows && self.cols.contains(&j),
             "({t}, {j}) outside this task"

@@ -1,0 +1,93 @@
+//! Writes a (quantized) model to an .emoe store under the checkpoint's own tensor names, so the
+//! architecture loaders read it back unchanged: `P.weight` for f32 linears, `P.qweight` (int8),
+//! `P.scales` and `P.input_scale` for quantized ones. Each expert's tensors form one block.
+
+use crate::error::{Error, Result};
+use crate::model::emoe::{EmoeWriter, TensorData, WriteSummary};
+use crate::model::tokenizer::Tokenizer;
+use crate::model::weights::{Ffn, Linear, LinearWeight, Norm};
+use crate::model::Model;
+use std::path::Path;
+
+fn linear_tensors(lin: &Linear) -> Vec<TensorData<'static>> {
+    let (n, k, p) = (lin.out_features, lin.in_features, &lin.name);
+    let mut out = match &lin.weight {
+        LinearWeight::F32(w) => vec![TensorData::from_f32(format!("{p}.weight"), vec![n, k], w)],
+        LinearWeight::Int8(m) => {
+            let q: Vec<i8> = (0..n).flat_map(|j| m.row(j)[..k].iter().copied()).collect();
+            vec![
+                TensorData::from_i8(format!("{p}.qweight"), vec![n, k], &q),
+                TensorData::from_f32(format!("{p}.scales"), vec![n], &m.scales),
+            ]
+        }
+    };
+    if let Some(b) = &lin.bias {
+        out.push(TensorData::from_f32(format!("{p}.bias"), vec![n], b));
+    }
+    if let Some(s) = &lin.input_scale {
+        out.push(TensorData::from_f32(format!("{p}.input_scale"), vec![k], s));
+    }
+    out
+}
+
+fn norm_tensors(norm: &Norm) -> Vec<TensorData<'static>> {
+    match norm {
+        Norm::Rms { name, weight, .. } => vec![TensorData::from_f32(format!("{name}.weight"), vec![weight.len()], weight)],
+        Norm::Layer { name, weight, bias, .. } => vec![
+            TensorData::from_f32(format!("{name}.weight"), vec![weight.len()], weight),
+            TensorData::from_f32(format!("{name}.bias"), vec![bias.len()], bias),
+        ],
+    }
+}
+
+pub fn write_emoe(model: &Model, quant: serde_json::Value, path: &Path) -> Result<WriteSummary> {
+    let tokenizer_json = match &model.tokenizer {
+        Tokenizer::Hf(t) => t.to_string(false).map_err(|e| Error::invalid(format!("cannot serialize the tokenizer: {e}")))?,
+        // Empty means the built-in byte-level tokenizer.
+        Tokenizer::Bytes => String::new(),
+    };
+    let mut w = EmoeWriter::new(&model.config, tokenizer_json, quant);
+    let weights = &model.weights;
+    let mut add = |ts: Vec<TensorData<'static>>| ts.into_iter().for_each(|t| w.add_tensor(t));
+    add(linear_tensors(&weights.embed));
+    if let Some(p) = &weights.positions {
+        // OPT: the table sits beside the token embeddings (`…embed_tokens` → `…embed_positions`).
+        let root = weights.embed.name.trim_end_matches("embed_tokens");
+        add(vec![TensorData::from_f32(format!("{root}embed_positions.weight"), vec![p.len() / model.config.hidden_size, model.config.hidden_size], p)]);
+    }
+    for lin in [&weights.project_in, &weights.project_out, &weights.lm_head].into_iter().flatten() {
+        add(linear_tensors(lin));
+    }
+    if let Some(n) = &weights.final_norm {
+        add(norm_tensors(n));
+    }
+    let mut blocks = Vec::new();
+    for (li, layer) in weights.layers.iter().enumerate() {
+        add(norm_tensors(&layer.attn_norm));
+        add(norm_tensors(&layer.ffn_norm));
+        let a = &layer.attn;
+        for lin in [&a.q, &a.k, &a.v, &a.o] {
+            add(linear_tensors(lin));
+        }
+        match &layer.ffn {
+            Ffn::Moe(b) => {
+                add(linear_tensors(&b.router));
+                if let Some(s) = &b.shared {
+                    for lin in [&s.mlp.gate, &s.mlp.up, &s.mlp.down, &s.gate] {
+                        add(linear_tensors(lin));
+                    }
+                }
+                for (e, ex) in b.experts.iter().enumerate() {
+                    let tensors = [&ex.gate, &ex.up, &ex.down].into_iter().flat_map(linear_tensors).collect();
+                    blocks.push((li, e, tensors));
+                }
+            }
+            Ffn::Gated(m) => [&m.gate, &m.up, &m.down].into_iter().for_each(|l| add(linear_tensors(l))),
+            Ffn::Plain(m) => [&m.fc1, &m.fc2].into_iter().for_each(|l| add(linear_tensors(l))),
+        }
+    }
+    for (li, e, tensors) in blocks {
+        w.add_expert_block(li, e, tensors);
+    }
+    w.write(path)
+}
