@@ -16,7 +16,9 @@ use std::sync::Arc;
 fn bytes_per_token(m: &Model) -> usize {
     let lin = Linear::weight_bytes;
     let w = &m.weights;
-    let mut n = lin(w.head()) + w.project_in.as_ref().map_or(0, lin) + w.project_out.as_ref().map_or(0, lin);
+    let mut n = lin(w.head())
+        + w.project_in.as_ref().map_or(0, lin)
+        + w.project_out.as_ref().map_or(0, lin);
     for l in &w.layers {
         let a = &l.attn;
         n += lin(&a.q) + lin(&a.k) + lin(&a.v) + lin(&a.o);
@@ -39,14 +41,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn decode_tps(model: &Arc<Model>, threads: usize) -> f64 {
     let engine = Engine::new(model.clone(), threads).expect("engine");
-    let point = BenchPoint { threads, batch: 1, prompt: 16, gen: 32 };
-    median(run_point(&engine, &point, 3).expect("bench run").tg_tokens_per_s())
+    let point = BenchPoint {
+        threads,
+        batch: 1,
+        prompt: 16,
+        gen: 32,
+    };
+    median(
+        run_point(&engine, &point, 3)
+            .expect("bench run")
+            .tg_tokens_per_s(),
+    )
 }
 
 fn main() {
     let name = std::env::var("EDGEMOE_BENCH_MODEL").unwrap_or_else(|_| "builtin:mixtral-1g".into());
     eprintln!("building {name} (f32)...");
-    let f32_model = Arc::new(edgemoe::load_model(Some(std::path::Path::new(&name))).expect("model"));
+    let f32_model =
+        Arc::new(edgemoe::load_model(Some(std::path::Path::new(&name))).expect("model"));
     let f32_bytes = bytes_per_token(&f32_model);
     let f32_tps: Vec<f64> = [1, 2].iter().map(|&t| decode_tps(&f32_model, t)).collect();
     let model = Arc::try_unwrap(f32_model).ok().expect("sole owner");
@@ -59,7 +71,11 @@ fn main() {
         .layers
         .iter()
         .map(|l| match &l.ffn {
-            Ffn::Moe(b) => b.experts.iter().map(|e| e.gate.weight_bytes() + e.up.weight_bytes() + e.down.weight_bytes()).sum(),
+            Ffn::Moe(b) => b
+                .experts
+                .iter()
+                .map(|e| e.gate.weight_bytes() + e.up.weight_bytes() + e.down.weight_bytes())
+                .sum(),
             _ => 0,
         })
         .sum();

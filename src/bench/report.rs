@@ -141,16 +141,19 @@ pub fn csv(info: &ModelInfo, results: &[PointResult]) -> String {
 
 /// Tokens/s (mean) against the swept parameter with the most values, one line per test and
 /// combination of the other parameters.
+/// A swept parameter: its name and how to read it off a result.
+type Axis = (&'static str, fn(&PointResult) -> usize);
+
 pub fn plot(path: &std::path::Path, results: &[PointResult]) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let axis: (&str, fn(&PointResult) -> usize) = {
+    let axis: Axis = {
         let distinct = |f: fn(&PointResult) -> usize| {
             let mut v: Vec<usize> = results.iter().map(f).collect();
             v.sort_unstable();
             v.dedup();
             v.len()
         };
-        let candidates: [(&str, fn(&PointResult) -> usize); 3] = [
+        let candidates: [Axis; 3] = [
             ("batch", |r| r.point.batch),
             ("threads", |r| r.point.threads),
             ("prompt", |r| r.point.prompt),

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod generate;
 pub mod inspect;
 pub mod ppl;
+pub mod quantize;
 pub mod serve;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,8 @@ pub enum Command {
     Ppl(ppl::PplArgs),
     /// Latency/throughput sweeps (llama-bench style).
     Bench(bench::BenchArgs),
+    /// Quantize a checkpoint to W8A8 (SmoothQuant + GPTQ) into an .emoe store.
+    Quantize(quantize::QuantizeArgs),
     /// Serve completions as JSON lines over stdin/stdout, with continuous batching.
     Serve(serve::ServeArgs),
     /// Print an .emoe file's header, bytes per tensor class and expert-block layout.
@@ -68,6 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Ppl(a) => ppl::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Inspect(a) => inspect::run(a),
     }

@@ -34,10 +34,7 @@ impl Model {
             ));
         }
         if !path.is_dir() {
-            return Err(Error::invalid(format!(
-                "{}: expected a checkpoint directory",
-                path.display()
-            )));
+            return Self::load_emoe(path);
         }
         let config = hf::HfCheckpoint::config(path)?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
@@ -60,7 +57,12 @@ impl Model {
             json => Tokenizer::from_json_bytes(json.as_bytes(), path)?,
         };
         let weights = arch::load_weights(&config, &file)?;
-        Ok(Model { config, weights, tokenizer, source: path.display().to_string() })
+        Ok(Model {
+            config,
+            weights,
+            tokenizer,
+            source: path.display().to_string(),
+        })
     }
 
     /// The built-in default: a small Mixtral generated deterministically, byte-level tokenizer.
@@ -94,7 +96,11 @@ impl Model {
             n += lin(&a.q) + lin(&a.k) + lin(&a.v) + lin(&a.o);
             let mlp = |m: &weights::GatedMlp| lin(&m.gate) + lin(&m.up) + lin(&m.down);
             n += match &l.ffn {
-                Ffn::Moe(b) => lin(&b.router) + b.experts.iter().map(mlp).sum::<usize>() + b.shared.as_ref().map_or(0, |s| mlp(&s.mlp) + lin(&s.gate)),
+                Ffn::Moe(b) => {
+                    lin(&b.router)
+                        + b.experts.iter().map(mlp).sum::<usize>()
+                        + b.shared.as_ref().map_or(0, |s| mlp(&s.mlp) + lin(&s.gate))
+                }
                 Ffn::Gated(m) => mlp(m),
                 Ffn::Plain(m) => lin(&m.fc1) + lin(&m.fc2),
             };

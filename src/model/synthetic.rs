@@ -72,13 +72,15 @@ impl TensorSource for SyntheticTensors {
         // generated in parallel chunks with their own streams, so it stays deterministic.
         let seed = rng.next_u64();
         let mut out = vec![0f32; n];
-        out.par_chunks_mut(1 << 16).enumerate().for_each(|(i, chunk)| {
-            let mut r = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            for v in chunk {
-                let u = (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-                *v = center + scale * 3f32.sqrt() * (2.0 * u - 1.0);
-            }
-        });
+        out.par_chunks_mut(1 << 16)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                let mut r = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                for v in chunk {
+                    let u = (r.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+                    *v = center + scale * 3f32.sqrt() * (2.0 * u - 1.0);
+                }
+            });
         Ok(out)
     }
 }
@@ -121,7 +123,11 @@ pub fn builtin(name: &str) -> Result<Model> {
         "default" => default_config(),
         "mixtral-bench" => mixtral_bench_config(4),
         "mixtral-1g" => mixtral_bench_config(12),
-        other => return Err(crate::error::Error::invalid(format!("unknown built-in model `{other}` (default, mixtral-bench, mixtral-1g)"))),
+        other => {
+            return Err(crate::error::Error::invalid(format!(
+                "unknown built-in model `{other}` (default, mixtral-bench, mixtral-1g)"
+            )))
+        }
     };
     model_from_config(config, 0x0edc_e0e0, &format!("builtin:{name}"))
 }

@@ -124,7 +124,7 @@ pub struct MoeBlock {
 
 #[derive(Debug, Clone)]
 pub enum Ffn {
-    Moe(MoeBlock),
+    Moe(Box<MoeBlock>),
     Gated(GatedMlp),
     Plain(PlainMlp),
 }
@@ -165,7 +165,10 @@ pub trait TensorSource {
     fn tensor(&self, name: &str, shape: &[usize], why: &str) -> Result<Vec<f32>>;
     /// An int8 tensor (quantized stores only).
     fn tensor_i8(&self, name: &str, _shape: &[usize], _why: &str) -> Result<Vec<i8>> {
-        Err(Error::UnsupportedDtype { name: name.to_string(), dtype: "I8 (only .emoe stores hold int8 tensors)".into() })
+        Err(Error::UnsupportedDtype {
+            name: name.to_string(),
+            dtype: "I8 (only .emoe stores hold int8 tensors)".into(),
+        })
     }
 }
 
@@ -175,6 +178,8 @@ pub struct Loader<'a> {
 }
 
 impl Loader<'_> {
+    /// A linear layer: `prefix.weight` (f32/f16/bf16), or in a quantized store `prefix.qweight`
+    /// (int8) with `prefix.scales` and optionally `prefix.input_scale`.
     pub fn linear(
         &self,
         prefix: &str,
@@ -183,15 +188,36 @@ impl Loader<'_> {
         bias: bool,
         why: &str,
     ) -> Result<Linear> {
-        let weight = self
-            .src
-            .tensor(&format!("{prefix}.weight"), &[out, inp], why)?;
         let bias = if bias {
             Some(self.src.tensor(&format!("{prefix}.bias"), &[out], why)?)
         } else {
             None
         };
-        Ok(Linear::new(prefix, out, inp, weight, bias))
+        let qname = format!("{prefix}.qweight");
+        if !self.src.has(&qname) {
+            let weight = self
+                .src
+                .tensor(&format!("{prefix}.weight"), &[out, inp], why)?;
+            return Ok(Linear::new(prefix, out, inp, weight, bias));
+        }
+        let q = self.src.tensor_i8(&qname, &[out, inp], why)?;
+        let scales = self.src.tensor(&format!("{prefix}.scales"), &[out], why)?;
+        let matrix = Int8Matrix::from_quantized(out, inp, &q, scales)
+            .map_err(|e| Error::invalid(format!("{qname}: {e}")))?;
+        let scale_name = format!("{prefix}.input_scale");
+        let input_scale = if self.src.has(&scale_name) {
+            Some(self.src.tensor(&scale_name, &[inp], why)?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            name: prefix.to_string(),
+            out_features: out,
+            in_features: inp,
+            weight: LinearWeight::Int8(matrix),
+            bias,
+            input_scale,
+        })
     }
 
     pub fn vector(&self, name: &str, len: usize, why: &str) -> Result<Vec<f32>> {

@@ -123,7 +123,10 @@ pub fn quantize(
     if opts.quantize_head {
         let w = &mut model.weights;
         let head = w.lm_head.as_mut().unwrap_or(&mut w.embed);
-        let rtn = QuantOptions { method: Method::Rtn, ..opts.clone() };
+        let rtn = QuantOptions {
+            method: Method::Rtn,
+            ..opts.clone()
+        };
         quantize_linear(head, &rtn, &stats, &mut summary)?;
     }
     Ok((model, summary))

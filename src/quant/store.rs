@@ -32,8 +32,14 @@ fn linear_tensors(lin: &Linear) -> Vec<TensorData<'static>> {
 
 fn norm_tensors(norm: &Norm) -> Vec<TensorData<'static>> {
     match norm {
-        Norm::Rms { name, weight, .. } => vec![TensorData::from_f32(format!("{name}.weight"), vec![weight.len()], weight)],
-        Norm::Layer { name, weight, bias, .. } => vec![
+        Norm::Rms { name, weight, .. } => vec![TensorData::from_f32(
+            format!("{name}.weight"),
+            vec![weight.len()],
+            weight,
+        )],
+        Norm::Layer {
+            name, weight, bias, ..
+        } => vec![
             TensorData::from_f32(format!("{name}.weight"), vec![weight.len()], weight),
             TensorData::from_f32(format!("{name}.bias"), vec![bias.len()], bias),
         ],
@@ -42,7 +48,9 @@ fn norm_tensors(norm: &Norm) -> Vec<TensorData<'static>> {
 
 pub fn write_emoe(model: &Model, quant: serde_json::Value, path: &Path) -> Result<WriteSummary> {
     let tokenizer_json = match &model.tokenizer {
-        Tokenizer::Hf(t) => t.to_string(false).map_err(|e| Error::invalid(format!("cannot serialize the tokenizer: {e}")))?,
+        Tokenizer::Hf(t) => t
+            .to_string(false)
+            .map_err(|e| Error::invalid(format!("cannot serialize the tokenizer: {e}")))?,
         // Empty means the built-in byte-level tokenizer.
         Tokenizer::Bytes => String::new(),
     };
@@ -53,9 +61,16 @@ pub fn write_emoe(model: &Model, quant: serde_json::Value, path: &Path) -> Resul
     if let Some(p) = &weights.positions {
         // OPT: the table sits beside the token embeddings (`…embed_tokens` → `…embed_positions`).
         let root = weights.embed.name.trim_end_matches("embed_tokens");
-        add(vec![TensorData::from_f32(format!("{root}embed_positions.weight"), vec![p.len() / model.config.hidden_size, model.config.hidden_size], p)]);
+        add(vec![TensorData::from_f32(
+            format!("{root}embed_positions.weight"),
+            vec![p.len() / model.config.hidden_size, model.config.hidden_size],
+            p,
+        )]);
     }
-    for lin in [&weights.project_in, &weights.project_out, &weights.lm_head].into_iter().flatten() {
+    for lin in [&weights.project_in, &weights.project_out, &weights.lm_head]
+        .into_iter()
+        .flatten()
+    {
         add(linear_tensors(lin));
     }
     if let Some(n) = &weights.final_norm {
@@ -78,12 +93,19 @@ pub fn write_emoe(model: &Model, quant: serde_json::Value, path: &Path) -> Resul
                     }
                 }
                 for (e, ex) in b.experts.iter().enumerate() {
-                    let tensors = [&ex.gate, &ex.up, &ex.down].into_iter().flat_map(linear_tensors).collect();
+                    let tensors = [&ex.gate, &ex.up, &ex.down]
+                        .into_iter()
+                        .flat_map(linear_tensors)
+                        .collect();
                     blocks.push((li, e, tensors));
                 }
             }
-            Ffn::Gated(m) => [&m.gate, &m.up, &m.down].into_iter().for_each(|l| add(linear_tensors(l))),
-            Ffn::Plain(m) => [&m.fc1, &m.fc2].into_iter().for_each(|l| add(linear_tensors(l))),
+            Ffn::Gated(m) => [&m.gate, &m.up, &m.down]
+                .into_iter()
+                .for_each(|l| add(linear_tensors(l))),
+            Ffn::Plain(m) => [&m.fc1, &m.fc2]
+                .into_iter()
+                .for_each(|l| add(linear_tensors(l))),
         }
     }
     for (li, e, tensors) in blocks {

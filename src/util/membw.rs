@@ -12,11 +12,17 @@ pub fn read_bandwidth_gbs(bytes: usize, threads: usize, passes: usize) -> f64 {
     };
     let words = bytes / 8;
     // Non-zero contents so pages are really backed (a zeroed Vec may map the shared zero page).
-    let buf: Vec<u64> = (0..words as u64).map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
+    let buf: Vec<u64> = (0..words as u64)
+        .map(|i| i.wrapping_mul(0x9E37_79B9))
+        .collect();
     let mut rates = Vec::with_capacity(passes);
     for _ in 0..passes.max(1) {
         let t = Instant::now();
-        let sum: u64 = pool.install(|| buf.par_chunks(1 << 16).map(xor_chunk).reduce(|| 0, |a, b| a ^ b));
+        let sum: u64 = pool.install(|| {
+            buf.par_chunks(1 << 16)
+                .map(xor_chunk)
+                .reduce(|| 0, |a, b| a ^ b)
+        });
         let secs = t.elapsed().as_secs_f64();
         std::hint::black_box(sum);
         rates.push(bytes as f64 / secs / 1e9);
@@ -34,5 +40,7 @@ fn xor_chunk(c: &[u64]) -> u64 {
             *a ^= b;
         }
     }
-    it.remainder().iter().fold(acc.iter().fold(0, |x, &y| x ^ y), |x, &y| x ^ y)
+    it.remainder()
+        .iter()
+        .fold(acc.iter().fold(0, |x, &y| x ^ y), |x, &y| x ^ y)
 }

@@ -14,7 +14,9 @@ pub fn norm_rows(norm: &Norm, x: &[f32], dim: usize, out: &mut [f32]) {
                     *o = w * (v * r);
                 }
             }
-            Norm::Layer { weight, bias, eps, .. } => {
+            Norm::Layer {
+                weight, bias, eps, ..
+            } => {
                 let mean = xr.iter().sum::<f32>() / dim as f32;
                 let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
                 let r = 1.0 / (var + eps).sqrt();

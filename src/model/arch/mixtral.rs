@@ -18,7 +18,7 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
                 attn_norm: l.rms_norm(&format!("{p}.input_layernorm"), h, cfg.norm_eps)?,
                 attn: attention(&l, cfg, &format!("{p}.self_attn"), false)?,
                 ffn_norm: l.rms_norm(&format!("{p}.post_attention_layernorm"), h, cfg.norm_eps)?,
-                ffn: Ffn::Moe(moe(&l, cfg, &format!("{p}.block_sparse_moe"))?),
+                ffn: Ffn::Moe(Box::new(moe(&l, cfg, &format!("{p}.block_sparse_moe"))?)),
             })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -17,7 +17,7 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
         .map(|i| {
             let p = format!("model.layers.{i}");
             let ffn = match cfg.layer_ffn[i] {
-                FfnKind::Moe => Ffn::Moe(moe(&l, cfg, &format!("{p}.mlp"))?),
+                FfnKind::Moe => Ffn::Moe(Box::new(moe(&l, cfg, &format!("{p}.mlp"))?)),
                 _ => Ffn::Gated(gated(
                     &l,
                     &format!("{p}.mlp"),

@@ -240,9 +240,11 @@ impl TensorSource for EmoeFile {
                 why: format!("from the .emoe config {why}"),
             });
         }
-        view.as_i8().map(<[i8]>::to_vec).ok_or_else(|| Error::UnsupportedDtype {
-            name: name.to_string(),
-            dtype: format!("{:?}", view.dtype),
-        })
+        view.as_i8()
+            .map(<[i8]>::to_vec)
+            .ok_or_else(|| Error::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: format!("{:?}", view.dtype),
+            })
     }
 }

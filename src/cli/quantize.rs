@@ -1,0 +1,126 @@
+//! `edgemoe quantize`: calibrate, smooth, GPTQ, and write an .emoe store. Progress on stderr,
+//! the summary on stdout.
+
+use crate::quant::{self, Method, QuantOptions};
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct QuantizeArgs {
+    /// Checkpoint directory (or builtin:NAME).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Calibration text (UTF-8); not needed for --method rtn.
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value = "haq")]
+    pub method: Method,
+    /// SmoothQuant α in [0, 1], or `auto` to search it per layer group (default: 0.5 for OPT,
+    /// 0.8 for MoE models).
+    #[arg(long)]
+    pub alpha: Option<String>,
+    /// Calibration tokens to use at most.
+    #[arg(long = "calib-tokens", default_value_t = 16384)]
+    pub calib_tokens: usize,
+    /// Calibration window length.
+    #[arg(long, default_value_t = 256)]
+    pub ctx: usize,
+    /// GPTQ: quantize columns in order of decreasing Hessian diagonal.
+    #[arg(long = "act-order")]
+    pub act_order: bool,
+    /// Also quantize the output head (and tied embeddings) to int8.
+    #[arg(long = "quantize-head")]
+    pub quantize_head: bool,
+    /// Keep o_proj / w2 / fc2 inputs unsmoothed (no per-channel input scale).
+    #[arg(long = "no-smooth-unnormed")]
+    pub no_smooth_unnormed: bool,
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
+    let model = crate::load_model(Some(&a.model))?;
+    let mut opts = QuantOptions::new(a.method, &model);
+    opts.act_order = a.act_order;
+    opts.quantize_head = a.quantize_head;
+    opts.smooth_unnormed = !a.no_smooth_unnormed;
+    opts.threads = a.threads;
+    match a.alpha.as_deref() {
+        None => {}
+        Some("auto") => opts.alpha = None,
+        Some(v) => {
+            let alpha: f32 = v.parse().map_err(|_| {
+                anyhow::anyhow!("--alpha must be a number in [0, 1] or `auto`, got {v:?}")
+            })?;
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&alpha),
+                "--alpha must be in [0, 1], got {alpha}"
+            );
+            opts.alpha = Some(alpha);
+        }
+    }
+    let calib = match (&a.calib, a.method) {
+        (Some(path), _) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+            let mut t = model.tokenizer.encode(&text, false)?;
+            t.truncate(a.calib_tokens);
+            anyhow::ensure!(
+                t.len() >= 2,
+                "{}: too little calibration text",
+                path.display()
+            );
+            t
+        }
+        (None, Method::Rtn) => vec![],
+        (None, m) => anyhow::bail!("--method {m:?} needs --calib FILE (calibration text)"),
+    };
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let started = std::time::Instant::now();
+    let (model, summary) = quant::quantize(model, &calib, a.ctx, &opts, |stage, done, total| {
+        bar.set_message(stage.to_string());
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let mut recorded = summary.clone();
+    if opts.alpha.is_some() {
+        recorded.alphas.clear(); // all equal to the fixed α in the options
+    }
+    let meta = serde_json::json!({"method": a.method, "options": opts, "summary": recorded});
+    let written = quant::store::write_emoe(&model, meta, &a.out)?;
+    println!(
+        "quantized {} with {:?} in {:.1} s → {} ({:.1} MB)",
+        a.model.display(),
+        a.method,
+        started.elapsed().as_secs_f64(),
+        a.out.display(),
+        written.total_bytes as f64 / 1e6
+    );
+    println!(
+        "  {} int8 linears ({:.2} M params), {} by GPTQ, {} calibration tokens",
+        summary.linears,
+        summary.params as f64 / 1e6,
+        summary.gptq,
+        summary.calib_tokens
+    );
+    if !summary.rtn_fallback.is_empty() {
+        println!(
+            "  too few calibration tokens, rounded instead ({}): {}",
+            summary.rtn_fallback.len(),
+            summary.rtn_fallback.join(", ")
+        );
+    }
+    if opts.alpha.is_none() {
+        for (group, alpha) in &summary.alphas {
+            println!("  alpha {alpha:.1} for {group}");
+        }
+    }
+    Ok(())
+}
