@@ -48,8 +48,9 @@ pub struct SyntheticTensors {
 }
 
 impl TensorSource for SyntheticTensors {
-    fn has(&self, _name: &str) -> bool {
-        true
+    fn has(&self, name: &str) -> bool {
+        // Plain f32 weights only: no quantized tensors, no input scales.
+        !name.ends_with(".qweight") && !name.ends_with(".input_scale")
     }
 
     fn tensor(&self, name: &str, shape: &[usize], _why: &str) -> Result<Vec<f32>> {
