@@ -45,8 +45,8 @@ pub struct BenchArgs {
     pub json: bool,
     #[arg(long)]
     pub csv: bool,
-    /// Quantize the loaded model in memory first (round-to-nearest W8A8; use `edgemoe quantize`
-    /// for calibrated methods).
+    /// Quantize the loaded model in memory first (round-to-nearest W8A8, head included; use
+    /// `edgemoe quantize` for calibrated methods).
     #[arg(long, value_parser = ["rtn"])]
     pub quant: Option<String>,
     /// Also draw tokens/s against the swept parameter into this SVG file.
@@ -67,7 +67,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     };
     let mut model = crate::load_model(base.model.as_deref())?;
     if a.quant.is_some() {
-        let opts = crate::quant::QuantOptions::new(crate::quant::Method::Rtn, &model);
+        let mut opts = crate::quant::QuantOptions::new(crate::quant::Method::Rtn, &model);
+        // Like llama.cpp's Q8_0 files, the output head is int8 too.
+        opts.quantize_head = true;
         model = crate::quant::quantize(model, &[], 0, &opts, |_, _, _| {})?.0;
     }
     let model = Arc::new(model);

@@ -9,7 +9,7 @@ pub mod ppl;
 pub mod sampling;
 pub mod stats;
 
-use crate::backend::cpu::attention::{attend, AttentionShape};
+use crate::backend::cpu::attention::{attend, AttentionShape, Segment};
 use crate::backend::cpu::int8::{self, quantize_rows_smoothed, QuantizedRows};
 use crate::backend::cpu::matmul::matmul;
 use crate::backend::cpu::ops::{activate, gated_activation, norm_rows, Rope};
@@ -241,26 +241,25 @@ impl Engine {
             sliding_window: cfg.sliding_window,
         };
         let mut attn = vec![0f32; rows * qd];
+        // Append every sequence's new keys/values first, then attend over all of them at once.
         let mut start = 0;
         for item in batch.iter_mut() {
-            let n = item.tokens.len();
             let cache = &mut item.cache.layers[li];
-            for r in start..start + n {
-                cache.append(
-                    &k[r * kvd..(r + 1) * kvd],
-                    &v[r * kvd..(r + 1) * kvd],
-                    positions[r],
-                );
+            for r in start..start + item.tokens.len() {
+                cache.append(&k[r * kvd..(r + 1) * kvd], &v[r * kvd..(r + 1) * kvd], positions[r]);
             }
-            attend(
-                &shape,
-                &q[start * qd..(start + n) * qd],
-                &positions[start..start + n],
-                cache,
-                &mut attn[start * qd..(start + n) * qd],
-            );
-            start += n;
+            start += item.tokens.len();
         }
+        let mut start = 0;
+        let segments: Vec<Segment> = batch
+            .iter()
+            .map(|item| {
+                let rows = start..start + item.tokens.len();
+                start = rows.end;
+                Segment { rows, cache: &item.cache.layers[li] }
+            })
+            .collect();
+        attend(&shape, &q, positions, &segments, &mut attn);
         let o = self.linear(&a.o, &attn, rows);
         self.residual(&layer.attn_norm, x, &o, hd);
     }

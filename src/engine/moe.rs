@@ -6,6 +6,9 @@ use crate::backend::cpu::ops::{sigmoid, softmax};
 use crate::model::weights::MoeBlock;
 use rayon::prelude::*;
 
+/// Below this many weights per expert matrix, experts run in parallel with each other.
+const SMALL_EXPERT_WEIGHTS: usize = 1 << 20;
+
 /// Top-k experts of one token and their mixing weights.
 pub fn route(router_logits: &[f32], top_k: usize, renormalize: bool) -> Vec<(usize, f32)> {
     let mut probs = router_logits.to_vec();
@@ -44,20 +47,21 @@ pub fn forward(
         }
     }
     let chosen: Vec<usize> = (0..e_count).filter(|&e| !assigned[e].is_empty()).collect();
-    // Experts run side by side on the pool (one small matmul alone would not fill it); their
-    // outputs are mixed in expert order afterwards, so results don't depend on scheduling.
-    let outputs: Vec<Vec<f32>> = chosen
-        .par_iter()
-        .map(|&e| {
-            let tokens = &assigned[e];
-            engine.stats.record_expert(layer, e, tokens.len());
-            let xs: Vec<f32> = tokens
-                .iter()
-                .flat_map(|&(r, _)| x[r * h..(r + 1) * h].iter().copied())
-                .collect();
-            engine.gated_mlp(&block.experts[e], &xs, tokens.len())
-        })
-        .collect();
+    let run = |e: usize| {
+        let tokens = &assigned[e];
+        engine.stats.record_expert(layer, e, tokens.len());
+        let xs: Vec<f32> = tokens.iter().flat_map(|&(r, _)| x[r * h..(r + 1) * h].iter().copied()).collect();
+        engine.gated_mlp(&block.experts[e], &xs, tokens.len())
+    };
+    // Small experts run side by side on the pool (one small matmul alone would not fill it);
+    // large ones one after another, each matmul spread over the pool, so weights stream from
+    // memory without the threads competing. Outputs are mixed in expert order afterwards, so
+    // results don't depend on scheduling.
+    let outputs: Vec<Vec<f32>> = if h * cfg.expert_ffn < SMALL_EXPERT_WEIGHTS {
+        chosen.par_iter().map(|&e| run(e)).collect()
+    } else {
+        chosen.iter().map(|&e| run(e)).collect()
+    };
     let mut out = vec![0f32; rows * h];
     for (&e, ys) in chosen.iter().zip(&outputs) {
         for (i, &(r, wgt)) in assigned[e].iter().enumerate() {

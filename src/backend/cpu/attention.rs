@@ -1,7 +1,7 @@
 //! Causal multi-head attention of new query rows against a sequence's cached keys/values,
 //! with grouped-query heads and an optional sliding window.
 
-use super::simd::{dot, SendPtr};
+use super::simd::{axpy, dot, SendPtr};
 use crate::kv::LayerCache;
 use rayon::prelude::*;
 
@@ -12,15 +12,17 @@ pub struct AttentionShape {
     pub sliding_window: Option<usize>,
 }
 
-/// For each query row `t` (at `positions[t]`) and head, attends over the cache slots whose
-/// position is ≤ the query's (and inside the window), writing `out[t, h·d..(h+1)·d]`.
-pub fn attend(
-    shape: &AttentionShape,
-    q: &[f32],
-    positions: &[usize],
-    cache: &LayerCache,
-    out: &mut [f32],
-) {
+/// One sequence's rows of a batched attention call: query rows `rows` attend over `cache`.
+pub struct Segment<'a> {
+    pub rows: std::ops::Range<usize>,
+    pub cache: &'a LayerCache,
+}
+
+/// For each query row `t` (at `positions[t]`) and head, attends over its segment's cache slots
+/// whose position is ≤ the query's (and inside the window), writing `out[t, h·d..(h+1)·d]`.
+/// All (row, head) pairs of all sequences are one pool of tasks, so a batch of single-token
+/// decodes spreads over the threads like one long prefill does.
+pub fn attend(shape: &AttentionShape, q: &[f32], positions: &[usize], segments: &[Segment], out: &mut [f32]) {
     let (h, d) = (shape.num_heads, shape.head_dim);
     let kv_dim = shape.num_kv_heads * d;
     let group = h / shape.num_kv_heads;
@@ -28,12 +30,15 @@ pub fn attend(
     let rows = positions.len();
     let out_ptr = SendPtr(out.as_mut_ptr());
     let total = rows * h * d;
-    assert!(
-        out.len() >= total && q.len() >= total,
-        "attend: buffer too small"
-    );
+    assert!(out.len() >= total && q.len() >= total, "attend: buffer too small");
+    let mut row_cache: Vec<&LayerCache> = Vec::with_capacity(rows);
+    for seg in segments {
+        row_cache.extend(seg.rows.clone().map(|_| seg.cache));
+    }
+    assert_eq!(row_cache.len(), rows, "attend: segments must cover every row");
     let work = |task: usize| {
         let (t, head) = (task / h, task % h);
+        let cache = row_cache[t];
         let kv_head = head / group;
         let pos = positions[t];
         let qv = &q[t * h * d + head * d..][..d];
@@ -52,22 +57,19 @@ pub fn attend(
         }
         super::ops::softmax(&mut scores);
         // SAFETY: task (t, head) writes only out[t, head·d .. head·d + d]; tasks are disjoint.
-        let o =
-            unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(t * h * d + head * d), d) };
+        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(t * h * d + head * d), d) };
         o.fill(0.0);
         for (&slot, &wgt) in slots.iter().zip(&scores) {
-            let vv = &cache.values[slot * kv_dim + kv_head * d..][..d];
-            for (oi, &vi) in o.iter_mut().zip(vv) {
-                *oi += wgt * vi;
-            }
+            axpy(o, wgt, &cache.values[slot * kv_dim + kv_head * d..][..d]);
         }
     };
     // Short contexts are cheaper to run inline than to hand to the pool.
-    if rows * h * cache.positions.len() * d < PARALLEL_MIN_MACS {
+    let work_macs: usize = row_cache.iter().map(|c| c.positions.len() * h * d).sum();
+    if work_macs < PARALLEL_MIN_MACS {
         (0..rows * h).for_each(work);
     } else {
-        (0..rows * h).into_par_iter().for_each(work);
+        (0..rows * h).into_par_iter().with_min_len(2).for_each(work);
     }
 }
 
-const PARALLEL_MIN_MACS: usize = 1 << 16;
+const PARALLEL_MIN_MACS: usize = 1 << 15;

@@ -193,3 +193,36 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
     }
 }
+
+/// `y += a·x` on the best available tier.
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if cpu_features().avx2_fma {
+        // SAFETY: avx2+fma detected at run time.
+        unsafe { axpy_avx2(y, a, x) };
+        return;
+    }
+    y.iter_mut().zip(x).for_each(|(yi, &xi)| *yi += a * xi);
+}
+
+/// # Safety
+/// The CPU must support avx2 and fma.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = y.len().min(x.len());
+    let n8 = n / 8 * 8;
+    let av = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i < n8 {
+        // In bounds: i + 8 <= n8 <= both lengths.
+        let yv = _mm256_loadu_ps(y.as_ptr().add(i));
+        let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+        _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_fmadd_ps(av, xv, yv));
+        i += 8;
+    }
+    for j in n8..n {
+        y[j] += a * x[j];
+    }
+}
