@@ -58,8 +58,8 @@ fn main() {
     println!("| variant | ppl | vs f32 |");
     println!("| --- | ---: | ---: |");
     let variants: [(&str, &dyn Fn(&mut QuantOptions)); 4] = [
-        ("default (α 0.8, smooth o/w2 inputs)", &|_| {}),
-        ("o/w2 inputs unsmoothed", &|o| o.smooth_unnormed = false),
+        ("default (α 0.8, o/w2 inputs unsmoothed)", &|_| {}),
+        ("o/w2 inputs smoothed (input scale in the kernel)", &|o| o.smooth_unnormed = true),
         ("α auto", &|o| o.alpha = None),
         ("act-order", &|o| o.act_order = true),
     ];

@@ -34,9 +34,10 @@ pub struct QuantizeArgs {
     /// Also quantize the output head (and tied embeddings) to int8.
     #[arg(long = "quantize-head")]
     pub quantize_head: bool,
-    /// Keep o_proj / w2 / fc2 inputs unsmoothed (no per-channel input scale).
-    #[arg(long = "no-smooth-unnormed")]
-    pub no_smooth_unnormed: bool,
+    /// Also smooth o_proj / w2 / fc2 inputs, through a per-channel input scale the int8
+    /// kernel applies (off by default: it measured no better, see the README).
+    #[arg(long = "smooth-unnormed")]
+    pub smooth_unnormed: bool,
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 }
@@ -46,7 +47,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     let mut opts = QuantOptions::new(a.method, &model);
     opts.act_order = a.act_order;
     opts.quantize_head = a.quantize_head;
-    opts.smooth_unnormed = !a.no_smooth_unnormed;
+    opts.smooth_unnormed = a.smooth_unnormed;
     opts.threads = a.threads;
     match a.alpha.as_deref() {
         None => {}

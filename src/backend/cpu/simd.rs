@@ -90,21 +90,29 @@ unsafe fn tile_avx2<const R: usize, const C: usize>(
     acc: &mut [[f32; TW]; TX],
 ) {
     use std::arch::x86_64::*;
-    let xs: [&[f32]; R] = std::array::from_fn(|r| &x[(t + r) * k..(t + r + 1) * k]);
-    let ws: [&[f32]; C] = std::array::from_fn(|c| &w[(j + c) * k..(j + c + 1) * k]);
+    // Bounds checked once here; the loop below reads rows t..t+R of x and j..j+C of w, each
+    // k long, through raw pointers (no closures, no per-load checks in the hot loop).
+    assert!((t + R) * k <= x.len() && (j + C) * k <= w.len(), "tile out of bounds");
+    let mut xp = [std::ptr::null::<f32>(); R];
+    for (r, p) in xp.iter_mut().enumerate() {
+        *p = x.as_ptr().add((t + r) * k);
+    }
+    let mut wp = [std::ptr::null::<f32>(); C];
+    for (c, p) in wp.iter_mut().enumerate() {
+        *p = w.as_ptr().add((j + c) * k);
+    }
     let mut v = [[_mm256_setzero_ps(); C]; R];
     let k8 = k / 8 * 8;
     let mut i = 0;
     while i < k8 {
-        // In bounds: i + 8 <= k8 <= k = each slice's length.
         // Plain loops, not closures: a closure would not inherit this function's target
         // features, and every intrinsic in it would become an out-of-line call.
         let mut wv = [_mm256_setzero_ps(); C];
         for c in 0..C {
-            wv[c] = _mm256_loadu_ps(ws[c].as_ptr().add(i));
+            wv[c] = _mm256_loadu_ps(wp[c].add(i));
         }
         for r in 0..R {
-            let xv = _mm256_loadu_ps(xs[r].as_ptr().add(i));
+            let xv = _mm256_loadu_ps(xp[r].add(i));
             for c in 0..C {
                 v[r][c] = _mm256_fmadd_ps(xv, wv[c], v[r][c]);
             }
@@ -115,7 +123,7 @@ unsafe fn tile_avx2<const R: usize, const C: usize>(
         for c in 0..C {
             let mut s = hsum(v[r][c]);
             for ii in k8..k {
-                s += xs[r][ii] * ws[c][ii];
+                s += *xp[r].add(ii) * *wp[c].add(ii);
             }
             acc[r][c] = s;
         }
