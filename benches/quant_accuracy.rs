@@ -23,14 +23,25 @@ fn load(outlier: bool) -> Model {
 
 fn ppl(model: Model, tokens: &[u32]) -> f64 {
     let engine = Engine::new(Arc::new(model), 0).expect("engine");
-    perplexity(&engine, tokens, 256, |_, _| {}).expect("ppl").ppl
+    perplexity(&engine, tokens, 256, |_, _| {})
+        .expect("ppl")
+        .ppl
 }
+
+/// A change to the default quantization options.
+type Tweak = dyn Fn(&mut QuantOptions);
 
 fn main() {
     let probe = load(false);
     let read = |f: &str| std::fs::read_to_string(dir().join(f)).expect("fixture text");
-    let held = probe.tokenizer.encode(&read("heldout.txt"), false).expect("tokenize");
-    let calib = probe.tokenizer.encode(&read("calib.txt"), false).expect("tokenize");
+    let held = probe
+        .tokenizer
+        .encode(&read("heldout.txt"), false)
+        .expect("tokenize");
+    let calib = probe
+        .tokenizer
+        .encode(&read("calib.txt"), false)
+        .expect("tokenize");
     let calib = &calib[..calib.len().min(16384)];
     let quantized = |outlier: bool, tweak: &dyn Fn(&mut QuantOptions), method: Method| {
         let m = load(outlier);
@@ -39,13 +50,20 @@ fn main() {
         let (q, _) = quant::quantize(m, calib, 256, &opts, |_, _, _| {}).expect("quantize");
         ppl(q, &held)
     };
-    println!("held-out: {} tokens, ctx 256; calibration: {} tokens of Psalms (training part)\n", held.len(), calib.len());
+    println!(
+        "held-out: {} tokens, ctx 256; calibration: {} tokens of Psalms (training part)\n",
+        held.len(),
+        calib.len()
+    );
     println!("| method | ppl | vs f32 | ppl (outliers ×50) | vs f32 |");
     println!("| --- | ---: | ---: | ---: | ---: |");
     let base = [ppl(load(false), &held), ppl(load(true), &held)];
     println!("| f32 | {:.4} | | {:.4} | |", base[0], base[1]);
     for method in [Method::Rtn, Method::Smooth, Method::Gptq, Method::Haq] {
-        let p = [quantized(false, &|_| {}, method), quantized(true, &|_| {}, method)];
+        let p = [
+            quantized(false, &|_| {}, method),
+            quantized(true, &|_| {}, method),
+        ];
         println!(
             "| {method:?} | {:.4} | {:+.3}% | {:.4} | {:+.3}% |",
             p[0],
@@ -57,9 +75,11 @@ fn main() {
     println!("\nhaq variants (outlier model):\n");
     println!("| variant | ppl | vs f32 |");
     println!("| --- | ---: | ---: |");
-    let variants: [(&str, &dyn Fn(&mut QuantOptions)); 4] = [
+    let variants: [(&str, &Tweak); 4] = [
         ("default (α 0.8, o/w2 inputs unsmoothed)", &|_| {}),
-        ("o/w2 inputs smoothed (input scale in the kernel)", &|o| o.smooth_unnormed = true),
+        ("o/w2 inputs smoothed (input scale in the kernel)", &|o| {
+            o.smooth_unnormed = true
+        }),
         ("α auto", &|o| o.alpha = None),
         ("act-order", &|o| o.act_order = true),
     ];

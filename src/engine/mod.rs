@@ -246,7 +246,11 @@ impl Engine {
         for item in batch.iter_mut() {
             let cache = &mut item.cache.layers[li];
             for r in start..start + item.tokens.len() {
-                cache.append(&k[r * kvd..(r + 1) * kvd], &v[r * kvd..(r + 1) * kvd], positions[r]);
+                cache.append(
+                    &k[r * kvd..(r + 1) * kvd],
+                    &v[r * kvd..(r + 1) * kvd],
+                    positions[r],
+                );
             }
             start += item.tokens.len();
         }
@@ -256,7 +260,10 @@ impl Engine {
             .map(|item| {
                 let rows = start..start + item.tokens.len();
                 start = rows.end;
-                Segment { rows, cache: &item.cache.layers[li] }
+                Segment {
+                    rows,
+                    cache: &item.cache.layers[li],
+                }
             })
             .collect();
         attend(&shape, &q, positions, &segments, &mut attn);

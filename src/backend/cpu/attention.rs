@@ -22,7 +22,13 @@ pub struct Segment<'a> {
 /// whose position is ≤ the query's (and inside the window), writing `out[t, h·d..(h+1)·d]`.
 /// All (row, head) pairs of all sequences are one pool of tasks, so a batch of single-token
 /// decodes spreads over the threads like one long prefill does.
-pub fn attend(shape: &AttentionShape, q: &[f32], positions: &[usize], segments: &[Segment], out: &mut [f32]) {
+pub fn attend(
+    shape: &AttentionShape,
+    q: &[f32],
+    positions: &[usize],
+    segments: &[Segment],
+    out: &mut [f32],
+) {
     let (h, d) = (shape.num_heads, shape.head_dim);
     let kv_dim = shape.num_kv_heads * d;
     let group = h / shape.num_kv_heads;
@@ -30,12 +36,19 @@ pub fn attend(shape: &AttentionShape, q: &[f32], positions: &[usize], segments: 
     let rows = positions.len();
     let out_ptr = SendPtr(out.as_mut_ptr());
     let total = rows * h * d;
-    assert!(out.len() >= total && q.len() >= total, "attend: buffer too small");
+    assert!(
+        out.len() >= total && q.len() >= total,
+        "attend: buffer too small"
+    );
     let mut row_cache: Vec<&LayerCache> = Vec::with_capacity(rows);
     for seg in segments {
         row_cache.extend(seg.rows.clone().map(|_| seg.cache));
     }
-    assert_eq!(row_cache.len(), rows, "attend: segments must cover every row");
+    assert_eq!(
+        row_cache.len(),
+        rows,
+        "attend: segments must cover every row"
+    );
     let work = |task: usize| {
         let (t, head) = (task / h, task % h);
         let cache = row_cache[t];
@@ -57,7 +70,8 @@ pub fn attend(shape: &AttentionShape, q: &[f32], positions: &[usize], segments: 
         }
         super::ops::softmax(&mut scores);
         // SAFETY: task (t, head) writes only out[t, head·d .. head·d + d]; tasks are disjoint.
-        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(t * h * d + head * d), d) };
+        let o =
+            unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(t * h * d + head * d), d) };
         o.fill(0.0);
         for (&slot, &wgt) in slots.iter().zip(&scores) {
             axpy(o, wgt, &cache.values[slot * kv_dim + kv_head * d..][..d]);

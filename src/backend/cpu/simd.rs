@@ -92,7 +92,10 @@ unsafe fn tile_avx2<const R: usize, const C: usize>(
     use std::arch::x86_64::*;
     // Bounds checked once here; the loop below reads rows t..t+R of x and j..j+C of w, each
     // k long, through raw pointers (no closures, no per-load checks in the hot loop).
-    assert!((t + R) * k <= x.len() && (j + C) * k <= w.len(), "tile out of bounds");
+    assert!(
+        (t + R) * k <= x.len() && (j + C) * k <= w.len(),
+        "tile out of bounds"
+    );
     let mut xp = [std::ptr::null::<f32>(); R];
     for (r, p) in xp.iter_mut().enumerate() {
         *p = x.as_ptr().add((t + r) * k);

@@ -22,6 +22,12 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    rms_decoder(&l, cfg, layers)
+}
+
+/// Embeddings, final RMSNorm and head around `layers`: the frame Mixtral and Qwen2-MoE share.
+pub fn rms_decoder(l: &Loader, cfg: &ModelConfig, layers: Vec<Layer>) -> Result<Weights> {
+    let h = cfg.hidden_size;
     Ok(Weights {
         embed: l.linear(
             "model.embed_tokens",
@@ -35,7 +41,7 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
         layers,
         final_norm: Some(l.rms_norm("model.norm", h, cfg.norm_eps)?),
         project_out: None,
-        lm_head: lm_head(&l, cfg)?,
+        lm_head: lm_head(l, cfg)?,
     })
 }
 

@@ -3,7 +3,7 @@
 //! every token scaled by `sigmoid(shared_expert_gate·x)`, and dense MLP layers where
 //! `mlp_only_layers` / `decoder_sparse_step` say so. Names follow Qwen2MoeForCausalLM.
 
-use super::mixtral::{attention, lm_head};
+use super::mixtral::{attention, rms_decoder};
 use crate::error::Result;
 use crate::model::config::{FfnKind, ModelConfig};
 use crate::model::weights::{
@@ -34,21 +34,7 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Weights {
-        embed: l.linear(
-            "model.embed_tokens",
-            cfg.vocab_size,
-            h,
-            false,
-            "vocab_size × hidden_size",
-        )?,
-        positions: None,
-        project_in: None,
-        layers,
-        final_norm: Some(l.rms_norm("model.norm", h, cfg.norm_eps)?),
-        project_out: None,
-        lm_head: lm_head(&l, cfg)?,
-    })
+    rms_decoder(&l, cfg, layers)
 }
 
 fn gated(l: &Loader, p: &str, h: usize, f: usize, field: &str) -> Result<GatedMlp> {

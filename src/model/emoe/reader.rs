@@ -209,12 +209,9 @@ impl EmoeFile {
     }
 }
 
-impl TensorSource for EmoeFile {
-    fn has(&self, name: &str) -> bool {
-        EmoeFile::has(self, name)
-    }
-
-    fn tensor(&self, name: &str, shape: &[usize], why: &str) -> Result<Vec<f32>> {
+impl EmoeFile {
+    /// The tensor, checked against the shape the architecture loader expects.
+    fn shaped(&self, name: &str, shape: &[usize], why: &str) -> Result<TensorView<'_>> {
         let view = EmoeFile::tensor(self, name)?;
         if view.shape != shape {
             return Err(Error::ShapeMismatch {
@@ -224,6 +221,17 @@ impl TensorSource for EmoeFile {
                 why: format!("from the .emoe config {why}"),
             });
         }
+        Ok(view)
+    }
+}
+
+impl TensorSource for EmoeFile {
+    fn has(&self, name: &str) -> bool {
+        EmoeFile::has(self, name)
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize], why: &str) -> Result<Vec<f32>> {
+        let view = self.shaped(name, shape, why)?;
         view.to_f32().ok_or_else(|| Error::UnsupportedDtype {
             name: name.to_string(),
             dtype: format!("{:?}", view.dtype),
@@ -231,15 +239,7 @@ impl TensorSource for EmoeFile {
     }
 
     fn tensor_i8(&self, name: &str, shape: &[usize], why: &str) -> Result<Vec<i8>> {
-        let view = EmoeFile::tensor(self, name)?;
-        if view.shape != shape {
-            return Err(Error::ShapeMismatch {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                actual: view.shape.to_vec(),
-                why: format!("from the .emoe config {why}"),
-            });
-        }
+        let view = self.shaped(name, shape, why)?;
         view.as_i8()
             .map(<[i8]>::to_vec)
             .ok_or_else(|| Error::UnsupportedDtype {
