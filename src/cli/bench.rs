@@ -89,25 +89,25 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let bar = indicatif::ProgressBar::new(points.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     let mut results = Vec::new();
-    for (i, p) in points.iter().enumerate() {
+    for p in &points {
         let engine = crate::Engine::new(model.clone(), p.threads)?;
         let p = BenchPoint {
             threads: engine.threads(),
             ..p.clone()
         };
-        eprintln!(
-            "[{}/{}] threads {} batch {} pp{} tg{} x{}",
-            i + 1,
-            points.len(),
-            p.threads,
-            p.batch,
-            p.prompt,
-            p.gen,
-            a.reps
-        );
+        bar.set_message(format!(
+            "threads {} batch {} pp{} tg{} ×{}",
+            p.threads, p.batch, p.prompt, p.gen, a.reps
+        ));
         results.push(run_point(&engine, &p, a.reps)?);
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     if a.json {
         println!(
             "{}",
