@@ -405,7 +405,7 @@ pub unsafe extern "C" fn edgemoe_generate(
         session.cancel.store(false, Ordering::Release);
         let mut piece_buf = Vec::new();
         let out = generate(&session.engine, &request, |piece| {
-            if let Some(callback) = callback {
+            if let (Some(callback), false) = (callback, piece.is_empty()) {
                 piece_buf.clear();
                 piece_buf.extend_from_slice(piece.as_bytes());
                 piece_buf.push(0);

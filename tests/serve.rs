@@ -129,6 +129,10 @@ fn concurrent_streams_cancel_and_bad_lines() {
                 .as_bytes(),
             ),
             4 => input.extend_from_slice(b"{\"id\":\"bad5\",\"prompt\":\"\xff\xfe\"}\n"),
+            // max_tokens so large that prompt + max_tokens would overflow.
+            5 => input.extend_from_slice(
+                b"{\"id\":\"bad6\",\"prompt\":\"x\",\"max_tokens\":18446744073709551615}\n",
+            ),
             _ => {}
         }
     }
@@ -192,7 +196,8 @@ fn concurrent_streams_cancel_and_bad_lines() {
     ] {
         assert!(codes.contains(&code), "missing error {code}: {errors:?}");
     }
-    assert_eq!(errors.len(), 5, "{errors:?}");
+    assert_eq!(errors.len(), 6, "{errors:?}");
+    assert_eq!(errors["bad6"], "context_length_exceeded");
     assert_eq!(finish["victim"]["choices"][0]["finish_reason"], "cancelled");
     for r in &reqs {
         let f = &finish[r.id];

@@ -65,7 +65,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let mut stdout = std::io::stdout().lock();
     let out = generate(&engine, &req, |piece| {
-        if !a.json {
+        if !a.json && !piece.is_empty() {
             // A closed stdout (e.g. `| head`) ends generation instead of panicking.
             return write!(stdout, "{piece}")
                 .and_then(|_| stdout.flush())

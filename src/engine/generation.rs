@@ -69,11 +69,12 @@ impl Generation {
                 }
             }
         }
+        let decoder = StreamDecoder::with_context(&prompt);
         Ok(Generation {
             prompt,
             cache: engine.new_cache(),
             sampler: Sampler::new(req.sampling.clone()),
-            decoder: StreamDecoder::new(),
+            decoder,
             stop: req.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
             max_tokens: req.max_tokens,
             eos: model.config.eos_token_ids.clone(),
@@ -159,6 +160,12 @@ impl Generation {
         self.release(safe)
     }
 
+    /// Restarts the prompt clock (a server calls this when the request leaves the queue, so
+    /// `prefill_ms` measures the model, not the wait).
+    pub fn start_clock(&mut self) {
+        self.started = Instant::now();
+    }
+
     pub fn cancel(&mut self) {
         if self.finish.is_none() {
             self.finish = Some(FinishReason::Cancelled);
@@ -206,7 +213,8 @@ fn partial_suffix(text: &str, stop: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Runs one completion to the end; `on_text` gets each final piece and may return false to stop.
+/// Runs one completion to the end. `on_text` is called after every step with the text that
+/// became final (often empty) and may return false to stop.
 pub fn generate(
     engine: &Engine,
     req: &GenerateRequest,
@@ -217,7 +225,7 @@ pub fn generate(
     while g.finished().is_none() {
         let logits = engine.forward(&mut [g.batch_item()])?;
         let piece = g.accept(&logits[0], tokenizer);
-        if !piece.is_empty() && !on_text(&piece) {
+        if !on_text(&piece) {
             g.cancel();
         }
     }

@@ -33,7 +33,10 @@ impl Architecture {
 pub enum Activation {
     Silu,
     Relu,
+    /// Exact (erf) GELU.
     Gelu,
+    /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
 }
 
 /// What the feed-forward part of one decoder layer is.
@@ -293,6 +296,18 @@ fn rope_theta(f: &Fields, default: f32) -> Result<f32> {
     f.f32_or("rope_theta", default)
 }
 
+/// `sliding_window`: null or absent means none; 0 would hide every token, so it is refused.
+fn window(f: &Fields) -> Result<Option<usize>> {
+    match f.opt_usize("sliding_window")? {
+        Some(0) => Err(Error::config(
+            f.path,
+            "sliding_window",
+            "must be positive or null",
+        )),
+        w => Ok(w),
+    }
+}
+
 fn activation(f: &Fields, field: &str, default: &str) -> Result<Activation> {
     let name = f
         .present(field)
@@ -301,7 +316,8 @@ fn activation(f: &Fields, field: &str, default: &str) -> Result<Activation> {
     match name {
         "silu" | "swish" => Ok(Activation::Silu),
         "relu" => Ok(Activation::Relu),
-        "gelu" | "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::Gelu),
+        "gelu" => Ok(Activation::Gelu),
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
         other => Err(Error::config(
             f.path,
             field,
@@ -312,10 +328,11 @@ fn activation(f: &Fields, field: &str, default: &str) -> Result<Activation> {
 
 fn attention_shape(
     f: &Fields,
+    hidden_default: usize,
     heads_default: usize,
     kv_default: Option<usize>,
 ) -> Result<(usize, usize, usize, usize)> {
-    let hidden = f.positive("hidden_size", Some(4096))?;
+    let hidden = f.positive("hidden_size", Some(hidden_default))?;
     let heads = f.positive("num_attention_heads", Some(heads_default))?;
     let kv = f.positive("num_key_value_heads", Some(kv_default.unwrap_or(heads)))?;
     let head_dim = match f.opt_usize("head_dim")? {
@@ -336,7 +353,7 @@ fn attention_shape(
 
 /// Defaults from transformers' MixtralConfig.
 fn mixtral(f: &Fields) -> Result<ModelConfig> {
-    let (hidden, heads, kv, head_dim) = attention_shape(f, 32, Some(8))?;
+    let (hidden, heads, kv, head_dim) = attention_shape(f, 4096, 32, Some(8))?;
     let layers = f.positive("num_hidden_layers", Some(32))?;
     let ffn = f.positive("intermediate_size", Some(14336))?;
     Ok(ModelConfig {
@@ -350,7 +367,7 @@ fn mixtral(f: &Fields) -> Result<ModelConfig> {
         max_position_embeddings: f.positive("max_position_embeddings", Some(4096 * 32))?,
         norm_eps: f.f32_or("rms_norm_eps", 1e-5)?,
         rope_theta: Some(rope_theta(f, 1e6)?),
-        sliding_window: f.opt_usize("sliding_window")?,
+        sliding_window: window(f)?,
         tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
         activation: activation(f, "hidden_act", "silu")?,
         layer_ffn: vec![FfnKind::Moe; layers],
@@ -364,14 +381,17 @@ fn mixtral(f: &Fields) -> Result<ModelConfig> {
         word_embed_proj_dim: hidden,
         pre_norm: true,
         final_norm: true,
-        bos_token_id: f.opt_usize("bos_token_id")?.map(|x| x as u32),
-        eos_token_ids: f.token_ids("eos_token_id")?,
+        bos_token_id: Some(f.usize_or("bos_token_id", Some(1))? as u32),
+        eos_token_ids: match f.token_ids("eos_token_id")? {
+            ids if ids.is_empty() => vec![2],
+            ids => ids,
+        },
     })
 }
 
 /// Defaults from transformers' Qwen2MoeConfig.
 fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
-    let (hidden, heads, kv, head_dim) = attention_shape(f, 16, None)?;
+    let (hidden, heads, kv, head_dim) = attention_shape(f, 2048, 16, None)?;
     let layers = f.positive("num_hidden_layers", Some(24))?;
     let num_experts = f.usize_or("num_experts", Some(60))?;
     let sparse_step = f.positive("decoder_sparse_step", Some(1))?;
@@ -407,7 +427,15 @@ fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
         })
         .collect();
     let shared = f.usize_or("shared_expert_intermediate_size", Some(5632))?;
-    let use_sliding = f.bool_or("use_sliding_window", false)?;
+    // transformers windows only the layers from max_window_layers on; refuse rather than run
+    // a different model.
+    if f.bool_or("use_sliding_window", false)? {
+        return Err(Error::config(
+            f.path,
+            "use_sliding_window",
+            "true is not supported (per-layer sliding windows)",
+        ));
+    }
     Ok(ModelConfig {
         arch: Architecture::Qwen2Moe,
         vocab_size: f.positive("vocab_size", Some(151936))?,
@@ -419,11 +447,7 @@ fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
         max_position_embeddings: f.positive("max_position_embeddings", Some(32768))?,
         norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
         rope_theta: Some(rope_theta(f, 10000.0)?),
-        sliding_window: if use_sliding {
-            f.opt_usize("sliding_window")?
-        } else {
-            None
-        },
+        sliding_window: None,
         tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
         activation: activation(f, "hidden_act", "silu")?,
         layer_ffn,
@@ -541,6 +565,23 @@ mod tests {
                 FfnKind::DenseGated
             ]
         );
+    }
+
+    #[test]
+    fn architecture_defaults_follow_transformers() {
+        let q = parse(json!({"architectures": ["Qwen2MoeForCausalLM"]})).unwrap();
+        assert_eq!((q.hidden_size, q.num_heads, q.head_dim), (2048, 16, 128));
+        let m = parse(json!({"architectures": ["MixtralForCausalLM"]})).unwrap();
+        assert_eq!(
+            (m.bos_token_id, m.eos_token_ids.clone()),
+            (Some(1), vec![2])
+        );
+        let o = parse(json!({"model_type": "opt", "activation_function": "gelu_new"})).unwrap();
+        assert_eq!(o.activation, Activation::GeluTanh);
+        let e = parse(json!({"model_type": "mixtral", "sliding_window": 0})).unwrap_err();
+        assert!(e.to_string().contains("sliding_window"), "{e}");
+        let e = parse(json!({"model_type": "qwen2_moe", "use_sliding_window": true})).unwrap_err();
+        assert!(e.to_string().contains("use_sliding_window"), "{e}");
     }
 
     #[test]

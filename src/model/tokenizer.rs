@@ -87,6 +87,17 @@ impl StreamDecoder {
         Self::default()
     }
 
+    /// Starts after `context` (the prompt's last tokens), so the first generated token decodes
+    /// as a continuation: SentencePiece-style decoders strip a leading space from a lone token.
+    pub fn with_context(context: &[u32]) -> Self {
+        let tail = &context[context.len().saturating_sub(5)..];
+        StreamDecoder {
+            ids: tail.to_vec(),
+            prefix_offset: 0,
+            read_offset: tail.len(),
+        }
+    }
+
     /// Adds a token; returns the newly completed text, possibly empty.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
         self.ids.push(id);

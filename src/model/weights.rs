@@ -141,7 +141,7 @@ pub struct Layer {
 pub struct Weights {
     /// Token embeddings `[vocab, word_embed_proj_dim]`; also the head when embeddings are tied.
     pub embed: Linear,
-    /// Learned absolute positions (OPT), already without its offset of 2 rows removed:
+    /// Learned absolute positions (OPT), stored as in the checkpoint with its 2 leading rows:
     /// row `p + POSITION_OFFSET` embeds position `p`.
     pub positions: Option<Vec<f32>>,
     pub project_in: Option<Linear>,

@@ -131,6 +131,11 @@ pub fn calibrate(
     ctx: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<HashMap<String, InputStats>> {
+    if ctx < 2 {
+        return Err(crate::error::Error::invalid(
+            "the calibration window (--ctx) must be at least 2 tokens",
+        ));
+    }
     let calibrator = Arc::new(Calibrator::default());
     let engine = Engine::new(model, threads)?.with_observer(calibrator.clone());
     let windows: Vec<&[u32]> = tokens.chunks(ctx).filter(|w| w.len() >= 2).collect();

@@ -89,7 +89,11 @@ pub fn alpha_loss(stats: &InputStats, members: &[&mut Linear], alpha: f32) -> f6
     let mut q = QuantizedRows::new();
     quantize_rows(&xs, rows, k, &mut q);
     let mut total = 0.0;
-    for lin in members {
+    // Only what will be int8 contributes quantization error (the router stays f32).
+    for lin in members
+        .iter()
+        .filter(|l| super::is_quantized_layer(&l.name))
+    {
         let Some(w) = lin.f32_weight() else { continue };
         let n = lin.out_features;
         let ws: Vec<f32> = w

@@ -188,7 +188,7 @@ impl<W: Write> Server<'_, W> {
             Err(e) => return self.reject(bad("invalid_prompt", e.to_string())),
         };
         let limit = self.engine.model().config.max_position_embeddings;
-        if gen.prompt_tokens() + req.max_tokens > limit {
+        if gen.prompt_tokens().saturating_add(req.max_tokens) > limit {
             let msg = format!(
                 "prompt ({} tokens) plus max_tokens ({}) exceeds the model's context of {limit} tokens",
                 gen.prompt_tokens(),
@@ -229,7 +229,10 @@ impl<W: Write> Server<'_, W> {
     fn admit(&mut self) -> Result<()> {
         while self.active.len() < self.max_batch {
             match self.waiting.pop_front() {
-                Some(a) => self.active.push(a),
+                Some(mut a) => {
+                    a.gen.start_clock();
+                    self.active.push(a);
+                }
                 None => break,
             }
         }

@@ -114,7 +114,7 @@ fn parse_request(obj: &Map<String, Value>, id: &str) -> Result<Incoming, FieldEr
         ));
     }
     // OpenAI's completions defaults: 16 tokens, temperature 1, top_p 1.
-    let max_tokens = uint(obj, "max_tokens", 16)? as usize;
+    let max_tokens = usize::try_from(uint(obj, "max_tokens", 16)?).unwrap_or(usize::MAX);
     let temperature = number(obj, "temperature", 1.0)?;
     if !(0.0..=2.0).contains(&temperature) {
         return Err((
@@ -130,7 +130,10 @@ fn parse_request(obj: &Map<String, Value>, id: &str) -> Result<Incoming, FieldEr
         ));
     }
     let top_k = uint(obj, "top_k", 0)? as usize;
-    let seed = uint(obj, "seed", 0)?;
+    let seed = match obj.get("seed") {
+        None | Some(Value::Null) => fresh_seed(),
+        Some(_) => uint(obj, "seed", 0)?,
+    };
     let stream = match obj.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -183,6 +186,19 @@ fn parse_request(obj: &Map<String, Value>, id: &str) -> Result<Incoming, FieldEr
             stop,
         },
     })
+}
+
+/// A seed for requests that bring none: different for every request, as OpenAI's sampling is.
+fn fresh_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut rng = crate::util::rng::SplitMix64::new(
+        nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(32),
+    );
+    rng.next_u64()
 }
 
 fn type_name(v: &Value) -> &'static str {

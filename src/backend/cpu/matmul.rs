@@ -39,20 +39,17 @@ pub fn matmul(
     }
     let use_avx2 = cpu_features().avx2_fma;
     let threads = rayon::current_num_threads().max(1);
+    let out_ptr = SendPtr(out.as_mut_ptr());
     if threads == 1 || rows * n * k < PARALLEL_MIN_MACS {
-        matmul_cols(x, rows, w, n, k, bias, out, 0..n, use_avx2);
+        matmul_cols(x, rows, w, n, k, bias, out_ptr, 0..n, use_avx2);
         return;
     }
     // Several chunks per thread balance uneven finishing; chunks are whole tiles.
     let chunk = n.div_ceil(threads * 4).next_multiple_of(TW).max(TW);
     let chunks = n.div_ceil(chunk);
-    let out_ptr = SendPtr(out.as_mut_ptr());
     (0..chunks).into_par_iter().for_each(|c| {
         let cols = c * chunk..((c + 1) * chunk).min(n);
-        // SAFETY: each task writes only columns `cols` of every output row, and the column ranges
-        // of different tasks are disjoint; `out` outlives the parallel loop.
-        let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get(), rows * n) };
-        matmul_cols(x, rows, w, n, k, bias, out, cols, use_avx2);
+        matmul_cols(x, rows, w, n, k, bias, out_ptr, cols, use_avx2);
     });
 }
 
@@ -64,7 +61,7 @@ fn matmul_cols(
     n: usize,
     k: usize,
     bias: Option<&[f32]>,
-    out: &mut [f32],
+    out: SendPtr<f32>,
     cols: std::ops::Range<usize>,
     use_avx2: bool,
 ) {
@@ -85,7 +82,13 @@ fn matmul_cols(
                 }
                 for (r, acc_row) in acc.iter().enumerate().take(tx) {
                     for (c, &v) in acc_row.iter().enumerate().take(tw) {
-                        out[(t + r) * n + j + c] = v + bias.map_or(0.0, |b| b[j + c]);
+                        // SAFETY: `out` holds rows × n floats (asserted by `matmul`, which keeps
+                        // it borrowed until every task returns); t + r < rows and j + c < n; each
+                        // task owns the columns `cols`, so no element is written by two tasks,
+                        // and no reference to `out` exists meanwhile.
+                        unsafe {
+                            *out.get().add((t + r) * n + j + c) = v + bias.map_or(0.0, |b| b[j + c])
+                        };
                     }
                 }
                 t += tx;

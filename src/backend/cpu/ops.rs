@@ -34,6 +34,10 @@ pub fn activate(act: Activation, v: f32) -> f32 {
         Activation::Relu => v.max(0.0),
         // Exact (erf) GELU, as torch's default.
         Activation::Gelu => 0.5 * v * (1.0 + erf(v / std::f32::consts::SQRT_2)),
+        Activation::GeluTanh => {
+            let c = (2.0 / std::f32::consts::PI).sqrt();
+            0.5 * v * (1.0 + (c * (v + 0.044_715 * v * v * v)).tanh())
+        }
     }
 }
 
