@@ -134,7 +134,13 @@ impl Generation {
         if let Some(at) = self
             .stop
             .iter()
-            .filter_map(|s| self.text.find(s.as_str()))
+            // A stop string cannot start in released text (a possible start is held back), so
+            // only the unreleased tail is searched.
+            .filter_map(|s| {
+                self.text[self.emitted..]
+                    .find(s.as_str())
+                    .map(|i| i + self.emitted)
+            })
             .min()
         {
             self.text.truncate(at);

@@ -30,6 +30,7 @@ impl Default for ServeOptions {
 enum Message {
     Line(String),
     NotUtf8,
+    TooLong,
     Eof,
 }
 
@@ -82,12 +83,31 @@ pub fn serve<R: BufRead + Send + 'static, W: Write>(
     }
 }
 
+/// Longest input line kept in memory; a longer one is skipped and answered with an error.
+const MAX_LINE_BYTES: usize = 4 * protocol::MAX_PROMPT_BYTES;
+
 fn read_lines<R: BufRead>(mut input: R, tx: mpsc::Sender<Message>) {
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        match input.read_until(b'\n', &mut buf) {
+        match std::io::Read::take(&mut input, MAX_LINE_BYTES as u64 + 1).read_until(b'\n', &mut buf)
+        {
             Ok(0) | Err(_) => break,
+            Ok(_) if buf.len() > MAX_LINE_BYTES && buf.last() != Some(&b'\n') => {
+                // Drop the rest of the line without buffering it.
+                let mut sink = Vec::new();
+                while let Ok(n) =
+                    std::io::Read::take(&mut input, 1 << 16).read_until(b'\n', &mut sink)
+                {
+                    if n == 0 || sink.last() == Some(&b'\n') {
+                        break;
+                    }
+                    sink.clear();
+                }
+                if tx.send(Message::TooLong).is_err() {
+                    return;
+                }
+            }
             Ok(_) => {
                 while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                     buf.pop();
@@ -134,6 +154,12 @@ impl<W: Write> Server<'_, W> {
     fn handle(&mut self, m: Message) -> Result<bool> {
         match m {
             Message::Eof => return Ok(true),
+            Message::TooLong => self.reject(BadLine {
+                id: None,
+                message: format!("the line is longer than {MAX_LINE_BYTES} bytes"),
+                kind: "invalid_request_error",
+                code: "line_too_long",
+            })?,
             Message::NotUtf8 => self.reject(BadLine {
                 id: None,
                 message: "the line is not valid UTF-8".into(),
