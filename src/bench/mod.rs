@@ -84,13 +84,7 @@ pub fn run_point(engine: &Engine, point: &BenchPoint, reps: usize) -> Result<Poi
     let mut samples = Vec::with_capacity(reps);
     let mut kv_bytes = 0;
     for rep in 0..=reps {
-        let before = engine
-            .stats
-            .snapshot()
-            .expert_tokens
-            .iter()
-            .flatten()
-            .sum::<u64>();
+        let before = routed_tokens(engine);
         let mut caches: Vec<_> = (0..point.batch).map(|_| engine.new_cache()).collect();
         let prompt_len = point.prompt.max(1);
         let started = Instant::now();
@@ -110,13 +104,7 @@ pub fn run_point(engine: &Engine, point: &BenchPoint, reps: usize) -> Result<Poi
         }
         let decode_s = decode_start.elapsed().as_secs_f64();
         kv_bytes = caches.iter().map(|c| c.bytes()).sum();
-        let after = engine
-            .stats
-            .snapshot()
-            .expert_tokens
-            .iter()
-            .flatten()
-            .sum::<u64>();
+        let after = routed_tokens(engine);
         if rep > 0 {
             samples.push(Sample {
                 prefill_s,
@@ -132,6 +120,11 @@ pub fn run_point(engine: &Engine, point: &BenchPoint, reps: usize) -> Result<Poi
         peak_rss_bytes: crate::util::peak_rss_bytes(),
         kv_cache_bytes: kv_bytes,
     })
+}
+
+/// Tokens routed to experts so far, all layers together.
+fn routed_tokens(engine: &Engine) -> u64 {
+    engine.stats.snapshot().expert_tokens.iter().flatten().sum()
 }
 
 fn step(

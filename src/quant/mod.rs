@@ -188,38 +188,19 @@ fn smooth_layer(
     summary: &mut QuantSummary,
 ) {
     // Attention input: q/k/v read the attention norm's output.
-    {
-        let a = &mut layer.attn;
-        let mut members = vec![&mut a.q, &mut a.k, &mut a.v];
-        let x_key = input_key(&members[0].name);
-        let keys = record_keys(&members);
-        if let Some((s, alpha)) =
-            smooth::smooth_group(&mut members, &x_key, &keys, stats, opts.alpha)
-        {
-            summary.alphas.push((x_key, alpha));
-            if pre_norm {
-                smooth::fold_into_norm(&mut layer.attn_norm, &s);
-            } else {
-                set_input_scale(&mut members, &s);
-            }
-        }
-    }
+    let a = &mut layer.attn;
+    let members = vec![&mut a.q, &mut a.k, &mut a.v];
+    smooth_normed(
+        members,
+        &mut layer.attn_norm,
+        pre_norm,
+        opts,
+        stats,
+        summary,
+    );
     // Feed-forward input: the router (which sees every token) gives max |X|.
-    {
-        let mut members = ffn_input_linears(&mut layer.ffn);
-        let x_key = input_key(&members[0].name);
-        let keys = record_keys(&members);
-        if let Some((s, alpha)) =
-            smooth::smooth_group(&mut members, &x_key, &keys, stats, opts.alpha)
-        {
-            summary.alphas.push((x_key, alpha));
-            if pre_norm {
-                smooth::fold_into_norm(&mut layer.ffn_norm, &s);
-            } else {
-                set_input_scale(&mut members, &s);
-            }
-        }
-    }
+    let members = ffn_input_linears(&mut layer.ffn);
+    smooth_normed(members, &mut layer.ffn_norm, pre_norm, opts, stats, summary);
     if opts.smooth_unnormed {
         for lin in unnormed_linears(layer) {
             let key = input_key(&lin.name);
@@ -234,6 +215,28 @@ fn smooth_layer(
                 summary.alphas.push((key, alpha));
                 set_input_scale(&mut one, &s);
             }
+        }
+    }
+}
+
+/// Smooths linears that read one norm's output: 1/s goes into the norm (pre-norm blocks) or,
+/// where the norm's output also feeds the residual (post-norm), into an input scale.
+fn smooth_normed(
+    mut members: Vec<&mut Linear>,
+    norm: &mut crate::model::weights::Norm,
+    pre_norm: bool,
+    opts: &QuantOptions,
+    stats: &mut HashMap<String, InputStats>,
+    summary: &mut QuantSummary,
+) {
+    let x_key = input_key(&members[0].name);
+    let keys = record_keys(&members);
+    if let Some((s, alpha)) = smooth::smooth_group(&mut members, &x_key, &keys, stats, opts.alpha) {
+        summary.alphas.push((x_key, alpha));
+        if pre_norm {
+            smooth::fold_into_norm(norm, &s);
+        } else {
+            set_input_scale(&mut members, &s);
         }
     }
 }
