@@ -64,7 +64,7 @@ fn main() {
     let model = Arc::try_unwrap(f32_model).ok().expect("sole owner");
     eprintln!("quantizing (rtn, head included)...");
     let mut opts = QuantOptions::new(Method::Rtn, &model);
-    opts.quantize_head = true;
+    opts.head = quant::HeadQuant::W8A8;
     let (q, _) = quant::quantize(model, &[], 0, &opts, |_, _, _| {}).expect("quantize");
     let expert_bytes: usize = q
         .weights

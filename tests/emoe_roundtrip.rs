@@ -37,7 +37,7 @@ fn quantized_store_round_trips_exactly() {
         .unwrap();
     let opts = QuantOptions {
         threads: 2,
-        quantize_head: true,
+        head: quant::HeadQuant::WeightOnly,
         ..QuantOptions::new(Method::Haq, &model)
     };
     let (q, _) = quant::quantize(model, &calib[..2048], 256, &opts, |_, _, _| {}).unwrap();

@@ -69,7 +69,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if a.quant.is_some() {
         let mut opts = crate::quant::QuantOptions::new(crate::quant::Method::Rtn, &model);
         // Like llama.cpp's Q8_0 files, the output head is int8 too.
-        opts.quantize_head = true;
+        opts.head = crate::quant::HeadQuant::W8A8;
         model = crate::quant::quantize(model, &[], 0, &opts, |_, _, _| {})?.0;
     }
     let model = Arc::new(model);

@@ -31,9 +31,12 @@ pub struct QuantizeArgs {
     /// GPTQ: quantize columns in order of decreasing Hessian diagonal.
     #[arg(long = "act-order")]
     pub act_order: bool,
-    /// Also quantize the output head (and tied embeddings) to int8.
-    #[arg(long = "quantize-head")]
+    /// Also quantize the output head (and tied embeddings) to int8, activations too (W8A8).
+    #[arg(long = "quantize-head", conflicts_with = "head_weight_only")]
     pub quantize_head: bool,
+    /// Quantize the output head's weights to int8 but keep its activations f32.
+    #[arg(long = "head-weight-only")]
+    pub head_weight_only: bool,
     /// Also smooth o_proj / w2 / fc2 inputs, through a per-channel input scale the int8
     /// kernel applies (off by default: it measured no better, see the README).
     #[arg(long = "smooth-unnormed")]
@@ -46,7 +49,11 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     let model = crate::load_model(Some(&a.model))?;
     let mut opts = QuantOptions::new(a.method, &model);
     opts.act_order = a.act_order;
-    opts.quantize_head = a.quantize_head;
+    opts.head = match (a.quantize_head, a.head_weight_only) {
+        (true, _) => quant::HeadQuant::W8A8,
+        (_, true) => quant::HeadQuant::WeightOnly,
+        _ => quant::HeadQuant::F32,
+    };
     opts.smooth_unnormed = a.smooth_unnormed;
     opts.threads = a.threads;
     match a.alpha.as_deref() {

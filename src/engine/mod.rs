@@ -11,6 +11,7 @@ pub mod stats;
 
 use crate::backend::cpu::attention::{attend, AttentionShape, Segment};
 use crate::backend::cpu::int8::{self, quantize_rows_smoothed, QuantizedRows};
+use crate::backend::cpu::int8w::matmul_w8;
 use crate::backend::cpu::matmul::matmul;
 use crate::backend::cpu::ops::{activate, gated_activation, norm_rows, Rope};
 use crate::error::{Error, Result};
@@ -189,7 +190,7 @@ impl Engine {
                 .flat_map(|&t| table[t as usize * e..(t as usize + 1) * e].iter().copied())
                 .collect(),
             // Quantized embeddings (a tied int8 head): dequantize the looked-up rows.
-            LinearWeight::Int8(matrix) => tokens
+            LinearWeight::Int8(matrix) | LinearWeight::Int8WeightOnly(matrix) => tokens
                 .iter()
                 .flat_map(|&t| {
                     let scale = matrix.scales[t as usize];
@@ -326,6 +327,16 @@ impl Engine {
                 quantize_rows_smoothed(x, rows, k, lin.input_scale.as_deref(), &mut q);
                 int8::gemm(&mut out, &q, matrix, bias, &self.pool);
             }
+            LinearWeight::Int8WeightOnly(matrix) => match &lin.input_scale {
+                None => matmul_w8(x, rows, matrix, bias, &mut out),
+                Some(s) => {
+                    let xs: Vec<f32> = x
+                        .chunks(k)
+                        .flat_map(|r| r.iter().zip(s).map(|(a, b)| a * b))
+                        .collect();
+                    matmul_w8(&xs, rows, matrix, bias, &mut out)
+                }
+            },
         }
         out
     }

@@ -25,6 +25,8 @@ pub enum LinearWeight {
     /// W8A8: int8 weights with per-output-channel scales; activations are quantized per token
     /// at run time.
     Int8(Int8Matrix),
+    /// Int8 weights with per-output-channel scales, f32 activations (weight-only; the head).
+    Int8WeightOnly(Int8Matrix),
 }
 
 impl Linear {
@@ -50,7 +52,7 @@ impl Linear {
     pub fn f32_weight(&self) -> Option<&[f32]> {
         match &self.weight {
             LinearWeight::F32(w) => Some(w),
-            LinearWeight::Int8(_) => None,
+            LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => None,
         }
     }
 
@@ -62,7 +64,9 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         let w = match &self.weight {
             LinearWeight::F32(w) => w.len() * 4,
-            LinearWeight::Int8(m) => m.data.len() + m.scales.len() * 4,
+            LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => {
+                m.data.len() + m.scales.len() * 4
+            }
         };
         w + self.bias.as_ref().map_or(0, |b| b.len() * 4)
             + self.input_scale.as_ref().map_or(0, |s| s.len() * 4)
@@ -210,11 +214,17 @@ impl Loader<'_> {
         } else {
             None
         };
+        // A marker tensor says the activations stay f32 (weight-only int8).
+        let weight = if self.src.has(&format!("{prefix}.weight_only")) {
+            LinearWeight::Int8WeightOnly(matrix)
+        } else {
+            LinearWeight::Int8(matrix)
+        };
         Ok(Linear {
             name: prefix.to_string(),
             out_features: out,
             in_features: inp,
-            weight: LinearWeight::Int8(matrix),
+            weight,
             bias,
             input_scale,
         })

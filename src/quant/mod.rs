@@ -40,6 +40,18 @@ impl Method {
     }
 }
 
+/// What happens to the output head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadQuant {
+    /// Kept in f32.
+    F32,
+    /// Int8 weights and per-token int8 activations, like the other linears.
+    W8A8,
+    /// Int8 weights, f32 activations.
+    WeightOnly,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QuantOptions {
     pub method: Method,
@@ -52,8 +64,8 @@ pub struct QuantOptions {
     pub damp: f64,
     /// Linears that saw fewer calibration tokens fall back to round-to-nearest.
     pub min_tokens: usize,
-    /// Also quantize the output head (round-to-nearest, W8A8); embeddings tied to it too.
-    pub quantize_head: bool,
+    /// Also quantize the output head (round-to-nearest); embeddings tied to it too.
+    pub head: HeadQuant,
     pub threads: usize,
 }
 
@@ -69,7 +81,7 @@ impl QuantOptions {
             act_order: false,
             damp: 0.01,
             min_tokens: 32,
-            quantize_head: false,
+            head: HeadQuant::F32,
             threads: 0,
         }
     }
@@ -122,7 +134,7 @@ pub fn quantize(
         pool.install(|| quantize_layer(layer, opts, &stats, &mut summary))?;
         progress("quantize", li + 1, layers);
     }
-    if opts.quantize_head {
+    if opts.head != HeadQuant::F32 {
         let w = &mut model.weights;
         let head = w.lm_head.as_mut().unwrap_or(&mut w.embed);
         let rtn = QuantOptions {
@@ -130,6 +142,9 @@ pub fn quantize(
             ..opts.clone()
         };
         quantize_linear(head, &rtn, &stats, &mut summary)?;
+        if let (HeadQuant::WeightOnly, LinearWeight::Int8(m)) = (opts.head, &head.weight) {
+            head.weight = LinearWeight::Int8WeightOnly(m.clone());
+        }
     }
     Ok((model, summary))
 }

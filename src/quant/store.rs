@@ -13,14 +13,19 @@ fn linear_tensors(lin: &Linear) -> Vec<TensorData<'static>> {
     let (n, k, p) = (lin.out_features, lin.in_features, &lin.name);
     let mut out = match &lin.weight {
         LinearWeight::F32(w) => vec![TensorData::from_f32(format!("{p}.weight"), vec![n, k], w)],
-        LinearWeight::Int8(m) => {
+        LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => {
             let q: Vec<i8> = (0..n).flat_map(|j| m.row(j)[..k].iter().copied()).collect();
+            let marker = matches!(lin.weight, LinearWeight::Int8WeightOnly(_))
+                .then(|| TensorData::from_i8(format!("{p}.weight_only"), vec![1], &[1]));
             vec![
                 TensorData::from_i8(format!("{p}.qweight"), vec![n, k], &q),
                 // f16 scales: 2 bytes per row instead of 4 keeps int8 rows of k = 128 under
                 // 1.02 bytes per weight; the quantizer already rounded them to f16 values.
                 TensorData::from_f32_as_f16(format!("{p}.scales"), vec![n], &m.scales),
             ]
+            .into_iter()
+            .chain(marker)
+            .collect()
         }
     };
     if let Some(b) = &lin.bias {

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod int8;
+pub mod int8w;
 pub mod matmul;
 pub mod ops;
 pub mod simd;
