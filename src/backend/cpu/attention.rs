@@ -1,7 +1,7 @@
 //! Causal multi-head attention of new query rows against a sequence's cached keys/values,
 //! with grouped-query heads and an optional sliding window.
 
-use super::simd::{axpy, dot, SendPtr};
+use super::simd::{dots, weighted_sum, SendPtr, Strided};
 use crate::kv::LayerCache;
 use rayon::prelude::*;
 
@@ -59,23 +59,29 @@ pub fn attend(
             let p = p as usize;
             p <= pos && shape.sliding_window.is_none_or(|w| pos - p < w)
         };
-        let mut scores: Vec<f32> = Vec::with_capacity(cache.positions.len());
-        let mut slots: Vec<usize> = Vec::with_capacity(cache.positions.len());
-        for (slot, &p) in cache.positions.iter().enumerate() {
-            if visible(p) {
-                let kv = &cache.keys[slot * kv_dim + kv_head * d..][..d];
-                scores.push(dot(qv, kv) * scale);
-                slots.push(slot);
-            }
-        }
+        let slots: Vec<usize> = (0..cache.positions.len())
+            .filter(|&s| visible(cache.positions[s]))
+            .collect();
+        let mut scores = vec![0f32; slots.len()];
+        let rows = Strided {
+            data: &cache.keys,
+            stride: kv_dim,
+            offset: kv_head * d,
+            len: d,
+        };
+        dots(qv, &rows, &slots, &mut scores);
+        scores.iter_mut().for_each(|s| *s *= scale);
         super::ops::softmax(&mut scores);
         // SAFETY: task (t, head) writes only out[t, head·d .. head·d + d]; tasks are disjoint.
         let o =
             unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(t * h * d + head * d), d) };
-        o.fill(0.0);
-        for (&slot, &wgt) in slots.iter().zip(&scores) {
-            axpy(o, wgt, &cache.values[slot * kv_dim + kv_head * d..][..d]);
-        }
+        let rows = Strided {
+            data: &cache.values,
+            stride: kv_dim,
+            offset: kv_head * d,
+            len: d,
+        };
+        weighted_sum(o, &rows, &slots, &scores);
     };
     // Short contexts are cheaper to run inline than to hand to the pool.
     let work_macs: usize = row_cache.iter().map(|c| c.positions.len() * h * d).sum();

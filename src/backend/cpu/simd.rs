@@ -237,3 +237,62 @@ unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
         y[j] += a * x[j];
     }
 }
+
+/// Rows of `len` floats at `offset + i·stride` in `data`: one head's keys or values in the cache.
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl Strided<'_> {
+    fn row(&self, i: usize) -> &[f32] {
+        &self.data[self.offset + i * self.stride..][..self.len]
+    }
+}
+
+/// `out[j] = q · rows[slots[j]]`, in one call so the per-dot dispatch is paid once.
+pub fn dots(q: &[f32], rows: &Strided, slots: &[usize], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if cpu_features().avx2_fma {
+        // SAFETY: avx2+fma detected at run time.
+        unsafe { dots_avx2(q, rows, slots, out) };
+        return;
+    }
+    for (o, &s) in out.iter_mut().zip(slots) {
+        *o = q.iter().zip(rows.row(s)).map(|(a, b)| a * b).sum();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2(q: &[f32], rows: &Strided, slots: &[usize], out: &mut [f32]) {
+    for (o, &s) in out.iter_mut().zip(slots) {
+        *o = dot_avx2(q, rows.row(s));
+    }
+}
+
+/// `out = Σ_j w[j] · rows[slots[j]]`.
+pub fn weighted_sum(out: &mut [f32], rows: &Strided, slots: &[usize], w: &[f32]) {
+    out.fill(0.0);
+    #[cfg(target_arch = "x86_64")]
+    if cpu_features().avx2_fma {
+        // SAFETY: avx2+fma detected at run time.
+        unsafe { weighted_sum_avx2(out, rows, slots, w) };
+        return;
+    }
+    for (&s, &wj) in slots.iter().zip(w) {
+        out.iter_mut()
+            .zip(rows.row(s))
+            .for_each(|(o, &v)| *o += wj * v);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_sum_avx2(out: &mut [f32], rows: &Strided, slots: &[usize], w: &[f32]) {
+    for (&s, &wj) in slots.iter().zip(w) {
+        axpy_avx2(out, wj, rows.row(s));
+    }
+}
