@@ -3,6 +3,7 @@
 
 pub mod arch;
 pub mod config;
+pub mod convert;
 pub mod emoe;
 pub mod hf;
 pub mod safetensors;

@@ -126,18 +126,9 @@ impl SafetensorsFile {
         })?;
         let bytes = self.bytes(info);
         let out = match info.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            Dtype::F32 => crate::model::convert::f32s(bytes),
+            Dtype::F16 => crate::model::convert::f16s(bytes),
+            Dtype::BF16 => crate::model::convert::bf16s(bytes),
             Dtype::F64 => bytes
                 .chunks_exact(8)
                 .map(|b| {

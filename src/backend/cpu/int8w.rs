@@ -75,13 +75,7 @@ pub unsafe fn dot_i8_avx2(x: &[f32], w: &[i8]) -> f32 {
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(i + 8)), w1, a1);
         i += 16;
     }
-    let s = _mm256_add_ps(a0, a1);
-    let lo = _mm256_castps256_ps128(s);
-    let hi = _mm256_extractf128_ps(s, 1);
-    let q = _mm_add_ps(lo, hi);
-    let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-    let mut total = _mm_cvtss_f32(q);
+    let mut total = super::simd::hsum(_mm256_add_ps(a0, a1));
     for j in k16..k {
         total += x[j] * w[j] as f32;
     }

@@ -37,18 +37,9 @@ impl<'a> TensorView<'a> {
     pub fn to_f32(&self) -> Option<Vec<f32>> {
         let b = self.bytes;
         Some(match self.dtype {
-            EmoeDtype::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            EmoeDtype::F16 => b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            EmoeDtype::BF16 => b
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            EmoeDtype::F32 => crate::model::convert::f32s(b),
+            EmoeDtype::F16 => crate::model::convert::f16s(b),
+            EmoeDtype::BF16 => crate::model::convert::bf16s(b),
             EmoeDtype::I8 | EmoeDtype::I32 => return None,
         })
     }
