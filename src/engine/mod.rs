@@ -13,7 +13,7 @@ use crate::backend::cpu::attention::{attend, AttentionShape, Segment};
 use crate::backend::cpu::int8::{self, quantize_rows_smoothed, QuantizedRows};
 use crate::backend::cpu::int8w::matmul_w8;
 use crate::backend::cpu::matmul::matmul;
-use crate::backend::cpu::ops::{activate, gated_activation, norm_rows, Rope};
+use crate::backend::cpu::ops::{activate, gated_activation, norm_rows, Rope, RopeTable};
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
 use crate::model::arch::opt::POSITION_OFFSET;
@@ -141,8 +141,9 @@ impl Engine {
             .flat_map(|b| b.tokens.iter().copied())
             .collect();
         let mut x = self.embed(&tokens, &positions);
+        let rope = self.rope.as_ref().map(|r| r.table(&positions));
         for (li, layer) in w.layers.iter().enumerate() {
-            self.attention_block(li, layer, &mut x, batch, &positions);
+            self.attention_block(li, layer, &mut x, batch, &positions, rope.as_ref());
             self.ffn_block(li, layer, &mut x);
         }
         // Gather the rows whose logits are wanted, then the head runs only on those.
@@ -220,6 +221,7 @@ impl Engine {
         x: &mut [f32],
         batch: &mut [BatchItem],
         positions: &[usize],
+        rope: Option<&RopeTable>,
     ) {
         let cfg = &self.model.config;
         let (hd, rows) = (cfg.hidden_size, positions.len());
@@ -229,10 +231,10 @@ impl Engine {
         let mut k = self.linear(&a.k, &h, rows);
         let v = self.linear(&a.v, &h, rows);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-        if let Some(rope) = &self.rope {
-            for (r, &pos) in positions.iter().enumerate() {
-                rope.apply(&mut q[r * qd..(r + 1) * qd], cfg.head_dim, pos);
-                rope.apply(&mut k[r * kvd..(r + 1) * kvd], cfg.head_dim, pos);
+        if let Some(rope) = rope {
+            for r in 0..rows {
+                rope.apply(r, &mut q[r * qd..(r + 1) * qd]);
+                rope.apply(r, &mut k[r * kvd..(r + 1) * kvd]);
             }
         }
         let shape = AttentionShape {

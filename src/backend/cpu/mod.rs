@@ -6,3 +6,4 @@ pub mod int8w;
 pub mod matmul;
 pub mod ops;
 pub mod simd;
+pub mod vexp;

@@ -43,6 +43,11 @@ pub fn activate(act: Activation, v: f32) -> f32 {
 
 /// `gate ← act(gate) ⊙ up`, the gated-MLP middle.
 pub fn gated_activation(act: Activation, gate: &mut [f32], up: &[f32]) {
+    if act == Activation::Silu {
+        super::vexp::silu_in_place(gate);
+        gate.iter_mut().zip(up).for_each(|(g, &u)| *g *= u);
+        return;
+    }
     for (g, &u) in gate.iter_mut().zip(up) {
         *g = activate(act, *g) * u;
     }
@@ -52,18 +57,7 @@ pub fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
 }
 
-/// In-place softmax, computed stably.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
-    }
-}
+pub use super::vexp::softmax;
 
 /// Abramowitz–Stegun 7.1.26 is too coarse for logit tests; use the f64 series/continued form.
 fn erf(x: f32) -> f32 {
@@ -102,22 +96,42 @@ impl Rope {
         Rope { inv_freq }
     }
 
-    /// Rotates each `head_dim` slice of `x` (rotate-half convention) for `position`.
-    pub fn apply(&self, x: &mut [f32], head_dim: usize, position: usize) {
-        let half = head_dim / 2;
-        let cs: Vec<(f32, f32)> = self
-            .inv_freq
+    /// The cos/sin of every angle at each of `positions`, computed once per forward pass and
+    /// shared by all layers (sin/cos are the costly part of applying the rotation).
+    pub fn table(&self, positions: &[usize]) -> RopeTable {
+        let cos_sin = positions
             .iter()
-            .map(|&f| {
-                let a = position as f32 * f;
-                (a.cos(), a.sin())
+            .flat_map(|&p| {
+                self.inv_freq.iter().map(move |&f| {
+                    let a = p as f32 * f;
+                    (a.cos(), a.sin())
+                })
             })
             .collect();
-        for head in x.chunks_exact_mut(head_dim) {
-            for (i, &(c, s)) in cs.iter().enumerate() {
-                let (a, b) = (head[i], head[i + half]);
-                head[i] = a * c - b * s;
-                head[i + half] = b * c + a * s;
+        RopeTable {
+            half: self.inv_freq.len(),
+            cos_sin,
+        }
+    }
+}
+
+/// Rotation angles for the rows of one forward pass.
+pub struct RopeTable {
+    half: usize,
+    cos_sin: Vec<(f32, f32)>,
+}
+
+impl RopeTable {
+    /// Rotates each `2·half`-wide head of `x` (rotate-half convention) by row `row`'s angles.
+    pub fn apply(&self, row: usize, x: &mut [f32]) {
+        let half = self.half;
+        let cs = &self.cos_sin[row * half..(row + 1) * half];
+        for head in x.chunks_exact_mut(2 * half) {
+            let (a, b) = head.split_at_mut(half);
+            for ((a, b), &(c, s)) in a.iter_mut().zip(b.iter_mut()).zip(cs) {
+                let (x0, x1) = (*a, *b);
+                *a = x0 * c - x1 * s;
+                *b = x1 * c + x0 * s;
             }
         }
     }

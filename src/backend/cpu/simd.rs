@@ -110,56 +110,39 @@ unsafe fn tile_avx2<const R: usize, const C: usize>(
     while i < k8 {
         // Plain loops, not closures: a closure would not inherit this function's target
         // features, and every intrinsic in it would become an out-of-line call.
-        let mut wv = [_mm256_setzero_ps(); C];
-        for c in 0..C {
-            wv[c] = _mm256_loadu_ps(wp[c].add(i));
-        }
+        // x rows first, then one weight vector at a time: R + 1 + R·C registers (16 for 3×4),
+        // where holding all C weight vectors would spill accumulators to the stack.
+        let mut xv = [_mm256_setzero_ps(); R];
         for r in 0..R {
-            let xv = _mm256_loadu_ps(xp[r].add(i));
-            for c in 0..C {
-                v[r][c] = _mm256_fmadd_ps(xv, wv[c], v[r][c]);
+            xv[r] = _mm256_loadu_ps(xp[r].add(i));
+        }
+        for c in 0..C {
+            let wv = _mm256_loadu_ps(wp[c].add(i));
+            for r in 0..R {
+                v[r][c] = _mm256_fmadd_ps(xv[r], wv, v[r][c]);
             }
         }
         i += 8;
     }
+    // Reduce a row's (up to) four accumulators together with one hadd tree; each lane's sum
+    // follows the same order whatever its neighbours are, so results don't depend on tile shape.
     for r in 0..R {
+        let mut vs = [_mm256_setzero_ps(); 4];
+        vs[..C].copy_from_slice(&v[r]);
+        let ab = _mm256_hadd_ps(vs[0], vs[1]);
+        let cd = _mm256_hadd_ps(vs[2], vs[3]);
+        let abcd = _mm256_hadd_ps(ab, cd);
+        let quad = _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+        let mut sums = [0f32; 4];
+        _mm_storeu_ps(sums.as_mut_ptr(), quad);
         for c in 0..C {
-            let mut s = hsum(v[r][c]);
+            let mut s = sums[c];
             for ii in k8..k {
                 s += *xp[r].add(ii) * *wp[c].add(ii);
             }
             acc[r][c] = s;
         }
     }
-}
-
-/// # Safety
-/// The CPU must support avx2 and fma.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let n32 = n / 32 * 32;
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i < n32 {
-        for (u, a_u) in acc.iter_mut().enumerate() {
-            let av = _mm256_loadu_ps(a.as_ptr().add(i + 8 * u));
-            let bv = _mm256_loadu_ps(b.as_ptr().add(i + 8 * u));
-            *a_u = _mm256_fmadd_ps(av, bv, *a_u);
-        }
-        i += 32;
-    }
-    let mut s = hsum(_mm256_add_ps(
-        _mm256_add_ps(acc[0], acc[1]),
-        _mm256_add_ps(acc[2], acc[3]),
-    ));
-    while i < n {
-        s += a[i] * b[i];
-        i += 1;
-    }
-    s
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -188,111 +171,4 @@ pub unsafe fn dot_tile_avx2(
     acc: &mut [[f32; TW]; TX],
 ) {
     super::matmul::dot_tile_scalar(x, t, tx, w, j, tw, k, acc)
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// Dot product on the best available tier.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    if cpu_features().avx2_fma {
-        // SAFETY: avx2+fma detected at run time.
-        unsafe { dot_avx2(a, b) }
-    } else {
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
-    }
-}
-
-/// `y += a·x` on the best available tier.
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if cpu_features().avx2_fma {
-        // SAFETY: avx2+fma detected at run time.
-        unsafe { axpy_avx2(y, a, x) };
-        return;
-    }
-    y.iter_mut().zip(x).for_each(|(yi, &xi)| *yi += a * xi);
-}
-
-/// # Safety
-/// The CPU must support avx2 and fma.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
-    use std::arch::x86_64::*;
-    let n = y.len().min(x.len());
-    let n8 = n / 8 * 8;
-    let av = _mm256_set1_ps(a);
-    let mut i = 0;
-    while i < n8 {
-        // In bounds: i + 8 <= n8 <= both lengths.
-        let yv = _mm256_loadu_ps(y.as_ptr().add(i));
-        let xv = _mm256_loadu_ps(x.as_ptr().add(i));
-        _mm256_storeu_ps(y.as_mut_ptr().add(i), _mm256_fmadd_ps(av, xv, yv));
-        i += 8;
-    }
-    for j in n8..n {
-        y[j] += a * x[j];
-    }
-}
-
-/// Rows of `len` floats at `offset + i·stride` in `data`: one head's keys or values in the cache.
-pub struct Strided<'a> {
-    pub data: &'a [f32],
-    pub stride: usize,
-    pub offset: usize,
-    pub len: usize,
-}
-
-impl Strided<'_> {
-    fn row(&self, i: usize) -> &[f32] {
-        &self.data[self.offset + i * self.stride..][..self.len]
-    }
-}
-
-/// `out[j] = q · rows[slots[j]]`, in one call so the per-dot dispatch is paid once.
-pub fn dots(q: &[f32], rows: &Strided, slots: &[usize], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if cpu_features().avx2_fma {
-        // SAFETY: avx2+fma detected at run time.
-        unsafe { dots_avx2(q, rows, slots, out) };
-        return;
-    }
-    for (o, &s) in out.iter_mut().zip(slots) {
-        *o = q.iter().zip(rows.row(s)).map(|(a, b)| a * b).sum();
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dots_avx2(q: &[f32], rows: &Strided, slots: &[usize], out: &mut [f32]) {
-    for (o, &s) in out.iter_mut().zip(slots) {
-        *o = dot_avx2(q, rows.row(s));
-    }
-}
-
-/// `out = Σ_j w[j] · rows[slots[j]]`.
-pub fn weighted_sum(out: &mut [f32], rows: &Strided, slots: &[usize], w: &[f32]) {
-    out.fill(0.0);
-    #[cfg(target_arch = "x86_64")]
-    if cpu_features().avx2_fma {
-        // SAFETY: avx2+fma detected at run time.
-        unsafe { weighted_sum_avx2(out, rows, slots, w) };
-        return;
-    }
-    for (&s, &wj) in slots.iter().zip(w) {
-        out.iter_mut()
-            .zip(rows.row(s))
-            .for_each(|(o, &v)| *o += wj * v);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn weighted_sum_avx2(out: &mut [f32], rows: &Strided, slots: &[usize], w: &[f32]) {
-    for (&s, &wj) in slots.iter().zip(w) {
-        axpy_avx2(out, wj, rows.row(s));
-    }
 }
