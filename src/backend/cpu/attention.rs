@@ -170,25 +170,38 @@ impl HeadGroup<'_> {
         let (d, n) = (self.head_dim, slots.len());
         let d8 = d / 8 * 8;
         let scale = 1.0 / (d as f32).sqrt();
-        for (j, &s) in slots.iter().enumerate() {
-            let key = keys.as_ptr().add(s as usize * self.kv_dim + self.offset);
+        // Four slots at a time, reduced together by one hadd tree (a lane's sum order does not
+        // depend on its neighbours); a short last quad is padded with slot repeats.
+        for (quad_start, quad) in slots.chunks(4).enumerate().map(|(i, q)| (i * 4, q)) {
+            let mut key = [std::ptr::null::<f32>(); 4];
+            for (u, p) in key.iter_mut().enumerate() {
+                let s = quad[u.min(quad.len() - 1)];
+                *p = keys.as_ptr().add(s as usize * self.kv_dim + self.offset);
+            }
             for g in 0..self.group {
                 let q = self.q.as_ptr().add(g * d);
-                let mut acc = _mm256_setzero_ps();
+                let mut acc = [_mm256_setzero_ps(); 4];
                 let mut i = 0;
                 while i < d8 {
-                    acc = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(q.add(i)),
-                        _mm256_loadu_ps(key.add(i)),
-                        acc,
-                    );
+                    let qv = _mm256_loadu_ps(q.add(i));
+                    for u in 0..4 {
+                        acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(key[u].add(i)), acc[u]);
+                    }
                     i += 8;
                 }
-                let mut dot = super::simd::hsum(acc);
-                for i in d8..d {
-                    dot += *q.add(i) * *key.add(i);
+                let ab = _mm256_hadd_ps(acc[0], acc[1]);
+                let cd = _mm256_hadd_ps(acc[2], acc[3]);
+                let abcd = _mm256_hadd_ps(ab, cd);
+                let quad_sum =
+                    _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+                let mut dots = [0f32; 4];
+                _mm_storeu_ps(dots.as_mut_ptr(), quad_sum);
+                for (u, dot) in dots.iter_mut().enumerate().take(quad.len()) {
+                    for i in d8..d {
+                        *dot += *q.add(i) * *key[u].add(i);
+                    }
+                    scores[g * n + quad_start + u] = *dot * scale;
                 }
-                scores[g * n + j] = dot * scale;
             }
         }
     }
@@ -198,31 +211,72 @@ impl HeadGroup<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn mix_avx2(&self, values: &[f32], slots: &[u32], scores: &[f32], out: &mut [f32]) {
-        use std::arch::x86_64::*;
         let (d, n) = (self.head_dim, slots.len());
         let d8 = d / 8 * 8;
-        out.fill(0.0);
-        let o = out.as_mut_ptr();
-        for (j, &s) in slots.iter().enumerate() {
-            let value = values.as_ptr().add(s as usize * self.kv_dim + self.offset);
-            for g in 0..self.group {
-                let w = scores[g * n + j];
-                let wv = _mm256_set1_ps(w);
-                let og = o.add(g * d);
-                let mut i = 0;
-                while i < d8 {
-                    let acc = _mm256_fmadd_ps(
-                        wv,
-                        _mm256_loadu_ps(value.add(i)),
-                        _mm256_loadu_ps(og.add(i)),
-                    );
-                    _mm256_storeu_ps(og.add(i), acc);
-                    i += 8;
+        for g in 0..self.group {
+            let weights = &scores[g * n..(g + 1) * n];
+            let og = out.as_mut_ptr().add(g * d);
+            // Up to 32 dims at a time, their sums held in registers across all slots.
+            let mut c0 = 0;
+            while c0 < d8 {
+                let col = values.as_ptr().add(self.offset + c0);
+                match ((d8 - c0) / 8).min(4) {
+                    4 => self.mix_columns_avx2::<4>(col, slots, weights, og.add(c0)),
+                    3 => self.mix_columns_avx2::<3>(col, slots, weights, og.add(c0)),
+                    2 => self.mix_columns_avx2::<2>(col, slots, weights, og.add(c0)),
+                    _ => self.mix_columns_avx2::<1>(col, slots, weights, og.add(c0)),
                 }
-                for i in d8..d {
-                    *og.add(i) += w * *value.add(i);
-                }
+                c0 += 32;
             }
+            for i in d8..d {
+                *og.add(i) = slots
+                    .iter()
+                    .zip(weights)
+                    .map(|(&s, &w)| w * values[s as usize * self.kv_dim + self.offset + i])
+                    .sum();
+            }
+        }
+    }
+
+    /// `out[0..8·V] = Σ_j weights[j] · col[slots[j]·kv_dim ..]`, with even and odd slots in
+    /// separate accumulators (two FMA chains) that are added at the end.
+    ///
+    /// # Safety
+    /// avx2+fma; `col + slot·kv_dim + 8·V` stays inside the values for every slot; `out` holds
+    /// 8·V floats.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn mix_columns_avx2<const V: usize>(
+        &self,
+        col: *const f32,
+        slots: &[u32],
+        weights: &[f32],
+        out: *mut f32,
+    ) {
+        use std::arch::x86_64::*;
+        let mut even = [_mm256_setzero_ps(); V];
+        let mut odd = [_mm256_setzero_ps(); V];
+        let mut pairs = slots.chunks_exact(2).zip(weights.chunks_exact(2));
+        for (s, w) in &mut pairs {
+            let (r0, r1) = (
+                col.add(s[0] as usize * self.kv_dim),
+                col.add(s[1] as usize * self.kv_dim),
+            );
+            let (w0, w1) = (_mm256_set1_ps(w[0]), _mm256_set1_ps(w[1]));
+            for v in 0..V {
+                even[v] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(r0.add(8 * v)), even[v]);
+                odd[v] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(r1.add(8 * v)), odd[v]);
+            }
+        }
+        if slots.len() % 2 == 1 {
+            let r = col.add(slots[slots.len() - 1] as usize * self.kv_dim);
+            let w = _mm256_set1_ps(weights[slots.len() - 1]);
+            for (v, acc) in even.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(8 * v)), *acc);
+            }
+        }
+        for (v, (e, o)) in even.iter().zip(&odd).enumerate() {
+            _mm256_storeu_ps(out.add(8 * v), _mm256_add_ps(*e, *o));
         }
     }
 }
