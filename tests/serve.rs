@@ -213,3 +213,40 @@ fn concurrent_streams_cancel_and_bad_lines() {
         );
     }
 }
+
+#[test]
+fn automatic_ids_skip_client_ids_in_flight() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+        .args(["serve", "--threads", "1", "--model"])
+        .arg(model_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // A client picks the id the server would give the next anonymous request.
+    let input = concat!(
+        "{\"id\":\"cmpl-1\",\"prompt\":\"And\",\"max_tokens\":60,\"temperature\":0}\n",
+        "{\"prompt\":\"And\",\"max_tokens\":4,\"temperature\":0}\n",
+    );
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.iter().all(|v| v.get("error").is_none()), "{lines:?}");
+    let ids: Vec<&str> = lines[1..]
+        .iter()
+        .map(|v| v["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{lines:?}");
+    assert!(
+        ids.contains(&"cmpl-1") && ids.iter().any(|&id| id != "cmpl-1"),
+        "{ids:?}"
+    );
+}

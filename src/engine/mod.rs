@@ -19,7 +19,13 @@ use crate::kv::KvCache;
 use crate::model::arch::opt::POSITION_OFFSET;
 use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, LinearWeight, PlainMlp};
 use crate::model::Model;
+use rayon::prelude::*;
 use stats::RuntimeStats;
+
+/// Below this many multiply-adds, layers of one input run one after another on the caller.
+const PARALLEL_MIN_MACS: usize = 1 << 17;
+/// From this many multiply-adds a matmul splits well over the pool by itself.
+const SIDE_BY_SIDE_MAX_MACS: usize = 1 << 19;
 use std::sync::Arc;
 
 /// Which logits a sequence of the batch wants back.
@@ -227,9 +233,7 @@ impl Engine {
         let (hd, rows) = (cfg.hidden_size, positions.len());
         let h = self.pre_norm(&layer.attn_norm, x);
         let a = &layer.attn;
-        let mut q = self.linear(&a.q, &h, rows);
-        let mut k = self.linear(&a.k, &h, rows);
-        let v = self.linear(&a.v, &h, rows);
+        let [mut q, mut k, v] = self.linears([&a.q, &a.k, &a.v], &h, rows);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         if let Some(rope) = rope {
             for r in 0..rows {
@@ -280,7 +284,7 @@ impl Engine {
         let h = self.pre_norm(&layer.ffn_norm, x);
         let f = match &layer.ffn {
             Ffn::Moe(block) => moe::forward(self, li, block, &h, rows),
-            Ffn::Gated(mlp) => self.gated_mlp(mlp, &h, rows),
+            Ffn::Gated(mlp) => self.gated_mlp(mlp, &h, rows, true),
             Ffn::Plain(mlp) => self.plain_mlp(mlp, &h, rows),
         };
         self.residual(&layer.ffn_norm, x, &f, hd);
@@ -343,9 +347,42 @@ impl Engine {
         out
     }
 
-    pub(crate) fn gated_mlp(&self, mlp: &GatedMlp, x: &[f32], rows: usize) -> Vec<f32> {
-        let mut g = self.linear(&mlp.gate, x, rows);
-        let u = self.linear(&mlp.up, x, rows);
+    /// Several linear layers of the same input. When together they are worth the pool but
+    /// each alone is small (a decode step of a few rows on a small model), they run side by
+    /// side in one parallel region instead of one region each (or none).
+    fn linears<const N: usize>(&self, lins: [&Linear; N], x: &[f32], rows: usize) -> [Vec<f32>; N] {
+        let macs = lins.map(|l| rows * l.out_features * l.in_features);
+        let (total, largest) = (macs.iter().sum::<usize>(), macs.iter().max().copied());
+        if self.threads() > 1
+            && total >= PARALLEL_MIN_MACS
+            && largest.is_some_and(|m| m < SIDE_BY_SIDE_MAX_MACS)
+        {
+            let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+            self.pool.install(|| {
+                outs.par_iter_mut()
+                    .zip(lins.par_iter())
+                    .for_each(|(out, lin)| *out = self.linear(lin, x, rows))
+            });
+            outs
+        } else {
+            lins.map(|l| self.linear(l, x, rows))
+        }
+    }
+
+    /// `side_by_side`: gate and up may share one parallel region (not when the caller already
+    /// runs several of these at once on the pool).
+    pub(crate) fn gated_mlp(
+        &self,
+        mlp: &GatedMlp,
+        x: &[f32],
+        rows: usize,
+        side_by_side: bool,
+    ) -> Vec<f32> {
+        let [mut g, u] = if side_by_side {
+            self.linears([&mlp.gate, &mlp.up], x, rows)
+        } else {
+            [&mlp.gate, &mlp.up].map(|l| self.linear(l, x, rows))
+        };
         gated_activation(self.model.config.activation, &mut g, &u);
         self.linear(&mlp.down, &g, rows)
     }

@@ -47,6 +47,7 @@ pub fn forward(
         }
     }
     let chosen: Vec<usize> = (0..e_count).filter(|&e| !assigned[e].is_empty()).collect();
+    let small = h * cfg.expert_ffn < SMALL_EXPERT_WEIGHTS;
     let run = |e: usize| {
         let tokens = &assigned[e];
         engine.stats.record_expert(layer, e, tokens.len());
@@ -54,13 +55,13 @@ pub fn forward(
             .iter()
             .flat_map(|&(r, _)| x[r * h..(r + 1) * h].iter().copied())
             .collect();
-        engine.gated_mlp(&block.experts[e], &xs, tokens.len())
+        engine.gated_mlp(&block.experts[e], &xs, tokens.len(), !small)
     };
     // Small experts run side by side on the pool (one small matmul alone would not fill it);
     // large ones one after another, each matmul spread over the pool, so weights stream from
     // memory without the threads competing. Outputs are mixed in expert order afterwards, so
     // results don't depend on scheduling.
-    let outputs: Vec<Vec<f32>> = if h * cfg.expert_ffn < SMALL_EXPERT_WEIGHTS {
+    let outputs: Vec<Vec<f32>> = if small {
         chosen.par_iter().map(|&e| run(e)).collect()
     } else {
         chosen.iter().map(|&e| run(e)).collect()
@@ -76,7 +77,7 @@ pub fn forward(
         }
     }
     if let Some(shared) = &block.shared {
-        let ys = engine.gated_mlp(&shared.mlp, x, rows);
+        let ys = engine.gated_mlp(&shared.mlp, x, rows, true);
         let gates = engine.linear(&shared.gate, x, rows);
         for r in 0..rows {
             let g = sigmoid(gates[r]);

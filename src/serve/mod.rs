@@ -168,9 +168,19 @@ impl<W: Write> Server<'_, W> {
             })?,
             Message::Line(line) => {
                 let next = &mut self.next_id;
-                let parsed = parse_line(&line, || {
+                let in_flight: Vec<&str> = self
+                    .active
+                    .iter()
+                    .chain(&self.waiting)
+                    .map(|a| a.id.as_str())
+                    .collect();
+                // An automatic id skips any a client chose for a request still in flight.
+                let parsed = parse_line(&line, || loop {
                     *next += 1;
-                    format!("cmpl-{next}")
+                    let id = format!("cmpl-{next}");
+                    if !in_flight.contains(&id.as_str()) {
+                        break id;
+                    }
                 });
                 match parsed {
                     Err(bad) => self.reject(bad)?,

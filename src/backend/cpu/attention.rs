@@ -1,10 +1,11 @@
 //! Causal multi-head attention of new query rows against a sequence's cached keys/values,
 //! with grouped-query heads and an optional sliding window.
 //!
-//! One task is one query row and one KV head with all the query heads that share it, so each
-//! cached key and value row is read once for the whole group. Scores go through the vectorized
-//! softmax; the AVX2 kernels below keep the per-slot work to a few instructions, since decoding
-//! calls this once per layer for every sequence in the batch.
+//! One task is one query row; for each KV head it handles all the query heads that share it,
+//! so each cached key and value row is read once for the whole group. Scores go through the
+//! vectorized softmax; the AVX2 kernels keep the per-slot work to a few instructions and
+//! prefetch the cache rows ahead, since decoding calls this once per layer for every sequence
+//! in the batch and the cache has gone cold in between.
 
 use super::simd::{cpu_features, SendPtr};
 use super::vexp::softmax;
@@ -58,8 +59,9 @@ pub fn attend(
         "attend: segments must cover every row"
     );
     let out_ptr = SendPtr(out.as_mut_ptr());
-    let work = |task: usize| {
-        let (t, kv_head) = (task / kv_heads, task % kv_heads);
+    // One task per query row: the visible slots are found once, and the row's KV heads are
+    // read one after another from the same cache lines.
+    let work = |t: usize| {
         let cache = row_cache[t];
         let pos = positions[t];
         let slots: Vec<u32> = (0..cache.positions.len() as u32)
@@ -68,27 +70,30 @@ pub fn attend(
                 p <= pos && shape.sliding_window.is_none_or(|w| pos - p < w)
             })
             .collect();
-        let first = t * h * d + kv_head * group * d;
-        // SAFETY: task (t, kv_head) writes only the `group` heads of row t that share kv_head;
-        // tasks are disjoint, and `out` outlives the tasks (asserted long enough above).
-        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(first), group * d) };
-        let heads = HeadGroup {
-            q: &q[first..first + group * d],
-            group,
-            head_dim: d,
-            kv_dim,
-            offset: kv_head * d,
-        };
-        heads.attend(cache, &slots, o);
+        let mut scores = vec![0f32; group * slots.len()];
+        for kv_head in 0..kv_heads {
+            let first = t * h * d + kv_head * group * d;
+            // SAFETY: this task writes only row t's heads (kv_head's group of them here);
+            // tasks are disjoint, and `out` outlives them (asserted long enough above).
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(first), group * d) };
+            let heads = HeadGroup {
+                q: &q[first..first + group * d],
+                group,
+                head_dim: d,
+                kv_dim,
+                offset: kv_head * d,
+            };
+            heads.attend(cache, &slots, &mut scores, o);
+        }
     };
     let work_macs: usize = row_cache
         .iter()
         .map(|c| 2 * c.positions.len() * h * d)
         .sum();
     if work_macs < PARALLEL_MIN_MACS {
-        (0..rows * kv_heads).for_each(work);
+        (0..rows).for_each(work);
     } else {
-        (0..rows * kv_heads).into_par_iter().for_each(work);
+        (0..rows).into_par_iter().for_each(work);
     }
 }
 
@@ -103,7 +108,8 @@ struct HeadGroup<'a> {
 }
 
 impl HeadGroup<'_> {
-    fn attend(&self, cache: &LayerCache, slots: &[u32], out: &mut [f32]) {
+    /// `scores`: scratch of `group × slots.len()` floats.
+    fn attend(&self, cache: &LayerCache, slots: &[u32], scores: &mut [f32], out: &mut [f32]) {
         let n = slots.len();
         let needed = slots.iter().max().map_or(0, |&s| s as usize + 1) * self.kv_dim;
         assert!(
@@ -114,20 +120,20 @@ impl HeadGroup<'_> {
             out.len() == self.group * self.head_dim && self.offset + self.head_dim <= self.kv_dim
         );
         // scores[g·n + j]: head g against slot j.
-        let mut scores = vec![0f32; self.group * n];
+        assert_eq!(scores.len(), self.group * n, "attend: scores scratch size");
         #[cfg(target_arch = "x86_64")]
         if cpu_features().avx2_fma {
             // SAFETY: avx2+fma detected at run time; slots and out bounds asserted above.
             unsafe {
-                self.scores_avx2(&cache.keys, slots, &mut scores);
+                self.scores_avx2(&cache.keys, slots, scores);
                 scores.chunks_exact_mut(n.max(1)).for_each(softmax);
-                self.mix_avx2(&cache.values, slots, &scores, out);
+                self.mix_avx2(&cache.values, slots, scores, out);
             }
             return;
         }
-        self.scores_scalar(&cache.keys, slots, &mut scores);
+        self.scores_scalar(&cache.keys, slots, scores);
         scores.chunks_exact_mut(n.max(1)).for_each(softmax);
-        self.mix_scalar(&cache.values, slots, &scores, out);
+        self.mix_scalar(&cache.values, slots, scores, out);
     }
 
     fn row<'c>(&self, data: &'c [f32], slot: u32) -> &'c [f32] {
@@ -173,6 +179,9 @@ impl HeadGroup<'_> {
         // Four slots at a time, reduced together by one hadd tree (a lane's sum order does not
         // depend on its neighbours); a short last quad is padded with slot repeats.
         for (quad_start, quad) in slots.chunks(4).enumerate().map(|(i, q)| (i * 4, q)) {
+            for &s in slots.iter().skip(quad_start + PREFETCH_SLOTS).take(4) {
+                prefetch(keys.as_ptr().add(s as usize * self.kv_dim + self.offset), d);
+            }
             let mut key = [std::ptr::null::<f32>(); 4];
             for (u, p) in key.iter_mut().enumerate() {
                 let s = quad[u.min(quad.len() - 1)];
@@ -257,7 +266,11 @@ impl HeadGroup<'_> {
         let mut even = [_mm256_setzero_ps(); V];
         let mut odd = [_mm256_setzero_ps(); V];
         let mut pairs = slots.chunks_exact(2).zip(weights.chunks_exact(2));
+        let mut ahead = slots.iter().skip(PREFETCH_SLOTS);
         for (s, w) in &mut pairs {
+            for &p in ahead.by_ref().take(2) {
+                prefetch(col.add(p as usize * self.kv_dim), 8 * V);
+            }
             let (r0, r1) = (
                 col.add(s[0] as usize * self.kv_dim),
                 col.add(s[1] as usize * self.kv_dim),
@@ -278,6 +291,24 @@ impl HeadGroup<'_> {
         for (v, (e, o)) in even.iter().zip(&odd).enumerate() {
             _mm256_storeu_ps(out.add(8 * v), _mm256_add_ps(*e, *o));
         }
+    }
+}
+
+/// How many slots ahead the kernels ask for cache rows: far enough to cover a memory access
+/// at a few nanoseconds per slot. Decoding reads the cache once per layer, and the weights
+/// streamed in between have evicted it.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_SLOTS: usize = 16;
+
+/// Asks for the cache lines of `len` floats at `p` (a hint: never faults, even past the end).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn prefetch(p: *const f32, len: usize) {
+    use std::arch::x86_64::*;
+    let mut offset = 0;
+    while offset < len {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(offset) as *const i8);
+        offset += 16;
     }
 }
 
