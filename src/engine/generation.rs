@@ -70,9 +70,10 @@ impl Generation {
             }
         }
         let decoder = StreamDecoder::with_context(&prompt);
+        let cache = engine.new_cache_for(prompt.len().saturating_add(req.max_tokens));
         Ok(Generation {
             prompt,
-            cache: engine.new_cache(),
+            cache,
             sampler: Sampler::new(req.sampling.clone()),
             decoder,
             stop: req.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),

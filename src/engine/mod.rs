@@ -22,6 +22,8 @@ use crate::model::Model;
 use rayon::prelude::*;
 use stats::RuntimeStats;
 
+/// Most tokens of KV cache reserved up front for one sequence.
+pub const MAX_RESERVED_TOKENS: usize = 8192;
 /// Below this many multiply-adds, layers of one input run one after another on the caller.
 const PARALLEL_MIN_MACS: usize = 1 << 17;
 /// From this many multiply-adds a matmul splits well over the pool by itself.
@@ -97,6 +99,19 @@ impl Engine {
 
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.model.config.num_layers, self.model.config.kv_dim())
+    }
+
+    /// A cache with room reserved for a sequence expected to reach `tokens` tokens (capped at
+    /// the model's context and at [`MAX_RESERVED_TOKENS`]; longer ones grow as they go).
+    pub fn new_cache_for(&self, tokens: usize) -> KvCache {
+        let mut cache = self.new_cache();
+        let cap = self
+            .model
+            .config
+            .max_position_embeddings
+            .min(MAX_RESERVED_TOKENS);
+        cache.reserve(tokens.min(cap));
+        cache
     }
 
     /// Runs the new tokens of every item through the model, appending them to the items' caches;

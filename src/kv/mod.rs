@@ -36,6 +36,17 @@ impl KvCache {
         }
     }
 
+    /// Reserves room for `tokens` more tokens in every layer, so appending during decoding
+    /// never stops to grow (and copy) the buffers.
+    pub fn reserve(&mut self, tokens: usize) {
+        let kv_dim = self.kv_dim;
+        for l in &mut self.layers {
+            l.keys.reserve(tokens * kv_dim);
+            l.values.reserve(tokens * kv_dim);
+            l.positions.reserve(tokens);
+        }
+    }
+
     pub fn next_position(&self) -> usize {
         self.next_position
     }
