@@ -55,7 +55,22 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// Ends the generation, handing back its KV cache's memory for reuse.
+    pub fn into_cache(self) -> KvCache {
+        self.cache
+    }
+
     pub fn new(engine: &Engine, req: &GenerateRequest) -> Result<Generation> {
+        Generation::with_cache(engine, req, engine.new_cache())
+    }
+
+    /// Like [`Generation::new`], reusing `cache`'s memory (emptied first): a server recycles
+    /// the caches of finished requests instead of faulting in fresh pages for each one.
+    pub fn with_cache(
+        engine: &Engine,
+        req: &GenerateRequest,
+        mut cache: KvCache,
+    ) -> Result<Generation> {
         let model = engine.model();
         let mut prompt = model.tokenizer.encode(&req.prompt, true)?;
         if prompt.is_empty() {
@@ -70,7 +85,8 @@ impl Generation {
             }
         }
         let decoder = StreamDecoder::with_context(&prompt);
-        let cache = engine.new_cache_for(prompt.len().saturating_add(req.max_tokens));
+        cache.clear();
+        engine.reserve_cache(&mut cache, prompt.len().saturating_add(req.max_tokens));
         Ok(Generation {
             prompt,
             cache,

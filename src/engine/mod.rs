@@ -105,13 +105,15 @@ impl Engine {
     /// the model's context and at [`MAX_RESERVED_TOKENS`]; longer ones grow as they go).
     pub fn new_cache_for(&self, tokens: usize) -> KvCache {
         let mut cache = self.new_cache();
-        let cap = self
-            .model
-            .config
-            .max_position_embeddings
-            .min(MAX_RESERVED_TOKENS);
-        cache.reserve(tokens.min(cap));
+        self.reserve_cache(&mut cache, tokens);
         cache
+    }
+
+    /// Reserves room in `cache` for `tokens` tokens in all, capped as in [`Self::new_cache_for`].
+    pub fn reserve_cache(&self, cache: &mut KvCache, tokens: usize) {
+        let cfg = &self.model.config;
+        let wanted = tokens.min(cfg.max_position_embeddings.min(MAX_RESERVED_TOKENS));
+        cache.reserve(wanted.saturating_sub(cache.len_tokens()));
     }
 
     /// Runs the new tokens of every item through the model, appending them to the items' caches;

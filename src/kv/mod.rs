@@ -36,6 +36,15 @@ impl KvCache {
         }
     }
 
+    /// Slots held in the fullest layer.
+    pub fn len_tokens(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.positions.len())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Reserves room for `tokens` more tokens in every layer, so appending during decoding
     /// never stops to grow (and copy) the buffers.
     pub fn reserve(&mut self, tokens: usize) {

@@ -10,6 +10,7 @@ pub mod protocol;
 use crate::engine::generation::Generation;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::kv::KvCache;
 use protocol::{parse_line, BadLine, Incoming};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
@@ -56,6 +57,7 @@ pub fn serve<R: BufRead + Send + 'static, W: Write>(
         waiting: VecDeque::new(),
         next_id: 0,
         max_batch: opts.max_batch.max(1),
+        spare_caches: Vec::new(),
     };
     server.write(&json!({
         "object": "edgemoe.ready",
@@ -135,6 +137,9 @@ struct Server<'e, W: Write> {
     waiting: VecDeque<Active>,
     next_id: u64,
     max_batch: usize,
+    /// KV caches of finished requests, emptied and kept for the next ones (at most
+    /// `max_batch`): their memory is already mapped, so decoding takes no page faults.
+    spare_caches: Vec<KvCache>,
 }
 
 impl<W: Write> Server<'_, W> {
@@ -219,7 +224,11 @@ impl<W: Write> Server<'_, W> {
                 format!("request `{id}` is already in flight"),
             ));
         }
-        let gen = match Generation::new(self.engine, req) {
+        let cache = self
+            .spare_caches
+            .pop()
+            .unwrap_or_else(|| self.engine.new_cache());
+        let gen = match Generation::with_cache(self.engine, req, cache) {
             Ok(g) => g,
             Err(e) => return self.reject(bad("invalid_prompt", e.to_string())),
         };
@@ -234,7 +243,7 @@ impl<W: Write> Server<'_, W> {
         }
         let a = Active { id, stream, gen };
         if a.gen.finished().is_some() {
-            return self.finish(&a);
+            return self.finish(a);
         }
         self.waiting.push_back(a);
         Ok(())
@@ -259,7 +268,7 @@ impl<W: Write> Server<'_, W> {
             }
         };
         a.gen.cancel();
-        self.finish(&a)
+        self.finish(a)
     }
 
     fn admit(&mut self) -> Result<()> {
@@ -308,19 +317,23 @@ impl<W: Write> Server<'_, W> {
             .into_iter()
             .partition(|a| a.gen.finished().is_some());
         self.active = still;
-        for a in &done {
+        for a in done {
             self.finish(a)?;
         }
         Ok(())
     }
 
-    fn finish(&mut self, a: &Active) -> Result<()> {
+    /// Writes a request's last line and keeps its cache for a later request.
+    fn finish(&mut self, a: Active) -> Result<()> {
         let v = protocol::completion(
             &a.id,
             &self.engine.model().source,
             a.stream,
             &a.gen.output(),
         );
+        if self.spare_caches.len() < self.max_batch {
+            self.spare_caches.push(a.gen.into_cache());
+        }
         self.write(&v)
     }
 }
