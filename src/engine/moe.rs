@@ -51,10 +51,10 @@ pub fn forward(
     let run = |e: usize| {
         let tokens = &assigned[e];
         engine.stats.record_expert(layer, e, tokens.len());
-        let xs: Vec<f32> = tokens
-            .iter()
-            .flat_map(|&(r, _)| x[r * h..(r + 1) * h].iter().copied())
-            .collect();
+        let mut xs = Vec::with_capacity(tokens.len() * h);
+        for &(r, _) in tokens {
+            xs.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
         engine.gated_mlp(&block.experts[e], &xs, tokens.len(), !small)
     };
     // Small experts run side by side on the pool (one small matmul alone would not fill it);
