@@ -149,6 +149,36 @@ mod tests {
         assert_eq!(out, text);
     }
 
+    /// A SentencePiece-style tokenizer: Metaspace pre-tokenizer and decoder, which drops the
+    /// leading space of the first token it decodes.
+    fn metaspace_tokenizer() -> Tokenizer {
+        let json = r#"{
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "post_processor": null,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true},
+            "decoder": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true},
+            "model": {"type": "WordLevel", "unk_token": "<unk>",
+                      "vocab": {"<unk>": 0, "▁Hello": 1, "▁world": 2, "▁again": 3}}
+        }"#;
+        Tokenizer::from_json_bytes(json.as_bytes(), Path::new("test")).unwrap()
+    }
+
+    #[test]
+    fn continuation_keeps_the_leading_space_of_sentencepiece_tokens() {
+        let tok = metaspace_tokenizer();
+        let prompt = tok.encode("Hello", false).unwrap();
+        assert_eq!(prompt, vec![1]);
+        // Decoded alone, the first generated token loses its space ...
+        assert_eq!(StreamDecoder::new().push(&tok, 2), "world");
+        // ... after the prompt as context it keeps it, and the text matches a full decode.
+        let mut dec = StreamDecoder::with_context(&prompt);
+        let mut out = dec.push(&tok, 2);
+        out.push_str(&dec.push(&tok, 3));
+        out.push_str(&dec.finish(&tok));
+        assert_eq!(out, " world again");
+        assert_eq!(tok.decode(&[1, 2, 3]), format!("Hello{out}"));
+    }
+
     #[test]
     fn invalid_bytes_become_replacement_at_finish() {
         let tok = Tokenizer::Bytes;
