@@ -64,12 +64,18 @@ pub fn attend(
     let work = |t: usize| {
         let cache = row_cache[t];
         let pos = positions[t];
-        let slots: Vec<u32> = (0..cache.positions.len() as u32)
-            .filter(|&s| {
-                let p = cache.positions[s as usize] as usize;
-                p <= pos && shape.sliding_window.is_none_or(|w| pos - p < w)
-            })
-            .collect();
+        let visible = |p: u32| {
+            let p = p as usize;
+            p <= pos && shape.sliding_window.is_none_or(|w| pos - p < w)
+        };
+        // Usually every cached token is visible (decoding without a window): skip the filter.
+        let slots: Vec<u32> = if cache.positions.iter().all(|&p| visible(p)) {
+            (0..cache.positions.len() as u32).collect()
+        } else {
+            (0..cache.positions.len() as u32)
+                .filter(|&s| visible(cache.positions[s as usize]))
+                .collect()
+        };
         let mut scores = vec![0f32; group * slots.len()];
         for kv_head in 0..kv_heads {
             let first = t * h * d + kv_head * group * d;
@@ -175,41 +181,58 @@ impl HeadGroup<'_> {
         use std::arch::x86_64::*;
         let (d, n) = (self.head_dim, slots.len());
         let d8 = d / 8 * 8;
-        let scale = 1.0 / (d as f32).sqrt();
-        // Four slots at a time, reduced together by one hadd tree (a lane's sum order does not
-        // depend on its neighbours); a short last quad is padded with slot repeats.
-        for (quad_start, quad) in slots.chunks(4).enumerate().map(|(i, q)| (i * 4, q)) {
-            for &s in slots.iter().skip(quad_start + PREFETCH_SLOTS).take(4) {
+        let scale = _mm256_set1_ps(1.0 / (d as f32).sqrt());
+        // Eight slots at a time: eight independent FMA chains, then one reduction tree that
+        // leaves the eight dot products in one vector. A lane's sum order does not depend on
+        // its neighbours, and a short last block is padded with repeats of its last slot.
+        for (start, block) in slots.chunks(8).enumerate().map(|(i, b)| (i * 8, b)) {
+            for &s in slots.iter().skip(start + PREFETCH_SLOTS).take(8) {
                 prefetch(keys.as_ptr().add(s as usize * self.kv_dim + self.offset), d);
             }
-            let mut key = [std::ptr::null::<f32>(); 4];
+            let mut key = [std::ptr::null::<f32>(); 8];
             for (u, p) in key.iter_mut().enumerate() {
-                let s = quad[u.min(quad.len() - 1)];
+                let s = block[u.min(block.len() - 1)];
                 *p = keys.as_ptr().add(s as usize * self.kv_dim + self.offset);
             }
             for g in 0..self.group {
                 let q = self.q.as_ptr().add(g * d);
-                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut acc = [_mm256_setzero_ps(); 8];
                 let mut i = 0;
                 while i < d8 {
                     let qv = _mm256_loadu_ps(q.add(i));
-                    for u in 0..4 {
+                    for u in 0..8 {
                         acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(key[u].add(i)), acc[u]);
                     }
                     i += 8;
                 }
-                let ab = _mm256_hadd_ps(acc[0], acc[1]);
-                let cd = _mm256_hadd_ps(acc[2], acc[3]);
-                let abcd = _mm256_hadd_ps(ab, cd);
-                let quad_sum =
-                    _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-                let mut dots = [0f32; 4];
-                _mm_storeu_ps(dots.as_mut_ptr(), quad_sum);
-                for (u, dot) in dots.iter_mut().enumerate().take(quad.len()) {
-                    for i in d8..d {
-                        *dot += *q.add(i) * *key[u].add(i);
+                let h01 = _mm256_hadd_ps(acc[0], acc[1]);
+                let h23 = _mm256_hadd_ps(acc[2], acc[3]);
+                let h45 = _mm256_hadd_ps(acc[4], acc[5]);
+                let h67 = _mm256_hadd_ps(acc[6], acc[7]);
+                let lo = _mm256_hadd_ps(h01, h23);
+                let hi = _mm256_hadd_ps(h45, h67);
+                let mut dots = _mm256_add_ps(
+                    _mm256_permute2f128_ps(lo, hi, 0x20),
+                    _mm256_permute2f128_ps(lo, hi, 0x31),
+                );
+                if d8 < d {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), dots);
+                    for (u, lane) in lanes.iter_mut().enumerate() {
+                        for i in d8..d {
+                            *lane += *q.add(i) * *key[u].add(i);
+                        }
                     }
-                    scores[g * n + quad_start + u] = *dot * scale;
+                    dots = _mm256_loadu_ps(lanes.as_ptr());
+                }
+                dots = _mm256_mul_ps(dots, scale);
+                let row = &mut scores[g * n + start..g * n + start + block.len()];
+                if block.len() == 8 {
+                    _mm256_storeu_ps(row.as_mut_ptr(), dots);
+                } else {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), dots);
+                    row.copy_from_slice(&lanes[..block.len()]);
                 }
             }
         }

@@ -1,5 +1,6 @@
 //! Row-wise f32 operations of the forward pass: norms, activations, softmax, RoPE.
 
+use super::simd;
 use crate::model::config::Activation;
 use crate::model::weights::Norm;
 
@@ -8,7 +9,7 @@ pub fn norm_rows(norm: &Norm, x: &[f32], dim: usize, out: &mut [f32]) {
     for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
         match norm {
             Norm::Rms { weight, eps, .. } => {
-                let ms = xr.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+                let ms = simd::sum_squares(xr) / dim as f32;
                 let r = 1.0 / (ms + eps).sqrt();
                 for ((o, &v), &w) in or.iter_mut().zip(xr).zip(weight) {
                     *o = w * (v * r);
@@ -17,7 +18,7 @@ pub fn norm_rows(norm: &Norm, x: &[f32], dim: usize, out: &mut [f32]) {
             Norm::Layer {
                 weight, bias, eps, ..
             } => {
-                let mean = xr.iter().sum::<f32>() / dim as f32;
+                let mean = simd::sum(xr) / dim as f32;
                 let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / dim as f32;
                 let r = 1.0 / (var + eps).sqrt();
                 for (((o, &v), &w), &b) in or.iter_mut().zip(xr).zip(weight).zip(bias) {

@@ -6,7 +6,7 @@
 //! an element's result never depends on the length of the slice it sits in (batched and
 //! single-sequence decoding stay bit-identical).
 
-use super::simd::cpu_features;
+use super::simd::{self, cpu_features};
 
 /// Cephes `expf` polynomial for e^r on |r| ≤ ln2/2 (relative error about 1e-7, one f32 ulp).
 const EXP_POLY: [f32; 6] = [
@@ -115,10 +115,10 @@ pub fn exp_in_place(x: &mut [f32]) {
 
 /// In-place softmax, computed stably (max subtracted first).
 pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = simd::max(x);
     x.iter_mut().for_each(|v| *v -= max);
     exp_in_place(x);
-    let inv = 1.0 / x.iter().sum::<f32>();
+    let inv = 1.0 / simd::sum(x);
     x.iter_mut().for_each(|v| *v *= inv);
 }
 
