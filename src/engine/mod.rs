@@ -14,6 +14,7 @@ use crate::backend::cpu::int8::{self, quantize_rows_smoothed, QuantizedRows};
 use crate::backend::cpu::int8w::matmul_w8;
 use crate::backend::cpu::matmul::matmul;
 use crate::backend::cpu::ops::{activate, gated_activation, norm_rows, Rope, RopeTable};
+use crate::backend::cpu::parallel::serially;
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
 use crate::model::arch::opt::POSITION_OFFSET;
@@ -378,7 +379,7 @@ impl Engine {
             self.pool.install(|| {
                 outs.par_iter_mut()
                     .zip(lins.par_iter())
-                    .for_each(|(out, lin)| *out = self.linear(lin, x, rows))
+                    .for_each(|(out, lin)| *out = serially(|| self.linear(lin, x, rows)))
             });
             outs
         } else {

@@ -3,6 +3,7 @@
 
 use super::Engine;
 use crate::backend::cpu::ops::{sigmoid, softmax};
+use crate::backend::cpu::parallel::serially;
 use crate::model::weights::MoeBlock;
 use rayon::prelude::*;
 
@@ -62,7 +63,7 @@ pub fn forward(
     // memory without the threads competing. Outputs are mixed in expert order afterwards, so
     // results don't depend on scheduling.
     let outputs: Vec<Vec<f32>> = if small {
-        chosen.par_iter().map(|&e| run(e)).collect()
+        chosen.par_iter().map(|&e| serially(|| run(e))).collect()
     } else {
         chosen.iter().map(|&e| run(e)).collect()
     };

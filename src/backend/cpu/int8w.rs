@@ -37,7 +37,7 @@ pub fn matmul_w8(x: &[f32], rows: usize, w: &Int8Matrix, bias: Option<&[f32]>, o
             }
         }
     };
-    let threads = rayon::current_num_threads().max(1);
+    let threads = super::parallel::kernel_threads();
     if threads == 1 || rows * n * k < PARALLEL_MIN_MACS {
         run(0..n);
         return;

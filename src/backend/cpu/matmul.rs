@@ -38,7 +38,7 @@ pub fn matmul(
         return;
     }
     let use_avx2 = cpu_features().avx2_fma;
-    let threads = rayon::current_num_threads().max(1);
+    let threads = super::parallel::kernel_threads();
     let out_ptr = SendPtr(out.as_mut_ptr());
     if threads == 1 || rows * n * k < PARALLEL_MIN_MACS {
         matmul_cols(x, rows, w, n, k, bias, out_ptr, 0..n, use_avx2);

@@ -5,5 +5,6 @@ pub mod int8;
 pub mod int8w;
 pub mod matmul;
 pub mod ops;
+pub mod parallel;
 pub mod simd;
 pub mod vexp;

@@ -465,7 +465,12 @@ pub fn gemm_with_tier(
 ) {
     assert_supported(tier);
     check_gemm_shapes(out, x, w, bias);
-    let chunks = column_chunks(x.rows, w.n, w.k_padded, pool.current_num_threads());
+    let threads = if super::parallel::kernel_threads() == 1 {
+        1
+    } else {
+        pool.current_num_threads()
+    };
+    let chunks = column_chunks(x.rows, w.n, w.k_padded, threads);
     let target = OutPtr(out.as_mut_ptr());
     let run = |cols: Range<usize>| {
         // SAFETY: `out` holds `x.rows × w.n` floats (checked above) and stays mutably borrowed by
