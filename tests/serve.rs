@@ -6,7 +6,19 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+
+/// `edgemoe serve` on the trained fixture with piped stdin/stdout.
+fn spawn_server(threads: usize) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+        .args(["serve", "--threads", &threads.to_string(), "--model"])
+        .arg(model_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
 
 fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trained-moe")
@@ -100,14 +112,7 @@ fn generate_text(r: &Req) -> String {
 
 #[test]
 fn concurrent_streams_cancel_and_bad_lines() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
-        .args(["serve", "--threads", "2", "--model"])
-        .arg(model_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_server(2);
     let mut stdin = child.stdin.take().unwrap();
     let reqs = requests();
     let mut input: Vec<u8> = Vec::new();
@@ -216,14 +221,7 @@ fn concurrent_streams_cancel_and_bad_lines() {
 
 #[test]
 fn automatic_ids_skip_client_ids_in_flight() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
-        .args(["serve", "--threads", "1", "--model"])
-        .arg(model_dir())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_server(1);
     // A client picks the id the server would give the next anonymous request.
     let input = concat!(
         "{\"id\":\"cmpl-1\",\"prompt\":\"And\",\"max_tokens\":60,\"temperature\":0}\n",

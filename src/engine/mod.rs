@@ -14,7 +14,7 @@ use crate::backend::cpu::int8::{self, quantize_rows_smoothed, QuantizedRows};
 use crate::backend::cpu::int8w::matmul_w8;
 use crate::backend::cpu::matmul::matmul;
 use crate::backend::cpu::ops::{activate, gated_activation, norm_rows, Rope, RopeTable};
-use crate::backend::cpu::parallel::serially;
+use crate::backend::cpu::parallel::{kernel_threads, serially};
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
 use crate::model::arch::opt::POSITION_OFFSET;
@@ -22,6 +22,7 @@ use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, LinearWeight, PlainMlp
 use crate::model::Model;
 use rayon::prelude::*;
 use stats::RuntimeStats;
+use std::sync::Arc;
 
 /// Most tokens of KV cache reserved up front for one sequence.
 pub const MAX_RESERVED_TOKENS: usize = 8192;
@@ -29,7 +30,6 @@ pub const MAX_RESERVED_TOKENS: usize = 8192;
 const PARALLEL_MIN_MACS: usize = 1 << 17;
 /// From this many multiply-adds a matmul splits well over the pool by itself.
 const SIDE_BY_SIDE_MAX_MACS: usize = 1 << 19;
-use std::sync::Arc;
 
 /// Which logits a sequence of the batch wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,7 +302,7 @@ impl Engine {
         let h = self.pre_norm(&layer.ffn_norm, x);
         let f = match &layer.ffn {
             Ffn::Moe(block) => moe::forward(self, li, block, &h, rows),
-            Ffn::Gated(mlp) => self.gated_mlp(mlp, &h, rows, true),
+            Ffn::Gated(mlp) => self.gated_mlp(mlp, &h, rows),
             Ffn::Plain(mlp) => self.plain_mlp(mlp, &h, rows),
         };
         self.residual(&layer.ffn_norm, x, &f, hd);
@@ -367,11 +367,12 @@ impl Engine {
 
     /// Several linear layers of the same input. When together they are worth the pool but
     /// each alone is small (a decode step of a few rows on a small model), they run side by
-    /// side in one parallel region instead of one region each (or none).
+    /// side in one parallel region instead of one region each (or none). Inside
+    /// [`serially`] (the caller already fills the pool) they run one after another.
     fn linears<const N: usize>(&self, lins: [&Linear; N], x: &[f32], rows: usize) -> [Vec<f32>; N] {
         let macs = lins.map(|l| rows * l.out_features * l.in_features);
         let (total, largest) = (macs.iter().sum::<usize>(), macs.iter().max().copied());
-        if self.threads() > 1
+        if kernel_threads() > 1
             && total >= PARALLEL_MIN_MACS
             && largest.is_some_and(|m| m < SIDE_BY_SIDE_MAX_MACS)
         {
@@ -387,20 +388,8 @@ impl Engine {
         }
     }
 
-    /// `side_by_side`: gate and up may share one parallel region (not when the caller already
-    /// runs several of these at once on the pool).
-    pub(crate) fn gated_mlp(
-        &self,
-        mlp: &GatedMlp,
-        x: &[f32],
-        rows: usize,
-        side_by_side: bool,
-    ) -> Vec<f32> {
-        let [mut g, u] = if side_by_side {
-            self.linears([&mlp.gate, &mlp.up], x, rows)
-        } else {
-            [&mlp.gate, &mlp.up].map(|l| self.linear(l, x, rows))
-        };
+    pub(crate) fn gated_mlp(&self, mlp: &GatedMlp, x: &[f32], rows: usize) -> Vec<f32> {
+        let [mut g, u] = self.linears([&mlp.gate, &mlp.up], x, rows);
         gated_activation(self.model.config.activation, &mut g, &u);
         self.linear(&mlp.down, &g, rows)
     }

@@ -56,7 +56,7 @@ pub fn forward(
         for &(r, _) in tokens {
             xs.extend_from_slice(&x[r * h..(r + 1) * h]);
         }
-        engine.gated_mlp(&block.experts[e], &xs, tokens.len(), !small)
+        engine.gated_mlp(&block.experts[e], &xs, tokens.len())
     };
     // Small experts run side by side on the pool (one small matmul alone would not fill it);
     // large ones one after another, each matmul spread over the pool, so weights stream from
@@ -78,7 +78,7 @@ pub fn forward(
         }
     }
     if let Some(shared) = &block.shared {
-        let ys = engine.gated_mlp(&shared.mlp, x, rows, true);
+        let ys = engine.gated_mlp(&shared.mlp, x, rows);
         let gates = engine.linear(&shared.gate, x, rows);
         for r in 0..rows {
             let g = sigmoid(gates[r]);

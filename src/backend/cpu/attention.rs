@@ -31,8 +31,8 @@ const PARALLEL_MIN_MACS: usize = 1 << 17;
 
 /// For each query row `t` (at `positions[t]`) and head, attends over its segment's cache slots
 /// whose position is ≤ the query's (and inside the window), writing `out[t, h·d..(h+1)·d]`.
-/// All (row, KV head) pairs of all sequences are one pool of tasks, so a batch of single-token
-/// decodes spreads over the threads like one long prefill does.
+/// The rows of all sequences are one pool of tasks, so a batch of single-token decodes spreads
+/// over the threads like one long prefill does.
 pub fn attend(
     shape: &AttentionShape,
     q: &[f32],
