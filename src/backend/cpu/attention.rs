@@ -96,7 +96,7 @@ pub fn attend(
         .iter()
         .map(|c| 2 * c.positions.len() * h * d)
         .sum();
-    if work_macs < PARALLEL_MIN_MACS {
+    if work_macs < PARALLEL_MIN_MACS || super::parallel::kernel_threads() == 1 {
         (0..rows).for_each(work);
     } else {
         (0..rows).into_par_iter().for_each(work);

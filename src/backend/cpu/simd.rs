@@ -44,6 +44,9 @@ impl<T> SendPtr<T> {
 
 use super::matmul::{TILE_W as TW, TILE_X as TX};
 
+/// How many weight rows ahead the f32 tile kernel prefetches (two tiles of [`TW`] rows).
+const PREFETCH_ROWS: usize = 2 * TW;
+
 /// AVX2 tile of dot products: `acc[r][c] = x[t + r] · w[j + c]` for `r < tx`, `c < tw`.
 ///
 /// Every dot product is summed in the same order whatever the tile's size (one 8-lane
@@ -115,6 +118,14 @@ unsafe fn tile_avx2<const R: usize, const C: usize>(
         let mut xv = [_mm256_setzero_ps(); R];
         for r in 0..R {
             xv[r] = _mm256_loadu_ps(xp[r].add(i));
+        }
+        // Ask for the same place in the weight rows a few tiles ahead, one request per cache
+        // line: decoding streams each weight once per step, and the hardware prefetcher alone
+        // leaves the FMAs waiting on L3 between rows.
+        if i % 16 == 0 {
+            for p in &wp {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + PREFETCH_ROWS * k) as *const i8);
+            }
         }
         for c in 0..C {
             let wv = _mm256_loadu_ps(wp[c].add(i));
