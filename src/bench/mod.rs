@@ -30,6 +30,9 @@ pub struct Sample {
     /// Wall time of each decode step.
     pub step_s: Vec<f64>,
     pub expert_tokens: u64,
+    /// Weight and KV-cache bytes the decode steps read (the runtime's counters).
+    pub decode_weight_bytes: u64,
+    pub decode_kv_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +55,26 @@ impl PointResult {
             .iter()
             .filter(|s| s.decode_s > 0.0)
             .map(|s| tokens / s.decode_s)
+            .collect()
+    }
+
+    /// Bytes the decode steps read per generated token (weights, KV cache), mean over samples.
+    pub fn decode_bytes_per_token(&self) -> (f64, f64) {
+        let tokens = (self.point.batch * self.point.gen).max(1) as f64;
+        let n = self.samples.len().max(1) as f64;
+        let sum = |f: fn(&Sample) -> u64| self.samples.iter().map(|s| f(s) as f64).sum::<f64>();
+        (
+            sum(|s| s.decode_weight_bytes) / n / tokens,
+            sum(|s| s.decode_kv_bytes) / n / tokens,
+        )
+    }
+
+    /// Bytes read per second while decoding, per sample: how close a run is to memory bandwidth.
+    pub fn decode_read_bytes_per_s(&self) -> Vec<f64> {
+        self.samples
+            .iter()
+            .filter(|s| s.decode_s > 0.0)
+            .map(|s| (s.decode_weight_bytes + s.decode_kv_bytes) as f64 / s.decode_s)
             .collect()
     }
 
@@ -96,6 +119,7 @@ pub fn run_point(engine: &Engine, point: &BenchPoint, reps: usize) -> Result<Poi
         step(engine, &inputs, &mut caches, 0..prompt_len)?;
         let prefill_s = started.elapsed().as_secs_f64();
         let mut step_s = Vec::with_capacity(point.gen);
+        let read_before = engine.stats.snapshot();
         let decode_start = Instant::now();
         for i in 0..point.gen {
             let t = Instant::now();
@@ -108,6 +132,7 @@ pub fn run_point(engine: &Engine, point: &BenchPoint, reps: usize) -> Result<Poi
             step_s.push(t.elapsed().as_secs_f64());
         }
         let decode_s = decode_start.elapsed().as_secs_f64();
+        let read_after = engine.stats.snapshot();
         kv_bytes = caches.iter().map(|c| c.bytes()).sum();
         let after = routed_tokens(engine);
         if rep > 0 {
@@ -116,6 +141,8 @@ pub fn run_point(engine: &Engine, point: &BenchPoint, reps: usize) -> Result<Poi
                 decode_s,
                 step_s,
                 expert_tokens: after - before,
+                decode_weight_bytes: read_after.weight_bytes - read_before.weight_bytes,
+                decode_kv_bytes: read_after.kv_bytes - read_before.kv_bytes,
             });
         }
     }

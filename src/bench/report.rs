@@ -56,8 +56,8 @@ fn rows(results: &[PointResult]) -> Vec<Row<'_>> {
 
 pub fn table(info: &ModelInfo, results: &[PointResult]) -> String {
     let mut s = String::from(
-        "| model | size | params | active | backend | threads | batch | test | t/s | TTFT ms | ITL p50 ms | ITL p99 ms | peak RSS |\n\
-         | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        "| model | size | params | active | backend | threads | batch | test | t/s | TTFT ms | ITL p50 ms | ITL p99 ms | MB/token | read GB/s | peak RSS |\n\
+         | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for row in rows(results) {
         let (m, sd) = mean_sd(&row.tps);
@@ -65,8 +65,10 @@ pub fn table(info: &ModelInfo, results: &[PointResult]) -> String {
         let is_tg = row.test.starts_with("tg");
         let itl = row.r.itl_ms();
         let (ttft, _) = mean_sd(&row.r.ttft_ms());
+        let (weights, kv) = row.r.decode_bytes_per_token();
+        let read = mean_sd(&row.r.decode_read_bytes_per_s()).0;
         s.push_str(&format!(
-            "| {} | {:.1} MiB | {:.2} M | {:.2} M | {} | {} | {} | {} | {:.1} ± {:.1} | {} | {} | {} | {:.0} MiB |\n",
+            "| {} | {:.1} MiB | {:.2} M | {:.2} M | {} | {} | {} | {} | {:.1} ± {:.1} | {} | {} | {} | {} | {} | {:.0} MiB |\n",
             info.name,
             info.size_bytes as f64 / (1 << 20) as f64,
             info.params as f64 / 1e6,
@@ -80,6 +82,8 @@ pub fn table(info: &ModelInfo, results: &[PointResult]) -> String {
             if is_tg { "".into() } else { format!("{ttft:.1}") },
             if is_tg { format!("{:.2}", quantile(&itl, 0.5)) } else { "".into() },
             if is_tg { format!("{:.2}", quantile(&itl, 0.99)) } else { "".into() },
+            if is_tg { format!("{:.2}", (weights + kv) / 1e6) } else { "".into() },
+            if is_tg { format!("{:.1}", read / 1e9) } else { "".into() },
             row.r.peak_rss_bytes.unwrap_or(0) as f64 / (1 << 20) as f64,
         ));
     }
@@ -92,6 +96,7 @@ pub fn json(info: &ModelInfo, results: &[PointResult]) -> serde_json::Value {
         .map(|row| {
             let (m, sd) = mean_sd(&row.tps);
             let itl = row.r.itl_ms();
+            let (weights, kv) = row.r.decode_bytes_per_token();
             json!({
                 "test": row.test,
                 "point": row.r.point,
@@ -101,6 +106,8 @@ pub fn json(info: &ModelInfo, results: &[PointResult]) -> serde_json::Value {
                 "peak_rss_bytes": row.r.peak_rss_bytes,
                 "kv_cache_bytes": row.r.kv_cache_bytes,
                 "expert_tokens": row.r.samples.iter().map(|s| s.expert_tokens).collect::<Vec<_>>(),
+                "decode_bytes_per_token": {"weights": weights, "kv_cache": kv},
+                "decode_read_bytes_per_s": row.r.decode_read_bytes_per_s(),
             })
         })
         .collect();
@@ -116,13 +123,14 @@ pub fn json(info: &ModelInfo, results: &[PointResult]) -> serde_json::Value {
 }
 
 pub fn csv(info: &ModelInfo, results: &[PointResult]) -> String {
-    let mut s = String::from("model,backend,threads,batch,test,tps_mean,tps_sd,ttft_ms,itl_p50_ms,itl_p99_ms,peak_rss_bytes\n");
+    let mut s = String::from("model,backend,threads,batch,test,tps_mean,tps_sd,ttft_ms,itl_p50_ms,itl_p99_ms,decode_bytes_per_token,decode_read_bytes_per_s,peak_rss_bytes\n");
     for row in rows(results) {
         let (m, sd) = mean_sd(&row.tps);
         let itl = row.r.itl_ms();
         let p = &row.r.point;
+        let (weights, kv) = row.r.decode_bytes_per_token();
         s.push_str(&format!(
-            "{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{}\n",
+            "{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.0},{:.0},{}\n",
             info.name,
             info.backend,
             p.threads,
@@ -133,6 +141,8 @@ pub fn csv(info: &ModelInfo, results: &[PointResult]) -> String {
             mean_sd(&row.r.ttft_ms()).0,
             quantile(&itl, 0.5),
             quantile(&itl, 0.99),
+            weights + kv,
+            mean_sd(&row.r.decode_read_bytes_per_s()).0,
             row.r.peak_rss_bytes.unwrap_or(0)
         ));
     }

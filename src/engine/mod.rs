@@ -166,10 +166,25 @@ impl Engine {
             .collect();
         let mut x = self.embed(&tokens, &positions);
         let rope = self.rope.as_ref().map(|r| r.table(&positions));
+        // Bytes read, for the runtime's counters (the MoE block counts its experts itself).
+        let (mut weight_bytes, mut kv_bytes) = (self.embed_bytes(tokens.len()), 0);
         for (li, layer) in w.layers.iter().enumerate() {
-            self.attention_block(li, layer, &mut x, batch, &positions, rope.as_ref());
+            kv_bytes += self.attention_block(li, layer, &mut x, batch, &positions, rope.as_ref());
             self.ffn_block(li, layer, &mut x);
+            let a = &layer.attn;
+            weight_bytes += [&a.q, &a.k, &a.v, &a.o]
+                .iter()
+                .map(|l| l.weight_bytes())
+                .sum::<usize>();
+            weight_bytes += match &layer.ffn {
+                Ffn::Moe(_) => 0,
+                Ffn::Gated(mlp) => mlp.weight_bytes(),
+                Ffn::Plain(mlp) => mlp.fc1.weight_bytes() + mlp.fc2.weight_bytes(),
+            };
         }
+        weight_bytes += w.head().weight_bytes()
+            + w.project_out.as_ref().map_or(0, |p| p.weight_bytes());
+        self.stats.add_bytes_read(weight_bytes, kv_bytes);
         // Gather the rows whose logits are wanted, then the head runs only on those.
         let h = cfg.hidden_size;
         let mut start = 0;
@@ -204,6 +219,18 @@ impl Engine {
             r += n;
         }
         out
+    }
+
+    /// Bytes of the embedding rows (and learned positions) `rows` tokens look up, and of the
+    /// input projection they go through.
+    fn embed_bytes(&self, rows: usize) -> usize {
+        let w = &self.model.weights;
+        let row = match &w.embed.weight {
+            LinearWeight::F32(_) => 4 * w.embed.in_features,
+            LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => w.embed.in_features + 4,
+        };
+        let positions = w.positions.as_ref().map_or(0, |_| 4 * self.model.config.hidden_size);
+        rows * (row + positions) + w.project_in.as_ref().map_or(0, |p| p.weight_bytes())
     }
 
     fn embed(&self, tokens: &[u32], positions: &[usize]) -> Vec<f32> {
@@ -246,7 +273,7 @@ impl Engine {
         batch: &mut [BatchItem],
         positions: &[usize],
         rope: Option<&RopeTable>,
-    ) {
+    ) -> usize {
         let cfg = &self.model.config;
         let (hd, rows) = (cfg.hidden_size, positions.len());
         let h = self.pre_norm(&layer.attn_norm, x);
@@ -291,9 +318,11 @@ impl Engine {
                 }
             })
             .collect();
-        attend(&shape, &q, positions, &segments, &mut attn);
+        let slots_read = attend(&shape, &q, positions, &segments, &mut attn);
         let o = self.linear(&a.o, &attn, rows);
         self.residual(&layer.attn_norm, x, &o, hd);
+        // A slot is one f32 key row and one value row.
+        slots_read * 2 * kvd * std::mem::size_of::<f32>()
     }
 
     fn ffn_block(&self, li: usize, layer: &Layer, x: &mut [f32]) {

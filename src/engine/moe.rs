@@ -48,10 +48,20 @@ pub fn forward(
         }
     }
     let chosen: Vec<usize> = (0..e_count).filter(|&e| !assigned[e].is_empty()).collect();
+    // Counted here, on the caller, rather than by the tasks: the counters of a layer share a
+    // cache line that the threads would otherwise pass back and forth.
+    let mut bytes = block.router.weight_bytes();
+    for &e in &chosen {
+        engine.stats.record_expert(layer, e, assigned[e].len());
+        bytes += block.experts[e].weight_bytes();
+    }
+    if let Some(shared) = &block.shared {
+        bytes += shared.mlp.weight_bytes() + shared.gate.weight_bytes();
+    }
+    engine.stats.add_bytes_read(bytes, 0);
     let small = h * cfg.expert_ffn < SMALL_EXPERT_WEIGHTS;
     let run = |e: usize| {
         let tokens = &assigned[e];
-        engine.stats.record_expert(layer, e, tokens.len());
         let mut xs = Vec::with_capacity(tokens.len() * h);
         for &(r, _) in tokens {
             xs.extend_from_slice(&x[r * h..(r + 1) * h]);

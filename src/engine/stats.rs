@@ -1,5 +1,5 @@
-//! Counters the runtime keeps for `bench`, `serve`'s stats and expert placement: tokens run and
-//! how often each expert of each layer was chosen.
+//! Counters the runtime keeps for `bench`, `serve`'s stats and expert placement: tokens run, how
+//! often each expert of each layer was chosen, and the bytes the forward passes read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -8,12 +8,19 @@ pub struct RuntimeStats {
     tokens: AtomicU64,
     /// `layers × experts` counts of tokens routed to each expert.
     expert_tokens: Vec<AtomicU64>,
+    /// Weight bytes read: each matrix a step uses counted once (the experts its tokens chose),
+    /// plus the embedding rows looked up.
+    weight_bytes: AtomicU64,
+    /// KV-cache bytes read by attention: every visible key and value, once per query row.
+    kv_bytes: AtomicU64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StatsSnapshot {
     pub tokens: u64,
     pub expert_tokens: Vec<Vec<u64>>,
+    pub weight_bytes: u64,
+    pub kv_bytes: u64,
 }
 
 impl RuntimeStats {
@@ -22,11 +29,19 @@ impl RuntimeStats {
             num_experts: experts,
             tokens: AtomicU64::new(0),
             expert_tokens: (0..layers * experts).map(|_| AtomicU64::new(0)).collect(),
+            weight_bytes: AtomicU64::new(0),
+            kv_bytes: AtomicU64::new(0),
         }
     }
 
     pub fn add_tokens(&self, n: usize) {
         self.tokens.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn add_bytes_read(&self, weights: usize, kv: usize) {
+        self.weight_bytes
+            .fetch_add(weights as u64, Ordering::Relaxed);
+        self.kv_bytes.fetch_add(kv as u64, Ordering::Relaxed);
     }
 
     pub fn record_expert(&self, layer: usize, expert: usize, tokens: usize) {
@@ -43,6 +58,8 @@ impl RuntimeStats {
             .collect();
         StatsSnapshot {
             tokens: self.tokens.load(Ordering::Relaxed),
+            weight_bytes: self.weight_bytes.load(Ordering::Relaxed),
+            kv_bytes: self.kv_bytes.load(Ordering::Relaxed),
             expert_tokens: if self.num_experts == 0 {
                 vec![]
             } else {

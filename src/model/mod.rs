@@ -95,7 +95,7 @@ impl Model {
         for l in &w.layers {
             let a = &l.attn;
             n += lin(&a.q) + lin(&a.k) + lin(&a.v) + lin(&a.o);
-            let mlp = |m: &weights::GatedMlp| lin(&m.gate) + lin(&m.up) + lin(&m.down);
+            let mlp = weights::GatedMlp::weight_bytes;
             n += match &l.ffn {
                 Ffn::Moe(b) => {
                     lin(&b.router)

@@ -105,6 +105,12 @@ pub struct GatedMlp {
     pub down: Linear,
 }
 
+impl GatedMlp {
+    pub fn weight_bytes(&self) -> usize {
+        self.gate.weight_bytes() + self.up.weight_bytes() + self.down.weight_bytes()
+    }
+}
+
 /// OPT's `fc2(act(fc1·x))`.
 #[derive(Debug, Clone)]
 pub struct PlainMlp {

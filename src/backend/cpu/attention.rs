@@ -32,14 +32,15 @@ const PARALLEL_MIN_MACS: usize = 1 << 17;
 /// For each query row `t` (at `positions[t]`) and head, attends over its segment's cache slots
 /// whose position is ≤ the query's (and inside the window), writing `out[t, h·d..(h+1)·d]`.
 /// The rows of all sequences are one pool of tasks, so a batch of single-token decodes spreads
-/// over the threads like one long prefill does.
+/// over the threads like one long prefill does. Returns how many cache slots the rows read in
+/// all (each slot is one key and one value row).
 pub fn attend(
     shape: &AttentionShape,
     q: &[f32],
     positions: &[usize],
     segments: &[Segment],
     out: &mut [f32],
-) {
+) -> usize {
     let (h, d, kv_heads) = (shape.num_heads, shape.head_dim, shape.num_kv_heads);
     let group = h / kv_heads;
     let kv_dim = kv_heads * d;
@@ -91,15 +92,16 @@ pub fn attend(
             };
             heads.attend(cache, &slots, &mut scores, o);
         }
+        slots.len()
     };
     let work_macs: usize = row_cache
         .iter()
         .map(|c| 2 * c.positions.len() * h * d)
         .sum();
     if work_macs < PARALLEL_MIN_MACS || super::parallel::kernel_threads() == 1 {
-        (0..rows).for_each(work);
+        (0..rows).map(work).sum()
     } else {
-        (0..rows).into_par_iter().for_each(work);
+        (0..rows).into_par_iter().map(work).sum()
     }
 }
 
