@@ -182,8 +182,8 @@ impl Engine {
                 Ffn::Plain(mlp) => mlp.fc1.weight_bytes() + mlp.fc2.weight_bytes(),
             };
         }
-        weight_bytes += w.head().weight_bytes()
-            + w.project_out.as_ref().map_or(0, |p| p.weight_bytes());
+        weight_bytes +=
+            w.head().weight_bytes() + w.project_out.as_ref().map_or(0, |p| p.weight_bytes());
         self.stats.add_bytes_read(weight_bytes, kv_bytes);
         // Gather the rows whose logits are wanted, then the head runs only on those.
         let h = cfg.hidden_size;
@@ -229,7 +229,10 @@ impl Engine {
             LinearWeight::F32(_) => 4 * w.embed.in_features,
             LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => w.embed.in_features + 4,
         };
-        let positions = w.positions.as_ref().map_or(0, |_| 4 * self.model.config.hidden_size);
+        let positions = w
+            .positions
+            .as_ref()
+            .map_or(0, |_| 4 * self.model.config.hidden_size);
         rows * (row + positions) + w.project_in.as_ref().map_or(0, |p| p.weight_bytes())
     }
 
@@ -428,5 +431,47 @@ impl Engine {
         let act = self.model.config.activation;
         a.iter_mut().for_each(|v| *v = activate(act, *v));
         self.linear(&mlp.fc2, &a, rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One decode step of one sequence reads each attention matrix, the router and the head
+    /// once, two experts per layer (top-2), one embedding row and every cached key and value.
+    #[test]
+    fn counts_the_bytes_a_decode_step_reads() {
+        let model = Arc::new(Model::builtin_default());
+        let engine = Engine::new(model.clone(), 1).unwrap();
+        let mut cache = engine.new_cache();
+        let mut step = |tokens: &[u32], cache: &mut KvCache| {
+            let mut batch = [BatchItem {
+                tokens,
+                cache,
+                logits: Logits::Last,
+            }];
+            engine.forward(&mut batch).unwrap();
+        };
+        step(&[1, 2, 3], &mut cache);
+        let before = engine.stats.snapshot();
+        step(&[4], &mut cache);
+        let after = engine.stats.snapshot();
+
+        let cfg = &model.config;
+        let w = &model.weights;
+        let mut weights = cfg.hidden_size * 4 + w.head().weight_bytes();
+        for layer in &w.layers {
+            let a = &layer.attn;
+            weights += a.q.weight_bytes() + a.k.weight_bytes();
+            weights += a.v.weight_bytes() + a.o.weight_bytes();
+            let Ffn::Moe(block) = &layer.ffn else {
+                panic!("the default model is all MoE")
+            };
+            weights += block.router.weight_bytes() + 2 * block.experts[0].weight_bytes();
+        }
+        let kv = cfg.num_layers * 4 * 2 * cfg.kv_dim() * 4;
+        assert_eq!(after.weight_bytes - before.weight_bytes, weights as u64);
+        assert_eq!(after.kv_bytes - before.kv_bytes, kv as u64);
     }
 }

@@ -3,9 +3,8 @@
 
 use super::Engine;
 use crate::backend::cpu::ops::{sigmoid, softmax};
-use crate::backend::cpu::parallel::serially;
+use crate::backend::cpu::parallel::{largest_first, serially};
 use crate::model::weights::MoeBlock;
-use rayon::prelude::*;
 
 /// Below this many weights per expert matrix, experts run in parallel with each other.
 const SMALL_EXPERT_WEIGHTS: usize = 1 << 20;
@@ -68,12 +67,17 @@ pub fn forward(
         }
         engine.gated_mlp(&block.experts[e], &xs, tokens.len())
     };
-    // Small experts run side by side on the pool (one small matmul alone would not fill it);
-    // large ones one after another, each matmul spread over the pool, so weights stream from
-    // memory without the threads competing. Outputs are mixed in expert order afterwards, so
-    // results don't depend on scheduling.
+    // Small experts run side by side on the pool (one small matmul alone would not fill it),
+    // those with the most tokens first: in a batched step one expert may have eight tokens and
+    // the next one. Large ones run one after another, each matmul spread over the pool, so
+    // weights stream from memory without the threads competing. Outputs are mixed in expert
+    // order afterwards, so results don't depend on scheduling.
     let outputs: Vec<Vec<f32>> = if small {
-        chosen.par_iter().map(|&e| serially(|| run(e))).collect()
+        largest_first(
+            chosen.len(),
+            |i| assigned[chosen[i]].len(),
+            |i| serially(|| run(chosen[i])),
+        )
     } else {
         chosen.iter().map(|&e| run(e)).collect()
     };

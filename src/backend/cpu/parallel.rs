@@ -2,7 +2,9 @@
 //! except inside [`serially`]: there the caller already runs several kernels side by side, one
 //! per thread, and splitting each again would only add hand-offs.
 
+use rayon::prelude::*;
 use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 thread_local! {
     static SERIAL: Cell<bool> = const { Cell::new(false) };
@@ -25,6 +27,40 @@ pub fn kernel_threads() -> usize {
     }
 }
 
+/// Runs `task(i)` for every `i < n` on the pool and returns the results in index order.
+/// Tasks start largest `cost` first, and each thread takes the next one when it finishes its
+/// last (longest-processing-time-first list scheduling), so tasks of very different sizes
+/// still end about together; splitting the index range in halves would not.
+pub fn largest_first<R: Send>(
+    n: usize,
+    cost: impl Fn(usize) -> usize,
+    task: impl Fn(usize) -> R + Sync,
+) -> Vec<R> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(cost(i)));
+    let next = AtomicUsize::new(0);
+    let worker = || {
+        let mut done = Vec::new();
+        loop {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&i) = order.get(k) else { break };
+            done.push((i, task(i)));
+        }
+        done
+    };
+    let threads = kernel_threads().min(n);
+    let mut done: Vec<(usize, R)> = if threads > 1 {
+        (0..threads)
+            .into_par_iter()
+            .flat_map_iter(|_| worker())
+            .collect()
+    } else {
+        worker()
+    };
+    done.sort_unstable_by_key(|d| d.0);
+    done.into_iter().map(|d| d.1).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -44,5 +80,19 @@ mod tests {
             });
             assert_eq!(kernel_threads(), 2);
         });
+    }
+
+    #[test]
+    fn largest_first_returns_every_result_in_index_order() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for n in [0, 1, 2, 7, 40] {
+            let costs: Vec<usize> = (0..n).map(|i| (i * 37) % 11).collect();
+            let got = pool.install(|| largest_first(n, |i| costs[i], |i| i * i));
+            assert_eq!(got, (0..n).map(|i| i * i).collect::<Vec<_>>(), "n = {n}");
+            assert_eq!(largest_first(n, |i| costs[i], |i| i + 1).len(), n);
+        }
     }
 }
