@@ -445,7 +445,7 @@ mod tests {
         let model = Arc::new(Model::builtin_default());
         let engine = Engine::new(model.clone(), 1).unwrap();
         let mut cache = engine.new_cache();
-        let mut step = |tokens: &[u32], cache: &mut KvCache| {
+        let step = |tokens: &[u32], cache: &mut KvCache| {
             let mut batch = [BatchItem {
                 tokens,
                 cache,
