@@ -12,8 +12,8 @@ pub mod stats;
 use crate::backend::cpu::attention::{attend, AttentionShape, Segment};
 use crate::backend::cpu::int8::{self, quantize_rows_smoothed, QuantizedRows};
 use crate::backend::cpu::int8w::matmul_w8;
-use crate::backend::cpu::matmul::matmul;
 use crate::backend::cpu::ops::{activate, gated_activation, norm_rows, Rope, RopeTable};
+use crate::backend::cpu::packed::matmul_packed;
 use crate::backend::cpu::parallel::{kernel_threads, serially};
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
@@ -240,10 +240,9 @@ impl Engine {
         let w = &self.model.weights;
         let e = w.embed.in_features;
         let mut x: Vec<f32> = match &w.embed.weight {
-            LinearWeight::F32(table) => tokens
-                .iter()
-                .flat_map(|&t| table[t as usize * e..(t as usize + 1) * e].iter().copied())
-                .collect(),
+            LinearWeight::F32(table) => {
+                tokens.iter().flat_map(|&t| table.row(t as usize)).collect()
+            }
             // Quantized embeddings (a tied int8 head): dequantize the looked-up rows.
             LinearWeight::Int8(matrix) | LinearWeight::Int8WeightOnly(matrix) => tokens
                 .iter()
@@ -365,16 +364,16 @@ impl Engine {
             obs.observe(lin, x, rows);
         }
         let mut out = vec![0f32; rows * lin.out_features];
-        let (n, k, bias) = (lin.out_features, lin.in_features, lin.bias.as_deref());
+        let (k, bias) = (lin.in_features, lin.bias.as_deref());
         match &lin.weight {
             LinearWeight::F32(w) => match &lin.input_scale {
-                None => matmul(x, rows, w, n, k, bias, &mut out),
+                None => matmul_packed(x, rows, w, bias, &mut out),
                 Some(s) => {
                     let xs: Vec<f32> = x
                         .chunks(k)
                         .flat_map(|r| r.iter().zip(s).map(|(a, b)| a * b))
                         .collect();
-                    matmul(&xs, rows, w, n, k, bias, &mut out)
+                    matmul_packed(&xs, rows, w, bias, &mut out)
                 }
             },
             LinearWeight::Int8(matrix) => {

@@ -2,10 +2,11 @@
 //! Architecture files (`arch/`) fill these from checkpoint tensors; the engine runs them.
 
 use crate::backend::cpu::int8::Int8Matrix;
+use crate::backend::cpu::packed::PackedF32;
 use crate::error::{Error, Result};
 
-/// A dense `y = x·Wᵀ + b` with W stored row-major as `[out_features, in_features]`
-/// (the Hugging Face / PyTorch layout).
+/// A dense `y = x·Wᵀ + b` for a checkpoint's `[out_features, in_features]` weight (the Hugging
+/// Face / PyTorch layout), held in the form the CPU kernels read.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// The checkpoint prefix (`model.layers.0.self_attn.q_proj`): names stats, blocks, reports.
@@ -21,7 +22,8 @@ pub struct Linear {
 
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
-    F32(Vec<f32>),
+    /// f32 weights in column panels (see [`PackedF32`]).
+    F32(PackedF32),
     /// W8A8: int8 weights with per-output-channel scales; activations are quantized per token
     /// at run time.
     Int8(Int8Matrix),
@@ -42,16 +44,17 @@ impl Linear {
             name: name.to_string(),
             out_features,
             in_features,
-            weight: LinearWeight::F32(weight),
+            weight: LinearWeight::F32(PackedF32::from_rows(&weight, out_features, in_features)),
             bias,
             input_scale: None,
         }
     }
 
-    /// The f32 weights, `None` once quantized.
-    pub fn f32_weight(&self) -> Option<&[f32]> {
+    /// The f32 weights as the checkpoint stores them (`[out, in]`, a copy), `None` once
+    /// quantized.
+    pub fn f32_rows(&self) -> Option<Vec<f32>> {
         match &self.weight {
-            LinearWeight::F32(w) => Some(w),
+            LinearWeight::F32(w) => Some(w.to_rows()),
             LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => None,
         }
     }
@@ -63,7 +66,7 @@ impl Linear {
     /// Bytes the weights occupy in memory (what a decode step streams).
     pub fn weight_bytes(&self) -> usize {
         let w = match &self.weight {
-            LinearWeight::F32(w) => w.len() * 4,
+            LinearWeight::F32(w) => w.bytes(),
             LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => {
                 m.data.len() + m.scales.len() * 4
             }

@@ -310,9 +310,11 @@ fn quantize_linear(
     stats: &HashMap<String, InputStats>,
     summary: &mut QuantSummary,
 ) -> Result<()> {
-    let LinearWeight::F32(w) = &lin.weight else {
+    let LinearWeight::F32(packed) = &lin.weight else {
         return Ok(());
     };
+    let rows = packed.to_rows();
+    let w = &rows[..];
     let (n, k) = (lin.out_features, lin.in_features);
     let bad =
         |e: crate::backend::cpu::int8::Int8Error| Error::invalid(format!("{}: {e}", lin.name));

@@ -33,11 +33,10 @@ fn scale_norm(norm: &mut Norm, channels: &[usize], factor: f32) {
 }
 
 fn divide_columns(lin: &mut Linear, channels: &[usize], factor: f32) {
-    let k = lin.in_features;
     if let LinearWeight::F32(w) = &mut lin.weight {
-        for row in w.chunks_mut(k) {
-            channels.iter().for_each(|&c| row[c] /= factor);
-        }
+        channels
+            .iter()
+            .for_each(|&c| w.map_column(c, |v| v / factor));
     }
 }
 

@@ -16,7 +16,7 @@ pub fn factors(x_max: &[f32], members: &[&mut Linear], alpha: f32) -> Vec<f32> {
     let k = x_max.len();
     let mut w_max = vec![0f32; k];
     for lin in members {
-        if let Some(w) = lin.f32_weight() {
+        if let Some(w) = lin.f32_rows() {
             for row in w.chunks(k) {
                 for (m, v) in w_max.iter_mut().zip(row) {
                     *m = m.max(v.abs());
@@ -40,8 +40,8 @@ pub fn factors(x_max: &[f32], members: &[&mut Linear], alpha: f32) -> Vec<f32> {
 pub fn scale_columns(members: &mut [&mut Linear], s: &[f32]) {
     for lin in members.iter_mut() {
         if let crate::model::weights::LinearWeight::F32(w) = &mut lin.weight {
-            for row in w.chunks_mut(s.len()) {
-                row.iter_mut().zip(s).for_each(|(v, f)| *v *= f);
+            for (i, &f) in s.iter().enumerate() {
+                w.map_column(i, |v| v * f);
             }
         }
     }
@@ -94,7 +94,7 @@ pub fn alpha_loss(stats: &InputStats, members: &[&mut Linear], alpha: f32) -> f6
         .iter()
         .filter(|l| super::is_quantized_layer(&l.name))
     {
-        let Some(w) = lin.f32_weight() else { continue };
+        let Some(w) = lin.f32_rows() else { continue };
         let n = lin.out_features;
         let ws: Vec<f32> = w
             .chunks(k)

@@ -5,6 +5,7 @@ pub mod int8;
 pub mod int8w;
 pub mod matmul;
 pub mod ops;
+pub mod packed;
 pub mod parallel;
 pub mod simd;
 pub mod vexp;
