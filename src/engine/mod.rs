@@ -12,8 +12,9 @@ pub mod stats;
 use crate::backend::cpu::attention::{attend, AttentionShape, Segment};
 use crate::backend::cpu::int8::{self, quantize_rows_smoothed, QuantizedRows};
 use crate::backend::cpu::int8w::matmul_w8;
+use crate::backend::cpu::matmul::matmul;
 use crate::backend::cpu::ops::{activate, gated_activation, norm_rows, Rope, RopeTable};
-use crate::backend::cpu::packed::matmul_packed;
+use crate::backend::cpu::packed::{matmul_packed, PANEL};
 use crate::backend::cpu::parallel::{kernel_threads, serially};
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
@@ -22,6 +23,7 @@ use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, LinearWeight, PlainMlp
 use crate::model::Model;
 use rayon::prelude::*;
 use stats::RuntimeStats;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Most tokens of KV cache reserved up front for one sequence.
@@ -226,7 +228,9 @@ impl Engine {
     fn embed_bytes(&self, rows: usize) -> usize {
         let w = &self.model.weights;
         let row = match &w.embed.weight {
-            LinearWeight::F32(_) => 4 * w.embed.in_features,
+            LinearWeight::F32Rows(_) => 4 * w.embed.in_features,
+            // A row of a panel is strided: every cache line of its panel.
+            LinearWeight::F32(_) => 4 * PANEL * w.embed.in_features,
             LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => w.embed.in_features + 4,
         };
         let positions = w
@@ -240,6 +244,10 @@ impl Engine {
         let w = &self.model.weights;
         let e = w.embed.in_features;
         let mut x: Vec<f32> = match &w.embed.weight {
+            LinearWeight::F32Rows(table) => tokens
+                .iter()
+                .flat_map(|&t| table[t as usize * e..(t as usize + 1) * e].iter().copied())
+                .collect(),
             LinearWeight::F32(table) => {
                 tokens.iter().flat_map(|&t| table.row(t as usize)).collect()
             }
@@ -376,6 +384,17 @@ impl Engine {
                     matmul_packed(&xs, rows, w, bias, &mut out)
                 }
             },
+            // A tied head: the embedding table, row-major.
+            LinearWeight::F32Rows(w) => {
+                let xs: Cow<[f32]> = match &lin.input_scale {
+                    None => Cow::Borrowed(x),
+                    Some(s) => x
+                        .chunks(k)
+                        .flat_map(|r| r.iter().zip(s).map(|(a, b)| a * b))
+                        .collect(),
+                };
+                matmul(&xs, rows, w, lin.out_features, k, bias, &mut out)
+            }
             LinearWeight::Int8(matrix) => {
                 // W8A8: quantize each token's activations (per-token scale), then int8 GEMM.
                 let mut q = QuantizedRows::new();

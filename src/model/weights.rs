@@ -24,6 +24,9 @@ pub struct Linear {
 pub enum LinearWeight {
     /// f32 weights in column panels (see [`PackedF32`]).
     F32(PackedF32),
+    /// f32 weights as the checkpoint stores them, `[out, in]`: embedding tables, which are
+    /// read a row per token (and multiplied by only as a tied head).
+    F32Rows(Vec<f32>),
     /// W8A8: int8 weights with per-output-channel scales; activations are quantized per token
     /// at run time.
     Int8(Int8Matrix),
@@ -55,7 +58,26 @@ impl Linear {
     pub fn f32_rows(&self) -> Option<Vec<f32>> {
         match &self.weight {
             LinearWeight::F32(w) => Some(w.to_rows()),
+            LinearWeight::F32Rows(w) => Some(w.clone()),
             LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => None,
+        }
+    }
+
+    /// Keeps f32 weights row-major (for an embedding table).
+    pub fn into_row_major(mut self) -> Linear {
+        if let LinearWeight::F32(w) = &self.weight {
+            self.weight = LinearWeight::F32Rows(w.to_rows());
+        }
+        self
+    }
+
+    /// Applies `f` to every weight of input channel `i` (f32 weights only).
+    pub fn map_input_channel(&mut self, i: usize, f: impl Fn(f32) -> f32) {
+        let k = self.in_features;
+        match &mut self.weight {
+            LinearWeight::F32(w) => w.map_column(i, f),
+            LinearWeight::F32Rows(w) => w.chunks_mut(k).for_each(|row| row[i] = f(row[i])),
+            LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => {}
         }
     }
 
@@ -67,6 +89,7 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         let w = match &self.weight {
             LinearWeight::F32(w) => w.bytes(),
+            LinearWeight::F32Rows(w) => w.len() * 4,
             LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => {
                 m.data.len() + m.scales.len() * 4
             }

@@ -310,10 +310,9 @@ fn quantize_linear(
     stats: &HashMap<String, InputStats>,
     summary: &mut QuantSummary,
 ) -> Result<()> {
-    let LinearWeight::F32(packed) = &lin.weight else {
+    let Some(rows) = lin.f32_rows() else {
         return Ok(());
     };
-    let rows = packed.to_rows();
     let w = &rows[..];
     let (n, k) = (lin.out_features, lin.in_features);
     let bad =

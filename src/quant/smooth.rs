@@ -39,10 +39,8 @@ pub fn factors(x_max: &[f32], members: &[&mut Linear], alpha: f32) -> Vec<f32> {
 /// Multiplies the weight columns of every member by `s`.
 pub fn scale_columns(members: &mut [&mut Linear], s: &[f32]) {
     for lin in members.iter_mut() {
-        if let crate::model::weights::LinearWeight::F32(w) = &mut lin.weight {
-            for (i, &f) in s.iter().enumerate() {
-                w.map_column(i, |v| v * f);
-            }
+        for (i, &f) in s.iter().enumerate() {
+            lin.map_input_channel(i, |v| v * f);
         }
     }
 }

@@ -12,11 +12,14 @@ use std::path::Path;
 fn linear_tensors(lin: &Linear) -> Vec<TensorData<'static>> {
     let (n, k, p) = (lin.out_features, lin.in_features, &lin.name);
     let mut out = match &lin.weight {
-        LinearWeight::F32(w) => vec![TensorData::from_f32(
-            format!("{p}.weight"),
-            vec![n, k],
-            &w.to_rows(),
-        )],
+        LinearWeight::F32(_) | LinearWeight::F32Rows(_) => {
+            let rows = lin.f32_rows().unwrap_or_default();
+            vec![TensorData::from_f32(
+                format!("{p}.weight"),
+                vec![n, k],
+                &rows,
+            )]
+        }
         LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => {
             let q: Vec<i8> = (0..n).flat_map(|j| m.row(j)[..k].iter().copied()).collect();
             let marker = matches!(lin.weight, LinearWeight::Int8WeightOnly(_))

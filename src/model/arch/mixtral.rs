@@ -29,13 +29,15 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
 pub fn rms_decoder(l: &Loader, cfg: &ModelConfig, layers: Vec<Layer>) -> Result<Weights> {
     let h = cfg.hidden_size;
     Ok(Weights {
-        embed: l.linear(
-            "model.embed_tokens",
-            cfg.vocab_size,
-            h,
-            false,
-            "vocab_size × hidden_size",
-        )?,
+        embed: l
+            .linear(
+                "model.embed_tokens",
+                cfg.vocab_size,
+                h,
+                false,
+                "vocab_size × hidden_size",
+            )?
+            .into_row_major(),
         positions: None,
         project_in: None,
         layers,
