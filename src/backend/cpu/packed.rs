@@ -22,7 +22,7 @@ pub const PANEL: usize = 8;
 const X_BLOCK: usize = 48;
 /// Below this many multiply-adds a task switch costs more than it saves: run on the caller.
 const PARALLEL_MIN_MACS: usize = 1 << 17;
-/// Most panels × rows in a register tile (1 × 8 or 6 × 2 vectors of sums).
+/// Most panels × rows in a register tile (1 × 8, 2 × 4 or 6 × 2 vectors of sums).
 const TILE_MAX: usize = 12;
 
 /// An `n × k` f32 matrix stored as `ceil(n / 8)` panels of `k × 8` floats; the rows past `n`
@@ -136,10 +136,15 @@ fn row_tile(left: usize) -> usize {
     }
 }
 
-/// Panels of the next register tile for `rows` rows when `left` panels remain: a single row
-/// takes eight (eight independent FMA chains hide their latency), more rows two.
+/// Panels of the next register tile for `rows` rows when `left` panels remain: enough for
+/// about eight independent FMA chains (which hide their latency), at most twelve sums (3 × 4
+/// would not leave the registers for its weights and spills).
 fn panel_tile(rows: usize, left: usize) -> usize {
-    let most = if rows == 1 { 8 } else { 2 };
+    let most = match rows {
+        1 => 8,
+        2 => 4,
+        _ => 2,
+    };
     let c = most.min(left);
     // Tiles come in power-of-two widths.
     1 << c.ilog2()
@@ -161,7 +166,7 @@ unsafe fn multiply_panels(
 ) {
     // Panels outermost within a block of rows: a group's weights stay in L1 while every row
     // tile of the block uses them, so weights are read from memory once per block.
-    let group = if rows == 1 { 8 } else { 2 };
+    let group = if rows == 1 { 8 } else { 4 };
     for xb in (0..rows).step_by(X_BLOCK) {
         let xe = (xb + X_BLOCK).min(rows);
         let mut p = panels.start;
@@ -173,9 +178,7 @@ unsafe fn multiply_panels(
                 let mut q = p;
                 while q < pe {
                     let c = panel_tile(r, pe - q);
-                    let mut acc = [[0f32; PANEL]; TILE_MAX];
-                    tile(x, t, r, w, q, c, avx2, &mut acc);
-                    store(&acc, t, r, q, c, w.n, bias, out);
+                    tile(x, t, r, w, q, c, bias, out, avx2);
                     q += c;
                 }
                 t += r;
@@ -185,39 +188,49 @@ unsafe fn multiply_panels(
     }
 }
 
-/// `acc[r·c + p]` = the sums of row `t + r` for panel `q + p`.
+/// Computes and stores rows `t..t + r` of panels `q..q + c`.
+///
+/// # Safety
+/// As [`multiply_panels`].
 #[allow(clippy::too_many_arguments)]
-fn tile(
+unsafe fn tile(
     x: &[f32],
     t: usize,
     r: usize,
     w: &PackedF32,
     q: usize,
     c: usize,
+    bias: Option<&[f32]>,
+    out: SendPtr<f32>,
     avx2: bool,
-    acc: &mut [[f32; PANEL]; TILE_MAX],
 ) {
     let k = w.k;
     assert!(
         (t + r) * k <= x.len() && (q + c) * k * PANEL <= w.data.len(),
         "tile out of bounds"
     );
+    if let Some(b) = bias {
+        assert!(b.len() >= w.n, "bias too short");
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         macro_rules! dispatch {
             ($($r:literal, $c:literal);*) => {
                 match (r, c) {
-                    // SAFETY: avx2+fma detected at run time; bounds asserted above.
-                    $(($r, $c) => unsafe { tile_avx2::<$r, $c>(x, t, w, q, acc) },)*
+                    // SAFETY: avx2+fma detected at run time; bounds asserted above, `out` as
+                    // the caller promises.
+                    $(($r, $c) => tile_avx2::<$r, $c>(x, t, w, q, bias, out),)*
                     _ => unreachable!("tile {r}×{c}"),
                 }
             };
         }
-        dispatch!(1,1; 1,2; 1,4; 1,8; 2,1; 2,2; 3,1; 3,2; 4,1; 4,2; 6,1; 6,2);
+        dispatch!(1,1; 1,2; 1,4; 1,8; 2,1; 2,2; 2,4; 3,1; 3,2; 4,1; 4,2; 6,1; 6,2);
         return;
     }
     let _ = avx2;
-    tile_scalar(x, t, r, w, q, c, acc);
+    let mut acc = [[0f32; PANEL]; TILE_MAX];
+    tile_scalar(x, t, r, w, q, c, &mut acc);
+    store(&acc, t, r, q, c, w.n, bias, out);
 }
 
 /// Reference tile: one fused multiply-add per weight, in the kernel's order.
@@ -246,6 +259,8 @@ fn tile_scalar(
     }
 }
 
+/// # Safety
+/// avx2+fma; `x` holds rows `t..t + R`, `w` panels `q..q + C`; `out` as [`multiply_panels`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2<const R: usize, const C: usize>(
@@ -253,10 +268,11 @@ unsafe fn tile_avx2<const R: usize, const C: usize>(
     t: usize,
     w: &PackedF32,
     q: usize,
-    acc: &mut [[f32; PANEL]; TILE_MAX],
+    bias: Option<&[f32]>,
+    out: SendPtr<f32>,
 ) {
     use std::arch::x86_64::*;
-    let k = w.k;
+    let (n, k) = (w.n, w.k);
     let xp = x.as_ptr().add(t * k);
     let wp = w.data.as_ptr().add(q * k * PANEL);
     let mut v = [[_mm256_setzero_ps(); C]; R];
@@ -274,9 +290,28 @@ unsafe fn tile_avx2<const R: usize, const C: usize>(
             }
         }
     }
-    for (rr, vr) in v.iter().enumerate() {
-        for (p, vp) in vr.iter().enumerate() {
-            _mm256_storeu_ps(acc[rr * C + p].as_mut_ptr(), *vp);
+    for (p, _) in v[0].iter().enumerate() {
+        let j0 = (q + p) * PANEL;
+        let full = j0 + PANEL <= n;
+        let b = match bias {
+            Some(b) if full => _mm256_loadu_ps(b.as_ptr().add(j0)),
+            Some(b) => {
+                let mut lanes = [0f32; PANEL];
+                lanes[..n - j0].copy_from_slice(&b[j0..n]);
+                _mm256_loadu_ps(lanes.as_ptr())
+            }
+            None => _mm256_setzero_ps(),
+        };
+        for (rr, vr) in v.iter().enumerate() {
+            let sum = _mm256_add_ps(vr[p], b);
+            let dst = out.get().add((t + rr) * n + j0);
+            if full {
+                _mm256_storeu_ps(dst, sum);
+            } else {
+                let mut lanes = [0f32; PANEL];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, n - j0);
+            }
         }
     }
 }
