@@ -42,11 +42,19 @@ impl PackedF32 {
     pub fn from_rows(w: &[f32], n: usize, k: usize) -> PackedF32 {
         assert_eq!(w.len(), n * k, "weights are not {n} × {k}");
         let mut data = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
-        for j in 0..n {
-            let base = (j / PANEL) * k * PANEL + j % PANEL;
-            for (i, &v) in w[j * k..(j + 1) * k].iter().enumerate() {
-                data[base + i * PANEL] = v;
-            }
+        if k > 0 {
+            // Panel by panel, written in order (and over the pool: loading a large model
+            // packs hundreds of megabytes).
+            data.par_chunks_mut(k * PANEL)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    for lane in 0..PANEL.min(n - p * PANEL) {
+                        let row = &w[(p * PANEL + lane) * k..(p * PANEL + lane + 1) * k];
+                        for (i, &v) in row.iter().enumerate() {
+                            panel[i * PANEL + lane] = v;
+                        }
+                    }
+                });
         }
         PackedF32 { n, k, data }
     }
