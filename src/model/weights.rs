@@ -35,7 +35,21 @@ pub enum LinearWeight {
 }
 
 impl Linear {
+    /// A linear layer from row-major `[out, in]` weights, packed for the matmul kernel.
     pub fn new(
+        name: &str,
+        out_features: usize,
+        in_features: usize,
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+    ) -> Self {
+        let mut lin = Linear::new_rows(name, out_features, in_features, weight, bias);
+        lin.pack();
+        lin
+    }
+
+    /// A linear layer that keeps its row-major `[out, in]` weights as they are.
+    pub fn new_rows(
         name: &str,
         out_features: usize,
         in_features: usize,
@@ -47,7 +61,7 @@ impl Linear {
             name: name.to_string(),
             out_features,
             in_features,
-            weight: LinearWeight::F32(PackedF32::from_rows(&weight, out_features, in_features)),
+            weight: LinearWeight::F32Rows(weight),
             bias,
             input_scale: None,
         }
@@ -63,12 +77,24 @@ impl Linear {
         }
     }
 
-    /// Keeps f32 weights row-major (for an embedding table).
-    pub fn into_row_major(mut self) -> Linear {
-        if let LinearWeight::F32(w) = &self.weight {
-            self.weight = LinearWeight::F32Rows(w.to_rows());
+    /// Turns packed f32 weights back into the checkpoint's row-major layout.
+    pub fn unpack(&mut self) {
+        if let LinearWeight::F32(w) = &mut self.weight {
+            let packed = std::mem::replace(w, PackedF32::from_row_vec(Vec::new(), 0, 0));
+            self.weight = LinearWeight::F32Rows(packed.into_rows());
         }
-        self
+    }
+
+    /// Puts row-major f32 weights into panels for the matmul kernel.
+    pub fn pack(&mut self) {
+        if let LinearWeight::F32Rows(w) = &mut self.weight {
+            let rows = std::mem::take(w);
+            self.weight = LinearWeight::F32(PackedF32::from_row_vec(
+                rows,
+                self.out_features,
+                self.in_features,
+            ));
+        }
     }
 
     /// Applies `f` to every weight of input channel `i` (f32 weights only).
@@ -224,6 +250,24 @@ impl Loader<'_> {
         bias: bool,
         why: &str,
     ) -> Result<Linear> {
+        self.linear_as(prefix, out, inp, bias, why, false)
+    }
+
+    /// An embedding table: as [`Self::linear`], but f32 weights stay row-major (looked up a
+    /// row per token).
+    pub fn embedding(&self, prefix: &str, out: usize, inp: usize, why: &str) -> Result<Linear> {
+        self.linear_as(prefix, out, inp, false, why, true)
+    }
+
+    fn linear_as(
+        &self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+        why: &str,
+        row_major: bool,
+    ) -> Result<Linear> {
         let bias = if bias {
             Some(self.src.tensor(&format!("{prefix}.bias"), &[out], why)?)
         } else {
@@ -234,7 +278,11 @@ impl Loader<'_> {
             let weight = self
                 .src
                 .tensor(&format!("{prefix}.weight"), &[out, inp], why)?;
-            return Ok(Linear::new(prefix, out, inp, weight, bias));
+            let mut lin = Linear::new_rows(prefix, out, inp, weight, bias);
+            if !row_major {
+                lin.pack();
+            }
+            return Ok(lin);
         }
         let q = self.src.tensor_i8(&qname, &[out, inp], why)?;
         let scales = self.src.tensor(&format!("{prefix}.scales"), &[out], why)?;

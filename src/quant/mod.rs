@@ -310,7 +310,9 @@ fn quantize_linear(
     stats: &HashMap<String, InputStats>,
     summary: &mut QuantSummary,
 ) -> Result<()> {
-    let Some(rows) = lin.f32_rows() else {
+    // Row-major for the quantizers; unpacked in place, so the f32 weights exist once.
+    lin.unpack();
+    let LinearWeight::F32Rows(rows) = &lin.weight else {
         return Ok(());
     };
     let w = &rows[..];

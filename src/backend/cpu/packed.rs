@@ -40,23 +40,47 @@ impl PackedF32 {
     /// # Panics
     /// If `w` is not `n × k` long.
     pub fn from_rows(w: &[f32], n: usize, k: usize) -> PackedF32 {
+        PackedF32::from_row_vec(w.to_vec(), n, k)
+    }
+
+    /// Packs row-major `[n, k]` weights in place: rows `8p..8p+8` occupy exactly the floats
+    /// that panel `p` does, so each panel is an 8 × k block transposed where it lies, and a
+    /// large model is packed without a second copy of any matrix.
+    ///
+    /// # Panics
+    /// If `w` is not `n × k` long.
+    pub fn from_row_vec(mut w: Vec<f32>, n: usize, k: usize) -> PackedF32 {
         assert_eq!(w.len(), n * k, "weights are not {n} × {k}");
-        let mut data = vec![0f32; n.div_ceil(PANEL) * k * PANEL];
+        w.resize(n.div_ceil(PANEL) * k * PANEL, 0.0);
         if k > 0 {
-            // Panel by panel, written in order (and over the pool: loading a large model
-            // packs hundreds of megabytes).
-            data.par_chunks_mut(k * PANEL)
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    for lane in 0..PANEL.min(n - p * PANEL) {
-                        let row = &w[(p * PANEL + lane) * k..(p * PANEL + lane + 1) * k];
-                        for (i, &v) in row.iter().enumerate() {
-                            panel[i * PANEL + lane] = v;
-                        }
+            // Over the pool: loading a large model packs hundreds of megabytes.
+            w.par_chunks_mut(k * PANEL).for_each(|panel| {
+                let rows = panel.to_vec();
+                for (lane, row) in rows.chunks_exact(k).enumerate() {
+                    for (i, &v) in row.iter().enumerate() {
+                        panel[i * PANEL + lane] = v;
                     }
-                });
+                }
+            });
         }
-        PackedF32 { n, k, data }
+        PackedF32 { n, k, data: w }
+    }
+
+    /// The matrix as row-major `[n, k]`, as the checkpoint stores it, unpacked in place.
+    pub fn into_rows(self) -> Vec<f32> {
+        let (n, k, mut data) = (self.n, self.k, self.data);
+        if k > 0 {
+            data.par_chunks_mut(k * PANEL).for_each(|panel| {
+                let cols = panel.to_vec();
+                for (i, lanes) in cols.chunks_exact(PANEL).enumerate() {
+                    for (lane, &v) in lanes.iter().enumerate() {
+                        panel[lane * k + i] = v;
+                    }
+                }
+            });
+        }
+        data.truncate(n * k);
+        data
     }
 
     /// Output channels (rows of the checkpoint's matrix).
@@ -376,6 +400,8 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
         let mut p = PackedF32::from_rows(&w, n, k);
         assert_eq!(p.to_rows(), w);
+        assert_eq!(p.clone().into_rows(), w);
+        assert_eq!(PackedF32::from_row_vec(w.clone(), n, k), p);
         assert_eq!(p.row(9), w[9 * k..10 * k].to_vec());
         assert_eq!(p.bytes(), 2 * PANEL * k * 4);
         p.map_column(3, |v| -v);

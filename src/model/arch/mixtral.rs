@@ -29,15 +29,12 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
 pub fn rms_decoder(l: &Loader, cfg: &ModelConfig, layers: Vec<Layer>) -> Result<Weights> {
     let h = cfg.hidden_size;
     Ok(Weights {
-        embed: l
-            .linear(
-                "model.embed_tokens",
-                cfg.vocab_size,
-                h,
-                false,
-                "vocab_size × hidden_size",
-            )?
-            .into_row_major(),
+        embed: l.embedding(
+            "model.embed_tokens",
+            cfg.vocab_size,
+            h,
+            "vocab_size × hidden_size",
+        )?,
         positions: None,
         project_in: None,
         layers,

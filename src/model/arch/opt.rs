@@ -54,15 +54,12 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
         .collect::<Result<Vec<_>>>()?;
     let projected = e != h;
     Ok(Weights {
-        embed: l
-            .linear(
-                &format!("{root}.embed_tokens"),
-                cfg.vocab_size,
-                e,
-                false,
-                "vocab_size × word_embed_proj_dim",
-            )?
-            .into_row_major(),
+        embed: l.embedding(
+            &format!("{root}.embed_tokens"),
+            cfg.vocab_size,
+            e,
+            "vocab_size × word_embed_proj_dim",
+        )?,
         positions: Some(l.src.tensor(
             &format!("{root}.embed_positions.weight"),
             &[cfg.max_position_embeddings + POSITION_OFFSET, h],
