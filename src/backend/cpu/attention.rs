@@ -196,7 +196,17 @@ impl HeadGroup<'_> {
                 let s = block[u.min(block.len() - 1)];
                 *p = keys.as_ptr().add(s as usize * self.kv_dim + self.offset);
             }
-            for g in 0..self.group {
+            // Heads that share this KV head go two at a time over four slots each, so a key
+            // row is loaded once for both (see `scores_pair_avx2`); a last odd head alone.
+            let paired = self.group / 2 * 2;
+            for g in (0..paired).step_by(2) {
+                for half in 0..block.len().div_ceil(4) {
+                    let at = start + 4 * half;
+                    let sub = &block[4 * half..(4 * half + 4).min(block.len())];
+                    self.scores_pair_avx2(keys, sub, g, at, scores);
+                }
+            }
+            for g in paired..self.group {
                 let q = self.q.as_ptr().add(g * d);
                 let mut acc = [_mm256_setzero_ps(); 8];
                 let mut i = 0;
@@ -240,6 +250,69 @@ impl HeadGroup<'_> {
         }
     }
 
+    /// Scores of heads `g` and `g + 1` against up to four slots (`block`, starting at slot
+    /// index `start`): eight FMA chains over shared key loads, reduced by the same tree as the
+    /// single-head blocks, so every score has the same bits either way.
+    ///
+    /// # Safety
+    /// avx2+fma; every slot's row lies inside `keys`; `g + 1 < group`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scores_pair_avx2(
+        &self,
+        keys: &[f32],
+        block: &[u32],
+        g: usize,
+        start: usize,
+        scores: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let d = self.head_dim;
+        let d8 = d / 8 * 8;
+        let n = scores.len() / self.group;
+        let mut key = [std::ptr::null::<f32>(); 4];
+        for (u, p) in key.iter_mut().enumerate() {
+            let s = block[u.min(block.len() - 1)];
+            *p = keys.as_ptr().add(s as usize * self.kv_dim + self.offset);
+        }
+        let q = [self.q.as_ptr().add(g * d), self.q.as_ptr().add((g + 1) * d)];
+        // acc[4h + u]: head g + h against slot u.
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut i = 0;
+        while i < d8 {
+            let q0 = _mm256_loadu_ps(q[0].add(i));
+            let q1 = _mm256_loadu_ps(q[1].add(i));
+            for u in 0..4 {
+                let kv = _mm256_loadu_ps(key[u].add(i));
+                acc[u] = _mm256_fmadd_ps(q0, kv, acc[u]);
+                acc[4 + u] = _mm256_fmadd_ps(q1, kv, acc[4 + u]);
+            }
+            i += 8;
+        }
+        let h01 = _mm256_hadd_ps(acc[0], acc[1]);
+        let h23 = _mm256_hadd_ps(acc[2], acc[3]);
+        let h45 = _mm256_hadd_ps(acc[4], acc[5]);
+        let h67 = _mm256_hadd_ps(acc[6], acc[7]);
+        let lo = _mm256_hadd_ps(h01, h23);
+        let hi = _mm256_hadd_ps(h45, h67);
+        let dots = _mm256_add_ps(
+            _mm256_permute2f128_ps(lo, hi, 0x20),
+            _mm256_permute2f128_ps(lo, hi, 0x31),
+        );
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), dots);
+        let scale = 1.0 / (d as f32).sqrt();
+        for (lane, v) in lanes.iter_mut().enumerate() {
+            let (h, u) = (lane / 4, lane % 4);
+            for i in d8..d {
+                *v += *q[h].add(i) * *key[u].add(i);
+            }
+            if u < block.len() {
+                scores[(g + h) * n + start + u] = *v * scale;
+            }
+        }
+    }
+
     /// # Safety
     /// avx2+fma; every slot's row lies inside `values`; `out` holds `group × head_dim`.
     #[cfg(target_arch = "x86_64")]
@@ -247,7 +320,41 @@ impl HeadGroup<'_> {
     unsafe fn mix_avx2(&self, values: &[f32], slots: &[u32], scores: &[f32], out: &mut [f32]) {
         let (d, n) = (self.head_dim, slots.len());
         let d8 = d / 8 * 8;
-        for g in 0..self.group {
+        // Heads that share this KV head go two at a time, so each value row is loaded once
+        // for both; a last odd head alone.
+        let paired = self.group / 2 * 2;
+        for g in (0..paired).step_by(2) {
+            let w = [
+                &scores[g * n..(g + 1) * n],
+                &scores[(g + 1) * n..(g + 2) * n],
+            ];
+            let og = [
+                out.as_mut_ptr().add(g * d),
+                out.as_mut_ptr().add((g + 1) * d),
+            ];
+            let mut c0 = 0;
+            while c0 < d8 {
+                let col = values.as_ptr().add(self.offset + c0);
+                let o = [og[0].add(c0), og[1].add(c0)];
+                match ((d8 - c0) / 8).min(4) {
+                    4 => self.mix_pair_avx2::<4>(col, slots, w, o),
+                    3 => self.mix_pair_avx2::<3>(col, slots, w, o),
+                    2 => self.mix_pair_avx2::<2>(col, slots, w, o),
+                    _ => self.mix_pair_avx2::<1>(col, slots, w, o),
+                }
+                c0 += 32;
+            }
+            for h in 0..2 {
+                for i in d8..d {
+                    *og[h].add(i) = slots
+                        .iter()
+                        .zip(w[h])
+                        .map(|(&s, &wt)| wt * values[s as usize * self.kv_dim + self.offset + i])
+                        .sum();
+                }
+            }
+        }
+        for g in paired..self.group {
             let weights = &scores[g * n..(g + 1) * n];
             let og = out.as_mut_ptr().add(g * d);
             // Up to 32 dims at a time, their sums held in registers across all slots.
@@ -268,6 +375,43 @@ impl HeadGroup<'_> {
                     .zip(weights)
                     .map(|(&s, &w)| w * values[s as usize * self.kv_dim + self.offset + i])
                     .sum();
+            }
+        }
+    }
+
+    /// For both heads `h` of a pair, `out[h][0..8·V] = Σ_j weights[h][j] · col[slots[j]·kv_dim ..]`:
+    /// one FMA chain per head and vector (eight for V = 4) over value rows loaded once.
+    ///
+    /// # Safety
+    /// avx2+fma; `col + slot·kv_dim + 8·V` stays inside the values for every slot; each `out`
+    /// holds 8·V floats; `weights` are `slots.len()` long.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn mix_pair_avx2<const V: usize>(
+        &self,
+        col: *const f32,
+        slots: &[u32],
+        weights: [&[f32]; 2],
+        out: [*mut f32; 2],
+    ) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm256_setzero_ps(); V]; 2];
+        let mut ahead = slots.iter().skip(PREFETCH_SLOTS);
+        for (j, &s) in slots.iter().enumerate() {
+            if let Some(&p) = ahead.next() {
+                prefetch(col.add(p as usize * self.kv_dim), 8 * V);
+            }
+            let row = col.add(s as usize * self.kv_dim);
+            let w = [_mm256_set1_ps(weights[0][j]), _mm256_set1_ps(weights[1][j])];
+            for v in 0..V {
+                let value = _mm256_loadu_ps(row.add(8 * v));
+                acc[0][v] = _mm256_fmadd_ps(w[0], value, acc[0][v]);
+                acc[1][v] = _mm256_fmadd_ps(w[1], value, acc[1][v]);
+            }
+        }
+        for h in 0..2 {
+            for (v, a) in acc[h].iter().enumerate() {
+                _mm256_storeu_ps(out[h].add(8 * v), *a);
             }
         }
     }
@@ -385,8 +529,13 @@ mod tests {
     #[test]
     fn matches_reference_with_gqa_window_and_gaps() {
         let mut rng = SplitMix64::new(7);
-        for (heads, kv_heads, d, window) in [(4, 2, 32, None), (6, 3, 12, Some(5)), (2, 2, 7, None)]
-        {
+        for (heads, kv_heads, d, window) in [
+            (4, 2, 32, None),
+            (6, 3, 12, Some(5)),
+            (2, 2, 7, None),
+            (6, 2, 16, None),
+            (8, 2, 20, Some(9)),
+        ] {
             let shape = AttentionShape {
                 num_heads: heads,
                 num_kv_heads: kv_heads,
