@@ -403,15 +403,16 @@ impl HeadGroup<'_> {
             }
             let row = col.add(s as usize * self.kv_dim);
             let w = [_mm256_set1_ps(weights[0][j]), _mm256_set1_ps(weights[1][j])];
-            for v in 0..V {
+            let [a0, a1] = &mut acc;
+            for (v, (x0, x1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
                 let value = _mm256_loadu_ps(row.add(8 * v));
-                acc[0][v] = _mm256_fmadd_ps(w[0], value, acc[0][v]);
-                acc[1][v] = _mm256_fmadd_ps(w[1], value, acc[1][v]);
+                *x0 = _mm256_fmadd_ps(w[0], value, *x0);
+                *x1 = _mm256_fmadd_ps(w[1], value, *x1);
             }
         }
-        for h in 0..2 {
-            for (v, a) in acc[h].iter().enumerate() {
-                _mm256_storeu_ps(out[h].add(8 * v), *a);
+        for (head, o) in acc.iter().zip(out) {
+            for (v, a) in head.iter().enumerate() {
+                _mm256_storeu_ps(o.add(8 * v), *a);
             }
         }
     }
