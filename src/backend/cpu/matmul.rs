@@ -1,5 +1,6 @@
-//! f32 matrix multiply `out[t, j] = Σ_k x[t, k]·w[j, k] (+ b[j])` with W in the checkpoint's
-//! `[out, in]` layout, so weights are used as stored (and later memory-mapped) without repacking.
+//! f32 matrix multiply `out[t, j] = Σ_k x[t, k]·w[j, k] (+ b[j])` with W row-major, `[out, in]`:
+//! for matrices that are not packed into panels (a head tied to the row-major embedding table,
+//! calibration's XᵀX). Linear layers use [`super::packed`].
 //!
 //! Work is split over output channels across the pool; each task computes register tiles of
 //! `TX` activation rows × `TW` weight rows as dot products along k (AVX2+FMA where the CPU has
