@@ -217,16 +217,7 @@ impl HeadGroup<'_> {
                     }
                     i += 8;
                 }
-                let h01 = _mm256_hadd_ps(acc[0], acc[1]);
-                let h23 = _mm256_hadd_ps(acc[2], acc[3]);
-                let h45 = _mm256_hadd_ps(acc[4], acc[5]);
-                let h67 = _mm256_hadd_ps(acc[6], acc[7]);
-                let lo = _mm256_hadd_ps(h01, h23);
-                let hi = _mm256_hadd_ps(h45, h67);
-                let mut dots = _mm256_add_ps(
-                    _mm256_permute2f128_ps(lo, hi, 0x20),
-                    _mm256_permute2f128_ps(lo, hi, 0x31),
-                );
+                let mut dots = reduce8(&acc);
                 if d8 < d {
                     let mut lanes = [0f32; 8];
                     _mm256_storeu_ps(lanes.as_mut_ptr(), dots);
@@ -289,16 +280,7 @@ impl HeadGroup<'_> {
             }
             i += 8;
         }
-        let h01 = _mm256_hadd_ps(acc[0], acc[1]);
-        let h23 = _mm256_hadd_ps(acc[2], acc[3]);
-        let h45 = _mm256_hadd_ps(acc[4], acc[5]);
-        let h67 = _mm256_hadd_ps(acc[6], acc[7]);
-        let lo = _mm256_hadd_ps(h01, h23);
-        let hi = _mm256_hadd_ps(h45, h67);
-        let dots = _mm256_add_ps(
-            _mm256_permute2f128_ps(lo, hi, 0x20),
-            _mm256_permute2f128_ps(lo, hi, 0x31),
-        );
+        let dots = reduce8(&acc);
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), dots);
         let scale = 1.0 / (d as f32).sqrt();
@@ -462,6 +444,28 @@ impl HeadGroup<'_> {
             _mm256_storeu_ps(out.add(8 * v), _mm256_add_ps(*e, *o));
         }
     }
+}
+
+/// The eight sums of eight vectors, lane `u` = Σ of `acc[u]`, by one tree
+/// (((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))): every score block reduces the same way, so a score's
+/// bits do not depend on which block computed it.
+///
+/// # Safety
+/// avx2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn reduce8(acc: &[std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let h01 = _mm256_hadd_ps(acc[0], acc[1]);
+    let h23 = _mm256_hadd_ps(acc[2], acc[3]);
+    let h45 = _mm256_hadd_ps(acc[4], acc[5]);
+    let h67 = _mm256_hadd_ps(acc[6], acc[7]);
+    let lo = _mm256_hadd_ps(h01, h23);
+    let hi = _mm256_hadd_ps(h45, h67);
+    _mm256_add_ps(
+        _mm256_permute2f128_ps(lo, hi, 0x20),
+        _mm256_permute2f128_ps(lo, hi, 0x31),
+    )
 }
 
 /// How many slots ahead the kernels ask for cache rows: far enough to cover a memory access

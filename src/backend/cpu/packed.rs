@@ -54,14 +54,8 @@ impl PackedF32 {
         w.resize(n.div_ceil(PANEL) * k * PANEL, 0.0);
         if k > 0 {
             // Over the pool: loading a large model packs hundreds of megabytes.
-            w.par_chunks_mut(k * PANEL).for_each(|panel| {
-                let rows = panel.to_vec();
-                for (lane, row) in rows.chunks_exact(k).enumerate() {
-                    for (i, &v) in row.iter().enumerate() {
-                        panel[i * PANEL + lane] = v;
-                    }
-                }
-            });
+            w.par_chunks_mut(k * PANEL)
+                .for_each(|panel| transpose(panel, PANEL, k));
         }
         PackedF32 { n, k, data: w }
     }
@@ -70,14 +64,8 @@ impl PackedF32 {
     pub fn into_rows(self) -> Vec<f32> {
         let (n, k, mut data) = (self.n, self.k, self.data);
         if k > 0 {
-            data.par_chunks_mut(k * PANEL).for_each(|panel| {
-                let cols = panel.to_vec();
-                for (i, lanes) in cols.chunks_exact(PANEL).enumerate() {
-                    for (lane, &v) in lanes.iter().enumerate() {
-                        panel[lane * k + i] = v;
-                    }
-                }
-            });
+            data.par_chunks_mut(k * PANEL)
+                .for_each(|panel| transpose(panel, k, PANEL));
         }
         data.truncate(n * k);
         data
@@ -117,6 +105,16 @@ impl PackedF32 {
         for j in 0..self.n {
             let at = self.index(j, i);
             self.data[at] = f(self.data[at]);
+        }
+    }
+}
+
+/// Turns the row-major `rows × cols` block `m` into its transpose, `cols × rows`, in place.
+fn transpose(m: &mut [f32], rows: usize, cols: usize) {
+    let src = m.to_vec();
+    for (r, row) in src.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            m[c * rows + r] = v;
         }
     }
 }
