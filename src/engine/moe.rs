@@ -13,10 +13,23 @@ const SMALL_EXPERT_WEIGHTS: usize = 1 << 20;
 pub fn route(router_logits: &[f32], top_k: usize, renormalize: bool) -> Vec<(usize, f32)> {
     let mut probs = router_logits.to_vec();
     softmax(&mut probs);
-    let mut order: Vec<usize> = (0..probs.len()).collect();
-    // Stable sort: ties go to the lower expert index, as torch.topk does in practice.
-    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-    let mut chosen: Vec<(usize, f32)> = order[..top_k].iter().map(|&e| (e, probs[e])).collect();
+    // k passes of a max scan (k and the expert count are small; no sort, no index vector).
+    // Ties go to the lower expert index, as torch.topk does in practice.
+    let mut chosen: Vec<(usize, f32)> = Vec::with_capacity(top_k);
+    for _ in 0..top_k.min(probs.len()) {
+        let best = (0..probs.len())
+            .filter(|e| chosen.iter().all(|c| c.0 != *e))
+            .reduce(|a, b| {
+                if probs[b].total_cmp(&probs[a]).is_gt() {
+                    b
+                } else {
+                    a
+                }
+            });
+        if let Some(e) = best {
+            chosen.push((e, probs[e]));
+        }
+    }
     if renormalize {
         let sum: f32 = chosen.iter().map(|c| c.1).sum();
         chosen.iter_mut().for_each(|c| c.1 /= sum);
@@ -119,5 +132,9 @@ mod tests {
         assert!((r[0].1 - e / (e + 1.0)).abs() < 1e-6);
         let r = route(&[0.0, 2.0, 1.0, -1.0], 2, false);
         assert!(r.iter().map(|c| c.1).sum::<f32>() < 0.95);
+        // Ties: the lower expert index first.
+        let ids = |r: Vec<(usize, f32)>| r.iter().map(|c| c.0).collect::<Vec<_>>();
+        assert_eq!(ids(route(&[3.0, 1.0, 3.0, 3.0], 2, true)), vec![0, 2]);
+        assert_eq!(ids(route(&[1.0, 3.0, 3.0, 0.0], 3, true)), vec![1, 2, 0]);
     }
 }
