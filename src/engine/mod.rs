@@ -373,27 +373,22 @@ impl Engine {
         }
         let mut out = vec![0f32; rows * lin.out_features];
         let (k, bias) = (lin.in_features, lin.bias.as_deref());
+        // Kernels with f32 activations take SmoothQuant's input scale here; the int8 one
+        // applies it while quantizing.
+        let scaled = || -> Cow<[f32]> {
+            match &lin.input_scale {
+                None => Cow::Borrowed(x),
+                Some(s) => x
+                    .chunks(k)
+                    .flat_map(|r| r.iter().zip(s).map(|(a, b)| a * b))
+                    .collect(),
+            }
+        };
         match &lin.weight {
-            LinearWeight::F32(w) => match &lin.input_scale {
-                None => matmul_packed(x, rows, w, bias, &mut out),
-                Some(s) => {
-                    let xs: Vec<f32> = x
-                        .chunks(k)
-                        .flat_map(|r| r.iter().zip(s).map(|(a, b)| a * b))
-                        .collect();
-                    matmul_packed(&xs, rows, w, bias, &mut out)
-                }
-            },
+            LinearWeight::F32(w) => matmul_packed(&scaled(), rows, w, bias, &mut out),
             // A tied head: the embedding table, row-major.
             LinearWeight::F32Rows(w) => {
-                let xs: Cow<[f32]> = match &lin.input_scale {
-                    None => Cow::Borrowed(x),
-                    Some(s) => x
-                        .chunks(k)
-                        .flat_map(|r| r.iter().zip(s).map(|(a, b)| a * b))
-                        .collect(),
-                };
-                matmul(&xs, rows, w, lin.out_features, k, bias, &mut out)
+                matmul(&scaled(), rows, w, lin.out_features, k, bias, &mut out)
             }
             LinearWeight::Int8(matrix) => {
                 // W8A8: quantize each token's activations (per-token scale), then int8 GEMM.
@@ -401,16 +396,9 @@ impl Engine {
                 quantize_rows_smoothed(x, rows, k, lin.input_scale.as_deref(), &mut q);
                 int8::gemm(&mut out, &q, matrix, bias, &self.pool);
             }
-            LinearWeight::Int8WeightOnly(matrix) => match &lin.input_scale {
-                None => matmul_w8(x, rows, matrix, bias, &mut out),
-                Some(s) => {
-                    let xs: Vec<f32> = x
-                        .chunks(k)
-                        .flat_map(|r| r.iter().zip(s).map(|(a, b)| a * b))
-                        .collect();
-                    matmul_w8(&xs, rows, matrix, bias, &mut out)
-                }
-            },
+            LinearWeight::Int8WeightOnly(matrix) => {
+                matmul_w8(&scaled(), rows, matrix, bias, &mut out)
+            }
         }
         out
     }

@@ -80,7 +80,7 @@ impl Linear {
     /// Turns packed f32 weights back into the checkpoint's row-major layout.
     pub fn unpack(&mut self) {
         if let LinearWeight::F32(w) = &mut self.weight {
-            let packed = std::mem::replace(w, PackedF32::from_row_vec(Vec::new(), 0, 0));
+            let packed = std::mem::take(w);
             self.weight = LinearWeight::F32Rows(packed.into_rows());
         }
     }

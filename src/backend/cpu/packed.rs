@@ -27,7 +27,7 @@ const TILE_MAX: usize = 12;
 
 /// An `n × k` f32 matrix stored as `ceil(n / 8)` panels of `k × 8` floats; the rows past `n`
 /// in the last panel are zero.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PackedF32 {
     n: usize,
     k: usize,
@@ -196,9 +196,9 @@ unsafe fn multiply_panels(
 ) {
     // Panels outermost within a block of rows: a group's weights stay in L1 while every row
     // tile of the block uses them, so weights are read from memory once per block.
-    let group = if rows == 1 { 8 } else { 4 };
     for xb in (0..rows).step_by(X_BLOCK) {
         let xe = (xb + X_BLOCK).min(rows);
+        let group = if xe - xb == 1 { 8 } else { 4 };
         let mut p = panels.start;
         while p < panels.end {
             let pe = (p + group).min(panels.end);
