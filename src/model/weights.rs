@@ -342,3 +342,41 @@ impl Loader<'_> {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packed and row-major weights are the same matrix to everything but the kernels.
+    #[test]
+    fn packing_keeps_the_matrix() {
+        let (n, k) = (13, 6);
+        let w: Vec<f32> = (0..n * k).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let mut packed = Linear::new("p", n, k, w.clone(), None);
+        let mut rows = Linear::new_rows("r", n, k, w.clone(), None);
+        assert!(matches!(packed.weight, LinearWeight::F32(_)));
+        assert!(matches!(rows.weight, LinearWeight::F32Rows(_)));
+        assert_eq!(packed.f32_rows(), Some(w.clone()));
+        assert_eq!(rows.f32_rows(), Some(w.clone()));
+        for lin in [&mut packed, &mut rows] {
+            lin.map_input_channel(2, |v| v * 10.0);
+            lin.map_input_channel(5, |v| -v);
+        }
+        let want: Vec<f32> = w
+            .iter()
+            .enumerate()
+            .map(|(at, &v)| match at % k {
+                2 => v * 10.0,
+                5 => -v,
+                _ => v,
+            })
+            .collect();
+        assert_eq!(packed.f32_rows(), Some(want.clone()));
+        assert_eq!(rows.f32_rows(), Some(want.clone()));
+        packed.unpack();
+        assert!(matches!(&packed.weight, LinearWeight::F32Rows(r) if *r == want));
+        rows.pack();
+        assert_eq!(rows.f32_rows(), Some(want));
+        assert_eq!(rows.weight_bytes(), 2 * 8 * k * 4);
+    }
+}
