@@ -151,4 +151,32 @@ fn batched_decode_matches_single_sequences() {
             .unwrap();
         assert_close(name, &format!("batched item {i}"), &batched[i], &alone[0]);
     }
+    // Then one decode step of all three together (each thread takes a group of sequences
+    // through attention) against each sequence's own step: the very same bits.
+    let next = [r.tokens[20], r.tokens[21], r.tokens[22]];
+    let mut items: Vec<BatchItem> = caches
+        .iter_mut()
+        .zip(&next)
+        .map(|(c, t)| BatchItem {
+            tokens: std::slice::from_ref(t),
+            cache: c,
+            logits: Logits::Last,
+        })
+        .collect();
+    let batched = engine.forward(&mut items).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let mut c = engine.new_cache();
+        let mut step = |tokens: &[u32]| {
+            engine
+                .forward(&mut [BatchItem {
+                    tokens,
+                    cache: &mut c,
+                    logits: Logits::Last,
+                }])
+                .unwrap()
+        };
+        step(p);
+        let alone = step(&next[i..i + 1]);
+        assert_eq!(batched[i], alone[0], "decode step of item {i}");
+    }
 }

@@ -32,6 +32,10 @@ pub const MAX_RESERVED_TOKENS: usize = 8192;
 const PARALLEL_MIN_MACS: usize = 1 << 17;
 /// From this many multiply-adds a matmul splits well over the pool by itself.
 const SIDE_BY_SIDE_MAX_MACS: usize = 1 << 19;
+/// Attention layers whose weights take at most this many bytes (one core's L2 on the machines
+/// we target) run a batch of several sequences as one task per group of sequences, each
+/// thread reading the weights itself, rather than one parallel region per operation.
+const SEQUENCE_SPLIT_MAX_WEIGHT_BYTES: usize = 512 << 10;
 
 /// Which logits a sequence of the batch wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,6 +279,12 @@ impl Engine {
         x
     }
 
+    /// The attention half of a layer for every row of the batch; returns the KV-cache bytes
+    /// read. When the layer is small and several sequences decode together, each operation
+    /// alone is too short to split well: a fork and join per operation (projections,
+    /// attention, output) would cost more than the work. Then the sequences are split into one
+    /// group per thread, and each thread runs the whole block on its own group. Every row goes
+    /// through the same kernels either way, so results do not change.
     fn attention_block(
         &self,
         li: usize,
@@ -284,6 +294,58 @@ impl Engine {
         positions: &[usize],
         rope: Option<&RopeTable>,
     ) -> usize {
+        let a = &layer.attn;
+        let weight_bytes: usize = [&a.q, &a.k, &a.v, &a.o]
+            .iter()
+            .map(|l| l.weight_bytes())
+            .sum();
+        let threads = kernel_threads().min(batch.len());
+        let decoding = batch.iter().all(|item| item.tokens.len() == 1);
+        if threads < 2 || !decoding || weight_bytes > SEQUENCE_SPLIT_MAX_WEIGHT_BYTES {
+            return self.attention_rows(li, layer, x, batch, positions, rope, 0);
+        }
+        // A decode step: one row per sequence, groups of about equal size.
+        let hd = self.model.config.hidden_size;
+        let mut groups = Vec::with_capacity(threads);
+        let (mut x, mut batch, mut first) = (x, batch, 0);
+        for g in 0..threads {
+            let rows = batch.len().div_ceil(threads - g);
+            let (group_batch, rest_batch) = std::mem::take(&mut batch).split_at_mut(rows);
+            let (group_x, rest_x) = std::mem::take(&mut x).split_at_mut(rows * hd);
+            groups.push((group_x, group_batch, first));
+            (x, batch, first) = (rest_x, rest_batch, first + rows);
+        }
+        groups
+            .into_par_iter()
+            .map(|(x, batch, first)| {
+                let rows = x.len() / hd;
+                serially(|| {
+                    self.attention_rows(
+                        li,
+                        layer,
+                        x,
+                        batch,
+                        &positions[first..first + rows],
+                        rope,
+                        first,
+                    )
+                })
+            })
+            .sum()
+    }
+
+    /// [`Self::attention_block`] for rows `first_row..` of the step (their index into `rope`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_rows(
+        &self,
+        li: usize,
+        layer: &Layer,
+        x: &mut [f32],
+        batch: &mut [BatchItem],
+        positions: &[usize],
+        rope: Option<&RopeTable>,
+        first_row: usize,
+    ) -> usize {
         let cfg = &self.model.config;
         let (hd, rows) = (cfg.hidden_size, positions.len());
         let h = self.pre_norm(&layer.attn_norm, x);
@@ -292,8 +354,8 @@ impl Engine {
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         if let Some(rope) = rope {
             for r in 0..rows {
-                rope.apply(r, &mut q[r * qd..(r + 1) * qd]);
-                rope.apply(r, &mut k[r * kvd..(r + 1) * kvd]);
+                rope.apply(first_row + r, &mut q[r * qd..(r + 1) * qd]);
+                rope.apply(first_row + r, &mut k[r * kvd..(r + 1) * kvd]);
             }
         }
         let shape = AttentionShape {

@@ -41,9 +41,7 @@ pub fn attend(
     segments: &[Segment],
     out: &mut [f32],
 ) -> usize {
-    let (h, d, kv_heads) = (shape.num_heads, shape.head_dim, shape.num_kv_heads);
-    let group = h / kv_heads;
-    let kv_dim = kv_heads * d;
+    let (h, d) = (shape.num_heads, shape.head_dim);
     let rows = positions.len();
     let total = rows * h * d;
     assert!(
@@ -69,30 +67,22 @@ pub fn attend(
             let p = p as usize;
             p <= pos && shape.sliding_window.is_none_or(|w| pos - p < w)
         };
-        // Usually every cached token is visible (decoding without a window): skip the filter.
-        let slots: Vec<u32> = if cache.positions.iter().all(|&p| visible(p)) {
-            (0..cache.positions.len() as u32).collect()
+        // Usually every cached token is visible (decoding without a window): the row reads
+        // slots 0..n in order, with no list of them to build or follow. Visible positions
+        // form an interval, so its oldest and newest tokens decide.
+        let n = cache.positions.len();
+        let (lo, hi) = cache
+            .positions
+            .iter()
+            .fold((u32::MAX, 0), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+        if n == 0 || (visible(lo) && visible(hi)) {
+            attend_row(shape, q, out_ptr, t, cache, &AllSlots(n))
         } else {
-            (0..cache.positions.len() as u32)
+            let slots: Vec<u32> = (0..n as u32)
                 .filter(|&s| visible(cache.positions[s as usize]))
-                .collect()
-        };
-        let mut scores = vec![0f32; group * slots.len()];
-        for kv_head in 0..kv_heads {
-            let first = t * h * d + kv_head * group * d;
-            // SAFETY: this task writes only row t's heads (kv_head's group of them here);
-            // tasks are disjoint, and `out` outlives them (asserted long enough above).
-            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(first), group * d) };
-            let heads = HeadGroup {
-                q: &q[first..first + group * d],
-                group,
-                head_dim: d,
-                kv_dim,
-                offset: kv_head * d,
-            };
-            heads.attend(cache, &slots, &mut scores, o);
+                .collect();
+            attend_row(shape, q, out_ptr, t, cache, slots.as_slice())
         }
-        slots.len()
     };
     let work_macs: usize = row_cache
         .iter()
@@ -103,6 +93,74 @@ pub fn attend(
     } else {
         (0..rows).into_par_iter().map(work).sum()
     }
+}
+
+/// The cache slots a query row sees, in the order it reads them.
+trait Slots {
+    fn count(&self) -> usize;
+    /// The `j`-th visible slot.
+    fn at(&self, j: usize) -> usize;
+    /// One past the highest slot.
+    fn end(&self) -> usize;
+}
+
+/// The first `n` slots: a row that sees the whole cache (decoding without a window).
+struct AllSlots(usize);
+
+impl Slots for AllSlots {
+    fn count(&self) -> usize {
+        self.0
+    }
+    #[inline(always)]
+    fn at(&self, j: usize) -> usize {
+        j
+    }
+    fn end(&self) -> usize {
+        self.0
+    }
+}
+
+impl Slots for [u32] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    #[inline(always)]
+    fn at(&self, j: usize) -> usize {
+        self[j] as usize
+    }
+    fn end(&self) -> usize {
+        self.iter().max().map_or(0, |&s| s as usize + 1)
+    }
+}
+
+/// Attends query row `t` over `slots` of `cache`, head group by head group, into row `t` of
+/// the output; returns how many slots it read.
+fn attend_row<S: Slots + ?Sized>(
+    shape: &AttentionShape,
+    q: &[f32],
+    out: SendPtr<f32>,
+    t: usize,
+    cache: &LayerCache,
+    slots: &S,
+) -> usize {
+    let (h, d, kv_heads) = (shape.num_heads, shape.head_dim, shape.num_kv_heads);
+    let group = h / kv_heads;
+    let mut scores = vec![0f32; group * slots.count()];
+    for kv_head in 0..kv_heads {
+        let first = t * h * d + kv_head * group * d;
+        // SAFETY: this task writes only row t's heads (kv_head's group of them here); tasks
+        // are disjoint, and `out` outlives them (its length is asserted by `attend`).
+        let o = unsafe { std::slice::from_raw_parts_mut(out.get().add(first), group * d) };
+        let heads = HeadGroup {
+            q: &q[first..first + group * d],
+            group,
+            head_dim: d,
+            kv_dim: kv_heads * d,
+            offset: kv_head * d,
+        };
+        heads.attend(cache, slots, &mut scores, o);
+    }
+    slots.count()
 }
 
 /// The query heads of one row that share a KV head, and where that head sits in a cache row.
@@ -116,10 +174,16 @@ struct HeadGroup<'a> {
 }
 
 impl HeadGroup<'_> {
-    /// `scores`: scratch of `group × slots.len()` floats.
-    fn attend(&self, cache: &LayerCache, slots: &[u32], scores: &mut [f32], out: &mut [f32]) {
-        let n = slots.len();
-        let needed = slots.iter().max().map_or(0, |&s| s as usize + 1) * self.kv_dim;
+    /// `scores`: scratch of `group × slots.count()` floats.
+    fn attend<S: Slots + ?Sized>(
+        &self,
+        cache: &LayerCache,
+        slots: &S,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let n = slots.count();
+        let needed = slots.end() * self.kv_dim;
         assert!(
             cache.keys.len() >= needed && cache.values.len() >= needed,
             "attend: slot outside the cache"
@@ -144,15 +208,15 @@ impl HeadGroup<'_> {
         self.mix_scalar(&cache.values, slots, scores, out);
     }
 
-    fn row<'c>(&self, data: &'c [f32], slot: u32) -> &'c [f32] {
-        &data[slot as usize * self.kv_dim + self.offset..][..self.head_dim]
+    fn row<'c>(&self, data: &'c [f32], slot: usize) -> &'c [f32] {
+        &data[slot * self.kv_dim + self.offset..][..self.head_dim]
     }
 
-    fn scores_scalar(&self, keys: &[f32], slots: &[u32], scores: &mut [f32]) {
-        let (d, n) = (self.head_dim, slots.len());
+    fn scores_scalar<S: Slots + ?Sized>(&self, keys: &[f32], slots: &S, scores: &mut [f32]) {
+        let (d, n) = (self.head_dim, slots.count());
         let scale = 1.0 / (d as f32).sqrt();
-        for (j, &s) in slots.iter().enumerate() {
-            let key = self.row(keys, s);
+        for j in 0..n {
+            let key = self.row(keys, slots.at(j));
             for g in 0..self.group {
                 let q = &self.q[g * d..(g + 1) * d];
                 scores[g * n + j] = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
@@ -160,11 +224,17 @@ impl HeadGroup<'_> {
         }
     }
 
-    fn mix_scalar(&self, values: &[f32], slots: &[u32], scores: &[f32], out: &mut [f32]) {
-        let (d, n) = (self.head_dim, slots.len());
+    fn mix_scalar<S: Slots + ?Sized>(
+        &self,
+        values: &[f32],
+        slots: &S,
+        scores: &[f32],
+        out: &mut [f32],
+    ) {
+        let (d, n) = (self.head_dim, slots.count());
         out.fill(0.0);
-        for (j, &s) in slots.iter().enumerate() {
-            let value = self.row(values, s);
+        for j in 0..n {
+            let value = self.row(values, slots.at(j));
             for g in 0..self.group {
                 let w = scores[g * n + j];
                 out[g * d..(g + 1) * d]
@@ -179,34 +249,26 @@ impl HeadGroup<'_> {
     /// avx2+fma; every slot's row lies inside `keys` (checked by the caller).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores_avx2(&self, keys: &[f32], slots: &[u32], scores: &mut [f32]) {
+    unsafe fn scores_avx2<S: Slots + ?Sized>(&self, keys: &[f32], slots: &S, scores: &mut [f32]) {
         use std::arch::x86_64::*;
-        let (d, n) = (self.head_dim, slots.len());
+        let (d, n) = (self.head_dim, slots.count());
         let d8 = d / 8 * 8;
         let scale = _mm256_set1_ps(1.0 / (d as f32).sqrt());
-        // Eight slots at a time: eight independent FMA chains, then one reduction tree that
+        let base = keys.as_ptr().add(self.offset);
+        // Eight slots at a time, every head of the group against them while their key rows
+        // are in L1: eight independent FMA chains per head, then one reduction tree that
         // leaves the eight dot products in one vector. A lane's sum order does not depend on
         // its neighbours, and a short last block is padded with repeats of its last slot.
-        for (start, block) in slots.chunks(8).enumerate().map(|(i, b)| (i * 8, b)) {
-            for &s in slots.iter().skip(start + PREFETCH_SLOTS).take(8) {
-                prefetch(keys.as_ptr().add(s as usize * self.kv_dim + self.offset), d);
+        for start in (0..n).step_by(8) {
+            let len = (n - start).min(8);
+            for j in (start + PREFETCH_SLOTS..n).take(8) {
+                prefetch(base.add(slots.at(j) * self.kv_dim), d);
             }
             let mut key = [std::ptr::null::<f32>(); 8];
             for (u, p) in key.iter_mut().enumerate() {
-                let s = block[u.min(block.len() - 1)];
-                *p = keys.as_ptr().add(s as usize * self.kv_dim + self.offset);
+                *p = base.add(slots.at(start + u.min(len - 1)) * self.kv_dim);
             }
-            // Heads that share this KV head go two at a time over four slots each, so a key
-            // row is loaded once for both (see `scores_pair_avx2`); a last odd head alone.
-            let paired = self.group / 2 * 2;
-            for g in (0..paired).step_by(2) {
-                for half in 0..block.len().div_ceil(4) {
-                    let at = start + 4 * half;
-                    let sub = &block[4 * half..(4 * half + 4).min(block.len())];
-                    self.scores_pair_avx2(keys, sub, g, at, scores);
-                }
-            }
-            for g in paired..self.group {
+            for g in 0..self.group {
                 let q = self.q.as_ptr().add(g * d);
                 let mut acc = [_mm256_setzero_ps(); 8];
                 let mut i = 0;
@@ -229,68 +291,14 @@ impl HeadGroup<'_> {
                     dots = _mm256_loadu_ps(lanes.as_ptr());
                 }
                 dots = _mm256_mul_ps(dots, scale);
-                let row = &mut scores[g * n + start..g * n + start + block.len()];
-                if block.len() == 8 {
+                let row = &mut scores[g * n + start..g * n + start + len];
+                if len == 8 {
                     _mm256_storeu_ps(row.as_mut_ptr(), dots);
                 } else {
                     let mut lanes = [0f32; 8];
                     _mm256_storeu_ps(lanes.as_mut_ptr(), dots);
-                    row.copy_from_slice(&lanes[..block.len()]);
+                    row.copy_from_slice(&lanes[..len]);
                 }
-            }
-        }
-    }
-
-    /// Scores of heads `g` and `g + 1` against up to four slots (`block`, starting at slot
-    /// index `start`): eight FMA chains over shared key loads, reduced by the same tree as the
-    /// single-head blocks, so every score has the same bits either way.
-    ///
-    /// # Safety
-    /// avx2+fma; every slot's row lies inside `keys`; `g + 1 < group`.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn scores_pair_avx2(
-        &self,
-        keys: &[f32],
-        block: &[u32],
-        g: usize,
-        start: usize,
-        scores: &mut [f32],
-    ) {
-        use std::arch::x86_64::*;
-        let d = self.head_dim;
-        let d8 = d / 8 * 8;
-        let n = scores.len() / self.group;
-        let mut key = [std::ptr::null::<f32>(); 4];
-        for (u, p) in key.iter_mut().enumerate() {
-            let s = block[u.min(block.len() - 1)];
-            *p = keys.as_ptr().add(s as usize * self.kv_dim + self.offset);
-        }
-        let q = [self.q.as_ptr().add(g * d), self.q.as_ptr().add((g + 1) * d)];
-        // acc[4h + u]: head g + h against slot u.
-        let mut acc = [_mm256_setzero_ps(); 8];
-        let mut i = 0;
-        while i < d8 {
-            let q0 = _mm256_loadu_ps(q[0].add(i));
-            let q1 = _mm256_loadu_ps(q[1].add(i));
-            for u in 0..4 {
-                let kv = _mm256_loadu_ps(key[u].add(i));
-                acc[u] = _mm256_fmadd_ps(q0, kv, acc[u]);
-                acc[4 + u] = _mm256_fmadd_ps(q1, kv, acc[4 + u]);
-            }
-            i += 8;
-        }
-        let dots = reduce8(&acc);
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), dots);
-        let scale = 1.0 / (d as f32).sqrt();
-        for (lane, v) in lanes.iter_mut().enumerate() {
-            let (h, u) = (lane / 4, lane % 4);
-            for i in d8..d {
-                *v += *q[h].add(i) * *key[u].add(i);
-            }
-            if u < block.len() {
-                scores[(g + h) * n + start + u] = *v * scale;
             }
         }
     }
@@ -299,8 +307,14 @@ impl HeadGroup<'_> {
     /// avx2+fma; every slot's row lies inside `values`; `out` holds `group × head_dim`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn mix_avx2(&self, values: &[f32], slots: &[u32], scores: &[f32], out: &mut [f32]) {
-        let (d, n) = (self.head_dim, slots.len());
+    unsafe fn mix_avx2<S: Slots + ?Sized>(
+        &self,
+        values: &[f32],
+        slots: &S,
+        scores: &[f32],
+        out: &mut [f32],
+    ) {
+        let (d, n) = (self.head_dim, slots.count());
         let d8 = d / 8 * 8;
         // Heads that share this KV head go two at a time, so each value row is loaded once
         // for both; a last odd head alone.
@@ -319,19 +333,17 @@ impl HeadGroup<'_> {
                 let col = values.as_ptr().add(self.offset + c0);
                 let o = [og[0].add(c0), og[1].add(c0)];
                 match ((d8 - c0) / 8).min(4) {
-                    4 => self.mix_pair_avx2::<4>(col, slots, w, o),
-                    3 => self.mix_pair_avx2::<3>(col, slots, w, o),
-                    2 => self.mix_pair_avx2::<2>(col, slots, w, o),
-                    _ => self.mix_pair_avx2::<1>(col, slots, w, o),
+                    4 => self.mix_pair_avx2::<4, S>(col, slots, w, o),
+                    3 => self.mix_pair_avx2::<3, S>(col, slots, w, o),
+                    2 => self.mix_pair_avx2::<2, S>(col, slots, w, o),
+                    _ => self.mix_pair_avx2::<1, S>(col, slots, w, o),
                 }
                 c0 += 32;
             }
             for h in 0..2 {
                 for i in d8..d {
-                    *og[h].add(i) = slots
-                        .iter()
-                        .zip(w[h])
-                        .map(|(&s, &wt)| wt * values[s as usize * self.kv_dim + self.offset + i])
+                    *og[h].add(i) = (0..n)
+                        .map(|j| w[h][j] * values[slots.at(j) * self.kv_dim + self.offset + i])
                         .sum();
                 }
             }
@@ -344,46 +356,44 @@ impl HeadGroup<'_> {
             while c0 < d8 {
                 let col = values.as_ptr().add(self.offset + c0);
                 match ((d8 - c0) / 8).min(4) {
-                    4 => self.mix_columns_avx2::<4>(col, slots, weights, og.add(c0)),
-                    3 => self.mix_columns_avx2::<3>(col, slots, weights, og.add(c0)),
-                    2 => self.mix_columns_avx2::<2>(col, slots, weights, og.add(c0)),
-                    _ => self.mix_columns_avx2::<1>(col, slots, weights, og.add(c0)),
+                    4 => self.mix_columns_avx2::<4, S>(col, slots, weights, og.add(c0)),
+                    3 => self.mix_columns_avx2::<3, S>(col, slots, weights, og.add(c0)),
+                    2 => self.mix_columns_avx2::<2, S>(col, slots, weights, og.add(c0)),
+                    _ => self.mix_columns_avx2::<1, S>(col, slots, weights, og.add(c0)),
                 }
                 c0 += 32;
             }
             for i in d8..d {
-                *og.add(i) = slots
-                    .iter()
-                    .zip(weights)
-                    .map(|(&s, &w)| w * values[s as usize * self.kv_dim + self.offset + i])
+                *og.add(i) = (0..n)
+                    .map(|j| weights[j] * values[slots.at(j) * self.kv_dim + self.offset + i])
                     .sum();
             }
         }
     }
 
-    /// For both heads `h` of a pair, `out[h][0..8·V] = Σ_j weights[h][j] · col[slots[j]·kv_dim ..]`:
+    /// For both heads `h` of a pair, `out[h][0..8·V] = Σ_j weights[h][j] · col[slot_j·kv_dim ..]`:
     /// one FMA chain per head and vector (eight for V = 4) over value rows loaded once.
     ///
     /// # Safety
     /// avx2+fma; `col + slot·kv_dim + 8·V` stays inside the values for every slot; each `out`
-    /// holds 8·V floats; `weights` are `slots.len()` long.
+    /// holds 8·V floats; `weights` are `slots.count()` long.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn mix_pair_avx2<const V: usize>(
+    unsafe fn mix_pair_avx2<const V: usize, S: Slots + ?Sized>(
         &self,
         col: *const f32,
-        slots: &[u32],
+        slots: &S,
         weights: [&[f32]; 2],
         out: [*mut f32; 2],
     ) {
         use std::arch::x86_64::*;
+        let n = slots.count();
         let mut acc = [[_mm256_setzero_ps(); V]; 2];
-        let mut ahead = slots.iter().skip(PREFETCH_SLOTS);
-        for (j, &s) in slots.iter().enumerate() {
-            if let Some(&p) = ahead.next() {
-                prefetch(col.add(p as usize * self.kv_dim), 8 * V);
+        for j in 0..n {
+            if j + PREFETCH_SLOTS < n {
+                prefetch(col.add(slots.at(j + PREFETCH_SLOTS) * self.kv_dim), 8 * V);
             }
-            let row = col.add(s as usize * self.kv_dim);
+            let row = col.add(slots.at(j) * self.kv_dim);
             let w = [_mm256_set1_ps(weights[0][j]), _mm256_set1_ps(weights[1][j])];
             let [a0, a1] = &mut acc;
             for (v, (x0, x1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
@@ -399,7 +409,7 @@ impl HeadGroup<'_> {
         }
     }
 
-    /// `out[0..8·V] = Σ_j weights[j] · col[slots[j]·kv_dim ..]`, with even and odd slots in
+    /// `out[0..8·V] = Σ_j weights[j] · col[slot_j·kv_dim ..]`, with even and odd slots in
     /// separate accumulators (two FMA chains) that are added at the end.
     ///
     /// # Safety
@@ -407,35 +417,34 @@ impl HeadGroup<'_> {
     /// 8·V floats.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn mix_columns_avx2<const V: usize>(
+    unsafe fn mix_columns_avx2<const V: usize, S: Slots + ?Sized>(
         &self,
         col: *const f32,
-        slots: &[u32],
+        slots: &S,
         weights: &[f32],
         out: *mut f32,
     ) {
         use std::arch::x86_64::*;
+        let n = slots.count();
         let mut even = [_mm256_setzero_ps(); V];
         let mut odd = [_mm256_setzero_ps(); V];
-        let mut pairs = slots.chunks_exact(2).zip(weights.chunks_exact(2));
-        let mut ahead = slots.iter().skip(PREFETCH_SLOTS);
-        for (s, w) in &mut pairs {
-            for &p in ahead.by_ref().take(2) {
-                prefetch(col.add(p as usize * self.kv_dim), 8 * V);
+        for j in (0..n / 2 * 2).step_by(2) {
+            for p in (j + PREFETCH_SLOTS..n).take(2) {
+                prefetch(col.add(slots.at(p) * self.kv_dim), 8 * V);
             }
             let (r0, r1) = (
-                col.add(s[0] as usize * self.kv_dim),
-                col.add(s[1] as usize * self.kv_dim),
+                col.add(slots.at(j) * self.kv_dim),
+                col.add(slots.at(j + 1) * self.kv_dim),
             );
-            let (w0, w1) = (_mm256_set1_ps(w[0]), _mm256_set1_ps(w[1]));
+            let (w0, w1) = (_mm256_set1_ps(weights[j]), _mm256_set1_ps(weights[j + 1]));
             for v in 0..V {
                 even[v] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(r0.add(8 * v)), even[v]);
                 odd[v] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(r1.add(8 * v)), odd[v]);
             }
         }
-        if slots.len() % 2 == 1 {
-            let r = col.add(slots[slots.len() - 1] as usize * self.kv_dim);
-            let w = _mm256_set1_ps(weights[slots.len() - 1]);
+        if n % 2 == 1 {
+            let r = col.add(slots.at(n - 1) * self.kv_dim);
+            let w = _mm256_set1_ps(weights[n - 1]);
             for (v, acc) in even.iter_mut().enumerate() {
                 *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(8 * v)), *acc);
             }

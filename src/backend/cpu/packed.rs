@@ -22,8 +22,8 @@ pub const PANEL: usize = 8;
 const X_BLOCK: usize = 48;
 /// Below this many multiply-adds a task switch costs more than it saves: run on the caller.
 const PARALLEL_MIN_MACS: usize = 1 << 17;
-/// Most panels × rows in a register tile (1 × 8, 2 × 4 or 6 × 2 vectors of sums).
-const TILE_MAX: usize = 12;
+/// Most panels × rows in a register tile (1 × 8, 3 × 4, 4 × 3, 6 × 2 or 7 × 2 vectors of sums).
+const TILE_MAX: usize = 14;
 
 /// An `n × k` f32 matrix stored as `ceil(n / 8)` panels of `k × 8` floats; the rows past `n`
 /// in the last panel are zero.
@@ -157,27 +157,29 @@ pub fn matmul_packed(x: &[f32], rows: usize, w: &PackedF32, bias: Option<&[f32]>
         .for_each(|c| run(c * chunk..((c + 1) * chunk).min(panels)));
 }
 
-/// Rows of the next register tile when `left` remain: six at most, five as 3 + 2.
+/// Rows of one register tile at most; a step of up to this many rows reads each weight once.
+const TILE_ROWS_MAX: usize = 7;
+
+/// Rows of the next register tile when `left` remain: all of them up to seven (a decode step's
+/// expert with a few tokens reads its weights once), otherwise six at a time.
 fn row_tile(left: usize) -> usize {
-    match left {
-        0..=4 => left,
-        5 => 3,
-        _ => 6,
+    if left <= TILE_ROWS_MAX {
+        left
+    } else {
+        6
     }
 }
 
-/// Panels of the next register tile for `rows` rows when `left` panels remain: enough for
-/// about eight independent FMA chains (which hide their latency), at most twelve sums (3 × 4
-/// would not leave the registers for its weights and spills).
-fn panel_tile(rows: usize, left: usize) -> usize {
-    let most = match rows {
+/// Panels of a register tile of `rows` rows: about twelve independent FMA chains (eight hide
+/// the latency of two FMA units; more leave room for the weight loads), as the sixteen vector
+/// registers allow once a broadcast activation and the weight vectors are counted.
+fn panel_tile(rows: usize) -> usize {
+    match rows {
         1 => 8,
-        2 => 4,
-        _ => 2,
-    };
-    let c = most.min(left);
-    // Tiles come in power-of-two widths.
-    1 << c.ilog2()
+        2 | 3 => 4,
+        4..=6 => 2,
+        _ => 1,
+    }
 }
 
 /// Computes the outputs of `panels` for every row.
@@ -195,10 +197,15 @@ unsafe fn multiply_panels(
     avx2: bool,
 ) {
     // Panels outermost within a block of rows: a group's weights stay in L1 while every row
-    // tile of the block uses them, so weights are read from memory once per block.
+    // tile of the block uses them, so weights are read from memory once per block. A block
+    // that is one row tile needs no groups: each weight is read once, straight into the tile.
     for xb in (0..rows).step_by(X_BLOCK) {
         let xe = (xb + X_BLOCK).min(rows);
-        let group = if xe - xb == 1 { 8 } else { 4 };
+        let group = if xe - xb <= TILE_ROWS_MAX {
+            panels.len()
+        } else {
+            4
+        };
         let mut p = panels.start;
         while p < panels.end {
             let pe = (p + group).min(panels.end);
@@ -207,7 +214,7 @@ unsafe fn multiply_panels(
                 let r = row_tile(xe - t);
                 let mut q = p;
                 while q < pe {
-                    let c = panel_tile(r, pe - q);
+                    let c = panel_tile(r).min(pe - q);
                     tile(x, t, r, w, q, c, bias, out, avx2);
                     q += c;
                 }
@@ -254,7 +261,11 @@ unsafe fn tile(
                 }
             };
         }
-        dispatch!(1,1; 1,2; 1,4; 1,8; 2,1; 2,2; 2,4; 3,1; 3,2; 4,1; 4,2; 6,1; 6,2);
+        dispatch!(
+            1,1; 1,2; 1,3; 1,4; 1,5; 1,6; 1,7; 1,8;
+            2,1; 2,2; 2,3; 2,4; 3,1; 3,2; 3,3; 3,4; 4,1; 4,2; 4,3;
+            5,1; 5,2; 6,1; 6,2; 7,1; 7,2
+        );
         return;
     }
     let _ = avx2;
@@ -306,17 +317,50 @@ unsafe fn tile_avx2<const R: usize, const C: usize>(
     let xp = x.as_ptr().add(t * k);
     let wp = w.data.as_ptr().add(q * k * PANEL);
     let mut v = [[_mm256_setzero_ps(); C]; R];
-    for i in 0..k {
-        // Plain loops, not closures: a closure would not inherit this function's target
-        // features, and every intrinsic in it would become an out-of-line call.
-        let mut wv = [_mm256_setzero_ps(); C];
-        for (p, wv) in wv.iter_mut().enumerate() {
-            *wv = _mm256_loadu_ps(wp.add(p * k * PANEL + i * PANEL));
+    // Two orders of the same multiply-adds, whichever fits the sixteen vector registers: all
+    // rows' activations broadcast first and each weight vector loaded once as it is used
+    // (sums + rows + 1 registers), or all weight vectors loaded first and each activation
+    // broadcast as it is used (sums + panels + 1). Plain loops, not closures: a closure would
+    // not inherit this function's target features, and every intrinsic in it would become an
+    // out-of-line call.
+    if R * C + R < 16 {
+        for i in 0..k {
+            if (4..=6).contains(&R) && i % 2 == 0 {
+                for p in 0..C {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        wp.wrapping_add((C + p) * k * PANEL + i * PANEL) as *const i8
+                    );
+                }
+            }
+            let mut xb = [_mm256_setzero_ps(); R];
+            for (rr, xb) in xb.iter_mut().enumerate() {
+                *xb = _mm256_broadcast_ss(&*xp.add(rr * k + i));
+            }
+            for p in 0..C {
+                let wv = _mm256_loadu_ps(wp.add(p * k * PANEL + i * PANEL));
+                for (vr, &xb) in v.iter_mut().zip(&xb) {
+                    vr[p] = _mm256_fmadd_ps(xb, wv, vr[p]);
+                }
+            }
         }
-        for (rr, vr) in v.iter_mut().enumerate() {
-            let xb = _mm256_broadcast_ss(&*xp.add(rr * k + i));
-            for (acc, &wv) in vr.iter_mut().zip(&wv) {
-                *acc = _mm256_fmadd_ps(xb, wv, *acc);
+    } else {
+        for i in 0..k {
+            if (4..=6).contains(&R) && i % 2 == 0 {
+                for p in 0..C {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        wp.wrapping_add((C + p) * k * PANEL + i * PANEL) as *const i8
+                    );
+                }
+            }
+            let mut wv = [_mm256_setzero_ps(); C];
+            for (p, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm256_loadu_ps(wp.add(p * k * PANEL + i * PANEL));
+            }
+            for (rr, vr) in v.iter_mut().enumerate() {
+                let xb = _mm256_broadcast_ss(&*xp.add(rr * k + i));
+                for (acc, &wv) in vr.iter_mut().zip(&wv) {
+                    *acc = _mm256_fmadd_ps(xb, wv, *acc);
+                }
             }
         }
     }
@@ -422,7 +466,10 @@ mod tests {
             (2, 9, 8),
             (3, 17, 33),
             (5, 64, 100),
+            (4, 40, 9),
+            (6, 33, 20),
             (7, 130, 17),
+            (8, 70, 16),
             (50, 13, 129),
         ] {
             let x: Vec<f32> = (0..rows * k).map(|_| rng.normal()).collect();
