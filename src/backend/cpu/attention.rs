@@ -389,12 +389,12 @@ impl HeadGroup<'_> {
         use std::arch::x86_64::*;
         let n = slots.count();
         let mut acc = [[_mm256_setzero_ps(); V]; 2];
-        for j in 0..n {
+        for (j, (&w0, &w1)) in weights[0].iter().zip(weights[1]).enumerate().take(n) {
             if j + PREFETCH_SLOTS < n {
                 prefetch(col.add(slots.at(j + PREFETCH_SLOTS) * self.kv_dim), 8 * V);
             }
             let row = col.add(slots.at(j) * self.kv_dim);
-            let w = [_mm256_set1_ps(weights[0][j]), _mm256_set1_ps(weights[1][j])];
+            let w = [_mm256_set1_ps(w0), _mm256_set1_ps(w1)];
             let [a0, a1] = &mut acc;
             for (v, (x0, x1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
                 let value = _mm256_loadu_ps(row.add(8 * v));
