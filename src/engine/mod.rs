@@ -37,6 +37,13 @@ const SIDE_BY_SIDE_MAX_MACS: usize = 1 << 19;
 /// thread reading the weights itself, rather than one parallel region per operation.
 const SEQUENCE_SPLIT_MAX_WEIGHT_BYTES: usize = 512 << 10;
 
+/// The feed-forward half's input for the rows of a step: normalized, and for a sparse block
+/// the router's logits.
+struct FfnInput {
+    normed: Vec<f32>,
+    router_logits: Option<Vec<f32>>,
+}
+
 /// Which logits a sequence of the batch wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -175,8 +182,10 @@ impl Engine {
         // Bytes read, for the runtime's counters (the MoE block counts its experts itself).
         let (mut weight_bytes, mut kv_bytes) = (self.embed_bytes(tokens.len()), 0);
         for (li, layer) in w.layers.iter().enumerate() {
-            kv_bytes += self.attention_block(li, layer, &mut x, batch, &positions, rope.as_ref());
-            self.ffn_block(li, layer, &mut x);
+            let (kv, ffn_input) =
+                self.attention_block(li, layer, &mut x, batch, &positions, rope.as_ref());
+            kv_bytes += kv;
+            self.ffn_block(li, layer, &mut x, ffn_input);
             let a = &layer.attn;
             weight_bytes += [&a.q, &a.k, &a.v, &a.o]
                 .iter()
@@ -280,7 +289,7 @@ impl Engine {
     }
 
     /// The attention half of a layer for every row of the batch; returns the KV-cache bytes
-    /// read. When the layer is small and several sequences decode together, each operation
+    /// read and the feed-forward half's input. When the layer is small and several sequences decode together, each operation
     /// alone is too short to split well: a fork and join per operation (projections,
     /// attention, output) would cost more than the work. Then the sequences are split into one
     /// group per thread, and each thread runs the whole block on its own group. Every row goes
@@ -293,7 +302,7 @@ impl Engine {
         batch: &mut [BatchItem],
         positions: &[usize],
         rope: Option<&RopeTable>,
-    ) -> usize {
+    ) -> (usize, FfnInput) {
         let a = &layer.attn;
         let weight_bytes: usize = [&a.q, &a.k, &a.v, &a.o]
             .iter()
@@ -315,7 +324,7 @@ impl Engine {
             groups.push((group_x, group_batch, first));
             (x, batch, first) = (rest_x, rest_batch, first + rows);
         }
-        groups
+        let parts: Vec<(usize, FfnInput)> = groups
             .into_par_iter()
             .map(|(x, batch, first)| {
                 let rows = x.len() / hd;
@@ -331,7 +340,22 @@ impl Engine {
                     )
                 })
             })
-            .sum()
+            .collect();
+        let mut ffn = FfnInput {
+            normed: Vec::with_capacity(positions.len() * hd),
+            router_logits: None,
+        };
+        let mut kv_bytes = 0;
+        for (kv, part) in parts {
+            kv_bytes += kv;
+            ffn.normed.extend_from_slice(&part.normed);
+            if let Some(logits) = part.router_logits {
+                ffn.router_logits
+                    .get_or_insert_with(Vec::new)
+                    .extend_from_slice(&logits);
+            }
+        }
+        (kv_bytes, ffn)
     }
 
     /// [`Self::attention_block`] for rows `first_row..` of the step (their index into `rope`).
@@ -345,7 +369,7 @@ impl Engine {
         positions: &[usize],
         rope: Option<&RopeTable>,
         first_row: usize,
-    ) -> usize {
+    ) -> (usize, FfnInput) {
         let cfg = &self.model.config;
         let (hd, rows) = (cfg.hidden_size, positions.len());
         let h = self.pre_norm(&layer.attn_norm, x);
@@ -393,18 +417,33 @@ impl Engine {
         let slots_read = attend(&shape, &q, positions, &segments, &mut attn);
         let o = self.linear(&a.o, &attn, rows);
         self.residual(&layer.attn_norm, x, &o, hd);
+        // The feed-forward half's row-by-row start, here so that a split step runs it on
+        // every thread: its norm, and for a sparse block the router.
+        let normed = self.pre_norm(&layer.ffn_norm, x);
+        let router_logits = match &layer.ffn {
+            Ffn::Moe(block) => Some(self.linear(&block.router, &normed, rows)),
+            Ffn::Gated(_) | Ffn::Plain(_) => None,
+        };
+        let ffn = FfnInput {
+            normed,
+            router_logits,
+        };
         // A slot is one f32 key row and one value row.
-        slots_read * 2 * kvd * std::mem::size_of::<f32>()
+        (slots_read * 2 * kvd * std::mem::size_of::<f32>(), ffn)
     }
 
-    fn ffn_block(&self, li: usize, layer: &Layer, x: &mut [f32]) {
+    fn ffn_block(&self, li: usize, layer: &Layer, x: &mut [f32], input: FfnInput) {
         let hd = self.model.config.hidden_size;
         let rows = x.len() / hd;
-        let h = self.pre_norm(&layer.ffn_norm, x);
-        let f = match &layer.ffn {
-            Ffn::Moe(block) => moe::forward(self, li, block, &h, rows),
-            Ffn::Gated(mlp) => self.gated_mlp(mlp, &h, rows),
-            Ffn::Plain(mlp) => self.plain_mlp(mlp, &h, rows),
+        let h = &input.normed;
+        let f = match (&layer.ffn, &input.router_logits) {
+            (Ffn::Moe(block), Some(logits)) => moe::forward(self, li, block, h, rows, logits),
+            (Ffn::Moe(block), None) => {
+                let logits = self.linear(&block.router, h, rows);
+                moe::forward(self, li, block, h, rows, &logits)
+            }
+            (Ffn::Gated(mlp), _) => self.gated_mlp(mlp, h, rows),
+            (Ffn::Plain(mlp), _) => self.plain_mlp(mlp, h, rows),
         };
         self.residual(&layer.ffn_norm, x, &f, hd);
     }

@@ -11,21 +11,40 @@ const SMALL_EXPERT_WEIGHTS: usize = 1 << 20;
 
 /// Top-k experts of one token and their mixing weights.
 pub fn route(router_logits: &[f32], top_k: usize, renormalize: bool) -> Vec<(usize, f32)> {
-    let mut probs = router_logits.to_vec();
-    softmax(&mut probs);
+    let mut chosen = Vec::with_capacity(top_k);
+    route_into(
+        router_logits,
+        top_k,
+        renormalize,
+        &mut Vec::new(),
+        &mut chosen,
+    );
+    chosen
+}
+
+/// [`route`] into `chosen`, with `probs` as scratch: a batch routes every token without
+/// allocating.
+fn route_into(
+    router_logits: &[f32],
+    top_k: usize,
+    renormalize: bool,
+    probs: &mut Vec<f32>,
+    chosen: &mut Vec<(usize, f32)>,
+) {
+    probs.clear();
+    probs.extend_from_slice(router_logits);
+    softmax(probs);
+    chosen.clear();
     // k passes of a max scan (k and the expert count are small; no sort, no index vector).
     // Ties go to the lower expert index, as torch.topk does in practice.
-    let mut chosen: Vec<(usize, f32)> = Vec::with_capacity(top_k);
     for _ in 0..top_k.min(probs.len()) {
-        let best = (0..probs.len())
-            .filter(|e| chosen.iter().all(|c| c.0 != *e))
-            .reduce(|a, b| {
-                if probs[b].total_cmp(&probs[a]).is_gt() {
-                    b
-                } else {
-                    a
-                }
-            });
+        let mut best: Option<usize> = None;
+        for (e, p) in probs.iter().enumerate() {
+            let taken = chosen.iter().any(|c| c.0 == e);
+            if !taken && best.is_none_or(|b| p.total_cmp(&probs[b]).is_gt()) {
+                best = Some(e);
+            }
+        }
         if let Some(e) = best {
             chosen.push((e, probs[e]));
         }
@@ -34,37 +53,58 @@ pub fn route(router_logits: &[f32], top_k: usize, renormalize: bool) -> Vec<(usi
         let sum: f32 = chosen.iter().map(|c| c.1).sum();
         chosen.iter_mut().for_each(|c| c.1 /= sum);
     }
-    chosen
 }
 
+/// One token's pick of one expert.
+#[derive(Clone, Copy)]
+struct Pick {
+    expert: usize,
+    row: usize,
+    weight: f32,
+}
+
+/// The block on normalized rows `x`, given the router's logits for them.
 pub fn forward(
     engine: &Engine,
     layer: usize,
     block: &MoeBlock,
     x: &[f32],
     rows: usize,
+    logits: &[f32],
 ) -> Vec<f32> {
     let cfg = &engine.model().config;
     let h = cfg.hidden_size;
-    let logits = engine.linear(&block.router, x, rows);
     let e_count = block.experts.len();
-    // Tokens (row, weight) per expert.
-    let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e_count];
+    // Every token's picks, then grouped by expert (a stable sort keeps each expert's tokens in
+    // row order): one list for the whole step instead of one per expert.
+    let mut picks = Vec::with_capacity(rows * cfg.top_k);
+    let (mut probs, mut chosen) = (Vec::with_capacity(e_count), Vec::with_capacity(cfg.top_k));
     for r in 0..rows {
-        for (e, wgt) in route(
-            &logits[r * e_count..(r + 1) * e_count],
+        let row_logits = &logits[r * e_count..(r + 1) * e_count];
+        route_into(
+            row_logits,
             cfg.top_k,
             cfg.norm_topk_prob,
-        ) {
-            assigned[e].push((r, wgt));
-        }
+            &mut probs,
+            &mut chosen,
+        );
+        picks.extend(chosen.iter().map(|&(expert, weight)| Pick {
+            expert,
+            row: r,
+            weight,
+        }));
     }
-    let chosen: Vec<usize> = (0..e_count).filter(|&e| !assigned[e].is_empty()).collect();
+    picks.sort_by_key(|p| p.expert);
+    // (expert, its picks), in expert order.
+    let groups: Vec<(usize, &[Pick])> = picks
+        .chunk_by(|a, b| a.expert == b.expert)
+        .map(|g| (g[0].expert, g))
+        .collect();
     // Counted here, on the caller, rather than by the tasks: the counters of a layer share a
     // cache line that the threads would otherwise pass back and forth.
     let mut bytes = block.router.weight_bytes();
-    for &e in &chosen {
-        engine.stats.record_expert(layer, e, assigned[e].len());
+    for &(e, tokens) in &groups {
+        engine.stats.record_expert(layer, e, tokens.len());
         bytes += block.experts[e].weight_bytes();
     }
     if let Some(shared) = &block.shared {
@@ -72,11 +112,10 @@ pub fn forward(
     }
     engine.stats.add_bytes_read(bytes, 0);
     let small = h * cfg.expert_ffn < SMALL_EXPERT_WEIGHTS;
-    let run = |e: usize| {
-        let tokens = &assigned[e];
+    let run = |(e, tokens): (usize, &[Pick])| {
         let mut xs = Vec::with_capacity(tokens.len() * h);
-        for &(r, _) in tokens {
-            xs.extend_from_slice(&x[r * h..(r + 1) * h]);
+        for p in tokens {
+            xs.extend_from_slice(&x[p.row * h..(p.row + 1) * h]);
         }
         engine.gated_mlp(&block.experts[e], &xs, tokens.len())
     };
@@ -87,21 +126,20 @@ pub fn forward(
     // order afterwards, so results don't depend on scheduling.
     let outputs: Vec<Vec<f32>> = if small {
         largest_first(
-            chosen.len(),
-            |i| assigned[chosen[i]].len(),
-            |i| serially(|| run(chosen[i])),
+            groups.len(),
+            |i| groups[i].1.len(),
+            |i| serially(|| run(groups[i])),
         )
     } else {
-        chosen.iter().map(|&e| run(e)).collect()
+        groups.iter().map(|&g| run(g)).collect()
     };
     let mut out = vec![0f32; rows * h];
-    for (&e, ys) in chosen.iter().zip(&outputs) {
-        for (i, &(r, wgt)) in assigned[e].iter().enumerate() {
-            let y = &ys[i * h..(i + 1) * h];
-            out[r * h..(r + 1) * h]
+    for (&(_, tokens), ys) in groups.iter().zip(&outputs) {
+        for (p, y) in tokens.iter().zip(ys.chunks_exact(h)) {
+            out[p.row * h..(p.row + 1) * h]
                 .iter_mut()
                 .zip(y)
-                .for_each(|(o, v)| *o += wgt * v);
+                .for_each(|(o, v)| *o += p.weight * v);
         }
     }
     if let Some(shared) = &block.shared {
