@@ -19,7 +19,7 @@ use crate::backend::cpu::parallel::{kernel_threads, serially};
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
 use crate::model::arch::opt::POSITION_OFFSET;
-use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, LinearWeight, PlainMlp};
+use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, LinearWeight, MoeBlock, PlainMlp};
 use crate::model::Model;
 use rayon::prelude::*;
 use stats::RuntimeStats;
@@ -38,10 +38,10 @@ const SIDE_BY_SIDE_MAX_MACS: usize = 1 << 19;
 const SEQUENCE_SPLIT_MAX_WEIGHT_BYTES: usize = 512 << 10;
 
 /// The feed-forward half's input for the rows of a step: normalized, and for a sparse block
-/// the router's logits.
+/// every token's choice of experts.
 struct FfnInput {
     normed: Vec<f32>,
-    router_logits: Option<Vec<f32>>,
+    picks: Option<Vec<moe::Pick>>,
 }
 
 /// Which logits a sequence of the batch wants back.
@@ -257,10 +257,13 @@ impl Engine {
         let w = &self.model.weights;
         let e = w.embed.in_features;
         let mut x: Vec<f32> = match &w.embed.weight {
-            LinearWeight::F32Rows(table) => tokens
-                .iter()
-                .flat_map(|&t| table[t as usize * e..(t as usize + 1) * e].iter().copied())
-                .collect(),
+            LinearWeight::F32Rows(table) => {
+                let mut x = Vec::with_capacity(tokens.len() * e);
+                for &t in tokens {
+                    x.extend_from_slice(&table[t as usize * e..(t as usize + 1) * e]);
+                }
+                x
+            }
             LinearWeight::F32(table) => {
                 tokens.iter().flat_map(|&t| table.row(t as usize)).collect()
             }
@@ -343,16 +346,14 @@ impl Engine {
             .collect();
         let mut ffn = FfnInput {
             normed: Vec::with_capacity(positions.len() * hd),
-            router_logits: None,
+            picks: None,
         };
         let mut kv_bytes = 0;
         for (kv, part) in parts {
             kv_bytes += kv;
             ffn.normed.extend_from_slice(&part.normed);
-            if let Some(logits) = part.router_logits {
-                ffn.router_logits
-                    .get_or_insert_with(Vec::new)
-                    .extend_from_slice(&logits);
+            if let Some(picks) = part.picks {
+                ffn.picks.get_or_insert_with(Vec::new).extend(picks);
             }
         }
         (kv_bytes, ffn)
@@ -418,16 +419,13 @@ impl Engine {
         let o = self.linear(&a.o, &attn, rows);
         self.residual(&layer.attn_norm, x, &o, hd);
         // The feed-forward half's row-by-row start, here so that a split step runs it on
-        // every thread: its norm, and for a sparse block the router.
+        // every thread: its norm, and for a sparse block the routing.
         let normed = self.pre_norm(&layer.ffn_norm, x);
-        let router_logits = match &layer.ffn {
-            Ffn::Moe(block) => Some(self.linear(&block.router, &normed, rows)),
+        let picks = match &layer.ffn {
+            Ffn::Moe(block) => Some(self.route(block, &normed, rows, first_row)),
             Ffn::Gated(_) | Ffn::Plain(_) => None,
         };
-        let ffn = FfnInput {
-            normed,
-            router_logits,
-        };
+        let ffn = FfnInput { normed, picks };
         // A slot is one f32 key row and one value row.
         (slots_read * 2 * kvd * std::mem::size_of::<f32>(), ffn)
     }
@@ -436,16 +434,30 @@ impl Engine {
         let hd = self.model.config.hidden_size;
         let rows = x.len() / hd;
         let h = &input.normed;
-        let f = match (&layer.ffn, &input.router_logits) {
-            (Ffn::Moe(block), Some(logits)) => moe::forward(self, li, block, h, rows, logits),
+        let f = match (&layer.ffn, input.picks) {
+            (Ffn::Moe(block), Some(picks)) => moe::forward(self, li, block, h, rows, picks),
             (Ffn::Moe(block), None) => {
-                let logits = self.linear(&block.router, h, rows);
-                moe::forward(self, li, block, h, rows, &logits)
+                let picks = self.route(block, h, rows, 0);
+                moe::forward(self, li, block, h, rows, picks)
             }
             (Ffn::Gated(mlp), _) => self.gated_mlp(mlp, h, rows),
             (Ffn::Plain(mlp), _) => self.plain_mlp(mlp, h, rows),
         };
         self.residual(&layer.ffn_norm, x, &f, hd);
+    }
+
+    /// The experts each of `rows` normalized rows (rows `first_row..` of the step) chooses.
+    fn route(
+        &self,
+        block: &MoeBlock,
+        normed: &[f32],
+        rows: usize,
+        first_row: usize,
+    ) -> Vec<moe::Pick> {
+        let cfg = &self.model.config;
+        let logits = self.linear(&block.router, normed, rows);
+        let experts = block.experts.len();
+        moe::route_rows(&logits, experts, cfg.top_k, cfg.norm_topk_prob, first_row)
     }
 
     /// Pre-norm blocks normalize their input; post-norm blocks (OPT-350m) take it as is.

@@ -57,43 +57,47 @@ fn route_into(
 
 /// One token's pick of one expert.
 #[derive(Clone, Copy)]
-struct Pick {
+pub struct Pick {
     expert: usize,
     row: usize,
     weight: f32,
 }
 
-/// The block on normalized rows `x`, given the router's logits for them.
+/// Every pick of rows `first_row..`, given their router logits (`rows × experts`), in row
+/// order.
+pub fn route_rows(
+    logits: &[f32],
+    experts: usize,
+    top_k: usize,
+    renormalize: bool,
+    first_row: usize,
+) -> Vec<Pick> {
+    let mut picks = Vec::with_capacity(logits.len() / experts.max(1) * top_k);
+    let (mut probs, mut chosen) = (Vec::with_capacity(experts), Vec::with_capacity(top_k));
+    for (r, row_logits) in logits.chunks_exact(experts.max(1)).enumerate() {
+        route_into(row_logits, top_k, renormalize, &mut probs, &mut chosen);
+        picks.extend(chosen.iter().map(|&(expert, weight)| Pick {
+            expert,
+            row: first_row + r,
+            weight,
+        }));
+    }
+    picks
+}
+
+/// The block on normalized rows `x`, given every token's picks ([`route_rows`]).
 pub fn forward(
     engine: &Engine,
     layer: usize,
     block: &MoeBlock,
     x: &[f32],
     rows: usize,
-    logits: &[f32],
+    mut picks: Vec<Pick>,
 ) -> Vec<f32> {
     let cfg = &engine.model().config;
     let h = cfg.hidden_size;
-    let e_count = block.experts.len();
-    // Every token's picks, then grouped by expert (a stable sort keeps each expert's tokens in
-    // row order): one list for the whole step instead of one per expert.
-    let mut picks = Vec::with_capacity(rows * cfg.top_k);
-    let (mut probs, mut chosen) = (Vec::with_capacity(e_count), Vec::with_capacity(cfg.top_k));
-    for r in 0..rows {
-        let row_logits = &logits[r * e_count..(r + 1) * e_count];
-        route_into(
-            row_logits,
-            cfg.top_k,
-            cfg.norm_topk_prob,
-            &mut probs,
-            &mut chosen,
-        );
-        picks.extend(chosen.iter().map(|&(expert, weight)| Pick {
-            expert,
-            row: r,
-            weight,
-        }));
-    }
+    // Grouped by expert (a stable sort keeps each expert's tokens in row order): one list for
+    // the whole step instead of one per expert.
     picks.sort_by_key(|p| p.expert);
     // (expert, its picks), in expert order.
     let groups: Vec<(usize, &[Pick])> = picks
