@@ -13,10 +13,13 @@ use std::hint::black_box;
 use std::time::Instant;
 
 /// (rows, n, k)
-const SHAPES: [(usize, usize, usize); 9] = [
+const SHAPES: [(usize, usize, usize); 12] = [
     (1, 256, 128),
     (2, 256, 128),
     (3, 256, 128),
+    (4, 256, 128),
+    (5, 256, 128),
+    (7, 256, 128),
     (8, 256, 128),
     (1, 2048, 128),
     (8, 2048, 128),
