@@ -292,11 +292,12 @@ impl Engine {
     }
 
     /// The attention half of a layer for every row of the batch; returns the KV-cache bytes
-    /// read and the feed-forward half's input. When the layer is small and several sequences decode together, each operation
-    /// alone is too short to split well: a fork and join per operation (projections,
-    /// attention, output) would cost more than the work. Then the sequences are split into one
-    /// group per thread, and each thread runs the whole block on its own group. Every row goes
-    /// through the same kernels either way, so results do not change.
+    /// read and the feed-forward half's input. When the layer is small and several sequences
+    /// decode together, each operation alone is too short to split well: a fork and join per
+    /// operation (projections, attention, output) would cost more than the work. Then the
+    /// sequences are split into one group per thread, and each thread runs the whole block on
+    /// its own group. Every row goes through the same kernels either way, so results do not
+    /// change.
     fn attention_block(
         &self,
         li: usize,
