@@ -435,14 +435,14 @@ impl Engine {
         let hd = self.model.config.hidden_size;
         let rows = x.len() / hd;
         let h = &input.normed;
-        let f = match (&layer.ffn, input.picks) {
-            (Ffn::Moe(block), Some(picks)) => moe::forward(self, li, block, h, rows, picks),
-            (Ffn::Moe(block), None) => {
-                let picks = self.route(block, h, rows, 0);
+        let f = match &layer.ffn {
+            Ffn::Moe(block) => {
+                // Routed at the end of the attention half.
+                let picks = input.picks.unwrap_or_else(|| self.route(block, h, rows, 0));
                 moe::forward(self, li, block, h, rows, picks)
             }
-            (Ffn::Gated(mlp), _) => self.gated_mlp(mlp, h, rows),
-            (Ffn::Plain(mlp), _) => self.plain_mlp(mlp, h, rows),
+            Ffn::Gated(mlp) => self.gated_mlp(mlp, h, rows),
+            Ffn::Plain(mlp) => self.plain_mlp(mlp, h, rows),
         };
         self.residual(&layer.ffn_norm, x, &f, hd);
     }

@@ -22,8 +22,8 @@ pub const PANEL: usize = 8;
 const X_BLOCK: usize = 48;
 /// Below this many multiply-adds a task switch costs more than it saves: run on the caller.
 const PARALLEL_MIN_MACS: usize = 1 << 17;
-/// Most panels × rows in a register tile (1 × 8, 3 × 4, 4 × 3, 6 × 2 or 7 × 2 vectors of sums).
-const TILE_MAX: usize = 14;
+/// Most rows × panels in a register tile (3 × 4 or 6 × 2 vectors of sums).
+const TILE_MAX: usize = 12;
 
 /// An `n × k` f32 matrix stored as `ceil(n / 8)` panels of `k × 8` floats; the rows past `n`
 /// in the last panel are zero.
@@ -263,7 +263,7 @@ unsafe fn tile(
         }
         dispatch!(
             1,1; 1,2; 1,3; 1,4; 1,5; 1,6; 1,7; 1,8;
-            2,1; 2,2; 2,3; 2,4; 3,1; 3,2; 3,3; 3,4; 4,1; 4,2; 4,3;
+            2,1; 2,2; 2,3; 2,4; 3,1; 3,2; 3,3; 3,4; 4,1; 4,2;
             5,1; 5,2; 6,1; 6,2; 7,1; 7,2
         );
         return;
