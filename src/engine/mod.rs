@@ -186,11 +186,7 @@ impl Engine {
                 self.attention_block(li, layer, &mut x, batch, &positions, rope.as_ref());
             kv_bytes += kv;
             self.ffn_block(li, layer, &mut x, ffn_input);
-            let a = &layer.attn;
-            weight_bytes += [&a.q, &a.k, &a.v, &a.o]
-                .iter()
-                .map(|l| l.weight_bytes())
-                .sum::<usize>();
+            weight_bytes += layer.attn.weight_bytes();
             weight_bytes += match &layer.ffn {
                 Ffn::Moe(_) => 0,
                 Ffn::Gated(mlp) => mlp.weight_bytes(),
@@ -307,14 +303,10 @@ impl Engine {
         positions: &[usize],
         rope: Option<&RopeTable>,
     ) -> (usize, FfnInput) {
-        let a = &layer.attn;
-        let weight_bytes: usize = [&a.q, &a.k, &a.v, &a.o]
-            .iter()
-            .map(|l| l.weight_bytes())
-            .sum();
         let threads = kernel_threads().min(batch.len());
         let decoding = batch.iter().all(|item| item.tokens.len() == 1);
-        if threads < 2 || !decoding || weight_bytes > SEQUENCE_SPLIT_MAX_WEIGHT_BYTES {
+        let small = layer.attn.weight_bytes() <= SEQUENCE_SPLIT_MAX_WEIGHT_BYTES;
+        if threads < 2 || !decoding || !small {
             return self.attention_rows(li, layer, x, batch, positions, rope, 0);
         }
         // A decode step: one row per sequence, groups of about equal size.

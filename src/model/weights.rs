@@ -149,6 +149,16 @@ pub struct Attention {
     pub o: Linear,
 }
 
+impl Attention {
+    /// Bytes of the four projections' weights.
+    pub fn weight_bytes(&self) -> usize {
+        [&self.q, &self.k, &self.v, &self.o]
+            .iter()
+            .map(|l| l.weight_bytes())
+            .sum()
+    }
+}
+
 /// `down(act(gate·x) ⊙ up·x)`: Mixtral's w1/w3/w2 and Qwen2-MoE's gate/up/down_proj.
 #[derive(Debug, Clone)]
 pub struct GatedMlp {
