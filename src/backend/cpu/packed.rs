@@ -325,13 +325,7 @@ unsafe fn tile_avx2<const R: usize, const C: usize>(
     // out-of-line call.
     if R * C + R < 16 {
         for i in 0..k {
-            if (4..=6).contains(&R) && i % 2 == 0 {
-                for p in 0..C {
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        wp.wrapping_add((C + p) * k * PANEL + i * PANEL) as *const i8
-                    );
-                }
-            }
+            prefetch_next_tile::<R, C>(wp, k, i);
             let mut xb = [_mm256_setzero_ps(); R];
             for (rr, xb) in xb.iter_mut().enumerate() {
                 *xb = _mm256_broadcast_ss(&*xp.add(rr * k + i));
@@ -345,13 +339,7 @@ unsafe fn tile_avx2<const R: usize, const C: usize>(
         }
     } else {
         for i in 0..k {
-            if (4..=6).contains(&R) && i % 2 == 0 {
-                for p in 0..C {
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        wp.wrapping_add((C + p) * k * PANEL + i * PANEL) as *const i8
-                    );
-                }
-            }
+            prefetch_next_tile::<R, C>(wp, k, i);
             let mut wv = [_mm256_setzero_ps(); C];
             for (p, wv) in wv.iter_mut().enumerate() {
                 *wv = _mm256_loadu_ps(wp.add(p * k * PANEL + i * PANEL));
@@ -386,6 +374,27 @@ unsafe fn tile_avx2<const R: usize, const C: usize>(
                 _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
                 std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst, n - j0);
             }
+        }
+    }
+}
+
+/// Asks for the next tile's weights (they follow this tile's `C` panels at `wp`), each panel
+/// at the offset `i` this one reads, one cache line per two steps. Only tiles of 4–6 rows: they
+/// compute long enough per weight for the request to overlap, while lighter tiles are bound by
+/// the weight stream itself and only lose issue slots to it. (Eight sequences of the trained
+/// fixture decode about 3% faster with it: 28.8 against 28.1 thousand tokens/s, medians of two
+/// alternated sets of 5 and 6 runs; one sequence does not change.)
+///
+/// # Safety
+/// avx2 (prefetching never faults, even past the end of the matrix).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn prefetch_next_tile<const R: usize, const C: usize>(wp: *const f32, k: usize, i: usize) {
+    use std::arch::x86_64::*;
+    if (4..=6).contains(&R) && i.is_multiple_of(2) {
+        for p in 0..C {
+            let at = wp.wrapping_add((C + p) * k * PANEL + i * PANEL);
+            _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
         }
     }
 }
