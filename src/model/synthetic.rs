@@ -117,16 +117,44 @@ pub fn mixtral_bench_config(layers: usize) -> ModelConfig {
     }
 }
 
+/// SmolLM2-135M's shape (30 layers, hidden 576, 9 heads over 3 KV heads, ffn 1536, vocab
+/// 49152, tied embeddings) upcycled to 4 experts with top-2 routing: a deep, narrow MoE of
+/// 373 M parameters (379 MiB as llama.cpp's Q8_0).
+pub fn smol_moe_config() -> ModelConfig {
+    let layers = 30;
+    ModelConfig {
+        vocab_size: 49152,
+        hidden_size: 576,
+        num_layers: layers,
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        max_position_embeddings: 8192,
+        rope_theta: Some(100000.0),
+        tie_word_embeddings: true,
+        layer_ffn: vec![FfnKind::Moe; layers],
+        dense_ffn: 1536,
+        num_experts: 4,
+        expert_ffn: 1536,
+        word_embed_proj_dim: 576,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+        ..default_config()
+    }
+}
+
 /// Built-in models by name: `default` (small, byte tokenizer), `mixtral-bench` (4 layers,
-/// 1.4 GB f32) and `mixtral-1g` (12 layers, > 1 GB of int8 expert weights once quantized).
+/// 1.4 GB f32), `mixtral-1g` (12 layers, > 1 GB of int8 expert weights once quantized) and
+/// `smol-moe` (30 layers, hidden 576, 4 experts: see [`smol_moe_config`]).
 pub fn builtin(name: &str) -> Result<Model> {
     let config = match name {
         "default" => default_config(),
         "mixtral-bench" => mixtral_bench_config(4),
         "mixtral-1g" => mixtral_bench_config(12),
+        "smol-moe" => smol_moe_config(),
         other => {
             return Err(crate::error::Error::invalid(format!(
-                "unknown built-in model `{other}` (default, mixtral-bench, mixtral-1g)"
+                "unknown built-in model `{other}` (default, mixtral-bench, mixtral-1g, smol-moe)"
             )))
         }
     };
