@@ -377,8 +377,10 @@ fn rejects_bad_magic() {
 fn rejects_unsupported_version() {
     let fx = fixture();
     let mut b = fx.bytes.clone();
-    b[8..12].copy_from_slice(&2u32.to_le_bytes());
-    expect_open_error(&b, &["unsupported .emoe version 2", "version 1"]);
+    b[8..12].copy_from_slice(&3u32.to_le_bytes());
+    expect_open_error(&b, &["unsupported .emoe version 3", "version 2"]);
+    b[8..12].copy_from_slice(&1u32.to_le_bytes());
+    expect_open_error(&b, &["version 1 .emoe", "re-quantize"]);
 }
 
 #[test]
@@ -557,7 +559,14 @@ fn block_checksum_is_verified_on_first_access() {
     }
     assert!(f.block_bytes(1, 3).is_err());
     assert!(f.verify_all().is_err());
-    assert!(TensorSource::tensor(&f, w1, &[16], "x").is_err());
+    // Loaders take tensors unread; the block is checked when its expert first runs.
+    let bad = TensorSource::expert_block(&f, 1, 3).unwrap();
+    let msg = bad.verify_checksum().unwrap_err().to_string();
+    assert!(msg.contains("expert block (layer 1, expert 3)"), "{msg}");
+    TensorSource::expert_block(&f, 0, 1)
+        .unwrap()
+        .verify_checksum()
+        .unwrap();
     // Non-expert tensors are unaffected.
     f.tensor("lm_head.weight").unwrap();
 }
@@ -614,7 +623,7 @@ fn inspect_prints_tables_and_json() {
         String::from_utf8_lossy(&out.stderr)
     );
     for want in [
-        "version 1",
+        "version 2",
         "MixtralForCausalLM",
         "smoothquant-w8a8",
         "bytes per tensor class",
@@ -630,7 +639,7 @@ fn inspect_prints_tables_and_json() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["version"], 1);
+    assert_eq!(v["version"], 2);
     assert_eq!(v["file_bytes"], fx.bytes.len() as u64);
     assert_eq!(v["quant"]["method"], "smoothquant-w8a8");
     assert_eq!(v["checksums_verified"], true);

@@ -1,3 +1,141 @@
-//! What executes the ops. `cpu` is the reference and the first-class path.
+//! What executes the ops. The engine writes the forward pass once against [`Backend`]; a
+//! backend holds the activations (host memory for `cpu`, device memory for a GPU backend) and
+//! runs every op on them, so the engine never touches a backend's buffers. `cpu` is the
+//! reference and the first-class path.
 
 pub mod cpu;
+
+/// The backend an [`crate::Engine`] runs on unless it is given another.
+pub type DefaultBackend = cpu::CpuBackend;
+
+use crate::kv::LayerCache;
+use crate::model::config::Activation;
+use crate::model::weights::{Linear, Norm};
+use std::borrow::Cow;
+
+/// The attention geometry of a model.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub sliding_window: Option<usize>,
+}
+
+/// One sequence's part of an attention call: query rows `rows` attend over `cache` (which
+/// already holds their own keys and values).
+pub struct Segment<'a> {
+    pub rows: std::ops::Range<usize>,
+    pub cache: &'a LayerCache,
+}
+
+/// One token's pick of one expert.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pick {
+    pub expert: usize,
+    /// The token's row in the step.
+    pub row: usize,
+    pub weight: f32,
+}
+
+/// What a group of independent tasks handed to [`Backend::run_tasks`] is, so the backend can
+/// choose how to schedule it.
+#[derive(Debug, Clone, Copy)]
+pub enum Tasks {
+    /// Each task runs a few matrices of this many weights each (experts).
+    Matrices { weights: usize },
+    /// Each task runs a whole block for its own group of sequences.
+    SequenceGroups,
+}
+
+/// Executes the ops of the forward pass. `Act` is a `rows × cols` matrix of f32 activations
+/// the backend owns.
+pub trait Backend: Send + Sync {
+    type Act: Send + Sync;
+    /// Rotation angles for the rows of one step.
+    type Rope: Send + Sync;
+
+    /// Names the backend in reports (`cpu`).
+    fn name(&self) -> &'static str;
+    /// Threads (or streams) the backend runs on.
+    fn threads(&self) -> usize;
+    /// Runs one forward step in the backend's execution context.
+    fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R;
+
+    /// Rows of an activation matrix.
+    fn rows(&self, x: &Self::Act) -> usize;
+    /// The values, row-major (borrowed where the activations live on the host).
+    fn to_host<'a>(&self, x: &'a Self::Act) -> Cow<'a, [f32]>;
+    /// Rows `rows` of `x`, in that order.
+    fn select_rows(&self, x: &Self::Act, rows: &[usize]) -> Self::Act;
+    /// The rows of `parts`, one after another.
+    fn concat_rows(&self, parts: Vec<Self::Act>) -> Self::Act;
+
+    /// The embedding rows of `tokens` (any stored form of the table).
+    fn embed(&self, table: &Linear, tokens: &[u32]) -> Self::Act;
+    /// `x[r] += table[index[r]]` for every row (learned absolute positions).
+    fn add_table_rows(&self, x: &mut Self::Act, table: &[f32], index: &[usize]);
+    fn norm(&self, norm: &Norm, x: &Self::Act) -> Self::Act;
+    /// `x·Wᵀ + b` for any stored form of the weights.
+    fn linear(&self, lin: &Linear, x: &Self::Act) -> Self::Act;
+    /// Several linears of the same input; the backend may run them side by side.
+    fn linears<const N: usize>(&self, lins: [&Linear; N], x: &Self::Act) -> [Self::Act; N] {
+        lins.map(|l| self.linear(l, x))
+    }
+    fn rope_table(&self, head_dim: usize, theta: f32, positions: &[usize]) -> Self::Rope;
+    /// Rotates every head of row `r` of `x` by row `first_row + r` of `rope`.
+    fn apply_rope(&self, x: &mut Self::Act, rope: &Self::Rope, first_row: usize);
+    /// Appends rows `rows` of `k` and `v` (one sequence's new tokens, at `positions`) to its
+    /// cache.
+    fn append_kv(
+        &self,
+        cache: &mut LayerCache,
+        k: &Self::Act,
+        v: &Self::Act,
+        rows: std::ops::Range<usize>,
+        positions: &[usize],
+    );
+    /// Causal attention of query rows at `positions` over their segments' caches; returns the
+    /// output and how many cache slots were read.
+    fn attention(
+        &self,
+        shape: &AttentionShape,
+        q: &Self::Act,
+        positions: &[usize],
+        segments: &[Segment],
+    ) -> (Self::Act, usize);
+    /// `act(x)` in place.
+    fn activate(&self, act: Activation, x: &mut Self::Act);
+    /// `gate = act(gate) ⊙ up`.
+    fn gated_activation(&self, act: Activation, gate: &mut Self::Act, up: &Self::Act);
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Act, y: &Self::Act);
+    /// Every row's top-k experts from its router logits (softmax, then top-k, optionally
+    /// renormalized); rows numbered from `first_row`.
+    fn route(
+        &self,
+        logits: &Self::Act,
+        top_k: usize,
+        renormalize: bool,
+        first_row: usize,
+    ) -> Vec<Pick>;
+    /// `out[p.row] += p.weight · y[i]` for the `i`-th pick.
+    fn mix_rows(&self, out: &mut Self::Act, y: &Self::Act, picks: &[Pick]);
+    /// `out[r] += sigmoid(gate[r]) · y[r]` (a one-column `gate`).
+    fn add_gated(&self, out: &mut Self::Act, y: &Self::Act, gate: &Self::Act);
+    /// A `rows × cols` matrix of zeros.
+    fn zeros(&self, rows: usize, cols: usize) -> Self::Act;
+
+    /// Runs independent tasks and returns their results in task order; the backend chooses
+    /// whether they run side by side or one after another (`cost` ranks them).
+    fn run_tasks<T: Send, R: Send>(
+        &self,
+        kind: Tasks,
+        tasks: Vec<T>,
+        cost: impl Fn(&T) -> usize,
+        task: impl Fn(T) -> R + Sync,
+    ) -> Vec<R>;
+    /// Into how many groups a step's sequences split for the attention half (1: none).
+    fn sequence_groups(&self, sequences: usize, decoding: bool, layer_weight_bytes: usize)
+        -> usize;
+}

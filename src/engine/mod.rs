@@ -9,39 +9,23 @@ pub mod ppl;
 pub mod sampling;
 pub mod stats;
 
-use crate::backend::cpu::attention::{attend, AttentionShape, Segment};
-use crate::backend::cpu::int8::{self, quantize_rows_smoothed, QuantizedRows};
-use crate::backend::cpu::int8w::matmul_w8;
-use crate::backend::cpu::matmul::matmul;
-use crate::backend::cpu::ops::{activate, gated_activation, norm_rows, Rope, RopeTable};
-use crate::backend::cpu::packed::{matmul_packed, PANEL};
-use crate::backend::cpu::parallel::{kernel_threads, serially};
+use crate::backend::{AttentionShape, Backend, DefaultBackend, Pick, Segment, Tasks};
 use crate::error::{Error, Result};
 use crate::kv::KvCache;
 use crate::model::arch::opt::POSITION_OFFSET;
-use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, LinearWeight, MoeBlock, PlainMlp};
+use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, Norm, PlainMlp};
 use crate::model::Model;
-use rayon::prelude::*;
 use stats::RuntimeStats;
-use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Most tokens of KV cache reserved up front for one sequence.
 pub const MAX_RESERVED_TOKENS: usize = 8192;
-/// Below this many multiply-adds, layers of one input run one after another on the caller.
-const PARALLEL_MIN_MACS: usize = 1 << 17;
-/// From this many multiply-adds a matmul splits well over the pool by itself.
-const SIDE_BY_SIDE_MAX_MACS: usize = 1 << 19;
-/// Attention layers whose weights take at most this many bytes (one core's L2 on the machines
-/// we target) run a batch of several sequences as one task per group of sequences, each
-/// thread reading the weights itself, rather than one parallel region per operation.
-const SEQUENCE_SPLIT_MAX_WEIGHT_BYTES: usize = 512 << 10;
 
 /// The feed-forward half's input for the rows of a step: normalized, and for a sparse block
 /// every token's choice of experts.
-struct FfnInput {
-    normed: Vec<f32>,
-    picks: Option<Vec<moe::Pick>>,
+struct FfnInput<A> {
+    normed: A,
+    picks: Option<Vec<Pick>>,
 }
 
 /// Which logits a sequence of the batch wants back.
@@ -60,10 +44,9 @@ pub struct BatchItem<'a> {
     pub logits: Logits,
 }
 
-pub struct Engine {
+pub struct Engine<B: Backend = DefaultBackend> {
     model: Arc<Model>,
-    pool: rayon::ThreadPool,
-    rope: Option<Rope>,
+    backend: B,
     pub stats: RuntimeStats,
     /// Sees every linear layer's input (calibration); `None` in normal runs.
     observer: Option<Arc<dyn LinearObserver>>,
@@ -74,31 +57,26 @@ pub trait LinearObserver: Send + Sync {
     fn observe(&self, linear: &Linear, x: &[f32], rows: usize);
 }
 
-impl Engine {
+impl Engine<DefaultBackend> {
+    /// An engine on the default backend with `threads` workers (0: one per core).
     pub fn new(model: Arc<Model>, threads: usize) -> Result<Engine> {
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            threads
-        };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("edgemoe-cpu-{i}"))
-            .build()
-            .map_err(|e| Error::invalid(format!("cannot start {threads} worker threads: {e}")))?;
+        Ok(Engine::with_backend(model, DefaultBackend::new(threads)?))
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn with_backend(model: Arc<Model>, backend: B) -> Engine<B> {
         let cfg = &model.config;
-        let rope = cfg.rope_theta.map(|theta| Rope::new(cfg.head_dim, theta));
         let stats = RuntimeStats::new(cfg.num_layers, cfg.num_experts);
-        Ok(Engine {
+        Engine {
             model,
-            pool,
-            rope,
+            backend,
             stats,
             observer: None,
-        })
+        }
     }
 
-    pub fn with_observer(mut self, observer: Arc<dyn LinearObserver>) -> Engine {
+    pub fn with_observer(mut self, observer: Arc<dyn LinearObserver>) -> Engine<B> {
         self.observer = Some(observer);
         self
     }
@@ -107,8 +85,12 @@ impl Engine {
         &self.model
     }
 
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
+        self.backend.threads()
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -134,7 +116,7 @@ impl Engine {
     /// returns per item its logits, `rows × vocab` (one row for `Logits::Last`).
     pub fn forward(&self, batch: &mut [BatchItem]) -> Result<Vec<Vec<f32>>> {
         self.check_batch(batch)?;
-        let out = self.pool.install(|| self.forward_rows(batch));
+        let out = self.backend.run(|| self.forward_rows(batch))?;
         for item in batch.iter_mut() {
             item.cache.advance(item.tokens.len());
         }
@@ -166,7 +148,7 @@ impl Engine {
         Ok(())
     }
 
-    fn forward_rows(&self, batch: &mut [BatchItem]) -> Vec<Vec<f32>> {
+    fn forward_rows(&self, batch: &mut [BatchItem]) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.model.config;
         let w = &self.model.weights;
         let positions: Vec<usize> = batch
@@ -178,14 +160,16 @@ impl Engine {
             .flat_map(|b| b.tokens.iter().copied())
             .collect();
         let mut x = self.embed(&tokens, &positions);
-        let rope = self.rope.as_ref().map(|r| r.table(&positions));
+        let rope = cfg
+            .rope_theta
+            .map(|theta| self.backend.rope_table(cfg.head_dim, theta, &positions));
         // Bytes read, for the runtime's counters (the MoE block counts its experts itself).
         let (mut weight_bytes, mut kv_bytes) = (self.embed_bytes(tokens.len()), 0);
         for (li, layer) in w.layers.iter().enumerate() {
             let (kv, ffn_input) =
                 self.attention_block(li, layer, &mut x, batch, &positions, rope.as_ref());
             kv_bytes += kv;
-            self.ffn_block(li, layer, &mut x, ffn_input);
+            self.ffn_block(li, layer, &mut x, ffn_input)?;
             weight_bytes += layer.attn.weight_bytes();
             weight_bytes += match &layer.ffn {
                 Ffn::Moe(_) => 0,
@@ -197,7 +181,6 @@ impl Engine {
             w.head().weight_bytes() + w.project_out.as_ref().map_or(0, |p| p.weight_bytes());
         self.stats.add_bytes_read(weight_bytes, kv_bytes);
         // Gather the rows whose logits are wanted, then the head runs only on those.
-        let h = cfg.hidden_size;
         let mut start = 0;
         let mut wanted = Vec::new();
         let mut counts = Vec::with_capacity(batch.len());
@@ -208,20 +191,18 @@ impl Engine {
                 Logits::All => start..start + n,
             };
             counts.push(rows.len());
-            wanted.extend_from_slice(&x[rows.start * h..rows.end * h]);
+            wanted.extend(rows);
             start += n;
         }
-        let rows = wanted.len() / h;
-        let mut hs = wanted;
+        let mut hs = self.backend.select_rows(&x, &wanted);
         if let Some(norm) = &w.final_norm {
-            let mut normed = vec![0f32; hs.len()];
-            norm_rows(norm, &hs, h, &mut normed);
-            hs = normed;
+            hs = self.backend.norm(norm, &hs);
         }
         if let Some(p) = &w.project_out {
-            hs = self.linear(p, &hs, rows);
+            hs = self.linear(p, &hs);
         }
-        let logits = self.linear(w.head(), &hs, rows);
+        let logits = self.linear(w.head(), &hs);
+        let logits = self.backend.to_host(&logits);
         let v = cfg.vocab_size;
         let mut out = Vec::with_capacity(batch.len());
         let mut r = 0;
@@ -229,127 +210,96 @@ impl Engine {
             out.push(logits[r * v..(r + n) * v].to_vec());
             r += n;
         }
-        out
+        Ok(out)
     }
 
     /// Bytes of the embedding rows (and learned positions) `rows` tokens look up, and of the
     /// input projection they go through.
     fn embed_bytes(&self, rows: usize) -> usize {
         let w = &self.model.weights;
-        let row = match &w.embed.weight {
-            LinearWeight::F32Rows(_) => 4 * w.embed.in_features,
-            // A row of a panel is strided: every cache line of its panel.
-            LinearWeight::F32(_) => 4 * PANEL * w.embed.in_features,
-            LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => w.embed.in_features + 4,
-        };
         let positions = w
             .positions
             .as_ref()
             .map_or(0, |_| 4 * self.model.config.hidden_size);
-        rows * (row + positions) + w.project_in.as_ref().map_or(0, |p| p.weight_bytes())
+        rows * (w.embed.row_read_bytes() + positions)
+            + w.project_in.as_ref().map_or(0, |p| p.weight_bytes())
     }
 
-    fn embed(&self, tokens: &[u32], positions: &[usize]) -> Vec<f32> {
+    fn embed(&self, tokens: &[u32], positions: &[usize]) -> B::Act {
         let w = &self.model.weights;
-        let e = w.embed.in_features;
-        let mut x: Vec<f32> = match &w.embed.weight {
-            LinearWeight::F32Rows(table) => {
-                let mut x = Vec::with_capacity(tokens.len() * e);
-                for &t in tokens {
-                    x.extend_from_slice(&table[t as usize * e..(t as usize + 1) * e]);
-                }
-                x
-            }
-            LinearWeight::F32(table) => {
-                tokens.iter().flat_map(|&t| table.row(t as usize)).collect()
-            }
-            // Quantized embeddings (a tied int8 head): dequantize the looked-up rows.
-            LinearWeight::Int8(matrix) | LinearWeight::Int8WeightOnly(matrix) => tokens
-                .iter()
-                .flat_map(|&t| {
-                    let scale = matrix.scales[t as usize];
-                    matrix.row(t as usize)[..e]
-                        .iter()
-                        .map(move |&q| q as f32 * scale)
-                })
-                .collect(),
-        };
+        let mut x = self.backend.embed(&w.embed, tokens);
         if let Some(p) = &w.project_in {
-            x = self.linear(p, &x, tokens.len());
+            x = self.linear(p, &x);
         }
         if let Some(table) = &w.positions {
-            let h = self.model.config.hidden_size;
-            for (row, &pos) in x.chunks_exact_mut(h).zip(positions) {
-                let pe = &table[(pos + POSITION_OFFSET) * h..][..h];
-                row.iter_mut().zip(pe).for_each(|(a, b)| *a += b);
-            }
+            let index: Vec<usize> = positions.iter().map(|p| p + POSITION_OFFSET).collect();
+            self.backend.add_table_rows(&mut x, table, &index);
         }
         x
     }
 
     /// The attention half of a layer for every row of the batch; returns the KV-cache bytes
-    /// read and the feed-forward half's input. When the layer is small and several sequences
-    /// decode together, each operation alone is too short to split well: a fork and join per
-    /// operation (projections, attention, output) would cost more than the work. Then the
-    /// sequences are split into one group per thread, and each thread runs the whole block on
-    /// its own group. Every row goes through the same kernels either way, so results do not
-    /// change.
+    /// read and the feed-forward half's input. The backend may split a step's sequences into
+    /// groups that each run the whole half (a decode step of a small layer on several threads:
+    /// a fork and join per operation would cost more than the work). Every row goes through the
+    /// same kernels either way, so results do not change.
     fn attention_block(
         &self,
         li: usize,
         layer: &Layer,
-        x: &mut [f32],
+        x: &mut B::Act,
         batch: &mut [BatchItem],
         positions: &[usize],
-        rope: Option<&RopeTable>,
-    ) -> (usize, FfnInput) {
-        let threads = kernel_threads().min(batch.len());
+        rope: Option<&B::Rope>,
+    ) -> (usize, FfnInput<B::Act>) {
         let decoding = batch.iter().all(|item| item.tokens.len() == 1);
-        let small = layer.attn.weight_bytes() <= SEQUENCE_SPLIT_MAX_WEIGHT_BYTES;
-        if threads < 2 || !decoding || !small {
+        let weight_bytes = layer.attn.weight_bytes();
+        let groups = self
+            .backend
+            .sequence_groups(batch.len(), decoding, weight_bytes);
+        if groups < 2 {
             return self.attention_rows(li, layer, x, batch, positions, rope, 0);
         }
         // A decode step: one row per sequence, groups of about equal size.
-        let hd = self.model.config.hidden_size;
-        let mut groups = Vec::with_capacity(threads);
-        let (mut x, mut batch, mut first) = (x, batch, 0);
-        for g in 0..threads {
-            let rows = batch.len().div_ceil(threads - g);
-            let (group_batch, rest_batch) = std::mem::take(&mut batch).split_at_mut(rows);
-            let (group_x, rest_x) = std::mem::take(&mut x).split_at_mut(rows * hd);
-            groups.push((group_x, group_batch, first));
-            (x, batch, first) = (rest_x, rest_batch, first + rows);
+        let mut parts = Vec::with_capacity(groups);
+        let (mut rest, mut first) = (batch, 0);
+        for g in 0..groups {
+            let rows = rest.len().div_ceil(groups - g);
+            let (group, tail) = std::mem::take(&mut rest).split_at_mut(rows);
+            let range: Vec<usize> = (first..first + rows).collect();
+            parts.push((self.backend.select_rows(x, &range), group, first));
+            (rest, first) = (tail, first + rows);
         }
-        let parts: Vec<(usize, FfnInput)> = groups
-            .into_par_iter()
-            .map(|(x, batch, first)| {
-                let rows = x.len() / hd;
-                serially(|| {
-                    self.attention_rows(
-                        li,
-                        layer,
-                        x,
-                        batch,
-                        &positions[first..first + rows],
-                        rope,
-                        first,
-                    )
-                })
-            })
-            .collect();
-        let mut ffn = FfnInput {
-            normed: Vec::with_capacity(positions.len() * hd),
-            picks: None,
-        };
-        let mut kv_bytes = 0;
-        for (kv, part) in parts {
+        let done = self.backend.run_tasks(
+            Tasks::SequenceGroups,
+            parts,
+            |p| p.1.len(),
+            |(mut gx, group, first)| {
+                let rows = group.len();
+                let (kv, ffn) = self.attention_rows(
+                    li,
+                    layer,
+                    &mut gx,
+                    group,
+                    &positions[first..first + rows],
+                    rope,
+                    first,
+                );
+                (gx, kv, ffn)
+            },
+        );
+        let (mut xs, mut normed, mut picks, mut kv_bytes) = (vec![], vec![], None, 0);
+        for (gx, kv, part) in done {
             kv_bytes += kv;
-            ffn.normed.extend_from_slice(&part.normed);
-            if let Some(picks) = part.picks {
-                ffn.picks.get_or_insert_with(Vec::new).extend(picks);
+            xs.push(gx);
+            normed.push(part.normed);
+            if let Some(p) = part.picks {
+                picks.get_or_insert_with(Vec::new).extend(p);
             }
         }
-        (kv_bytes, ffn)
+        *x = self.backend.concat_rows(xs);
+        let normed = self.backend.concat_rows(normed);
+        (kv_bytes, FfnInput { normed, picks })
     }
 
     /// [`Self::attention_block`] for rows `first_row..` of the step (their index into `rope`).
@@ -358,23 +308,20 @@ impl Engine {
         &self,
         li: usize,
         layer: &Layer,
-        x: &mut [f32],
+        x: &mut B::Act,
         batch: &mut [BatchItem],
         positions: &[usize],
-        rope: Option<&RopeTable>,
+        rope: Option<&B::Rope>,
         first_row: usize,
-    ) -> (usize, FfnInput) {
+    ) -> (usize, FfnInput<B::Act>) {
         let cfg = &self.model.config;
-        let (hd, rows) = (cfg.hidden_size, positions.len());
+        let be = &self.backend;
         let h = self.pre_norm(&layer.attn_norm, x);
         let a = &layer.attn;
-        let [mut q, mut k, v] = self.linears([&a.q, &a.k, &a.v], &h, rows);
-        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let [mut q, mut k, v] = self.linears([&a.q, &a.k, &a.v], &h);
         if let Some(rope) = rope {
-            for r in 0..rows {
-                rope.apply(first_row + r, &mut q[r * qd..(r + 1) * qd]);
-                rope.apply(first_row + r, &mut k[r * kvd..(r + 1) * kvd]);
-            }
+            be.apply_rope(&mut q, rope, first_row);
+            be.apply_rope(&mut k, rope, first_row);
         }
         let shape = AttentionShape {
             num_heads: cfg.num_heads,
@@ -382,19 +329,12 @@ impl Engine {
             head_dim: cfg.head_dim,
             sliding_window: cfg.sliding_window,
         };
-        let mut attn = vec![0f32; rows * qd];
         // Append every sequence's new keys/values first, then attend over all of them at once.
         let mut start = 0;
         for item in batch.iter_mut() {
-            let cache = &mut item.cache.layers[li];
-            for r in start..start + item.tokens.len() {
-                cache.append(
-                    &k[r * kvd..(r + 1) * kvd],
-                    &v[r * kvd..(r + 1) * kvd],
-                    positions[r],
-                );
-            }
-            start += item.tokens.len();
+            let rows = start..start + item.tokens.len();
+            be.append_kv(&mut item.cache.layers[li], &k, &v, rows.clone(), positions);
+            start = rows.end;
         }
         let mut start = 0;
         let segments: Vec<Segment> = batch
@@ -408,141 +348,98 @@ impl Engine {
                 }
             })
             .collect();
-        let slots_read = attend(&shape, &q, positions, &segments, &mut attn);
-        let o = self.linear(&a.o, &attn, rows);
-        self.residual(&layer.attn_norm, x, &o, hd);
+        let (attn, slots_read) = be.attention(&shape, &q, positions, &segments);
+        let o = self.linear(&a.o, &attn);
+        self.residual(&layer.attn_norm, x, &o);
         // The feed-forward half's row-by-row start, here so that a split step runs it on
         // every thread: its norm, and for a sparse block the routing.
         let normed = self.pre_norm(&layer.ffn_norm, x);
         let picks = match &layer.ffn {
-            Ffn::Moe(block) => Some(self.route(block, &normed, rows, first_row)),
+            Ffn::Moe(block) => Some(self.route(&block.router, &normed, first_row)),
             Ffn::Gated(_) | Ffn::Plain(_) => None,
         };
-        let ffn = FfnInput { normed, picks };
         // A slot is one f32 key row and one value row.
-        (slots_read * 2 * kvd * std::mem::size_of::<f32>(), ffn)
+        let kv_bytes = slots_read * 2 * cfg.kv_dim() * std::mem::size_of::<f32>();
+        (kv_bytes, FfnInput { normed, picks })
     }
 
-    fn ffn_block(&self, li: usize, layer: &Layer, x: &mut [f32], input: FfnInput) {
-        let hd = self.model.config.hidden_size;
-        let rows = x.len() / hd;
+    fn ffn_block(
+        &self,
+        li: usize,
+        layer: &Layer,
+        x: &mut B::Act,
+        input: FfnInput<B::Act>,
+    ) -> Result<()> {
         let h = &input.normed;
         let f = match &layer.ffn {
             Ffn::Moe(block) => {
                 // Routed at the end of the attention half.
-                let picks = input.picks.unwrap_or_else(|| self.route(block, h, rows, 0));
-                moe::forward(self, li, block, h, rows, picks)
+                let picks = input
+                    .picks
+                    .unwrap_or_else(|| self.route(&block.router, h, 0));
+                moe::forward(self, li, block, h, picks)?
             }
-            Ffn::Gated(mlp) => self.gated_mlp(mlp, h, rows),
-            Ffn::Plain(mlp) => self.plain_mlp(mlp, h, rows),
+            Ffn::Gated(mlp) => self.gated_mlp(mlp, h),
+            Ffn::Plain(mlp) => self.plain_mlp(mlp, h),
         };
-        self.residual(&layer.ffn_norm, x, &f, hd);
+        self.residual(&layer.ffn_norm, x, &f);
+        Ok(())
     }
 
-    /// The experts each of `rows` normalized rows (rows `first_row..` of the step) chooses.
-    fn route(
-        &self,
-        block: &MoeBlock,
-        normed: &[f32],
-        rows: usize,
-        first_row: usize,
-    ) -> Vec<moe::Pick> {
+    /// The experts each normalized row (rows `first_row..` of the step) chooses.
+    fn route(&self, router: &Linear, normed: &B::Act, first_row: usize) -> Vec<Pick> {
         let cfg = &self.model.config;
-        let logits = self.linear(&block.router, normed, rows);
-        let experts = block.experts.len();
-        moe::route_rows(&logits, experts, cfg.top_k, cfg.norm_topk_prob, first_row)
+        let logits = self.linear(router, normed);
+        self.backend
+            .route(&logits, cfg.top_k, cfg.norm_topk_prob, first_row)
     }
 
     /// Pre-norm blocks normalize their input; post-norm blocks (OPT-350m) take it as is.
-    fn pre_norm(&self, norm: &crate::model::weights::Norm, x: &[f32]) -> Vec<f32> {
-        let mut h = vec![0f32; x.len()];
+    fn pre_norm(&self, norm: &Norm, x: &B::Act) -> B::Act {
         if self.model.config.pre_norm {
-            norm_rows(norm, x, self.model.config.hidden_size, &mut h);
+            self.backend.norm(norm, x)
         } else {
-            h.copy_from_slice(x);
+            let all: Vec<usize> = (0..self.backend.rows(x)).collect();
+            self.backend.select_rows(x, &all)
         }
-        h
     }
 
     /// `x += y`, then normalize for post-norm blocks.
-    fn residual(&self, norm: &crate::model::weights::Norm, x: &mut [f32], y: &[f32], hd: usize) {
-        x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+    fn residual(&self, norm: &Norm, x: &mut B::Act, y: &B::Act) {
+        self.backend.add(x, y);
         if !self.model.config.pre_norm {
-            let sum = x.to_vec();
-            norm_rows(norm, &sum, hd, x);
+            *x = self.backend.norm(norm, x);
         }
     }
 
-    pub(crate) fn linear(&self, lin: &Linear, x: &[f32], rows: usize) -> Vec<f32> {
+    fn observe(&self, lin: &Linear, x: &B::Act) {
         if let Some(obs) = &self.observer {
-            obs.observe(lin, x, rows);
-        }
-        let mut out = vec![0f32; rows * lin.out_features];
-        let (k, bias) = (lin.in_features, lin.bias.as_deref());
-        // Kernels with f32 activations take SmoothQuant's input scale here; the int8 one
-        // applies it while quantizing.
-        let scaled = || -> Cow<[f32]> {
-            match &lin.input_scale {
-                None => Cow::Borrowed(x),
-                Some(s) => x
-                    .chunks(k)
-                    .flat_map(|r| r.iter().zip(s).map(|(a, b)| a * b))
-                    .collect(),
-            }
-        };
-        match &lin.weight {
-            LinearWeight::F32(w) => matmul_packed(&scaled(), rows, w, bias, &mut out),
-            // A tied head: the embedding table, row-major.
-            LinearWeight::F32Rows(w) => {
-                matmul(&scaled(), rows, w, lin.out_features, k, bias, &mut out)
-            }
-            LinearWeight::Int8(matrix) => {
-                // W8A8: quantize each token's activations (per-token scale), then int8 GEMM.
-                let mut q = QuantizedRows::new();
-                quantize_rows_smoothed(x, rows, k, lin.input_scale.as_deref(), &mut q);
-                int8::gemm(&mut out, &q, matrix, bias, &self.pool);
-            }
-            LinearWeight::Int8WeightOnly(matrix) => {
-                matmul_w8(&scaled(), rows, matrix, bias, &mut out)
-            }
-        }
-        out
-    }
-
-    /// Several linear layers of the same input. When together they are worth the pool but
-    /// each alone is small (a decode step of a few rows on a small model), they run side by
-    /// side in one parallel region instead of one region each (or none). Inside
-    /// [`serially`] (the caller already fills the pool) they run one after another.
-    fn linears<const N: usize>(&self, lins: [&Linear; N], x: &[f32], rows: usize) -> [Vec<f32>; N] {
-        let macs = lins.map(|l| rows * l.out_features * l.in_features);
-        let (total, largest) = (macs.iter().sum::<usize>(), macs.iter().max().copied());
-        if kernel_threads() > 1
-            && total >= PARALLEL_MIN_MACS
-            && largest.is_some_and(|m| m < SIDE_BY_SIDE_MAX_MACS)
-        {
-            let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
-            self.pool.install(|| {
-                outs.par_iter_mut()
-                    .zip(lins.par_iter())
-                    .for_each(|(out, lin)| *out = serially(|| self.linear(lin, x, rows)))
-            });
-            outs
-        } else {
-            lins.map(|l| self.linear(l, x, rows))
+            obs.observe(lin, &self.backend.to_host(x), self.backend.rows(x));
         }
     }
 
-    pub(crate) fn gated_mlp(&self, mlp: &GatedMlp, x: &[f32], rows: usize) -> Vec<f32> {
-        let [mut g, u] = self.linears([&mlp.gate, &mlp.up], x, rows);
-        gated_activation(self.model.config.activation, &mut g, &u);
-        self.linear(&mlp.down, &g, rows)
+    pub(crate) fn linear(&self, lin: &Linear, x: &B::Act) -> B::Act {
+        self.observe(lin, x);
+        self.backend.linear(lin, x)
     }
 
-    fn plain_mlp(&self, mlp: &PlainMlp, x: &[f32], rows: usize) -> Vec<f32> {
-        let mut a = self.linear(&mlp.fc1, x, rows);
-        let act = self.model.config.activation;
-        a.iter_mut().for_each(|v| *v = activate(act, *v));
-        self.linear(&mlp.fc2, &a, rows)
+    /// Several linear layers of the same input (the backend may run them side by side).
+    fn linears<const N: usize>(&self, lins: [&Linear; N], x: &B::Act) -> [B::Act; N] {
+        lins.iter().for_each(|l| self.observe(l, x));
+        self.backend.linears(lins, x)
+    }
+
+    pub(crate) fn gated_mlp(&self, mlp: &GatedMlp, x: &B::Act) -> B::Act {
+        let [mut g, u] = self.linears([&mlp.gate, &mlp.up], x);
+        self.backend
+            .gated_activation(self.model.config.activation, &mut g, &u);
+        self.linear(&mlp.down, &g)
+    }
+
+    fn plain_mlp(&self, mlp: &PlainMlp, x: &B::Act) -> B::Act {
+        let mut a = self.linear(&mlp.fc1, x);
+        self.backend.activate(self.model.config.activation, &mut a);
+        self.linear(&mlp.fc2, &a)
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::safetensors::SafetensorsFile;
-use crate::model::weights::TensorSource;
+use crate::model::weights::{Stored, TensorSource};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -110,7 +110,7 @@ impl TensorSource for HfCheckpoint {
         self.tensors.contains_key(name)
     }
 
-    fn tensor(&self, name: &str, shape: &[usize], why: &str) -> Result<Vec<f32>> {
+    fn stored(&self, name: &str, shape: &[usize], why: &str) -> Result<Stored> {
         let file = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
         })?;
@@ -125,6 +125,6 @@ impl TensorSource for HfCheckpoint {
                 why: format!("from config.json {why}"),
             });
         }
-        file.read_f32(name)
+        file.stored(name)
     }
 }

@@ -2,6 +2,7 @@
 //! checkpoint directory or generated (the built-in default).
 
 pub mod arch;
+pub mod buf;
 pub mod config;
 pub mod convert;
 pub mod emoe;
@@ -15,7 +16,7 @@ use crate::error::{Error, Result};
 use config::ModelConfig;
 use std::path::Path;
 use tokenizer::Tokenizer;
-use weights::{Ffn, Weights};
+use weights::{Ffn, WeightForm, Weights};
 
 pub struct Model {
     pub config: ModelConfig,
@@ -26,8 +27,19 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a checkpoint directory (config.json, safetensors, tokenizer.json) or an .emoe file.
+    /// Loads a checkpoint directory (config.json, safetensors, tokenizer.json) or an .emoe file,
+    /// weights as stored where the kernels read that layout (mapped, not copied).
     pub fn load(path: &Path) -> Result<Model> {
+        Self::load_as(path, WeightForm::AsStored)
+    }
+
+    /// [`Self::load`] with every floating-point weight of a checkpoint widened to f32 (what the
+    /// quantizer edits).
+    pub fn load_f32(path: &Path) -> Result<Model> {
+        Self::load_as(path, WeightForm::F32)
+    }
+
+    fn load_as(path: &Path, form: WeightForm) -> Result<Model> {
         if !path.exists() {
             return Err(Error::io(
                 path,
@@ -40,7 +52,7 @@ impl Model {
         let config = hf::HfCheckpoint::config(path)?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let ckpt = hf::HfCheckpoint::open(path)?;
-        let weights = arch::load_weights(&config, &ckpt)?;
+        let weights = arch::load_weights(&config, &ckpt, form)?;
         Ok(Model {
             config,
             weights,
@@ -57,7 +69,7 @@ impl Model {
             "" => Tokenizer::Bytes,
             json => Tokenizer::from_json_bytes(json.as_bytes(), path)?,
         };
-        let weights = arch::load_weights(&config, &file)?;
+        let weights = arch::load_weights(&config, &file, WeightForm::AsStored)?;
         Ok(Model {
             config,
             weights,

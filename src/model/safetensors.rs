@@ -7,6 +7,8 @@
 //! reference implementation requires). Tensors need not be aligned: reads copy and convert.
 
 use crate::error::{Error, Result};
+use crate::model::buf::{Buf, HalfKind, Plain, SharedMap};
+use crate::model::weights::Stored;
 use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -74,7 +76,7 @@ impl TensorInfo {
 
 pub struct SafetensorsFile {
     path: PathBuf,
-    map: Mmap,
+    map: SharedMap,
     tensors: BTreeMap<String, TensorInfo>,
 }
 
@@ -97,7 +99,7 @@ impl SafetensorsFile {
         })?;
         Ok(Arc::new(SafetensorsFile {
             path: path.to_path_buf(),
-            map,
+            map: Arc::new(map),
             tensors,
         }))
     }
@@ -117,6 +119,26 @@ impl SafetensorsFile {
     pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
         // In bounds: parse_header checked start <= end <= map.len().
         &self.map[info.start..info.end]
+    }
+
+    /// A tensor as stored: F32, BF16 and F16 in place where aligned (copied otherwise); F64
+    /// narrowed to f32.
+    pub fn stored(&self, name: &str) -> Result<Stored> {
+        let info = self.info(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+        })?;
+        let n = info.numel();
+        Ok(match info.dtype {
+            Dtype::F32 => Stored::F32(self.in_place(info, n, crate::model::convert::f32s)),
+            Dtype::BF16 => Stored::Half(HalfKind::Bf16, self.in_place(info, n, u16s)),
+            Dtype::F16 => Stored::Half(HalfKind::F16, self.in_place(info, n, u16s)),
+            _ => Stored::F32(self.read_f32(name)?.into()),
+        })
+    }
+
+    /// `n` values in place, or decoded by `copy` when the bytes are not aligned for `T`.
+    fn in_place<T: Plain>(&self, info: &TensorInfo, n: usize, copy: fn(&[u8]) -> Vec<T>) -> Buf<T> {
+        Buf::mapped(&self.map, info.start, n).unwrap_or_else(|| copy(self.bytes(info)).into())
     }
 
     /// Reads a floating-point tensor as f32, converting from f16/bf16/f64.
@@ -174,6 +196,13 @@ impl SafetensorsFile {
             }
         })
     }
+}
+
+fn u16s(bytes: &[u8]) -> Vec<u16> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect()
 }
 
 /// Parses and validates the header; the error string names the offending tensor or field.

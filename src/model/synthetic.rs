@@ -4,7 +4,7 @@
 use super::arch;
 use super::config::{Activation, Architecture, FfnKind, ModelConfig};
 use super::tokenizer::{Tokenizer, BYTE_BOS, BYTE_EOS, BYTE_VOCAB};
-use super::weights::TensorSource;
+use super::weights::{Stored, TensorSource, WeightForm};
 use super::Model;
 use crate::error::Result;
 use crate::util::rng::SplitMix64;
@@ -53,6 +53,10 @@ impl TensorSource for SyntheticTensors {
         !name.ends_with(".qweight") && !name.ends_with(".input_scale")
     }
 
+    fn stored(&self, name: &str, shape: &[usize], why: &str) -> Result<Stored> {
+        Ok(Stored::F32(self.tensor(name, shape, why)?.into()))
+    }
+
     fn tensor(&self, name: &str, shape: &[usize], _why: &str) -> Result<Vec<f32>> {
         // Each tensor's stream depends only on its name, so tensors don't shift when others change.
         let h = name
@@ -87,7 +91,7 @@ impl TensorSource for SyntheticTensors {
 }
 
 pub fn model_from_config(config: ModelConfig, seed: u64, source: &str) -> Result<Model> {
-    let weights = arch::load_weights(&config, &SyntheticTensors { seed })?;
+    let weights = arch::load_weights(&config, &SyntheticTensors { seed }, WeightForm::F32)?;
     Ok(Model {
         config,
         weights,

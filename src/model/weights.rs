@@ -1,9 +1,11 @@
 //! The weights of a decoder-only transformer, in one shape for every supported architecture.
 //! Architecture files (`arch/`) fill these from checkpoint tensors; the engine runs them.
 
-use crate::backend::cpu::int8::Int8Matrix;
+use crate::backend::cpu::int8::{padded_k, Int8Matrix};
 use crate::backend::cpu::packed::PackedF32;
 use crate::error::{Error, Result};
+use crate::model::buf::{Buf, HalfKind, SharedMap};
+use std::sync::{Arc, OnceLock};
 
 /// A dense `y = x·Wᵀ + b` for a checkpoint's `[out_features, in_features]` weight (the Hugging
 /// Face / PyTorch layout), held in the form the CPU kernels read.
@@ -24,9 +26,13 @@ pub struct Linear {
 pub enum LinearWeight {
     /// f32 weights in column panels (see [`PackedF32`]).
     F32(PackedF32),
-    /// f32 weights as the checkpoint stores them, `[out, in]`: embedding tables, which are
-    /// read a row per token (and multiplied by only as a tied head).
-    F32Rows(Vec<f32>),
+    /// f32 weights as the checkpoint stores them, `[out, in]` (in place where the checkpoint
+    /// is mapped): embedding tables, which are read a row per token (and multiplied by only as
+    /// a tied head).
+    F32Rows(Buf<f32>),
+    /// bf16 or f16 weights as the checkpoint stores them, `[out, in]`, in place: kernels widen
+    /// them to f32 in registers, so they stream half the bytes of f32.
+    Half(HalfKind, Buf<u16>),
     /// W8A8: int8 weights with per-output-channel scales; activations are quantized per token
     /// at run time.
     Int8(Int8Matrix),
@@ -61,7 +67,7 @@ impl Linear {
             name: name.to_string(),
             out_features,
             in_features,
-            weight: LinearWeight::F32Rows(weight),
+            weight: LinearWeight::F32Rows(weight.into()),
             bias,
             input_scale: None,
         }
@@ -72,7 +78,8 @@ impl Linear {
     pub fn f32_rows(&self) -> Option<Vec<f32>> {
         match &self.weight {
             LinearWeight::F32(w) => Some(w.to_rows()),
-            LinearWeight::F32Rows(w) => Some(w.clone()),
+            LinearWeight::F32Rows(w) => Some(w.to_vec()),
+            LinearWeight::Half(kind, w) => Some(kind.widen(w)),
             LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => None,
         }
     }
@@ -81,14 +88,19 @@ impl Linear {
     pub fn unpack(&mut self) {
         if let LinearWeight::F32(w) = &mut self.weight {
             let packed = std::mem::take(w);
-            self.weight = LinearWeight::F32Rows(packed.into_rows());
+            self.weight = LinearWeight::F32Rows(packed.into_rows().into());
         }
     }
 
     /// Puts row-major f32 weights into panels for the matmul kernel.
     pub fn pack(&mut self) {
         if let LinearWeight::F32Rows(w) = &mut self.weight {
-            let rows = std::mem::take(w);
+            let mapping = w.mapping().map(|(map, at, len)| (map.clone(), at, len));
+            let rows = std::mem::take(w.make_mut());
+            // The file pages the copy came from are no longer needed.
+            if let Some((map, at, len)) = mapping {
+                crate::model::buf::release_pages(&map, at, len);
+            }
             self.weight = LinearWeight::F32(PackedF32::from_row_vec(
                 rows,
                 self.out_features,
@@ -97,13 +109,20 @@ impl Linear {
         }
     }
 
-    /// Applies `f` to every weight of input channel `i` (f32 weights only).
+    /// Applies `f` to every weight of input channel `i` (half-precision weights are widened to
+    /// f32 first; int8 ones are left alone).
     pub fn map_input_channel(&mut self, i: usize, f: impl Fn(f32) -> f32) {
         let k = self.in_features;
+        if let LinearWeight::Half(kind, w) = &self.weight {
+            self.weight = LinearWeight::F32Rows(kind.widen(w).into());
+        }
         match &mut self.weight {
             LinearWeight::F32(w) => w.map_column(i, f),
-            LinearWeight::F32Rows(w) => w.chunks_mut(k).for_each(|row| row[i] = f(row[i])),
-            LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => {}
+            LinearWeight::F32Rows(w) => w
+                .make_mut()
+                .chunks_mut(k)
+                .for_each(|row| row[i] = f(row[i])),
+            LinearWeight::Half(..) | LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => {}
         }
     }
 
@@ -111,14 +130,25 @@ impl Linear {
         self.out_features * self.in_features + self.bias.as_ref().map_or(0, Vec::len)
     }
 
+    /// Bytes read to look up one row of the matrix (an embedding row).
+    pub fn row_read_bytes(&self) -> usize {
+        let k = self.in_features;
+        match &self.weight {
+            LinearWeight::F32Rows(_) => 4 * k,
+            // A row of a panel is strided: every cache line of its panel.
+            LinearWeight::F32(_) => 4 * crate::backend::cpu::packed::PANEL * k,
+            LinearWeight::Half(..) => 2 * k,
+            LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => k + 4,
+        }
+    }
+
     /// Bytes the weights occupy in memory (what a decode step streams).
     pub fn weight_bytes(&self) -> usize {
         let w = match &self.weight {
             LinearWeight::F32(w) => w.bytes(),
-            LinearWeight::F32Rows(w) => w.len() * 4,
-            LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => {
-                m.data.len() + m.scales.len() * 4
-            }
+            LinearWeight::F32Rows(w) => w.byte_len(),
+            LinearWeight::Half(_, w) => w.byte_len(),
+            LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => m.bytes(),
         };
         w + self.bias.as_ref().map_or(0, |b| b.len() * 4)
             + self.input_scale.as_ref().map_or(0, |s| s.len() * 4)
@@ -165,11 +195,99 @@ pub struct GatedMlp {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
+    /// The checksummed block the weights live in (an .emoe expert), verified on first use.
+    pub block: Option<Arc<StoredBlock>>,
 }
 
 impl GatedMlp {
+    pub fn new(gate: Linear, up: Linear, down: Linear) -> GatedMlp {
+        GatedMlp {
+            gate,
+            up,
+            down,
+            block: None,
+        }
+    }
+
     pub fn weight_bytes(&self) -> usize {
         self.gate.weight_bytes() + self.up.weight_bytes() + self.down.weight_bytes()
+    }
+
+    /// Verifies the block's checksum and the int8 matrices' values the first time the expert
+    /// runs (mapped experts are not read at load); later calls return the cached verdict.
+    pub fn ensure_verified(&self) -> Result<()> {
+        let Some(block) = &self.block else {
+            return Ok(());
+        };
+        let verdict = block.verdict.get_or_init(|| {
+            block.checksum_verdict()?;
+            for lin in [&self.gate, &self.up, &self.down] {
+                if let LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) = &lin.weight {
+                    m.validate()
+                        .map_err(|e| format!("{}: {}: {e}", block.what, lin.name))?;
+                }
+            }
+            Ok(())
+        });
+        verdict.clone().map_err(|reason| Error::Emoe {
+            path: block.path.clone(),
+            reason,
+        })
+    }
+}
+
+/// A checksummed byte range of a mapped file holding one expert's weights.
+#[derive(Debug)]
+pub struct StoredBlock {
+    pub path: std::path::PathBuf,
+    pub map: SharedMap,
+    pub offset: usize,
+    pub len: usize,
+    pub crc32c: u32,
+    /// Names the block in errors: `expert block (layer 3, expert 5) at offset 1234`.
+    pub what: String,
+    verdict: OnceLock<std::result::Result<(), String>>,
+}
+
+impl StoredBlock {
+    /// Whether the block's bytes match its stored checksum (computed anew on every call).
+    pub fn verify_checksum(&self) -> Result<()> {
+        self.checksum_verdict().map_err(|reason| Error::Emoe {
+            path: self.path.clone(),
+            reason,
+        })
+    }
+
+    fn checksum_verdict(&self) -> std::result::Result<(), String> {
+        let bytes = self.map.get(self.offset..self.offset + self.len);
+        let computed = bytes.map(crc32c::crc32c);
+        if computed != Some(self.crc32c) {
+            return Err(format!(
+                "{}: checksum mismatch (stored crc32c {:#010x}, computed {:#010x}): the file is corrupt",
+                self.what,
+                self.crc32c,
+                computed.unwrap_or(0)
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn new(
+        path: &std::path::Path,
+        map: SharedMap,
+        range: (usize, usize),
+        crc32c: u32,
+        what: String,
+    ) -> StoredBlock {
+        StoredBlock {
+            path: path.to_path_buf(),
+            map,
+            offset: range.0,
+            len: range.1,
+            crc32c,
+            what,
+            verdict: OnceLock::new(),
+        }
     }
 }
 
@@ -194,6 +312,8 @@ pub struct MoeBlock {
     pub shared: Option<SharedExpert>,
 }
 
+// One per layer: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Ffn {
     Moe(Box<MoeBlock>),
@@ -230,23 +350,65 @@ impl Weights {
     }
 }
 
-/// Where architecture loaders get tensors from: a checkpoint directory or an .emoe store.
+/// A tensor as its source stores it: in place inside a mapped file where the bytes are
+/// aligned, a copy otherwise.
+pub enum Stored {
+    F32(Buf<f32>),
+    Half(HalfKind, Buf<u16>),
+    I8(Buf<i8>),
+    I32(Buf<i32>),
+}
+
+impl Stored {
+    fn dtype(&self) -> &'static str {
+        match self {
+            Stored::F32(_) => "F32",
+            Stored::Half(HalfKind::Bf16, _) => "BF16",
+            Stored::Half(HalfKind::F16, _) => "F16",
+            Stored::I8(_) => "I8",
+            Stored::I32(_) => "I32",
+        }
+    }
+}
+
+/// Where architecture loaders get tensors from: a checkpoint directory, an .emoe store or a
+/// generator.
 pub trait TensorSource {
     fn has(&self, name: &str) -> bool;
-    /// The tensor as f32, checked against `shape`; `why` names the config fields behind the shape.
-    fn tensor(&self, name: &str, shape: &[usize], why: &str) -> Result<Vec<f32>>;
-    /// An int8 tensor (quantized stores only).
-    fn tensor_i8(&self, name: &str, _shape: &[usize], _why: &str) -> Result<Vec<i8>> {
-        Err(Error::UnsupportedDtype {
-            name: name.to_string(),
-            dtype: "I8 (only .emoe stores hold int8 tensors)".into(),
-        })
+    /// The tensor as stored, checked against `shape`; `why` names the config fields behind the
+    /// shape.
+    fn stored(&self, name: &str, shape: &[usize], why: &str) -> Result<Stored>;
+    /// A floating-point tensor as f32 values (a copy).
+    fn tensor(&self, name: &str, shape: &[usize], why: &str) -> Result<Vec<f32>> {
+        match self.stored(name, shape, why)? {
+            Stored::F32(b) => Ok(b.to_vec()),
+            Stored::Half(kind, b) => Ok(kind.widen(&b)),
+            other => Err(Error::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: other.dtype().into(),
+            }),
+        }
     }
+    /// The block of a mapped store that holds expert `expert` of layer `layer`, if any.
+    fn expert_block(&self, _layer: usize, _expert: usize) -> Option<Arc<StoredBlock>> {
+        None
+    }
+}
+
+/// How a loader turns stored weights into the kernels' forms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightForm {
+    /// As stored where a kernel reads that layout (bf16/f16 and mapped tables in place).
+    #[default]
+    AsStored,
+    /// Every floating-point weight widened to f32 (the quantizer edits f32 weights).
+    F32,
 }
 
 /// Helpers shared by the architecture loaders.
 pub struct Loader<'a> {
     pub src: &'a dyn TensorSource,
+    pub form: WeightForm,
 }
 
 impl Loader<'_> {
@@ -284,40 +446,118 @@ impl Loader<'_> {
             None
         };
         let qname = format!("{prefix}.qweight");
-        if !self.src.has(&qname) {
-            let weight = self
-                .src
-                .tensor(&format!("{prefix}.weight"), &[out, inp], why)?;
-            let mut lin = Linear::new_rows(prefix, out, inp, weight, bias);
-            if !row_major {
-                lin.pack();
+        let weight = if self.src.has(&qname) {
+            self.int8_weight(prefix, out, inp, why)?
+        } else {
+            let wname = format!("{prefix}.weight");
+            match (self.src.stored(&wname, &[out, inp], why)?, self.form) {
+                (Stored::Half(kind, w), WeightForm::AsStored) => LinearWeight::Half(kind, w),
+                (Stored::Half(kind, w), WeightForm::F32) => {
+                    LinearWeight::F32Rows(kind.widen(&w).into())
+                }
+                (Stored::F32(w), _) => LinearWeight::F32Rows(w),
+                (other, _) => {
+                    return Err(Error::UnsupportedDtype {
+                        name: wname,
+                        dtype: other.dtype().into(),
+                    })
+                }
             }
-            return Ok(lin);
-        }
-        let q = self.src.tensor_i8(&qname, &[out, inp], why)?;
-        let scales = self.src.tensor(&format!("{prefix}.scales"), &[out], why)?;
-        let matrix = Int8Matrix::from_quantized(out, inp, &q, scales)
-            .map_err(|e| Error::invalid(format!("{qname}: {e}")))?;
+        };
         let scale_name = format!("{prefix}.input_scale");
         let input_scale = if self.src.has(&scale_name) {
             Some(self.src.tensor(&scale_name, &[inp], why)?)
         } else {
             None
         };
-        // A marker tensor says the activations stay f32 (weight-only int8).
-        let weight = if self.src.has(&format!("{prefix}.weight_only")) {
-            LinearWeight::Int8WeightOnly(matrix)
-        } else {
-            LinearWeight::Int8(matrix)
-        };
-        Ok(Linear {
+        let mut lin = Linear {
             name: prefix.to_string(),
             out_features: out,
             in_features: inp,
             weight,
             bias,
             input_scale,
+        };
+        if !row_major {
+            // f32 matrices run from column panels (a copy; the f32 path keeps its kernel).
+            lin.pack();
+        }
+        Ok(lin)
+    }
+
+    /// `prefix.qweight` (int8, rows padded to the kernels' `padded_k`), `prefix.scales` (f32) and
+    /// `prefix.row_sums` (i32), all used in place; `prefix.weight_only` marks f32 activations.
+    fn int8_weight(&self, prefix: &str, out: usize, inp: usize, why: &str) -> Result<LinearWeight> {
+        let qname = format!("{prefix}.qweight");
+        let int8 = |name: String, stored: Stored| -> Result<Stored> {
+            match stored {
+                s @ (Stored::I8(_) | Stored::I32(_) | Stored::F32(_)) => Ok(s),
+                other => Err(Error::UnsupportedDtype {
+                    name,
+                    dtype: other.dtype().into(),
+                }),
+            }
+        };
+        let kp = padded_k(inp);
+        let data = int8(qname.clone(), self.src.stored(&qname, &[out, kp], why)?)?;
+        let sname = format!("{prefix}.scales");
+        let scales = int8(sname.clone(), self.src.stored(&sname, &[out], why)?)?;
+        let rname = format!("{prefix}.row_sums");
+        let sums = int8(rname.clone(), self.src.stored(&rname, &[out], why)?)?;
+        let (Stored::I8(data), Stored::F32(scales), Stored::I32(sums)) = (data, scales, sums)
+        else {
+            return Err(Error::invalid(format!(
+                "{qname}: expected I8 weights, F32 scales and I32 row sums"
+            )));
+        };
+        let matrix = Int8Matrix::from_parts(out, inp, data, scales, sums)
+            .map_err(|e| Error::invalid(format!("{qname}: {e}")))?;
+        // A marker tensor says the activations stay f32 (weight-only int8).
+        Ok(if self.src.has(&format!("{prefix}.weight_only")) {
+            LinearWeight::Int8WeightOnly(matrix)
+        } else {
+            LinearWeight::Int8(matrix)
         })
+    }
+
+    /// An expert's gated MLP under `prefix` with the given projection names; its weights'
+    /// block (in a mapped store) is attached so it is verified on first use.
+    #[allow(clippy::too_many_arguments)]
+    pub fn expert(
+        &self,
+        (layer, expert): (usize, usize),
+        prefix: &str,
+        [gate, up, down]: [&str; 3],
+        hidden: usize,
+        ffn: usize,
+        why_ffn: &str,
+    ) -> Result<GatedMlp> {
+        let mut mlp = self.gated_mlp(prefix, [gate, up, down], hidden, ffn, why_ffn)?;
+        mlp.block = self.src.expert_block(layer, expert);
+        Ok(mlp)
+    }
+
+    /// A gated MLP under `prefix` with the given projection names.
+    pub fn gated_mlp(
+        &self,
+        prefix: &str,
+        [gate, up, down]: [&str; 3],
+        hidden: usize,
+        ffn: usize,
+        why_ffn: &str,
+    ) -> Result<GatedMlp> {
+        let why = format!("{why_ffn} × hidden_size");
+        Ok(GatedMlp::new(
+            self.linear(&format!("{prefix}.{gate}"), ffn, hidden, false, &why)?,
+            self.linear(&format!("{prefix}.{up}"), ffn, hidden, false, &why)?,
+            self.linear(
+                &format!("{prefix}.{down}"),
+                hidden,
+                ffn,
+                false,
+                &format!("hidden_size × {why_ffn}"),
+            )?,
+        ))
     }
 
     pub fn vector(&self, name: &str, len: usize, why: &str) -> Result<Vec<f32>> {
@@ -384,7 +624,7 @@ mod tests {
         assert_eq!(packed.f32_rows(), Some(want.clone()));
         assert_eq!(rows.f32_rows(), Some(want.clone()));
         packed.unpack();
-        assert!(matches!(&packed.weight, LinearWeight::F32Rows(r) if *r == want));
+        assert!(matches!(&packed.weight, LinearWeight::F32Rows(r) if **r == *want));
         rows.pack();
         assert_eq!(rows.f32_rows(), Some(want));
         assert_eq!(rows.weight_bytes(), 2 * 8 * k * 4);

@@ -346,7 +346,7 @@ fn quantize_linear(
     let mut matrix = matrix;
     // Scales are stored as f16: use exactly those values in memory too, so a model computes the
     // same before and after its .emoe round trip (a relative change of at most 2⁻¹¹ per row).
-    for s in &mut matrix.scales {
+    for s in matrix.scales.make_mut() {
         *s = half::f16::from_f32(*s).to_f32();
     }
     summary.linears += 1;

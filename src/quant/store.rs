@@ -1,6 +1,6 @@
 //! Writes a (quantized) model to an .emoe store under the checkpoint's own tensor names, so the
 //! architecture loaders read it back unchanged: `P.weight` for f32 linears, `P.qweight` (int8),
-//! `P.scales` and `P.input_scale` for quantized ones. Each expert's tensors form one block.
+//! `P.scales`, `P.row_sums` and `P.input_scale` for quantized ones. Each expert's tensors form one block.
 
 use crate::error::{Error, Result};
 use crate::model::emoe::{EmoeWriter, TensorData, WriteSummary};
@@ -12,7 +12,7 @@ use std::path::Path;
 fn linear_tensors(lin: &Linear) -> Vec<TensorData<'static>> {
     let (n, k, p) = (lin.out_features, lin.in_features, &lin.name);
     let mut out = match &lin.weight {
-        LinearWeight::F32(_) | LinearWeight::F32Rows(_) => {
+        LinearWeight::F32(_) | LinearWeight::F32Rows(_) | LinearWeight::Half(..) => {
             let rows = lin.f32_rows().unwrap_or_default();
             vec![TensorData::from_f32(
                 format!("{p}.weight"),
@@ -21,14 +21,13 @@ fn linear_tensors(lin: &Linear) -> Vec<TensorData<'static>> {
             )]
         }
         LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => {
-            let q: Vec<i8> = (0..n).flat_map(|j| m.row(j)[..k].iter().copied()).collect();
             let marker = matches!(lin.weight, LinearWeight::Int8WeightOnly(_))
                 .then(|| TensorData::from_i8(format!("{p}.weight_only"), vec![1], &[1]));
+            // The kernels' own layout (padded rows, f32 scales, row sums): used in place.
             vec![
-                TensorData::from_i8(format!("{p}.qweight"), vec![n, k], &q),
-                // f16 scales: 2 bytes per row instead of 4 keeps int8 rows of k = 128 under
-                // 1.02 bytes per weight; the quantizer already rounded them to f16 values.
-                TensorData::from_f32_as_f16(format!("{p}.scales"), vec![n], &m.scales),
+                TensorData::from_i8(format!("{p}.qweight"), vec![n, m.k_padded], &m.data),
+                TensorData::from_f32(format!("{p}.scales"), vec![n], &m.scales),
+                TensorData::from_i32(format!("{p}.row_sums"), vec![n], &m.row_sums),
             ]
             .into_iter()
             .chain(marker)

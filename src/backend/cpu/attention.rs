@@ -9,21 +9,9 @@
 
 use super::simd::{cpu_features, SendPtr};
 use super::vexp::softmax;
+use crate::backend::{AttentionShape, Segment};
 use crate::kv::LayerCache;
 use rayon::prelude::*;
-
-pub struct AttentionShape {
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub sliding_window: Option<usize>,
-}
-
-/// One sequence's rows of a batched attention call: query rows `rows` attend over `cache`.
-pub struct Segment<'a> {
-    pub rows: std::ops::Range<usize>,
-    pub cache: &'a LayerCache,
-}
 
 /// Below this many multiply-adds a call runs on the caller: handing tasks to the pool costs
 /// more than short contexts take.

@@ -5,11 +5,11 @@
 use crate::error::Result;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{
-    Attention, Ffn, GatedMlp, Layer, Loader, MoeBlock, TensorSource, Weights,
+    Attention, Ffn, Layer, Loader, MoeBlock, TensorSource, WeightForm, Weights,
 };
 
-pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
-    let l = Loader { src };
+pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> Result<Weights> {
+    let l = Loader { src, form };
     let h = cfg.hidden_size;
     let layers = (0..cfg.num_layers)
         .map(|i| {
@@ -18,7 +18,7 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
                 attn_norm: l.rms_norm(&format!("{p}.input_layernorm"), h, cfg.norm_eps)?,
                 attn: attention(&l, cfg, &format!("{p}.self_attn"), false)?,
                 ffn_norm: l.rms_norm(&format!("{p}.post_attention_layernorm"), h, cfg.norm_eps)?,
-                ffn: Ffn::Moe(Box::new(moe(&l, cfg, &format!("{p}.block_sparse_moe"))?)),
+                ffn: Ffn::Moe(Box::new(moe(&l, cfg, i, &format!("{p}.block_sparse_moe"))?)),
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -94,34 +94,19 @@ pub fn lm_head(l: &Loader, cfg: &ModelConfig) -> Result<Option<crate::model::wei
     .map(Some)
 }
 
-fn moe(l: &Loader, cfg: &ModelConfig, p: &str) -> Result<MoeBlock> {
+fn moe(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str) -> Result<MoeBlock> {
     let (h, f) = (cfg.hidden_size, cfg.expert_ffn);
     let experts = (0..cfg.num_experts)
         .map(|e| {
-            let ep = format!("{p}.experts.{e}");
-            Ok(GatedMlp {
-                gate: l.linear(
-                    &format!("{ep}.w1"),
-                    f,
-                    h,
-                    false,
-                    "intermediate_size × hidden_size",
-                )?,
-                up: l.linear(
-                    &format!("{ep}.w3"),
-                    f,
-                    h,
-                    false,
-                    "intermediate_size × hidden_size",
-                )?,
-                down: l.linear(
-                    &format!("{ep}.w2"),
-                    h,
-                    f,
-                    false,
-                    "hidden_size × intermediate_size",
-                )?,
-            })
+            let names = ["w1", "w3", "w2"];
+            l.expert(
+                (layer, e),
+                &format!("{p}.experts.{e}"),
+                names,
+                h,
+                f,
+                "intermediate_size",
+            )
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(MoeBlock {

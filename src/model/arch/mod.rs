@@ -7,12 +7,16 @@ pub mod qwen2_moe;
 
 use crate::error::Result;
 use crate::model::config::{Architecture, ModelConfig};
-use crate::model::weights::{TensorSource, Weights};
+use crate::model::weights::{TensorSource, WeightForm, Weights};
 
-pub fn load_weights(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
+pub fn load_weights(
+    cfg: &ModelConfig,
+    src: &dyn TensorSource,
+    form: WeightForm,
+) -> Result<Weights> {
     match cfg.arch {
-        Architecture::Mixtral => mixtral::load(cfg, src),
-        Architecture::Qwen2Moe => qwen2_moe::load(cfg, src),
-        Architecture::Opt => opt::load(cfg, src),
+        Architecture::Mixtral => mixtral::load(cfg, src, form),
+        Architecture::Qwen2Moe => qwen2_moe::load(cfg, src, form),
+        Architecture::Opt => opt::load(cfg, src, form),
     }
 }

@@ -5,13 +5,15 @@
 
 use crate::error::Result;
 use crate::model::config::ModelConfig;
-use crate::model::weights::{Attention, Ffn, Layer, Loader, PlainMlp, TensorSource, Weights};
+use crate::model::weights::{
+    Attention, Ffn, Layer, Loader, PlainMlp, TensorSource, WeightForm, Weights,
+};
 
 /// OPTLearnedPositionalEmbedding keeps two extra rows in front: position p uses row p + 2.
 pub const POSITION_OFFSET: usize = 2;
 
-pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
-    let l = Loader { src };
+pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> Result<Weights> {
+    let l = Loader { src, form };
     // Hub OPT checkpoints name tensors `decoder.*`, transformers' own saves `model.decoder.*`.
     let root = if l.src.has("model.decoder.embed_tokens.weight") {
         "model.decoder"

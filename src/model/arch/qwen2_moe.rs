@@ -7,20 +7,20 @@ use super::mixtral::{attention, rms_decoder};
 use crate::error::Result;
 use crate::model::config::{FfnKind, ModelConfig};
 use crate::model::weights::{
-    Ffn, GatedMlp, Layer, Loader, MoeBlock, SharedExpert, TensorSource, Weights,
+    Ffn, Layer, Loader, MoeBlock, SharedExpert, TensorSource, WeightForm, Weights,
 };
 
-pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
-    let l = Loader { src };
+pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> Result<Weights> {
+    let l = Loader { src, form };
     let h = cfg.hidden_size;
     let layers = (0..cfg.num_layers)
         .map(|i| {
             let p = format!("model.layers.{i}");
             let ffn = match cfg.layer_ffn[i] {
-                FfnKind::Moe => Ffn::Moe(Box::new(moe(&l, cfg, &format!("{p}.mlp"))?)),
-                _ => Ffn::Gated(gated(
-                    &l,
+                FfnKind::Moe => Ffn::Moe(Box::new(moe(&l, cfg, i, &format!("{p}.mlp"))?)),
+                _ => Ffn::Gated(l.gated_mlp(
                     &format!("{p}.mlp"),
+                    PROJECTIONS,
                     h,
                     cfg.dense_ffn,
                     "intermediate_size",
@@ -37,39 +37,22 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource) -> Result<Weights> {
     rms_decoder(&l, cfg, layers)
 }
 
-fn gated(l: &Loader, p: &str, h: usize, f: usize, field: &str) -> Result<GatedMlp> {
-    let why = format!("{field} × hidden_size");
-    Ok(GatedMlp {
-        gate: l.linear(&format!("{p}.gate_proj"), f, h, false, &why)?,
-        up: l.linear(&format!("{p}.up_proj"), f, h, false, &why)?,
-        down: l.linear(
-            &format!("{p}.down_proj"),
-            h,
-            f,
-            false,
-            &format!("hidden_size × {field}"),
-        )?,
-    })
-}
+const PROJECTIONS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
-fn moe(l: &Loader, cfg: &ModelConfig, p: &str) -> Result<MoeBlock> {
+fn moe(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str) -> Result<MoeBlock> {
     let h = cfg.hidden_size;
     let experts = (0..cfg.num_experts)
         .map(|e| {
-            gated(
-                l,
-                &format!("{p}.experts.{e}"),
-                h,
-                cfg.expert_ffn,
-                "moe_intermediate_size",
-            )
+            let prefix = format!("{p}.experts.{e}");
+            let why = "moe_intermediate_size";
+            l.expert((layer, e), &prefix, PROJECTIONS, h, cfg.expert_ffn, why)
         })
         .collect::<Result<Vec<_>>>()?;
     let shared = match cfg.shared_expert_ffn {
         Some(f) => Some(SharedExpert {
-            mlp: gated(
-                l,
+            mlp: l.gated_mlp(
                 &format!("{p}.shared_expert"),
+                PROJECTIONS,
                 h,
                 f,
                 "shared_expert_intermediate_size",

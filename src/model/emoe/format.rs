@@ -168,6 +168,11 @@ fn read_preamble(file: &[u8]) -> Result<(u32, u64), String> {
     let mut v = [0u8; 4];
     v.copy_from_slice(version);
     let version = u32::from_le_bytes(v);
+    if version == 1 {
+        return Err(format!(
+            "this is a version 1 .emoe; this build reads version {VERSION} (int8 weights stored in the kernels' layout, used in place): re-quantize the checkpoint with `edgemoe quantize`"
+        ));
+    }
     if version != VERSION {
         return Err(format!(
             "unsupported .emoe version {version}: this build reads version {VERSION}"

@@ -33,7 +33,9 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 pub const MAGIC: [u8; 8] = *b"EDGEMOE\0";
-pub const VERSION: u32 = 1;
+/// Version 2 stores int8 matrices exactly as the CPU kernels read them (rows padded to 64
+/// bytes, f32 scales, i32 row sums), so they are used in place from the map.
+pub const VERSION: u32 = 2;
 /// Alignment of the data region and of every expert block: a page, so a block maps, reads and
 /// DMAs as whole pages.
 pub const BLOCK_ALIGN: u64 = 4096;
@@ -82,6 +84,15 @@ impl TensorData<'static> {
             dtype: EmoeDtype::I8,
             shape,
             bytes: Cow::Owned(values.iter().map(|&v| v as u8).collect()),
+        }
+    }
+
+    pub fn from_i32(name: impl Into<String>, shape: Vec<usize>, values: &[i32]) -> Self {
+        TensorData {
+            name: name.into(),
+            dtype: EmoeDtype::I32,
+            shape,
+            bytes: Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
         }
     }
 

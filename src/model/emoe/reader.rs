@@ -5,16 +5,18 @@
 use super::format::{parse_header, Header};
 use super::{EmoeDtype, ExpertBlockEntry};
 use crate::error::{Error, Result};
+use crate::model::buf::{Buf, HalfKind, Plain, SharedMap};
 use crate::model::config::ModelConfig;
-use crate::model::weights::TensorSource;
+use crate::model::weights::{Stored, StoredBlock, TensorSource};
 use memmap2::Mmap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::OnceLock;
 
 pub struct EmoeFile {
     path: PathBuf,
-    map: Mmap,
+    map: SharedMap,
     header: Header,
     /// Per block, its computed CRC-32C once somebody has read it.
     block_crcs: Vec<OnceLock<u32>>,
@@ -85,7 +87,7 @@ impl EmoeFile {
         let block_crcs = header.blocks.iter().map(|_| OnceLock::new()).collect();
         let f = EmoeFile {
             path: path.to_path_buf(),
-            map,
+            map: Arc::new(map),
             header,
             block_crcs,
         };
@@ -200,42 +202,62 @@ impl EmoeFile {
     }
 }
 
-impl EmoeFile {
-    /// The tensor, checked against the shape the architecture loader expects.
-    fn shaped(&self, name: &str, shape: &[usize], why: &str) -> Result<TensorView<'_>> {
-        let view = EmoeFile::tensor(self, name)?;
-        if view.shape != shape {
-            return Err(Error::ShapeMismatch {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                actual: view.shape.to_vec(),
-                why: format!("from the .emoe config {why}"),
-            });
-        }
-        Ok(view)
-    }
-}
-
 impl TensorSource for EmoeFile {
     fn has(&self, name: &str) -> bool {
         EmoeFile::has(self, name)
     }
 
-    fn tensor(&self, name: &str, shape: &[usize], why: &str) -> Result<Vec<f32>> {
-        let view = self.shaped(name, shape, why)?;
-        view.to_f32().ok_or_else(|| Error::UnsupportedDtype {
+    /// In place from the map (every tensor is 64-byte aligned); expert tensors are not read
+    /// here: their block is verified when the expert first runs ([`Self::expert_block`]).
+    fn stored(&self, name: &str, shape: &[usize], why: &str) -> Result<Stored> {
+        let t = self.header.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
-            dtype: format!("{:?}", view.dtype),
+        })?;
+        if t.shape != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                actual: t.shape.clone(),
+                why: format!("from the .emoe config {why}"),
+            });
+        }
+        let numel = t.shape.iter().product();
+        // parse_header proved offset + len inside the file, so both fit in usize.
+        let offset = t.offset as usize;
+        Ok(match t.dtype {
+            EmoeDtype::F32 => Stored::F32(self.in_place(name, offset, numel)?),
+            EmoeDtype::F16 => Stored::Half(HalfKind::F16, self.in_place(name, offset, numel)?),
+            EmoeDtype::BF16 => Stored::Half(HalfKind::Bf16, self.in_place(name, offset, numel)?),
+            EmoeDtype::I8 => Stored::I8(self.in_place(name, offset, numel)?),
+            EmoeDtype::I32 => Stored::I32(self.in_place(name, offset, numel)?),
         })
     }
 
-    fn tensor_i8(&self, name: &str, shape: &[usize], why: &str) -> Result<Vec<i8>> {
-        let view = self.shaped(name, shape, why)?;
-        view.as_i8()
-            .map(<[i8]>::to_vec)
-            .ok_or_else(|| Error::UnsupportedDtype {
-                name: name.to_string(),
-                dtype: format!("{:?}", view.dtype),
-            })
+    fn expert_block(&self, layer: usize, expert: usize) -> Option<Arc<StoredBlock>> {
+        let b = &self.header.blocks[self.header.block_index(layer, expert)?];
+        let what = format!(
+            "expert block (layer {}, expert {}) at offset {}",
+            b.layer, b.expert, b.offset
+        );
+        let range = (b.offset as usize, b.len as usize);
+        Some(Arc::new(StoredBlock::new(
+            &self.path,
+            self.map.clone(),
+            range,
+            b.crc32c,
+            what,
+        )))
+    }
+}
+
+impl EmoeFile {
+    /// `numel` values at `offset`, in place; parse_header proved the range inside the file and
+    /// 64-byte aligned.
+    fn in_place<T: Plain>(&self, name: &str, offset: usize, numel: usize) -> Result<Buf<T>> {
+        Buf::mapped(&self.map, offset, numel).ok_or_else(|| {
+            self.corrupt(format!(
+                "tensor `{name}` cannot be used in place (misaligned, or a big-endian host)"
+            ))
+        })
     }
 }

@@ -20,6 +20,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use crate::model::buf::Buf;
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -55,6 +57,10 @@ pub enum Int8Error {
     WeightOutOfRange { row: usize, col: usize },
     /// An inf/NaN weight or scale.
     NonFinite { what: &'static str, row: usize },
+    /// A stored row's padding is not zero.
+    Padding { row: usize, col: usize },
+    /// A stored row sum disagrees with its row.
+    RowSum { row: usize },
     /// A tier name that is not `scalar`, `avx2` or `avx512`.
     UnknownTier(String),
     /// A tier this CPU cannot run.
@@ -78,6 +84,10 @@ impl fmt::Display for Int8Error {
                 )
             }
             Self::NonFinite { what, row } => write!(f, "non-finite {what} in row {row}"),
+            Self::Padding { row, col } => {
+                write!(f, "int8 row {row} has a non-zero pad value at column {col}")
+            }
+            Self::RowSum { row } => write!(f, "int8 row {row}: stored row sum does not match"),
             Self::UnknownTier(s) => {
                 write!(
                     f,
@@ -338,12 +348,13 @@ pub struct Int8Matrix {
     pub n: usize,
     pub k: usize,
     pub k_padded: usize,
-    /// `n` rows of `k_padded` values, row-major, zero padded; values in `[-127, 127]`.
-    pub data: Vec<i8>,
+    /// `n` rows of `k_padded` values, row-major, zero padded; values in `[-127, 127]`. Owned,
+    /// or in place in a mapped .emoe (which stores exactly this layout).
+    pub data: Buf<i8>,
     /// One scale per output channel.
-    pub scales: Vec<f32>,
+    pub scales: Buf<f32>,
     /// `Σ_k data[j][k]`, for the VNNI tier's u8-shift correction.
-    pub row_sums: Vec<i32>,
+    pub row_sums: Buf<i32>,
 }
 
 impl Int8Matrix {
@@ -384,10 +395,81 @@ impl Int8Matrix {
             n,
             k,
             k_padded,
+            data: data.into(),
+            scales: scales.into(),
+            row_sums: row_sums.into(),
+        })
+    }
+
+    /// A matrix over stored parts already in the kernels' layout (`n × padded_k(k)` values,
+    /// `n` scales, `n` row sums), checking only their lengths: nothing is read, so mapped
+    /// parts stay unread until used. Call [`Self::validate`] before the first product.
+    pub fn from_parts(
+        n: usize,
+        k: usize,
+        data: Buf<i8>,
+        scales: Buf<f32>,
+        row_sums: Buf<i32>,
+    ) -> Result<Self, Int8Error> {
+        let k_padded = padded_k(k);
+        check_matrix_shape(n, k_padded, data.len(), "padded int8 weights")?;
+        if k > MAX_K {
+            return Err(Int8Error::KTooLarge { k });
+        }
+        for (what, len) in [
+            ("weight scales", scales.len()),
+            ("row sums", row_sums.len()),
+        ] {
+            if len != n {
+                return Err(Int8Error::Length {
+                    what,
+                    expected: n,
+                    actual: len,
+                });
+            }
+        }
+        Ok(Self {
+            n,
+            k,
+            k_padded,
             data,
             scales,
             row_sums,
         })
+    }
+
+    /// Checks what the kernels rely on: values in `[-127, 127]`, zero padding, row sums that
+    /// match the rows, finite scales. Wrong values would give wrong numbers, never unsafety,
+    /// but a corrupt file must fail loudly.
+    pub fn validate(&self) -> Result<(), Int8Error> {
+        if let Some(row) = self.scales.iter().position(|s| !s.is_finite()) {
+            return Err(Int8Error::NonFinite {
+                what: "weight scale",
+                row,
+            });
+        }
+        for j in 0..self.n {
+            let row = self.row(j);
+            if let Some(col) = row.iter().position(|&v| v == i8::MIN) {
+                return Err(Int8Error::WeightOutOfRange { row: j, col });
+            }
+            if let Some(col) = row[self.k..].iter().position(|&v| v != 0) {
+                return Err(Int8Error::Padding {
+                    row: j,
+                    col: self.k + col,
+                });
+            }
+            let sum: i32 = row.iter().map(|&v| i32::from(v)).sum();
+            if sum != self.row_sums[j] {
+                return Err(Int8Error::RowSum { row: j });
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of the weights, scales and row sums.
+    pub fn bytes(&self) -> usize {
+        self.data.byte_len() + self.scales.byte_len() + self.row_sums.byte_len()
     }
 
     /// Round-to-nearest symmetric per-output-channel quantization of `w` (`n × k`, row-major).

@@ -290,7 +290,7 @@ fn matrix_construction() {
         Int8Matrix::from_quantized(2, 3, &[1, -2, 3, 127, -127, 5], vec![0.5, 2.0]).expect("valid");
     assert_eq!((m.k_padded, m.data.len()), (64, 128));
     assert_eq!(&m.row(1)[..4], &[127, -127, 5, 0]);
-    assert_eq!(m.row_sums, vec![2, 5]);
+    assert_eq!(&*m.row_sums, &[2, 5]);
     let err = Int8Matrix::from_quantized(1, 2, &[1, -128], vec![1.0]);
     assert_eq!(err, Err(Int8Error::WeightOutOfRange { row: 0, col: 1 }));
     assert!(matches!(
@@ -307,7 +307,7 @@ fn matrix_construction() {
     ));
 
     let r = Int8Matrix::quantize_rtn(&[0.5, -1.0, 0.25, 0.0, 0.0, 0.0], 2, 3).expect("finite");
-    assert_eq!(r.scales, vec![1.0 / 127.0, 1.0]);
+    assert_eq!(&*r.scales, &[1.0 / 127.0, 1.0]);
     assert_eq!(&r.row(0)[..3], &[64, -127, 32]);
     assert_eq!(&r.row(1)[..3], &[0, 0, 0]);
     assert_eq!(

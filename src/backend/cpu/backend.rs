@@ -1,0 +1,365 @@
+//! [`CpuBackend`]: the forward pass's ops on host memory, over a rayon pool. The pool and
+//! every scheduling choice (what runs side by side, what splits over the threads) live here.
+
+use super::attention::attend;
+use super::int8::{self, quantize_rows_smoothed, QuantizedRows};
+use super::int8w::matmul_w8;
+use super::matmul::matmul;
+use super::ops::{activate, gated_activation, norm_rows, sigmoid, Rope, RopeTable};
+use super::packed::matmul_packed;
+use super::parallel::{kernel_threads, largest_first, serially};
+use super::routing::route_rows;
+use crate::backend::{AttentionShape, Backend, Pick, Segment, Tasks};
+use crate::error::{Error, Result};
+use crate::kv::LayerCache;
+use crate::model::config::Activation;
+use crate::model::weights::{Linear, LinearWeight, Norm};
+use rayon::prelude::*;
+use std::borrow::Cow;
+
+/// Below this many multiply-adds, linears of one input run one after another on the caller.
+const PARALLEL_MIN_MACS: usize = 1 << 17;
+/// From this many multiply-adds a matmul splits well over the pool by itself.
+const SIDE_BY_SIDE_MAX_MACS: usize = 1 << 19;
+/// Attention layers whose weights take at most this many bytes (one core's L2 on the machines
+/// we target) run a decode step of several sequences as one task per group of sequences, each
+/// thread reading the weights itself, rather than one parallel region per operation.
+const SEQUENCE_SPLIT_MAX_WEIGHT_BYTES: usize = 512 << 10;
+/// Below this many weights per expert matrix, experts run side by side on the pool.
+const SMALL_EXPERT_WEIGHTS: usize = 1 << 20;
+
+/// `rows × cols` f32 activations, row-major, in host memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rows {
+    pub data: Vec<f32>,
+    pub cols: usize,
+}
+
+impl Rows {
+    pub fn new(data: Vec<f32>, cols: usize) -> Rows {
+        debug_assert!(cols > 0 && data.len().is_multiple_of(cols));
+        Rows { data, cols }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.data.len() / self.cols.max(1)
+    }
+
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+}
+
+impl CpuBackend {
+    /// A backend on `threads` worker threads (0: one per core).
+    pub fn new(threads: usize) -> Result<CpuBackend> {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("edgemoe-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot start {threads} worker threads: {e}")))?;
+        Ok(CpuBackend { pool })
+    }
+
+    /// `x·Wᵀ + b` on row-major `x` (`rows × in_features`) into `out`.
+    pub fn linear_into(&self, lin: &Linear, x: &[f32], rows: usize, out: &mut [f32]) {
+        let (k, bias) = (lin.in_features, lin.bias.as_deref());
+        // Kernels with f32 activations take SmoothQuant's input scale here; the int8 one
+        // applies it while quantizing.
+        let scaled = || -> Cow<[f32]> {
+            match &lin.input_scale {
+                None => Cow::Borrowed(x),
+                Some(s) => x
+                    .chunks(k)
+                    .flat_map(|r| r.iter().zip(s).map(|(a, b)| a * b))
+                    .collect(),
+            }
+        };
+        match &lin.weight {
+            LinearWeight::F32(w) => matmul_packed(&scaled(), rows, w, bias, out),
+            // A tied head: the embedding table, row-major.
+            LinearWeight::F32Rows(w) => matmul(&scaled(), rows, w, lin.out_features, k, bias, out),
+            LinearWeight::Half(kind, w) => {
+                matmul_half_rows(&scaled(), rows, *kind, w, lin.out_features, bias, out)
+            }
+            LinearWeight::Int8(matrix) => {
+                // W8A8: quantize each token's activations (per-token scale), then int8 GEMM.
+                let mut q = QuantizedRows::new();
+                quantize_rows_smoothed(x, rows, k, lin.input_scale.as_deref(), &mut q);
+                int8::gemm(out, &q, matrix, bias, &self.pool);
+            }
+            LinearWeight::Int8WeightOnly(matrix) => matmul_w8(&scaled(), rows, matrix, bias, out),
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    type Act = Rows;
+    type Rope = RopeTable;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(step)
+    }
+
+    fn rows(&self, x: &Rows) -> usize {
+        x.rows()
+    }
+
+    fn to_host<'a>(&self, x: &'a Rows) -> Cow<'a, [f32]> {
+        Cow::Borrowed(&x.data)
+    }
+
+    fn select_rows(&self, x: &Rows, rows: &[usize]) -> Rows {
+        let mut data = Vec::with_capacity(rows.len() * x.cols);
+        for &r in rows {
+            data.extend_from_slice(x.row(r));
+        }
+        Rows::new(data, x.cols)
+    }
+
+    fn concat_rows(&self, parts: Vec<Rows>) -> Rows {
+        let cols = parts.first().map_or(1, |p| p.cols);
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
+        Rows::new(data, cols)
+    }
+
+    fn embed(&self, table: &Linear, tokens: &[u32]) -> Rows {
+        let e = table.in_features;
+        let mut x = Vec::with_capacity(tokens.len() * e);
+        for &t in tokens {
+            let t = t as usize;
+            match &table.weight {
+                LinearWeight::F32Rows(w) => x.extend_from_slice(&w[t * e..(t + 1) * e]),
+                LinearWeight::F32(w) => x.extend(w.row(t)),
+                LinearWeight::Half(kind, w) => {
+                    x.extend(w[t * e..(t + 1) * e].iter().map(|&b| kind.to_f32(b)))
+                }
+                // Quantized embeddings (a tied int8 head): dequantize the looked-up rows.
+                LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => {
+                    let scale = m.scales[t];
+                    x.extend(m.row(t)[..e].iter().map(|&q| q as f32 * scale))
+                }
+            }
+        }
+        Rows::new(x, e)
+    }
+
+    fn add_table_rows(&self, x: &mut Rows, table: &[f32], index: &[usize]) {
+        let h = x.cols;
+        for (row, &i) in x.data.chunks_exact_mut(h).zip(index) {
+            let pe = &table[i * h..(i + 1) * h];
+            row.iter_mut().zip(pe).for_each(|(a, b)| *a += b);
+        }
+    }
+
+    fn norm(&self, norm: &Norm, x: &Rows) -> Rows {
+        let mut out = vec![0f32; x.data.len()];
+        norm_rows(norm, &x.data, x.cols, &mut out);
+        Rows::new(out, x.cols)
+    }
+
+    fn linear(&self, lin: &Linear, x: &Rows) -> Rows {
+        let rows = x.rows();
+        let mut out = vec![0f32; rows * lin.out_features];
+        self.linear_into(lin, &x.data, rows, &mut out);
+        Rows::new(out, lin.out_features)
+    }
+
+    /// When together the linears are worth the pool but each alone is small (a decode step of a
+    /// few rows on a small model), they run side by side in one parallel region instead of one
+    /// region each (or none). Inside [`serially`] they run one after another.
+    fn linears<const N: usize>(&self, lins: [&Linear; N], x: &Rows) -> [Rows; N] {
+        let rows = x.rows();
+        let macs = lins.map(|l| rows * l.out_features * l.in_features);
+        let (total, largest) = (macs.iter().sum::<usize>(), macs.iter().max().copied());
+        if kernel_threads() > 1
+            && total >= PARALLEL_MIN_MACS
+            && largest.is_some_and(|m| m < SIDE_BY_SIDE_MAX_MACS)
+        {
+            let mut outs: [Rows; N] = std::array::from_fn(|_| Rows::new(Vec::new(), 1));
+            self.pool.install(|| {
+                outs.par_iter_mut()
+                    .zip(lins.par_iter())
+                    .for_each(|(out, lin)| *out = serially(|| self.linear(lin, x)))
+            });
+            outs
+        } else {
+            lins.map(|l| self.linear(l, x))
+        }
+    }
+
+    fn rope_table(&self, head_dim: usize, theta: f32, positions: &[usize]) -> RopeTable {
+        Rope::new(head_dim, theta).table(positions)
+    }
+
+    fn apply_rope(&self, x: &mut Rows, rope: &RopeTable, first_row: usize) {
+        let cols = x.cols;
+        for (r, row) in x.data.chunks_exact_mut(cols).enumerate() {
+            rope.apply(first_row + r, row);
+        }
+    }
+
+    fn append_kv(
+        &self,
+        cache: &mut LayerCache,
+        k: &Rows,
+        v: &Rows,
+        rows: std::ops::Range<usize>,
+        positions: &[usize],
+    ) {
+        for r in rows {
+            cache.append(k.row(r), v.row(r), positions[r]);
+        }
+    }
+
+    fn attention(
+        &self,
+        shape: &AttentionShape,
+        q: &Rows,
+        positions: &[usize],
+        segments: &[Segment],
+    ) -> (Rows, usize) {
+        let qd = shape.num_heads * shape.head_dim;
+        let mut out = vec![0f32; positions.len() * qd];
+        let slots = attend(shape, &q.data, positions, segments, &mut out);
+        (Rows::new(out, qd), slots)
+    }
+
+    fn activate(&self, act: Activation, x: &mut Rows) {
+        x.data.iter_mut().for_each(|v| *v = activate(act, *v));
+    }
+
+    fn gated_activation(&self, act: Activation, gate: &mut Rows, up: &Rows) {
+        gated_activation(act, &mut gate.data, &up.data);
+    }
+
+    fn add(&self, x: &mut Rows, y: &Rows) {
+        x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+    }
+
+    fn route(&self, logits: &Rows, top_k: usize, renormalize: bool, first_row: usize) -> Vec<Pick> {
+        route_rows(&logits.data, logits.cols, top_k, renormalize, first_row)
+    }
+
+    fn mix_rows(&self, out: &mut Rows, y: &Rows, picks: &[Pick]) {
+        let h = out.cols;
+        for (p, yr) in picks.iter().zip(y.data.chunks_exact(h)) {
+            out.data[p.row * h..(p.row + 1) * h]
+                .iter_mut()
+                .zip(yr)
+                .for_each(|(o, v)| *o += p.weight * v);
+        }
+    }
+
+    fn add_gated(&self, out: &mut Rows, y: &Rows, gate: &Rows) {
+        let h = out.cols;
+        for ((o, yr), &g) in out
+            .data
+            .chunks_exact_mut(h)
+            .zip(y.data.chunks_exact(h))
+            .zip(&gate.data)
+        {
+            let g = sigmoid(g);
+            o.iter_mut().zip(yr).for_each(|(o, v)| *o += g * v);
+        }
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> Rows {
+        Rows::new(vec![0f32; rows * cols], cols)
+    }
+
+    /// Small experts (and sequence groups) run side by side on the pool, largest first (one
+    /// small matmul alone would not fill it; in a batched step one expert may have eight tokens
+    /// and the next one), each confined to its thread. Large experts run one after another,
+    /// each matmul spread over the pool, so weights stream without the threads competing.
+    fn run_tasks<T: Send, R: Send>(
+        &self,
+        kind: Tasks,
+        tasks: Vec<T>,
+        cost: impl Fn(&T) -> usize,
+        task: impl Fn(T) -> R + Sync,
+    ) -> Vec<R> {
+        let side_by_side = match kind {
+            Tasks::Matrices { weights } => weights < SMALL_EXPERT_WEIGHTS,
+            Tasks::SequenceGroups => true,
+        };
+        if !side_by_side || tasks.len() < 2 {
+            return tasks.into_iter().map(task).collect();
+        }
+        let costs: Vec<usize> = tasks.iter().map(&cost).collect();
+        let slots: Vec<std::sync::Mutex<Option<T>>> = tasks
+            .into_iter()
+            .map(|t| std::sync::Mutex::new(Some(t)))
+            .collect();
+        largest_first(
+            slots.len(),
+            |i| costs[i],
+            |i| {
+                // Each index is handed out once, so the slot is full and nobody else holds it.
+                let t = slots[i].lock().ok().and_then(|mut s| s.take());
+                t.map(|t| serially(|| task(t)))
+            },
+        )
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    fn sequence_groups(
+        &self,
+        sequences: usize,
+        decoding: bool,
+        layer_weight_bytes: usize,
+    ) -> usize {
+        let threads = kernel_threads().min(sequences);
+        if threads < 2 || !decoding || layer_weight_bytes > SEQUENCE_SPLIT_MAX_WEIGHT_BYTES {
+            1
+        } else {
+            threads
+        }
+    }
+}
+
+/// Row-major half-precision weights, widened a row at a time (until the SIMD kernels land).
+fn matmul_half_rows(
+    x: &[f32],
+    rows: usize,
+    kind: crate::model::buf::HalfKind,
+    w: &[u16],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let k = w.len() / n.max(1);
+    let mut wr = vec![0f32; k];
+    for j in 0..n {
+        for (d, &b) in wr.iter_mut().zip(&w[j * k..(j + 1) * k]) {
+            *d = kind.to_f32(b);
+        }
+        for t in 0..rows {
+            let xr = &x[t * k..(t + 1) * k];
+            let dot: f32 = xr.iter().zip(&wr).map(|(a, b)| a * b).sum();
+            out[t * n + j] = dot + bias.map_or(0.0, |b| b[j]);
+        }
+    }
+}
