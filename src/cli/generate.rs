@@ -3,6 +3,7 @@
 use super::ModelArgs;
 use crate::engine::generation::{generate, GenerateRequest};
 use crate::engine::sampling::SamplingParams;
+use crate::util::memory::MemoryReport;
 use std::io::Write;
 
 #[derive(clap::Args, Debug)]
@@ -42,6 +43,10 @@ struct JsonReport {
     prefill_ms: f64,
     decode_tokens_per_s: f64,
     peak_rss_bytes: Option<u64>,
+    /// After loading, before the first token.
+    memory_at_load: MemoryReport,
+    /// At the end.
+    memory: MemoryReport,
 }
 
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
@@ -52,6 +57,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         anyhow::bail!("--top-p must be in (0, 1]");
     }
     let engine = a.model.engine()?;
+    let memory_at_load = MemoryReport::new(engine.model().weight_memory(), 0);
+    if !a.json {
+        eprintln!("{memory_at_load} (after loading)");
+    }
     let req = GenerateRequest {
         prompt: a.prompt.clone(),
         max_tokens: a.max_tokens,
@@ -82,6 +91,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             prefill_ms: out.prefill_ms,
             decode_tokens_per_s: out.decode_tokens_per_s,
             peak_rss_bytes: crate::util::peak_rss_bytes(),
+            memory_at_load,
+            memory: MemoryReport::new(engine.model().weight_memory(), out.kv_bytes),
         };
         writeln!(stdout, "{}", serde_json::to_string(&report)?)?;
     } else {
@@ -94,6 +105,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             out.decode_tokens_per_s,
             out.finish_reason
         );
+        let memory = MemoryReport::new(engine.model().weight_memory(), out.kv_bytes);
+        eprintln!("{memory}");
     }
     Ok(())
 }

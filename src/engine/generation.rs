@@ -35,6 +35,8 @@ pub struct GenerateOutput {
     pub prefill_ms: f64,
     pub decode_ms: f64,
     pub decode_tokens_per_s: f64,
+    /// Bytes the KV cache allocated.
+    pub kv_bytes: usize,
 }
 
 pub struct Generation {
@@ -224,6 +226,7 @@ impl Generation {
             } else {
                 0.0
             },
+            kv_bytes: self.cache.allocated_bytes(),
         }
     }
 }

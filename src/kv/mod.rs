@@ -85,6 +85,14 @@ impl KvCache {
             .sum()
     }
 
+    /// Bytes the cache's buffers have allocated (what it holds in memory, reserve included).
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| (l.keys.capacity() + l.values.capacity() + l.positions.capacity()) * 4)
+            .sum()
+    }
+
     pub fn clear(&mut self) {
         for l in &mut self.layers {
             l.keys.clear();

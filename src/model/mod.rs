@@ -18,6 +18,17 @@ use std::path::Path;
 use tokenizer::Tokenizer;
 use weights::{Ffn, WeightForm, Weights};
 
+/// Where a model's weights live (see [`Model::weight_memory`]).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct WeightMemory {
+    /// Bytes in memory the process owns (anonymous: counted in RSS, never paged out).
+    pub owned_bytes: usize,
+    /// Bytes used in place from memory-mapped files.
+    pub mapped_bytes: usize,
+    /// Mapped bytes whose pages are in the page cache now (clean file pages the OS may drop).
+    pub mapped_resident_bytes: usize,
+}
+
 pub struct Model {
     pub config: ModelConfig,
     pub weights: Weights,
@@ -119,6 +130,38 @@ impl Model {
             };
         }
         n
+    }
+
+    /// Where the weights live: bytes the process owns, bytes of mapped files they use in place,
+    /// and how many of those mapped bytes are resident now.
+    pub fn weight_memory(&self) -> WeightMemory {
+        let mut m = WeightMemory::default();
+        // Per map, its ranges, so pages shared by neighbouring tensors count once.
+        let mut ranges: Vec<(&buf::SharedMap, usize, usize)> = Vec::new();
+        self.weights.visit_storage(&mut |s| match s {
+            weights::Storage::Owned(n) => m.owned_bytes += n,
+            weights::Storage::Mapped(map, offset, len) => {
+                m.mapped_bytes += len;
+                ranges.push((map, offset, len));
+            }
+        });
+        ranges.sort_by_key(|r| (std::sync::Arc::as_ptr(r.0) as usize, r.1));
+        let mut merged: Vec<(&buf::SharedMap, usize, usize)> = Vec::new();
+        for (map, at, len) in ranges {
+            match merged.last_mut() {
+                Some((m0, a0, l0)) if std::sync::Arc::ptr_eq(m0, map) && at <= *a0 + *l0 + 4096 => {
+                    *l0 = (*l0).max(at + len - *a0);
+                }
+                _ => merged.push((map, at, len)),
+            }
+        }
+        m.mapped_resident_bytes = merged
+            .iter()
+            .filter_map(|(map, at, len)| {
+                crate::util::memory::resident_bytes(map.as_ptr().wrapping_add(*at), *len)
+            })
+            .sum();
+        m
     }
 
     /// Parameters one token uses: only `top_k` of the routed experts.

@@ -130,6 +130,23 @@ impl Linear {
         self.out_features * self.in_features + self.bias.as_ref().map_or(0, Vec::len)
     }
 
+    /// Calls `f` with every buffer the layer's values live in.
+    pub fn visit_storage<'a>(&'a self, f: &mut dyn FnMut(Storage<'a>)) {
+        match &self.weight {
+            LinearWeight::F32(w) => f(Storage::Owned(w.bytes())),
+            LinearWeight::F32Rows(w) => f(Storage::of(w)),
+            LinearWeight::Half(_, w) => f(Storage::of(w)),
+            LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => {
+                f(Storage::of(&m.data));
+                f(Storage::of(&m.scales));
+                f(Storage::of(&m.row_sums));
+            }
+        }
+        let small =
+            self.bias.as_ref().map_or(0, Vec::len) + self.input_scale.as_ref().map_or(0, Vec::len);
+        f(Storage::Owned(small * 4));
+    }
+
     /// Bytes read to look up one row of the matrix (an embedding row).
     pub fn row_read_bytes(&self) -> usize {
         let k = self.in_features;
@@ -152,6 +169,23 @@ impl Linear {
         };
         w + self.bias.as_ref().map_or(0, |b| b.len() * 4)
             + self.input_scale.as_ref().map_or(0, |s| s.len() * 4)
+    }
+}
+
+/// Where some weight values live, for memory reports.
+pub enum Storage<'a> {
+    /// Bytes of memory the process owns.
+    Owned(usize),
+    /// A byte range of a memory map.
+    Mapped(&'a SharedMap, usize, usize),
+}
+
+impl Storage<'_> {
+    fn of<T: crate::model::buf::Plain>(b: &Buf<T>) -> Storage<'_> {
+        match b.mapping() {
+            Some((map, offset, len)) => Storage::Mapped(map, offset, len),
+            None => Storage::Owned(b.byte_len()),
+        }
     }
 }
 
@@ -347,6 +381,52 @@ pub struct Weights {
 impl Weights {
     pub fn head(&self) -> &Linear {
         self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Every linear layer, experts included.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.embed];
+        v.extend(
+            [&self.project_in, &self.project_out, &self.lm_head]
+                .into_iter()
+                .flatten(),
+        );
+        for l in &self.layers {
+            v.extend([&l.attn.q, &l.attn.k, &l.attn.v, &l.attn.o]);
+            fn mlp(m: &GatedMlp) -> [&Linear; 3] {
+                [&m.gate, &m.up, &m.down]
+            }
+            match &l.ffn {
+                Ffn::Moe(b) => {
+                    v.push(&b.router);
+                    b.experts.iter().for_each(|e| v.extend(mlp(e)));
+                    if let Some(s) = &b.shared {
+                        v.extend(mlp(&s.mlp));
+                        v.push(&s.gate);
+                    }
+                }
+                Ffn::Gated(m) => v.extend(mlp(m)),
+                Ffn::Plain(m) => v.extend([&m.fc1, &m.fc2]),
+            }
+        }
+        v
+    }
+
+    /// Calls `f` with every buffer the weights live in (norms and positions included).
+    pub fn visit_storage<'a>(&'a self, f: &mut dyn FnMut(Storage<'a>)) {
+        for lin in self.linears() {
+            lin.visit_storage(f);
+        }
+        let norm_len = |n: &Norm| match n {
+            Norm::Rms { weight, .. } => weight.len(),
+            Norm::Layer { weight, bias, .. } => weight.len() + bias.len(),
+        };
+        let mut small = self.positions.as_ref().map_or(0, Vec::len);
+        small += self.final_norm.as_ref().map_or(0, norm_len);
+        for l in &self.layers {
+            small += norm_len(&l.attn_norm) + norm_len(&l.ffn_norm);
+        }
+        f(Storage::Owned(small * 4));
     }
 }
 
