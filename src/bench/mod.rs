@@ -41,6 +41,8 @@ pub struct PointResult {
     pub samples: Vec<Sample>,
     pub peak_rss_bytes: Option<u64>,
     pub kv_cache_bytes: usize,
+    /// Weights, KV cache (allocated) and resident set at the end of the point.
+    pub memory: crate::util::memory::MemoryReport,
 }
 
 impl PointResult {
@@ -146,11 +148,13 @@ pub fn run_point(engine: &Engine, point: &BenchPoint, reps: usize) -> Result<Poi
             });
         }
     }
+    let allocated = caches.iter().map(|c| c.allocated_bytes()).sum();
     Ok(PointResult {
         point: point.clone(),
         samples,
         peak_rss_bytes: crate::util::peak_rss_bytes(),
         kv_cache_bytes: kv_bytes,
+        memory: crate::util::memory::MemoryReport::new(engine.model().weight_memory(), allocated),
     })
 }
 

@@ -56,8 +56,8 @@ fn rows(results: &[PointResult]) -> Vec<Row<'_>> {
 
 pub fn table(info: &ModelInfo, results: &[PointResult]) -> String {
     let mut s = String::from(
-        "| model | size | params | active | backend | threads | batch | test | t/s | TTFT ms | ITL p50 ms | ITL p99 ms | MB/token | read GB/s | peak RSS |\n\
-         | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| model | size | params | active | backend | threads | batch | test | t/s | TTFT ms | ITL p50 ms | ITL p99 ms | MB/token | read GB/s | KV MiB | RSS anon MiB | RSS mapped MiB | peak RSS |\n\
+         | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for row in rows(results) {
         let (m, sd) = mean_sd(&row.tps);
@@ -68,7 +68,7 @@ pub fn table(info: &ModelInfo, results: &[PointResult]) -> String {
         let (weights, kv) = row.r.decode_bytes_per_token();
         let read = mean_sd(&row.r.decode_read_bytes_per_s()).0;
         s.push_str(&format!(
-            "| {} | {:.1} MiB | {:.2} M | {:.2} M | {} | {} | {} | {} | {:.1} ± {:.1} | {} | {} | {} | {} | {} | {:.0} MiB |\n",
+            "| {} | {:.1} MiB | {:.2} M | {:.2} M | {} | {} | {} | {} | {:.1} ± {:.1} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} MiB |\n",
             info.name,
             info.size_bytes as f64 / (1 << 20) as f64,
             info.params as f64 / 1e6,
@@ -84,7 +84,10 @@ pub fn table(info: &ModelInfo, results: &[PointResult]) -> String {
             if is_tg { format!("{:.2}", quantile(&itl, 0.99)) } else { "".into() },
             if is_tg { format!("{:.2}", (weights + kv) / 1e6) } else { "".into() },
             if is_tg { format!("{:.1}", read / 1e9) } else { "".into() },
-            row.r.peak_rss_bytes.unwrap_or(0) as f64 / (1 << 20) as f64,
+            mib(row.r.memory.kv_bytes as u64),
+            mib(row.r.memory.rss_anon_bytes.unwrap_or(0)),
+            mib(row.r.memory.rss_file_bytes.unwrap_or(0)),
+            mib(row.r.peak_rss_bytes.unwrap_or(0)),
         ));
     }
     s
@@ -105,6 +108,7 @@ pub fn json(info: &ModelInfo, results: &[PointResult]) -> serde_json::Value {
                 "itl_ms": {"mean": mean_sd(&itl).0, "p50": quantile(&itl, 0.5), "p99": quantile(&itl, 0.99)},
                 "peak_rss_bytes": row.r.peak_rss_bytes,
                 "kv_cache_bytes": row.r.kv_cache_bytes,
+                "memory": row.r.memory,
                 "expert_tokens": row.r.samples.iter().map(|s| s.expert_tokens).collect::<Vec<_>>(),
                 "decode_bytes_per_token": {"weights": weights, "kv_cache": kv},
                 "decode_read_bytes_per_s": row.r.decode_read_bytes_per_s(),
@@ -217,4 +221,8 @@ pub fn plot(path: &std::path::Path, results: &[PointResult]) -> anyhow::Result<(
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
 }

@@ -71,6 +71,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         // Like llama.cpp's Q8_0 files, the output head is int8 too.
         opts.head = crate::quant::HeadQuant::W8A8;
         model = crate::quant::quantize(model, &[], 0, &opts, |_, _, _| {})?.0;
+        // The f32 model is gone: the rows' peak RSS is the quantized model's, not its.
+        crate::util::memory::reset_peak_rss();
     }
     let model = Arc::new(model);
     let info = ModelInfo::of(&model, if a.quant.is_some() { "cpu-w8a8" } else { "cpu" });
