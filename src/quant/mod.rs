@@ -41,7 +41,7 @@ impl Method {
 }
 
 /// What happens to the output head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum HeadQuant {
     /// Kept in f32.
@@ -81,7 +81,10 @@ impl QuantOptions {
             act_order: false,
             damp: 0.01,
             min_tokens: 32,
-            head: HeadQuant::F32,
+            // The trained fixture's haq ppl is 49.8224 with a W8A8 head, 49.8275 with an f32 one
+            // (f32 model 49.8253): no measurable cost, and the head is a third of a small
+            // model's bytes per token.
+            head: HeadQuant::W8A8,
             threads: 0,
         }
     }
