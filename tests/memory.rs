@@ -111,3 +111,54 @@ fn corrupt_expert_block_fails_when_the_expert_first_runs() {
         "{err}"
     );
 }
+
+/// `generate --json` and serve's stats report where the weights live and the resident set.
+#[test]
+fn generate_and_serve_report_memory() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_edgemoe");
+    let model = fixture("mixtral-tiny-bf16-sharded");
+    let out = Command::new(bin)
+        .args(["generate", "--json", "-n", "4", "--prompt", "hi", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for report in [&v["memory_at_load"], &v["memory"]] {
+        assert!(report["weights_mapped_bytes"].as_u64().unwrap() > 0, "{v}");
+        assert!(report["rss_bytes"].as_u64().unwrap() > 0, "{v}");
+    }
+    assert!(v["memory"]["kv_bytes"].as_u64().unwrap() > 0, "{v}");
+
+    let mut child = Command::new(bin)
+        .args(["serve", "--model"])
+        .arg(&model)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"op\":\"stats\"}\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let stats = lines
+        .iter()
+        .find(|l| l["object"] == "edgemoe.stats")
+        .expect("a stats line");
+    assert!(stats["memory"]["weights_mapped_bytes"].as_u64().unwrap() > 0);
+    assert!(stats["memory"]["peak_rss_bytes"].as_u64().unwrap() > 0);
+}

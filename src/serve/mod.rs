@@ -195,6 +195,7 @@ impl<W: Write> Server<'_, W> {
                             "active": self.active.len(),
                             "waiting": self.waiting.len(),
                             "runtime": self.engine.stats.snapshot(),
+                            "memory": self.memory(),
                         });
                         self.write(&stats)?
                     }
@@ -321,6 +322,21 @@ impl<W: Write> Server<'_, W> {
             self.finish(a)?;
         }
         Ok(())
+    }
+
+    /// Weights, every KV cache held (running requests' and spare ones), and the resident set.
+    fn memory(&self) -> crate::util::memory::MemoryReport {
+        let kv = self
+            .active
+            .iter()
+            .map(|a| a.gen.cache.allocated_bytes())
+            .sum::<usize>()
+            + self
+                .spare_caches
+                .iter()
+                .map(KvCache::allocated_bytes)
+                .sum::<usize>();
+        crate::util::memory::MemoryReport::new(self.engine.model().weight_memory(), kv)
     }
 
     /// Writes a request's last line and keeps its cache for a later request.
