@@ -17,7 +17,7 @@ impl Plain for i32 {}
 impl Plain for u16 {}
 
 /// The two 16-bit float formats checkpoints store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HalfKind {
     /// bfloat16: the top 16 bits of an f32.
     Bf16,
@@ -26,10 +26,19 @@ pub enum HalfKind {
 }
 
 impl HalfKind {
+    #[inline]
     pub fn to_f32(self, bits: u16) -> f32 {
         match self {
             HalfKind::Bf16 => f32::from_bits(u32::from(bits) << 16),
             HalfKind::F16 => half::f16::from_bits(bits).to_f32(),
+        }
+    }
+
+    /// `v` rounded to the nearest value of this format (ties to even).
+    pub fn from_f32(self, v: f32) -> u16 {
+        match self {
+            HalfKind::Bf16 => half::bf16::from_f32(v).to_bits(),
+            HalfKind::F16 => half::f16::from_f32(v).to_bits(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! every scheduling choice (what runs side by side, what splits over the threads) live here.
 
 use super::attention::attend;
+use super::half::{matmul_half, HalfView};
 use super::int8::{self, quantize_rows_smoothed, QuantizedRows};
 use super::int8w::matmul_w8;
 use super::matmul::matmul;
@@ -89,7 +90,13 @@ impl CpuBackend {
             // A tied head: the embedding table, row-major.
             LinearWeight::F32Rows(w) => matmul(&scaled(), rows, w, lin.out_features, k, bias, out),
             LinearWeight::Half(kind, w) => {
-                matmul_half_rows(&scaled(), rows, *kind, w, lin.out_features, bias, out)
+                let view = HalfView {
+                    kind: *kind,
+                    n: lin.out_features,
+                    k,
+                    data: w,
+                };
+                matmul_half(&scaled(), rows, view, bias, out)
             }
             LinearWeight::Int8(matrix) => {
                 // W8A8: quantize each token's activations (per-token scale), then int8 GEMM.
@@ -336,30 +343,6 @@ impl Backend for CpuBackend {
             1
         } else {
             threads
-        }
-    }
-}
-
-/// Row-major half-precision weights, widened a row at a time (until the SIMD kernels land).
-fn matmul_half_rows(
-    x: &[f32],
-    rows: usize,
-    kind: crate::model::buf::HalfKind,
-    w: &[u16],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    let k = w.len() / n.max(1);
-    let mut wr = vec![0f32; k];
-    for j in 0..n {
-        for (d, &b) in wr.iter_mut().zip(&w[j * k..(j + 1) * k]) {
-            *d = kind.to_f32(b);
-        }
-        for t in 0..rows {
-            let xr = &x[t * k..(t + 1) * k];
-            let dot: f32 = xr.iter().zip(&wr).map(|(a, b)| a * b).sum();
-            out[t * n + j] = dot + bias.map_or(0.0, |b| b[j]);
         }
     }
 }
