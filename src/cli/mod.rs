@@ -1,6 +1,7 @@
 //! Subcommands, one file each. They live in the library so tests can drive them too.
 
 pub mod bench;
+pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod ppl;
@@ -35,6 +36,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Print an .emoe file's header, bytes per tensor class and expert-block layout.
     Inspect(inspect::InspectArgs),
+    /// Write a model (a built-in one too) as a Hugging Face checkpoint directory.
+    Export(export::ExportArgs),
 }
 
 /// Options every model-running command shares.
@@ -74,5 +77,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Export(a) => export::run(a),
     }
 }

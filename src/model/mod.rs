@@ -6,6 +6,7 @@ pub mod buf;
 pub mod config;
 pub mod convert;
 pub mod emoe;
+pub mod export;
 pub mod hf;
 pub mod safetensors;
 pub mod synthetic;
