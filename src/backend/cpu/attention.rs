@@ -47,8 +47,18 @@ pub fn attend(
     );
     let out_ptr = SendPtr(out.as_mut_ptr());
     // One task per query row: the visible slots are found once, and the row's KV heads are
-    // read one after another from the same cache lines.
-    let work = |t: usize| {
+    // read one after another from the same cache lines. With fewer rows than threads (a
+    // decode step of one sequence), a task is one KV head of a row instead, so the other
+    // threads do not wait.
+    let threads = super::parallel::kernel_threads();
+    let per_head = rows < threads;
+    let work = |task: usize| {
+        let (t, heads) = if per_head {
+            let kv = task % shape.num_kv_heads;
+            (task / shape.num_kv_heads, kv..kv + 1)
+        } else {
+            (task, 0..shape.num_kv_heads)
+        };
         let cache = row_cache[t];
         let pos = positions[t];
         let visible = |p: u32| {
@@ -63,23 +73,34 @@ pub fn attend(
             .positions
             .iter()
             .fold((u32::MAX, 0), |(lo, hi), &p| (lo.min(p), hi.max(p)));
-        if n == 0 || (visible(lo) && visible(hi)) {
-            attend_row(shape, q, out_ptr, t, cache, &AllSlots(n))
+        let slots = if n == 0 || (visible(lo) && visible(hi)) {
+            attend_row(shape, q, out_ptr, t, heads, cache, &AllSlots(n))
         } else {
             let slots: Vec<u32> = (0..n as u32)
                 .filter(|&s| visible(cache.positions[s as usize]))
                 .collect();
-            attend_row(shape, q, out_ptr, t, cache, slots.as_slice())
+            attend_row(shape, q, out_ptr, t, heads, cache, slots.as_slice())
+        };
+        // A row's slots count once, whichever task read them.
+        if per_head && task % shape.num_kv_heads != 0 {
+            0
+        } else {
+            slots
         }
     };
     let work_macs: usize = row_cache
         .iter()
         .map(|c| 2 * c.positions.len() * h * d)
         .sum();
-    if work_macs < PARALLEL_MIN_MACS || super::parallel::kernel_threads() == 1 {
-        (0..rows).map(work).sum()
+    let tasks = if per_head {
+        rows * shape.num_kv_heads
     } else {
-        (0..rows).into_par_iter().map(work).sum()
+        rows
+    };
+    if work_macs < PARALLEL_MIN_MACS || threads == 1 {
+        (0..tasks).map(work).sum()
+    } else {
+        (0..tasks).into_par_iter().map(work).sum()
     }
 }
 
@@ -121,23 +142,25 @@ impl Slots for [u32] {
     }
 }
 
-/// Attends query row `t` over `slots` of `cache`, head group by head group, into row `t` of
-/// the output; returns how many slots it read.
+/// Attends query row `t` over `slots` of `cache`, for the query heads of KV heads `kv_heads_of`
+/// (head group by head group), into row `t` of the output; returns how many slots it read.
 fn attend_row<S: Slots + ?Sized>(
     shape: &AttentionShape,
     q: &[f32],
     out: SendPtr<f32>,
     t: usize,
+    kv_heads_of: std::ops::Range<usize>,
     cache: &LayerCache,
     slots: &S,
 ) -> usize {
     let (h, d, kv_heads) = (shape.num_heads, shape.head_dim, shape.num_kv_heads);
     let group = h / kv_heads;
     let mut scores = vec![0f32; group * slots.count()];
-    for kv_head in 0..kv_heads {
+    for kv_head in kv_heads_of {
         let first = t * h * d + kv_head * group * d;
-        // SAFETY: this task writes only row t's heads (kv_head's group of them here); tasks
-        // are disjoint, and `out` outlives them (its length is asserted by `attend`).
+        // SAFETY: this task writes only row t's heads of its KV heads (kv_head's group of them
+        // here); tasks are disjoint, and `out` outlives them (its length is asserted by
+        // `attend`).
         let o = unsafe { std::slice::from_raw_parts_mut(out.get().add(first), group * d) };
         let heads = HeadGroup {
             q: &q[first..first + group * d],
@@ -526,6 +549,57 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A decode step of one sequence on a pool splits a row's KV heads over the threads: the
+    /// same bits as one thread computing them all, the reference's values, each slot counted
+    /// once.
+    #[test]
+    fn one_row_split_by_kv_head_matches_one_thread() {
+        let mut rng = SplitMix64::new(11);
+        let shape = AttentionShape {
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            sliding_window: None,
+        };
+        let kv_dim = 3 * 64;
+        // Enough slots that the call is worth the pool (2·slots·h·d ≥ PARALLEL_MIN_MACS).
+        let n = 200;
+        let cache = LayerCache {
+            keys: (0..n * kv_dim).map(|_| rng.normal()).collect(),
+            values: (0..n * kv_dim).map(|_| rng.normal()).collect(),
+            positions: (0..n as u32).collect(),
+        };
+        let q: Vec<f32> = (0..9 * 64).map(|_| rng.normal()).collect();
+        let seg = [Segment {
+            rows: 0..1,
+            cache: &cache,
+        }];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let run = |serial: bool| {
+            let mut out = vec![0f32; q.len()];
+            let mut call = || attend(&shape, &q, &[n - 1], &seg, &mut out);
+            let slots = pool.install(|| {
+                if serial {
+                    crate::backend::cpu::parallel::serially(call)
+                } else {
+                    call()
+                }
+            });
+            (slots, out)
+        };
+        let (split_slots, split) = run(false);
+        let (one_slots, one) = run(true);
+        assert_eq!((split_slots, one_slots), (n, n));
+        assert_eq!(split, one);
+        let want = reference(&shape, &q, n - 1, &cache);
+        for (a, b) in split.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
     }
 
     #[test]

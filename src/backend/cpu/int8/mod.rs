@@ -678,6 +678,8 @@ unsafe fn gemm_tiled<K: DotKernel>(
     cols: Range<usize>,
     sink: &ColumnSink,
 ) {
+    // Borrowed once: a stored matrix's buffers may be maps, and this loop is hot.
+    let (w_data, w_row_sums, kp): (&[i8], &[i32], usize) = (&w.data, &w.row_sums, w.k_padded);
     let tile = |t0: usize, r: usize, js: &[usize]| {
         let mut xs: [&[i8]; TILE] = [&[]; TILE];
         let mut ws: [&[i8]; TILE] = [&[]; TILE];
@@ -686,8 +688,8 @@ unsafe fn gemm_tiled<K: DotKernel>(
             *slot = x.row(t0 + i);
         }
         for (i, &j) in js.iter().enumerate() {
-            ws[i] = w.row(j);
-            row_sums[i] = w.row_sums[j];
+            ws[i] = &w_data[j * kp..(j + 1) * kp];
+            row_sums[i] = w_row_sums[j];
         }
         let c = js.len();
         let mut sums = [[0; TILE]; TILE];
