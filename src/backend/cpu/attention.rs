@@ -82,7 +82,7 @@ pub fn attend(
             attend_row(shape, q, out_ptr, t, heads, cache, slots.as_slice())
         };
         // A row's slots count once, whichever task read them.
-        if per_head && task % shape.num_kv_heads != 0 {
+        if per_head && !task.is_multiple_of(shape.num_kv_heads) {
             0
         } else {
             slots
