@@ -448,9 +448,15 @@ impl Int8Matrix {
                 row,
             });
         }
-        for j in 0..self.n {
-            let row = self.row(j);
-            if let Some(col) = row.iter().position(|&v| v == i8::MIN) {
+        let (data, sums): (&[i8], &[i32]) = (&self.data, &self.row_sums);
+        for (j, row) in data.chunks_exact(self.k_padded.max(1)).enumerate() {
+            // One pass that vectorizes: the sum and whether any value is -128; where, only
+            // when it is.
+            let (sum, has_min) = row.iter().fold((0i32, false), |(s, m), &v| {
+                (s + i32::from(v), m | (v == i8::MIN))
+            });
+            if has_min {
+                let col = row.iter().position(|&v| v == i8::MIN).unwrap_or(0);
                 return Err(Int8Error::WeightOutOfRange { row: j, col });
             }
             if let Some(col) = row[self.k..].iter().position(|&v| v != 0) {
@@ -459,8 +465,7 @@ impl Int8Matrix {
                     col: self.k + col,
                 });
             }
-            let sum: i32 = row.iter().map(|&v| i32::from(v)).sum();
-            if sum != self.row_sums[j] {
+            if sum != sums[j] {
                 return Err(Int8Error::RowSum { row: j });
             }
         }

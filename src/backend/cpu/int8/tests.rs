@@ -383,3 +383,50 @@ fn empty_shapes() {
     let w = random_matrix(&mut Rng(5), 3, 4);
     assert!(run(Tier::Scalar, &x, &w, None).is_empty());
 }
+
+/// Stored parts are taken unread; `validate` finds each value a crafted or corrupt file could
+/// hold that the kernels do not expect.
+#[test]
+fn stored_parts_are_validated_on_request() {
+    let w: Vec<f32> = (0..3 * 70).map(|i| (i as f32 * 0.37).sin()).collect();
+    let good = Int8Matrix::quantize_rtn(&w, 3, 70).unwrap();
+    let parts = |m: &Int8Matrix| {
+        Int8Matrix::from_parts(
+            m.n,
+            m.k,
+            m.data.to_vec().into(),
+            m.scales.to_vec().into(),
+            m.row_sums.to_vec().into(),
+        )
+        .unwrap()
+    };
+    assert_eq!(parts(&good).validate(), Ok(()));
+    let kp = good.k_padded;
+    let mut bad = parts(&good);
+    bad.data.make_mut()[kp + 5] = i8::MIN;
+    assert_eq!(
+        bad.validate(),
+        Err(Int8Error::WeightOutOfRange { row: 1, col: 5 })
+    );
+    let mut bad = parts(&good);
+    bad.data.make_mut()[2 * kp + 71] = 1;
+    assert_eq!(bad.validate(), Err(Int8Error::Padding { row: 2, col: 71 }));
+    let mut bad = parts(&good);
+    bad.row_sums.make_mut()[0] += 1;
+    assert_eq!(bad.validate(), Err(Int8Error::RowSum { row: 0 }));
+    let mut bad = parts(&good);
+    bad.scales.make_mut()[2] = f32::NAN;
+    assert!(matches!(
+        bad.validate(),
+        Err(Int8Error::NonFinite { row: 2, .. })
+    ));
+    // Lengths are checked at once.
+    let short = Int8Matrix::from_parts(
+        3,
+        70,
+        vec![0; 10].into(),
+        vec![1.0; 3].into(),
+        vec![0; 3].into(),
+    );
+    assert!(short.is_err());
+}
