@@ -177,3 +177,17 @@ fn corrupt_tokenizer() {
     std::fs::write(d.path().join("tokenizer.json"), "{\"model\": 3}").unwrap();
     expect_failure(d.path(), &["tokenizer.json", "not a valid tokenizer.json"]);
 }
+
+/// Negative numbers are values: out of range, not unknown flags.
+#[test]
+fn negative_sampling_values_are_range_errors() {
+    for (flag, want) in [("--temp", "--temp must be"), ("--top-p", "--top-p must be")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+            .args(["generate", "--prompt", "hi", "-n", "1", flag, "-1"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains(want), "{flag}: {stderr}");
+    }
+}

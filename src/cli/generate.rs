@@ -16,13 +16,13 @@ pub struct GenerateArgs {
     #[arg(short = 'n', long = "max-tokens", default_value_t = 64)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temp: f32,
     /// Keep the K most likely tokens (0 = off).
     #[arg(long = "top-k", default_value_t = 0)]
     pub top_k: usize,
     /// Keep the smallest set of tokens with this much probability (1 = off).
-    #[arg(long = "top-p", default_value_t = 1.0)]
+    #[arg(long = "top-p", default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -132,17 +132,33 @@ impl Generation {
         }
     }
 
-    /// Takes the logits of the step just run; returns the text that became final.
+    /// Takes the logits of the step just run; returns the text that became final. Logits no
+    /// token can be sampled from end the generation (`FinishReason::Error`) with the error.
     pub fn accept(
         &mut self,
         logits: &[f32],
         tokenizer: &crate::model::tokenizer::Tokenizer,
-    ) -> String {
+    ) -> Result<String> {
         if self.generated.is_empty() {
             self.prefill_ms = self.started.elapsed().as_secs_f64() * 1e3;
             self.decode_started = Some(Instant::now());
         }
-        let token = self.sampler.sample(logits);
+        let token = match self.sampler.sample(logits) {
+            Ok(token) => token,
+            Err(e) => {
+                self.fail();
+                return Err(e);
+            }
+        };
+        Ok(self.after_sampling(token, tokenizer))
+    }
+
+    /// The bookkeeping after `token` was sampled: stop conditions, text to release.
+    fn after_sampling(
+        &mut self,
+        token: u32,
+        tokenizer: &crate::model::tokenizer::Tokenizer,
+    ) -> String {
         self.generated.push(token);
         if self.eos.contains(&token) {
             self.finish = Some(FinishReason::Stop);
@@ -250,7 +266,7 @@ pub fn generate(
     let tokenizer = &engine.model().tokenizer;
     while g.finished().is_none() {
         let logits = engine.forward(&mut [g.batch_item()])?;
-        let piece = g.accept(&logits[0], tokenizer);
+        let piece = g.accept(&logits[0], tokenizer)?;
         if !on_text(&piece) {
             g.cancel();
         }

@@ -1,6 +1,7 @@
 //! Token sampling: greedy, or temperature → top-k → top-p (the order transformers applies them),
 //! from a seeded RNG so a seed reproduces a completion exactly.
 
+use crate::error::{Error, Result};
 use crate::util::rng::SplitMix64;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -36,11 +37,24 @@ impl Sampler {
         Sampler { params, rng }
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature <= 0.0 {
-            return argmax(logits);
+    /// The next token. Non-finite logits are an error (a model that produced them is broken;
+    /// no token is a fair answer). A temperature so small that `logit / t` overflows behaves
+    /// as greedy, which is its limit.
+    pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        if let Some(bad) = logits.iter().position(|l| !l.is_finite()) {
+            return Err(Error::invalid(format!(
+                "the model produced a non-finite logit ({}) for token id {bad}",
+                logits[bad]
+            )));
+        }
+        if logits.is_empty() {
+            return Err(Error::invalid("the model produced no logits"));
         }
         let t = self.params.temperature;
+        let max_abs = logits.iter().fold(0f32, |m, l| m.max(l.abs()));
+        if t <= 0.0 || !(max_abs / t).is_finite() {
+            return Ok(argmax(logits));
+        }
         let mut cands: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
@@ -72,10 +86,10 @@ impl Sampler {
         for (i, p) in probs.iter().enumerate() {
             u -= p;
             if u < 0.0 {
-                return cands[i].0;
+                return Ok(cands[i].0);
             }
         }
-        cands[probs.len() - 1].0
+        Ok(cands[probs.len() - 1].0)
     }
 }
 
@@ -97,7 +111,7 @@ mod tests {
     #[test]
     fn greedy_takes_argmax() {
         let mut s = Sampler::new(SamplingParams::default());
-        assert_eq!(s.sample(&[0.1, 3.0, 2.0]), 1);
+        assert_eq!(s.sample(&[0.1, 3.0, 2.0]).unwrap(), 1);
     }
 
     #[test]
@@ -108,7 +122,7 @@ mod tests {
             top_k: 1,
             ..Default::default()
         };
-        assert_eq!(Sampler::new(p).sample(&logits), argmax(&logits));
+        assert_eq!(Sampler::new(p).sample(&logits).unwrap(), argmax(&logits));
         let p = SamplingParams {
             temperature: 0.8,
             top_k: 20,
@@ -117,11 +131,11 @@ mod tests {
         };
         let a: Vec<u32> = {
             let mut s = Sampler::new(p.clone());
-            (0..20).map(|_| s.sample(&logits)).collect()
+            (0..20).map(|_| s.sample(&logits).unwrap()).collect()
         };
         let b: Vec<u32> = {
             let mut s = Sampler::new(p);
-            (0..20).map(|_| s.sample(&logits)).collect()
+            (0..20).map(|_| s.sample(&logits).unwrap()).collect()
         };
         assert_eq!(a, b);
     }
@@ -136,14 +150,41 @@ mod tests {
             seed: 3,
             ..Default::default()
         });
-        assert!((0..200).all(|_| s.sample(&logits) == 0));
+        assert!((0..200).all(|_| s.sample(&logits).unwrap() == 0));
         // With temperature the distribution is sampled: more than one token must appear.
         let mut s = Sampler::new(SamplingParams {
             temperature: 2.0,
             seed: 3,
             ..Default::default()
         });
-        let picks: std::collections::HashSet<u32> = (0..200).map(|_| s.sample(&logits)).collect();
+        let picks: std::collections::HashSet<u32> =
+            (0..200).map(|_| s.sample(&logits).unwrap()).collect();
         assert!(picks.len() > 1);
+    }
+
+    /// Temperatures so small that logits/t overflow pick the most likely token (their limit),
+    /// never the least likely; NaN and inf logits are an error, never a token.
+    #[test]
+    fn tiny_temperatures_are_greedy_and_bad_logits_fail() {
+        let logits = [1.0, 30.0, -5.0, 29.5];
+        for t in [1e-40, 1e-38, 1e-30, f32::MIN_POSITIVE] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: t,
+                ..SamplingParams::default()
+            });
+            assert_eq!(s.sample(&logits).unwrap(), 1, "t = {t}");
+        }
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.7,
+            ..SamplingParams::default()
+        });
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let err = s.sample(&[0.0, bad, 1.0]).unwrap_err().to_string();
+            assert!(
+                err.contains("non-finite logit") && err.contains("token id 1"),
+                "{err}"
+            );
+        }
+        assert!(s.sample(&[]).is_err());
     }
 }

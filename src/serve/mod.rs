@@ -298,9 +298,13 @@ impl<W: Write> Server<'_, W> {
         match result {
             Ok(logits) => {
                 for (a, l) in self.active.iter_mut().zip(&logits) {
-                    let piece = a.gen.accept(l, tokenizer);
-                    if a.stream && !piece.is_empty() {
-                        lines.push(protocol::chunk(&a.id, &piece));
+                    // A request whose logits cannot be sampled ends alone, with an error.
+                    match a.gen.accept(l, tokenizer) {
+                        Ok(piece) if a.stream && !piece.is_empty() => {
+                            lines.push(protocol::chunk(&a.id, &piece))
+                        }
+                        Ok(_) => {}
+                        Err(e) => eprintln!("serve: request {}: {e}", a.id),
                     }
                 }
             }
