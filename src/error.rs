@@ -17,6 +17,9 @@ pub enum Error {
     #[error("{path}: not a valid safetensors file: {reason}")]
     Safetensors { path: PathBuf, reason: String },
 
+    #[error("{path}: GGUF: {reason}")]
+    Gguf { path: PathBuf, reason: String },
+
     #[error("{path}: not a valid .emoe file: {reason}")]
     Emoe { path: PathBuf, reason: String },
 
@@ -27,7 +30,7 @@ pub enum Error {
         reason: String,
     },
 
-    #[error("{path}: unsupported architecture `{name}` (supported: MixtralForCausalLM, Qwen2MoeForCausalLM, OPTForCausalLM)")]
+    #[error("{path}: unsupported architecture `{name}` (supported: MixtralForCausalLM, Qwen2MoeForCausalLM, OPTForCausalLM, LlamaForCausalLM)")]
     UnknownArchitecture { path: PathBuf, name: String },
 
     #[error("checkpoint has no tensor `{name}`")]

@@ -20,7 +20,7 @@ pub use model::Model;
 
 use std::path::Path;
 
-/// Loads `path` (a checkpoint directory, an .emoe file, or `builtin:NAME`), or the built-in
+/// Loads `path` (a checkpoint directory, a .gguf file, an .emoe file, or `builtin:NAME`), or the built-in
 /// default model when `path` is `None`.
 pub fn load_model(path: Option<&Path>) -> Result<Model> {
     match path {

@@ -158,10 +158,22 @@ fn unknown_architecture() {
     edit_config(d.path(), |c| {
         c.insert(
             "architectures".into(),
-            serde_json::json!(["LlamaForCausalLM"]),
+            serde_json::json!(["GPT2LMHeadModel"]),
         );
     });
-    expect_failure(d.path(), &["unsupported architecture", "LlamaForCausalLM"]);
+    expect_failure(d.path(), &["unsupported architecture", "GPT2LMHeadModel"]);
+}
+
+/// A GGUF cut short fails in one line naming the file format and the truncation.
+#[test]
+fn truncated_gguf() {
+    let src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-tiny/llama-tiny.gguf");
+    let bytes = std::fs::read(src).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("cut.gguf");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    expect_failure(&path, &["cut.gguf", "GGUF", "truncated"]);
 }
 
 #[test]

@@ -52,7 +52,12 @@ fn assert_close(name: &str, what: &str, got: &[f32], want: &[f32]) {
 }
 
 fn check(name: &str) {
-    let model = Arc::new(Model::load(&fixture(name)).unwrap());
+    check_model(name, &fixture(name));
+}
+
+/// `model` (a checkpoint directory or file) against the reference logits of fixture `name`.
+fn check_model(name: &str, model: &Path) {
+    let model = Arc::new(Model::load(model).unwrap());
     let vocab = model.config.vocab_size;
     let engine = Engine::new(model, 2).unwrap();
     let r = reference(name);
@@ -119,6 +124,18 @@ fn opt_matches_transformers() {
 #[test]
 fn opt_post_norm_projected_matches_transformers() {
     check("opt-tiny-proj");
+}
+
+#[test]
+fn llama_matches_transformers() {
+    check("llama-tiny");
+}
+
+/// The same model as a llama.cpp-style GGUF (q/k rows permuted for ggml's RoPE, tokenizer in
+/// the metadata) against transformers' logits of the checkpoint.
+#[test]
+fn llama_gguf_matches_transformers() {
+    check_model("llama-tiny", &fixture("llama-tiny/llama-tiny.gguf"));
 }
 
 /// Several sequences in one batched step give the same logits as each alone.

@@ -97,7 +97,7 @@ CORPUS_LINES = [
 
 
 def fixture_specs():
-    from transformers import MixtralConfig, OPTConfig, Qwen2MoeConfig
+    from transformers import LlamaConfig, MixtralConfig, OPTConfig, Qwen2MoeConfig
 
     common_mixtral = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -140,6 +140,15 @@ def fixture_specs():
         dict(name="opt-tiny-proj", seed=6006, legacy_config=False, dtype=torch.float32, shard=None,
              gen=dict(bos_token_id=2, eos_token_id=2, pad_token_id=1),
              config=OPTConfig(**common_opt, do_layer_norm_before=False, word_embed_proj_dim=32)),
+        # Dense Llama, tied head; also written as llama-tiny.gguf (F32, q/k rows permuted as
+        # llama.cpp's converter does, tokenizer in tokenizer.ggml.* metadata).
+        dict(name="llama-tiny", seed=7007, legacy_config=True, dtype=torch.float32, shard=None,
+             gen=dict(bos_token_id=1, eos_token_id=2), gguf=True,
+             config=LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=1024, rms_norm_eps=1e-5,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)),
     ]
 
 
@@ -149,6 +158,75 @@ def make_input_ids(seed: int, bos: int) -> torch.Tensor:
     ids[0] = bos
     ids[T // 2] = VOCAB - 1  # exercise the last embedding row
     return ids
+
+
+def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """What llama.cpp's convert_hf_to_gguf.py does to a Llama's q/k rows (for ggml's
+    interleaved RoPE): per head, [2, head_dim/2] halves become [head_dim/2, 2] pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_llama_gguf(model, cfg, tokenizer_json: str, path: str) -> None:
+    """The model as a llama.cpp-style GGUF (all F32), with llama.cpp's tensor names and keys."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("llama-tiny")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    with open(tokenizer_json) as f:
+        tj = json.load(f)
+    vocab = tj["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    tokens += ["<pad%d>" % i for i in range(cfg.vocab_size - len(tokens))]
+    special = {a["id"] for a in tj.get("added_tokens", []) if a.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    w.add_add_bos_token(False)
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+    }
+    per_layer = {
+        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied
+        if name in names:
+            g = names[name]
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            module, suffix = rest.rsplit(".", 1)
+            g = f"blk.{layer}.{per_layer[module]}.{suffix}"
+        t = t.float()
+        if g.endswith("attn_q.weight"):
+            t = llama_cpp_permute(t, cfg.num_attention_heads)
+        elif g.endswith("attn_k.weight"):
+            t = llama_cpp_permute(t, cfg.num_key_value_heads)
+        w.add_tensor(g, np.ascontiguousarray(t.numpy()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def build_one(spec, out_root, tokenizer_json):
@@ -215,6 +293,8 @@ def build_one(spec, out_root, tokenizer_json):
         "stored_dtype": str(spec["dtype"]).replace("torch.", ""),
         "reinit_seed": str(seed),
     }
+    if spec.get("gguf"):
+        write_llama_gguf(ref_model, cfg, tokenizer_json, os.path.join(d, f"{name}.gguf"))
     # single metadata key: safetensors' (Rust) writer reorders multiple keys randomly
     save_file({"input_ids": input_ids.contiguous(), "logits": logits}, os.path.join(d, "reference.safetensors"),
               metadata={"provenance": json.dumps(meta, sort_keys=True)})

@@ -43,7 +43,8 @@ pub enum Command {
 /// Options every model-running command shares.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Checkpoint directory (Hugging Face layout); the built-in default model when omitted.
+    /// Checkpoint directory (Hugging Face layout), .gguf file or .emoe file; the built-in
+    /// default model when omitted.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Worker threads (0 = all cores).

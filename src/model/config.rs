@@ -17,6 +17,8 @@ pub enum Architecture {
     Qwen2Moe,
     /// OPTForCausalLM (dense): https://huggingface.co/docs/transformers/model_doc/opt
     Opt,
+    /// LlamaForCausalLM (dense, gated SwiGLU MLP): https://huggingface.co/docs/transformers/model_doc/llama
+    Llama,
 }
 
 impl Architecture {
@@ -25,6 +27,7 @@ impl Architecture {
             Architecture::Mixtral => "MixtralForCausalLM",
             Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
             Architecture::Opt => "OPTForCausalLM",
+            Architecture::Llama => "LlamaForCausalLM",
         }
     }
 }
@@ -44,7 +47,7 @@ pub enum Activation {
 pub enum FfnKind {
     /// Routed experts (plus a gated shared expert where `shared_expert_ffn` is set).
     Moe,
-    /// A dense gated MLP (Qwen2-MoE's mlp_only_layers / decoder_sparse_step).
+    /// A dense gated MLP (Llama; Qwen2-MoE's mlp_only_layers / decoder_sparse_step).
     DenseGated,
     /// OPT's fc1 → activation → fc2.
     DensePlain,
@@ -183,12 +186,13 @@ impl ModelConfig {
             Architecture::Mixtral => mixtral(&f)?,
             Architecture::Qwen2Moe => qwen2_moe(&f)?,
             Architecture::Opt => opt(&f)?,
+            Architecture::Llama => llama(&f)?,
         };
         cfg.validate(path)?;
         Ok(cfg)
     }
 
-    fn validate(&self, path: &Path) -> Result<()> {
+    pub fn validate(&self, path: &Path) -> Result<()> {
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::config(
                 path,
@@ -250,6 +254,7 @@ fn architecture(f: &Fields) -> Result<Architecture> {
             Some("mixtral") => return Ok(Architecture::Mixtral),
             Some("qwen2_moe") => return Ok(Architecture::Qwen2Moe),
             Some("opt") => return Ok(Architecture::Opt),
+            Some("llama") => return Ok(Architecture::Llama),
             Some(other) => other.to_string(),
             None => {
                 return Err(Error::config(
@@ -264,6 +269,7 @@ fn architecture(f: &Fields) -> Result<Architecture> {
         "MixtralForCausalLM" => Ok(Architecture::Mixtral),
         "Qwen2MoeForCausalLM" => Ok(Architecture::Qwen2Moe),
         "OPTForCausalLM" => Ok(Architecture::Opt),
+        "LlamaForCausalLM" => Ok(Architecture::Llama),
         _ => Err(Error::UnknownArchitecture {
             path: f.path.to_path_buf(),
             name,
@@ -466,6 +472,46 @@ fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
     })
 }
 
+/// Defaults from transformers' LlamaConfig.
+fn llama(f: &Fields) -> Result<ModelConfig> {
+    let (hidden, heads, kv, head_dim) = attention_shape(f, 4096, 32, None)?;
+    let layers = f.positive("num_hidden_layers", Some(32))?;
+    for field in ["attention_bias", "mlp_bias"] {
+        if f.bool_or(field, false)? {
+            return Err(Error::config(f.path, field, "true is not supported"));
+        }
+    }
+    let ffn = f.positive("intermediate_size", Some(11008))?;
+    Ok(ModelConfig {
+        arch: Architecture::Llama,
+        vocab_size: f.positive("vocab_size", Some(32000))?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        max_position_embeddings: f.positive("max_position_embeddings", Some(2048))?,
+        norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
+        rope_theta: Some(rope_theta(f, 10000.0)?),
+        sliding_window: None,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        activation: activation(f, "hidden_act", "silu")?,
+        layer_ffn: vec![FfnKind::DenseGated; layers],
+        dense_ffn: ffn,
+        num_experts: 0,
+        top_k: 0,
+        expert_ffn: 0,
+        norm_topk_prob: false,
+        shared_expert_ffn: None,
+        attention_bias: false,
+        word_embed_proj_dim: hidden,
+        pre_norm: true,
+        final_norm: true,
+        bos_token_id: f.opt_usize("bos_token_id")?.map(|x| x as u32),
+        eos_token_ids: f.token_ids("eos_token_id")?,
+    })
+}
+
 /// Defaults from transformers' OPTConfig.
 fn opt(f: &Fields) -> Result<ModelConfig> {
     let hidden = f.positive("hidden_size", Some(768))?;
@@ -578,6 +624,15 @@ mod tests {
         );
         let o = parse(json!({"model_type": "opt", "activation_function": "gelu_new"})).unwrap();
         assert_eq!(o.activation, Activation::GeluTanh);
+        let l = parse(json!({"architectures": ["LlamaForCausalLM"]})).unwrap();
+        assert_eq!(
+            (l.hidden_size, l.num_kv_heads, l.dense_ffn),
+            (4096, 32, 11008)
+        );
+        assert_eq!((l.norm_eps, l.rope_theta), (1e-6, Some(10000.0)));
+        assert_eq!(l.layer_ffn, vec![FfnKind::DenseGated; 32]);
+        let e = parse(json!({"model_type": "llama", "mlp_bias": true})).unwrap_err();
+        assert!(e.to_string().contains("mlp_bias"), "{e}");
         let e = parse(json!({"model_type": "mixtral", "sliding_window": 0})).unwrap_err();
         assert!(e.to_string().contains("sliding_window"), "{e}");
         let e = parse(json!({"model_type": "qwen2_moe", "use_sliding_window": true})).unwrap_err();
@@ -589,8 +644,8 @@ mod tests {
         let e = parse(json!({"architectures": ["MixtralForCausalLM"], "hidden_size": "big"}))
             .unwrap_err();
         assert!(e.to_string().contains("hidden_size"), "{e}");
-        let e = parse(json!({"architectures": ["LlamaForCausalLM"]})).unwrap_err();
-        assert!(e.to_string().contains("LlamaForCausalLM"), "{e}");
+        let e = parse(json!({"architectures": ["GPT2LMHeadModel"]})).unwrap_err();
+        assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
         let e = parse(json!({})).unwrap_err();
         assert!(e.to_string().contains("architectures"), "{e}");
         let e = parse(json!({"model_type": "mixtral", "num_experts_per_tok": 9})).unwrap_err();

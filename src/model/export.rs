@@ -143,6 +143,7 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: ExportDtype) -> Value {
         Architecture::Mixtral => mixtral_json(cfg),
         Architecture::Qwen2Moe => qwen2_moe_json(cfg),
         Architecture::Opt => opt_json(cfg),
+        Architecture::Llama => llama_json(cfg),
     };
     let m = c.as_object_mut().expect("config is an object");
     m.insert("bos_token_id".into(), json!(cfg.bos_token_id));
@@ -217,6 +218,30 @@ fn qwen2_moe_json(cfg: &ModelConfig) -> Value {
         "initializer_range": 0.02,
         "output_router_logits": false,
         "router_aux_loss_coef": 0.001,
+        "pad_token_id": null,
+    })
+}
+
+fn llama_json(cfg: &ModelConfig) -> Value {
+    json!({
+        "architectures": [Architecture::Llama.hf_name()],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.dense_ffn,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": activation_name(cfg.activation),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": f32_json(cfg.norm_eps),
+        "rope_theta": cfg.rope_theta.map(f32_json),
+        "attention_bias": false,
+        "mlp_bias": false,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
         "pad_token_id": null,
     })
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod convert;
 pub mod emoe;
 pub mod export;
+pub mod gguf;
 pub mod hf;
 pub mod safetensors;
 pub mod synthetic;
@@ -39,7 +40,8 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a checkpoint directory (config.json, safetensors, tokenizer.json) or an .emoe file,
+    /// Loads a checkpoint directory (config.json, safetensors, tokenizer.json), a .gguf file or an
+    /// .emoe file,
     /// weights as stored where the kernels read that layout (mapped, not copied).
     pub fn load(path: &Path) -> Result<Model> {
         Self::load_as(path, WeightForm::AsStored)
@@ -58,6 +60,12 @@ impl Model {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
             ));
         }
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            return Self::load_gguf(path, form);
+        }
         if !path.is_dir() {
             return Self::load_emoe(path);
         }
@@ -65,6 +73,21 @@ impl Model {
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let ckpt = hf::HfCheckpoint::open(path)?;
         let weights = arch::load_weights(&config, &ckpt, form)?;
+        Ok(Model {
+            config,
+            weights,
+            tokenizer,
+            source: path.display().to_string(),
+        })
+    }
+
+    /// Loads a GGUF file: config and tokenizer from its metadata, tensors read in place (F32,
+    /// F16, BF16) or dequantized to f32 (Q8_0, Q4_0, Q4_1).
+    pub fn load_gguf(path: &Path, form: WeightForm) -> Result<Model> {
+        let file = gguf::GgufFile::open(path)?;
+        let config = file.config()?;
+        let tokenizer = file.tokenizer()?;
+        let weights = arch::load_weights(&config, &file, form)?;
         Ok(Model {
             config,
             weights,

@@ -1,6 +1,7 @@
 //! One loader per architecture: checkpoint tensor names → [`Weights`]. Each reads like the
 //! architecture's block diagram; the forward pass itself is shared (`engine`).
 
+pub mod llama;
 pub mod mixtral;
 pub mod opt;
 pub mod qwen2_moe;
@@ -18,5 +19,6 @@ pub fn load_weights(
         Architecture::Mixtral => mixtral::load(cfg, src, form),
         Architecture::Qwen2Moe => qwen2_moe::load(cfg, src, form),
         Architecture::Opt => opt::load(cfg, src, form),
+        Architecture::Llama => llama::load(cfg, src, form),
     }
 }

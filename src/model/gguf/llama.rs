@@ -1,0 +1,327 @@
+//! What a Llama GGUF file says besides its tensors: the model config (from `llama.*` metadata,
+//! llama.cpp's key names) and the tokenizer (from `tokenizer.ggml.*`), rebuilt as a
+//! `tokenizers` tokenizer.json so it runs, and embeds in an .emoe, like a checkpoint's.
+
+use super::parse::Value;
+use super::GgufFile;
+use crate::error::{Error, Result};
+use crate::model::config::{Activation, Architecture, FfnKind, ModelConfig};
+use crate::model::tokenizer::Tokenizer;
+use serde_json::{json, Map};
+
+impl GgufFile {
+    fn key_error(&self, key: &str, reason: impl Into<String>) -> Error {
+        Error::config(&self.path, key, reason)
+    }
+
+    fn uint(&self, key: &str, default: Option<usize>) -> Result<usize> {
+        match self.get(key) {
+            Some(v) => v
+                .as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .ok_or_else(|| {
+                    self.key_error(
+                        key,
+                        format!("expected an unsigned integer, got a {}", v.type_name()),
+                    )
+                }),
+            None => default.ok_or_else(|| self.key_error(key, "missing")),
+        }
+    }
+
+    fn positive(&self, key: &str, default: Option<usize>) -> Result<usize> {
+        match self.uint(key, default)? {
+            0 => Err(self.key_error(key, "must be positive")),
+            v => Ok(v),
+        }
+    }
+
+    fn float(&self, key: &str, default: f32) -> Result<f32> {
+        match self.get(key) {
+            Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| {
+                self.key_error(key, format!("expected a number, got a {}", v.type_name()))
+            }),
+            None => Ok(default),
+        }
+    }
+
+    fn token_id(&self, key: &str) -> Result<Option<u32>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .map(Some)
+                .ok_or_else(|| self.key_error(key, "expected a token id")),
+        }
+    }
+
+    fn strings(&self, key: &str) -> Result<Option<Vec<&str>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(Value::as_str)
+                .collect::<Option<Vec<_>>>()
+                .map(Some)
+                .ok_or_else(|| self.key_error(key, "expected an array of strings")),
+            Some(v) => {
+                Err(self.key_error(key, format!("expected an array, got a {}", v.type_name())))
+            }
+        }
+    }
+
+    /// The model config the metadata describes (only `general.architecture = llama` for now).
+    pub fn config(&self) -> Result<ModelConfig> {
+        let arch = self.architecture();
+        if arch != "llama" {
+            return Err(Error::UnknownArchitecture {
+                path: self.path.clone(),
+                name: format!("{arch} (GGUF general.architecture)"),
+            });
+        }
+        let k = |s: &str| format!("llama.{s}");
+        let hidden = self.positive(&k("embedding_length"), None)?;
+        let layers = self.positive(&k("block_count"), None)?;
+        let heads = self.positive(&k("attention.head_count"), None)?;
+        let kv = self.positive(&k("attention.head_count_kv"), Some(heads))?;
+        let default_hd = (hidden % heads == 0).then_some(hidden / heads);
+        let head_dim = self.positive(&k("attention.key_length"), default_hd)?;
+        let value_dim = self.positive(&k("attention.value_length"), Some(head_dim))?;
+        if value_dim != head_dim {
+            return Err(self.key_error(&k("attention.value_length"), "must equal key_length"));
+        }
+        let rot = self.positive(&k("rope.dimension_count"), Some(head_dim))?;
+        if rot != head_dim {
+            return Err(self.key_error(
+                &k("rope.dimension_count"),
+                format!("{rot}: partial rotary embeddings (head_dim {head_dim}) are not supported"),
+            ));
+        }
+        if let Some(v) = self.get(&k("rope.scaling.type")) {
+            if v.as_str() != Some("none") {
+                return Err(self.key_error(
+                    &k("rope.scaling.type"),
+                    format!("{v:?}: RoPE scaling is not supported"),
+                ));
+            }
+        }
+        let tokens = self.strings("tokenizer.ggml.tokens")?;
+        let vocab = match &tokens {
+            Some(t) if !t.is_empty() => t.len(),
+            _ => self.positive(&k("vocab_size"), None)?,
+        };
+        let eos: Vec<u32> = [
+            self.token_id("tokenizer.ggml.eos_token_id")?,
+            self.token_id("tokenizer.ggml.eot_token_id")?,
+        ]
+        .into_iter()
+        .flatten()
+        .fold(Vec::new(), |mut v, id| {
+            if !v.contains(&id) {
+                v.push(id);
+            }
+            v
+        });
+        let ffn = self.positive(&k("feed_forward_length"), None)?;
+        let cfg = ModelConfig {
+            arch: Architecture::Llama,
+            vocab_size: vocab,
+            hidden_size: hidden,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim,
+            max_position_embeddings: self.positive(&k("context_length"), Some(2048))?,
+            norm_eps: self.float(&k("attention.layer_norm_rms_epsilon"), 1e-5)?,
+            rope_theta: Some(self.float(&k("rope.freq_base"), 10000.0)?),
+            sliding_window: None,
+            tie_word_embeddings: self.info("output.weight").is_none(),
+            activation: Activation::Silu,
+            layer_ffn: vec![FfnKind::DenseGated; layers],
+            dense_ffn: ffn,
+            num_experts: 0,
+            top_k: 0,
+            expert_ffn: 0,
+            norm_topk_prob: false,
+            shared_expert_ffn: None,
+            attention_bias: false,
+            word_embed_proj_dim: hidden,
+            pre_norm: true,
+            final_norm: true,
+            bos_token_id: self.token_id("tokenizer.ggml.bos_token_id")?,
+            eos_token_ids: eos,
+        };
+        cfg.validate(&self.path)?;
+        Ok(cfg)
+    }
+
+    /// The tokenizer the metadata describes, as a tokenizer.json text.
+    pub fn tokenizer_json(&self) -> Result<String> {
+        let model = self.get("tokenizer.ggml.model").and_then(Value::as_str);
+        match model {
+            Some("gpt2") => self.byte_level_bpe_json(),
+            Some(other) => Err(self.key_error(
+                "tokenizer.ggml.model",
+                format!("tokenizer `{other}` is not supported yet (supported: gpt2)"),
+            )),
+            None => {
+                Err(self.key_error("tokenizer.ggml.model", "missing: the file has no tokenizer"))
+            }
+        }
+    }
+
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        Tokenizer::from_json_bytes(self.tokenizer_json()?.as_bytes(), &self.path)
+    }
+
+    fn byte_level_bpe_json(&self) -> Result<String> {
+        let tokens = self
+            .strings("tokenizer.ggml.tokens")?
+            .ok_or_else(|| self.key_error("tokenizer.ggml.tokens", "missing"))?;
+        let merges = self.strings("tokenizer.ggml.merges")?.unwrap_or_default();
+        let types: Vec<u64> = match self.get("tokenizer.ggml.token_type") {
+            None => vec![],
+            Some(Value::Array(a)) if a.len() == tokens.len() => a
+                .iter()
+                .map(Value::as_u64)
+                .collect::<Option<_>>()
+                .ok_or_else(|| self.key_error("tokenizer.ggml.token_type", "expected integers"))?,
+            Some(_) => {
+                return Err(self.key_error(
+                    "tokenizer.ggml.token_type",
+                    format!("expected an array of {} integers", tokens.len()),
+                ))
+            }
+        };
+        let alphabet = byte_alphabet();
+        let spelled = |t: &str| t.chars().all(|c| alphabet.contains(&c));
+        let mut vocab = Map::new();
+        for (id, t) in tokens.iter().enumerate() {
+            // Tokens outside the byte alphabet (rare, mislabelled) are respelled byte by byte.
+            let t = if spelled(t) {
+                t.to_string()
+            } else {
+                t.bytes().map(|b| alphabet[b as usize]).collect()
+            };
+            vocab.entry(t).or_insert(json!(id));
+        }
+        let merges = merges
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                m.split_once(' ')
+                    .map(|(a, b)| json!([a, b]))
+                    .ok_or_else(|| {
+                        self.key_error(
+                            "tokenizer.ggml.merges",
+                            format!("merge {i} `{m}` has no space"),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // 3 = control (special), 4 = user-defined (matched whole, not special): llama.cpp's
+        // token types.
+        let added: Vec<_> = tokens
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .filter(|(_, (t, &ty))| (ty == 3 && spelled(t)) || ty == 4)
+            .map(|(id, (t, &ty))| {
+                json!({"id": id, "content": t, "single_word": false, "lstrip": false,
+                       "rstrip": false, "normalized": false, "special": ty == 3})
+            })
+            .collect();
+        let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+        let pre = self.get("tokenizer.ggml.pre").and_then(Value::as_str);
+        let pre_tokenizer = match pre {
+            None | Some("default") | Some("gpt2") => byte_level(true),
+            // llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM: digits one by one, then GPT-2's split.
+            Some("smollm") => json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+            Some("llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" | "falcon3") => {
+                json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
+                    byte_level(false)]})
+            }
+            Some(other) => {
+                return Err(self.key_error(
+                    "tokenizer.ggml.pre",
+                    format!("pre-tokenizer `{other}` is not supported yet (supported: default, gpt2, smollm, llama-bpe)"),
+                ))
+            }
+        };
+        let add_bos = self
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let bos = self.token_id("tokenizer.ggml.bos_token_id")?;
+        let post_processor = match (add_bos, bos) {
+            (true, Some(id)) => {
+                let t = tokens.get(id as usize).ok_or_else(|| {
+                    self.key_error("tokenizer.ggml.bos_token_id", "past the vocabulary")
+                })?;
+                let special = |type_id: u32| json!({"SpecialToken": {"id": t, "type_id": type_id}});
+                let seq =
+                    |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
+                json!({"type": "TemplateProcessing",
+                       "single": [special(0), seq("A", 0)],
+                       "pair": [special(0), seq("A", 0), special(1), seq("B", 1)],
+                       "special_tokens": {*t: {"id": t, "ids": [id], "tokens": [t]}}})
+            }
+            _ => serde_json::Value::Null,
+        };
+        let tok = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": post_processor,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": merges},
+        });
+        Ok(tok.to_string())
+    }
+}
+
+/// Llama 3's split (llama.cpp's LLAMA_VOCAB_PRE_TYPE_LLAMA3).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// GPT-2's byte → character table: printable bytes stand for themselves, the rest map to
+/// U+0100 onwards in byte order.
+fn byte_alphabet() -> Vec<char> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256;
+    (0..256u32)
+        .map(|b| {
+            let c = if printable(b) {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            char::from_u32(c).expect("below U+0200")
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn byte_alphabet_is_gpt2s() {
+        let a = super::byte_alphabet();
+        assert_eq!(a[b' ' as usize], 'Ġ');
+        assert_eq!(a[b'\n' as usize], 'Ċ');
+        assert_eq!(a[b'A' as usize], 'A');
+        let mut sorted = a.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 256);
+    }
+}

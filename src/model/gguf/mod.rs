@@ -1,0 +1,321 @@
+//! GGUF files (llama.cpp's single-file format) read directly, over a memory map.
+//!
+//! Layout (v2/v3, little-endian): `GGUF`, a u32 version, u64 tensor and metadata counts, the
+//! metadata key/values, one info per tensor (name, dims innermost first, ggml type, offset into
+//! the data section), then the data section at the next multiple of `general.alignment` (32 by
+//! default). [`parse`] validates every count, length and offset before use.
+//!
+//! As a [`TensorSource`] the file answers to the Hugging Face names the architecture loaders
+//! ask for (`model.layers.0.self_attn.q_proj.weight` is `blk.0.attn_q.weight`). F32, F16 and
+//! BF16 tensors are used in place; Q8_0, Q4_0 and Q4_1 are dequantized to f32 on reading.
+//! llama.cpp's converter permutes the rows of a Llama's q and k projections for ggml's
+//! interleaved RoPE; edgemoe's RoPE rotates halves as transformers does, so those rows are put
+//! back in Hugging Face order here.
+
+pub mod llama;
+pub mod parse;
+pub mod types;
+
+use crate::error::{Error, Result};
+use crate::model::buf::{Buf, HalfKind, Plain, SharedMap};
+use crate::model::weights::{Stored, TensorSource};
+use memmap2::Mmap;
+use parse::{Header, TensorInfo, Value};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use types::GgmlType;
+
+pub struct GgufFile {
+    path: PathBuf,
+    map: SharedMap,
+    header: Header,
+    /// `general.architecture`.
+    arch: String,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<GgufFile> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only and every view of it holds the Arc; a file rewritten
+        // underneath a running process is outside what we can defend.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_map(path, Arc::new(map))
+    }
+
+    pub fn from_map(path: &Path, map: SharedMap) -> Result<GgufFile> {
+        let header = parse::parse(&map).map_err(|reason| Error::Gguf {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        let arch = match header.metadata.get("general.architecture") {
+            Some(Value::Str(s)) => s.clone(),
+            Some(v) => {
+                return Err(Error::Gguf {
+                    path: path.to_path_buf(),
+                    reason: format!("general.architecture is a {}, not a string", v.type_name()),
+                })
+            }
+            None => String::new(),
+        };
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            map,
+            header,
+            arch,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn version(&self) -> u32 {
+        self.header.version
+    }
+
+    pub fn alignment(&self) -> usize {
+        self.header.alignment
+    }
+
+    /// `general.architecture` (empty when absent).
+    pub fn architecture(&self) -> &str {
+        &self.arch
+    }
+
+    pub fn metadata(&self) -> &BTreeMap<String, Value> {
+        &self.header.metadata
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.header.metadata.get(key)
+    }
+
+    /// Tensors by their GGUF names.
+    pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {
+        &self.header.tensors
+    }
+
+    pub fn info(&self, gguf_name: &str) -> Option<&TensorInfo> {
+        self.header.tensors.get(gguf_name)
+    }
+
+    pub(crate) fn error(&self, reason: impl Into<String>) -> Error {
+        Error::Gguf {
+            path: self.path.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        // In bounds: parse checked start <= end <= map.len().
+        &self.map[info.start..info.end]
+    }
+
+    /// A tensor by its GGUF name, as stored: F32/F16/BF16 in place where aligned (copied
+    /// otherwise), quantized types dequantized to f32.
+    pub fn read(&self, gguf_name: &str) -> Result<Stored> {
+        let info = self.info(gguf_name).ok_or_else(|| Error::MissingTensor {
+            name: gguf_name.to_string(),
+        })?;
+        let n = info.numel();
+        let bytes = self.bytes(info);
+        Ok(match info.ty.id() {
+            types::F32 => Stored::F32(self.in_place(info, n, crate::model::convert::f32s)),
+            types::F16 => Stored::Half(HalfKind::F16, self.in_place(info, n, u16s)),
+            types::BF16 => Stored::Half(HalfKind::Bf16, self.in_place(info, n, u16s)),
+            _ => match types::dequantize(info.ty, bytes) {
+                Some(v) => Stored::F32(v.into()),
+                None => return Err(self.unsupported(gguf_name, info.ty)),
+            },
+        })
+    }
+
+    fn unsupported(&self, name: &str, ty: GgmlType) -> Error {
+        self.error(format!(
+            "tensor `{name}` has ggml type {}, which edgemoe cannot read (supported: {})",
+            ty.name(),
+            types::SUPPORTED
+        ))
+    }
+
+    fn in_place<T: Plain>(&self, info: &TensorInfo, n: usize, copy: fn(&[u8]) -> Vec<T>) -> Buf<T> {
+        Buf::mapped(&self.map, info.start, n).unwrap_or_else(|| copy(self.bytes(info)).into())
+    }
+
+    /// For a Llama's q/k projection (GGUF name), the head count its rows were permuted with.
+    fn rope_permuted_heads(&self, gguf_name: &str) -> Option<usize> {
+        if self.arch != "llama" {
+            return None;
+        }
+        let key = if gguf_name.ends_with(".attn_q.weight") || gguf_name.ends_with(".attn_q.bias") {
+            "attention.head_count"
+        } else if gguf_name.ends_with(".attn_k.weight") || gguf_name.ends_with(".attn_k.bias") {
+            "attention.head_count_kv"
+        } else {
+            return None;
+        };
+        let heads = self.get(&format!("llama.{key}"));
+        let heads = heads.or_else(|| self.get("llama.attention.head_count"));
+        heads.and_then(Value::as_u64).map(|h| h as usize)
+    }
+}
+
+fn u16s(bytes: &[u8]) -> Vec<u16> {
+    bytes
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+/// The GGUF name llama.cpp gives a Hugging Face Llama-family tensor name, if it has one.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (module, suffix) = rest.rsplit_once('.')?;
+    if suffix != "weight" && suffix != "bias" {
+        return None;
+    }
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// Undoes llama.cpp's `permute` of a q/k projection: within each of `heads` heads, GGUF row
+/// `2i + j` (i < head_dim/2, j < 2) is Hugging Face row `j·head_dim/2 + i`. `rows` is a
+/// row-major `[out, cols]` matrix (or a bias, `cols = 1`).
+pub fn unpermute_rows<T: Copy>(v: &[T], heads: usize, cols: usize) -> Option<Vec<T>> {
+    let out = v.len().checked_div(cols)?;
+    if heads == 0 || !out.is_multiple_of(heads) || !(out / heads).is_multiple_of(2) {
+        return None;
+    }
+    let (hd, half) = (out / heads, out / heads / 2);
+    let mut dst = Vec::with_capacity(v.len());
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                let src = (h * hd + 2 * i + j) * cols;
+                dst.extend_from_slice(&v[src..src + cols]);
+            }
+        }
+    }
+    Some(dst)
+}
+
+impl TensorSource for GgufFile {
+    fn has(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|g| self.info(&g).is_some())
+    }
+
+    fn stored(&self, name: &str, shape: &[usize], why: &str) -> Result<Stored> {
+        let g = gguf_name(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+        })?;
+        let info = self
+            .info(&g)
+            .ok_or_else(|| self.error(format!("no tensor `{g}` (asked for as `{name}`)")))?;
+        let actual = info.shape();
+        if actual != shape {
+            return Err(Error::ShapeMismatch {
+                name: g,
+                expected: shape.to_vec(),
+                actual,
+                why: format!("`{name}`, from GGUF metadata {why}"),
+            });
+        }
+        let stored = self.read(&g)?;
+        let Some(heads) = self.rope_permuted_heads(&g) else {
+            return Ok(stored);
+        };
+        let cols = if shape.len() == 2 { shape[1] } else { 1 };
+        let bad = || {
+            self.error(format!(
+                "tensor `{g}`: {} rows do not split into {heads} heads of an even size",
+                shape[0]
+            ))
+        };
+        Ok(match stored {
+            Stored::F32(b) => Stored::F32(unpermute_rows(&b, heads, cols).ok_or_else(bad)?.into()),
+            Stored::Half(k, b) => {
+                Stored::Half(k, unpermute_rows(&b, heads, cols).ok_or_else(bad)?.into())
+            }
+            other => other,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_llama_cpp() {
+        let cases = [
+            ("model.embed_tokens.weight", Some("token_embd.weight")),
+            ("lm_head.weight", Some("output.weight")),
+            ("model.norm.weight", Some("output_norm.weight")),
+            (
+                "model.layers.12.self_attn.o_proj.weight",
+                Some("blk.12.attn_output.weight"),
+            ),
+            (
+                "model.layers.0.mlp.up_proj.weight",
+                Some("blk.0.ffn_up.weight"),
+            ),
+            (
+                "model.layers.3.post_attention_layernorm.weight",
+                Some("blk.3.ffn_norm.weight"),
+            ),
+            ("model.layers.0.self_attn.q_proj.qweight", None),
+            ("model.layers.x.mlp.up_proj.weight", None),
+            ("model.layers.0.block_sparse_moe.gate.weight", None),
+        ];
+        for (hf, want) in cases {
+            assert_eq!(gguf_name(hf).as_deref(), want, "{hf}");
+        }
+    }
+
+    /// llama.cpp's permute (reshape to [heads, 2, hd/2], swap the last two) then ours is the
+    /// identity.
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        let (heads, hd, cols) = (3, 8, 2);
+        let out = heads * hd;
+        let hf: Vec<usize> = (0..out * cols).collect();
+        let mut gguf = vec![0; out * cols];
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..hd / 2 {
+                    let (src, dst) = (h * hd + j * hd / 2 + i, h * hd + 2 * i + j);
+                    gguf[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_eq!(unpermute_rows(&gguf, heads, cols).unwrap(), hf);
+        assert!(unpermute_rows(&gguf, 5, cols).is_none());
+    }
+}

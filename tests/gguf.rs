@@ -1,0 +1,529 @@
+//! The GGUF reader: a hand-built file whose tensors (F32, F16, BF16, Q8_0, Q4_0, Q4_1) must
+//! read back exactly; hostile files that must fail with a clear error and never panic; the
+//! llama-tiny fixture's GGUF (config, tokenizer); and, when tools/fetch_smollm2.sh has fetched
+//! it, SmolLM2-135M-Instruct's Q4_1 GGUF against transformers' token ids and perplexity
+//! (tests/fixtures/smollm2-gguf.json, from tools/smollm2_reference.py).
+
+use edgemoe::engine::ppl::perplexity;
+use edgemoe::model::buf::HalfKind;
+use edgemoe::model::gguf::GgufFile;
+use edgemoe::model::tokenizer::Tokenizer;
+use edgemoe::model::weights::{Stored, TensorSource};
+use edgemoe::{Engine, Model};
+use half::f16;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+// ---------------------------------------------------------------------------------------------
+// A minimal GGUF writer (the format as ggml's gguf.cpp writes it).
+
+const F32: u32 = 0;
+const F16: u32 = 1;
+const Q4_0: u32 = 2;
+const Q4_1: u32 = 3;
+const Q8_0: u32 = 8;
+const Q4_K: u32 = 12;
+const BF16: u32 = 30;
+
+struct Writer {
+    version: u32,
+    alignment: usize,
+    kvs: Vec<u8>,
+    n_kvs: u64,
+    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+}
+
+fn gstr(s: &str) -> Vec<u8> {
+    let mut v = (s.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+impl Writer {
+    fn new() -> Writer {
+        Writer {
+            version: 3,
+            alignment: 32,
+            kvs: vec![],
+            n_kvs: 0,
+            tensors: vec![],
+        }
+    }
+
+    /// A key with a value of GGUF type `ty` already encoded.
+    fn kv_raw(&mut self, key: &str, ty: u32, value: &[u8]) -> &mut Self {
+        self.kvs.extend(gstr(key));
+        self.kvs.extend(ty.to_le_bytes());
+        self.kvs.extend_from_slice(value);
+        self.n_kvs += 1;
+        self
+    }
+
+    fn kv_u32(&mut self, key: &str, v: u32) -> &mut Self {
+        self.kv_raw(key, 4, &v.to_le_bytes())
+    }
+
+    fn kv_f32(&mut self, key: &str, v: f32) -> &mut Self {
+        self.kv_raw(key, 6, &v.to_le_bytes())
+    }
+
+    fn kv_str(&mut self, key: &str, v: &str) -> &mut Self {
+        self.kv_raw(key, 8, &gstr(v))
+    }
+
+    fn kv_strs(&mut self, key: &str, items: &[&str]) -> &mut Self {
+        let mut v = 8u32.to_le_bytes().to_vec();
+        v.extend((items.len() as u64).to_le_bytes());
+        items.iter().for_each(|s| v.extend(gstr(s)));
+        self.kv_raw(key, 9, &v)
+    }
+
+    fn tensor(&mut self, name: &str, dims: &[u64], ty: u32, data: Vec<u8>) -> &mut Self {
+        self.tensors
+            .push((name.to_string(), dims.to_vec(), ty, data));
+        self
+    }
+
+    fn build(&self) -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend(self.version.to_le_bytes());
+        out.extend((self.tensors.len() as u64).to_le_bytes());
+        out.extend(self.n_kvs.to_le_bytes());
+        out.extend_from_slice(&self.kvs);
+        let mut offset = 0usize;
+        let mut offsets = vec![];
+        for (name, dims, ty, data) in &self.tensors {
+            out.extend(gstr(name));
+            out.extend((dims.len() as u32).to_le_bytes());
+            dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
+            out.extend(ty.to_le_bytes());
+            out.extend((offset as u64).to_le_bytes());
+            offsets.push(offset);
+            offset = (offset + data.len()).next_multiple_of(self.alignment);
+        }
+        out.resize(out.len().next_multiple_of(self.alignment), 0);
+        let start = out.len();
+        for ((_, _, _, data), at) in self.tensors.iter().zip(offsets) {
+            out.resize(start + at, 0);
+            out.extend_from_slice(data);
+        }
+        out
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f16_bits(v: f32) -> [u8; 2] {
+    f16::from_f32(v).to_le_bytes()
+}
+
+/// One Q8_0 block: d = 0.5, q = -16..16.
+fn q8_0_block() -> (Vec<u8>, Vec<f32>) {
+    let mut b = f16_bits(0.5).to_vec();
+    let qs: Vec<i8> = (-16..16).collect();
+    b.extend(qs.iter().map(|&q| q as u8));
+    (b, qs.iter().map(|&q| q as f32 * 0.5).collect())
+}
+
+/// One Q4_0 block: d = 0.25; byte j holds j (low) and 15 - j (high).
+fn q4_0_block() -> (Vec<u8>, Vec<f32>) {
+    let mut b = f16_bits(0.25).to_vec();
+    b.extend((0..16u8).map(|j| (15 - j) << 4 | j));
+    let lo = (0..16).map(|j| (j as f32 - 8.0) * 0.25);
+    let hi = (0..16).map(|j| ((15 - j) as f32 - 8.0) * 0.25);
+    (b, lo.chain(hi).collect())
+}
+
+/// One Q4_1 block with scale `d` and minimum `m`; byte j holds (3j mod 16) and (j + 5 mod 16).
+fn q4_1_block(d: f32, m: f32) -> (Vec<u8>, Vec<f32>) {
+    let mut b = f16_bits(d).to_vec();
+    b.extend(f16_bits(m));
+    let lo: Vec<u8> = (0..16u8).map(|j| (3 * j) % 16).collect();
+    let hi: Vec<u8> = (0..16u8).map(|j| (j + 5) % 16).collect();
+    b.extend(lo.iter().zip(&hi).map(|(l, h)| h << 4 | l));
+    let vals = lo.iter().chain(&hi).map(|&q| q as f32 * d + m).collect();
+    (b, vals)
+}
+
+/// The hand-built file and each tensor's expected values.
+fn sample() -> (Writer, Vec<(&'static str, Vec<f32>)>) {
+    let mut w = Writer::new();
+    w.kv_str("general.architecture", "test")
+        .kv_u32("test.count", 7)
+        .kv_f32("test.eps", 1e-5)
+        .kv_strs("test.words", &["a", "bc", ""]);
+    let mut want = vec![];
+    let m = [1.5f32, -2.0, 0.25, 3.0, -0.5, 8.0, 0.0, -1.0];
+    w.tensor("m.f32", &[4, 2], F32, f32_bytes(&m));
+    want.push(("m.f32", m.to_vec()));
+    let h = [0.5f32, -1.25, 65504.0];
+    w.tensor(
+        "h.f16",
+        &[3],
+        F16,
+        h.iter().flat_map(|&x| f16_bits(x)).collect(),
+    );
+    want.push(("h.f16", h.to_vec()));
+    let bf = [1.0f32, -3.5];
+    let bf_bytes = bf
+        .iter()
+        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+        .collect();
+    w.tensor("b.bf16", &[2], BF16, bf_bytes);
+    want.push(("b.bf16", bf.to_vec()));
+    let (b, v) = q8_0_block();
+    w.tensor("q8", &[32], Q8_0, b);
+    want.push(("q8", v));
+    let (b, v) = q4_0_block();
+    w.tensor("q40", &[32], Q4_0, b);
+    want.push(("q40", v));
+    let (mut b, mut v) = q4_1_block(0.5, -1.25);
+    let (b2, v2) = q4_1_block(-0.125, 2.0);
+    b.extend(b2);
+    v.extend(v2);
+    w.tensor("q41", &[32, 2], Q4_1, b);
+    want.push(("q41", v));
+    (w, want)
+}
+
+fn write_tmp(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    (dir, path)
+}
+
+fn values(s: Stored) -> Vec<f32> {
+    match s {
+        Stored::F32(b) => b.to_vec(),
+        Stored::Half(k, b) => k.widen(&b),
+        _ => panic!("not a float tensor"),
+    }
+}
+
+#[test]
+fn hand_built_file_reads_back_exactly() {
+    let (w, want) = sample();
+    let (_dir, path) = write_tmp(&w.build());
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!((f.version(), f.alignment()), (3, 32));
+    assert_eq!(f.architecture(), "test");
+    assert_eq!(f.get("test.count").and_then(|v| v.as_u64()), Some(7));
+    assert_eq!(
+        f.get("test.eps").and_then(|v| v.as_f64()),
+        Some(1e-5f32 as f64)
+    );
+    let words: Vec<_> = f.get("test.words").unwrap().as_array().unwrap().to_vec();
+    assert_eq!(words.len(), 3);
+    assert_eq!(words[1].as_str(), Some("bc"));
+    assert_eq!(f.info("m.f32").unwrap().shape(), vec![2, 4]);
+    for (name, v) in want {
+        assert_eq!(values(f.read(name).unwrap()), v, "{name}");
+    }
+    // F32 and half tensors are used in place.
+    assert!(matches!(f.read("m.f32").unwrap(), Stored::F32(b) if b.is_mapped()));
+    assert!(matches!(f.read("h.f16").unwrap(), Stored::Half(HalfKind::F16, b) if b.is_mapped()));
+    assert!(matches!(f.read("b.bf16").unwrap(), Stored::Half(HalfKind::Bf16, b) if b.is_mapped()));
+}
+
+fn open_err(bytes: &[u8]) -> String {
+    let (_dir, path) = write_tmp(bytes);
+    match GgufFile::open(&path) {
+        Ok(_) => panic!("accepted a bad file"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn every_truncation_is_an_error() {
+    let bytes = sample().0.build();
+    for len in 0..bytes.len() {
+        let e = open_err(&bytes[..len]);
+        assert!(e.contains("GGUF"), "{len}: {e}");
+    }
+}
+
+#[test]
+fn hostile_headers_fail_clearly() {
+    let good = sample().0.build();
+    let header = |version: u32, n_tensors: u64, n_kvs: u64| {
+        let mut v = b"GGUF".to_vec();
+        v.extend(version.to_le_bytes());
+        v.extend(n_tensors.to_le_bytes());
+        v.extend(n_kvs.to_le_bytes());
+        v
+    };
+    let mut cases: Vec<(Vec<u8>, &str)> = vec![];
+    let mut bad_magic = good.clone();
+    bad_magic[3] = b'X';
+    cases.push((bad_magic, "bad magic"));
+    cases.push((b"FUGG\x00\x00\x00\x03".to_vec(), "big-endian"));
+    cases.push((header(1, 0, 0), "version 1"));
+    cases.push((header(4, 0, 0), "version 4"));
+    cases.push((header(3, u64::MAX, 0), "tensor count"));
+    cases.push((header(3, 0, u64::MAX), "metadata count"));
+    // A key claiming a 2^60-byte string.
+    let mut v = header(3, 0, 1);
+    v.extend((1u64 << 60).to_le_bytes());
+    v.extend([0; 16]);
+    cases.push((v, "string"));
+    // An array claiming 2^40 elements.
+    let mut v = header(3, 0, 1);
+    v.extend(gstr("k"));
+    v.extend(9u32.to_le_bytes());
+    v.extend(4u32.to_le_bytes());
+    v.extend((1u64 << 40).to_le_bytes());
+    v.extend([0; 16]);
+    cases.push((v, "elements"));
+    // Unknown value type; a bool that is neither 0 nor 1.
+    let mut w = Writer::new();
+    w.kv_raw("k", 99, &[0; 8]);
+    cases.push((w.build(), "unknown value type"));
+    let mut w = Writer::new();
+    w.kv_raw("k", 7, &[2]);
+    cases.push((w.build(), "bool"));
+    // Duplicate keys.
+    let mut w = Writer::new();
+    w.kv_u32("k", 1).kv_u32("k", 2);
+    cases.push((w.build(), "twice"));
+    // general.alignment that is not a power of two.
+    let mut w = Writer::new();
+    w.kv_u32("general.alignment", 3)
+        .tensor("t", &[1], F32, f32_bytes(&[1.0]));
+    cases.push((w.build(), "power of two"));
+    // Unknown ggml type id.
+    let mut w = Writer::new();
+    w.tensor("t", &[1], 99, vec![0; 4]);
+    cases.push((w.build(), "unknown ggml type id 99"));
+    // Too many dims, a zero dim, a first dim that is not whole blocks.
+    let mut w = Writer::new();
+    w.tensor("t", &[1, 1, 1, 1, 1], F32, vec![0; 4]);
+    cases.push((w.build(), "5 dimensions"));
+    let mut w = Writer::new();
+    w.tensor("t", &[0], F32, vec![]);
+    cases.push((w.build(), "dimension 0 is 0"));
+    let mut w = Writer::new();
+    w.tensor("t", &[16], Q8_0, vec![0; 34]);
+    cases.push((w.build(), "not a multiple of Q8_0's block of 32"));
+    // Dims whose product overflows.
+    let mut w = Writer::new();
+    w.tensor("t", &[1 << 40, 1 << 40], F32, vec![0; 4]);
+    cases.push((w.build(), "overflow"));
+    // A tensor running past the end of the file.
+    let mut w = Writer::new();
+    w.tensor("t", &[1 << 20], F32, vec![0; 4]);
+    cases.push((w.build(), "past the end"));
+    // Two tensors over the same bytes; a duplicate name; an unaligned offset.
+    let mut w = Writer::new();
+    w.tensor("a", &[8], F32, vec![0; 32])
+        .tensor("b", &[8], F32, vec![0; 32]);
+    let mut v = w.build();
+    let at = find(&v, &gstr("b")) + gstr("b").len() + 4 + 8 + 4;
+    v[at..at + 8].copy_from_slice(&0u64.to_le_bytes());
+    cases.push((v.clone(), "overlap"));
+    let at = find(&v, &gstr("b")) + 8;
+    v[at] = b'a';
+    cases.push((v.clone(), "appears twice"));
+    let mut w = Writer::new();
+    w.tensor("a", &[8], F32, vec![0; 32])
+        .tensor("b", &[8], F32, vec![0; 32]);
+    let mut v = w.build();
+    let at = find(&v, &gstr("b")) + gstr("b").len() + 4 + 8 + 4;
+    v[at..at + 8].copy_from_slice(&4u64.to_le_bytes());
+    cases.push((v, "not a multiple of the alignment"));
+    // Invalid UTF-8 in a key.
+    let mut w = Writer::new();
+    w.kv_raw("\u{e9}", 4, &[0; 4]);
+    let mut v = w.build();
+    let at = find(&v, "\u{e9}".as_bytes());
+    v[at] = 0xFF;
+    cases.push((v, "UTF-8"));
+
+    for (bytes, want) in cases {
+        let e = open_err(&bytes);
+        assert!(e.contains(want), "{e:?} should mention {want:?}");
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len())
+        .position(|w| w == needle)
+        .expect("needle present")
+}
+
+#[test]
+fn unsupported_types_are_named_when_read() {
+    let mut w = Writer::new();
+    w.tensor("k", &[256], Q4_K, vec![0; 144]);
+    let (_dir, path) = write_tmp(&w.build());
+    let f = GgufFile::open(&path).unwrap();
+    let e = f.read("k").err().unwrap().to_string();
+    assert!(e.contains("Q4_K") && e.contains("Q4_1"), "{e}");
+}
+
+#[test]
+fn files_without_llama_metadata_fail_clearly() {
+    let (w, _) = sample();
+    let (_dir, path) = write_tmp(&w.build());
+    let e = Model::load(&path).err().unwrap().to_string();
+    assert!(e.contains("test") && e.contains("architecture"), "{e}");
+    let mut w = Writer::new();
+    w.kv_str("general.architecture", "llama")
+        .kv_u32("llama.block_count", 2);
+    let (_dir, path) = write_tmp(&w.build());
+    let e = Model::load(&path).err().unwrap().to_string();
+    assert!(
+        e.contains("llama.embedding_length") && e.contains("missing"),
+        "{e}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The llama-tiny fixture (tools/make_fixtures.py): its logits are checked in tests/hf_logits.rs.
+
+fn fixture(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
+}
+
+#[test]
+fn llama_tiny_gguf_config_and_tokenizer_match_the_checkpoint() {
+    let gguf = Model::load(&fixture("llama-tiny/llama-tiny.gguf")).unwrap();
+    let hf = Model::load(&fixture("llama-tiny")).unwrap();
+    let (a, b) = (&gguf.config, &hf.config);
+    assert_eq!(
+        (a.vocab_size, a.hidden_size, a.num_layers, a.num_heads),
+        (b.vocab_size, b.hidden_size, b.num_layers, b.num_heads)
+    );
+    assert_eq!(
+        (a.num_kv_heads, a.head_dim, a.dense_ffn),
+        (b.num_kv_heads, b.head_dim, b.dense_ffn)
+    );
+    assert_eq!((a.rope_theta, a.norm_eps), (b.rope_theta, b.norm_eps));
+    assert!(a.tie_word_embeddings);
+    assert_eq!(
+        (a.bos_token_id, a.eos_token_ids.clone()),
+        (Some(1), vec![2])
+    );
+    let text = "In the beginning God created the heaven and the earth.\nAnd the earth was without form, and void; 42 fish!";
+    assert_eq!(
+        gguf.tokenizer.encode(text, false).unwrap(),
+        hf.tokenizer.encode(text, false).unwrap()
+    );
+    let ids = gguf.tokenizer.encode(text, false).unwrap();
+    assert_eq!(gguf.tokenizer.decode(&ids), text);
+    // The F32 embedding table is used in place from the map.
+    assert!(gguf.weight_memory().mapped_bytes >= a.vocab_size * a.hidden_size * 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SmolLM2-135M-Instruct, Q4_1 (tools/fetch_smollm2.sh).
+
+fn smollm2() -> Option<PathBuf> {
+    let p =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!(
+            "SKIPPED: {} is absent; run tools/fetch_smollm2.sh to fetch it",
+            p.display()
+        );
+        None
+    }
+}
+
+fn reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture("smollm2-gguf.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn smollm2_tokenizer_matches_transformers() {
+    let Some(path) = smollm2() else { return };
+    let f = GgufFile::open(&path).unwrap();
+    let tok = f.tokenizer().unwrap();
+    let r = reference();
+    for case in r["texts"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text, false).unwrap(), want, "{text:?}");
+    }
+    // Digits one by one, as llama.cpp's `smollm` pre-tokenizer (and SmolLM2's tokenizer.json) do.
+    let ids = tok.encode("in 2024", false).unwrap();
+    let pieces: Vec<String> = ids.iter().map(|&i| tok.token_text(i).unwrap()).collect();
+    assert_eq!(pieces, ["in", "Ġ", "2", "0", "2", "4"]);
+    assert_eq!(tok.decode(&ids), "in 2024");
+    assert!(matches!(tok, Tokenizer::Hf(_)));
+}
+
+#[test]
+fn smollm2_runs_with_transformers_perplexity() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path).unwrap();
+    let c = &model.config;
+    assert_eq!(
+        (
+            c.vocab_size,
+            c.hidden_size,
+            c.num_layers,
+            c.num_heads,
+            c.num_kv_heads
+        ),
+        (49152, 576, 30, 9, 3)
+    );
+    assert!(c.tie_word_embeddings);
+    let r = reference();
+    let p = &r["ppl"];
+    let bytes = std::fs::read(fixture(p["text_file"].as_str().unwrap())).unwrap();
+    let text = std::str::from_utf8(&bytes[..p["bytes"].as_u64().unwrap() as usize]).unwrap();
+    let tokens = model.tokenizer.encode(text, false).unwrap();
+    assert_eq!(tokens.len() as u64, p["tokens"].as_u64().unwrap());
+    let engine = Engine::new(Arc::new(model), 2).unwrap();
+    let ctx = p["ctx"].as_u64().unwrap() as usize;
+    let got = perplexity(&engine, &tokens, ctx, |_, _| {}).unwrap();
+    let want = p["ppl"].as_f64().unwrap();
+    eprintln!(
+        "SmolLM2 Q4_1 ppl over {} windows of {ctx}: edgemoe {:.6}, transformers {want:.6}",
+        got.windows, got.ppl
+    );
+    assert!(got.ppl.is_finite() && got.ppl > 1.0);
+    assert!(
+        (got.ppl / want - 1.0).abs() < 1e-4,
+        "edgemoe ppl {} vs transformers {want}",
+        got.ppl
+    );
+}
+
+/// A request for a name with no GGUF counterpart, or a shape the metadata does not give, names
+/// both spellings.
+#[test]
+fn tensor_source_maps_names_and_checks_shapes() {
+    let f = GgufFile::open(&fixture("llama-tiny/llama-tiny.gguf")).unwrap();
+    assert!(f.has("model.layers.1.mlp.down_proj.weight"));
+    assert!(!f.has("lm_head.weight"));
+    assert!(!f.has("model.layers.0.block_sparse_moe.gate.weight"));
+    let e = f
+        .stored("model.layers.0.self_attn.q_proj.weight", &[64, 63], "test")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("blk.0.attn_q.weight") && e.contains("q_proj"),
+        "{e}"
+    );
+    let e = f
+        .stored("model.layers.9.mlp.up_proj.weight", &[96, 64], "test")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("blk.9.ffn_up.weight"), "{e}");
+}
