@@ -203,3 +203,36 @@ fn negative_sampling_values_are_range_errors() {
         assert!(stderr.contains(want), "{flag}: {stderr}");
     }
 }
+
+/// Absurd thread counts, a zero batch and a directory that is no checkpoint are refused with
+/// one clear line, and an OS error is said once.
+#[test]
+fn absurd_options_and_missing_files_are_refused_clearly() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = run(&["generate", "--prompt", "x", "--threads", "100000"]);
+    assert!(e.contains("too many") && e.contains("cores"), "{e}");
+    let e = run(&["serve", "--max-batch", "0"]);
+    assert!(e.contains("batch size from 1"), "{e}");
+    let empty = tempfile::tempdir().unwrap();
+    let e = run(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--model",
+        empty.path().to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("no config.json") && e.contains("tokenizer.json"),
+        "{e}"
+    );
+    let e = run(&["generate", "--prompt", "x", "--model", "/nonexistent/model"]);
+    assert_eq!(e.matches("no such file or directory").count(), 1, "{e}");
+}

@@ -7,9 +7,16 @@ use crate::serve::{serve, ServeOptions};
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Most requests decoded together in one step.
-    #[arg(long = "max-batch", default_value_t = 16)]
+    /// Most requests decoded together in one step (at least 1).
+    #[arg(long = "max-batch", default_value_t = 16, value_parser = batch_size)]
     pub max_batch: usize,
+}
+
+fn batch_size(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=4096).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}` is not a batch size from 1 to 4096")),
+    }
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {

@@ -69,6 +69,12 @@ impl Model {
         if !path.is_dir() {
             return Self::load_emoe(path);
         }
+        if !path.join("config.json").exists() {
+            return Err(Error::invalid(format!(
+                "{}: not a checkpoint directory: it has no config.json (a checkpoint directory holds config.json, model.safetensors or shards with model.safetensors.index.json, and tokenizer.json)",
+                path.display()
+            )));
+        }
         let config = hf::HfCheckpoint::config(path)?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
         let ckpt = hf::HfCheckpoint::open(path)?;

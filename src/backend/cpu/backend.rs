@@ -58,10 +58,18 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// A backend on `threads` worker threads (0: one per core).
     pub fn new(threads: usize) -> Result<CpuBackend> {
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            threads
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // More threads than a few per core only compete for the same cores (and thousands
+        // would exhaust the process's memory for stacks): refused, naming the core count.
+        let most = (4 * cores).max(16);
+        let threads = match threads {
+            0 => cores,
+            t if t > most => {
+                return Err(Error::invalid(format!(
+                    "{t} threads is too many for this machine's {cores} cores (at most {most})"
+                )))
+            }
+            t => t,
         };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
