@@ -40,6 +40,10 @@ pub struct QuantizeArgs {
     /// kernel applies (off by default: it measured no better, see the README).
     #[arg(long = "smooth-unnormed")]
     pub smooth_unnormed: bool,
+    /// Do not smooth the down-projections' inputs by folding 1/s into the up-projections (on by
+    /// default for gated MLPs: exact, no run-time cost).
+    #[arg(long = "no-fold-down")]
+    pub no_fold_down: bool,
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 }
@@ -50,6 +54,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     opts.act_order = a.act_order;
     opts.head = a.head;
     opts.smooth_unnormed = a.smooth_unnormed;
+    opts.fold_down = !a.no_fold_down;
     opts.threads = a.threads;
     match a.alpha.as_deref() {
         None => {}

@@ -126,6 +126,26 @@ impl Linear {
         }
     }
 
+    /// Multiplies output channel `j` (weight row and bias) by `s[j]` (floating-point weights:
+    /// widened to f32 rows and packed again where they were; int8 ones are left alone).
+    pub fn scale_output_channels(&mut self, s: &[f32]) {
+        let packed = matches!(self.weight, LinearWeight::F32(_));
+        let Some(mut rows) = self.f32_rows() else {
+            return;
+        };
+        let k = self.in_features;
+        for (row, &f) in rows.chunks_mut(k.max(1)).zip(s) {
+            row.iter_mut().for_each(|v| *v *= f);
+        }
+        if let Some(b) = &mut self.bias {
+            b.iter_mut().zip(s).for_each(|(v, f)| *v *= f);
+        }
+        self.weight = LinearWeight::F32Rows(rows.into());
+        if packed {
+            self.pack();
+        }
+    }
+
     pub fn num_params(&self) -> usize {
         self.out_features * self.in_features + self.bias.as_ref().map_or(0, Vec::len)
     }

@@ -60,6 +60,10 @@ pub struct QuantOptions {
     /// Also smooth inputs with no norm before them (o_proj, w2/down_proj, fc2) through a
     /// per-channel input scale applied by the int8 kernel.
     pub smooth_unnormed: bool,
+    /// Smooths every gated MLP's down-projection input exactly, by folding 1/s into the rows of
+    /// its up-projection (`act(gate·x) ⊙ (up·x)` is linear in each row of `up`): no input
+    /// scale, no run-time cost.
+    pub fold_down: bool,
     pub act_order: bool,
     pub damp: f64,
     /// Linears that saw fewer calibration tokens fall back to round-to-nearest.
@@ -78,6 +82,7 @@ impl QuantOptions {
             // Measured on the outlier fixture (benches/quant_accuracy.rs): smoothing the un-normed
             // inputs gains nothing there, and costs a per-channel multiply in every kernel call.
             smooth_unnormed: false,
+            fold_down: true,
             act_order: false,
             damp: 0.01,
             min_tokens: 32,
@@ -191,6 +196,21 @@ fn unnormed_linears(layer: &mut Layer) -> Vec<&mut Linear> {
     v
 }
 
+/// A layer's gated MLPs: experts, shared expert, or its dense MLP.
+fn gated_mlps(ffn: &mut Ffn) -> Vec<&mut crate::model::weights::GatedMlp> {
+    match ffn {
+        Ffn::Moe(b) => {
+            let mut v: Vec<_> = b.experts.iter_mut().collect();
+            if let Some(s) = &mut b.shared {
+                v.push(&mut s.mlp);
+            }
+            v
+        }
+        Ffn::Gated(m) => vec![m],
+        Ffn::Plain(_) => Vec::new(),
+    }
+}
+
 fn record_keys(members: &[&mut Linear]) -> Vec<String> {
     let mut keys: Vec<String> = members.iter().map(|l| input_key(&l.name)).collect();
     keys.sort();
@@ -219,8 +239,28 @@ fn smooth_layer(
     // Feed-forward input: the router (which sees every token) gives max |X|.
     let members = ffn_input_linears(&mut layer.ffn);
     smooth_normed(members, &mut layer.ffn_norm, pre_norm, opts, stats, summary);
+    if opts.fold_down {
+        for mlp in gated_mlps(&mut layer.ffn) {
+            let key = input_key(&mlp.down.name);
+            let mut one = [&mut mlp.down];
+            if let Some((s, alpha)) = smooth::smooth_group(
+                &mut one,
+                &key,
+                std::slice::from_ref(&key),
+                stats,
+                opts.alpha,
+            ) {
+                summary.alphas.push((key, alpha));
+                let inv: Vec<f32> = s.iter().map(|f| 1.0 / f).collect();
+                mlp.up.scale_output_channels(&inv);
+            }
+        }
+    }
     if opts.smooth_unnormed {
         for lin in unnormed_linears(layer) {
+            if opts.fold_down && (lin.name.contains(".down_proj") || lin.name.ends_with(".w2")) {
+                continue;
+            }
             let key = input_key(&lin.name);
             let mut one = [lin];
             if let Some((s, alpha)) = smooth::smooth_group(
