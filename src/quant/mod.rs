@@ -241,16 +241,7 @@ fn smooth_layer(
     smooth_normed(members, &mut layer.ffn_norm, pre_norm, opts, stats, summary);
     if opts.fold_down {
         for mlp in gated_mlps(&mut layer.ffn) {
-            let key = input_key(&mlp.down.name);
-            let mut one = [&mut mlp.down];
-            if let Some((s, alpha)) = smooth::smooth_group(
-                &mut one,
-                &key,
-                std::slice::from_ref(&key),
-                stats,
-                opts.alpha,
-            ) {
-                summary.alphas.push((key, alpha));
+            if let Some(s) = smooth_alone(&mut mlp.down, opts, stats, summary) {
                 let inv: Vec<f32> = s.iter().map(|f| 1.0 / f).collect();
                 mlp.up.scale_output_channels(&inv);
             }
@@ -261,20 +252,26 @@ fn smooth_layer(
             if opts.fold_down && (lin.name.contains(".down_proj") || lin.name.ends_with(".w2")) {
                 continue;
             }
-            let key = input_key(&lin.name);
-            let mut one = [lin];
-            if let Some((s, alpha)) = smooth::smooth_group(
-                &mut one,
-                &key,
-                std::slice::from_ref(&key),
-                stats,
-                opts.alpha,
-            ) {
-                summary.alphas.push((key, alpha));
-                set_input_scale(&mut one, &s);
+            if let Some(s) = smooth_alone(lin, opts, stats, summary) {
+                set_input_scale(&mut [lin], &s);
             }
         }
     }
+}
+
+/// Smooths one linear whose input no other reads; returns the factors for the caller to fold
+/// (1/s into whatever produces the input, or an input scale).
+fn smooth_alone(
+    lin: &mut Linear,
+    opts: &QuantOptions,
+    stats: &mut HashMap<String, InputStats>,
+    summary: &mut QuantSummary,
+) -> Option<Vec<f32>> {
+    let key = input_key(&lin.name);
+    let keys = std::slice::from_ref(&key);
+    let (s, alpha) = smooth::smooth_group(&mut [lin], &key, keys, stats, opts.alpha)?;
+    summary.alphas.push((key, alpha));
+    Some(s)
 }
 
 /// Smooths linears that read one norm's output: 1/s goes into the norm (pre-norm blocks) or,
