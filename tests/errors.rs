@@ -236,3 +236,36 @@ fn absurd_options_and_missing_files_are_refused_clearly() {
     let e = run(&["generate", "--prompt", "x", "--model", "/nonexistent/model"]);
     assert_eq!(e.matches("no such file or directory").count(), 1, "{e}");
 }
+
+/// quantize refuses an .emoe as input and an --out it cannot write, before any work, and
+/// leaves no file behind.
+#[test]
+fn quantize_refuses_an_emoe_and_a_bad_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let emoe = tmp.path().join("m.emoe");
+    let mut bytes = b"EDGEMOE\0".to_vec();
+    bytes.extend_from_slice(&[0; 64]);
+    std::fs::write(&emoe, &bytes).unwrap();
+    let run = |model: &Path, out: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+            .args(["quantize", "--method", "rtn", "--model"])
+            .arg(model)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = run(&emoe, &tmp.path().join("again.emoe"));
+    assert!(e.contains("already quantized"), "{e}");
+    let e = run(
+        &fixture("trained-moe"),
+        &tmp.path().join("no/such/dir/m.emoe"),
+    );
+    assert!(e.contains("does not exist"), "{e}");
+    let e = run(&fixture("trained-moe"), tmp.path());
+    assert!(e.contains("is a directory"), "{e}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "only the input remains");
+}

@@ -48,7 +48,41 @@ pub struct QuantizeArgs {
     pub threads: usize,
 }
 
+/// Refuses inputs quantizing cannot use and outputs it cannot write, before any work.
+fn check_paths(a: &QuantizeArgs) -> anyhow::Result<()> {
+    let starts_with_magic = |path: &std::path::Path| {
+        use std::io::Read;
+        let mut magic = [0u8; 8];
+        std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok_and(|_| magic == crate::model::emoe::MAGIC)
+    };
+    let is_emoe = a.model.is_file() && starts_with_magic(&a.model);
+    anyhow::ensure!(
+        !is_emoe,
+        "{} is already quantized (an .emoe); quantize takes a checkpoint directory, a .gguf file or builtin:NAME",
+        a.model.display()
+    );
+    anyhow::ensure!(
+        !a.out.is_dir(),
+        "--out {} is a directory; give the path of the .emoe file to write",
+        a.out.display()
+    );
+    let parent = match a.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    anyhow::ensure!(
+        parent.is_dir(),
+        "--out {}: the directory {} does not exist",
+        a.out.display(),
+        parent.display()
+    );
+    Ok(())
+}
+
 pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
+    check_paths(&a)?;
     let model = crate::load_model(Some(&a.model))?;
     let mut opts = QuantOptions::new(a.method, &model);
     opts.act_order = a.act_order;
