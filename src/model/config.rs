@@ -483,33 +483,55 @@ fn llama(f: &Fields) -> Result<ModelConfig> {
     }
     let ffn = f.positive("intermediate_size", Some(11008))?;
     Ok(ModelConfig {
-        arch: Architecture::Llama,
         vocab_size: f.positive("vocab_size", Some(32000))?,
-        hidden_size: hidden,
-        num_layers: layers,
         num_heads: heads,
         num_kv_heads: kv,
         head_dim,
         max_position_embeddings: f.positive("max_position_embeddings", Some(2048))?,
         norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
         rope_theta: Some(rope_theta(f, 10000.0)?),
-        sliding_window: None,
         tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
         activation: activation(f, "hidden_act", "silu")?,
-        layer_ffn: vec![FfnKind::DenseGated; layers],
-        dense_ffn: ffn,
-        num_experts: 0,
-        top_k: 0,
-        expert_ffn: 0,
-        norm_topk_prob: false,
-        shared_expert_ffn: None,
-        attention_bias: false,
-        word_embed_proj_dim: hidden,
-        pre_norm: true,
-        final_norm: true,
         bos_token_id: f.opt_usize("bos_token_id")?.map(|x| x as u32),
         eos_token_ids: f.token_ids("eos_token_id")?,
+        ..ModelConfig::dense_llama(hidden, layers, ffn)
     })
+}
+
+impl ModelConfig {
+    /// What every dense Llama shares: a SwiGLU MLP of width `ffn` in each of `layers` layers,
+    /// pre-norm RMSNorm, RoPE, no experts, no biases. The other fields are placeholders that
+    /// the config.json and GGUF readers set from what they read.
+    pub fn dense_llama(hidden: usize, layers: usize, ffn: usize) -> ModelConfig {
+        ModelConfig {
+            arch: Architecture::Llama,
+            vocab_size: 0,
+            hidden_size: hidden,
+            num_layers: layers,
+            num_heads: 0,
+            num_kv_heads: 0,
+            head_dim: 0,
+            max_position_embeddings: 0,
+            norm_eps: 1e-6,
+            rope_theta: Some(10000.0),
+            sliding_window: None,
+            tie_word_embeddings: false,
+            activation: Activation::Silu,
+            layer_ffn: vec![FfnKind::DenseGated; layers],
+            dense_ffn: ffn,
+            num_experts: 0,
+            top_k: 0,
+            expert_ffn: 0,
+            norm_topk_prob: false,
+            shared_expert_ffn: None,
+            attention_bias: false,
+            word_embed_proj_dim: hidden,
+            pre_norm: true,
+            final_norm: true,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+        }
+    }
 }
 
 /// Defaults from transformers' OPTConfig.

@@ -5,7 +5,7 @@
 use super::parse::Value;
 use super::GgufFile;
 use crate::error::{Error, Result};
-use crate::model::config::{Activation, Architecture, FfnKind, ModelConfig};
+use crate::model::config::ModelConfig;
 use crate::model::tokenizer::Tokenizer;
 use serde_json::{json, Map};
 
@@ -125,32 +125,17 @@ impl GgufFile {
         });
         let ffn = self.positive(&k("feed_forward_length"), None)?;
         let cfg = ModelConfig {
-            arch: Architecture::Llama,
             vocab_size: vocab,
-            hidden_size: hidden,
-            num_layers: layers,
             num_heads: heads,
             num_kv_heads: kv,
             head_dim,
             max_position_embeddings: self.positive(&k("context_length"), Some(2048))?,
             norm_eps: self.float(&k("attention.layer_norm_rms_epsilon"), 1e-5)?,
             rope_theta: Some(self.float(&k("rope.freq_base"), 10000.0)?),
-            sliding_window: None,
             tie_word_embeddings: self.info("output.weight").is_none(),
-            activation: Activation::Silu,
-            layer_ffn: vec![FfnKind::DenseGated; layers],
-            dense_ffn: ffn,
-            num_experts: 0,
-            top_k: 0,
-            expert_ffn: 0,
-            norm_topk_prob: false,
-            shared_expert_ffn: None,
-            attention_bias: false,
-            word_embed_proj_dim: hidden,
-            pre_norm: true,
-            final_norm: true,
             bos_token_id: self.token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: eos,
+            ..ModelConfig::dense_llama(hidden, layers, ffn)
         };
         cfg.validate(&self.path)?;
         Ok(cfg)
