@@ -44,6 +44,14 @@ pub struct QuantizeArgs {
     /// default for gated MLPs: exact, no run-time cost).
     #[arg(long = "no-fold-down")]
     pub no_fold_down: bool,
+    /// Do not smooth o_proj's input by folding 1/s into v_proj's output channels (on by
+    /// default: exact, no run-time cost).
+    #[arg(long = "no-fold-vo")]
+    pub no_fold_vo: bool,
+    /// What calibrates the next layer: the outputs of the layer just quantized (GPTQ's
+    /// sequential procedure, the default) or those of its f32 weights.
+    #[arg(long, value_enum, default_value = "quantized")]
+    pub propagate: quant::Propagate,
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 }
@@ -83,13 +91,19 @@ fn check_paths(a: &QuantizeArgs) -> anyhow::Result<()> {
 
 pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     check_paths(&a)?;
-    let model = crate::load_model(Some(&a.model))?;
+    // Read a layer at a time from the file: only the layer being quantized is held in f32.
+    let model = match a.model.to_str().and_then(|s| s.strip_prefix("builtin:")) {
+        Some(_) => crate::load_model(Some(&a.model))?,
+        None => crate::model::Model::load_in_place(&a.model)?,
+    };
     let mut opts = QuantOptions::new(a.method, &model);
     opts.act_order = a.act_order;
     opts.head = a.head;
     opts.smooth_unnormed = a.smooth_unnormed;
     opts.fold_down = !a.no_fold_down;
+    opts.fold_vo = !a.no_fold_vo;
     opts.threads = a.threads;
+    opts.propagate = a.propagate;
     match a.alpha.as_deref() {
         None => {}
         Some("auto") => opts.alpha = None,
@@ -121,7 +135,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         (None, m) => anyhow::bail!("--method {m:?} needs --calib FILE (calibration text)"),
     };
     let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {elapsed}")
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {elapsed}, ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let started = std::time::Instant::now();
@@ -152,6 +166,15 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         summary.gptq,
         summary.calib_tokens
     );
+    let phases: Vec<String> = summary
+        .phase_seconds
+        .iter()
+        .map(|(p, t)| format!("{p} {t:.1} s"))
+        .collect();
+    println!("  time: {}", phases.join(", "));
+    if let Some(peak) = summary.peak_rss_bytes {
+        println!("  peak RSS {:.1} MiB", peak as f64 / (1 << 20) as f64);
+    }
     if !summary.rtn_fallback.is_empty() {
         println!(
             "  too few calibration tokens, rounded instead ({}): {}",

@@ -125,6 +125,55 @@ impl<B: Backend> Engine<B> {
         Ok(out)
     }
 
+    /// The first layer's input for `tokens` at positions `first_position..`: what a model run
+    /// one layer at a time (the quantizer) starts from.
+    pub fn embed_tokens(&self, tokens: &[u32], first_position: usize) -> Result<B::Act> {
+        let positions: Vec<usize> = (first_position..first_position + tokens.len()).collect();
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.model.config.vocab_size)
+        {
+            return Err(Error::invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.model.config.vocab_size
+            )));
+        }
+        Ok(self.backend.run(|| self.embed(tokens, &positions)))
+    }
+
+    /// Runs `layer` as layer `li` on the hidden states `x` of `item`'s new tokens, appending
+    /// their keys and values to the item's cache at `li` (the cache's position does not move).
+    /// `layer` need not be the model's own: the quantizer runs each layer's f32 weights, then
+    /// its quantized ones, while the model holds neither.
+    pub fn forward_layer(
+        &self,
+        li: usize,
+        layer: &Layer,
+        x: &mut B::Act,
+        item: &mut BatchItem,
+    ) -> Result<()> {
+        let cfg = &self.model.config;
+        if li >= item.cache.layers.len() || self.backend.rows(x) != item.tokens.len() {
+            return Err(Error::invalid(format!(
+                "forward_layer: layer {li} of {}, {} rows for {} tokens",
+                item.cache.layers.len(),
+                self.backend.rows(x),
+                item.tokens.len()
+            )));
+        }
+        let first = item.cache.next_position();
+        let positions: Vec<usize> = (first..first + item.tokens.len()).collect();
+        self.backend.run(|| {
+            let rope = cfg
+                .rope_theta
+                .map(|theta| self.backend.rope_table(cfg.head_dim, theta, &positions));
+            let batch = std::slice::from_mut(item);
+            let (_, ffn_input) =
+                self.attention_block(li, layer, x, batch, &positions, rope.as_ref());
+            self.ffn_block(li, layer, x, ffn_input)
+        })
+    }
+
     fn check_batch(&self, batch: &[BatchItem]) -> Result<()> {
         let cfg = &self.model.config;
         for item in batch {

@@ -53,6 +53,12 @@ impl Model {
         Self::load_as(path, WeightForm::F32)
     }
 
+    /// [`Self::load`] with f32 matrices also left in the file, unpacked: what the quantizer
+    /// reads a layer at a time (not a form the engine runs fast).
+    pub fn load_in_place(path: &Path) -> Result<Model> {
+        Self::load_as(path, WeightForm::InPlace)
+    }
+
     fn load_as(path: &Path, form: WeightForm) -> Result<Model> {
         if !path.exists() {
             return Err(Error::io(

@@ -92,6 +92,19 @@ impl Linear {
         }
     }
 
+    /// Makes floating-point weights f32 panels the process owns (what the quantizer edits),
+    /// releasing the file pages they were read from.
+    pub fn widen_to_f32(&mut self) {
+        if let LinearWeight::Half(kind, w) = &self.weight {
+            let rows = kind.widen(w);
+            if let Some((map, at, len)) = w.mapping() {
+                crate::model::buf::release_pages(map, at, len);
+            }
+            self.weight = LinearWeight::F32Rows(rows.into());
+        }
+        self.pack();
+    }
+
     /// Puts row-major f32 weights into panels for the matmul kernel.
     pub fn pack(&mut self) {
         if let LinearWeight::F32Rows(w) = &mut self.weight {
@@ -503,6 +516,9 @@ pub enum WeightForm {
     AsStored,
     /// Every floating-point weight widened to f32 (the quantizer edits f32 weights).
     F32,
+    /// Every matrix exactly as stored, f32 ones too (not packed): the quantizer takes one
+    /// layer at a time from the file.
+    InPlace,
 }
 
 /// Helpers shared by the architecture loaders.
@@ -551,7 +567,9 @@ impl Loader<'_> {
         } else {
             let wname = format!("{prefix}.weight");
             match (self.src.stored(&wname, &[out, inp], why)?, self.form) {
-                (Stored::Half(kind, w), WeightForm::AsStored) => LinearWeight::Half(kind, w),
+                (Stored::Half(kind, w), WeightForm::AsStored | WeightForm::InPlace) => {
+                    LinearWeight::Half(kind, w)
+                }
                 (Stored::Half(kind, w), WeightForm::F32) => {
                     LinearWeight::F32Rows(kind.widen(&w).into())
                 }
@@ -578,7 +596,7 @@ impl Loader<'_> {
             bias,
             input_scale,
         };
-        if !row_major {
+        if !row_major && self.form != WeightForm::InPlace {
             // f32 matrices run from column panels (a copy; the f32 path keeps its kernel).
             lin.pack();
         }

@@ -4,12 +4,12 @@
 //! expert's record sees only the tokens routed to it.
 
 use crate::backend::cpu::matmul::matmul;
-use crate::engine::{BatchItem, Engine, LinearObserver, Logits};
-use crate::error::Result;
+use crate::engine::LinearObserver;
 use crate::model::weights::Linear;
 use crate::util::rng::SplitMix64;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 /// Input rows kept per record for the α search.
 const SAMPLE_ROWS: usize = 256;
@@ -91,10 +91,15 @@ pub fn input_key(name: &str) -> String {
 #[derive(Default)]
 pub struct Calibrator {
     stats: Mutex<HashMap<String, InputStats>>,
+    /// Off while the quantizer runs a layer only for its outputs.
+    paused: AtomicBool,
 }
 
 impl LinearObserver for Calibrator {
     fn observe(&self, linear: &Linear, x: &[f32], rows: usize) {
+        if self.paused.load(Ordering::Relaxed) {
+            return;
+        }
         let Some(key) = stats_key(&linear.name) else {
             return;
         };
@@ -106,8 +111,7 @@ impl LinearObserver for Calibrator {
                 xt[c * rows + r] = x[r * k + c];
             }
         }
-        let mut xtx = vec![0f32; k * k];
-        matmul(&xt, k, &xt, k, rows, None, &mut xtx);
+        let xtx = gram(&xt, k, rows);
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         stats
             .entry(key)
@@ -116,41 +120,70 @@ impl LinearObserver for Calibrator {
     }
 }
 
+/// Rows of XᵀX computed per kernel call: each block of rows only against the columns from its
+/// own start on, since the matrix is symmetric.
+const GRAM_BLOCK: usize = 64;
+
+/// XᵀX (`k × k`) from Xᵀ (`k × rows`): the upper triangle by blocks through the f32 kernel,
+/// mirrored into the lower.
+fn gram(xt: &[f32], k: usize, rows: usize) -> Vec<f32> {
+    let mut g = vec![0f32; k * k];
+    let mut block = vec![0f32; GRAM_BLOCK * k];
+    for b0 in (0..k).step_by(GRAM_BLOCK) {
+        let b = GRAM_BLOCK.min(k - b0);
+        let n = k - b0;
+        matmul(
+            &xt[b0 * rows..(b0 + b) * rows],
+            b,
+            &xt[b0 * rows..],
+            n,
+            rows,
+            None,
+            &mut block[..b * n],
+        );
+        for i in 0..b {
+            g[(b0 + i) * k + b0..(b0 + i + 1) * k].copy_from_slice(&block[i * n..(i + 1) * n]);
+        }
+    }
+    for i in 0..k {
+        for j in 0..i {
+            g[i * k + j] = g[j * k + i];
+        }
+    }
+    g
+}
+
 impl Calibrator {
-    pub fn into_stats(self) -> HashMap<String, InputStats> {
-        self.stats.into_inner().unwrap_or_else(|e| e.into_inner())
+    /// Stops or resumes recording.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// What was recorded so far, leaving the calibrator empty.
+    pub fn take(&self) -> HashMap<String, InputStats> {
+        std::mem::take(&mut *self.stats.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
-/// Runs `tokens` through the model in windows of `ctx` (each from an empty cache) and returns
-/// the collected statistics.
-pub fn calibrate(
-    model: Arc<crate::Model>,
-    threads: usize,
-    tokens: &[u32],
-    ctx: usize,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<HashMap<String, InputStats>> {
-    if ctx < 2 {
-        return Err(crate::error::Error::invalid(
-            "the calibration window (--ctx) must be at least 2 tokens",
-        ));
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::rng::SplitMix64;
+
+    #[test]
+    fn gram_equals_the_plain_product() {
+        let mut rng = SplitMix64::new(2);
+        for (k, rows) in [(1, 3), (70, 5), (130, 33)] {
+            let xt: Vec<f32> = (0..k * rows).map(|_| rng.normal()).collect();
+            let g = gram(&xt, k, rows);
+            for i in 0..k {
+                for j in 0..k {
+                    let want: f64 = (0..rows)
+                        .map(|r| xt[i * rows + r] as f64 * xt[j * rows + r] as f64)
+                        .sum();
+                    assert!((g[i * k + j] as f64 - want).abs() < 1e-4 * (1.0 + want.abs()));
+                }
+            }
+        }
     }
-    let calibrator = Arc::new(Calibrator::default());
-    let engine = Engine::new(model, threads)?.with_observer(calibrator.clone());
-    let windows: Vec<&[u32]> = tokens.chunks(ctx).filter(|w| w.len() >= 2).collect();
-    for (i, w) in windows.iter().enumerate() {
-        let mut cache = engine.new_cache();
-        engine.forward(&mut [BatchItem {
-            tokens: w,
-            cache: &mut cache,
-            logits: Logits::Last,
-        }])?;
-        progress(i + 1, windows.len());
-    }
-    drop(engine);
-    let calibrator = Arc::try_unwrap(calibrator).unwrap_or_else(|arc| Calibrator {
-        stats: Mutex::new(arc.stats.lock().map(|s| s.clone()).unwrap_or_default()),
-    });
-    Ok(calibrator.into_stats())
 }

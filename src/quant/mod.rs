@@ -7,16 +7,20 @@
 
 pub mod calibrate;
 pub mod gptq;
+pub mod layerwise;
+pub mod linalg;
 pub mod outliers;
 pub mod smooth;
 pub mod store;
 
 use crate::backend::cpu::int8::Int8Matrix;
 use crate::error::{Error, Result};
+use crate::model::config::Activation;
 use crate::model::weights::{Ffn, Layer, Linear, LinearWeight};
 use crate::model::Model;
 use calibrate::{input_key, InputStats};
-use gptq::{gptq, GptqOptions};
+use gptq::{gptq_factored, GptqOptions, HessianFactor};
+use layerwise::LayerRunner;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -52,6 +56,16 @@ pub enum HeadQuant {
     WeightOnly,
 }
 
+/// Which outputs of a quantized layer feed the calibration of the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Propagate {
+    /// The quantized layer's: later layers learn to correct the error of earlier ones.
+    Quantized,
+    /// The f32 layer's: every layer calibrated on what the f32 model would feed it.
+    F32,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QuantOptions {
     pub method: Method,
@@ -64,7 +78,11 @@ pub struct QuantOptions {
     /// its up-projection (`act(gate·x) ⊙ (up·x)` is linear in each row of `up`): no input
     /// scale, no run-time cost.
     pub fold_down: bool,
+    /// Smooths o_proj's input exactly by folding 1/s into v_proj's output channels.
+    pub fold_vo: bool,
     pub act_order: bool,
+    /// What the next layer is calibrated on: the quantized layer's outputs or the f32 one's.
+    pub propagate: Propagate,
     pub damp: f64,
     /// Linears that saw fewer calibration tokens fall back to round-to-nearest.
     pub min_tokens: usize,
@@ -83,7 +101,9 @@ impl QuantOptions {
             // inputs gains nothing there, and costs a per-channel multiply in every kernel call.
             smooth_unnormed: false,
             fold_down: true,
+            fold_vo: true,
             act_order: false,
+            propagate: Propagate::Quantized,
             damp: 0.01,
             min_tokens: 32,
             // The trained fixture's haq ppl is 49.8224 with a W8A8 head, 49.8275 with an f32 one
@@ -105,43 +125,84 @@ pub struct QuantSummary {
     /// α chosen per smoothed group.
     pub alphas: Vec<(String, f32)>,
     pub calib_tokens: usize,
+    /// Wall seconds per phase (embed, read, calibrate, smooth, quantize, propagate).
+    pub phase_seconds: Vec<(String, f64)>,
+    /// The process's peak resident set when quantization ended.
+    pub peak_rss_bytes: Option<u64>,
 }
 
-/// Quantizes `model` in place of its linears, calibrating on `calib` in windows of `ctx`.
+/// Quantizes `model` in place of its linears, one layer at a time: each layer's f32 weights
+/// are taken from the model's source, calibrated on the windows of `calib` (`ctx` tokens each)
+/// as they come out of the layers before, smoothed and quantized, and only then is the next
+/// layer read. `progress` gets (stage, done, total).
 pub fn quantize(
-    model: Model,
+    mut model: Model,
     calib: &[u32],
     ctx: usize,
     opts: &QuantOptions,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<(Model, QuantSummary)> {
-    let model = Arc::new(model);
-    let mut stats = if opts.method == Method::Rtn {
-        HashMap::new()
-    } else {
-        calibrate::calibrate(model.clone(), opts.threads, calib, ctx, |d, t| {
-            progress("calibrate", d, t)
-        })?
-    };
-    let mut model = Arc::try_unwrap(model)
-        .map_err(|_| Error::invalid("model still shared after calibration"))?;
     let mut summary = QuantSummary {
         calib_tokens: calib.len(),
         ..Default::default()
     };
+    let mut clock = PhaseClock::default();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
         .build()
         .map_err(|e| Error::invalid(format!("thread pool: {e}")))?;
     let pre_norm = model.config.pre_norm;
-    let layers = model.weights.layers.len();
-    for (li, layer) in model.weights.layers.iter_mut().enumerate() {
+    let heads = smooth::HeadLayout {
+        num_heads: model.config.num_heads,
+        num_kv_heads: model.config.num_kv_heads,
+        head_dim: model.config.head_dim,
+    };
+    let shape = (&heads, model.config.activation);
+    let mut layers = std::mem::take(&mut model.weights.layers);
+    let frame = Arc::new(model);
+    let mut runner = match opts.method {
+        Method::Rtn => None,
+        _ => Some(clock.time("embed", || {
+            LayerRunner::new(frame.clone(), opts.threads, calib, ctx)
+        })?),
+    };
+    let total = layers.len();
+    progress("layers", 0, total);
+    for (li, layer) in layers.iter_mut().enumerate() {
+        clock.time("read", || {
+            layer_linears(layer)
+                .into_iter()
+                .for_each(Linear::widen_to_f32)
+        });
+        let (mut stats, f32_outputs) = match &runner {
+            Some(r) => {
+                let (stats, out) = clock.time("calibrate", || r.observe(li, layer))?;
+                (stats, Some(out))
+            }
+            None => (HashMap::new(), None),
+        };
         if opts.method.smooths() {
-            smooth_layer(layer, pre_norm, opts, &mut stats, &mut summary);
+            clock.time("smooth", || {
+                smooth_layer(layer, pre_norm, shape, opts, &mut stats, &mut summary)
+            });
         }
-        pool.install(|| quantize_layer(layer, opts, &stats, &mut summary))?;
-        progress("quantize", li + 1, layers);
+        clock.time("quantize", || {
+            pool.install(|| quantize_layer(layer, opts, &stats, &mut summary))
+        })?;
+        drop(stats);
+        if let (Some(r), Some(f32_outputs)) = (&mut runner, f32_outputs) {
+            let next = match opts.propagate {
+                Propagate::Quantized => clock.time("propagate", || r.run(li, layer))?,
+                Propagate::F32 => f32_outputs,
+            };
+            r.advance(next);
+        }
+        progress("layers", li + 1, total);
     }
+    drop(runner);
+    let mut model = Arc::try_unwrap(frame)
+        .map_err(|_| Error::invalid("model still shared after calibration"))?;
+    model.weights.layers = layers;
     if opts.head != HeadQuant::F32 {
         let w = &mut model.weights;
         let head = w.lm_head.as_mut().unwrap_or(&mut w.embed);
@@ -149,12 +210,59 @@ pub fn quantize(
             method: Method::Rtn,
             ..opts.clone()
         };
-        quantize_linear(head, &rtn, &stats, &mut summary)?;
+        clock.time("quantize", || {
+            quantize_linear(head, &rtn, None, &mut summary)
+        })?;
         if let (HeadQuant::WeightOnly, LinearWeight::Int8(m)) = (opts.head, &head.weight) {
             head.weight = LinearWeight::Int8WeightOnly(m.clone());
         }
     }
+    summary.phase_seconds = clock.phases;
+    summary.peak_rss_bytes = crate::util::memory::peak_rss_bytes();
     Ok((model, summary))
+}
+
+/// Wall time per phase, in the order phases first ran.
+#[derive(Default)]
+struct PhaseClock {
+    phases: Vec<(String, f64)>,
+}
+
+impl PhaseClock {
+    fn time<R>(&mut self, phase: &str, f: impl FnOnce() -> R) -> R {
+        let start = std::time::Instant::now();
+        let r = f();
+        let secs = start.elapsed().as_secs_f64();
+        match self.phases.iter_mut().find(|(p, _)| p == phase) {
+            Some((_, t)) => *t += secs,
+            None => self.phases.push((phase.to_string(), secs)),
+        }
+        r
+    }
+}
+
+/// Every linear of a layer: attention, then the feed-forward block's.
+fn layer_linears(layer: &mut Layer) -> Vec<&mut Linear> {
+    let mut all: Vec<&mut Linear> = vec![
+        &mut layer.attn.q,
+        &mut layer.attn.k,
+        &mut layer.attn.v,
+        &mut layer.attn.o,
+    ];
+    match &mut layer.ffn {
+        Ffn::Moe(b) => {
+            all.push(&mut b.router);
+            for e in &mut b.experts {
+                all.extend([&mut e.gate, &mut e.up, &mut e.down]);
+            }
+            if let Some(s) = &mut b.shared {
+                all.extend([&mut s.mlp.gate, &mut s.mlp.up, &mut s.mlp.down, &mut s.gate]);
+            }
+        }
+        Ffn::Gated(m) => all.extend([&mut m.gate, &mut m.up, &mut m.down]),
+        Ffn::Plain(m) => all.extend([&mut m.fc1, &mut m.fc2]),
+    }
+    all
 }
 
 /// The linears of a layer's feed-forward block that read its (normalized) input.
@@ -197,7 +305,7 @@ fn unnormed_linears(layer: &mut Layer) -> Vec<&mut Linear> {
 }
 
 /// A layer's gated MLPs: experts, shared expert, or its dense MLP.
-fn gated_mlps(ffn: &mut Ffn) -> Vec<&mut crate::model::weights::GatedMlp> {
+pub(crate) fn gated_mlps(ffn: &mut Ffn) -> Vec<&mut crate::model::weights::GatedMlp> {
     match ffn {
         Ffn::Moe(b) => {
             let mut v: Vec<_> = b.experts.iter_mut().collect();
@@ -221,6 +329,7 @@ fn record_keys(members: &[&mut Linear]) -> Vec<String> {
 fn smooth_layer(
     layer: &mut Layer,
     pre_norm: bool,
+    (heads, activation): (&smooth::HeadLayout, Activation),
     opts: &QuantOptions,
     stats: &mut HashMap<String, InputStats>,
     summary: &mut QuantSummary,
@@ -236,6 +345,12 @@ fn smooth_layer(
         stats,
         summary,
     );
+    // o_proj's input, exactly through v_proj's output channels.
+    if opts.fold_vo {
+        if let Some(alpha) = smooth::fold_v_into_o(&mut a.v, &mut a.o, heads, stats, opts.alpha) {
+            summary.alphas.push((input_key(&a.o.name), alpha));
+        }
+    }
     // Feed-forward input: the router (which sees every token) gives max |X|.
     let members = ffn_input_linears(&mut layer.ffn);
     smooth_normed(members, &mut layer.ffn_norm, pre_norm, opts, stats, summary);
@@ -246,10 +361,22 @@ fn smooth_layer(
                 mlp.up.scale_output_channels(&inv);
             }
         }
+        // ReLU(x/s) = ReLU(x)/s for s > 0: fc1's rows (and bias) take 1/s, fc2's columns s.
+        if let (Ffn::Plain(mlp), Activation::Relu) = (&mut layer.ffn, activation) {
+            if let Some(s) = smooth_alone(&mut mlp.fc2, opts, stats, summary) {
+                let inv: Vec<f32> = s.iter().map(|f| 1.0 / f).collect();
+                mlp.fc1.scale_output_channels(&inv);
+            }
+        }
     }
     if opts.smooth_unnormed {
         for lin in unnormed_linears(layer) {
-            if opts.fold_down && (lin.name.contains(".down_proj") || lin.name.ends_with(".w2")) {
+            let folded = (opts.fold_down
+                && (lin.name.contains(".down_proj")
+                    || lin.name.ends_with(".w2")
+                    || (lin.name.ends_with(".fc2") && activation == Activation::Relu)))
+                || (opts.fold_vo && lin.name.ends_with(".o_proj"));
+            if folded {
                 continue;
             }
             if let Some(s) = smooth_alone(lin, opts, stats, summary) {
@@ -317,40 +444,36 @@ fn quantize_layer(
     stats: &HashMap<String, InputStats>,
     summary: &mut QuantSummary,
 ) -> Result<()> {
-    let mut all: Vec<&mut Linear> = vec![
-        &mut layer.attn.q,
-        &mut layer.attn.k,
-        &mut layer.attn.v,
-        &mut layer.attn.o,
-    ];
-    match &mut layer.ffn {
-        Ffn::Moe(b) => {
-            all.push(&mut b.router);
-            for e in &mut b.experts {
-                all.extend([&mut e.gate, &mut e.up, &mut e.down]);
-            }
-            if let Some(s) = &mut b.shared {
-                all.extend([&mut s.mlp.gate, &mut s.mlp.up, &mut s.mlp.down, &mut s.gate]);
+    // One factor per input, shared by the linears reading it (q/k/v; gate/up).
+    let mut factors: HashMap<String, HessianFactor> = HashMap::new();
+    for lin in layer_linears(layer) {
+        if !is_quantized_layer(&lin.name) {
+            continue;
+        }
+        let key = input_key(&lin.name);
+        if opts.method.uses_hessian() && !factors.contains_key(&key) {
+            if let Some(st) = stats.get(&key).filter(|st| st.tokens >= opts.min_tokens) {
+                let gopts = GptqOptions {
+                    damp: opts.damp,
+                    act_order: opts.act_order,
+                };
+                factors.insert(key.clone(), HessianFactor::new(&st.hessian, st.k, &gopts));
             }
         }
-        Ffn::Gated(m) => all.extend([&mut m.gate, &mut m.up, &mut m.down]),
-        Ffn::Plain(m) => all.extend([&mut m.fc1, &mut m.fc2]),
-    }
-    for lin in all {
-        if is_quantized_layer(&lin.name) {
-            quantize_linear(lin, opts, stats, summary)?;
-        }
+        quantize_linear(lin, opts, factors.get(&key), summary)?;
     }
     Ok(())
 }
 
+/// Quantizes one linear: by GPTQ where its input's Hessian factor is given, else by rounding.
 fn quantize_linear(
     lin: &mut Linear,
     opts: &QuantOptions,
-    stats: &HashMap<String, InputStats>,
+    factor: Option<&HessianFactor>,
     summary: &mut QuantSummary,
 ) -> Result<()> {
-    // Row-major for the quantizers; unpacked in place, so the f32 weights exist once.
+    // Row-major f32 for the quantizers (bf16/f16 widened).
+    lin.widen_to_f32();
     lin.unpack();
     let LinearWeight::F32Rows(rows) = &lin.weight else {
         return Ok(());
@@ -359,29 +482,18 @@ fn quantize_linear(
     let (n, k) = (lin.out_features, lin.in_features);
     let bad =
         |e: crate::backend::cpu::int8::Int8Error| Error::invalid(format!("{}: {e}", lin.name));
-    let matrix = if opts.method.uses_hessian() {
-        match stats.get(&input_key(&lin.name)) {
-            Some(st) if st.tokens >= opts.min_tokens => {
-                summary.gptq += 1;
-                let (q, scales) = gptq(
-                    w,
-                    n,
-                    k,
-                    &st.hessian,
-                    &GptqOptions {
-                        damp: opts.damp,
-                        act_order: opts.act_order,
-                    },
-                );
-                Int8Matrix::from_quantized(n, k, &q, scales).map_err(bad)?
-            }
-            _ => {
-                summary.rtn_fallback.push(lin.name.clone());
-                Int8Matrix::quantize_rtn(w, n, k).map_err(bad)?
-            }
+    let matrix = match factor {
+        Some(f) if opts.method.uses_hessian() => {
+            summary.gptq += 1;
+            let (q, scales) = gptq_factored(w, n, f);
+            Int8Matrix::from_quantized(n, k, &q, scales).map_err(bad)?
         }
-    } else {
-        Int8Matrix::quantize_rtn(w, n, k).map_err(bad)?
+        _ => {
+            if opts.method.uses_hessian() {
+                summary.rtn_fallback.push(lin.name.clone());
+            }
+            Int8Matrix::quantize_rtn(w, n, k).map_err(bad)?
+        }
     };
     let mut matrix = matrix;
     // Scales are stored as f16: use exactly those values in memory too, so a model computes the

@@ -40,6 +40,29 @@ fn divide_columns(lin: &mut Linear, channels: &[usize], factor: f32) {
     }
 }
 
+/// The feed-forward outlier variant: in every gated MLP (each expert), `channels` of the
+/// intermediate activation are multiplied by `factor` through the up-projection's rows, and the
+/// down-projection's matching columns divided by it. `act(gate·x) ⊙ (up·x)` is linear in each
+/// row of `up`, so the f32 function is unchanged, while the down-projection's input now has
+/// outliers that no norm precedes.
+pub fn inject_ffn(model: &mut Model, channels: &[usize], factor: f32) {
+    for layer in &mut model.weights.layers {
+        for mlp in super::gated_mlps(&mut layer.ffn) {
+            let mut s = vec![1f32; mlp.up.out_features];
+            channels.iter().for_each(|&c| s[c] = factor);
+            mlp.up.scale_output_channels(&s);
+            for &c in channels {
+                mlp.down.map_input_channel(c, |v| v / factor);
+            }
+        }
+    }
+}
+
+/// Two intermediate channels of an MLP `ffn` wide (deterministic).
+pub fn default_ffn_channels(ffn: usize) -> Vec<usize> {
+    vec![ffn / 3 + 1, (2 * ffn) / 3 + 2]
+}
+
 /// Four channels spread over the hidden width (deterministic).
 pub fn default_channels(hidden: usize) -> Vec<usize> {
     (0..4)

@@ -73,16 +73,21 @@ pub fn rescale_stats(stats: &mut InputStats, s: &[f32]) {
 /// Relative output error of W8A8 with smoothing `alpha` on the sampled inputs, summed over
 /// the members: what `--alpha auto` minimizes per layer group.
 pub fn alpha_loss(stats: &InputStats, members: &[&mut Linear], alpha: f32) -> f64 {
+    output_error(stats, members, &factors(&stats.max_abs, members, alpha))
+}
+
+/// Relative output error of W8A8 on the sampled inputs after smoothing by `s`, summed over
+/// the members that become int8.
+pub fn output_error(stats: &InputStats, members: &[&mut Linear], s: &[f32]) -> f64 {
     let k = stats.k;
     let rows = stats.sample_rows();
     if rows == 0 {
         return 0.0;
     }
-    let s = factors(&stats.max_abs, members, alpha);
     let xs: Vec<f32> = stats
         .samples
         .chunks(k)
-        .flat_map(|r| r.iter().zip(&s).map(|(v, f)| v / f))
+        .flat_map(|r| r.iter().zip(s).map(|(v, f)| v / f))
         .collect();
     let mut q = QuantizedRows::new();
     quantize_rows(&xs, rows, k, &mut q);
@@ -96,7 +101,7 @@ pub fn alpha_loss(stats: &InputStats, members: &[&mut Linear], alpha: f32) -> f6
         let n = lin.out_features;
         let ws: Vec<f32> = w
             .chunks(k)
-            .flat_map(|r| r.iter().zip(&s).map(|(v, f)| v * f))
+            .flat_map(|r| r.iter().zip(s).map(|(v, f)| v * f))
             .collect();
         let Ok(wq) = Int8Matrix::quantize_rtn(&ws, n, k) else {
             continue;
@@ -154,4 +159,87 @@ pub fn smooth_group(
         }
     }
     Some((s, alpha))
+}
+
+/// Attention's shape, for the v → o fold.
+pub struct HeadLayout {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Smooths o_proj's input exactly through v_proj: attention mixes value rows linearly, so
+/// dividing v's output channel c by s_c divides channel c of every query head reading that KV
+/// head, and o's matching columns take s_c. One s per KV channel, from the largest |x| and |w|
+/// over the query heads of its group. Returns the α used, or `None` without o's statistics.
+pub fn fold_v_into_o(
+    v: &mut Linear,
+    o: &mut Linear,
+    layout: &HeadLayout,
+    stats: &mut HashMap<String, InputStats>,
+    alpha: Option<f32>,
+) -> Option<f32> {
+    let key = super::calibrate::input_key(&o.name);
+    let o_stats = stats.get(&key)?;
+    let HeadLayout {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    } = *layout;
+    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 || o.in_features != num_heads * head_dim {
+        return None;
+    }
+    let group = num_heads / num_kv_heads;
+    // o's input channel → the KV channel it reads.
+    let kv_of = |j: usize| (j / head_dim / group) * head_dim + j % head_dim;
+    let kv_dim = num_kv_heads * head_dim;
+    let (mut x_max, mut w_max) = (vec![0f32; kv_dim], vec![0f32; kv_dim]);
+    for (j, &x) in o_stats.max_abs.iter().enumerate() {
+        x_max[kv_of(j)] = x_max[kv_of(j)].max(x);
+    }
+    let w = o.f32_rows()?;
+    for row in w.chunks(o.in_features) {
+        for (j, &v) in row.iter().enumerate() {
+            w_max[kv_of(j)] = w_max[kv_of(j)].max(v.abs());
+        }
+    }
+    let o_in = o.in_features;
+    let s_for = |alpha: f32| -> Vec<f32> {
+        let s_kv: Vec<f32> = x_max
+            .iter()
+            .zip(&w_max)
+            .map(|(&x, &w)| {
+                if x <= 0.0 || w <= 0.0 {
+                    1.0
+                } else {
+                    (x.powf(alpha) / w.powf(1.0 - alpha)).clamp(1e-5, 1e5)
+                }
+            })
+            .collect();
+        (0..o_in).map(|j| s_kv[kv_of(j)]).collect()
+    };
+    let alpha = match alpha {
+        Some(a) => a,
+        None => {
+            let members = [&mut *o];
+            ALPHA_GRID
+                .iter()
+                .map(|&a| (a, output_error(o_stats, &members, &s_for(a))))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map_or(0.5, |best| best.0)
+        }
+    };
+    let s_o = s_for(alpha);
+    let inv_kv: Vec<f32> = (0..kv_dim)
+        .map(|c| {
+            let j = (c / head_dim) * group * head_dim + c % head_dim;
+            1.0 / s_o[j]
+        })
+        .collect();
+    v.scale_output_channels(&inv_kv);
+    scale_columns(&mut [o], &s_o);
+    if let Some(st) = stats.get_mut(&key) {
+        rescale_stats(st, &s_o);
+    }
+    Some(alpha)
 }
