@@ -52,6 +52,11 @@ pub struct QuantizeArgs {
     /// sequential procedure, the default) or those of its f32 weights.
     #[arg(long, value_enum, default_value = "quantized")]
     pub propagate: quant::Propagate,
+    /// Keep linears whose names contain NAME in f32 (repeatable; e.g. `layers.0.` or
+    /// `down_proj`): mixed precision where a model is sensitive.
+    #[arg(long = "keep-f32", value_name = "NAME")]
+    pub keep_f32: Vec<String>,
+    /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 }
@@ -104,6 +109,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     opts.fold_vo = !a.no_fold_vo;
     opts.threads = a.threads;
     opts.propagate = a.propagate;
+    opts.keep_f32 = a.keep_f32.clone();
     match a.alpha.as_deref() {
         None => {}
         Some("auto") => opts.alpha = None,

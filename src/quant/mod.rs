@@ -89,9 +89,16 @@ pub struct QuantOptions {
     /// Also quantize the output head (round-to-nearest); embeddings tied to it too.
     pub head: HeadQuant,
     pub threads: usize,
+    /// Linears whose names contain one of these stay f32 (mixed precision, and finding which
+    /// linears a model is sensitive in).
+    pub keep_f32: Vec<String>,
 }
 
 impl QuantOptions {
+    pub fn keeps_f32(&self, name: &str) -> bool {
+        self.keep_f32.iter().any(|p| name.contains(p.as_str()))
+    }
+
     /// The defaults of the issue: α 0.5 for OPT, 0.8 for MoE models.
     pub fn new(method: Method, model: &Model) -> QuantOptions {
         QuantOptions {
@@ -111,6 +118,7 @@ impl QuantOptions {
             // model's bytes per token.
             head: HeadQuant::W8A8,
             threads: 0,
+            keep_f32: Vec::new(),
         }
     }
 }
@@ -447,7 +455,7 @@ fn quantize_layer(
     // One factor per input, shared by the linears reading it (q/k/v; gate/up).
     let mut factors: HashMap<String, HessianFactor> = HashMap::new();
     for lin in layer_linears(layer) {
-        if !is_quantized_layer(&lin.name) {
+        if !is_quantized_layer(&lin.name) || opts.keeps_f32(&lin.name) {
             continue;
         }
         let key = input_key(&lin.name);
