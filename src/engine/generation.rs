@@ -54,6 +54,12 @@ pub struct Generation {
     started: Instant,
     prefill_ms: f64,
     decode_started: Option<Instant>,
+    /// Most prompt tokens per step (0: the whole prompt in one step).
+    prefill_chunk: usize,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// Tokens the last `batch_item` handed out.
+    step_tokens: usize,
 }
 
 impl Generation {
@@ -71,10 +77,23 @@ impl Generation {
     pub fn with_cache(
         engine: &Engine,
         req: &GenerateRequest,
-        mut cache: KvCache,
+        cache: KvCache,
+    ) -> Result<Generation> {
+        let prompt = engine.model().tokenizer.encode(&req.prompt, true)?;
+        let mut g = Generation::from_tokens(engine, prompt, req)?;
+        g.attach_cache(engine, cache);
+        Ok(g)
+    }
+
+    /// A generation over an already tokenized prompt (`req.prompt` is not read), with an empty
+    /// cache that holds no memory yet: a server tokenizes and checks a request when it arrives
+    /// and gives it KV memory ([`Self::attach_cache`]) only when it is admitted to the batch.
+    pub fn from_tokens(
+        engine: &Engine,
+        mut prompt: Vec<u32>,
+        req: &GenerateRequest,
     ) -> Result<Generation> {
         let model = engine.model();
-        let mut prompt = model.tokenizer.encode(&req.prompt, true)?;
         if prompt.is_empty() {
             // An empty prompt still needs a first token to condition on.
             match model.config.bos_token_id {
@@ -87,11 +106,9 @@ impl Generation {
             }
         }
         let decoder = StreamDecoder::with_context(&prompt);
-        cache.clear();
-        engine.reserve_cache(&mut cache, prompt.len().saturating_add(req.max_tokens));
         Ok(Generation {
             prompt,
-            cache,
+            cache: KvCache::new(0, 0),
             sampler: Sampler::new(req.sampling.clone()),
             decoder,
             stop: req.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
@@ -108,11 +125,36 @@ impl Generation {
             started: Instant::now(),
             prefill_ms: 0.0,
             decode_started: None,
+            prefill_chunk: 0,
+            prefilled: 0,
+            step_tokens: 0,
         })
+    }
+
+    /// Gives the generation `cache` (emptied, with room reserved for the whole completion);
+    /// returns the cache it held before.
+    pub fn attach_cache(&mut self, engine: &Engine, mut cache: KvCache) -> KvCache {
+        cache.clear();
+        engine.reserve_cache(
+            &mut cache,
+            self.prompt.len().saturating_add(self.max_tokens),
+        );
+        std::mem::replace(&mut self.cache, cache)
+    }
+
+    /// Prefills the prompt at most `tokens` tokens per step (0: all at once), so a long prompt
+    /// shares steps with other sequences' decoding instead of stalling them.
+    pub fn set_prefill_chunk(&mut self, tokens: usize) {
+        self.prefill_chunk = tokens;
     }
 
     pub fn prompt_tokens(&self) -> usize {
         self.prompt.len()
+    }
+
+    /// Tokens sampled so far.
+    pub fn output_tokens(&self) -> usize {
+        self.generated.len()
     }
 
     pub fn finished(&self) -> Option<FinishReason> {
@@ -123,8 +165,15 @@ impl Generation {
     pub fn batch_item(&mut self) -> BatchItem<'_> {
         let tokens: &[u32] = match self.generated.last() {
             Some(last) => std::slice::from_ref(last),
-            None => &self.prompt,
+            None => {
+                let rest = &self.prompt[self.prefilled..];
+                match self.prefill_chunk {
+                    0 => rest,
+                    n => &rest[..n.min(rest.len())],
+                }
+            }
         };
+        self.step_tokens = tokens.len();
         BatchItem {
             tokens,
             cache: &mut self.cache,
@@ -140,6 +189,11 @@ impl Generation {
         tokenizer: &crate::model::tokenizer::Tokenizer,
     ) -> Result<String> {
         if self.generated.is_empty() {
+            self.prefilled += self.step_tokens;
+            if self.prefilled < self.prompt.len() {
+                // A prompt chunk: its logits predict a prompt token, not the next one.
+                return Ok(String::new());
+            }
             self.prefill_ms = self.started.elapsed().as_secs_f64() * 1e3;
             self.decode_started = Some(Instant::now());
         }
