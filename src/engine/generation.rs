@@ -105,6 +105,16 @@ impl Generation {
                 }
             }
         }
+        // The model's context bounds prompt and completion together: a prompt that fills it is
+        // refused before any work, and a completion stops at it (finish reason `length`).
+        let limit = model.config.max_position_embeddings;
+        if prompt.len() >= limit {
+            return Err(Error::invalid(format!(
+                "the prompt is {} tokens; the model's context is {limit} tokens, which leaves no room to generate",
+                prompt.len()
+            )));
+        }
+        let max_tokens = req.max_tokens.min(limit - prompt.len());
         let decoder = StreamDecoder::with_context(&prompt);
         Ok(Generation {
             prompt,
@@ -112,12 +122,12 @@ impl Generation {
             sampler: Sampler::new(req.sampling.clone()),
             decoder,
             stop: req.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
-            max_tokens: req.max_tokens,
+            max_tokens,
             eos: model.config.eos_token_ids.clone(),
             generated: Vec::new(),
             text: String::new(),
             emitted: 0,
-            finish: if req.max_tokens == 0 {
+            finish: if max_tokens == 0 {
                 Some(FinishReason::Length)
             } else {
                 None
