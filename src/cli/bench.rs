@@ -41,8 +41,10 @@ pub struct BenchArgs {
     /// Repetitions per combination.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     pub reps: usize,
+    /// Print the results as one JSON object.
     #[arg(long, conflicts_with = "csv")]
     pub json: bool,
+    /// Print the results as CSV.
     #[arg(long)]
     pub csv: bool,
     /// Quantize the loaded model in memory first (round-to-nearest W8A8, head included; use

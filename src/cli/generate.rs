@@ -10,6 +10,7 @@ use std::io::Write;
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// The text to continue.
     #[arg(long)]
     pub prompt: String,
     /// Tokens to generate at most.
@@ -24,8 +25,10 @@ pub struct GenerateArgs {
     /// Keep the smallest set of tokens with this much probability (1 = off).
     #[arg(long = "top-p", default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Sampling seed; without one a fresh seed is drawn (and printed, so the run can be
+    /// repeated), as serve does.
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Stop when this string appears (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
@@ -40,6 +43,8 @@ struct JsonReport {
     prompt_tokens: usize,
     completion_tokens: usize,
     finish_reason: crate::engine::generation::FinishReason,
+    /// The sampling seed used (drawn fresh when `--seed` was not given).
+    seed: u64,
     prefill_ms: f64,
     decode_tokens_per_s: f64,
     peak_rss_bytes: Option<u64>,
@@ -61,6 +66,10 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if !a.json {
         eprintln!("{memory_at_load} (after loading)");
     }
+    let seed = a.seed.unwrap_or_else(crate::serve::protocol::fresh_seed);
+    if a.seed.is_none() && a.temp > 0.0 && !a.json {
+        eprintln!("seed {seed} (pass --seed {seed} to repeat this run)");
+    }
     let req = GenerateRequest {
         prompt: a.prompt.clone(),
         max_tokens: a.max_tokens,
@@ -68,7 +77,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             temperature: a.temp,
             top_k: a.top_k,
             top_p: a.top_p,
-            seed: a.seed,
+            seed,
         },
         stop: a.stop.clone(),
     };
@@ -82,31 +91,37 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         }
         true
     })?;
-    if a.json {
+    let result = if a.json {
         let report = JsonReport {
             text: out.text,
             prompt_tokens: out.prompt_tokens,
             completion_tokens: out.completion_tokens,
             finish_reason: out.finish_reason,
+            seed,
             prefill_ms: out.prefill_ms,
             decode_tokens_per_s: out.decode_tokens_per_s,
             peak_rss_bytes: crate::util::peak_rss_bytes(),
             memory_at_load,
             memory: MemoryReport::new(engine.model().weight_memory(), out.kv_bytes),
         };
-        writeln!(stdout, "{}", serde_json::to_string(&report)?)?;
+        writeln!(stdout, "{}", serde_json::to_string(&report)?)
     } else {
-        writeln!(stdout)?;
+        let r = writeln!(stdout);
         eprintln!(
-            "prompt {} tokens, prefill {:.1} ms; {} tokens at {:.1} tokens/s ({:?})",
+            "prompt {} tokens, prefill {:.1} ms; {} tokens at {:.1} tokens/s (finish reason: {})",
             out.prompt_tokens,
             out.prefill_ms,
             out.completion_tokens,
             out.decode_tokens_per_s,
-            out.finish_reason
+            crate::serve::protocol::finish_name(out.finish_reason)
         );
         let memory = MemoryReport::new(engine.model().weight_memory(), out.kv_bytes);
         eprintln!("{memory}");
+        r
+    };
+    match result {
+        // A reader that went away (`| head`) ends the run quietly.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
     }
-    Ok(())
 }

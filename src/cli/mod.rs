@@ -43,8 +43,9 @@ pub enum Command {
 /// Options every model-running command shares.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Checkpoint directory (Hugging Face layout), .gguf file or .emoe file; the built-in
-    /// default model when omitted.
+    /// The model: a Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json),
+    /// a .gguf file, an .emoe file, or a built-in one (builtin:default, builtin:mixtral-bench,
+    /// builtin:mixtral-1g, builtin:smol-moe); the built-in default when omitted.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Worker threads (0 = all cores).
@@ -57,9 +58,9 @@ impl ModelArgs {
         let started = std::time::Instant::now();
         let model = crate::load_model(self.model.as_deref())?;
         eprintln!(
-            "loaded {} ({:?}, {:.1} M params) in {:.2} s",
+            "loaded {} ({}, {:.1} M params) in {:.2} s",
             model.source,
-            model.config.arch,
+            model.config.arch.hf_name(),
             model.num_params() as f64 / 1e6,
             started.elapsed().as_secs_f64()
         );

@@ -14,8 +14,10 @@ pub struct QuantizeArgs {
     /// Calibration text (UTF-8); not needed for --method rtn.
     #[arg(long)]
     pub calib: Option<PathBuf>,
+    /// The .emoe file to write (its directory must exist).
     #[arg(long)]
     pub out: PathBuf,
+    /// Quantization method (haq: SmoothQuant + GPTQ).
     #[arg(long, value_enum, default_value = "haq")]
     pub method: Method,
     /// SmoothQuant α in [0, 1], or `auto` to search it per layer group (default: 0.5 for OPT,
@@ -44,6 +46,7 @@ pub struct QuantizeArgs {
     /// default for gated MLPs: exact, no run-time cost).
     #[arg(long = "no-fold-down")]
     pub no_fold_down: bool,
+    /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 }

@@ -502,7 +502,7 @@ fn opt_uint(obj: &Map<String, Value>, field: &'static str) -> Result<Option<u64>
 }
 
 /// A seed for requests that bring none: different for every request, as OpenAI's sampling is.
-fn fresh_seed() -> u64 {
+pub fn fresh_seed() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
@@ -578,7 +578,7 @@ pub fn completion(id: &str, model: &str, stream: bool, out: &GenerateOutput) -> 
     })
 }
 
-fn finish_name(f: FinishReason) -> &'static str {
+pub fn finish_name(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
