@@ -82,3 +82,24 @@ fn a_closed_stdout_ends_generate_quietly() {
     assert!(out.status.success(), "{err}");
     assert!(!err.contains("error") && !err.contains("panicked"), "{err}");
 }
+
+/// Without `--model` a fresh clone runs the trained model: readable text, no control bytes, the
+/// same as naming its directory.
+#[test]
+fn the_default_model_prints_readable_text() {
+    let run = |model: Option<PathBuf>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgemoe"));
+        cmd.args(["generate", "--threads", "1", "--prompt", "And God said", "-n", "30", "--seed", "1", "--temp", "0.7"]);
+        if let Some(m) = model {
+            cmd.arg("--model").arg(m);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    };
+    let (text, err) = run(None);
+    assert!(err.contains("builtin:trained"), "{err}");
+    assert!(text.trim().len() > 20, "{text:?}");
+    assert!(text.chars().all(|c| !c.is_control() || c == '\n'), "{text:?}");
+    assert_eq!(text, run(Some(model())).0);
+}

@@ -44,8 +44,9 @@ pub enum Command {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
     /// The model: a Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json),
-    /// a .gguf file, an .emoe file, or a built-in one (builtin:default, builtin:mixtral-bench,
-    /// builtin:mixtral-1g, builtin:smol-moe); the built-in default when omitted.
+    /// a .gguf file, an .emoe file, or a built-in one (builtin:trained, a small model trained on
+    /// the KJV Bible, the default; random ones: builtin:default, builtin:mixtral-bench,
+    /// builtin:mixtral-1g, builtin:smol-moe).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Worker threads (0 = all cores).
