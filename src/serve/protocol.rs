@@ -636,4 +636,65 @@ mod tests {
         ));
         assert!(matches!(parse(r#"{"op":"stats"}"#), Ok(Incoming::Stats)));
     }
+
+    fn http(api: Api, body: serde_json::Value) -> Result<Request, FieldError> {
+        parse_request(body.as_object().unwrap(), api)
+    }
+
+    /// Every OpenAI field clients commonly send is either used or refused by name; neutral
+    /// values pass; a field of the other endpoint or a misspelt one is an unknown field.
+    #[test]
+    fn openai_fields_are_used_or_refused_by_name() {
+        let chat = |extra: serde_json::Value| {
+            let mut v = json!({"messages": [{"role": "user", "content": "hi"}]});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            http(Api::Chat, v)
+        };
+        let ok = chat(json!({"n": 1, "logprobs": false, "top_logprobs": 0, "presence_penalty": 0,
+            "frequency_penalty": 0.0, "repetition_penalty": 1, "min_p": 0, "logit_bias": {},
+            "user": "u", "model": "m", "seed": 3, "stop": "x", "tools": [],
+            "response_format": {"type": "text"}, "stream_options": {"include_usage": true}}))
+        .unwrap();
+        assert!(ok.include_usage);
+        assert_eq!(ok.max_tokens, None, "chat runs to the end of the context by default");
+        for (field, value) in [
+            ("n", json!(2)),
+            ("logprobs", json!(true)),
+            ("top_logprobs", json!(3)),
+            ("presence_penalty", json!(0.5)),
+            ("frequency_penalty", json!(-1)),
+            ("repetition_penalty", json!(1.1)),
+            ("min_p", json!(0.05)),
+            ("logit_bias", json!({"5": 10})),
+            ("tools", json!([{"type": "function"}])),
+            ("response_format", json!({"type": "json_object"})),
+        ] {
+            let (code, msg) = chat(json!({ field: value })).unwrap_err();
+            assert_eq!(code, "unsupported_value", "{field}");
+            assert!(msg.contains(&format!("`{field}`")), "{msg}");
+        }
+        for (api, field) in [
+            (Api::Chat, "temperatur"),
+            (Api::Chat, "prompt"),
+            (Api::Chat, "echo"),
+            (Api::Completions, "messages"),
+        ] {
+            let mut v = match api {
+                Api::Chat => json!({"messages": [{"role": "user", "content": "hi"}]}),
+                _ => json!({"prompt": "hi"}),
+            };
+            v[field] = json!(1);
+            let (code, msg) = http(api, v).unwrap_err();
+            assert_eq!(code, "unknown_field", "{field}");
+            assert!(msg.contains(&format!("`{field}`")), "{msg}");
+        }
+        let (code, msg) = chat(json!({"messages": [{"role": "user", "content": "x", "tool_call_id": 1}]}))
+            .unwrap_err();
+        assert!(code == "unknown_field" && msg.contains("messages[0]"), "{msg}");
+        let parts = chat(json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}))
+            .unwrap();
+        assert_eq!(parts.input, PromptInput::Messages(vec![json!({"role": "user", "content": "ab"})]));
+        let c = http(Api::Completions, json!({"prompt": ["one"], "echo": true})).unwrap();
+        assert_eq!((c.input, c.echo, c.max_tokens), (PromptInput::Text("one".into()), true, Some(16)));
+    }
 }

@@ -172,10 +172,20 @@ impl<'e, T> Scheduler<'e, T> {
     /// client went away).
     pub fn step(&mut self, emit: &mut impl FnMut(&mut T, Event) -> bool) {
         self.admit();
+        let engine = self.engine;
+        // A request whose next tokens the model cannot run (an id past the vocabulary, from a
+        // tokenizer larger than the model) ends alone instead of failing the whole batch.
+        let vocab = engine.model().config.vocab_size;
+        for j in &mut self.active {
+            if let Some(&bad) = j.gen.batch_item().tokens.iter().find(|&&t| t as usize >= vocab) {
+                eprintln!("serve: a request failed: token id {bad} is outside the vocabulary of {vocab}");
+                j.gen.fail();
+            }
+        }
+        self.retire(emit);
         if self.active.is_empty() {
             return;
         }
-        let engine = self.engine;
         let mut items: Vec<_> = self.active.iter_mut().map(|j| j.gen.batch_item()).collect();
         // A panic in the forward pass ends this step's requests, not the server.
         let result = catch_unwind(AssertUnwindSafe(|| engine.forward(&mut items)));
@@ -213,6 +223,11 @@ impl<'e, T> Scheduler<'e, T> {
             }
         }
         self.note_rate(generated);
+        self.retire(emit);
+    }
+
+    /// Finishes the active requests that are done.
+    fn retire(&mut self, emit: &mut impl FnMut(&mut T, Event) -> bool) {
         let (done, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
             .into_iter()
             .partition(|j| j.gen.finished().is_some());
@@ -273,5 +288,91 @@ impl<'e, T> Scheduler<'e, T> {
         if self.spare_caches.len() < self.opts.max_batch && cache.allocated_bytes() > 0 {
             self.spare_caches.push(cache);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::generation::GenerateRequest;
+    use crate::engine::sampling::SamplingParams;
+    use crate::model::Model;
+    use std::sync::Arc;
+
+    fn req() -> GenerateRequest {
+        GenerateRequest {
+            prompt: String::new(),
+            max_tokens: 12,
+            sampling: SamplingParams {
+                temperature: 0.9,
+                seed: 4,
+                ..SamplingParams::default()
+            },
+            stop: vec![],
+        }
+    }
+
+    /// Runs `prompts` batched to the end; each request's (finish reason, text).
+    fn run(engine: &Engine, prompts: &[Vec<u32>]) -> Vec<(FinishReason, String)> {
+        let mut s: Scheduler<usize> = Scheduler::new(
+            engine,
+            SchedulerOptions {
+                prefill_chunk: 3,
+                ..SchedulerOptions::default()
+            },
+        );
+        let mut done = vec![None; prompts.len()];
+        let mut emit = |i: &mut usize, ev: Event| {
+            if let Event::Done(out) = ev {
+                done[*i] = Some((out.finish_reason, out.text.clone()));
+            }
+            true
+        };
+        for (i, p) in prompts.iter().enumerate() {
+            let g = Generation::from_tokens(engine, p.clone(), &req()).unwrap();
+            assert!(s.submit(i, g, &mut emit).is_ok());
+        }
+        while !s.is_idle() {
+            s.step(&mut emit);
+        }
+        done.into_iter().map(Option::unwrap).collect()
+    }
+
+    /// A request with a token id past the vocabulary fails alone; the one batched with it gives
+    /// the text it gives by itself.
+    #[test]
+    fn a_bad_request_fails_alone() {
+        let engine = Engine::new(Arc::new(Model::builtin_default()), 1).unwrap();
+        let good: Vec<u32> = b"hello there".iter().map(|&b| u32::from(b)).collect();
+        let alone = run(&engine, std::slice::from_ref(&good));
+        let mixed = run(&engine, &[good.clone(), vec![65, 1 << 30, 66], good]);
+        assert_eq!(alone[0].0, FinishReason::Length);
+        assert_eq!(mixed[1].0, FinishReason::Error);
+        assert_eq!(mixed[0], alone[0]);
+        assert_eq!(mixed[2], alone[0]);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once() {
+        let engine = Engine::new(Arc::new(Model::builtin_default()), 1).unwrap();
+        let mut s: Scheduler<u32> = Scheduler::new(
+            &engine,
+            SchedulerOptions {
+                max_batch: 1,
+                max_queue: 2,
+                prefill_chunk: 0,
+            },
+        );
+        let mut emit = |_: &mut u32, _: Event| true;
+        let g = || Generation::from_tokens(&engine, vec![1, 2], &req()).unwrap();
+        assert!(s.submit(0, g(), &mut emit).is_ok());
+        assert!(s.submit(1, g(), &mut emit).is_ok());
+        assert_eq!(s.submit(2, g(), &mut emit).err(), Some(2));
+        assert_eq!(s.counters.rejected_queue_full, 1);
+        // Queued requests hold no KV memory until admitted.
+        assert_eq!(s.kv_bytes(), 0);
+        s.step(&mut emit);
+        assert!(s.kv_bytes() > 0);
+        assert_eq!((s.active_len(), s.queue_depth()), (1, 1));
     }
 }
