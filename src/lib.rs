@@ -24,7 +24,8 @@ use std::path::Path;
 /// 3.9 M-parameter Mixtral trained on the King James Bible, so a first run prints readable text.
 /// It is read from the source tree this binary was built from; the random models stay under
 /// their own names (`builtin:default` and the benchmark shapes).
-pub const TRAINED_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/trained-moe");
+pub const TRAINED_MODEL_DIR: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/trained-moe");
 
 /// Loads `path` (a checkpoint directory, a .gguf file, an .emoe file, or `builtin:NAME`), or the
 /// built-in trained model when `path` is `None`.

@@ -56,12 +56,19 @@ fn smollm2_gguf_template_is_read_and_matches() {
         .unwrap()
         .expect("the SmolLM2 GGUF carries a chat template");
     let f = fixture();
-    check(&t, f["templates"][0]["cases"].as_array().unwrap(), "smollm2 (gguf)");
+    check(
+        &t,
+        f["templates"][0]["cases"].as_array().unwrap(),
+        "smollm2 (gguf)",
+    );
 }
 
 #[test]
 fn template_errors_are_clear() {
-    let err = ChatTemplate::new("{% for %}", "", "").err().unwrap().to_string();
+    let err = ChatTemplate::new("{% for %}", "", "")
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("chat template does not compile"), "{err}");
     let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "", "").unwrap();
     let err = t.render(&[], true).unwrap_err().to_string();

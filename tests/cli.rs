@@ -31,13 +31,25 @@ fn model() -> PathBuf {
 
 fn generate(extra: &[&str]) -> (String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
-        .args(["generate", "--threads", "1", "--prompt", "And it came to pass", "-n", "24"])
+        .args([
+            "generate",
+            "--threads",
+            "1",
+            "--prompt",
+            "And it came to pass",
+            "-n",
+            "24",
+        ])
         .args(["--temp", "1", "--model"])
         .arg(model())
         .args(extra)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (
         String::from_utf8(out.stdout).unwrap(),
         String::from_utf8(out.stderr).unwrap(),
@@ -67,7 +79,17 @@ fn generate_without_seed_draws_one_and_prints_it() {
 #[test]
 fn a_closed_stdout_ends_generate_quietly() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
-        .args(["generate", "--threads", "1", "--prompt", "And", "-n", "400", "--temp", "1"])
+        .args([
+            "generate",
+            "--threads",
+            "1",
+            "--prompt",
+            "And",
+            "-n",
+            "400",
+            "--temp",
+            "1",
+        ])
         .arg("--model")
         .arg(model())
         .stdout(Stdio::piped())
@@ -89,17 +111,39 @@ fn a_closed_stdout_ends_generate_quietly() {
 fn the_default_model_prints_readable_text() {
     let run = |model: Option<PathBuf>| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgemoe"));
-        cmd.args(["generate", "--threads", "1", "--prompt", "And God said", "-n", "30", "--seed", "1", "--temp", "0.7"]);
+        cmd.args([
+            "generate",
+            "--threads",
+            "1",
+            "--prompt",
+            "And God said",
+            "-n",
+            "30",
+            "--seed",
+            "1",
+            "--temp",
+            "0.7",
+        ]);
         if let Some(m) = model {
             cmd.arg("--model").arg(m);
         }
         let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
     };
     let (text, err) = run(None);
     assert!(err.contains("builtin:trained"), "{err}");
     assert!(text.trim().len() > 20, "{text:?}");
-    assert!(text.chars().all(|c| !c.is_control() || c == '\n'), "{text:?}");
+    assert!(
+        text.chars().all(|c| !c.is_control() || c == '\n'),
+        "{text:?}"
+    );
     assert_eq!(text, run(Some(model())).0);
 }

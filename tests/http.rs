@@ -40,7 +40,14 @@ impl Drop for Server {
 
 fn start(extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
-        .args(["serve", "--http", "127.0.0.1:0", "--threads", "2", "--model"])
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--threads",
+            "2",
+            "--model",
+        ])
         .arg(model_dir())
         .arg("--chat-template")
         .arg(template_path())
@@ -159,7 +166,13 @@ fn read_chunk(r: &mut impl BufRead) -> Option<Vec<u8>> {
     (n > 0).then_some(data)
 }
 
-fn request(addr: &str, method: &str, path: &str, body: Option<&[u8]>, headers: &[&str]) -> Response {
+fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[&str],
+) -> Response {
     let mut s = TcpStream::connect(addr).unwrap();
     send_head(&mut s, method, path, body, headers);
     let mut r = BufReader::new(s);
@@ -276,7 +289,11 @@ impl Good {
             cmd.args(["--stop", s]);
         }
         let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         v["text"].as_str().unwrap().to_string()
     }
@@ -315,7 +332,10 @@ fn metric(addr: &str, name: &str) -> f64 {
     assert_eq!(r.status, 200);
     let text = String::from_utf8(r.body).unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
 
@@ -329,8 +349,15 @@ fn concurrent_streams_match_generate_and_bad_requests_fail_alone() {
         let a = addr.clone();
         let quitter = s.spawn(move || {
             let mut sock = TcpStream::connect(&a).unwrap();
-            let body = json!({"prompt": "And", "max_tokens": 400, "temperature": 0, "stream": true});
-            send_head(&mut sock, "POST", "/v1/completions", Some(body.to_string().as_bytes()), &[]);
+            let body =
+                json!({"prompt": "And", "max_tokens": 400, "temperature": 0, "stream": true});
+            send_head(
+                &mut sock,
+                "POST",
+                "/v1/completions",
+                Some(body.to_string().as_bytes()),
+                &[],
+            );
             let mut r = BufReader::new(sock);
             let (status, _) = read_head(&mut r);
             assert_eq!(status, 200);
@@ -342,45 +369,93 @@ fn concurrent_streams_match_generate_and_bad_requests_fail_alone() {
             .map(|g| {
                 let a = addr.clone();
                 s.spawn(move || {
-                    let path = if g.chat { "/v1/chat/completions" } else { "/v1/completions" };
+                    let path = if g.chat {
+                        "/v1/chat/completions"
+                    } else {
+                        "/v1/completions"
+                    };
                     stream_text(&post(&a, path, &g.body()), g.chat)
                 })
             })
             .collect();
         let a = addr.as_str();
         let broken = request(a, "POST", "/v1/completions", Some(b"{\"prompt\": "), &[]);
-        assert_eq!((broken.status, broken.json()["error"]["code"].clone()), (400, json!("invalid_json")));
-        let misspelt = post(a, "/v1/completions", &json!({"prompt": "x", "temperatur": 0}));
+        assert_eq!(
+            (broken.status, broken.json()["error"]["code"].clone()),
+            (400, json!("invalid_json"))
+        );
+        let misspelt = post(
+            a,
+            "/v1/completions",
+            &json!({"prompt": "x", "temperatur": 0}),
+        );
         assert_eq!(misspelt.status, 400);
-        let msg = misspelt.json()["error"]["message"].as_str().unwrap().to_string();
+        let msg = misspelt.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_string();
         assert!(msg.contains("`temperatur`"), "{msg}");
         let big = json!({"prompt": "word ".repeat(20_000)});
         let oversize = post(a, "/v1/completions", &big);
         assert_eq!(oversize.status, 413);
-        let refused = post(a, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x"}], "n": 2}));
+        let refused = post(
+            a,
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "x"}], "n": 2}),
+        );
         assert_eq!(refused.status, 400);
-        assert!(refused.json()["error"]["message"].as_str().unwrap().contains("`n`"));
-        let long = post(a, "/v1/completions", &json!({"prompt": "word ".repeat(2000)}));
-        assert_eq!((long.status, long.json()["error"]["code"].clone()), (400, json!("context_length_exceeded")));
+        assert!(refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`n`"));
+        let long = post(
+            a,
+            "/v1/completions",
+            &json!({"prompt": "word ".repeat(2000)}),
+        );
+        assert_eq!(
+            (long.status, long.json()["error"]["code"].clone()),
+            (400, json!("context_length_exceeded"))
+        );
         assert_eq!(request(a, "GET", "/nope", None, &[]).status, 404);
         quitter.join().unwrap();
         for (g, h) in reqs.iter().zip(good) {
             let text = h.join().unwrap();
-            assert_eq!(text, g.generate(), "{} request {:?} differs from generate", if g.chat { "chat" } else { "completion" }, g.prompt);
+            assert_eq!(
+                text,
+                g.generate(),
+                "{} request {:?} differs from generate",
+                if g.chat { "chat" } else { "completion" },
+                g.prompt
+            );
         }
     });
     // The quitter's request ends cancelled, not run to its 400 tokens.
     let deadline = Instant::now() + Duration::from_secs(30);
     while metric(&addr, "edgemoe_requests_total{finish_reason=\"cancelled\"}") < 1.0 {
-        assert!(Instant::now() < deadline, "the disconnected request was never cancelled");
+        assert!(
+            Instant::now() < deadline,
+            "the disconnected request was never cancelled"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(metric(&addr, "edgemoe_requests_total{finish_reason=\"stop\"}") + metric(&addr, "edgemoe_requests_total{finish_reason=\"length\"}") >= 32.0);
+    assert!(
+        metric(&addr, "edgemoe_requests_total{finish_reason=\"stop\"}")
+            + metric(&addr, "edgemoe_requests_total{finish_reason=\"length\"}")
+            >= 32.0
+    );
     // Whole (non-streamed) answers and the models list.
-    let whole = post(&addr, "/v1/completions", &json!({"prompt": "Jesus", "max_tokens": 5, "temperature": 0, "echo": true}));
+    let whole = post(
+        &addr,
+        "/v1/completions",
+        &json!({"prompt": "Jesus", "max_tokens": 5, "temperature": 0, "echo": true}),
+    );
     let v = whole.json();
     assert_eq!(v["object"], "text_completion");
-    assert!(v["choices"][0]["text"].as_str().unwrap().starts_with("Jesus"));
+    assert!(v["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("Jesus"));
     assert_eq!(v["usage"]["completion_tokens"], 5);
     let models = request(&addr, "GET", "/v1/models", None, &[]).json();
     assert_eq!(models["data"][0]["id"], "trained-moe");
@@ -416,9 +491,21 @@ fn api_key_is_required_but_not_for_health() {
     let body = json!({"prompt": "And", "max_tokens": 2}).to_string();
     let r = request(addr, "POST", "/v1/completions", Some(body.as_bytes()), &[]);
     assert_eq!(r.status, 401);
-    let r = request(addr, "POST", "/v1/completions", Some(body.as_bytes()), &["Authorization: Bearer wrong"]);
+    let r = request(
+        addr,
+        "POST",
+        "/v1/completions",
+        Some(body.as_bytes()),
+        &["Authorization: Bearer wrong"],
+    );
     assert_eq!(r.status, 401);
-    let r = request(addr, "POST", "/v1/completions", Some(body.as_bytes()), &["Authorization: Bearer sekret"]);
+    let r = request(
+        addr,
+        "POST",
+        "/v1/completions",
+        Some(body.as_bytes()),
+        &["Authorization: Bearer sekret"],
+    );
     assert_eq!(r.status, 200);
     assert_eq!(request(addr, "GET", "/health", None, &[]).status, 200);
 }
@@ -462,5 +549,8 @@ fn rss_stays_flat_over_1000_requests() {
     run(100, 1000);
     let after = rss_kib(pid);
     eprintln!("server RSS after 100 requests {before} KiB, after 1000 {after} KiB");
-    assert!(after < before + 16 * 1024, "RSS grew from {before} KiB to {after} KiB");
+    assert!(
+        after < before + 16 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
 }

@@ -45,10 +45,7 @@ fn batch_size(s: &str) -> Result<usize, String> {
 }
 
 /// The chat template: the file given, else the model's own (none for built-in models).
-fn chat_template(
-    a: &ServeArgs,
-    engine: &crate::Engine,
-) -> anyhow::Result<Option<ChatTemplate>> {
+fn chat_template(a: &ServeArgs, engine: &crate::Engine) -> anyhow::Result<Option<ChatTemplate>> {
     let tokenizer = &engine.model().tokenizer;
     if let Some(path) = &a.chat_template {
         let source = std::fs::read_to_string(path)
@@ -56,7 +53,11 @@ fn chat_template(
         let token = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
         let cfg = &engine.model().config;
         let eos = token(cfg.eos_token_ids.first().copied());
-        return Ok(Some(ChatTemplate::new(&source, &token(cfg.bos_token_id), &eos)?));
+        return Ok(Some(ChatTemplate::new(
+            &source,
+            &token(cfg.bos_token_id),
+            &eos,
+        )?));
     }
     match a.model.model.as_deref() {
         Some(p) if !p.to_string_lossy().starts_with("builtin:") => {

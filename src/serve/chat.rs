@@ -32,9 +32,12 @@ impl ChatTemplate {
         minijinja_contrib::add_to_environment(&mut env);
         // Python's str/dict/list methods (`.strip()`, `.items()`, ...) that templates call.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, source.to_string())
@@ -58,8 +61,7 @@ impl ChatTemplate {
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         {
             let file = crate::model::gguf::GgufFile::open(path)?;
-            let Some(source) = file.get("tokenizer.chat_template").and_then(|v| v.as_str())
-            else {
+            let Some(source) = file.get("tokenizer.chat_template").and_then(|v| v.as_str()) else {
                 return Ok(None);
             };
             let token = |key: &str| {

@@ -20,19 +20,11 @@ use serde_json::{json, Value};
 use std::io::{BufRead, Write};
 use std::sync::mpsc;
 
+#[derive(Default)]
 pub struct ServeOptions {
     pub scheduler: SchedulerOptions,
     /// For `messages` requests; without one they are refused.
     pub chat_template: Option<ChatTemplate>,
-}
-
-impl Default for ServeOptions {
-    fn default() -> Self {
-        ServeOptions {
-            scheduler: SchedulerOptions::default(),
-            chat_template: None,
-        }
-    }
 }
 
 enum Message {
@@ -67,7 +59,11 @@ pub fn prepare(
                     "the model has no chat template (serve --chat-template FILE gives one); send `prompt` instead".into(),
                 ));
             };
-            (t.render(m, true).map_err(|e| ("invalid_prompt", e.to_string()))?, false)
+            (
+                t.render(m, true)
+                    .map_err(|e| ("invalid_prompt", e.to_string()))?,
+                false,
+            )
         }
     };
     let tokens = model
@@ -235,7 +231,12 @@ impl<W: Write> Writer<W> {
                         out.text.insert_str(0, &echo);
                     }
                 }
-                self.write(&protocol::completion(&tag.id, &self.model, tag.stream, &out))
+                self.write(&protocol::completion(
+                    &tag.id,
+                    &self.model,
+                    tag.stream,
+                    &out,
+                ))
             }
         }
         self.failed.is_none()

@@ -400,10 +400,9 @@ fn messages(v: &Value) -> Result<Vec<Value>, FieldError> {
     let mut bytes = 0;
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
-        let o = m.as_object().ok_or((
-            "invalid_type",
-            format!("`messages[{i}]` must be an object"),
-        ))?;
+        let o = m
+            .as_object()
+            .ok_or(("invalid_type", format!("`messages[{i}]` must be an object")))?;
         only_fields(o, &["role", "content", "name"])
             .map_err(|(c, msg)| (c, format!("in `messages[{i}]`: {msg}")))?;
         let role = o.get("role").and_then(Value::as_str).ok_or((
@@ -647,16 +646,23 @@ mod tests {
     fn openai_fields_are_used_or_refused_by_name() {
         let chat = |extra: serde_json::Value| {
             let mut v = json!({"messages": [{"role": "user", "content": "hi"}]});
-            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
             http(Api::Chat, v)
         };
-        let ok = chat(json!({"n": 1, "logprobs": false, "top_logprobs": 0, "presence_penalty": 0,
+        let ok = chat(
+            json!({"n": 1, "logprobs": false, "top_logprobs": 0, "presence_penalty": 0,
             "frequency_penalty": 0.0, "repetition_penalty": 1, "min_p": 0, "logit_bias": {},
             "user": "u", "model": "m", "seed": 3, "stop": "x", "tools": [],
-            "response_format": {"type": "text"}, "stream_options": {"include_usage": true}}))
+            "response_format": {"type": "text"}, "stream_options": {"include_usage": true}}),
+        )
         .unwrap();
         assert!(ok.include_usage);
-        assert_eq!(ok.max_tokens, None, "chat runs to the end of the context by default");
+        assert_eq!(
+            ok.max_tokens, None,
+            "chat runs to the end of the context by default"
+        );
         for (field, value) in [
             ("n", json!(2)),
             ("logprobs", json!(true)),
@@ -688,13 +694,23 @@ mod tests {
             assert_eq!(code, "unknown_field", "{field}");
             assert!(msg.contains(&format!("`{field}`")), "{msg}");
         }
-        let (code, msg) = chat(json!({"messages": [{"role": "user", "content": "x", "tool_call_id": 1}]}))
-            .unwrap_err();
-        assert!(code == "unknown_field" && msg.contains("messages[0]"), "{msg}");
+        let (code, msg) =
+            chat(json!({"messages": [{"role": "user", "content": "x", "tool_call_id": 1}]}))
+                .unwrap_err();
+        assert!(
+            code == "unknown_field" && msg.contains("messages[0]"),
+            "{msg}"
+        );
         let parts = chat(json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}))
             .unwrap();
-        assert_eq!(parts.input, PromptInput::Messages(vec![json!({"role": "user", "content": "ab"})]));
+        assert_eq!(
+            parts.input,
+            PromptInput::Messages(vec![json!({"role": "user", "content": "ab"})])
+        );
         let c = http(Api::Completions, json!({"prompt": ["one"], "echo": true})).unwrap();
-        assert_eq!((c.input, c.echo, c.max_tokens), (PromptInput::Text("one".into()), true, Some(16)));
+        assert_eq!(
+            (c.input, c.echo, c.max_tokens),
+            (PromptInput::Text("one".into()), true, Some(16))
+        );
     }
 }

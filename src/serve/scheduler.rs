@@ -177,8 +177,16 @@ impl<'e, T> Scheduler<'e, T> {
         // tokenizer larger than the model) ends alone instead of failing the whole batch.
         let vocab = engine.model().config.vocab_size;
         for j in &mut self.active {
-            if let Some(&bad) = j.gen.batch_item().tokens.iter().find(|&&t| t as usize >= vocab) {
-                eprintln!("serve: a request failed: token id {bad} is outside the vocabulary of {vocab}");
+            if let Some(&bad) = j
+                .gen
+                .batch_item()
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= vocab)
+            {
+                eprintln!(
+                    "serve: a request failed: token id {bad} is outside the vocabulary of {vocab}"
+                );
                 j.gen.fail();
             }
         }

@@ -95,7 +95,12 @@ pub(super) fn handle(request: Request, shared: &Shared) {
             complete(request, shared, api, &model)
         }
         (_, p) if api_for(p).is_some() || ["/health", "/v1/models", "/metrics"].contains(&p) => {
-            fail(request, 405, "method_not_allowed", "method not allowed here")
+            fail(
+                request,
+                405,
+                "method_not_allowed",
+                "method not allowed here",
+            )
         }
         _ => fail(request, 404, "not_found", &format!("no route {path}")),
     }
@@ -153,7 +158,14 @@ fn complete(mut request: Request, shared: &Shared, api: Api, model: &str) {
     };
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return fail(request, 400, "invalid_json", &format!("malformed JSON: {e}")),
+        Err(e) => {
+            return fail(
+                request,
+                400,
+                "invalid_json",
+                &format!("malformed JSON: {e}"),
+            )
+        }
     };
     let Some(obj) = value.as_object() else {
         return fail(
@@ -249,7 +261,10 @@ impl Sse<'_> {
         }
         let mut ok = true;
         if self.chat {
-            ok &= event(&mut w, &openai::chat_chunk(self.ids, json!({"role": "assistant", "content": ""}), None));
+            ok &= event(
+                &mut w,
+                &openai::chat_chunk(self.ids, json!({"role": "assistant", "content": ""}), None),
+            );
         }
         if !echo.is_empty() {
             ok &= self.text(&mut w, &echo);
