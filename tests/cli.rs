@@ -147,3 +147,47 @@ fn the_default_model_prints_readable_text() {
     );
     assert_eq!(text, run(Some(model())).0);
 }
+
+/// The penalties reach the sampler: greedy decoding of the trained model repeats "the LORD",
+/// a repetition or presence penalty changes the text, and out-of-range values are refused.
+#[test]
+fn penalties_change_greedy_text_and_are_range_checked() {
+    let greedy = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+            .args([
+                "generate",
+                "--threads",
+                "1",
+                "--prompt",
+                "In the beginning",
+                "-n",
+                "30",
+            ])
+            .arg("--model")
+            .arg(model())
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (_, plain, _) = greedy(&[]);
+    assert!(plain.matches("LORD").count() >= 2, "{plain}");
+    for flag in [
+        ["--repetition-penalty", "1.5"],
+        ["--presence-penalty", "1.5"],
+        ["--frequency-penalty", "1"],
+    ] {
+        let (ok, text, err) = greedy(&flag);
+        assert!(ok, "{err}");
+        assert_ne!(text, plain, "{flag:?} changed nothing");
+    }
+    let (ok, _, err) = greedy(&["--frequency-penalty", "-2.5"]);
+    assert!(
+        !ok && err.contains("--frequency-penalty must be in [-2, 2]"),
+        "{err}"
+    );
+}

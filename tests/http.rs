@@ -221,6 +221,8 @@ struct Good {
     top_p: f64,
     seed: u64,
     stop: Vec<&'static str>,
+    /// presence, frequency, repetition.
+    penalties: (f64, f64, f64),
 }
 
 fn goods() -> Vec<Good> {
@@ -244,6 +246,12 @@ fn goods() -> Vec<Good> {
             top_p: [1.0, 0.9][(i / 2) % 2],
             seed: i as u64 * 7 + 1,
             stop: if i % 5 == 0 { vec![";"] } else { vec![] },
+            penalties: match i % 8 {
+                3 => (0.8, 0.0, 1.0),
+                5 => (0.0, 0.6, 1.3),
+                6 => (-0.5, 0.3, 0.9),
+                _ => (0.0, 0.0, 1.0),
+            },
         })
         .collect()
 }
@@ -253,7 +261,8 @@ impl Good {
         let mut v = json!({
             "model": "trained-moe", "max_tokens": self.max_tokens, "temperature": self.temperature,
             "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed, "stop": self.stop,
-            "stream": true, "user": "test",
+            "stream": true, "user": "test", "presence_penalty": self.penalties.0,
+            "frequency_penalty": self.penalties.1, "repetition_penalty": self.penalties.2,
         });
         if self.chat {
             v["messages"] = json!([{"role": "user", "content": self.prompt}]);
@@ -285,6 +294,14 @@ impl Good {
         cmd.args(["--top-k", &self.top_k.to_string()]);
         cmd.args(["--top-p", &self.top_p.to_string()]);
         cmd.args(["--seed", &self.seed.to_string()]);
+        let (p, f, r) = self.penalties;
+        cmd.args([
+            "--presence-penalty",
+            &p.to_string(),
+            "--frequency-penalty",
+            &f.to_string(),
+        ]);
+        cmd.args(["--repetition-penalty", &r.to_string()]);
         for s in &self.stop {
             cmd.args(["--stop", s]);
         }

@@ -1,7 +1,8 @@
 //! `edgemoe generate`: one completion, streamed to stdout (or one JSON object with `--json`).
 
 use super::ModelArgs;
-use crate::engine::generation::{generate, GenerateRequest};
+use crate::engine::generation::{run as run_generation, GenerateRequest, Generation};
+use crate::engine::penalties::Penalties;
 use crate::engine::sampling::SamplingParams;
 use crate::util::memory::MemoryReport;
 use std::io::Write;
@@ -29,6 +30,28 @@ pub struct GenerateArgs {
     /// repeated), as serve does.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// OpenAI's presence penalty: subtracted from the logit of every token already generated
+    /// (-2 to 2; 0 = off).
+    #[arg(
+        long = "presence-penalty",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty: subtracted once per time a token was generated (-2 to 2).
+    #[arg(
+        long = "frequency-penalty",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    pub frequency_penalty: f32,
+    /// transformers' repetition penalty over prompt and completion tokens (1 = off).
+    #[arg(
+        long = "repetition-penalty",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
+    pub repetition_penalty: f32,
     /// Stop when this string appears (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
@@ -61,6 +84,17 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         anyhow::bail!("--top-p must be in (0, 1]");
     }
+    let penalties = Penalties {
+        presence: a.presence_penalty,
+        frequency: a.frequency_penalty,
+        repetition: a.repetition_penalty,
+    };
+    penalties.validate().map_err(|m| {
+        anyhow::anyhow!(
+            "{}",
+            m.replacen('`', "--", 1).replace('`', "").replace('_', "-")
+        )
+    })?;
     let engine = a.model.engine()?;
     let memory_at_load = MemoryReport::new(engine.model().weight_memory(), 0);
     if !a.json {
@@ -82,7 +116,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         stop: a.stop.clone(),
     };
     let mut stdout = std::io::stdout().lock();
-    let out = generate(&engine, &req, |piece| {
+    let mut gen = Generation::new(&engine, &req)?;
+    gen.set_penalties(penalties);
+    let out = run_generation(&engine, gen, |piece| {
         if !a.json && !piece.is_empty() {
             // A closed stdout (e.g. `| head`) ends generation instead of panicking.
             return write!(stdout, "{piece}")

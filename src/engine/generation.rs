@@ -2,6 +2,7 @@
 //! takes the logits back, samples, decodes a text piece, and decides when to finish (eos, a stop
 //! string, the token limit). `generate` drives one alone; `serve` batches many.
 
+use super::penalties::{Penalties, PenaltyState};
 use super::sampling::{Sampler, SamplingParams};
 use super::{BatchItem, Engine, Logits};
 use crate::error::{Error, Result};
@@ -60,6 +61,8 @@ pub struct Generation {
     prefilled: usize,
     /// Tokens the last `batch_item` handed out.
     step_tokens: usize,
+    /// Presence, frequency and repetition penalties, when any is on.
+    penalties: Option<PenaltyState>,
 }
 
 impl Generation {
@@ -138,6 +141,7 @@ impl Generation {
             prefill_chunk: 0,
             prefilled: 0,
             step_tokens: 0,
+            penalties: None,
         })
     }
 
@@ -150,6 +154,11 @@ impl Generation {
             self.prompt.len().saturating_add(self.max_tokens),
         );
         std::mem::replace(&mut self.cache, cache)
+    }
+
+    /// Penalizes tokens already seen (see [`Penalties`]) from the next sample on.
+    pub fn set_penalties(&mut self, p: Penalties) {
+        self.penalties = (!p.is_off()).then(|| PenaltyState::new(p, &self.prompt));
     }
 
     /// Prefills the prompt at most `tokens` tokens per step (0: all at once), so a long prompt
@@ -207,8 +216,17 @@ impl Generation {
             self.prefill_ms = self.started.elapsed().as_secs_f64() * 1e3;
             self.decode_started = Some(Instant::now());
         }
-        let token = match self.sampler.sample(logits) {
-            Ok(token) => token,
+        let sampled = match &self.penalties {
+            Some(p) => self.sampler.sample(&p.apply(logits)),
+            None => self.sampler.sample(logits),
+        };
+        let token = match sampled {
+            Ok(token) => {
+                if let Some(p) = &mut self.penalties {
+                    p.push(token);
+                }
+                token
+            }
             Err(e) => {
                 self.fail();
                 return Err(e);
@@ -324,9 +342,17 @@ fn partial_suffix(text: &str, stop: &str) -> usize {
 pub fn generate(
     engine: &Engine,
     req: &GenerateRequest,
+    on_text: impl FnMut(&str) -> bool,
+) -> Result<GenerateOutput> {
+    run(engine, Generation::new(engine, req)?, on_text)
+}
+
+/// Runs a prepared generation to the end, as [`generate`] does.
+pub fn run(
+    engine: &Engine,
+    mut g: Generation,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<GenerateOutput> {
-    let mut g = Generation::new(engine, req)?;
     let tokenizer = &engine.model().tokenizer;
     while g.finished().is_none() {
         let logits = engine.forward(&mut [g.batch_item()])?;

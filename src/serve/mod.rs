@@ -88,8 +88,10 @@ pub fn prepare(
         Some(m) => m,
         None => limit - n,
     };
-    Generation::from_tokens(engine, tokens, &req.generate_request(text, max_tokens))
-        .map_err(|e| ("invalid_prompt", e.to_string()))
+    let mut gen = Generation::from_tokens(engine, tokens, &req.generate_request(text, max_tokens))
+        .map_err(|e| ("invalid_prompt", e.to_string()))?;
+    gen.set_penalties(req.penalties);
+    Ok(gen)
 }
 
 /// Serves until `input` ends and every admitted request has finished.

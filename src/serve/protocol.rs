@@ -2,6 +2,7 @@
 //! and validating input lines, and building the output objects.
 
 use crate::engine::generation::{FinishReason, GenerateOutput, GenerateRequest};
+use crate::engine::penalties::Penalties;
 use crate::engine::sampling::SamplingParams;
 use serde_json::{json, Map, Value};
 
@@ -42,6 +43,7 @@ pub struct Request {
     pub stop: Vec<String>,
     /// `stream_options.include_usage`: a last chunk with the token counts.
     pub include_usage: bool,
+    pub penalties: Penalties,
 }
 
 impl Request {
@@ -276,6 +278,12 @@ pub fn parse_request(obj: &Map<String, Value>, api: Api) -> Result<Request, Fiel
         }
     }
     let stop = stop_field(obj)?;
+    let penalties = Penalties {
+        presence: number(obj, "presence_penalty", 0.0)? as f32,
+        frequency: number(obj, "frequency_penalty", 0.0)? as f32,
+        repetition: number(obj, "repetition_penalty", 1.0)? as f32,
+    };
+    penalties.validate().map_err(|m| ("invalid_value", m))?;
     Ok(Request {
         input,
         stream,
@@ -289,6 +297,7 @@ pub fn parse_request(obj: &Map<String, Value>, api: Api) -> Result<Request, Fiel
         },
         stop,
         include_usage,
+        penalties,
     })
 }
 
@@ -325,14 +334,6 @@ fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), FieldError> {
         if !empty(field) {
             return refuse(field, "log-probabilities are not returned");
         }
-    }
-    for field in ["presence_penalty", "frequency_penalty"] {
-        if !num_is(field, 0.0) {
-            return refuse(field, "only 0 (no penalty)");
-        }
-    }
-    if !num_is("repetition_penalty", 1.0) {
-        return refuse("repetition_penalty", "only 1 (no penalty)");
     }
     if !num_is("min_p", 0.0) {
         return refuse("min_p", "only 0; use `top_p` or `top_k`");
@@ -659,6 +660,17 @@ mod tests {
         )
         .unwrap();
         assert!(ok.include_usage);
+        let p = chat(
+            json!({"presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.1}),
+        )
+        .unwrap()
+        .penalties;
+        assert_eq!((p.presence, p.frequency, p.repetition), (0.5, -1.0, 1.1));
+        let (code, msg) = chat(json!({"frequency_penalty": 2.5})).unwrap_err();
+        assert!(
+            code == "invalid_value" && msg.contains("`frequency_penalty`"),
+            "{msg}"
+        );
         assert_eq!(
             ok.max_tokens, None,
             "chat runs to the end of the context by default"
@@ -667,9 +679,6 @@ mod tests {
             ("n", json!(2)),
             ("logprobs", json!(true)),
             ("top_logprobs", json!(3)),
-            ("presence_penalty", json!(0.5)),
-            ("frequency_penalty", json!(-1)),
-            ("repetition_penalty", json!(1.1)),
             ("min_p", json!(0.05)),
             ("logit_bias", json!({"5": 10})),
             ("tools", json!([{"type": "function"}])),
