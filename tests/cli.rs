@@ -2,14 +2,13 @@
 //! `--seed` samples with a fresh seed it prints (so the run can be repeated), and a reader that
 //! goes away (`| head`) ends `generate` quietly.
 
-use clap::CommandFactory;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 #[test]
 fn every_option_has_help() {
-    let cli = edgemoe::cli::Cli::command();
+    let cli = edgemoe::cli::command();
     let mut missing = Vec::new();
     for sub in cli.get_subcommands() {
         for arg in sub.get_arguments() {
@@ -190,4 +189,34 @@ fn penalties_change_greedy_text_and_are_range_checked() {
         !ok && err.contains("--frequency-penalty must be in [-2, 2]"),
         "{err}"
     );
+}
+
+/// A negative number is an option's value: out of range, not an unknown argument.
+#[test]
+fn negative_numbers_are_values() {
+    for (args, want) in [
+        (
+            &["generate", "--prompt", "x", "--temp", "-1"][..],
+            "--temp must be",
+        ),
+        (
+            &["generate", "--prompt", "x", "-n", "-5"][..],
+            "invalid value '-5' for '--max-tokens",
+        ),
+        (
+            &["serve", "--max-batch", "-1"][..],
+            "invalid value '-1' for '--max-batch",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("unexpected argument"), "{err}");
+    }
 }
