@@ -571,3 +571,68 @@ fn rss_stays_flat_over_1000_requests() {
         "RSS grew from {before} KiB to {after} KiB"
     );
 }
+
+/// The socket is bound before the model loads: `/health` and the API answer 503 with
+/// `Retry-After` while loading, then `/health` answers 200 and requests run.
+#[test]
+fn health_is_503_while_loading() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let opts = edgemoe::serve::http::HttpOptions {
+        addr: addr.clone(),
+        ..Default::default()
+    };
+    std::thread::spawn(move || {
+        edgemoe::serve::http::serve_http(opts, move || {
+            wait.recv().ok();
+            let model = edgemoe::load_model(Some(&model_dir()))?;
+            Ok((edgemoe::Engine::new(std::sync::Arc::new(model), 1)?, None))
+        })
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let h = request(&addr, "GET", "/health", None, &[]);
+    assert_eq!(
+        (h.status, h.json()["status"].clone()),
+        (503, json!("loading"))
+    );
+    assert_eq!(h.header("retry-after"), Some("1"));
+    let r = post(
+        &addr,
+        "/v1/completions",
+        &json!({"prompt": "And", "max_tokens": 2}),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (503, json!("loading"))
+    );
+    go.send(()).unwrap();
+    while request(&addr, "GET", "/health", None, &[]).status != 200 {
+        assert!(Instant::now() < deadline, "never became ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = post(
+        &addr,
+        "/v1/completions",
+        &json!({"prompt": "And", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200);
+    // Without a chat template, a chat request says so.
+    let r = post(
+        &addr,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "x"}]}),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (400, json!("no_chat_template"))
+    );
+}
