@@ -88,3 +88,78 @@ fn a_prompt_past_the_context_is_refused_with_the_numbers() {
         "{err}"
     );
 }
+
+/// The C API treats the context as `generate` does: a long completion stops at it with the
+/// same text, a prompt that fills it is refused with the numbers.
+#[test]
+fn the_c_api_stops_and_refuses_at_the_context() {
+    use edgemoe::capi::*;
+    use std::ffi::{CStr, CString};
+    let path = CString::new(fixture("opt-tiny-proj").to_str().unwrap()).unwrap();
+    let (mut model, mut session) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: every pointer is a valid C string, out-pointer or NULL, as the C API asks.
+    unsafe {
+        assert_eq!(
+            edgemoe_model_load(path.as_ptr(), std::ptr::null(), &mut model),
+            EDGEMOE_OK
+        );
+        assert_eq!(
+            edgemoe_session_new(model, std::ptr::null(), &mut session),
+            EDGEMOE_OK
+        );
+        let mut params = edgemoe_generate_default_params();
+        (params.max_tokens, params.temperature, params.seed) = (1000, 1.0, 3);
+        let prompt = CString::new("hello world").unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0usize;
+        let none = None;
+        let rc = edgemoe_generate(
+            session,
+            prompt.as_ptr(),
+            &params,
+            none,
+            std::ptr::null_mut(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut n,
+        );
+        assert_eq!(rc, EDGEMOE_OK, "{:?}", CStr::from_ptr(edgemoe_last_error()));
+        let text = String::from_utf8(buf[..n].to_vec()).unwrap();
+        let out = edgemoe(
+            &[
+                "generate",
+                "--json",
+                "--prompt",
+                "hello world",
+                "-n",
+                "1000",
+                "--temp",
+                "1",
+                "--seed",
+                "3",
+            ],
+            "opt-tiny-proj",
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(text, v["text"].as_str().unwrap());
+
+        let long = CString::new("hello world ".repeat(100)).unwrap();
+        let rc = edgemoe_generate(
+            session,
+            long.as_ptr(),
+            &params,
+            none,
+            std::ptr::null_mut(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut n,
+        );
+        assert_eq!(rc, EDGEMOE_ERR_INVALID_INPUT);
+        let err = CStr::from_ptr(edgemoe_last_error())
+            .to_string_lossy()
+            .into_owned();
+        assert!(err.contains("the model's context is 128 tokens"), "{err}");
+        edgemoe_session_free(session);
+        edgemoe_model_free(model);
+    }
+}
