@@ -120,7 +120,9 @@ impl<'e, T> Scheduler<'e, T> {
             self.finish(Job { tag, gen }, emit);
             return Ok(());
         }
-        if self.waiting.len() >= self.opts.max_queue {
+        // Requests the next step admits into free batch places do not count as queued.
+        let free = self.opts.max_batch.saturating_sub(self.active.len());
+        if self.waiting.len() >= self.opts.max_queue + free {
             self.counters.rejected_queue_full += 1;
             return Err(tag);
         }
@@ -373,14 +375,17 @@ mod tests {
         );
         let mut emit = |_: &mut u32, _: Event| true;
         let g = || Generation::from_tokens(&engine, vec![1, 2], &req()).unwrap();
-        assert!(s.submit(0, g(), &mut emit).is_ok());
-        assert!(s.submit(1, g(), &mut emit).is_ok());
-        assert_eq!(s.submit(2, g(), &mut emit).err(), Some(2));
+        // One place in the batch and two in the queue.
+        for i in 0..3 {
+            assert!(s.submit(i, g(), &mut emit).is_ok());
+        }
+        assert_eq!(s.submit(3, g(), &mut emit).err(), Some(3));
         assert_eq!(s.counters.rejected_queue_full, 1);
         // Queued requests hold no KV memory until admitted.
         assert_eq!(s.kv_bytes(), 0);
         s.step(&mut emit);
         assert!(s.kv_bytes() > 0);
-        assert_eq!((s.active_len(), s.queue_depth()), (1, 1));
+        assert_eq!((s.active_len(), s.queue_depth()), (1, 2));
+        assert_eq!(s.submit(4, g(), &mut emit).err(), Some(4));
     }
 }
