@@ -141,9 +141,11 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     let meta = serde_json::json!({"method": a.method, "options": opts, "summary": recorded});
     let written = quant::store::write_emoe(&model, meta, &a.out)?;
     println!(
-        "quantized {} with {:?} in {:.1} s → {} ({:.1} MB)",
+        "quantized {} with {} in {:.1} s → {} ({:.1} MB)",
         a.model.display(),
-        a.method,
+        // The name the user typed (`haq`), not the Rust variant.
+        clap::ValueEnum::to_possible_value(&a.method)
+            .map_or("?".into(), |v| v.get_name().to_string()),
         started.elapsed().as_secs_f64(),
         a.out.display(),
         written.total_bytes as f64 / 1e6
