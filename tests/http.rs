@@ -418,13 +418,13 @@ fn concurrent_streams_match_generate_and_bad_requests_fail_alone() {
         let refused = post(
             a,
             "/v1/chat/completions",
-            &json!({"messages": [{"role": "user", "content": "x"}], "n": 2}),
+            &json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true}),
         );
         assert_eq!(refused.status, 400);
         assert!(refused.json()["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("`n`"));
+            .contains("`logprobs`"));
         let long = post(
             a,
             "/v1/completions",
@@ -635,4 +635,51 @@ fn health_is_503_while_loading() {
         (r.status, r.json()["error"]["code"].clone()),
         (400, json!("no_chat_template"))
     );
+}
+
+/// `n` choices: choice i is the request with seed + i, whole or streamed (chunks carry their
+/// choice's index; one `[DONE]` after the last).
+#[test]
+fn n_choices_are_seeds_in_a_row() {
+    let server = start(&[]);
+    let addr = server.addr.as_str();
+    let g = |seed: u64, chat: bool| Good {
+        chat,
+        prompt: "Blessed are".into(),
+        max_tokens: 12,
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed,
+        stop: vec![],
+        penalties: (0.0, 0.0, 1.0),
+    };
+    let mut body = g(5, false).body();
+    body["n"] = json!(3);
+    body["stream"] = json!(false);
+    let v = post(addr, "/v1/completions", &body).json();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(
+            c["text"].as_str().unwrap(),
+            g(5 + i as u64, false).generate()
+        );
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 36);
+    let mut body = g(9, true).body();
+    body["n"] = json!(2);
+    let r = post(addr, "/v1/chat/completions", &body);
+    let events = r.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let mut text = [String::new(), String::new()];
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        let c = &v["choices"][0];
+        let i = c["index"].as_u64().unwrap() as usize;
+        text[i].push_str(c["delta"]["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!(text[0], g(9, true).generate());
+    assert_eq!(text[1], g(10, true).generate());
 }

@@ -8,6 +8,8 @@ use serde_json::{json, Map, Value};
 
 /// Longest prompt accepted, in bytes, before tokenizing (the token limit is checked after).
 pub const MAX_PROMPT_BYTES: usize = 1 << 20;
+/// Most choices one HTTP request may ask for (`n`).
+pub const MAX_N: u64 = 16;
 /// OpenAI allows at most four stop sequences.
 pub const MAX_STOP: usize = 4;
 
@@ -44,6 +46,8 @@ pub struct Request {
     /// `stream_options.include_usage`: a last chunk with the token counts.
     pub include_usage: bool,
     pub penalties: Penalties,
+    /// Choices to generate (HTTP only; choice i samples with seed + i).
+    pub n: usize,
 }
 
 impl Request {
@@ -284,6 +288,22 @@ pub fn parse_request(obj: &Map<String, Value>, api: Api) -> Result<Request, Fiel
         repetition: number(obj, "repetition_penalty", 1.0)? as f32,
     };
     penalties.validate().map_err(|m| ("invalid_value", m))?;
+    let n = match (uint(obj, "n", 1)?, api) {
+        (1, _) => 1,
+        (_, Api::Lines) => {
+            return Err((
+                "unsupported_value",
+                "`n` is not supported on JSON lines: one choice per id; send several lines".into(),
+            ))
+        }
+        (n @ 2..=MAX_N, _) => n as usize,
+        (n, _) => {
+            return Err((
+                "invalid_value",
+                format!("`n` must be from 1 to {MAX_N}, got {n}"),
+            ))
+        }
+    };
     Ok(Request {
         input,
         stream,
@@ -298,6 +318,7 @@ pub fn parse_request(obj: &Map<String, Value>, api: Api) -> Result<Request, Fiel
         stop,
         include_usage,
         penalties,
+        n,
     })
 }
 
@@ -324,9 +345,6 @@ fn refuse_unsupported(obj: &Map<String, Value>) -> Result<(), FieldError> {
             Value::String(s) => s.is_empty() || s == "none" || s == "auto",
         })
     };
-    if !num_is("n", 1.0) {
-        return refuse("n", "one choice per request; send several requests");
-    }
     if !num_is("best_of", 1.0) {
         return refuse("best_of", "one candidate per request");
     }
@@ -675,8 +693,17 @@ mod tests {
             ok.max_tokens, None,
             "chat runs to the end of the context by default"
         );
+        assert_eq!(chat(json!({"n": 3})).unwrap().n, 3);
+        for bad in [0, 17] {
+            let (code, msg) = chat(json!({ "n": bad })).unwrap_err();
+            assert!(code == "invalid_value" && msg.contains("`n`"), "{msg}");
+        }
+        let (code, _) = parse_line(r#"{"prompt":"x","n":2}"#, || "a".into())
+            .map(|_| ())
+            .map_err(|b| (b.code, b.message))
+            .unwrap_err();
+        assert_eq!(code, "unsupported_value");
         for (field, value) in [
-            ("n", json!(2)),
             ("logprobs", json!(true)),
             ("top_logprobs", json!(3)),
             ("min_p", json!(0.05)),

@@ -183,15 +183,22 @@ fn complete(mut request: Request, shared: &Shared, api: Api, model: &str) {
         (PromptInput::Text(t), true) => t.clone(),
         _ => String::new(),
     };
-    let (stream, include_usage) = (req.stream, req.include_usage);
+    let (stream, include_usage, n) = (req.stream, req.include_usage, req.n);
     let (tx, rx) = mpsc::channel();
-    if shared
-        .to_scheduler
-        .send(ToScheduler::Submit { req, reply: tx })
-        .is_err()
-    {
-        return fail(request, 503, "unavailable", "the scheduler has stopped");
+    // `n` choices are `n` requests on the scheduler; choice i samples with seed + i.
+    for index in 0..n {
+        let mut one = req.clone();
+        one.sampling.seed = req.sampling.seed.wrapping_add(index as u64);
+        let msg = ToScheduler::Submit {
+            req: one,
+            index,
+            reply: tx.clone(),
+        };
+        if shared.to_scheduler.send(msg).is_err() {
+            return fail(request, 503, "unavailable", "the scheduler has stopped");
+        }
     }
+    drop(tx);
     let chat = api == Api::Chat;
     let id = format!(
         "{}-{}",
@@ -213,21 +220,26 @@ fn complete(mut request: Request, shared: &Shared, api: Api, model: &str) {
             ids: &ids,
             chat,
             include_usage,
+            n,
         };
         sse.run(request, echo, first, rx);
         return;
     }
-    let out = match first {
-        Reply::Done(out) => out,
-        _ => match rx.iter().find_map(|r| match r {
-            Reply::Done(out) => Some(out),
-            _ => None,
-        }) {
-            Some(out) => out,
-            None => return fail(request, 500, "internal", "the request was lost"),
-        },
+    let mut outs: Vec<Option<GenerateOutput>> = vec![None; n];
+    for r in std::iter::once(first).chain(rx.iter()) {
+        match r {
+            Reply::Done(i, out) => outs[i] = Some(out),
+            Reply::Refused(status, code, msg) => return fail(request, status, code, &msg),
+            Reply::Text(..) => {}
+        }
+        if outs.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let Some(outs) = outs.into_iter().collect::<Option<Vec<_>>>() else {
+        return fail(request, 500, "internal", "the request was lost");
     };
-    if out.finish_reason == FinishReason::Error {
+    if outs.iter().any(|o| o.finish_reason == FinishReason::Error) {
         return fail(
             request,
             500,
@@ -235,21 +247,23 @@ fn complete(mut request: Request, shared: &Shared, api: Api, model: &str) {
             "generation failed (the server log has the cause)",
         );
     }
-    let text = echo + &out.text;
-    let body = if chat {
-        openai::chat(&ids, &text, &out)
-    } else {
-        openai::completion(&ids, &text, &out)
-    };
-    send(request, json_response(200, &body))
+    let choices: Vec<(String, GenerateOutput)> = outs
+        .into_iter()
+        .map(|o| (echo.clone() + &o.text, o))
+        .collect();
+    send(
+        request,
+        json_response(200, &openai::whole(&ids, chat, &choices)),
+    )
 }
 
 /// A streamed answer: server-sent events in a chunked HTTP/1.1 body, one flushed chunk per
-/// event, ending in `data: [DONE]`.
+/// event, ending in `data: [DONE]` once every choice has ended.
 struct Sse<'a> {
     ids: &'a Ids<'a>,
     chat: bool,
     include_usage: bool,
+    n: usize,
 }
 
 impl Sse<'_> {
@@ -260,16 +274,17 @@ impl Sse<'_> {
             return;
         }
         let mut ok = true;
-        if self.chat {
-            ok &= event(
-                &mut w,
-                &openai::chat_chunk(self.ids, json!({"role": "assistant", "content": ""}), None),
-            );
+        for i in 0..self.n {
+            if self.chat {
+                let role = json!({"role": "assistant", "content": ""});
+                ok &= event(&mut w, &openai::chat_chunk(self.ids, i, role, None));
+            }
+            if !echo.is_empty() {
+                ok &= self.text(&mut w, i, &echo);
+            }
         }
-        if !echo.is_empty() {
-            ok &= self.text(&mut w, &echo);
-        }
-        // Returning drops `rx`: the scheduler's next send fails and cancels the request.
+        // Returning drops `rx`: the scheduler's next send fails and cancels the requests.
+        let mut done: Vec<GenerateOutput> = Vec::with_capacity(self.n);
         let mut reply = Some(first);
         while ok {
             let r = match reply.take() {
@@ -280,10 +295,18 @@ impl Sse<'_> {
                 },
             };
             match r {
-                Reply::Text(t) => ok = self.text(&mut w, &t),
-                Reply::Done(out) => {
-                    self.done(&mut w, &out);
-                    return;
+                Reply::Text(i, t) => ok = self.text(&mut w, i, &t),
+                Reply::Done(i, out) => {
+                    ok = self.choice_done(&mut w, i, &out);
+                    done.push(out);
+                    if done.len() == self.n {
+                        if ok && self.include_usage {
+                            let usage = openai::usage_of(done.iter());
+                            event(&mut w, &openai::usage_chunk(self.ids, self.chat, usage));
+                        }
+                        finish(&mut w);
+                        return;
+                    }
                 }
                 Reply::Refused(_, code, msg) => {
                     event(&mut w, &openai::error(&msg, "invalid_request_error", code));
@@ -294,31 +317,27 @@ impl Sse<'_> {
         }
     }
 
-    fn text(&self, w: &mut impl Write, text: &str) -> bool {
+    fn text(&self, w: &mut impl Write, index: usize, text: &str) -> bool {
         let v = if self.chat {
-            openai::chat_chunk(self.ids, json!({"content": text}), None)
+            openai::chat_chunk(self.ids, index, json!({"content": text}), None)
         } else {
-            openai::completion_chunk(self.ids, text, None)
+            openai::completion_chunk(self.ids, index, text, None)
         };
         event(w, &v)
     }
 
-    fn done(&self, w: &mut impl Write, out: &GenerateOutput) {
+    /// The last chunk of one choice (an error event when it failed).
+    fn choice_done(&self, w: &mut impl Write, index: usize, out: &GenerateOutput) -> bool {
         if out.finish_reason == FinishReason::Error {
             let msg = "generation failed (the server log has the cause)";
-            event(w, &openai::error(msg, "server_error", "generation_failed"));
-        } else {
-            let last = if self.chat {
-                openai::chat_chunk(self.ids, json!({}), Some(out.finish_reason))
-            } else {
-                openai::completion_chunk(self.ids, "", Some(out.finish_reason))
-            };
-            event(w, &last);
-            if self.include_usage {
-                event(w, &openai::usage_chunk(self.ids, self.chat, out));
-            }
+            return event(w, &openai::error(msg, "server_error", "generation_failed"));
         }
-        finish(w);
+        let last = if self.chat {
+            openai::chat_chunk(self.ids, index, json!({}), Some(out.finish_reason))
+        } else {
+            openai::completion_chunk(self.ids, index, "", Some(out.finish_reason))
+        };
+        event(w, &last)
     }
 }
 

@@ -63,6 +63,8 @@ struct Shared {
 enum ToScheduler {
     Submit {
         req: Request,
+        /// Which of the request's `n` choices this is.
+        index: usize,
         reply: mpsc::Sender<Reply>,
     },
     Metrics(mpsc::Sender<String>),
@@ -72,14 +74,17 @@ enum ToScheduler {
 enum Reply {
     /// Refused before any work: HTTP status, error code, message.
     Refused(u16, &'static str, String),
-    Text(String),
-    Done(GenerateOutput),
+    /// New text of choice `.0`.
+    Text(usize, String),
+    /// Choice `.0` ended.
+    Done(usize, GenerateOutput),
 }
 
 /// A request's data inside the scheduler.
 struct Tag {
     reply: mpsc::Sender<Reply>,
     stream: bool,
+    index: usize,
 }
 
 /// Binds `opts.addr`, then loads the model with `load` (answering 503 meanwhile) and serves
@@ -151,9 +156,12 @@ fn run_scheduler(
 ) {
     let mut sched: Scheduler<Tag> = Scheduler::new(engine, opts);
     let mut emit = |tag: &mut Tag, ev: Event| match ev {
-        Event::Text(t) if tag.stream => tag.reply.send(Reply::Text(t.to_string())).is_ok(),
+        Event::Text(t) if tag.stream => tag
+            .reply
+            .send(Reply::Text(tag.index, t.to_string()))
+            .is_ok(),
         Event::Text(_) => true,
-        Event::Done(out) => tag.reply.send(Reply::Done(out.clone())).is_ok(),
+        Event::Done(out) => tag.reply.send(Reply::Done(tag.index, out.clone())).is_ok(),
     };
     loop {
         if sched.is_idle() {
@@ -179,7 +187,7 @@ fn take(
         ToScheduler::Metrics(reply) => {
             let _ = reply.send(metrics::render(sched));
         }
-        ToScheduler::Submit { req, reply } => {
+        ToScheduler::Submit { req, index, reply } => {
             let gen = match super::prepare(sched.engine(), chat, &req) {
                 Ok(g) => g,
                 Err((code, msg)) => {
@@ -190,6 +198,7 @@ fn take(
             let tag = Tag {
                 reply,
                 stream: req.stream,
+                index,
             };
             if let Err(tag) = sched.submit(tag, gen, emit) {
                 let _ = tag.reply.send(Reply::Refused(

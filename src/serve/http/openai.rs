@@ -24,70 +24,79 @@ pub fn finish_name(f: FinishReason) -> &'static str {
     }
 }
 
-pub fn usage(out: &GenerateOutput) -> Value {
+/// A whole answer: one choice per output (`n` of them), each with its text.
+pub fn whole(ids: &Ids, chat: bool, choices: &[(String, GenerateOutput)]) -> Value {
+    let list: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, (text, out))| {
+            let reason = finish_name(out.finish_reason);
+            if chat {
+                json!({"index": i, "message": {"role": "assistant", "content": text},
+                       "logprobs": null, "finish_reason": reason})
+            } else {
+                json!({"index": i, "text": text, "logprobs": null, "finish_reason": reason})
+            }
+        })
+        .collect();
     json!({
-        "prompt_tokens": out.prompt_tokens,
-        "completion_tokens": out.completion_tokens,
-        "total_tokens": out.prompt_tokens + out.completion_tokens
+        "id": ids.id,
+        "object": if chat { "chat.completion" } else { "text_completion" },
+        "created": ids.created,
+        "model": ids.model,
+        "choices": list,
+        "usage": usage_of(choices.iter().map(|(_, o)| o)),
     })
 }
 
-pub fn completion(ids: &Ids, text: &str, out: &GenerateOutput) -> Value {
+/// Token counts of a request's choices: the prompt once, every choice's completion.
+pub fn usage_of<'a>(outs: impl Iterator<Item = &'a GenerateOutput>) -> Value {
+    let (mut prompt, mut completion) = (0, 0);
+    for o in outs {
+        prompt = o.prompt_tokens;
+        completion += o.completion_tokens;
+    }
+    json!({"prompt_tokens": prompt, "completion_tokens": completion,
+           "total_tokens": prompt + completion})
+}
+
+pub fn completion_chunk(
+    ids: &Ids,
+    index: usize,
+    text: &str,
+    finish: Option<FinishReason>,
+) -> Value {
     json!({
         "id": ids.id,
         "object": "text_completion",
         "created": ids.created,
         "model": ids.model,
-        "choices": [{"index": 0, "text": text, "logprobs": null,
-                     "finish_reason": finish_name(out.finish_reason)}],
-        "usage": usage(out),
-    })
-}
-
-pub fn chat(ids: &Ids, text: &str, out: &GenerateOutput) -> Value {
-    json!({
-        "id": ids.id,
-        "object": "chat.completion",
-        "created": ids.created,
-        "model": ids.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": null, "finish_reason": finish_name(out.finish_reason)}],
-        "usage": usage(out),
-    })
-}
-
-pub fn completion_chunk(ids: &Ids, text: &str, finish: Option<FinishReason>) -> Value {
-    json!({
-        "id": ids.id,
-        "object": "text_completion",
-        "created": ids.created,
-        "model": ids.model,
-        "choices": [{"index": 0, "text": text, "logprobs": null,
+        "choices": [{"index": index, "text": text, "logprobs": null,
                      "finish_reason": finish.map(finish_name)}],
     })
 }
 
 /// A chat chunk; `delta` is `{"role": ...}`, `{"content": ...}` or `{}` at the end.
-pub fn chat_chunk(ids: &Ids, delta: Value, finish: Option<FinishReason>) -> Value {
+pub fn chat_chunk(ids: &Ids, index: usize, delta: Value, finish: Option<FinishReason>) -> Value {
     json!({
         "id": ids.id,
         "object": "chat.completion.chunk",
         "created": ids.created,
         "model": ids.model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": null,
+        "choices": [{"index": index, "delta": delta, "logprobs": null,
                      "finish_reason": finish.map(finish_name)}],
     })
 }
 
 /// The extra last chunk `stream_options.include_usage` asks for: no choices, the counts.
-pub fn usage_chunk(ids: &Ids, chat: bool, out: &GenerateOutput) -> Value {
+pub fn usage_chunk(ids: &Ids, chat: bool, usage: Value) -> Value {
     json!({
         "id": ids.id,
         "object": if chat { "chat.completion.chunk" } else { "text_completion" },
         "created": ids.created,
         "model": ids.model,
         "choices": [],
-        "usage": usage(out),
+        "usage": usage,
     })
 }
 
