@@ -22,7 +22,6 @@ def post(url, body, on_event=None):
     r = c.getresponse()
     if on_event is None:
         return json.loads(r.read())
-    buf = b""
     while True:
         line = r.readline()
         if not line:
