@@ -128,7 +128,7 @@ struct EdgemoeSessionParams edgemoe_session_default_params(void);
 struct EdgemoeGenerateParams edgemoe_generate_default_params(void);
 
 // Loads the Hugging Face checkpoint directory at `path` (UTF-8); NULL or "" loads the built-in
-// default model. `params` may be NULL for the defaults. On success `*out` is the new model; on
+// trained model (builtin:trained). `params` may be NULL for the defaults. On success `*out` is the new model; on
 // failure it is NULL and the code is EDGEMOE_ERR_LOAD (or an argument error).
 //
 // # Safety

@@ -1,10 +1,9 @@
 //! The `edgemoe` command line: parse, call the library, print. Errors end as one line on stderr.
 
-use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = edgemoe::cli::Cli::parse();
+    let cli = edgemoe::cli::parse();
     match edgemoe::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -248,3 +248,60 @@ fn automatic_ids_skip_client_ids_in_flight() {
         "{ids:?}"
     );
 }
+
+/// A prompt prefilled a few tokens per step (between other requests' decode steps) gives the
+/// same text as one prefilled whole by `generate`; a chat line (`messages`) works too.
+#[test]
+fn chunked_prefill_and_messages_match_generate() {
+    let heldout = std::fs::read_to_string(model_dir().join("heldout.txt")).unwrap();
+    let long: String = heldout.chars().take(400).collect();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+        .args(["serve", "--threads", "2", "--prefill-chunk", "7", "--model"])
+        .arg(model_dir())
+        .arg("--chat-template")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/smollm2.jinja"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let lines = [
+        json!({"id": "short", "prompt": "And", "max_tokens": 40, "temperature": 0}),
+        json!({"id": "long", "prompt": long, "max_tokens": 20, "temperature": 0.8, "seed": 5}),
+        json!({"id": "chat", "messages": [{"role": "user", "content": "Thou shalt"}], "max_tokens": 10, "temperature": 0}),
+        json!({"id": "typo", "prompt": "x", "max_tokns": 3}),
+    ];
+    for l in &lines {
+        writeln!(stdin, "{l}").unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let mut got: HashMap<String, Value> = HashMap::new();
+    for l in String::from_utf8(out.stdout).unwrap().lines().skip(1) {
+        let v: Value = serde_json::from_str(l).unwrap();
+        got.insert(v["id"].as_str().unwrap().to_string(), v);
+    }
+    let msg = got["typo"]["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("`max_tokns`"), "{msg}");
+    let generate = |prompt: &str, n: u64, temp: f64, seed: u64| {
+        let leaked: &'static str = Box::leak(prompt.to_string().into_boxed_str());
+        generate_text(&Req {
+            id: "x",
+            prompt: leaked,
+            max_tokens: n,
+            temperature: temp,
+            top_k: 0,
+            top_p: 1.0,
+            seed,
+            stop: vec![],
+        })
+    };
+    let text = |id: &str| got[id]["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(got["long"]["usage"]["prompt_tokens"].as_u64().unwrap() > 50);
+    assert_eq!(text("long"), generate(&long, 20, 0.8, 5));
+    assert_eq!(text("short"), generate("And", 40, 0.0, 0));
+    let chat_prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nThou shalt<|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(text("chat"), generate(chat_prompt, 10, 0.0, 0));
+}

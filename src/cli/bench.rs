@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Checkpoint directory; the built-in default model when omitted.
+    /// Checkpoint directory, .gguf or .emoe file, or builtin:NAME; the random builtin:default
+    /// model when omitted.
     #[arg(long)]
     pub model: Option<std::path::PathBuf>,
     /// Prompt lengths (prompt processing, ppN), comma separated.
@@ -41,8 +42,10 @@ pub struct BenchArgs {
     /// Repetitions per combination.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     pub reps: usize,
+    /// Print the results as one JSON object.
     #[arg(long, conflicts_with = "csv")]
     pub json: bool,
+    /// Print the results as CSV.
     #[arg(long)]
     pub csv: bool,
     /// Quantize the loaded model in memory first (round-to-nearest W8A8, head included; use
@@ -65,7 +68,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         model: a.model.clone(),
         threads: 0,
     };
-    let mut model = crate::load_model(base.model.as_deref())?;
+    // Sweeps default to the random model, whose figures do not depend on any file.
+    let path = base
+        .model
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from("builtin:default"));
+    let mut model = crate::load_model(Some(&path))?;
     if a.quant.is_some() {
         let mut opts = crate::quant::QuantOptions::new(crate::quant::Method::Rtn, &model);
         // Like llama.cpp's Q8_0 files, the output head is int8 too.

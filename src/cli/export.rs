@@ -24,9 +24,9 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let model = crate::load_model(Some(&a.model))?;
     eprintln!(
-        "loaded {} ({:?}, {:.1} M params) in {:.2} s",
+        "loaded {} ({}, {:.1} M params) in {:.2} s",
         model.source,
-        model.config.arch,
+        model.config.arch.hf_name(),
         model.num_params() as f64 / 1e6,
         started.elapsed().as_secs_f64()
     );

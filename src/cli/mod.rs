@@ -43,8 +43,10 @@ pub enum Command {
 /// Options every model-running command shares.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Checkpoint directory (Hugging Face layout), .gguf file or .emoe file; the built-in
-    /// default model when omitted.
+    /// The model: a Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json),
+    /// a .gguf file, an .emoe file, or a built-in one (builtin:trained, a small model trained on
+    /// the KJV Bible, the default; random ones: builtin:default, builtin:mixtral-bench,
+    /// builtin:mixtral-1g, builtin:smol-moe).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Worker threads (0 = all cores).
@@ -57,9 +59,9 @@ impl ModelArgs {
         let started = std::time::Instant::now();
         let model = crate::load_model(self.model.as_deref())?;
         eprintln!(
-            "loaded {} ({:?}, {:.1} M params) in {:.2} s",
+            "loaded {} ({}, {:.1} M params) in {:.2} s",
             model.source,
-            model.config.arch,
+            model.config.arch.hf_name(),
             model.num_params() as f64 / 1e6,
             started.elapsed().as_secs_f64()
         );
@@ -68,6 +70,28 @@ impl ModelArgs {
             self.threads,
         )?)
     }
+}
+
+/// The parser, with every option that takes a value taking a negative number as its value
+/// (`--temp -1` is then a range error naming the option, not "unexpected argument '-1'").
+pub fn command() -> clap::Command {
+    fn negatives(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| {
+            if a.get_action().takes_values() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        })
+        .mut_subcommands(negatives)
+    }
+    negatives(<Cli as clap::CommandFactory>::command())
+}
+
+/// Parses the process's arguments with [`command`].
+pub fn parse() -> Cli {
+    let matches = command().get_matches();
+    <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {

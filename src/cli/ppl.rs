@@ -15,6 +15,7 @@ pub struct PplArgs {
     /// Window length in tokens.
     #[arg(long, default_value_t = 256)]
     pub ctx: usize,
+    /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
 }
@@ -28,7 +29,10 @@ pub fn run(a: PplArgs) -> anyhow::Result<()> {
     eprintln!("protocol: {PROTOCOL}; ctx {}", a.ctx);
     let started = std::time::Instant::now();
     let result = perplexity(&engine, &tokens, a.ctx, |done, total| {
-        eprint!("\rwindow {done}/{total}");
+        // Progress only for a person watching: a log gets no carriage returns.
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprint!("\rwindow {done}/{total}");
+        }
     })?;
     eprintln!(" ({:.1} s)", started.elapsed().as_secs_f64());
     if a.json {

@@ -14,8 +14,10 @@ pub struct QuantizeArgs {
     /// Calibration text (UTF-8); not needed for --method rtn.
     #[arg(long)]
     pub calib: Option<PathBuf>,
+    /// The .emoe file to write (its directory must exist).
     #[arg(long)]
     pub out: PathBuf,
+    /// Quantization method (haq: SmoothQuant + GPTQ).
     #[arg(long, value_enum, default_value = "haq")]
     pub method: Method,
     /// SmoothQuant α in [0, 1], or `auto` to search it per layer group (default: 0.5 for OPT,
@@ -56,7 +58,7 @@ pub struct QuantizeArgs {
     /// `down_proj`): mixed precision where a model is sensitive.
     #[arg(long = "keep-f32", value_name = "NAME")]
     pub keep_f32: Vec<String>,
-    /// Worker threads (0: one per core).
+    /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 }
@@ -158,9 +160,11 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     let meta = serde_json::json!({"method": a.method, "options": opts, "summary": recorded});
     let written = quant::store::write_emoe(&model, meta, &a.out)?;
     println!(
-        "quantized {} with {:?} in {:.1} s → {} ({:.1} MB)",
+        "quantized {} with {} in {:.1} s → {} ({:.1} MB)",
         a.model.display(),
-        a.method,
+        // The name the user typed (`haq`), not the Rust variant.
+        clap::ValueEnum::to_possible_value(&a.method)
+            .map_or("?".into(), |v| v.get_name().to_string()),
         started.elapsed().as_secs_f64(),
         a.out.display(),
         written.total_bytes as f64 / 1e6

@@ -2,6 +2,7 @@
 //! takes the logits back, samples, decodes a text piece, and decides when to finish (eos, a stop
 //! string, the token limit). `generate` drives one alone; `serve` batches many.
 
+use super::penalties::{Penalties, PenaltyState};
 use super::sampling::{Sampler, SamplingParams};
 use super::{BatchItem, Engine, Logits};
 use crate::error::{Error, Result};
@@ -54,6 +55,14 @@ pub struct Generation {
     started: Instant,
     prefill_ms: f64,
     decode_started: Option<Instant>,
+    /// Most prompt tokens per step (0: the whole prompt in one step).
+    prefill_chunk: usize,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// Tokens the last `batch_item` handed out.
+    step_tokens: usize,
+    /// Presence, frequency and repetition penalties, when any is on.
+    penalties: Option<PenaltyState>,
 }
 
 impl Generation {
@@ -71,10 +80,23 @@ impl Generation {
     pub fn with_cache(
         engine: &Engine,
         req: &GenerateRequest,
-        mut cache: KvCache,
+        cache: KvCache,
+    ) -> Result<Generation> {
+        let prompt = engine.model().tokenizer.encode(&req.prompt, true)?;
+        let mut g = Generation::from_tokens(engine, prompt, req)?;
+        g.attach_cache(engine, cache);
+        Ok(g)
+    }
+
+    /// A generation over an already tokenized prompt (`req.prompt` is not read), with an empty
+    /// cache that holds no memory yet: a server tokenizes and checks a request when it arrives
+    /// and gives it KV memory ([`Self::attach_cache`]) only when it is admitted to the batch.
+    pub fn from_tokens(
+        engine: &Engine,
+        mut prompt: Vec<u32>,
+        req: &GenerateRequest,
     ) -> Result<Generation> {
         let model = engine.model();
-        let mut prompt = model.tokenizer.encode(&req.prompt, true)?;
         if prompt.is_empty() {
             // An empty prompt still needs a first token to condition on.
             match model.config.bos_token_id {
@@ -86,21 +108,29 @@ impl Generation {
                 }
             }
         }
+        // The model's context bounds prompt and completion together: a prompt that fills it is
+        // refused before any work, and a completion stops at it (finish reason `length`).
+        let limit = model.config.max_position_embeddings;
+        if prompt.len() >= limit {
+            return Err(Error::invalid(format!(
+                "the prompt is {} tokens; the model's context is {limit} tokens, which leaves no room to generate",
+                prompt.len()
+            )));
+        }
+        let max_tokens = req.max_tokens.min(limit - prompt.len());
         let decoder = StreamDecoder::with_context(&prompt);
-        cache.clear();
-        engine.reserve_cache(&mut cache, prompt.len().saturating_add(req.max_tokens));
         Ok(Generation {
             prompt,
-            cache,
+            cache: KvCache::new(0, 0),
             sampler: Sampler::new(req.sampling.clone()),
             decoder,
             stop: req.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
-            max_tokens: req.max_tokens,
+            max_tokens,
             eos: model.config.eos_token_ids.clone(),
             generated: Vec::new(),
             text: String::new(),
             emitted: 0,
-            finish: if req.max_tokens == 0 {
+            finish: if max_tokens == 0 {
                 Some(FinishReason::Length)
             } else {
                 None
@@ -108,11 +138,42 @@ impl Generation {
             started: Instant::now(),
             prefill_ms: 0.0,
             decode_started: None,
+            prefill_chunk: 0,
+            prefilled: 0,
+            step_tokens: 0,
+            penalties: None,
         })
+    }
+
+    /// Gives the generation `cache` (emptied, with room reserved for the whole completion);
+    /// returns the cache it held before.
+    pub fn attach_cache(&mut self, engine: &Engine, mut cache: KvCache) -> KvCache {
+        cache.clear();
+        engine.reserve_cache(
+            &mut cache,
+            self.prompt.len().saturating_add(self.max_tokens),
+        );
+        std::mem::replace(&mut self.cache, cache)
+    }
+
+    /// Penalizes tokens already seen (see [`Penalties`]) from the next sample on.
+    pub fn set_penalties(&mut self, p: Penalties) {
+        self.penalties = (!p.is_off()).then(|| PenaltyState::new(p, &self.prompt));
+    }
+
+    /// Prefills the prompt at most `tokens` tokens per step (0: all at once), so a long prompt
+    /// shares steps with other sequences' decoding instead of stalling them.
+    pub fn set_prefill_chunk(&mut self, tokens: usize) {
+        self.prefill_chunk = tokens;
     }
 
     pub fn prompt_tokens(&self) -> usize {
         self.prompt.len()
+    }
+
+    /// Tokens sampled so far.
+    pub fn output_tokens(&self) -> usize {
+        self.generated.len()
     }
 
     pub fn finished(&self) -> Option<FinishReason> {
@@ -123,8 +184,15 @@ impl Generation {
     pub fn batch_item(&mut self) -> BatchItem<'_> {
         let tokens: &[u32] = match self.generated.last() {
             Some(last) => std::slice::from_ref(last),
-            None => &self.prompt,
+            None => {
+                let rest = &self.prompt[self.prefilled..];
+                match self.prefill_chunk {
+                    0 => rest,
+                    n => &rest[..n.min(rest.len())],
+                }
+            }
         };
+        self.step_tokens = tokens.len();
         BatchItem {
             tokens,
             cache: &mut self.cache,
@@ -140,11 +208,25 @@ impl Generation {
         tokenizer: &crate::model::tokenizer::Tokenizer,
     ) -> Result<String> {
         if self.generated.is_empty() {
+            self.prefilled += self.step_tokens;
+            if self.prefilled < self.prompt.len() {
+                // A prompt chunk: its logits predict a prompt token, not the next one.
+                return Ok(String::new());
+            }
             self.prefill_ms = self.started.elapsed().as_secs_f64() * 1e3;
             self.decode_started = Some(Instant::now());
         }
-        let token = match self.sampler.sample(logits) {
-            Ok(token) => token,
+        let sampled = match &self.penalties {
+            Some(p) => self.sampler.sample(&p.apply(logits)),
+            None => self.sampler.sample(logits),
+        };
+        let token = match sampled {
+            Ok(token) => {
+                if let Some(p) = &mut self.penalties {
+                    p.push(token);
+                }
+                token
+            }
             Err(e) => {
                 self.fail();
                 return Err(e);
@@ -260,9 +342,17 @@ fn partial_suffix(text: &str, stop: &str) -> usize {
 pub fn generate(
     engine: &Engine,
     req: &GenerateRequest,
+    on_text: impl FnMut(&str) -> bool,
+) -> Result<GenerateOutput> {
+    run(engine, Generation::new(engine, req)?, on_text)
+}
+
+/// Runs a prepared generation to the end, as [`generate`] does.
+pub fn run(
+    engine: &Engine,
+    mut g: Generation,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<GenerateOutput> {
-    let mut g = Generation::new(engine, req)?;
     let tokenizer = &engine.model().tokenizer;
     while g.finished().is_none() {
         let logits = engine.forward(&mut [g.batch_item()])?;

@@ -5,6 +5,7 @@
 
 pub mod generation;
 pub mod moe;
+pub mod penalties;
 pub mod ppl;
 pub mod sampling;
 pub mod stats;

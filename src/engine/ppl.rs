@@ -27,6 +27,12 @@ pub fn perplexity(
     if ctx < 2 {
         return Err(Error::invalid("--ctx must be at least 2"));
     }
+    let limit = engine.model().config.max_position_embeddings;
+    if ctx > limit {
+        return Err(Error::invalid(format!(
+            "a window of {ctx} tokens is longer than the model's context of {limit} tokens"
+        )));
+    }
     let windows = tokens.len() / ctx;
     if windows == 0 {
         return Err(Error::invalid(format!(

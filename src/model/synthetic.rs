@@ -158,7 +158,7 @@ pub fn builtin(name: &str) -> Result<Model> {
         "smol-moe" => smol_moe_config(),
         other => {
             return Err(crate::error::Error::invalid(format!(
-                "unknown built-in model `{other}` (default, mixtral-bench, mixtral-1g, smol-moe)"
+                "unknown built-in model `{other}` (trained, default, mixtral-bench, mixtral-1g, smol-moe)"
             )))
         }
     };

@@ -1,31 +1,30 @@
-//! `edgemoe serve`: JSON lines in, JSON lines out, with continuous batching.
+//! `edgemoe serve`: JSON lines in, JSON lines out (this module), or OpenAI-compatible HTTP
+//! ([`http`]), both on one continuous-batching [`scheduler`].
 //!
-//! A reader thread turns stdin into messages; the scheduler loop admits new requests between
-//! decode steps, runs one batched forward step over every active request (new prompts prefill in
-//! the same step as others decode), hands each its logits, and writes whole lines. A request
-//! joins and leaves the batch between steps; end of input finishes what is in flight.
+//! Here a reader thread turns stdin into messages; the loop admits new requests between decode
+//! steps, runs one batched forward step over every active request and writes whole lines. End
+//! of input finishes what is in flight.
 
+pub mod chat;
+pub mod http;
 pub mod protocol;
+pub mod scheduler;
 
 use crate::engine::generation::Generation;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::kv::KvCache;
-use protocol::{parse_line, BadLine, Incoming};
+use chat::ChatTemplate;
+use protocol::{parse_line, BadLine, Incoming, PromptInput, Request};
+use scheduler::{Event, Scheduler, SchedulerOptions};
 use serde_json::{json, Value};
-use std::collections::VecDeque;
 use std::io::{BufRead, Write};
 use std::sync::mpsc;
 
+#[derive(Default)]
 pub struct ServeOptions {
-    /// Most requests decoded together in one step; the rest wait in arrival order.
-    pub max_batch: usize,
-}
-
-impl Default for ServeOptions {
-    fn default() -> Self {
-        ServeOptions { max_batch: 16 }
-    }
+    pub scheduler: SchedulerOptions,
+    /// For `messages` requests; without one they are refused.
+    pub chat_template: Option<ChatTemplate>,
 }
 
 enum Message {
@@ -35,10 +34,64 @@ enum Message {
     Eof,
 }
 
-struct Active {
+/// A request's line-protocol data.
+struct Tag {
     id: String,
     stream: bool,
-    gen: Generation,
+    /// Text put before the completion (`echo`).
+    echo: Option<String>,
+}
+
+/// A request turned into a generation: tokenized (a chat rendered first) and checked against
+/// the model's context. The error is a code and a message with the numbers.
+pub fn prepare(
+    engine: &Engine,
+    chat: Option<&ChatTemplate>,
+    req: &Request,
+) -> std::result::Result<Generation, protocol::FieldError> {
+    let model = engine.model();
+    let (text, special) = match &req.input {
+        PromptInput::Text(t) => (t.clone(), true),
+        PromptInput::Messages(m) => {
+            let Some(t) = chat else {
+                return Err((
+                    "no_chat_template",
+                    "the model has no chat template (serve --chat-template FILE gives one); send `prompt` instead".into(),
+                ));
+            };
+            (
+                t.render(m, true)
+                    .map_err(|e| ("invalid_prompt", e.to_string()))?,
+                false,
+            )
+        }
+    };
+    let tokens = model
+        .tokenizer
+        .encode(&text, special)
+        .map_err(|e| ("invalid_prompt", e.to_string()))?;
+    let limit = model.config.max_position_embeddings;
+    let n = tokens.len().max(1);
+    if n >= limit {
+        return Err((
+            "context_length_exceeded",
+            format!("the prompt is {n} tokens; the model's context is {limit} tokens, which leaves no room to generate"),
+        ));
+    }
+    let max_tokens = match req.max_tokens {
+        Some(m) if n.saturating_add(m) > limit => {
+            return Err((
+                "context_length_exceeded",
+                format!("prompt ({n} tokens) plus max_tokens ({m}) exceeds the model's context of {limit} tokens"),
+            ))
+        }
+        Some(m) => m,
+        None => limit - n,
+    };
+    let mut gen = Generation::from_tokens(engine, tokens, &req.generate_request(text, max_tokens))
+        .map_err(|e| ("invalid_prompt", e.to_string()))?;
+    gen.set_penalties(req.penalties);
+    Ok(gen)
 }
 
 /// Serves until `input` ends and every admitted request has finished.
@@ -46,42 +99,48 @@ pub fn serve<R: BufRead + Send + 'static, W: Write>(
     engine: &Engine,
     input: R,
     out: W,
-    opts: &ServeOptions,
+    opts: ServeOptions,
 ) -> Result<()> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || read_lines(input, tx));
     let mut server = Server {
-        engine,
-        out,
-        active: Vec::new(),
-        waiting: VecDeque::new(),
+        sched: Scheduler::new(engine, opts.scheduler),
+        chat: opts.chat_template,
+        out: Writer {
+            out,
+            model: engine.model().source.clone(),
+            failed: None,
+        },
         next_id: 0,
-        max_batch: opts.max_batch.max(1),
-        spare_caches: Vec::new(),
     };
-    server.write(&json!({
+    server.out.write(&json!({
         "object": "edgemoe.ready",
         "model": engine.model().source,
         "architecture": engine.model().config.arch.hf_name(),
         "threads": engine.threads(),
-    }))?;
+    }));
     let mut eof = false;
     loop {
-        if server.active.is_empty() && server.waiting.is_empty() {
+        if let Some(e) = server.out.failed.take() {
+            return Err(e);
+        }
+        if server.sched.is_idle() {
             if eof {
                 return Ok(());
             }
             // Idle: block for the next line.
             match rx.recv() {
-                Ok(m) => eof |= server.handle(m)?,
+                Ok(m) => eof |= server.handle(m),
                 Err(_) => eof = true,
             }
         }
         while let Ok(m) = rx.try_recv() {
-            eof |= server.handle(m)?;
+            eof |= server.handle(m);
         }
-        server.admit()?;
-        server.step()?;
+        let out = &mut server.out;
+        server
+            .sched
+            .step(&mut |tag: &mut Tag, ev: Event| out.event(tag, ev));
     }
 }
 
@@ -131,54 +190,80 @@ fn read_lines<R: BufRead>(mut input: R, tx: mpsc::Sender<Message>) {
 }
 
 struct Server<'e, W: Write> {
-    engine: &'e Engine,
-    out: W,
-    active: Vec<Active>,
-    waiting: VecDeque<Active>,
+    sched: Scheduler<'e, Tag>,
+    chat: Option<ChatTemplate>,
+    out: Writer<W>,
     next_id: u64,
-    max_batch: usize,
-    /// KV caches of finished requests, emptied and kept for the next ones (at most
-    /// `max_batch`): their memory is already mapped, so decoding takes no page faults.
-    spare_caches: Vec<KvCache>,
+}
+
+/// Stdout, one flushed line per object; the first write error is kept and ends the server.
+struct Writer<W: Write> {
+    out: W,
+    model: String,
+    failed: Option<Error>,
+}
+
+impl<W: Write> Writer<W> {
+    fn write(&mut self, v: &Value) {
+        if self.failed.is_some() {
+            return;
+        }
+        let line = v.to_string();
+        // One write per line, flushed, so lines never interleave mid-object.
+        if let Err(e) = writeln!(self.out, "{line}").and_then(|_| self.out.flush()) {
+            self.failed = Some(Error::io("<stdout>", e));
+        }
+    }
+
+    fn event(&mut self, tag: &mut Tag, ev: Event) -> bool {
+        match ev {
+            Event::Text(piece) if tag.stream => {
+                if let Some(echo) = tag.echo.take() {
+                    self.write(&protocol::chunk(&tag.id, &echo));
+                }
+                self.write(&protocol::chunk(&tag.id, piece))
+            }
+            Event::Text(_) => {}
+            Event::Done(out) => {
+                let mut out = out.clone();
+                if let Some(echo) = tag.echo.take() {
+                    if tag.stream {
+                        self.write(&protocol::chunk(&tag.id, &echo));
+                    } else {
+                        out.text.insert_str(0, &echo);
+                    }
+                }
+                self.write(&protocol::completion(
+                    &tag.id,
+                    &self.model,
+                    tag.stream,
+                    &out,
+                ))
+            }
+        }
+        self.failed.is_none()
+    }
 }
 
 impl<W: Write> Server<'_, W> {
-    fn write(&mut self, v: &Value) -> Result<()> {
-        let line = serde_json::to_string(v).map_err(|e| Error::invalid(e.to_string()))?;
-        // One write per line, flushed, so lines never interleave mid-object.
-        writeln!(self.out, "{line}")
-            .and_then(|_| self.out.flush())
-            .map_err(|e| Error::io("<stdout>", e))
-    }
-
-    fn reject(&mut self, bad: BadLine) -> Result<()> {
-        self.write(&bad.to_json())
-    }
-
     /// Handles one message; returns true at end of input.
-    fn handle(&mut self, m: Message) -> Result<bool> {
+    fn handle(&mut self, m: Message) -> bool {
         match m {
-            Message::Eof => return Ok(true),
-            Message::TooLong => self.reject(BadLine {
-                id: None,
-                message: format!("the line is longer than {MAX_LINE_BYTES} bytes"),
-                kind: "invalid_request_error",
-                code: "line_too_long",
-            })?,
-            Message::NotUtf8 => self.reject(BadLine {
-                id: None,
-                message: "the line is not valid UTF-8".into(),
-                kind: "invalid_request_error",
-                code: "invalid_utf8",
-            })?,
+            Message::Eof => return true,
+            Message::TooLong => self.out.write(
+                &BadLine::new(
+                    None,
+                    "line_too_long",
+                    format!("the line is longer than {MAX_LINE_BYTES} bytes"),
+                )
+                .to_json(),
+            ),
+            Message::NotUtf8 => self.out.write(
+                &BadLine::new(None, "invalid_utf8", "the line is not valid UTF-8").to_json(),
+            ),
             Message::Line(line) => {
                 let next = &mut self.next_id;
-                let in_flight: Vec<&str> = self
-                    .active
-                    .iter()
-                    .chain(&self.waiting)
-                    .map(|a| a.id.as_str())
-                    .collect();
+                let in_flight: Vec<&str> = self.sched.tags().map(|t| t.id.as_str()).collect();
                 // An automatic id skips any a client chose for a request still in flight.
                 let parsed = parse_line(&line, || loop {
                     *next += 1;
@@ -188,172 +273,70 @@ impl<W: Write> Server<'_, W> {
                     }
                 });
                 match parsed {
-                    Err(bad) => self.reject(bad)?,
+                    Err(bad) => self.out.write(&bad.to_json()),
                     Ok(Incoming::Stats) => {
+                        let memory = crate::util::memory::MemoryReport::new(
+                            self.sched.engine().model().weight_memory(),
+                            self.sched.kv_bytes(),
+                        );
                         let stats = json!({
                             "object": "edgemoe.stats",
-                            "active": self.active.len(),
-                            "waiting": self.waiting.len(),
-                            "runtime": self.engine.stats.snapshot(),
-                            "memory": self.memory(),
+                            "active": self.sched.active_len(),
+                            "waiting": self.sched.queue_depth(),
+                            "runtime": self.sched.engine().stats.snapshot(),
+                            "memory": memory,
+                            "requests": self.sched.counters,
                         });
-                        self.write(&stats)?
+                        self.out.write(&stats)
                     }
-                    Ok(Incoming::Cancel { id }) => self.cancel(id)?,
-                    Ok(Incoming::Request { id, stream, req }) => self.submit(id, stream, &req)?,
-                }
-            }
-        }
-        Ok(false)
-    }
-
-    fn submit(
-        &mut self,
-        id: String,
-        stream: bool,
-        req: &crate::engine::generation::GenerateRequest,
-    ) -> Result<()> {
-        let bad = |code, message: String| BadLine {
-            id: Some(id.clone()),
-            message,
-            kind: "invalid_request_error",
-            code,
-        };
-        if self.active.iter().chain(&self.waiting).any(|a| a.id == id) {
-            return self.reject(bad(
-                "duplicate_id",
-                format!("request `{id}` is already in flight"),
-            ));
-        }
-        let cache = self
-            .spare_caches
-            .pop()
-            .unwrap_or_else(|| self.engine.new_cache());
-        let gen = match Generation::with_cache(self.engine, req, cache) {
-            Ok(g) => g,
-            Err(e) => return self.reject(bad("invalid_prompt", e.to_string())),
-        };
-        let limit = self.engine.model().config.max_position_embeddings;
-        if gen.prompt_tokens().saturating_add(req.max_tokens) > limit {
-            let msg = format!(
-                "prompt ({} tokens) plus max_tokens ({}) exceeds the model's context of {limit} tokens",
-                gen.prompt_tokens(),
-                req.max_tokens
-            );
-            return self.reject(bad("context_length_exceeded", msg));
-        }
-        let a = Active { id, stream, gen };
-        if a.gen.finished().is_some() {
-            return self.finish(a);
-        }
-        self.waiting.push_back(a);
-        Ok(())
-    }
-
-    fn cancel(&mut self, id: String) -> Result<()> {
-        let pos_active = self.active.iter().position(|a| a.id == id);
-        let pos_waiting = self.waiting.iter().position(|a| a.id == id);
-        let mut a = match (pos_active, pos_waiting) {
-            (Some(i), _) => self.active.remove(i),
-            (None, Some(i)) => match self.waiting.remove(i) {
-                Some(a) => a,
-                None => return Ok(()),
-            },
-            (None, None) => {
-                return self.reject(BadLine {
-                    id: Some(id.clone()),
-                    message: format!("no request `{id}` is in flight"),
-                    kind: "invalid_request_error",
-                    code: "not_found",
-                })
-            }
-        };
-        a.gen.cancel();
-        self.finish(a)
-    }
-
-    fn admit(&mut self) -> Result<()> {
-        while self.active.len() < self.max_batch {
-            match self.waiting.pop_front() {
-                Some(mut a) => {
-                    a.gen.start_clock();
-                    self.active.push(a);
-                }
-                None => break,
-            }
-        }
-        Ok(())
-    }
-
-    /// One batched forward step over every active request.
-    fn step(&mut self) -> Result<()> {
-        if self.active.is_empty() {
-            return Ok(());
-        }
-        let mut items: Vec<_> = self.active.iter_mut().map(|a| a.gen.batch_item()).collect();
-        let result = self.engine.forward(&mut items);
-        drop(items);
-        let tokenizer = &self.engine.model().tokenizer;
-        let mut lines = Vec::new();
-        match result {
-            Ok(logits) => {
-                for (a, l) in self.active.iter_mut().zip(&logits) {
-                    // A request whose logits cannot be sampled ends alone, with an error.
-                    match a.gen.accept(l, tokenizer) {
-                        Ok(piece) if a.stream && !piece.is_empty() => {
-                            lines.push(protocol::chunk(&a.id, &piece))
+                    Ok(Incoming::Cancel { id }) => {
+                        let out = &mut self.out;
+                        if !self
+                            .sched
+                            .cancel(|t| t.id == id, &mut |t: &mut Tag, ev| out.event(t, ev))
+                        {
+                            let msg = format!("no request `{id}` is in flight");
+                            self.out
+                                .write(&BadLine::new(Some(id), "not_found", msg).to_json());
                         }
-                        Ok(_) => {}
-                        Err(e) => eprintln!("serve: request {}: {e}", a.id),
                     }
-                }
-            }
-            Err(e) => {
-                eprintln!("serve: step failed: {e}");
-                for a in &mut self.active {
-                    a.gen.fail();
+                    Ok(Incoming::Request { id, req }) => self.submit(id, &req),
                 }
             }
         }
-        for line in lines {
-            self.write(&line)?;
-        }
-        let (done, still): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.active)
-            .into_iter()
-            .partition(|a| a.gen.finished().is_some());
-        self.active = still;
-        for a in done {
-            self.finish(a)?;
-        }
-        Ok(())
+        false
     }
 
-    /// Weights, every KV cache held (running requests' and spare ones), and the resident set.
-    fn memory(&self) -> crate::util::memory::MemoryReport {
-        let kv = self
-            .active
-            .iter()
-            .map(|a| a.gen.cache.allocated_bytes())
-            .sum::<usize>()
-            + self
-                .spare_caches
-                .iter()
-                .map(KvCache::allocated_bytes)
-                .sum::<usize>();
-        crate::util::memory::MemoryReport::new(self.engine.model().weight_memory(), kv)
-    }
-
-    /// Writes a request's last line and keeps its cache for a later request.
-    fn finish(&mut self, a: Active) -> Result<()> {
-        let v = protocol::completion(
-            &a.id,
-            &self.engine.model().source,
-            a.stream,
-            &a.gen.output(),
-        );
-        if self.spare_caches.len() < self.max_batch {
-            self.spare_caches.push(a.gen.into_cache());
+    fn submit(&mut self, id: String, req: &Request) {
+        if self.sched.tags().any(|t| t.id == id) {
+            let msg = format!("request `{id}` is already in flight");
+            return self
+                .out
+                .write(&BadLine::new(Some(id), "duplicate_id", msg).to_json());
         }
-        self.write(&v)
+        let gen = match prepare(self.sched.engine(), self.chat.as_ref(), req) {
+            Ok(g) => g,
+            Err((code, msg)) => {
+                return self.out.write(&BadLine::new(Some(id), code, msg).to_json())
+            }
+        };
+        let echo = match (&req.input, req.echo) {
+            (PromptInput::Text(t), true) => Some(t.clone()),
+            _ => None,
+        };
+        let tag = Tag {
+            id,
+            stream: req.stream,
+            echo,
+        };
+        let out = &mut self.out;
+        if let Err(tag) = self
+            .sched
+            .submit(tag, gen, &mut |t: &mut Tag, ev| out.event(t, ev))
+        {
+            let msg = "the queue is full; retry later".to_string();
+            self.out
+                .write(&BadLine::new(Some(tag.id), "queue_full", msg).to_json());
+        }
     }
 }

@@ -1,0 +1,259 @@
+//! Chat templates: a checkpoint's Jinja `chat_template` rendered with minijinja the way
+//! transformers' `apply_chat_template` renders it (trim_blocks and lstrip_blocks on, the
+//! tokenizer's special tokens as variables, `raise_exception`, `strftime_now`, a `tojson` that
+//! writes what Python's `json.dumps` writes). The rendered prompt already holds every special
+//! token the template wants, so it is tokenized without the tokenizer adding any (as
+//! transformers does).
+
+use crate::error::{Error, Result};
+use crate::model::tokenizer::Tokenizer;
+use minijinja::{Environment, ErrorKind};
+use serde_json::Value;
+use std::path::Path;
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+const NAME: &str = "chat_template";
+
+impl ChatTemplate {
+    /// Compiles `source`; `bos`/`eos` are the tokenizer's special tokens as text.
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
+        let mut env = Environment::new();
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| Error::invalid(format!("chat template: {e}")))?;
+        env.set_syntax(syntax);
+        minijinja_contrib::add_to_environment(&mut env);
+        // Python's str/dict/list methods (`.strip()`, `.items()`, ...) that templates call.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
+        env.add_template_owned(NAME, source.to_string())
+            .map_err(|e| Error::invalid(format!("the chat template does not compile: {e}")))?;
+        Ok(ChatTemplate {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        })
+    }
+
+    /// The template a model carries: `tokenizer_config.json`'s `chat_template` (or the
+    /// `chat_template.jinja` beside it) in a checkpoint directory, `tokenizer.chat_template` in a
+    /// GGUF file; `None` when it has none.
+    pub fn for_model(path: &Path, tokenizer: &Tokenizer) -> Result<Option<ChatTemplate>> {
+        if path.is_dir() {
+            return from_checkpoint_dir(path);
+        }
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            let file = crate::model::gguf::GgufFile::open(path)?;
+            let Some(source) = file.get("tokenizer.chat_template").and_then(|v| v.as_str()) else {
+                return Ok(None);
+            };
+            let token = |key: &str| {
+                file.get(key)
+                    .and_then(|v| v.as_u64())
+                    .and_then(|id| tokenizer.token_text(id as u32))
+                    .unwrap_or_default()
+            };
+            let (bos, eos) = (
+                token("tokenizer.ggml.bos_token_id"),
+                token("tokenizer.ggml.eos_token_id"),
+            );
+            return ChatTemplate::new(source, &bos, &eos).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Renders `messages` (objects with `role` and `content`); `add_generation_prompt` appends
+    /// the opening of the assistant's turn.
+    pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| Error::invalid(format!("chat template: {e}")))?;
+        let ctx = minijinja::context! {
+            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.as_str(),
+            eos_token => self.eos_token.as_str(),
+            tools => minijinja::Value::from(()),
+            documents => minijinja::Value::from(()),
+        };
+        tmpl.render(ctx)
+            .map_err(|e| Error::invalid(format!("the chat template failed: {}", describe(&e))))
+    }
+}
+
+/// A minijinja error with its cause (e.g. the template's `raise_exception` message).
+fn describe(e: &minijinja::Error) -> String {
+    match e.detail() {
+        Some(d) if e.kind() == ErrorKind::InvalidOperation => d.to_string(),
+        _ => e.to_string(),
+    }
+}
+
+fn from_checkpoint_dir(dir: &Path) -> Result<Option<ChatTemplate>> {
+    let config_path = dir.join("tokenizer_config.json");
+    let config: Value = match std::fs::read(&config_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            Error::invalid(format!("{}: not valid JSON: {e}", config_path.display()))
+        })?,
+        Err(_) => Value::Null,
+    };
+    // A special token is a string or an AddedToken object with `content`.
+    let token = |key: &str| match &config[key] {
+        Value::String(s) => s.clone(),
+        v => v["content"].as_str().unwrap_or_default().to_string(),
+    };
+    let source = match &config["chat_template"] {
+        Value::String(s) => Some(s.clone()),
+        // A list of named templates: the one called "default".
+        Value::Array(list) => list
+            .iter()
+            .find(|t| t["name"] == "default")
+            .and_then(|t| t["template"].as_str())
+            .map(str::to_string),
+        _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+    };
+    match source {
+        Some(s) => ChatTemplate::new(&s, &token("bos_token"), &token("eos_token")).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// transformers' `strftime_now(format)`: the local time, formatted by the C library.
+fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error> {
+    let fmt = std::ffi::CString::new(format).map_err(|_| {
+        minijinja::Error::new(ErrorKind::InvalidOperation, "strftime format holds a NUL")
+    })?;
+    let mut buf = vec![0u8; 256];
+    // SAFETY: `tm` is written by localtime_r before it is read; `buf` outlives the call and its
+    // length is passed, so strftime writes within it.
+    let n = unsafe {
+        let t = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        libc::localtime_r(&t, &mut tm);
+        libc::strftime(buf.as_mut_ptr().cast(), buf.len(), fmt.as_ptr(), &tm)
+    };
+    buf.truncate(n);
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=indent)`, so with ", "
+/// and ": " separators when not indented, and keys in their order.
+fn tojson(
+    value: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<minijinja::Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let v: Value = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    write_json(&v, indent, 0, &mut out);
+    Ok(minijinja::Value::from_safe_string(out))
+}
+
+fn write_json(v: &Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    let sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        Value::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, depth + 1);
+                write_json(item, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        Value::Object(map) if !map.is_empty() => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, depth + 1);
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_json(item, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn renders_chatml_with_generation_prompt() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+             {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
+        let msgs = [json!({"role": "user", "content": "Hi"})];
+        assert_eq!(
+            t.render(&msgs, true).unwrap(),
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(
+            t.render(&msgs, false).unwrap(),
+            "<|im_start|>user\nHi<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn python_methods_exceptions_and_tojson() {
+        let t = ChatTemplate::new(
+            "{{ bos_token }}{% for m in messages %}{% if m.role not in ['user'] %}\
+             {{ raise_exception('only user messages, got ' + m.role) }}{% endif %}\
+             {{ m.content.strip() | tojson }}{% endfor %}",
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
+        let ok = t
+            .render(&[json!({"role": "user", "content": "  a<b  "})], false)
+            .unwrap();
+        assert_eq!(ok, "<s>\"a<b\"");
+        let err = t
+            .render(&[json!({"role": "tool", "content": "x"})], false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only user messages, got tool"), "{err}");
+        let mut s = String::new();
+        write_json(&json!({"a": [1, "é"], "b": {}}), None, 0, &mut s);
+        assert_eq!(s, "{\"a\": [1, \"é\"], \"b\": {}}");
+    }
+}

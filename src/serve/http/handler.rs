@@ -1,0 +1,357 @@
+//! One HTTP request on its own thread: route, check the key, read and validate the body, hand
+//! the request to the scheduler and answer with its replies (whole, or as server-sent events).
+
+use super::openai::{self, Ids};
+use super::{api_for, Reply, Shared, ToScheduler};
+use crate::engine::generation::{FinishReason, GenerateOutput};
+use crate::serve::protocol::{parse_request, Api, PromptInput};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use tiny_http::{Header, Method, Request, Response};
+
+fn header(name: &str, value: &str) -> Header {
+    // Names and values here are ASCII constants or numbers, which tiny_http always accepts.
+    Header::from_bytes(name.as_bytes(), value.as_bytes())
+        .unwrap_or_else(|_| Header::from_bytes(&b"X-Invalid"[..], &b"1"[..]).expect("ascii"))
+}
+
+fn json_response(status: u16, body: &Value) -> Response<std::io::Cursor<Vec<u8>>> {
+    Response::from_data(body.to_string().into_bytes())
+        .with_status_code(status)
+        .with_header(header("Content-Type", "application/json"))
+}
+
+fn send(request: Request, response: Response<std::io::Cursor<Vec<u8>>>) {
+    // A client that left before its answer needs no answer.
+    let _ = request.respond(response);
+}
+
+fn error_kind(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        404 => "not_found_error",
+        500 => "server_error",
+        503 => "overloaded_error",
+        _ => "invalid_request_error",
+    }
+}
+
+fn fail(request: Request, status: u16, code: &str, message: &str) {
+    let mut r = json_response(status, &openai::error(message, error_kind(status), code));
+    if status == 503 {
+        r = r.with_header(header("Retry-After", "1"));
+    }
+    send(request, r);
+}
+
+pub(super) fn respond_busy(request: Request, message: &str) {
+    fail(request, 503, "overloaded", message);
+}
+
+pub(super) fn handle(request: Request, shared: &Shared) {
+    let path = request.url().split('?').next().unwrap_or("").to_string();
+    if path != "/health" {
+        if let Some(key) = &shared.api_key {
+            let expected = format!("Bearer {key}");
+            let given = request
+                .headers()
+                .iter()
+                .find(|h| h.field.equiv("Authorization"))
+                .map(|h| h.value.as_str().to_string());
+            if given.as_deref() != Some(expected.as_str()) {
+                return fail(
+                    request,
+                    401,
+                    "invalid_api_key",
+                    "a valid `Authorization: Bearer KEY` header is required",
+                );
+            }
+        }
+    }
+    let ready = shared.ready.get();
+    match (request.method(), path.as_str()) {
+        (Method::Get, "/health") => match ready {
+            Some(_) => send(request, json_response(200, &json!({"status": "ok"}))),
+            None => {
+                let r = json_response(503, &json!({"status": "loading"}))
+                    .with_header(header("Retry-After", "1"));
+                send(request, r)
+            }
+        },
+        (_, _) if ready.is_none() => fail(request, 503, "loading", "the model is still loading"),
+        (Method::Get, "/v1/models") => {
+            let id = ready.map_or("", |r| r.model_id.as_str());
+            send(
+                request,
+                json_response(200, &openai::models(id, shared.created)),
+            )
+        }
+        (Method::Get, "/metrics") => metrics(request, shared),
+        (Method::Post, p) if api_for(p).is_some() => {
+            let api = api_for(p).unwrap_or(Api::Completions);
+            let model = ready.map_or("", |r| r.model_id.as_str()).to_string();
+            complete(request, shared, api, &model)
+        }
+        (_, p) if api_for(p).is_some() || ["/health", "/v1/models", "/metrics"].contains(&p) => {
+            fail(
+                request,
+                405,
+                "method_not_allowed",
+                "method not allowed here",
+            )
+        }
+        _ => fail(request, 404, "not_found", &format!("no route {path}")),
+    }
+}
+
+fn metrics(request: Request, shared: &Shared) {
+    let (tx, rx) = mpsc::channel();
+    if shared.to_scheduler.send(ToScheduler::Metrics(tx)).is_err() {
+        return fail(request, 503, "unavailable", "the scheduler has stopped");
+    }
+    match rx.recv() {
+        Ok(text) => send(
+            request,
+            Response::from_data(text.into_bytes()).with_header(header(
+                "Content-Type",
+                "text/plain; version=0.0.4; charset=utf-8",
+            )),
+        ),
+        Err(_) => fail(request, 503, "unavailable", "the scheduler has stopped"),
+    }
+}
+
+/// Reads at most `limit` bytes of body; `None` when it is longer.
+fn read_body(request: &mut Request, limit: usize) -> Option<std::io::Result<Vec<u8>>> {
+    if request.body_length().is_some_and(|n| n > limit) {
+        return None;
+    }
+    let mut body = Vec::new();
+    match request
+        .as_reader()
+        .take(limit as u64 + 1)
+        .read_to_end(&mut body)
+    {
+        Ok(_) if body.len() > limit => None,
+        Ok(_) => Some(Ok(body)),
+        Err(e) => Some(Err(e)),
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn complete(mut request: Request, shared: &Shared, api: Api, model: &str) {
+    let limit = shared.max_body_bytes;
+    let body = match read_body(&mut request, limit) {
+        None => {
+            return fail(
+                request,
+                413,
+                "body_too_large",
+                &format!("the request body is over the {limit}-byte limit"),
+            )
+        }
+        Some(Err(e)) => return fail(request, 400, "bad_body", &format!("cannot read body: {e}")),
+        Some(Ok(b)) => b,
+    };
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return fail(
+                request,
+                400,
+                "invalid_json",
+                &format!("malformed JSON: {e}"),
+            )
+        }
+    };
+    let Some(obj) = value.as_object() else {
+        return fail(
+            request,
+            400,
+            "invalid_json",
+            "the body must be a JSON object",
+        );
+    };
+    let req = match parse_request(obj, api) {
+        Ok(r) => r,
+        Err((code, msg)) => return fail(request, 400, code, &msg),
+    };
+    let echo = match (&req.input, req.echo) {
+        (PromptInput::Text(t), true) => t.clone(),
+        _ => String::new(),
+    };
+    let (stream, include_usage, n) = (req.stream, req.include_usage, req.n);
+    let (tx, rx) = mpsc::channel();
+    // `n` choices are `n` requests on the scheduler; choice i samples with seed + i.
+    for index in 0..n {
+        let mut one = req.clone();
+        one.sampling.seed = req.sampling.seed.wrapping_add(index as u64);
+        let msg = ToScheduler::Submit {
+            req: one,
+            index,
+            reply: tx.clone(),
+        };
+        if shared.to_scheduler.send(msg).is_err() {
+            return fail(request, 503, "unavailable", "the scheduler has stopped");
+        }
+    }
+    drop(tx);
+    let chat = api == Api::Chat;
+    let id = format!(
+        "{}-{}",
+        if chat { "chatcmpl" } else { "cmpl" },
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    );
+    let ids = Ids {
+        id: &id,
+        model,
+        created: shared.created,
+    };
+    let first = match rx.recv() {
+        Ok(Reply::Refused(status, code, msg)) => return fail(request, status, code, &msg),
+        Ok(r) => r,
+        Err(_) => return fail(request, 500, "internal", "the request was lost"),
+    };
+    if stream {
+        let sse = Sse {
+            ids: &ids,
+            chat,
+            include_usage,
+            n,
+        };
+        sse.run(request, echo, first, rx);
+        return;
+    }
+    let mut outs: Vec<Option<GenerateOutput>> = vec![None; n];
+    for r in std::iter::once(first).chain(rx.iter()) {
+        match r {
+            Reply::Done(i, out) => outs[i] = Some(out),
+            Reply::Refused(status, code, msg) => return fail(request, status, code, &msg),
+            Reply::Text(..) => {}
+        }
+        if outs.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let Some(outs) = outs.into_iter().collect::<Option<Vec<_>>>() else {
+        return fail(request, 500, "internal", "the request was lost");
+    };
+    if outs.iter().any(|o| o.finish_reason == FinishReason::Error) {
+        return fail(
+            request,
+            500,
+            "generation_failed",
+            "generation failed (the server log has the cause)",
+        );
+    }
+    let choices: Vec<(String, GenerateOutput)> = outs
+        .into_iter()
+        .map(|o| (echo.clone() + &o.text, o))
+        .collect();
+    send(
+        request,
+        json_response(200, &openai::whole(&ids, chat, &choices)),
+    )
+}
+
+/// A streamed answer: server-sent events in a chunked HTTP/1.1 body, one flushed chunk per
+/// event, ending in `data: [DONE]` once every choice has ended.
+struct Sse<'a> {
+    ids: &'a Ids<'a>,
+    chat: bool,
+    include_usage: bool,
+    n: usize,
+}
+
+impl Sse<'_> {
+    fn run(&self, request: Request, echo: String, first: Reply, rx: mpsc::Receiver<Reply>) {
+        let mut w = request.into_writer();
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if w.write_all(head.as_bytes()).is_err() {
+            return;
+        }
+        let mut ok = true;
+        for i in 0..self.n {
+            if self.chat {
+                let role = json!({"role": "assistant", "content": ""});
+                ok &= event(&mut w, &openai::chat_chunk(self.ids, i, role, None));
+            }
+            if !echo.is_empty() {
+                ok &= self.text(&mut w, i, &echo);
+            }
+        }
+        // Returning drops `rx`: the scheduler's next send fails and cancels the requests.
+        let mut done: Vec<GenerateOutput> = Vec::with_capacity(self.n);
+        let mut reply = Some(first);
+        while ok {
+            let r = match reply.take() {
+                Some(r) => r,
+                None => match rx.recv() {
+                    Ok(r) => r,
+                    Err(_) => return,
+                },
+            };
+            match r {
+                Reply::Text(i, t) => ok = self.text(&mut w, i, &t),
+                Reply::Done(i, out) => {
+                    ok = self.choice_done(&mut w, i, &out);
+                    done.push(out);
+                    if done.len() == self.n {
+                        if ok && self.include_usage {
+                            let usage = openai::usage_of(done.iter());
+                            event(&mut w, &openai::usage_chunk(self.ids, self.chat, usage));
+                        }
+                        finish(&mut w);
+                        return;
+                    }
+                }
+                Reply::Refused(_, code, msg) => {
+                    event(&mut w, &openai::error(&msg, "invalid_request_error", code));
+                    finish(&mut w);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn text(&self, w: &mut impl Write, index: usize, text: &str) -> bool {
+        let v = if self.chat {
+            openai::chat_chunk(self.ids, index, json!({"content": text}), None)
+        } else {
+            openai::completion_chunk(self.ids, index, text, None)
+        };
+        event(w, &v)
+    }
+
+    /// The last chunk of one choice (an error event when it failed).
+    fn choice_done(&self, w: &mut impl Write, index: usize, out: &GenerateOutput) -> bool {
+        if out.finish_reason == FinishReason::Error {
+            let msg = "generation failed (the server log has the cause)";
+            return event(w, &openai::error(msg, "server_error", "generation_failed"));
+        }
+        let last = if self.chat {
+            openai::chat_chunk(self.ids, index, json!({}), Some(out.finish_reason))
+        } else {
+            openai::completion_chunk(self.ids, index, "", Some(out.finish_reason))
+        };
+        event(w, &last)
+    }
+}
+
+/// One `data:` event as one HTTP chunk; false when the client is gone.
+fn event(w: &mut impl Write, v: &Value) -> bool {
+    chunk(w, &format!("data: {v}\n\n"))
+}
+
+fn chunk(w: &mut impl Write, data: &str) -> bool {
+    write!(w, "{:x}\r\n{data}\r\n", data.len())
+        .and_then(|_| w.flush())
+        .is_ok()
+}
+
+fn finish(w: &mut impl Write) {
+    let _ = chunk(w, "data: [DONE]\n\n") && write!(w, "0\r\n\r\n").and_then(|_| w.flush()).is_ok();
+}

@@ -1,0 +1,222 @@
+//! The command line as a user meets it: every option has help text, `generate` without
+//! `--seed` samples with a fresh seed it prints (so the run can be repeated), and a reader that
+//! goes away (`| head`) ends `generate` quietly.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+#[test]
+fn every_option_has_help() {
+    let cli = edgemoe::cli::command();
+    let mut missing = Vec::new();
+    for sub in cli.get_subcommands() {
+        for arg in sub.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                missing.push(format!("{} --{id}", sub.get_name()));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "options without help: {missing:?}");
+}
+
+fn model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trained-moe")
+}
+
+fn generate(extra: &[&str]) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+        .args([
+            "generate",
+            "--threads",
+            "1",
+            "--prompt",
+            "And it came to pass",
+            "-n",
+            "24",
+        ])
+        .args(["--temp", "1", "--model"])
+        .arg(model())
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn printed_seed(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("seed "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or_else(|| panic!("no seed printed: {stderr}"))
+        .to_string()
+}
+
+#[test]
+fn generate_without_seed_draws_one_and_prints_it() {
+    let (text, err) = generate(&[]);
+    let seed = printed_seed(&err);
+    let (_, err2) = generate(&[]);
+    assert_ne!(seed, printed_seed(&err2), "two runs drew the same seed");
+    let (again, err3) = generate(&["--seed", &seed]);
+    assert_eq!(again, text, "--seed {seed} does not repeat the run");
+    assert!(!err3.contains("seed "), "a given seed need not be printed");
+}
+
+#[test]
+fn a_closed_stdout_ends_generate_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+        .args([
+            "generate",
+            "--threads",
+            "1",
+            "--prompt",
+            "And",
+            "-n",
+            "400",
+            "--temp",
+            "1",
+        ])
+        .arg("--model")
+        .arg(model())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 8];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // The reader is dropped here, as `head -c 8` would.
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("error") && !err.contains("panicked"), "{err}");
+}
+
+/// Without `--model` a fresh clone runs the trained model: readable text, no control bytes, the
+/// same as naming its directory.
+#[test]
+fn the_default_model_prints_readable_text() {
+    let run = |model: Option<PathBuf>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgemoe"));
+        cmd.args([
+            "generate",
+            "--threads",
+            "1",
+            "--prompt",
+            "And God said",
+            "-n",
+            "30",
+            "--seed",
+            "1",
+            "--temp",
+            "0.7",
+        ]);
+        if let Some(m) = model {
+            cmd.arg("--model").arg(m);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let (text, err) = run(None);
+    assert!(err.contains("builtin:trained"), "{err}");
+    assert!(text.trim().len() > 20, "{text:?}");
+    assert!(
+        text.chars().all(|c| !c.is_control() || c == '\n'),
+        "{text:?}"
+    );
+    assert_eq!(text, run(Some(model())).0);
+}
+
+/// The penalties reach the sampler: greedy decoding of the trained model repeats "the LORD",
+/// a repetition or presence penalty changes the text, and out-of-range values are refused.
+#[test]
+fn penalties_change_greedy_text_and_are_range_checked() {
+    let greedy = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+            .args([
+                "generate",
+                "--threads",
+                "1",
+                "--prompt",
+                "In the beginning",
+                "-n",
+                "30",
+            ])
+            .arg("--model")
+            .arg(model())
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (_, plain, _) = greedy(&[]);
+    assert!(plain.matches("LORD").count() >= 2, "{plain}");
+    for flag in [
+        ["--repetition-penalty", "1.5"],
+        ["--presence-penalty", "1.5"],
+        ["--frequency-penalty", "1"],
+    ] {
+        let (ok, text, err) = greedy(&flag);
+        assert!(ok, "{err}");
+        assert_ne!(text, plain, "{flag:?} changed nothing");
+    }
+    let (ok, _, err) = greedy(&["--frequency-penalty", "-2.5"]);
+    assert!(
+        !ok && err.contains("--frequency-penalty must be in [-2, 2]"),
+        "{err}"
+    );
+}
+
+/// A negative number is an option's value: out of range, not an unknown argument.
+#[test]
+fn negative_numbers_are_values() {
+    for (args, want) in [
+        (
+            &["generate", "--prompt", "x", "--temp", "-1"][..],
+            "--temp must be",
+        ),
+        (
+            &["generate", "--prompt", "x", "-n", "-5"][..],
+            "invalid value '-5' for '--max-tokens",
+        ),
+        (
+            &["serve", "--max-batch", "-1"][..],
+            "invalid value '-1' for '--max-batch",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("unexpected argument"), "{err}");
+    }
+}
