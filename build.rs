@@ -64,9 +64,9 @@ nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-nvvm==13.0.88";
         let homes = ["CUDA_HOME", "CUDA_PATH"]
             .iter()
             .filter_map(|v| env::var_os(v).map(|h| PathBuf::from(h).join("bin/nvcc")));
-        let path = env::var_os("PATH")
+        let path: Vec<PathBuf> = env::var_os("PATH")
             .map(|p| env::split_paths(&p).map(|d| d.join("nvcc")).collect())
-            .unwrap_or_else(Vec::new);
+            .unwrap_or_default();
         let wheels = site_packages().into_iter().flat_map(|sp| {
             ["nvidia/cu13/bin/nvcc", "nvidia/cuda_nvcc/bin/nvcc"].map(|rel| sp.join(rel))
         });
@@ -158,15 +158,21 @@ nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-nvvm==13.0.88";
             let stem = src.file_stem().and_then(|s| s.to_str()).unwrap_or("kernel");
             let out = out_dir.join(format!("{stem}.fatbin"));
             let summary = out_dir.join(format!("{stem}.ptxas.txt"));
-            // nvcc takes minutes per file: a fatbin newer than its source and every header
-            // (and than build.rs, which holds the flags) is kept.
+            // nvcc takes minutes per file: a fatbin newer than its source and every header,
+            // built by the same nvcc with the same arguments, is kept.
+            let args = nvcc_args(src, &out, kernels);
+            let stamp = out_dir.join(format!("{stem}.args"));
+            let command = format!("{} {}", nvcc.display(), args.join(" "));
+            let same_command = std::fs::read_to_string(&stamp).is_ok_and(|s| s == command);
             let cached = match (modified(&out), modified(&summary)) {
-                (Some(t), Some(_)) => newest_input(src, kernels).is_some_and(|i| i < t),
+                (Some(t), Some(_)) if same_command => {
+                    newest_input(src, kernels).is_some_and(|i| i < t)
+                }
                 _ => false,
             };
             if !cached {
                 let output = Command::new(nvcc)
-                    .args(nvcc_args(src, &out, kernels))
+                    .args(&args)
                     .output()
                     .unwrap_or_else(|e| fail(&format!("cannot run {}: {e}", nvcc.display())));
                 let stderr = String::from_utf8_lossy(&output.stderr);
@@ -181,6 +187,7 @@ nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-nvvm==13.0.88";
                 let mut one = String::new();
                 ptxas_summary(&format!("{stem}.cu"), &stderr, &mut one);
                 write(&summary, &one);
+                write(&stamp, &command);
             }
             report.push_str(&std::fs::read_to_string(&summary).unwrap_or_default());
             let _ = writeln!(
@@ -203,16 +210,14 @@ nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-nvvm==13.0.88";
         std::fs::metadata(p).and_then(|m| m.modified()).ok()
     }
 
-    /// The latest modification time of `src`, the headers in `kernels` and build.rs.
+    /// The latest modification time of `src` and the headers in `kernels`.
     fn newest_input(src: &Path, kernels: &Path) -> Option<std::time::SystemTime> {
         let headers = std::fs::read_dir(kernels)
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path()));
         let headers = headers.filter(|p| p.extension().is_some_and(|x| x == "h" || x == "cuh"));
-        let build_rs = kernels.parent().map(|r| r.join("build.rs"));
         std::iter::once(src.to_path_buf())
             .chain(headers)
-            .chain(build_rs)
             .map(|p| modified(&p))
             .collect::<Option<Vec<_>>>()?
             .into_iter()

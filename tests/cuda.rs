@@ -5,13 +5,13 @@
 //! The `bench_*` tests (ignored; tools/gpu-check.sh runs them) print JSON lines, no asserts.
 #![cfg(feature = "cuda")]
 
+#[path = "cuda/attention.rs"]
+mod attention;
+#[path = "cuda/bench.rs"]
+mod bench;
 #[path = "cuda/common.rs"]
 mod common;
 #[path = "cuda/kernels.rs"]
 mod kernels;
-#[path = "cuda/attention.rs"]
-mod attention;
 #[path = "cuda/model.rs"]
 mod model;
-#[path = "cuda/bench.rs"]
-mod bench;

@@ -20,7 +20,11 @@ pub enum BackendChoice {
 }
 
 /// An engine on the backend `choice` names, with `threads` CPU workers (0: one per core).
-pub fn engine_for(model: Arc<Model>, choice: BackendChoice, threads: usize) -> Result<crate::Engine> {
+pub fn engine_for(
+    model: Arc<Model>,
+    choice: BackendChoice,
+    threads: usize,
+) -> Result<crate::Engine> {
     #[cfg(not(feature = "cuda"))]
     {
         if choice == BackendChoice::Cuda {
@@ -154,8 +158,12 @@ mod dispatch {
 
         fn concat_rows(&self, parts: Vec<SelectedAct>) -> SelectedAct {
             match self {
-                Selected::Cpu(b) => SelectedAct::Cpu(b.concat_rows(parts.into_iter().map(|p| cpu_act!(p)).collect())),
-                Selected::Cuda(b) => SelectedAct::Cuda(b.concat_rows(parts.into_iter().map(|p| gpu_act!(p)).collect())),
+                Selected::Cpu(b) => SelectedAct::Cpu(
+                    b.concat_rows(parts.into_iter().map(|p| cpu_act!(p)).collect()),
+                ),
+                Selected::Cuda(b) => SelectedAct::Cuda(
+                    b.concat_rows(parts.into_iter().map(|p| gpu_act!(p)).collect()),
+                ),
             }
         }
 
@@ -204,7 +212,9 @@ mod dispatch {
         fn apply_rope(&self, x: &mut SelectedAct, rope: &SelectedRope, first_row: usize) {
             match (self, rope) {
                 (Selected::Cpu(b), SelectedRope::Cpu(r)) => b.apply_rope(cpu_act!(x), r, first_row),
-                (Selected::Cuda(b), SelectedRope::Cuda(r)) => b.apply_rope(gpu_act!(x), r, first_row),
+                (Selected::Cuda(b), SelectedRope::Cuda(r)) => {
+                    b.apply_rope(gpu_act!(x), r, first_row)
+                }
                 _ => mixed(),
             }
         }
@@ -263,7 +273,13 @@ mod dispatch {
             }
         }
 
-        fn route(&self, logits: &SelectedAct, top_k: usize, renormalize: bool, first_row: usize) -> Vec<Pick> {
+        fn route(
+            &self,
+            logits: &SelectedAct,
+            top_k: usize,
+            renormalize: bool,
+            first_row: usize,
+        ) -> Vec<Pick> {
             match self {
                 Selected::Cpu(b) => b.route(cpu_act!(logits), top_k, renormalize, first_row),
                 Selected::Cuda(b) => b.route(gpu_act!(logits), top_k, renormalize, first_row),
@@ -304,7 +320,12 @@ mod dispatch {
             }
         }
 
-        fn sequence_groups(&self, sequences: usize, decoding: bool, layer_weight_bytes: usize) -> usize {
+        fn sequence_groups(
+            &self,
+            sequences: usize,
+            decoding: bool,
+            layer_weight_bytes: usize,
+        ) -> usize {
             match self {
                 Selected::Cpu(b) => b.sequence_groups(sequences, decoding, layer_weight_bytes),
                 Selected::Cuda(b) => b.sequence_groups(sequences, decoding, layer_weight_bytes),

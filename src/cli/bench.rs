@@ -104,7 +104,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     for p in &points {
         let engine = crate::backend::engine_for(model.clone(), a.backend, p.threads)?;
         // The backend `auto` resolved to names the report.
-        info.backend = format!("{}{suffix}", crate::backend::Backend::name(engine.backend()));
+        info.backend = format!(
+            "{}{suffix}",
+            crate::backend::Backend::name(engine.backend())
+        );
         let p = BenchPoint {
             threads: engine.threads(),
             ..p.clone()

@@ -38,7 +38,9 @@ fn quantized(rng: &mut Rng, m: usize, k: usize) -> QuantizedRows {
 #[test]
 #[ignore = "benchmark: tools/gpu-check.sh"]
 fn bench_w8a8_gemm() {
-    let Some(b) = device("bench_w8a8_gemm") else { return };
+    let Some(b) = device("bench_w8a8_gemm") else {
+        return;
+    };
     let g = b.gpu();
     let mut rng = Rng(1);
     for (n, k) in SHAPES {
@@ -47,10 +49,14 @@ fn bench_w8a8_gemm() {
             let x = upload_quant(b, &quantized(&mut rng, m, k));
             let mut out = g.zeros::<f32>(m * n, "out").unwrap();
             let s = time(g, || {
-                g.gemm_w8a8(GemmKernel::Auto, &x, &w, None, OutType::F32, &mut out, None).unwrap()
+                g.gemm_w8a8(GemmKernel::Auto, &x, &w, None, OutType::F32, &mut out, None)
+                    .unwrap()
             });
             let tops = 2.0 * (m * n * k) as f64 / s / 1e12;
-            println!("BENCH {}", serde_json::json!({"bench": "w8a8_gemm", "m": m, "n": n, "k": k, "seconds": s, "tops": tops}));
+            println!(
+                "BENCH {}",
+                serde_json::json!({"bench": "w8a8_gemm", "m": m, "n": n, "k": k, "seconds": s, "tops": tops})
+            );
         }
     }
 }
@@ -58,7 +64,9 @@ fn bench_w8a8_gemm() {
 #[test]
 #[ignore = "benchmark: tools/gpu-check.sh"]
 fn bench_gemv_and_copy_bandwidth() {
-    let Some(b) = device("bench_gemv") else { return };
+    let Some(b) = device("bench_gemv") else {
+        return;
+    };
     let g = b.gpu();
     let mut rng = Rng(2);
     // Device-to-device copy of 1 GiB: bytes read + written per second, and read alone.
@@ -66,8 +74,11 @@ fn bench_gemv_and_copy_bandwidth() {
     let src = g.zeros::<u8>(bytes, "copy source").unwrap();
     let mut dst = g.zeros::<u8>(bytes, "copy target").unwrap();
     let s = time(g, || g.stream.memcpy_dtod(&src, &mut dst).unwrap());
-    println!("BENCH {}", serde_json::json!({"bench": "copy", "bytes": bytes, "seconds": s,
-        "read_plus_write_gb_s": 2.0 * bytes as f64 / s / 1e9, "read_gb_s": bytes as f64 / s / 1e9}));
+    println!(
+        "BENCH {}",
+        serde_json::json!({"bench": "copy", "bytes": bytes, "seconds": s,
+        "read_plus_write_gb_s": 2.0 * bytes as f64 / s / 1e9, "read_gb_s": bytes as f64 / s / 1e9})
+    );
     drop((src, dst));
     for (n, k) in SHAPES {
         let w = upload_matrix(b, &random_matrix(&mut rng, n, k));
@@ -75,10 +86,14 @@ fn bench_gemv_and_copy_bandwidth() {
             let x = upload_quant(b, &quantized(&mut rng, m, k));
             let mut out = g.zeros::<f32>(m * n, "out").unwrap();
             let s = time(g, || {
-                g.gemm_w8a8(GemmKernel::Gemv, &x, &w, None, OutType::F32, &mut out, None).unwrap()
+                g.gemm_w8a8(GemmKernel::Gemv, &x, &w, None, OutType::F32, &mut out, None)
+                    .unwrap()
             });
             let read = (n * w.k_padded + m * w.k_padded + 4 * n) as f64;
-            println!("BENCH {}", serde_json::json!({"bench": "gemv", "m": m, "n": n, "k": k, "seconds": s, "gb_s": read / s / 1e9}));
+            println!(
+                "BENCH {}",
+                serde_json::json!({"bench": "gemv", "m": m, "n": n, "k": k, "seconds": s, "gb_s": read / s / 1e9})
+            );
         }
     }
 }

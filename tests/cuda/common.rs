@@ -44,7 +44,9 @@ impl Rng {
 }
 
 pub fn random_matrix(rng: &mut Rng, n: usize, k: usize) -> Int8Matrix {
-    let data: Vec<i8> = (0..n * k).map(|_| ((rng.next_u64() % 255) as i32 - 127) as i8).collect();
+    let data: Vec<i8> = (0..n * k)
+        .map(|_| ((rng.next_u64() % 255) as i32 - 127) as i8)
+        .collect();
     let scales = (0..n).map(|_| 0.001 + rng.unit().abs() * 0.01).collect();
     Int8Matrix::from_quantized(n, k, &data, scales).expect("valid matrix")
 }
@@ -53,7 +55,11 @@ pub fn random_matrix(rng: &mut Rng, n: usize, k: usize) -> Int8Matrix {
 pub fn random_activations(rng: &mut Rng, rows: usize, k: usize) -> (Vec<f32>, QuantizedRows) {
     let mut x = Vec::with_capacity(rows * k);
     for t in 0..rows {
-        let magnitude = if t % 5 == 4 { 0.0 } else { 10f32.powi(t as i32 % 4 - 2) };
+        let magnitude = if t % 5 == 4 {
+            0.0
+        } else {
+            10f32.powi(t as i32 % 4 - 2)
+        };
         x.extend(rng.f32s(k, magnitude));
     }
     let mut q = QuantizedRows::new();

@@ -26,16 +26,26 @@ fn quantized_fixture() -> Arc<Model> {
     let model = Model::load(&dir).expect("trained fixture");
     let mut opts = edgemoe::quant::QuantOptions::new(edgemoe::quant::Method::Rtn, &model);
     opts.head = edgemoe::quant::HeadQuant::W8A8;
-    Arc::new(edgemoe::quant::quantize(model, &[], 0, &opts, |_, _, _| {}).expect("rtn").0)
+    Arc::new(
+        edgemoe::quant::quantize(model, &[], 0, &opts, |_, _, _| {})
+            .expect("rtn")
+            .0,
+    )
 }
 
 fn argmax(row: &[f32]) -> usize {
-    row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b })
+    row.iter()
+        .enumerate()
+        .fold(0, |b, (i, &v)| if v > row[b] { i } else { b })
 }
 
 fn all_logits(engine: &Engine, tokens: &[u32]) -> Vec<f32> {
     let mut cache = engine.new_cache();
-    let mut batch = [BatchItem { tokens, cache: &mut cache, logits: Logits::All }];
+    let mut batch = [BatchItem {
+        tokens,
+        cache: &mut cache,
+        logits: Logits::All,
+    }];
     engine.forward(&mut batch).expect("forward").remove(0)
 }
 
@@ -70,8 +80,22 @@ fn gpu_model_agrees_with_the_cpu_int8_engine() {
     let (mut same_dec, steps) = (0, 128);
     let mut next = tokens[..32].to_vec();
     for _ in 0..steps {
-        let a = cpu.forward(&mut [BatchItem { tokens: &next, cache: &mut cc, logits: Logits::Last }]).unwrap().remove(0);
-        let b = gpu.forward(&mut [BatchItem { tokens: &next, cache: &mut gc, logits: Logits::Last }]).unwrap().remove(0);
+        let a = cpu
+            .forward(&mut [BatchItem {
+                tokens: &next,
+                cache: &mut cc,
+                logits: Logits::Last,
+            }])
+            .unwrap()
+            .remove(0);
+        let b = gpu
+            .forward(&mut [BatchItem {
+                tokens: &next,
+                cache: &mut gc,
+                logits: Logits::Last,
+            }])
+            .unwrap()
+            .remove(0);
         same_dec += (argmax(&a) == argmax(&b)) as usize;
         next = vec![argmax(&a) as u32];
     }
@@ -89,7 +113,13 @@ fn gpu_model_agrees_with_the_cpu_int8_engine() {
             "ppl_cpu": pc, "ppl_gpu": pg, "ppl_rel_diff": ppl_rel, "ctx": ctx,
         })
     );
-    assert!(prefill_agree >= 0.99, "prefill top-1 agreement {prefill_agree}");
-    assert!(decode_agree >= 0.99, "decode top-1 agreement {decode_agree}");
+    assert!(
+        prefill_agree >= 0.99,
+        "prefill top-1 agreement {prefill_agree}"
+    );
+    assert!(
+        decode_agree >= 0.99,
+        "decode top-1 agreement {decode_agree}"
+    );
     assert!(ppl_rel <= 0.003, "ppl {pg} on the GPU vs {pc} on the CPU");
 }

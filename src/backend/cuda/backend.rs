@@ -9,7 +9,9 @@
 //! errors are ordinary ones.
 
 use super::device::Gpu;
-use super::kernels::{activation_id, AttnInputs, AttnShape, GemmKernel, OutType, QuantAct, MAX_ROUTED_EXPERTS};
+use super::kernels::{
+    activation_id, AttnInputs, AttnShape, GemmKernel, OutType, QuantAct, MAX_ROUTED_EXPERTS,
+};
 use super::kv::KvMirrors;
 use super::weights::{DeviceWeight, WeightCache};
 use crate::backend::cpu::routing::route_rows;
@@ -38,7 +40,12 @@ impl DeviceRows {
     }
 
     fn new(data: CudaSlice<f32>, rows: usize, cols: usize) -> DeviceRows {
-        DeviceRows { data, rows, cols, quant: None }
+        DeviceRows {
+            data,
+            rows,
+            cols,
+            quant: None,
+        }
     }
 }
 
@@ -72,7 +79,10 @@ impl CudaBackend {
         let fuse = model.weights.layers.first().is_some_and(|l| {
             matches!(l.attn.q.weight, LinearWeight::Int8(_)) && l.attn.q.input_scale.is_none()
         });
-        Ok(CudaBackend { fuse_norm_quant: fuse, ..backend })
+        Ok(CudaBackend {
+            fuse_norm_quant: fuse,
+            ..backend
+        })
     }
 
     /// Device 0 with no weights yet (they upload on first use).
@@ -102,12 +112,22 @@ impl CudaBackend {
                 let q = match &x.quant {
                     Some(q) if d.input_scale.is_none() && q.k == d.k => q.as_ref(),
                     _ => {
-                        fresh = self.gpu.quantize(&x.data, rows, d.k, None, d.input_scale.as_ref())?;
+                        fresh =
+                            self.gpu
+                                .quantize(&x.data, rows, d.k, None, d.input_scale.as_ref())?;
                         &fresh
                     }
                 };
                 let mut out = self.gpu.zeros::<f32>(rows * d.n, &lin.name)?;
-                self.gpu.gemm_w8a8(GemmKernel::Auto, q, w, d.bias.as_ref(), OutType::F32, &mut out, None)?;
+                self.gpu.gemm_w8a8(
+                    GemmKernel::Auto,
+                    q,
+                    w,
+                    d.bias.as_ref(),
+                    OutType::F32,
+                    &mut out,
+                    None,
+                )?;
                 out
             }
             DeviceWeight::F32(w) => match &d.input_scale {
@@ -115,7 +135,9 @@ impl CudaBackend {
                     let xs = self.gpu.scale_cols(&x.data, rows, d.k, s)?;
                     self.gpu.gemm_f32(&xs, rows, d.k, w, d.n, d.bias.as_ref())?
                 }
-                None => self.gpu.gemm_f32(&x.data, rows, d.k, w, d.n, d.bias.as_ref())?,
+                None => self
+                    .gpu
+                    .gemm_f32(&x.data, rows, d.k, w, d.n, d.bias.as_ref())?,
             },
         };
         Ok(self.act(data, rows, d.n))
@@ -125,12 +147,20 @@ impl CudaBackend {
         let d = self.weights.norm(&self.gpu, norm)?;
         if self.fuse_norm_quant && d.bias.is_none() {
             let mut normed = self.gpu.zeros::<f32>(x.rows * x.cols, "norm output")?;
-            let q = self.gpu.quantize(&x.data, x.rows, x.cols, Some((&d.weight, d.eps, &mut normed)), None)?;
+            let q = self.gpu.quantize(
+                &x.data,
+                x.rows,
+                x.cols,
+                Some((&d.weight, d.eps, &mut normed)),
+                None,
+            )?;
             let mut out = self.act(normed, x.rows, x.cols);
             out.quant = Some(Arc::new(q));
             return Ok(out);
         }
-        let data = self.gpu.norm(&x.data, x.rows, x.cols, &d.weight, d.bias.as_ref(), d.eps)?;
+        let data = self
+            .gpu
+            .norm(&x.data, x.rows, x.cols, &d.weight, d.bias.as_ref(), d.eps)?;
         Ok(self.act(data, x.rows, x.cols))
     }
 
@@ -146,15 +176,32 @@ impl CudaBackend {
         let span = rows.start * kv_dim..rows.end * kv_dim;
         let pos = &positions[rows.clone()];
         let mut mirrors = self.kv.lock().unwrap_or_else(|e| e.into_inner());
-        mirrors.append(&self.gpu, cache, kv_dim, k.data.slice(span.clone()), v.data.slice(span.clone()), pos)?;
+        mirrors.append(
+            &self.gpu,
+            cache,
+            kv_dim,
+            k.data.slice(span.clone()),
+            v.data.slice(span.clone()),
+            pos,
+        )?;
         // The host cache gets the same rows (the engine's counters and eviction read it).
         let mut hk = vec![0f32; span.len()];
         let mut hv = vec![0f32; span.len()];
         let err = |e| super::device::driver_error("copying new KV rows to the host", e);
-        self.gpu.stream.memcpy_dtoh(&k.data.slice(span.clone()), &mut hk).map_err(err)?;
-        self.gpu.stream.memcpy_dtoh(&v.data.slice(span), &mut hv).map_err(err)?;
+        self.gpu
+            .stream
+            .memcpy_dtoh(&k.data.slice(span.clone()), hk.as_mut_slice())
+            .map_err(err)?;
+        self.gpu
+            .stream
+            .memcpy_dtoh(&v.data.slice(span), hv.as_mut_slice())
+            .map_err(err)?;
         for (i, &p) in pos.iter().enumerate() {
-            cache.append(&hk[i * kv_dim..(i + 1) * kv_dim], &hv[i * kv_dim..(i + 1) * kv_dim], p);
+            cache.append(
+                &hk[i * kv_dim..(i + 1) * kv_dim],
+                &hv[i * kv_dim..(i + 1) * kv_dim],
+                p,
+            );
         }
         Ok(())
     }
@@ -176,10 +223,15 @@ impl CudaBackend {
             let span = seg.rows.start * qd..seg.rows.end * qd;
             let qpos = &positions[seg.rows.clone()];
             for &p in qpos {
-                slots_read += seg.cache.positions.iter().filter(|&&s| {
-                    let s = s as usize;
-                    s <= p && shape.sliding_window.is_none_or(|w| p - s < w)
-                }).count();
+                slots_read += seg
+                    .cache
+                    .positions
+                    .iter()
+                    .filter(|&&s| {
+                        let s = s as usize;
+                        s <= p && shape.sliding_window.is_none_or(|w| p - s < w)
+                    })
+                    .count();
             }
             let inputs = AttnInputs {
                 q: q.data.slice(span.clone()),
@@ -203,21 +255,35 @@ impl CudaBackend {
         Ok((self.act(out, q.rows, qd), slots_read))
     }
 
-    fn try_route(&self, logits: &DeviceRows, top_k: usize, renormalize: bool, first_row: usize) -> Result<Vec<Pick>> {
+    fn try_route(
+        &self,
+        logits: &DeviceRows,
+        top_k: usize,
+        renormalize: bool,
+        first_row: usize,
+    ) -> Result<Vec<Pick>> {
         let (rows, experts) = (logits.rows, logits.cols);
         if experts > MAX_ROUTED_EXPERTS || top_k == 0 || top_k > experts {
             // More experts than the device router takes: route on the host.
-            let host = self.gpu.download(&logits.data, rows * experts, "router logits")?;
+            let host = self
+                .gpu
+                .download(&logits.data, rows * experts, "router logits")?;
             return Ok(route_rows(&host, experts, top_k, renormalize, first_row));
         }
-        let (ids, ws) = self.gpu.route(&logits.data, rows, experts, top_k, renormalize)?;
+        let (ids, ws) = self
+            .gpu
+            .route(&logits.data, rows, experts, top_k, renormalize)?;
         let ids = self.gpu.download(&ids, rows * top_k, "routed experts")?;
         let ws = self.gpu.download(&ws, rows * top_k, "routing weights")?;
         Ok(ids
             .iter()
             .zip(&ws)
             .enumerate()
-            .map(|(i, (&e, &w))| Pick { expert: e as usize, row: first_row + i / top_k, weight: w })
+            .map(|(i, (&e, &w))| Pick {
+                expert: e as usize,
+                row: first_row + i / top_k,
+                weight: w,
+            })
             .collect())
     }
 
@@ -253,7 +319,10 @@ impl Backend for CudaBackend {
     }
 
     fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
-        self.kv.lock().unwrap_or_else(|e| e.into_inner()).next_step();
+        self.kv
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_step();
         step()
     }
 
@@ -262,7 +331,11 @@ impl Backend for CudaBackend {
     }
 
     fn to_host<'a>(&self, x: &'a DeviceRows) -> Cow<'a, [f32]> {
-        Cow::Owned(must(self.gpu.download(&x.data, x.rows * x.cols, "activations")))
+        Cow::Owned(must(self.gpu.download(
+            &x.data,
+            x.rows * x.cols,
+            "activations",
+        )))
     }
 
     fn select_rows(&self, x: &DeviceRows, rows: &[usize]) -> DeviceRows {
@@ -284,7 +357,10 @@ impl Backend for CudaBackend {
 
     fn add_table_rows(&self, x: &mut DeviceRows, table: &[f32], index: &[usize]) {
         let t = must(self.weights.rows(&self.gpu, table, x.cols));
-        must(self.gpu.add_rows(&mut x.data, x.cols, &t.data, t.rows, index));
+        must(
+            self.gpu
+                .add_rows(&mut x.data, x.cols, &t.data, t.rows, index),
+        );
         x.quant = None;
     }
 
@@ -318,7 +394,15 @@ impl Backend for CudaBackend {
     }
 
     fn apply_rope(&self, x: &mut DeviceRows, rope: &DeviceRope, first_row: usize) {
-        must(self.gpu.rope(&mut x.data, x.rows, x.cols, rope.half, &rope.cos_sin, rope.rows, first_row));
+        must(self.gpu.rope(
+            &mut x.data,
+            x.rows,
+            x.cols,
+            rope.half,
+            &rope.cos_sin,
+            rope.rows,
+            first_row,
+        ));
         x.quant = None;
     }
 
@@ -344,12 +428,20 @@ impl Backend for CudaBackend {
     }
 
     fn activate(&self, act: Activation, x: &mut DeviceRows) {
-        must(self.gpu.activate(&mut x.data, x.rows * x.cols, activation_id(act)));
+        must(
+            self.gpu
+                .activate(&mut x.data, x.rows * x.cols, activation_id(act)),
+        );
         x.quant = None;
     }
 
     fn gated_activation(&self, act: Activation, gate: &mut DeviceRows, up: &DeviceRows) {
-        must(self.gpu.gated_act(&mut gate.data, &up.data, gate.rows * gate.cols, activation_id(act)));
+        must(self.gpu.gated_act(
+            &mut gate.data,
+            &up.data,
+            gate.rows * gate.cols,
+            activation_id(act),
+        ));
         gate.quant = None;
     }
 
@@ -358,19 +450,31 @@ impl Backend for CudaBackend {
         x.quant = None;
     }
 
-    fn route(&self, logits: &DeviceRows, top_k: usize, renormalize: bool, first_row: usize) -> Vec<Pick> {
+    fn route(
+        &self,
+        logits: &DeviceRows,
+        top_k: usize,
+        renormalize: bool,
+        first_row: usize,
+    ) -> Vec<Pick> {
         must(self.try_route(logits, top_k, renormalize, first_row))
     }
 
     fn mix_rows(&self, out: &mut DeviceRows, y: &DeviceRows, picks: &[Pick]) {
         let rows: Vec<usize> = picks.iter().map(|p| p.row).collect();
         let weights: Vec<f32> = picks.iter().map(|p| p.weight).collect();
-        must(self.gpu.mix_rows(&mut out.data, out.rows, out.cols, &y.data, &rows, &weights));
+        must(
+            self.gpu
+                .mix_rows(&mut out.data, out.rows, out.cols, &y.data, &rows, &weights),
+        );
         out.quant = None;
     }
 
     fn add_gated(&self, out: &mut DeviceRows, y: &DeviceRows, gate: &DeviceRows) {
-        must(self.gpu.add_gated(&mut out.data, &y.data, &gate.data, out.rows, out.cols));
+        must(
+            self.gpu
+                .add_gated(&mut out.data, &y.data, &gate.data, out.rows, out.cols),
+        );
         out.quant = None;
     }
 
@@ -389,7 +493,12 @@ impl Backend for CudaBackend {
         tasks.into_iter().map(task).collect()
     }
 
-    fn sequence_groups(&self, _sequences: usize, _decoding: bool, _layer_weight_bytes: usize) -> usize {
+    fn sequence_groups(
+        &self,
+        _sequences: usize,
+        _decoding: bool,
+        _layer_weight_bytes: usize,
+    ) -> usize {
         1
     }
 }

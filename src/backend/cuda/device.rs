@@ -164,7 +164,7 @@ impl Gpu {
         let mut out = vec![T::default(); len];
         if len > 0 {
             self.stream
-                .memcpy_dtoh(&src.slice(0..len), &mut out)
+                .memcpy_dtoh(&src.slice(0..len), out.as_mut_slice())
                 .map_err(|e| driver_error(&format!("copying {what} to the host"), e))?;
         }
         Ok(out)

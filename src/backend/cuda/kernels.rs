@@ -94,7 +94,11 @@ fn i32_of(v: usize, what: &str) -> Result<i32> {
 }
 
 impl Gpu {
-    fn launched(&self, name: &str, r: std::result::Result<(), cudarc::driver::DriverError>) -> Result<()> {
+    fn launched(
+        &self,
+        name: &str,
+        r: std::result::Result<(), cudarc::driver::DriverError>,
+    ) -> Result<()> {
         r.map_err(|e| driver_error(&format!("launching {name}"), e))
     }
 
@@ -109,13 +113,22 @@ impl Gpu {
         inv_smooth: Option<&CudaSlice<f32>>,
     ) -> Result<QuantAct> {
         check(cols <= MAX_K && x.len() >= rows * cols, || {
-            format!("quantize: {rows} × {cols} does not fit the input of {} values", x.len())
+            format!(
+                "quantize: {rows} × {cols} does not fit the input of {} values",
+                x.len()
+            )
         })?;
         let k_padded = padded_k(cols);
         let mut q = self.zeros::<i8>(rows * k_padded, "quantized activations")?;
         let mut scales = self.zeros::<f32>(rows, "activation scales")?;
         if rows == 0 {
-            return Ok(QuantAct { q, scales, rows, k: cols, k_padded });
+            return Ok(QuantAct {
+                q,
+                scales,
+                rows,
+                k: cols,
+                k_padded,
+            });
         }
         let (rms, eps) = (norm.is_some() as i32, norm.as_ref().map_or(0.0, |n| n.1));
         let p = EmQuantParams {
@@ -131,15 +144,33 @@ impl Gpu {
         let mut spare = None;
         let (w, normed) = match norm {
             Some((w, _, out)) => (w, out),
-            None => (&self.none_f32, spare.insert(self.zeros::<f32>(1, "placeholder")?)),
+            None => (
+                &self.none_f32,
+                spare.insert(self.zeros::<f32>(1, "placeholder")?),
+            ),
         };
         let smooth = inv_smooth.unwrap_or(&self.none_f32);
         let mut b = self.stream.launch_builder(self.func("quantize_rows"));
-        b.arg(&p).arg(x).arg(w).arg(smooth).arg(normed).arg(&mut q).arg(&mut scales);
+        b.arg(&p)
+            .arg(x)
+            .arg(w)
+            .arg(smooth)
+            .arg(normed)
+            .arg(&mut q)
+            .arg(&mut scales);
         // SAFETY: the kernel reads rows × cols of x (checked), cols of w and smooth when
         // flagged, and writes rows × cols normed, rows × k_padded q and rows scales (sized).
-        self.launched("quantize_rows", unsafe { b.launch(rows_grid(rows)) }.map(|_| ()))?;
-        Ok(QuantAct { q, scales, rows, k: cols, k_padded })
+        self.launched(
+            "quantize_rows",
+            unsafe { b.launch(rows_grid(rows)) }.map(|_| ()),
+        )?;
+        Ok(QuantAct {
+            q,
+            scales,
+            rows,
+            k: cols,
+            k_padded,
+        })
     }
 
     /// `out = x·Wᵀ` W8A8 into `out` (`m × n` of `out_type`), `+ bias` when given; the raw int32
@@ -159,16 +190,19 @@ impl Gpu {
         check(x.k == w.k && x.k_padded == w.k_padded, || {
             format!("gemm: activations have k = {}, weights k = {}", x.k, w.k)
         })?;
-        check(out.len() >= m * n && bias.is_none_or(|b| b.len() >= n), || {
-            format!("gemm: output of {} for {m} × {n}", out.len())
-        })?;
+        check(
+            out.len() >= m * n && bias.is_none_or(|b| b.len() >= n),
+            || format!("gemm: output of {} for {m} × {n}", out.len()),
+        )?;
         let kernel = match kernel {
             GemmKernel::Auto if m <= 8 => GemmKernel::Gemv,
             GemmKernel::Auto if m <= 64 => GemmKernel::Small,
             GemmKernel::Auto => GemmKernel::Large,
             k => k,
         };
-        check(kernel != GemmKernel::Gemv || m <= 8, || format!("gemv: M = {m} > 8"))?;
+        check(kernel != GemmKernel::Gemv || m <= 8, || {
+            format!("gemv: M = {m} > 8")
+        })?;
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -196,7 +230,9 @@ impl Gpu {
         let mut spare = None;
         let acc = match acc {
             Some(a) => {
-                check(a.len() >= m * n, || "gemm: accumulator buffer too small".to_owned())?;
+                check(a.len() >= m * n, || {
+                    "gemm: accumulator buffer too small".to_owned()
+                })?;
                 a
             }
             None => spare.insert(self.zeros::<i32>(1, "placeholder")?),
@@ -225,7 +261,9 @@ impl Gpu {
         n: usize,
         bias: Option<&CudaSlice<f32>>,
     ) -> Result<CudaSlice<f32>> {
-        check(x.len() >= m * k && w.len() >= n * k, || format!("gemm_f32: {m} × {k} · {n} × {k}"))?;
+        check(x.len() >= m * k && w.len() >= n * k, || {
+            format!("gemm_f32: {m} × {k} · {n} × {k}")
+        })?;
         let mut y = self.zeros::<f32>(m * n, "linear output")?;
         if m == 0 || n == 0 {
             return Ok(y);
@@ -239,7 +277,14 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(self.func("gemm_f32"));
-        b.arg(&mi).arg(&ni).arg(&ki).arg(x).arg(w).arg(bias).arg(&has_bias).arg(&mut y);
+        b.arg(&mi)
+            .arg(&ni)
+            .arg(&ki)
+            .arg(x)
+            .arg(w)
+            .arg(bias)
+            .arg(&has_bias)
+            .arg(&mut y);
         // SAFETY: m × k inputs, n × k weights (checked), m × n outputs (allocated).
         self.launched("gemm_f32", unsafe { b.launch(cfg) }.map(|_| ()))?;
         Ok(y)
@@ -255,7 +300,9 @@ impl Gpu {
         bias: Option<&CudaSlice<f32>>,
         eps: f32,
     ) -> Result<CudaSlice<f32>> {
-        check(x.len() >= rows * dim && weight.len() >= dim, || "norm: shape".to_owned())?;
+        check(x.len() >= rows * dim && weight.len() >= dim, || {
+            "norm: shape".to_owned()
+        })?;
         let mut out = self.zeros::<f32>(rows * dim, "norm output")?;
         if rows == 0 {
             return Ok(out);
@@ -264,15 +311,29 @@ impl Gpu {
         let (name, launched) = match bias {
             None => {
                 let mut b = self.stream.launch_builder(self.func("rms_norm"));
-                b.arg(&ri).arg(&di).arg(&eps).arg(x).arg(weight).arg(&mut out);
+                b.arg(&ri)
+                    .arg(&di)
+                    .arg(&eps)
+                    .arg(x)
+                    .arg(weight)
+                    .arg(&mut out);
                 // SAFETY: rows × dim in and out, dim weights (checked).
                 ("rms_norm", unsafe { b.launch(rows_grid(rows)) }.map(|_| ()))
             }
             Some(bias) => {
                 let mut b = self.stream.launch_builder(self.func("layer_norm"));
-                b.arg(&ri).arg(&di).arg(&eps).arg(x).arg(weight).arg(bias).arg(&mut out);
+                b.arg(&ri)
+                    .arg(&di)
+                    .arg(&eps)
+                    .arg(x)
+                    .arg(weight)
+                    .arg(bias)
+                    .arg(&mut out);
                 // SAFETY: as for rms_norm, plus dim biases.
-                ("layer_norm", unsafe { b.launch(rows_grid(rows)) }.map(|_| ()))
+                (
+                    "layer_norm",
+                    unsafe { b.launch(rows_grid(rows)) }.map(|_| ()),
+                )
             }
         };
         self.launched(name, launched)?;
@@ -281,6 +342,7 @@ impl Gpu {
 
     /// Rotates each head of the `rows × cols` rows of `x` by rows `first_row..` of `cos_sin`
     /// (`half` (cos, sin) pairs a row, `table_rows` rows).
+    #[allow(clippy::too_many_arguments)]
     pub fn rope(
         &self,
         x: &mut CudaSlice<f32>,
@@ -292,14 +354,34 @@ impl Gpu {
         first_row: usize,
     ) -> Result<()> {
         check(
-            half > 0 && cols % (2 * half) == 0 && first_row + rows <= table_rows && x.len() >= rows * cols,
-            || format!("rope: {rows} × {cols} with half {half}, rows {first_row}.. of {table_rows}"),
+            half > 0
+                && cols.is_multiple_of(2 * half)
+                && first_row + rows <= table_rows
+                && x.len() >= rows * cols,
+            || {
+                format!(
+                    "rope: {rows} × {cols} with half {half}, rows {first_row}.. of {table_rows}"
+                )
+            },
         )?;
-        let v = [i32_of(rows, "rows")?, cols as i32, half as i32, first_row as i32];
+        let v = [
+            i32_of(rows, "rows")?,
+            cols as i32,
+            half as i32,
+            first_row as i32,
+        ];
         let mut b = self.stream.launch_builder(self.func("rope"));
-        b.arg(&v[0]).arg(&v[1]).arg(&v[2]).arg(&v[3]).arg(cos_sin).arg(x);
+        b.arg(&v[0])
+            .arg(&v[1])
+            .arg(&v[2])
+            .arg(&v[3])
+            .arg(cos_sin)
+            .arg(x);
         // SAFETY: rows × cols values, table rows first_row..first_row + rows (checked).
-        self.launched("rope", unsafe { b.launch(grid_1d(rows * cols / 2)) }.map(|_| ()))
+        self.launched(
+            "rope",
+            unsafe { b.launch(grid_1d(rows * cols / 2)) }.map(|_| ()),
+        )
     }
 
     /// `x = act(x)` over `n` values.
@@ -313,8 +395,16 @@ impl Gpu {
     }
 
     /// `gate = act(gate) · up` over `n` values.
-    pub fn gated_act(&self, gate: &mut CudaSlice<f32>, up: &CudaSlice<f32>, n: usize, act: i32) -> Result<()> {
-        check(gate.len() >= n && up.len() >= n, || "gated activation: shape".to_owned())?;
+    pub fn gated_act(
+        &self,
+        gate: &mut CudaSlice<f32>,
+        up: &CudaSlice<f32>,
+        n: usize,
+        act: i32,
+    ) -> Result<()> {
+        check(gate.len() >= n && up.len() >= n, || {
+            "gated activation: shape".to_owned()
+        })?;
         let n64 = n as i64;
         let mut b = self.stream.launch_builder(self.func("gated_act"));
         b.arg(&n64).arg(&act).arg(gate).arg(up);
@@ -334,10 +424,17 @@ impl Gpu {
 
     /// `out[r] = table[index[r]]` (`dim` floats a row, `table_rows` rows; indices checked on
     /// the host first).
-    pub fn gather_rows(&self, table: &CudaSlice<f32>, table_rows: usize, dim: usize, index: &[usize]) -> Result<CudaSlice<f32>> {
-        check(index.iter().all(|&i| i < table_rows) && table.len() >= table_rows * dim, || {
-            format!("gather: an index is outside the {table_rows} rows")
-        })?;
+    pub fn gather_rows(
+        &self,
+        table: &CudaSlice<f32>,
+        table_rows: usize,
+        dim: usize,
+        index: &[usize],
+    ) -> Result<CudaSlice<f32>> {
+        check(
+            index.iter().all(|&i| i < table_rows) && table.len() >= table_rows * dim,
+            || format!("gather: an index is outside the {table_rows} rows"),
+        )?;
         let rows = index.len();
         let mut out = self.zeros::<f32>(rows * dim, "gathered rows")?;
         if rows == 0 {
@@ -349,16 +446,29 @@ impl Gpu {
         let mut b = self.stream.launch_builder(self.func("gather_rows"));
         b.arg(&ri).arg(&di).arg(&idx).arg(table).arg(&mut out);
         // SAFETY: indices < table_rows (checked), rows × dim outputs (allocated).
-        self.launched("gather_rows", unsafe { b.launch(grid_1d(rows * dim)) }.map(|_| ()))?;
+        self.launched(
+            "gather_rows",
+            unsafe { b.launch(grid_1d(rows * dim)) }.map(|_| ()),
+        )?;
         Ok(out)
     }
 
     /// `x[r] += table[index[r]]`.
-    pub fn add_rows(&self, x: &mut CudaSlice<f32>, dim: usize, table: &CudaSlice<f32>, table_rows: usize, index: &[usize]) -> Result<()> {
+    pub fn add_rows(
+        &self,
+        x: &mut CudaSlice<f32>,
+        dim: usize,
+        table: &CudaSlice<f32>,
+        table_rows: usize,
+        index: &[usize],
+    ) -> Result<()> {
         let rows = index.len();
-        check(index.iter().all(|&i| i < table_rows) && x.len() >= rows * dim && table.len() >= table_rows * dim, || {
-            "add_rows: an index is outside the table".to_owned()
-        })?;
+        check(
+            index.iter().all(|&i| i < table_rows)
+                && x.len() >= rows * dim
+                && table.len() >= table_rows * dim,
+            || "add_rows: an index is outside the table".to_owned(),
+        )?;
         if rows == 0 {
             return Ok(());
         }
@@ -368,14 +478,28 @@ impl Gpu {
         let mut b = self.stream.launch_builder(self.func("add_rows"));
         b.arg(&ri).arg(&di).arg(&idx).arg(table).arg(x);
         // SAFETY: as for gather_rows.
-        self.launched("add_rows", unsafe { b.launch(grid_1d(rows * dim)) }.map(|_| ()))
+        self.launched(
+            "add_rows",
+            unsafe { b.launch(grid_1d(rows * dim)) }.map(|_| ()),
+        )
     }
 
     /// `out[rows[i]] += weights[i] · y[i]` (rows distinct, each `< out_rows`).
-    pub fn mix_rows(&self, out: &mut CudaSlice<f32>, out_rows: usize, dim: usize, y: &CudaSlice<f32>, rows: &[usize], weights: &[f32]) -> Result<()> {
+    pub fn mix_rows(
+        &self,
+        out: &mut CudaSlice<f32>,
+        out_rows: usize,
+        dim: usize,
+        y: &CudaSlice<f32>,
+        rows: &[usize],
+        weights: &[f32],
+    ) -> Result<()> {
         let n = rows.len();
         check(
-            weights.len() == n && rows.iter().all(|&r| r < out_rows) && y.len() >= n * dim && out.len() >= out_rows * dim,
+            weights.len() == n
+                && rows.iter().all(|&r| r < out_rows)
+                && y.len() >= n * dim
+                && out.len() >= out_rows * dim,
             || "mix_rows: shape".to_owned(),
         )?;
         if n == 0 {
@@ -388,12 +512,25 @@ impl Gpu {
         let mut b = self.stream.launch_builder(self.func("mix_rows"));
         b.arg(&ni).arg(&di).arg(&idx).arg(&w).arg(y).arg(out);
         // SAFETY: rows < out_rows, n × dim of y (checked).
-        self.launched("mix_rows", unsafe { b.launch(grid_1d(n * dim)) }.map(|_| ()))
+        self.launched(
+            "mix_rows",
+            unsafe { b.launch(grid_1d(n * dim)) }.map(|_| ()),
+        )
     }
 
     /// `out[r] += sigmoid(gate[r]) · y[r]`.
-    pub fn add_gated(&self, out: &mut CudaSlice<f32>, y: &CudaSlice<f32>, gate: &CudaSlice<f32>, rows: usize, dim: usize) -> Result<()> {
-        check(out.len() >= rows * dim && y.len() >= rows * dim && gate.len() >= rows, || "add_gated: shape".to_owned())?;
+    pub fn add_gated(
+        &self,
+        out: &mut CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        gate: &CudaSlice<f32>,
+        rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        check(
+            out.len() >= rows * dim && y.len() >= rows * dim && gate.len() >= rows,
+            || "add_gated: shape".to_owned(),
+        )?;
         if rows == 0 {
             return Ok(());
         }
@@ -401,26 +538,52 @@ impl Gpu {
         let mut b = self.stream.launch_builder(self.func("add_gated"));
         b.arg(&ri).arg(&di).arg(gate).arg(y).arg(out);
         // SAFETY: rows × dim values, rows gates (checked).
-        self.launched("add_gated", unsafe { b.launch(grid_1d(rows * dim)) }.map(|_| ()))
+        self.launched(
+            "add_gated",
+            unsafe { b.launch(grid_1d(rows * dim)) }.map(|_| ()),
+        )
     }
 
     /// `x · s[col]` into a new buffer.
-    pub fn scale_cols(&self, x: &CudaSlice<f32>, rows: usize, cols: usize, s: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        check(x.len() >= rows * cols && s.len() >= cols, || "scale_cols: shape".to_owned())?;
+    pub fn scale_cols(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        s: &CudaSlice<f32>,
+    ) -> Result<CudaSlice<f32>> {
+        check(x.len() >= rows * cols && s.len() >= cols, || {
+            "scale_cols: shape".to_owned()
+        })?;
         let mut out = self.zeros::<f32>(rows * cols, "scaled input")?;
         let (ri, ci) = (i32_of(rows, "rows")?, i32_of(cols, "cols")?);
         let mut b = self.stream.launch_builder(self.func("scale_cols"));
         b.arg(&ri).arg(&ci).arg(s).arg(x).arg(&mut out);
         // SAFETY: rows × cols values, cols scales (checked).
-        self.launched("scale_cols", unsafe { b.launch(grid_1d(rows * cols)) }.map(|_| ()))?;
+        self.launched(
+            "scale_cols",
+            unsafe { b.launch(grid_1d(rows * cols)) }.map(|_| ()),
+        )?;
         Ok(out)
     }
 
     /// Softmax + top-k of `rows × experts` logits: (experts, weights), `rows × top_k` each.
-    pub fn route(&self, logits: &CudaSlice<f32>, rows: usize, experts: usize, top_k: usize, renormalize: bool) -> Result<(CudaSlice<i32>, CudaSlice<f32>)> {
+    pub fn route(
+        &self,
+        logits: &CudaSlice<f32>,
+        rows: usize,
+        experts: usize,
+        top_k: usize,
+        renormalize: bool,
+    ) -> Result<(CudaSlice<i32>, CudaSlice<f32>)> {
         check(
-            experts <= MAX_ROUTED_EXPERTS && top_k >= 1 && top_k <= experts && logits.len() >= rows * experts,
-            || format!("route: {experts} experts top-{top_k} (the device router takes at most {MAX_ROUTED_EXPERTS})"),
+            experts <= MAX_ROUTED_EXPERTS
+                && top_k >= 1
+                && top_k <= experts
+                && logits.len() >= rows * experts,
+            || {
+                format!("route: {experts} experts top-{top_k} (the device router takes at most {MAX_ROUTED_EXPERTS})")
+            },
         )?;
         let mut ids = self.zeros::<i32>(rows * top_k, "routed experts")?;
         let mut ws = self.zeros::<f32>(rows * top_k, "routing weights")?;
@@ -446,13 +609,25 @@ impl Gpu {
     }
 
     /// Stable sort of picks by expert: (offsets, `experts + 1`; order, one pick index each).
-    pub fn moe_sort(&self, expert_of: &CudaSlice<i32>, n: usize, experts: usize) -> Result<(CudaSlice<i32>, CudaSlice<i32>)> {
-        check(experts >= 1 && experts <= 1024 && expert_of.len() >= n, || format!("moe_sort: {experts} experts"))?;
+    pub fn moe_sort(
+        &self,
+        expert_of: &CudaSlice<i32>,
+        n: usize,
+        experts: usize,
+    ) -> Result<(CudaSlice<i32>, CudaSlice<i32>)> {
+        check(
+            (1..=1024).contains(&experts) && expert_of.len() >= n,
+            || format!("moe_sort: {experts} experts"),
+        )?;
         let mut offsets = self.zeros::<i32>(experts + 1, "expert offsets")?;
         let mut order = self.zeros::<i32>(n, "pick order")?;
         let (ni, ei) = (i32_of(n, "picks")?, experts as i32);
         let mut b = self.stream.launch_builder(self.func("moe_sort"));
-        b.arg(&ni).arg(&ei).arg(expert_of).arg(&mut offsets).arg(&mut order);
+        b.arg(&ni)
+            .arg(&ei)
+            .arg(expert_of)
+            .arg(&mut offsets)
+            .arg(&mut order);
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: ((experts as u32).next_multiple_of(32), 1, 1),
@@ -466,22 +641,46 @@ impl Gpu {
 
     /// Grouped W8A8: rows `offsets[e]..offsets[e+1]` of `x` (sorted by expert) times expert
     /// `e`'s weights, for every expert in one launch; f32 `x.rows × n` out (no bias).
-    pub fn gemm_grouped(&self, x: &QuantAct, weights: &[&DeviceInt8], offsets: &CudaSlice<i32>, host_offsets: &[usize], acc: Option<&mut CudaSlice<i32>>) -> Result<CudaSlice<f32>> {
+    pub fn gemm_grouped(
+        &self,
+        x: &QuantAct,
+        weights: &[&DeviceInt8],
+        offsets: &CudaSlice<i32>,
+        host_offsets: &[usize],
+        acc: Option<&mut CudaSlice<i32>>,
+    ) -> Result<CudaSlice<f32>> {
         let e = weights.len();
         let n = weights.first().map_or(0, |w| w.n);
         check(
-            e > 0 && host_offsets.len() == e + 1 && host_offsets[e] == x.rows
-                && weights.iter().all(|w| w.n == n && w.k == x.k && w.k_padded == x.k_padded),
+            e > 0
+                && host_offsets.len() == e + 1
+                && host_offsets[e] == x.rows
+                && weights
+                    .iter()
+                    .all(|w| w.n == n && w.k == x.k && w.k_padded == x.k_padded),
             || "grouped gemm: experts disagree in shape".to_owned(),
         )?;
         let mut out = self.zeros::<f32>(x.rows * n, "grouped expert output")?;
-        let most = host_offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        let most = host_offsets
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0);
         if most == 0 || n == 0 {
             return Ok(out);
         }
-        let wp: Vec<u64> = weights.iter().map(|w| super::device::address(&w.data, &self.stream)).collect();
-        let sp: Vec<u64> = weights.iter().map(|w| super::device::address(&w.scales, &self.stream)).collect();
-        let (wp, sp) = (self.upload(&wp, "expert weight table")?, self.upload(&sp, "expert scale table")?);
+        let wp: Vec<u64> = weights
+            .iter()
+            .map(|w| super::device::address(&w.data, &self.stream))
+            .collect();
+        let sp: Vec<u64> = weights
+            .iter()
+            .map(|w| super::device::address(&w.scales, &self.stream))
+            .collect();
+        let (wp, sp) = (
+            self.upload(&wp, "expert weight table")?,
+            self.upload(&sp, "expert scale table")?,
+        );
         let p = EmGemmParams {
             m: i32_of(x.rows, "rows")?,
             n: i32_of(n, "n")?,
@@ -503,7 +702,14 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(self.func("gemm_w8a8_grouped"));
-        b.arg(&p).arg(&x.q).arg(&x.scales).arg(&wp).arg(&sp).arg(offsets).arg(&mut out).arg(acc);
+        b.arg(&p)
+            .arg(&x.q)
+            .arg(&x.scales)
+            .arg(&wp)
+            .arg(&sp)
+            .arg(offsets)
+            .arg(&mut out)
+            .arg(acc);
         // SAFETY: the device offsets must equal host_offsets (the caller's contract: the same
         // values, one uploaded): every expert's rows lie inside x, its weights are n × k_padded.
         self.launched("gemm_w8a8_grouped", unsafe { b.launch(cfg) }.map(|_| ()))?;
@@ -516,7 +722,10 @@ impl Gpu {
         let mut b = self.stream.launch_builder(self.func("params_layout"));
         b.arg(&mut out);
         // SAFETY: the probe writes fewer than 64 ints.
-        self.launched("params_layout", unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.map(|_| ()))?;
+        self.launched(
+            "params_layout",
+            unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.map(|_| ()),
+        )?;
         self.download(&out, 64, "layout probe")
     }
 }
@@ -547,16 +756,33 @@ pub struct AttnShape {
 impl Gpu {
     /// Split-KV attention into `out` (`q rows × heads·head_dim`); adds each slot's attention
     /// mass to `mass` when given.
-    pub fn attention(&self, shape: AttnShape, inp: &AttnInputs, out: &mut CudaViewMut<f32>, mass: Option<&mut CudaSlice<f32>>) -> Result<()> {
+    pub fn attention(
+        &self,
+        shape: AttnShape,
+        inp: &AttnInputs,
+        out: &mut CudaViewMut<f32>,
+        mass: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
         let (h, kvh, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
         let rows = inp.q_positions.len();
         check(
-            d > 0 && d <= MAX_HEAD_DIM && kvh > 0 && h % kvh == 0
-                && inp.q.len() >= rows * h * d && out.len() >= rows * h * d
-                && inp.keys.len() >= inp.slots * kvh * d && inp.values.len() >= inp.slots * kvh * d
-                && inp.slot_positions.len() >= inp.slots && inp.valid.len() >= inp.slots
+            d > 0
+                && d <= MAX_HEAD_DIM
+                && kvh > 0
+                && h % kvh == 0
+                && inp.q.len() >= rows * h * d
+                && out.len() >= rows * h * d
+                && inp.keys.len() >= inp.slots * kvh * d
+                && inp.values.len() >= inp.slots * kvh * d
+                && inp.slot_positions.len() >= inp.slots
+                && inp.valid.len() >= inp.slots
                 && mass.as_ref().is_none_or(|m| m.len() >= inp.slots),
-            || format!("attention: {rows} rows, {h} heads over {kvh}, head_dim {d}, {} slots", inp.slots),
+            || {
+                format!(
+                    "attention: {rows} rows, {h} heads over {kvh}, head_dim {d}, {} slots",
+                    inp.slots
+                )
+            },
         )?;
         if rows == 0 {
             return Ok(());
@@ -588,7 +814,11 @@ impl Gpu {
         let qpos = self.upload(&qpos, "query positions")?;
         let mut part_ml = self.zeros::<f32>(rows * h * splits * 2, "attention partial sums")?;
         let mut part_acc = self.zeros::<f32>(rows * h * splits * d, "attention partial values")?;
-        let scores_len = if mass.is_some() { rows * h * inp.slots } else { 1 };
+        let scores_len = if mass.is_some() {
+            rows * h * inp.slots
+        } else {
+            1
+        };
         let mut scores = self.zeros::<f32>(scores_len, "attention scores")?;
         let mut b = self.stream.launch_builder(self.func("attention_split"));
         b.arg(&p)
@@ -610,7 +840,11 @@ impl Gpu {
         self.launched("attention_split", unsafe { b.launch(cfg) }.map(|_| ()))?;
         let mut final_ml = self.zeros::<f32>(rows * h * 2, "attention totals")?;
         let mut b = self.stream.launch_builder(self.func("attention_merge"));
-        b.arg(&p).arg(&part_ml).arg(&part_acc).arg(out).arg(&mut final_ml);
+        b.arg(&p)
+            .arg(&part_ml)
+            .arg(&part_acc)
+            .arg(out)
+            .arg(&mut final_ml);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, h as u32, 1),
             block_dim: (128, 1, 1),
@@ -622,7 +856,10 @@ impl Gpu {
             let mut b = self.stream.launch_builder(self.func("attention_mass"));
             b.arg(&p).arg(&scores).arg(&final_ml).arg(mass);
             // SAFETY: rows × h × slots scores, rows × h totals, slots masses (checked).
-            self.launched("attention_mass", unsafe { b.launch(grid_1d(inp.slots)) }.map(|_| ()))?;
+            self.launched(
+                "attention_mass",
+                unsafe { b.launch(grid_1d(inp.slots)) }.map(|_| ()),
+            )?;
         }
         Ok(())
     }

@@ -55,10 +55,16 @@ impl Mirror {
         let mut m = Mirror::with_capacity(gpu, kv_dim, (2 * len).max(64))?;
         if len > 0 {
             gpu.stream
-                .memcpy_htod(&cache.keys[..len * kv_dim], &mut m.keys.slice_mut(0..len * kv_dim))
+                .memcpy_htod(
+                    &cache.keys[..len * kv_dim],
+                    &mut m.keys.slice_mut(0..len * kv_dim),
+                )
                 .map_err(|e| super::device::driver_error("uploading KV keys", e))?;
             gpu.stream
-                .memcpy_htod(&cache.values[..len * kv_dim], &mut m.values.slice_mut(0..len * kv_dim))
+                .memcpy_htod(
+                    &cache.values[..len * kv_dim],
+                    &mut m.values.slice_mut(0..len * kv_dim),
+                )
                 .map_err(|e| super::device::driver_error("uploading KV values", e))?;
             let pos: Vec<i32> = cache.positions.iter().map(|&p| p as i32).collect();
             gpu.stream
@@ -87,7 +93,10 @@ impl Mirror {
             copy(&self.keys, &mut bigger.keys)?;
             copy(&self.values, &mut bigger.values)?;
             gpu.stream
-                .memcpy_dtod(&self.positions.slice(0..self.len), &mut bigger.positions.slice_mut(0..self.len))
+                .memcpy_dtod(
+                    &self.positions.slice(0..self.len),
+                    &mut bigger.positions.slice_mut(0..self.len),
+                )
                 .map_err(|e| super::device::driver_error("growing the KV cache", e))?;
         }
         bigger.len = self.len;
@@ -113,7 +122,8 @@ impl KvMirrors {
             None => true,
         };
         if fresh {
-            self.mirrors.insert(key, Mirror::from_host(gpu, cache, kv_dim)?);
+            self.mirrors
+                .insert(key, Mirror::from_host(gpu, cache, kv_dim)?);
         }
         let step = self.step;
         let m = self
@@ -143,8 +153,12 @@ impl KvMirrors {
         m.reserve(gpu, kv_dim, rows)?;
         let (a, b) = (m.len * kv_dim, (m.len + rows) * kv_dim);
         let err = |e| super::device::driver_error("appending to the KV cache", e);
-        gpu.stream.memcpy_dtod(&k, &mut m.keys.slice_mut(a..b)).map_err(err)?;
-        gpu.stream.memcpy_dtod(&v, &mut m.values.slice_mut(a..b)).map_err(err)?;
+        gpu.stream
+            .memcpy_dtod(&k, &mut m.keys.slice_mut(a..b))
+            .map_err(err)?;
+        gpu.stream
+            .memcpy_dtod(&v, &mut m.values.slice_mut(a..b))
+            .map_err(err)?;
         let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
         gpu.stream
             .memcpy_htod(&pos, &mut m.positions.slice_mut(m.len..m.len + rows))

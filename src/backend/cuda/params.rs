@@ -1,7 +1,12 @@
 //! The structs of kernels/params.h, as bindgen generated them from that one header (its layout
 //! assertions compare Rust's layout with clang's; tests/cuda.rs compares it with nvcc's).
 
-#![allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code)]
+#![allow(
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    dead_code
+)]
 #![allow(clippy::all)]
 
 include!(concat!(env!("OUT_DIR"), "/params.rs"));

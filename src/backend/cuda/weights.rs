@@ -173,7 +173,10 @@ impl WeightCache {
                     if let Some(s) = &b.shared {
                         self.linear(gpu, &s.gate)?;
                     }
-                    b.experts.iter().chain(b.shared.iter().map(|s| &s.mlp)).collect()
+                    b.experts
+                        .iter()
+                        .chain(b.shared.iter().map(|s| &s.mlp))
+                        .collect()
                 }
                 Ffn::Gated(m) => vec![m],
                 Ffn::Plain(m) => {
