@@ -203,6 +203,7 @@ impl CudaBackend {
                 p,
             );
         }
+        mirrors.note_host_append(cache);
         Ok(())
     }
 

@@ -23,8 +23,11 @@ pub struct Mirror {
     capacity: usize,
     /// Slots held (== the host cache's, after `sync`).
     pub len: usize,
-    /// The host positions the mirror holds, to detect a changed host cache.
+    /// The host positions the mirror holds, and where the host's keys live: a host cache
+    /// that differs in either (evicted, cleared, reallocated, or another cache at a reused
+    /// address) is uploaded again rather than trusted.
     host_positions: Vec<u32>,
+    host_keys: usize,
     last_used: u64,
 }
 
@@ -45,6 +48,7 @@ impl Mirror {
             capacity,
             len: 0,
             host_positions: Vec::new(),
+            host_keys: 0,
             last_used: 0,
         })
     }
@@ -73,6 +77,7 @@ impl Mirror {
         }
         m.len = len;
         m.host_positions = cache.positions.clone();
+        m.host_keys = cache.keys.as_ptr() as usize;
         Ok(m)
     }
 
@@ -101,6 +106,7 @@ impl Mirror {
         }
         bigger.len = self.len;
         bigger.host_positions = std::mem::take(&mut self.host_positions);
+        bigger.host_keys = self.host_keys;
         *self = bigger;
         Ok(())
     }
@@ -118,7 +124,11 @@ impl KvMirrors {
     pub fn sync(&mut self, gpu: &Gpu, cache: &LayerCache, kv_dim: usize) -> Result<&mut Mirror> {
         let key = cache as *const LayerCache as usize;
         let fresh = match self.mirrors.get(&key) {
-            Some(m) => m.len != cache.positions.len() || m.host_positions != cache.positions,
+            Some(m) => {
+                m.len != cache.positions.len()
+                    || m.host_keys != cache.keys.as_ptr() as usize
+                    || m.host_positions != cache.positions
+            }
             None => true,
         };
         if fresh {
@@ -166,5 +176,14 @@ impl KvMirrors {
         m.len += rows;
         m.host_positions.extend(positions.iter().map(|&p| p as u32));
         Ok(key)
+    }
+
+    /// Records where `cache` keeps its keys after the caller appended to it the rows it just
+    /// gave [`Self::append`] (its buffer may have moved; the contents agree).
+    pub fn note_host_append(&mut self, cache: &LayerCache) {
+        let key = cache as *const LayerCache as usize;
+        if let Some(m) = self.mirrors.get_mut(&key) {
+            m.host_keys = cache.keys.as_ptr() as usize;
+        }
     }
 }
