@@ -56,6 +56,10 @@ pub enum Error {
 
     #[error("out of memory: {0}")]
     OutOfMemory(String),
+
+    /// The CUDA backend: no usable device, or a driver call that failed.
+    #[error("cuda: {0}")]
+    Cuda(String),
 }
 
 impl Error {

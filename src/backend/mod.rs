@@ -4,9 +4,19 @@
 //! reference and the first-class path.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod select;
+
+pub use select::{engine_for, BackendChoice};
 
 /// The backend an [`crate::Engine`] runs on unless it is given another.
+#[cfg(not(feature = "cuda"))]
 pub type DefaultBackend = cpu::CpuBackend;
+/// The backend an [`crate::Engine`] runs on unless it is given another: the CPU or the GPU,
+/// chosen at run time (`select::engine_for`).
+#[cfg(feature = "cuda")]
+pub type DefaultBackend = select::Selected;
 
 use crate::kv::LayerCache;
 use crate::model::config::Activation;

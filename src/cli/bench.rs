@@ -12,6 +12,9 @@ pub struct BenchArgs {
     /// model when omitted.
     #[arg(long)]
     pub model: Option<std::path::PathBuf>,
+    /// Where the model runs (auto: the GPU when this build has CUDA and a device exists).
+    #[arg(long, value_enum, default_value_t = crate::backend::BackendChoice::Auto)]
+    pub backend: crate::backend::BackendChoice,
     /// Prompt lengths (prompt processing, ppN), comma separated.
     #[arg(
         short = 'p',
@@ -67,6 +70,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let base = ModelArgs {
         model: a.model.clone(),
         threads: 0,
+        backend: a.backend,
     };
     // Sweeps default to the random model, whose figures do not depend on any file.
     let path = base
@@ -83,7 +87,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         crate::util::memory::reset_peak_rss();
     }
     let model = Arc::new(model);
-    let info = ModelInfo::of(&model, if a.quant.is_some() { "cpu-w8a8" } else { "cpu" });
+    let suffix = if a.quant.is_some() { "-w8a8" } else { "" };
+    let mut info = ModelInfo::of(&model, &format!("cpu{suffix}"));
     let mut points = Vec::new();
     for &threads in &a.threads {
         for &batch in &a.batch {
@@ -105,7 +110,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     );
     let mut results = Vec::new();
     for p in &points {
-        let engine = crate::Engine::new(model.clone(), p.threads)?;
+        let engine = crate::backend::engine_for(model.clone(), a.backend, p.threads)?;
+        // The backend `auto` resolved to names the report.
+        info.backend = format!(
+            "{}{suffix}",
+            crate::backend::Backend::name(engine.backend())
+        );
         let p = BenchPoint {
             threads: engine.threads(),
             ..p.clone()

@@ -52,6 +52,9 @@ pub struct ModelArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Where the model runs: the GPU when this build has CUDA and a device exists (auto).
+    #[arg(long, value_enum, default_value_t = crate::backend::BackendChoice::Auto)]
+    pub backend: crate::backend::BackendChoice,
 }
 
 impl ModelArgs {
@@ -65,8 +68,9 @@ impl ModelArgs {
             model.num_params() as f64 / 1e6,
             started.elapsed().as_secs_f64()
         );
-        Ok(crate::Engine::new(
+        Ok(crate::backend::engine_for(
             std::sync::Arc::new(model),
+            self.backend,
             self.threads,
         )?)
     }

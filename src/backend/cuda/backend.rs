@@ -1,0 +1,505 @@
+//! [`CudaBackend`]: the forward pass's ops on the device, on one compute stream. Activations
+//! stay on the device from the embedding gather to the logits; the host sees the routing
+//! picks (the [`Backend`] trait returns them) and the new KV rows (the engine's cache lives on
+//! the host, see kv.rs).
+//!
+//! The trait's ops cannot return errors, so a device failure inside a step (a launch error,
+//! running out of memory for activations) panics with one line naming what failed and how
+//! much was asked; weights, the large part, are uploaded by [`CudaBackend::new`], whose
+//! errors are ordinary ones.
+
+use super::device::Gpu;
+use super::kernels::{
+    activation_id, AttnInputs, AttnShape, GemmKernel, OutType, QuantAct, MAX_ROUTED_EXPERTS,
+};
+use super::kv::KvMirrors;
+use super::weights::{DeviceWeight, WeightCache};
+use crate::backend::cpu::routing::route_rows;
+use crate::backend::{AttentionShape, Backend, Pick, Segment, Tasks};
+use crate::error::Result;
+use crate::kv::LayerCache;
+use crate::model::config::Activation;
+use crate::model::weights::{Linear, LinearWeight, Norm};
+use cudarc::driver::CudaSlice;
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
+
+/// `rows × cols` f32 activations on the device, with the int8 form a fused norm made of them.
+pub struct DeviceRows {
+    pub data: CudaSlice<f32>,
+    pub rows: usize,
+    pub cols: usize,
+    quant: Option<Arc<QuantAct>>,
+}
+
+impl DeviceRows {
+    /// A device copy of host rows (`cols` values a row).
+    pub fn from_host(backend: &CudaBackend, data: &[f32], cols: usize) -> DeviceRows {
+        let rows = data.len() / cols.max(1);
+        DeviceRows::new(must(backend.gpu.upload(data, "activations")), rows, cols)
+    }
+
+    fn new(data: CudaSlice<f32>, rows: usize, cols: usize) -> DeviceRows {
+        DeviceRows {
+            data,
+            rows,
+            cols,
+            quant: None,
+        }
+    }
+}
+
+/// RoPE angles of a step's rows, `(cos, sin)` pairs, `half` a row.
+pub struct DeviceRope {
+    cos_sin: CudaSlice<f32>,
+    half: usize,
+    rows: usize,
+}
+
+pub struct CudaBackend {
+    gpu: Gpu,
+    weights: WeightCache,
+    kv: Mutex<KvMirrors>,
+    /// Norms also quantize their output for the W8A8 linear that follows (the model's
+    /// attention projections are W8A8 without an input scale).
+    fuse_norm_quant: bool,
+}
+
+/// A device failure inside a step: see the module comment.
+fn must<T>(r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("edgemoe: the CUDA backend failed: {e}"))
+}
+
+impl CudaBackend {
+    /// Device 0 with every weight of `model` resident.
+    pub fn new(model: &crate::Model) -> Result<CudaBackend> {
+        let backend = CudaBackend::open()?;
+        backend.weights.preload(&backend.gpu, model)?;
+        backend.gpu.sync("uploading the model")?;
+        let fuse = model.weights.layers.first().is_some_and(|l| {
+            matches!(l.attn.q.weight, LinearWeight::Int8(_)) && l.attn.q.input_scale.is_none()
+        });
+        Ok(CudaBackend {
+            fuse_norm_quant: fuse,
+            ..backend
+        })
+    }
+
+    /// Device 0 with no weights yet (they upload on first use).
+    pub fn open() -> Result<CudaBackend> {
+        Ok(CudaBackend {
+            gpu: Gpu::open(0)?,
+            weights: WeightCache::default(),
+            kv: Mutex::new(KvMirrors::default()),
+            fuse_norm_quant: false,
+        })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    fn act(&self, data: CudaSlice<f32>, rows: usize, cols: usize) -> DeviceRows {
+        DeviceRows::new(data, rows, cols)
+    }
+
+    fn try_linear(&self, lin: &Linear, x: &DeviceRows) -> Result<DeviceRows> {
+        let d = self.weights.linear(&self.gpu, lin)?;
+        let rows = x.rows;
+        let data = match &d.weight {
+            DeviceWeight::Int8(w) => {
+                let fresh;
+                let q = match &x.quant {
+                    Some(q) if d.input_scale.is_none() && q.k == d.k => q.as_ref(),
+                    _ => {
+                        fresh =
+                            self.gpu
+                                .quantize(&x.data, rows, d.k, None, d.input_scale.as_ref())?;
+                        &fresh
+                    }
+                };
+                let mut out = self.gpu.zeros::<f32>(rows * d.n, &lin.name)?;
+                self.gpu.gemm_w8a8(
+                    GemmKernel::Auto,
+                    q,
+                    w,
+                    d.bias.as_ref(),
+                    OutType::F32,
+                    &mut out,
+                    None,
+                )?;
+                out
+            }
+            DeviceWeight::F32(w) => match &d.input_scale {
+                Some(s) => {
+                    let xs = self.gpu.scale_cols(&x.data, rows, d.k, s)?;
+                    self.gpu.gemm_f32(&xs, rows, d.k, w, d.n, d.bias.as_ref())?
+                }
+                None => self
+                    .gpu
+                    .gemm_f32(&x.data, rows, d.k, w, d.n, d.bias.as_ref())?,
+            },
+        };
+        Ok(self.act(data, rows, d.n))
+    }
+
+    fn try_norm(&self, norm: &Norm, x: &DeviceRows) -> Result<DeviceRows> {
+        let d = self.weights.norm(&self.gpu, norm)?;
+        if self.fuse_norm_quant && d.bias.is_none() {
+            let mut normed = self.gpu.zeros::<f32>(x.rows * x.cols, "norm output")?;
+            let q = self.gpu.quantize(
+                &x.data,
+                x.rows,
+                x.cols,
+                Some((&d.weight, d.eps, &mut normed)),
+                None,
+            )?;
+            let mut out = self.act(normed, x.rows, x.cols);
+            out.quant = Some(Arc::new(q));
+            return Ok(out);
+        }
+        let data = self
+            .gpu
+            .norm(&x.data, x.rows, x.cols, &d.weight, d.bias.as_ref(), d.eps)?;
+        Ok(self.act(data, x.rows, x.cols))
+    }
+
+    fn try_append_kv(
+        &self,
+        cache: &mut LayerCache,
+        k: &DeviceRows,
+        v: &DeviceRows,
+        rows: std::ops::Range<usize>,
+        positions: &[usize],
+    ) -> Result<()> {
+        let kv_dim = k.cols;
+        let span = rows.start * kv_dim..rows.end * kv_dim;
+        let pos = &positions[rows.clone()];
+        let mut mirrors = self.kv.lock().unwrap_or_else(|e| e.into_inner());
+        mirrors.append(
+            &self.gpu,
+            cache,
+            kv_dim,
+            k.data.slice(span.clone()),
+            v.data.slice(span.clone()),
+            pos,
+        )?;
+        // The host cache gets the same rows (the engine's counters and eviction read it).
+        let mut hk = vec![0f32; span.len()];
+        let mut hv = vec![0f32; span.len()];
+        let err = |e| super::device::driver_error("copying new KV rows to the host", e);
+        self.gpu
+            .stream
+            .memcpy_dtoh(&k.data.slice(span.clone()), hk.as_mut_slice())
+            .map_err(err)?;
+        self.gpu
+            .stream
+            .memcpy_dtoh(&v.data.slice(span), hv.as_mut_slice())
+            .map_err(err)?;
+        for (i, &p) in pos.iter().enumerate() {
+            cache.append(
+                &hk[i * kv_dim..(i + 1) * kv_dim],
+                &hv[i * kv_dim..(i + 1) * kv_dim],
+                p,
+            );
+        }
+        mirrors.note_host_append(cache);
+        Ok(())
+    }
+
+    fn try_attention(
+        &self,
+        shape: &AttentionShape,
+        q: &DeviceRows,
+        positions: &[usize],
+        segments: &[Segment],
+    ) -> Result<(DeviceRows, usize)> {
+        let qd = shape.num_heads * shape.head_dim;
+        let kv_dim = shape.num_kv_heads * shape.head_dim;
+        let mut out = self.gpu.zeros::<f32>(q.rows * qd, "attention output")?;
+        let mut mirrors = self.kv.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots_read = 0;
+        for seg in segments {
+            let m = mirrors.sync(&self.gpu, seg.cache, kv_dim)?;
+            let span = seg.rows.start * qd..seg.rows.end * qd;
+            let qpos = &positions[seg.rows.clone()];
+            for &p in qpos {
+                slots_read += seg
+                    .cache
+                    .positions
+                    .iter()
+                    .filter(|&&s| {
+                        let s = s as usize;
+                        s <= p && shape.sliding_window.is_none_or(|w| p - s < w)
+                    })
+                    .count();
+            }
+            let inputs = AttnInputs {
+                q: q.data.slice(span.clone()),
+                q_positions: qpos,
+                keys: &m.keys,
+                values: &m.values,
+                slot_positions: &m.positions,
+                valid: &m.valid,
+                slots: m.len,
+            };
+            let geometry = AttnShape {
+                num_heads: shape.num_heads,
+                num_kv_heads: shape.num_kv_heads,
+                head_dim: shape.head_dim,
+                window: shape.sliding_window.unwrap_or(0),
+                split_len: 0,
+            };
+            let mut view = out.slice_mut(span);
+            self.gpu.attention(geometry, &inputs, &mut view, None)?;
+        }
+        Ok((self.act(out, q.rows, qd), slots_read))
+    }
+
+    fn try_route(
+        &self,
+        logits: &DeviceRows,
+        top_k: usize,
+        renormalize: bool,
+        first_row: usize,
+    ) -> Result<Vec<Pick>> {
+        let (rows, experts) = (logits.rows, logits.cols);
+        if experts > MAX_ROUTED_EXPERTS || top_k == 0 || top_k > experts {
+            // More experts than the device router takes: route on the host.
+            let host = self
+                .gpu
+                .download(&logits.data, rows * experts, "router logits")?;
+            return Ok(route_rows(&host, experts, top_k, renormalize, first_row));
+        }
+        let (ids, ws) = self
+            .gpu
+            .route(&logits.data, rows, experts, top_k, renormalize)?;
+        let ids = self.gpu.download(&ids, rows * top_k, "routed experts")?;
+        let ws = self.gpu.download(&ws, rows * top_k, "routing weights")?;
+        Ok(ids
+            .iter()
+            .zip(&ws)
+            .enumerate()
+            .map(|(i, (&e, &w))| Pick {
+                expert: e as usize,
+                row: first_row + i / top_k,
+                weight: w,
+            })
+            .collect())
+    }
+
+    fn try_concat(&self, parts: Vec<DeviceRows>) -> Result<DeviceRows> {
+        let cols = parts.first().map_or(1, |p| p.cols);
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        let mut out = self.gpu.zeros::<f32>(rows * cols, "concatenated rows")?;
+        let mut at = 0;
+        for p in &parts {
+            let n = p.rows * cols;
+            if n > 0 {
+                self.gpu
+                    .stream
+                    .memcpy_dtod(&p.data.slice(0..n), &mut out.slice_mut(at..at + n))
+                    .map_err(|e| super::device::driver_error("concatenating rows", e))?;
+            }
+            at += n;
+        }
+        Ok(self.act(out, rows, cols))
+    }
+}
+
+impl Backend for CudaBackend {
+    type Act = DeviceRows;
+    type Rope = DeviceRope;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn threads(&self) -> usize {
+        1
+    }
+
+    fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
+        self.kv
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_step();
+        step()
+    }
+
+    fn rows(&self, x: &DeviceRows) -> usize {
+        x.rows
+    }
+
+    fn to_host<'a>(&self, x: &'a DeviceRows) -> Cow<'a, [f32]> {
+        Cow::Owned(must(self.gpu.download(
+            &x.data,
+            x.rows * x.cols,
+            "activations",
+        )))
+    }
+
+    fn select_rows(&self, x: &DeviceRows, rows: &[usize]) -> DeviceRows {
+        let data = must(self.gpu.gather_rows(&x.data, x.rows, x.cols, rows));
+        self.act(data, rows.len(), x.cols)
+    }
+
+    fn concat_rows(&self, parts: Vec<DeviceRows>) -> DeviceRows {
+        must(self.try_concat(parts))
+    }
+
+    fn embed(&self, table: &Linear, tokens: &[u32]) -> DeviceRows {
+        let t = must(self.weights.embedding(&self.gpu, table));
+        let index: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
+        let dim = table.in_features;
+        let data = must(self.gpu.gather_rows(&t.data, t.rows, dim, &index));
+        self.act(data, tokens.len(), dim)
+    }
+
+    fn add_table_rows(&self, x: &mut DeviceRows, table: &[f32], index: &[usize]) {
+        let t = must(self.weights.rows(&self.gpu, table, x.cols));
+        must(
+            self.gpu
+                .add_rows(&mut x.data, x.cols, &t.data, t.rows, index),
+        );
+        x.quant = None;
+    }
+
+    fn norm(&self, norm: &Norm, x: &DeviceRows) -> DeviceRows {
+        must(self.try_norm(norm, x))
+    }
+
+    fn linear(&self, lin: &Linear, x: &DeviceRows) -> DeviceRows {
+        must(self.try_linear(lin, x))
+    }
+
+    fn rope_table(&self, head_dim: usize, theta: f32, positions: &[usize]) -> DeviceRope {
+        // The CPU's angles (ops.rs: Rope), computed the same way so the rotation is identical.
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos_sin = Vec::with_capacity(positions.len() * half * 2);
+        for &p in positions {
+            for &f in &inv_freq {
+                let a = p as f32 * f;
+                cos_sin.push(a.cos());
+                cos_sin.push(a.sin());
+            }
+        }
+        DeviceRope {
+            cos_sin: must(self.gpu.upload(&cos_sin, "RoPE table")),
+            half,
+            rows: positions.len(),
+        }
+    }
+
+    fn apply_rope(&self, x: &mut DeviceRows, rope: &DeviceRope, first_row: usize) {
+        must(self.gpu.rope(
+            &mut x.data,
+            x.rows,
+            x.cols,
+            rope.half,
+            &rope.cos_sin,
+            rope.rows,
+            first_row,
+        ));
+        x.quant = None;
+    }
+
+    fn append_kv(
+        &self,
+        cache: &mut LayerCache,
+        k: &DeviceRows,
+        v: &DeviceRows,
+        rows: std::ops::Range<usize>,
+        positions: &[usize],
+    ) {
+        must(self.try_append_kv(cache, k, v, rows, positions))
+    }
+
+    fn attention(
+        &self,
+        shape: &AttentionShape,
+        q: &DeviceRows,
+        positions: &[usize],
+        segments: &[Segment],
+    ) -> (DeviceRows, usize) {
+        must(self.try_attention(shape, q, positions, segments))
+    }
+
+    fn activate(&self, act: Activation, x: &mut DeviceRows) {
+        must(
+            self.gpu
+                .activate(&mut x.data, x.rows * x.cols, activation_id(act)),
+        );
+        x.quant = None;
+    }
+
+    fn gated_activation(&self, act: Activation, gate: &mut DeviceRows, up: &DeviceRows) {
+        must(self.gpu.gated_act(
+            &mut gate.data,
+            &up.data,
+            gate.rows * gate.cols,
+            activation_id(act),
+        ));
+        gate.quant = None;
+    }
+
+    fn add(&self, x: &mut DeviceRows, y: &DeviceRows) {
+        must(self.gpu.add(&mut x.data, &y.data, x.rows * x.cols));
+        x.quant = None;
+    }
+
+    fn route(
+        &self,
+        logits: &DeviceRows,
+        top_k: usize,
+        renormalize: bool,
+        first_row: usize,
+    ) -> Vec<Pick> {
+        must(self.try_route(logits, top_k, renormalize, first_row))
+    }
+
+    fn mix_rows(&self, out: &mut DeviceRows, y: &DeviceRows, picks: &[Pick]) {
+        let rows: Vec<usize> = picks.iter().map(|p| p.row).collect();
+        let weights: Vec<f32> = picks.iter().map(|p| p.weight).collect();
+        must(
+            self.gpu
+                .mix_rows(&mut out.data, out.rows, out.cols, &y.data, &rows, &weights),
+        );
+        out.quant = None;
+    }
+
+    fn add_gated(&self, out: &mut DeviceRows, y: &DeviceRows, gate: &DeviceRows) {
+        must(
+            self.gpu
+                .add_gated(&mut out.data, &y.data, &gate.data, out.rows, out.cols),
+        );
+        out.quant = None;
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> DeviceRows {
+        self.act(must(self.gpu.zeros(rows * cols, "activations")), rows, cols)
+    }
+
+    /// One stream: tasks run one after another (each already fills the device).
+    fn run_tasks<T: Send, R: Send>(
+        &self,
+        _kind: Tasks,
+        tasks: Vec<T>,
+        _cost: impl Fn(&T) -> usize,
+        task: impl Fn(T) -> R + Sync,
+    ) -> Vec<R> {
+        tasks.into_iter().map(task).collect()
+    }
+
+    fn sequence_groups(
+        &self,
+        _sequences: usize,
+        _decoding: bool,
+        _layer_weight_bytes: usize,
+    ) -> usize {
+        1
+    }
+}

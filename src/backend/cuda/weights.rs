@@ -1,0 +1,196 @@
+//! The model's weights on the device, uploaded once and found again by the address of the
+//! host object they came from (a model lives in an `Arc` for as long as its engine, so the
+//! address is stable). W8A8 matrices keep their stored layout; every other linear form is
+//! widened to f32 rows, as the CPU's kernels widen it in registers.
+
+use super::device::Gpu;
+use super::kernels::DeviceInt8;
+use crate::error::Result;
+use crate::model::weights::{Linear, LinearWeight, Norm};
+use cudarc::driver::CudaSlice;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub enum DeviceWeight {
+    Int8(DeviceInt8),
+    /// `n × k` f32 rows.
+    F32(CudaSlice<f32>),
+}
+
+pub struct DeviceLinear {
+    pub n: usize,
+    pub k: usize,
+    pub weight: DeviceWeight,
+    pub bias: Option<CudaSlice<f32>>,
+    pub input_scale: Option<CudaSlice<f32>>,
+}
+
+pub struct DeviceNorm {
+    pub weight: CudaSlice<f32>,
+    /// Layer norm's bias; `None` for RMS norm.
+    pub bias: Option<CudaSlice<f32>>,
+    pub eps: f32,
+}
+
+/// Embedding rows as f32, `rows × dim`.
+pub struct DeviceTable {
+    pub data: CudaSlice<f32>,
+    pub rows: usize,
+}
+
+/// Row-major `n × k` f32 of any non-W8A8 weight form, as the CPU reads it.
+fn f32_rows(lin: &Linear) -> Vec<f32> {
+    let (n, k) = (lin.out_features, lin.in_features);
+    match &lin.weight {
+        LinearWeight::F32(w) => w.to_rows(),
+        LinearWeight::F32Rows(w) => w.to_vec(),
+        LinearWeight::Half(kind, w) => w.iter().map(|&b| kind.to_f32(b)).collect(),
+        LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => (0..n)
+            .flat_map(|j| m.row(j)[..k].iter().map(move |&q| q as f32 * m.scales[j]))
+            .collect(),
+    }
+}
+
+fn key<T>(x: &T) -> usize {
+    x as *const T as usize
+}
+
+/// Device copies by host address, uploaded on first use.
+#[derive(Default)]
+pub struct WeightCache {
+    linears: Mutex<HashMap<usize, Arc<DeviceLinear>>>,
+    norms: Mutex<HashMap<usize, Arc<DeviceNorm>>>,
+    tables: Mutex<HashMap<usize, Arc<DeviceTable>>>,
+}
+
+impl WeightCache {
+    pub fn linear(&self, gpu: &Gpu, lin: &Linear) -> Result<Arc<DeviceLinear>> {
+        let mut map = self.linears.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = map.get(&key(lin)) {
+            return Ok(d.clone());
+        }
+        let (n, k) = (lin.out_features, lin.in_features);
+        let weight = match &lin.weight {
+            LinearWeight::Int8(m) => DeviceWeight::Int8(DeviceInt8 {
+                n,
+                k,
+                k_padded: m.k_padded,
+                data: gpu.upload(&m.data[..], &lin.name)?,
+                scales: gpu.upload(&m.scales[..], &lin.name)?,
+            }),
+            _ => DeviceWeight::F32(gpu.upload(&f32_rows(lin), &lin.name)?),
+        };
+        let opt = |v: &Option<Vec<f32>>| v.as_deref().map(|b| gpu.upload(b, &lin.name)).transpose();
+        let d = Arc::new(DeviceLinear {
+            n,
+            k,
+            weight,
+            bias: opt(&lin.bias)?,
+            input_scale: opt(&lin.input_scale)?,
+        });
+        map.insert(key(lin), d.clone());
+        Ok(d)
+    }
+
+    pub fn norm(&self, gpu: &Gpu, norm: &Norm) -> Result<Arc<DeviceNorm>> {
+        let mut map = self.norms.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = map.get(&key(norm)) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(match norm {
+            Norm::Rms { name, weight, eps } => DeviceNorm {
+                weight: gpu.upload(weight, name)?,
+                bias: None,
+                eps: *eps,
+            },
+            Norm::Layer {
+                name,
+                weight,
+                bias,
+                eps,
+            } => DeviceNorm {
+                weight: gpu.upload(weight, name)?,
+                bias: Some(gpu.upload(bias, name)?),
+                eps: *eps,
+            },
+        });
+        map.insert(key(norm), d.clone());
+        Ok(d)
+    }
+
+    /// An embedding table (any stored form) as f32 rows: `table.out_features` rows of
+    /// `table.in_features`, dequantized as the CPU's lookup does.
+    pub fn embedding(&self, gpu: &Gpu, table: &Linear) -> Result<Arc<DeviceTable>> {
+        let mut map = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = map.get(&key(table)) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(DeviceTable {
+            data: gpu.upload(&f32_rows(table), &table.name)?,
+            rows: table.out_features,
+        });
+        map.insert(key(table), d.clone());
+        Ok(d)
+    }
+
+    /// A plain f32 table (learned positions), `dim` floats a row.
+    pub fn rows(&self, gpu: &Gpu, table: &[f32], dim: usize) -> Result<Arc<DeviceTable>> {
+        let mut map = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        let k = table.as_ptr() as usize;
+        if let Some(d) = map.get(&k) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(DeviceTable {
+            data: gpu.upload(table, "position table")?,
+            rows: table.len() / dim.max(1),
+        });
+        map.insert(k, d.clone());
+        Ok(d)
+    }
+
+    /// Uploads every weight of `model` now, so a step never allocates weights (and running
+    /// out of device memory is an error at load, naming the tensor).
+    pub fn preload(&self, gpu: &Gpu, model: &crate::Model) -> Result<()> {
+        use crate::model::weights::Ffn;
+        let w = &model.weights;
+        self.embedding(gpu, &w.embed)?;
+        for lin in [&w.project_in, &w.project_out].into_iter().flatten() {
+            self.linear(gpu, lin)?;
+        }
+        self.linear(gpu, w.head())?;
+        if let Some(n) = &w.final_norm {
+            self.norm(gpu, n)?;
+        }
+        for layer in &w.layers {
+            self.norm(gpu, &layer.attn_norm)?;
+            self.norm(gpu, &layer.ffn_norm)?;
+            for lin in [&layer.attn.q, &layer.attn.k, &layer.attn.v, &layer.attn.o] {
+                self.linear(gpu, lin)?;
+            }
+            let mlps: Vec<&crate::model::weights::GatedMlp> = match &layer.ffn {
+                Ffn::Moe(b) => {
+                    self.linear(gpu, &b.router)?;
+                    if let Some(s) = &b.shared {
+                        self.linear(gpu, &s.gate)?;
+                    }
+                    b.experts
+                        .iter()
+                        .chain(b.shared.iter().map(|s| &s.mlp))
+                        .collect()
+                }
+                Ffn::Gated(m) => vec![m],
+                Ffn::Plain(m) => {
+                    self.linear(gpu, &m.fc1)?;
+                    self.linear(gpu, &m.fc2)?;
+                    vec![]
+                }
+            };
+            for m in mlps {
+                for lin in [&m.gate, &m.up, &m.down] {
+                    self.linear(gpu, lin)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
