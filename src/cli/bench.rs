@@ -1,7 +1,6 @@
 //! `edgemoe bench`: llama-bench style sweeps. Comma lists sweep a parameter; every combination
 //! runs `-r` times after a warm-up. Table on stdout (or `--json` / `--csv`), progress on stderr.
 
-use super::ModelArgs;
 use crate::bench::report::{self, ModelInfo};
 use crate::bench::{run_point, BenchPoint};
 use std::sync::Arc;
@@ -61,11 +60,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if a.batch.contains(&0) {
         anyhow::bail!("-b values must be at least 1");
     }
-    let base = ModelArgs {
-        model: a.model.clone(),
-        threads: 0,
-    };
-    let mut model = crate::load_model(base.model.as_deref())?;
+    let mut model = crate::load_model(a.model.as_deref())?;
     if a.quant.is_some() {
         let mut opts = crate::quant::QuantOptions::new(crate::quant::Method::Rtn, &model);
         // Like llama.cpp's Q8_0 files, the output head is int8 too.

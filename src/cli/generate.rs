@@ -108,5 +108,6 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         let memory = MemoryReport::new(engine.model().weight_memory(), out.kv_bytes);
         eprintln!("{memory}");
     }
+    a.model.paging.report(&engine);
     Ok(())
 }

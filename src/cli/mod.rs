@@ -4,6 +4,7 @@ pub mod bench;
 pub mod export;
 pub mod generate;
 pub mod inspect;
+pub mod paging;
 pub mod ppl;
 pub mod quantize;
 pub mod serve;
@@ -50,6 +51,8 @@ pub struct ModelArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub paging: paging::PagingArgs,
 }
 
 impl ModelArgs {
@@ -63,10 +66,8 @@ impl ModelArgs {
             model.num_params() as f64 / 1e6,
             started.elapsed().as_secs_f64()
         );
-        Ok(crate::Engine::new(
-            std::sync::Arc::new(model),
-            self.threads,
-        )?)
+        let engine = crate::Engine::new(std::sync::Arc::new(model), self.threads)?;
+        self.paging.apply(engine)
     }
 }
 

@@ -1,0 +1,234 @@
+//! Expert paging under a memory budget changes where the experts' bytes come from, never what
+//! is computed: at every budget, policy, read mode and with or without prefetch, logits equal
+//! the unlimited (in place) run's exactly; too small a budget is a clear error; a corrupt block
+//! is caught when first read; the cache can shrink and grow between steps.
+
+use edgemoe::engine::{BatchItem, Engine, Logits};
+use edgemoe::experts::blockio::ReadMode;
+use edgemoe::experts::budget::MemBudget;
+use edgemoe::experts::pager::Policy;
+use edgemoe::experts::predict::PredictSource;
+use edgemoe::experts::{ExpertService, PagingOptions};
+use edgemoe::quant::{self, store::write_emoe, Method, QuantOptions};
+use edgemoe::Model;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trained-moe")
+}
+
+/// The trained fixture quantized (round to nearest) into `dir`.
+fn quantized(dir: &Path) -> PathBuf {
+    let model = Model::load(&fixture()).unwrap();
+    let opts = QuantOptions {
+        threads: 2,
+        ..QuantOptions::new(Method::Rtn, &model)
+    };
+    let (q, _) = quant::quantize(model, &[], 0, &opts, |_, _, _| {}).unwrap();
+    let path = dir.join("trained.emoe");
+    write_emoe(&q, serde_json::json!({"method": "rtn"}), &path).unwrap();
+    path
+}
+
+fn options(mem: u64, policy: Policy, read_mode: ReadMode, prefetch: bool) -> PagingOptions {
+    PagingOptions {
+        mem: MemBudget::Bytes(mem),
+        policy,
+        read_mode,
+        prefetch,
+        io_threads: 1,
+        predict: PredictSource::Both,
+        predict_extra: 1,
+        profile: None,
+    }
+}
+
+/// Logits of a prefill of `prompt` (every row) and then of `decode` one-token steps.
+fn run(engine: &Engine, prompt: &[u32], decode: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = engine.new_cache();
+    let mut out = Vec::new();
+    let mut step = |tokens: &[u32], logits| {
+        out.extend(
+            engine
+                .forward(&mut [BatchItem {
+                    tokens,
+                    cache: &mut cache,
+                    logits,
+                }])
+                .unwrap(),
+        );
+    };
+    step(prompt, Logits::All);
+    for &t in decode {
+        step(&[t], Logits::Last);
+    }
+    out
+}
+
+#[test]
+fn paged_logits_equal_the_unlimited_run_at_every_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Arc::new(Model::load(&quantized(tmp.path())).unwrap());
+    let text = std::fs::read_to_string(fixture().join("heldout.txt")).unwrap();
+    let tokens = model.tokenizer.encode(&text[..4000], false).unwrap();
+    let (prompt, decode) = (&tokens[..40], &tokens[40..72]);
+    let want = run(&Engine::new(model.clone(), 2).unwrap(), prompt, decode);
+
+    // Fixed costs and slot size from an unlimited plan; budgets then leave 2..=all slots.
+    let probe = ExpertService::paged(
+        model.clone(),
+        &options(1 << 40, Policy::Lru, ReadMode::Direct, false),
+    )
+    .unwrap();
+    let plan = *probe.plan().unwrap();
+    assert_eq!(plan.slots, 4 * 8, "an unlimited budget holds every expert");
+    drop(probe);
+    let budget = |slots: u64| plan.fixed.total() + slots * plan.slot_bytes;
+    for slots in [2u64, 3, 7, 16, 32] {
+        for policy in [Policy::Lru, Policy::Lfu, Policy::Stats] {
+            for (mode, prefetch) in [
+                (ReadMode::Direct, true),
+                (ReadMode::Pread, false),
+                (ReadMode::Direct, false),
+            ] {
+                let service = ExpertService::paged(
+                    model.clone(),
+                    &options(budget(slots), policy, mode, prefetch),
+                )
+                .unwrap();
+                assert_eq!(service.plan().unwrap().slots, slots as usize);
+                let engine = Engine::new(model.clone(), 2).unwrap().with_experts(service);
+                let got = run(&engine, prompt, decode);
+                assert!(
+                    got == want,
+                    "logits differ: {slots} slots, {policy:?}, {mode:?}, prefetch {prefetch}"
+                );
+                let s = engine.experts.cache_stats(0).unwrap();
+                assert!(s.misses > 0 && s.bytes_read > 0, "{s:?}");
+                if slots < 32 && !prefetch {
+                    assert!(s.misses as u64 > slots, "a small cache re-reads: {s:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn too_small_a_budget_names_the_smallest_workable_value() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Arc::new(Model::load(&quantized(tmp.path())).unwrap());
+    let Err(err) = ExpertService::paged(
+        model.clone(),
+        &options(1 << 20, Policy::Lru, ReadMode::Direct, true),
+    ) else {
+        panic!("1 MiB cannot hold the model");
+    };
+    let err = err.to_string();
+    let need: u64 = err
+        .rsplit_once('(')
+        .and_then(|(_, n)| n.strip_suffix(" bytes)"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no smallest value in: {err}"));
+    assert!(err.contains("too small"), "{err}");
+    // The value it names works, one byte less does not.
+    assert!(ExpertService::paged(
+        model.clone(),
+        &options(need, Policy::Lru, ReadMode::Direct, true)
+    )
+    .is_ok());
+    assert!(ExpertService::paged(
+        model,
+        &options(need - 1, Policy::Lru, ReadMode::Direct, true)
+    )
+    .is_err());
+}
+
+#[test]
+fn a_corrupt_block_is_an_error_when_first_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = quantized(tmp.path());
+    let model = Model::load(&path).unwrap();
+    // Flip a byte inside layer 2's expert 3 block (not read at load).
+    let file = edgemoe::model::emoe::EmoeFile::open(&path).unwrap();
+    let b = file
+        .expert_blocks()
+        .iter()
+        .find(|b| b.layer == 2 && b.expert == 3)
+        .unwrap()
+        .clone();
+    drop(file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[b.offset as usize + 100] ^= 0x40;
+    let bad = tmp.path().join("bad.emoe");
+    std::fs::write(&bad, &bytes).unwrap();
+    drop(model);
+    let model = Arc::new(Model::load(&bad).unwrap());
+    let service = ExpertService::paged(
+        model.clone(),
+        &options(1 << 40, Policy::Lru, ReadMode::Direct, false),
+    )
+    .unwrap();
+    let engine = Engine::new(model.clone(), 2).unwrap().with_experts(service);
+    let tokens: Vec<u32> = (0..200).map(|i| (i * 37 % 2000) as u32).collect();
+    let mut cache = engine.new_cache();
+    let err = engine
+        .forward(&mut [BatchItem {
+            tokens: &tokens,
+            cache: &mut cache,
+            logits: Logits::Last,
+        }])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("layer 2, expert 3") && err.contains("checksum mismatch"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_cache_shrinks_and_grows_between_steps_without_changing_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Arc::new(Model::load(&quantized(tmp.path())).unwrap());
+    let tokens: Vec<u32> = (0..48).map(|i| (i * 53 % 2000) as u32).collect();
+    let want = run(
+        &Engine::new(model.clone(), 2).unwrap(),
+        &tokens[..8],
+        &tokens[8..],
+    );
+    let service = ExpertService::paged(
+        model.clone(),
+        &options(1 << 40, Policy::Stats, ReadMode::Direct, true),
+    )
+    .unwrap();
+    let plan = *service.plan().unwrap();
+    let engine = Engine::new(model.clone(), 2).unwrap().with_experts(service);
+    let mut cache = engine.new_cache();
+    let mut got = Vec::new();
+    let mut step = |t: &[u32], logits| {
+        got.extend(
+            engine
+                .forward(&mut [BatchItem {
+                    tokens: t,
+                    cache: &mut cache,
+                    logits,
+                }])
+                .unwrap(),
+        );
+    };
+    step(&tokens[..8], Logits::All);
+    for (i, &t) in tokens[8..].iter().enumerate() {
+        let slots = [32u64, 9, 2, 5, 32][i % 5];
+        let n = engine
+            .experts
+            .set_mem(plan.fixed.total() + slots * plan.slot_bytes)
+            .unwrap();
+        assert_eq!(n, slots as usize);
+        step(&[t], Logits::Last);
+    }
+    assert!(got == want, "logits changed when the cache was resized");
+    assert!(
+        engine.experts.set_mem(1 << 20).is_err(),
+        "too small a budget is refused"
+    );
+}
