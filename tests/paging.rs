@@ -232,3 +232,121 @@ fn the_cache_shrinks_and_grows_between_steps_without_changing_results() {
         "too small a budget is refused"
     );
 }
+
+/// Next-layer prediction (pre-gating + transitions, top-k + 1 per token) on the trained
+/// fixture's held-out text, with statistics from its calibration text: recall ≥ 85%.
+#[test]
+fn next_layer_prediction_recall_on_held_out_text() {
+    use edgemoe::engine::ppl::perplexity;
+    use edgemoe::experts::predict::Predictor;
+    let model = Arc::new(Model::load(&fixture()).unwrap());
+    let encode = |f: &str| {
+        let t = std::fs::read_to_string(fixture().join(f)).unwrap();
+        let mut t = model.tokenizer.encode(&t, false).unwrap();
+        t.truncate(4096);
+        t
+    };
+    let profiler = Engine::new(model.clone(), 2).unwrap();
+    perplexity(&profiler, &encode("calib.txt"), 256, |_, _| {}).unwrap();
+    let profile = profiler.experts.paths.snapshot();
+    let top_k = model.config.top_k;
+    let predictor = Predictor::new(PredictSource::Both, top_k, 1);
+    let service = ExpertService::measuring(&model, predictor, Some(&profile));
+    let engine = Engine::new(model.clone(), 2).unwrap().with_experts(service);
+    perplexity(&engine, &encode("heldout.txt"), 256, |_, _| {}).unwrap();
+    let c = engine.experts.prediction().unwrap();
+    eprintln!("recall {:.3}, precision {:.3}", c.recall(), c.precision());
+    assert!(c.actual > 10_000, "{c:?}");
+    assert!(c.recall() >= 0.85, "recall {:.3}", c.recall());
+    // Three guesses per token for two choices: precision at most 2/3.
+    assert!(
+        c.precision() > 0.5 && c.precision() <= 2.0 / 3.0 + 1e-9,
+        "{c:?}"
+    );
+}
+
+/// The CLI: `ppl` and `generate` under `--mem` print what the unlimited run prints, and
+/// `--stats` reports the cache's counters; `profile` writes loadable statistics.
+#[test]
+fn cli_runs_under_a_budget_and_profiles() {
+    use std::process::Command;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = quantized(tmp.path());
+    let bin = env!("CARGO_BIN_EXE_edgemoe");
+    let text = tmp.path().join("text.txt");
+    let held = std::fs::read_to_string(fixture().join("heldout.txt")).unwrap();
+    std::fs::write(&text, &held[..6000]).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(bin)
+            .args(args)
+            .arg("--model")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let t = text.to_str().unwrap();
+    let (want, _) = run(&["ppl", "--text", t, "--ctx", "128", "--threads", "2"]);
+    let (got, err) = run(&[
+        "ppl",
+        "--text",
+        t,
+        "--ctx",
+        "128",
+        "--threads",
+        "2",
+        "--mem",
+        "37M",
+        "--stats",
+    ]);
+    assert_eq!(got, want);
+    assert!(
+        err.contains("expert slots") && err.contains("hit rate") && err.contains("recall"),
+        "{err}"
+    );
+    let gen = [
+        "generate",
+        "--prompt",
+        "And God said",
+        "-n",
+        "16",
+        "--threads",
+        "2",
+    ];
+    let (want, _) = run(&gen);
+    let mut lru = gen.to_vec();
+    lru.extend([
+        "--mem",
+        "36M",
+        "--expert-policy",
+        "lru",
+        "--no-prefetch",
+        "--expert-io",
+        "pread",
+    ]);
+    assert_eq!(run(&lru).0, want);
+    let out = tmp.path().join("stats.json");
+    run(&[
+        "profile",
+        "--text",
+        t,
+        "--out",
+        out.to_str().unwrap(),
+        "--threads",
+        "2",
+    ]);
+    let p = edgemoe::experts::paths::PathProfile::load(&out).unwrap();
+    assert_eq!((p.layers, p.experts), (4, 8));
+    assert_eq!(p.counts.iter().flatten().sum::<u64>(), 2 * 4 * p.tokens);
+    let mut with = gen.to_vec();
+    with.extend(["--mem", "37M", "--profile", out.to_str().unwrap()]);
+    assert_eq!(run(&with).0, want);
+}

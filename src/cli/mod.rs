@@ -6,6 +6,7 @@ pub mod generate;
 pub mod inspect;
 pub mod paging;
 pub mod ppl;
+pub mod profile;
 pub mod quantize;
 pub mod serve;
 
@@ -35,6 +36,8 @@ pub enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Serve completions as JSON lines over stdin/stdout, with continuous batching.
     Serve(serve::ServeArgs),
+    /// Activation-path statistics (expert choices, layer-to-layer transitions) of a text.
+    Profile(profile::ProfileArgs),
     /// Print an .emoe file's header, bytes per tensor class and expert-block layout.
     Inspect(inspect::InspectArgs),
     /// Write a model (a built-in one too) as a Hugging Face checkpoint directory.
@@ -79,6 +82,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Profile(a) => profile::run(a),
         Command::Export(a) => export::run(a),
     }
 }
