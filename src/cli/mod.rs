@@ -9,6 +9,7 @@ pub mod ppl;
 pub mod profile;
 pub mod quantize;
 pub mod serve;
+pub mod synth;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Activation-path statistics (expert choices, layer-to-layer transitions) of a text.
     Profile(profile::ProfileArgs),
+    /// Write a synthetic W8A8 MoE .emoe with trained-like (skewed, correlated) routing.
+    SynthMoe(synth::SynthArgs),
     /// Print an .emoe file's header, bytes per tensor class and expert-block layout.
     Inspect(inspect::InspectArgs),
     /// Write a model (a built-in one too) as a Hugging Face checkpoint directory.
@@ -83,6 +86,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Profile(a) => profile::run(a),
+        Command::SynthMoe(a) => synth::run(a),
         Command::Export(a) => export::run(a),
     }
 }

@@ -11,6 +11,7 @@ pub mod pager;
 pub mod paths;
 pub mod predict;
 pub mod slots;
+pub mod synth;
 
 use crate::error::Result;
 use crate::model::weights::{Ffn, GatedMlp, MoeBlock};
