@@ -51,6 +51,24 @@ pub struct BenchArgs {
     /// Also draw tokens/s against the swept parameter into this SVG file.
     #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
+    /// Memory budgets to sweep (comma separated, e.g. 600M,50%): pages an .emoe's experts
+    /// and reports hit rate, stall per token and decode tokens/s per budget × policy.
+    #[arg(long, value_delimiter = ',')]
+    pub mem: Vec<crate::experts::budget::MemBudget>,
+    /// Expert policies to sweep with --mem.
+    #[arg(
+        long = "expert-policy",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "stats"
+    )]
+    pub expert_policy: Vec<crate::experts::pager::Policy>,
+    /// Prefetch settings to sweep with --mem (on, off).
+    #[arg(long, value_delimiter = ',', default_value = "on", value_parser = ["on", "off"])]
+    pub prefetch: Vec<String>,
+    /// Activation-path statistics to start from (`edgemoe profile --out`).
+    #[arg(long)]
+    pub profile: Option<std::path::PathBuf>,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -70,6 +88,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         crate::util::memory::reset_peak_rss();
     }
     let model = Arc::new(model);
+    if !a.mem.is_empty() {
+        return run_paging(&a, model);
+    }
     let info = ModelInfo::of(&model, if a.quant.is_some() { "cpu-w8a8" } else { "cpu" });
     let mut points = Vec::new();
     for &threads in &a.threads {
@@ -117,6 +138,42 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &a.plot {
         report::plot(path, &results)?;
+        eprintln!("plot written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// `--mem`: one paged engine per budget × policy × prefetch setting.
+fn run_paging(a: &BenchArgs, model: Arc<crate::Model>) -> anyhow::Result<()> {
+    use crate::bench::paging::{plot, run_paged, table};
+    let prompt = a.prompt.first().copied().unwrap_or(16);
+    let gen = a.gen.first().copied().unwrap_or(32);
+    let mut rows = Vec::new();
+    for &mem in &a.mem {
+        for &policy in &a.expert_policy {
+            for pf in &a.prefetch {
+                let paging = super::paging::PagingArgs {
+                    mem: Some(mem),
+                    expert_policy: policy,
+                    no_prefetch: pf == "off",
+                    profile: a.profile.clone(),
+                    ..super::paging::PagingArgs::default()
+                };
+                let threads = a.threads.first().copied().unwrap_or(0);
+                let engine = paging.apply(crate::Engine::new(model.clone(), threads)?)?;
+                let row = run_paged(&engine, policy, pf == "on", prompt, gen, a.reps)?;
+                eprintln!("{}", super::paging::stats_line(&engine));
+                rows.push(row);
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", table(&rows));
+    }
+    if let Some(path) = &a.plot {
+        plot(path, &rows)?;
         eprintln!("plot written to {}", path.display());
     }
     Ok(())

@@ -41,6 +41,22 @@ pub struct PagingArgs {
     pub stats: bool,
 }
 
+impl Default for PagingArgs {
+    fn default() -> Self {
+        PagingArgs {
+            mem: None,
+            expert_policy: Policy::Stats,
+            expert_io: ReadMode::Direct,
+            no_prefetch: false,
+            predict: PredictSource::Both,
+            predict_extra: 1,
+            io_threads: 1,
+            profile: None,
+            stats: false,
+        }
+    }
+}
+
 impl PagingArgs {
     /// The engine's expert service as the options ask.
     pub fn apply(&self, engine: Engine) -> anyhow::Result<Engine> {

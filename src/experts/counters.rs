@@ -30,6 +30,8 @@ pub struct CacheStats {
     pub bytes_read: u64,
     pub read_gb_per_s: f64,
     pub stall_s: f64,
+    /// Seconds the reads took (summed over threads).
+    pub read_s: f64,
     /// Set by the caller who knows the tokens run.
     pub stall_ms_per_token: f64,
     pub hit_rate: f64,
@@ -56,9 +58,54 @@ impl Counters {
             bytes_read: bytes,
             read_gb_per_s: bytes as f64 / (g(&self.read_ns) as f64).max(1.0),
             stall_s,
+            read_s: g(&self.read_ns) as f64 * 1e-9,
             stall_ms_per_token: stall_s * 1e3 / tokens.max(1) as f64,
             hit_rate: (hits + ph) as f64 / (hits + ph + misses).max(1) as f64,
         }
+    }
+}
+
+impl CacheStats {
+    /// What happened between `before` and `self`, with stall per token over `tokens`.
+    pub fn since(&self, before: &CacheStats, tokens: u64) -> CacheStats {
+        let (hits, misses) = (self.hits - before.hits, self.misses - before.misses);
+        let ph = self.prefetch_hits - before.prefetch_hits;
+        let bytes = self.bytes_read - before.bytes_read;
+        let read_s = self.read_s - before.read_s;
+        let stall_s = self.stall_s - before.stall_s;
+        CacheStats {
+            slots: self.slots,
+            slot_bytes: self.slot_bytes,
+            hits,
+            misses,
+            prefetch_hits: ph,
+            wasted_prefetches: self.wasted_prefetches - before.wasted_prefetches,
+            prefetches: self.prefetches - before.prefetches,
+            bytes_read: bytes,
+            read_gb_per_s: bytes as f64 / (read_s * 1e9).max(1.0),
+            stall_s,
+            read_s,
+            stall_ms_per_token: stall_s * 1e3 / tokens.max(1) as f64,
+            hit_rate: (hits + ph) as f64 / (hits + ph + misses).max(1) as f64,
+        }
+    }
+}
+
+impl CacheStats {
+    /// Both periods' counts together (`self`'s slots).
+    pub fn plus(&self, o: &CacheStats) -> CacheStats {
+        let sum = CacheStats {
+            hits: self.hits + o.hits,
+            misses: self.misses + o.misses,
+            prefetch_hits: self.prefetch_hits + o.prefetch_hits,
+            wasted_prefetches: self.wasted_prefetches + o.wasted_prefetches,
+            prefetches: self.prefetches + o.prefetches,
+            bytes_read: self.bytes_read + o.bytes_read,
+            stall_s: self.stall_s + o.stall_s,
+            read_s: self.read_s + o.read_s,
+            ..*self
+        };
+        sum.since(&CacheStats::default(), 0)
     }
 }
 

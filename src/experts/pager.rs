@@ -590,7 +590,8 @@ impl Inner {
         if self.policy != Policy::Stats {
             return;
         }
-        let streaming = (3 * self.top_k).max(st.target_slots / 4);
+        // The current layer's experts plus a prediction's worth for the next (top-k + 1).
+        let streaming = 2 * self.top_k + 3;
         let keep = st.target_slots.saturating_sub(streaming);
         let mut ranked: Vec<(f64, usize)> = self
             .blocks
