@@ -350,3 +350,117 @@ fn cli_runs_under_a_budget_and_profiles() {
     with.extend(["--mem", "37M", "--profile", out.to_str().unwrap()]);
     assert_eq!(run(&with).0, want);
 }
+
+/// `serve` with `--mem`: 16 requests run while `{"op":"set_mem"}` lowers the expert cache to
+/// 30% of its slots and raises it back; every request completes with the text an unlimited
+/// server gives, and `{"op":"stats"}` reports the cache.
+#[test]
+fn serve_set_mem_lowered_and_raised_during_requests() {
+    use serde_json::{json, Value};
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = quantized(tmp.path());
+    let model = Arc::new(Model::load(&path).unwrap());
+    let plan = *ExpertService::paged(
+        model,
+        &options(1 << 40, Policy::Stats, ReadMode::Direct, true),
+    )
+    .unwrap()
+    .plan()
+    .unwrap();
+    let full = plan.fixed.total() + 32 * plan.slot_bytes;
+    let low = plan.fixed.total() + 10 * plan.slot_bytes;
+    let prompts = [
+        "In the beginning",
+        "And God said",
+        "Blessed are",
+        "The LORD",
+        "Thou shalt",
+        "And it came to pass",
+        "Jesus",
+        "For God so loved",
+    ];
+    let request = |i: usize| {
+        json!({"id": format!("r{i}"), "prompt": prompts[i % 8], "max_tokens": 20 + i, "temperature": 0, "stream": true}).to_string() + "\n"
+    };
+    // Runs 16 requests; with `mem`, set_mem lines go in once the first chunks stream back.
+    let serve = |mem: Option<u64>| -> (std::collections::HashMap<String, String>, Vec<Value>) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgemoe"));
+        cmd.args(["serve", "--threads", "2", "--model"]).arg(&path);
+        if let Some(m) = mem {
+            cmd.args(["--mem", &m.to_string()]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = Some(child.stdin.take().unwrap());
+        let first: String = (0..8).map(request).collect();
+        stdin.as_mut().unwrap().write_all(first.as_bytes()).unwrap();
+        let (mut texts, mut replies) = (
+            std::collections::HashMap::<String, String>::new(),
+            Vec::new(),
+        );
+        let (mut chunks, mut done, mut phase) = (0, 0, 0);
+        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
+            if v.get("error").is_some()
+                || v["object"] == "edgemoe.set_mem"
+                || v["object"] == "edgemoe.stats"
+            {
+                replies.push(v);
+                continue;
+            }
+            if v["object"] == "edgemoe.ready" {
+                continue;
+            }
+            let id = v["id"].as_str().unwrap().to_string();
+            let c = &v["choices"][0];
+            texts
+                .entry(id)
+                .or_default()
+                .push_str(c["text"].as_str().unwrap());
+            chunks += 1;
+            done += usize::from(!c["finish_reason"].is_null());
+            let Some(s) = stdin.as_mut() else { continue };
+            if phase == 0 && chunks >= 10 {
+                let mut lines = String::new();
+                if mem.is_some() {
+                    lines += &(json!({"op": "set_mem", "bytes": low}).to_string() + "\n");
+                }
+                lines += &(8..16).map(request).collect::<String>();
+                s.write_all(lines.as_bytes()).unwrap();
+                phase = 1;
+            } else if phase == 1 && done >= 6 {
+                if mem.is_some() {
+                    s.write_all(
+                        (json!({"op": "set_mem", "bytes": full}).to_string() + "\n").as_bytes(),
+                    )
+                    .unwrap();
+                }
+                s.write_all(b"{\"op\":\"stats\"}\n").unwrap();
+                stdin = None;
+                phase = 2;
+            }
+        }
+        assert!(child.wait().unwrap().success());
+        (texts, replies)
+    };
+    let (want, _) = serve(None);
+    let (got, replies) = serve(Some(full));
+    assert_eq!(want.len(), 16);
+    assert_eq!(got, want, "texts differ from the unlimited server's");
+    let slots: Vec<u64> = replies.iter().filter_map(|r| r["slots"].as_u64()).collect();
+    assert_eq!(slots, vec![10, 32], "{replies:?}");
+    let stats = replies
+        .iter()
+        .find(|r| r["object"] == "edgemoe.stats")
+        .unwrap();
+    assert!(
+        stats["experts"]["cache"]["misses"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+}

@@ -151,6 +151,15 @@ impl<W: Write> Server<'_, W> {
             .map_err(|e| Error::io("<stdout>", e))
     }
 
+    /// The expert cache's counters and prediction quality (`null` without `--mem`).
+    fn expert_stats(&self) -> Value {
+        let tokens = self.engine.stats.snapshot().tokens;
+        json!({
+            "cache": self.engine.experts.cache_stats(tokens),
+            "prediction": self.engine.experts.prediction(),
+        })
+    }
+
     fn reject(&mut self, bad: BadLine) -> Result<()> {
         self.write(&bad.to_json())
     }
@@ -196,8 +205,21 @@ impl<W: Write> Server<'_, W> {
                             "waiting": self.waiting.len(),
                             "runtime": self.engine.stats.snapshot(),
                             "memory": self.memory(),
+                            "experts": self.expert_stats(),
                         });
                         self.write(&stats)?
+                    }
+                    Ok(Incoming::SetMem { bytes }) => {
+                        // Between steps: the cache resizes under the running requests.
+                        let reply = match self.engine.experts.set_mem(bytes) {
+                            Ok(slots) => {
+                                json!({"object": "edgemoe.set_mem", "bytes": bytes, "slots": slots})
+                            }
+                            Err(e) => {
+                                json!({"error": {"message": e.to_string(), "type": "invalid_request_error", "code": "set_mem_refused"}})
+                            }
+                        };
+                        self.write(&reply)?
                     }
                     Ok(Incoming::Cancel { id }) => self.cancel(id)?,
                     Ok(Incoming::Request { id, stream, req }) => self.submit(id, stream, &req)?,

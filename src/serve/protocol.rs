@@ -22,6 +22,10 @@ pub enum Incoming {
         id: String,
     },
     Stats,
+    /// Changes the memory budget (`--mem`) to `bytes` while requests run.
+    SetMem {
+        bytes: u64,
+    },
 }
 
 /// An input line we refuse, with the id when we could read one.
@@ -71,6 +75,14 @@ pub fn parse_line(line: &str, next_id: impl FnOnce() -> String) -> Result<Incomi
     if let Some(op) = obj.get("op") {
         return match op.as_str() {
             Some("stats") => Ok(Incoming::Stats),
+            Some("set_mem") => match obj.get("bytes").and_then(Value::as_u64) {
+                Some(bytes) => Ok(Incoming::SetMem { bytes }),
+                None => Err(BadLine::new(
+                    None,
+                    "invalid_type",
+                    "`set_mem` needs `bytes`, a non-negative integer",
+                )),
+            },
             _ => Err(BadLine::new(None, "unknown_op", format!("unknown op {op}"))),
         };
     }
