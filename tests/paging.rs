@@ -464,3 +464,78 @@ fn serve_set_mem_lowered_and_raised_during_requests() {
         "{stats}"
     );
 }
+
+/// The C API: a session with `mem_bytes` pages its experts, `edgemoe_session_set_mem` resizes
+/// the cache (refusing too small a budget), and the completion equals an unlimited session's.
+#[test]
+fn c_api_sessions_take_a_budget_and_set_mem() {
+    use edgemoe::capi::*;
+    use std::ffi::CString;
+    let tmp = tempfile::tempdir().unwrap();
+    let path = quantized(tmp.path());
+    let plan = *ExpertService::paged(
+        Arc::new(Model::load(&path).unwrap()),
+        &options(1 << 40, Policy::Stats, ReadMode::Direct, true),
+    )
+    .unwrap()
+    .plan()
+    .unwrap();
+    let cpath = CString::new(path.to_str().unwrap()).unwrap();
+    let mut model = std::ptr::null_mut();
+    assert_eq!(
+        unsafe { edgemoe_model_load(cpath.as_ptr(), std::ptr::null(), &mut model) },
+        EDGEMOE_OK
+    );
+    let complete = |mem: u64, resize: Option<u64>| -> String {
+        let mut params = edgemoe_session_default_params();
+        params.n_threads = 2;
+        params.mem_bytes = mem;
+        let mut s = std::ptr::null_mut();
+        assert_eq!(
+            unsafe { edgemoe_session_new(model, &params, &mut s) },
+            EDGEMOE_OK
+        );
+        if let Some(bytes) = resize {
+            assert_eq!(edgemoe_session_set_mem(s, bytes), EDGEMOE_OK);
+            assert_eq!(
+                edgemoe_session_set_mem(s, 1 << 20),
+                EDGEMOE_ERR_INVALID_INPUT
+            );
+        }
+        let prompt = CString::new("And God said").unwrap();
+        let mut g = edgemoe_generate_default_params();
+        g.max_tokens = 24;
+        let mut buf = vec![0 as std::ffi::c_char; 4096];
+        let mut n = 0;
+        let rc = unsafe {
+            edgemoe_generate(
+                s,
+                prompt.as_ptr(),
+                &g,
+                None,
+                std::ptr::null_mut(),
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut n,
+            )
+        };
+        assert_eq!(rc, EDGEMOE_OK);
+        assert_eq!(edgemoe_session_free(s), EDGEMOE_OK);
+        let bytes: Vec<u8> = buf[..n].iter().map(|&c| c as u8).collect();
+        String::from_utf8(bytes).unwrap()
+    };
+    let want = complete(0, None);
+    let full = plan.fixed.total() + 32 * plan.slot_bytes;
+    assert_eq!(
+        complete(full, Some(plan.fixed.total() + 3 * plan.slot_bytes)),
+        want
+    );
+    let mut params = edgemoe_session_default_params();
+    params.mem_bytes = 1 << 20;
+    let mut s = std::ptr::null_mut();
+    assert_eq!(
+        unsafe { edgemoe_session_new(model, &params, &mut s) },
+        EDGEMOE_ERR_INVALID_INPUT
+    );
+    assert_eq!(edgemoe_model_free(model), EDGEMOE_OK);
+}

@@ -69,6 +69,12 @@ pub struct BenchArgs {
     /// Activation-path statistics to start from (`edgemoe profile --out`).
     #[arg(long)]
     pub profile: Option<std::path::PathBuf>,
+    /// Experts predicted per token beyond top-k (with --mem).
+    #[arg(long = "predict-extra", default_value_t = 0)]
+    pub predict_extra: usize,
+    /// I/O threads that prefetch (with --mem).
+    #[arg(long = "io-threads", default_value_t = 2)]
+    pub io_threads: usize,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -157,6 +163,8 @@ fn run_paging(a: &BenchArgs, model: Arc<crate::Model>) -> anyhow::Result<()> {
                     expert_policy: policy,
                     no_prefetch: pf == "off",
                     profile: a.profile.clone(),
+                    predict_extra: a.predict_extra,
+                    io_threads: a.io_threads,
                     ..super::paging::PagingArgs::default()
                 };
                 let threads = a.threads.first().copied().unwrap_or(0);

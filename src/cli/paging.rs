@@ -27,11 +27,12 @@ pub struct PagingArgs {
     /// What predicts the next layer's experts.
     #[arg(long = "predict", value_enum, default_value_t = PredictSource::Both)]
     pub predict: PredictSource,
-    /// Experts predicted per token beyond top-k.
-    #[arg(long = "predict-extra", default_value_t = 1)]
+    /// Experts predicted per token beyond top-k (0 by default: when the disk is the limit,
+    /// every wasted prefetch costs a read; `profile` measures recall per setting).
+    #[arg(long = "predict-extra", default_value_t = 0)]
     pub predict_extra: usize,
     /// I/O threads that prefetch.
-    #[arg(long = "io-threads", default_value_t = 1)]
+    #[arg(long = "io-threads", default_value_t = 2)]
     pub io_threads: usize,
     /// Activation-path statistics to start from (`edgemoe profile --out`).
     #[arg(long)]
@@ -49,8 +50,8 @@ impl Default for PagingArgs {
             expert_io: ReadMode::Direct,
             no_prefetch: false,
             predict: PredictSource::Both,
-            predict_extra: 1,
-            io_threads: 1,
+            predict_extra: 0,
+            io_threads: 2,
             profile: None,
             stats: false,
         }

@@ -39,6 +39,22 @@ pub struct PagingOptions {
     pub profile: Option<paths::PathProfile>,
 }
 
+impl PagingOptions {
+    /// The defaults (`stats` policy, O_DIRECT, prefetch of top-k on two I/O threads).
+    pub fn with_budget(mem: MemBudget) -> PagingOptions {
+        PagingOptions {
+            mem,
+            policy: pager::Policy::Stats,
+            read_mode: blockio::ReadMode::Direct,
+            prefetch: true,
+            io_threads: 2,
+            predict: PredictSource::Both,
+            predict_extra: 0,
+            profile: None,
+        }
+    }
+}
+
 pub struct ExpertService {
     pub paths: Arc<PathStats>,
     /// Set when predictions are made (paging with prefetch, or `profile` measuring them).
