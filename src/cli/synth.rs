@@ -36,7 +36,7 @@ pub struct SynthArgs {
 }
 
 pub fn run(a: SynthArgs) -> anyhow::Result<()> {
-    if a.top_k == 0 || a.top_k > a.experts || a.hidden < 64 || a.hidden % 64 != 0 {
+    if a.top_k == 0 || a.top_k > a.experts || a.hidden < 64 || !a.hidden.is_multiple_of(64) {
         anyhow::bail!("need 1 <= --top-k <= --experts and --hidden a multiple of 64");
     }
     let mut cfg = mixtral_bench_config(a.layers);
