@@ -539,3 +539,43 @@ fn c_api_sessions_take_a_budget_and_set_mem() {
     );
     assert_eq!(edgemoe_model_free(model), EDGEMOE_OK);
 }
+
+/// The budget changed from another thread while steps run (as the C API allows): no step
+/// blocks or fails, and the logits stay the unlimited run's.
+#[test]
+fn set_mem_from_another_thread_during_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Arc::new(Model::load(&quantized(tmp.path())).unwrap());
+    let tokens: Vec<u32> = (0..56).map(|i| (i * 29 % 2000) as u32).collect();
+    let want = run(
+        &Engine::new(model.clone(), 2).unwrap(),
+        &tokens[..24],
+        &tokens[24..],
+    );
+    let service = ExpertService::paged(
+        model.clone(),
+        &options(1 << 40, Policy::Lru, ReadMode::Direct, true),
+    )
+    .unwrap();
+    let plan = *service.plan().unwrap();
+    let engine = Engine::new(model, 2).unwrap().with_experts(service);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let got = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let slots = [2u64, 32, 3, 12][(i % 4) as usize];
+                engine
+                    .experts
+                    .set_mem(plan.fixed.total() + slots * plan.slot_bytes)
+                    .unwrap();
+                i += 1;
+                std::thread::yield_now();
+            }
+        });
+        let got = run(&engine, &tokens[..24], &tokens[24..]);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        got
+    });
+    assert!(got == want, "logits changed while the budget moved");
+}

@@ -221,6 +221,10 @@ impl Pager {
             let mlps = self.fetch(layer, chunk, next.take())?;
             let refs: Vec<&GatedMlp> = mlps.iter().collect();
             out.extend(run(start, &refs));
+            drop(refs);
+            drop(mlps);
+            // Slots above a budget that shrank during the chunk go back now that it is done.
+            self.inner.retire_extra(&mut lock(&self.inner.state));
             start += chunk.len();
         }
         Ok(out)
@@ -267,12 +271,8 @@ impl Pager {
                 if st.at[b].is_some() {
                     continue;
                 }
-                let s = loop {
-                    if let Some(s) = inner.victim(&st, false) {
-                        break s;
-                    }
-                    st = inner.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-                };
+                let s;
+                (st, s) = inner.room(st)?;
                 let mem = inner.claim(&mut st, s, b, tick, false);
                 Counters::add(&inner.counters.misses, 1);
                 reads.push((i, s, b, mem));
@@ -469,13 +469,7 @@ impl Inner {
     /// Reads block `b` on the calling thread into a free slot.
     fn demand_read(&self, b: usize) -> std::result::Result<SharedMap, String> {
         let (s, mem) = {
-            let mut st = lock(&self.state);
-            let s = loop {
-                if let Some(s) = self.victim(&st, false) {
-                    break s;
-                }
-                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-            };
+            let (mut st, s) = self.room(lock(&self.state)).map_err(|e| e.to_string())?;
             let tick = st.tick;
             (s, self.claim(&mut st, s, b, tick, false))
         };
@@ -483,6 +477,31 @@ impl Inner {
         let res = self.load(mem, b);
         self.install(s, b, res.clone());
         res
+    }
+
+    /// A slot to fill: a victim, else (once a read in flight lands) the next one; where none
+    /// is in flight and every slot is in use (the budget shrank under a running step), one
+    /// extra slot, given back when the step ends.
+    fn room<'s>(&self, mut st: MutexGuard<'s, State>) -> Result<(MutexGuard<'s, State>, usize)> {
+        loop {
+            if let Some(s) = self.victim(&st, false) {
+                return Ok((st, s));
+            }
+            if !st.slots.iter().flatten().any(|x| x.loading) {
+                let mem = new_slot(self.slot_bytes)
+                    .map_err(|e| Error::invalid(format!("cannot allocate an expert slot: {e}")))?;
+                st.slots.push(Some(Slot {
+                    key: None,
+                    mem: Some(mem),
+                    loading: false,
+                    prefetched: false,
+                    last_use: 0,
+                }));
+                let s = st.slots.len() - 1;
+                return Ok((st, s));
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// Takes slot `s` for block `b`: evicts what it held and hands out its memory to fill.
