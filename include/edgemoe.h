@@ -85,6 +85,10 @@ typedef struct EdgemoeModelParams {
 typedef struct EdgemoeSessionParams {
     // Worker threads for this session's forward pass, at most 1024; 0 means one per core.
     uint32_t n_threads;
+    // Memory budget in bytes for everything the session keeps resident (weights, expert
+    // cache, KV cache, workspaces); an .emoe's experts are then paged through a cache sized
+    // from it. 0 means unlimited (experts used in place).
+    uint64_t mem_bytes;
 } EdgemoeSessionParams;
 
 // Options for edgemoe_generate; start from edgemoe_generate_default_params().
@@ -160,6 +164,12 @@ int edgemoe_session_new(const struct EdgemoeModel *model,
 // Should a call still be running on it on another thread (which the threading rule forbids),
 // that call is cancelled and the session's memory is released when it returns.
 int edgemoe_session_free(struct EdgemoeSession *session);
+
+// Changes the memory budget of a session created with `mem_bytes` > 0 to `mem_bytes`: the
+// expert cache shrinks or grows at once, under a generation running on another thread too
+// (nothing restarts). Too small a budget gives EDGEMOE_ERR_INVALID_INPUT (the message names
+// the smallest workable value) and leaves the cache as it was.
+int edgemoe_session_set_mem(struct EdgemoeSession *session, uint64_t mem_bytes);
 
 // Asks the generation running on `session` to stop after its current token; that
 // edgemoe_generate returns EDGEMOE_ERR_CANCELLED. Safe to call from any thread at any time,

@@ -67,6 +67,10 @@ pub struct EdgemoeModelParams {
 pub struct EdgemoeSessionParams {
     /// Worker threads for this session's forward pass, at most 1024; 0 means one per core.
     pub n_threads: u32,
+    /// Memory budget in bytes for everything the session keeps resident (weights, expert
+    /// cache, KV cache, workspaces); an .emoe's experts are then paged through a cache sized
+    /// from it. 0 means unlimited (experts used in place).
+    pub mem_bytes: u64,
 }
 
 /// Options for edgemoe_generate; start from edgemoe_generate_default_params().
@@ -237,10 +241,22 @@ pub unsafe extern "C" fn edgemoe_session_new(
                 format!("n_threads is {}; at most {MAX_THREADS}", params.n_threads),
             );
         }
-        let engine = Engine::new(model, params.n_threads as usize).map_err(|e| Failure {
-            code: EDGEMOE_ERR_INTERNAL,
-            message: e.to_string(),
-        })?;
+        let mut engine =
+            Engine::new(model.clone(), params.n_threads as usize).map_err(|e| Failure {
+                code: EDGEMOE_ERR_INTERNAL,
+                message: e.to_string(),
+            })?;
+        if params.mem_bytes > 0 {
+            let opts = crate::experts::PagingOptions::with_budget(
+                crate::experts::budget::MemBudget::Bytes(params.mem_bytes),
+            );
+            let service =
+                crate::experts::ExpertService::paged(model, &opts).map_err(|e| Failure {
+                    code: EDGEMOE_ERR_INVALID_INPUT,
+                    message: e.to_string(),
+                })?;
+            engine = engine.with_experts(service);
+        }
         *out = handle(support::register_session(Session::new(engine)));
         Ok(())
     })
@@ -256,6 +272,22 @@ pub extern "C" fn edgemoe_session_free(session: *mut EdgemoeSession) -> c_int {
             let s = support::unregister_session(session.addr())?;
             s.cancel.store(true, Ordering::Release);
         }
+        Ok(())
+    })
+}
+
+/// Changes the memory budget of a session created with `mem_bytes` > 0 to `mem_bytes`: the
+/// expert cache shrinks or grows at once, under a generation running on another thread too
+/// (nothing restarts). Too small a budget gives EDGEMOE_ERR_INVALID_INPUT (the message names
+/// the smallest workable value) and leaves the cache as it was.
+#[no_mangle]
+pub extern "C" fn edgemoe_session_set_mem(session: *mut EdgemoeSession, mem_bytes: u64) -> c_int {
+    guard(|| {
+        let s = support::session(session.addr())?;
+        s.engine.experts.set_mem(mem_bytes).map_err(|e| Failure {
+            code: EDGEMOE_ERR_INVALID_INPUT,
+            message: e.to_string(),
+        })?;
         Ok(())
     })
 }

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod capi;
 pub mod engine;
 pub mod error;
+pub mod experts;
 pub mod kv;
 pub mod model;
 pub mod quant;

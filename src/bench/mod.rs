@@ -5,6 +5,7 @@
 //! a fixed pseudo-random token stream, identical across compared runs; tokenization and sampling
 //! are outside the timed region (the next input is the next synthetic token, not a sample).
 
+pub mod paging;
 pub mod report;
 
 use crate::engine::{BatchItem, Engine, Logits};

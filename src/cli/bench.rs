@@ -1,7 +1,6 @@
 //! `edgemoe bench`: llama-bench style sweeps. Comma lists sweep a parameter; every combination
 //! runs `-r` times after a warm-up. Table on stdout (or `--json` / `--csv`), progress on stderr.
 
-use super::ModelArgs;
 use crate::bench::report::{self, ModelInfo};
 use crate::bench::{run_point, BenchPoint};
 use std::sync::Arc;
@@ -58,6 +57,30 @@ pub struct BenchArgs {
     /// Also draw tokens/s against the swept parameter into this SVG file.
     #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
+    /// Memory budgets to sweep (comma separated, e.g. 600M,50%): pages an .emoe's experts
+    /// and reports hit rate, stall per token and decode tokens/s per budget × policy.
+    #[arg(long, value_delimiter = ',')]
+    pub mem: Vec<crate::experts::budget::MemBudget>,
+    /// Expert policies to sweep with --mem.
+    #[arg(
+        long = "expert-policy",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "stats"
+    )]
+    pub expert_policy: Vec<crate::experts::pager::Policy>,
+    /// Prefetch settings to sweep with --mem (on, off).
+    #[arg(long, value_delimiter = ',', default_value = "on", value_parser = ["on", "off"])]
+    pub prefetch: Vec<String>,
+    /// Activation-path statistics to start from (`edgemoe profile --out`).
+    #[arg(long)]
+    pub profile: Option<std::path::PathBuf>,
+    /// Experts predicted per token beyond top-k (with --mem).
+    #[arg(long = "predict-extra", default_value_t = 0)]
+    pub predict_extra: usize,
+    /// I/O threads that prefetch (with --mem).
+    #[arg(long = "io-threads", default_value_t = 2)]
+    pub io_threads: usize,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -67,13 +90,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if a.batch.contains(&0) {
         anyhow::bail!("-b values must be at least 1");
     }
-    let base = ModelArgs {
-        model: a.model.clone(),
-        threads: 0,
-        backend: a.backend,
-    };
     // Sweeps default to the random model, whose figures do not depend on any file.
-    let path = base
+    let path = a
         .model
         .clone()
         .unwrap_or_else(|| std::path::PathBuf::from("builtin:default"));
@@ -87,6 +105,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         crate::util::memory::reset_peak_rss();
     }
     let model = Arc::new(model);
+    if !a.mem.is_empty() {
+        return run_paging(&a, model);
+    }
     let suffix = if a.quant.is_some() { "-w8a8" } else { "" };
     let mut info = ModelInfo::of(&model, &format!("cpu{suffix}"));
     let mut points = Vec::new();
@@ -140,6 +161,44 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &a.plot {
         report::plot(path, &results)?;
+        eprintln!("plot written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// `--mem`: one paged engine per budget × policy × prefetch setting.
+fn run_paging(a: &BenchArgs, model: Arc<crate::Model>) -> anyhow::Result<()> {
+    use crate::bench::paging::{plot, run_paged, table};
+    let prompt = a.prompt.first().copied().unwrap_or(16);
+    let gen = a.gen.first().copied().unwrap_or(32);
+    let mut rows = Vec::new();
+    for &mem in &a.mem {
+        for &policy in &a.expert_policy {
+            for pf in &a.prefetch {
+                let paging = super::paging::PagingArgs {
+                    mem: Some(mem),
+                    expert_policy: policy,
+                    no_prefetch: pf == "off",
+                    profile: a.profile.clone(),
+                    predict_extra: a.predict_extra,
+                    io_threads: a.io_threads,
+                    ..super::paging::PagingArgs::default()
+                };
+                let threads = a.threads.first().copied().unwrap_or(0);
+                let engine = paging.apply(crate::Engine::new(model.clone(), threads)?)?;
+                let row = run_paged(&engine, policy, pf == "on", prompt, gen, a.reps)?;
+                eprintln!("{}", super::paging::stats_line(&engine));
+                rows.push(row);
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", table(&rows));
+    }
+    if let Some(path) = &a.plot {
+        plot(path, &rows)?;
         eprintln!("plot written to {}", path.display());
     }
     Ok(())

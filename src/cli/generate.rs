@@ -155,6 +155,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         eprintln!("{memory}");
         r
     };
+    a.model.paging.report(&engine);
     match result {
         // A reader that went away (`| head`) ends the run quietly.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),

@@ -4,9 +4,12 @@ pub mod bench;
 pub mod export;
 pub mod generate;
 pub mod inspect;
+pub mod paging;
 pub mod ppl;
+pub mod profile;
 pub mod quantize;
 pub mod serve;
+pub mod synth;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -34,6 +37,10 @@ pub enum Command {
     Quantize(quantize::QuantizeArgs),
     /// Serve completions as JSON lines over stdin/stdout, with continuous batching.
     Serve(serve::ServeArgs),
+    /// Activation-path statistics (expert choices, layer-to-layer transitions) of a text.
+    Profile(profile::ProfileArgs),
+    /// Write a synthetic W8A8 MoE .emoe with trained-like (skewed, correlated) routing.
+    SynthMoe(synth::SynthArgs),
     /// Print an .emoe file's header, bytes per tensor class and expert-block layout.
     Inspect(inspect::InspectArgs),
     /// Write a model (a built-in one too) as a Hugging Face checkpoint directory.
@@ -55,6 +62,8 @@ pub struct ModelArgs {
     /// Where the model runs: the GPU when this build has CUDA and a device exists (auto).
     #[arg(long, value_enum, default_value_t = crate::backend::BackendChoice::Auto)]
     pub backend: crate::backend::BackendChoice,
+    #[command(flatten)]
+    pub paging: paging::PagingArgs,
 }
 
 impl ModelArgs {
@@ -68,11 +77,9 @@ impl ModelArgs {
             model.num_params() as f64 / 1e6,
             started.elapsed().as_secs_f64()
         );
-        Ok(crate::backend::engine_for(
-            std::sync::Arc::new(model),
-            self.backend,
-            self.threads,
-        )?)
+        let engine =
+            crate::backend::engine_for(std::sync::Arc::new(model), self.backend, self.threads)?;
+        self.paging.apply(engine)
     }
 }
 
@@ -106,6 +113,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quantize(a) => quantize::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Profile(a) => profile::run(a),
+        Command::SynthMoe(a) => synth::run(a),
         Command::Export(a) => export::run(a),
     }
 }

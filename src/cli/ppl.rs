@@ -43,5 +43,6 @@ pub fn run(a: PplArgs) -> anyhow::Result<()> {
             result.ppl, result.windows, result.ctx, result.tokens
         );
     }
+    a.model.paging.report(&engine);
     Ok(())
 }

@@ -12,6 +12,7 @@ pub mod stats;
 
 use crate::backend::{AttentionShape, Backend, DefaultBackend, Pick, Segment, Tasks};
 use crate::error::{Error, Result};
+use crate::experts::ExpertService;
 use crate::kv::KvCache;
 use crate::model::arch::opt::POSITION_OFFSET;
 use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, Norm, PlainMlp};
@@ -49,6 +50,8 @@ pub struct Engine<B: Backend = DefaultBackend> {
     model: Arc<Model>,
     backend: B,
     pub stats: RuntimeStats,
+    /// Where the experts come from (in place, or paged under a memory budget).
+    pub experts: ExpertService,
     /// Sees every linear layer's input (calibration); `None` in normal runs.
     observer: Option<Arc<dyn LinearObserver>>,
 }
@@ -69,12 +72,20 @@ impl<B: Backend> Engine<B> {
     pub fn with_backend(model: Arc<Model>, backend: B) -> Engine<B> {
         let cfg = &model.config;
         let stats = RuntimeStats::new(cfg.num_layers, cfg.num_experts);
+        let experts = ExpertService::in_place(&model);
         Engine {
             model,
             backend,
             stats,
+            experts,
             observer: None,
         }
+    }
+
+    /// The engine with experts from `experts` (e.g. paged under a memory budget).
+    pub fn with_experts(mut self, experts: ExpertService) -> Engine<B> {
+        self.experts = experts;
+        self
     }
 
     pub fn with_observer(mut self, observer: Arc<dyn LinearObserver>) -> Engine<B> {
@@ -117,7 +128,9 @@ impl<B: Backend> Engine<B> {
     /// returns per item its logits, `rows × vocab` (one row for `Logits::Last`).
     pub fn forward(&self, batch: &mut [BatchItem]) -> Result<Vec<Vec<f32>>> {
         self.check_batch(batch)?;
-        let out = self.backend.run(|| self.forward_rows(batch))?;
+        let out = self.backend.run(|| self.forward_rows(batch));
+        self.experts.end_step();
+        let out = out?;
         for item in batch.iter_mut() {
             item.cache.advance(item.tokens.len());
         }
@@ -427,7 +440,7 @@ impl<B: Backend> Engine<B> {
                 let picks = input
                     .picks
                     .unwrap_or_else(|| self.route(&block.router, h, 0));
-                moe::forward(self, li, block, h, picks)?
+                moe::forward(self, li, block, h, x, picks)?
             }
             Ffn::Gated(mlp) => self.gated_mlp(mlp, h),
             Ffn::Plain(mlp) => self.plain_mlp(mlp, h),
@@ -445,7 +458,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Pre-norm blocks normalize their input; post-norm blocks (OPT-350m) take it as is.
-    fn pre_norm(&self, norm: &Norm, x: &B::Act) -> B::Act {
+    pub(crate) fn pre_norm(&self, norm: &Norm, x: &B::Act) -> B::Act {
         if self.model.config.pre_norm {
             self.backend.norm(norm, x)
         } else {

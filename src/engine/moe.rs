@@ -1,21 +1,35 @@
 //! The sparse feed-forward block: route each token to its top-k experts, run every chosen expert
-//! once on all the tokens that chose it, and mix the outputs by the routing weights.
+//! once on all the tokens that chose it, and mix the outputs by the routing weights. The experts
+//! come from the engine's expert service (in place, or paged through a cache), which also
+//! sees every step's routing and, when it predicts, the next layer's pre-gating.
 
 use super::Engine;
 use crate::backend::{Backend, Pick, Tasks};
 use crate::error::Result;
-use crate::model::weights::MoeBlock;
+use crate::experts::paths::experts_per_row;
+use crate::model::weights::{Ffn, MoeBlock};
 
-/// The block on normalized rows `x`, given every token's picks (the backend's `route`).
+/// The block on normalized rows `x`, given every token's picks (the backend's `route`);
+/// `residual` is the hidden state the rows were normalized from (pre-gating reads it).
 pub fn forward<B: Backend>(
     engine: &Engine<B>,
     layer: usize,
     block: &MoeBlock,
     x: &B::Act,
+    residual: &B::Act,
     mut picks: Vec<Pick>,
 ) -> Result<B::Act> {
     let cfg = &engine.model().config;
     let be = engine.backend();
+    let service = &engine.experts;
+    let rows = experts_per_row(&picks);
+    service.observe(layer, &rows);
+    let next = if service.wants_prediction() {
+        let probs = pregate_probs(engine, layer + 1, residual);
+        service.predict_next(layer, layer + 1, &rows, probs.as_deref())
+    } else {
+        None
+    };
     // Grouped by expert (a stable sort keeps each expert's tokens in row order): one list for
     // the whole step instead of one per expert.
     picks.sort_by_key(|p| p.expert);
@@ -30,24 +44,31 @@ pub fn forward<B: Backend>(
     for &(e, tokens) in &groups {
         engine.stats.record_expert(layer, e, tokens.len());
         bytes += block.experts[e].weight_bytes();
-        // A mapped expert's block is checked the first time it runs.
-        block.experts[e].ensure_verified()?;
     }
     if let Some(shared) = &block.shared {
         bytes += shared.mlp.weight_bytes() + shared.gate.weight_bytes();
     }
     engine.stats.add_bytes_read(bytes, 0);
     let weights = cfg.hidden_size * cfg.expert_ffn;
-    // Outputs are mixed in expert order afterwards, so results don't depend on scheduling.
-    let outputs = be.run_tasks(
-        Tasks::Matrices { weights },
-        groups.clone(),
-        |g| g.1.len(),
-        |(e, tokens)| {
-            let rows: Vec<usize> = tokens.iter().map(|p| p.row).collect();
-            engine.gated_mlp(&block.experts[e], &be.select_rows(x, &rows))
-        },
-    );
+    let ids: Vec<usize> = groups.iter().map(|g| g.0).collect();
+    // Outputs are mixed in expert order afterwards, so results don't depend on scheduling
+    // (nor on how many experts the cache held at once).
+    let outputs = service.run(layer, block, &ids, next, |start, mlps| {
+        let tasks: Vec<_> = groups[start..start + mlps.len()]
+            .iter()
+            .zip(mlps)
+            .map(|(&(_, tokens), &mlp)| (tokens, mlp))
+            .collect();
+        be.run_tasks(
+            Tasks::Matrices { weights },
+            tasks,
+            |t| t.0.len(),
+            |(tokens, mlp)| {
+                let rows: Vec<usize> = tokens.iter().map(|p| p.row).collect();
+                engine.gated_mlp(mlp, &be.select_rows(x, &rows))
+            },
+        )
+    })?;
     let mut out = be.zeros(be.rows(x), cfg.hidden_size);
     for (&(_, tokens), ys) in groups.iter().zip(&outputs) {
         be.mix_rows(&mut out, ys, tokens);
@@ -58,4 +79,32 @@ pub fn forward<B: Backend>(
         be.add_gated(&mut out, &ys, &gates);
     }
     Ok(out)
+}
+
+/// Pre-gating: layer `next`'s router probabilities for every row, applied to the hidden state
+/// entering this layer's feed-forward (normalized with `next`'s norm); `None` when `next` is
+/// not a sparse layer.
+fn pregate_probs<B: Backend>(
+    engine: &Engine<B>,
+    next: usize,
+    residual: &B::Act,
+) -> Option<Vec<f32>> {
+    let layer = engine.model().weights.layers.get(next)?;
+    let Ffn::Moe(block) = &layer.ffn else {
+        return None;
+    };
+    let be = engine.backend();
+    let normed = engine.pre_norm(&layer.ffn_norm, residual);
+    let logits = be.linear(&block.router, &normed);
+    let mut probs = be.to_host(&logits).into_owned();
+    for row in probs.chunks_mut(block.router.out_features.max(1)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        row.iter_mut().for_each(|v| {
+            *v = (*v - max).exp();
+            sum += *v;
+        });
+        row.iter_mut().for_each(|v| *v /= sum);
+    }
+    Some(probs)
 }

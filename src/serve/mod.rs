@@ -246,6 +246,16 @@ impl<W: Write> Writer<W> {
 }
 
 impl<W: Write> Server<'_, W> {
+    /// The expert cache's counters and prediction quality (`null` without `--mem`).
+    fn expert_stats(&self) -> Value {
+        let engine = self.sched.engine();
+        let tokens = engine.stats.snapshot().tokens;
+        json!({
+            "cache": engine.experts.cache_stats(tokens),
+            "prediction": engine.experts.prediction(),
+        })
+    }
+
     /// Handles one message; returns true at end of input.
     fn handle(&mut self, m: Message) -> bool {
         match m {
@@ -286,8 +296,23 @@ impl<W: Write> Server<'_, W> {
                             "runtime": self.sched.engine().stats.snapshot(),
                             "memory": memory,
                             "requests": self.sched.counters,
+                            "experts": self.expert_stats(),
                         });
                         self.out.write(&stats)
+                    }
+                    Ok(Incoming::SetMem { bytes }) => {
+                        // Between steps: the cache resizes under the running requests.
+                        let reply = match self.sched.engine().experts.set_mem(bytes) {
+                            Ok(slots) => {
+                                json!({"object": "edgemoe.set_mem", "bytes": bytes, "slots": slots})
+                            }
+                            Err(e) => json!({"error": {
+                                "message": e.to_string(),
+                                "type": "invalid_request_error",
+                                "code": "set_mem_refused"
+                            }}),
+                        };
+                        self.out.write(&reply)
                     }
                     Ok(Incoming::Cancel { id }) => {
                         let out = &mut self.out;

@@ -66,9 +66,18 @@ impl Request {
 /// One parsed input line.
 #[derive(Debug)]
 pub enum Incoming {
-    Request { id: String, req: Request },
-    Cancel { id: String },
+    Request {
+        id: String,
+        req: Request,
+    },
+    Cancel {
+        id: String,
+    },
     Stats,
+    /// Changes the memory budget (`--mem`) to `bytes` while requests run.
+    SetMem {
+        bytes: u64,
+    },
 }
 
 /// An input line we refuse, with the id when we could read one.
@@ -120,6 +129,14 @@ pub fn parse_line(line: &str, next_id: impl FnOnce() -> String) -> Result<Incomi
         only_fields(obj, &["op"]).map_err(|(c, m)| BadLine::new(None, c, m))?;
         return match op.as_str() {
             Some("stats") => Ok(Incoming::Stats),
+            Some("set_mem") => match obj.get("bytes").and_then(Value::as_u64) {
+                Some(bytes) => Ok(Incoming::SetMem { bytes }),
+                None => Err(BadLine::new(
+                    None,
+                    "invalid_type",
+                    "`set_mem` needs `bytes`, a non-negative integer",
+                )),
+            },
             _ => Err(BadLine::new(None, "unknown_op", format!("unknown op {op}"))),
         };
     }

@@ -1,0 +1,123 @@
+//! Options for expert paging under a memory budget, shared by every model-running command.
+
+use crate::experts::blockio::ReadMode;
+use crate::experts::budget::{human, MemBudget};
+use crate::experts::pager::Policy;
+use crate::experts::predict::PredictSource;
+use crate::experts::{ExpertService, PagingOptions};
+use crate::Engine;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PagingArgs {
+    /// Budget for everything resident (weights, expert cache, KV cache, workspaces): a size
+    /// (300M, 1.5G) or a percentage of the model's weight bytes (40%). Experts of an .emoe are
+    /// then read into a cache of slots, past the page cache; unlimited when omitted.
+    #[arg(long)]
+    pub mem: Option<MemBudget>,
+    /// Which cached expert gives way (with --mem).
+    #[arg(long = "expert-policy", value_enum, default_value_t = Policy::Stats)]
+    pub expert_policy: Policy,
+    /// How expert blocks are read (with --mem): O_DIRECT, or pread + posix_fadvise(DONTNEED).
+    #[arg(long = "expert-io", value_enum, default_value_t = ReadMode::Direct)]
+    pub expert_io: ReadMode,
+    /// Do not predict and prefetch the next layer's experts (with --mem).
+    #[arg(long = "no-prefetch")]
+    pub no_prefetch: bool,
+    /// What predicts the next layer's experts.
+    #[arg(long = "predict", value_enum, default_value_t = PredictSource::Both)]
+    pub predict: PredictSource,
+    /// Experts predicted per token beyond top-k (0 by default: when the disk is the limit,
+    /// every wasted prefetch costs a read; `profile` measures recall per setting).
+    #[arg(long = "predict-extra", default_value_t = 0)]
+    pub predict_extra: usize,
+    /// I/O threads that prefetch.
+    #[arg(long = "io-threads", default_value_t = 2)]
+    pub io_threads: usize,
+    /// Activation-path statistics to start from (`edgemoe profile --out`).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// Print the expert cache's counters (and prediction precision/recall) at the end.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+impl Default for PagingArgs {
+    fn default() -> Self {
+        PagingArgs {
+            mem: None,
+            expert_policy: Policy::Stats,
+            expert_io: ReadMode::Direct,
+            no_prefetch: false,
+            predict: PredictSource::Both,
+            predict_extra: 0,
+            io_threads: 2,
+            profile: None,
+            stats: false,
+        }
+    }
+}
+
+impl PagingArgs {
+    /// The engine's expert service as the options ask.
+    pub fn apply(&self, engine: Engine) -> anyhow::Result<Engine> {
+        let Some(mem) = self.mem else {
+            return Ok(engine);
+        };
+        let profile = match &self.profile {
+            Some(p) => Some(crate::experts::paths::PathProfile::load(p)?),
+            None => None,
+        };
+        let opts = PagingOptions {
+            mem,
+            policy: self.expert_policy,
+            read_mode: self.expert_io,
+            prefetch: !self.no_prefetch,
+            io_threads: self.io_threads,
+            predict: self.predict,
+            predict_extra: self.predict_extra,
+            profile,
+        };
+        let service = ExpertService::paged(engine.model().clone(), &opts)?;
+        if let Some(plan) = service.plan() {
+            eprintln!(
+                "--mem {}: {} fixed (non-expert weights and runtime {}, KV {}, workspaces {}); {} expert slots of {} ({:?} reads, policy {:?}, prefetch {})",
+                human(plan.budget_bytes),
+                human(plan.fixed.total()),
+                human(plan.fixed.resident_bytes),
+                human(plan.fixed.kv_bytes),
+                human(plan.fixed.workspace_bytes),
+                plan.slots,
+                human(plan.slot_bytes),
+                service.read_mode().unwrap_or(ReadMode::Pread),
+                self.expert_policy,
+                if self.no_prefetch { "off" } else { "on" },
+            );
+        }
+        Ok(engine.with_experts(service))
+    }
+
+    /// Prints the counters on stderr when `--stats` asked for them.
+    pub fn report(&self, engine: &Engine) {
+        if self.stats {
+            eprintln!("{}", stats_line(engine));
+        }
+    }
+}
+
+/// The expert cache's counters and prediction quality in one line.
+pub fn stats_line(engine: &Engine) -> String {
+    let tokens = engine.stats.snapshot().tokens;
+    let mut line = match engine.experts.cache_stats(tokens) {
+        Some(s) => s.to_string(),
+        None => "experts: in place (no --mem)".to_string(),
+    };
+    if let Some(p) = engine.experts.prediction() {
+        line += &format!(
+            "; next-layer prediction recall {:.1}%, precision {:.1}%",
+            100.0 * p.recall(),
+            100.0 * p.precision()
+        );
+    }
+    line
+}

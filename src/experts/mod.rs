@@ -1,0 +1,294 @@
+//! The expert service the engine asks for experts: "run these experts of layer `l`". Without a
+//! memory budget the experts are used in place (from the mapped .emoe or memory); with one they
+//! are paged through a cache of slots (`pager`). Either way the service keeps the activation-path
+//! statistics (`paths`) online and, when paging, predicts and prefetches the next layer's
+//! experts (`predict`), so the engine never knows about paging.
+
+pub mod blockio;
+pub mod budget;
+pub mod counters;
+pub mod pager;
+pub mod paths;
+pub mod predict;
+pub mod slots;
+pub mod synth;
+
+use crate::error::Result;
+use crate::model::weights::{Ffn, GatedMlp, MoeBlock};
+use crate::model::Model;
+use budget::{FixedCosts, MemBudget, SlotPlan, KV_TOKENS_BUDGETED};
+use counters::CacheStats;
+use pager::{Pager, PagerOptions};
+use paths::PathStats;
+use predict::{PredictSource, PredictionCounts, Predictor};
+use std::sync::Arc;
+
+/// How experts are paged (`--mem` and friends).
+#[derive(Debug, Clone)]
+pub struct PagingOptions {
+    pub mem: MemBudget,
+    pub policy: pager::Policy,
+    pub read_mode: blockio::ReadMode,
+    /// Prefetch the predicted next-layer experts on I/O threads.
+    pub prefetch: bool,
+    pub io_threads: usize,
+    pub predict: PredictSource,
+    /// Experts predicted per token beyond top-k.
+    pub predict_extra: usize,
+    /// A saved profile to start the statistics from.
+    pub profile: Option<paths::PathProfile>,
+}
+
+impl PagingOptions {
+    /// The defaults (`stats` policy, O_DIRECT, prefetch of top-k on two I/O threads).
+    pub fn with_budget(mem: MemBudget) -> PagingOptions {
+        PagingOptions {
+            mem,
+            policy: pager::Policy::Stats,
+            read_mode: blockio::ReadMode::Direct,
+            prefetch: true,
+            io_threads: 2,
+            predict: PredictSource::Both,
+            predict_extra: 0,
+            profile: None,
+        }
+    }
+}
+
+pub struct ExpertService {
+    pub paths: Arc<PathStats>,
+    /// Set when predictions are made (paging with prefetch, or `profile` measuring them).
+    pub predictor: Option<Predictor>,
+    pager: Option<Pager>,
+    plan: Option<SlotPlan>,
+    /// Expert blocks in the model: more slots than this are never useful.
+    blocks: usize,
+    top_k: usize,
+}
+
+/// Runtime overhead the budget always reserves: the binary's and libraries' resident pages,
+/// the tokenizer and the heap (a run of the trained fixture holds about 10 MiB of them).
+const RUNTIME_BYTES: u64 = 24 << 20;
+/// Rows of activations (and logits) a step's workspaces are sized for.
+const WORKSPACE_ROWS: u64 = 256;
+
+impl ExpertService {
+    /// Experts used in place; statistics only.
+    pub fn in_place(model: &Model) -> ExpertService {
+        ExpertService {
+            paths: Arc::new(PathStats::new(
+                model.config.num_layers,
+                model.config.num_experts,
+            )),
+            predictor: None,
+            pager: None,
+            plan: None,
+            blocks: 0,
+            top_k: model.config.top_k.max(1),
+        }
+    }
+
+    /// In place, predicting the next layer's experts and scoring the predictions.
+    pub fn measuring(
+        model: &Model,
+        predictor: Predictor,
+        profile: Option<&paths::PathProfile>,
+    ) -> ExpertService {
+        let mut s = ExpertService::in_place(model);
+        if let Some(p) = profile {
+            s.paths = Arc::new(PathStats::from_profile(p));
+        }
+        s.predictor = Some(predictor);
+        s
+    }
+
+    /// Experts paged through a cache sized from the budget.
+    pub fn paged(model: Arc<Model>, opts: &PagingOptions) -> Result<ExpertService> {
+        let cfg = &model.config;
+        let paths =
+            Arc::new(match &opts.profile {
+                Some(p) if p.layers == cfg.num_layers && p.experts == cfg.num_experts => {
+                    PathStats::from_profile(p)
+                }
+                Some(_) => return Err(crate::Error::invalid(
+                    "--profile: the profile was made for a model with other layer/expert counts",
+                )),
+                None => PathStats::new(cfg.num_layers, cfg.num_experts),
+            });
+        let fixed = fixed_costs(&model);
+        let weight_bytes = model.weight_bytes() as u64;
+        // The plan needs the slot size, which the pager finds; a zero-slot pager is cheap.
+        let io_threads = if opts.prefetch {
+            opts.io_threads.max(1)
+        } else {
+            0
+        };
+        let popts = PagerOptions {
+            policy: opts.policy,
+            read_mode: opts.read_mode,
+            io_threads,
+        };
+        let pager = Pager::new(model.clone(), 0, &popts, paths.clone())?;
+        let blocks = model
+            .weights
+            .layers
+            .iter()
+            .filter(|l| matches!(l.ffn, Ffn::Moe(_)))
+            .count()
+            * cfg.num_experts;
+        let plan = budget::plan_slots(
+            opts.mem.bytes(weight_bytes),
+            fixed,
+            pager.slot_bytes() as u64,
+            cfg.top_k.max(1),
+            blocks,
+        )?;
+        pager.resize(plan.slots)?;
+        let predictor = opts
+            .prefetch
+            .then(|| Predictor::new(opts.predict, cfg.top_k, opts.predict_extra));
+        Ok(ExpertService {
+            paths,
+            predictor,
+            pager: Some(pager),
+            plan: Some(plan),
+            blocks,
+            top_k: cfg.top_k.max(1),
+        })
+    }
+
+    pub fn is_paged(&self) -> bool {
+        self.pager.is_some()
+    }
+
+    pub fn plan(&self) -> Option<&SlotPlan> {
+        self.plan.as_ref()
+    }
+
+    pub fn read_mode(&self) -> Option<blockio::ReadMode> {
+        self.pager.as_ref().map(Pager::read_mode)
+    }
+
+    /// Whether the engine should compute pre-gating router outputs for the next layer.
+    pub fn wants_prediction(&self) -> bool {
+        self.predictor.is_some()
+    }
+
+    /// Records a step's routing at `layer` (rows: each token's experts) and scores the
+    /// prediction made for it.
+    pub fn observe(&self, layer: usize, rows: &[Vec<usize>]) {
+        self.paths.observe(layer, rows);
+        if let Some(p) = &self.predictor {
+            p.score(layer, rows);
+        }
+    }
+
+    /// Predicts layer `next`'s experts per row and starts prefetching their union.
+    pub fn predict_next(
+        &self,
+        layer: usize,
+        next: usize,
+        rows: &[Vec<usize>],
+        pregate_probs: Option<&[f32]>,
+    ) -> Option<(usize, Vec<usize>)> {
+        let p = self.predictor.as_ref()?;
+        let guess = p.predict(&self.paths, layer, rows, pregate_probs);
+        let mut union: Vec<usize> = guess.iter().flatten().copied().collect();
+        // Most-voted first: a prefetch that runs out of free slots drops the least likely.
+        let mut votes = vec![0usize; self.paths.experts()];
+        union.iter().for_each(|&e| votes[e] += 1);
+        union.sort_unstable();
+        union.dedup();
+        union.sort_by_key(|&e| std::cmp::Reverse(votes[e]));
+        p.set_pending(next, guess);
+        Some((next, union))
+    }
+
+    /// Runs `run` on the experts `ids` of `layer` (in place, or in cache slots a chunk at a
+    /// time); `run` gets each chunk's start in `ids` and its experts, and returns one result
+    /// per expert. `next` is a prefetch request for the following layer.
+    pub fn run<R>(
+        &self,
+        layer: usize,
+        block: &MoeBlock,
+        ids: &[usize],
+        next: Option<(usize, Vec<usize>)>,
+        mut run: impl FnMut(usize, &[&GatedMlp]) -> Vec<R>,
+    ) -> Result<Vec<R>> {
+        match &self.pager {
+            None => {
+                let mlps: Vec<&GatedMlp> = ids.iter().map(|&e| &block.experts[e]).collect();
+                for m in &mlps {
+                    // A mapped expert's block is checked the first time it runs.
+                    m.ensure_verified()?;
+                }
+                Ok(run(0, &mlps))
+            }
+            Some(pager) => pager.with_experts(layer, ids, next, run),
+        }
+    }
+
+    /// The end of a forward step.
+    pub fn end_step(&self) {
+        self.paths.end_step();
+    }
+
+    pub fn cache_stats(&self, tokens: u64) -> Option<CacheStats> {
+        self.pager.as_ref().map(|p| p.stats(tokens))
+    }
+
+    pub fn prediction(&self) -> Option<PredictionCounts> {
+        self.predictor.as_ref().map(Predictor::counts)
+    }
+
+    /// Changes the budget to `bytes` while requests run; returns the new slot count. Too small
+    /// a budget is refused (the cache keeps its size).
+    pub fn set_mem(&self, bytes: u64) -> Result<usize> {
+        let (Some(pager), Some(plan)) = (&self.pager, &self.plan) else {
+            return Err(crate::Error::invalid(
+                "set_mem needs a paged engine (start it with --mem)",
+            ));
+        };
+        let new = budget::plan_slots(bytes, plan.fixed, plan.slot_bytes, self.top_k, self.blocks)?;
+        pager.resize(new.slots)?;
+        Ok(new.slots)
+    }
+
+    pub fn pager(&self) -> Option<&Pager> {
+        self.pager.as_ref()
+    }
+}
+
+/// What the budget holds besides expert slots: the non-expert weights (owned or mapped), the
+/// runtime (binary, heap), a KV cache of [`KV_TOKENS_BUDGETED`] tokens and a
+/// step's workspaces.
+fn fixed_costs(model: &Model) -> FixedCosts {
+    let cfg = &model.config;
+    let mem = model.weight_memory();
+    let expert_mapped: u64 = model
+        .weights
+        .layers
+        .iter()
+        .filter_map(|l| match &l.ffn {
+            Ffn::Moe(b) => Some(
+                b.experts
+                    .iter()
+                    .map(|e| e.weight_bytes() as u64)
+                    .sum::<u64>(),
+            ),
+            _ => None,
+        })
+        .sum();
+    let mapped_other = (mem.mapped_bytes as u64).saturating_sub(expert_mapped);
+    // From the model alone (not the process's resident set now), so a budget means the same
+    // thing whenever an engine is made.
+    let resident = mem.owned_bytes as u64 + mapped_other + RUNTIME_BYTES;
+    let kv = KV_TOKENS_BUDGETED * cfg.num_layers as u64 * 2 * cfg.kv_dim() as u64 * 4;
+    let row =
+        (cfg.vocab_size + 8 * cfg.hidden_size + 4 * cfg.expert_ffn.max(cfg.dense_ffn)) as u64 * 4;
+    FixedCosts {
+        resident_bytes: resident,
+        kv_bytes: kv,
+        workspace_bytes: WORKSPACE_ROWS * row,
+    }
+}
