@@ -49,6 +49,8 @@ pub struct BenchArgs {
     /// `edgemoe quantize` for calibrated methods).
     #[arg(long, value_parser = ["rtn"])]
     pub quant: Option<String>,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
     /// Also draw tokens/s against the swept parameter into this SVG file.
     #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
@@ -97,7 +99,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     );
     let mut results = Vec::new();
     for p in &points {
-        let engine = crate::Engine::new(model.clone(), p.threads)?;
+        let mut engine = crate::Engine::new(model.clone(), p.threads)?;
+        a.kv.apply(&mut engine)?;
         let p = BenchPoint {
             threads: engine.threads(),
             ..p.clone()

@@ -10,6 +10,8 @@ use std::io::Write;
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
     #[arg(long)]
     pub prompt: String,
     /// Tokens to generate at most.
@@ -56,7 +58,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         anyhow::bail!("--top-p must be in (0, 1]");
     }
-    let engine = a.model.engine()?;
+    let mut engine = a.model.engine()?;
+    a.kv.apply(&mut engine)?;
     let memory_at_load = MemoryReport::new(engine.model().weight_memory(), 0);
     if !a.json {
         eprintln!("{memory_at_load} (after loading)");

@@ -7,6 +7,8 @@ use crate::serve::{serve, ServeOptions};
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
     /// Most requests decoded together in one step (at least 1).
     #[arg(long = "max-batch", default_value_t = 16, value_parser = batch_size)]
     pub max_batch: usize,
@@ -20,7 +22,8 @@ fn batch_size(s: &str) -> Result<usize, String> {
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
-    let engine = a.model.engine()?;
+    let mut engine = a.model.engine()?;
+    a.kv.apply(&mut engine)?;
     let stdin = std::io::BufReader::new(std::io::stdin());
     serve(
         &engine,

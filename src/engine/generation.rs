@@ -54,6 +54,10 @@ pub struct Generation {
     started: Instant,
     prefill_ms: f64,
     decode_started: Option<Instant>,
+    /// Prompt tokens already run, and how many the step in flight runs: with a KV budget a
+    /// long prompt goes in pieces that fit the cache's room.
+    prefilled: usize,
+    in_flight: usize,
 }
 
 impl Generation {
@@ -88,7 +92,7 @@ impl Generation {
         }
         let decoder = StreamDecoder::with_context(&prompt);
         cache.clear();
-        engine.reserve_cache(&mut cache, prompt.len().saturating_add(req.max_tokens));
+        engine.prepare_cache(&mut cache, prompt.len().saturating_add(req.max_tokens))?;
         Ok(Generation {
             prompt,
             cache,
@@ -108,6 +112,8 @@ impl Generation {
             started: Instant::now(),
             prefill_ms: 0.0,
             decode_started: None,
+            prefilled: 0,
+            in_flight: 0,
         })
     }
 
@@ -123,8 +129,12 @@ impl Generation {
     pub fn batch_item(&mut self) -> BatchItem<'_> {
         let tokens: &[u32] = match self.generated.last() {
             Some(last) => std::slice::from_ref(last),
-            None => &self.prompt,
+            None => {
+                let rest = &self.prompt[self.prefilled..];
+                &rest[..rest.len().min(self.cache.room())]
+            }
         };
+        self.in_flight = tokens.len();
         BatchItem {
             tokens,
             cache: &mut self.cache,
@@ -140,6 +150,11 @@ impl Generation {
         tokenizer: &crate::model::tokenizer::Tokenizer,
     ) -> Result<String> {
         if self.generated.is_empty() {
+            // A piece of the prompt: nothing to sample until its last.
+            self.prefilled += self.in_flight;
+            if self.prefilled < self.prompt.len() {
+                return Ok(String::new());
+            }
             self.prefill_ms = self.started.elapsed().as_secs_f64() * 1e3;
             self.decode_started = Some(Instant::now());
         }

@@ -6,6 +6,7 @@
 pub mod generation;
 pub mod moe;
 pub mod ppl;
+pub mod recall;
 pub mod sampling;
 pub mod stats;
 
