@@ -677,6 +677,66 @@ mod tests {
         }
     }
 
+    /// The mass the kernel emits equals the plain reference's (f64 softmax weights, mean over
+    /// heads) for prefill rows over gapped caches, two sequences in one call, and a decode row
+    /// split by KV head over a pool; the output is the same as without the mass.
+    #[test]
+    fn emitted_mass_matches_the_reference() {
+        let mut rng = SplitMix64::new(3);
+        let shape = AttentionShape {
+            num_heads: 6,
+            num_kv_heads: 2,
+            head_dim: 32,
+            sliding_window: Some(40),
+        };
+        let kv_dim = 2 * 32;
+        let make = |rng: &mut SplitMix64, positions: Vec<u32>| LayerCache {
+            keys: (0..positions.len() * kv_dim).map(|_| rng.normal()).collect(),
+            values: (0..positions.len() * kv_dim).map(|_| rng.normal()).collect(),
+            positions,
+        };
+        // Sequence a: 50 tokens with gaps (as after eviction); b: 400 in order (pool-sized).
+        let a = make(&mut rng, (0..60u32).filter(|p| p % 6 != 1).collect());
+        let b = make(&mut rng, (0..400u32).collect());
+        for (rows_a, rows_b) in [(vec![59usize, 30, 5], vec![399usize]), (vec![], vec![399])] {
+            let positions: Vec<usize> = rows_a.iter().chain(&rows_b).copied().collect();
+            let q: Vec<f32> = (0..positions.len() * 6 * 32).map(|_| rng.normal()).collect();
+            let mut segs = Vec::new();
+            if !rows_a.is_empty() {
+                segs.push(Segment { rows: 0..rows_a.len(), cache: &a });
+            }
+            segs.push(Segment {
+                rows: rows_a.len()..positions.len(),
+                cache: &b,
+            });
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap();
+            let mut out = vec![0f32; q.len()];
+            let (slots, mass) =
+                pool.install(|| attend_with_mass(&shape, &q, &positions, &segs, &mut out));
+            let mut plain = vec![0f32; q.len()];
+            let plain_slots = pool.install(|| attend(&shape, &q, &positions, &segs, &mut plain));
+            assert_eq!((slots, &out), (plain_slots, &plain));
+            let want = crate::kv::mass::reference_mass(&shape, &q, &positions, &segs);
+            assert_eq!(mass.len(), want.len());
+            for (m, w) in mass.iter().zip(&want) {
+                assert!((m - w).abs() < 1e-5, "{m} vs {w}");
+            }
+            // Each row's mass sums to 1.
+            let mut at = 0;
+            for seg in &segs {
+                let n = seg.cache.positions.len();
+                for _ in seg.rows.clone() {
+                    let sum: f32 = mass[at..at + n].iter().sum();
+                    assert!((sum - 1.0).abs() < 1e-4, "row sums to {sum}");
+                    at += n;
+                }
+            }
+        }
+    }
+
     #[test]
     fn matches_reference_with_gqa_window_and_gaps() {
         let mut rng = SplitMix64::new(7);
