@@ -90,10 +90,17 @@ fn decode_stays_within_budget_and_keeps_positions() {
                 assert!(layer.positions.windows(2).all(|w| w[0] < w[1]));
                 assert!((0..4.min(i as u32 + 1)).all(|p| layer.positions.contains(&p)));
                 let recent = (i + 1).saturating_sub(16) as u32..=i as u32;
-                assert!(recent.clone().all(|p| layer.positions.contains(&p)), "{policy}");
+                assert!(
+                    recent.clone().all(|p| layer.positions.contains(&p)),
+                    "{policy}"
+                );
             }
         }
-        assert_eq!(cache.allocated_bytes(), capacity, "{policy}: the cache grew");
+        assert_eq!(
+            cache.allocated_bytes(),
+            capacity,
+            "{policy}: the cache grew"
+        );
         let ev = cache.eviction().unwrap();
         // 400 tokens, budget 64, window 16: the first eviction at 64, then one every 16.
         assert_eq!(ev.evictions, (400usize - 64).div_ceil(16));
@@ -165,5 +172,8 @@ fn too_small_a_budget_is_refused() {
         .set_kv_options(options(Policy::Lazy, 35))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("too small") && err.contains("at least 36"), "{err}");
+    assert!(
+        err.contains("too small") && err.contains("at least 36"),
+        "{err}"
+    );
 }

@@ -23,11 +23,15 @@ pub fn keep_order(
         Policy::Full | Policy::Window => by_position,
         Policy::H2o => stats.mass[b].total_cmp(&stats.mass[a]).then(by_position),
         Policy::Lazy => {
-            // How far a token is inside its longest recurrence interval: overdue tokens (time
-            // since their last significant attention beyond their MRI) go first.
-            let slack = |s: usize| stats.mri[s] as i64 - (now as i64 - stats.last_hit[s] as i64);
-            slack(b)
-                .cmp(&slack(a))
+            // How long a token has gone without significant attention, measured in its own
+            // longest recurrence interval: the most overdue go first. A ratio, not a
+            // difference, so a fact attended once after 100 steps outlasts prose tokens only
+            // ever attended by their neighbours, whatever their age.
+            let overdue = |s: usize| {
+                (now as f64 - stats.last_hit[s] as f64 + 1.0) / (stats.mri[s] as f64 + 1.0)
+            };
+            overdue(a)
+                .total_cmp(&overdue(b))
                 .then(stats.mass[b].total_cmp(&stats.mass[a]))
                 .then(by_position)
         }
@@ -126,7 +130,7 @@ mod tests {
         let h2o = kept_slots_reference(&cfg(Policy::H2o, 14), &positions, &stats, now);
         assert_eq!(h2o, [0, 1, 5, 6, 7, 12, 16, 17, 18, 19]);
         let lazy = kept_slots_reference(&cfg(Policy::Lazy, 14), &positions, &stats, now);
-        // Slot 3 (slack 12 − 5 = 7) first; the rest by slack (−(20 − p)): 15, 14, 13.
+        // Slot 3 (idle 5 of an MRI of 12) first; the rest by idle time (20 − p): 15, 14, 13.
         assert_eq!(lazy, [0, 1, 3, 13, 14, 15, 16, 17, 18, 19]);
     }
 

@@ -691,8 +691,12 @@ mod tests {
         };
         let kv_dim = 2 * 32;
         let make = |rng: &mut SplitMix64, positions: Vec<u32>| LayerCache {
-            keys: (0..positions.len() * kv_dim).map(|_| rng.normal()).collect(),
-            values: (0..positions.len() * kv_dim).map(|_| rng.normal()).collect(),
+            keys: (0..positions.len() * kv_dim)
+                .map(|_| rng.normal())
+                .collect(),
+            values: (0..positions.len() * kv_dim)
+                .map(|_| rng.normal())
+                .collect(),
             positions,
         };
         // Sequence a: 50 tokens with gaps (as after eviction); b: 400 in order (pool-sized).
@@ -700,10 +704,15 @@ mod tests {
         let b = make(&mut rng, (0..400u32).collect());
         for (rows_a, rows_b) in [(vec![59usize, 30, 5], vec![399usize]), (vec![], vec![399])] {
             let positions: Vec<usize> = rows_a.iter().chain(&rows_b).copied().collect();
-            let q: Vec<f32> = (0..positions.len() * 6 * 32).map(|_| rng.normal()).collect();
+            let q: Vec<f32> = (0..positions.len() * 6 * 32)
+                .map(|_| rng.normal())
+                .collect();
             let mut segs = Vec::new();
             if !rows_a.is_empty() {
-                segs.push(Segment { rows: 0..rows_a.len(), cache: &a });
+                segs.push(Segment {
+                    rows: 0..rows_a.len(),
+                    cache: &a,
+                });
             }
             segs.push(Segment {
                 rows: rows_a.len()..positions.len(),

@@ -57,9 +57,9 @@ mod tests {
             let now = now + n / 5;
             let mut stats = SlotStats::default();
             stats.sync(&positions);
-            for s in 0..n {
+            for (s, &p) in positions.iter().enumerate() {
                 stats.mass[s] = (rng.next_u64() % 4) as f32 * 0.5;
-                let hit = positions[s] + (rng.next_u64() % 30) as u32;
+                let hit = p + (rng.next_u64() % 30) as u32;
                 stats.last_hit[s] = hit.min(now as u32 - 1);
                 stats.mri[s] = (rng.next_u64() % 25) as u32;
             }
