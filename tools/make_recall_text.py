@@ -55,6 +55,7 @@ def main():
     ap.add_argument("--blocks", type=int, default=5)
     ap.add_argument("--facts", type=int, default=12)
     ap.add_argument("--seed", type=int, default=19)
+    ap.add_argument("--out-dir", default=os.path.join(HERE, "data"))
     args = ap.parse_args()
     rng = random.Random(args.seed)
     with open(os.path.join(ROOT, "tests/fixtures/trained-moe/calib.txt"), encoding="utf-8") as f:
@@ -89,7 +90,7 @@ def main():
             est += len(prose[line % len(prose)]) / 4.15 + 1
             line += 1
         text.append("\n".join(out))
-    data = os.path.join(HERE, "data")
+    data = args.out_dir
     os.makedirs(data, exist_ok=True)
     with open(os.path.join(data, "recall.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(text) + "\n")
