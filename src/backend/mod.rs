@@ -18,7 +18,7 @@ pub type DefaultBackend = cpu::CpuBackend;
 #[cfg(feature = "cuda")]
 pub type DefaultBackend = select::Selected;
 
-use crate::kv::LayerCache;
+use crate::kv::{EvictionConfig, LayerCache, SlotStats};
 use crate::model::config::Activation;
 use crate::model::weights::{Linear, Norm};
 use std::borrow::Cow;
@@ -114,6 +114,34 @@ pub trait Backend: Send + Sync {
         positions: &[usize],
         segments: &[Segment],
     ) -> (Self::Act, usize);
+    /// [`Self::attention`], and also the attention mass each slot of a row's segment cache
+    /// received from it: per row, `cache.len()` values (mean over the query heads, so a row sums
+    /// to 1), rows one after another. A backend emits it from its attention kernel; this
+    /// default recomputes it with the plain reference (a second pass over the scores).
+    fn attention_with_mass(
+        &self,
+        shape: &AttentionShape,
+        q: &Self::Act,
+        positions: &[usize],
+        segments: &[Segment],
+    ) -> (Self::Act, usize, Vec<f32>) {
+        let (out, slots) = self.attention(shape, q, positions, segments);
+        let mass = crate::kv::mass::reference_mass(shape, &self.to_host(q), positions, segments);
+        (out, slots, mass)
+    }
+    /// One layer's eviction at step `now` (the next token's position): keeps the slots
+    /// [`crate::kv::evict::kept_slots_reference`] keeps — exactly that set — compacted to the
+    /// front in order, with their statistics. This default is the plain reference.
+    fn evict(
+        &self,
+        config: &EvictionConfig,
+        cache: &mut LayerCache,
+        stats: &mut SlotStats,
+        now: usize,
+    ) {
+        let kept = crate::kv::evict::kept_slots_reference(config, &cache.positions, stats, now);
+        crate::kv::evict::compact(cache, stats, &kept);
+    }
     /// `act(x)` in place.
     fn activate(&self, act: Activation, x: &mut Self::Act);
     /// `gate = act(gate) ⊙ up`.

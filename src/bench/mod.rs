@@ -112,8 +112,12 @@ pub fn run_point(engine: &Engine, point: &BenchPoint, reps: usize) -> Result<Poi
     // One set of caches for all runs, emptied in between, as a server keeps its KV memory:
     // the warm-up run has touched it, so page faults are not timed.
     let mut caches: Vec<_> = (0..point.batch)
-        .map(|_| engine.new_cache_for(point.prompt.max(1) + point.gen))
-        .collect();
+        .map(|_| {
+            let mut cache = engine.new_cache();
+            engine.prepare_cache(&mut cache, point.prompt.max(1) + point.gen)?;
+            Ok(cache)
+        })
+        .collect::<Result<_>>()?;
     for rep in 0..=reps {
         let before = routed_tokens(engine);
         caches.iter_mut().for_each(|c| c.clear());
@@ -170,6 +174,13 @@ fn step(
     caches: &mut [crate::kv::KvCache],
     range: std::ops::Range<usize>,
 ) -> Result<()> {
+    // With a KV budget a long prompt goes in pieces the caches have room for.
+    let room = caches.iter().map(|c| c.room()).min().unwrap_or(usize::MAX);
+    if range.len() > room {
+        let mid = range.start + room;
+        step(engine, inputs, caches, range.start..mid)?;
+        return step(engine, inputs, caches, mid..range.end);
+    }
     let mut items: Vec<BatchItem> = inputs
         .iter()
         .zip(caches.iter_mut())

@@ -54,6 +54,8 @@ pub struct BenchArgs {
     /// `edgemoe quantize` for calibrated methods).
     #[arg(long, value_parser = ["rtn"])]
     pub quant: Option<String>,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
     /// Also draw tokens/s against the swept parameter into this SVG file.
     #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
@@ -131,7 +133,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     );
     let mut results = Vec::new();
     for p in &points {
-        let engine = crate::backend::engine_for(model.clone(), a.backend, p.threads)?;
+        let mut engine = crate::backend::engine_for(model.clone(), a.backend, p.threads)?;
+        a.kv.apply(&mut engine)?;
         // The backend `auto` resolved to names the report.
         info.backend = format!(
             "{}{suffix}",

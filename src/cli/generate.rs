@@ -11,6 +11,8 @@ use std::io::Write;
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
     /// The text to continue.
     #[arg(long)]
     pub prompt: String,
@@ -95,7 +97,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             m.replacen('`', "--", 1).replace('`', "").replace('_', "-")
         )
     })?;
-    let engine = a.model.engine()?;
+    let mut engine = a.model.engine()?;
+    a.kv.apply(&mut engine)?;
     let memory_at_load = MemoryReport::new(engine.model().weight_memory(), 0);
     if !a.json {
         eprintln!("{memory_at_load} (after loading)");

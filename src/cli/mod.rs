@@ -4,6 +4,7 @@ pub mod bench;
 pub mod export;
 pub mod generate;
 pub mod inspect;
+pub mod kv;
 pub mod paging;
 pub mod ppl;
 pub mod profile;

@@ -1,7 +1,9 @@
-//! `edgemoe ppl`: perplexity of a text file with the GPTQ/SmoothQuant protocol.
+//! `edgemoe ppl`: perplexity of a text file with the GPTQ/SmoothQuant protocol; with a KV budget
+//! scored decode-style, and with `--facts` the recall of the text's facts.
 
 use super::ModelArgs;
-use crate::engine::ppl::{perplexity, PROTOCOL};
+use crate::engine::ppl::{score, Steps, PROTOCOL};
+use crate::engine::recall::recall;
 use anyhow::Context;
 use std::path::PathBuf;
 
@@ -9,39 +11,90 @@ use std::path::PathBuf;
 pub struct PplArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
     /// UTF-8 text file to score.
     #[arg(long)]
     pub text: PathBuf,
     /// Window length in tokens.
     #[arg(long, default_value_t = 256)]
     pub ctx: usize,
+    /// With a KV budget, run one token per step (the exact decode path) instead of one
+    /// observation window per step (the same evictions, faster).
+    #[arg(long)]
+    pub kv_exact: bool,
+    /// File of fact strings, one per line: also report loss and top-1 rate on their first
+    /// mention in each window and on their repeats.
+    #[arg(long)]
+    pub facts: Option<PathBuf>,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
 }
 
+fn read_text(path: &PathBuf) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+    String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{}: not valid UTF-8", path.display()))
+}
+
 pub fn run(a: PplArgs) -> anyhow::Result<()> {
-    let bytes = std::fs::read(&a.text).with_context(|| format!("{}", a.text.display()))?;
-    let text = String::from_utf8(bytes)
-        .map_err(|_| anyhow::anyhow!("{}: not valid UTF-8", a.text.display()))?;
-    let engine = a.model.engine()?;
+    let text = read_text(&a.text)?;
+    let facts: Option<Vec<String>> = match &a.facts {
+        Some(p) => Some(
+            read_text(p)?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect(),
+        ),
+        None => None,
+    };
+    let mut engine = a.model.engine()?;
+    a.kv.apply(&mut engine)?;
     let tokens = engine.model().tokenizer.encode(&text, false)?;
     eprintln!("protocol: {PROTOCOL}; ctx {}", a.ctx);
     let started = std::time::Instant::now();
-    let result = perplexity(&engine, &tokens, a.ctx, |done, total| {
+    let steps = if a.kv_exact {
+        Steps::TokenByToken
+    } else {
+        Steps::Chunked
+    };
+    let scored = score(&engine, &tokens, a.ctx, steps, |done, total| {
         // Progress only for a person watching: a log gets no carriage returns.
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             eprint!("\rwindow {done}/{total}");
         }
     })?;
-    eprintln!(" ({:.1} s)", started.elapsed().as_secs_f64());
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(" ({seconds:.1} s)");
+    let recall = match &facts {
+        Some(f) => Some(recall(&engine.model().tokenizer, &tokens, &scored, f)?),
+        None => None,
+    };
+    let result = &scored.result;
     if a.json {
-        println!("{}", serde_json::to_string(&result)?);
+        let mut v = serde_json::to_value(result)?;
+        v["seconds"] = serde_json::json!(seconds);
+        if let Some(r) = &recall {
+            v["recall"] = serde_json::to_value(r)?;
+        }
+        println!("{}", serde_json::to_string(&v)?);
     } else {
+        let kv = match result.kv_budget {
+            Some(b) => format!("; KV {} at {b} tokens", result.kv_policy),
+            None => String::new(),
+        };
         println!(
-            "ppl {:.4} over {} windows of {} tokens ({} tokens in the file)",
+            "ppl {:.4} over {} windows of {} tokens ({} tokens in the file){kv}",
             result.ppl, result.windows, result.ctx, result.tokens
         );
+        if let Some(r) = &recall {
+            println!(
+                "facts: first mentions {} tokens, nll {:.3}, top-1 {:.3}; repeats {} tokens, nll {:.3}, top-1 {:.3}",
+                r.first_tokens, r.first_nll, r.first_top1, r.repeat_tokens, r.repeat_nll, r.repeat_top1
+            );
+        }
     }
     a.model.paging.report(&engine);
     Ok(())

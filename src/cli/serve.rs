@@ -12,6 +12,8 @@ use std::path::PathBuf;
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub kv: super::kv::KvArgs,
     /// Most requests decoded together in one step (1 to 4096).
     #[arg(long = "max-batch", default_value_t = 16, value_parser = batch_size)]
     pub max_batch: usize,
@@ -82,7 +84,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             ..HttpOptions::default()
         };
         return serve_http(opts, || {
-            let engine = a.model.engine()?;
+            let mut engine = a.model.engine()?;
+            a.kv.apply(&mut engine)?;
             let chat = chat_template(&a, &engine)?;
             Ok((engine, chat))
         });
@@ -90,7 +93,8 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     if a.api_key.is_some() {
         anyhow::bail!("--api-key applies to --http only");
     }
-    let engine = a.model.engine()?;
+    let mut engine = a.model.engine()?;
+    a.kv.apply(&mut engine)?;
     let chat_template = chat_template(&a, &engine)?;
     let stdin = std::io::BufReader::new(std::io::stdin());
     serve(

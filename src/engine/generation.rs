@@ -119,6 +119,10 @@ impl Generation {
         }
         let max_tokens = req.max_tokens.min(limit - prompt.len());
         let decoder = StreamDecoder::with_context(&prompt);
+        // A KV budget this sequence cannot work with is refused here, before any work.
+        engine
+            .kv_options()
+            .resolve(prompt.len().saturating_add(max_tokens))?;
         Ok(Generation {
             prompt,
             cache: KvCache::new(0, 0),
@@ -149,10 +153,11 @@ impl Generation {
     /// returns the cache it held before.
     pub fn attach_cache(&mut self, engine: &Engine, mut cache: KvCache) -> KvCache {
         cache.clear();
-        engine.reserve_cache(
-            &mut cache,
-            self.prompt.len().saturating_add(self.max_tokens),
-        );
+        let tokens = self.prompt.len().saturating_add(self.max_tokens);
+        // The eviction plan was checked by `from_tokens`; without one, the cache just grows.
+        if engine.prepare_cache(&mut cache, tokens).is_err() {
+            engine.reserve_cache(&mut cache, tokens);
+        }
         std::mem::replace(&mut self.cache, cache)
     }
 
@@ -186,10 +191,12 @@ impl Generation {
             Some(last) => std::slice::from_ref(last),
             None => {
                 let rest = &self.prompt[self.prefilled..];
-                match self.prefill_chunk {
-                    0 => rest,
-                    n => &rest[..n.min(rest.len())],
-                }
+                // A prompt chunk (`prefill_chunk`), and never more than the KV budget's room.
+                let n = match self.prefill_chunk {
+                    0 => rest.len(),
+                    n => n.min(rest.len()),
+                };
+                &rest[..n.min(self.cache.room())]
             }
         };
         self.step_tokens = tokens.len();

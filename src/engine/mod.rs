@@ -7,13 +7,14 @@ pub mod generation;
 pub mod moe;
 pub mod penalties;
 pub mod ppl;
+pub mod recall;
 pub mod sampling;
 pub mod stats;
 
 use crate::backend::{AttentionShape, Backend, DefaultBackend, Pick, Segment, Tasks};
 use crate::error::{Error, Result};
 use crate::experts::ExpertService;
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvOptions};
 use crate::model::arch::opt::POSITION_OFFSET;
 use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, Norm, PlainMlp};
 use crate::model::Model;
@@ -54,6 +55,8 @@ pub struct Engine<B: Backend = DefaultBackend> {
     pub experts: ExpertService,
     /// Sees every linear layer's input (calibration); `None` in normal runs.
     observer: Option<Arc<dyn LinearObserver>>,
+    /// KV budget and eviction policy of the caches [`Self::prepare_cache`] sets up.
+    kv: KvOptions,
 }
 
 /// Watches the inputs of linear layers, e.g. to collect quantization statistics.
@@ -79,6 +82,7 @@ impl<B: Backend> Engine<B> {
             stats,
             experts,
             observer: None,
+            kv: KvOptions::default(),
         }
     }
 
@@ -86,6 +90,25 @@ impl<B: Backend> Engine<B> {
     pub fn with_experts(mut self, experts: ExpertService) -> Engine<B> {
         self.experts = experts;
         self
+    }
+
+    /// Sets the KV budget and policy every sequence started from now on gets (checked first).
+    pub fn set_kv_options(&mut self, kv: KvOptions) -> Result<()> {
+        kv.validate()?;
+        self.kv = kv;
+        Ok(())
+    }
+
+    pub fn kv_options(&self) -> &KvOptions {
+        &self.kv
+    }
+
+    /// Sets `cache` (empty) up for a sequence expected to reach `tokens` tokens: the engine's
+    /// eviction plan (a percentage budget is of `tokens`), and room reserved up to the budget.
+    pub fn prepare_cache(&self, cache: &mut KvCache, tokens: usize) -> Result<()> {
+        cache.set_eviction(self.kv.resolve(tokens)?);
+        self.reserve_cache(cache, tokens);
+        Ok(())
     }
 
     pub fn with_observer(mut self, observer: Arc<dyn LinearObserver>) -> Engine<B> {
@@ -128,6 +151,7 @@ impl<B: Backend> Engine<B> {
     /// returns per item its logits, `rows × vocab` (one row for `Logits::Last`).
     pub fn forward(&self, batch: &mut [BatchItem]) -> Result<Vec<Vec<f32>>> {
         self.check_batch(batch)?;
+        self.backend.run(|| self.evict_for(batch))?;
         let out = self.backend.run(|| self.forward_rows(batch));
         self.experts.end_step();
         let out = out?;
@@ -207,6 +231,38 @@ impl<B: Backend> Engine<B> {
                     cfg.max_position_embeddings
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// Evicts, in every item whose cache has a budget that its new tokens would overflow, each
+    /// layer down to `budget − window` slots: lazily, once per observation window.
+    fn evict_for(&self, batch: &mut [BatchItem]) -> Result<()> {
+        for item in batch.iter_mut() {
+            let Some(cfg) = item.cache.eviction_config() else {
+                continue;
+            };
+            let (held, n) = (item.cache.len_tokens(), item.tokens.len());
+            if held + n <= cfg.budget {
+                continue;
+            }
+            if n > cfg.window {
+                return Err(Error::invalid(format!(
+                    "a step of {n} tokens with a full KV cache exceeds the observation window \
+                     of {} (feed at most KvCache::room() tokens per step)",
+                    cfg.window
+                )));
+            }
+            let now = item.cache.next_position();
+            let (layers, eviction) = item.cache.parts_mut();
+            let Some(eviction) = eviction else { continue };
+            for (layer, stats) in layers.iter_mut().zip(&mut eviction.stats) {
+                if cfg.needs_attention() {
+                    stats.sync(&layer.positions);
+                }
+                self.backend.evict(&cfg, layer, stats, now);
+            }
+            eviction.evictions += 1;
         }
         Ok(())
     }
@@ -411,7 +467,22 @@ impl<B: Backend> Engine<B> {
                 }
             })
             .collect();
-        let (attn, slots_read) = be.attention(&shape, &q, positions, &segments);
+        // Policies that rank by attention take it from the kernel itself.
+        let wants_mass = batch.iter().any(|item| {
+            item.cache
+                .eviction_config()
+                .is_some_and(|c| c.needs_attention())
+        });
+        let (attn, slots_read, mass) = if wants_mass {
+            be.attention_with_mass(&shape, &q, positions, &segments)
+        } else {
+            let (attn, slots) = be.attention(&shape, &q, positions, &segments);
+            (attn, slots, Vec::new())
+        };
+        drop(segments);
+        if wants_mass {
+            observe_mass(li, batch, positions, &mass);
+        }
         let o = self.linear(&a.o, &attn);
         self.residual(&layer.attn_norm, x, &o);
         // The feed-forward half's row-by-row start, here so that a split step runs it on
@@ -503,6 +574,26 @@ impl<B: Backend> Engine<B> {
         let mut a = self.linear(&mlp.fc1, x);
         self.backend.activate(self.model.config.activation, &mut a);
         self.linear(&mlp.fc2, &a)
+    }
+}
+
+/// Hands every evicting sequence's rows of `mass` (laid out as
+/// [`Backend::attention_with_mass`] returns it) to its layer-`li` statistics.
+fn observe_mass(li: usize, batch: &mut [BatchItem], positions: &[usize], mass: &[f32]) {
+    let (mut row, mut at) = (0, 0);
+    for item in batch.iter_mut() {
+        let n = item.cache.layers[li].positions.len();
+        let rows = item.tokens.len();
+        let (layers, eviction) = item.cache.parts_mut();
+        if let Some(e) = eviction.filter(|e| e.config.needs_attention()) {
+            let threshold = e.config.threshold;
+            for r in 0..rows {
+                let m = &mass[at + r * n..at + (r + 1) * n];
+                e.stats[li].observe(&layers[li].positions, positions[row + r], m, threshold);
+            }
+        }
+        row += rows;
+        at += rows * n;
     }
 }
 

@@ -3,6 +3,18 @@
 //! Attention reads slots, never assumes slot i holds position i, so an eviction policy may drop
 //! tokens (compacting slots) without the engine noticing. Keys are stored already rotated by
 //! RoPE at their true position.
+//!
+//! With an [`EvictionConfig`] the cache holds at most a budget of slots per layer: when a step
+//! would overflow it, the engine asks the backend to evict (see [`evict`]) down to
+//! `budget − window`, ranking slots by the statistics the attention kernel reported ([`stats`]).
+
+pub mod evict;
+pub mod mass;
+pub mod policy;
+pub mod stats;
+
+pub use policy::{Budget, EvictionConfig, KvOptions, Policy};
+pub use stats::SlotStats;
 
 #[derive(Debug, Clone)]
 pub struct LayerCache {
@@ -19,6 +31,17 @@ pub struct KvCache {
     kv_dim: usize,
     /// Position the next appended token takes (tokens seen so far, evicted or not).
     next_position: usize,
+    /// The budget and policy, with per-layer slot statistics; `None` keeps every token.
+    eviction: Option<Eviction>,
+}
+
+/// A cache's eviction plan and what its policy has observed.
+#[derive(Debug, Clone)]
+pub struct Eviction {
+    pub config: EvictionConfig,
+    pub stats: Vec<SlotStats>,
+    /// Evictions run so far (per layer, counted once).
+    pub evictions: usize,
 }
 
 impl KvCache {
@@ -33,6 +56,46 @@ impl KvCache {
                 .collect(),
             kv_dim,
             next_position: 0,
+            eviction: None,
+        }
+    }
+
+    /// Sets (or with `None` removes) the eviction plan; the statistics start empty.
+    pub fn set_eviction(&mut self, config: Option<EvictionConfig>) {
+        let layers = self.layers.len();
+        self.eviction = config.map(|config| Eviction {
+            config,
+            stats: vec![SlotStats::default(); layers],
+            evictions: 0,
+        });
+    }
+
+    pub fn eviction(&self) -> Option<&Eviction> {
+        self.eviction.as_ref()
+    }
+
+    pub fn eviction_mut(&mut self) -> Option<&mut Eviction> {
+        self.eviction.as_mut()
+    }
+
+    /// The layers and the eviction state together (an eviction changes both).
+    pub fn parts_mut(&mut self) -> (&mut [LayerCache], Option<&mut Eviction>) {
+        (&mut self.layers, self.eviction.as_mut())
+    }
+
+    /// The plan, if any.
+    pub fn eviction_config(&self) -> Option<EvictionConfig> {
+        self.eviction.as_ref().map(|e| e.config)
+    }
+
+    /// How many tokens the next step may add: all it likes without a budget; up to the budget
+    /// while there is room; one observation window once the cache is full (the step then starts
+    /// with an eviction). Steps this long evict at the same moments as single-token steps.
+    pub fn room(&self) -> usize {
+        match self.eviction_config() {
+            None => usize::MAX,
+            Some(c) if self.len_tokens() < c.budget => c.budget - self.len_tokens(),
+            Some(c) => c.window,
         }
     }
 
@@ -49,6 +112,27 @@ impl KvCache {
     /// never stops to grow (and copy) the buffers.
     pub fn reserve(&mut self, tokens: usize) {
         let kv_dim = self.kv_dim;
+        // With a budget, a layer never holds more than the budget.
+        let tokens = match &mut self.eviction {
+            None => tokens,
+            Some(e) => {
+                let held = self
+                    .layers
+                    .iter()
+                    .map(|l| l.positions.len())
+                    .max()
+                    .unwrap_or(0);
+                let tokens = tokens.min(e.config.budget.saturating_sub(held));
+                if e.config.needs_attention() {
+                    for st in &mut e.stats {
+                        st.mass.reserve(tokens);
+                        st.last_hit.reserve(tokens);
+                        st.mri.reserve(tokens);
+                    }
+                }
+                tokens
+            }
+        };
         for l in &mut self.layers {
             l.keys.reserve(tokens * kv_dim);
             l.values.reserve(tokens * kv_dim);
@@ -90,7 +174,13 @@ impl KvCache {
         self.layers
             .iter()
             .map(|l| (l.keys.capacity() + l.values.capacity() + l.positions.capacity()) * 4)
-            .sum()
+            .sum::<usize>()
+            + self.eviction.as_ref().map_or(0, |e| {
+                e.stats
+                    .iter()
+                    .map(|s| (s.mass.capacity() + s.last_hit.capacity() + s.mri.capacity()) * 4)
+                    .sum()
+            })
     }
 
     pub fn clear(&mut self) {
@@ -98,6 +188,10 @@ impl KvCache {
             l.keys.clear();
             l.values.clear();
             l.positions.clear();
+        }
+        if let Some(e) = &mut self.eviction {
+            e.stats.iter_mut().for_each(SlotStats::clear);
+            e.evictions = 0;
         }
         self.next_position = 0;
     }

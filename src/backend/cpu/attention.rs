@@ -29,6 +29,49 @@ pub fn attend(
     segments: &[Segment],
     out: &mut [f32],
 ) -> usize {
+    attend_into(shape, q, positions, segments, out, None)
+}
+
+/// [`attend`], and also the attention mass every cache slot received from every query row, as
+/// the kernel computed it (no second pass over the scores): row `t`'s slots
+/// `0..cache.len()` one after another for every row, each the mean over the query heads, so a
+/// row's mass sums to 1. Eviction policies rank slots by it.
+pub fn attend_with_mass(
+    shape: &AttentionShape,
+    q: &[f32],
+    positions: &[usize],
+    segments: &[Segment],
+    out: &mut [f32],
+) -> (usize, Vec<f32>) {
+    let kv_heads = shape.num_kv_heads;
+    let lens: Vec<usize> = segments
+        .iter()
+        .flat_map(|seg| seg.rows.clone().map(|_| seg.cache.positions.len()))
+        .collect();
+    // Per row, per KV head, per slot: each task writes its own (row, KV head) part.
+    let mut per_head = vec![0f32; lens.iter().sum::<usize>() * kv_heads];
+    let slots = attend_into(shape, q, positions, segments, out, Some(&mut per_head));
+    let mut mass = Vec::with_capacity(per_head.len() / kv_heads.max(1));
+    let scale = 1.0 / shape.num_heads as f32;
+    let mut at = 0;
+    for &n in &lens {
+        let row = &per_head[at..at + n * kv_heads];
+        mass.extend((0..n).map(|s| (0..kv_heads).map(|k| row[k * n + s]).sum::<f32>() * scale));
+        at += n * kv_heads;
+    }
+    (slots, mass)
+}
+
+/// [`attend`], with the per-(row, KV head, slot) mass summed over each group's query heads
+/// into `mass` when given (laid out as in [`attend_with_mass`], times the KV heads).
+fn attend_into(
+    shape: &AttentionShape,
+    q: &[f32],
+    positions: &[usize],
+    segments: &[Segment],
+    out: &mut [f32],
+    mass: Option<&mut [f32]>,
+) -> usize {
     let (h, d) = (shape.num_heads, shape.head_dim);
     let rows = positions.len();
     let total = rows * h * d;
@@ -46,6 +89,23 @@ pub fn attend(
         "attend: segments must cover every row"
     );
     let out_ptr = SendPtr(out.as_mut_ptr());
+    // Where each row's mass starts (row t: kv_heads × its cache's slots).
+    let mass_at: Vec<usize> = row_cache
+        .iter()
+        .scan(0, |at, c| {
+            let here = *at;
+            *at += c.positions.len() * shape.num_kv_heads;
+            Some(here)
+        })
+        .collect();
+    if let Some(m) = &mass {
+        let need = mass_at.last().map_or(0, |&a| a)
+            + row_cache
+                .last()
+                .map_or(0, |c| c.positions.len() * shape.num_kv_heads);
+        assert!(m.len() >= need, "attend: mass buffer too small");
+    }
+    let mass_ptr = mass.map(|m| SendPtr(m.as_mut_ptr()));
     // One task per query row: the visible slots are found once, and the row's KV heads are
     // read one after another from the same cache lines. With fewer rows than threads (a
     // decode step of one sequence), a task is one KV head of a row instead, so the other
@@ -73,13 +133,15 @@ pub fn attend(
             .positions
             .iter()
             .fold((u32::MAX, 0), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+        // SAFETY: row t's mass region lies inside the buffer (asserted above).
+        let mass = mass_ptr.map(|m| unsafe { SendPtr(m.get().add(mass_at[t])) });
         let slots = if n == 0 || (visible(lo) && visible(hi)) {
-            attend_row(shape, q, out_ptr, t, heads, cache, &AllSlots(n))
+            attend_row(shape, q, out_ptr, mass, t, heads, cache, &AllSlots(n))
         } else {
             let slots: Vec<u32> = (0..n as u32)
                 .filter(|&s| visible(cache.positions[s as usize]))
                 .collect();
-            attend_row(shape, q, out_ptr, t, heads, cache, slots.as_slice())
+            attend_row(shape, q, out_ptr, mass, t, heads, cache, slots.as_slice())
         };
         // A row's slots count once, whichever task read them.
         if per_head && !task.is_multiple_of(shape.num_kv_heads) {
@@ -144,10 +206,14 @@ impl Slots for [u32] {
 
 /// Attends query row `t` over `slots` of `cache`, for the query heads of KV heads `kv_heads_of`
 /// (head group by head group), into row `t` of the output; returns how many slots it read.
+/// With `mass` (row t's `kv_heads × cache.len()` region), adds each slot's softmax weight
+/// summed over the group's heads to `mass[kv_head · len + slot]`.
+#[allow(clippy::too_many_arguments)]
 fn attend_row<S: Slots + ?Sized>(
     shape: &AttentionShape,
     q: &[f32],
     out: SendPtr<f32>,
+    mass: Option<SendPtr<f32>>,
     t: usize,
     kv_heads_of: std::ops::Range<usize>,
     cache: &LayerCache,
@@ -170,6 +236,15 @@ fn attend_row<S: Slots + ?Sized>(
             offset: kv_head * d,
         };
         heads.attend(cache, slots, &mut scores, o);
+        if let Some(m) = mass {
+            let (n, count) = (cache.positions.len(), slots.count());
+            // SAFETY: this task alone writes row t's KV head `kv_head` part, inside the
+            // region `attend_into` sized for the row.
+            let m = unsafe { std::slice::from_raw_parts_mut(m.get().add(kv_head * n), n) };
+            for j in 0..count {
+                m[slots.at(j)] += (0..group).map(|g| scores[g * count + j]).sum::<f32>();
+            }
+        }
     }
     slots.count()
 }
@@ -599,6 +674,75 @@ mod tests {
         let want = reference(&shape, &q, n - 1, &cache);
         for (a, b) in split.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    /// The mass the kernel emits equals the plain reference's (f64 softmax weights, mean over
+    /// heads) for prefill rows over gapped caches, two sequences in one call, and a decode row
+    /// split by KV head over a pool; the output is the same as without the mass.
+    #[test]
+    fn emitted_mass_matches_the_reference() {
+        let mut rng = SplitMix64::new(3);
+        let shape = AttentionShape {
+            num_heads: 6,
+            num_kv_heads: 2,
+            head_dim: 32,
+            sliding_window: Some(40),
+        };
+        let kv_dim = 2 * 32;
+        let make = |rng: &mut SplitMix64, positions: Vec<u32>| LayerCache {
+            keys: (0..positions.len() * kv_dim)
+                .map(|_| rng.normal())
+                .collect(),
+            values: (0..positions.len() * kv_dim)
+                .map(|_| rng.normal())
+                .collect(),
+            positions,
+        };
+        // Sequence a: 50 tokens with gaps (as after eviction); b: 400 in order (pool-sized).
+        let a = make(&mut rng, (0..60u32).filter(|p| p % 6 != 1).collect());
+        let b = make(&mut rng, (0..400u32).collect());
+        for (rows_a, rows_b) in [(vec![59usize, 30, 5], vec![399usize]), (vec![], vec![399])] {
+            let positions: Vec<usize> = rows_a.iter().chain(&rows_b).copied().collect();
+            let q: Vec<f32> = (0..positions.len() * 6 * 32)
+                .map(|_| rng.normal())
+                .collect();
+            let mut segs = Vec::new();
+            if !rows_a.is_empty() {
+                segs.push(Segment {
+                    rows: 0..rows_a.len(),
+                    cache: &a,
+                });
+            }
+            segs.push(Segment {
+                rows: rows_a.len()..positions.len(),
+                cache: &b,
+            });
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap();
+            let mut out = vec![0f32; q.len()];
+            let (slots, mass) =
+                pool.install(|| attend_with_mass(&shape, &q, &positions, &segs, &mut out));
+            let mut plain = vec![0f32; q.len()];
+            let plain_slots = pool.install(|| attend(&shape, &q, &positions, &segs, &mut plain));
+            assert_eq!((slots, &out), (plain_slots, &plain));
+            let want = crate::kv::mass::reference_mass(&shape, &q, &positions, &segs);
+            assert_eq!(mass.len(), want.len());
+            for (m, w) in mass.iter().zip(&want) {
+                assert!((m - w).abs() < 1e-5, "{m} vs {w}");
+            }
+            // Each row's mass sums to 1.
+            let mut at = 0;
+            for seg in &segs {
+                let n = seg.cache.positions.len();
+                for _ in seg.rows.clone() {
+                    let sum: f32 = mass[at..at + n].iter().sum();
+                    assert!((sum - 1.0).abs() < 1e-4, "row sums to {sum}");
+                    at += n;
+                }
+            }
         }
     }
 

@@ -1,7 +1,7 @@
 //! [`CpuBackend`]: the forward pass's ops on host memory, over a rayon pool. The pool and
 //! every scheduling choice (what runs side by side, what splits over the threads) live here.
 
-use super::attention::attend;
+use super::attention::{attend, attend_with_mass};
 use super::half::{matmul_half, HalfView};
 use super::int8::{self, quantize_rows_smoothed, QuantizedRows};
 use super::int8w::matmul_w8;
@@ -12,7 +12,7 @@ use super::parallel::{kernel_threads, largest_first, serially};
 use super::routing::route_rows;
 use crate::backend::{AttentionShape, Backend, Pick, Segment, Tasks};
 use crate::error::{Error, Result};
-use crate::kv::LayerCache;
+use crate::kv::{EvictionConfig, LayerCache, SlotStats};
 use crate::model::config::Activation;
 use crate::model::weights::{Linear, LinearWeight, Norm};
 use rayon::prelude::*;
@@ -258,6 +258,29 @@ impl Backend for CpuBackend {
         let mut out = vec![0f32; positions.len() * qd];
         let slots = attend(shape, &q.data, positions, segments, &mut out);
         (Rows::new(out, qd), slots)
+    }
+
+    fn attention_with_mass(
+        &self,
+        shape: &AttentionShape,
+        q: &Rows,
+        positions: &[usize],
+        segments: &[Segment],
+    ) -> (Rows, usize, Vec<f32>) {
+        let qd = shape.num_heads * shape.head_dim;
+        let mut out = vec![0f32; positions.len() * qd];
+        let (slots, mass) = attend_with_mass(shape, &q.data, positions, segments, &mut out);
+        (Rows::new(out, qd), slots, mass)
+    }
+
+    fn evict(
+        &self,
+        config: &EvictionConfig,
+        cache: &mut LayerCache,
+        stats: &mut SlotStats,
+        now: usize,
+    ) {
+        super::evict::evict(config, cache, stats, now);
     }
 
     fn activate(&self, act: Activation, x: &mut Rows) {

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod backend;
+pub mod evict;
 pub mod half;
 pub mod int8;
 pub mod int8w;

@@ -1,0 +1,56 @@
+//! The KV-budget options generate, ppl, bench and serve share.
+
+use crate::kv::{Budget, KvOptions, Policy};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct KvArgs {
+    /// KV-cache budget per sequence and layer: TOKENS, or PCT% of the tokens the sequence will
+    /// reach (prompt + max tokens; ppl: the window). Without it the cache keeps every token.
+    #[arg(long = "kv-budget")]
+    pub budget: Option<String>,
+    /// Which tokens survive eviction: full | window (StreamingLLM) | h2o (heavy hitters) |
+    /// lazy (LazyEviction). Default: lazy with a budget, full without.
+    #[arg(long = "kv-policy")]
+    pub policy: Option<String>,
+    /// Observation window W in decode steps: eviction runs once per window, and the last W
+    /// tokens are always kept.
+    #[arg(long = "kv-window", default_value_t = crate::kv::policy::DEFAULT_WINDOW)]
+    pub window: usize,
+    /// Attention-sink tokens (the first ones) every policy keeps.
+    #[arg(long = "kv-sinks", default_value_t = crate::kv::policy::DEFAULT_SINKS)]
+    pub sinks: usize,
+    /// lazy: a token's attention at a step is significant above this many times the uniform
+    /// share (1 / visible tokens), averaged over the heads.
+    #[arg(long = "kv-threshold", default_value_t = crate::kv::policy::DEFAULT_THRESHOLD)]
+    pub threshold: f32,
+}
+
+impl KvArgs {
+    pub fn options(&self) -> anyhow::Result<KvOptions> {
+        let budget = self
+            .budget
+            .as_deref()
+            .map(str::parse::<Budget>)
+            .transpose()?;
+        let policy = match (&self.policy, budget) {
+            (Some(p), _) => p.parse::<Policy>()?,
+            (None, Some(_)) => Policy::Lazy,
+            (None, None) => Policy::Full,
+        };
+        let opts = KvOptions {
+            policy,
+            budget,
+            window: self.window,
+            sinks: self.sinks,
+            threshold: self.threshold,
+        };
+        opts.validate()?;
+        Ok(opts)
+    }
+
+    /// Sets the options on `engine`.
+    pub fn apply(&self, engine: &mut crate::Engine) -> anyhow::Result<()> {
+        engine.set_kv_options(self.options()?)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,157 @@
+//! The eviction step's plain reference: rank every slot of a layer by its policy, keep the sinks,
+//! the most recent window and the best-ranked rest up to `budget − window`, and compact the
+//! kept slots to the front (their keys stay rotated at their original positions). A backend's
+//! own eviction must keep exactly the same set ([`keep_order`] is a total order).
+
+use super::policy::{EvictionConfig, Policy};
+use super::stats::SlotStats;
+use super::LayerCache;
+use std::cmp::Ordering;
+
+/// Whether slot `a` ranks above slot `b` for keeping (`Less` = keep `a` first). Ties fall to
+/// the newer token, so the order is total.
+pub fn keep_order(
+    cfg: &EvictionConfig,
+    positions: &[u32],
+    stats: &SlotStats,
+    now: usize,
+    a: usize,
+    b: usize,
+) -> Ordering {
+    let by_position = positions[b].cmp(&positions[a]);
+    match cfg.policy {
+        Policy::Full | Policy::Window => by_position,
+        Policy::H2o => stats.mass[b].total_cmp(&stats.mass[a]).then(by_position),
+        Policy::Lazy => {
+            // How long a token has gone without significant attention, measured in its own
+            // longest recurrence interval: the most overdue go first. A ratio, not a
+            // difference, so a fact attended once after 100 steps outlasts prose tokens only
+            // ever attended by their neighbours, whatever their age.
+            let overdue = |s: usize| {
+                (now as f64 - stats.last_hit[s] as f64 + 1.0) / (stats.mri[s] as f64 + 1.0)
+            };
+            overdue(a)
+                .total_cmp(&overdue(b))
+                .then(stats.mass[b].total_cmp(&stats.mass[a]))
+                .then(by_position)
+        }
+    }
+}
+
+/// Slots that every policy keeps: the sinks and the last `window` tokens.
+pub fn protected(cfg: &EvictionConfig, position: u32, now: usize) -> bool {
+    (position as usize) < cfg.sinks || position as usize + cfg.window >= now
+}
+
+/// The slots of a layer that survive an eviction at step `now` (the next token's position),
+/// ascending: a full sort of the candidates, the plain reference.
+pub fn kept_slots_reference(
+    cfg: &EvictionConfig,
+    positions: &[u32],
+    stats: &SlotStats,
+    now: usize,
+) -> Vec<u32> {
+    let n = positions.len();
+    if n <= cfg.keep() {
+        return (0..n as u32).collect();
+    }
+    let (mut kept, mut rest): (Vec<usize>, Vec<usize>) =
+        (0..n).partition(|&s| protected(cfg, positions[s], now));
+    let room = cfg.keep().saturating_sub(kept.len());
+    rest.sort_by(|&a, &b| keep_order(cfg, positions, stats, now, a, b));
+    kept.extend(rest.into_iter().take(room));
+    kept.sort_unstable();
+    kept.into_iter().map(|s| s as u32).collect()
+}
+
+/// Moves slots `kept` (ascending) of `cache` and `stats` to the front and frees the rest; the
+/// buffers keep their capacity, so the freed slots are reused by the next appends.
+pub fn compact(cache: &mut LayerCache, stats: &mut SlotStats, kept: &[u32]) {
+    let kv_dim = if cache.positions.is_empty() {
+        0
+    } else {
+        cache.keys.len() / cache.positions.len()
+    };
+    for (i, &s) in kept.iter().enumerate() {
+        let s = s as usize;
+        assert!(s >= i, "compact: kept slots must be ascending");
+        if s != i {
+            cache
+                .keys
+                .copy_within(s * kv_dim..(s + 1) * kv_dim, i * kv_dim);
+            cache
+                .values
+                .copy_within(s * kv_dim..(s + 1) * kv_dim, i * kv_dim);
+            cache.positions[i] = cache.positions[s];
+        }
+    }
+    cache.keys.truncate(kept.len() * kv_dim);
+    cache.values.truncate(kept.len() * kv_dim);
+    cache.positions.truncate(kept.len());
+    if !stats.is_empty() {
+        stats.retain(kept);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::policy::{Budget, KvOptions};
+
+    fn cfg(policy: Policy, budget: usize) -> EvictionConfig {
+        KvOptions {
+            policy,
+            budget: Some(Budget::Tokens(budget)),
+            window: 4,
+            sinks: 2,
+            threshold: 1.0,
+        }
+        .resolve(0)
+        .unwrap()
+        .unwrap()
+    }
+
+    #[test]
+    fn each_policy_keeps_sinks_recent_and_its_best() {
+        // 20 tokens at positions 0..20; budget 14 keeps 10: sinks 0,1, recent 16..20, 4 more.
+        let positions: Vec<u32> = (0..20).collect();
+        let mut stats = SlotStats::default();
+        stats.sync(&positions);
+        stats.mass[5] = 3.0;
+        stats.mass[6] = 2.0;
+        stats.mass[12] = 1.0;
+        stats.mass[7] = 0.5;
+        // Slot 3: hit at step 15 after a 12-step gap — still inside its interval at now 20.
+        stats.last_hit[3] = 15;
+        stats.mri[3] = 12;
+        let now = 20;
+        let window = kept_slots_reference(&cfg(Policy::Window, 14), &positions, &stats, now);
+        assert_eq!(window, [0, 1, 12, 13, 14, 15, 16, 17, 18, 19]);
+        let h2o = kept_slots_reference(&cfg(Policy::H2o, 14), &positions, &stats, now);
+        assert_eq!(h2o, [0, 1, 5, 6, 7, 12, 16, 17, 18, 19]);
+        let lazy = kept_slots_reference(&cfg(Policy::Lazy, 14), &positions, &stats, now);
+        // Slot 3 (idle 5 of an MRI of 12) first; the rest by idle time (20 − p): 15, 14, 13.
+        assert_eq!(lazy, [0, 1, 3, 13, 14, 15, 16, 17, 18, 19]);
+    }
+
+    #[test]
+    fn compaction_moves_rows_and_keeps_positions() {
+        let kv_dim = 3;
+        let mut cache = LayerCache {
+            keys: (0..15).map(|v| v as f32).collect(),
+            values: (0..15).map(|v| -(v as f32)).collect(),
+            positions: vec![0, 1, 2, 3, 4],
+        };
+        let cap = cache.keys.capacity();
+        let mut stats = SlotStats::default();
+        stats.sync(&cache.positions);
+        stats.mass = vec![0.0, 1.0, 2.0, 3.0, 4.0];
+        compact(&mut cache, &mut stats, &[0, 2, 4]);
+        assert_eq!(cache.positions, [0, 2, 4]);
+        assert_eq!(cache.keys, [0., 1., 2., 6., 7., 8., 12., 13., 14.]);
+        assert_eq!(cache.values[3..6], [-6., -7., -8.]);
+        assert_eq!(stats.mass, [0.0, 2.0, 4.0]);
+        assert_eq!(cache.keys.capacity(), cap);
+        let _ = kv_dim;
+    }
+}

@@ -1,0 +1,236 @@
+//! What a KV budget and an eviction policy are, as the CLI, serve and the C API name them, and
+//! the checks that turn them into one sequence's eviction plan.
+//!
+//! Every policy evicts at the same moments — when a step would overflow the budget, down to
+//! `budget − window` slots, so a whole observation window of `window` steps fits before the
+//! next eviction — and keeps the attention-sink tokens and the most recent `window` tokens.
+//! They differ only in how they rank the rest, so a comparison isolates that choice.
+
+use crate::error::{Error, Result};
+use std::fmt;
+use std::str::FromStr;
+
+/// Which cached tokens survive an eviction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Keep everything (no budget).
+    Full,
+    /// StreamingLLM: the sinks and the most recent tokens.
+    Window,
+    /// H2O: the heavy hitters by attention mass accumulated over every step, and the recent.
+    H2o,
+    /// LazyEviction: the tokens whose time since their last significant attention is the
+    /// smallest multiple of their longest observed recurrence interval.
+    Lazy,
+}
+
+impl FromStr for Policy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Policy> {
+        match s {
+            "full" => Ok(Policy::Full),
+            "window" => Ok(Policy::Window),
+            "h2o" => Ok(Policy::H2o),
+            "lazy" => Ok(Policy::Lazy),
+            _ => Err(Error::invalid(format!(
+                "unknown KV policy `{s}` (full, window, h2o, lazy)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::Full => "full",
+            Policy::Window => "window",
+            Policy::H2o => "h2o",
+            Policy::Lazy => "lazy",
+        })
+    }
+}
+
+/// A KV budget: a number of tokens, or a percentage of the tokens a sequence will reach.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    Tokens(usize),
+    Percent(f64),
+}
+
+impl FromStr for Budget {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Budget> {
+        let bad = || {
+            Error::invalid(format!(
+                "KV budget `{s}`: expected TOKENS or PCT% (e.g. 512 or 25%)"
+            ))
+        };
+        if let Some(p) = s.strip_suffix('%') {
+            let p: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(Error::invalid(format!(
+                    "KV budget {s}: the percentage must be in (0, 100]"
+                )));
+            }
+            Ok(Budget::Percent(p))
+        } else {
+            let n: usize = s.trim().parse().map_err(|_| bad())?;
+            Ok(Budget::Tokens(n))
+        }
+    }
+}
+
+impl fmt::Display for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Budget::Tokens(n) => write!(f, "{n}"),
+            Budget::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// Sink tokens kept by every policy (StreamingLLM keeps 4).
+pub const DEFAULT_SINKS: usize = 4;
+/// Observation window W in decode steps.
+pub const DEFAULT_WINDOW: usize = 64;
+/// A slot's attention is significant when it exceeds this many times the uniform share
+/// (1 / visible slots) of one step's attention, averaged over the heads. At 1× most prose
+/// tokens pass now and then and their recurrence intervals are noise; 8× recalled far more of
+/// the recall text's facts (README, "KV-cache eviction").
+pub const DEFAULT_THRESHOLD: f32 = 8.0;
+
+/// The KV options of a run, before they meet a sequence's length.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvOptions {
+    pub policy: Policy,
+    pub budget: Option<Budget>,
+    pub window: usize,
+    pub sinks: usize,
+    pub threshold: f32,
+}
+
+impl Default for KvOptions {
+    fn default() -> KvOptions {
+        KvOptions {
+            policy: Policy::Full,
+            budget: None,
+            window: DEFAULT_WINDOW,
+            sinks: DEFAULT_SINKS,
+            threshold: DEFAULT_THRESHOLD,
+        }
+    }
+}
+
+/// One sequence's eviction plan: a budget in tokens and how to meet it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvictionConfig {
+    pub policy: Policy,
+    /// Most slots a layer holds.
+    pub budget: usize,
+    pub window: usize,
+    pub sinks: usize,
+    pub threshold: f32,
+}
+
+impl EvictionConfig {
+    /// Slots a layer keeps after an eviction: room for one observation window before the next.
+    pub fn keep(&self) -> usize {
+        self.budget - self.window
+    }
+
+    /// Whether the policy ranks slots by the attention they received (the kernel then emits it).
+    pub fn needs_attention(&self) -> bool {
+        matches!(self.policy, Policy::H2o | Policy::Lazy)
+    }
+}
+
+impl KvOptions {
+    /// Checks the options on their own (what can be checked before a sequence's length is known).
+    pub fn validate(&self) -> Result<()> {
+        match (self.policy, self.budget) {
+            (Policy::Full, Some(_)) => Err(Error::invalid(
+                "--kv-budget needs an evicting --kv-policy (window, h2o or lazy), not full",
+            )),
+            (Policy::Window | Policy::H2o | Policy::Lazy, None) => Err(Error::invalid(format!(
+                "--kv-policy {} needs a --kv-budget",
+                self.policy
+            ))),
+            _ if self.window == 0 => Err(Error::invalid("--kv-window must be at least 1")),
+            _ if !(self.threshold.is_finite() && self.threshold > 0.0) => {
+                Err(Error::invalid("--kv-threshold must be a positive number"))
+            }
+            (_, Some(Budget::Tokens(n))) => self.plan(n).map(|_| ()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The plan for a sequence that will reach `tokens` tokens (`None`: keep everything).
+    pub fn resolve(&self, tokens: usize) -> Result<Option<EvictionConfig>> {
+        self.validate()?;
+        let budget = match self.budget {
+            None => return Ok(None),
+            Some(Budget::Tokens(n)) => n,
+            Some(Budget::Percent(p)) => (tokens as f64 * p / 100.0).floor() as usize,
+        };
+        self.plan(budget).map(Some)
+    }
+
+    fn plan(&self, budget: usize) -> Result<EvictionConfig> {
+        // Kept across an eviction: the sinks and the last window; on top, the window observed next.
+        let least = self.sinks + 2 * self.window;
+        if budget < least {
+            return Err(Error::invalid(format!(
+                "KV budget of {budget} tokens is too small: policy {} keeps {} sink tokens and \
+                 the last observation window of {} across an eviction, and needs room for the \
+                 next window, so at least {least} tokens",
+                self.policy, self.sinks, self.window
+            )));
+        }
+        Ok(EvictionConfig {
+            policy: self.policy,
+            budget,
+            window: self.window,
+            sinks: self.sinks,
+            threshold: self.threshold,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_budgets_and_policies() {
+        assert_eq!("512".parse::<Budget>().unwrap(), Budget::Tokens(512));
+        assert_eq!("25%".parse::<Budget>().unwrap(), Budget::Percent(25.0));
+        assert!("0%".parse::<Budget>().is_err());
+        assert!("x".parse::<Budget>().is_err());
+        assert_eq!("lazy".parse::<Policy>().unwrap(), Policy::Lazy);
+        assert!("lru".parse::<Policy>().is_err());
+    }
+
+    #[test]
+    fn refuses_a_budget_below_sinks_and_windows() {
+        let opts = KvOptions {
+            policy: Policy::Lazy,
+            budget: Some(Budget::Tokens(131)),
+            ..KvOptions::default()
+        };
+        let err = opts.validate().unwrap_err().to_string();
+        assert!(err.contains("at least 132"), "{err}");
+        let ok = KvOptions {
+            budget: Some(Budget::Tokens(132)),
+            ..opts
+        };
+        assert_eq!(ok.resolve(10_000).unwrap().unwrap().keep(), 68);
+        let pct = KvOptions {
+            budget: Some(Budget::Percent(25.0)),
+            ..opts
+        };
+        assert_eq!(pct.resolve(2048).unwrap().unwrap().budget, 512);
+        assert!(pct.resolve(100).is_err());
+        let full = KvOptions::default();
+        assert_eq!(full.resolve(100).unwrap(), None);
+    }
+}

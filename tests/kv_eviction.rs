@@ -1,0 +1,179 @@
+//! KV eviction end to end on the trained fixture (real attention patterns, small enough to run
+//! token by token): the chunked decode-style ppl equals the exact token-by-token path, a budget
+//! the window never reaches equals the full cache, caches stay within their budget with their
+//! tokens' original positions, and generation with a budget runs past it.
+
+use edgemoe::engine::generation::{generate, GenerateRequest};
+use edgemoe::engine::ppl::{score, Steps};
+use edgemoe::engine::sampling::SamplingParams;
+use edgemoe::engine::{BatchItem, Logits};
+use edgemoe::kv::{Budget, KvOptions, Policy};
+use edgemoe::{Engine, Model};
+use std::path::Path;
+use std::sync::Arc;
+
+fn fixture() -> (Arc<Model>, Vec<u32>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trained-moe");
+    let model = Arc::new(Model::load(&dir).unwrap());
+    let text = std::fs::read_to_string(dir.join("heldout.txt")).unwrap();
+    let tokens = model.tokenizer.encode(&text, false).unwrap();
+    (model, tokens)
+}
+
+fn options(policy: Policy, budget: usize) -> KvOptions {
+    KvOptions {
+        policy,
+        budget: Some(Budget::Tokens(budget)),
+        window: 16,
+        sinks: 4,
+        threshold: 1.0,
+    }
+}
+
+/// One observation window per step and one token per step evict at the same positions and
+/// see the same caches: the predictions agree to f32 rounding of the differently blocked
+/// matrix products (relative 1e-4 on the mean NLL; the kept sets are equal, or the NLLs would
+/// differ by far more).
+#[test]
+fn chunked_ppl_matches_token_by_token() {
+    let (model, tokens) = fixture();
+    let tokens = &tokens[..2 * 300];
+    for policy in [Policy::Window, Policy::H2o, Policy::Lazy] {
+        let mut engine = Engine::new(model.clone(), 1).unwrap();
+        engine.set_kv_options(options(policy, 100)).unwrap();
+        let fast = score(&engine, tokens, 300, Steps::Chunked, |_, _| {}).unwrap();
+        let exact = score(&engine, tokens, 300, Steps::TokenByToken, |_, _| {}).unwrap();
+        let (a, b) = (fast.result.ppl.ln(), exact.result.ppl.ln());
+        assert!((a - b).abs() / b < 1e-4, "{policy}: {a} vs {b}");
+        for (x, y) in fast.nll.iter().zip(&exact.nll) {
+            assert!((x - y).abs() < 2e-3, "{policy}: per-token NLL {x} vs {y}");
+        }
+        assert_eq!(fast.result.kv_budget, Some(100));
+    }
+}
+
+/// A budget the window never reaches changes nothing: the same bits as the full cache.
+#[test]
+fn unreached_budget_equals_full_cache() {
+    let (model, tokens) = fixture();
+    let tokens = &tokens[..2 * 200];
+    let engine = Engine::new(model.clone(), 1).unwrap();
+    let full = score(&engine, tokens, 200, Steps::Chunked, |_, _| {}).unwrap();
+    let mut lazy = Engine::new(model, 1).unwrap();
+    lazy.set_kv_options(options(Policy::Lazy, 200)).unwrap();
+    let got = score(&lazy, tokens, 200, Steps::Chunked, |_, _| {}).unwrap();
+    assert_eq!(got.nll, full.nll);
+}
+
+/// Decoding past the budget: every layer holds at most the budget, the sinks and the last
+/// window are always there, positions stay the original ones (ascending, unique), and the
+/// freed slots are reused (the buffers never grow past the budget).
+#[test]
+fn decode_stays_within_budget_and_keeps_positions() {
+    let (model, tokens) = fixture();
+    for policy in [Policy::Window, Policy::H2o, Policy::Lazy] {
+        let mut engine = Engine::new(model.clone(), 1).unwrap();
+        engine.set_kv_options(options(policy, 64)).unwrap();
+        let mut cache = engine.new_cache();
+        engine.prepare_cache(&mut cache, 400).unwrap();
+        let capacity = cache.allocated_bytes();
+        for (i, &t) in tokens[..400].iter().enumerate() {
+            engine
+                .forward(&mut [BatchItem {
+                    tokens: &[t],
+                    cache: &mut cache,
+                    logits: Logits::Last,
+                }])
+                .unwrap();
+            for layer in &cache.layers {
+                assert!(layer.positions.len() <= 64);
+                assert!(layer.positions.windows(2).all(|w| w[0] < w[1]));
+                assert!((0..4.min(i as u32 + 1)).all(|p| layer.positions.contains(&p)));
+                let recent = (i + 1).saturating_sub(16) as u32..=i as u32;
+                assert!(
+                    recent.clone().all(|p| layer.positions.contains(&p)),
+                    "{policy}"
+                );
+            }
+        }
+        assert_eq!(
+            cache.allocated_bytes(),
+            capacity,
+            "{policy}: the cache grew"
+        );
+        let ev = cache.eviction().unwrap();
+        // 400 tokens, budget 64, window 16: the first eviction at 64, then one every 16.
+        assert_eq!(ev.evictions, (400usize - 64).div_ceil(16));
+    }
+}
+
+/// The eviction policies differ on a real model: H2O and lazy keep different slots than the
+/// window somewhere in the run (otherwise the comparison would measure nothing).
+#[test]
+fn policies_keep_different_sets() {
+    let (model, tokens) = fixture();
+    let kept = |policy| {
+        let mut engine = Engine::new(model.clone(), 1).unwrap();
+        engine.set_kv_options(options(policy, 64)).unwrap();
+        let mut cache = engine.new_cache();
+        engine.prepare_cache(&mut cache, 300).unwrap();
+        engine
+            .forward(&mut [BatchItem {
+                tokens: &tokens[..64],
+                cache: &mut cache,
+                logits: Logits::Last,
+            }])
+            .unwrap();
+        for &t in &tokens[64..200] {
+            engine
+                .forward(&mut [BatchItem {
+                    tokens: &[t],
+                    cache: &mut cache,
+                    logits: Logits::Last,
+                }])
+                .unwrap();
+        }
+        cache.layers[1].positions.clone()
+    };
+    let window = kept(Policy::Window);
+    assert_ne!(kept(Policy::H2o), window);
+    assert_ne!(kept(Policy::Lazy), window);
+}
+
+/// A prompt longer than the budget goes in pieces; generation runs and ends by length.
+#[test]
+fn generation_with_a_budget_runs_past_it() {
+    let (model, _) = fixture();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trained-moe");
+    let prompt: String = std::fs::read_to_string(dir.join("heldout.txt"))
+        .unwrap()
+        .chars()
+        .take(1200)
+        .collect();
+    let mut engine = Engine::new(model, 1).unwrap();
+    engine.set_kv_options(options(Policy::Lazy, 80)).unwrap();
+    let req = GenerateRequest {
+        prompt,
+        max_tokens: 50,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+    };
+    let out = generate(&engine, &req, |_| true).unwrap();
+    assert!(out.prompt_tokens > 80);
+    assert_eq!(out.completion_tokens, 50);
+}
+
+/// A budget below the sinks plus two observation windows is refused with the reason.
+#[test]
+fn too_small_a_budget_is_refused() {
+    let (model, _) = fixture();
+    let mut engine = Engine::new(model, 1).unwrap();
+    let err = engine
+        .set_kv_options(options(Policy::Lazy, 35))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("too small") && err.contains("at least 36"),
+        "{err}"
+    );
+}
