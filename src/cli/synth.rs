@@ -8,29 +8,38 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct SynthArgs {
+    /// The .emoe file to write.
     #[arg(long)]
     pub out: PathBuf,
+    /// Decoder layers.
     #[arg(long, default_value_t = 22)]
     pub layers: usize,
+    /// Model width (hidden_size).
     #[arg(long, default_value_t = 1024)]
     pub hidden: usize,
     /// Hidden width of one expert.
     #[arg(long, default_value_t = 4096)]
     pub ffn: usize,
+    /// Experts per layer.
     #[arg(long, default_value_t = 8)]
     pub experts: usize,
+    /// Experts each token is routed to.
     #[arg(long = "top-k", default_value_t = 2)]
     pub top_k: usize,
+    /// Slope of expert popularity: the expert of rank r gets router logit offset −skew·ln(1 + r).
     #[arg(long, default_value_t = 2.0)]
     pub skew: f32,
+    /// Layer-to-layer correlation of the router rows (0 to 1).
     #[arg(long, default_value_t = 0.8)]
     pub corr: f32,
     /// Defaults tuned so the trained fixture's statistics are matched: top expert ~30-40% of
     /// a layer's picks, top transition ~0.4, pre-gating top-k recall ~80% (fixture: 74%).
     #[arg(long, default_value_t = 0.7)]
     pub drift: f32,
+    /// Spread of the token-dependent part of the router logits.
     #[arg(long, default_value_t = 2.0)]
     pub spread: f32,
+    /// Seed of the generated weights and routing.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
 }
