@@ -20,8 +20,8 @@ pub struct QuantizeArgs {
     /// Quantization method (haq: SmoothQuant + GPTQ).
     #[arg(long, value_enum, default_value = "haq")]
     pub method: Method,
-    /// SmoothQuant α in [0, 1], or `auto` to search it per layer group (default: 0.5 for OPT,
-    /// 0.8 for MoE models).
+    /// SmoothQuant α in [0, 1], or `auto` (the default) to search it per layer group by the
+    /// W8A8 output error on the calibration rows.
     #[arg(long)]
     pub alpha: Option<String>,
     /// Calibration tokens to use at most.
@@ -192,10 +192,18 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
             summary.rtn_fallback.join(", ")
         );
     }
-    if opts.alpha.is_none() {
-        for (group, alpha) in &summary.alphas {
-            println!("  alpha {alpha:.1} for {group}");
+    if opts.alpha.is_none() && !summary.alphas.is_empty() {
+        // How often each α was chosen (the .emoe's metadata keeps the choice per group).
+        let mut counts = std::collections::BTreeMap::new();
+        for (_, alpha) in &summary.alphas {
+            *counts.entry(format!("{alpha:.1}")).or_insert(0usize) += 1;
         }
+        let counts: Vec<String> = counts.iter().map(|(a, n)| format!("{a} ×{n}")).collect();
+        println!(
+            "  alpha chosen per group ({}): {}",
+            summary.alphas.len(),
+            counts.join(", ")
+        );
     }
     Ok(())
 }

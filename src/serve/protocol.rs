@@ -126,7 +126,11 @@ pub fn parse_line(line: &str, next_id: impl FnOnce() -> String) -> Result<Incomi
         };
     }
     if let Some(op) = obj.get("op") {
-        only_fields(obj, &["op"]).map_err(|(c, m)| BadLine::new(None, c, m))?;
+        let allowed: &[&str] = match op.as_str() {
+            Some("set_mem") => &["op", "bytes"],
+            _ => &["op"],
+        };
+        only_fields(obj, allowed).map_err(|(c, m)| BadLine::new(None, c, m))?;
         return match op.as_str() {
             Some("stats") => Ok(Incoming::Stats),
             Some("set_mem") => match obj.get("bytes").and_then(Value::as_u64) {
