@@ -19,6 +19,7 @@ calib=tests/fixtures/trained-moe/calib.txt
 held=tests/fixtures/trained-moe/heldout.txt
 peak_kb() { awk -F: '/Maximum resident/ {gsub(/ /,"",$2); print $2}' "$1"; }
 wall() { awk '/Elapsed \(wall clock\)/ {print $NF}' "$1"; }
+cpu() { awk -F: '/User time|System time/ {s += $2} END {printf "%.0f", s}' "$1"; }
 ppl() { "$bin" ppl --model "$1" --text "$held" --ctx "$2" --threads 2 --json 2>/dev/null |
   python3 -c "import json,sys; print('%.4f' % json.load(sys.stdin)['ppl'])"; }
 
@@ -28,7 +29,7 @@ if [ "$what" = smollm2 ] || [ "$what" = all ]; then
   f32_bytes=$((134515008 * 4)) # SmolLM2-135M's parameters (tied head counted once) in f32
   echo "== SmolLM2-135M: f32 weights $f32_bytes B"
   f256=$(ppl "$gguf" 256); f1024=$(ppl "$gguf" 1024)
-  echo "method | ppl ctx 256 | vs f32 | ppl ctx 1024 | vs f32 | quantize wall | peak RSS / f32 size"
+  echo "method | ppl ctx 256 | vs f32 | ppl ctx 1024 | vs f32 | quantize wall (CPU s) | peak RSS / f32 size"
   echo "f32 | $f256 | | $f1024 | | |"
   for m in ${METHODS:-rtn smooth gptq haq}; do
     emoe=$out/smollm2-$m.emoe
@@ -37,7 +38,7 @@ if [ "$what" = smollm2 ] || [ "$what" = all ]; then
     p256=$(ppl "$emoe" 256); p1024=$(ppl "$emoe" 1024)
     python3 -c "
 kb=$(peak_kb "$out/time-$m.txt")
-print('$m | $p256 | %+.2f%% | $p1024 | %+.2f%% | $(wall "$out/time-$m.txt") | %.2f' % (
+print('$m | $p256 | %+.2f%% | $p1024 | %+.2f%% | $(wall "$out/time-$m.txt") ($(cpu "$out/time-$m.txt")) | %.2f' % (
   ($p256/$f256-1)*100, ($p1024/$f1024-1)*100, kb*1024/$f32_bytes))"
     grep "time:" "$out/quant-$m.txt" || true
   done
@@ -55,5 +56,5 @@ if [ "$what" = mixtral ] || [ "$what" = all ]; then
     --threads 2 --out "$out/mixtral-1g.emoe" >"$out/quant-mixtral.txt" 2>"$out/time-mixtral.txt"
   cat "$out/quant-mixtral.txt"
   kb=$(peak_kb "$out/time-mixtral.txt")
-  python3 -c "print('peak RSS %d B = %.3f x the f32 size, wall $(wall "$out/time-mixtral.txt")' % ($kb*1024, $kb*1024/$f32_bytes))"
+  python3 -c "print('peak RSS %d B = %.3f x the f32 size, wall $(wall "$out/time-mixtral.txt"), CPU $(cpu "$out/time-mixtral.txt") s' % ($kb*1024, $kb*1024/$f32_bytes))"
 fi
