@@ -5,6 +5,7 @@
 //! int8 kernel applies while quantizing activations.
 
 use super::calibrate::InputStats;
+use crate::backend::cpu::matmul::matmul;
 use crate::backend::cpu::int8::{quantize_rows, Int8Matrix, QuantizedRows};
 use crate::model::weights::{Linear, Norm};
 use std::collections::HashMap;
@@ -91,6 +92,13 @@ pub fn output_error(stats: &InputStats, members: &[&mut Linear], s: &[f32]) -> f
         .collect();
     let mut q = QuantizedRows::new();
     quantize_rows(&xs, rows, k, &mut q);
+    let q = &q;
+    let xdq: Vec<f32> = (0..rows)
+        .flat_map(|r| {
+            let scale = q.scales[r];
+            q.row(r)[..k].iter().map(move |&v| v as f32 * scale)
+        })
+        .collect();
     let mut total = 0.0;
     // Only what will be int8 contributes quantization error (the router stays f32).
     for lin in members
@@ -106,26 +114,22 @@ pub fn output_error(stats: &InputStats, members: &[&mut Linear], s: &[f32]) -> f
         let Ok(wq) = Int8Matrix::quantize_rtn(&ws, n, k) else {
             continue;
         };
+        // Both products through the f32 kernel: the dequantized int8 values are exact in f32,
+        // and its rounding (~1e-7 relative) is far below the quantization error compared.
+        let wq = &wq;
+        let wdq: Vec<f32> = (0..n)
+            .flat_map(|j| {
+                let scale = wq.scales[j];
+                wq.row(j)[..k].iter().map(move |&v| v as f32 * scale)
+            })
+            .collect();
+        let (mut approx, mut exact) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+        matmul(&xdq, rows, &wdq, n, k, None, &mut approx);
+        matmul(&stats.samples, rows, &w, n, k, None, &mut exact);
         let (mut num, mut den) = (0f64, 0f64);
-        for r in 0..rows {
-            let (xq, xs_) = (q.row(r), q.scales[r]);
-            let x = &stats.samples[r * k..(r + 1) * k];
-            for j in 0..n {
-                let wr = wq.row(j);
-                let dot: i32 = xq[..k]
-                    .iter()
-                    .zip(&wr[..k])
-                    .map(|(&a, &b)| a as i32 * b as i32)
-                    .sum();
-                let approx = dot as f64 * xs_ as f64 * wq.scales[j] as f64;
-                let exact: f64 = x
-                    .iter()
-                    .zip(&w[j * k..(j + 1) * k])
-                    .map(|(&a, &b)| a as f64 * b as f64)
-                    .sum();
-                num += (approx - exact).powi(2);
-                den += exact * exact;
-            }
+        for (&a, &e) in approx.iter().zip(&exact) {
+            num += (a as f64 - e as f64).powi(2);
+            den += (e as f64).powi(2);
         }
         total += num / den.max(1e-30);
     }
