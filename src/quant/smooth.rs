@@ -5,8 +5,8 @@
 //! int8 kernel applies while quantizing activations.
 
 use super::calibrate::InputStats;
-use crate::backend::cpu::matmul::matmul;
 use crate::backend::cpu::int8::{quantize_rows, Int8Matrix, QuantizedRows};
+use crate::backend::cpu::matmul::matmul;
 use crate::model::weights::{Linear, Norm};
 use std::collections::HashMap;
 
