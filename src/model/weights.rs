@@ -95,6 +95,12 @@ impl Linear {
     /// Makes floating-point weights f32 panels the process owns (what the quantizer edits),
     /// releasing the file pages they were read from.
     pub fn widen_to_f32(&mut self) {
+        self.widen_half_rows();
+        self.pack();
+    }
+
+    /// Widens bf16/f16 weights to row-major f32 the process owns, releasing their file pages.
+    pub fn widen_half_rows(&mut self) {
         if let LinearWeight::Half(kind, w) = &self.weight {
             let rows = kind.widen(w);
             if let Some((map, at, len)) = w.mapping() {
@@ -102,7 +108,6 @@ impl Linear {
             }
             self.weight = LinearWeight::F32Rows(rows.into());
         }
-        self.pack();
     }
 
     /// Puts row-major f32 weights into panels for the matmul kernel.

@@ -482,8 +482,8 @@ fn quantize_linear(
     factor: Option<&HessianFactor>,
     summary: &mut QuantSummary,
 ) -> Result<()> {
-    // Row-major f32 for the quantizers (bf16/f16 widened).
-    lin.widen_to_f32();
+    // Row-major f32 for the quantizers (bf16/f16 widened, panels unpacked).
+    lin.widen_half_rows();
     lin.unpack();
     let LinearWeight::F32Rows(rows) = &lin.weight else {
         return Ok(());

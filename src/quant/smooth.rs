@@ -71,69 +71,83 @@ pub fn rescale_stats(stats: &mut InputStats, s: &[f32]) {
     }
 }
 
-/// Relative output error of W8A8 with smoothing `alpha` on the sampled inputs, summed over
-/// the members: what `--alpha auto` minimizes per layer group.
-pub fn alpha_loss(stats: &InputStats, members: &[&mut Linear], alpha: f32) -> f64 {
-    output_error(stats, members, &factors(&stats.max_abs, members, alpha))
+/// Scores smoothing factors for one group by the relative output error of W8A8 on the sampled
+/// inputs, summed over the members that become int8 (the router stays f32): what the α search
+/// minimizes. The f32 weights and exact outputs are taken once, whatever the candidates.
+pub struct ErrorProbe<'a> {
+    stats: &'a InputStats,
+    /// Per int8 member: its f32 weights `[n, k]`, n, and its exact outputs on the samples.
+    members: Vec<(Vec<f32>, usize, Vec<f32>)>,
 }
 
-/// Relative output error of W8A8 on the sampled inputs after smoothing by `s`, summed over
-/// the members that become int8.
-pub fn output_error(stats: &InputStats, members: &[&mut Linear], s: &[f32]) -> f64 {
-    let k = stats.k;
-    let rows = stats.sample_rows();
-    if rows == 0 {
-        return 0.0;
-    }
-    let xs: Vec<f32> = stats
-        .samples
-        .chunks(k)
-        .flat_map(|r| r.iter().zip(s).map(|(v, f)| v / f))
-        .collect();
-    let mut q = QuantizedRows::new();
-    quantize_rows(&xs, rows, k, &mut q);
-    let q = &q;
-    let xdq: Vec<f32> = (0..rows)
-        .flat_map(|r| {
-            let scale = q.scales[r];
-            q.row(r)[..k].iter().map(move |&v| v as f32 * scale)
-        })
-        .collect();
-    let mut total = 0.0;
-    // Only what will be int8 contributes quantization error (the router stays f32).
-    for lin in members
-        .iter()
-        .filter(|l| super::is_quantized_layer(&l.name))
-    {
-        let Some(w) = lin.f32_rows() else { continue };
-        let n = lin.out_features;
-        let ws: Vec<f32> = w
-            .chunks(k)
-            .flat_map(|r| r.iter().zip(s).map(|(v, f)| v * f))
-            .collect();
-        let Ok(wq) = Int8Matrix::quantize_rtn(&ws, n, k) else {
-            continue;
-        };
-        // Both products through the f32 kernel: the dequantized int8 values are exact in f32,
-        // and its rounding (~1e-7 relative) is far below the quantization error compared.
-        let wq = &wq;
-        let wdq: Vec<f32> = (0..n)
-            .flat_map(|j| {
-                let scale = wq.scales[j];
-                wq.row(j)[..k].iter().map(move |&v| v as f32 * scale)
+impl<'a> ErrorProbe<'a> {
+    pub fn new(stats: &'a InputStats, members: &[&mut Linear]) -> ErrorProbe<'a> {
+        let (k, rows) = (stats.k, stats.sample_rows());
+        let members = members
+            .iter()
+            .filter(|l| super::is_quantized_layer(&l.name))
+            .filter_map(|lin| {
+                let w = lin.f32_rows()?;
+                let n = lin.out_features;
+                let mut exact = vec![0f32; rows * n];
+                matmul(&stats.samples, rows, &w, n, k, None, &mut exact);
+                Some((w, n, exact))
             })
             .collect();
-        let (mut approx, mut exact) = (vec![0f32; rows * n], vec![0f32; rows * n]);
-        matmul(&xdq, rows, &wdq, n, k, None, &mut approx);
-        matmul(&stats.samples, rows, &w, n, k, None, &mut exact);
-        let (mut num, mut den) = (0f64, 0f64);
-        for (&a, &e) in approx.iter().zip(&exact) {
-            num += (a as f64 - e as f64).powi(2);
-            den += (e as f64).powi(2);
-        }
-        total += num / den.max(1e-30);
+        ErrorProbe { stats, members }
     }
-    total
+
+    /// The summed relative error after smoothing by `s`.
+    pub fn error(&self, s: &[f32]) -> f64 {
+        let (k, rows) = (self.stats.k, self.stats.sample_rows());
+        if rows == 0 {
+            return 0.0;
+        }
+        let xs: Vec<f32> = self
+            .stats
+            .samples
+            .chunks(k)
+            .flat_map(|r| r.iter().zip(s).map(|(v, f)| v / f))
+            .collect();
+        let mut q = QuantizedRows::new();
+        quantize_rows(&xs, rows, k, &mut q);
+        let q = &q;
+        let xdq: Vec<f32> = (0..rows)
+            .flat_map(|r| {
+                let scale = q.scales[r];
+                q.row(r)[..k].iter().map(move |&v| v as f32 * scale)
+            })
+            .collect();
+        let mut total = 0.0;
+        for (w, n, exact) in &self.members {
+            let n = *n;
+            let ws: Vec<f32> = w
+                .chunks(k)
+                .flat_map(|r| r.iter().zip(s).map(|(v, f)| v * f))
+                .collect();
+            let Ok(wq) = Int8Matrix::quantize_rtn(&ws, n, k) else {
+                continue;
+            };
+            // Through the f32 kernel: the dequantized int8 values are exact in f32, and its
+            // rounding (~1e-7 relative) is far below the quantization error compared.
+            let wq = &wq;
+            let wdq: Vec<f32> = (0..n)
+                .flat_map(|j| {
+                    let scale = wq.scales[j];
+                    wq.row(j)[..k].iter().map(move |&v| v as f32 * scale)
+                })
+                .collect();
+            let mut approx = vec![0f32; rows * n];
+            matmul(&xdq, rows, &wdq, n, k, None, &mut approx);
+            let (mut num, mut den) = (0f64, 0f64);
+            for (&a, &e) in approx.iter().zip(exact) {
+                num += (a as f64 - e as f64).powi(2);
+                den += (e as f64).powi(2);
+            }
+            total += num / den.max(1e-30);
+        }
+        total
+    }
 }
 
 /// Smooths one group of linears that read the same input. `stat_keys` are every record of that
@@ -149,11 +163,14 @@ pub fn smooth_group(
     let x_stats = stats.get(x_key)?;
     let alpha = match alpha {
         Some(a) => a,
-        None => ALPHA_GRID
-            .iter()
-            .map(|&a| (a, alpha_loss(x_stats, members, a)))
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map_or(0.5, |best| best.0),
+        None => {
+            let probe = ErrorProbe::new(x_stats, members);
+            ALPHA_GRID
+                .iter()
+                .map(|&a| (a, probe.error(&factors(&x_stats.max_abs, members, a))))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map_or(0.5, |best| best.0)
+        }
     };
     let s = factors(&x_stats.max_abs, members, alpha);
     scale_columns(members, &s);
@@ -225,10 +242,10 @@ pub fn fold_v_into_o(
     let alpha = match alpha {
         Some(a) => a,
         None => {
-            let members = [&mut *o];
+            let probe = ErrorProbe::new(o_stats, &[&mut *o]);
             ALPHA_GRID
                 .iter()
-                .map(|&a| (a, output_error(o_stats, &members, &s_for(a))))
+                .map(|&a| (a, probe.error(&s_for(a))))
                 .min_by(|a, b| a.1.total_cmp(&b.1))
                 .map_or(0.5, |best| best.0)
         }
