@@ -567,6 +567,9 @@ impl<B: Backend> Engine<B> {
         let [mut g, u] = self.linears([&mlp.gate, &mlp.up], x);
         self.backend
             .gated_activation(self.model.config.activation, &mut g, &u);
+        if let Some(block) = self.model.config.ffn_hadamard_block {
+            self.backend.hadamard(&mut g, block);
+        }
         self.linear(&mlp.down, &g)
     }
 
