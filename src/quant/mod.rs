@@ -175,8 +175,24 @@ pub fn quantize(
     } else {
         let r = rotate::ModelRotation::new(&model.config, opts.rotate_seed);
         clock.time("rotate", || {
-            r.rotate_frame(&mut model.config, &mut model.weights)
+            r.rotate_embeddings(&mut model.config, &mut model.weights)
         })?;
+        // The table is int8 as a tied one would be (rows are looked up and dequantized; rotated
+        // rows have no outlier to widen a scale). Done now, so calibration sees the embeddings
+        // the quantized model will, and the f32 table is not held through every layer.
+        if opts.head != HeadQuant::F32 {
+            let rtn = QuantOptions {
+                method: Method::Rtn,
+                ..opts.clone()
+            };
+            let embed = &mut model.weights.embed;
+            clock.time("quantize", || {
+                quantize_linear(embed, &rtn, None, &mut summary)
+            })?;
+            if let LinearWeight::Int8(m) = &embed.weight {
+                embed.weight = LinearWeight::Int8WeightOnly(m.clone());
+            }
+        }
         summary.rotation = Some(format!(
             "residual stream rotated ({}), down-projection input {}",
             r.residual.dim(),
@@ -251,6 +267,9 @@ pub fn quantize(
     let mut model = Arc::try_unwrap(frame)
         .map_err(|_| Error::invalid("model still shared after calibration"))?;
     model.weights.layers = layers;
+    if let Some(r) = &rotation {
+        clock.time("rotate", || r.rotate_head(&mut model.weights))?;
+    }
     if opts.head != HeadQuant::F32 {
         let w = &mut model.weights;
         let head = w.lm_head.as_mut().unwrap_or(&mut w.embed);
@@ -263,17 +282,6 @@ pub fn quantize(
         })?;
         if let (HeadQuant::WeightOnly, LinearWeight::Int8(m)) = (opts.head, &head.weight) {
             head.weight = LinearWeight::Int8WeightOnly(m.clone());
-        }
-        // Rotation untied the embeddings from the head: the table is int8 as a tied one would be
-        // (rows are looked up and dequantized; rotated rows have no outlier to widen a scale).
-        if rotation.is_some() {
-            let embed = &mut model.weights.embed;
-            clock.time("quantize", || {
-                quantize_linear(embed, &rtn, None, &mut summary)
-            })?;
-            if let LinearWeight::Int8(m) = &embed.weight {
-                embed.weight = LinearWeight::Int8WeightOnly(m.clone());
-            }
         }
     }
     summary.phase_seconds = clock.phases;

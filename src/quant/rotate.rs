@@ -188,25 +188,29 @@ impl ModelRotation {
         }
     }
 
-    /// Rotates the embeddings and the head (untying them: the head also takes the final norm's
-    /// weight) and sets the final norm's weight to ones. Call before any layer runs.
-    pub fn rotate_frame(&self, cfg: &mut ModelConfig, w: &mut Weights) -> Result<()> {
-        let gamma = take_norm_weight(w.final_norm.as_mut())?;
-        let mut head = match w.lm_head.take() {
-            Some(h) => h,
-            None => {
-                let mut h = w.embed.clone();
-                h.name = "lm_head".into();
-                h
-            }
-        };
-        rotate_reader(&mut head, &gamma, &self.residual)?;
-        w.lm_head = Some(head);
+    /// Rotates the embedding rows, untying the head from them (the head is rotated last, by
+    /// [`Self::rotate_head`]: it also takes the final norm's weight). Call before any layer runs.
+    pub fn rotate_embeddings(&self, cfg: &mut ModelConfig, w: &mut Weights) -> Result<()> {
+        if w.lm_head.is_none() {
+            let mut head = w.embed.clone();
+            head.name = "lm_head".into();
+            w.lm_head = Some(head);
+        }
         cfg.tie_word_embeddings = false;
         let ones = vec![1.0; cfg.hidden_size];
         rotate_reader(&mut w.embed, &ones, &self.residual)?;
         cfg.ffn_hadamard_block = self.ffn_block;
         Ok(())
+    }
+
+    /// `head ← head·diag(γ)·Rᵀ` with the final norm's γ, which becomes ones.
+    pub fn rotate_head(&self, w: &mut Weights) -> Result<()> {
+        let gamma = take_norm_weight(w.final_norm.as_mut())?;
+        let head = w
+            .lm_head
+            .as_mut()
+            .ok_or_else(|| Error::invalid("rotate_embeddings unties the head first"))?;
+        rotate_reader(head, &gamma, &self.residual)
     }
 
     /// Rotates one layer's weights (f32; call after they are read, before calibration).
