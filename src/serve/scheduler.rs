@@ -103,6 +103,11 @@ impl<'e, T> Scheduler<'e, T> {
         self.waiting.len()
     }
 
+    /// Each running request's tag and generation (its KV cache and options).
+    pub fn running(&self) -> impl Iterator<Item = (&T, &Generation)> {
+        self.active.iter().map(|j| (&j.tag, &j.gen))
+    }
+
     /// Every request in flight (running or waiting), by tag.
     pub fn tags(&self) -> impl Iterator<Item = &T> {
         self.active.iter().chain(&self.waiting).map(|j| &j.tag)
