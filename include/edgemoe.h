@@ -83,18 +83,6 @@
 // recurrence interval.
 #define EDGEMOE_KV_POLICY_LAZY 4
 
-// Sink tokens kept by every policy (StreamingLLM keeps 4).
-#define DEFAULT_SINKS 4
-
-// Observation window W in decode steps.
-#define DEFAULT_WINDOW 64
-
-// A slot's attention is significant when it exceeds this many times the uniform share
-// (1 / visible slots) of one step's attention, averaged over the heads. At 1× most prose
-// tokens pass now and then and their recurrence intervals are noise; 8× recalled far more of
-// the recall text's facts (README, "KV-cache eviction").
-#define DEFAULT_THRESHOLD 8.0
-
 // A loaded model: immutable, so any number of threads may use one model handle at once.
 // Sessions keep their model alive, so models and sessions may be freed in any order.
 typedef struct EdgemoeModel EdgemoeModel;

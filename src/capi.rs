@@ -8,7 +8,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
-mod kv;
+mod kv_params;
 mod support;
 
 use crate::engine::generation::{generate, FinishReason, GenerateRequest};
@@ -288,7 +288,7 @@ pub unsafe extern "C" fn edgemoe_session_new(
                 format!("n_threads is {}; at most {MAX_THREADS}", params.n_threads),
             );
         }
-        let kv = kv::kv_options(&params)?;
+        let kv = kv_params::kv_options(&params)?;
         let mut engine =
             Engine::new(model.clone(), params.n_threads as usize).map_err(|e| Failure {
                 code: EDGEMOE_ERR_INTERNAL,

@@ -681,3 +681,47 @@ fn a_smaller_kv_budget_leaves_more_expert_slots() {
     // One sequence allocates exactly its share of the plan.
     assert_eq!(allocated as u64, lazy_kv / sequences as u64);
 }
+
+/// Under `--mem`, a serve request may not ask for a bigger KV cache than the server reserved
+/// per request; within the reservation it may choose any budget and policy.
+#[test]
+fn a_request_cannot_outgrow_the_kv_reservation() {
+    use edgemoe::kv::{Budget, KvOptions, Policy as KvPolicy};
+    use edgemoe::serve::kv::{options as request_options, RequestKv};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Arc::new(Model::load(&quantized(tmp.path())).unwrap());
+    let server = KvOptions {
+        policy: KvPolicy::Lazy,
+        budget: Some(Budget::Tokens(150)),
+        ..KvOptions::default()
+    };
+    let service = ExpertService::paged(
+        model.clone(),
+        &PagingOptions {
+            kv: KvDemand {
+                options: server,
+                reach: usize::MAX,
+                sequences: 2,
+            },
+            ..options(1 << 40, Policy::Stats, ReadMode::Direct, false)
+        },
+    )
+    .unwrap();
+    let mut engine = Engine::new(model, 1).unwrap().with_experts(service);
+    engine.set_kv_options(server).unwrap();
+    let ask = |budget: Option<Budget>, policy: Option<KvPolicy>, reach: usize| {
+        request_options(&engine, RequestKv { budget, policy }, reach)
+    };
+    assert_eq!(ask(None, None, 400).unwrap(), server);
+    assert!(ask(Some(Budget::Tokens(140)), Some(KvPolicy::H2o), 400).is_ok());
+    // A short request fits whatever it asks, since it holds only what it reaches.
+    assert!(ask(None, Some(KvPolicy::Full), 140).is_ok());
+    for (budget, policy) in [
+        (Some(Budget::Tokens(300)), None),
+        (None, Some(KvPolicy::Full)),
+    ] {
+        let (code, msg) = ask(budget, policy, 400).unwrap_err();
+        assert_eq!(code, "kv_budget_too_large", "{msg}");
+        assert!(msg.contains("(150 tokens)"), "{msg}");
+    }
+}
