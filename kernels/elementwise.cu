@@ -106,6 +106,25 @@ extern "C" __global__ void hadamard_blocks(int block, float* __restrict__ x) {
     for (int i = threadIdx.x; i < block; i += blockDim.x) base[i] = __fmul_rn(run[i], norm);
 }
 
+// out = (C_m (x) I_b) x on rows of width = m * block: output run k, position t is
+// sum_j C[k][j] x[run j, position t], C the orthonormal DCT-II of size m (computed here, as the
+// CPU does, from m alone). One thread per output value.
+extern "C" __global__ void mix_blocks(long long n, int width, int block,
+                                      const float* __restrict__ x, float* __restrict__ out) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const long long row = i / width;
+    const int col = (int)(i % width), m = width / block, k = col / block, t = col % block;
+    const float* base = x + row * width + t;
+    const double scale = k == 0 ? sqrt(1.0 / m) : sqrt(2.0 / m);
+    float acc = 0.0f;
+    for (int j = 0; j < m; ++j) {
+        const float c = (float)(scale * cos(3.14159265358979323846 * (j + 0.5) * k / m));
+        acc = fmaf(c, base[(size_t)j * block], acc);
+    }
+    out[i] = acc;
+}
+
 // x += y (the residual stream).
 extern "C" __global__ void add_inplace(long long n, float* __restrict__ x,
                                        const float* __restrict__ y) {

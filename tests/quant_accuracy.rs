@@ -1,5 +1,6 @@
 //! W8A8 accuracy on the trained fixture's held-out text (ctx 256): every method against f32,
-//! and the outlier variant where plain rounding must degrade and smoothing + GPTQ must not.
+//! and the outlier variants where plain (unrotated) rounding must degrade and haq, rotated or
+//! with the smoothing folds alone, must not.
 //! Accuracy, not speed: these assert perplexity ratios, never timings.
 
 use edgemoe::engine::ppl::perplexity;
@@ -61,14 +62,29 @@ fn table(variant: Variant) -> Vec<(String, f64)> {
     // Half the held-out windows keep the test quick; every method sees the same ones.
     let held = &held[..held.len() / 2];
     let mut rows = vec![("f32".to_string(), ppl(probe, held))];
-    for method in [Method::Rtn, Method::Smooth, Method::Gptq, Method::Haq] {
+    // The references without rotation (plain rounding must break on the outlier variants: the
+    // sign that activations really are int8), haq as it ships (rotated), and haq unrotated (the
+    // smoothing folds alone).
+    let runs = [
+        (Method::Rtn, false),
+        (Method::Smooth, false),
+        (Method::Gptq, false),
+        (Method::Haq, true),
+        (Method::Haq, false),
+    ];
+    for (method, rotate) in runs {
         let m = load();
         let opts = QuantOptions {
             threads: 2,
+            rotate,
             ..QuantOptions::new(method, &m)
         };
         let (q, _) = quant::quantize(m, calib, 256, &opts, |_, _, _| {}).unwrap();
-        rows.push((format!("{method:?}").to_lowercase(), ppl(q, held)));
+        let name = match (method, rotate) {
+            (Method::Haq, false) => "haq-norot".to_string(),
+            _ => format!("{method:?}").to_lowercase(),
+        };
+        rows.push((name, ppl(q, held)));
     }
     eprintln!("{variant:?}:");
     for (name, p) in &rows {
@@ -80,10 +96,15 @@ fn table(variant: Variant) -> Vec<(String, f64)> {
     rows
 }
 
-/// haq's loss over f32 stays under 0.1% (the bound); the fixture's own loss is ~0.01%.
+/// haq's loss over f32 stays under 0.1% (the bound), rotated and not; the fixture's own
+/// loss is ~0.01%.
 fn assert_haq_close(rows: &[(String, f64)]) {
-    let (f32_ppl, haq) = (rows[0].1, rows[4].1);
+    let (f32_ppl, haq, unrotated) = (rows[0].1, rows[4].1, rows[5].1);
     assert!(haq / f32_ppl - 1.0 < 0.001, "haq {haq} vs f32 {f32_ppl}");
+    assert!(
+        unrotated / f32_ppl - 1.0 < 0.001,
+        "haq unrotated {unrotated} vs f32 {f32_ppl}"
+    );
 }
 
 #[test]

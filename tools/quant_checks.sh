@@ -31,16 +31,22 @@ if [ "$what" = smollm2 ] || [ "$what" = all ]; then
   f256=$(ppl "$gguf" 256); f1024=$(ppl "$gguf" 1024)
   echo "method | ppl ctx 256 | vs f32 | ppl ctx 1024 | vs f32 | quantize wall (CPU s) | peak RSS / f32 size"
   echo "f32 | $f256 | | $f1024 | | |"
-  for m in ${METHODS:-rtn smooth gptq haq}; do
-    emoe=$out/smollm2-$m.emoe
-    /usr/bin/time -v "$bin" quantize --model "$gguf" --calib "$calib" --method "$m" --threads 2 \
-      --out "$emoe" >"$out/quant-$m.txt" 2>"$out/time-$m.txt"
+  # An entry is a method, or METHOD:FLAG for a variant (haq:--no-rotate).
+  for entry in ${METHODS:-rtn smooth gptq haq haq:--no-rotate}; do
+    m=${entry%%:*}
+    flag=""
+    [ "$entry" = "$m" ] || flag=${entry#*:}
+    tag=$m$flag
+    emoe=$out/smollm2-$tag.emoe
+    # shellcheck disable=SC2086 # $flag is one flag or none
+    /usr/bin/time -v "$bin" quantize --model "$gguf" --calib "$calib" --method "$m" $flag --threads 2 \
+      --out "$emoe" >"$out/quant-$tag.txt" 2>"$out/time-$tag.txt"
     p256=$(ppl "$emoe" 256); p1024=$(ppl "$emoe" 1024)
     python3 -c "
-kb=$(peak_kb "$out/time-$m.txt")
-print('$m | $p256 | %+.2f%% | $p1024 | %+.2f%% | $(wall "$out/time-$m.txt") ($(cpu "$out/time-$m.txt")) | %.2f' % (
+kb=$(peak_kb "$out/time-$tag.txt")
+print('$m $flag | $p256 | %+.2f%% | $p1024 | %+.2f%% | $(wall "$out/time-$tag.txt") ($(cpu "$out/time-$tag.txt")) | %.2f' % (
   ($p256/$f256-1)*100, ($p1024/$f1024-1)*100, kb*1024/$f32_bytes))"
-    grep "time:" "$out/quant-$m.txt" || true
+    grep "time:" "$out/quant-$tag.txt" || true
   done
 fi
 

@@ -148,9 +148,10 @@ pub trait Backend: Send + Sync {
     fn gated_activation(&self, act: Activation, gate: &mut Self::Act, up: &Self::Act);
     /// `x += y`.
     fn add(&self, x: &mut Self::Act, y: &Self::Act);
-    /// The normalized Walsh–Hadamard transform on every run of `block` values of each row
-    /// (`block` a power of two dividing the row width): a rotated model's down-projection input.
-    fn hadamard(&self, x: &mut Self::Act, block: usize);
+    /// A rotated model's down-projection input: `(C_m ⊗ H_b)` on every row, the Walsh–Hadamard
+    /// transform on runs of `block` values, then the runs mixed by the orthonormal DCT-II
+    /// (`backend::cpu::ops::rotate_rows` is the reference).
+    fn rotate_rows(&self, x: &mut Self::Act, block: usize);
     /// Every row's top-k experts from its router logits (softmax, then top-k, optionally
     /// renormalized); rows numbered from `first_row`.
     fn route(

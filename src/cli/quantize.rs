@@ -58,10 +58,11 @@ pub struct QuantizeArgs {
     /// `down_proj`): mixed precision where a model is sensitive.
     #[arg(long = "keep-f32", value_name = "NAME")]
     pub keep_f32: Vec<String>,
-    /// Rotate the residual stream and the down-projections' input before quantizing (exact
-    /// in f32; spreads activation outliers): pre-norm RMSNorm models with gated MLPs.
-    #[arg(long)]
-    pub rotate: bool,
+    /// Do not rotate the residual stream and the down-projections' input before quantizing
+    /// (by default pre-norm RMSNorm models with gated MLPs are rotated: exact in f32, it
+    /// spreads activation outliers over all channels).
+    #[arg(long = "no-rotate")]
+    pub no_rotate: bool,
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -116,7 +117,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     opts.threads = a.threads;
     opts.propagate = a.propagate;
     opts.keep_f32 = a.keep_f32.clone();
-    opts.rotate = a.rotate;
+    opts.rotate = !a.no_rotate;
     match a.alpha.as_deref() {
         None => {}
         Some("auto") => opts.alpha = None,

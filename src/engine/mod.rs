@@ -583,7 +583,7 @@ impl<B: Backend> Engine<B> {
         self.backend
             .gated_activation(self.model.config.activation, &mut g, &u);
         if let Some(block) = self.model.config.ffn_hadamard_block {
-            self.backend.hadamard(&mut g, block);
+            self.backend.rotate_rows(&mut g, block);
         }
         self.linear(&mlp.down, &g)
     }

@@ -127,7 +127,8 @@ impl QuantOptions {
             head: HeadQuant::WeightOnly,
             threads: 0,
             keep_f32: Vec::new(),
-            rotate: false,
+            // On SmolLM2-135M haq +0.42% ppl rotated against +1.05% not (README).
+            rotate: true,
             rotate_seed: 0x5EED_0F_2024,
         }
     }

@@ -12,7 +12,7 @@
 //! block Hadamard transform (`H·D` with random signs D folded into up_proj's rows and down_proj's
 //! columns): the run-time cost is `f·log₂ b` adds per token against `f·h` multiply-adds.
 
-pub use crate::backend::cpu::ops::hadamard_in_blocks;
+pub use crate::backend::cpu::ops::{hadamard_in_blocks, rotate_rows};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, LinearWeight, Norm, Weights};
@@ -320,8 +320,9 @@ fn map_columns(lin: &mut Linear, f: impl Fn(&mut [f32])) -> Result<()> {
     Ok(())
 }
 
-/// The down-projection reads `H·D·z` instead of `z = act(gate·x) ⊙ (up·x)`: D's signs go into
-/// up's rows (z is linear in each), `W_down ← W_down·D·H` (H symmetric: rows `w ← H·(D·w)`).
+/// The down-projection reads `T·D·z` instead of `z = act(gate·x) ⊙ (up·x)`, `T = C_m ⊗ H_b` the
+/// backends' `rotate_rows`: D's signs go into up's rows (z is linear in each) and
+/// `W_down ← W_down·D·Tᵀ` (rows `w ← T·(D·w)`).
 fn rotate_down_input(mlp: &mut GatedMlp, block: usize, seed: u64) -> Result<()> {
     let f = mlp.down.in_features;
     let mut rng = SplitMix64::new(seed);
@@ -332,7 +333,7 @@ fn rotate_down_input(mlp: &mut GatedMlp, block: usize, seed: u64) -> Result<()> 
     let (mut rows, packed) = rows_of(&mlp.down)?;
     for row in rows.chunks_exact_mut(f) {
         row.iter_mut().zip(&signs).for_each(|(w, s)| *w *= s);
-        hadamard_in_blocks(row, block);
+        rotate_rows(row, f, block);
     }
     set_rows(&mut mlp.down, rows, packed);
     Ok(())
@@ -391,6 +392,44 @@ mod tests {
                     / (b as f64).sqrt();
                 assert!((o as f64 - want).abs() < 1e-4, "{i}: {o} vs {want}");
             }
+        }
+    }
+
+    #[test]
+    fn row_rotation_is_the_kronecker_product_of_dct_and_hadamard() {
+        use crate::backend::cpu::ops::dct_entry;
+        let (b, m) = (32, 3);
+        let w = b * m;
+        let mut rng = SplitMix64::new(5);
+        let x: Vec<f32> = (0..2 * w)
+            .map(|_| (rng.next_u64() % 2001) as f32 / 100.0 - 10.0)
+            .collect();
+        let mut got = x.clone();
+        rotate_rows(&mut got, w, b);
+        let h = |t: usize, u: usize| {
+            let v = if (t & u).count_ones() % 2 == 0 {
+                1.0
+            } else {
+                -1.0
+            };
+            v / (b as f64).sqrt()
+        };
+        for (row, out) in x.chunks(w).zip(got.chunks(w)) {
+            for (i, &o) in out.iter().enumerate() {
+                let (k, t) = (i / b, i % b);
+                let want: f64 = (0..w)
+                    .map(|jn| {
+                        let (j, u) = (jn / b, jn % b);
+                        dct_entry(m, k, j) as f64 * h(t, u) * row[jn] as f64
+                    })
+                    .sum();
+                assert!((o as f64 - want).abs() < 1e-4, "{i}: {o} vs {want}");
+            }
+        }
+        // Orthogonal: the norm of every row is kept.
+        for (row, out) in x.chunks(w).zip(got.chunks(w)) {
+            let n = |v: &[f32]| v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>();
+            assert!((n(row) - n(out)).abs() < 1e-3 * n(row));
         }
     }
 

@@ -6,9 +6,7 @@ use super::half::{matmul_half, HalfView};
 use super::int8::{self, quantize_rows_smoothed, QuantizedRows};
 use super::int8w::matmul_w8;
 use super::matmul::matmul;
-use super::ops::{
-    activate, gated_activation, hadamard_in_blocks, norm_rows, sigmoid, Rope, RopeTable,
-};
+use super::ops::{activate, gated_activation, norm_rows, rotate_rows, sigmoid, Rope, RopeTable};
 use super::packed::matmul_packed;
 use super::parallel::{kernel_threads, largest_first, serially};
 use super::routing::route_rows;
@@ -297,8 +295,8 @@ impl Backend for CpuBackend {
         x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
     }
 
-    fn hadamard(&self, x: &mut Rows, block: usize) {
-        hadamard_in_blocks(&mut x.data, block);
+    fn rotate_rows(&self, x: &mut Rows, block: usize) {
+        rotate_rows(&mut x.data, x.cols, block);
     }
 
     fn route(&self, logits: &Rows, top_k: usize, renormalize: bool, first_row: usize) -> Vec<Pick> {

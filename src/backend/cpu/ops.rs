@@ -65,6 +65,47 @@ pub fn hadamard_in_blocks(x: &mut [f32], block: usize) {
     }
 }
 
+/// Entry `(k, n)` of the orthonormal `m × m` DCT-II matrix: an orthogonal matrix every backend
+/// computes from `m` alone (no stored table), dense enough to mix every input into every output.
+pub fn dct_entry(m: usize, k: usize, n: usize) -> f32 {
+    let scale = if k == 0 {
+        (1.0 / m as f64).sqrt()
+    } else {
+        (2.0 / m as f64).sqrt()
+    };
+    let angle = std::f64::consts::PI * (n as f64 + 0.5) * k as f64 / m as f64;
+    (scale * angle.cos()) as f32
+}
+
+/// `x ← (C_m ⊗ H_b)·x` on every row of `width = m·b` values: the Walsh–Hadamard transform on
+/// each run of `b`, then the runs mixed position by position by the orthonormal DCT-II `C_m`
+/// (`m = 1`: the Hadamard alone). Orthogonal, so a linear reading the result holds the same
+/// transform of its weights; it spreads any one channel over the whole row.
+pub fn rotate_rows(x: &mut [f32], width: usize, block: usize) {
+    debug_assert!(width.is_multiple_of(block) && x.len().is_multiple_of(width));
+    hadamard_in_blocks(x, block);
+    let m = width / block;
+    if m == 1 {
+        return;
+    }
+    let c: Vec<f32> = (0..m * m).map(|i| dct_entry(m, i / m, i % m)).collect();
+    let (mut gathered, mut mixed) = (vec![0f32; m], vec![0f32; m]);
+    for row in x.chunks_exact_mut(width) {
+        for t in 0..block {
+            for (j, g) in gathered.iter_mut().enumerate() {
+                *g = row[j * block + t];
+            }
+            for (k, out) in mixed.iter_mut().enumerate() {
+                let ck = &c[k * m..(k + 1) * m];
+                *out = ck.iter().zip(&gathered).map(|(a, b)| a * b).sum();
+            }
+            for (k, &v) in mixed.iter().enumerate() {
+                row[k * block + t] = v;
+            }
+        }
+    }
+}
+
 /// `gate ← act(gate) ⊙ up`, the gated-MLP middle.
 pub fn gated_activation(act: Activation, gate: &mut [f32], up: &[f32]) {
     if act == Activation::Silu {

@@ -446,8 +446,11 @@ impl Backend for CudaBackend {
         gate.quant = None;
     }
 
-    fn hadamard(&self, x: &mut DeviceRows, block: usize) {
+    fn rotate_rows(&self, x: &mut DeviceRows, block: usize) {
         must(self.gpu.hadamard(&mut x.data, x.rows * x.cols, block));
+        if x.cols > block {
+            x.data = must(self.gpu.mix_blocks(&x.data, x.rows, x.cols, block));
+        }
         x.quant = None;
     }
 

@@ -37,6 +37,7 @@ const KERNELS: &[(&str, &[&str])] = &[
             "gated_act",
             "add_inplace",
             "hadamard_blocks",
+            "mix_blocks",
             "gather_rows",
             "add_rows",
             "mix_rows",

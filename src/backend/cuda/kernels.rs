@@ -441,6 +441,29 @@ impl Gpu {
         self.launched("hadamard", unsafe { b.launch(cfg) }.map(|_| ()))
     }
 
+    /// Every row of `width = m·block` values with its runs of `block` mixed position by position
+    /// by the orthonormal DCT-II of size m (into a new buffer).
+    pub fn mix_blocks(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        width: usize,
+        block: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let n = rows * width;
+        check(
+            block > 0 && width.is_multiple_of(block) && x.len() >= n,
+            || format!("mix_blocks: rows of {width} in runs of {block}"),
+        )?;
+        let mut out = self.zeros::<f32>(n, "rotated rows")?;
+        let (n64, w32, b32) = (n as i64, width as i32, block as i32);
+        let mut b = self.stream.launch_builder(self.func("mix_blocks"));
+        b.arg(&n64).arg(&w32).arg(&b32).arg(x).arg(&mut out);
+        // SAFETY: n values in and out (checked, allocated).
+        self.launched("mix_blocks", unsafe { b.launch(grid_1d(n)) }.map(|_| ()))?;
+        Ok(out)
+    }
+
     /// `out[r] = table[index[r]]` (`dim` floats a row, `table_rows` rows; indices checked on
     /// the host first).
     pub fn gather_rows(
