@@ -273,6 +273,13 @@ mod dispatch {
             }
         }
 
+        fn rotate_rows(&self, x: &mut SelectedAct, block: usize) {
+            match self {
+                Selected::Cpu(b) => b.rotate_rows(cpu_act!(x), block),
+                Selected::Cuda(b) => b.rotate_rows(gpu_act!(x), block),
+            }
+        }
+
         fn route(
             &self,
             logits: &SelectedAct,

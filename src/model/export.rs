@@ -101,7 +101,12 @@ pub fn export(
     dtype: ExportDtype,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ExportSummary> {
-    let cfg = &model.config;
+    // A rotated model's down-projections are written back unrotated (`Values::RotatedInput`),
+    // so the checkpoint needs no run-time transform.
+    let cfg = &ModelConfig {
+        ffn_hadamard_block: None,
+        ..model.config.clone()
+    };
     let config = hf_config_json(cfg, dtype);
     check_round_trip(cfg, &config, &dir.join("config.json"))?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -113,7 +118,7 @@ pub fn export(
             index.display()
         )));
     }
-    let tensors = tensors(&model.weights)?;
+    let tensors = tensors(&model.weights, model.config.ffn_hadamard_block)?;
     let safetensors_bytes =
         write_safetensors(&dir.join("model.safetensors"), &tensors, dtype, progress)?;
     let generated_tokenizer = matches!(model.tokenizer, Tokenizer::Bytes);
@@ -342,6 +347,9 @@ enum Values<'a> {
     Weight(&'a Linear),
     /// Biases, norm weights, positions: stored as they are.
     Floats(&'a [f32]),
+    /// A down-projection that reads its input rotated by `rotate_rows` on runs of this block:
+    /// the weight of the same linear reading the input as it is (`W·T`, rows `Tᵀ·w`).
+    RotatedInput(&'a Linear, usize),
 }
 
 struct Tensor<'a> {
@@ -360,6 +368,13 @@ impl Tensor<'_> {
         match self.values {
             Values::Floats(v) => Cow::Borrowed(v),
             Values::Weight(l) => linear_rows(l),
+            Values::RotatedInput(l, block) => {
+                let mut rows = linear_rows(l).into_owned();
+                let k = l.in_features;
+                rows.par_chunks_mut(k.max(1))
+                    .for_each(|row| crate::backend::cpu::ops::rotate_rows_back(row, k, block));
+                Cow::Owned(rows)
+            }
         }
     }
 }
@@ -405,8 +420,8 @@ fn checkpoint_name(prefix: &str) -> String {
 
 /// Every tensor of `w` under its checkpoint name, in the order transformers' modules list
 /// them: embeddings, layers, final norm, head.
-fn tensors(w: &Weights) -> Result<Vec<Tensor<'_>>> {
-    let mut t = Tensors(Vec::new());
+fn tensors(w: &Weights, ffn_block: Option<usize>) -> Result<Vec<Tensor<'_>>> {
+    let mut t = Tensors(Vec::new(), ffn_block);
     t.linear(&w.embed);
     if let Some(p) = &w.positions {
         let root =
@@ -473,7 +488,8 @@ fn tensors(w: &Weights) -> Result<Vec<Tensor<'_>>> {
     Ok(t.0)
 }
 
-struct Tensors<'a>(Vec<Tensor<'a>>);
+/// The tensors so far, and the rotated model's down-projection block.
+struct Tensors<'a>(Vec<Tensor<'a>>, Option<usize>);
 
 impl<'a> Tensors<'a> {
     fn floats(&mut self, name: String, shape: Vec<usize>, v: &'a [f32]) {
@@ -497,8 +513,11 @@ impl<'a> Tensors<'a> {
     }
 
     fn mlp(&mut self, m: &'a GatedMlp) {
-        for l in [&m.gate, &m.up, &m.down] {
-            self.linear(l);
+        self.linear(&m.gate);
+        self.linear(&m.up);
+        self.linear(&m.down);
+        if let (Some(block), Some(down)) = (self.1, self.0.last_mut()) {
+            down.values = Values::RotatedInput(&m.down, block);
         }
     }
 

@@ -129,7 +129,7 @@ impl QuantOptions {
             keep_f32: Vec::new(),
             // On SmolLM2-135M haq +0.42% ppl rotated against +1.05% not (README).
             rotate: true,
-            rotate_seed: 0x5EED_0F_2024,
+            rotate_seed: 0x005E_ED0F_2024,
         }
     }
 }

@@ -426,6 +426,12 @@ mod tests {
                 assert!((o as f64 - want).abs() < 1e-4, "{i}: {o} vs {want}");
             }
         }
+        // Its transpose undoes it.
+        let mut back = got.clone();
+        crate::backend::cpu::ops::rotate_rows_back(&mut back, w, b);
+        for (a, o) in back.iter().zip(&x) {
+            assert!((a - o).abs() < 1e-4);
+        }
         // Orthogonal: the norm of every row is kept.
         for (row, out) in x.chunks(w).zip(got.chunks(w)) {
             let n = |v: &[f32]| v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>();

@@ -82,13 +82,33 @@ pub fn dct_entry(m: usize, k: usize, n: usize) -> f32 {
 /// (`m = 1`: the Hadamard alone). Orthogonal, so a linear reading the result holds the same
 /// transform of its weights; it spreads any one channel over the whole row.
 pub fn rotate_rows(x: &mut [f32], width: usize, block: usize) {
-    debug_assert!(width.is_multiple_of(block) && x.len().is_multiple_of(width));
     hadamard_in_blocks(x, block);
+    mix_runs(x, width, block, false);
+}
+
+/// The inverse (transpose) of [`rotate_rows`]: `x ← (C_mᵀ ⊗ H_b)·x`.
+pub fn rotate_rows_back(x: &mut [f32], width: usize, block: usize) {
+    hadamard_in_blocks(x, block);
+    mix_runs(x, width, block, true);
+}
+
+/// Each row's runs of `block` mixed position by position by `C_m` (or `C_mᵀ`).
+fn mix_runs(x: &mut [f32], width: usize, block: usize, transposed: bool) {
+    debug_assert!(width.is_multiple_of(block) && x.len().is_multiple_of(width));
     let m = width / block;
     if m == 1 {
         return;
     }
-    let c: Vec<f32> = (0..m * m).map(|i| dct_entry(m, i / m, i % m)).collect();
+    let c: Vec<f32> = (0..m * m)
+        .map(|i| {
+            let (k, n) = (i / m, i % m);
+            if transposed {
+                dct_entry(m, n, k)
+            } else {
+                dct_entry(m, k, n)
+            }
+        })
+        .collect();
     let (mut gathered, mut mixed) = (vec![0f32; m], vec![0f32; m]);
     for row in x.chunks_exact_mut(width) {
         for t in 0..block {
