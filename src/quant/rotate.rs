@@ -387,7 +387,7 @@ mod tests {
                 let want: f64 = run
                     .iter()
                     .enumerate()
-                    .map(|(j, &v)| if (i & j).count_ones() % 2 == 0 { v } else { -v } as f64)
+                    .map(|(j, &v)| if (i & j).count_ones().is_multiple_of(2) { v } else { -v } as f64)
                     .sum::<f64>()
                     / (b as f64).sqrt();
                 assert!((o as f64 - want).abs() < 1e-4, "{i}: {o} vs {want}");
@@ -407,7 +407,7 @@ mod tests {
         let mut got = x.clone();
         rotate_rows(&mut got, w, b);
         let h = |t: usize, u: usize| {
-            let v = if (t & u).count_ones() % 2 == 0 {
+            let v = if (t & u).count_ones().is_multiple_of(2) {
                 1.0
             } else {
                 -1.0
