@@ -11,6 +11,7 @@
 pub mod evict;
 pub mod mass;
 pub mod policy;
+pub mod rewind;
 pub mod stats;
 
 pub use policy::{Budget, EvictionConfig, KvOptions, Policy};

@@ -239,13 +239,8 @@ fn complete(mut request: Request, shared: &Shared, api: Api, model: &str) {
     let Some(outs) = outs.into_iter().collect::<Option<Vec<_>>>() else {
         return fail(request, 500, "internal", "the request was lost");
     };
-    if outs.iter().any(|o| o.finish_reason == FinishReason::Error) {
-        return fail(
-            request,
-            500,
-            "generation_failed",
-            "generation failed (the server log has the cause)",
-        );
+    if let Some(o) = outs.iter().find(|o| o.finish_reason == FinishReason::Error) {
+        return fail(request, 500, "generation_failed", &failure_message(o));
     }
     let choices: Vec<(String, GenerateOutput)> = outs
         .into_iter()
@@ -329,8 +324,8 @@ impl Sse<'_> {
     /// The last chunk of one choice (an error event when it failed).
     fn choice_done(&self, w: &mut impl Write, index: usize, out: &GenerateOutput) -> bool {
         if out.finish_reason == FinishReason::Error {
-            let msg = "generation failed (the server log has the cause)";
-            return event(w, &openai::error(msg, "server_error", "generation_failed"));
+            let msg = failure_message(out);
+            return event(w, &openai::error(&msg, "server_error", "generation_failed"));
         }
         let last = if self.chat {
             openai::chat_chunk(self.ids, index, json!({}), Some(out.finish_reason))
@@ -338,6 +333,14 @@ impl Sse<'_> {
             openai::completion_chunk(self.ids, index, "", Some(out.finish_reason))
         };
         event(w, &last)
+    }
+}
+
+/// What a failed choice's client is told.
+fn failure_message(out: &GenerateOutput) -> String {
+    match &out.error {
+        Some(reason) => format!("generation failed: {reason}"),
+        None => "generation failed (the server log has the cause)".into(),
     }
 }
 
