@@ -11,6 +11,8 @@
 mod handler;
 mod metrics;
 mod openai;
+#[cfg(test)]
+mod tests;
 
 use super::chat::ChatTemplate;
 use super::protocol::{Api, Request};
