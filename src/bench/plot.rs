@@ -40,6 +40,13 @@ const PARAMS: [Param; 4] = [
     },
 ];
 
+/// A test kind: its title, its tokens/s per sample, and whether a result has it.
+type Kind = (
+    &'static str,
+    fn(&PointResult) -> Vec<f64>,
+    fn(&PointResult) -> bool,
+);
+
 /// One panel: its title, x axis name and tick values, and its lines (label → (x index, y)).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Panel {
@@ -62,8 +69,7 @@ pub fn panels(results: &[PointResult]) -> Vec<Panel> {
         .iter()
         .filter(|p| distinct(results, p.get).len() > 1)
         .collect();
-    type Tps = fn(&PointResult) -> Vec<f64>;
-    let kinds: [(&str, Tps, fn(&PointResult) -> bool); 2] = [
+    let kinds: [Kind; 2] = [
         (
             "prompt processing (pp) tokens/s",
             PointResult::pp_tokens_per_s,

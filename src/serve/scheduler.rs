@@ -458,7 +458,10 @@ mod tests {
     fn an_injected_fault_ends_only_its_request() {
         let engine = Engine::new(Arc::new(Model::builtin_default()), 1).unwrap();
         let (a, b) = (bytes("hello there"), bytes("once upon a time"));
-        let alone = [run(&engine, &[a.clone()]), run(&engine, &[b.clone()])];
+        let alone = [
+            run(&engine, std::slice::from_ref(&a)),
+            run(&engine, std::slice::from_ref(&b)),
+        ];
         for marker in [
             "<fault:sample>",
             "<fault:forward-panic>",
