@@ -67,6 +67,22 @@
 // Any other internal failure (e.g. worker threads could not be started).
 #define EDGEMOE_ERR_INTERNAL 9
 
+// kv_policy: lazy with a KV budget, full without (as the CLI's default).
+#define EDGEMOE_KV_POLICY_DEFAULT 0
+
+// kv_policy: keep every token (no budget may be set).
+#define EDGEMOE_KV_POLICY_FULL 1
+
+// kv_policy: StreamingLLM, the sink tokens and the most recent ones.
+#define EDGEMOE_KV_POLICY_WINDOW 2
+
+// kv_policy: H2O, heavy hitters by accumulated attention plus the most recent.
+#define EDGEMOE_KV_POLICY_H2O 3
+
+// kv_policy: LazyEviction, by time since the last significant attention over the longest
+// recurrence interval.
+#define EDGEMOE_KV_POLICY_LAZY 4
+
 // A loaded model: immutable, so any number of threads may use one model handle at once.
 // Sessions keep their model alive, so models and sessions may be freed in any order.
 typedef struct EdgemoeModel EdgemoeModel;
@@ -87,8 +103,25 @@ typedef struct EdgemoeSessionParams {
     uint32_t n_threads;
     // Memory budget in bytes for everything the session keeps resident (weights, expert
     // cache, KV cache, workspaces); an .emoe's experts are then paged through a cache sized
-    // from it. 0 means unlimited (experts used in place).
+    // from it. 0 means unlimited (experts used in place). The KV part is one sequence of the
+    // model's context, or of the KV budget when one is set.
     uint64_t mem_bytes;
+    // KV-cache budget per layer of a generation, in tokens; 0 means none. At most one of
+    // kv_budget_tokens and kv_budget_percent may be set.
+    uint32_t kv_budget_tokens;
+    // KV-cache budget as a percentage in (0, 100] of the tokens a generation reaches (prompt
+    // plus max_tokens); 0 means none.
+    float kv_budget_percent;
+    // Which tokens survive eviction: one of EDGEMOE_KV_POLICY_*.
+    int kv_policy;
+    // Observation window W in decode steps (eviction runs once per window and the last W
+    // tokens are kept); at least 1. Default 64.
+    uint32_t kv_window;
+    // Attention-sink tokens (the first ones) every policy keeps. Default 4.
+    uint32_t kv_sinks;
+    // lazy: a token's attention at a step is significant above this many times the uniform
+    // share, averaged over the heads; finite and > 0. Default 8.
+    float kv_threshold;
 } EdgemoeSessionParams;
 
 // Options for edgemoe_generate; start from edgemoe_generate_default_params().
@@ -125,7 +158,8 @@ const char *edgemoe_last_error(void);
 // The default model options.
 struct EdgemoeModelParams edgemoe_model_default_params(void);
 
-// The default session options: one worker thread per core.
+// The default session options: one worker thread per core, no memory budget, no KV budget
+// (the KV window, sinks and threshold at the CLI's defaults).
 struct EdgemoeSessionParams edgemoe_session_default_params(void);
 
 // The default generation options: greedy, at most 64 tokens.

@@ -85,6 +85,27 @@ extern "C" __global__ void gated_act(long long n, int act, float* __restrict__ g
     if (i < n) gate[i] = __fmul_rn(activate(act, gate[i]), up[i]);
 }
 
+// x <- H_b x on every run of `block` values (normalized Walsh-Hadamard; block a power of two,
+// at most 4096): one thread block per run, the run in shared memory, log2(block) butterfly
+// rounds. A rotated model's down-projection input.
+extern "C" __global__ void hadamard_blocks(int block, float* __restrict__ x) {
+    extern __shared__ float run[];
+    float* base = x + (size_t)blockIdx.x * block;
+    for (int i = threadIdx.x; i < block; i += blockDim.x) run[i] = base[i];
+    __syncthreads();
+    for (int h = 1; h < block; h <<= 1) {
+        for (int t = threadIdx.x; t < block / 2; t += blockDim.x) {
+            const int i = (t / h) * 2 * h + (t % h);
+            const float a = run[i], b = run[i + h];
+            run[i] = __fadd_rn(a, b);
+            run[i + h] = __fsub_rn(a, b);
+        }
+        __syncthreads();
+    }
+    const float norm = rsqrtf((float)block);
+    for (int i = threadIdx.x; i < block; i += blockDim.x) base[i] = __fmul_rn(run[i], norm);
+}
+
 // x += y (the residual stream).
 extern "C" __global__ void add_inplace(long long n, float* __restrict__ x,
                                        const float* __restrict__ y) {

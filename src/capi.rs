@@ -8,6 +8,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod kv_params;
 mod support;
 
 use crate::engine::generation::{generate, FinishReason, GenerateRequest};
@@ -61,16 +62,61 @@ pub struct EdgemoeModelParams {
     pub reserved: [u64; 8],
 }
 
+/// kv_policy: lazy with a KV budget, full without (as the CLI's default).
+pub const EDGEMOE_KV_POLICY_DEFAULT: c_int = 0;
+/// kv_policy: keep every token (no budget may be set).
+pub const EDGEMOE_KV_POLICY_FULL: c_int = 1;
+/// kv_policy: StreamingLLM, the sink tokens and the most recent ones.
+pub const EDGEMOE_KV_POLICY_WINDOW: c_int = 2;
+/// kv_policy: H2O, heavy hitters by accumulated attention plus the most recent.
+pub const EDGEMOE_KV_POLICY_H2O: c_int = 3;
+/// kv_policy: LazyEviction, by time since the last significant attention over the longest
+/// recurrence interval.
+pub const EDGEMOE_KV_POLICY_LAZY: c_int = 4;
+
 /// Options for edgemoe_session_new; start from edgemoe_session_default_params().
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct EdgemoeSessionParams {
     /// Worker threads for this session's forward pass, at most 1024; 0 means one per core.
     pub n_threads: u32,
     /// Memory budget in bytes for everything the session keeps resident (weights, expert
     /// cache, KV cache, workspaces); an .emoe's experts are then paged through a cache sized
-    /// from it. 0 means unlimited (experts used in place).
+    /// from it. 0 means unlimited (experts used in place). The KV part is one sequence of the
+    /// model's context, or of the KV budget when one is set.
     pub mem_bytes: u64,
+    /// KV-cache budget per layer of a generation, in tokens; 0 means none. At most one of
+    /// kv_budget_tokens and kv_budget_percent may be set.
+    pub kv_budget_tokens: u32,
+    /// KV-cache budget as a percentage in (0, 100] of the tokens a generation reaches (prompt
+    /// plus max_tokens); 0 means none.
+    pub kv_budget_percent: f32,
+    /// Which tokens survive eviction: one of EDGEMOE_KV_POLICY_*.
+    pub kv_policy: c_int,
+    /// Observation window W in decode steps (eviction runs once per window and the last W
+    /// tokens are kept); at least 1. Default 64.
+    pub kv_window: u32,
+    /// Attention-sink tokens (the first ones) every policy keeps. Default 4.
+    pub kv_sinks: u32,
+    /// lazy: a token's attention at a step is significant above this many times the uniform
+    /// share, averaged over the heads; finite and > 0. Default 8.
+    pub kv_threshold: f32,
+}
+
+impl Default for EdgemoeSessionParams {
+    fn default() -> Self {
+        let kv = crate::kv::KvOptions::default();
+        EdgemoeSessionParams {
+            n_threads: 0,
+            mem_bytes: 0,
+            kv_budget_tokens: 0,
+            kv_budget_percent: 0.0,
+            kv_policy: EDGEMOE_KV_POLICY_DEFAULT,
+            kv_window: kv.window as u32,
+            kv_sinks: kv.sinks as u32,
+            kv_threshold: kv.threshold,
+        }
+    }
 }
 
 /// Options for edgemoe_generate; start from edgemoe_generate_default_params().
@@ -137,7 +183,8 @@ pub extern "C" fn edgemoe_model_default_params() -> EdgemoeModelParams {
     EdgemoeModelParams::default()
 }
 
-/// The default session options: one worker thread per core.
+/// The default session options: one worker thread per core, no memory budget, no KV budget
+/// (the KV window, sinks and threshold at the CLI's defaults).
 #[no_mangle]
 pub extern "C" fn edgemoe_session_default_params() -> EdgemoeSessionParams {
     EdgemoeSessionParams::default()
@@ -241,15 +288,27 @@ pub unsafe extern "C" fn edgemoe_session_new(
                 format!("n_threads is {}; at most {MAX_THREADS}", params.n_threads),
             );
         }
+        let kv = kv_params::kv_options(&params)?;
         let mut engine =
             Engine::new(model.clone(), params.n_threads as usize).map_err(|e| Failure {
                 code: EDGEMOE_ERR_INTERNAL,
                 message: e.to_string(),
             })?;
+        engine.set_kv_options(kv).map_err(|e| Failure {
+            code: EDGEMOE_ERR_INVALID_INPUT,
+            message: e.to_string(),
+        })?;
         if params.mem_bytes > 0 {
-            let opts = crate::experts::PagingOptions::with_budget(
-                crate::experts::budget::MemBudget::Bytes(params.mem_bytes),
-            );
+            let opts = crate::experts::PagingOptions {
+                // A session runs one generation at a time, of any length the context allows.
+                kv: crate::kv::KvDemand {
+                    options: kv,
+                    ..crate::kv::KvDemand::default()
+                },
+                ..crate::experts::PagingOptions::with_budget(
+                    crate::experts::budget::MemBudget::Bytes(params.mem_bytes),
+                )
+            };
             let service =
                 crate::experts::ExpertService::paged(model, &opts).map_err(|e| Failure {
                     code: EDGEMOE_ERR_INVALID_INPUT,

@@ -7,6 +7,8 @@
 
 use edgemoe::engine::generation::{generate, GenerateRequest};
 use edgemoe::engine::sampling::SamplingParams;
+use edgemoe::kv::plan::bytes_per_token;
+use edgemoe::kv::{Budget, KvOptions, Policy};
 use edgemoe::Engine;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -182,6 +184,48 @@ fn c_program_generates_what_the_rust_api_generates() {
     );
     r.code("after_cancel_rc", 0);
     assert_eq!(r.get("after_cancel_hex"), want_hex);
+
+    // A KV budget: lazy at 50% with W = 8 gives the Rust engine's text with the same options.
+    let kv = KvOptions {
+        policy: Policy::Lazy,
+        budget: Some(Budget::Percent(50.0)),
+        window: 8,
+        sinks: 4,
+        ..KvOptions::default()
+    };
+    let mut lazy_engine = Engine::new(model.clone(), 2).unwrap();
+    lazy_engine.set_kv_options(kv).unwrap();
+    let lazy = generate(&lazy_engine, &req, |_| true).unwrap();
+    // The budget was evicted into: half of prompt + max tokens, fewer than the tokens run.
+    let budget = (prompt_ids.len() + MAX_TOKENS) / 2;
+    assert!(lazy.prompt_tokens + lazy.completion_tokens > budget);
+    let per_token = bytes_per_token(model.config.num_layers, model.config.kv_dim(), Policy::Lazy);
+    assert_eq!(lazy.kv_bytes as u64, budget as u64 * per_token);
+    r.code("kv_lazy_session_rc", 0);
+    r.code("kv_lazy_rc", 0);
+    assert_eq!(
+        r.get("kv_lazy_hex"),
+        hex(lazy.text.as_bytes()),
+        "the C session's lazy-KV text differs from the Rust engine's"
+    );
+    for (key, says) in [
+        ("kv_bad_policy", "kv_policy is 9"),
+        ("kv_both_budgets", "both set"),
+        ("kv_too_small", "at least 132 tokens"),
+        ("kv_full_with_budget", "takes no KV budget"),
+        ("kv_h2o_no_budget", "kv_policy h2o needs"),
+        ("kv_zero_window", "kv_window is 0"),
+        ("kv_bad_threshold", "kv_threshold is -1"),
+        ("kv_bad_percent", "kv_budget_percent is 150"),
+    ] {
+        r.code(&format!("{key}_rc"), 4);
+        assert_eq!(r.get(&format!("{key}_null")), "1", "{key}");
+        let err = r.get(&format!("{key}_error"));
+        assert!(err.contains(says), "{key}: {err}");
+    }
+    r.code("kv_tiny_session_rc", 0);
+    r.code("kv_tiny_generate_rc", 4);
+    assert!(r.get("kv_tiny_generate_error").contains("too small"));
 
     // Tokenize and detokenize agree with the Rust tokenizer; short buffers report the size.
     let ids: Vec<String> = prompt_ids.iter().map(u32::to_string).collect();

@@ -9,6 +9,7 @@ use edgemoe::experts::budget::MemBudget;
 use edgemoe::experts::pager::Policy;
 use edgemoe::experts::predict::PredictSource;
 use edgemoe::experts::{ExpertService, PagingOptions};
+use edgemoe::kv::KvDemand;
 use edgemoe::quant::{self, store::write_emoe, Method, QuantOptions};
 use edgemoe::Model;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,7 @@ fn options(mem: u64, policy: Policy, read_mode: ReadMode, prefetch: bool) -> Pag
         predict: PredictSource::Both,
         predict_extra: 1,
         profile: None,
+        kv: KvDemand::default(),
     }
 }
 
@@ -362,9 +364,16 @@ fn serve_set_mem_lowered_and_raised_during_requests() {
     let tmp = tempfile::tempdir().unwrap();
     let path = quantized(tmp.path());
     let model = Arc::new(Model::load(&path).unwrap());
+    // The server's KV plan: a batch of 16 (its default) that may each fill the context.
     let plan = *ExpertService::paged(
         model,
-        &options(1 << 40, Policy::Stats, ReadMode::Direct, true),
+        &PagingOptions {
+            kv: KvDemand {
+                sequences: 16,
+                ..KvDemand::default()
+            },
+            ..options(1 << 40, Policy::Stats, ReadMode::Direct, true)
+        },
     )
     .unwrap()
     .plan()
@@ -578,4 +587,141 @@ fn set_mem_from_another_thread_during_steps() {
         got
     });
     assert!(got == want, "logits changed while the budget moved");
+}
+
+/// Logits of `tokens` run as a prefill of `prompt` tokens, then one token per step, in a cache
+/// prepared with the engine's KV options for the whole sequence; and the cache's allocation.
+fn run_budgeted(engine: &Engine, tokens: &[u32], prompt: usize) -> (Vec<Vec<f32>>, usize) {
+    let mut cache = engine.new_cache();
+    engine.prepare_cache(&mut cache, tokens.len()).unwrap();
+    let mut out = Vec::new();
+    let mut step = |t: &[u32], logits| {
+        out.extend(
+            engine
+                .forward(&mut [BatchItem {
+                    tokens: t,
+                    cache: &mut cache,
+                    logits,
+                }])
+                .unwrap(),
+        );
+    };
+    step(&tokens[..prompt], Logits::All);
+    for t in &tokens[prompt..] {
+        step(std::slice::from_ref(t), Logits::Last);
+    }
+    let evictions = cache.eviction().map_or(0, |e| e.evictions);
+    assert!(evictions > 0, "the budget was never evicted into");
+    (out, cache.allocated_bytes())
+}
+
+/// `--mem` counts the KV caches the run can allocate: with the same budget, a KV budget of 40
+/// tokens leaves the exact number of extra expert slots the plan gives, and the logits (with
+/// eviction) equal an unlimited-memory run's with the same KV options.
+#[test]
+fn a_smaller_kv_budget_leaves_more_expert_slots() {
+    use edgemoe::kv::plan::bytes_per_token;
+    use edgemoe::kv::{Budget, KvOptions, Policy as KvPolicy};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Arc::new(Model::load(&quantized(tmp.path())).unwrap());
+    let cfg = model.config.clone();
+    let (reach, sequences, budget) = (120usize, 4usize, 40usize);
+    let full = KvDemand {
+        reach,
+        sequences,
+        ..KvDemand::default()
+    };
+    let lazy_opts = KvOptions {
+        policy: KvPolicy::Lazy,
+        budget: Some(Budget::Tokens(budget)),
+        window: 8,
+        sinks: 4,
+        ..KvOptions::default()
+    };
+    let lazy = KvDemand {
+        options: lazy_opts,
+        ..full
+    };
+    let paged = |mem: u64, kv: KvDemand| {
+        ExpertService::paged(
+            model.clone(),
+            &PagingOptions {
+                kv,
+                ..options(mem, Policy::Stats, ReadMode::Direct, false)
+            },
+        )
+        .unwrap()
+    };
+    let probe = *paged(1 << 40, full).plan().unwrap();
+    let full_kv =
+        (sequences * reach) as u64 * bytes_per_token(cfg.num_layers, cfg.kv_dim(), KvPolicy::Full);
+    let lazy_kv =
+        (sequences * budget) as u64 * bytes_per_token(cfg.num_layers, cfg.kv_dim(), KvPolicy::Lazy);
+    assert_eq!(probe.fixed.kv_bytes, full_kv);
+    let other = probe.fixed.total() - full_kv;
+    let mem = other + full_kv + 3 * probe.slot_bytes;
+    assert_eq!(paged(mem, full).plan().unwrap().slots, 3);
+    let service = paged(mem, lazy);
+    let plan = *service.plan().unwrap();
+    assert_eq!(plan.fixed.kv_bytes, lazy_kv);
+    let want_slots = ((mem - other - lazy_kv) / probe.slot_bytes) as usize;
+    assert!(want_slots > 3, "the KV saving is worth {want_slots} slots");
+    assert_eq!(plan.slots, want_slots);
+
+    // The paged, budgeted run computes what the in-place one with the same budget computes.
+    let text = std::fs::read_to_string(fixture().join("heldout.txt")).unwrap();
+    let tokens = model.tokenizer.encode(&text[..4000], false).unwrap()[..reach].to_vec();
+    let mut reference = Engine::new(model.clone(), 2).unwrap();
+    reference.set_kv_options(lazy_opts).unwrap();
+    let (want, _) = run_budgeted(&reference, &tokens, budget);
+    let mut engine = Engine::new(model.clone(), 2).unwrap().with_experts(service);
+    engine.set_kv_options(lazy_opts).unwrap();
+    let (got, allocated) = run_budgeted(&engine, &tokens, budget);
+    assert!(got == want, "paged logits differ from the in-place run's");
+    // One sequence allocates exactly its share of the plan.
+    assert_eq!(allocated as u64, lazy_kv / sequences as u64);
+}
+
+/// Under `--mem`, a serve request may not ask for a bigger KV cache than the server reserved
+/// per request; within the reservation it may choose any budget and policy.
+#[test]
+fn a_request_cannot_outgrow_the_kv_reservation() {
+    use edgemoe::kv::{Budget, KvOptions, Policy as KvPolicy};
+    use edgemoe::serve::kv::{options as request_options, RequestKv};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Arc::new(Model::load(&quantized(tmp.path())).unwrap());
+    let server = KvOptions {
+        policy: KvPolicy::Lazy,
+        budget: Some(Budget::Tokens(150)),
+        ..KvOptions::default()
+    };
+    let service = ExpertService::paged(
+        model.clone(),
+        &PagingOptions {
+            kv: KvDemand {
+                options: server,
+                reach: usize::MAX,
+                sequences: 2,
+            },
+            ..options(1 << 40, Policy::Stats, ReadMode::Direct, false)
+        },
+    )
+    .unwrap();
+    let mut engine = Engine::new(model, 1).unwrap().with_experts(service);
+    engine.set_kv_options(server).unwrap();
+    let ask = |budget: Option<Budget>, policy: Option<KvPolicy>, reach: usize| {
+        request_options(&engine, RequestKv { budget, policy }, reach)
+    };
+    assert_eq!(ask(None, None, 400).unwrap(), server);
+    assert!(ask(Some(Budget::Tokens(140)), Some(KvPolicy::H2o), 400).is_ok());
+    // A short request fits whatever it asks, since it holds only what it reaches.
+    assert!(ask(None, Some(KvPolicy::Full), 140).is_ok());
+    for (budget, policy) in [
+        (Some(Budget::Tokens(300)), None),
+        (None, Some(KvPolicy::Full)),
+    ] {
+        let (code, msg) = ask(budget, policy, 400).unwrap_err();
+        assert_eq!(code, "kv_budget_too_large", "{msg}");
+        assert!(msg.contains("(150 tokens)"), "{msg}");
+    }
 }

@@ -115,3 +115,34 @@ fn ffn_outliers_break_rounding_but_not_haq() {
     assert_rounding_breaks(&rows);
     assert_haq_close(&rows);
 }
+
+/// The rotation alone (every linear kept f32) is exact: the same perplexity to float rounding,
+/// while the weights really changed (the head is untied, the MLPs read a Hadamard transform).
+#[test]
+fn rotation_leaves_the_f32_model_unchanged() {
+    let m = Model::load(&dir()).unwrap();
+    let tokens = m
+        .tokenizer
+        .encode(
+            &std::fs::read_to_string(dir().join("heldout.txt")).unwrap(),
+            false,
+        )
+        .unwrap();
+    let (held, calib) = (&tokens[..1024], &tokens[1024..1536]);
+    let opts = QuantOptions {
+        threads: 2,
+        rotate: true,
+        keep_f32: vec![String::new()],
+        head: quant::HeadQuant::F32,
+        ..QuantOptions::new(Method::Rtn, &m)
+    };
+    let (rotated, summary) = quant::quantize(m, calib, 256, &opts, |_, _, _| {}).unwrap();
+    assert_eq!(summary.linears, 0);
+    assert!(rotated.config.ffn_hadamard_block.is_some());
+    assert!(rotated.weights.lm_head.is_some() && !rotated.config.tie_word_embeddings);
+    let (want, got) = (ppl(Model::load(&dir()).unwrap(), held), ppl(rotated, held));
+    assert!(
+        (got / want - 1.0).abs() < 1e-5,
+        "rotated {got} vs f32 {want}"
+    );
+}

@@ -148,6 +148,9 @@ pub trait Backend: Send + Sync {
     fn gated_activation(&self, act: Activation, gate: &mut Self::Act, up: &Self::Act);
     /// `x += y`.
     fn add(&self, x: &mut Self::Act, y: &Self::Act);
+    /// The normalized Walsh–Hadamard transform on every run of `block` values of each row
+    /// (`block` a power of two dividing the row width): a rotated model's down-projection input.
+    fn hadamard(&self, x: &mut Self::Act, block: usize);
     /// Every row's top-k experts from its router logits (softmax, then top-k, optionally
     /// renormalized); rows numbered from `first_row`.
     fn route(

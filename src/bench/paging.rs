@@ -5,6 +5,7 @@
 use super::{step, synthetic_tokens};
 use crate::engine::Engine;
 use crate::error::Result;
+use crate::experts::budget::human;
 use crate::experts::counters::CacheStats;
 use crate::experts::pager::Policy;
 use crate::experts::predict::PredictionCounts;
@@ -25,6 +26,11 @@ pub struct PagingRow {
     pub tg_tokens_per_s: Vec<f64>,
     pub cache: CacheStats,
     pub prediction: Option<PredictionCounts>,
+    /// The expert cache's slots at the end.
+    pub expert_cache_bytes: u64,
+    /// What the budget reserved for the KV cache, and what it allocated.
+    pub kv_reserved_bytes: u64,
+    pub kv_allocated_bytes: u64,
     pub peak_rss_bytes: Option<u64>,
 }
 
@@ -50,10 +56,13 @@ pub fn run_paged(
     let mut tps = Vec::with_capacity(reps);
     let mut decode_tokens = 0;
     let mut total: Option<CacheStats> = None;
+    let mut kv_allocated = 0;
     for rep in 0..=reps {
         // A different stream each run: a repeated text would find its experts cached.
         let tokens = synthetic_tokens(prompt + gen, vocab, 100 + rep as u64);
-        let mut caches = vec![engine.new_cache_for(prompt + gen)];
+        let mut cache = engine.new_cache();
+        engine.prepare_cache(&mut cache, prompt + gen)?;
+        let mut caches = vec![cache];
         let inputs = vec![tokens];
         step(engine, &inputs, &mut caches, 0..prompt)?;
         let before = pager.stats(0);
@@ -62,6 +71,7 @@ pub fn run_paged(
             step(engine, &inputs, &mut caches, prompt + i..prompt + i + 1)?;
         }
         let s = started.elapsed().as_secs_f64();
+        kv_allocated = caches[0].allocated_bytes() as u64;
         if rep > 0 {
             tps.push(gen as f64 / s.max(1e-9));
             decode_tokens += gen;
@@ -86,6 +96,9 @@ pub fn run_paged(
         tg_tokens_per_s: tps,
         cache,
         prediction: engine.experts.prediction(),
+        expert_cache_bytes: cache.slots as u64 * plan.slot_bytes,
+        kv_reserved_bytes: plan.fixed.kv_bytes,
+        kv_allocated_bytes: kv_allocated,
         peak_rss_bytes: crate::util::peak_rss_bytes(),
     })
 }
@@ -99,20 +112,23 @@ fn policy_name(p: Policy) -> String {
 /// A markdown table, one row per configuration.
 pub fn table(rows: &[PagingRow]) -> String {
     let mut s = String::from(
-        "| backend | budget | of experts | policy | prefetch | slots | hit rate | stall ms/token | read GB/s | test | tg t/s (median) |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| backend | budget | of experts | policy | prefetch | slots | expert cache | KV reserved / allocated | hit rate | stall ms/token | read GB/s | test | tg t/s (median) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let mut t = r.tg_tokens_per_s.clone();
         t.sort_by(f64::total_cmp);
         let median = t.get(t.len() / 2).copied().unwrap_or(0.0);
         s += &format!(
-            "| {} | {} | {:.0}% | {} | {} | {} | {:.1}% | {:.1} | {:.2} | {} | {:.2} |\n",
+            "| {} | {} | {:.0}% | {} | {} | {} | {} | {} / {} | {:.1}% | {:.1} | {:.2} | {} | {:.2} |\n",
             r.backend,
-            crate::experts::budget::human(r.budget_bytes),
+            human(r.budget_bytes),
             100.0 * r.budget_of_experts,
             policy_name(r.policy),
             if r.prefetch { "on" } else { "off" },
             r.cache.slots,
+            human(r.expert_cache_bytes),
+            human(r.kv_reserved_bytes),
+            human(r.kv_allocated_bytes),
             100.0 * r.cache.hit_rate,
             r.cache.stall_ms_per_token,
             r.cache.read_gb_per_s,

@@ -182,7 +182,15 @@ fn run_paging(a: &BenchArgs, model: Arc<crate::Model>) -> anyhow::Result<()> {
                     ..super::paging::PagingArgs::default()
                 };
                 let threads = a.threads.first().copied().unwrap_or(0);
-                let engine = paging.apply(crate::Engine::new(model.clone(), threads)?)?;
+                let mut engine = crate::Engine::new(model.clone(), threads)?;
+                a.kv.apply(&mut engine)?;
+                // One sequence of prompt + gen tokens.
+                let kv = crate::kv::KvDemand {
+                    options: *engine.kv_options(),
+                    reach: prompt.max(1) + gen,
+                    sequences: 1,
+                };
+                let engine = paging.apply(engine, kv)?;
                 let row = run_paged(&engine, policy, pf == "on", prompt, gen, a.reps)?;
                 eprintln!("{}", super::paging::stats_line(&engine));
                 rows.push(row);

@@ -97,8 +97,16 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             m.replacen('`', "--", 1).replace('`', "").replace('_', "-")
         )
     })?;
-    let mut engine = a.model.engine()?;
-    a.kv.apply(&mut engine)?;
+    let options = a.kv.options()?;
+    // The KV caches `--mem` reserves: this one sequence, as far as it can reach.
+    let engine = a.model.engine_for(|model| {
+        let prompt = model.tokenizer.encode(&a.prompt, true)?.len().max(1);
+        Ok(crate::kv::KvDemand {
+            options,
+            reach: prompt.saturating_add(a.max_tokens),
+            sequences: 1,
+        })
+    })?;
     let memory_at_load = MemoryReport::new(engine.model().weight_memory(), 0);
     if !a.json {
         eprintln!("{memory_at_load} (after loading)");

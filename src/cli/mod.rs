@@ -68,7 +68,17 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The engine for a run whose KV caches need no particular room (one sequence, full cache).
     pub fn engine(&self) -> anyhow::Result<crate::Engine> {
+        self.engine_for(|_| Ok(crate::kv::KvDemand::default()))
+    }
+
+    /// The engine with `kv`'s options (found from the loaded model, e.g. a prompt's length), its
+    /// caches counted against `--mem`.
+    pub fn engine_for(
+        &self,
+        kv: impl FnOnce(&crate::Model) -> anyhow::Result<crate::kv::KvDemand>,
+    ) -> anyhow::Result<crate::Engine> {
         let started = std::time::Instant::now();
         let model = crate::load_model(self.model.as_deref())?;
         eprintln!(
@@ -78,9 +88,11 @@ impl ModelArgs {
             model.num_params() as f64 / 1e6,
             started.elapsed().as_secs_f64()
         );
-        let engine =
+        let demand = kv(&model)?;
+        let mut engine =
             crate::backend::engine_for(std::sync::Arc::new(model), self.backend, self.threads)?;
-        self.paging.apply(engine)
+        engine.set_kv_options(demand.options)?;
+        self.paging.apply(engine, demand)
     }
 }
 

@@ -5,6 +5,7 @@ use crate::experts::budget::{human, MemBudget};
 use crate::experts::pager::Policy;
 use crate::experts::predict::PredictSource;
 use crate::experts::{ExpertService, PagingOptions};
+use crate::kv::KvDemand;
 use crate::Engine;
 use std::path::PathBuf;
 
@@ -59,8 +60,8 @@ impl Default for PagingArgs {
 }
 
 impl PagingArgs {
-    /// The engine's expert service as the options ask.
-    pub fn apply(&self, engine: Engine) -> anyhow::Result<Engine> {
+    /// The engine's expert service as the options ask; the budget holds `kv`'s caches too.
+    pub fn apply(&self, engine: Engine, kv: KvDemand) -> anyhow::Result<Engine> {
         let Some(mem) = self.mem else {
             return Ok(engine);
         };
@@ -77,15 +78,18 @@ impl PagingArgs {
             predict: self.predict,
             predict_extra: self.predict_extra,
             profile,
+            kv,
         };
         let service = ExpertService::paged(engine.model().clone(), &opts)?;
         if let Some(plan) = service.plan() {
             eprintln!(
-                "--mem {}: {} fixed (non-expert weights and runtime {}, KV {}, workspaces {}); {} expert slots of {} ({:?} reads, policy {:?}, prefetch {})",
+                "--mem {}: {} fixed (non-expert weights and runtime {}, KV {} for {} × {} tokens, workspaces {}); {} expert slots of {} ({:?} reads, policy {:?}, prefetch {})",
                 human(plan.budget_bytes),
                 human(plan.fixed.total()),
                 human(plan.fixed.resident_bytes),
                 human(plan.fixed.kv_bytes),
+                plan.fixed.kv.sequences,
+                plan.fixed.kv.tokens_per_sequence,
                 human(plan.fixed.workspace_bytes),
                 plan.slots,
                 human(plan.slot_bytes),
@@ -105,13 +109,26 @@ impl PagingArgs {
     }
 }
 
-/// The expert cache's counters and prediction quality in one line.
+/// The expert cache's counters and prediction quality in one line, with the memory the
+/// budget gave the expert cache and the KV caches.
 pub fn stats_line(engine: &Engine) -> String {
     let tokens = engine.stats.snapshot().tokens;
     let mut line = match engine.experts.cache_stats(tokens) {
         Some(s) => s.to_string(),
         None => "experts: in place (no --mem)".to_string(),
     };
+    if let (Some(plan), Some(s)) = (engine.experts.plan(), engine.experts.cache_stats(tokens)) {
+        line += &format!(
+            "; memory: experts {} ({} slots of {}), KV reserved {} ({} × {} tokens of {} bytes)",
+            human(s.slots as u64 * plan.slot_bytes),
+            s.slots,
+            human(plan.slot_bytes),
+            human(plan.fixed.kv_bytes),
+            plan.fixed.kv.sequences,
+            plan.fixed.kv.tokens_per_sequence,
+            plan.fixed.kv.bytes_per_token,
+        );
+    }
     if let Some(p) = engine.experts.prediction() {
         line += &format!(
             "; next-layer prediction recall {:.1}%, precision {:.1}%",

@@ -50,8 +50,15 @@ pub fn run(a: PplArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let mut engine = a.model.engine()?;
-    a.kv.apply(&mut engine)?;
+    let options = a.kv.options()?;
+    // One window's cache at a time.
+    let engine = a.model.engine_for(|_| {
+        Ok(crate::kv::KvDemand {
+            options,
+            reach: a.ctx,
+            sequences: 1,
+        })
+    })?;
     let tokens = engine.model().tokenizer.encode(&text, false)?;
     eprintln!("protocol: {PROTOCOL}; ctx {}", a.ctx);
     let started = std::time::Instant::now();

@@ -58,6 +58,10 @@ pub struct QuantizeArgs {
     /// `down_proj`): mixed precision where a model is sensitive.
     #[arg(long = "keep-f32", value_name = "NAME")]
     pub keep_f32: Vec<String>,
+    /// Rotate the residual stream and the down-projections' input before quantizing (exact
+    /// in f32; spreads activation outliers): pre-norm RMSNorm models with gated MLPs.
+    #[arg(long)]
+    pub rotate: bool,
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -112,6 +116,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     opts.threads = a.threads;
     opts.propagate = a.propagate;
     opts.keep_f32 = a.keep_f32.clone();
+    opts.rotate = a.rotate;
     match a.alpha.as_deref() {
         None => {}
         Some("auto") => opts.alpha = None,
@@ -184,6 +189,9 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     println!("  time: {}", phases.join(", "));
     if let Some(peak) = summary.peak_rss_bytes {
         println!("  peak RSS {:.1} MiB", peak as f64 / (1 << 20) as f64);
+    }
+    if let Some(r) = &summary.rotation {
+        println!("  rotation: {r}");
     }
     if !summary.rtn_fallback.is_empty() {
         println!(

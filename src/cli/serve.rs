@@ -69,6 +69,16 @@ fn chat_template(a: &ServeArgs, engine: &crate::Engine) -> anyhow::Result<Option
     }
 }
 
+/// The KV caches `--mem` reserves for a server: a full batch of requests that may each fill the
+/// context (within the default budget; a request asking for more than that is refused).
+fn kv_demand(a: &ServeArgs) -> anyhow::Result<crate::kv::KvDemand> {
+    Ok(crate::kv::KvDemand {
+        options: a.kv.options()?,
+        reach: usize::MAX,
+        sequences: a.max_batch,
+    })
+}
+
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let scheduler = SchedulerOptions {
         max_batch: a.max_batch,
@@ -84,8 +94,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             ..HttpOptions::default()
         };
         return serve_http(opts, || {
-            let mut engine = a.model.engine()?;
-            a.kv.apply(&mut engine)?;
+            let engine = a.model.engine_for(|_| kv_demand(&a))?;
             let chat = chat_template(&a, &engine)?;
             Ok((engine, chat))
         });
@@ -93,8 +102,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     if a.api_key.is_some() {
         anyhow::bail!("--api-key applies to --http only");
     }
-    let mut engine = a.model.engine()?;
-    a.kv.apply(&mut engine)?;
+    let engine = a.model.engine_for(|_| kv_demand(&a))?;
     let chat_template = chat_template(&a, &engine)?;
     let stdin = std::io::BufReader::new(std::io::stdin());
     serve(

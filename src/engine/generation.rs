@@ -6,7 +6,7 @@ use super::penalties::{Penalties, PenaltyState};
 use super::sampling::{Sampler, SamplingParams};
 use super::{BatchItem, Engine, Logits};
 use crate::error::{Error, Result};
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvOptions};
 use crate::model::tokenizer::StreamDecoder;
 use std::time::Instant;
 
@@ -68,6 +68,8 @@ pub struct Generation {
     step_tokens: usize,
     /// Presence, frequency and repetition penalties, when any is on.
     penalties: Option<PenaltyState>,
+    /// This sequence's KV budget and policy (the engine's unless a request chose its own).
+    kv: KvOptions,
 }
 
 impl Generation {
@@ -98,8 +100,18 @@ impl Generation {
     /// and gives it KV memory ([`Self::attach_cache`]) only when it is admitted to the batch.
     pub fn from_tokens(
         engine: &Engine,
+        prompt: Vec<u32>,
+        req: &GenerateRequest,
+    ) -> Result<Generation> {
+        Generation::from_tokens_with_kv(engine, prompt, req, *engine.kv_options())
+    }
+
+    /// [`Self::from_tokens`] with this sequence's own KV budget and policy (a serve request's).
+    pub fn from_tokens_with_kv(
+        engine: &Engine,
         mut prompt: Vec<u32>,
         req: &GenerateRequest,
+        kv: KvOptions,
     ) -> Result<Generation> {
         let model = engine.model();
         if prompt.is_empty() {
@@ -125,9 +137,7 @@ impl Generation {
         let max_tokens = req.max_tokens.min(limit - prompt.len());
         let decoder = StreamDecoder::with_context(&prompt);
         // A KV budget this sequence cannot work with is refused here, before any work.
-        engine
-            .kv_options()
-            .resolve(prompt.len().saturating_add(max_tokens))?;
+        kv.resolve(prompt.len().saturating_add(max_tokens))?;
         Ok(Generation {
             prompt,
             cache: KvCache::new(0, 0),
@@ -152,6 +162,7 @@ impl Generation {
             prefilled: 0,
             step_tokens: 0,
             penalties: None,
+            kv,
         })
     }
 
@@ -161,7 +172,10 @@ impl Generation {
         cache.clear();
         let tokens = self.prompt.len().saturating_add(self.max_tokens);
         // The eviction plan was checked by `from_tokens`; without one, the cache just grows.
-        if engine.prepare_cache(&mut cache, tokens).is_err() {
+        if engine
+            .prepare_cache_with(&self.kv, &mut cache, tokens)
+            .is_err()
+        {
             engine.reserve_cache(&mut cache, tokens);
         }
         std::mem::replace(&mut self.cache, cache)
@@ -180,6 +194,11 @@ impl Generation {
 
     pub fn prompt_tokens(&self) -> usize {
         self.prompt.len()
+    }
+
+    /// This sequence's KV budget and policy.
+    pub fn kv_options(&self) -> &KvOptions {
+        &self.kv
     }
 
     /// Tokens sampled so far.

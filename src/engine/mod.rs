@@ -106,7 +106,22 @@ impl<B: Backend> Engine<B> {
     /// Sets `cache` (empty) up for a sequence expected to reach `tokens` tokens: the engine's
     /// eviction plan (a percentage budget is of `tokens`), and room reserved up to the budget.
     pub fn prepare_cache(&self, cache: &mut KvCache, tokens: usize) -> Result<()> {
-        cache.set_eviction(self.kv.resolve(tokens)?);
+        self.prepare_cache_with(&self.kv, cache, tokens)
+    }
+
+    /// [`Self::prepare_cache`] with a sequence's own options (a serve request's budget); a
+    /// budgeted cache gives back memory beyond its budget (a recycled one may hold more).
+    pub fn prepare_cache_with(
+        &self,
+        kv: &KvOptions,
+        cache: &mut KvCache,
+        tokens: usize,
+    ) -> Result<()> {
+        let plan = kv.resolve(tokens)?;
+        cache.set_eviction(plan);
+        if let Some(p) = plan {
+            cache.shrink_to(p.budget.min(tokens));
+        }
         self.reserve_cache(cache, tokens);
         Ok(())
     }
@@ -567,6 +582,9 @@ impl<B: Backend> Engine<B> {
         let [mut g, u] = self.linears([&mlp.gate, &mlp.up], x);
         self.backend
             .gated_activation(self.model.config.activation, &mut g, &u);
+        if let Some(block) = self.model.config.ffn_hadamard_block {
+            self.backend.hadamard(&mut g, block);
+        }
         self.linear(&mlp.down, &g)
     }
 

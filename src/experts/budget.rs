@@ -2,6 +2,7 @@
 //! slots it leaves once the non-expert weights, the KV cache and the workspaces are counted.
 
 use crate::error::{Error, Result};
+use crate::kv::KvPlan;
 
 /// A memory budget as the user wrote it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -59,15 +60,13 @@ impl MemBudget {
 pub struct FixedCosts {
     /// Non-expert weights (mapped in place or owned) and the process's own heap at setup.
     pub resident_bytes: u64,
-    /// The KV cache of [`KV_TOKENS_BUDGETED`] tokens.
+    /// The KV caches the run can allocate: `kv.bytes()`.
     pub kv_bytes: u64,
     /// Activations, logits and the I/O threads' stacks.
     pub workspace_bytes: u64,
+    /// Where `kv_bytes` comes from: sequences × slots each × bytes per slot.
+    pub kv: KvPlan,
 }
-
-/// Tokens of KV cache the budget reserves room for (one sequence of this length, or several
-/// shorter ones).
-pub const KV_TOKENS_BUDGETED: u64 = 2048;
 
 impl FixedCosts {
     pub fn total(&self) -> u64 {
@@ -98,10 +97,12 @@ pub fn plan_slots(
     if slots < min_slots {
         let need = fixed.total() + min_slots as u64 * slot_bytes;
         return Err(Error::invalid(format!(
-            "--mem {}: too small for this model: non-expert weights and runtime {}, KV cache ({} tokens) {}, workspaces {} and {} expert slots of {} need at least {} ({} bytes)",
+            "--mem {}: too small for this model: non-expert weights and runtime {}, KV cache ({} × {} tokens of {} bytes; a smaller --kv-budget or batch lowers it) {}, workspaces {} and {} expert slots of {} need at least {} ({} bytes)",
             human(budget),
             human(fixed.resident_bytes),
-            KV_TOKENS_BUDGETED,
+            fixed.kv.sequences,
+            fixed.kv.tokens_per_sequence,
+            fixed.kv.bytes_per_token,
             human(fixed.kv_bytes),
             human(fixed.workspace_bytes),
             min_slots,
@@ -146,10 +147,16 @@ mod tests {
 
     #[test]
     fn too_small_a_budget_names_the_smallest_workable_one() {
+        let kv = KvPlan {
+            tokens_per_sequence: 256,
+            sequences: 2,
+            bytes_per_token: 2048,
+        };
         let fixed = FixedCosts {
             resident_bytes: 10 << 20,
-            kv_bytes: 1 << 20,
+            kv_bytes: kv.bytes(),
             workspace_bytes: 1 << 20,
+            kv,
         };
         let ok = plan_slots(20 << 20, fixed, 1 << 20, 2, 100).unwrap();
         assert_eq!(ok.slots, 8);
@@ -161,5 +168,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains(&format!("{} bytes", 14u64 << 20)), "{err}");
+        assert!(
+            err.contains("KV cache (2 × 256 tokens of 2048 bytes"),
+            "{err}"
+        );
     }
 }

@@ -14,9 +14,10 @@ pub mod slots;
 pub mod synth;
 
 use crate::error::Result;
+use crate::kv::{KvDemand, KvPlan};
 use crate::model::weights::{Ffn, GatedMlp, MoeBlock};
 use crate::model::Model;
-use budget::{FixedCosts, MemBudget, SlotPlan, KV_TOKENS_BUDGETED};
+use budget::{FixedCosts, MemBudget, SlotPlan};
 use counters::CacheStats;
 use pager::{Pager, PagerOptions};
 use paths::PathStats;
@@ -37,6 +38,8 @@ pub struct PagingOptions {
     pub predict_extra: usize,
     /// A saved profile to start the statistics from.
     pub profile: Option<paths::PathProfile>,
+    /// The KV caches the budget must hold beside the experts.
+    pub kv: KvDemand,
 }
 
 impl PagingOptions {
@@ -51,6 +54,7 @@ impl PagingOptions {
             predict: PredictSource::Both,
             predict_extra: 0,
             profile: None,
+            kv: KvDemand::default(),
         }
     }
 }
@@ -115,7 +119,10 @@ impl ExpertService {
                 )),
                 None => PathStats::new(cfg.num_layers, cfg.num_experts),
             });
-        let fixed = fixed_costs(&model);
+        let kv = opts
+            .kv
+            .plan(cfg.num_layers, cfg.kv_dim(), cfg.max_position_embeddings)?;
+        let fixed = fixed_costs(&model, kv);
         let weight_bytes = model.weight_bytes() as u64;
         // The plan needs the slot size, which the pager finds; a zero-slot pager is cheap.
         let io_threads = if opts.prefetch {
@@ -260,9 +267,8 @@ impl ExpertService {
 }
 
 /// What the budget holds besides expert slots: the non-expert weights (owned or mapped), the
-/// runtime (binary, heap), a KV cache of [`KV_TOKENS_BUDGETED`] tokens and a
-/// step's workspaces.
-fn fixed_costs(model: &Model) -> FixedCosts {
+/// runtime (binary, heap), the KV caches of `kv` and a step's workspaces.
+fn fixed_costs(model: &Model, kv: KvPlan) -> FixedCosts {
     let cfg = &model.config;
     let mem = model.weight_memory();
     let expert_mapped: u64 = model
@@ -283,12 +289,12 @@ fn fixed_costs(model: &Model) -> FixedCosts {
     // From the model alone (not the process's resident set now), so a budget means the same
     // thing whenever an engine is made.
     let resident = mem.owned_bytes as u64 + mapped_other + RUNTIME_BYTES;
-    let kv = KV_TOKENS_BUDGETED * cfg.num_layers as u64 * 2 * cfg.kv_dim() as u64 * 4;
     let row =
         (cfg.vocab_size + 8 * cfg.hidden_size + 4 * cfg.expert_ffn.max(cfg.dense_ffn)) as u64 * 4;
     FixedCosts {
         resident_bytes: resident,
-        kv_bytes: kv,
+        kv_bytes: kv.bytes(),
         workspace_bytes: WORKSPACE_ROWS * row,
+        kv,
     }
 }

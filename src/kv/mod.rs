@@ -10,10 +10,12 @@
 
 pub mod evict;
 pub mod mass;
+pub mod plan;
 pub mod policy;
 pub mod rewind;
 pub mod stats;
 
+pub use plan::{KvDemand, KvPlan};
 pub use policy::{Budget, EvictionConfig, KvOptions, Policy};
 pub use stats::SlotStats;
 
@@ -126,18 +128,37 @@ impl KvCache {
                 let tokens = tokens.min(e.config.budget.saturating_sub(held));
                 if e.config.needs_attention() {
                     for st in &mut e.stats {
-                        st.mass.reserve(tokens);
-                        st.last_hit.reserve(tokens);
-                        st.mri.reserve(tokens);
+                        st.mass.reserve_exact(tokens);
+                        st.last_hit.reserve_exact(tokens);
+                        st.mri.reserve_exact(tokens);
                     }
                 }
                 tokens
             }
         };
+        // Exact: what `--mem` reserved for a sequence is what its cache allocates.
         for l in &mut self.layers {
-            l.keys.reserve(tokens * kv_dim);
-            l.values.reserve(tokens * kv_dim);
-            l.positions.reserve(tokens);
+            l.keys.reserve_exact(tokens * kv_dim);
+            l.values.reserve_exact(tokens * kv_dim);
+            l.positions.reserve_exact(tokens);
+        }
+    }
+
+    /// Gives back memory beyond `tokens` slots per layer (a recycled cache that held a longer
+    /// sequence), so a budgeted sequence never holds more than its budget. Empty caches only.
+    pub fn shrink_to(&mut self, tokens: usize) {
+        let kv_dim = self.kv_dim;
+        for l in &mut self.layers {
+            l.keys.shrink_to(tokens * kv_dim);
+            l.values.shrink_to(tokens * kv_dim);
+            l.positions.shrink_to(tokens);
+        }
+        if let Some(e) = &mut self.eviction {
+            for st in &mut e.stats {
+                st.mass.shrink_to(tokens);
+                st.last_hit.shrink_to(tokens);
+                st.mri.shrink_to(tokens);
+            }
         }
     }
 

@@ -88,6 +88,10 @@ pub struct ModelConfig {
     pub final_norm: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Gated MLPs' down-projections read their input through a Walsh–Hadamard transform on
+    /// runs of this many values (a rotated quantized model; `quant::rotate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ffn_hadamard_block: Option<usize>,
 }
 
 /// Reads config.json fields with a per-architecture default and names the field on error.
@@ -278,6 +282,19 @@ impl ModelConfig {
         if self.word_embed_proj_dim == 0 {
             return Err(("word_embed_proj_dim", "must be positive".into()));
         }
+        if let Some(b) = self.ffn_hadamard_block {
+            let widths = [self.dense_ffn, self.expert_ffn]
+                .into_iter()
+                .chain(self.shared_expert_ffn)
+                .filter(|&f| f > 0);
+            let fits = b.is_power_of_two() && (2..=4096).contains(&b);
+            if !fits || widths.clone().any(|f| !f.is_multiple_of(b)) {
+                return Err((
+                    "ffn_hadamard_block",
+                    format!("{b} is not a power of two in 2..=4096 dividing every MLP width"),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -451,6 +468,7 @@ fn mixtral(f: &Fields) -> Result<ModelConfig> {
         pre_norm: true,
         final_norm: true,
         bos_token_id: Some(f.usize_or("bos_token_id", Some(1))? as u32),
+        ffn_hadamard_block: None,
         eos_token_ids: match f.token_ids("eos_token_id")? {
             ids if ids.is_empty() => vec![2],
             ids => ids,
@@ -531,6 +549,7 @@ fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
         pre_norm: true,
         final_norm: true,
         bos_token_id: f.opt_usize("bos_token_id")?.map(|x| x as u32),
+        ffn_hadamard_block: None,
         eos_token_ids: f.token_ids("eos_token_id")?,
     })
 }
@@ -556,6 +575,7 @@ fn llama(f: &Fields) -> Result<ModelConfig> {
         tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
         activation: activation(f, "hidden_act", "silu")?,
         bos_token_id: f.opt_usize("bos_token_id")?.map(|x| x as u32),
+        ffn_hadamard_block: None,
         eos_token_ids: f.token_ids("eos_token_id")?,
         ..ModelConfig::dense_llama(hidden, layers, ffn)
     })
@@ -592,6 +612,7 @@ impl ModelConfig {
             pre_norm: true,
             final_norm: true,
             bos_token_id: None,
+            ffn_hadamard_block: None,
             eos_token_ids: Vec::new(),
         }
     }
@@ -645,6 +666,7 @@ fn opt(f: &Fields) -> Result<ModelConfig> {
         pre_norm,
         final_norm: pre_norm && !remove_final,
         bos_token_id: Some(f.usize_or("bos_token_id", Some(2))? as u32),
+        ffn_hadamard_block: None,
         eos_token_ids: {
             let ids = f.token_ids("eos_token_id")?;
             if ids.is_empty() {

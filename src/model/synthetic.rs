@@ -38,6 +38,7 @@ pub fn default_config() -> ModelConfig {
         pre_norm: true,
         final_norm: true,
         bos_token_id: Some(BYTE_BOS),
+        ffn_hadamard_block: None,
         eos_token_ids: vec![BYTE_EOS],
     }
 }
@@ -116,6 +117,7 @@ pub fn mixtral_bench_config(layers: usize) -> ModelConfig {
         word_embed_proj_dim: 1024,
         rope_theta: Some(1e6),
         bos_token_id: Some(1),
+        ffn_hadamard_block: None,
         eos_token_ids: vec![2],
         ..default_config()
     }
@@ -142,6 +144,7 @@ pub fn smol_moe_config() -> ModelConfig {
         expert_ffn: 1536,
         word_embed_proj_dim: 576,
         bos_token_id: Some(1),
+        ffn_hadamard_block: None,
         eos_token_ids: vec![2],
         ..default_config()
     }

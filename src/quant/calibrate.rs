@@ -19,8 +19,9 @@ pub struct InputStats {
     pub k: usize,
     pub tokens: usize,
     pub max_abs: Vec<f32>,
-    /// `k × k`, accumulated in f64.
-    pub hessian: Vec<f64>,
+    /// `k × k`: the sum of every call's XᵀX (each from the f32 kernel). f32 halves what the
+    /// largest records hold (a Mixtral layer's eight down-projection inputs).
+    pub hessian: Vec<f32>,
     /// Up to SAMPLE_ROWS input rows, `rows × k` (reservoir sample over all tokens).
     pub samples: Vec<f32>,
     rng: SplitMix64,
@@ -60,7 +61,7 @@ impl InputStats {
             }
         }
         for (h, &v) in self.hessian.iter_mut().zip(xtx) {
-            *h += v as f64;
+            *h += v;
         }
         self.tokens += rows;
     }

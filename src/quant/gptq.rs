@@ -53,23 +53,26 @@ pub struct HessianFactor {
 }
 
 impl HessianFactor {
-    pub fn new(h: &[f64], k: usize, opts: &GptqOptions) -> HessianFactor {
-        let mut h = h.to_vec();
+    /// From `H` (`k × k`, f32 as calibration stores it or f64), factored in f64.
+    pub fn new<T: Copy + Into<f64>>(h: &[T], k: usize, opts: &GptqOptions) -> HessianFactor {
         // Inputs that never fire carry no information: pin them (their weights are zeroed).
-        let dead: Vec<bool> = (0..k).map(|i| h[i * k + i] == 0.0).collect();
-        for i in (0..k).filter(|&i| dead[i]) {
-            h[i * k + i] = 1.0;
-        }
+        let dead: Vec<bool> = (0..k).map(|i| h[i * k + i].into() == 0.0).collect();
         let perm: Vec<usize> = if opts.act_order {
             let mut p: Vec<usize> = (0..k).collect();
-            p.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
+            p.sort_by(|&a, &b| h[b * k + b].into().total_cmp(&h[a * k + a].into()));
             p
         } else {
             (0..k).collect()
         };
+        // One f64 copy, permuted (a k² matrix is the largest thing a layer's GPTQ holds).
         let mut hp: Vec<f64> = (0..k * k)
-            .map(|idx| h[perm[idx / k] * k + perm[idx % k]])
+            .map(|idx| h[perm[idx / k] * k + perm[idx % k]].into())
             .collect();
+        for i in 0..k {
+            if dead[perm[i]] {
+                hp[i * k + i] = 1.0;
+            }
+        }
         let mean_diag = (0..k).map(|i| hp[i * k + i]).sum::<f64>() / k as f64;
         for i in 0..k {
             hp[i * k + i] += opts.damp * mean_diag;

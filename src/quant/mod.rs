@@ -10,6 +10,7 @@ pub mod gptq;
 pub mod layerwise;
 pub mod linalg;
 pub mod outliers;
+pub mod rotate;
 pub mod smooth;
 pub mod store;
 
@@ -92,6 +93,11 @@ pub struct QuantOptions {
     /// Linears whose names contain one of these stay f32 (mixed precision, and finding which
     /// linears a model is sensitive in).
     pub keep_f32: Vec<String>,
+    /// Rotates the residual stream and the down-projections' input first (`rotate.rs`), on
+    /// models where the rotation is exact (pre-norm RMSNorm, gated MLPs); others skip it.
+    pub rotate: bool,
+    /// Seeds the rotation's random signs and odd-size factor.
+    pub rotate_seed: u64,
 }
 
 impl QuantOptions {
@@ -121,6 +127,8 @@ impl QuantOptions {
             head: HeadQuant::WeightOnly,
             threads: 0,
             keep_f32: Vec::new(),
+            rotate: false,
+            rotate_seed: 0x5EED_0F_2024,
         }
     }
 }
@@ -139,6 +147,8 @@ pub struct QuantSummary {
     pub phase_seconds: Vec<(String, f64)>,
     /// The process's peak resident set when quantization ended.
     pub peak_rss_bytes: Option<u64>,
+    /// How the model was rotated before quantizing, or why it was not.
+    pub rotation: Option<String>,
 }
 
 /// Quantizes `model` in place of its linears, one layer at a time: each layer's f32 weights
@@ -157,6 +167,48 @@ pub fn quantize(
         ..Default::default()
     };
     let mut clock = PhaseClock::default();
+    let rotation = if !opts.rotate {
+        None
+    } else if let Some(why) = rotate::unsupported(&model.config, &model.weights) {
+        summary.rotation = Some(format!("not rotated: {why}"));
+        None
+    } else {
+        let r = rotate::ModelRotation::new(&model.config, opts.rotate_seed);
+        clock.time("rotate", || {
+            r.rotate_embeddings(&mut model.config, &mut model.weights)
+        })?;
+        // The table is int8 as a tied one would be (rows are looked up and dequantized; rotated
+        // rows have no outlier to widen a scale). Done now, so calibration sees the embeddings
+        // the quantized model will, and the f32 table is not held through every layer.
+        if opts.head != HeadQuant::F32 {
+            let rtn = QuantOptions {
+                method: Method::Rtn,
+                ..opts.clone()
+            };
+            let embed = &mut model.weights.embed;
+            clock.time("quantize", || {
+                quantize_linear(embed, &rtn, None, &mut summary)
+            })?;
+            if let LinearWeight::Int8(m) = &embed.weight {
+                embed.weight = LinearWeight::Int8WeightOnly(m.clone());
+            }
+        }
+        summary.rotation = Some(format!(
+            "residual stream rotated ({}), down-projection input {}",
+            r.residual.dim(),
+            match r.ffn_block {
+                Some(b) => format!("by Hadamard blocks of {b}"),
+                None => "not rotated (no power-of-two block of 32 or more)".into(),
+            }
+        ));
+        Some(r)
+    };
+    // The down-projection's input is rotated at run time: an up→down smoothing fold would scale
+    // the channels before the rotation, not the ones the int8 kernel sees.
+    let opts = &QuantOptions {
+        fold_down: opts.fold_down && model.config.ffn_hadamard_block.is_none(),
+        ..opts.clone()
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.threads)
         .build()
@@ -184,6 +236,9 @@ pub fn quantize(
                 .into_iter()
                 .for_each(Linear::widen_to_f32)
         });
+        if let Some(r) = &rotation {
+            clock.time("rotate", || r.rotate_layer(li, layer))?;
+        }
         let (mut stats, f32_outputs) = match &runner {
             Some(r) => {
                 let (stats, out) = clock.time("calibrate", || r.observe(li, layer))?;
@@ -197,9 +252,8 @@ pub fn quantize(
             });
         }
         clock.time("quantize", || {
-            pool.install(|| quantize_layer(layer, opts, &stats, &mut summary))
+            pool.install(|| quantize_layer(layer, opts, stats, &mut summary))
         })?;
-        drop(stats);
         if let (Some(r), Some(f32_outputs)) = (&mut runner, f32_outputs) {
             let next = match opts.propagate {
                 Propagate::Quantized => clock.time("propagate", || r.run(li, layer))?,
@@ -213,6 +267,9 @@ pub fn quantize(
     let mut model = Arc::try_unwrap(frame)
         .map_err(|_| Error::invalid("model still shared after calibration"))?;
     model.weights.layers = layers;
+    if let Some(r) = &rotation {
+        clock.time("rotate", || r.rotate_head(&mut model.weights))?;
+    }
     if opts.head != HeadQuant::F32 {
         let w = &mut model.weights;
         let head = w.lm_head.as_mut().unwrap_or(&mut w.embed);
@@ -451,26 +508,34 @@ pub fn is_quantized_layer(name: &str) -> bool {
 fn quantize_layer(
     layer: &mut Layer,
     opts: &QuantOptions,
-    stats: &HashMap<String, InputStats>,
+    mut stats: HashMap<String, InputStats>,
     summary: &mut QuantSummary,
 ) -> Result<()> {
-    // One factor per input, shared by the linears reading it (q/k/v; gate/up).
-    let mut factors: HashMap<String, HessianFactor> = HashMap::new();
+    // One factor per input, shared by the linears reading it (q/k/v; gate/up), which come one
+    // after another: only the current one is held, and each record is dropped once factored
+    // (a Mixtral layer's eight down-projection Hessians are the largest thing a layer keeps).
+    let mut current: Option<(String, Option<HessianFactor>)> = None;
     for lin in layer_linears(layer) {
         if !is_quantized_layer(&lin.name) || opts.keeps_f32(&lin.name) {
             continue;
         }
         let key = input_key(&lin.name);
-        if opts.method.uses_hessian() && !factors.contains_key(&key) {
-            if let Some(st) = stats.get(&key).filter(|st| st.tokens >= opts.min_tokens) {
-                let gopts = GptqOptions {
-                    damp: opts.damp,
-                    act_order: opts.act_order,
-                };
-                factors.insert(key.clone(), HessianFactor::new(&st.hessian, st.k, &gopts));
-            }
+        if current.as_ref().is_none_or(|(k, _)| *k != key) {
+            drop(current.take()); // frees the previous factor first
+            let factor = stats
+                .remove(&key)
+                .filter(|st| opts.method.uses_hessian() && st.tokens >= opts.min_tokens)
+                .map(|st| {
+                    let gopts = GptqOptions {
+                        damp: opts.damp,
+                        act_order: opts.act_order,
+                    };
+                    HessianFactor::new(&st.hessian, st.k, &gopts)
+                });
+            current = Some((key, factor));
         }
-        quantize_linear(lin, opts, factors.get(&key), summary)?;
+        let factor = current.as_ref().and_then(|(_, f)| f.as_ref());
+        quantize_linear(lin, opts, factor, summary)?;
     }
     Ok(())
 }

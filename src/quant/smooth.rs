@@ -63,7 +63,7 @@ pub fn rescale_stats(stats: &mut InputStats, s: &[f32]) {
     stats.max_abs.iter_mut().zip(s).for_each(|(m, f)| *m /= f);
     for i in 0..k {
         for j in 0..k {
-            stats.hessian[i * k + j] /= (s[i] * s[j]) as f64;
+            stats.hessian[i * k + j] /= s[i] * s[j];
         }
     }
     for row in stats.samples.chunks_mut(k) {

@@ -9,6 +9,7 @@ pub mod chat;
 #[cfg(test)]
 mod fault;
 pub mod http;
+pub mod kv;
 pub mod protocol;
 pub mod scheduler;
 
@@ -90,8 +91,14 @@ pub fn prepare(
         Some(m) => m,
         None => limit - n,
     };
-    let mut gen = Generation::from_tokens(engine, tokens, &req.generate_request(text, max_tokens))
-        .map_err(|e| ("invalid_prompt", e.to_string()))?;
+    let kv = kv::options(engine, req.kv, n.saturating_add(max_tokens))?;
+    let mut gen = Generation::from_tokens_with_kv(
+        engine,
+        tokens,
+        &req.generate_request(text, max_tokens),
+        kv,
+    )
+    .map_err(|e| ("invalid_prompt", e.to_string()))?;
     gen.set_penalties(req.penalties);
     Ok(gen)
 }
@@ -255,7 +262,27 @@ impl<W: Write> Server<'_, W> {
         json!({
             "cache": engine.experts.cache_stats(tokens),
             "prediction": engine.experts.prediction(),
+            "kv_reserved": engine.experts.plan().map(|p| p.fixed.kv),
         })
+    }
+
+    /// Each running request's KV cache: its policy and budget (tokens), the slots its fullest
+    /// layer holds and the bytes it allocated.
+    fn kv_stats(&self) -> Value {
+        let rows: Vec<Value> = self
+            .sched
+            .running()
+            .map(|(tag, gen)| {
+                json!({
+                    "id": tag.id,
+                    "policy": gen.cache.eviction_config().map_or("full".to_string(), |c| c.policy.to_string()),
+                    "budget": gen.cache.eviction_config().map(|c| c.budget),
+                    "slots": gen.cache.len_tokens(),
+                    "allocated_bytes": gen.cache.allocated_bytes(),
+                })
+            })
+            .collect();
+        Value::Array(rows)
     }
 
     /// Handles one message; returns true at end of input.
@@ -299,6 +326,7 @@ impl<W: Write> Server<'_, W> {
                             "memory": memory,
                             "requests": self.sched.counters,
                             "experts": self.expert_stats(),
+                            "kv": self.kv_stats(),
                         });
                         self.out.write(&stats)
                     }

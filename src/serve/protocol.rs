@@ -48,6 +48,8 @@ pub struct Request {
     pub penalties: Penalties,
     /// Choices to generate (HTTP only; choice i samples with seed + i).
     pub n: usize,
+    /// The request's own KV budget and policy (`kv_budget`, `kv_policy`).
+    pub kv: super::kv::RequestKv,
 }
 
 impl Request {
@@ -183,6 +185,8 @@ const COMMON_FIELDS: &[&str] = &[
     "min_p",
     "logit_bias",
     "user",
+    "kv_budget",
+    "kv_policy",
 ];
 const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "best_of", "suffix"];
 const CHAT_FIELDS: &[&str] = &[
@@ -325,6 +329,7 @@ pub fn parse_request(obj: &Map<String, Value>, api: Api) -> Result<Request, Fiel
             ))
         }
     };
+    let kv = super::kv::parse(obj)?;
     Ok(Request {
         input,
         stream,
@@ -340,6 +345,7 @@ pub fn parse_request(obj: &Map<String, Value>, api: Api) -> Result<Request, Fiel
         include_usage,
         penalties,
         n,
+        kv,
     })
 }
 

@@ -112,6 +112,11 @@ impl<'e, T> Scheduler<'e, T> {
         self.waiting.len()
     }
 
+    /// Each running request's tag and generation (its KV cache and options).
+    pub fn running(&self) -> impl Iterator<Item = (&T, &Generation)> {
+        self.active.iter().map(|j| (&j.tag, &j.gen))
+    }
+
     /// Every request in flight (running or waiting), by tag.
     pub fn tags(&self) -> impl Iterator<Item = &T> {
         self.active.iter().chain(&self.waiting).map(|j| &j.tag)
@@ -486,6 +491,48 @@ mod tests {
                 alone[1][0],
                 "{marker}"
             );
+        }
+    }
+
+    /// A budgeted request that gets the recycled cache of a longer, unbudgeted one holds only
+    /// its budget: the cache gives the rest back.
+    #[test]
+    fn a_recycled_cache_shrinks_to_a_requests_budget() {
+        use crate::kv::{plan::bytes_per_token, Budget, KvOptions, Policy};
+        let engine = Engine::new(Arc::new(Model::builtin_default()), 1).unwrap();
+        let mut s: Scheduler<u32> = Scheduler::new(&engine, SchedulerOptions::default());
+        let mut emit = |_: &mut u32, _: Event| true;
+        let long = GenerateRequest {
+            max_tokens: 80,
+            ..req()
+        };
+        let g = Generation::from_tokens(&engine, vec![1, 2, 3], &long).unwrap();
+        assert!(s.submit(0, g, &mut emit).is_ok());
+        while !s.is_idle() {
+            s.step(&mut emit);
+        }
+        let cfg = &engine.model().config;
+        let full = bytes_per_token(cfg.num_layers, cfg.kv_dim(), Policy::Full) as usize;
+        assert_eq!(
+            s.kv_bytes(),
+            83 * full,
+            "the finished request's cache is kept"
+        );
+        let kv = KvOptions {
+            policy: Policy::Lazy,
+            budget: Some(Budget::Tokens(30)),
+            window: 8,
+            sinks: 4,
+            ..KvOptions::default()
+        };
+        let g = Generation::from_tokens_with_kv(&engine, vec![1, 2, 3], &long, kv).unwrap();
+        assert!(s.submit(1, g, &mut emit).is_ok());
+        s.step(&mut emit);
+        let lazy = bytes_per_token(cfg.num_layers, cfg.kv_dim(), Policy::Lazy) as usize;
+        let (_, gen) = s.running().next().unwrap();
+        assert_eq!(gen.cache.allocated_bytes(), 30 * lazy);
+        while !s.is_idle() {
+            s.step(&mut emit);
         }
     }
 

@@ -197,6 +197,54 @@ int main(int argc, char **argv) {
            edgemoe_generate((EdgemoeSession *)model, g_prompt, &gp, NULL, NULL, NULL, 0, NULL));
     printf("free_null_rc=%d\n", edgemoe_session_free(NULL) | edgemoe_model_free(NULL));
 
+    /* A KV budget: lazy eviction at 50% of prompt + max_tokens, with an observation window of
+     * 8 so the budget is evicted into; tests/capi_c.rs compares with the Rust engine. */
+    EdgemoeSessionParams kp = edgemoe_session_default_params();
+    kp.n_threads = 2;
+    kp.kv_budget_percent = 50.0f;
+    kp.kv_policy = EDGEMOE_KV_POLICY_LAZY;
+    kp.kv_window = 8;
+    kp.kv_sinks = 4;
+    EdgemoeSession *lazy = NULL;
+    printf("kv_lazy_session_rc=%d\n", edgemoe_session_new(model, &kp, &lazy));
+    rc = edgemoe_generate(lazy, g_prompt, &gp, NULL, NULL, out, sizeof out, &out_len);
+    printf("kv_lazy_rc=%d\n", rc);
+    print_hex("kv_lazy_hex", out, out_len);
+    edgemoe_session_free(lazy);
+
+    /* Bad KV options are refused with EDGEMOE_ERR_INVALID_INPUT and a message; no session. */
+    struct { const char *key; EdgemoeSessionParams p; } bad_kv[8];
+    for (int i = 0; i < 8; i++) {
+        bad_kv[i].p = edgemoe_session_default_params();
+    }
+    bad_kv[0].key = "kv_bad_policy";       bad_kv[0].p.kv_policy = 9;
+    bad_kv[1].key = "kv_both_budgets";     bad_kv[1].p.kv_budget_tokens = 200;
+                                           bad_kv[1].p.kv_budget_percent = 50.0f;
+    bad_kv[2].key = "kv_too_small";        bad_kv[2].p.kv_budget_tokens = 100;
+    bad_kv[3].key = "kv_full_with_budget"; bad_kv[3].p.kv_budget_tokens = 200;
+                                           bad_kv[3].p.kv_policy = EDGEMOE_KV_POLICY_FULL;
+    bad_kv[4].key = "kv_h2o_no_budget";    bad_kv[4].p.kv_policy = EDGEMOE_KV_POLICY_H2O;
+    bad_kv[5].key = "kv_zero_window";      bad_kv[5].p.kv_window = 0;
+    bad_kv[6].key = "kv_bad_threshold";    bad_kv[6].p.kv_budget_tokens = 200;
+                                           bad_kv[6].p.kv_threshold = -1.0f;
+    bad_kv[7].key = "kv_bad_percent";      bad_kv[7].p.kv_budget_percent = 150.0f;
+    for (int i = 0; i < 8; i++) {
+        EdgemoeSession *s = (EdgemoeSession *)&bad_kv[i]; /* must come back NULL */
+        rc = edgemoe_session_new(model, &bad_kv[i].p, &s);
+        printf("%s_rc=%d\n", bad_kv[i].key, rc);
+        printf("%s_null=%d\n", bad_kv[i].key, s == NULL);
+        printf("%s_error=%s\n", bad_kv[i].key, edgemoe_last_error());
+        if (s) edgemoe_session_free(s);
+    }
+    /* A percentage that leaves too few tokens for this generation is refused when it starts. */
+    EdgemoeSessionParams tinyp = edgemoe_session_default_params();
+    tinyp.kv_budget_percent = 10.0f;
+    EdgemoeSession *tiny_s = NULL;
+    printf("kv_tiny_session_rc=%d\n", edgemoe_session_new(model, &tinyp, &tiny_s));
+    printf("kv_tiny_generate_rc=%d\n", edgemoe_generate(tiny_s, g_prompt, &gp, NULL, NULL, out, sizeof out, &out_len));
+    printf("kv_tiny_generate_error=%s\n", edgemoe_last_error());
+    edgemoe_session_free(tiny_s);
+
     /* Two sessions generating at once on two threads agree with the single-threaded text. */
     struct job *jobs = calloc(2, sizeof *jobs);
     pthread_t threads[2];

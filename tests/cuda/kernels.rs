@@ -296,6 +296,17 @@ fn norms_rope_activations_and_adds_match_the_cpu() {
     g.add(&mut da, &g.upload(&c, "c").unwrap(), 999).unwrap();
     let want: Vec<f32> = a.iter().zip(&c).map(|(x, y)| x + y).collect();
     assert_eq!(g.download(&da, 999, "a").unwrap(), want);
+    // The block Hadamard transform of a rotated model's down-projection input (sums in another
+    // order than the CPU's butterflies: within 1e-5 relative).
+    for (rows, width, block) in [(3usize, 1536usize, 512usize), (2, 4096, 4096), (5, 96, 32)] {
+        let x = rng.f32s(rows * width, 3.0);
+        let mut want = x.clone();
+        edgemoe::backend::cpu::ops::hadamard_in_blocks(&mut want, block);
+        let mut dx = g.upload(&x, "h").unwrap();
+        g.hadamard(&mut dx, rows * width, block).unwrap();
+        let got = g.download(&dx, rows * width, "h").unwrap();
+        assert!(rel_err(&got, &want) < 1e-5, "hadamard {width}/{block}");
+    }
     // Embedding gather and the weighted scatter-add of expert outputs.
     let table = rng.f32s(50 * 24, 1.0);
     let index = [3usize, 49, 0, 3, 17];

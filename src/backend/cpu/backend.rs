@@ -6,7 +6,9 @@ use super::half::{matmul_half, HalfView};
 use super::int8::{self, quantize_rows_smoothed, QuantizedRows};
 use super::int8w::matmul_w8;
 use super::matmul::matmul;
-use super::ops::{activate, gated_activation, norm_rows, sigmoid, Rope, RopeTable};
+use super::ops::{
+    activate, gated_activation, hadamard_in_blocks, norm_rows, sigmoid, Rope, RopeTable,
+};
 use super::packed::matmul_packed;
 use super::parallel::{kernel_threads, largest_first, serially};
 use super::routing::route_rows;
@@ -293,6 +295,10 @@ impl Backend for CpuBackend {
 
     fn add(&self, x: &mut Rows, y: &Rows) {
         x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+    }
+
+    fn hadamard(&self, x: &mut Rows, block: usize) {
+        hadamard_in_blocks(&mut x.data, block);
     }
 
     fn route(&self, logits: &Rows, top_k: usize, renormalize: bool, first_row: usize) -> Vec<Pick> {

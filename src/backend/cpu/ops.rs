@@ -42,6 +42,29 @@ pub fn activate(act: Activation, v: f32) -> f32 {
     }
 }
 
+/// `x ← H_b·x` on every run of `block` values (the normalized Walsh–Hadamard transform, its
+/// own inverse; `block` a power of two). Butterflies over contiguous halves, which the
+/// compiler vectorizes from a span of 8 up.
+pub fn hadamard_in_blocks(x: &mut [f32], block: usize) {
+    debug_assert!(block.is_power_of_two());
+    let norm = 1.0 / (block as f32).sqrt();
+    for run in x.chunks_exact_mut(block) {
+        let mut h = 1;
+        while h < block {
+            for pair in run.chunks_exact_mut(2 * h) {
+                let (lo, hi) = pair.split_at_mut(h);
+                for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+                    let (x, y) = (*a, *b);
+                    *a = x + y;
+                    *b = x - y;
+                }
+            }
+            h *= 2;
+        }
+        run.iter_mut().for_each(|v| *v *= norm);
+    }
+}
+
 /// `gate ← act(gate) ⊙ up`, the gated-MLP middle.
 pub fn gated_activation(act: Activation, gate: &mut [f32], up: &[f32]) {
     if act == Activation::Silu {

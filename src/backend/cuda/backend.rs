@@ -446,6 +446,11 @@ impl Backend for CudaBackend {
         gate.quant = None;
     }
 
+    fn hadamard(&self, x: &mut DeviceRows, block: usize) {
+        must(self.gpu.hadamard(&mut x.data, x.rows * x.cols, block));
+        x.quant = None;
+    }
+
     fn add(&self, x: &mut DeviceRows, y: &DeviceRows) {
         must(self.gpu.add(&mut x.data, &y.data, x.rows * x.cols));
         x.quant = None;

@@ -36,6 +36,7 @@ const KERNELS: &[(&str, &[&str])] = &[
             "activate_inplace",
             "gated_act",
             "add_inplace",
+            "hadamard_blocks",
             "gather_rows",
             "add_rows",
             "mix_rows",

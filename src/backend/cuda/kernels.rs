@@ -422,6 +422,25 @@ impl Gpu {
         self.launched("add", unsafe { b.launch(grid_1d(n)) }.map(|_| ()))
     }
 
+    /// `x ← H_b·x` on every run of `block` values of the first `n` (`block` a power of two,
+    /// at most 4096, dividing `n`).
+    pub fn hadamard(&self, x: &mut CudaSlice<f32>, n: usize, block: usize) -> Result<()> {
+        check(
+            block.is_power_of_two() && block <= 4096 && n.is_multiple_of(block) && x.len() >= n,
+            || format!("hadamard: {n} values in runs of {block}"),
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: ((n / block) as u32, 1, 1),
+            block_dim: (block.clamp(32, 256) as u32, 1, 1),
+            shared_mem_bytes: (block * 4) as u32,
+        };
+        let block32 = block as i32;
+        let mut b = self.stream.launch_builder(self.func("hadamard_blocks"));
+        b.arg(&block32).arg(x);
+        // SAFETY: n / block runs of block values each (checked); the run fits in shared memory.
+        self.launched("hadamard", unsafe { b.launch(cfg) }.map(|_| ()))
+    }
+
     /// `out[r] = table[index[r]]` (`dim` floats a row, `table_rows` rows; indices checked on
     /// the host first).
     pub fn gather_rows(

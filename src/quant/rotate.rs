@@ -1,0 +1,416 @@
+//! Rotations that remove activation outliers before W8A8 (QuaRot, arXiv 2404.00456): an
+//! orthogonal `R` applied to the residual stream leaves the f32 function unchanged — RMSNorm
+//! commutes with it once its weight is folded into the linears that read the norm — but spreads
+//! every outlier channel over all channels, so a per-token int8 scale no longer has to cover a
+//! few huge values. It is folded into the weights offline, at no run-time cost:
+//!
+//! - linears that read a norm's output, `y = W(γ ⊙ n(x))`: `W ← W·diag(γ)·Rᵀ`, γ ← 1;
+//! - linears that write the residual (o_proj, down_proj): `W ← R·W` (and their bias);
+//! - the embedding rows `e ← R·e`, the head as a linear that reads the final norm.
+//!
+//! The down-projection's input (the gated product, no norm before it) is rotated online by a
+//! block Hadamard transform (`H·D` with random signs D folded into up_proj's rows and down_proj's
+//! columns): the run-time cost is `f·log₂ b` adds per token against `f·h` multiply-adds.
+
+pub use crate::backend::cpu::ops::hadamard_in_blocks;
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, LinearWeight, Norm, Weights};
+use crate::util::rng::SplitMix64;
+
+/// Smallest online Hadamard block worth its cost: below it an outlier is spread too thinly.
+const MIN_HADAMARD_BLOCK: usize = 32;
+/// Largest online block: beyond it the spread gains little and the transform leaves L1.
+const MAX_HADAMARD_BLOCK: usize = 4096;
+
+/// A random orthogonal `d × d` matrix with a fast product: `R = (H_p ⊗ Q_m)·D` where `d = p·m`,
+/// `p` is the largest power of two dividing `d`, `H_p` the normalized Walsh–Hadamard matrix, `Q_m`
+/// a random orthogonal matrix (Gram–Schmidt of Gaussians) and D random signs.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    dim: usize,
+    pow2: usize,
+    odd: usize,
+    /// `odd × odd`, row-major, orthonormal rows.
+    odd_q: Vec<f64>,
+    signs: Vec<f64>,
+}
+
+impl Rotation {
+    pub fn random(dim: usize, seed: u64) -> Rotation {
+        let pow2 = 1usize << dim.trailing_zeros();
+        let odd = dim / pow2;
+        let mut rng = SplitMix64::new(seed);
+        let signs = (0..dim)
+            .map(|_| if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        Rotation {
+            dim,
+            pow2,
+            odd,
+            odd_q: random_orthogonal(odd, &mut rng),
+            signs,
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// `x ← R·x`.
+    pub fn apply(&self, x: &mut [f32]) {
+        debug_assert_eq!(x.len(), self.dim);
+        let m = self.odd;
+        let mut v: Vec<f64> = x
+            .iter()
+            .zip(&self.signs)
+            .map(|(&a, s)| a as f64 * s)
+            .collect();
+        // Index i = p·m + q: Q_m on each run of m, then H_p across the runs.
+        if m > 1 {
+            let mut t = vec![0f64; m];
+            for run in v.chunks_exact_mut(m) {
+                for (r, out) in t.iter_mut().enumerate() {
+                    let row = &self.odd_q[r * m..(r + 1) * m];
+                    *out = row.iter().zip(run.iter()).map(|(a, b)| a * b).sum();
+                }
+                run.copy_from_slice(&t);
+            }
+        }
+        let mut h = 1;
+        while h < self.pow2 {
+            for start in (0..self.pow2).step_by(2 * h) {
+                for p in start..start + h {
+                    for q in 0..m {
+                        let (i, j) = (p * m + q, (p + h) * m + q);
+                        let (a, b) = (v[i], v[j]);
+                        v[i] = a + b;
+                        v[j] = a - b;
+                    }
+                }
+            }
+            h *= 2;
+        }
+        let norm = 1.0 / (self.pow2 as f64).sqrt();
+        x.iter_mut()
+            .zip(&v)
+            .for_each(|(o, a)| *o = (a * norm) as f32);
+    }
+}
+
+/// `m × m` orthonormal rows from Gaussian rows by modified Gram–Schmidt.
+fn random_orthogonal(m: usize, rng: &mut SplitMix64) -> Vec<f64> {
+    let mut q = vec![0f64; m * m];
+    for r in 0..m {
+        loop {
+            let mut row: Vec<f64> = (0..m).map(|_| gaussian(rng)).collect();
+            for p in 0..r {
+                let prev = &q[p * m..(p + 1) * m];
+                let dot: f64 = row.iter().zip(prev).map(|(a, b)| a * b).sum();
+                row.iter_mut().zip(prev).for_each(|(a, b)| *a -= dot * b);
+            }
+            let norm = row.iter().map(|a| a * a).sum::<f64>().sqrt();
+            if norm > 1e-6 {
+                q[r * m..(r + 1) * m]
+                    .iter_mut()
+                    .zip(&row)
+                    .for_each(|(o, a)| *o = a / norm);
+                break;
+            }
+        }
+    }
+    q
+}
+
+fn gaussian(rng: &mut SplitMix64) -> f64 {
+    // Box–Muller from two uniforms in (0, 1].
+    let u = |rng: &mut SplitMix64| ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+    let (a, b) = (u(rng), u(rng));
+    (-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos()
+}
+
+/// The online Hadamard block for a gated MLP of width `ffn`: the largest power of two dividing
+/// it, or `None` when that is too small to spread an outlier.
+pub fn hadamard_block(ffn: usize) -> Option<usize> {
+    let b = (1usize << ffn.trailing_zeros()).min(MAX_HADAMARD_BLOCK);
+    (ffn > 0 && b >= MIN_HADAMARD_BLOCK).then_some(b)
+}
+
+/// Why a model cannot be rotated, or `None` when it can: every norm must be an RMSNorm ahead of
+/// the block it feeds (a LayerNorm's mean subtraction does not commute with `R`).
+pub fn unsupported(cfg: &ModelConfig, w: &Weights) -> Option<String> {
+    if !cfg.pre_norm || w.project_in.is_some() || w.project_out.is_some() {
+        return Some(format!("{:?} is not a pre-norm RMSNorm model", cfg.arch));
+    }
+    let rms = |n: &Norm| matches!(n, Norm::Rms { .. });
+    let norms_ok = w.final_norm.as_ref().is_some_and(rms)
+        && w.layers
+            .iter()
+            .all(|l| rms(&l.attn_norm) && rms(&l.ffn_norm));
+    if !norms_ok {
+        return Some("a norm is not an RMSNorm".into());
+    }
+    if w.layers.iter().any(|l| matches!(l.ffn, Ffn::Plain(_))) {
+        return Some("a feed-forward block is not a gated MLP".into());
+    }
+    None
+}
+
+/// The rotation of a model's residual stream, its seed and the online block it uses.
+pub struct ModelRotation {
+    pub residual: Rotation,
+    pub seed: u64,
+    /// Online Hadamard block of the down-projections' input, where one applies.
+    pub ffn_block: Option<usize>,
+    /// The head width when it is a power of two: each head's values (v_proj's output, o_proj's
+    /// input) are rotated by a Hadamard transform offline, exactly, since attention mixes value
+    /// vectors only across tokens.
+    pub head_block: Option<usize>,
+}
+
+impl ModelRotation {
+    pub fn new(cfg: &ModelConfig, seed: u64) -> ModelRotation {
+        let widths = [cfg.dense_ffn, cfg.expert_ffn]
+            .into_iter()
+            .chain(cfg.shared_expert_ffn)
+            .filter(|&f| f > 0);
+        // One block for every MLP of the model (the engine applies one size).
+        let ffn_block = widths
+            .map(hadamard_block)
+            .try_fold(usize::MAX, |acc, b| b.map(|b| acc.min(b)))
+            .filter(|&b| b != usize::MAX);
+        ModelRotation {
+            residual: Rotation::random(cfg.hidden_size, seed),
+            seed,
+            ffn_block,
+            head_block: (cfg.head_dim.is_power_of_two() && cfg.head_dim > 1)
+                .then_some(cfg.head_dim),
+        }
+    }
+
+    /// Rotates the embedding rows, untying the head from them (the head is rotated last, by
+    /// [`Self::rotate_head`]: it also takes the final norm's weight). Call before any layer runs.
+    pub fn rotate_embeddings(&self, cfg: &mut ModelConfig, w: &mut Weights) -> Result<()> {
+        if w.lm_head.is_none() {
+            let mut head = w.embed.clone();
+            head.name = "lm_head".into();
+            w.lm_head = Some(head);
+        }
+        cfg.tie_word_embeddings = false;
+        let ones = vec![1.0; cfg.hidden_size];
+        rotate_reader(&mut w.embed, &ones, &self.residual)?;
+        cfg.ffn_hadamard_block = self.ffn_block;
+        Ok(())
+    }
+
+    /// `head ← head·diag(γ)·Rᵀ` with the final norm's γ, which becomes ones.
+    pub fn rotate_head(&self, w: &mut Weights) -> Result<()> {
+        let gamma = take_norm_weight(w.final_norm.as_mut())?;
+        let head = w
+            .lm_head
+            .as_mut()
+            .ok_or_else(|| Error::invalid("rotate_embeddings unties the head first"))?;
+        rotate_reader(head, &gamma, &self.residual)
+    }
+
+    /// Rotates one layer's weights (f32; call after they are read, before calibration).
+    pub fn rotate_layer(&self, index: usize, layer: &mut Layer) -> Result<()> {
+        let r = &self.residual;
+        let gamma = take_norm_weight(Some(&mut layer.attn_norm))?;
+        for lin in [&mut layer.attn.q, &mut layer.attn.k, &mut layer.attn.v] {
+            rotate_reader(lin, &gamma, r)?;
+        }
+        rotate_writer(&mut layer.attn.o, r)?;
+        if let Some(hd) = self.head_block {
+            rotate_heads(&mut layer.attn.v, &mut layer.attn.o, hd)?;
+        }
+        let gamma = take_norm_weight(Some(&mut layer.ffn_norm))?;
+        for lin in super::ffn_input_linears(&mut layer.ffn) {
+            rotate_reader(lin, &gamma, r)?;
+        }
+        for (j, mlp) in super::gated_mlps(&mut layer.ffn).into_iter().enumerate() {
+            rotate_writer(&mut mlp.down, r)?;
+            if let Some(b) = self.ffn_block {
+                let seed = self.seed ^ ((index as u64) << 32 | j as u64).wrapping_mul(0x9E37);
+                rotate_down_input(mlp, b, seed)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The norm's weight (γ), leaving ones in its place.
+fn take_norm_weight(norm: Option<&mut Norm>) -> Result<Vec<f32>> {
+    match norm {
+        Some(Norm::Rms { weight, .. }) => {
+            let ones = vec![1.0; weight.len()];
+            Ok(std::mem::replace(weight, ones))
+        }
+        _ => Err(Error::invalid(
+            "rotation needs an RMSNorm before every block",
+        )),
+    }
+}
+
+/// The f32 rows of a linear, `[out, in]`, and whether they were packed.
+fn rows_of(lin: &Linear) -> Result<(Vec<f32>, bool)> {
+    let packed = matches!(lin.weight, LinearWeight::F32(_));
+    let rows = lin
+        .f32_rows()
+        .ok_or_else(|| Error::invalid(format!("{}: cannot rotate int8 weights", lin.name)))?;
+    Ok((rows, packed))
+}
+
+fn set_rows(lin: &mut Linear, rows: Vec<f32>, packed: bool) {
+    lin.weight = LinearWeight::F32Rows(rows.into());
+    if packed {
+        lin.pack();
+    }
+}
+
+/// `W ← W·diag(γ)·Rᵀ`: every row `w ← R·(γ ⊙ w)`.
+fn rotate_reader(lin: &mut Linear, gamma: &[f32], r: &Rotation) -> Result<()> {
+    let (mut rows, packed) = rows_of(lin)?;
+    for row in rows.chunks_exact_mut(lin.in_features) {
+        row.iter_mut().zip(gamma).for_each(|(w, g)| *w *= g);
+        r.apply(row);
+    }
+    set_rows(lin, rows, packed);
+    Ok(())
+}
+
+/// `W ← R·W` (every column rotated) and `b ← R·b`.
+fn rotate_writer(lin: &mut Linear, r: &Rotation) -> Result<()> {
+    map_columns(lin, |c| r.apply(c))
+}
+
+/// `W_v ← blockdiag(H)·W_v` (each head's output channels, and the bias) and
+/// `W_o ← W_o·blockdiag(H)` (rows `w ← H·w` per head; H is symmetric and its own inverse).
+fn rotate_heads(v: &mut Linear, o: &mut Linear, hd: usize) -> Result<()> {
+    map_columns(v, |c| hadamard_in_blocks(c, hd))?;
+    let (mut rows, packed) = rows_of(o)?;
+    rows.chunks_exact_mut(o.in_features)
+        .for_each(|r| hadamard_in_blocks(r, hd));
+    set_rows(o, rows, packed);
+    Ok(())
+}
+
+/// Applies `f` to every column of the weights (a vector over the output channels) and to the
+/// bias: a transform of the linear's output, `W ← T·W`, `b ← T·b`.
+fn map_columns(lin: &mut Linear, f: impl Fn(&mut [f32])) -> Result<()> {
+    let (rows, packed) = rows_of(lin)?;
+    let (n, k) = (lin.out_features, lin.in_features);
+    let mut cols = vec![0f32; n * k];
+    for (i, row) in rows.chunks_exact(k).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            cols[j * n + i] = v;
+        }
+    }
+    cols.chunks_exact_mut(n).for_each(&f);
+    let mut out = rows;
+    for (j, col) in cols.chunks_exact(n).enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            out[i * k + j] = v;
+        }
+    }
+    if let Some(b) = &mut lin.bias {
+        f(b);
+    }
+    set_rows(lin, out, packed);
+    Ok(())
+}
+
+/// The down-projection reads `H·D·z` instead of `z = act(gate·x) ⊙ (up·x)`: D's signs go into
+/// up's rows (z is linear in each), `W_down ← W_down·D·H` (H symmetric: rows `w ← H·(D·w)`).
+fn rotate_down_input(mlp: &mut GatedMlp, block: usize, seed: u64) -> Result<()> {
+    let f = mlp.down.in_features;
+    let mut rng = SplitMix64::new(seed);
+    let signs: Vec<f32> = (0..f)
+        .map(|_| if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 })
+        .collect();
+    mlp.up.scale_output_channels(&signs);
+    let (mut rows, packed) = rows_of(&mlp.down)?;
+    for row in rows.chunks_exact_mut(f) {
+        row.iter_mut().zip(&signs).for_each(|(w, s)| *w *= s);
+        hadamard_in_blocks(row, block);
+    }
+    set_rows(&mut mlp.down, rows, packed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dense(r: &Rotation) -> Vec<f32> {
+        let d = r.dim();
+        let mut m = vec![0f32; d * d];
+        for j in 0..d {
+            let mut e = vec![0f32; d];
+            e[j] = 1.0;
+            r.apply(&mut e);
+            for i in 0..d {
+                m[i * d + j] = e[i];
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn rotations_are_orthogonal() {
+        for d in [1, 8, 9, 576, 96, 45] {
+            let r = Rotation::random(d, 7);
+            let m = dense(&r);
+            for i in 0..d {
+                for j in 0..d {
+                    let dot: f32 = (0..d).map(|t| m[i * d + t] * m[j * d + t]).sum();
+                    let want = if i == j { 1.0 } else { 0.0 };
+                    assert!((dot - want).abs() < 1e-5, "d {d} ({i},{j}) {dot}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hadamard_blocks_match_the_dense_sylvester_product() {
+        let b = 64;
+        let mut rng = SplitMix64::new(3);
+        let x: Vec<f32> = (0..3 * b)
+            .map(|_| (rng.next_u64() % 2001) as f32 / 100.0 - 10.0)
+            .collect();
+        let mut got = x.clone();
+        hadamard_in_blocks(&mut got, b);
+        for (run, out) in x.chunks(b).zip(got.chunks(b)) {
+            for (i, &o) in out.iter().enumerate() {
+                // Sylvester: H[i][j] = (-1)^popcount(i & j) / √b.
+                let want: f64 = run
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &v)| if (i & j).count_ones() % 2 == 0 { v } else { -v } as f64)
+                    .sum::<f64>()
+                    / (b as f64).sqrt();
+                assert!((o as f64 - want).abs() < 1e-4, "{i}: {o} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn hadamard_blocks_are_their_own_inverse_and_spread_outliers() {
+        let mut x = vec![0f32; 1536];
+        x[5] = 100.0;
+        let orig = x.clone();
+        hadamard_in_blocks(&mut x, 512);
+        // One outlier becomes 512 values of 100/√512 in its block, nothing elsewhere.
+        assert!(x[..512]
+            .iter()
+            .all(|v| (v.abs() - 100.0 / 512f32.sqrt()).abs() < 1e-4));
+        assert!(x[512..].iter().all(|&v| v == 0.0));
+        hadamard_in_blocks(&mut x, 512);
+        for (a, b) in x.iter().zip(&orig) {
+            assert!((a - b).abs() < 1e-4);
+        }
+        assert_eq!(hadamard_block(1536), Some(512));
+        assert_eq!(hadamard_block(14336), Some(2048));
+        assert_eq!(hadamard_block(45), None);
+    }
+}
