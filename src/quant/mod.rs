@@ -128,7 +128,7 @@ impl QuantOptions {
             threads: 0,
             keep_f32: Vec::new(),
             rotate: false,
-            rotate_seed: 0x5EED_0F_2024,
+            rotate_seed: 0x005E_ED0F_2024,
         }
     }
 }
