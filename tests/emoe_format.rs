@@ -187,7 +187,26 @@ fn with_header(bytes: &[u8], edit: impl FnOnce(&mut Value)) -> Vec<u8> {
     out[PREAMBLE_LEN..data_start].fill(0);
     out[12..20].copy_from_slice(&(json.len() as u64).to_le_bytes());
     out[PREAMBLE_LEN..PREAMBLE_LEN + json.len()].copy_from_slice(&json);
+    reseal(&mut out);
     out
+}
+
+/// Stores the CRC-32C of the header JSON as it now is (after an edit), where it fits.
+fn reseal(b: &mut [u8]) {
+    let Some(len) = b
+        .get(12..20)
+        .map(|l| u64::from_le_bytes(l.try_into().unwrap()))
+    else {
+        return;
+    };
+    let Some(json) = usize::try_from(len)
+        .ok()
+        .and_then(|len| b.get(PREAMBLE_LEN..PREAMBLE_LEN.checked_add(len)?))
+    else {
+        return;
+    };
+    let crc = crc32c::crc32c(json);
+    b[20..24].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn tensor_json<'a>(h: &'a mut Value, name: &str) -> &'a mut Value {
@@ -377,10 +396,12 @@ fn rejects_bad_magic() {
 fn rejects_unsupported_version() {
     let fx = fixture();
     let mut b = fx.bytes.clone();
-    b[8..12].copy_from_slice(&3u32.to_le_bytes());
-    expect_open_error(&b, &["unsupported .emoe version 3", "version 2"]);
+    b[8..12].copy_from_slice(&4u32.to_le_bytes());
+    expect_open_error(&b, &["unsupported .emoe version 4", "version 3"]);
     b[8..12].copy_from_slice(&1u32.to_le_bytes());
     expect_open_error(&b, &["version 1 .emoe", "re-quantize"]);
+    b[8..12].copy_from_slice(&2u32.to_le_bytes());
+    expect_open_error(&b, &["version 2 .emoe", "no checksum", "re-quantize"]);
 }
 
 #[test]
@@ -398,6 +419,9 @@ fn rejects_header_that_is_not_json_or_misses_fields() {
     let fx = fixture();
     let mut b = fx.bytes.clone();
     b[PREAMBLE_LEN] = b'#';
+    // Caught by the header checksum first; resealed, by the JSON parser.
+    expect_open_error(&b, &["header checksum mismatch", "corrupt"]);
+    reseal(&mut b);
     expect_open_error(&b, &["not valid JSON"]);
     let b = with_header(&fx.bytes, |h| {
         h.as_object_mut().unwrap().remove("blocks");
@@ -623,7 +647,7 @@ fn inspect_prints_tables_and_json() {
         String::from_utf8_lossy(&out.stderr)
     );
     for want in [
-        "version 2",
+        "version 3",
         "MixtralForCausalLM",
         "smoothquant-w8a8",
         "bytes per tensor class",
@@ -639,7 +663,7 @@ fn inspect_prints_tables_and_json() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["version"], 2);
+    assert_eq!(v["version"], 3);
     assert_eq!(v["file_bytes"], fx.bytes.len() as u64);
     assert_eq!(v["quant"]["method"], "smoothquant-w8a8");
     assert_eq!(v["checksums_verified"], true);
@@ -698,8 +722,10 @@ fn splice_header(file: &[u8], json: &[u8]) -> Vec<u8> {
     let len = u64::from_le_bytes(file[12..20].try_into().unwrap()) as usize;
     let mut out = file[..12].to_vec();
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&file[20..PREAMBLE_LEN]);
     out.extend_from_slice(json);
     out.extend_from_slice(&file[PREAMBLE_LEN + len..]);
+    reseal(&mut out);
     out
 }
 
@@ -806,6 +832,10 @@ fn parse_header_survives_20k_mutations() {
                 let i = (rng.next_u64() % b.len() as u64) as usize;
                 b[i] ^= 1 << (rng.next_u64() % 8);
             }
+        }
+        if rng.next_u64().is_multiple_of(2) {
+            // Past the header checksum, to the JSON and layout checks behind it.
+            reseal(&mut b);
         }
         if parse_header(&b).is_ok() {
             accepted += 1;

@@ -39,19 +39,20 @@ impl Drop for Server {
 }
 
 fn start(extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--model".into(),
+        model_dir().into_os_string(),
+        "--chat-template".into(),
+        template_path().into_os_string(),
+    ];
+    args.extend(extra.iter().map(Into::into));
+    start_with(&args)
+}
+
+fn start_with(args: &[std::ffi::OsString]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
-        .args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--threads",
-            "2",
-            "--model",
-        ])
-        .arg(model_dir())
-        .arg("--chat-template")
-        .arg(template_path())
-        .args(extra)
+        .args(["serve", "--http", "127.0.0.1:0", "--threads", "2"])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -682,4 +683,55 @@ fn n_choices_are_seeds_in_a_row() {
     }
     assert_eq!(text[0], g(9, true).generate());
     assert_eq!(text[1], g(10, true).generate());
+}
+
+/// A client waiting for a whole (non-streamed) answer that disconnects cancels its request
+/// promptly: the server watches the socket while generating, not only when it writes the
+/// answer. Greedy decoding of the random built-in model runs its 4000 tokens to the end
+/// (several seconds), so a request that ends cancelled with a few hundred was cut short.
+#[test]
+fn a_non_streaming_client_that_disconnects_is_cancelled() {
+    let server = start_with(&["--model".into(), "builtin:default".into()]);
+    let addr = server.addr.clone();
+    let max_tokens = 4000;
+    let mut sock = TcpStream::connect(&addr).unwrap();
+    let body = json!({"prompt": "And", "max_tokens": max_tokens, "temperature": 0});
+    send_head(
+        &mut sock,
+        "POST",
+        "/v1/completions",
+        Some(body.to_string().as_bytes()),
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&addr, "edgemoe_active_requests") < 1.0 {
+        assert!(Instant::now() < deadline, "the request never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    drop(sock);
+    let left = Instant::now();
+    let cancelled = "edgemoe_requests_total{finish_reason=\"cancelled\"}";
+    while metric(&addr, cancelled) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the disconnected request was never cancelled"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let generated = metric(&addr, "edgemoe_generated_tokens_total");
+    eprintln!(
+        "cancelled {:.0} ms after the client left, at {generated} of {max_tokens} tokens",
+        left.elapsed().as_secs_f64() * 1e3
+    );
+    assert!(
+        generated < f64::from(max_tokens) / 4.0,
+        "{generated} tokens generated before the cancel"
+    );
+    assert_eq!(metric(&addr, "edgemoe_active_requests"), 0.0);
+    // Nothing else finished: the request ended by the cancel, not by running out.
+    for reason in ["stop", "length", "error"] {
+        let name = format!("edgemoe_requests_total{{finish_reason=\"{reason}\"}}");
+        assert_eq!(metric(&addr, &name), 0.0, "{reason}");
+    }
 }

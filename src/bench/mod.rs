@@ -6,6 +6,7 @@
 //! are outside the timed region (the next input is the next synthetic token, not a sample).
 
 pub mod paging;
+pub mod plot;
 pub mod report;
 
 use crate::engine::{BatchItem, Engine, Logits};
@@ -39,6 +40,8 @@ pub struct Sample {
 #[derive(Debug, Clone, Serialize)]
 pub struct PointResult {
     pub point: BenchPoint,
+    /// The backend that ran it (`Backend::name`: `cpu`, `cuda`).
+    pub backend: String,
     pub samples: Vec<Sample>,
     pub peak_rss_bytes: Option<u64>,
     pub kv_cache_bytes: usize,
@@ -156,6 +159,7 @@ pub fn run_point(engine: &Engine, point: &BenchPoint, reps: usize) -> Result<Poi
     let allocated = caches.iter().map(|c| c.allocated_bytes()).sum();
     Ok(PointResult {
         point: point.clone(),
+        backend: crate::backend::Backend::name(engine.backend()).to_string(),
         samples,
         peak_rss_bytes: crate::util::peak_rss_bytes(),
         kv_cache_bytes: kv_bytes,

@@ -13,6 +13,8 @@ use std::time::Instant;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PagingRow {
+    /// The backend that ran it (`Backend::name`; paged experts run on the CPU).
+    pub backend: String,
     pub budget_bytes: u64,
     /// The budget as a share of the model's expert bytes.
     pub budget_of_experts: f64,
@@ -84,6 +86,7 @@ pub fn run_paged(
         .unwrap_or_default()
         .since(&CacheStats::default(), decode_tokens as u64);
     Ok(PagingRow {
+        backend: crate::backend::Backend::name(engine.backend()).to_string(),
         budget_bytes: plan.budget_bytes,
         budget_of_experts: plan.budget_bytes as f64 / pager.expert_bytes().max(1) as f64,
         policy,
@@ -100,20 +103,27 @@ pub fn run_paged(
     })
 }
 
+/// The policy as `--expert-policy` spells it.
+fn policy_name(p: Policy) -> String {
+    clap::ValueEnum::to_possible_value(&p)
+        .map_or_else(|| format!("{p:?}"), |v| v.get_name().to_string())
+}
+
 /// A markdown table, one row per configuration.
 pub fn table(rows: &[PagingRow]) -> String {
     let mut s = String::from(
-        "| budget | of experts | policy | prefetch | slots | expert cache | KV reserved / allocated | hit rate | stall ms/token | read GB/s | tg t/s (median) |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| backend | budget | of experts | policy | prefetch | slots | expert cache | KV reserved / allocated | hit rate | stall ms/token | read GB/s | test | tg t/s (median) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let mut t = r.tg_tokens_per_s.clone();
         t.sort_by(f64::total_cmp);
         let median = t.get(t.len() / 2).copied().unwrap_or(0.0);
         s += &format!(
-            "| {} | {:.0}% | {:?} | {} | {} | {} | {} / {} | {:.1}% | {:.1} | {:.2} | {:.2} |\n",
+            "| {} | {} | {:.0}% | {} | {} | {} | {} | {} / {} | {:.1}% | {:.1} | {:.2} | {} | {:.2} |\n",
+            r.backend,
             human(r.budget_bytes),
             100.0 * r.budget_of_experts,
-            r.policy,
+            policy_name(r.policy),
             if r.prefetch { "on" } else { "off" },
             r.cache.slots,
             human(r.expert_cache_bytes),
@@ -122,6 +132,7 @@ pub fn table(rows: &[PagingRow]) -> String {
             100.0 * r.cache.hit_rate,
             r.cache.stall_ms_per_token,
             r.cache.read_gb_per_s,
+            super::report::decode_test_name(r.gen, r.prompt),
             median
         );
     }
@@ -135,8 +146,8 @@ pub fn plot(path: &std::path::Path, rows: &[PagingRow]) -> anyhow::Result<()> {
     for r in rows {
         let t = super::mean_sd(&r.tg_tokens_per_s).0;
         let label = format!(
-            "{:?} prefetch {}",
-            r.policy,
+            "{} prefetch {}",
+            policy_name(r.policy),
             if r.prefetch { "on" } else { "off" }
         );
         series

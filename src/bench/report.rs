@@ -1,7 +1,11 @@
-//! Bench output: a markdown table (llama-bench style), JSON with every sample, CSV, and an SVG
-//! plot of tokens/s against the swept parameter.
+//! Bench output: a markdown table (llama-bench style), JSON with every sample and CSV. A decode
+//! test is named with the prompt it followed (`tg64@pp512`: 64 tokens decoded after a 512-token
+//! prompt), since its speed depends on it; every row names the backend that ran it (`cpu`,
+//! `cuda`) and, apart, how the weights are stored (`f32`, `bf16`, `w8a8`). The plot is `plot.rs`.
 
 use super::{mean_sd, quantile, PointResult};
+use crate::model::buf::HalfKind;
+use crate::model::weights::LinearWeight;
 use crate::model::Model;
 use serde_json::json;
 
@@ -11,18 +15,35 @@ pub struct ModelInfo {
     pub size_bytes: usize,
     pub params: usize,
     pub active_params: usize,
-    pub backend: String,
+    /// How the weights are stored: `f32`, `bf16`, `f16` or `w8a8` (int8 with f32 scales).
+    pub weights: String,
 }
 
 impl ModelInfo {
-    pub fn of(model: &Model, backend: &str) -> ModelInfo {
+    pub fn of(model: &Model) -> ModelInfo {
         ModelInfo {
             name: model.source.clone(),
             size_bytes: model.weight_bytes(),
             params: model.num_params(),
             active_params: model.active_params(),
-            backend: backend.to_string(),
+            weights: weight_format(model).to_string(),
         }
+    }
+}
+
+/// The weights' storage, named by the most compact form any linear layer uses (embeddings
+/// usually stay wider).
+pub fn weight_format(model: &Model) -> &'static str {
+    let linears = model.weights.linears();
+    let has = |f: fn(&LinearWeight) -> bool| linears.iter().any(|l| f(&l.weight));
+    if has(|w| matches!(w, LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_))) {
+        "w8a8"
+    } else if has(|w| matches!(w, LinearWeight::Half(HalfKind::Bf16, _))) {
+        "bf16"
+    } else if has(|w| matches!(w, LinearWeight::Half(HalfKind::F16, _))) {
+        "f16"
+    } else {
+        "f32"
     }
 }
 
@@ -46,7 +67,7 @@ fn rows(results: &[PointResult]) -> Vec<Row<'_>> {
         if r.point.gen > 0 {
             out.push(Row {
                 r,
-                test: format!("tg{}", r.point.gen),
+                test: decode_test_name(r.point.gen, r.point.prompt),
                 tps: r.tg_tokens_per_s(),
             });
         }
@@ -54,10 +75,18 @@ fn rows(results: &[PointResult]) -> Vec<Row<'_>> {
     out
 }
 
+/// `tgN@ppP`: N tokens decoded after a P-token prompt (`tgN` after none).
+pub fn decode_test_name(gen: usize, prompt: usize) -> String {
+    match prompt {
+        0 => format!("tg{gen}"),
+        p => format!("tg{gen}@pp{p}"),
+    }
+}
+
 pub fn table(info: &ModelInfo, results: &[PointResult]) -> String {
     let mut s = String::from(
-        "| model | size | params | active | backend | threads | batch | test | t/s | TTFT ms | ITL p50 ms | ITL p99 ms | MB/token | read GB/s | KV MiB | RSS anon MiB | RSS mapped MiB | peak RSS |\n\
-         | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| model | size | params | active | backend | weights | threads | batch | test | t/s | TTFT ms | ITL p50 ms | ITL p99 ms | MB/token | read GB/s | KV MiB | RSS anon MiB | RSS mapped MiB | peak RSS |\n\
+         | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for row in rows(results) {
         let (m, sd) = mean_sd(&row.tps);
@@ -68,12 +97,13 @@ pub fn table(info: &ModelInfo, results: &[PointResult]) -> String {
         let (weights, kv) = row.r.decode_bytes_per_token();
         let read = mean_sd(&row.r.decode_read_bytes_per_s()).0;
         s.push_str(&format!(
-            "| {} | {:.1} MiB | {:.2} M | {:.2} M | {} | {} | {} | {} | {:.1} ± {:.1} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} MiB |\n",
+            "| {} | {:.1} MiB | {:.2} M | {:.2} M | {} | {} | {} | {} | {} | {:.1} ± {:.1} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} MiB |\n",
             info.name,
             info.size_bytes as f64 / (1 << 20) as f64,
             info.params as f64 / 1e6,
             info.active_params as f64 / 1e6,
-            info.backend,
+            row.r.backend,
+            info.weights,
             p.threads,
             p.batch,
             row.test,
@@ -102,6 +132,7 @@ pub fn json(info: &ModelInfo, results: &[PointResult]) -> serde_json::Value {
             let (weights, kv) = row.r.decode_bytes_per_token();
             json!({
                 "test": row.test,
+                "backend": row.r.backend,
                 "point": row.r.point,
                 "tokens_per_s": {"mean": m, "sd": sd, "samples": row.tps},
                 "ttft_ms": row.r.ttft_ms(),
@@ -120,25 +151,28 @@ pub fn json(info: &ModelInfo, results: &[PointResult]) -> serde_json::Value {
         "size_bytes": info.size_bytes,
         "params": info.params,
         "active_params": info.active_params,
-        "backend": info.backend,
+        "weights": info.weights,
         "results": tests,
         "raw": results,
     })
 }
 
 pub fn csv(info: &ModelInfo, results: &[PointResult]) -> String {
-    let mut s = String::from("model,backend,threads,batch,test,tps_mean,tps_sd,ttft_ms,itl_p50_ms,itl_p99_ms,decode_bytes_per_token,decode_read_bytes_per_s,peak_rss_bytes\n");
+    let mut s = String::from("model,backend,weights,threads,batch,prompt,gen,test,tps_mean,tps_sd,ttft_ms,itl_p50_ms,itl_p99_ms,decode_bytes_per_token,decode_read_bytes_per_s,peak_rss_bytes\n");
     for row in rows(results) {
         let (m, sd) = mean_sd(&row.tps);
         let itl = row.r.itl_ms();
         let p = &row.r.point;
         let (weights, kv) = row.r.decode_bytes_per_token();
         s.push_str(&format!(
-            "{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.0},{:.0},{}\n",
+            "{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.0},{:.0},{}\n",
             info.name,
-            info.backend,
+            row.r.backend,
+            info.weights,
             p.threads,
             p.batch,
+            p.prompt,
+            p.gen,
             row.test,
             m,
             sd,
@@ -153,76 +187,76 @@ pub fn csv(info: &ModelInfo, results: &[PointResult]) -> String {
     s
 }
 
-/// Tokens/s (mean) against the swept parameter with the most values, one line per test and
-/// combination of the other parameters.
-/// A swept parameter: its name and how to read it off a result.
-type Axis = (&'static str, fn(&PointResult) -> usize);
-
-pub fn plot(path: &std::path::Path, results: &[PointResult]) -> anyhow::Result<()> {
-    use plotters::prelude::*;
-    let axis: Axis = {
-        let distinct = |f: fn(&PointResult) -> usize| {
-            let mut v: Vec<usize> = results.iter().map(f).collect();
-            v.sort_unstable();
-            v.dedup();
-            v.len()
-        };
-        let candidates: [Axis; 3] = [
-            ("batch", |r| r.point.batch),
-            ("threads", |r| r.point.threads),
-            ("prompt", |r| r.point.prompt),
-        ];
-        candidates
-            .into_iter()
-            .max_by_key(|c| distinct(c.1))
-            .unwrap_or(("batch", |r| r.point.batch))
-    };
-    let mut series: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
-    for row in rows(results) {
-        let p = &row.r.point;
-        let label = match axis.0 {
-            "batch" => format!("{} t{}", row.test, p.threads),
-            "threads" => format!("{} b{}", row.test, p.batch),
-            _ => format!("{} b{} t{}", row.test, p.batch, p.threads),
-        };
-        series
-            .entry(label)
-            .or_default()
-            .push(((axis.1)(row.r) as f64, mean_sd(&row.tps).0));
-    }
-    let xmax = series.values().flatten().map(|p| p.0).fold(1.0, f64::max);
-    let ymax = series.values().flatten().map(|p| p.1).fold(1.0, f64::max);
-    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("edgemoe bench: tokens/s", ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..xmax * 1.05, 0f64..ymax * 1.1)?;
-    chart
-        .configure_mesh()
-        .x_desc(axis.0)
-        .y_desc("tokens/s")
-        .draw()?;
-    for (i, (label, mut pts)) in series.into_iter().enumerate() {
-        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()?;
-    Ok(())
-}
+pub use super::plot::plot;
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::plot::tests::{speeds, sweep};
+
+    fn info() -> ModelInfo {
+        ModelInfo {
+            name: "m".into(),
+            size_bytes: 1 << 20,
+            params: 1000,
+            active_params: 500,
+            weights: "w8a8".into(),
+        }
+    }
+
+    #[test]
+    fn decode_rows_name_their_prompt_and_every_row_its_backend() {
+        let results = sweep();
+        let table = table(&info(), &results);
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .skip(2)
+            .map(|l| l.split('|').map(str::trim).collect())
+            .collect();
+        assert_eq!(rows.len(), 16);
+        let head: Vec<&str> = table
+            .lines()
+            .next()
+            .unwrap()
+            .split('|')
+            .map(str::trim)
+            .collect();
+        let col = |name: &str| head.iter().position(|h| *h == name).unwrap();
+        for (row, r) in rows.chunks(2).zip(&results) {
+            let p = &r.point;
+            assert_eq!(row[0][col("test")], format!("pp{}", p.prompt));
+            assert_eq!(row[1][col("test")], format!("tg32@pp{}", p.prompt));
+            for line in row {
+                assert_eq!(line[col("backend")], "cpu");
+                assert_eq!(line[col("weights")], "w8a8");
+            }
+            let tps: f64 = row[1][col("t/s")]
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((tps - speeds(p).0).abs() < 0.06, "{tps}");
+        }
+        let csv = csv(&info(), &results);
+        let mut lines = csv.lines();
+        let head: Vec<&str> = lines.next().unwrap().split(',').collect();
+        let (pi, ti) = (
+            head.iter().position(|h| *h == "prompt").unwrap(),
+            head.iter().position(|h| *h == "test").unwrap(),
+        );
+        for line in lines {
+            let f: Vec<&str> = line.split(',').collect();
+            assert!(f[ti].ends_with(&format!("pp{}", f[pi])), "{line}");
+        }
+        let json = json(&info(), &results);
+        assert_eq!(json["weights"], "w8a8");
+        assert_eq!(json["results"][1]["test"], "tg32@pp64");
+        assert_eq!(json["results"][1]["backend"], "cpu");
+        assert_eq!(decode_test_name(8, 0), "tg8");
+    }
 }

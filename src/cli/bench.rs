@@ -56,7 +56,7 @@ pub struct BenchArgs {
     pub quant: Option<String>,
     #[command(flatten)]
     pub kv: super::kv::KvArgs,
-    /// Also draw tokens/s against the swept parameter into this SVG file.
+    /// Also draw tokens/s into this SVG file: a panel per test kind and swept parameter.
     #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
     /// Memory budgets to sweep (comma separated, e.g. 600M,50%): pages an .emoe's experts
@@ -110,8 +110,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if !a.mem.is_empty() {
         return run_paging(&a, model);
     }
-    let suffix = if a.quant.is_some() { "-w8a8" } else { "" };
-    let mut info = ModelInfo::of(&model, &format!("cpu{suffix}"));
+    let info = ModelInfo::of(&model);
     let mut points = Vec::new();
     for &threads in &a.threads {
         for &batch in &a.batch {
@@ -135,11 +134,6 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     for p in &points {
         let mut engine = crate::backend::engine_for(model.clone(), a.backend, p.threads)?;
         a.kv.apply(&mut engine)?;
-        // The backend `auto` resolved to names the report.
-        info.backend = format!(
-            "{}{suffix}",
-            crate::backend::Backend::name(engine.backend())
-        );
         let p = BenchPoint {
             threads: engine.threads(),
             ..p.clone()

@@ -38,6 +38,9 @@ pub struct GenerateOutput {
     pub decode_tokens_per_s: f64,
     /// Bytes the KV cache allocated.
     pub kv_bytes: usize,
+    /// Why the generation failed (`finish_reason` "error"), for the client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 pub struct Generation {
@@ -52,6 +55,8 @@ pub struct Generation {
     text: String,
     emitted: usize,
     finish: Option<FinishReason>,
+    /// Why it failed, when it did.
+    error: Option<String>,
     started: Instant,
     prefill_ms: f64,
     decode_started: Option<Instant>,
@@ -149,6 +154,7 @@ impl Generation {
             } else {
                 None
             },
+            error: None,
             started: Instant::now(),
             prefill_ms: 0.0,
             decode_started: None,
@@ -254,7 +260,7 @@ impl Generation {
                 token
             }
             Err(e) => {
-                self.fail();
+                self.fail_with(e.to_string());
                 return Err(e);
             }
         };
@@ -325,6 +331,17 @@ impl Generation {
         self.finish = Some(FinishReason::Error);
     }
 
+    /// Ends the generation with an error the client is told.
+    pub fn fail_with(&mut self, reason: impl Into<String>) {
+        self.fail();
+        self.error = Some(reason.into());
+    }
+
+    /// The prompt's token ids.
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+
     fn release(&mut self, upto: usize) -> String {
         let upto = upto.max(self.emitted);
         let piece = self.text[self.emitted..upto].to_string();
@@ -351,6 +368,7 @@ impl Generation {
                 0.0
             },
             kv_bytes: self.cache.allocated_bytes(),
+            error: self.error.clone(),
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod evict;
 pub mod mass;
 pub mod plan;
 pub mod policy;
+pub mod rewind;
 pub mod stats;
 
 pub use plan::{KvDemand, KvPlan};

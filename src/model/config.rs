@@ -196,10 +196,32 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// Checks the fields that the shapes and the forward pass rely on; the error names the
+    /// config.json field. Run on every config, whichever file it came from (config.json, GGUF
+    /// metadata, an .emoe header).
     pub fn validate(&self, path: &Path) -> Result<()> {
+        self.check()
+            .map_err(|(field, reason)| Error::config(path, field, reason))
+    }
+
+    /// [`Self::validate`] without a path: the offending field and why.
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err((field, "must be positive".into()));
+            }
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
-            return Err(Error::config(
-                path,
+            return Err((
                 "num_key_value_heads",
                 format!(
                     "{} does not divide num_attention_heads {}",
@@ -208,16 +230,57 @@ impl ModelConfig {
             ));
         }
         if self.rope_theta.is_some() && !self.head_dim.is_multiple_of(2) {
-            return Err(Error::config(path, "head_dim", "must be even for RoPE"));
-        }
-        if self.layer_ffn.contains(&FfnKind::Moe)
-            && (self.top_k == 0 || self.top_k > self.num_experts)
-        {
-            return Err(Error::config(
-                path,
-                "num_experts_per_tok",
-                format!("{} is not in 1..={}", self.top_k, self.num_experts),
+            return Err((
+                "head_dim",
+                format!("{} must be even for RoPE", self.head_dim),
             ));
+        }
+        if let Some(theta) = self.rope_theta {
+            if !(theta.is_finite() && theta > 0.0) {
+                return Err(("rope_theta", format!("{theta} must be a positive number")));
+            }
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
+            return Err((
+                "rms_norm_eps",
+                format!("{} must be a non-negative number", self.norm_eps),
+            ));
+        }
+        if self.sliding_window == Some(0) {
+            return Err(("sliding_window", "must be positive or null".into()));
+        }
+        if self.layer_ffn.len() != self.num_layers {
+            return Err((
+                "num_hidden_layers",
+                format!(
+                    "{} layers, but {} layer kinds are listed",
+                    self.num_layers,
+                    self.layer_ffn.len()
+                ),
+            ));
+        }
+        if self.is_moe() {
+            if self.top_k == 0 || self.top_k > self.num_experts {
+                return Err((
+                    "num_experts_per_tok",
+                    format!("{} is not in 1..={}", self.top_k, self.num_experts),
+                ));
+            }
+            if self.expert_ffn == 0 {
+                return Err(("moe_intermediate_size", "must be positive".into()));
+            }
+        }
+        if self.shared_expert_ffn == Some(0) {
+            return Err((
+                "shared_expert_intermediate_size",
+                "must be positive where a shared expert exists".into(),
+            ));
+        }
+        if self.layer_ffn.iter().any(|k| *k != FfnKind::Moe) && self.dense_ffn == 0 {
+            return Err(("intermediate_size", "must be positive".into()));
+        }
+        if self.word_embed_proj_dim == 0 {
+            return Err(("word_embed_proj_dim", "must be positive".into()));
         }
         if let Some(b) = self.ffn_hadamard_block {
             let widths = [self.dense_ffn, self.expert_ffn]
@@ -226,8 +289,7 @@ impl ModelConfig {
                 .filter(|&f| f > 0);
             let fits = b.is_power_of_two() && (2..=4096).contains(&b);
             if !fits || widths.clone().any(|f| !f.is_multiple_of(b)) {
-                return Err(Error::config(
-                    path,
+                return Err((
                     "ffn_hadamard_block",
                     format!("{b} is not a power of two in 2..=4096 dividing every MLP width"),
                 ));

@@ -108,7 +108,8 @@ impl Model {
         })
     }
 
-    /// Loads a quantized .emoe store (config and tokenizer are embedded).
+    /// Loads a quantized .emoe store (config and tokenizer are embedded); the tensor table must
+    /// be exactly what the config implies.
     pub fn load_emoe(path: &Path) -> Result<Model> {
         let file = emoe::EmoeFile::open(path)?;
         let config = file.config().clone();
@@ -116,7 +117,7 @@ impl Model {
             "" => Tokenizer::Bytes,
             json => Tokenizer::from_json_bytes(json.as_bytes(), path)?,
         };
-        let weights = arch::load_weights(&config, &file, WeightForm::AsStored)?;
+        let weights = emoe::load_checked(&file, &config)?;
         Ok(Model {
             config,
             weights,

@@ -6,6 +6,8 @@
 //! of input finishes what is in flight.
 
 pub mod chat;
+#[cfg(test)]
+mod fault;
 pub mod http;
 pub mod kv;
 pub mod protocol;

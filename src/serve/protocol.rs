@@ -609,7 +609,7 @@ pub fn completion(id: &str, model: &str, stream: bool, out: &GenerateOutput) -> 
     } else {
         ("text_completion", out.text.as_str())
     };
-    json!({
+    let mut v = json!({
         "id": id,
         "object": object,
         "model": model,
@@ -620,7 +620,15 @@ pub fn completion(id: &str, model: &str, stream: bool, out: &GenerateOutput) -> 
             "total_tokens": out.prompt_tokens + out.completion_tokens
         },
         "timings": {"prompt_ms": out.prefill_ms, "tokens_per_s": out.decode_tokens_per_s}
-    })
+    });
+    if let Some(reason) = &out.error {
+        v["error"] = json!({
+            "message": format!("generation failed: {reason}"),
+            "type": "server_error",
+            "code": "generation_failed"
+        });
+    }
+    v
 }
 
 pub fn finish_name(f: FinishReason) -> &'static str {

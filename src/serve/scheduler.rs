@@ -70,6 +70,15 @@ pub struct Scheduler<'e, T> {
     recent: VecDeque<(Instant, usize)>,
 }
 
+/// The text of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+}
+
 /// The window the tokens/s gauge averages over.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -177,6 +186,11 @@ impl<'e, T> Scheduler<'e, T> {
     /// Admits what fits, then runs one batched forward step over every active request. `emit`
     /// gets each request's new text and its end; returning false cancels that request (its
     /// client went away).
+    ///
+    /// One request's failure ends that request only: a panic while sampling or decoding its
+    /// token fails it alone, and when the batched forward step fails (an error or a panic), every
+    /// cache is rewound to before the step and each request is retried alone, so only those that
+    /// fail by themselves end, each with the error.
     pub fn step(&mut self, emit: &mut impl FnMut(&mut T, Event) -> bool) {
         self.admit();
         let engine = self.engine;
@@ -191,54 +205,117 @@ impl<'e, T> Scheduler<'e, T> {
                 .iter()
                 .find(|&&t| t as usize >= vocab)
             {
-                eprintln!(
-                    "serve: a request failed: token id {bad} is outside the vocabulary of {vocab}"
-                );
-                j.gen.fail();
+                let reason = format!("token id {bad} is outside the vocabulary of {vocab}");
+                eprintln!("serve: a request failed: {reason}");
+                j.gen.fail_with(reason);
             }
         }
         self.retire(emit);
         if self.active.is_empty() {
             return;
         }
-        let mut items: Vec<_> = self.active.iter_mut().map(|j| j.gen.batch_item()).collect();
-        // A panic in the forward pass ends this step's requests, not the server.
-        let result = catch_unwind(AssertUnwindSafe(|| engine.forward(&mut items)));
-        drop(items);
+        let marks: Vec<_> = self.active.iter().map(|j| j.gen.cache.mark()).collect();
+        let all: Vec<usize> = (0..self.active.len()).collect();
+        let result = self.forward(&all);
         self.counters.steps += 1;
-        let tokenizer = &engine.model().tokenizer;
         let mut generated = 0;
         match result {
-            Ok(Ok(logits)) => {
-                for (job, l) in self.active.iter_mut().zip(&logits) {
-                    let before = job.gen.output_tokens();
-                    // A request whose logits cannot be sampled ends alone, with an error.
-                    match job.gen.accept(l, tokenizer) {
-                        Ok(piece) => {
-                            if !piece.is_empty() && !emit(&mut job.tag, Event::Text(&piece)) {
-                                job.gen.cancel();
-                            }
-                        }
-                        Err(e) => eprintln!("serve: a request failed: {e}"),
-                    }
-                    generated += job.gen.output_tokens() - before;
+            Ok(logits) => {
+                for (i, l) in logits.iter().enumerate() {
+                    generated += self.deliver(i, l, emit);
                 }
             }
-            Ok(Err(e)) => {
-                eprintln!("serve: step failed: {e}");
-                self.active.iter_mut().for_each(|j| j.gen.fail());
-            }
-            Err(_) => {
-                eprintln!("serve: the forward step panicked; its requests end with an error");
-                // Their caches may be half-written: drop them rather than recycle.
-                for j in &mut self.active {
-                    j.gen.fail();
-                    j.gen.attach_cache(engine, KvCache::new(0, 0));
+            Err(reason) if self.active.len() == 1 => self.fail_broken(0, &reason),
+            Err(reason) => {
+                eprintln!(
+                    "serve: a batched step failed ({reason}); retrying its {} requests one at a time",
+                    self.active.len()
+                );
+                for (i, mark) in marks.iter().enumerate() {
+                    if !self.active[i].gen.cache.rewind(mark) {
+                        self.fail_broken(
+                            i,
+                            &format!("the batch it ran in failed ({reason}) and its KV cache could not be restored"),
+                        );
+                        continue;
+                    }
+                    match self.forward(&[i]) {
+                        Ok(l) => generated += self.deliver(i, &l[0], emit),
+                        Err(reason) => self.fail_broken(i, &reason),
+                    }
                 }
             }
         }
         self.note_rate(generated);
         self.retire(emit);
+    }
+
+    /// One forward step over the active requests `which`; a panic becomes an error.
+    fn forward(&mut self, which: &[usize]) -> Result<Vec<Vec<f32>>, String> {
+        let engine = self.engine;
+        #[cfg(test)]
+        let injected = which
+            .iter()
+            .find_map(|&i| super::fault::in_forward(engine, &self.active[i].gen));
+        let mut items: Vec<_> = self
+            .active
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| which.contains(i))
+            .map(|(_, j)| j.gen.batch_item())
+            .collect();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let logits = engine.forward(&mut items);
+            #[cfg(test)]
+            super::fault::after_forward(injected)?;
+            logits
+        }));
+        match result {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(payload) => Err(format!("internal error: {}", panic_message(&*payload))),
+        }
+    }
+
+    /// Samples request `i`'s next token from `logits` and reports its text; a panic there
+    /// ends this request only. Returns the tokens it generated (0 or 1).
+    fn deliver(
+        &mut self,
+        i: usize,
+        logits: &[f32],
+        emit: &mut impl FnMut(&mut T, Event) -> bool,
+    ) -> usize {
+        let tokenizer = &self.engine.model().tokenizer;
+        #[cfg(test)]
+        let engine = self.engine;
+        let job = &mut self.active[i];
+        let before = job.gen.output_tokens();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            #[cfg(test)]
+            super::fault::in_sampling(engine, &job.gen);
+            // A request whose logits cannot be sampled ends alone, with an error.
+            match job.gen.accept(logits, tokenizer) {
+                Ok(piece) => {
+                    if !piece.is_empty() && !emit(&mut job.tag, Event::Text(&piece)) {
+                        job.gen.cancel();
+                    }
+                }
+                Err(e) => eprintln!("serve: a request failed: {e}"),
+            }
+        }));
+        if let Err(payload) = r {
+            self.fail_broken(i, &format!("internal error: {}", panic_message(&*payload)));
+            return 0;
+        }
+        self.active[i].gen.output_tokens() - before
+    }
+
+    /// Fails active request `i` with `reason`; its cache may be half-written, so it is dropped
+    /// rather than recycled.
+    fn fail_broken(&mut self, i: usize, reason: &str) {
+        eprintln!("serve: a request failed: {reason}");
+        let gen = &mut self.active[i].gen;
+        gen.fail_with(reason);
+        gen.attach_cache(self.engine, KvCache::new(0, 0));
     }
 
     /// Finishes the active requests that are done.
@@ -309,7 +386,7 @@ impl<'e, T> Scheduler<'e, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::generation::GenerateRequest;
+    use crate::engine::generation::{GenerateOutput, GenerateRequest};
     use crate::engine::sampling::SamplingParams;
     use crate::model::Model;
     use std::sync::Arc;
@@ -329,6 +406,14 @@ mod tests {
 
     /// Runs `prompts` batched to the end; each request's (finish reason, text).
     fn run(engine: &Engine, prompts: &[Vec<u32>]) -> Vec<(FinishReason, String)> {
+        run_outputs(engine, prompts)
+            .into_iter()
+            .map(|o| (o.finish_reason, o.text))
+            .collect()
+    }
+
+    /// Runs `prompts` batched to the end; each request's output.
+    fn run_outputs(engine: &Engine, prompts: &[Vec<u32>]) -> Vec<GenerateOutput> {
         let mut s: Scheduler<usize> = Scheduler::new(
             engine,
             SchedulerOptions {
@@ -339,7 +424,7 @@ mod tests {
         let mut done = vec![None; prompts.len()];
         let mut emit = |i: &mut usize, ev: Event| {
             if let Event::Done(out) = ev {
-                done[*i] = Some((out.finish_reason, out.text.clone()));
+                done[*i] = Some(out.clone());
             }
             true
         };
@@ -365,6 +450,48 @@ mod tests {
         assert_eq!(mixed[1].0, FinishReason::Error);
         assert_eq!(mixed[0], alone[0]);
         assert_eq!(mixed[2], alone[0]);
+    }
+
+    fn bytes(s: &str) -> Vec<u32> {
+        s.bytes().map(u32::from).collect()
+    }
+
+    /// A panic while sampling one request, and a batched forward step that panics or fails
+    /// because of one request (after writing every cache), each end that request alone, with
+    /// the reason; the others give exactly the text they give by themselves.
+    #[test]
+    fn an_injected_fault_ends_only_its_request() {
+        let engine = Engine::new(Arc::new(Model::builtin_default()), 1).unwrap();
+        let (a, b) = (bytes("hello there"), bytes("once upon a time"));
+        let alone = [
+            run(&engine, std::slice::from_ref(&a)),
+            run(&engine, std::slice::from_ref(&b)),
+        ];
+        for marker in [
+            "<fault:sample>",
+            "<fault:forward-panic>",
+            "<fault:forward-error>",
+        ] {
+            let bad = bytes(&format!("{marker} and so on"));
+            let out = run_outputs(&engine, &[a.clone(), bad.clone(), b.clone(), bad]);
+            for faulted in [&out[1], &out[3]] {
+                assert_eq!(faulted.finish_reason, FinishReason::Error, "{marker}");
+                let why = faulted.error.as_deref().unwrap_or("");
+                assert!(why.contains("injected fault"), "{marker}: {why:?}");
+                // It ran (and generated) until the fault.
+                assert!(faulted.completion_tokens >= 2, "{marker}");
+            }
+            assert_eq!(
+                (out[0].finish_reason, out[0].text.clone()),
+                alone[0][0],
+                "{marker}"
+            );
+            assert_eq!(
+                (out[2].finish_reason, out[2].text.clone()),
+                alone[1][0],
+                "{marker}"
+            );
+        }
     }
 
     /// A budgeted request that gets the recycled cache of a longer, unbudgeted one holds only

@@ -14,8 +14,12 @@ pub const POSITION_OFFSET: usize = 2;
 
 pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> Result<Weights> {
     let l = Loader { src, form };
-    // Hub OPT checkpoints name tensors `decoder.*`, transformers' own saves `model.decoder.*`.
-    let root = if l.src.has("model.decoder.embed_tokens.weight") {
+    // Hub OPT checkpoints name tensors `decoder.*`, transformers' own saves `model.decoder.*`;
+    // a quantized store may hold the (tied) table as `qweight`.
+    let root = if ["weight", "qweight"]
+        .iter()
+        .any(|w| l.src.has(&format!("model.decoder.embed_tokens.{w}")))
+    {
         "model.decoder"
     } else {
         "decoder"

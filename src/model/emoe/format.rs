@@ -2,7 +2,8 @@
 //!
 //! [`parse_header`] is pure (bytes in, header or reason out) so the fuzzer can drive it. It checks,
 //! with checked arithmetic and in this order: magic, version, header length (capped, inside the
-//! file), JSON and its fields, the data region, the expert blocks (in the model's range, unique,
+//! file), the header's CRC-32C, JSON and its fields, the embedded config (as config.json is
+//! validated), the data region, the expert blocks (in the model's range, unique,
 //! 4096-aligned, inside the file, not overlapping each other, the header or the data region), then
 //! every tensor (unique name, `len == numel × dtype size`, 64-byte aligned, inside the file and
 //! inside its declared block or the data region, not overlapping another tensor). Checksums are
@@ -15,8 +16,9 @@ use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-/// Magic (8 B), version (u32) and header length (u64) precede the header JSON.
-pub const PREAMBLE_LEN: usize = 20;
+/// Magic (8 B), version (u32), header length (u64) and the header JSON's CRC-32C (u32) precede
+/// the header JSON.
+pub const PREAMBLE_LEN: usize = 24;
 /// Headers larger than this are rejected before parsing (the embedded tokenizer.json of a large
 /// vocabulary is a few MB; the tensor directory of a big MoE a few more).
 pub const MAX_HEADER_BYTES: u64 = 256 * 1024 * 1024;
@@ -109,7 +111,7 @@ impl Header {
 /// tensor or block, and says "truncated" where the file ends early.
 pub fn parse_header(file: &[u8]) -> Result<Header, String> {
     let file_len = file.len() as u64;
-    let (version, header_len) = read_preamble(file)?;
+    let (version, header_len, header_crc) = read_preamble(file)?;
     let header_end = (PREAMBLE_LEN as u64)
         .checked_add(header_len)
         .ok_or("header length overflows")?;
@@ -121,6 +123,12 @@ pub fn parse_header(file: &[u8]) -> Result<Header, String> {
                 "header length {header_len} points past the end of the {file_len}-byte file (truncated?)"
             )
         })?;
+    let computed = crc32c::crc32c(json);
+    if computed != header_crc {
+        return Err(format!(
+            "header checksum mismatch (stored crc32c {header_crc:#010x}, computed {computed:#010x}): the file is corrupt"
+        ));
+    }
     let raw: HeaderJson = serde_json::from_slice(json).map_err(|e| {
         if e.is_data() {
             format!("header is malformed: {e}")
@@ -128,6 +136,9 @@ pub fn parse_header(file: &[u8]) -> Result<Header, String> {
             format!("header is not valid JSON: {e}")
         }
     })?;
+    raw.config
+        .check()
+        .map_err(|(field, reason)| format!("embedded config field `{field}`: {reason}"))?;
     let mut blocks = raw.blocks;
     check_data_region(&raw.data, header_end, file_len)?;
     let by_expert = check_blocks(&blocks, &raw.config, file_len)?;
@@ -148,8 +159,8 @@ pub fn parse_header(file: &[u8]) -> Result<Header, String> {
     })
 }
 
-/// Magic, version and header length (capped).
-fn read_preamble(file: &[u8]) -> Result<(u32, u64), String> {
+/// Magic, version, header length (capped) and the header's checksum.
+fn read_preamble(file: &[u8]) -> Result<(u32, u64, u32), String> {
     if let Some(magic) = file.get(..MAGIC.len()) {
         if magic != MAGIC {
             return Err(format!(
@@ -159,34 +170,43 @@ fn read_preamble(file: &[u8]) -> Result<(u32, u64), String> {
             ));
         }
     }
-    let (Some(version), Some(header_len)) = (file.get(8..12), file.get(12..PREAMBLE_LEN)) else {
-        return Err(format!(
-            "truncated: the file is {} bytes, shorter than the {PREAMBLE_LEN}-byte preamble (magic, version, header length)",
-            file.len()
-        ));
+    let le_u32 = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(file.get(at..at + 4)?.try_into().ok()?))
     };
-    let mut v = [0u8; 4];
-    v.copy_from_slice(version);
-    let version = u32::from_le_bytes(v);
-    if version == 1 {
-        return Err(format!(
+    let Some(version) = le_u32(8) else {
+        return Err(truncated_preamble(file.len()));
+    };
+    match version {
+        1 => return Err(format!(
             "this is a version 1 .emoe; this build reads version {VERSION} (int8 weights stored in the kernels' layout, used in place): re-quantize the checkpoint with `edgemoe quantize`"
-        ));
-    }
-    if version != VERSION {
-        return Err(format!(
+        )),
+        2 => return Err(format!(
+            "this is a version 2 .emoe, whose header has no checksum; this build reads version {VERSION}: re-quantize the checkpoint with `edgemoe quantize`"
+        )),
+        VERSION => {}
+        _ => return Err(format!(
             "unsupported .emoe version {version}: this build reads version {VERSION}"
-        ));
+        )),
     }
-    let mut h = [0u8; 8];
-    h.copy_from_slice(header_len);
-    let header_len = u64::from_le_bytes(h);
+    let header_len = file
+        .get(12..20)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes);
+    let (Some(header_len), Some(crc)) = (header_len, le_u32(20)) else {
+        return Err(truncated_preamble(file.len()));
+    };
     if header_len > MAX_HEADER_BYTES {
         return Err(format!(
             "header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit (corrupt length field?)"
         ));
     }
-    Ok((version, header_len))
+    Ok((version, header_len, crc))
+}
+
+fn truncated_preamble(len: usize) -> String {
+    format!(
+        "truncated: the file is {len} bytes, shorter than the {PREAMBLE_LEN}-byte preamble (magic, version, header length, header checksum)"
+    )
 }
 
 /// `offset + len`, checked to lie inside the file.

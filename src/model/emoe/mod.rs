@@ -3,7 +3,7 @@
 //! Layout (integers little-endian, offsets absolute from the start of the file):
 //!
 //! ```text
-//! [magic "EDGEMOE\0" 8 B][version u32][header_len u64][header JSON, header_len B]
+//! [magic "EDGEMOE\0" 8 B][version u32][header_len u64][header crc32c u32][header JSON, header_len B]
 //! zero padding to a multiple of BLOCK_ALIGN
 //! non-expert data region: tensors, each TENSOR_ALIGN-aligned      one crc32c, checked at open
 //! zero padding to a multiple of BLOCK_ALIGN
@@ -15,10 +15,14 @@
 //! and parameters, the data region, a tensor directory (name, dtype, shape, offset, len, block)
 //! and the expert-block directory. All tensors of one expert share one block so a single read
 //! (or, later, one DMA) pages the whole expert in. [`parse_header`] validates every offset and
-//! length with checked arithmetic before a byte of tensor data is touched; see `format.rs`.
+//! length with checked arithmetic before a byte of tensor data is touched, after checking the
+//! header's checksum and validating the embedded config as config.json is; see `format.rs`.
+//! Whether the tensor table is the one the config implies is checked where a model is built from
+//! the file (`Model::load_emoe`).
 
 mod format;
 mod reader;
+mod table;
 mod writer;
 
 pub use format::{
@@ -26,6 +30,7 @@ pub use format::{
     PREAMBLE_LEN, TENSOR_ALIGN,
 };
 pub use reader::{EmoeFile, TensorView};
+pub use table::load_checked;
 pub use writer::{EmoeWriter, WriteSummary};
 
 use serde::{Deserialize, Serialize};
@@ -34,8 +39,9 @@ use std::collections::BTreeMap;
 
 pub const MAGIC: [u8; 8] = *b"EDGEMOE\0";
 /// Version 2 stores int8 matrices exactly as the CPU kernels read them (rows padded to 64
-/// bytes, f32 scales, i32 row sums), so they are used in place from the map.
-pub const VERSION: u32 = 2;
+/// bytes, f32 scales, i32 row sums), so they are used in place from the map; version 3 adds the
+/// header JSON's CRC-32C to the preamble, so every byte the reader trusts is checksummed.
+pub const VERSION: u32 = 3;
 /// Alignment of the data region and of every expert block: a page, so a block maps, reads and
 /// DMAs as whole pages.
 pub const BLOCK_ALIGN: u64 = 4096;

@@ -254,6 +254,7 @@ impl EmoeWriter {
         out.put(&MAGIC)?;
         out.put(&VERSION.to_le_bytes())?;
         out.put(&(json.len() as u64).to_le_bytes())?;
+        out.put(&crc32c::crc32c(json).to_le_bytes())?;
         out.put(json)?;
         out.pad_to(data_start)?;
         emit(&plan.data_offsets, &self.tensors, &mut |b| out.put(b))?;

@@ -2,6 +2,7 @@
 //! the request to the scheduler and answer with its replies (whole, or as server-sent events).
 
 use super::openai::{self, Ids};
+use super::peer::Peer;
 use super::{api_for, Reply, Shared, ToScheduler};
 use crate::engine::generation::{FinishReason, GenerateOutput};
 use crate::serve::protocol::{parse_request, Api, PromptInput};
@@ -226,7 +227,21 @@ fn complete(mut request: Request, shared: &Shared, api: Api, model: &str) {
         return;
     }
     let mut outs: Vec<Option<GenerateOutput>> = vec![None; n];
-    for r in std::iter::once(first).chain(rx.iter()) {
+    let mut watch = Watch::new(&request, shared.port);
+    let mut next = Some(first);
+    loop {
+        if watch.client_left() {
+            // Returning drops `rx`: the scheduler's next send fails and cancels the request.
+            return;
+        }
+        let r = match next.take() {
+            Some(r) => r,
+            None => match rx.recv_timeout(Watch::EVERY) {
+                Ok(r) => r,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+        };
         match r {
             Reply::Done(i, out) => outs[i] = Some(out),
             Reply::Refused(status, code, msg) => return fail(request, status, code, &msg),
@@ -239,13 +254,8 @@ fn complete(mut request: Request, shared: &Shared, api: Api, model: &str) {
     let Some(outs) = outs.into_iter().collect::<Option<Vec<_>>>() else {
         return fail(request, 500, "internal", "the request was lost");
     };
-    if outs.iter().any(|o| o.finish_reason == FinishReason::Error) {
-        return fail(
-            request,
-            500,
-            "generation_failed",
-            "generation failed (the server log has the cause)",
-        );
+    if let Some(o) = outs.iter().find(|o| o.finish_reason == FinishReason::Error) {
+        return fail(request, 500, "generation_failed", &failure_message(o));
     }
     let choices: Vec<(String, GenerateOutput)> = outs
         .into_iter()
@@ -255,6 +265,42 @@ fn complete(mut request: Request, shared: &Shared, api: Api, model: &str) {
         request,
         json_response(200, &openai::whole(&ids, chat, &choices)),
     )
+}
+
+/// Watches the client of a whole (non-streaming) answer while it is generated.
+struct Watch {
+    port: u16,
+    remote: Option<std::net::SocketAddr>,
+    /// Found on the first check, so quick answers never look for it.
+    peer: Option<Option<Peer>>,
+    checked: std::time::Instant,
+}
+
+impl Watch {
+    /// How often the client's socket is checked.
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+    fn new(request: &Request, port: u16) -> Watch {
+        Watch {
+            port,
+            remote: request.remote_addr().copied(),
+            peer: None,
+            checked: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether the client has gone, looked at no more often than [`Self::EVERY`].
+    fn client_left(&mut self) -> bool {
+        if self.checked.elapsed() < Self::EVERY {
+            return false;
+        }
+        self.checked = std::time::Instant::now();
+        let (port, remote) = (self.port, self.remote);
+        let peer = self
+            .peer
+            .get_or_insert_with(|| remote.and_then(|r| Peer::find(port, r)));
+        peer.as_ref().is_some_and(Peer::closed)
+    }
 }
 
 /// A streamed answer: server-sent events in a chunked HTTP/1.1 body, one flushed chunk per
@@ -329,8 +375,8 @@ impl Sse<'_> {
     /// The last chunk of one choice (an error event when it failed).
     fn choice_done(&self, w: &mut impl Write, index: usize, out: &GenerateOutput) -> bool {
         if out.finish_reason == FinishReason::Error {
-            let msg = "generation failed (the server log has the cause)";
-            return event(w, &openai::error(msg, "server_error", "generation_failed"));
+            let msg = failure_message(out);
+            return event(w, &openai::error(&msg, "server_error", "generation_failed"));
         }
         let last = if self.chat {
             openai::chat_chunk(self.ids, index, json!({}), Some(out.finish_reason))
@@ -338,6 +384,14 @@ impl Sse<'_> {
             openai::completion_chunk(self.ids, index, "", Some(out.finish_reason))
         };
         event(w, &last)
+    }
+}
+
+/// What a failed choice's client is told.
+fn failure_message(out: &GenerateOutput) -> String {
+    match &out.error {
+        Some(reason) => format!("generation failed: {reason}"),
+        None => "generation failed (the server log has the cause)".into(),
     }
 }
 

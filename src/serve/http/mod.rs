@@ -6,11 +6,15 @@
 //! model loads, so `/health` answers 503 while loading. Handlers parse and validate, then send
 //! the request to the scheduler loop with a channel of their own for the replies; a streaming
 //! handler whose client went away drops that channel, and the scheduler cancels the request at
-//! its next token.
+//! its next token. A streaming handler learns the client left when a write fails; one writing a
+//! whole answer at the end watches the client's socket while it waits (`peer`).
 
 mod handler;
 mod metrics;
 mod openai;
+mod peer;
+#[cfg(test)]
+mod tests;
 
 use super::chat::ChatTemplate;
 use super::protocol::{Api, Request};
@@ -58,6 +62,8 @@ struct Shared {
     handlers: AtomicUsize,
     /// Unix time the server started (OpenAI's `created`).
     created: u64,
+    /// The port the server listens on (finds a request's socket, see `peer`).
+    port: u16,
 }
 
 enum ToScheduler {
@@ -95,10 +101,8 @@ pub fn serve_http(
 ) -> anyhow::Result<()> {
     let server = tiny_http::Server::http(&opts.addr)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.addr))?;
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .map_or_else(|| opts.addr.clone(), |a| a.to_string());
+    let ip = server.server_addr().to_ip();
+    let addr = ip.map_or_else(|| opts.addr.clone(), |a| a.to_string());
     eprintln!("listening on http://{addr}");
     let (tx, rx) = mpsc::channel();
     let shared = Arc::new(Shared {
@@ -111,6 +115,7 @@ pub fn serve_http(
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        port: ip.map_or(0, |a| a.port()),
     });
     let accept_shared = Arc::clone(&shared);
     std::thread::spawn(move || accept(server, accept_shared));
@@ -160,7 +165,12 @@ fn run_scheduler(
             .reply
             .send(Reply::Text(tag.index, t.to_string()))
             .is_ok(),
-        Event::Text(_) => true,
+        // A whole answer needs no text yet, but the send tells whether its handler (which
+        // watches the client's socket) is still waiting.
+        Event::Text(_) => tag
+            .reply
+            .send(Reply::Text(tag.index, String::new()))
+            .is_ok(),
         Event::Done(out) => tag.reply.send(Reply::Done(tag.index, out.clone())).is_ok(),
     };
     loop {

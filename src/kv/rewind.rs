@@ -1,0 +1,90 @@
+//! Undoing a failed step: a [`Mark`] taken before a forward step lets the cache drop what that
+//! step appended, so a server can retry the other sequences of a batch that failed (one bad
+//! sequence must not end the rest). Exact only when the step changed nothing else: no eviction
+//! ran, and no policy folded the step's attention into its statistics.
+
+use super::KvCache;
+
+/// Where a cache stood before a step.
+#[derive(Debug, Clone)]
+pub struct Mark {
+    lens: Vec<usize>,
+    next_position: usize,
+    evictions: usize,
+}
+
+impl KvCache {
+    /// The cache's state now, for [`KvCache::rewind`].
+    pub fn mark(&self) -> Mark {
+        Mark {
+            lens: self.layers.iter().map(|l| l.positions.len()).collect(),
+            next_position: self.next_position,
+            evictions: self.eviction.as_ref().map_or(0, |e| e.evictions),
+        }
+    }
+
+    /// Back to `mark`, dropping the slots appended since; false (cache untouched) where that
+    /// would not restore it exactly.
+    pub fn rewind(&mut self, mark: &Mark) -> bool {
+        if let Some(e) = &self.eviction {
+            if e.evictions != mark.evictions || e.config.needs_attention() {
+                return false;
+            }
+        }
+        let fits = self.layers.len() == mark.lens.len()
+            && self
+                .layers
+                .iter()
+                .zip(&mark.lens)
+                .all(|(l, &n)| l.positions.len() >= n);
+        if !fits || self.next_position < mark.next_position {
+            return false;
+        }
+        let kv_dim = self.kv_dim;
+        for (l, &n) in self.layers.iter_mut().zip(&mark.lens) {
+            l.keys.truncate(n * kv_dim);
+            l.values.truncate(n * kv_dim);
+            l.positions.truncate(n);
+        }
+        if let Some(e) = &mut self.eviction {
+            for (st, &n) in e.stats.iter_mut().zip(&mark.lens) {
+                st.mass.truncate(n);
+                st.last_hit.truncate(n);
+                st.mri.truncate(n);
+            }
+        }
+        self.next_position = mark.next_position;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewind_drops_what_a_step_appended() {
+        let mut c = KvCache::new(2, 2);
+        c.layers[0].append(&[1.0, 2.0], &[3.0, 4.0], 0);
+        c.layers[1].append(&[5.0, 6.0], &[7.0, 8.0], 0);
+        c.advance(1);
+        let before = c.clone();
+        let mark = c.mark();
+        // A step that failed after the first layer appended its tokens.
+        c.layers[0].append(&[9.0, 9.0], &[9.0, 9.0], 1);
+        c.layers[0].append(&[9.0, 9.0], &[9.0, 9.0], 2);
+        assert!(c.rewind(&mark));
+        assert_eq!(c.layers[0].keys, before.layers[0].keys);
+        assert_eq!(c.layers[0].positions, before.layers[0].positions);
+        assert_eq!(c.layers[1].values, before.layers[1].values);
+        assert_eq!(c.next_position(), 1);
+        // Also after the step advanced the position.
+        c.layers[1].append(&[9.0, 9.0], &[9.0, 9.0], 1);
+        c.advance(1);
+        assert!(c.rewind(&mark));
+        assert_eq!((c.next_position(), c.len(1)), (1, 1));
+        // A cache emptied since cannot go back.
+        c.clear();
+        assert!(!c.rewind(&mark));
+    }
+}
