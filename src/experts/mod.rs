@@ -317,3 +317,36 @@ fn fixed_costs(model: &Model, kv: KvPlan) -> FixedCosts {
         kv,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only guesses at or above `PREFETCH_MIN_PROB` are prefetched, most-voted first; scoring
+    /// still sees the whole prediction.
+    #[test]
+    fn prefetch_requests_skip_unconfident_guesses() {
+        let model = Model::builtin_default();
+        let e_n = model.config.num_experts;
+        let k = model.config.top_k;
+        assert!(
+            e_n >= 4 && k == 2,
+            "the test assumes top-2 of at least 4 experts"
+        );
+        let s =
+            ExpertService::measuring(&model, Predictor::new(PredictSource::Pregate, k, 0), None);
+        // Row 0 is sure of expert 1 and unsure of 2; row 1 is sure of 1 and 3.
+        let mut probs = vec![0.0f32; 2 * e_n];
+        probs[1] = 0.7;
+        probs[2] = PREFETCH_MIN_PROB - 0.05;
+        probs[e_n + 1] = 0.5;
+        probs[e_n + 3] = PREFETCH_MIN_PROB;
+        let rows = vec![vec![0, 1], vec![0, 2]];
+        let (next, ids) = s.predict_next(0, 1, &rows, Some(&probs)).unwrap();
+        assert_eq!((next, ids), (1, vec![1, 3]));
+        // The scored prediction keeps the unconfident guess: row 0 chose 2 and was predicted it.
+        s.observe(1, &[vec![1, 2], vec![1, 3]]);
+        let c = s.prediction().unwrap();
+        assert_eq!((c.predicted, c.correct), (4, 4));
+    }
+}
