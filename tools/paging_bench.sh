@@ -7,7 +7,8 @@
 # usage: tools/paging_bench.sh MODEL.emoe OUT_DIR BUDGET[,BUDGET…] [POLICY/PREFETCH …]
 #   BUDGET          bytes with a binary suffix (1130M, 1.5G), as --mem takes them
 #   POLICY/PREFETCH e.g. stats/on lru/off (default: stats/on lfu/on lru/on lru/off)
-# environment: PROMPT (8), GEN (24), REPS (1), THREADS (2), EDGEMOE (target/release/edgemoe)
+# environment: PROMPT (8), GEN (24), REPS (1), THREADS (2), EDGEMOE (target/release/edgemoe),
+#              PROFILE (a STATS.json from `edgemoe profile` the runs start from; none by default)
 #
 # Writes OUT_DIR/runs.jsonl (one line per run: bench's row + the cgroup's peak) and prints a
 # markdown table. Needs root (drop_caches, cgroup v1 memory controller).
@@ -31,6 +32,7 @@ for mem in "${mems[@]}"; do
         "$here/memlimit.sh" --drop-caches --json "$out/$tag.cgroup.json" "$limit" -- \
             "$bin" bench --model "$model" --mem "$mem" --expert-policy "$policy" --prefetch "$prefetch" \
             -p "${PROMPT:-8}" -n "${GEN:-24}" -r "${REPS:-1}" --threads "${THREADS:-2}" --json \
+            ${PROFILE:+--profile "$PROFILE"} \
             >"$out/$tag.json" 2>"$out/$tag.log" || { echo "failed: see $out/$tag.log" >&2; continue; }
         python3 - "$out/$tag.json" "$out/$tag.cgroup.json" >>"$out/runs.jsonl" <<'PY'
 import json, sys
