@@ -81,7 +81,7 @@ impl HessianFactor {
             k,
             perm,
             dead,
-            hinv: inverse_upper_cholesky(&hp, k),
+            hinv: inverse_upper_cholesky(hp, k),
         }
     }
 }

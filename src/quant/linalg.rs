@@ -113,33 +113,30 @@ pub fn invert_lower(l: &[f64], k: usize) -> Vec<f64> {
             x[r] = -s / l[r * k + r];
         }
     });
-    let mut inv = vec![0f64; k * k];
-    for c in 0..k {
-        for r in c..k {
-            inv[r * k + c] = cols[c * k + r];
+    // Column-major to row-major, in place (one k × k matrix fewer at the peak).
+    for i in 0..k {
+        for j in i + 1..k {
+            cols.swap(i * k + j, j * k + i);
         }
     }
-    inv
+    cols
 }
 
 /// Upper-triangular U with Uᵀ U = A⁻¹, as GPTQ uses it, with one factorization: with P the
 /// reversal permutation, P A P = L Lᵀ gives A = V Vᵀ for the upper V = P L P, so
 /// A⁻¹ = V⁻ᵀ V⁻¹ and U = V⁻¹ = P L⁻¹ P (unique, as upper Cholesky factors are).
-pub fn inverse_upper_cholesky(a: &[f64], k: usize) -> Option<Vec<f64>> {
-    let rev = |i: usize| k - 1 - i;
-    let mut pap = vec![0f64; k * k];
-    for i in 0..k {
-        for j in 0..k {
-            pap[i * k + j] = a[rev(i) * k + rev(j)];
-        }
-    }
-    let linv = invert_lower(&cholesky_lower(&pap, k)?, k);
-    let mut u = vec![0f64; k * k];
-    for i in 0..k {
-        for j in 0..k {
-            u[i * k + j] = linv[rev(i) * k + rev(j)];
-        }
-    }
+///
+/// Takes `A` by value: reversing both indices of a square matrix is reversing its storage, so P A P
+/// and P L⁻¹ P are made in place, and at most two k × k matrices exist at once (a Mixtral
+/// down-projection's k = 3584 makes each 103 MB).
+pub fn inverse_upper_cholesky(mut a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
+    debug_assert_eq!(a.len(), k * k);
+    a.reverse();
+    let l = cholesky_lower(&a, k)?;
+    drop(a);
+    let mut u = invert_lower(&l, k);
+    drop(l);
+    u.reverse();
     Some(u)
 }
 
@@ -192,7 +189,7 @@ mod tests {
                 }
             }
             // Uᵀ U A = I, and U is upper triangular.
-            let u = inverse_upper_cholesky(&a, k).unwrap();
+            let u = inverse_upper_cholesky(a.clone(), k).unwrap();
             for i in 0..k {
                 for j in 0..i {
                     assert_eq!(u[i * k + j], 0.0);
