@@ -182,17 +182,10 @@ pub fn quantize(
         // rows have no outlier to widen a scale). Done now, so calibration sees the embeddings
         // the quantized model will, and the f32 table is not held through every layer.
         if opts.head != HeadQuant::F32 {
-            let rtn = QuantOptions {
-                method: Method::Rtn,
-                ..opts.clone()
-            };
             let embed = &mut model.weights.embed;
             clock.time("quantize", || {
-                quantize_linear(embed, &rtn, None, &mut summary)
+                round_to_int8(embed, opts, true, &mut summary)
             })?;
-            if let LinearWeight::Int8(m) = &embed.weight {
-                embed.weight = LinearWeight::Int8WeightOnly(m.clone());
-            }
         }
         summary.rotation = Some(format!(
             "residual stream rotated ({}), down-projection input {}",
@@ -274,20 +267,37 @@ pub fn quantize(
     if opts.head != HeadQuant::F32 {
         let w = &mut model.weights;
         let head = w.lm_head.as_mut().unwrap_or(&mut w.embed);
-        let rtn = QuantOptions {
-            method: Method::Rtn,
-            ..opts.clone()
-        };
+        let weight_only = opts.head == HeadQuant::WeightOnly;
         clock.time("quantize", || {
-            quantize_linear(head, &rtn, None, &mut summary)
+            round_to_int8(head, opts, weight_only, &mut summary)
         })?;
-        if let (HeadQuant::WeightOnly, LinearWeight::Int8(m)) = (opts.head, &head.weight) {
-            head.weight = LinearWeight::Int8WeightOnly(m.clone());
-        }
     }
     summary.phase_seconds = clock.phases;
     summary.peak_rss_bytes = crate::util::memory::peak_rss_bytes();
     Ok((model, summary))
+}
+
+/// Rounds `lin` to int8 (no Hessian: the head and embeddings), keeping f32 activations when
+/// `weight_only`.
+fn round_to_int8(
+    lin: &mut Linear,
+    opts: &QuantOptions,
+    weight_only: bool,
+    summary: &mut QuantSummary,
+) -> Result<()> {
+    let rtn = QuantOptions {
+        method: Method::Rtn,
+        ..opts.clone()
+    };
+    quantize_linear(lin, &rtn, None, summary)?;
+    if weight_only {
+        let w = std::mem::replace(&mut lin.weight, LinearWeight::F32Rows(Vec::new().into()));
+        lin.weight = match w {
+            LinearWeight::Int8(m) => LinearWeight::Int8WeightOnly(m),
+            other => other,
+        };
+    }
+    Ok(())
 }
 
 /// Wall time per phase, in the order phases first ran.

@@ -41,9 +41,7 @@ impl Rotation {
         let pow2 = 1usize << dim.trailing_zeros();
         let odd = dim / pow2;
         let mut rng = SplitMix64::new(seed);
-        let signs = (0..dim)
-            .map(|_| if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 })
-            .collect();
+        let signs = random_signs(dim, &mut rng);
         Rotation {
             dim,
             pow2,
@@ -96,6 +94,13 @@ impl Rotation {
             .zip(&v)
             .for_each(|(o, a)| *o = (a * norm) as f32);
     }
+}
+
+/// `n` random ±1.
+fn random_signs<T: From<i8>>(n: usize, rng: &mut SplitMix64) -> Vec<T> {
+    (0..n)
+        .map(|_| T::from(if rng.next_u64() & 1 == 0 { 1 } else { -1 }))
+        .collect()
 }
 
 /// `m × m` orthonormal rows from Gaussian rows by modified Gram–Schmidt.
@@ -326,9 +331,7 @@ fn map_columns(lin: &mut Linear, f: impl Fn(&mut [f32])) -> Result<()> {
 fn rotate_down_input(mlp: &mut GatedMlp, block: usize, seed: u64) -> Result<()> {
     let f = mlp.down.in_features;
     let mut rng = SplitMix64::new(seed);
-    let signs: Vec<f32> = (0..f)
-        .map(|_| if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 })
-        .collect();
+    let signs: Vec<f32> = random_signs(f, &mut rng);
     mlp.up.scale_output_channels(&signs);
     let (mut rows, packed) = rows_of(&mlp.down)?;
     for row in rows.chunks_exact_mut(f) {
