@@ -3,16 +3,27 @@
 //! `P.scales`, `P.row_sums` and `P.input_scale` for quantized ones. Each expert's tensors form one block.
 
 use crate::error::{Error, Result};
-use crate::model::emoe::{EmoeWriter, TensorData, WriteSummary};
+use crate::model::emoe::{EmoeDtype, EmoeWriter, TensorData, WriteSummary};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::{Ffn, Linear, LinearWeight, Norm};
 use crate::model::Model;
 use std::path::Path;
 
-fn linear_tensors(lin: &Linear) -> Vec<TensorData<'static>> {
+/// f32 values written from where the model holds them (no copy).
+fn f32_tensor(name: String, shape: Vec<usize>, values: &[f32]) -> TensorData<'_> {
+    TensorData::borrowed(name, EmoeDtype::F32, shape, values)
+}
+
+fn linear_tensors(lin: &Linear) -> Vec<TensorData<'_>> {
     let (n, k, p) = (lin.out_features, lin.in_features, &lin.name);
     let mut out = match &lin.weight {
-        LinearWeight::F32(_) | LinearWeight::F32Rows(_) | LinearWeight::Half(..) => {
+        LinearWeight::F32Rows(rows) => vec![TensorData::borrowed(
+            format!("{p}.weight"),
+            EmoeDtype::F32,
+            vec![n, k],
+            &rows[..],
+        )],
+        LinearWeight::F32(_) | LinearWeight::Half(..) => {
             let rows = lin.f32_rows().unwrap_or_default();
             vec![TensorData::from_f32(
                 format!("{p}.weight"),
@@ -25,9 +36,19 @@ fn linear_tensors(lin: &Linear) -> Vec<TensorData<'static>> {
                 .then(|| TensorData::from_i8(format!("{p}.weight_only"), vec![1], &[1]));
             // The kernels' own layout (padded rows, f32 scales, row sums): used in place.
             vec![
-                TensorData::from_i8(format!("{p}.qweight"), vec![n, m.k_padded], &m.data),
-                TensorData::from_f32(format!("{p}.scales"), vec![n], &m.scales),
-                TensorData::from_i32(format!("{p}.row_sums"), vec![n], &m.row_sums),
+                TensorData::borrowed(
+                    format!("{p}.qweight"),
+                    EmoeDtype::I8,
+                    vec![n, m.k_padded],
+                    &m.data[..],
+                ),
+                f32_tensor(format!("{p}.scales"), vec![n], &m.scales),
+                TensorData::borrowed(
+                    format!("{p}.row_sums"),
+                    EmoeDtype::I32,
+                    vec![n],
+                    &m.row_sums[..],
+                ),
             ]
             .into_iter()
             .chain(marker)
@@ -35,31 +56,37 @@ fn linear_tensors(lin: &Linear) -> Vec<TensorData<'static>> {
         }
     };
     if let Some(b) = &lin.bias {
-        out.push(TensorData::from_f32(format!("{p}.bias"), vec![n], b));
+        out.push(f32_tensor(format!("{p}.bias"), vec![n], b));
     }
     if let Some(s) = &lin.input_scale {
-        out.push(TensorData::from_f32(format!("{p}.input_scale"), vec![k], s));
+        out.push(f32_tensor(format!("{p}.input_scale"), vec![k], s));
     }
     out
 }
 
-fn norm_tensors(norm: &Norm) -> Vec<TensorData<'static>> {
+fn norm_tensors(norm: &Norm) -> Vec<TensorData<'_>> {
     match norm {
-        Norm::Rms { name, weight, .. } => vec![TensorData::from_f32(
-            format!("{name}.weight"),
-            vec![weight.len()],
-            weight,
-        )],
+        Norm::Rms { name, weight, .. } => {
+            vec![f32_tensor(
+                format!("{name}.weight"),
+                vec![weight.len()],
+                weight,
+            )]
+        }
         Norm::Layer {
             name, weight, bias, ..
         } => vec![
-            TensorData::from_f32(format!("{name}.weight"), vec![weight.len()], weight),
-            TensorData::from_f32(format!("{name}.bias"), vec![bias.len()], bias),
+            f32_tensor(format!("{name}.weight"), vec![weight.len()], weight),
+            f32_tensor(format!("{name}.bias"), vec![bias.len()], bias),
         ],
     }
 }
 
-pub fn write_emoe(model: &Model, quant: serde_json::Value, path: &Path) -> Result<WriteSummary> {
+pub fn write_emoe<'a>(
+    model: &'a Model,
+    quant: serde_json::Value,
+    path: &Path,
+) -> Result<WriteSummary> {
     let tokenizer_json = match &model.tokenizer {
         Tokenizer::Hf(t) => t
             .to_string(false)
@@ -69,12 +96,12 @@ pub fn write_emoe(model: &Model, quant: serde_json::Value, path: &Path) -> Resul
     };
     let mut w = EmoeWriter::new(&model.config, tokenizer_json, quant);
     let weights = &model.weights;
-    let mut add = |ts: Vec<TensorData<'static>>| ts.into_iter().for_each(|t| w.add_tensor(t));
+    let mut add = |ts: Vec<TensorData<'a>>| ts.into_iter().for_each(|t| w.add_tensor(t));
     add(linear_tensors(&weights.embed));
     if let Some(p) = &weights.positions {
         // OPT: the table sits beside the token embeddings (`…embed_tokens` → `…embed_positions`).
         let root = weights.embed.name.trim_end_matches("embed_tokens");
-        add(vec![TensorData::from_f32(
+        add(vec![f32_tensor(
             format!("{root}embed_positions.weight"),
             vec![p.len() / model.config.hidden_size, model.config.hidden_size],
             p,

@@ -33,6 +33,7 @@ pub use reader::{EmoeFile, TensorView};
 pub use table::load_checked;
 pub use writer::{EmoeWriter, WriteSummary};
 
+use crate::model::buf::Plain;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -72,6 +73,60 @@ pub struct TensorData<'a> {
     pub dtype: EmoeDtype,
     pub shape: Vec<usize>,
     pub bytes: Cow<'a, [u8]>,
+}
+
+impl<'a> TensorData<'a> {
+    /// The values' own bytes, borrowed where the host is little-endian (as the format is), so
+    /// writing a model holds no second copy of it.
+    pub fn borrowed<T: Plain + LeBytes>(
+        name: impl Into<String>,
+        dtype: EmoeDtype,
+        shape: Vec<usize>,
+        values: &'a [T],
+    ) -> Self {
+        debug_assert_eq!(std::mem::size_of::<T>(), dtype.size());
+        let bytes = if cfg!(target_endian = "little") {
+            // SAFETY: `T: Plain` is a plain number type without padding, so its memory is
+            // `size_of_val(values)` initialized bytes, borrowed for as long as `values` is.
+            Cow::Borrowed(unsafe {
+                std::slice::from_raw_parts(
+                    values.as_ptr().cast::<u8>(),
+                    std::mem::size_of_val(values),
+                )
+            })
+        } else {
+            Cow::Owned(values.iter().flat_map(|v| v.le_bytes()).collect())
+        };
+        TensorData {
+            name: name.into(),
+            dtype,
+            shape,
+            bytes,
+        }
+    }
+}
+
+/// A number's little-endian bytes (for big-endian hosts, where a borrow would be wrong).
+pub trait LeBytes {
+    fn le_bytes(&self) -> Vec<u8>;
+}
+
+impl LeBytes for f32 {
+    fn le_bytes(&self) -> Vec<u8> {
+        self.to_le_bytes().to_vec()
+    }
+}
+
+impl LeBytes for i32 {
+    fn le_bytes(&self) -> Vec<u8> {
+        self.to_le_bytes().to_vec()
+    }
+}
+
+impl LeBytes for i8 {
+    fn le_bytes(&self) -> Vec<u8> {
+        vec![*self as u8]
+    }
 }
 
 impl TensorData<'static> {

@@ -15,18 +15,18 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// Collects a model's tensors, then writes them as one .emoe file.
-pub struct EmoeWriter {
+pub struct EmoeWriter<'a> {
     config: ModelConfig,
     tokenizer_json: String,
     quant: Value,
-    tensors: Vec<TensorData<'static>>,
-    blocks: Vec<PendingBlock>,
+    tensors: Vec<TensorData<'a>>,
+    blocks: Vec<PendingBlock<'a>>,
 }
 
-struct PendingBlock {
+struct PendingBlock<'a> {
     layer: usize,
     expert: usize,
-    tensors: Vec<TensorData<'static>>,
+    tensors: Vec<TensorData<'a>>,
 }
 
 /// What [`EmoeWriter::write`] wrote.
@@ -58,7 +58,7 @@ struct BlockPlan {
 
 type Sink<'s> = dyn FnMut(&[u8]) -> std::io::Result<()> + 's;
 
-impl EmoeWriter {
+impl<'a> EmoeWriter<'a> {
     pub fn new(config: &ModelConfig, tokenizer_json: String, quant: Value) -> Self {
         EmoeWriter {
             config: config.clone(),
@@ -70,17 +70,12 @@ impl EmoeWriter {
     }
 
     /// A non-expert tensor (embeddings, attention, norms, router, head, …).
-    pub fn add_tensor(&mut self, t: TensorData<'static>) {
+    pub fn add_tensor(&mut self, t: TensorData<'a>) {
         self.tensors.push(t);
     }
 
     /// All tensors of expert `expert` of layer `layer`, stored as one contiguous block.
-    pub fn add_expert_block(
-        &mut self,
-        layer: usize,
-        expert: usize,
-        tensors: Vec<TensorData<'static>>,
-    ) {
+    pub fn add_expert_block(&mut self, layer: usize, expert: usize, tensors: Vec<TensorData<'a>>) {
         self.blocks.push(PendingBlock {
             layer,
             expert,
