@@ -148,7 +148,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// A cache with room reserved for a sequence expected to reach `tokens` tokens (capped at
-    /// the model's context and at [`MAX_RESERVED_TOKENS`]; longer ones grow as they go).
+    /// the model's context and at [`MAX_RESERVED_TOKENS`]; longer ones grow as they go, never
+    /// past the context: see [`KvCache::make_room`]).
     pub fn new_cache_for(&self, tokens: usize) -> KvCache {
         let mut cache = self.new_cache();
         self.reserve_cache(&mut cache, tokens);
@@ -167,6 +168,10 @@ impl<B: Backend> Engine<B> {
     pub fn forward(&self, batch: &mut [BatchItem]) -> Result<Vec<Vec<f32>>> {
         self.check_batch(batch)?;
         self.backend.run(|| self.evict_for(batch))?;
+        let context = self.model.config.max_position_embeddings;
+        for item in batch.iter_mut() {
+            item.cache.make_room(item.tokens.len(), context);
+        }
         let out = self.backend.run(|| self.forward_rows(batch));
         self.experts.end_step();
         let out = out?;

@@ -144,6 +144,32 @@ impl KvCache {
         }
     }
 
+    /// Room for `new` more tokens in every layer. Growth doubles, so appending stays cheap, but
+    /// stops at `cap` slots (the model's context: what `--mem` reserved for a sequence that may
+    /// fill it) unless the step itself needs more.
+    pub fn make_room(&mut self, new: usize, cap: usize) {
+        let len = self.len_tokens();
+        let need = len.saturating_add(new);
+        if self.capacity_tokens() >= need {
+            return;
+        }
+        let target = need.max(len.saturating_mul(2)).min(cap.max(need));
+        self.reserve(target - len);
+    }
+
+    /// Slots every layer can hold without reallocating.
+    pub fn capacity_tokens(&self) -> usize {
+        let kv_dim = self.kv_dim.max(1);
+        self.layers
+            .iter()
+            .map(|l| {
+                let kv = l.keys.capacity().min(l.values.capacity()) / kv_dim;
+                kv.min(l.positions.capacity())
+            })
+            .min()
+            .unwrap_or(0)
+    }
+
     /// Gives back memory beyond `tokens` slots per layer (a recycled cache that held a longer
     /// sequence), so a budgeted sequence never holds more than its budget. Empty caches only.
     pub fn shrink_to(&mut self, tokens: usize) {
@@ -224,5 +250,44 @@ impl LayerCache {
         self.keys.extend_from_slice(key);
         self.values.extend_from_slice(value);
         self.positions.push(position as u32);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KvCache;
+
+    fn fill(cache: &mut KvCache, tokens: usize) {
+        let kv = vec![0.5f32; cache.kv_dim()];
+        for _ in 0..tokens {
+            let pos = cache.next_position();
+            for layer in cache.parts_mut().0 {
+                layer.append(&kv, &kv, pos);
+            }
+            cache.advance(1);
+        }
+    }
+
+    #[test]
+    fn growth_doubles_but_stops_at_the_cap() {
+        let mut cache = KvCache::new(2, 8);
+        cache.reserve(4);
+        fill(&mut cache, 4);
+        assert_eq!(cache.capacity_tokens(), 4);
+        cache.make_room(1, 100);
+        assert_eq!(cache.capacity_tokens(), 8, "doubles below the cap");
+        fill(&mut cache, 4);
+        cache.make_room(1, 10);
+        assert_eq!(cache.capacity_tokens(), 10, "stops at the cap");
+        fill(&mut cache, 2);
+        cache.make_room(3, 10);
+        assert_eq!(
+            cache.capacity_tokens(),
+            13,
+            "past the cap, only what the step needs"
+        );
+        let before = cache.capacity_tokens();
+        cache.make_room(0, 10);
+        assert_eq!(cache.capacity_tokens(), before, "no growth without need");
     }
 }
