@@ -16,6 +16,15 @@ impl Plain for i8 {}
 impl Plain for i32 {}
 impl Plain for u16 {}
 
+/// The values' bytes in the host's order (little-endian on every host we map files on).
+pub fn bytes_of<T: Plain>(values: &[T]) -> &[u8] {
+    // SAFETY: `T: Plain` is a plain number type without padding, so its memory is
+    // `size_of_val(values)` initialized bytes, borrowed for as long as `values` is.
+    unsafe {
+        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+    }
+}
+
 /// The two 16-bit float formats checkpoints store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HalfKind {

@@ -12,6 +12,7 @@ pub mod linalg;
 pub mod outliers;
 pub mod rotate;
 pub mod smooth;
+pub mod spill;
 pub mod store;
 
 use crate::backend::cpu::int8::Int8Matrix;
@@ -98,6 +99,10 @@ pub struct QuantOptions {
     pub rotate: bool,
     /// Seeds the rotation's random signs and odd-size factor.
     pub rotate_seed: u64,
+    /// Moves each quantized layer into an unlinked file in this folder (`spill.rs`), so the
+    /// process holds one layer, not the whole int8 model; `None` keeps them in memory.
+    #[serde(skip)]
+    pub spill_dir: Option<std::path::PathBuf>,
 }
 
 impl QuantOptions {
@@ -130,6 +135,7 @@ impl QuantOptions {
             // On SmolLM2-135M haq +0.20% ppl rotated against +1.05% not (README).
             rotate: true,
             rotate_seed: 0x005E_ED0F_2024,
+            spill_dir: None,
         }
     }
 }
@@ -144,7 +150,7 @@ pub struct QuantSummary {
     /// α chosen per smoothed group.
     pub alphas: Vec<(String, f32)>,
     pub calib_tokens: usize,
-    /// Wall seconds per phase (embed, read, calibrate, smooth, quantize, propagate).
+    /// Wall seconds per phase (embed, read, calibrate, smooth, quantize, spill, propagate).
     pub phase_seconds: Vec<(String, f64)>,
     /// The process's peak resident set when quantization ended.
     pub peak_rss_bytes: Option<u64>,
@@ -222,6 +228,7 @@ pub fn quantize(
             LayerRunner::new(frame.clone(), opts.threads, calib, ctx)
         })?),
     };
+    let mut spill = opts.spill_dir.as_deref().map(spill::Spill::new);
     let total = layers.len();
     progress("layers", 0, total);
     for (li, layer) in layers.iter_mut().enumerate() {
@@ -248,12 +255,18 @@ pub fn quantize(
         clock.time("quantize", || {
             pool.install(|| quantize_layer(layer, opts, stats, &mut summary))
         })?;
+        if let Some(s) = &mut spill {
+            clock.time("spill", || s.take(layer_linears(layer)))?;
+        }
         if let (Some(r), Some(f32_outputs)) = (&mut runner, f32_outputs) {
             let next = match opts.propagate {
                 Propagate::Quantized => clock.time("propagate", || r.run(li, layer))?,
                 Propagate::F32 => f32_outputs,
             };
             r.advance(next);
+        }
+        if let Some(s) = &mut spill {
+            s.release_last();
         }
         progress("layers", li + 1, total);
     }

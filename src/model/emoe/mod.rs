@@ -33,7 +33,7 @@ pub use reader::{EmoeFile, TensorView};
 pub use table::load_checked;
 pub use writer::{EmoeWriter, WriteSummary};
 
-use crate::model::buf::Plain;
+use crate::model::buf::{bytes_of, Plain};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -86,14 +86,7 @@ impl<'a> TensorData<'a> {
     ) -> Self {
         debug_assert_eq!(std::mem::size_of::<T>(), dtype.size());
         let bytes = if cfg!(target_endian = "little") {
-            // SAFETY: `T: Plain` is a plain number type without padding, so its memory is
-            // `size_of_val(values)` initialized bytes, borrowed for as long as `values` is.
-            Cow::Borrowed(unsafe {
-                std::slice::from_raw_parts(
-                    values.as_ptr().cast::<u8>(),
-                    std::mem::size_of_val(values),
-                )
-            })
+            Cow::Borrowed(bytes_of(values))
         } else {
             Cow::Owned(values.iter().flat_map(|v| v.le_bytes()).collect())
         };
