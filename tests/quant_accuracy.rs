@@ -13,6 +13,11 @@ fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trained-moe")
 }
 
+fn heldout_tokens(m: &Model) -> Vec<u32> {
+    let text = std::fs::read_to_string(dir().join("heldout.txt")).unwrap();
+    m.tokenizer.encode(&text, false).unwrap()
+}
+
 fn ppl(model: Model, tokens: &[u32]) -> f64 {
     let engine = Engine::new(Arc::new(model), 2).unwrap();
     perplexity(&engine, tokens, 256, |_, _| {}).unwrap().ppl
@@ -44,13 +49,7 @@ fn table(variant: Variant) -> Vec<(String, f64)> {
         m
     };
     let probe = load();
-    let held = probe
-        .tokenizer
-        .encode(
-            &std::fs::read_to_string(dir().join("heldout.txt")).unwrap(),
-            false,
-        )
-        .unwrap();
+    let held = heldout_tokens(&probe);
     let calib = probe
         .tokenizer
         .encode(
@@ -142,13 +141,7 @@ fn ffn_outliers_break_rounding_but_not_haq() {
 #[test]
 fn rotation_leaves_the_f32_model_unchanged() {
     let m = Model::load(&dir()).unwrap();
-    let tokens = m
-        .tokenizer
-        .encode(
-            &std::fs::read_to_string(dir().join("heldout.txt")).unwrap(),
-            false,
-        )
-        .unwrap();
+    let tokens = heldout_tokens(&m);
     let (held, calib) = (&tokens[..1024], &tokens[1024..1536]);
     let opts = QuantOptions {
         threads: 2,
@@ -173,13 +166,7 @@ fn rotation_leaves_the_f32_model_unchanged() {
 #[test]
 fn spilled_layers_quantize_exactly_as_in_memory() {
     let m = Model::load(&dir()).unwrap();
-    let tokens = m
-        .tokenizer
-        .encode(
-            &std::fs::read_to_string(dir().join("heldout.txt")).unwrap(),
-            false,
-        )
-        .unwrap();
+    let tokens = heldout_tokens(&m);
     let (held, calib) = (&tokens[..512], &tokens[512..1536]);
     let spill_dir = tempfile::tempdir().unwrap();
     let quantized = |spill: bool| {
@@ -189,7 +176,9 @@ fn spilled_layers_quantize_exactly_as_in_memory() {
             spill_dir: spill.then(|| spill_dir.path().to_path_buf()),
             ..QuantOptions::new(Method::Haq, &m)
         };
-        quant::quantize(m, calib, 256, &opts, |_, _, _| {}).unwrap().0
+        quant::quantize(m, calib, 256, &opts, |_, _, _| {})
+            .unwrap()
+            .0
     };
     let (in_memory, spilled) = (quantized(false), quantized(true));
     let mapped = |m: &Model| match &m.weights.layers[0].attn.q.weight {
@@ -198,6 +187,10 @@ fn spilled_layers_quantize_exactly_as_in_memory() {
     };
     assert!(!mapped(&in_memory) && mapped(&spilled));
     let (want, got) = (ppl(in_memory, held), ppl(spilled, held));
-    assert_eq!(got.to_bits(), want.to_bits(), "spilled {got} vs in memory {want}");
+    assert_eq!(
+        got.to_bits(),
+        want.to_bits(),
+        "spilled {got} vs in memory {want}"
+    );
     assert_eq!(std::fs::read_dir(spill_dir.path()).unwrap().count(), 0);
 }
