@@ -219,6 +219,22 @@ fn absurd_options_and_missing_files_are_refused_clearly() {
     };
     let e = run(&["generate", "--prompt", "x", "--threads", "100000"]);
     assert!(e.contains("too many") && e.contains("cores"), "{e}");
+    // quantize's own pool once started them one by one (over 100 s, no message).
+    let out = tempfile::tempdir().unwrap();
+    let q = out.path().join("q.emoe");
+    let e = run(&[
+        "quantize",
+        "--method",
+        "rtn",
+        "--threads",
+        "100000",
+        "--model",
+        fixture("llama-tiny").to_str().unwrap(),
+        "--out",
+        q.to_str().unwrap(),
+    ]);
+    assert!(e.contains("too many") && e.contains("cores"), "{e}");
+    assert!(!q.exists());
     let e = run(&["serve", "--max-batch", "0"]);
     assert!(e.contains("batch size from 1"), "{e}");
     let empty = tempfile::tempdir().unwrap();
