@@ -251,6 +251,9 @@ fn absurd_options_and_missing_files_are_refused_clearly() {
     );
     let e = run(&["generate", "--prompt", "x", "--model", "/nonexistent/model"]);
     assert_eq!(e.matches("no such file or directory").count(), 1, "{e}");
+    // Mapping a directory said only "No such device (os error 19)".
+    let e = run(&["inspect", empty.path().to_str().unwrap()]);
+    assert!(e.contains("is a directory"), "{e}");
 }
 
 /// quantize refuses an .emoe as input and an --out it cannot write, before any work, and

@@ -76,6 +76,13 @@ impl EmoeFile {
     /// Maps the file and validates every offset, length and the non-expert region's checksum.
     pub fn open(path: &Path) -> Result<EmoeFile> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // Mapping a directory fails as "No such device (os error 19)"; say what is wrong.
+        if file.metadata().is_ok_and(|m| m.is_dir()) {
+            return Err(Error::Emoe {
+                path: path.to_path_buf(),
+                reason: "it is a directory".into(),
+            });
+        }
         // SAFETY: the map is read-only and lives as long as `self`; every slice handed out is
         // bounds-checked against it. A file rewritten underneath a running process is outside
         // what we can defend (the writer renames a new file into place instead).
