@@ -237,6 +237,16 @@ fn absurd_options_and_missing_files_are_refused_clearly() {
     assert!(!q.exists());
     let e = run(&["serve", "--max-batch", "0"]);
     assert!(e.contains("batch size from 1"), "{e}");
+    // bench ran past the context: -p 99999999 aborted on a 102 GB allocation, -n 99999999
+    // decoded for hours, -b 100000 allocated a cache per sequence first.
+    for (flag, value, want) in [
+        ("-p", "99999999", "context of 4096"),
+        ("-n", "99999999", "context of 4096"),
+        ("-b", "100000", "at most 4096"),
+    ] {
+        let e = run(&["bench", "-r", "1", flag, value]);
+        assert!(e.contains(want) && !e.contains("panicked"), "{flag}: {e}");
+    }
     let empty = tempfile::tempdir().unwrap();
     let e = run(&[
         "generate",
