@@ -222,8 +222,9 @@ fn negative_numbers_are_values() {
 }
 
 /// `synth-moe` accepted `--hidden 64` (0 attention heads) and `--hidden 1152` (9 heads over 2
-/// KV heads) and wrote .emoe files that every reader then refused; each width it accepts must
-/// now give a file that generates, and a config it cannot make is refused before any work.
+/// KV heads) and wrote .emoe files that every reader then refused, and `--skew nan` wrote NaN
+/// routers; each width it accepts must now give a file that generates, and a config it cannot
+/// make is refused before any work.
 #[test]
 fn synth_moe_writes_only_files_it_can_read() {
     let dir = tempfile::tempdir().unwrap();
@@ -278,4 +279,26 @@ fn synth_moe_writes_only_files_it_can_read() {
         "{stderr}"
     );
     assert!(!out.exists());
+    for (flag, value) in [("--skew", "nan"), ("--corr", "5"), ("--spread", "inf")] {
+        let refused = Command::new(bin)
+            .args([
+                "synth-moe",
+                "--layers",
+                "1",
+                "--ffn",
+                "64",
+                "--hidden",
+                "128",
+            ])
+            .args([flag, value, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && stderr.contains(flag),
+            "{flag}: {stderr}"
+        );
+        assert!(!out.exists());
+    }
 }

@@ -48,6 +48,13 @@ pub fn run(a: SynthArgs) -> anyhow::Result<()> {
     if a.top_k == 0 || a.top_k > a.experts || a.hidden < 64 || !a.hidden.is_multiple_of(64) {
         anyhow::bail!("need 1 <= --top-k <= --experts and --hidden a multiple of 64");
     }
+    // NaN or infinite shapes make NaN routers: a file whose every generation fails.
+    let finite = [a.skew, a.corr, a.drift, a.spread]
+        .iter()
+        .all(|v| v.is_finite());
+    if !finite || !(0.0..=1.0).contains(&a.corr) || a.spread < 0.0 {
+        anyhow::bail!("need finite --skew, --drift and --spread (>= 0), and --corr in [0, 1]");
+    }
     let mut cfg = mixtral_bench_config(a.layers);
     cfg.vocab_size = crate::model::tokenizer::BYTE_VOCAB;
     cfg.bos_token_id = Some(crate::model::tokenizer::BYTE_BOS);
