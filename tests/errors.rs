@@ -235,6 +235,25 @@ fn absurd_options_and_missing_files_are_refused_clearly() {
     ]);
     assert!(e.contains("too many") && e.contains("cores"), "{e}");
     assert!(!q.exists());
+    let calib = out.path().join("calib.txt");
+    std::fs::write(
+        &calib,
+        "In the beginning God created the heaven and the earth.",
+    )
+    .unwrap();
+    let e = run(&[
+        "quantize",
+        "--calib-tokens",
+        "0",
+        "--calib",
+        calib.to_str().unwrap(),
+        "--model",
+        fixture("llama-tiny").to_str().unwrap(),
+        "--out",
+        q.to_str().unwrap(),
+    ]);
+    assert!(e.contains("--calib-tokens must be at least 2"), "{e}");
+    assert!(!q.exists());
     let e = run(&["serve", "--max-batch", "0"]);
     assert!(e.contains("batch size from 1"), "{e}");
     // bench ran past the context: -p 99999999 aborted on a 102 GB allocation, -n 99999999
