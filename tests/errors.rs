@@ -283,6 +283,15 @@ fn absurd_options_and_missing_files_are_refused_clearly() {
     // Mapping a directory said only "No such device (os error 19)".
     let e = run(&["inspect", empty.path().to_str().unwrap()]);
     assert!(e.contains("is a directory"), "{e}");
+    let e = run(&["generate", "--prompt", "x", "--model", "/dev/null"]);
+    assert!(e.contains("not a regular file"), "{e}");
+    // Opening a FIFO with no writer blocked for ever.
+    let fifo = empty.path().join("model.emoe");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let e = run(&["inspect", fifo.to_str().unwrap()]);
+    assert!(e.contains("not a regular file"), "{e}");
 }
 
 /// quantize refuses an .emoe as input and an --out it cannot write, before any work, and

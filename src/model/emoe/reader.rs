@@ -75,14 +75,15 @@ impl<'a> TensorView<'a> {
 impl EmoeFile {
     /// Maps the file and validates every offset, length and the non-expert region's checksum.
     pub fn open(path: &Path) -> Result<EmoeFile> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // Mapping a directory fails as "No such device (os error 19)"; say what is wrong.
-        if file.metadata().is_ok_and(|m| m.is_dir()) {
+        // Mapping a directory or a device fails as "No such device (os error 19)", and opening
+        // a FIFO blocks: say what is wrong instead, before opening.
+        if let Some(what) = crate::model::buf::not_mappable(path) {
             return Err(Error::Emoe {
                 path: path.to_path_buf(),
-                reason: "it is a directory".into(),
+                reason: what.into(),
             });
         }
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only and lives as long as `self`; every slice handed out is
         // bounds-checked against it. A file rewritten underneath a running process is outside
         // what we can defend (the writer renames a new file into place instead).
