@@ -285,6 +285,16 @@ fn absurd_options_and_missing_files_are_refused_clearly() {
     assert!(e.contains("is a directory"), "{e}");
     let e = run(&["generate", "--prompt", "x", "--model", "/dev/null"]);
     assert!(e.contains("not a regular file"), "{e}");
+    let file = empty.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let e = run(&[
+        "export",
+        "--model",
+        "builtin:default",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(e.contains("is not a directory"), "{e}");
     // Opening a FIFO with no writer blocked for ever.
     let fifo = empty.path().join("model.emoe");
     let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
