@@ -99,7 +99,8 @@ typedef struct EdgemoeModelParams {
 
 // Options for edgemoe_session_new; start from edgemoe_session_default_params().
 typedef struct EdgemoeSessionParams {
-    // Worker threads for this session's forward pass, at most 1024; 0 means one per core.
+    // Worker threads for this session's forward pass, at most 1024 and at most 4 per core (or
+    // 16); 0 means one per core.
     uint32_t n_threads;
     // Memory budget in bytes for everything the session keeps resident (weights, expert
     // cache, KV cache, workspaces); an .emoe's experts are then paged through a cache sized

@@ -78,7 +78,8 @@ pub const EDGEMOE_KV_POLICY_LAZY: c_int = 4;
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct EdgemoeSessionParams {
-    /// Worker threads for this session's forward pass, at most 1024; 0 means one per core.
+    /// Worker threads for this session's forward pass, at most 1024 and at most 4 per core (or
+    /// 16); 0 means one per core.
     pub n_threads: u32,
     /// Memory budget in bytes for everything the session keeps resident (weights, expert
     /// cache, KV cache, workspaces); an .emoe's experts are then paged through a cache sized
@@ -288,6 +289,13 @@ pub unsafe extern "C" fn edgemoe_session_new(
                 format!("n_threads is {}; at most {MAX_THREADS}", params.n_threads),
             );
         }
+        // More than the machine takes is the caller's argument, not an internal failure.
+        crate::backend::cpu::backend::worker_threads(params.n_threads as usize).map_err(|e| {
+            Failure {
+                code: EDGEMOE_ERR_INVALID_INPUT,
+                message: format!("n_threads: {e}"),
+            }
+        })?;
         let kv = kv_params::kv_options(&params)?;
         let mut engine =
             Engine::new(model.clone(), params.n_threads as usize).map_err(|e| Failure {

@@ -220,3 +220,85 @@ fn negative_numbers_are_values() {
         assert!(!err.contains("unexpected argument"), "{err}");
     }
 }
+
+/// `synth-moe` accepted `--hidden 64` (0 attention heads) and `--hidden 1152` (9 heads over 2
+/// KV heads) and wrote .emoe files that every reader then refused, and `--skew nan` wrote NaN
+/// routers; each width it accepts must now give a file that generates, and a config it cannot
+/// make is refused before any work.
+#[test]
+fn synth_moe_writes_only_files_it_can_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_edgemoe");
+    for hidden in ["64", "1152"] {
+        let out = dir.path().join(format!("h{hidden}.emoe"));
+        let made = Command::new(bin)
+            .args([
+                "synth-moe",
+                "--layers",
+                "1",
+                "--ffn",
+                "64",
+                "--experts",
+                "2",
+            ])
+            .args(["--hidden", hidden, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let run = Command::new(bin)
+            .args([
+                "generate",
+                "--threads",
+                "1",
+                "--prompt",
+                "hi",
+                "-n",
+                "2",
+                "--model",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "--hidden {hidden}: {stderr}");
+    }
+    let out = dir.path().join("none.emoe");
+    let refused = Command::new(bin)
+        .args(["synth-moe", "--layers", "0", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("num_hidden_layers"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+    for (flag, value) in [("--skew", "nan"), ("--corr", "5"), ("--spread", "inf")] {
+        let refused = Command::new(bin)
+            .args([
+                "synth-moe",
+                "--layers",
+                "1",
+                "--ffn",
+                "64",
+                "--hidden",
+                "128",
+            ])
+            .args([flag, value, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && stderr.contains(flag),
+            "{flag}: {stderr}"
+        );
+        assert!(!out.exists());
+    }
+}

@@ -219,8 +219,53 @@ fn absurd_options_and_missing_files_are_refused_clearly() {
     };
     let e = run(&["generate", "--prompt", "x", "--threads", "100000"]);
     assert!(e.contains("too many") && e.contains("cores"), "{e}");
+    // quantize's own pool once started them one by one (over 100 s, no message).
+    let out = tempfile::tempdir().unwrap();
+    let q = out.path().join("q.emoe");
+    let e = run(&[
+        "quantize",
+        "--method",
+        "rtn",
+        "--threads",
+        "100000",
+        "--model",
+        fixture("llama-tiny").to_str().unwrap(),
+        "--out",
+        q.to_str().unwrap(),
+    ]);
+    assert!(e.contains("too many") && e.contains("cores"), "{e}");
+    assert!(!q.exists());
+    let calib = out.path().join("calib.txt");
+    std::fs::write(
+        &calib,
+        "In the beginning God created the heaven and the earth.",
+    )
+    .unwrap();
+    let e = run(&[
+        "quantize",
+        "--calib-tokens",
+        "0",
+        "--calib",
+        calib.to_str().unwrap(),
+        "--model",
+        fixture("llama-tiny").to_str().unwrap(),
+        "--out",
+        q.to_str().unwrap(),
+    ]);
+    assert!(e.contains("--calib-tokens must be at least 2"), "{e}");
+    assert!(!q.exists());
     let e = run(&["serve", "--max-batch", "0"]);
     assert!(e.contains("batch size from 1"), "{e}");
+    // bench ran past the context: -p 99999999 aborted on a 102 GB allocation, -n 99999999
+    // decoded for hours, -b 100000 allocated a cache per sequence first.
+    for (flag, value, want) in [
+        ("-p", "99999999", "context of 4096"),
+        ("-n", "99999999", "context of 4096"),
+        ("-b", "100000", "at most 4096"),
+    ] {
+        let e = run(&["bench", "-r", "1", flag, value]);
+        assert!(e.contains(want) && !e.contains("panicked"), "{flag}: {e}");
+    }
     let empty = tempfile::tempdir().unwrap();
     let e = run(&[
         "generate",
@@ -235,6 +280,28 @@ fn absurd_options_and_missing_files_are_refused_clearly() {
     );
     let e = run(&["generate", "--prompt", "x", "--model", "/nonexistent/model"]);
     assert_eq!(e.matches("no such file or directory").count(), 1, "{e}");
+    // Mapping a directory said only "No such device (os error 19)".
+    let e = run(&["inspect", empty.path().to_str().unwrap()]);
+    assert!(e.contains("is a directory"), "{e}");
+    let e = run(&["generate", "--prompt", "x", "--model", "/dev/null"]);
+    assert!(e.contains("not a regular file"), "{e}");
+    let file = empty.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let e = run(&[
+        "export",
+        "--model",
+        "builtin:default",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(e.contains("is not a directory"), "{e}");
+    // Opening a FIFO with no writer blocked for ever.
+    let fifo = empty.path().join("model.emoe");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let e = run(&["inspect", fifo.to_str().unwrap()]);
+    assert!(e.contains("not a regular file"), "{e}");
 }
 
 /// quantize refuses an .emoe as input and an --out it cannot write, before any work, and

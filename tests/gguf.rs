@@ -380,6 +380,25 @@ fn files_without_llama_metadata_fail_clearly() {
     );
 }
 
+/// `llama.block_count` sized a per-layer table before any tensor was looked for: 10^12 layers
+/// aborted the process ("memory allocation of 1000000000000 bytes failed").
+#[test]
+fn an_absurd_layer_count_is_refused_before_it_is_allocated() {
+    let mut w = Writer::new();
+    w.kv_str("general.architecture", "llama")
+        .kv_u32("llama.embedding_length", 64)
+        .kv_raw("llama.block_count", 10, &1_000_000_000_000u64.to_le_bytes())
+        .kv_u32("llama.attention.head_count", 4)
+        .kv_u32("llama.feed_forward_length", 96)
+        .kv_u32("llama.vocab_size", 512);
+    let (_dir, path) = write_tmp(&w.build());
+    let e = Model::load(&path).err().unwrap().to_string();
+    assert!(
+        e.contains("llama.block_count") && e.contains("1000000000000"),
+        "{e}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The llama-tiny fixture (tools/make_fixtures.py): its logits are checked in tests/hf_logits.rs.
 

@@ -146,6 +146,31 @@ fn too_small_a_budget_names_the_smallest_workable_value() {
     .is_err());
 }
 
+/// `--io-threads 100000000` started threads until the OS refused one (EAGAIN), tens of
+/// thousands of them; now it is refused before any starts.
+#[test]
+fn an_absurd_io_thread_count_is_refused_before_any_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Arc::new(Model::load(&quantized(tmp.path())).unwrap());
+    let opts = PagingOptions {
+        io_threads: 100_000_000,
+        ..options(1 << 30, Policy::Lru, ReadMode::Pread, true)
+    };
+    let Err(err) = ExpertService::paged(model.clone(), &opts) else {
+        panic!("10^8 I/O threads accepted");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("I/O threads") && err.contains("at most 256"),
+        "{err}"
+    );
+    let most = PagingOptions {
+        io_threads: edgemoe::experts::pager::MAX_IO_THREADS,
+        ..opts
+    };
+    assert!(ExpertService::paged(model, &most).is_ok());
+}
+
 #[test]
 fn a_corrupt_block_is_an_error_when_first_read() {
     let tmp = tempfile::tempdir().unwrap();

@@ -85,12 +85,37 @@ pub struct BenchArgs {
     pub io_threads: usize,
 }
 
+/// Sequences one point may decode together (serve's --max-batch limit).
+const MAX_BATCH: usize = 4096;
+
+/// Every -p + -n must fit the model's context: a longer sequence is outside what the model
+/// was made for (generate and serve refuse it) and its KV cache is allocated up front
+/// (`-p 99999999` once aborted on a 102 GB allocation).
+fn check_context(a: &BenchArgs, model: &crate::Model) -> anyhow::Result<()> {
+    let context = model.config.max_position_embeddings;
+    for &p in &a.prompt {
+        for &n in &a.gen {
+            let tokens = p.max(1).saturating_add(n);
+            if tokens > context {
+                anyhow::bail!(
+                    "-p {p} -n {n} is {tokens} tokens, past the model's context of {context}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if a.reps == 0 {
         anyhow::bail!("-r must be at least 1");
     }
     if a.batch.contains(&0) {
         anyhow::bail!("-b values must be at least 1");
+    }
+    // As serve's --max-batch: every sequence gets a KV cache up front.
+    if let Some(b) = a.batch.iter().find(|&&b| b > MAX_BATCH) {
+        anyhow::bail!("-b {b}: at most {MAX_BATCH} sequences");
     }
     // Sweeps default to the random model, whose figures do not depend on any file.
     let path = a
@@ -107,6 +132,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         crate::util::memory::reset_peak_rss();
     }
     let model = Arc::new(model);
+    check_context(&a, &model)?;
     if !a.mem.is_empty() {
         return run_paging(&a, model);
     }

@@ -140,6 +140,10 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         }
     }
     let calib = match (&a.calib, a.method) {
+        // Else the truncation below blames the text ("too little calibration text").
+        (Some(_), _) if a.calib_tokens < 2 => {
+            anyhow::bail!("--calib-tokens must be at least 2, got {}", a.calib_tokens)
+        }
         (Some(path), _) => {
             let text =
                 std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;

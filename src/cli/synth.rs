@@ -48,19 +48,34 @@ pub fn run(a: SynthArgs) -> anyhow::Result<()> {
     if a.top_k == 0 || a.top_k > a.experts || a.hidden < 64 || !a.hidden.is_multiple_of(64) {
         anyhow::bail!("need 1 <= --top-k <= --experts and --hidden a multiple of 64");
     }
+    // NaN or infinite shapes make NaN routers: a file whose every generation fails.
+    let finite = [a.skew, a.corr, a.drift, a.spread]
+        .iter()
+        .all(|v| v.is_finite());
+    if !finite || !(0.0..=1.0).contains(&a.corr) || a.spread < 0.0 {
+        anyhow::bail!("need finite --skew, --drift and --spread (>= 0), and --corr in [0, 1]");
+    }
     let mut cfg = mixtral_bench_config(a.layers);
     cfg.vocab_size = crate::model::tokenizer::BYTE_VOCAB;
     cfg.bos_token_id = Some(crate::model::tokenizer::BYTE_BOS);
     cfg.eos_token_ids = vec![crate::model::tokenizer::BYTE_EOS];
     cfg.hidden_size = a.hidden;
     cfg.word_embed_proj_dim = a.hidden;
-    cfg.num_heads = a.hidden / 128;
-    cfg.num_kv_heads = (a.hidden / 512).max(1);
+    // At least one head, and a KV head count that divides it (`--hidden 64` made 0 heads and
+    // `--hidden 1152` 9 heads over 2 KV heads: files no reader accepts).
+    cfg.num_heads = (a.hidden / 128).max(1);
+    cfg.num_kv_heads = (1..=(a.hidden / 512).max(1))
+        .rev()
+        .find(|kv| cfg.num_heads.is_multiple_of(*kv))
+        .unwrap_or(1);
     cfg.head_dim = 64;
     cfg.expert_ffn = a.ffn;
     cfg.dense_ffn = a.ffn;
     cfg.num_experts = a.experts;
     cfg.top_k = a.top_k;
+    // The same check the reader runs, before minutes of generation write a file it refuses.
+    cfg.check()
+        .map_err(|(field, why)| anyhow::anyhow!("the synthetic config's `{field}`: {why}"))?;
     let shape = RoutingShape {
         skew: a.skew,
         corr: a.corr,

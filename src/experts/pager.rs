@@ -93,6 +93,9 @@ pub struct Pager {
     serial: Mutex<()>,
 }
 
+/// More prefetch threads than this only queue on the same disk.
+pub const MAX_IO_THREADS: usize = 256;
+
 pub struct PagerOptions {
     pub policy: Policy,
     pub read_mode: ReadMode,
@@ -113,6 +116,14 @@ impl Pager {
         opts: &PagerOptions,
         paths: Arc<PathStats>,
     ) -> Result<Pager> {
+        // Refused before any is started: spawning until the OS says no (EAGAIN) exhausts the
+        // user's thread limit for every other process meanwhile.
+        if opts.io_threads > MAX_IO_THREADS {
+            return Err(Error::invalid(format!(
+                "{} I/O threads is too many (at most {MAX_IO_THREADS})",
+                opts.io_threads
+            )));
+        }
         let (blocks, file_map, path) = collect_blocks(&model)?;
         let reader = BlockReader::open(&path, opts.read_mode).map_err(|e| Error::io(&path, e))?;
         let slot_bytes = blocks

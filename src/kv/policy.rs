@@ -177,7 +177,17 @@ impl KvOptions {
 
     fn plan(&self, budget: usize) -> Result<EvictionConfig> {
         // Kept across an eviction: the sinks and the last window; on top, the window observed next.
-        let least = self.sinks + 2 * self.window;
+        // Checked: a window or sink count near usize::MAX must not wrap to a small minimum.
+        let Some(least) = self
+            .window
+            .checked_mul(2)
+            .and_then(|w| w.checked_add(self.sinks))
+        else {
+            return Err(Error::invalid(format!(
+                "KV window {} and {} sink tokens cannot fit any KV budget",
+                self.window, self.sinks
+            )));
+        };
         if budget < least {
             return Err(Error::invalid(format!(
                 "KV budget of {budget} tokens is too small: policy {} keeps {} sink tokens and \
@@ -232,5 +242,38 @@ mod tests {
         assert!(pct.resolve(100).is_err());
         let full = KvOptions::default();
         assert_eq!(full.resolve(100).unwrap(), None);
+    }
+
+    /// `sinks + 2·window` once wrapped: a window of 2^63 made the minimum 4 and passed a
+    /// 200-token budget that no eviction could then keep.
+    #[test]
+    fn refuses_windows_and_sinks_whose_minimum_overflows() {
+        let base = KvOptions {
+            policy: Policy::Lazy,
+            budget: Some(Budget::Tokens(200)),
+            ..KvOptions::default()
+        };
+        for (window, sinks) in [
+            (1 << 63, 4),
+            (usize::MAX, 4),
+            (1, usize::MAX),
+            (64, usize::MAX),
+        ] {
+            let opts = KvOptions {
+                window,
+                sinks,
+                ..base
+            };
+            let err = opts.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("cannot fit") || err.contains("too small"),
+                "{err}"
+            );
+            let pct = KvOptions {
+                budget: Some(Budget::Percent(50.0)),
+                ..opts
+            };
+            assert!(pct.resolve(300).is_err(), "{window} {sinks}");
+        }
     }
 }

@@ -174,6 +174,19 @@ impl<T: Plain> fmt::Debug for Buf<T> {
     }
 }
 
+/// Why `path` cannot be memory-mapped as a model file (a directory, a device, a FIFO), or
+/// `None` for a regular file or one that does not exist (opening it then says so).
+pub fn not_mappable(path: &std::path::Path) -> Option<&'static str> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_dir() {
+        Some("it is a directory")
+    } else if !meta.is_file() {
+        Some("it is not a regular file")
+    } else {
+        None
+    }
+}
+
 /// Tells the OS it may drop the pages of `map` that lie wholly inside `[offset, offset+len)`:
 /// used after a tensor was converted into another layout, so the file's pages it was read from
 /// stop counting as resident. They are clean file pages, so a later read faults them back in.

@@ -94,6 +94,10 @@ pub struct ModelConfig {
     pub ffn_hadamard_block: Option<usize>,
 }
 
+/// Most decoder layers a config may claim (the largest real checkpoints have ~130): the
+/// per-layer tables are allocated from this count before any weight is read.
+pub const MAX_LAYERS: usize = 1 << 14;
+
 /// Reads config.json fields with a per-architecture default and names the field on error.
 struct Fields<'a> {
     json: &'a Value,
@@ -124,6 +128,31 @@ impl Fields<'_> {
             return Err(Error::config(self.path, field, "must be positive"));
         }
         Ok(v)
+    }
+
+    /// `num_hidden_layers`, refused above [`MAX_LAYERS`] before anything is sized by it.
+    fn layers(&self, default: usize) -> Result<usize> {
+        let n = self.positive("num_hidden_layers", Some(default))?;
+        if n > MAX_LAYERS {
+            return Err(Error::config(
+                self.path,
+                "num_hidden_layers",
+                format!("{n} is more than {MAX_LAYERS} layers"),
+            ));
+        }
+        Ok(n)
+    }
+
+    /// A token id: a non-negative integer that fits in 32 bits (never silently truncated).
+    fn opt_token_id(&self, field: &str) -> Result<Option<u32>> {
+        match self.present(field) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .map(Some)
+                .ok_or_else(|| Error::config(self.path, field, format!("{v} is not a token id"))),
+        }
     }
 
     fn f32_or(&self, field: &str, default: f32) -> Result<f32> {
@@ -164,10 +193,12 @@ impl Fields<'_> {
 
 /// `eos_token_id` may be an integer or a list of integers (generation_config.json).
 pub fn token_id_list(v: Option<&Value>) -> Option<Vec<u32>> {
+    // An id past u32 is refused, not truncated to another token.
+    let id = |x: Option<u64>| x.and_then(|x| u32::try_from(x).ok());
     match v {
         None | Some(Value::Null) => Some(vec![]),
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]),
-        Some(Value::Array(items)) => items.iter().map(|i| i.as_u64().map(|x| x as u32)).collect(),
+        Some(Value::Number(n)) => id(n.as_u64()).map(|x| vec![x]),
+        Some(Value::Array(items)) => items.iter().map(|i| id(i.as_u64())).collect(),
         _ => None,
     }
 }
@@ -219,6 +250,29 @@ impl ModelConfig {
             if v == 0 {
                 return Err((field, "must be positive".into()));
             }
+        }
+        if self.num_layers > MAX_LAYERS {
+            return Err((
+                "num_hidden_layers",
+                format!("{} is more than {MAX_LAYERS} layers", self.num_layers),
+            ));
+        }
+        // Shapes are products of these; one that wraps would match a tensor of another shape.
+        let products = [
+            ("num_attention_heads", self.num_heads, self.head_dim),
+            ("num_key_value_heads", self.num_kv_heads, self.head_dim),
+            ("vocab_size", self.vocab_size, self.hidden_size),
+        ];
+        for (field, a, b) in products {
+            if a.checked_mul(b).is_none_or(|n| n > isize::MAX as usize) {
+                return Err((field, format!("{a} × {b} overflows")));
+            }
+        }
+        if self.max_position_embeddings > isize::MAX as usize {
+            return Err((
+                "max_position_embeddings",
+                format!("{} is too large", self.max_position_embeddings),
+            ));
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err((
@@ -317,8 +371,12 @@ impl ModelConfig {
                 self.eos_token_ids = ids;
             }
         }
-        if let Some(b) = json.get("bos_token_id").and_then(Value::as_u64) {
-            self.bos_token_id = Some(b as u32);
+        if let Some(b) = json
+            .get("bos_token_id")
+            .and_then(Value::as_u64)
+            .and_then(|b| u32::try_from(b).ok())
+        {
+            self.bos_token_id = Some(b);
         }
     }
 }
@@ -440,7 +498,7 @@ fn attention_shape(
 /// Defaults from transformers' MixtralConfig.
 fn mixtral(f: &Fields) -> Result<ModelConfig> {
     let (hidden, heads, kv, head_dim) = attention_shape(f, 4096, 32, Some(8))?;
-    let layers = f.positive("num_hidden_layers", Some(32))?;
+    let layers = f.layers(32)?;
     let ffn = f.positive("intermediate_size", Some(14336))?;
     Ok(ModelConfig {
         arch: Architecture::Mixtral,
@@ -467,7 +525,7 @@ fn mixtral(f: &Fields) -> Result<ModelConfig> {
         word_embed_proj_dim: hidden,
         pre_norm: true,
         final_norm: true,
-        bos_token_id: Some(f.usize_or("bos_token_id", Some(1))? as u32),
+        bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(1)),
         ffn_hadamard_block: None,
         eos_token_ids: match f.token_ids("eos_token_id")? {
             ids if ids.is_empty() => vec![2],
@@ -479,7 +537,7 @@ fn mixtral(f: &Fields) -> Result<ModelConfig> {
 /// Defaults from transformers' Qwen2MoeConfig.
 fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
     let (hidden, heads, kv, head_dim) = attention_shape(f, 2048, 16, None)?;
-    let layers = f.positive("num_hidden_layers", Some(24))?;
+    let layers = f.layers(24)?;
     let num_experts = f.usize_or("num_experts", Some(60))?;
     let sparse_step = f.positive("decoder_sparse_step", Some(1))?;
     let mlp_only: Vec<usize> = match f.present("mlp_only_layers") {
@@ -548,7 +606,7 @@ fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
         word_embed_proj_dim: hidden,
         pre_norm: true,
         final_norm: true,
-        bos_token_id: f.opt_usize("bos_token_id")?.map(|x| x as u32),
+        bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
         eos_token_ids: f.token_ids("eos_token_id")?,
     })
@@ -557,7 +615,7 @@ fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
 /// Defaults from transformers' LlamaConfig.
 fn llama(f: &Fields) -> Result<ModelConfig> {
     let (hidden, heads, kv, head_dim) = attention_shape(f, 4096, 32, None)?;
-    let layers = f.positive("num_hidden_layers", Some(32))?;
+    let layers = f.layers(32)?;
     for field in ["attention_bias", "mlp_bias"] {
         if f.bool_or(field, false)? {
             return Err(Error::config(f.path, field, "true is not supported"));
@@ -574,7 +632,7 @@ fn llama(f: &Fields) -> Result<ModelConfig> {
         rope_theta: Some(rope_theta(f, 10000.0)?),
         tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
         activation: activation(f, "hidden_act", "silu")?,
-        bos_token_id: f.opt_usize("bos_token_id")?.map(|x| x as u32),
+        bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
         eos_token_ids: f.token_ids("eos_token_id")?,
         ..ModelConfig::dense_llama(hidden, layers, ffn)
@@ -629,7 +687,7 @@ fn opt(f: &Fields) -> Result<ModelConfig> {
             format!("{heads} does not divide hidden_size {hidden}"),
         ));
     }
-    let layers = f.positive("num_hidden_layers", Some(12))?;
+    let layers = f.layers(12)?;
     let pre_norm = f.bool_or("do_layer_norm_before", true)?;
     let remove_final = f.bool_or("_remove_final_layer_norm", false)?;
     if !f.bool_or("layer_norm_elementwise_affine", true)? {
@@ -665,7 +723,7 @@ fn opt(f: &Fields) -> Result<ModelConfig> {
         word_embed_proj_dim: f.positive("word_embed_proj_dim", Some(hidden))?,
         pre_norm,
         final_norm: pre_norm && !remove_final,
-        bos_token_id: Some(f.usize_or("bos_token_id", Some(2))? as u32),
+        bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(2)),
         ffn_hadamard_block: None,
         eos_token_ids: {
             let ids = f.token_ids("eos_token_id")?;
@@ -753,6 +811,42 @@ mod tests {
         assert!(e.to_string().contains("hidden_size"), "{e}");
         let e = parse(json!({"architectures": ["GPT2LMHeadModel"]})).unwrap_err();
         assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
+        // A layer count past MAX_LAYERS is refused before the per-layer table is allocated
+        // (10^12 aborted the process), and ids past u32 are refused, not truncated.
+        for arch in ["llama", "mixtral", "qwen2_moe", "opt"] {
+            let e = parse(json!({"model_type": arch, "num_hidden_layers": 1_000_000_000_000u64}))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("num_hidden_layers") && e.contains("16384"),
+                "{arch}: {e}"
+            );
+            let e = parse(json!({"model_type": arch, "bos_token_id": 4_294_967_297u64}))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("bos_token_id"), "{arch}: {e}");
+            let e = parse(json!({"model_type": arch, "eos_token_id": [2, 4_294_967_298u64]}))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("eos_token_id"), "{arch}: {e}");
+        }
+        // num_attention_heads × head_dim wrapped to 0 and asked q_proj for [0, hidden].
+        let e = parse(
+            json!({"model_type": "llama", "num_attention_heads": 1u64 << 32,
+            "num_key_value_heads": 1u64 << 32, "head_dim": 1u64 << 32}),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("num_attention_heads") && e.contains("overflows"),
+            "{e}"
+        );
+        let mut c = parse(json!({"model_type": "llama"})).unwrap();
+        c.apply_generation_config(
+            &json!({"bos_token_id": 4_294_967_297u64, "eos_token_id": 4_294_967_298u64}),
+        );
+        // Ids past u32 are ignored (they once became tokens 1 and 2).
+        assert_eq!((c.bos_token_id, c.eos_token_ids.clone()), (None, vec![]));
         let e = parse(json!({})).unwrap_err();
         assert!(e.to_string().contains("architectures"), "{e}");
         let e = parse(json!({"model_type": "mixtral", "num_experts_per_tok": 9})).unwrap_err();

@@ -109,6 +109,13 @@ pub fn export(
     };
     let config = hf_config_json(cfg, dtype);
     check_round_trip(cfg, &config, &dir.join("config.json"))?;
+    // create_dir_all on a file says only "File exists (os error 17)".
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::invalid(format!(
+            "{}: is not a directory (the export writes a checkpoint directory)",
+            dir.display()
+        )));
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {

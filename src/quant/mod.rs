@@ -209,8 +209,9 @@ pub fn quantize(
         fold_down: opts.fold_down && model.config.ffn_hadamard_block.is_none(),
         ..opts.clone()
     };
+    // Checked as the engine's pool is: 10^5 threads once hung here, starting them one by one.
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads)
+        .num_threads(crate::backend::cpu::backend::worker_threads(opts.threads)?)
         .build()
         .map_err(|e| Error::invalid(format!("thread pool: {e}")))?;
     let pre_norm = model.config.pre_norm;

@@ -67,7 +67,8 @@ impl ChatTemplate {
             let token = |key: &str| {
                 file.get(key)
                     .and_then(|v| v.as_u64())
-                    .and_then(|id| tokenizer.token_text(id as u32))
+                    .and_then(|id| u32::try_from(id).ok())
+                    .and_then(|id| tokenizer.token_text(id))
                     .unwrap_or_default()
             };
             let (bos, eos) = (

@@ -55,22 +55,25 @@ pub struct CpuBackend {
     pool: rayon::ThreadPool,
 }
 
+/// The worker threads a pool of `requested` threads gets (0: one per core).
+pub fn worker_threads(requested: usize) -> Result<usize> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // More threads than a few per core only compete for the same cores (and thousands
+    // would exhaust the process's memory for stacks): refused, naming the core count.
+    let most = (4 * cores).max(16);
+    match requested {
+        0 => Ok(cores),
+        t if t > most => Err(Error::invalid(format!(
+            "{t} threads is too many for this machine's {cores} cores (at most {most})"
+        ))),
+        t => Ok(t),
+    }
+}
+
 impl CpuBackend {
     /// A backend on `threads` worker threads (0: one per core).
     pub fn new(threads: usize) -> Result<CpuBackend> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // More threads than a few per core only compete for the same cores (and thousands
-        // would exhaust the process's memory for stacks): refused, naming the core count.
-        let most = (4 * cores).max(16);
-        let threads = match threads {
-            0 => cores,
-            t if t > most => {
-                return Err(Error::invalid(format!(
-                    "{t} threads is too many for this machine's {cores} cores (at most {most})"
-                )))
-            }
-            t => t,
-        };
+        let threads = worker_threads(threads)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("edgemoe-cpu-{i}"))

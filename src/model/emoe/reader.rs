@@ -75,6 +75,14 @@ impl<'a> TensorView<'a> {
 impl EmoeFile {
     /// Maps the file and validates every offset, length and the non-expert region's checksum.
     pub fn open(path: &Path) -> Result<EmoeFile> {
+        // Mapping a directory or a device fails as "No such device (os error 19)", and opening
+        // a FIFO blocks: say what is wrong instead, before opening.
+        if let Some(what) = crate::model::buf::not_mappable(path) {
+            return Err(Error::Emoe {
+                path: path.to_path_buf(),
+                reason: what.into(),
+            });
+        }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only and lives as long as `self`; every slice handed out is
         // bounds-checked against it. A file rewritten underneath a running process is outside

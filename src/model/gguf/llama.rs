@@ -83,6 +83,16 @@ impl GgufFile {
         let k = |s: &str| format!("llama.{s}");
         let hidden = self.positive(&k("embedding_length"), None)?;
         let layers = self.positive(&k("block_count"), None)?;
+        // Checked before `dense_llama` sizes its per-layer table by it.
+        if layers > crate::model::config::MAX_LAYERS {
+            return Err(self.key_error(
+                &k("block_count"),
+                format!(
+                    "{layers} is more than {} layers",
+                    crate::model::config::MAX_LAYERS
+                ),
+            ));
+        }
         let heads = self.positive(&k("attention.head_count"), None)?;
         let kv = self.positive(&k("attention.head_count_kv"), Some(heads))?;
         let default_hd = (hidden % heads == 0).then_some(hidden / heads);

@@ -37,6 +37,12 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile> {
+        if let Some(what) = crate::model::buf::not_mappable(path) {
+            return Err(Error::Gguf {
+                path: path.to_path_buf(),
+                reason: what.into(),
+            });
+        }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only and every view of it holds the Arc; a file rewritten
         // underneath a running process is outside what we can defend.

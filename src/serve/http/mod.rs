@@ -133,20 +133,38 @@ pub fn serve_http(
 }
 
 fn accept(server: tiny_http::Server, shared: Arc<Shared>) {
+    accept_with(server, shared, |job| {
+        std::thread::Builder::new()
+            .name("http".into())
+            .spawn(job)
+            .map(drop)
+    })
+}
+
+/// A handler job: what runs on a request's own thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// [`accept`] with the thread spawner as a parameter (tests make it fail).
+fn accept_with(
+    server: tiny_http::Server,
+    shared: Arc<Shared>,
+    spawn: impl Fn(Job) -> std::io::Result<()>,
+) {
     for request in server.incoming_requests() {
         if shared.handlers.fetch_add(1, Ordering::AcqRel) >= shared.max_connections {
             shared.handlers.fetch_sub(1, Ordering::AcqRel);
             handler::respond_busy(request, "too many requests in flight; retry later");
             continue;
         }
-        let shared = Arc::clone(&shared);
-        let spawned = std::thread::Builder::new()
-            .name("http".into())
-            .spawn(move || {
-                handler::handle(request, &shared);
-                shared.handlers.fetch_sub(1, Ordering::AcqRel);
-            });
-        if spawned.is_err() {
+        let job_shared = Arc::clone(&shared);
+        let job = Box::new(move || {
+            handler::handle(request, &job_shared);
+            job_shared.handlers.fetch_sub(1, Ordering::AcqRel);
+        });
+        if spawn(job).is_err() {
+            // The job was dropped unrun (tiny_http answers its request 500): give back its
+            // place, or max_connections such failures would refuse every request after.
+            shared.handlers.fetch_sub(1, Ordering::AcqRel);
             eprintln!("serve: cannot start a handler thread");
         }
     }

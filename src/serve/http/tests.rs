@@ -162,3 +162,50 @@ fn a_faulted_request_fails_alone_over_http() {
     // Still serving, with the same answers.
     assert_eq!(complete(&addr, &goods[1].0, goods[1].1), alone[1]);
 }
+
+/// A handler thread that could not be started kept its place in `max_connections`: after that
+/// many failures every request was answered 503 for good. Now the place is given back.
+#[test]
+fn a_failed_handler_spawn_gives_its_place_back() {
+    use super::{accept_with, Job, Ready, Shared};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, OnceLock};
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let port = server.server_addr().to_ip().map(|a| a.port()).unwrap();
+    let (tx, _rx) = mpsc::channel();
+    let shared = Arc::new(Shared {
+        ready: OnceLock::new(),
+        to_scheduler: tx,
+        api_key: None,
+        max_body_bytes: 1 << 20,
+        max_connections: 1,
+        handlers: AtomicUsize::new(0),
+        created: 0,
+        port,
+    });
+    let _ = shared.ready.set(Ready {
+        model_id: "m".into(),
+    });
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (server_shared, counted) = (Arc::clone(&shared), Arc::clone(&calls));
+    std::thread::spawn(move || {
+        accept_with(server, server_shared, move |job: Job| {
+            // The first handler thread cannot be started; later ones can.
+            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(std::io::Error::other("no threads left"));
+            }
+            std::thread::spawn(job);
+            Ok(())
+        })
+    });
+    let addr = format!("127.0.0.1:{port}");
+    let first = post_raw(&addr, "GET", "/health", "").map(|r| r.0);
+    assert_eq!(first, Some(500), "the unhandled request is answered 500");
+    let second = post_raw(&addr, "GET", "/health", "").map(|r| r.0);
+    assert_eq!(
+        second,
+        Some(200),
+        "the failed spawn still holds the only place"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
