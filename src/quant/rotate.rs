@@ -158,8 +158,22 @@ pub fn unsupported(cfg: &ModelConfig, w: &Weights) -> Option<String> {
     if w.layers.iter().any(|l| matches!(l.ffn, Ffn::Plain(_))) {
         return Some("a feed-forward block is not a gated MLP".into());
     }
+    let hidden = cfg.hidden_size.max(1);
+    let odd = hidden >> hidden.trailing_zeros();
+    if odd > MAX_ODD_FACTOR {
+        return Some(format!(
+            "hidden size {} has an odd factor of {odd} (more than {MAX_ODD_FACTOR}): its dense \
+             orthogonal factor would cost odd² work per row",
+            cfg.hidden_size
+        ));
+    }
     None
 }
+
+/// Largest odd part of the hidden size rotated (real models have 1–45: 4096, 5120 = 1024 × 5,
+/// 2880 = 64 × 45); beyond it the dense `odd × odd` factor grows quadratically (65 537 would
+/// take 34 GB).
+pub const MAX_ODD_FACTOR: usize = 1023;
 
 /// The rotation of a model's residual stream, its seed and the online block it uses.
 pub struct ModelRotation {
@@ -358,6 +372,15 @@ mod tests {
             }
         }
         m
+    }
+
+    #[test]
+    fn a_huge_odd_factor_is_not_rotated() {
+        let mut m = crate::model::synthetic::default_model();
+        assert_eq!(unsupported(&m.config, &m.weights), None);
+        m.config.hidden_size = 2 * 1025;
+        let why = unsupported(&m.config, &m.weights).unwrap();
+        assert!(why.contains("odd factor of 1025"), "{why}");
     }
 
     #[test]
