@@ -41,7 +41,12 @@ impl std::str::FromStr for MemBudget {
         if !(v.is_finite() && v > 0.0) {
             return Err(bad());
         }
-        Ok(MemBudget::Bytes((v * mult as f64) as u64))
+        let bytes = v * mult as f64;
+        // `as` would saturate a size past u64 silently into "unlimited".
+        if bytes >= u64::MAX as f64 {
+            return Err(format!("--mem {s}: larger than any memory (2^64 bytes)"));
+        }
+        Ok(MemBudget::Bytes(bytes as u64))
     }
 }
 
@@ -142,6 +147,8 @@ mod tests {
         assert_eq!(p("4096"), Ok(MemBudget::Bytes(4096)));
         assert_eq!(p("40%"), Ok(MemBudget::Percent(40.0)));
         assert!(p("0%").is_err() && p("120%").is_err() && p("12X").is_err() && p("").is_err());
+        assert!(p("99999999999999999999G").is_err() && p("16777216T").is_err());
+        assert_eq!(p("16777215T"), Ok(MemBudget::Bytes(16_777_215 << 40)));
         assert_eq!(MemBudget::Percent(50.0).bytes(1000), 500);
     }
 
