@@ -19,6 +19,10 @@ pub struct ChatTemplate {
 
 const NAME: &str = "chat_template";
 
+/// Template instructions one render may run: real templates take about a hundred per message,
+/// so this is tens of thousands of messages, and a few hundred milliseconds at most.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
 impl ChatTemplate {
     /// Compiles `source`; `bos`/`eos` are the tokenizer's special tokens as text.
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
@@ -29,6 +33,9 @@ impl ChatTemplate {
             .build()
             .map_err(|e| Error::invalid(format!("chat template: {e}")))?;
         env.set_syntax(syntax);
+        // A template comes with the model file: one that loops without end must fail its
+        // request, not stall the scheduler.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         // Python's str/dict/list methods (`.strip()`, `.items()`, ...) that templates call.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -256,5 +263,28 @@ mod tests {
         let mut s = String::new();
         write_json(&json!({"a": [1, "é"], "b": {}}), None, 0, &mut s);
         assert_eq!(s, "{\"a\": [1, \"é\"], \"b\": {}}");
+    }
+
+    #[test]
+    fn a_template_that_runs_forever_fails_its_render() {
+        let t = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
+        let err = t.render(&[], false).unwrap_err().to_string();
+        assert!(err.contains("fuel"), "{err}");
+        // A long real conversation stays far inside the allowance.
+        let chatml = ChatTemplate::new(
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
+        let msgs: Vec<Value> = (0..10_000)
+            .map(|i| json!({"role": "user", "content": format!("message {i}")}))
+            .collect();
+        assert!(chatml.render(&msgs, false).is_ok());
     }
 }
