@@ -12,6 +12,8 @@ pub const MAX_PROMPT_BYTES: usize = 1 << 20;
 pub const MAX_N: u64 = 16;
 /// OpenAI allows at most four stop sequences.
 pub const MAX_STOP: usize = 4;
+/// Longest stop sequence, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
 
 /// Which schema a request follows: it decides the fields allowed and the defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -525,6 +527,16 @@ fn stop_field(obj: &Map<String, Value>) -> Result<Vec<String>, FieldError> {
             format!("at most {MAX_STOP} stop sequences"),
         ));
     }
+    // Each generated token is checked against every stop sequence's prefixes: keep that small.
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err((
+            "invalid_value",
+            format!(
+                "a stop sequence may be at most {MAX_STOP_BYTES} bytes, got {}",
+                long.len()
+            ),
+        ));
+    }
     Ok(stop)
 }
 
@@ -682,6 +694,18 @@ mod tests {
                 .code,
             "invalid_type"
         );
+        let long = format!(
+            r#"{{"id":"s","prompt":"x","stop":["{}"]}}"#,
+            "a".repeat(257)
+        );
+        let e = parse(&long).unwrap_err();
+        assert_eq!(e.code, "invalid_value");
+        assert!(e.message.contains("at most 256 bytes"), "{}", e.message);
+        let fits = format!(
+            r#"{{"id":"s","prompt":"x","stop":["{}"]}}"#,
+            "a".repeat(256)
+        );
+        assert!(parse(&fits).is_ok());
         assert_eq!(parse(r#"[1,2]"#).unwrap_err().code, "invalid_json");
         assert!(matches!(
             parse(r#"{"cancel":"r1"}"#),

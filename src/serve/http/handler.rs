@@ -51,6 +51,17 @@ pub(super) fn respond_busy(request: Request, message: &str) {
     fail(request, 503, "overloaded", message);
 }
 
+/// Compares a client's key with ours in time that depends only on the lengths, so response
+/// times do not reveal how much of a guess was right.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    let diff = given
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    // black_box: keep the optimizer from turning the fold into an early exit.
+    std::hint::black_box(diff) == 0 && given.len() == expected.len()
+}
+
 pub(super) fn handle(request: Request, shared: &Shared) {
     let path = request.url().split('?').next().unwrap_or("").to_string();
     if path != "/health" {
@@ -61,7 +72,7 @@ pub(super) fn handle(request: Request, shared: &Shared) {
                 .iter()
                 .find(|h| h.field.equiv("Authorization"))
                 .map(|h| h.value.as_str().to_string());
-            if given.as_deref() != Some(expected.as_str()) {
+            if !given.is_some_and(|g| same_secret(g.as_bytes(), expected.as_bytes())) {
                 return fail(
                     request,
                     401,
@@ -408,4 +419,18 @@ fn chunk(w: &mut impl Write, data: &str) -> bool {
 
 fn finish(w: &mut impl Write) {
     let _ = chunk(w, "data: [DONE]\n\n") && write!(w, "0\r\n\r\n").and_then(|_| w.flush()).is_ok();
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_compare_by_every_byte() {
+        assert!(same_secret(b"Bearer k1", b"Bearer k1"));
+        assert!(!same_secret(b"Bearer k2", b"Bearer k1"));
+        assert!(!same_secret(b"Bearer k1x", b"Bearer k1"));
+        assert!(!same_secret(b"Bearer k", b"Bearer k1"));
+        assert!(!same_secret(b"", b"Bearer k1"));
+    }
 }
