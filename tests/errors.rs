@@ -219,6 +219,9 @@ fn absurd_options_and_missing_files_are_refused_clearly() {
     };
     let e = run(&["generate", "--prompt", "x", "--threads", "100000"]);
     assert!(e.contains("too many") && e.contains("cores"), "{e}");
+    // Paging options do nothing without a budget: asking for them alone is a mistake.
+    let e = run(&["generate", "--prompt", "x", "--expert-policy", "lru"]);
+    assert!(e.contains("--mem"), "{e}");
     // quantize's own pool once started them one by one (over 100 s, no message).
     let out = tempfile::tempdir().unwrap();
     let q = out.path().join("q.emoe");
@@ -234,6 +237,19 @@ fn absurd_options_and_missing_files_are_refused_clearly() {
         q.to_str().unwrap(),
     ]);
     assert!(e.contains("too many") && e.contains("cores"), "{e}");
+    assert!(!q.exists());
+    let e = run(&[
+        "quantize",
+        "--method",
+        "rtn",
+        "--keep-f32",
+        "self_atn",
+        "--model",
+        fixture("llama-tiny").to_str().unwrap(),
+        "--out",
+        q.to_str().unwrap(),
+    ]);
+    assert!(e.contains("\"self_atn\" matches no linear"), "{e}");
     assert!(!q.exists());
     let calib = out.path().join("calib.txt");
     std::fs::write(

@@ -17,23 +17,23 @@ pub struct PagingArgs {
     #[arg(long)]
     pub mem: Option<MemBudget>,
     /// Which cached expert gives way (with --mem).
-    #[arg(long = "expert-policy", value_enum, default_value_t = Policy::Stats)]
+    #[arg(long = "expert-policy", value_enum, default_value_t = Policy::Stats, requires = "mem")]
     pub expert_policy: Policy,
     /// How expert blocks are read (with --mem): O_DIRECT, or pread + posix_fadvise(DONTNEED).
-    #[arg(long = "expert-io", value_enum, default_value_t = ReadMode::Direct)]
+    #[arg(long = "expert-io", value_enum, default_value_t = ReadMode::Direct, requires = "mem")]
     pub expert_io: ReadMode,
     /// Do not predict and prefetch the next layer's experts (with --mem).
-    #[arg(long = "no-prefetch")]
+    #[arg(long = "no-prefetch", requires = "mem")]
     pub no_prefetch: bool,
     /// What predicts the next layer's experts.
-    #[arg(long = "predict", value_enum, default_value_t = PredictSource::Both)]
+    #[arg(long = "predict", value_enum, default_value_t = PredictSource::Both, requires = "mem")]
     pub predict: PredictSource,
     /// Experts predicted per token beyond top-k (0 by default: when the disk is the limit,
     /// every wasted prefetch costs a read; `profile` measures recall per setting).
-    #[arg(long = "predict-extra", default_value_t = 0)]
+    #[arg(long = "predict-extra", default_value_t = 0, requires = "mem")]
     pub predict_extra: usize,
     /// I/O threads that prefetch.
-    #[arg(long = "io-threads", default_value_t = 2)]
+    #[arg(long = "io-threads", default_value_t = 2, requires = "mem")]
     pub io_threads: usize,
     /// Activation-path statistics to start from (`edgemoe profile --out`).
     #[arg(long)]

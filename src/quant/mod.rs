@@ -173,6 +173,7 @@ pub fn quantize(
         calib_tokens: calib.len(),
         ..Default::default()
     };
+    check_keep_f32(&mut model, opts)?;
     let mut clock = PhaseClock::default();
     let rotation = if !opts.rotate {
         None
@@ -289,6 +290,34 @@ pub fn quantize(
     summary.phase_seconds = clock.phases;
     summary.peak_rss_bytes = crate::util::memory::peak_rss_bytes();
     Ok((model, summary))
+}
+
+/// A `--keep-f32` pattern that names no linear is a typo that would quietly quantize what the
+/// user meant to keep: refused before any work.
+fn check_keep_f32(model: &mut Model, opts: &QuantOptions) -> Result<()> {
+    let w = &mut model.weights;
+    let mut names: Vec<String> = [&w.embed]
+        .into_iter()
+        .chain(&w.lm_head)
+        .map(|l| l.name.clone())
+        .collect();
+    for layer in &mut w.layers {
+        names.extend(layer_linears(layer).into_iter().map(|l| l.name.clone()));
+    }
+    match opts
+        .keep_f32
+        .iter()
+        .find(|p| !names.iter().any(|n| n.contains(p.as_str())))
+    {
+        None => Ok(()),
+        Some(p) => Err(Error::invalid(format!(
+            "--keep-f32 {p:?} matches no linear of this model (names look like {:?})",
+            names
+                .iter()
+                .find(|n| n.contains("layers.0."))
+                .unwrap_or(&names[0])
+        ))),
+    }
 }
 
 /// Rounds `lin` to int8 (no Hessian: the head and embeddings), keeping f32 activations when
