@@ -219,6 +219,16 @@ fn absurd_options_and_missing_files_are_refused_clearly() {
     };
     let e = run(&["generate", "--prompt", "x", "--threads", "100000"]);
     assert!(e.contains("too many") && e.contains("cores"), "{e}");
+    let e = run(&[
+        "bench",
+        "--plot",
+        "/nonexistent-dir/p.svg",
+        "-p",
+        "8",
+        "-n",
+        "8",
+    ]);
+    assert!(e.contains("not a file in an existing directory"), "{e}");
     // Paging options do nothing without a budget: asking for them alone is a mistake.
     let e = run(&["generate", "--prompt", "x", "--expert-policy", "lru"]);
     assert!(e.contains("--mem"), "{e}");

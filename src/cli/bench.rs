@@ -117,6 +117,18 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     if let Some(b) = a.batch.iter().find(|&&b| b > MAX_BATCH) {
         anyhow::bail!("-b {b}: at most {MAX_BATCH} sequences");
     }
+    // Found out now, not after the whole sweep has run.
+    if let Some(plot) = &a.plot {
+        let dir = match plot.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        anyhow::ensure!(
+            dir.is_dir() && !plot.is_dir(),
+            "--plot {}: not a file in an existing directory",
+            plot.display()
+        );
+    }
     // Sweeps default to the random model, whose figures do not depend on any file.
     let path = a
         .model
