@@ -229,6 +229,9 @@ fn absurd_options_and_missing_files_are_refused_clearly() {
         "8",
     ]);
     assert!(e.contains("not a file in an existing directory"), "{e}");
+    // An API key on the stdin protocol would protect nothing.
+    let e = run(&["serve", "--api-key", "k"]);
+    assert!(e.contains("--http"), "{e}");
     // Paging options do nothing without a budget: asking for them alone is a mistake.
     let e = run(&["generate", "--prompt", "x", "--expert-policy", "lru"]);
     assert!(e.contains("--mem"), "{e}");

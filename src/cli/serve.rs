@@ -29,10 +29,10 @@ pub struct ServeArgs {
     #[arg(long)]
     pub http: Option<String>,
     /// With --http: require `Authorization: Bearer KEY` (every route but /health).
-    #[arg(long = "api-key")]
+    #[arg(long = "api-key", requires = "http")]
     pub api_key: Option<String>,
     /// With --http: largest request body accepted, in bytes.
-    #[arg(long = "max-body", default_value_t = 4 << 20)]
+    #[arg(long = "max-body", default_value_t = 4 << 20, requires = "http")]
     pub max_body: usize,
     /// A Jinja chat template file, used instead of the model's own for `messages` requests.
     #[arg(long = "chat-template")]
