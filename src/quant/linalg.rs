@@ -72,9 +72,9 @@ pub fn sub_scaled(y: &mut [f64], a: f64, x: &[f64]) {
     sub_scaled_body(y, a, x)
 }
 
-/// Block width of both factorizations: the panel each step's GEMM-like update reads
-/// (chosen by `cargo bench --bench gptq_factor`; 64 and 128 were within noise of each other at
-/// k = 3584, smaller blocks leave more of the work to the unblocked diagonal solves).
+/// Block width of both factorizations: the rows of the panel each step's GEMM-like update reads.
+/// 32, 64, 96 and 128 timed within noise of each other at k = 3584 (2 threads, under load);
+/// wider blocks leave more work to the short dot products of the diagonal-block solves.
 const NB: usize = 64;
 /// Rows per parallel task: enough for several 4-row tiles per panel piece.
 const RC: usize = 16;
@@ -318,7 +318,10 @@ mod tests {
             let xr = reference::invert_lower(&lr, k);
             let scale = max_abs(&xr);
             for (i, (x, y)) in xb.iter().zip(&xr).enumerate() {
-                assert!((x - y).abs() <= 1e-12 * scale, "inverse k {k} at {i}: {x} vs {y}");
+                assert!(
+                    (x - y).abs() <= 1e-12 * scale,
+                    "inverse k {k} at {i}: {x} vs {y}"
+                );
             }
             let ub = inverse_upper_cholesky(a.clone(), k).unwrap();
             let ur = reference::inverse_upper_cholesky(a, k).unwrap();
@@ -340,7 +343,10 @@ mod tests {
                 for j in 0..k {
                     let llt: f64 = (0..k).map(|m| l[i * k + m] * l[j * k + m]).sum();
                     // Backward error of Cholesky: ~k · ε · ‖A‖.
-                    assert!((llt - a[i * k + j]).abs() < 1e-12 * scale, "k {k} ({i},{j})");
+                    assert!(
+                        (llt - a[i * k + j]).abs() < 1e-12 * scale,
+                        "k {k} ({i},{j})"
+                    );
                     let id: f64 = (0..k).map(|m| l[i * k + m] * linv[m * k + j]).sum();
                     assert!((id - if i == j { 1.0 } else { 0.0 }).abs() < 1e-10, "k {k}");
                 }
