@@ -130,15 +130,17 @@ pub fn cholesky_lower(a: &[f64], k: usize) -> Option<Vec<f64>> {
                 l[i * k + c] = v;
             }
         }
-        // The rows below: a forward substitution against the factored diagonal block.
-        let db: Vec<f64> = (j0..j1)
-            .flat_map(|c| l[c * k + j0..c * k + j1].iter().copied())
-            .collect();
+        // The rows below: a forward substitution against the factored diagonal block, in
+        // axpy form (each solved entry updates the rest of the row at once) so the inner loop
+        // is a vectorized `sub_scaled` over a column of the block, stored as a row of `dt`.
+        let dt = block_transposed(&l, k, j0, j1);
         l[j1 * k..].par_chunks_mut(RC * k).for_each(|rows| {
             for row in rows.chunks_mut(k) {
                 let x = &mut row[j0..j1];
                 for c in 0..w {
-                    x[c] = (x[c] - dot(&x[..c], &db[c * w..c * w + c])) / db[c * w + c];
+                    let v = x[c] / dt[c * w + c];
+                    x[c] = v;
+                    sub_scaled(&mut x[c + 1..], v, &dt[c * w + c + 1..(c + 1) * w]);
                 }
             }
         });
@@ -156,6 +158,7 @@ pub fn invert_lower(l: &[f64], k: usize) -> Vec<f64> {
         let r1 = (r0 + NB).min(k);
         let w = r1 - r0;
         let lrows: Vec<&[f64]> = (r0..r1).map(|r| &l[r * k..r * k + r0]).collect();
+        let dt = block_transposed(l, k, r0, r1);
         t[..r1 * k]
             .par_chunks_mut(RC * k)
             .enumerate()
@@ -170,21 +173,35 @@ pub fn invert_lower(l: &[f64], k: usize) -> Vec<f64> {
                     let ar: Vec<&[f64]> = rows.chunks(k).take(nr).map(|r| &r[..r0]).collect();
                     tile::dots_add(&ar, &lrows, c0, r0, &mut s[..nr * w]);
                 }
+                // Forward substitution in axpy form, as in `cholesky_lower`: x[r0..r1] holds the
+                // partial sums until each entry is solved.
                 for (o, x) in rows.chunks_mut(k).enumerate() {
                     let c = c0 + o;
                     let start = c.max(r0);
+                    x[start..r1].copy_from_slice(&s[o * w + start - r0..(o + 1) * w]);
                     for r in start..r1 {
-                        let lr = &l[r * k..r * k + r];
-                        x[r] = if r == c {
-                            1.0 / l[r * k + r]
-                        } else {
-                            -(s[o * w + r - r0] + dot(&x[start..r], &lr[start..])) / l[r * k + r]
-                        };
+                        let i = r - r0;
+                        let d = dt[i * w + i];
+                        let v = if r == c { 1.0 / d } else { -x[r] / d };
+                        x[r] = v;
+                        sub_scaled(&mut x[r + 1..r1], -v, &dt[i * w + i + 1..(i + 1) * w]);
                     }
                 }
             });
     }
     transpose_in_place(&mut t, k);
+    t
+}
+
+/// The diagonal block rows/columns j0..j1 of `m`, transposed: row c holds column j0 + c.
+fn block_transposed(m: &[f64], k: usize, j0: usize, j1: usize) -> Vec<f64> {
+    let w = j1 - j0;
+    let mut t = vec![0f64; w * w];
+    for i in 0..w {
+        for c in 0..w {
+            t[c * w + i] = m[(j0 + i) * k + j0 + c];
+        }
+    }
     t
 }
 
