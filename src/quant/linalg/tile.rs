@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 /// Rows of `a` per register tile.
 const MR: usize = 4;
 /// Inner-range piece: a 64-row panel piece of 1024 f64 is 512 KiB, half this host's per-core L2.
-/// Longer pieces mean fewer horizontal sums per tile; 1024 measured ~8% above 256 and 4096 for
+/// Longer pieces mean fewer horizontal sums per tile; 1024 measured 7–9% above 256 and 4096 for
 /// one thread on 16 × 64 rows of 3584 (AVX-512 tile, ~45 GFLOP/s).
 const KC: usize = 1024;
 
