@@ -226,12 +226,23 @@ fn transpose_in_place(m: &mut [f64], k: usize) {
 /// Takes `A` by value: reversing both indices of a square matrix is reversing its storage, so P A P
 /// and P L⁻¹ P are made in place, and at most two k × k matrices exist at once (a Mixtral
 /// down-projection's k = 3584 makes each 103 MB).
-pub fn inverse_upper_cholesky(mut a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
+pub fn inverse_upper_cholesky(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
+    inverse_upper_with(a, k, cholesky_lower, invert_lower)
+}
+
+/// [`inverse_upper_cholesky`] over a given factorization and triangular inverse (the blocked
+/// ones, or `reference`'s).
+fn inverse_upper_with(
+    mut a: Vec<f64>,
+    k: usize,
+    cholesky: fn(&[f64], usize) -> Option<Vec<f64>>,
+    invert: fn(&[f64], usize) -> Vec<f64>,
+) -> Option<Vec<f64>> {
     debug_assert_eq!(a.len(), k * k);
     a.reverse();
-    let l = cholesky_lower(&a, k)?;
+    let l = cholesky(&a, k)?;
     drop(a);
-    let mut u = invert_lower(&l, k);
+    let mut u = invert(&l, k);
     drop(l);
     u.reverse();
     Some(u)

@@ -59,12 +59,6 @@ pub fn invert_lower(l: &[f64], k: usize) -> Vec<f64> {
 }
 
 /// `super::inverse_upper_cholesky` made of the unblocked pieces.
-pub fn inverse_upper_cholesky(mut a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
-    a.reverse();
-    let l = cholesky_lower(&a, k)?;
-    drop(a);
-    let mut u = invert_lower(&l, k);
-    drop(l);
-    u.reverse();
-    Some(u)
+pub fn inverse_upper_cholesky(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
+    super::inverse_upper_with(a, k, cholesky_lower, invert_lower)
 }
