@@ -119,12 +119,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     // Found out now, not after the whole sweep has run.
     if let Some(plot) = &a.plot {
-        let dir = match plot.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => std::path::Path::new("."),
-        };
         anyhow::ensure!(
-            dir.is_dir() && !plot.is_dir(),
+            super::output_dir(plot).is_dir() && !plot.is_dir(),
             "--plot {}: not a file in an existing directory",
             plot.display()
         );

@@ -13,7 +13,15 @@ pub mod serve;
 pub mod synth;
 
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// The folder an output file goes into (`.` for a bare file name).
+pub fn output_dir(out: &Path) -> &Path {
+    match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(

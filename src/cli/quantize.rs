@@ -88,7 +88,7 @@ fn check_paths(a: &QuantizeArgs) -> anyhow::Result<()> {
         "--out {} is a directory; give the path of the .emoe file to write",
         a.out.display()
     );
-    let parent = output_dir(&a.out);
+    let parent = super::output_dir(&a.out);
     anyhow::ensure!(
         parent.is_dir(),
         "--out {}: the directory {} does not exist",
@@ -96,14 +96,6 @@ fn check_paths(a: &QuantizeArgs) -> anyhow::Result<()> {
         parent.display()
     );
     Ok(())
-}
-
-/// The folder the output goes into (`.` for a bare file name).
-fn output_dir(out: &std::path::Path) -> &std::path::Path {
-    match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => std::path::Path::new("."),
-    }
 }
 
 pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
@@ -124,7 +116,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     opts.keep_f32 = a.keep_f32.clone();
     opts.rotate = !a.no_rotate;
     // Finished layers wait beside the output, on its disk, not in memory.
-    opts.spill_dir = Some(output_dir(&a.out).to_path_buf());
+    opts.spill_dir = Some(super::output_dir(&a.out).to_path_buf());
     match a.alpha.as_deref() {
         None => {}
         Some("auto") => opts.alpha = None,

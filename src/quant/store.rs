@@ -32,8 +32,9 @@ fn linear_tensors(lin: &Linear) -> Vec<TensorData<'_>> {
             )]
         }
         LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => {
-            let marker = matches!(lin.weight, LinearWeight::Int8WeightOnly(_))
-                .then(|| TensorData::from_i8(format!("{p}.weight_only"), vec![1], &[1]));
+            let marker = matches!(lin.weight, LinearWeight::Int8WeightOnly(_)).then(|| {
+                TensorData::borrowed(format!("{p}.weight_only"), EmoeDtype::I8, vec![1], &[1i8])
+            });
             // The kernels' own layout (padded rows, f32 scales, row sums): used in place.
             vec![
                 TensorData::borrowed(

@@ -131,39 +131,6 @@ impl TensorData<'static> {
             bytes: Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
         }
     }
-
-    pub fn from_i8(name: impl Into<String>, shape: Vec<usize>, values: &[i8]) -> Self {
-        TensorData {
-            name: name.into(),
-            dtype: EmoeDtype::I8,
-            shape,
-            bytes: Cow::Owned(values.iter().map(|&v| v as u8).collect()),
-        }
-    }
-
-    pub fn from_i32(name: impl Into<String>, shape: Vec<usize>, values: &[i32]) -> Self {
-        TensorData {
-            name: name.into(),
-            dtype: EmoeDtype::I32,
-            shape,
-            bytes: Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        }
-    }
-
-    /// Stored as IEEE half precision (values should already be f16-representable).
-    pub fn from_f32_as_f16(name: impl Into<String>, shape: Vec<usize>, values: &[f32]) -> Self {
-        TensorData {
-            name: name.into(),
-            dtype: EmoeDtype::F16,
-            shape,
-            bytes: Cow::Owned(
-                values
-                    .iter()
-                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                    .collect(),
-            ),
-        }
-    }
 }
 
 /// What part of the model a tensor belongs to, for `edgemoe inspect` and the writer's summary.
