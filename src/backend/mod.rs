@@ -69,6 +69,11 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Threads (or streams) the backend runs on.
     fn threads(&self) -> usize;
+    /// Why this backend cannot run experts that a paging service hands out (fresh host
+    /// buffers per admission, at addresses that get reused), or `None` when it can.
+    fn paged_experts_unsupported(&self) -> Option<&'static str> {
+        None
+    }
     /// Runs one forward step in the backend's execution context.
     fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R;
 

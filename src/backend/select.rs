@@ -128,6 +128,13 @@ mod dispatch {
             }
         }
 
+        fn paged_experts_unsupported(&self) -> Option<&'static str> {
+            match self {
+                Selected::Cpu(b) => b.paged_experts_unsupported(),
+                Selected::Cuda(b) => b.paged_experts_unsupported(),
+            }
+        }
+
         fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
             match self {
                 Selected::Cpu(b) => b.run(step),

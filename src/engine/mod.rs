@@ -87,9 +87,17 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The engine with experts from `experts` (e.g. paged under a memory budget).
-    pub fn with_experts(mut self, experts: ExpertService) -> Engine<B> {
+    pub fn with_experts(mut self, experts: ExpertService) -> Result<Engine<B>> {
+        if experts.is_paged() {
+            if let Some(why) = self.backend.paged_experts_unsupported() {
+                return Err(crate::error::Error::invalid(format!(
+                    "--mem (expert paging) cannot run on the {} backend: {why}; use --backend cpu",
+                    self.backend.name()
+                )));
+            }
+        }
         self.experts = experts;
-        self
+        Ok(self)
     }
 
     /// Sets the KV budget and policy every sequence started from now on gets (checked first).

@@ -123,3 +123,33 @@ fn gpu_model_agrees_with_the_cpu_int8_engine() {
     );
     assert!(ppl_rel <= 0.003, "ppl {pg} on the GPU vs {pc} on the CPU");
 }
+
+/// Paged experts arrive in fresh host buffers whose addresses get reused; the CUDA backend finds
+/// device weights by host address, so it must refuse paging rather than compute with another
+/// expert's weights.
+#[test]
+fn paging_on_the_gpu_backend_is_refused() {
+    if device("paging refused").is_none() {
+        return;
+    }
+    // Paging reads expert blocks from an .emoe file.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tmp = dir.path().join("trained.emoe");
+    let quantized = Arc::try_unwrap(quantized_fixture())
+        .ok()
+        .expect("sole owner");
+    edgemoe::quant::store::write_emoe(&quantized, serde_json::json!({"method": "rtn"}), &tmp)
+        .expect("write .emoe");
+    drop(quantized);
+    let model = Arc::new(Model::load(&tmp).expect("the .emoe"));
+    let gpu = engine_for(model.clone(), BackendChoice::Cuda, 0).unwrap();
+    let opts = edgemoe::experts::PagingOptions::with_budget(
+        edgemoe::experts::budget::MemBudget::Percent(50.0),
+    );
+    let service = edgemoe::experts::ExpertService::paged(model, &opts).expect("paged service");
+    let err = match gpu.with_experts(service) {
+        Ok(_) => panic!("the CUDA backend accepted paged experts"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("--mem") && err.contains("cuda"), "{err}");
+}

@@ -319,6 +319,12 @@ impl Backend for CudaBackend {
         1
     }
 
+    fn paged_experts_unsupported(&self) -> Option<&'static str> {
+        // weights.rs finds device copies by host address; paged experts arrive in fresh
+        // buffers whose addresses are reused, so a lookup could return another expert.
+        Some("the GPU tier keeps device weights by host address, which paged experts reuse (the GPU expert tier is not built yet)")
+    }
+
     fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
         self.kv
             .lock()
