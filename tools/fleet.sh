@@ -164,8 +164,14 @@ stop_fleet() {
     local pid addr
     if [[ -f $dir/nginx.pid ]]; then
         pid=$(cat "$dir/nginx.pid" 2>/dev/null || true)
-        # QUIT: finish the streams in flight, then exit (bounded by reap's wait).
-        if alive "$pid"; then kill -QUIT "$pid" 2>/dev/null || true; reap "$pid" 5; fi
+        # QUIT lets the streams in flight finish; after 5 s TERM cuts them (the master stops
+        # its workers, which a SIGKILLed master would leave serving); KILL is the last resort.
+        if alive "$pid"; then
+            kill -QUIT "$pid" 2>/dev/null || true
+            local tenths=50
+            while alive "$pid" && ((tenths-- > 0)); do sleep 0.1; done
+            if alive "$pid"; then kill -TERM "$pid" 2>/dev/null || true; reap "$pid" 3; fi
+        fi
         rm -f "$dir/nginx.pid"
     fi
     if [[ -f $dir/replicas ]]; then
