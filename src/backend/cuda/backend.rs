@@ -19,7 +19,7 @@ use crate::backend::{AttentionShape, Backend, Pick, Segment, Tasks};
 use crate::error::Result;
 use crate::kv::LayerCache;
 use crate::model::config::Activation;
-use crate::model::weights::{Linear, LinearWeight, Norm};
+use crate::model::weights::{GatedMlp, Linear, LinearWeight, Norm};
 use cudarc::driver::CudaSlice;
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
@@ -320,9 +320,27 @@ impl Backend for CudaBackend {
     }
 
     fn paged_experts_unsupported(&self) -> Option<&'static str> {
-        // weights.rs finds device copies by host address; paged experts arrive in fresh
-        // buffers whose addresses are reused, so a lookup could return another expert.
-        Some("the GPU tier keeps device weights by host address, which paged experts reuse (the GPU expert tier is not built yet)")
+        // Device copies are found by name, so a paged expert finds its own copy; but without
+        // the GPU tier's slot budget every expert ever paged would stay on the device.
+        Some("paging experts into GPU memory needs the GPU tier's budget (--gpu-mem), which the CUDA backend does not take yet")
+    }
+
+    fn upload_rows(&self, data: Vec<f32>, cols: usize) -> DeviceRows {
+        DeviceRows::from_host(self, &data, cols)
+    }
+
+    fn admit_expert(&self, mlp: &GatedMlp) -> Result<usize> {
+        let mut bytes = 0;
+        for lin in [&mlp.gate, &mlp.up, &mlp.down] {
+            bytes += WeightCache::linear_bytes(&*self.weights.linear(&self.gpu, lin)?);
+        }
+        Ok(bytes)
+    }
+
+    fn release_expert(&self, mlp: &GatedMlp) {
+        for lin in [&mlp.gate, &mlp.up, &mlp.down] {
+            self.weights.release_linear(&lin.name);
+        }
     }
 
     fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
