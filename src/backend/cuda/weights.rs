@@ -5,6 +5,7 @@
 //! matrices keep their stored layout; every other linear form is widened to f32 rows, as the
 //! CPU's kernels widen it in registers.
 
+use super::copier::ExpertCopier;
 use super::device::Gpu;
 use super::kernels::DeviceInt8;
 use crate::error::Result;
@@ -69,6 +70,17 @@ pub struct WeightCache {
 
 impl WeightCache {
     pub fn linear(&self, gpu: &Gpu, lin: &Linear) -> Result<Arc<DeviceLinear>> {
+        self.linear_via(gpu, lin, None)
+    }
+
+    /// [`Self::linear`], with int8 weights copied through `copier`'s page-locked ring on its
+    /// copy stream when given (a fetched expert).
+    pub fn linear_via(
+        &self,
+        gpu: &Gpu,
+        lin: &Linear,
+        copier: Option<&ExpertCopier>,
+    ) -> Result<Arc<DeviceLinear>> {
         let mut map = self.linears.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(d) = map.get(&lin.name) {
             return Ok(d.clone());
@@ -79,7 +91,10 @@ impl WeightCache {
                 n,
                 k,
                 k_padded: m.k_padded,
-                data: gpu.upload(&m.data[..], &lin.name)?,
+                data: match copier {
+                    Some(c) => c.upload_i8(gpu, &m.data[..], &lin.name)?,
+                    None => gpu.upload(&m.data[..], &lin.name)?,
+                },
                 scales: gpu.upload(&m.scales[..], &lin.name)?,
             }),
             _ => DeviceWeight::F32(gpu.upload(&f32_rows(lin), &lin.name)?),
@@ -173,7 +188,8 @@ impl WeightCache {
 
     /// Uploads every weight of `model` now, so a step never allocates weights (and running
     /// out of device memory is an error at load, naming the tensor).
-    pub fn preload(&self, gpu: &Gpu, model: &crate::Model) -> Result<()> {
+    /// With `routed_experts` false the routed experts are left to the expert tier.
+    pub fn preload(&self, gpu: &Gpu, model: &crate::Model, routed_experts: bool) -> Result<()> {
         use crate::model::weights::Ffn;
         let w = &model.weights;
         check_unique_names(model)?;
@@ -197,10 +213,8 @@ impl WeightCache {
                     if let Some(s) = &b.shared {
                         self.linear(gpu, &s.gate)?;
                     }
-                    b.experts
-                        .iter()
-                        .chain(b.shared.iter().map(|s| &s.mlp))
-                        .collect()
+                    let routed = b.experts.iter().filter(|_| routed_experts);
+                    routed.chain(b.shared.iter().map(|s| &s.mlp)).collect()
                 }
                 Ffn::Gated(m) => vec![m],
                 Ffn::Plain(m) => {
