@@ -1,6 +1,6 @@
-//! The built-in trained model is embedded in the binary (bf16): its logits stay close to the f32
-//! fixture's, and the binary generates readable text from a directory outside the source tree
-//! without reading the fixture.
+//! What an installed binary needs: the built-in trained model embedded in it (bf16), with logits
+//! close to the f32 fixture's, generating readable text from a directory outside the source tree
+//! without reading the fixture; and `--version`.
 
 use edgemoe::engine::{BatchItem, Logits};
 use edgemoe::{Engine, Model};
@@ -128,4 +128,17 @@ fn binary_generates_from_another_directory_without_the_source_tree() {
             >= 2,
         "{generated}"
     );
+}
+
+#[test]
+fn version_prints_the_package_version() {
+    for flag in ["--version", "-V"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+            .arg(flag)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{flag}");
+        let want = format!("edgemoe {}\n", env!("CARGO_PKG_VERSION"));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{flag}");
+    }
 }
