@@ -15,7 +15,8 @@ pub mod quant;
 pub mod serve;
 pub mod util;
 
-pub use engine::Engine;
+pub use backend::BackendChoice;
+pub use engine::{Engine, EngineBuilder};
 pub use error::{Error, Result};
 pub use model::Model;
 
