@@ -1,10 +1,17 @@
+//! Always: writes the built-in trained model (tests/fixtures/trained-moe) into OUT_DIR with its
+//! weights rounded to bf16, for the binary to embed (src/model/embedded.rs).
+//!
 //! With the `cuda` feature: compiles every kernels/*.cu with nvcc into a fatbin (SASS for
 //! sm_80/86/89/90 plus compute_80 PTX for later GPUs) that the binary embeds, writes ptxas'
 //! register and spill report, and turns kernels/params.h into Rust with bindgen. Without the
-//! feature it does nothing, so the CPU build needs no CUDA toolchain.
+//! feature it does no more, so the CPU build needs no CUDA toolchain.
+
+#[path = "build/trained.rs"]
+mod trained;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    trained::embed();
     #[cfg(feature = "cuda")]
     cuda::build();
 }

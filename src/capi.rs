@@ -13,7 +13,6 @@ mod support;
 
 use crate::engine::generation::{generate, FinishReason, GenerateRequest};
 use crate::engine::sampling::SamplingParams;
-use crate::engine::Engine;
 use crate::error::Error;
 use std::ffi::{c_char, c_int, c_void};
 use std::path::Path;
@@ -297,36 +296,29 @@ pub unsafe extern "C" fn edgemoe_session_new(
             }
         })?;
         let kv = kv_params::kv_options(&params)?;
-        let mut engine =
-            Engine::new(model.clone(), params.n_threads as usize).map_err(|e| Failure {
-                code: EDGEMOE_ERR_INTERNAL,
-                message: e.to_string(),
-            })?;
-        engine.set_kv_options(kv).map_err(|e| Failure {
-            code: EDGEMOE_ERR_INVALID_INPUT,
+        let mut builder = crate::EngineBuilder::new(model.clone())
+            .backend(crate::BackendChoice::Cpu)
+            .threads(params.n_threads as usize)
+            // A session runs one generation at a time, of any length the context allows.
+            .kv_demand(crate::kv::KvDemand {
+                options: kv,
+                ..crate::kv::KvDemand::default()
+            });
+        if params.mem_bytes > 0 {
+            builder = builder.paging(crate::experts::PagingOptions::with_budget(
+                crate::experts::budget::MemBudget::Bytes(params.mem_bytes),
+            ));
+        }
+        // The thread count and KV options were checked above, so what can still fail is the
+        // budget (the caller's input) or starting the worker threads (an internal failure).
+        let engine = builder.build().map_err(|e| Failure {
+            code: if params.mem_bytes > 0 {
+                EDGEMOE_ERR_INVALID_INPUT
+            } else {
+                EDGEMOE_ERR_INTERNAL
+            },
             message: e.to_string(),
         })?;
-        if params.mem_bytes > 0 {
-            let opts = crate::experts::PagingOptions {
-                // A session runs one generation at a time, of any length the context allows.
-                kv: crate::kv::KvDemand {
-                    options: kv,
-                    ..crate::kv::KvDemand::default()
-                },
-                ..crate::experts::PagingOptions::with_budget(
-                    crate::experts::budget::MemBudget::Bytes(params.mem_bytes),
-                )
-            };
-            let service =
-                crate::experts::ExpertService::paged(model, &opts).map_err(|e| Failure {
-                    code: EDGEMOE_ERR_INVALID_INPUT,
-                    message: e.to_string(),
-                })?;
-            engine = engine.with_experts(service).map_err(|e| Failure {
-                code: EDGEMOE_ERR_INVALID_INPUT,
-                message: e.to_string(),
-            })?;
-        }
         *out = handle(support::register_session(Session::new(engine)));
         Ok(())
     })

@@ -166,8 +166,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     );
     let mut results = Vec::new();
     for p in &points {
-        let mut engine = crate::backend::engine_for(model.clone(), a.backend, p.threads)?;
-        a.kv.apply(&mut engine)?;
+        let engine = crate::EngineBuilder::new(model.clone())
+            .backend(a.backend)
+            .threads(p.threads)
+            .kv_options(a.kv.options()?)
+            .build()?;
         let p = BenchPoint {
             threads: engine.threads(),
             ..p.clone()
@@ -215,16 +218,17 @@ fn run_paging(a: &BenchArgs, model: Arc<crate::Model>) -> anyhow::Result<()> {
                     io_threads: a.io_threads,
                     ..super::paging::PagingArgs::default()
                 };
-                let threads = a.threads.first().copied().unwrap_or(0);
-                let mut engine = crate::Engine::new(model.clone(), threads)?;
-                a.kv.apply(&mut engine)?;
                 // One sequence of prompt + gen tokens.
                 let kv = crate::kv::KvDemand {
-                    options: *engine.kv_options(),
+                    options: a.kv.options()?,
                     reach: prompt.max(1) + gen,
                     sequences: 1,
                 };
-                let engine = paging.apply(engine, kv)?;
+                let builder = crate::EngineBuilder::new(model.clone())
+                    .backend(a.backend)
+                    .threads(a.threads.first().copied().unwrap_or(0))
+                    .kv_demand(kv);
+                let engine = paging.build(builder)?;
                 let row = run_paged(&engine, policy, pf == "on", prompt, gen, a.reps)?;
                 eprintln!("{}", super::paging::stats_line(&engine));
                 rows.push(row);

@@ -47,10 +47,4 @@ impl KvArgs {
         opts.validate()?;
         Ok(opts)
     }
-
-    /// Sets the options on `engine`.
-    pub fn apply(&self, engine: &mut crate::Engine) -> anyhow::Result<()> {
-        engine.set_kv_options(self.options()?)?;
-        Ok(())
-    }
 }

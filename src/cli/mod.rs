@@ -97,10 +97,11 @@ impl ModelArgs {
             started.elapsed().as_secs_f64()
         );
         let demand = kv(&model)?;
-        let mut engine =
-            crate::backend::engine_for(std::sync::Arc::new(model), self.backend, self.threads)?;
-        engine.set_kv_options(demand.options)?;
-        self.paging.apply(engine, demand)
+        let builder = crate::EngineBuilder::new(std::sync::Arc::new(model))
+            .backend(self.backend)
+            .threads(self.threads)
+            .kv_demand(demand);
+        self.paging.build(builder)
     }
 }
 

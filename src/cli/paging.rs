@@ -4,9 +4,9 @@ use crate::experts::blockio::ReadMode;
 use crate::experts::budget::{human, MemBudget};
 use crate::experts::pager::Policy;
 use crate::experts::predict::PredictSource;
-use crate::experts::{ExpertService, PagingOptions};
+use crate::experts::PagingOptions;
 use crate::kv::KvDemand;
-use crate::Engine;
+use crate::{Engine, EngineBuilder};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -60,10 +60,11 @@ impl Default for PagingArgs {
 }
 
 impl PagingArgs {
-    /// The engine's expert service as the options ask; the budget holds `kv`'s caches too.
-    pub fn apply(&self, engine: Engine, kv: KvDemand) -> anyhow::Result<Engine> {
+    /// Builds `builder`'s engine with the experts paged as the options ask (in place without
+    /// `--mem`), and says how the budget was split. The budget holds the builder's KV demand.
+    pub fn build(&self, builder: EngineBuilder) -> anyhow::Result<Engine> {
         let Some(mem) = self.mem else {
-            return Ok(engine);
+            return Ok(builder.build()?);
         };
         let profile = match &self.profile {
             Some(p) => Some(crate::experts::paths::PathProfile::load(p)?),
@@ -78,9 +79,11 @@ impl PagingArgs {
             predict: self.predict,
             predict_extra: self.predict_extra,
             profile,
-            kv,
+            // Set by the builder from its KV demand.
+            kv: KvDemand::default(),
         };
-        let service = ExpertService::paged(engine.model().clone(), &opts)?;
+        let engine = builder.paging(opts).build()?;
+        let service = &engine.experts;
         if let Some(plan) = service.plan() {
             eprintln!(
                 "--mem {}: {} fixed (non-expert weights and runtime {}, KV {} for {} × {} tokens, workspaces {}); {} expert slots of {} ({:?} reads, policy {:?}, prefetch {})",
@@ -98,7 +101,7 @@ impl PagingArgs {
                 if self.no_prefetch { "off" } else { "on" },
             );
         }
-        Ok(engine.with_experts(service)?)
+        Ok(engine)
     }
 
     /// Prints the counters on stderr when `--stats` asked for them.

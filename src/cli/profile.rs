@@ -8,7 +8,7 @@ use crate::engine::ppl::perplexity;
 use crate::experts::paths::PathProfile;
 use crate::experts::predict::{PredictSource, Predictor};
 use crate::experts::ExpertService;
-use crate::Engine;
+use crate::{BackendChoice, Engine, EngineBuilder};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 
@@ -88,7 +88,15 @@ pub fn run(a: ProfileArgs) -> anyhow::Result<()> {
         PredictSource::Both,
     ] {
         for extra in [0, 1, 2] {
-            let row = measure(&engine, &profile, source, extra, &held, a.ctx)?;
+            let row = measure(
+                &engine,
+                a.model.backend,
+                &profile,
+                source,
+                extra,
+                &held,
+                a.ctx,
+            )?;
             println!(
                 "{:<12} top-{top_k}+{extra}: recall {:.1}%, precision {:.1}%",
                 format!("{source:?}").to_lowercase(),
@@ -108,6 +116,7 @@ pub fn run(a: ProfileArgs) -> anyhow::Result<()> {
 /// does).
 fn measure(
     base: &Engine,
+    backend: BackendChoice,
     profile: &PathProfile,
     source: PredictSource,
     extra: usize,
@@ -118,7 +127,11 @@ fn measure(
     let top_k = model.config.top_k;
     let service =
         ExpertService::measuring(&model, Predictor::new(source, top_k, extra), Some(profile));
-    let engine = Engine::new(model, base.threads())?.with_experts(service)?;
+    let engine = EngineBuilder::new(model)
+        .backend(backend)
+        .threads(base.threads())
+        .experts(service)
+        .build()?;
     run_text(&engine, tokens, ctx, &format!("{source:?}+{extra}"))?;
     let c = engine.experts.prediction().unwrap_or_default();
     Ok(PredictionRow {

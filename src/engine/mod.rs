@@ -3,6 +3,7 @@
 //! each with its own KV cache and any number of new tokens, so prefill, decode and continuous
 //! batching share one path and every weight matrix is read once per step for all rows.
 
+pub mod builder;
 pub mod generation;
 pub mod moe;
 pub mod penalties;
@@ -19,6 +20,7 @@ use crate::kv::{KvCache, KvOptions};
 use crate::model::arch::opt::POSITION_OFFSET;
 use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, Norm, PlainMlp};
 use crate::model::Model;
+pub use builder::EngineBuilder;
 use stats::RuntimeStats;
 use std::sync::Arc;
 
@@ -43,14 +45,21 @@ pub enum Logits {
 
 /// One sequence's part of a batched forward step.
 pub struct BatchItem<'a> {
+    /// The tokens to run (after those already in `cache`).
     pub tokens: &'a [u32],
+    /// The sequence's KV cache; the tokens are appended to it.
     pub cache: &'a mut KvCache,
+    /// Which logits to return.
     pub logits: Logits,
 }
 
+/// A model ready to run on a backend: the forward pass, its runtime statistics, the expert
+/// service and the KV options new sequences get. Made by [`EngineBuilder`] (or [`Engine::new`]
+/// for the CPU with defaults); run a completion with [`Engine::stream`].
 pub struct Engine<B: Backend = DefaultBackend> {
     model: Arc<Model>,
     backend: B,
+    /// Tokens, steps and expert activations counted while running.
     pub stats: RuntimeStats,
     /// Where the experts come from (in place, or paged under a memory budget).
     pub experts: ExpertService,
@@ -65,6 +74,7 @@ pub struct Engine<B: Backend = DefaultBackend> {
 
 /// Watches the inputs of linear layers, e.g. to collect quantization statistics.
 pub trait LinearObserver: Send + Sync {
+    /// `x` is the `rows × linear.in_features` input of `linear`.
     fn observe(&self, linear: &Linear, x: &[f32], rows: usize);
 }
 
@@ -76,6 +86,7 @@ impl Engine<DefaultBackend> {
 }
 
 impl<B: Backend> Engine<B> {
+    /// An engine on `backend`, experts in place, default KV options.
     pub fn with_backend(model: Arc<Model>, backend: B) -> Engine<B> {
         let cfg = &model.config;
         let stats = RuntimeStats::new(cfg.num_layers, cfg.num_experts);
@@ -144,6 +155,7 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    /// The KV options new sequences get.
     pub fn kv_options(&self) -> &KvOptions {
         &self.kv
     }
@@ -171,23 +183,28 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    /// The engine with `observer` shown every linear layer's input.
     pub fn with_observer(mut self, observer: Arc<dyn LinearObserver>) -> Engine<B> {
         self.observer = Some(observer);
         self
     }
 
+    /// The model it runs.
     pub fn model(&self) -> &Arc<Model> {
         &self.model
     }
 
+    /// The backend it runs on.
     pub fn backend(&self) -> &B {
         &self.backend
     }
 
+    /// Worker threads (or streams) of the backend.
     pub fn threads(&self) -> usize {
         self.backend.threads()
     }
 
+    /// An empty KV cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.model.config.num_layers, self.model.config.kv_dim())
     }

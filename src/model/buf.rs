@@ -60,6 +60,14 @@ impl HalfKind {
 /// A read-only file mapping shared by every weight that lives in it.
 pub type SharedMap = Arc<Mmap>;
 
+/// A private read-only map holding a copy of `bytes`: page-aligned, so values inside it at
+/// offsets aligned for their type can be used in place like those of a mapped file.
+pub fn map_copy_of(bytes: &[u8]) -> std::io::Result<SharedMap> {
+    let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1))?;
+    map[..bytes.len()].copy_from_slice(bytes);
+    Ok(Arc::new(map.make_read_only()?))
+}
+
 /// `len` values of `T`, owned or borrowed from a map.
 pub enum Buf<T: Plain> {
     Owned(Vec<T>),

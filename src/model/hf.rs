@@ -25,10 +25,7 @@ impl HfCheckpoint {
                 tensors.insert(name, file);
             }
         } else if single.exists() {
-            let file = SafetensorsFile::open(&single)?;
-            for name in file.tensors().keys() {
-                tensors.insert(name.clone(), file.clone());
-            }
+            return Ok(Self::single(dir, SafetensorsFile::open(&single)?));
         } else {
             return Err(Error::io(
                 &single,
@@ -42,6 +39,19 @@ impl HfCheckpoint {
             dir: dir.to_path_buf(),
             tensors,
         })
+    }
+
+    /// A checkpoint whose tensors are all in one safetensors file, named `dir` in reports.
+    pub fn single(dir: &Path, file: Arc<SafetensorsFile>) -> HfCheckpoint {
+        let tensors = file
+            .tensors()
+            .keys()
+            .map(|name| (name.clone(), file.clone()))
+            .collect();
+        HfCheckpoint {
+            dir: dir.to_path_buf(),
+            tensors,
+        }
     }
 
     /// Reads config.json and applies generation_config.json (eos may be a list) when present.

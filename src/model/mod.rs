@@ -5,6 +5,7 @@ pub mod arch;
 pub mod buf;
 pub mod config;
 pub mod convert;
+pub mod embedded;
 pub mod emoe;
 pub mod export;
 pub mod gguf;

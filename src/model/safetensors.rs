@@ -93,13 +93,19 @@ impl SafetensorsFile {
         // SAFETY: the map is read-only and we never hand out references that outlive `self`;
         // a checkpoint rewritten underneath a running process is outside what we can defend.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_map(path, Arc::new(map))
+    }
+
+    /// A safetensors file already in memory (the embedded built-in model); `path` names it in
+    /// errors and reports.
+    pub fn from_map(path: &Path, map: SharedMap) -> Result<Arc<SafetensorsFile>> {
         let tensors = parse_header(&map).map_err(|reason| Error::Safetensors {
             path: path.to_path_buf(),
             reason,
         })?;
         Ok(Arc::new(SafetensorsFile {
             path: path.to_path_buf(),
-            map: Arc::new(map),
+            map,
             tensors,
         }))
     }
