@@ -73,6 +73,16 @@ pub struct ModelArgs {
     pub backend: crate::backend::BackendChoice,
     #[command(flatten)]
     pub paging: paging::PagingArgs,
+    /// GPU memory for everything edgemoe allocates there (non-expert weights, KV caches and
+    /// workspaces first, the rest expert slots): a size (8G) or a percentage of the model's
+    /// weight bytes. Routed experts not on the GPU are fetched or run on the CPU (--placement).
+    #[arg(long = "gpu-mem")]
+    pub gpu_mem: Option<crate::experts::budget::MemBudget>,
+    /// Where a routed expert that is not on the GPU runs (with --gpu-mem): a cost model of
+    /// measured copy and compute rates decides (auto), every miss is copied (gpu), or every
+    /// miss runs on the CPU's int8 kernels beside the GPU (cpu).
+    #[arg(long, value_enum, default_value_t = crate::experts::tier::Placement::Auto, requires = "gpu_mem")]
+    pub placement: crate::experts::tier::Placement,
 }
 
 impl ModelArgs {
@@ -101,6 +111,14 @@ impl ModelArgs {
             .backend(self.backend)
             .threads(self.threads)
             .kv_demand(demand);
+        let builder = match self.gpu_mem {
+            Some(mem) => builder.device_tier(crate::engine::builder::DeviceTierOptions {
+                mem,
+                placement: self.placement,
+                prefetch: true,
+            }),
+            None => builder,
+        };
         self.paging.build(builder)
     }
 }

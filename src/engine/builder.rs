@@ -7,6 +7,8 @@
 use crate::backend::BackendChoice;
 use crate::engine::{Engine, LinearObserver};
 use crate::error::Result;
+use crate::experts::budget::MemBudget;
+use crate::experts::tier::Placement;
 use crate::experts::{ExpertService, PagingOptions};
 use crate::kv::{KvDemand, KvOptions};
 use crate::model::Model;
@@ -40,6 +42,18 @@ pub struct EngineBuilder {
     kv: KvDemand,
     experts: ExpertSource,
     observer: Option<Arc<dyn LinearObserver>>,
+    tier: Option<DeviceTierOptions>,
+}
+
+/// The GPU expert tier (`--gpu-mem`, `--placement`).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceTierOptions {
+    /// Everything edgemoe allocates on the device: non-expert weights, KV caches and workspaces
+    /// first, the rest expert slots.
+    pub mem: MemBudget,
+    pub placement: Placement,
+    /// Copy the next layer's predicted experts in ahead of need.
+    pub prefetch: bool,
 }
 
 impl EngineBuilder {
@@ -54,7 +68,15 @@ impl EngineBuilder {
             kv: KvDemand::default(),
             experts: ExpertSource::InPlace,
             observer: None,
+            tier: None,
         }
+    }
+
+    /// Keeps the hot routed experts in GPU memory under `options.mem` and runs the others as
+    /// `options.placement` decides (needs the CUDA backend).
+    pub fn device_tier(mut self, options: DeviceTierOptions) -> EngineBuilder {
+        self.tier = Some(options);
+        self
     }
 
     /// Which backend runs the model.
@@ -104,8 +126,10 @@ impl EngineBuilder {
     /// The engine; fails on a backend that cannot start (`--backend cuda` without the feature
     /// or a device, too many threads), invalid KV options, or a budget paging cannot meet.
     pub fn build(self) -> Result<Engine> {
-        let mut engine =
-            crate::backend::engine_for(self.model.clone(), self.backend, self.threads)?;
+        let mut engine = match self.tier {
+            Some(tier) => tiered_engine(&self.model, self.backend, self.threads, tier, &self.kv)?,
+            None => crate::backend::engine_for(self.model.clone(), self.backend, self.threads)?,
+        };
         engine.set_kv_options(self.kv.options)?;
         let service = match self.experts {
             ExpertSource::InPlace => None,
@@ -123,4 +147,106 @@ impl EngineBuilder {
         }
         Ok(engine)
     }
+}
+
+/// An engine on the GPU with the routed experts in a tier of `options.mem`'s slots.
+#[cfg(not(feature = "cuda"))]
+fn tiered_engine(
+    _model: &Arc<Model>,
+    _choice: BackendChoice,
+    _threads: usize,
+    _options: DeviceTierOptions,
+    _kv: &KvDemand,
+) -> Result<Engine> {
+    Err(crate::error::Error::invalid(
+        "--gpu-mem: this edgemoe was built without the `cuda` feature, so there is no GPU tier",
+    ))
+}
+
+/// An engine on the GPU with the routed experts in a tier of `options.mem`'s slots; without a
+/// usable GPU (`--backend auto`), the CPU engine after one line saying why.
+#[cfg(feature = "cuda")]
+fn tiered_engine(
+    model: &Arc<Model>,
+    choice: BackendChoice,
+    threads: usize,
+    options: DeviceTierOptions,
+    kv: &KvDemand,
+) -> Result<Engine> {
+    use crate::backend::cuda::CudaBackend;
+    use crate::backend::select::Selected;
+    use crate::error::Error;
+    if choice == BackendChoice::Cpu {
+        return Err(Error::invalid(
+            "--gpu-mem sizes the GPU expert tier: it needs --backend cuda or auto",
+        ));
+    }
+    if model.config.num_experts == 0 {
+        return Err(Error::invalid(
+            "--gpu-mem: the model has no routed experts to place",
+        ));
+    }
+    let backend = match CudaBackend::for_tier(model) {
+        Ok(b) => b,
+        Err(e) if choice == BackendChoice::Auto => {
+            eprintln!("edgemoe: no usable GPU ({e}); running on the CPU (--gpu-mem unused)");
+            return crate::backend::engine_for(model.clone(), BackendChoice::Cpu, threads);
+        }
+        Err(e) => return Err(e),
+    };
+    let cfg = &model.config;
+    let plan = device_plan(model, kv)?;
+    let budget = options.mem.bytes(model.weight_bytes() as u64);
+    let slots = crate::experts::tier::plan_device_slots(
+        budget,
+        plan.fixed,
+        plan.slot_bytes,
+        cfg.top_k.max(1),
+    )?;
+    eprintln!(
+        "--gpu-mem {}: {} fixed (non-expert weights, KV, workspaces); {slots} expert slots of {} ({:?} placement)",
+        crate::experts::budget::human(budget),
+        crate::experts::budget::human(plan.fixed),
+        crate::experts::budget::human(plan.slot_bytes),
+        options.placement,
+    );
+    let tier = crate::experts::tier::ExpertTier::new(
+        slots,
+        cfg.num_layers,
+        cfg.num_experts,
+        options.placement,
+        options.prefetch,
+    );
+    Engine::with_backend(model.clone(), Selected::Cuda(backend)).with_tier(tier, threads)
+}
+
+/// What the GPU holds besides expert slots, and one slot's size.
+#[cfg(feature = "cuda")]
+struct DevicePlan {
+    fixed: u64,
+    slot_bytes: u64,
+}
+
+#[cfg(feature = "cuda")]
+fn device_plan(model: &Model, kv: &KvDemand) -> Result<DevicePlan> {
+    use crate::model::weights::Ffn;
+    let cfg = &model.config;
+    let mut routed = 0u64;
+    let mut slot_bytes = 0u64;
+    for layer in &model.weights.layers {
+        if let Ffn::Moe(b) = &layer.ffn {
+            for e in &b.experts {
+                routed += e.weight_bytes() as u64;
+                slot_bytes = slot_bytes.max(e.weight_bytes() as u64);
+            }
+        }
+    }
+    let kv_plan = kv.plan(cfg.num_layers, cfg.kv_dim(), cfg.max_position_embeddings)?;
+    // Activations of a step and the int8 GEMM's quantized inputs: a few rows of the widest
+    // matrices per token of a 512-token prefill chunk, with room for the allocator.
+    let workspace = 64 << 20;
+    Ok(DevicePlan {
+        fixed: (model.weight_bytes() as u64).saturating_sub(routed) + kv_plan.bytes() + workspace,
+        slot_bytes,
+    })
 }

@@ -104,7 +104,8 @@ impl<B: Backend> Engine<B> {
 
     /// The engine with experts from `experts` (e.g. paged under a memory budget).
     pub fn with_experts(mut self, experts: ExpertService) -> Result<Engine<B>> {
-        if experts.is_paged() {
+        // With a device tier, experts reach the device only through its bounded slots.
+        if experts.is_paged() && self.tier.is_none() {
             if let Some(why) = self.backend.paged_experts_unsupported() {
                 return Err(crate::error::Error::invalid(format!(
                     "--mem (expert paging) cannot run on the {} backend: {why}; use --backend cpu",

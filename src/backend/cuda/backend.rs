@@ -338,7 +338,7 @@ impl Backend for CudaBackend {
     fn paged_experts_unsupported(&self) -> Option<&'static str> {
         // Device copies are found by name, so a paged expert finds its own copy; but without
         // the GPU tier's slot budget every expert ever paged would stay on the device.
-        Some("paging experts into GPU memory needs the GPU tier's budget (--gpu-mem), which the CUDA backend does not take yet")
+        Some("without the GPU expert tier every expert stays on the device, so there is nothing to page; give --gpu-mem too")
     }
 
     fn upload_rows(&self, data: Vec<f32>, cols: usize) -> DeviceRows {
