@@ -4,6 +4,8 @@
 //! profile) and the C ABI all build their engines here, so a choice such as `--backend` means
 //! the same thing everywhere.
 
+#![warn(missing_docs)]
+
 use crate::backend::BackendChoice;
 use crate::engine::{Engine, LinearObserver};
 use crate::error::Result;
