@@ -1,5 +1,5 @@
 //! Choosing the backend at run time (`--backend cpu|cuda|auto`). Without the `cuda` feature
-//! only the CPU exists. With it, [`Selected`] is either backend behind one type, so the
+//! only the CPU exists. With it, `Selected` is either backend behind one type, so the
 //! engine, the CLI, serve and bench stay written once; `auto` takes the GPU when a device
 //! exists and otherwise runs on the CPU after one line saying why.
 
@@ -15,7 +15,9 @@ pub enum BackendChoice {
     /// The GPU when this build has CUDA and a device exists, else the CPU.
     #[default]
     Auto,
+    /// The CPU (f32, bf16 and int8 kernels for AVX-512 VNNI, AVX2 or plain Rust).
     Cpu,
+    /// The GPU (needs the `cuda` feature and a device).
     Cuda,
 }
 

@@ -5,9 +5,9 @@
 //! a fixed pseudo-random token stream, identical across compared runs; tokenization and sampling
 //! are outside the timed region (the next input is the next synthetic token, not a sample).
 
-pub mod paging;
-pub mod plot;
-pub mod report;
+pub(crate) mod paging;
+pub(crate) mod plot;
+pub(crate) mod report;
 
 use crate::engine::{BatchItem, Engine, Logits};
 use crate::error::Result;

@@ -1,16 +1,16 @@
 //! Subcommands, one file each. They live in the library so tests can drive them too.
 
-pub mod bench;
-pub mod export;
-pub mod generate;
-pub mod inspect;
-pub mod kv;
-pub mod paging;
-pub mod ppl;
-pub mod profile;
-pub mod quantize;
-pub mod serve;
-pub mod synth;
+pub(crate) mod bench;
+pub(crate) mod export;
+pub(crate) mod generate;
+pub(crate) mod inspect;
+pub(crate) mod kv;
+pub(crate) mod paging;
+pub(crate) mod ppl;
+pub(crate) mod profile;
+pub(crate) mod quantize;
+pub(crate) mod serve;
+pub(crate) mod synth;
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};

@@ -4,6 +4,8 @@
 //! profile) and the C ABI all build their engines here, so a choice such as `--backend` means
 //! the same thing everywhere.
 
+#![warn(missing_docs)]
+
 use crate::backend::BackendChoice;
 use crate::engine::{Engine, LinearObserver};
 use crate::error::Result;
@@ -51,6 +53,7 @@ pub struct DeviceTierOptions {
     /// Everything edgemoe allocates on the device: non-expert weights, KV caches and workspaces
     /// first, the rest expert slots.
     pub mem: MemBudget,
+    /// Where a routed expert that is not on the GPU runs.
     pub placement: Placement,
     /// Copy the next layer's predicted experts in ahead of need.
     pub prefetch: bool,

@@ -2,6 +2,8 @@
 //! takes the logits back, samples, decodes a text piece, and decides when to finish (eos, a stop
 //! string, the token limit). `generate` drives one alone; `serve` batches many.
 
+#![warn(missing_docs)]
+
 use super::penalties::{Penalties, PenaltyState};
 use super::sampling::{Sampler, SamplingParams};
 use super::{BatchItem, Engine, Logits};
@@ -10,31 +12,49 @@ use crate::kv::{KvCache, KvOptions};
 use crate::model::tokenizer::StreamDecoder;
 use std::time::Instant;
 
+/// One completion to run.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
+    /// The text to continue (tokenized with the model's special tokens, e.g. BOS).
     pub prompt: String,
+    /// Tokens to generate at most.
     pub max_tokens: usize,
+    /// How the next token is chosen.
     pub sampling: SamplingParams,
+    /// The completion ends before any of these strings (which is not part of the text).
     pub stop: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
+/// Why a completion ended.
 pub enum FinishReason {
+    /// The model's end-of-sequence token, or a stop string.
     Stop,
+    /// `max_tokens`, or the model's context, was reached.
     Length,
+    /// The caller stopped it.
     Cancelled,
+    /// A step failed ([`GenerateOutput::error`] says why).
     Error,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
+/// A finished (or stopped) completion.
 pub struct GenerateOutput {
+    /// The generated text (without the prompt).
     pub text: String,
+    /// Tokens of the prompt.
     pub prompt_tokens: usize,
+    /// Tokens generated.
     pub completion_tokens: usize,
+    /// Why it ended.
     pub finish_reason: FinishReason,
+    /// Milliseconds from the start to the first generated token.
     pub prefill_ms: f64,
+    /// Milliseconds of decoding after the first token.
     pub decode_ms: f64,
+    /// Tokens per second of decoding after the first token.
     pub decode_tokens_per_s: f64,
     /// Bytes the KV cache allocated.
     pub kv_bytes: usize,
@@ -43,8 +63,10 @@ pub struct GenerateOutput {
     pub error: Option<String>,
 }
 
+/// One completion's state, stepped by [`run`], the server's scheduler or a [`TokenStream`](super::stream::TokenStream).
 pub struct Generation {
     prompt: Vec<u32>,
+    /// The sequence's KV cache.
     pub cache: KvCache,
     sampler: Sampler,
     decoder: StreamDecoder,
@@ -78,6 +100,7 @@ impl Generation {
         self.cache
     }
 
+    /// Tokenizes `req.prompt` and sets up an empty KV cache.
     pub fn new(engine: &Engine, req: &GenerateRequest) -> Result<Generation> {
         Generation::with_cache(engine, req, engine.new_cache())
     }
@@ -188,10 +211,12 @@ impl Generation {
 
     /// Prefills the prompt at most `tokens` tokens per step (0: all at once), so a long prompt
     /// shares steps with other sequences' decoding instead of stalling them.
+    /// Most prompt tokens per step (0: the whole prompt in one step).
     pub fn set_prefill_chunk(&mut self, tokens: usize) {
         self.prefill_chunk = tokens;
     }
 
+    /// Tokens of the prompt.
     pub fn prompt_tokens(&self) -> usize {
         self.prompt.len()
     }
@@ -206,6 +231,7 @@ impl Generation {
         self.generated.len()
     }
 
+    /// Why the generation ended, once it has.
     pub fn finished(&self) -> Option<FinishReason> {
         self.finish
     }
@@ -321,12 +347,14 @@ impl Generation {
         self.started = Instant::now();
     }
 
+    /// Ends the generation as [`FinishReason::Cancelled`] (unless it has ended already).
     pub fn cancel(&mut self) {
         if self.finish.is_none() {
             self.finish = Some(FinishReason::Cancelled);
         }
     }
 
+    /// Ends the generation as [`FinishReason::Error`].
     pub fn fail(&mut self) {
         self.finish = Some(FinishReason::Error);
     }
@@ -349,6 +377,7 @@ impl Generation {
         piece
     }
 
+    /// The completion so far.
     pub fn output(&self) -> GenerateOutput {
         let decode_ms = self
             .decode_started

@@ -5,12 +5,13 @@
 
 pub mod builder;
 pub mod generation;
-pub mod moe;
-pub mod penalties;
+pub(crate) mod moe;
+pub(crate) mod penalties;
 pub mod ppl;
-pub mod recall;
+pub(crate) mod recall;
 pub mod sampling;
-pub mod stats;
+pub(crate) mod stats;
+pub mod stream;
 mod tiered;
 
 use crate::backend::{AttentionShape, Backend, DefaultBackend, Pick, Segment, Tasks};

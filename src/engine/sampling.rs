@@ -1,9 +1,12 @@
 //! Token sampling: greedy, or temperature → top-k → top-p (the order transformers applies them),
 //! from a seeded RNG so a seed reproduces a completion exactly.
 
+#![warn(missing_docs)]
+
 use crate::error::{Error, Result};
 use crate::util::rng::SplitMix64;
 
+/// How the next token is chosen. The default is greedy (the most likely token).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy.
@@ -12,6 +15,7 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// 1 disables top-p.
     pub top_p: f32,
+    /// The random generator's seed: the same seed and request give the same text.
     pub seed: u64,
 }
 
@@ -26,12 +30,14 @@ impl Default for SamplingParams {
     }
 }
 
+/// Draws tokens from logits as its [`SamplingParams`] say.
 pub struct Sampler {
     params: SamplingParams,
     rng: SplitMix64,
 }
 
 impl Sampler {
+    /// A sampler seeded from `params.seed`.
     pub fn new(params: SamplingParams) -> Sampler {
         let rng = SplitMix64::new(params.seed);
         Sampler { params, rng }

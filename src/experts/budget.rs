@@ -7,6 +7,7 @@ use crate::kv::KvPlan;
 /// A memory budget as the user wrote it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum MemBudget {
+    /// This many bytes.
     Bytes(u64),
     /// Percent of the model's weight bytes (what an unlimited run keeps resident).
     Percent(f64),

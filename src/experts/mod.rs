@@ -6,12 +6,12 @@
 
 pub mod blockio;
 pub mod budget;
-pub mod counters;
+pub(crate) mod counters;
 pub mod pager;
 pub mod paths;
 pub mod predict;
-pub mod slots;
-pub mod synth;
+pub(crate) mod slots;
+pub(crate) mod synth;
 pub mod tier;
 
 use crate::error::Result;
@@ -28,12 +28,17 @@ use std::sync::Arc;
 /// How experts are paged (`--mem` and friends).
 #[derive(Debug, Clone)]
 pub struct PagingOptions {
+    /// Budget for everything resident: weights, expert cache, KV caches, workspaces.
     pub mem: MemBudget,
+    /// Which cached expert gives way.
     pub policy: pager::Policy,
+    /// How expert blocks are read (O_DIRECT, or pread and dropping the page cache).
     pub read_mode: blockio::ReadMode,
     /// Prefetch the predicted next-layer experts on I/O threads.
     pub prefetch: bool,
+    /// Threads that prefetch.
     pub io_threads: usize,
+    /// What predicts the next layer's experts.
     pub predict: PredictSource,
     /// Experts predicted per token beyond top-k.
     pub predict_extra: usize,
@@ -60,7 +65,10 @@ impl PagingOptions {
     }
 }
 
+/// Where an engine's experts come from: in place, or paged under a memory budget; and the
+/// statistics of which experts run.
 pub struct ExpertService {
+    /// Per layer, how often each expert and each expert-to-expert path was taken.
     pub paths: Arc<PathStats>,
     /// Set when predictions are made (paging with prefetch, or `profile` measuring them).
     pub predictor: Option<Predictor>,
@@ -170,14 +178,17 @@ impl ExpertService {
         })
     }
 
+    /// Whether experts are paged under a budget.
     pub fn is_paged(&self) -> bool {
         self.pager.is_some()
     }
 
+    /// How the budget was split (paged only).
     pub fn plan(&self) -> Option<&SlotPlan> {
         self.plan.as_ref()
     }
 
+    /// How expert blocks are read (paged only).
     pub fn read_mode(&self) -> Option<blockio::ReadMode> {
         self.pager.as_ref().map(Pager::read_mode)
     }
@@ -260,10 +271,12 @@ impl ExpertService {
         }
     }
 
+    /// The expert cache's counters after `tokens` tokens (paged only).
     pub fn cache_stats(&self, tokens: u64) -> Option<CacheStats> {
         self.pager.as_ref().map(|p| p.stats(tokens))
     }
 
+    /// Next-layer prediction counts, when predictions are made.
     pub fn prediction(&self) -> Option<PredictionCounts> {
         self.predictor.as_ref().map(Predictor::counts)
     }
@@ -281,6 +294,7 @@ impl ExpertService {
         Ok(new.slots)
     }
 
+    /// The pager (paged only).
     pub fn pager(&self) -> Option<&Pager> {
         self.pager.as_ref()
     }

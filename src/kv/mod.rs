@@ -8,12 +8,12 @@
 //! would overflow it, the engine asks the backend to evict (see [`evict`]) down to
 //! `budget − window`, ranking slots by the statistics the attention kernel reported ([`stats`]).
 
-pub mod evict;
-pub mod mass;
+pub(crate) mod evict;
+pub(crate) mod mass;
 pub mod plan;
-pub mod policy;
-pub mod rewind;
-pub mod stats;
+pub(crate) mod policy;
+pub(crate) mod rewind;
+pub(crate) mod stats;
 
 pub use plan::{KvDemand, KvPlan};
 pub use policy::{Budget, EvictionConfig, KvOptions, Policy};

@@ -53,7 +53,9 @@ impl fmt::Display for Policy {
 /// A KV budget: a number of tokens, or a percentage of the tokens a sequence will reach.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Budget {
+    /// This many tokens.
     Tokens(usize),
+    /// This percentage of the tokens a sequence will reach.
     Percent(f64),
 }
 
@@ -102,10 +104,15 @@ pub const DEFAULT_THRESHOLD: f32 = 8.0;
 /// The KV options of a run, before they meet a sequence's length.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KvOptions {
+    /// Which tokens survive when a sequence's cache is over its budget.
     pub policy: Policy,
+    /// Most tokens a sequence's cache holds (`None`: no limit).
     pub budget: Option<Budget>,
+    /// Recent tokens always kept.
     pub window: usize,
+    /// First tokens always kept (attention sinks).
     pub sinks: usize,
+    /// LazyEviction's significance threshold, in multiples of the uniform attention share.
     pub threshold: f32,
 }
 

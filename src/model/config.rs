@@ -11,13 +11,13 @@ use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Architecture {
-    /// MixtralForCausalLM: https://huggingface.co/docs/transformers/model_doc/mixtral
+    /// MixtralForCausalLM: <https://huggingface.co/docs/transformers/model_doc/mixtral>
     Mixtral,
-    /// Qwen2MoeForCausalLM: https://huggingface.co/docs/transformers/model_doc/qwen2_moe
+    /// Qwen2MoeForCausalLM: <https://huggingface.co/docs/transformers/model_doc/qwen2_moe>
     Qwen2Moe,
-    /// OPTForCausalLM (dense): https://huggingface.co/docs/transformers/model_doc/opt
+    /// OPTForCausalLM (dense): <https://huggingface.co/docs/transformers/model_doc/opt>
     Opt,
-    /// LlamaForCausalLM (dense, gated SwiGLU MLP): https://huggingface.co/docs/transformers/model_doc/llama
+    /// LlamaForCausalLM (dense, gated SwiGLU MLP): <https://huggingface.co/docs/transformers/model_doc/llama>
     Llama,
 }
 

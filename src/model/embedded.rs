@@ -4,6 +4,8 @@
 //! binary prints readable text from any directory. It loads through the same safetensors,
 //! config and tokenizer code as a checkpoint directory, from memory; bf16 matrices run as stored.
 
+#![warn(missing_docs)]
+
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::hf::HfCheckpoint;

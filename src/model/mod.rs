@@ -4,7 +4,7 @@
 pub mod arch;
 pub mod buf;
 pub mod config;
-pub mod convert;
+pub(crate) mod convert;
 pub mod embedded;
 pub mod emoe;
 pub mod export;
@@ -32,9 +32,14 @@ pub struct WeightMemory {
     pub mapped_resident_bytes: usize,
 }
 
+/// A loaded model: its configuration, weights (in the layout the kernels read) and tokenizer.
+/// Load one with [`crate::load_model`].
 pub struct Model {
+    /// The architecture and its sizes (from config.json or the file's metadata).
     pub config: ModelConfig,
+    /// Every tensor, as stored or quantized.
     pub weights: Weights,
+    /// Text to token ids and back.
     pub tokenizer: Tokenizer,
     /// Where it came from, for reports.
     pub source: String,

@@ -5,14 +5,14 @@
 //! Methods: `rtn` (plain rounding), `smooth` (smoothing + rounding), `gptq` (Hessian only),
 //! `haq` (both).
 
-pub mod calibrate;
+pub(crate) mod calibrate;
 pub mod gptq;
 pub mod layerwise;
 pub mod linalg;
 pub mod outliers;
-pub mod rotate;
-pub mod smooth;
-pub mod spill;
+pub(crate) mod rotate;
+pub(crate) mod smooth;
+pub(crate) mod spill;
 pub mod store;
 
 use crate::backend::cpu::int8::Int8Matrix;

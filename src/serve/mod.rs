@@ -10,8 +10,8 @@ pub mod chat;
 mod fault;
 pub mod http;
 pub mod kv;
-pub mod protocol;
-pub mod scheduler;
+pub(crate) mod protocol;
+pub(crate) mod scheduler;
 
 use crate::engine::generation::Generation;
 use crate::engine::Engine;

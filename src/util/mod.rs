@@ -1,7 +1,7 @@
 //! Small helpers with no better home.
 
 pub mod membw;
-pub mod memory;
+pub(crate) mod memory;
 pub mod rng;
 
 pub use memory::peak_rss_bytes;

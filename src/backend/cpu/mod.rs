@@ -1,17 +1,17 @@
 //! The CPU backend: f32 kernels (AVX2+FMA or scalar, chosen at run time).
 
-pub mod attention;
-pub mod backend;
-pub mod evict;
+pub(crate) mod attention;
+pub(crate) mod backend;
+pub(crate) mod evict;
 pub mod half;
 pub mod int8;
-pub mod int8w;
+pub(crate) mod int8w;
 pub mod matmul;
 pub mod ops;
 pub mod packed;
-pub mod parallel;
+pub(crate) mod parallel;
 pub mod routing;
-pub mod simd;
-pub mod vexp;
+pub(crate) mod simd;
+pub(crate) mod vexp;
 
 pub use backend::{CpuBackend, Rows};

@@ -1,4 +1,4 @@
-//! Llama (https://arxiv.org/abs/2302.13971), dense: RMSNorm → GQA attention with RoPE →
+//! Llama (<https://arxiv.org/abs/2302.13971>), dense: RMSNorm → GQA attention with RoPE →
 //! RMSNorm → a SwiGLU MLP `down(silu(gate·x) ⊙ up·x)` in every layer; no biases. Tensor names
 //! follow transformers' LlamaForCausalLM (a GGUF file's names are mapped to them on reading).
 

@@ -1,4 +1,4 @@
-//! Mixtral (https://arxiv.org/abs/2401.04088): RMSNorm → GQA attention with RoPE → RMSNorm →
+//! Mixtral (<https://arxiv.org/abs/2401.04088>): RMSNorm → GQA attention with RoPE → RMSNorm →
 //! a router choosing top-k of E SwiGLU experts, whose outputs are mixed by the renormalized
 //! softmax weights. Tensor names follow transformers' MixtralForCausalLM.
 

@@ -1,10 +1,10 @@
 //! One loader per architecture: checkpoint tensor names → [`Weights`]. Each reads like the
 //! architecture's block diagram; the forward pass itself is shared (`engine`).
 
-pub mod llama;
-pub mod mixtral;
-pub mod opt;
-pub mod qwen2_moe;
+pub(crate) mod llama;
+pub(crate) mod mixtral;
+pub(crate) mod opt;
+pub(crate) mod qwen2_moe;
 
 use crate::error::Result;
 use crate::model::config::{Architecture, ModelConfig};

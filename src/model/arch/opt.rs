@@ -1,4 +1,4 @@
-//! OPT (https://arxiv.org/abs/2205.01068), the dense model the SmoothQuant/GPTQ papers measure:
+//! OPT (<https://arxiv.org/abs/2205.01068>), the dense model the SmoothQuant/GPTQ papers measure:
 //! learned positions (offset by 2), LayerNorm with bias, attention and ReLU MLP with biases,
 //! pre-norm or post-norm (OPT-350m) blocks, optional project_in/out around the decoder when the
 //! embedding width differs, and a head tied to the embeddings. Names follow OPTForCausalLM.

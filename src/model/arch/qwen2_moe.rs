@@ -1,4 +1,4 @@
-//! Qwen2-MoE (https://qwenlm.github.io/blog/qwen-moe/): Mixtral's block with q/k/v biases, an
+//! Qwen2-MoE (<https://qwenlm.github.io/blog/qwen-moe/>): Mixtral's block with q/k/v biases, an
 //! optional renormalization of the top-k weights (`norm_topk_prob`), a shared expert added to
 //! every token scaled by `sigmoid(shared_expert_gate·x)`, and dense MLP layers where
 //! `mlp_only_layers` / `decoder_sparse_step` say so. Names follow Qwen2MoeForCausalLM.

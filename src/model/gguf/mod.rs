@@ -12,9 +12,9 @@
 //! interleaved RoPE; edgemoe's RoPE rotates halves as transformers does, so those rows are put
 //! back in Hugging Face order here.
 
-pub mod llama;
+pub(crate) mod llama;
 pub mod parse;
-pub mod types;
+pub(crate) mod types;
 
 use crate::error::{Error, Result};
 use crate::model::buf::{Buf, HalfKind, Plain, SharedMap};

@@ -41,7 +41,7 @@ pub fn tier() -> Tier {
     })
 }
 
-/// out[r · b.len() + c] += Σ_{m ∈ lo..hi} a[r][m] · b[c][m]. Every row must be at least `hi`
+/// `out[r · b.len() + c] += Σ_{m ∈ lo..hi} a[r][m] · b[c][m]`. Every row must be at least `hi`
 /// long; `out` holds `a.len() × b.len()`.
 pub fn dots_add(a: &[&[f64]], b: &[&[f64]], lo: usize, hi: usize, out: &mut [f64]) {
     dots_add_tier(tier(), a, b, lo, hi, out)

@@ -24,10 +24,13 @@ use crate::engine::Engine;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 
+/// How the HTTP server listens and what it accepts.
 pub struct HttpOptions {
+    /// Address to listen on (`127.0.0.1:0`: a port the OS picks, see [`HttpServer::addr`]).
     pub addr: String,
     /// Clients must send `Authorization: Bearer KEY` when set.
     pub api_key: Option<String>,
+    /// Batch size, queue length and prompt chunking of the continuous-batching scheduler.
     pub scheduler: SchedulerOptions,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
@@ -99,37 +102,69 @@ pub fn serve_http(
     opts: HttpOptions,
     load: impl FnOnce() -> anyhow::Result<(Engine, Option<ChatTemplate>)>,
 ) -> anyhow::Result<()> {
-    let server = tiny_http::Server::http(&opts.addr)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.addr))?;
-    let ip = server.server_addr().to_ip();
-    let addr = ip.map_or_else(|| opts.addr.clone(), |a| a.to_string());
-    eprintln!("listening on http://{addr}");
-    let (tx, rx) = mpsc::channel();
-    let shared = Arc::new(Shared {
-        ready: OnceLock::new(),
-        to_scheduler: tx,
-        api_key: opts.api_key.clone(),
-        max_body_bytes: opts.max_body_bytes,
-        max_connections: opts.max_connections.max(1),
-        handlers: AtomicUsize::new(0),
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        port: ip.map_or(0, |a| a.port()),
-    });
-    let accept_shared = Arc::clone(&shared);
-    std::thread::spawn(move || accept(server, accept_shared));
-    let (engine, chat) = load()?;
-    let model_id = std::path::Path::new(&engine.model().source)
-        .file_name()
-        .map_or_else(
-            || engine.model().source.clone(),
-            |n| n.to_string_lossy().into_owned(),
-        );
-    let _ = shared.ready.set(Ready { model_id });
-    eprintln!("ready");
-    run_scheduler(&engine, chat.as_ref(), opts.scheduler, rx);
-    Ok(())
+    HttpServer::bind(opts)?.serve(load)
+}
+
+/// An HTTP server bound to its address but not serving yet: what a program embedding edgemoe
+/// uses to learn the port it got (`127.0.0.1:0`) before serving.
+pub struct HttpServer {
+    server: tiny_http::Server,
+    opts: HttpOptions,
+    addr: String,
+}
+
+impl HttpServer {
+    /// Listens on `opts.addr` (requests wait until [`Self::serve`]).
+    pub fn bind(opts: HttpOptions) -> anyhow::Result<HttpServer> {
+        let server = tiny_http::Server::http(&opts.addr)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.addr))?;
+        let addr = server
+            .server_addr()
+            .to_ip()
+            .map_or_else(|| opts.addr.clone(), |a| a.to_string());
+        Ok(HttpServer { server, opts, addr })
+    }
+
+    /// The address it listens on, with the port the OS chose for port 0.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Loads the model with `load` (answering 503 meanwhile) and serves until the process ends.
+    pub fn serve(
+        self,
+        load: impl FnOnce() -> anyhow::Result<(Engine, Option<ChatTemplate>)>,
+    ) -> anyhow::Result<()> {
+        let HttpServer { server, opts, addr } = self;
+        let ip = server.server_addr().to_ip();
+        eprintln!("listening on http://{addr}");
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            ready: OnceLock::new(),
+            to_scheduler: tx,
+            api_key: opts.api_key.clone(),
+            max_body_bytes: opts.max_body_bytes,
+            max_connections: opts.max_connections.max(1),
+            handlers: AtomicUsize::new(0),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            port: ip.map_or(0, |a| a.port()),
+        });
+        let accept_shared = Arc::clone(&shared);
+        std::thread::spawn(move || accept(server, accept_shared));
+        let (engine, chat) = load()?;
+        let model_id = std::path::Path::new(&engine.model().source)
+            .file_name()
+            .map_or_else(
+                || engine.model().source.clone(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+        let _ = shared.ready.set(Ready { model_id });
+        eprintln!("ready");
+        run_scheduler(&engine, chat.as_ref(), opts.scheduler, rx);
+        Ok(())
+    }
 }
 
 fn accept(server: tiny_http::Server, shared: Arc<Shared>) {

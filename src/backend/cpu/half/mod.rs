@@ -10,7 +10,7 @@
 //! vectors. For f16 those are the two halves (`vcvtph2ps`). For bf16 they are the even and odd
 //! elements, as the load's 32-bit lanes shifted left by 16 and masked to their high half: two
 //! integer ops per `2·LANES` weights instead of a zero-extend and a shift per `LANES`. The
-//! activations are copied once per call into the same order (see [`Prepared`]; f16 rows that
+//! activations are copied once per call into the same order (see `Prepared`; f16 rows that
 //! are whole steps already are read in place), zero padded to a whole step, so the kernels only
 //! pad the weights' last partial step.
 //!
