@@ -150,7 +150,7 @@ pub trait Backend: Send + Sync {
         (out, slots, mass)
     }
     /// One layer's eviction at step `now` (the next token's position): keeps the slots
-    /// [`crate::kv::evict::kept_slots_reference`] keeps — exactly that set — compacted to the
+    /// `kv::evict::kept_slots_reference` keeps — exactly that set — compacted to the
     /// front in order, with their statistics. This default is the plain reference.
     fn evict(
         &self,

@@ -5,8 +5,8 @@
 //! RoPE at their true position.
 //!
 //! With an [`EvictionConfig`] the cache holds at most a budget of slots per layer: when a step
-//! would overflow it, the engine asks the backend to evict (see [`evict`]) down to
-//! `budget − window`, ranking slots by the statistics the attention kernel reported ([`stats`]).
+//! would overflow it, the engine asks the backend to evict (see `evict`) down to
+//! `budget − window`, ranking slots by the statistics the attention kernel reported (`stats`).
 
 pub(crate) mod evict;
 pub(crate) mod mass;

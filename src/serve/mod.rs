@@ -1,5 +1,5 @@
 //! `edgemoe serve`: JSON lines in, JSON lines out (this module), or OpenAI-compatible HTTP
-//! ([`http`]), both on one continuous-batching [`scheduler`].
+//! (`http`), both on one continuous-batching `scheduler`.
 //!
 //! Here a reader thread turns stdin into messages; the loop admits new requests between decode
 //! steps, runs one batched forward step over every active request and writes whole lines. End

@@ -246,7 +246,7 @@ pub fn resolve_tier(requested: Option<&str>, best: Tier) -> Result<Tier, HalfErr
 
 /// `out[t*n + j] = Σ_i x[t*k + i]·w[j][i] (+ bias[j])` for `t < rows`, `j < w.n`, on the
 /// [`active_tier`], split over output channels on the current rayon pool (callers run it inside
-/// `pool.install`; inside [`super::parallel::serially`] it stays on the calling thread).
+/// `pool.install`; inside `parallel::serially` it stays on the calling thread).
 ///
 /// # Panics
 /// If `x` is shorter than `rows × w.k`, `out` than `rows × w.n`, `bias` than `w.n`, or
