@@ -4,6 +4,7 @@
 //! reference and the first-class path.
 
 pub mod cpu;
+pub mod health;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod select;

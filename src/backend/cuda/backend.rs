@@ -36,7 +36,7 @@ impl DeviceRows {
     /// A device copy of host rows (`cols` values a row).
     pub fn from_host(backend: &CudaBackend, data: &[f32], cols: usize) -> DeviceRows {
         let rows = data.len() / cols.max(1);
-        DeviceRows::new(must(backend.gpu.upload(data, "activations")), rows, cols)
+        DeviceRows::new(must_on(&backend.gpu, backend.gpu.upload(data, "activations")), rows, cols)
     }
 
     fn new(data: CudaSlice<f32>, rows: usize, cols: usize) -> DeviceRows {
@@ -68,9 +68,18 @@ pub struct CudaBackend {
     fuse_norm_quant: bool,
 }
 
-/// A device failure inside a step: see the module comment.
-fn must<T>(r: Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("edgemoe: the CUDA backend failed: {e}"))
+/// A device failure inside a step: see the module comment. When the device cannot even finish
+/// its queued work afterwards, the failure is sticky (a faulted context refuses every later
+/// call), so it is recorded for `serve` and the C API to report ([`crate::backend::health`]).
+fn must_on<T>(gpu: &Gpu, r: Result<T>) -> T {
+    r.unwrap_or_else(|e| {
+        if let Err(after) = gpu.sync("checking the device after a failure") {
+            crate::backend::health::mark_unusable(format!(
+                "the GPU failed and cannot recover ({e}; then {after}): restart edgemoe"
+            ));
+        }
+        panic!("edgemoe: the CUDA backend failed: {e}")
+    })
 }
 
 impl CudaBackend {
@@ -113,6 +122,10 @@ impl CudaBackend {
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    fn must<T>(&self, r: Result<T>) -> T {
+        must_on(&self.gpu, r)
     }
 
     fn act(&self, data: CudaSlice<f32>, rows: usize, cols: usize) -> DeviceRows {
@@ -378,7 +391,7 @@ impl Backend for CudaBackend {
     }
 
     fn to_host<'a>(&self, x: &'a DeviceRows) -> Cow<'a, [f32]> {
-        Cow::Owned(must(self.gpu.download(
+        Cow::Owned(self.must(self.gpu.download(
             &x.data,
             x.rows * x.cols,
             "activations",
@@ -386,25 +399,25 @@ impl Backend for CudaBackend {
     }
 
     fn select_rows(&self, x: &DeviceRows, rows: &[usize]) -> DeviceRows {
-        let data = must(self.gpu.gather_rows(&x.data, x.rows, x.cols, rows));
+        let data = self.must(self.gpu.gather_rows(&x.data, x.rows, x.cols, rows));
         self.act(data, rows.len(), x.cols)
     }
 
     fn concat_rows(&self, parts: Vec<DeviceRows>) -> DeviceRows {
-        must(self.try_concat(parts))
+        self.must(self.try_concat(parts))
     }
 
     fn embed(&self, table: &Linear, tokens: &[u32]) -> DeviceRows {
-        let t = must(self.weights.embedding(&self.gpu, table));
+        let t = self.must(self.weights.embedding(&self.gpu, table));
         let index: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
         let dim = table.in_features;
-        let data = must(self.gpu.gather_rows(&t.data, t.rows, dim, &index));
+        let data = self.must(self.gpu.gather_rows(&t.data, t.rows, dim, &index));
         self.act(data, tokens.len(), dim)
     }
 
     fn add_table_rows(&self, x: &mut DeviceRows, table: &[f32], index: &[usize]) {
-        let t = must(self.weights.rows(&self.gpu, table, x.cols));
-        must(
+        let t = self.must(self.weights.rows(&self.gpu, table, x.cols));
+        self.must(
             self.gpu
                 .add_rows(&mut x.data, x.cols, &t.data, t.rows, index),
         );
@@ -412,11 +425,11 @@ impl Backend for CudaBackend {
     }
 
     fn norm(&self, norm: &Norm, x: &DeviceRows) -> DeviceRows {
-        must(self.try_norm(norm, x))
+        self.must(self.try_norm(norm, x))
     }
 
     fn linear(&self, lin: &Linear, x: &DeviceRows) -> DeviceRows {
-        must(self.try_linear(lin, x))
+        self.must(self.try_linear(lin, x))
     }
 
     fn rope_table(&self, head_dim: usize, theta: f32, positions: &[usize]) -> DeviceRope {
@@ -434,14 +447,14 @@ impl Backend for CudaBackend {
             }
         }
         DeviceRope {
-            cos_sin: must(self.gpu.upload(&cos_sin, "RoPE table")),
+            cos_sin: self.must(self.gpu.upload(&cos_sin, "RoPE table")),
             half,
             rows: positions.len(),
         }
     }
 
     fn apply_rope(&self, x: &mut DeviceRows, rope: &DeviceRope, first_row: usize) {
-        must(self.gpu.rope(
+        self.must(self.gpu.rope(
             &mut x.data,
             x.rows,
             x.cols,
@@ -461,7 +474,7 @@ impl Backend for CudaBackend {
         rows: std::ops::Range<usize>,
         positions: &[usize],
     ) {
-        must(self.try_append_kv(cache, k, v, rows, positions))
+        self.must(self.try_append_kv(cache, k, v, rows, positions))
     }
 
     fn attention(
@@ -471,11 +484,11 @@ impl Backend for CudaBackend {
         positions: &[usize],
         segments: &[Segment],
     ) -> (DeviceRows, usize) {
-        must(self.try_attention(shape, q, positions, segments))
+        self.must(self.try_attention(shape, q, positions, segments))
     }
 
     fn activate(&self, act: Activation, x: &mut DeviceRows) {
-        must(
+        self.must(
             self.gpu
                 .activate(&mut x.data, x.rows * x.cols, activation_id(act)),
         );
@@ -483,7 +496,7 @@ impl Backend for CudaBackend {
     }
 
     fn gated_activation(&self, act: Activation, gate: &mut DeviceRows, up: &DeviceRows) {
-        must(self.gpu.gated_act(
+        self.must(self.gpu.gated_act(
             &mut gate.data,
             &up.data,
             gate.rows * gate.cols,
@@ -493,15 +506,15 @@ impl Backend for CudaBackend {
     }
 
     fn rotate_rows(&self, x: &mut DeviceRows, block: usize) {
-        must(self.gpu.hadamard(&mut x.data, x.rows * x.cols, block));
+        self.must(self.gpu.hadamard(&mut x.data, x.rows * x.cols, block));
         if x.cols > block {
-            x.data = must(self.gpu.mix_blocks(&x.data, x.rows, x.cols, block));
+            x.data = self.must(self.gpu.mix_blocks(&x.data, x.rows, x.cols, block));
         }
         x.quant = None;
     }
 
     fn add(&self, x: &mut DeviceRows, y: &DeviceRows) {
-        must(self.gpu.add(&mut x.data, &y.data, x.rows * x.cols));
+        self.must(self.gpu.add(&mut x.data, &y.data, x.rows * x.cols));
         x.quant = None;
     }
 
@@ -512,13 +525,13 @@ impl Backend for CudaBackend {
         renormalize: bool,
         first_row: usize,
     ) -> Vec<Pick> {
-        must(self.try_route(logits, top_k, renormalize, first_row))
+        self.must(self.try_route(logits, top_k, renormalize, first_row))
     }
 
     fn mix_rows(&self, out: &mut DeviceRows, y: &DeviceRows, picks: &[Pick]) {
         let rows: Vec<usize> = picks.iter().map(|p| p.row).collect();
         let weights: Vec<f32> = picks.iter().map(|p| p.weight).collect();
-        must(
+        self.must(
             self.gpu
                 .mix_rows(&mut out.data, out.rows, out.cols, &y.data, &rows, &weights),
         );
@@ -526,7 +539,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_gated(&self, out: &mut DeviceRows, y: &DeviceRows, gate: &DeviceRows) {
-        must(
+        self.must(
             self.gpu
                 .add_gated(&mut out.data, &y.data, &gate.data, out.rows, out.cols),
         );
@@ -534,7 +547,7 @@ impl Backend for CudaBackend {
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> DeviceRows {
-        self.act(must(self.gpu.zeros(rows * cols, "activations")), rows, cols)
+        self.act(self.must(self.gpu.zeros(rows * cols, "activations")), rows, cols)
     }
 
     /// One stream: tasks run one after another (each already fills the device).
