@@ -122,11 +122,23 @@ async function main() {
           if (last) window.__lengths.push(last.textContent.length);
         }).observe(document.getElementById("messages"), { subtree: true, childList: true, characterData: true });
       });
-      await page.fill("#max-tokens", "96");
+      // The server streams (tests/http.rs checks its events at the socket); here the page
+      // must show the reply as it arrives. On a busy machine the browser can fall behind a
+      // fast server and find the whole stream waiting in one read, so the download is
+      // throttled to a slow link: the events then arrive over a second or two.
+      const cdp = await page.context().newCDPSession(page);
+      await cdp.send("Network.enable");
+      await cdp.send("Network.emulateNetworkConditions", {
+        offline: false, latency: 0, downloadThroughput: 16 * 1024, uploadThroughput: -1,
+      });
+      await page.fill("#max-tokens", "128");
       await page.fill("#prompt", "And God said");
       await page.press("#prompt", "Enter");
       const reply = page.locator("#messages .message.assistant").last();
       await page.waitForSelector('#messages .message.assistant:last-child:not([data-state="streaming"])', { timeout: 60000 });
+      await cdp.send("Network.emulateNetworkConditions", {
+        offline: false, latency: 0, downloadThroughput: -1, uploadThroughput: -1,
+      });
       const state = await reply.getAttribute("data-state");
       const text = (await reply.textContent()).trim();
       if (state !== "done") throw new Error(`the reply ended as ${state}: ${text}`);
@@ -139,7 +151,7 @@ async function main() {
       }
       const posted = requests.filter((u) => u.endsWith("/v1/chat/completions") || u.endsWith("/v1/completions"));
       if (!posted.length) throw new Error("no request to the OpenAI endpoints");
-      console.log(`  reply: ${text.length} characters in ${chunks} events via ${new URL(posted[0]).pathname}`);
+      console.log(`  reply: ${text.length} characters in ${chunks} events, shown in ${growth.size} steps, via ${new URL(posted[0]).pathname}`);
       streamed = true;
     });
 
