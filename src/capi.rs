@@ -322,7 +322,10 @@ pub unsafe extern "C" fn edgemoe_session_new(
                     code: EDGEMOE_ERR_INVALID_INPUT,
                     message: e.to_string(),
                 })?;
-            engine = engine.with_experts(service);
+            engine = engine.with_experts(service).map_err(|e| Failure {
+                code: EDGEMOE_ERR_INVALID_INPUT,
+                message: e.to_string(),
+            })?;
         }
         *out = handle(support::register_session(Session::new(engine)));
         Ok(())

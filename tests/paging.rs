@@ -100,7 +100,10 @@ fn paged_logits_equal_the_unlimited_run_at_every_budget() {
                 )
                 .unwrap();
                 assert_eq!(service.plan().unwrap().slots, slots as usize);
-                let engine = Engine::new(model.clone(), 2).unwrap().with_experts(service);
+                let engine = Engine::new(model.clone(), 2)
+                    .unwrap()
+                    .with_experts(service)
+                    .unwrap();
                 let got = run(&engine, prompt, decode);
                 assert!(
                     got == want,
@@ -196,7 +199,10 @@ fn a_corrupt_block_is_an_error_when_first_read() {
         &options(1 << 40, Policy::Lru, ReadMode::Direct, false),
     )
     .unwrap();
-    let engine = Engine::new(model.clone(), 2).unwrap().with_experts(service);
+    let engine = Engine::new(model.clone(), 2)
+        .unwrap()
+        .with_experts(service)
+        .unwrap();
     let tokens: Vec<u32> = (0..200).map(|i| (i * 37 % 2000) as u32).collect();
     let mut cache = engine.new_cache();
     let err = engine
@@ -229,7 +235,10 @@ fn the_cache_shrinks_and_grows_between_steps_without_changing_results() {
     )
     .unwrap();
     let plan = *service.plan().unwrap();
-    let engine = Engine::new(model.clone(), 2).unwrap().with_experts(service);
+    let engine = Engine::new(model.clone(), 2)
+        .unwrap()
+        .with_experts(service)
+        .unwrap();
     let mut cache = engine.new_cache();
     let mut got = Vec::new();
     let mut step = |t: &[u32], logits| {
@@ -279,7 +288,10 @@ fn next_layer_prediction_recall_on_held_out_text() {
     let top_k = model.config.top_k;
     let predictor = Predictor::new(PredictSource::Both, top_k, 1);
     let service = ExpertService::measuring(&model, predictor, Some(&profile));
-    let engine = Engine::new(model.clone(), 2).unwrap().with_experts(service);
+    let engine = Engine::new(model.clone(), 2)
+        .unwrap()
+        .with_experts(service)
+        .unwrap();
     perplexity(&engine, &encode("heldout.txt"), 256, |_, _| {}).unwrap();
     let c = engine.experts.prediction().unwrap();
     eprintln!("recall {:.3}, precision {:.3}", c.recall(), c.precision());
@@ -592,7 +604,10 @@ fn set_mem_from_another_thread_during_steps() {
     )
     .unwrap();
     let plan = *service.plan().unwrap();
-    let engine = Engine::new(model, 2).unwrap().with_experts(service);
+    let engine = Engine::new(model, 2)
+        .unwrap()
+        .with_experts(service)
+        .unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let got = std::thread::scope(|s| {
         s.spawn(|| {
@@ -699,7 +714,10 @@ fn a_smaller_kv_budget_leaves_more_expert_slots() {
     let mut reference = Engine::new(model.clone(), 2).unwrap();
     reference.set_kv_options(lazy_opts).unwrap();
     let (want, _) = run_budgeted(&reference, &tokens, budget);
-    let mut engine = Engine::new(model.clone(), 2).unwrap().with_experts(service);
+    let mut engine = Engine::new(model.clone(), 2)
+        .unwrap()
+        .with_experts(service)
+        .unwrap();
     engine.set_kv_options(lazy_opts).unwrap();
     let (got, allocated) = run_budgeted(&engine, &tokens, budget);
     assert!(got == want, "paged logits differ from the in-place run's");
@@ -732,7 +750,10 @@ fn a_request_cannot_outgrow_the_kv_reservation() {
         },
     )
     .unwrap();
-    let mut engine = Engine::new(model, 1).unwrap().with_experts(service);
+    let mut engine = Engine::new(model, 1)
+        .unwrap()
+        .with_experts(service)
+        .unwrap();
     engine.set_kv_options(server).unwrap();
     let ask = |budget: Option<Budget>, policy: Option<KvPolicy>, reach: usize| {
         request_options(&engine, RequestKv { budget, policy }, reach)

@@ -13,6 +13,10 @@
 #                (cuBLASLt int8) and f16 torch.matmul at the same shapes, and the ratios
 #   gemv         GB/s for M = 1..8 and its fraction of the measured device copy bandwidth
 #                (a copy's bytes read + written per second)
+#   tier_check   the device expert tier at 100/50/25% of experts x each placement vs the CPU
+#                int8 engine (top-1 >= 99%, ppl within 0.3%), with its counters and rates
+#   expert_copy  a fetched expert's copy (pinned ring, copy stream) beside a plain
+#                cudaMemcpyAsync from page-locked memory (wanted >= 80%)
 #   model_bench  `edgemoe bench` decode (tg128) and prefill (pp512) tok/s of
 #                builtin:mixtral-bench (W8A8 rtn) on the GPU and on the CPU
 # Exit status: 0 when every correctness check passed.
@@ -141,6 +145,8 @@ report = {
     "model_check": model[0] if model else None,
     "gemm": gemm,
     "copy": copy[0] if copy else None,
+    "expert_copy": next((r for r in lines("bench.log", "BENCH ") if r["bench"] == "expert_copy"), None),
+    "tier_check": lines("tests.log", "TIER_CHECK "),
     "gemv": gemv,
     "model_bench": {"builtin:mixtral-bench": {"gpu": model_bench("cuda"), "cpu": model_bench("cpu")}},
     "targets": {

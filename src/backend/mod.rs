@@ -10,6 +10,10 @@ pub mod select;
 
 pub use select::{engine_for, BackendChoice};
 
+/// The backend that runs experts on the host CPU beside a device backend (the expert tier's
+/// cold experts).
+pub type HostBackend = cpu::CpuBackend;
+
 /// The backend an [`crate::Engine`] runs on unless it is given another.
 #[cfg(not(feature = "cuda"))]
 pub type DefaultBackend = cpu::CpuBackend;
@@ -18,9 +22,10 @@ pub type DefaultBackend = cpu::CpuBackend;
 #[cfg(feature = "cuda")]
 pub type DefaultBackend = select::Selected;
 
+use crate::error::Result;
 use crate::kv::{EvictionConfig, LayerCache, SlotStats};
 use crate::model::config::Activation;
-use crate::model::weights::{Linear, Norm};
+use crate::model::weights::{GatedMlp, Linear, Norm};
 use std::borrow::Cow;
 
 /// The attention geometry of a model.
@@ -69,9 +74,24 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Threads (or streams) the backend runs on.
     fn threads(&self) -> usize;
+    /// Why this backend cannot run experts that a paging service hands out (fresh host
+    /// buffers per admission, at addresses that get reused), or `None` when it can.
+    fn paged_experts_unsupported(&self) -> Option<&'static str> {
+        None
+    }
     /// Runs one forward step in the backend's execution context.
     fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R;
 
+    /// A `rows × cols` activation matrix of `data` (row-major host values).
+    fn upload_rows(&self, data: Vec<f32>, cols: usize) -> Self::Act;
+    /// Makes a routed expert's weights resident in a slot of this backend's fast memory (the
+    /// expert tier's fetch); returns the bytes copied. A backend that reads host memory
+    /// directly has nothing to copy.
+    fn admit_expert(&self, _mlp: &GatedMlp) -> Result<usize> {
+        Ok(0)
+    }
+    /// Gives back the slot of an expert admitted with [`Self::admit_expert`].
+    fn release_expert(&self, _mlp: &GatedMlp) {}
     /// Rows of an activation matrix.
     fn rows(&self, x: &Self::Act) -> usize;
     /// The values, row-major (borrowed where the activations live on the host).

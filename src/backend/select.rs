@@ -61,7 +61,7 @@ mod dispatch {
     use crate::backend::{AttentionShape, Backend, Pick, Segment, Tasks};
     use crate::kv::LayerCache;
     use crate::model::config::Activation;
-    use crate::model::weights::{Linear, Norm};
+    use crate::model::weights::{GatedMlp, Linear, Norm};
     use std::borrow::Cow;
 
     // The CUDA variant is much larger than the CPU one; there is one backend per engine.
@@ -125,6 +125,34 @@ mod dispatch {
             match self {
                 Selected::Cpu(b) => b.threads(),
                 Selected::Cuda(b) => b.threads(),
+            }
+        }
+
+        fn upload_rows(&self, data: Vec<f32>, cols: usize) -> SelectedAct {
+            match self {
+                Selected::Cpu(b) => SelectedAct::Cpu(b.upload_rows(data, cols)),
+                Selected::Cuda(b) => SelectedAct::Cuda(b.upload_rows(data, cols)),
+            }
+        }
+
+        fn admit_expert(&self, mlp: &GatedMlp) -> crate::error::Result<usize> {
+            match self {
+                Selected::Cpu(b) => b.admit_expert(mlp),
+                Selected::Cuda(b) => b.admit_expert(mlp),
+            }
+        }
+
+        fn release_expert(&self, mlp: &GatedMlp) {
+            match self {
+                Selected::Cpu(b) => b.release_expert(mlp),
+                Selected::Cuda(b) => b.release_expert(mlp),
+            }
+        }
+
+        fn paged_experts_unsupported(&self) -> Option<&'static str> {
+            match self {
+                Selected::Cpu(b) => b.paged_experts_unsupported(),
+                Selected::Cuda(b) => b.paged_experts_unsupported(),
             }
         }
 

@@ -98,7 +98,7 @@ impl PagingArgs {
                 if self.no_prefetch { "off" } else { "on" },
             );
         }
-        Ok(engine.with_experts(service))
+        Ok(engine.with_experts(service)?)
     }
 
     /// Prints the counters on stderr when `--stats` asked for them.

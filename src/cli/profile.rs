@@ -142,7 +142,7 @@ fn measure(
     let top_k = model.config.top_k;
     let service =
         ExpertService::measuring(&model, Predictor::new(source, top_k, extra), Some(profile));
-    let engine = Engine::new(model, base.threads())?.with_experts(service);
+    let engine = Engine::new(model, base.threads())?.with_experts(service)?;
     run_text(&engine, tokens, ctx, &format!("{source:?}+{extra}"))?;
     let c = engine.experts.prediction().unwrap_or_default();
     Ok(PredictionRow {

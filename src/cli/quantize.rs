@@ -35,11 +35,11 @@ pub struct QuantizeArgs {
     pub act_order: bool,
     /// The output head (and embeddings tied to it): `weight-only` (int8 weights, f32
     /// activations: the default, since quantizing its input per token measured +0.5% ppl on
-    /// SmolLM2-135M, see the README), `w8a8` like the other linears, or `f32`.
+    /// SmolLM2-135M, see docs/BENCHMARKS.md), `w8a8` like the other linears, or `f32`.
     #[arg(long, value_enum, default_value = "weight-only")]
     pub head: quant::HeadQuant,
     /// Also smooth o_proj / w2 / fc2 inputs, through a per-channel input scale the int8
-    /// kernel applies (off by default: it measured no better, see the README).
+    /// kernel applies (off by default: it measured no better; docs/quantization.md).
     #[arg(long = "smooth-unnormed")]
     pub smooth_unnormed: bool,
     /// Do not smooth the down-projections' inputs by folding 1/s into the up-projections (on by

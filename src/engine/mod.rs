@@ -10,6 +10,7 @@ pub mod ppl;
 pub mod recall;
 pub mod sampling;
 pub mod stats;
+mod tiered;
 
 use crate::backend::{AttentionShape, Backend, DefaultBackend, Pick, Segment, Tasks};
 use crate::error::{Error, Result};
@@ -57,6 +58,9 @@ pub struct Engine<B: Backend = DefaultBackend> {
     observer: Option<Arc<dyn LinearObserver>>,
     /// KV budget and eviction policy of the caches [`Self::prepare_cache`] sets up.
     kv: KvOptions,
+    /// The device's expert slots and the host backend for the experts it does not hold;
+    /// `None`: every expert runs on [`Self::backend`].
+    tier: Option<tiered::Tiered>,
 }
 
 /// Watches the inputs of linear layers, e.g. to collect quantization statistics.
@@ -83,13 +87,54 @@ impl<B: Backend> Engine<B> {
             experts,
             observer: None,
             kv: KvOptions::default(),
+            tier: None,
         }
     }
 
     /// The engine with experts from `experts` (e.g. paged under a memory budget).
-    pub fn with_experts(mut self, experts: ExpertService) -> Engine<B> {
+    pub fn with_experts(mut self, experts: ExpertService) -> Result<Engine<B>> {
+        if experts.is_paged() {
+            if let Some(why) = self.backend.paged_experts_unsupported() {
+                return Err(crate::error::Error::invalid(format!(
+                    "--mem (expert paging) cannot run on the {} backend: {why}; use --backend cpu",
+                    self.backend.name()
+                )));
+            }
+        }
         self.experts = experts;
-        self
+        Ok(self)
+    }
+
+    /// The engine with a device expert tier of `tier`'s slots: routed experts not resident in
+    /// it are fetched into a slot or run on a host CPU backend of `host_threads` workers
+    /// (0: one per core), as the tier's placement decides.
+    pub fn with_tier(
+        mut self,
+        tier: crate::experts::tier::ExpertTier,
+        host_threads: usize,
+    ) -> Result<Engine<B>> {
+        self.tier = Some(tiered::Tiered {
+            tier,
+            host: crate::backend::HostBackend::new(host_threads)?,
+        });
+        Ok(self)
+    }
+
+    /// The device expert tier, when the engine has one.
+    pub fn tier(&self) -> Option<&crate::experts::tier::ExpertTier> {
+        self.tier.as_ref().map(|t| &t.tier)
+    }
+
+    /// Changes the device tier's slot count between steps, giving back the slots of the
+    /// experts that leave.
+    pub fn set_tier_slots(&self, slots: usize) -> Result<()> {
+        let Some(t) = &self.tier else {
+            return Err(Error::invalid("the engine has no device expert tier"));
+        };
+        for key in t.tier.resize(slots) {
+            tiered::release(self, key);
+        }
+        Ok(())
     }
 
     /// Sets the KV budget and policy every sequence started from now on gets (checked first).
@@ -584,6 +629,9 @@ impl<B: Backend> Engine<B> {
     }
 
     pub(crate) fn gated_mlp(&self, mlp: &GatedMlp, x: &B::Act) -> B::Act {
+        if self.observer.is_none() {
+            return gated_mlp_on(&self.backend, &self.model.config, mlp, x);
+        }
         let [mut g, u] = self.linears([&mlp.gate, &mlp.up], x);
         self.backend
             .gated_activation(self.model.config.activation, &mut g, &u);
@@ -598,6 +646,22 @@ impl<B: Backend> Engine<B> {
         self.backend.activate(self.model.config.activation, &mut a);
         self.linear(&mlp.fc2, &a)
     }
+}
+
+/// `down(act(gate·x) ⊙ up·x)` on backend `be`: the engine's gated MLP without its observer, so
+/// an expert computes the same on whichever backend runs it.
+pub(crate) fn gated_mlp_on<X: Backend>(
+    be: &X,
+    cfg: &crate::model::config::ModelConfig,
+    mlp: &GatedMlp,
+    x: &X::Act,
+) -> X::Act {
+    let [mut g, u] = be.linears([&mlp.gate, &mlp.up], x);
+    be.gated_activation(cfg.activation, &mut g, &u);
+    if let Some(block) = cfg.ffn_hadamard_block {
+        be.rotate_rows(&mut g, block);
+    }
+    be.linear(&mlp.down, &g)
 }
 
 /// Hands every evicting sequence's rows of `mass` (laid out as

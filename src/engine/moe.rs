@@ -3,6 +3,7 @@
 //! come from the engine's expert service (in place, or paged through a cache), which also
 //! sees every step's routing and, when it predicts, the next layer's pre-gating.
 
+use super::tiered;
 use super::Engine;
 use crate::backend::{Backend, Pick, Tasks};
 use crate::error::Result;
@@ -52,23 +53,26 @@ pub fn forward<B: Backend>(
     let weights = cfg.hidden_size * cfg.expert_ffn;
     let ids: Vec<usize> = groups.iter().map(|g| g.0).collect();
     // Outputs are mixed in expert order afterwards, so results don't depend on scheduling
-    // (nor on how many experts the cache held at once).
-    let outputs = service.run(layer, block, &ids, next, |start, mlps| {
-        let tasks: Vec<_> = groups[start..start + mlps.len()]
-            .iter()
-            .zip(mlps)
-            .map(|(&(_, tokens), &mlp)| (tokens, mlp))
-            .collect();
-        be.run_tasks(
-            Tasks::Matrices { weights },
-            tasks,
-            |t| t.0.len(),
-            |(tokens, mlp)| {
-                let rows: Vec<usize> = tokens.iter().map(|p| p.row).collect();
-                engine.gated_mlp(mlp, &be.select_rows(x, &rows))
-            },
-        )
-    })?;
+    // (nor on how many experts the cache held at once, nor on where each expert ran).
+    let outputs = match &engine.tier {
+        Some(tiered) => tiered::run(engine, tiered, layer, block, x, &groups, next)?,
+        None => service.run(layer, block, &ids, next, |start, mlps| {
+            let tasks: Vec<_> = groups[start..start + mlps.len()]
+                .iter()
+                .zip(mlps)
+                .map(|(&(_, tokens), &mlp)| (tokens, mlp))
+                .collect();
+            be.run_tasks(
+                Tasks::Matrices { weights },
+                tasks,
+                |t| t.0.len(),
+                |(tokens, mlp)| {
+                    let rows: Vec<usize> = tokens.iter().map(|p| p.row).collect();
+                    engine.gated_mlp(mlp, &be.select_rows(x, &rows))
+                },
+            )
+        })?,
+    };
     let mut out = be.zeros(be.rows(x), cfg.hidden_size);
     for (&(_, tokens), ys) in groups.iter().zip(&outputs) {
         be.mix_rows(&mut out, ys, tokens);

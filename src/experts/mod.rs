@@ -13,6 +13,7 @@ pub mod paths;
 pub mod predict;
 pub mod slots;
 pub mod synth;
+pub mod tier;
 
 use crate::error::Result;
 use crate::kv::{KvDemand, KvPlan};

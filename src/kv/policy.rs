@@ -96,7 +96,7 @@ pub const DEFAULT_WINDOW: usize = 64;
 /// A slot's attention is significant when it exceeds this many times the uniform share
 /// (1 / visible slots) of one step's attention, averaged over the heads. At 1× most prose
 /// tokens pass now and then and their recurrence intervals are noise; 8× recalled far more of
-/// the recall text's facts (README, "KV-cache eviction").
+/// the recall text's facts (docs/kv-eviction.md, docs/BENCHMARKS.md).
 pub const DEFAULT_THRESHOLD: f32 = 8.0;
 
 /// The KV options of a run, before they meet a sequence's length.

@@ -102,7 +102,7 @@ pub fn model_from_config(config: ModelConfig, seed: u64, source: &str) -> Result
 }
 
 /// A Mixtral-shaped model for benchmarks: hidden 1024, ffn 3584, 8 experts top-2, vocab
-/// 32000 (the shape llama.cpp's numbers in the README refer to), with `layers` layers.
+/// 32000 (the shape of the llama.cpp comparison in docs/BENCHMARKS.md), with `layers` layers.
 pub fn mixtral_bench_config(layers: usize) -> ModelConfig {
     ModelConfig {
         vocab_size: 32000,

@@ -115,7 +115,7 @@ impl QuantOptions {
         QuantOptions {
             method,
             // Searched per layer group by the W8A8 output error on the calibration rows: on
-            // SmolLM2-135M +1.48% ppl against +2.12% with a fixed 0.5 (README).
+            // SmolLM2-135M +1.48% ppl against +2.12% with a fixed 0.5 (docs/BENCHMARKS.md).
             alpha: None,
             // Measured on the outlier fixture (benches/quant_accuracy.rs): smoothing the un-normed
             // inputs gains nothing there, and costs a per-channel multiply in every kernel call.
@@ -127,12 +127,13 @@ impl QuantOptions {
             damp: 0.01,
             min_tokens: 32,
             // Int8 weights (a quarter of the f32 bytes, and a third of a small model's bytes per
-            // token), f32 activations: on SmolLM2-135M (README) quantizing the head's input per
-            // token cost +0.5% ppl (haq +2.12% W8A8 head, +1.60% weight-only, +1.53% f32 head).
+            // token), f32 activations: on SmolLM2-135M (docs/BENCHMARKS.md) quantizing the head's
+            // input per token cost +0.5% ppl (haq +2.12% W8A8 head, +1.60% weight-only, +1.53%
+            // f32 head).
             head: HeadQuant::WeightOnly,
             threads: 0,
             keep_f32: Vec::new(),
-            // On SmolLM2-135M haq +0.20% ppl rotated against +1.05% not (README).
+            // On SmolLM2-135M haq +0.20% ppl rotated against +0.97% not (docs/BENCHMARKS.md).
             rotate: true,
             rotate_seed: 0x005E_ED0F_2024,
             spill_dir: None,

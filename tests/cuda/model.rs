@@ -123,3 +123,94 @@ fn gpu_model_agrees_with_the_cpu_int8_engine() {
     );
     assert!(ppl_rel <= 0.003, "ppl {pg} on the GPU vs {pc} on the CPU");
 }
+
+/// Paging experts through RAM onto the plain CUDA backend would leave every expert ever paged on
+/// the device (no GPU budget bounds it), so `--mem` without the expert tier is refused.
+#[test]
+fn paging_on_the_gpu_backend_is_refused() {
+    if device("paging refused").is_none() {
+        return;
+    }
+    // Paging reads expert blocks from an .emoe file.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tmp = dir.path().join("trained.emoe");
+    let quantized = Arc::try_unwrap(quantized_fixture())
+        .ok()
+        .expect("sole owner");
+    edgemoe::quant::store::write_emoe(&quantized, serde_json::json!({"method": "rtn"}), &tmp)
+        .expect("write .emoe");
+    drop(quantized);
+    let model = Arc::new(Model::load(&tmp).expect("the .emoe"));
+    let gpu = engine_for(model.clone(), BackendChoice::Cuda, 0).unwrap();
+    let opts = edgemoe::experts::PagingOptions::with_budget(
+        edgemoe::experts::budget::MemBudget::Percent(50.0),
+    );
+    let service = edgemoe::experts::ExpertService::paged(model, &opts).expect("paged service");
+    let err = match gpu.with_experts(service) {
+        Ok(_) => panic!("the CUDA backend accepted paged experts"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("--mem") && err.contains("cuda"), "{err}");
+}
+
+/// The device expert tier at 100%, 50% and 25% of the routed experts × each placement: the GPU
+/// engine (experts resident, fetched through the pinned ring on the copy stream, or run on the
+/// CPU beside it) against the CPU int8 engine, with the model check's bounds (top-1 agreement
+/// ≥ 99%, perplexity within 0.3%). Prints one `TIER_CHECK` JSON line per setting.
+#[test]
+fn gpu_expert_tier_agrees_with_the_cpu_int8_engine() {
+    use edgemoe::backend::select::Selected;
+    use edgemoe::experts::tier::{ExpertTier, Placement};
+    if device("expert tier").is_none() {
+        return;
+    }
+    let model = quantized_fixture();
+    let text = std::fs::read_to_string(fixture_dir().join("heldout.txt")).unwrap();
+    let tokens = model.tokenizer.encode(&text, false).unwrap();
+    let (ctx, windows) = (256, 4);
+    let tokens = &tokens[..ctx * windows];
+    let cpu = engine_for(model.clone(), BackendChoice::Cpu, 0).unwrap();
+    let pc = perplexity(&cpu, tokens, ctx, |_, _| {}).unwrap().ppl;
+    let cpu_logits: Vec<Vec<f32>> = tokens
+        .chunks_exact(ctx)
+        .map(|w| all_logits(&cpu, w))
+        .collect();
+    let (layers, experts) = (model.config.num_layers, model.config.num_experts);
+    let v = model.config.vocab_size;
+    let mut failures = Vec::new();
+    for percent in [100, 50, 25] {
+        for placement in [Placement::Auto, Placement::Gpu, Placement::Cpu] {
+            let slots = layers * experts * percent / 100;
+            let backend = edgemoe::backend::cuda::CudaBackend::for_tier(&model).unwrap();
+            let gpu = Engine::with_backend(model.clone(), Selected::Cuda(backend))
+                .with_tier(ExpertTier::new(slots, layers, experts, placement, true), 0)
+                .unwrap();
+            let (mut same, mut total) = (0, 0);
+            for (w, want) in tokens.chunks_exact(ctx).zip(&cpu_logits) {
+                let got = all_logits(&gpu, w);
+                for (ra, rb) in want.chunks_exact(v).zip(got.chunks_exact(v)) {
+                    same += (argmax(ra) == argmax(rb)) as usize;
+                    total += 1;
+                }
+            }
+            let pg = perplexity(&gpu, tokens, ctx, |_, _| {}).unwrap().ppl;
+            let agree = same as f64 / total as f64;
+            let rel = (pg - pc).abs() / pc;
+            let stats = gpu.tier().unwrap().stats();
+            println!(
+                "TIER_CHECK {}",
+                serde_json::json!({
+                    "percent_of_experts": percent, "slots": slots, "placement": placement,
+                    "top1_agreement": agree, "ppl_cpu": pc, "ppl_gpu": pg, "ppl_rel_diff": rel,
+                    "tier": stats, "rates": gpu.tier().unwrap().rates(),
+                })
+            );
+            if agree < 0.99 || rel > 0.003 {
+                failures.push(format!(
+                    "{percent}% {placement:?}: agreement {agree}, ppl {rel}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}

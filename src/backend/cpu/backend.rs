@@ -140,6 +140,10 @@ impl Backend for CpuBackend {
         x.rows()
     }
 
+    fn upload_rows(&self, data: Vec<f32>, cols: usize) -> Rows {
+        Rows::new(data, cols)
+    }
+
     fn to_host<'a>(&self, x: &'a Rows) -> Cow<'a, [f32]> {
         Cow::Borrowed(&x.data)
     }

@@ -19,7 +19,7 @@ use crate::backend::{AttentionShape, Backend, Pick, Segment, Tasks};
 use crate::error::Result;
 use crate::kv::LayerCache;
 use crate::model::config::Activation;
-use crate::model::weights::{Linear, LinearWeight, Norm};
+use crate::model::weights::{GatedMlp, Linear, LinearWeight, Norm};
 use cudarc::driver::CudaSlice;
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
@@ -59,6 +59,9 @@ pub struct DeviceRope {
 pub struct CudaBackend {
     gpu: Gpu,
     weights: WeightCache,
+    /// The copy stream and staging ring of fetched experts, made on the first fetch (a second
+    /// stream turns on cudarc's per-buffer event tracking, which a whole-model run needs not).
+    copier: std::sync::OnceLock<Result<super::copier::ExpertCopier>>,
     kv: Mutex<KvMirrors>,
     /// Norms also quantize their output for the W8A8 linear that follows (the model's
     /// attention projections are W8A8 without an input scale).
@@ -73,8 +76,20 @@ fn must<T>(r: Result<T>) -> T {
 impl CudaBackend {
     /// Device 0 with every weight of `model` resident.
     pub fn new(model: &crate::Model) -> Result<CudaBackend> {
+        CudaBackend::with_weights(model, true)
+    }
+
+    /// Device 0 with every weight of `model` resident but the routed experts, which the expert
+    /// tier admits and releases.
+    pub fn for_tier(model: &crate::Model) -> Result<CudaBackend> {
+        CudaBackend::with_weights(model, false)
+    }
+
+    fn with_weights(model: &crate::Model, routed_experts: bool) -> Result<CudaBackend> {
         let backend = CudaBackend::open()?;
-        backend.weights.preload(&backend.gpu, model)?;
+        backend
+            .weights
+            .preload(&backend.gpu, model, routed_experts)?;
         backend.gpu.sync("uploading the model")?;
         let fuse = model.weights.layers.first().is_some_and(|l| {
             matches!(l.attn.q.weight, LinearWeight::Int8(_)) && l.attn.q.input_scale.is_none()
@@ -90,6 +105,7 @@ impl CudaBackend {
         Ok(CudaBackend {
             gpu: Gpu::open(0)?,
             weights: WeightCache::default(),
+            copier: std::sync::OnceLock::new(),
             kv: Mutex::new(KvMirrors::default()),
             fuse_norm_quant: false,
         })
@@ -317,6 +333,36 @@ impl Backend for CudaBackend {
 
     fn threads(&self) -> usize {
         1
+    }
+
+    fn paged_experts_unsupported(&self) -> Option<&'static str> {
+        // Device copies are found by name, so a paged expert finds its own copy; but without
+        // the GPU tier's slot budget every expert ever paged would stay on the device.
+        Some("paging experts into GPU memory needs the GPU tier's budget (--gpu-mem), which the CUDA backend does not take yet")
+    }
+
+    fn upload_rows(&self, data: Vec<f32>, cols: usize) -> DeviceRows {
+        DeviceRows::from_host(self, &data, cols)
+    }
+
+    fn admit_expert(&self, mlp: &GatedMlp) -> Result<usize> {
+        let copier = self
+            .copier
+            .get_or_init(|| super::copier::ExpertCopier::new(&self.gpu))
+            .as_ref()
+            .map_err(|e| crate::error::Error::invalid(e.to_string()))?;
+        let mut bytes = 0;
+        for lin in [&mlp.gate, &mlp.up, &mlp.down] {
+            let d = self.weights.linear_via(&self.gpu, lin, Some(copier))?;
+            bytes += WeightCache::linear_bytes(&d);
+        }
+        Ok(bytes)
+    }
+
+    fn release_expert(&self, mlp: &GatedMlp) {
+        for lin in [&mlp.gate, &mlp.up, &mlp.down] {
+            self.weights.release_linear(&lin.name);
+        }
     }
 
     fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {

@@ -4,6 +4,7 @@
 //! [`CudaBackend::new`] fails with one line and the caller runs on the CPU.
 
 pub mod backend;
+pub mod copier;
 pub mod device;
 pub mod kernels;
 pub mod kv;

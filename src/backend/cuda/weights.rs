@@ -1,8 +1,11 @@
-//! The model's weights on the device, uploaded once and found again by the address of the
-//! host object they came from (a model lives in an `Arc` for as long as its engine, so the
-//! address is stable). W8A8 matrices keep their stored layout; every other linear form is
-//! widened to f32 rows, as the CPU's kernels widen it in registers.
+//! The model's weights on the device, found again by their stable name (the checkpoint prefix,
+//! unique in a model: checked at load), never by where the host copy lives: a paged expert
+//! arrives in a fresh host buffer each time, at addresses that get reused. Non-expert weights
+//! upload once; routed experts come and go with the expert tier (`admit`, `release`). W8A8
+//! matrices keep their stored layout; every other linear form is widened to f32 rows, as the
+//! CPU's kernels widen it in registers.
 
+use super::copier::ExpertCopier;
 use super::device::Gpu;
 use super::kernels::DeviceInt8;
 use crate::error::Result;
@@ -51,22 +54,35 @@ fn f32_rows(lin: &Linear) -> Vec<f32> {
     }
 }
 
-fn key<T>(x: &T) -> usize {
-    x as *const T as usize
+fn norm_name(norm: &Norm) -> &str {
+    match norm {
+        Norm::Rms { name, .. } | Norm::Layer { name, .. } => name,
+    }
 }
 
-/// Device copies by host address, uploaded on first use.
+/// Device copies by tensor name, uploaded on first use.
 #[derive(Default)]
 pub struct WeightCache {
-    linears: Mutex<HashMap<usize, Arc<DeviceLinear>>>,
-    norms: Mutex<HashMap<usize, Arc<DeviceNorm>>>,
-    tables: Mutex<HashMap<usize, Arc<DeviceTable>>>,
+    linears: Mutex<HashMap<String, Arc<DeviceLinear>>>,
+    norms: Mutex<HashMap<String, Arc<DeviceNorm>>>,
+    tables: Mutex<HashMap<String, Arc<DeviceTable>>>,
 }
 
 impl WeightCache {
     pub fn linear(&self, gpu: &Gpu, lin: &Linear) -> Result<Arc<DeviceLinear>> {
+        self.linear_via(gpu, lin, None)
+    }
+
+    /// [`Self::linear`], with int8 weights copied through `copier`'s page-locked ring on its
+    /// copy stream when given (a fetched expert).
+    pub fn linear_via(
+        &self,
+        gpu: &Gpu,
+        lin: &Linear,
+        copier: Option<&ExpertCopier>,
+    ) -> Result<Arc<DeviceLinear>> {
         let mut map = self.linears.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = map.get(&key(lin)) {
+        if let Some(d) = map.get(&lin.name) {
             return Ok(d.clone());
         }
         let (n, k) = (lin.out_features, lin.in_features);
@@ -75,7 +91,10 @@ impl WeightCache {
                 n,
                 k,
                 k_padded: m.k_padded,
-                data: gpu.upload(&m.data[..], &lin.name)?,
+                data: match copier {
+                    Some(c) => c.upload_i8(gpu, &m.data[..], &lin.name)?,
+                    None => gpu.upload(&m.data[..], &lin.name)?,
+                },
                 scales: gpu.upload(&m.scales[..], &lin.name)?,
             }),
             _ => DeviceWeight::F32(gpu.upload(&f32_rows(lin), &lin.name)?),
@@ -88,13 +107,13 @@ impl WeightCache {
             bias: opt(&lin.bias)?,
             input_scale: opt(&lin.input_scale)?,
         });
-        map.insert(key(lin), d.clone());
+        map.insert(lin.name.clone(), d.clone());
         Ok(d)
     }
 
     pub fn norm(&self, gpu: &Gpu, norm: &Norm) -> Result<Arc<DeviceNorm>> {
         let mut map = self.norms.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = map.get(&key(norm)) {
+        if let Some(d) = map.get(norm_name(norm)) {
             return Ok(d.clone());
         }
         let d = Arc::new(match norm {
@@ -114,7 +133,7 @@ impl WeightCache {
                 eps: *eps,
             },
         });
-        map.insert(key(norm), d.clone());
+        map.insert(norm_name(norm).to_string(), d.clone());
         Ok(d)
     }
 
@@ -122,21 +141,22 @@ impl WeightCache {
     /// `table.in_features`, dequantized as the CPU's lookup does.
     pub fn embedding(&self, gpu: &Gpu, table: &Linear) -> Result<Arc<DeviceTable>> {
         let mut map = self.tables.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = map.get(&key(table)) {
+        if let Some(d) = map.get(&table.name) {
             return Ok(d.clone());
         }
         let d = Arc::new(DeviceTable {
             data: gpu.upload(&f32_rows(table), &table.name)?,
             rows: table.out_features,
         });
-        map.insert(key(table), d.clone());
+        map.insert(table.name.clone(), d.clone());
         Ok(d)
     }
 
     /// A plain f32 table (learned positions), `dim` floats a row.
     pub fn rows(&self, gpu: &Gpu, table: &[f32], dim: usize) -> Result<Arc<DeviceTable>> {
         let mut map = self.tables.lock().unwrap_or_else(|e| e.into_inner());
-        let k = table.as_ptr() as usize;
+        // A model has one learned position table.
+        let k = "position table".to_string();
         if let Some(d) = map.get(&k) {
             return Ok(d.clone());
         }
@@ -148,11 +168,31 @@ impl WeightCache {
         Ok(d)
     }
 
+    /// Bytes of an uploaded linear's device copy.
+    pub fn linear_bytes(d: &DeviceLinear) -> usize {
+        let w = match &d.weight {
+            DeviceWeight::Int8(m) => m.n * m.k_padded + m.n * 4,
+            DeviceWeight::F32(_) => d.n * d.k * 4,
+        };
+        w + 4 * (d.bias.as_ref().map_or(0, |_| d.n) + d.input_scale.as_ref().map_or(0, |_| d.k))
+    }
+
+    /// Drops the device copy of the linear named `name` (an expert leaving its slot); the
+    /// memory returns to the device when no running step still holds it.
+    pub fn release_linear(&self, name: &str) {
+        self.linears
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+    }
+
     /// Uploads every weight of `model` now, so a step never allocates weights (and running
     /// out of device memory is an error at load, naming the tensor).
-    pub fn preload(&self, gpu: &Gpu, model: &crate::Model) -> Result<()> {
+    /// With `routed_experts` false the routed experts are left to the expert tier.
+    pub fn preload(&self, gpu: &Gpu, model: &crate::Model, routed_experts: bool) -> Result<()> {
         use crate::model::weights::Ffn;
         let w = &model.weights;
+        check_unique_names(model)?;
         self.embedding(gpu, &w.embed)?;
         for lin in [&w.project_in, &w.project_out].into_iter().flatten() {
             self.linear(gpu, lin)?;
@@ -173,10 +213,8 @@ impl WeightCache {
                     if let Some(s) = &b.shared {
                         self.linear(gpu, &s.gate)?;
                     }
-                    b.experts
-                        .iter()
-                        .chain(b.shared.iter().map(|s| &s.mlp))
-                        .collect()
+                    let routed = b.experts.iter().filter(|_| routed_experts);
+                    routed.chain(b.shared.iter().map(|s| &s.mlp)).collect()
                 }
                 Ffn::Gated(m) => vec![m],
                 Ffn::Plain(m) => {
@@ -192,5 +230,22 @@ impl WeightCache {
             }
         }
         Ok(())
+    }
+}
+
+/// Device copies are found by name, so two different tensors under one name would silently
+/// share a copy: refuse such a model.
+fn check_unique_names(model: &crate::Model) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    let dup = model
+        .weights
+        .linears()
+        .into_iter()
+        .find(|lin| !seen.insert(lin.name.as_str()));
+    match dup.map(|lin| &lin.name) {
+        Some(name) => Err(crate::error::Error::invalid(format!(
+            "the CUDA backend finds weights by name, and two tensors are named {name:?}"
+        ))),
+        None => Ok(()),
     }
 }
