@@ -114,7 +114,9 @@ pub fn run(a: ProfileArgs) -> anyhow::Result<()> {
 /// every one is in RAM).
 fn write_svg(engine: &Engine, profile: &PathProfile, path: &Path) -> anyhow::Result<()> {
     let model = engine.model();
-    let (map, _) = engine.experts.heat_map(model, &profile.counts);
+    let (map, _) = engine
+        .experts
+        .heat_map(model, &profile.counts, |_, _| false);
     let title = format!(
         "{}: tokens routed per expert ({} tokens)",
         Path::new(&model.source).file_name().map_or_else(

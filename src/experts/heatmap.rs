@@ -11,7 +11,7 @@ use std::fmt::Write;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
-    /// On the accelerator (no backend keeps experts there yet: never reported today).
+    /// In a slot of the engine's device expert tier (`Engine::with_tier`).
     Gpu,
     /// In memory: used in place (no `--mem`), or in a cache slot.
     Ram,

@@ -288,14 +288,21 @@ impl ExpertService {
     }
 
     /// The heat map of `counts` (tokens routed, per model layer and expert) with where each
-    /// expert is now: in RAM when used in place, else in a cache slot (RAM) or only in the file
+    /// expert is now: on the GPU where `on_device(layer, expert)` (the engine's device tier
+    /// holds it), else in RAM when used in place, else in a cache slot (RAM) or only in the file
     /// (storage). When paging, also each cell's reads from the file, row for row.
-    pub fn heat_map(&self, model: &Model, counts: &[Vec<u64>]) -> (HeatMap, Option<Vec<Vec<u64>>>) {
+    pub fn heat_map(
+        &self,
+        model: &Model,
+        counts: &[Vec<u64>],
+        on_device: impl Fn(usize, usize) -> bool,
+    ) -> (HeatMap, Option<Vec<Vec<u64>>>) {
         let e_n = model.config.num_experts;
         let residency = self.pager.as_ref().map(Pager::residency);
         let at = |l: usize, e: usize| residency.as_ref()?.get(l * e_n + e).copied();
         let map = HeatMap::new(heatmap::moe_layers(model), e_n, counts, |l, e| {
             match at(l, e) {
+                _ if on_device(l, e) => Tier::Gpu,
                 Some((false, _)) => Tier::Storage,
                 _ => Tier::Ram,
             }

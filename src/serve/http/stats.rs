@@ -46,11 +46,14 @@ pub fn render<T>(sched: &Scheduler<T>, chat_template: bool) -> Value {
 }
 
 /// The heat map and the expert cache's counters (`cache` and `prediction` are `null` when
-/// the experts are used in place).
+/// the experts are used in place, `device` when the engine has no device expert tier).
 fn experts<T>(sched: &Scheduler<T>, counts: &[Vec<u64>]) -> Value {
     let engine = sched.engine();
     let model = engine.model();
-    let (map, reads) = engine.experts.heat_map(model, counts);
+    let device = engine.tier();
+    let (map, reads) = engine.experts.heat_map(model, counts, |l, e| {
+        device.is_some_and(|t| t.is_resident((l, e)))
+    });
     let tokens = engine.stats.snapshot().tokens;
     let prediction = engine.experts.prediction().map(|p| {
         json!({
@@ -68,6 +71,61 @@ fn experts<T>(sched: &Scheduler<T>, counts: &[Vec<u64>]) -> Value {
         "map": map,
         "reads": reads,
         "cache": engine.experts.cache_stats(tokens),
+        "device": device.map(|t| t.stats()),
         "prediction": prediction,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{BatchItem, Engine, Logits};
+    use crate::experts::tier::{ExpertTier, Placement};
+    use crate::model::Model;
+    use crate::serve::scheduler::SchedulerOptions;
+    use std::sync::Arc;
+
+    fn tiers(v: &Value) -> Vec<String> {
+        v["experts"]["map"]["tiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter())
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// An engine with a device expert tier (a CPU backend in the device's role, as in
+    /// tests/tiers.rs) reports the experts its slots hold as on the GPU, and only those.
+    #[test]
+    fn device_tier_experts_show_as_gpu() {
+        let model = Arc::new(Model::builtin_default());
+        let (layers, experts) = (model.config.num_layers, model.config.num_experts);
+        let tier = ExpertTier::new(3, layers, experts, Placement::Gpu, false);
+        let engine = Engine::new(model.clone(), 1)
+            .unwrap()
+            .with_tier(tier, 1)
+            .unwrap();
+        let tokens = model.tokenizer.encode("the cat sat", false).unwrap();
+        let mut cache = engine.new_cache();
+        engine
+            .forward(&mut [BatchItem {
+                tokens: &tokens,
+                cache: &mut cache,
+                logits: Logits::Last,
+            }])
+            .unwrap();
+        let sched: Scheduler<()> = Scheduler::new(&engine, SchedulerOptions::default());
+        let v = render(&sched, false);
+        let t = tiers(&v);
+        assert_eq!(t.iter().filter(|t| *t == "gpu").count(), 3, "{t:?}");
+        assert_eq!(t.iter().filter(|t| *t == "ram").count(), t.len() - 3);
+        assert_eq!(v["experts"]["device"]["resident"], 3);
+        // Without the tier, nothing is on the GPU.
+        let plain = Engine::new(model, 1).unwrap();
+        let sched: Scheduler<()> = Scheduler::new(&plain, SchedulerOptions::default());
+        let v = render(&sched, false);
+        assert!(v["experts"]["device"].is_null());
+        assert!(tiers(&v).iter().all(|t| t == "ram"));
+    }
 }
