@@ -22,6 +22,9 @@ pub struct ProfileArgs {
     /// Where the statistics go (JSON).
     #[arg(long)]
     pub out: PathBuf,
+    /// Also draw the expert heat map (tokens routed per layer and expert) as an SVG here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
     /// Held-out text to measure next-layer prediction on.
     #[arg(long)]
     pub heldout: Option<PathBuf>,
@@ -76,6 +79,9 @@ pub fn run(a: ProfileArgs) -> anyhow::Result<()> {
     let profile = engine.experts.paths.snapshot();
     profile.save(&a.out)?;
     eprintln!("{} tokens profiled → {}", profile.tokens, a.out.display());
+    if let Some(svg) = &a.svg {
+        write_svg(&engine, &profile, svg)?;
+    }
     let Some(heldout) = &a.heldout else {
         return Ok(());
     };
@@ -109,6 +115,26 @@ pub fn run(a: ProfileArgs) -> anyhow::Result<()> {
     let path = a.out.with_extension("prediction.json");
     std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
     eprintln!("prediction quality → {}", path.display());
+    Ok(())
+}
+
+/// The profile's heat map, drawn as the dashboard draws it (experts run in place here, so
+/// every one is in RAM).
+fn write_svg(engine: &Engine, profile: &PathProfile, path: &Path) -> anyhow::Result<()> {
+    let model = engine.model();
+    let (map, _) = engine
+        .experts
+        .heat_map(model, &profile.counts, |_, _| false);
+    let title = format!(
+        "{}: tokens routed per expert ({} tokens)",
+        Path::new(&model.source).file_name().map_or_else(
+            || model.source.clone(),
+            |n| n.to_string_lossy().into_owned()
+        ),
+        profile.tokens
+    );
+    std::fs::write(path, map.to_svg(&title)).with_context(|| format!("{}", path.display()))?;
+    eprintln!("heat map → {}", path.display());
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 pub mod blockio;
 pub mod budget;
 pub(crate) mod counters;
+pub mod heatmap;
 pub mod pager;
 pub mod paths;
 pub mod predict;
@@ -20,6 +21,7 @@ use crate::model::weights::{Ffn, GatedMlp, MoeBlock};
 use crate::model::Model;
 use budget::{FixedCosts, MemBudget, SlotPlan};
 use counters::CacheStats;
+use heatmap::{HeatMap, Tier};
 use pager::{Pager, PagerOptions};
 use paths::PathStats;
 use predict::{PredictSource, PredictionCounts, Predictor};
@@ -297,6 +299,35 @@ impl ExpertService {
     /// The pager (paged only).
     pub fn pager(&self) -> Option<&Pager> {
         self.pager.as_ref()
+    }
+
+    /// The heat map of `counts` (tokens routed, per model layer and expert) with where each
+    /// expert is now: on the GPU where `on_device(layer, expert)` (the engine's device tier
+    /// holds it), else in RAM when used in place, else in a cache slot (RAM) or only in the file
+    /// (storage). When paging, also each cell's reads from the file, row for row.
+    pub fn heat_map(
+        &self,
+        model: &Model,
+        counts: &[Vec<u64>],
+        on_device: impl Fn(usize, usize) -> bool,
+    ) -> (HeatMap, Option<Vec<Vec<u64>>>) {
+        let e_n = model.config.num_experts;
+        let residency = self.pager.as_ref().map(Pager::residency);
+        let at = |l: usize, e: usize| residency.as_ref()?.get(l * e_n + e).copied();
+        let map = HeatMap::new(heatmap::moe_layers(model), e_n, counts, |l, e| {
+            match at(l, e) {
+                _ if on_device(l, e) => Tier::Gpu,
+                Some((false, _)) => Tier::Storage,
+                _ => Tier::Ram,
+            }
+        });
+        let reads = residency.as_ref().map(|_| {
+            map.layers
+                .iter()
+                .map(|&l| (0..e_n).map(|e| at(l, e).map_or(0, |r| r.1)).collect())
+                .collect()
+        });
+        (map, reads)
     }
 }
 

@@ -13,7 +13,7 @@ use crate::model::weights::{Ffn, GatedMlp, LinearWeight};
 use crate::model::Model;
 use memmap2::Mmap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -73,6 +73,8 @@ struct Inner {
     changed: Condvar,
     verdicts: Vec<OnceLock<std::result::Result<(), String>>>,
     counters: Counters,
+    /// Per block: times it was read from the file (the dashboard's per-expert reads).
+    block_reads: Vec<AtomicU64>,
     slot_bytes: usize,
     policy: Policy,
     paths: Arc<PathStats>,
@@ -153,6 +155,7 @@ impl Pager {
             changed: Condvar::new(),
             verdicts: (0..n_blocks).map(|_| OnceLock::new()).collect(),
             counters: Counters::default(),
+            block_reads: (0..n_blocks).map(|_| AtomicU64::new(0)).collect(),
             slot_bytes,
             policy: opts.policy,
             paths,
@@ -210,6 +213,22 @@ impl Pager {
         self.inner
             .counters
             .snapshot(self.slots(), self.inner.slot_bytes as u64, tokens)
+    }
+
+    /// Per block (`layer * experts + expert`): whether it sits read in a slot now, and how
+    /// many times it has been read from the file.
+    pub fn residency(&self) -> Vec<(bool, u64)> {
+        let st = lock(&self.inner.state);
+        st.at
+            .iter()
+            .zip(&self.inner.block_reads)
+            .map(|(slot, reads)| {
+                let held = slot
+                    .and_then(|s| st.slots.get(s)?.as_ref())
+                    .is_some_and(|s| !s.loading && s.mem.is_some());
+                (held, reads.load(Ordering::Relaxed))
+            })
+            .collect()
     }
 
     /// Runs `run` on experts `ids` of `layer`, at most a cache's worth at a time, with the
@@ -413,6 +432,9 @@ impl Inner {
         .map_err(|e| format!("{}: read failed: {e}", what()))?;
         Counters::add(&self.counters.read_ns, started.elapsed().as_nanos() as u64);
         Counters::add(&self.counters.bytes_read, info.span.len as u64);
+        if let Some(c) = self.block_reads.get(b) {
+            Counters::add(c, 1);
+        }
         self.verdicts[b]
             .get_or_init(|| {
                 let computed = crc32c::crc32c(&mem[..info.span.len]);

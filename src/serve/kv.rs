@@ -122,6 +122,19 @@ pub fn options(engine: &Engine, req: RequestKv, reach: usize) -> Result<KvOption
     Ok(opts)
 }
 
+/// A running request's KV cache for the stats: its policy and budget (tokens), the slots its
+/// fullest layer holds, the bytes it allocated and the evictions it has run.
+pub fn sequence(gen: &crate::engine::generation::Generation) -> Value {
+    let cfg = gen.cache.eviction_config();
+    serde_json::json!({
+        "policy": cfg.map_or("full".to_string(), |c| c.policy.to_string()),
+        "budget": cfg.map(|c| c.budget),
+        "slots": gen.cache.len_tokens(),
+        "allocated_bytes": gen.cache.allocated_bytes(),
+        "evictions": gen.cache.eviction().map_or(0, |e| e.evictions),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

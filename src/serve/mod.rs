@@ -273,13 +273,9 @@ impl<W: Write> Server<'_, W> {
             .sched
             .running()
             .map(|(tag, gen)| {
-                json!({
-                    "id": tag.id,
-                    "policy": gen.cache.eviction_config().map_or("full".to_string(), |c| c.policy.to_string()),
-                    "budget": gen.cache.eviction_config().map(|c| c.budget),
-                    "slots": gen.cache.len_tokens(),
-                    "allocated_bytes": gen.cache.allocated_bytes(),
-                })
+                let mut row = kv::sequence(gen);
+                row["id"] = json!(tag.id);
+                row
             })
             .collect();
         Value::Array(rows)

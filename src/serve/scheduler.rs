@@ -55,6 +55,8 @@ pub struct Counters {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub steps: u64,
+    /// KV-cache evictions of finished requests (see `KvCache::eviction`).
+    pub kv_evictions: u64,
 }
 
 pub struct Scheduler<'e, T> {
@@ -375,6 +377,7 @@ impl<'e, T> Scheduler<'e, T> {
         }
         c.prompt_tokens += out.prompt_tokens as u64;
         c.completion_tokens += out.completion_tokens as u64;
+        c.kv_evictions += job.gen.cache.eviction().map_or(0, |e| e.evictions) as u64;
         emit(&mut job.tag, Event::Done(&out));
         let cache = job.gen.into_cache();
         if self.spare_caches.len() < self.opts.max_batch && cache.allocated_bytes() > 0 {

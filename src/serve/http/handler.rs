@@ -1,6 +1,7 @@
 //! One HTTP request on its own thread: route, check the key, read and validate the body, hand
 //! the request to the scheduler and answer with its replies (whole, or as server-sent events).
 
+use super::dashboard;
 use super::openai::{self, Ids};
 use super::peer::Peer;
 use super::{api_for, Reply, Shared, ToScheduler};
@@ -64,7 +65,9 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
 
 pub(super) fn handle(request: Request, shared: &Shared) {
     let path = request.url().split('?').next().unwrap_or("").to_string();
-    if path != "/health" {
+    // The dashboard's page and script hold no data (they fetch `/v1/stats` with the key the
+    // user types in), and a browser cannot send a bearer header when it opens a URL.
+    if path != "/health" && !dashboard::is_asset(&path) {
         if let Some(key) = &shared.api_key {
             let expected = format!("Bearer {key}");
             let given = request
@@ -92,6 +95,7 @@ pub(super) fn handle(request: Request, shared: &Shared) {
                 send(request, r)
             }
         },
+        (Method::Get, p) if dashboard::is_asset(p) => page(request, p),
         (_, _) if ready.is_none() => fail(request, 503, "loading", "the model is still loading"),
         (Method::Get, "/v1/models") => {
             let id = ready.map_or("", |r| r.model_id.as_str());
@@ -101,12 +105,17 @@ pub(super) fn handle(request: Request, shared: &Shared) {
             )
         }
         (Method::Get, "/metrics") => metrics(request, shared),
+        (Method::Get, "/v1/stats") => stats(request, shared, ready.map_or("", |r| &r.model_id)),
         (Method::Post, p) if api_for(p).is_some() => {
             let api = api_for(p).unwrap_or(Api::Completions);
             let model = ready.map_or("", |r| r.model_id.as_str()).to_string();
             complete(request, shared, api, &model)
         }
-        (_, p) if api_for(p).is_some() || ["/health", "/v1/models", "/metrics"].contains(&p) => {
+        (_, p)
+            if api_for(p).is_some()
+                || dashboard::is_asset(p)
+                || ["/health", "/v1/models", "/metrics", "/v1/stats"].contains(&p) =>
+        {
             fail(
                 request,
                 405,
@@ -131,6 +140,37 @@ fn metrics(request: Request, shared: &Shared) {
                 "text/plain; version=0.0.4; charset=utf-8",
             )),
         ),
+        Err(_) => fail(request, 503, "unavailable", "the scheduler has stopped"),
+    }
+}
+
+/// A file of the dashboard, with a policy that lets it load nothing from elsewhere.
+fn page(request: Request, path: &str) {
+    let Some(a) = dashboard::asset(path) else {
+        return fail(request, 404, "not_found", &format!("no route {path}"));
+    };
+    let r = Response::from_data(a.body.as_bytes().to_vec())
+        .with_header(header("Content-Type", a.content_type))
+        .with_header(header(
+            "Content-Security-Policy",
+            dashboard::CONTENT_SECURITY_POLICY,
+        ))
+        .with_header(header("X-Content-Type-Options", "nosniff"))
+        .with_header(header("Cache-Control", "no-cache"));
+    send(request, r)
+}
+
+fn stats(request: Request, shared: &Shared, model: &str) {
+    let (tx, rx) = mpsc::channel();
+    if shared.to_scheduler.send(ToScheduler::Stats(tx)).is_err() {
+        return fail(request, 503, "unavailable", "the scheduler has stopped");
+    }
+    match rx.recv() {
+        Ok(mut v) => {
+            v["model"] = json!(model);
+            let r = json_response(200, &v).with_header(header("Cache-Control", "no-store"));
+            send(request, r)
+        }
         Err(_) => fail(request, 503, "unavailable", "the scheduler has stopped"),
     }
 }

@@ -9,10 +9,12 @@
 //! its next token. A streaming handler learns the client left when a write fails; one writing a
 //! whole answer at the end watches the client's socket while it waits (`peer`).
 
+mod dashboard;
 mod handler;
 mod metrics;
 mod openai;
 mod peer;
+mod stats;
 #[cfg(test)]
 mod tests;
 
@@ -77,6 +79,8 @@ enum ToScheduler {
         reply: mpsc::Sender<Reply>,
     },
     Metrics(mpsc::Sender<String>),
+    /// The dashboard's stats (`GET /v1/stats`).
+    Stats(mpsc::Sender<serde_json::Value>),
 }
 
 /// What the scheduler sends a handler.
@@ -249,6 +253,9 @@ fn take(
     match m {
         ToScheduler::Metrics(reply) => {
             let _ = reply.send(metrics::render(sched));
+        }
+        ToScheduler::Stats(reply) => {
+            let _ = reply.send(stats::render(sched, chat.is_some()));
         }
         ToScheduler::Submit { req, index, reply } => {
             let gen = match super::prepare(sched.engine(), chat, &req) {
