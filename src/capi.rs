@@ -496,6 +496,13 @@ pub unsafe extern "C" fn edgemoe_generate(
             )
         };
         let request = generate_request(prompt, &params.unwrap_or_default())?;
+        // A sticky device failure fails every later step: say so up front.
+        if let Some(reason) = crate::backend::health::unusable() {
+            return Err(Failure {
+                code: EDGEMOE_ERR_INTERNAL,
+                message: reason.to_string(),
+            });
+        }
         session.cancel.store(false, Ordering::Release);
         let mut piece_buf = Vec::new();
         let out = generate(&session.engine, &request, |piece| {

@@ -4,9 +4,9 @@
 //! reference and the first-class path.
 
 pub mod cpu;
-pub mod health;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod health;
 pub mod select;
 
 pub use select::{engine_for, BackendChoice};

@@ -132,6 +132,19 @@ pub fn stats_line(engine: &Engine) -> String {
             plan.fixed.kv.bytes_per_token,
         );
     }
+    if let Some(t) = engine.tier().map(|t| t.stats()) {
+        line += &format!(
+            "; GPU tier: {} slots, hits {}, misses {} ({} fetched, {} run on the CPU), {} prefetched, {} copied at {:.1} GB/s",
+            t.slots,
+            t.hits,
+            t.misses,
+            t.fetched,
+            t.host_runs,
+            t.prefetched,
+            human(t.bytes_copied),
+            t.copy_gb_per_s,
+        );
+    }
     if let Some(p) = engine.experts.prediction() {
         line += &format!(
             "; next-layer prediction recall {:.1}%, precision {:.1}%",
@@ -140,4 +153,37 @@ pub fn stats_line(engine: &Engine) -> String {
         );
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stats_line;
+    use crate::engine::{BatchItem, Logits};
+    use crate::experts::tier::{ExpertTier, Placement};
+    use crate::{Engine, Model};
+    use std::sync::Arc;
+
+    #[test]
+    fn stats_report_the_gpu_tier() {
+        let model = Arc::new(Model::builtin_default());
+        let cfg = &model.config;
+        let tier = ExpertTier::new(2, cfg.num_layers, cfg.num_experts, Placement::Gpu, false);
+        let engine = Engine::new(model.clone(), 1)
+            .unwrap()
+            .with_tier(tier, 1)
+            .unwrap();
+        let mut cache = engine.new_cache();
+        engine
+            .forward(&mut [BatchItem {
+                tokens: &[1, 2, 3, 4, 5],
+                cache: &mut cache,
+                logits: Logits::Last,
+            }])
+            .unwrap();
+        let s = engine.tier().unwrap().stats();
+        assert!(s.misses > 0 && s.fetched > 0, "{s:?}");
+        let line = stats_line(&engine);
+        let want = format!("GPU tier: 2 slots, hits {}, misses {}", s.hits, s.misses);
+        assert!(line.contains(&want), "{line}");
+    }
 }

@@ -212,6 +212,12 @@ impl<'e, T> Scheduler<'e, T> {
                 j.gen.fail_with(reason);
             }
         }
+        // After a sticky device failure every step would fail: end the requests with the reason.
+        if let Some(reason) = crate::backend::health::unusable() {
+            for j in &mut self.active {
+                j.gen.fail_with(reason.to_string());
+            }
+        }
         self.retire(emit);
         if self.active.is_empty() {
             return;

@@ -36,7 +36,11 @@ impl DeviceRows {
     /// A device copy of host rows (`cols` values a row).
     pub fn from_host(backend: &CudaBackend, data: &[f32], cols: usize) -> DeviceRows {
         let rows = data.len() / cols.max(1);
-        DeviceRows::new(must_on(&backend.gpu, backend.gpu.upload(data, "activations")), rows, cols)
+        DeviceRows::new(
+            must_on(&backend.gpu, backend.gpu.upload(data, "activations")),
+            rows,
+            cols,
+        )
     }
 
     fn new(data: CudaSlice<f32>, rows: usize, cols: usize) -> DeviceRows {
@@ -391,11 +395,7 @@ impl Backend for CudaBackend {
     }
 
     fn to_host<'a>(&self, x: &'a DeviceRows) -> Cow<'a, [f32]> {
-        Cow::Owned(self.must(self.gpu.download(
-            &x.data,
-            x.rows * x.cols,
-            "activations",
-        )))
+        Cow::Owned(self.must(self.gpu.download(&x.data, x.rows * x.cols, "activations")))
     }
 
     fn select_rows(&self, x: &DeviceRows, rows: &[usize]) -> DeviceRows {
@@ -547,7 +547,11 @@ impl Backend for CudaBackend {
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> DeviceRows {
-        self.act(self.must(self.gpu.zeros(rows * cols, "activations")), rows, cols)
+        self.act(
+            self.must(self.gpu.zeros(rows * cols, "activations")),
+            rows,
+            cols,
+        )
     }
 
     /// One stream: tasks run one after another (each already fills the device).

@@ -86,7 +86,17 @@ pub(super) fn handle(request: Request, shared: &Shared) {
         }
     }
     let ready = shared.ready.get();
+    let broken = crate::backend::health::unusable();
     match (request.method(), path.as_str()) {
+        // A sticky device failure: every request would fail, so the replica says so (a load
+        // balancer then sends work elsewhere) and refuses work with the reason.
+        (Method::Get, "/health") if broken.is_some() => send(
+            request,
+            json_response(503, &json!({"status": "unhealthy", "reason": broken})),
+        ),
+        (Method::Post, p) if broken.is_some() && api_for(p).is_some() => {
+            fail(request, 503, "unhealthy", broken.unwrap_or_default())
+        }
         (Method::Get, "/health") => match ready {
             Some(_) => send(request, json_response(200, &json!({"status": "ok"}))),
             None => {

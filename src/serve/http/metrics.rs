@@ -131,6 +131,55 @@ pub fn render<T>(sched: &Scheduler<T>) -> String {
         "Tokens routed to each expert of each MoE layer.",
         &experts,
     );
+    if let Some(t) = engine.tier().map(|t| t.stats()) {
+        let tier = [
+            (
+                "edgemoe_gpu_expert_hits_total",
+                "counter",
+                "Routed experts found in a GPU slot.",
+                t.hits as f64,
+            ),
+            (
+                "edgemoe_gpu_expert_misses_total",
+                "counter",
+                "Routed experts not in a GPU slot.",
+                t.misses as f64,
+            ),
+            (
+                "edgemoe_gpu_experts_fetched_total",
+                "counter",
+                "Missed experts copied into a GPU slot.",
+                t.fetched as f64,
+            ),
+            (
+                "edgemoe_cpu_expert_runs_total",
+                "counter",
+                "Missed experts run on the CPU beside the GPU.",
+                t.host_runs as f64,
+            ),
+            (
+                "edgemoe_gpu_expert_prefetches_total",
+                "counter",
+                "Experts copied to the GPU ahead of need.",
+                t.prefetched as f64,
+            ),
+            (
+                "edgemoe_gpu_expert_bytes_copied_total",
+                "counter",
+                "Expert bytes copied to the GPU.",
+                t.bytes_copied as f64,
+            ),
+            (
+                "edgemoe_gpu_expert_slots",
+                "gauge",
+                "GPU expert slots.",
+                t.slots as f64,
+            ),
+        ];
+        for (name, kind, help, v) in tier {
+            family(&mut out, name, kind, help, &one(v));
+        }
+    }
     if let Some(rss) = crate::util::memory::rss_bytes() {
         family(
             &mut out,
