@@ -123,6 +123,11 @@ typedef struct EdgemoeSessionParams {
     // lazy: a token's attention at a step is significant above this many times the uniform
     // share, averaged over the heads; finite and > 0. Default 8.
     float kv_threshold;
+    // GPU memory in bytes for the GPU expert tier (non-expert weights, KV, workspaces, the
+    // rest expert slots); 0 means none (the session runs on the CPU). Needs a build with the
+    // `cuda` feature and a GPU; otherwise edgemoe_session_new fails with
+    // EDGEMOE_ERR_INVALID_INPUT naming why.
+    uint64_t gpu_mem_bytes;
 } EdgemoeSessionParams;
 
 // Options for edgemoe_generate; start from edgemoe_generate_default_params().
@@ -205,6 +210,12 @@ int edgemoe_session_free(struct EdgemoeSession *session);
 // (nothing restarts). Too small a budget gives EDGEMOE_ERR_INVALID_INPUT (the message names
 // the smallest workable value) and leaves the cache as it was.
 int edgemoe_session_set_mem(struct EdgemoeSession *session, uint64_t mem_bytes);
+
+// Changes the GPU expert tier's budget of a session created with `gpu_mem_bytes` > 0 to
+// `gpu_mem_bytes`: slots are given back or added at once (between steps of a generation running
+// on another thread). Too small a budget, or a session without the tier, gives
+// EDGEMOE_ERR_INVALID_INPUT and leaves the tier as it was.
+int edgemoe_session_set_gpu_mem(struct EdgemoeSession *session, uint64_t gpu_mem_bytes);
 
 // Asks the generation running on `session` to stop after its current token; that
 // edgemoe_generate returns EDGEMOE_ERR_CANCELLED. Safe to call from any thread at any time,

@@ -101,6 +101,11 @@ pub struct EdgemoeSessionParams {
     /// lazy: a token's attention at a step is significant above this many times the uniform
     /// share, averaged over the heads; finite and > 0. Default 8.
     pub kv_threshold: f32,
+    /// GPU memory in bytes for the GPU expert tier (non-expert weights, KV, workspaces, the
+    /// rest expert slots); 0 means none (the session runs on the CPU). Needs a build with the
+    /// `cuda` feature and a GPU; otherwise edgemoe_session_new fails with
+    /// EDGEMOE_ERR_INVALID_INPUT naming why.
+    pub gpu_mem_bytes: u64,
 }
 
 impl Default for EdgemoeSessionParams {
@@ -115,6 +120,7 @@ impl Default for EdgemoeSessionParams {
             kv_window: kv.window as u32,
             kv_sinks: kv.sinks as u32,
             kv_threshold: kv.threshold,
+            gpu_mem_bytes: 0,
         }
     }
 }
@@ -304,6 +310,15 @@ pub unsafe extern "C" fn edgemoe_session_new(
                 options: kv,
                 ..crate::kv::KvDemand::default()
             });
+        if params.gpu_mem_bytes > 0 {
+            builder = builder.backend(crate::BackendChoice::Cuda).device_tier(
+                crate::engine::builder::DeviceTierOptions {
+                    mem: crate::experts::budget::MemBudget::Bytes(params.gpu_mem_bytes),
+                    placement: crate::experts::tier::Placement::Auto,
+                    prefetch: true,
+                },
+            );
+        }
         if params.mem_bytes > 0 {
             builder = builder.paging(crate::experts::PagingOptions::with_budget(
                 crate::experts::budget::MemBudget::Bytes(params.mem_bytes),
@@ -312,7 +327,7 @@ pub unsafe extern "C" fn edgemoe_session_new(
         // The thread count and KV options were checked above, so what can still fail is the
         // budget (the caller's input) or starting the worker threads (an internal failure).
         let engine = builder.build().map_err(|e| Failure {
-            code: if params.mem_bytes > 0 {
+            code: if params.mem_bytes > 0 || params.gpu_mem_bytes > 0 {
                 EDGEMOE_ERR_INVALID_INPUT
             } else {
                 EDGEMOE_ERR_INTERNAL
@@ -347,6 +362,25 @@ pub extern "C" fn edgemoe_session_set_mem(session: *mut EdgemoeSession, mem_byte
     guard(|| {
         let s = support::session(session.addr())?;
         s.engine.experts.set_mem(mem_bytes).map_err(|e| Failure {
+            code: EDGEMOE_ERR_INVALID_INPUT,
+            message: e.to_string(),
+        })?;
+        Ok(())
+    })
+}
+
+/// Changes the GPU expert tier's budget of a session created with `gpu_mem_bytes` > 0 to
+/// `gpu_mem_bytes`: slots are given back or added at once (between steps of a generation running
+/// on another thread). Too small a budget, or a session without the tier, gives
+/// EDGEMOE_ERR_INVALID_INPUT and leaves the tier as it was.
+#[no_mangle]
+pub extern "C" fn edgemoe_session_set_gpu_mem(
+    session: *mut EdgemoeSession,
+    gpu_mem_bytes: u64,
+) -> c_int {
+    guard(|| {
+        let s = support::session(session.addr())?;
+        s.engine.set_gpu_mem(gpu_mem_bytes).map_err(|e| Failure {
             code: EDGEMOE_ERR_INVALID_INPUT,
             message: e.to_string(),
         })?;

@@ -226,6 +226,12 @@ fn c_program_generates_what_the_rust_api_generates() {
     r.code("kv_tiny_session_rc", 0);
     r.code("kv_tiny_generate_rc", 4);
     assert!(r.get("kv_tiny_generate_error").contains("too small"));
+    // The C test builds against the default (no `cuda`) library: a GPU tier is refused.
+    r.code("gpu_mem_session_rc", 4);
+    assert!(r.get("gpu_mem_session_error").contains("cuda"));
+    assert_eq!(r.get("gpu_mem_session_null"), "1");
+    r.code("set_gpu_mem_rc", 4);
+    assert!(r.get("set_gpu_mem_error").contains("--gpu-mem"));
 
     // Tokenize and detokenize agree with the Rust tokenizer; short buffers report the size.
     let ids: Vec<String> = prompt_ids.iter().map(u32::to_string).collect();

@@ -205,3 +205,36 @@ fn resizing_the_tier_between_steps_changes_nothing_computed() {
         assert!(engine.tier().unwrap().stats().evicted > 0);
     }
 }
+
+#[test]
+fn set_gpu_mem_resizes_the_tier_by_bytes() {
+    use edgemoe::experts::tier::DeviceBudget;
+    let model = Arc::new(Model::builtin_default());
+    let cfg = &model.config;
+    let tier = ExpertTier::new(8, cfg.num_layers, cfg.num_experts, Placement::Gpu, false);
+    let plain = Engine::new(model.clone(), 1).unwrap();
+    assert!(
+        plain.set_gpu_mem(1 << 30).is_err(),
+        "an engine without a tier"
+    );
+    let engine = Engine::new(model.clone(), 1)
+        .unwrap()
+        .with_tier(tier, 1)
+        .unwrap();
+    // Sized by slots: there is no budget to plan bytes against.
+    assert!(engine.set_gpu_mem(1 << 30).is_err());
+    engine.tier().unwrap().set_budget(DeviceBudget {
+        fixed: 1000,
+        slot_bytes: 100,
+        top_k: 2,
+    });
+    assert_eq!(engine.set_gpu_mem(1550).unwrap(), 5);
+    assert_eq!(engine.tier().unwrap().stats().slots, 5);
+    let err = engine.set_gpu_mem(1150).unwrap_err().to_string();
+    assert!(err.contains("smallest workable budget is"), "{err}");
+    assert_eq!(
+        engine.tier().unwrap().stats().slots,
+        5,
+        "a refused budget changes nothing"
+    );
+}

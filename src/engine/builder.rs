@@ -220,6 +220,11 @@ fn tiered_engine(
         options.placement,
         options.prefetch,
     );
+    tier.set_budget(crate::experts::tier::DeviceBudget {
+        fixed: plan.fixed,
+        slot_bytes: plan.slot_bytes,
+        top_k: cfg.top_k.max(1),
+    });
     Engine::with_backend(model.clone(), Selected::Cuda(backend)).with_tier(tier, threads)
 }
 

@@ -138,6 +138,19 @@ impl<B: Backend> Engine<B> {
         self.tier.as_ref().map(|t| &t.tier)
     }
 
+    /// Resizes the device tier to a GPU budget of `bytes` between steps (`set_gpu_mem`):
+    /// returns the new slot count; too small a budget is refused and the tier keeps its size.
+    pub fn set_gpu_mem(&self, bytes: u64) -> Result<usize> {
+        let Some(t) = &self.tier else {
+            return Err(Error::invalid(
+                "set_gpu_mem needs the GPU expert tier (start with --gpu-mem)",
+            ));
+        };
+        let slots = t.tier.slots_for(bytes)?;
+        self.set_tier_slots(slots)?;
+        Ok(slots)
+    }
+
     /// Changes the device tier's slot count between steps, giving back the slots of the
     /// experts that leave.
     pub fn set_tier_slots(&self, slots: usize) -> Result<()> {

@@ -207,8 +207,18 @@ pub struct TierStats {
     pub hit_rate: f64,
 }
 
+/// What a device budget must hold besides expert slots, and one slot's size: what resizing the
+/// tier by bytes (`set_gpu_mem`) plans against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceBudget {
+    pub fixed: u64,
+    pub slot_bytes: u64,
+    pub top_k: usize,
+}
+
 /// The device's expert slots and the decisions about them.
 pub struct ExpertTier {
+    budget: Mutex<Option<DeviceBudget>>,
     state: Mutex<State>,
     placement: Placement,
     prefetch: bool,
@@ -225,6 +235,7 @@ impl ExpertTier {
         prefetch: bool,
     ) -> ExpertTier {
         ExpertTier {
+            budget: Mutex::new(None),
             state: Mutex::new(State {
                 capacity: slots,
                 tenants: HashMap::new(),
@@ -243,6 +254,20 @@ impl ExpertTier {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records what the tier was planned against, so it can be resized by bytes.
+    pub fn set_budget(&self, budget: DeviceBudget) {
+        *self.budget.lock().unwrap_or_else(|e| e.into_inner()) = Some(budget);
+    }
+
+    /// The slot count a device budget of `bytes` gives (refused as at start when too small).
+    pub fn slots_for(&self, bytes: u64) -> Result<usize> {
+        let budget = *self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        let b = budget.ok_or_else(|| {
+            Error::invalid("the expert tier was sized by slots, not by a device budget")
+        })?;
+        plan_device_slots(bytes, b.fixed, b.slot_bytes, b.top_k)
     }
 
     pub fn placement(&self) -> Placement {

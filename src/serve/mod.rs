@@ -340,6 +340,19 @@ impl<W: Write> Server<'_, W> {
                         };
                         self.out.write(&reply)
                     }
+                    Ok(Incoming::SetGpuMem { bytes }) => {
+                        let reply = match self.sched.engine().set_gpu_mem(bytes) {
+                            Ok(slots) => json!({
+                                "object": "edgemoe.set_gpu_mem", "bytes": bytes, "slots": slots
+                            }),
+                            Err(e) => json!({"error": {
+                                "message": e.to_string(),
+                                "type": "invalid_request_error",
+                                "code": "set_gpu_mem_refused"
+                            }}),
+                        };
+                        self.out.write(&reply)
+                    }
                     Ok(Incoming::Cancel { id }) => {
                         let out = &mut self.out;
                         if !self

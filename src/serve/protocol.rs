@@ -82,6 +82,10 @@ pub enum Incoming {
     SetMem {
         bytes: u64,
     },
+    /// Changes the GPU expert tier's budget (`--gpu-mem`) to `bytes` while requests run.
+    SetGpuMem {
+        bytes: u64,
+    },
 }
 
 /// An input line we refuse, with the id when we could read one.
@@ -131,7 +135,7 @@ pub fn parse_line(line: &str, next_id: impl FnOnce() -> String) -> Result<Incomi
     }
     if let Some(op) = obj.get("op") {
         let allowed: &[&str] = match op.as_str() {
-            Some("set_mem") => &["op", "bytes"],
+            Some("set_mem") | Some("set_gpu_mem") => &["op", "bytes"],
             _ => &["op"],
         };
         only_fields(obj, allowed).map_err(|(c, m)| BadLine::new(None, c, m))?;
@@ -143,6 +147,14 @@ pub fn parse_line(line: &str, next_id: impl FnOnce() -> String) -> Result<Incomi
                     None,
                     "invalid_type",
                     "`set_mem` needs `bytes`, a non-negative integer",
+                )),
+            },
+            Some("set_gpu_mem") => match obj.get("bytes").and_then(Value::as_u64) {
+                Some(bytes) => Ok(Incoming::SetGpuMem { bytes }),
+                None => Err(BadLine::new(
+                    None,
+                    "invalid_type",
+                    "`set_gpu_mem` needs `bytes`, a non-negative integer",
                 )),
             },
             _ => Err(BadLine::new(None, "unknown_op", format!("unknown op {op}"))),
@@ -658,6 +670,18 @@ mod tests {
 
     fn parse(line: &str) -> Result<Incoming, BadLine> {
         parse_line(line, || "auto-1".into())
+    }
+
+    #[test]
+    fn set_gpu_mem_lines_parse() {
+        assert!(matches!(
+            parse(r#"{"op":"set_gpu_mem","bytes":4096}"#).unwrap(),
+            Incoming::SetGpuMem { bytes: 4096 }
+        ));
+        assert_eq!(
+            parse(r#"{"op":"set_gpu_mem"}"#).unwrap_err().code,
+            "invalid_type"
+        );
     }
 
     #[test]

@@ -245,6 +245,20 @@ int main(int argc, char **argv) {
     printf("kv_tiny_generate_error=%s\n", edgemoe_last_error());
     edgemoe_session_free(tiny_s);
 
+    /* A GPU tier without a GPU build: refused, naming why; no session. */
+    EdgemoeSessionParams gpup = edgemoe_session_default_params();
+    gpup.gpu_mem_bytes = 1u << 30;
+    EdgemoeSession *gpu_s = NULL;
+    printf("gpu_mem_session_rc=%d\n", edgemoe_session_new(model, &gpup, &gpu_s));
+    printf("gpu_mem_session_error=%s\n", edgemoe_last_error());
+    printf("gpu_mem_session_null=%d\n", gpu_s == NULL);
+    /* Resizing a tier a session does not have is refused too. */
+    EdgemoeSession *plain_s = NULL;
+    edgemoe_session_new(model, NULL, &plain_s);
+    printf("set_gpu_mem_rc=%d\n", edgemoe_session_set_gpu_mem(plain_s, 1u << 30));
+    printf("set_gpu_mem_error=%s\n", edgemoe_last_error());
+    edgemoe_session_free(plain_s);
+
     /* Two sessions generating at once on two threads agree with the single-threaded text. */
     struct job *jobs = calloc(2, sizeof *jobs);
     pthread_t threads[2];
