@@ -238,3 +238,37 @@ fn set_gpu_mem_resizes_the_tier_by_bytes() {
         "a refused budget changes nothing"
     );
 }
+
+/// Without the `cuda` feature there is no GPU tier: `--gpu-mem` is refused with the reason (not
+/// silently ignored), by generate and by bench's sweep; `--placement` alone is refused too.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn gpu_mem_without_a_cuda_build_is_refused() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for args in [
+        &["generate", "--prompt", "And", "-n", "2", "--gpu-mem", "50%"][..],
+        &["bench", "--gpu-mem", "50%", "-p", "4", "-n", "4", "-r", "1"][..],
+    ] {
+        let (ok, err) = run(args);
+        assert!(!ok && err.contains("`cuda` feature"), "{args:?}: {err}");
+    }
+    let (ok, err) = run(&[
+        "generate",
+        "--prompt",
+        "And",
+        "-n",
+        "2",
+        "--placement",
+        "cpu",
+    ]);
+    assert!(!ok && err.contains("--gpu-mem"), "{err}");
+}

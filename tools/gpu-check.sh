@@ -17,6 +17,8 @@
 #                int8 engine (top-1 >= 99%, ppl within 0.3%), with its counters and rates
 #   expert_copy  a fetched expert's copy (pinned ring, copy stream) beside a plain
 #                cudaMemcpyAsync from page-locked memory (wanted >= 80%)
+#   tier_bench   `edgemoe bench --gpu-mem 100%,40%,25% --placement auto,gpu,cpu` tok/s and
+#                counters (targets at 40%: >= 50% of all-resident, >= 2x CPU-only and "gpu")
 #   model_bench  `edgemoe bench` decode (tg128) and prefill (pp512) tok/s of
 #                builtin:mixtral-bench (W8A8 rtn) on the GPU and on the CPU
 # Exit status: 0 when every correctness check passed.
@@ -89,6 +91,14 @@ for be in cuda cpu; do
     echo "edgemoe bench --backend $be failed: $(tail -n 3 "$work/model-$be.log")" >&2
 done
 
+echo "== benchmarks: the GPU expert tier (--gpu-mem x --placement) on builtin:mixtral-bench" >&2
+# 100% holds every expert (all resident); 40% and 25% page; "gpu" fetches every miss, "cpu" runs
+# every miss on the CPU, "auto" lets the cost model choose. The CPU-only figure is model-cpu.
+"$bundle/edgemoe" bench --model builtin:mixtral-bench --quant rtn --backend cuda \
+  --gpu-mem 100%,40%,25% --placement auto,gpu,cpu -p 64 -n 64 -r 3 --json \
+  > "$work/tier.json" 2> "$work/tier.log" ||
+  echo "edgemoe bench --gpu-mem failed: $(tail -n 3 "$work/tier.log")" >&2
+
 python3 - "$work" "$tests_rc" > "$out_dir/gpu-check.json" <<'PY'
 import json, os, re, sys
 work, tests_rc = sys.argv[1], int(sys.argv[2])
@@ -138,6 +148,15 @@ def model_bench(be):
         return {"error": open(os.path.join(work, f"model-{be}.log"), errors="replace").read()[-500:]}
     return {"backend": j.get("backend"),
             "tokens_per_s": {r["test"]: r["tokens_per_s"]["mean"] for r in j.get("results", [])}}
+def tier_bench():
+    try:
+        rows = json.load(open(os.path.join(work, "tier.json")))
+    except (OSError, ValueError):
+        return {"error": open(os.path.join(work, "tier.log"), errors="replace").read()[-500:]}
+    med = lambda v: sorted(v)[len(v) // 2] if v else None
+    return [{"gpu_mem": r["gpu_mem"], "placement": r["placement"], "backend": r["backend"],
+             "tg_tokens_per_s": med(r["tg_tokens_per_s"]), "pp_tokens_per_s": med(r["pp_tokens_per_s"]),
+             "tier": r["tier"]} for r in rows]
 big = [g for g in gemm if g["m"] >= 512]
 report = {
     "device": open(os.path.join(work, "device.txt")).read().strip(),
@@ -147,6 +166,7 @@ report = {
     "copy": copy[0] if copy else None,
     "expert_copy": next((r for r in lines("bench.log", "BENCH ") if r["bench"] == "expert_copy"), None),
     "tier_check": lines("tests.log", "TIER_CHECK "),
+    "tier_bench": tier_bench(),
     "gemv": gemv,
     "model_bench": {"builtin:mixtral-bench": {"gpu": model_bench("cuda"), "cpu": model_bench("cpu")}},
     "targets": {

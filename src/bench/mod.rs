@@ -8,6 +8,7 @@
 pub(crate) mod paging;
 pub(crate) mod plot;
 pub(crate) mod report;
+pub(crate) mod tier;
 
 use crate::engine::{BatchItem, Engine, Logits};
 use crate::error::Result;

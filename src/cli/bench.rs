@@ -83,6 +83,13 @@ pub struct BenchArgs {
     /// I/O threads that prefetch (with --mem).
     #[arg(long = "io-threads", default_value_t = 2)]
     pub io_threads: usize,
+    /// GPU expert tier budgets to sweep (comma separated, e.g. 100%,40%,8G; needs the cuda
+    /// feature): prefill and decode tokens/s and the tier's counters per budget × placement.
+    #[arg(long = "gpu-mem", value_delimiter = ',')]
+    pub gpu_mem: Vec<crate::experts::budget::MemBudget>,
+    /// Placements to sweep with --gpu-mem.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "auto")]
+    pub placement: Vec<crate::experts::tier::Placement>,
 }
 
 /// Sequences one point may decode together (serve's --max-batch limit).
@@ -141,6 +148,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     let model = Arc::new(model);
     check_context(&a, &model)?;
+    if !a.gpu_mem.is_empty() {
+        return run_tier(&a, model);
+    }
     if !a.mem.is_empty() {
         return run_paging(&a, model);
     }
@@ -243,6 +253,48 @@ fn run_paging(a: &BenchArgs, model: Arc<crate::Model>) -> anyhow::Result<()> {
     if let Some(path) = &a.plot {
         plot(path, &rows)?;
         eprintln!("plot written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// `--gpu-mem`: one engine with the GPU expert tier per budget × placement.
+fn run_tier(a: &BenchArgs, model: Arc<crate::Model>) -> anyhow::Result<()> {
+    use crate::bench::tier::{run_tiered, table};
+    if !a.mem.is_empty() {
+        anyhow::bail!("bench sweeps --gpu-mem or --mem, not both at once");
+    }
+    let prompt = a.prompt.first().copied().unwrap_or(64);
+    let gen = a.gen.first().copied().unwrap_or(64);
+    let mut rows = Vec::new();
+    for &mem in &a.gpu_mem {
+        for &placement in &a.placement {
+            let kv = crate::kv::KvDemand {
+                options: a.kv.options()?,
+                reach: prompt.max(1) + gen,
+                sequences: 1,
+            };
+            let engine = crate::EngineBuilder::new(model.clone())
+                .backend(a.backend)
+                .threads(a.threads.first().copied().unwrap_or(0))
+                .kv_demand(kv)
+                .device_tier(crate::engine::builder::DeviceTierOptions {
+                    mem,
+                    placement,
+                    prefetch: true,
+                })
+                .build()?;
+            let label = match mem {
+                crate::experts::budget::MemBudget::Bytes(b) => crate::experts::budget::human(b),
+                crate::experts::budget::MemBudget::Percent(p) => format!("{p}%"),
+            };
+            rows.push(run_tiered(&engine, label, placement, prompt, gen, a.reps)?);
+            eprintln!("{}", super::paging::stats_line(&engine));
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", table(&rows));
     }
     Ok(())
 }
