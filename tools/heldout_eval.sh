@@ -93,10 +93,11 @@ if [ $do_kv = 1 ]; then
 fi
 
 if [ $do_quant = 1 ]; then
-  res=$out/results-quant.jsonl
+  res=$out/${QUANT_OUT:-results-quant}.jsonl
   : >"$res"
   echo "== quantization" >&2
-  for m in rtn smooth gptq haq; do
+  tag=${QUANT_TAG:-} # a label suffix for runs of other QUANT_BYTES
+  for m in ${QUANT_METHODS:-rtn smooth gptq haq}; do
     emoe=$out/smollm2-$m.emoe
     if [ "${REQUANT:-0}" = 1 ] || [ ! -s "$emoe" ] || [ ! -s "$out/time-$m.txt" ]; then
       echo "  quantize $m" >&2
@@ -107,8 +108,10 @@ if [ $do_quant = 1 ]; then
   for text in tune-kjv $held; do
     [ "$text" = recall ] && continue # generated facts between report prose: a KV text
     for ctx in 256 1024; do
-      run "$text" "$MODEL" f32 $ctx
-      for m in rtn smooth gptq haq; do run "$text" "$out/smollm2-$m.emoe" $m $ctx; done
+      run "$text" "$MODEL" "f32$tag" $ctx
+      for m in ${QUANT_METHODS:-rtn smooth gptq haq}; do
+        run "$text" "$out/smollm2-$m.emoe" "$m$tag" $ctx
+      done
     done
   done
 fi
@@ -151,13 +154,22 @@ if any(r["config"] == "full" for r in rows):
     v = {t: by[(t, "lazy 50%", 2048)]["seconds"] / by[(t, "full", 2048)]["seconds"]
          for t in texts if (t, "lazy 50%", 2048) in by and (t, "full", 2048) in by}
     line("scoring time lazy 50% / full", v, fmt="{:.2f}")
-if any(r["config"] == "f32" for r in rows):
+tags = []
+for r in rows:
+    if r["config"].startswith("f32"):
+        t = r["config"][3:]
+        if t not in tags:
+            tags.append(t)
+for tag in tags:
     for ctx in [256, 1024]:
-        line(f"f32: ppl (ctx {ctx})", {t: by[(t, "f32", ctx)]["ppl"] for t in texts
-                                      if (t, "f32", ctx) in by}, fmt="{:.3f}")
+        line(f"f32{tag}: ppl (ctx {ctx})", {t: by[(t, "f32" + tag, ctx)]["ppl"] for t in texts
+                                           if (t, "f32" + tag, ctx) in by}, fmt="{:.3f}")
         for m in ["rtn", "smooth", "gptq", "haq"]:
-            line(f"{m} ctx {ctx}: Δppl", delta(m, "f32", ctx))
+            if any(r["config"] == m + tag for r in rows):
+                line(f"{m}{tag} ctx {ctx}: Δppl", delta(m + tag, "f32" + tag, ctx))
+if tags:
     f32_bytes = 134515008 * 4  # SmolLM2-135M's parameters (tied head once) in f32
+    print()
     for m in ["rtn", "smooth", "gptq", "haq"]:
         try:
             t = open(os.path.join(out, f"time-{m}.txt")).read()
@@ -165,7 +177,9 @@ if any(r["config"] == "f32" for r in rows):
             continue
         wall = re.search(r"Elapsed \(wall clock\).*: (\S+)", t).group(1)
         kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1))
-        print(f"\nquantize {m}: wall {wall}, peak RSS {kb * 1024 / f32_bytes:.2f}× the f32 weights")
+        cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): (\S+)", t))
+        print(f"quantize {m}: wall {wall}, CPU {cpu:.0f} s, peak RSS {kb / 1024:.0f} MiB = "
+              f"{kb * 1024 / f32_bytes:.2f}× the f32 weights")
 runs = {(r["text"], r["ctx"]): (r["tokens"], r["windows"]) for r in rows}
 print("\nwindows per text: " + ", ".join(f"{t} ctx {c}: {w} ({n} tokens)"
                                          for (t, c), (n, w) in sorted(runs.items())))

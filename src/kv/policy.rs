@@ -101,8 +101,9 @@ pub const DEFAULT_WINDOW: usize = 64;
 /// TUNING text tools/data/recall.txt, its first half (issue 19). Issue 29 swept it on that
 /// text's first 2048-token window (SmolLM2-135M, ctx 2048): ppl at a 25% budget 10.99 at 4×,
 /// 9.78 at 8×, 9.58 at 16×, 10.39 at 32×; at 50% all within 0.3%. 16× did not carry over to
-/// the held-out texts (25%: +3.61% mean against 8×'s +3.10%, docs/BENCHMARKS.md), so 8× stays:
-/// one window was too little tuning text to move a default on.
+/// the held-out texts (25%: worse on prose, play and docs, mean of the four non-recall texts
+/// +3.61% against 8×'s +3.32%; docs/BENCHMARKS.md), so 8× stays: one window of one kind of
+/// text was too little tuning text to move a default on.
 pub const DEFAULT_THRESHOLD: f32 = 8.0;
 
 /// Share of the budget kept as the most recent tokens by every policy (at least the observation
