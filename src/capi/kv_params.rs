@@ -69,6 +69,7 @@ pub(super) fn kv_options(p: &EdgemoeSessionParams) -> CResult<KvOptions> {
         window: p.kv_window as usize,
         sinks: p.kv_sinks as usize,
         threshold: p.kv_threshold,
+        recent: crate::kv::policy::DEFAULT_RECENT,
     };
     // What is left to check (a token budget below the sinks and two windows) names the sizes.
     if let Err(e) = opts.validate() {

@@ -23,6 +23,10 @@ pub struct KvArgs {
     /// share (1 / visible tokens), averaged over the heads.
     #[arg(long = "kv-threshold", default_value_t = crate::kv::policy::DEFAULT_THRESHOLD)]
     pub threshold: f32,
+    /// Share of the budget every policy keeps as the most recent tokens, in [0, 1) (at least
+    /// the observation window); the policy ranks only what is older.
+    #[arg(long = "kv-recent", default_value_t = crate::kv::policy::DEFAULT_RECENT)]
+    pub recent: f32,
 }
 
 impl KvArgs {
@@ -43,6 +47,7 @@ impl KvArgs {
             window: self.window,
             sinks: self.sinks,
             threshold: self.threshold,
+            recent: self.recent,
         };
         opts.validate()?;
         Ok(opts)

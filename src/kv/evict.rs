@@ -38,9 +38,9 @@ pub fn keep_order(
     }
 }
 
-/// Slots that every policy keeps: the sinks and the last `window` tokens.
+/// Slots that every policy keeps: the sinks and the last `recent` (≥ `window`) tokens.
 pub fn protected(cfg: &EvictionConfig, position: u32, now: usize) -> bool {
-    (position as usize) < cfg.sinks || position as usize + cfg.window >= now
+    (position as usize) < cfg.sinks || position as usize + cfg.recent >= now
 }
 
 /// The slots of a layer that survive an eviction at step `now` (the next token's position),
@@ -105,6 +105,7 @@ mod tests {
             window: 4,
             sinks: 2,
             threshold: 1.0,
+            recent: 0.0,
         }
         .resolve(0)
         .unwrap()
@@ -132,6 +133,21 @@ mod tests {
         let lazy = kept_slots_reference(&cfg(Policy::Lazy, 14), &positions, &stats, now);
         // Slot 3 (idle 5 of an MRI of 12) first; the rest by idle time (20 − p): 15, 14, 13.
         assert_eq!(lazy, [0, 1, 3, 13, 14, 15, 16, 17, 18, 19]);
+    }
+
+    /// With a recent share the last `recent` tokens stay whatever the ranking says: here h2o
+    /// would keep the heavy slots 5 and 6, but 7 recent tokens leave room for one of them.
+    #[test]
+    fn a_recent_share_protects_the_newest_tokens() {
+        let positions: Vec<u32> = (0..20).collect();
+        let mut stats = SlotStats::default();
+        stats.sync(&positions);
+        stats.mass[5] = 3.0;
+        stats.mass[6] = 2.0;
+        let mut c = cfg(Policy::H2o, 14);
+        c.recent = 7;
+        let kept = kept_slots_reference(&c, &positions, &stats, 20);
+        assert_eq!(kept, [0, 1, 5, 13, 14, 15, 16, 17, 18, 19]);
     }
 
     #[test]

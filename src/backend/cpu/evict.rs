@@ -63,7 +63,13 @@ mod tests {
                 stats.last_hit[s] = hit.min(now as u32 - 1);
                 stats.mri[s] = (rng.next_u64() % 25) as u32;
             }
-            for policy in [Policy::Window, Policy::H2o, Policy::Lazy] {
+            for (policy, recent) in [
+                (Policy::Window, 0.0),
+                (Policy::H2o, 0.0),
+                (Policy::Lazy, 0.0),
+                (Policy::H2o, 0.5),
+                (Policy::Lazy, 0.5),
+            ] {
                 for budget in [20, n / 2 + 10, n - 1] {
                     let cfg = KvOptions {
                         policy,
@@ -71,6 +77,7 @@ mod tests {
                         window: 6,
                         sinks: 3,
                         threshold: 1.0,
+                        recent,
                     }
                     .resolve(0)
                     .unwrap()
