@@ -128,7 +128,7 @@ pub struct KvOptions {
     pub sinks: usize,
     /// LazyEviction's significance threshold, in multiples of the uniform attention share.
     pub threshold: f32,
-    /// Share of the budget protected as recent tokens, in [0, 1) ([`DEFAULT_RECENT`]).
+    /// Share of the budget protected as recent tokens, in [0, 1) (default `DEFAULT_RECENT`).
     pub recent: f32,
 }
 
