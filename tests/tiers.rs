@@ -9,27 +9,12 @@ use edgemoe::engine::{BatchItem, Engine, Logits};
 use edgemoe::experts::budget::MemBudget;
 use edgemoe::experts::tier::{ExpertTier, Placement};
 use edgemoe::experts::{ExpertService, PagingOptions};
-use edgemoe::quant::{self, store::write_emoe, Method, QuantOptions};
 use edgemoe::Model;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trained-moe")
-}
-
-/// The trained fixture quantized (round to nearest) into `dir`, so its experts can be paged.
-fn quantized(dir: &Path) -> PathBuf {
-    let model = Model::load(&fixture()).unwrap();
-    let opts = QuantOptions {
-        threads: 2,
-        ..QuantOptions::new(Method::Rtn, &model)
-    };
-    let (q, _) = quant::quantize(model, &[], 0, &opts, |_, _, _| {}).unwrap();
-    let path = dir.join("trained.emoe");
-    write_emoe(&q, serde_json::json!({"method": "rtn"}), &path).unwrap();
-    path
-}
+#[path = "common/trained.rs"]
+mod trained;
+use trained::{fixture, quantized};
 
 fn tokens(model: &Model, at: usize, n: usize) -> Vec<u32> {
     let text = std::fs::read_to_string(fixture().join("heldout.txt")).unwrap();

@@ -98,7 +98,7 @@ pub fn run<B: Backend>(
         .filter(|&i| sites[i] != Site::Resident)
         .collect();
     let ids: Vec<usize> = others.iter().map(|&i| groups[i].0).collect();
-    let prefetch = next.as_ref().map(|(l, e)| (*l, e.clone()));
+    let prefetch = next.clone();
     let chunks = engine
         .experts
         .run(layer, block, &ids, next, |start, mlps| {
