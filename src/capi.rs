@@ -233,10 +233,12 @@ pub unsafe extern "C" fn edgemoe_model_load(
             // SAFETY: non-NULL, so a NUL-terminated string by the contract above.
             Some(unsafe { read_str(path, "path") }?).filter(|p| !p.is_empty())
         };
-        let model = crate::load_model(path.map(Path::new)).map_err(|e| Failure {
+        let mut model = crate::load_model(path.map(Path::new)).map_err(|e| Failure {
             code: EDGEMOE_ERR_LOAD,
             message: e.to_string(),
         })?;
+        // Its sessions share it: prepared for the CPU once, before it is shared.
+        crate::backend::prepare_model(&mut model, crate::BackendChoice::Auto);
         *out = handle(support::register_model(Arc::new(model)));
         Ok(())
     })

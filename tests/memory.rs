@@ -44,13 +44,13 @@ fn bf16_checkpoint_runs_from_its_map() {
         mem.owned_bytes,
         mem.mapped_bytes
     );
-    // The quantizer's form widens to f32: the same matrices, as packed f32.
+    // The quantizer's form widens to f32: the same matrices, as row-major f32.
     let f32_model = Model::load_f32(&fixture("mixtral-tiny-bf16-sharded")).unwrap();
     let (a, b) = (
         &model.weights.layers[0].attn.q,
         &f32_model.weights.layers[0].attn.q,
     );
-    assert!(matches!(b.weight, LinearWeight::F32(_)));
+    assert!(matches!(b.weight, LinearWeight::F32Rows(_)));
     assert_eq!(a.f32_rows(), b.f32_rows());
 }
 

@@ -9,7 +9,7 @@ pub mod cuda;
 pub mod health;
 pub mod select;
 
-pub use select::{engine_for, BackendChoice};
+pub use select::{engine_for, prepare_model, BackendChoice};
 
 /// The backend that runs experts on the host CPU beside a device backend (the expert tier's
 /// cold experts).
@@ -26,7 +26,7 @@ pub type DefaultBackend = select::Selected;
 use crate::error::Result;
 use crate::kv::{EvictionConfig, LayerCache, SlotStats};
 use crate::model::config::Activation;
-use crate::model::weights::{GatedMlp, Linear, Norm};
+use crate::model::weights::{GatedMlp, Linear, Norm, Weights};
 use std::borrow::Cow;
 
 /// The attention geometry of a model.
@@ -83,6 +83,10 @@ pub trait Backend: Send + Sync {
     /// Runs one forward step in the backend's execution context.
     fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R;
 
+    /// Rearranges `weights` into the layouts this backend's kernels read (the CPU packs f32
+    /// matrices into panels), before the model is shared. Called once, when an engine takes a
+    /// model no one else holds yet; a backend must also run weights it did not prepare.
+    fn prepare_weights(&self, _weights: &mut Weights) {}
     /// A `rows × cols` activation matrix of `data` (row-major host values).
     fn upload_rows(&self, data: Vec<f32>, cols: usize) -> Self::Act;
     /// Makes a routed expert's weights resident in a slot of this backend's fast memory (the

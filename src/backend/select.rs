@@ -21,6 +21,15 @@ pub enum BackendChoice {
     Cuda,
 }
 
+/// Prepares `model`'s weights for the backend `choice` picks (the CPU's f32 panels; the GPU
+/// uploads from any form) before several engines share the model: an engine prepares a model
+/// only when it holds the sole reference. `Auto` prepares for the CPU, which every build has.
+pub fn prepare_model(model: &mut Model, choice: BackendChoice) {
+    if choice != BackendChoice::Cuda {
+        super::cpu::prepare::prepare_weights(&mut model.weights);
+    }
+}
+
 /// An engine on the backend `choice` names, with `threads` CPU workers (0: one per core).
 pub fn engine_for(
     model: Arc<Model>,
@@ -127,6 +136,13 @@ mod dispatch {
             match self {
                 Selected::Cpu(b) => b.threads(),
                 Selected::Cuda(b) => b.threads(),
+            }
+        }
+
+        fn prepare_weights(&self, weights: &mut crate::model::weights::Weights) {
+            match self {
+                Selected::Cpu(b) => b.prepare_weights(weights),
+                Selected::Cuda(b) => b.prepare_weights(weights),
             }
         }
 

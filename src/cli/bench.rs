@@ -146,6 +146,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         // The f32 model is gone: the rows' peak RSS is the quantized model's, not its.
         crate::util::memory::reset_peak_rss();
     }
+    // Every engine of the sweep shares the model: prepared once, before it is shared.
+    crate::backend::prepare_model(&mut model, a.backend);
     let model = Arc::new(model);
     check_context(&a, &model)?;
     if !a.gpu_mem.is_empty() {

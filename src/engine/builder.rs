@@ -129,16 +129,18 @@ impl EngineBuilder {
     /// The engine; fails on a backend that cannot start (`--backend cuda` without the feature
     /// or a device, too many threads), invalid KV options, or a budget paging cannot meet.
     pub fn build(self) -> Result<Engine> {
+        // The engine takes the model first, so that where the caller handed over the only
+        // reference the backend prepares the weights in place.
         let mut engine = match self.tier {
-            Some(tier) => tiered_engine(&self.model, self.backend, self.threads, tier, &self.kv)?,
-            None => crate::backend::engine_for(self.model.clone(), self.backend, self.threads)?,
+            Some(tier) => tiered_engine(self.model, self.backend, self.threads, tier, &self.kv)?,
+            None => crate::backend::engine_for(self.model, self.backend, self.threads)?,
         };
         engine.set_kv_options(self.kv.options)?;
         let service = match self.experts {
             ExpertSource::InPlace => None,
             ExpertSource::Paged(mut options) => {
                 options.kv = self.kv;
-                Some(ExpertService::paged(self.model, &options)?)
+                Some(ExpertService::paged(engine.model().clone(), &options)?)
             }
             ExpertSource::Service(service) => Some(*service),
         };
@@ -155,7 +157,7 @@ impl EngineBuilder {
 /// An engine on the GPU with the routed experts in a tier of `options.mem`'s slots.
 #[cfg(not(feature = "cuda"))]
 fn tiered_engine(
-    _model: &Arc<Model>,
+    _model: Arc<Model>,
     _choice: BackendChoice,
     _threads: usize,
     _options: DeviceTierOptions,
@@ -170,7 +172,7 @@ fn tiered_engine(
 /// usable GPU (`--backend auto`), the CPU engine after one line saying why.
 #[cfg(feature = "cuda")]
 fn tiered_engine(
-    model: &Arc<Model>,
+    model: Arc<Model>,
     choice: BackendChoice,
     threads: usize,
     options: DeviceTierOptions,
@@ -189,16 +191,16 @@ fn tiered_engine(
             "--gpu-mem: the model has no routed experts to place",
         ));
     }
-    let backend = match CudaBackend::for_tier(model) {
+    let backend = match CudaBackend::for_tier(&model) {
         Ok(b) => b,
         Err(e) if choice == BackendChoice::Auto => {
             eprintln!("edgemoe: no usable GPU ({e}); running on the CPU (--gpu-mem unused)");
-            return crate::backend::engine_for(model.clone(), BackendChoice::Cpu, threads);
+            return crate::backend::engine_for(model, BackendChoice::Cpu, threads);
         }
         Err(e) => return Err(e),
     };
     let cfg = &model.config;
-    let plan = device_plan(model, kv)?;
+    let plan = device_plan(&model, kv)?;
     let budget = options.mem.bytes(model.weight_bytes() as u64);
     let slots = crate::experts::tier::plan_device_slots(
         budget,
@@ -225,7 +227,7 @@ fn tiered_engine(
         slot_bytes: plan.slot_bytes,
         top_k: cfg.top_k.max(1),
     });
-    Engine::with_backend(model.clone(), Selected::Cuda(backend)).with_tier(tier, threads)
+    Engine::with_backend(model, Selected::Cuda(backend)).with_tier(tier, threads)
 }
 
 /// What the GPU holds besides expert slots, and one slot's size.

@@ -88,7 +88,12 @@ impl Engine<DefaultBackend> {
 
 impl<B: Backend> Engine<B> {
     /// An engine on `backend`, experts in place, default KV options.
-    pub fn with_backend(model: Arc<Model>, backend: B) -> Engine<B> {
+    pub fn with_backend(mut model: Arc<Model>, backend: B) -> Engine<B> {
+        // Weights the backend keeps in a layout of its own are rearranged before the model is
+        // shared (in place, no second copy); a model already shared runs as it is.
+        if let Some(m) = Arc::get_mut(&mut model) {
+            backend.prepare_weights(&mut m.weights);
+        }
         let cfg = &model.config;
         let stats = RuntimeStats::new(cfg.num_layers, cfg.num_experts);
         let experts = ExpertService::in_place(&model);

@@ -72,7 +72,7 @@ fn rebase_linear(
         }
         LinearWeight::F32Rows(b) => LinearWeight::F32Rows(rebase_buf(b, file, span, slot)?),
         LinearWeight::Half(k, b) => LinearWeight::Half(*k, rebase_buf(b, file, span, slot)?),
-        LinearWeight::F32(p) => LinearWeight::F32(p.clone()),
+        LinearWeight::Prepared(p) => LinearWeight::Prepared(p.clone()),
     };
     Some(Linear {
         weight,

@@ -145,7 +145,7 @@ impl TensorSource for RoutedSource<'_> {
         } else {
             self.cfg.hidden_size
         };
-        let kp = crate::backend::cpu::int8::padded_k(k);
+        let kp = crate::model::int8::padded_k(k);
         match part {
             "qweight" => Ok(Stored::I8(Buf::Owned(self.expert_int8(&qname, n, k, kp)))),
             "scales" => {

@@ -379,7 +379,7 @@ impl Tensor<'_> {
                 let mut rows = linear_rows(l).into_owned();
                 let k = l.in_features;
                 rows.par_chunks_mut(k.max(1))
-                    .for_each(|row| crate::backend::cpu::ops::rotate_rows_back(row, k, block));
+                    .for_each(|row| crate::model::rotation::rotate_rows_back(row, k, block));
                 Cow::Owned(rows)
             }
         }
@@ -393,8 +393,7 @@ fn linear_rows(l: &Linear) -> Cow<'_, [f32]> {
         LinearWeight::F32Rows(w) if l.input_scale.is_none() => return Cow::Borrowed(w),
         LinearWeight::F32Rows(w) => w.to_vec(),
         LinearWeight::Half(kind, w) => kind.widen(w),
-        // Unpacked in place on a copy (in parallel): one extra tensor, not a row at a time.
-        LinearWeight::F32(p) => p.clone().into_rows(),
+        LinearWeight::Prepared(p) => p.to_rows(),
         LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => {
             let mut out = vec![0f32; l.out_features * k];
             out.par_chunks_mut(k.max(1))

@@ -10,6 +10,8 @@ pub mod emoe;
 pub mod export;
 pub mod gguf;
 pub mod hf;
+pub mod int8;
+pub mod rotation;
 pub mod safetensors;
 pub mod synthetic;
 pub mod tokenizer;

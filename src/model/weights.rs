@@ -1,14 +1,15 @@
 //! The weights of a decoder-only transformer, in one shape for every supported architecture.
 //! Architecture files (`arch/`) fill these from checkpoint tensors; the engine runs them.
 
-use crate::backend::cpu::int8::{padded_k, Int8Matrix};
-use crate::backend::cpu::packed::PackedF32;
 use crate::error::{Error, Result};
 use crate::model::buf::{Buf, HalfKind, SharedMap};
+use crate::model::int8::{padded_k, Int8Matrix};
+use std::any::Any;
 use std::sync::{Arc, OnceLock};
 
 /// A dense `y = x·Wᵀ + b` for a checkpoint's `[out_features, in_features]` weight (the Hugging
-/// Face / PyTorch layout), held in the form the CPU kernels read.
+/// Face / PyTorch layout), described as stored; a backend may hold a matrix in a layout of its
+/// own ([`LinearWeight::Prepared`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// The checkpoint prefix (`model.layers.0.self_attn.q_proj`): names stats, blocks, reports.
@@ -24,8 +25,9 @@ pub struct Linear {
 
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
-    /// f32 weights in column panels (see [`PackedF32`]).
-    F32(PackedF32),
+    /// f32 weights a backend rearranged for its kernels when it took the model (the CPU's
+    /// column panels): see [`PreparedMatrix`].
+    Prepared(Arc<dyn PreparedMatrix>),
     /// f32 weights as the checkpoint stores them, `[out, in]` (in place where the checkpoint
     /// is mapped): embedding tables, which are read a row per token (and multiplied by only as
     /// a tied head).
@@ -40,22 +42,22 @@ pub enum LinearWeight {
     Int8WeightOnly(Int8Matrix),
 }
 
-impl Linear {
-    /// A linear layer from row-major `[out, in]` weights, packed for the matmul kernel.
-    pub fn new(
-        name: &str,
-        out_features: usize,
-        in_features: usize,
-        weight: Vec<f32>,
-        bias: Option<Vec<f32>>,
-    ) -> Self {
-        let mut lin = Linear::new_rows(name, out_features, in_features, weight, bias);
-        lin.pack();
-        lin
-    }
+/// An f32 matrix in a layout one backend chose for its own kernels. `model/` sees only what
+/// reports and the quantizer need; the backend that made it reads it through [`Self::as_any`].
+pub trait PreparedMatrix: std::fmt::Debug + Send + Sync + Any {
+    /// The matrix as the checkpoint stores it, row-major `[out, in]` (a copy).
+    fn to_rows(&self) -> Vec<f32>;
+    /// Bytes the prepared matrix occupies (what a decode step streams).
+    fn bytes(&self) -> usize;
+    /// Bytes read to look up one row (an embedding row).
+    fn row_read_bytes(&self) -> usize;
+    fn as_any(&self) -> &dyn Any;
+}
 
-    /// A linear layer that keeps its row-major `[out, in]` weights as they are.
-    pub fn new_rows(
+impl Linear {
+    /// A linear layer over row-major `[out, in]` f32 weights (the backend that runs it may
+    /// prepare them for its kernels).
+    pub fn new(
         name: &str,
         out_features: usize,
         in_features: usize,
@@ -77,26 +79,23 @@ impl Linear {
     /// quantized.
     pub fn f32_rows(&self) -> Option<Vec<f32>> {
         match &self.weight {
-            LinearWeight::F32(w) => Some(w.to_rows()),
+            LinearWeight::Prepared(w) => Some(w.to_rows()),
             LinearWeight::F32Rows(w) => Some(w.to_vec()),
             LinearWeight::Half(kind, w) => Some(kind.widen(w)),
             LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => None,
         }
     }
 
-    /// Turns packed f32 weights back into the checkpoint's row-major layout.
+    /// Turns a backend's prepared f32 matrix back into the checkpoint's row-major layout.
     pub fn unpack(&mut self) {
-        if let LinearWeight::F32(w) = &mut self.weight {
-            let packed = std::mem::take(w);
-            self.weight = LinearWeight::F32Rows(packed.into_rows().into());
+        if let LinearWeight::Prepared(w) = &self.weight {
+            self.weight = LinearWeight::F32Rows(w.to_rows().into());
         }
     }
 
-    /// Makes floating-point weights f32 panels the process owns (what the quantizer edits),
-    /// releasing the file pages they were read from.
-    pub fn widen_to_f32(&mut self) {
-        self.widen_half_rows();
-        self.pack();
+    /// Whether a backend holds the weights in a layout of its own.
+    pub fn is_prepared(&self) -> bool {
+        matches!(self.weight, LinearWeight::Prepared(_))
     }
 
     /// Widens bf16/f16 weights to row-major f32 the process owns, releasing their file pages.
@@ -110,44 +109,22 @@ impl Linear {
         }
     }
 
-    /// Puts row-major f32 weights into panels for the matmul kernel.
-    pub fn pack(&mut self) {
-        if let LinearWeight::F32Rows(w) = &mut self.weight {
-            let mapping = w.mapping().map(|(map, at, len)| (map.clone(), at, len));
-            let rows = std::mem::take(w.make_mut());
-            // The file pages the copy came from are no longer needed.
-            if let Some((map, at, len)) = mapping {
-                crate::model::buf::release_pages(&map, at, len);
-            }
-            self.weight = LinearWeight::F32(PackedF32::from_row_vec(
-                rows,
-                self.out_features,
-                self.in_features,
-            ));
-        }
-    }
-
-    /// Applies `f` to every weight of input channel `i` (half-precision weights are widened to
-    /// f32 first; int8 ones are left alone).
+    /// Applies `f` to every weight of input channel `i` (half-precision and prepared weights
+    /// become row-major f32 first; int8 ones are left alone).
     pub fn map_input_channel(&mut self, i: usize, f: impl Fn(f32) -> f32) {
         let k = self.in_features;
-        if let LinearWeight::Half(kind, w) = &self.weight {
-            self.weight = LinearWeight::F32Rows(kind.widen(w).into());
-        }
-        match &mut self.weight {
-            LinearWeight::F32(w) => w.map_column(i, f),
-            LinearWeight::F32Rows(w) => w
-                .make_mut()
+        self.widen_half_rows();
+        self.unpack();
+        if let LinearWeight::F32Rows(w) = &mut self.weight {
+            w.make_mut()
                 .chunks_mut(k)
-                .for_each(|row| row[i] = f(row[i])),
-            LinearWeight::Half(..) | LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => {}
+                .for_each(|row| row[i] = f(row[i]));
         }
     }
 
-    /// Multiplies output channel `j` (weight row and bias) by `s[j]` (floating-point weights:
-    /// widened to f32 rows and packed again where they were; int8 ones are left alone).
+    /// Multiplies output channel `j` (weight row and bias) by `s[j]` (floating-point weights
+    /// become row-major f32; int8 ones are left alone).
     pub fn scale_output_channels(&mut self, s: &[f32]) {
-        let packed = matches!(self.weight, LinearWeight::F32(_));
         let Some(mut rows) = self.f32_rows() else {
             return;
         };
@@ -159,9 +136,6 @@ impl Linear {
             b.iter_mut().zip(s).for_each(|(v, f)| *v *= f);
         }
         self.weight = LinearWeight::F32Rows(rows.into());
-        if packed {
-            self.pack();
-        }
     }
 
     pub fn num_params(&self) -> usize {
@@ -171,7 +145,7 @@ impl Linear {
     /// Calls `f` with every buffer the layer's values live in.
     pub fn visit_storage<'a>(&'a self, f: &mut dyn FnMut(Storage<'a>)) {
         match &self.weight {
-            LinearWeight::F32(w) => f(Storage::Owned(w.bytes())),
+            LinearWeight::Prepared(w) => f(Storage::Owned(w.bytes())),
             LinearWeight::F32Rows(w) => f(Storage::of(w)),
             LinearWeight::Half(_, w) => f(Storage::of(w)),
             LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => {
@@ -190,8 +164,7 @@ impl Linear {
         let k = self.in_features;
         match &self.weight {
             LinearWeight::F32Rows(_) => 4 * k,
-            // A row of a panel is strided: every cache line of its panel.
-            LinearWeight::F32(_) => 4 * crate::backend::cpu::packed::PANEL * k,
+            LinearWeight::Prepared(w) => w.row_read_bytes(),
             LinearWeight::Half(..) => 2 * k,
             LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => k + 4,
         }
@@ -200,7 +173,7 @@ impl Linear {
     /// Bytes the weights occupy in memory (what a decode step streams).
     pub fn weight_bytes(&self) -> usize {
         let w = match &self.weight {
-            LinearWeight::F32(w) => w.bytes(),
+            LinearWeight::Prepared(w) => w.bytes(),
             LinearWeight::F32Rows(w) => w.byte_len(),
             LinearWeight::Half(_, w) => w.byte_len(),
             LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => m.bytes(),
@@ -450,6 +423,39 @@ impl Weights {
         v
     }
 
+    /// Every linear layer but the embedding table (the matrices a backend may prepare),
+    /// experts included.
+    pub fn projections_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v: Vec<&mut Linear> = [
+            &mut self.project_in,
+            &mut self.project_out,
+            &mut self.lm_head,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for l in &mut self.layers {
+            let a = &mut l.attn;
+            v.extend([&mut a.q, &mut a.k, &mut a.v, &mut a.o]);
+            fn mlp(m: &mut GatedMlp) -> [&mut Linear; 3] {
+                [&mut m.gate, &mut m.up, &mut m.down]
+            }
+            match &mut l.ffn {
+                Ffn::Moe(b) => {
+                    v.push(&mut b.router);
+                    b.experts.iter_mut().for_each(|e| v.extend(mlp(e)));
+                    if let Some(s) = &mut b.shared {
+                        v.extend(mlp(&mut s.mlp));
+                        v.push(&mut s.gate);
+                    }
+                }
+                Ffn::Gated(m) => v.extend(mlp(m)),
+                Ffn::Plain(m) => v.extend([&mut m.fc1, &mut m.fc2]),
+            }
+        }
+        v
+    }
+
     /// Calls `f` with every buffer the weights live in (norms and positions included).
     pub fn visit_storage<'a>(&'a self, f: &mut dyn FnMut(Storage<'a>)) {
         for lin in self.linears() {
@@ -543,13 +549,12 @@ impl Loader<'_> {
         bias: bool,
         why: &str,
     ) -> Result<Linear> {
-        self.linear_as(prefix, out, inp, bias, why, false)
+        self.linear_as(prefix, out, inp, bias, why)
     }
 
-    /// An embedding table: as [`Self::linear`], but f32 weights stay row-major (looked up a
-    /// row per token).
+    /// An embedding table (looked up a row per token; backends keep it row-major).
     pub fn embedding(&self, prefix: &str, out: usize, inp: usize, why: &str) -> Result<Linear> {
-        self.linear_as(prefix, out, inp, false, why, true)
+        self.linear_as(prefix, out, inp, false, why)
     }
 
     fn linear_as(
@@ -559,7 +564,6 @@ impl Loader<'_> {
         inp: usize,
         bias: bool,
         why: &str,
-        row_major: bool,
     ) -> Result<Linear> {
         let bias = if bias {
             Some(self.src.tensor(&format!("{prefix}.bias"), &[out], why)?)
@@ -593,19 +597,14 @@ impl Loader<'_> {
         } else {
             None
         };
-        let mut lin = Linear {
+        Ok(Linear {
             name: prefix.to_string(),
             out_features: out,
             in_features: inp,
             weight,
             bias,
             input_scale,
-        };
-        if !row_major && self.form != WeightForm::InPlace {
-            // f32 matrices run from column panels (a copy; the f32 path keeps its kernel).
-            lin.pack();
-        }
-        Ok(lin)
+        })
     }
 
     /// `prefix.qweight` (int8, rows padded to the kernels' `padded_k`), `prefix.scales` (f32) and
@@ -713,43 +712,5 @@ impl Loader<'_> {
             .ok_or_else(|| Error::MissingTensor {
                 name: names.join("` or `"),
             })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Packed and row-major weights are the same matrix to everything but the kernels.
-    #[test]
-    fn packing_keeps_the_matrix() {
-        let (n, k) = (13, 6);
-        let w: Vec<f32> = (0..n * k).map(|i| i as f32 * 0.5 - 3.0).collect();
-        let mut packed = Linear::new("p", n, k, w.clone(), None);
-        let mut rows = Linear::new_rows("r", n, k, w.clone(), None);
-        assert!(matches!(packed.weight, LinearWeight::F32(_)));
-        assert!(matches!(rows.weight, LinearWeight::F32Rows(_)));
-        assert_eq!(packed.f32_rows(), Some(w.clone()));
-        assert_eq!(rows.f32_rows(), Some(w.clone()));
-        for lin in [&mut packed, &mut rows] {
-            lin.map_input_channel(2, |v| v * 10.0);
-            lin.map_input_channel(5, |v| -v);
-        }
-        let want: Vec<f32> = w
-            .iter()
-            .enumerate()
-            .map(|(at, &v)| match at % k {
-                2 => v * 10.0,
-                5 => -v,
-                _ => v,
-            })
-            .collect();
-        assert_eq!(packed.f32_rows(), Some(want.clone()));
-        assert_eq!(rows.f32_rows(), Some(want.clone()));
-        packed.unpack();
-        assert!(matches!(&packed.weight, LinearWeight::F32Rows(r) if **r == *want));
-        rows.pack();
-        assert_eq!(rows.f32_rows(), Some(want));
-        assert_eq!(rows.weight_bytes(), 2 * 8 * k * 4);
     }
 }

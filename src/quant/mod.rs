@@ -16,6 +16,7 @@ pub(crate) mod spill;
 pub mod store;
 
 use crate::backend::cpu::int8::Int8Matrix;
+use crate::backend::cpu::prepare::prepare_linear;
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
 use crate::model::weights::{Ffn, Layer, Linear, LinearWeight};
@@ -236,9 +237,11 @@ pub fn quantize(
     progress("layers", 0, total);
     for (li, layer) in layers.iter_mut().enumerate() {
         clock.time("read", || {
-            layer_linears(layer)
-                .into_iter()
-                .for_each(Linear::widen_to_f32)
+            layer_linears(layer).into_iter().for_each(|lin| {
+                // f32 the process owns, in the CPU kernels' panels (calibration runs them).
+                lin.widen_half_rows();
+                prepare_linear(lin);
+            })
         });
         if let Some(r) = &rotation {
             clock.time("rotate", || r.rotate_layer(li, layer))?;
@@ -258,6 +261,8 @@ pub fn quantize(
         clock.time("quantize", || {
             pool.install(|| quantize_layer(layer, opts, stats, &mut summary))
         })?;
+        // Smoothing leaves the matrices it edited row-major; what stays f32 runs from panels.
+        layer_linears(layer).into_iter().for_each(prepare_linear);
         if let Some(s) = &mut spill {
             clock.time("spill", || s.take(layer_linears(layer)))?;
         }

@@ -4,7 +4,7 @@
 //! aligned outliers real LLMs have — the case smoothing exists for.
 
 use super::ffn_input_linears;
-use crate::model::weights::{Linear, LinearWeight, Norm};
+use crate::model::weights::{Linear, Norm};
 use crate::model::Model;
 
 /// Scales channels `channels` (per layer, the same ones) by `factor`.
@@ -33,11 +33,9 @@ fn scale_norm(norm: &mut Norm, channels: &[usize], factor: f32) {
 }
 
 fn divide_columns(lin: &mut Linear, channels: &[usize], factor: f32) {
-    if let LinearWeight::F32(w) = &mut lin.weight {
-        channels
-            .iter()
-            .for_each(|&c| w.map_column(c, |v| v / factor));
-    }
+    channels
+        .iter()
+        .for_each(|&c| lin.map_input_channel(c, |v| v / factor));
 }
 
 /// The feed-forward outlier variant: in every gated MLP (each expert), `channels` of the

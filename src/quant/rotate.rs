@@ -271,9 +271,9 @@ fn take_norm_weight(norm: Option<&mut Norm>) -> Result<Vec<f32>> {
     }
 }
 
-/// The f32 rows of a linear, `[out, in]`, and whether they were packed.
+/// The f32 rows of a linear, `[out, in]`, and whether the CPU held them packed.
 fn rows_of(lin: &Linear) -> Result<(Vec<f32>, bool)> {
-    let packed = matches!(lin.weight, LinearWeight::F32(_));
+    let packed = lin.is_prepared();
     let rows = lin
         .f32_rows()
         .ok_or_else(|| Error::invalid(format!("{}: cannot rotate int8 weights", lin.name)))?;
@@ -283,7 +283,7 @@ fn rows_of(lin: &Linear) -> Result<(Vec<f32>, bool)> {
 fn set_rows(lin: &mut Linear, rows: Vec<f32>, packed: bool) {
     lin.weight = LinearWeight::F32Rows(rows.into());
     if packed {
-        lin.pack();
+        crate::backend::cpu::prepare::prepare_linear(lin);
     }
 }
 
@@ -346,7 +346,11 @@ fn rotate_down_input(mlp: &mut GatedMlp, block: usize, seed: u64) -> Result<()> 
     let f = mlp.down.in_features;
     let mut rng = SplitMix64::new(seed);
     let signs: Vec<f32> = random_signs(f, &mut rng);
+    let up_packed = mlp.up.is_prepared();
     mlp.up.scale_output_channels(&signs);
+    if up_packed {
+        crate::backend::cpu::prepare::prepare_linear(&mut mlp.up);
+    }
     let (mut rows, packed) = rows_of(&mlp.down)?;
     for row in rows.chunks_exact_mut(f) {
         row.iter_mut().zip(&signs).for_each(|(w, s)| *w *= s);

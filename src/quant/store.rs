@@ -23,7 +23,7 @@ fn linear_tensors(lin: &Linear) -> Vec<TensorData<'_>> {
             vec![n, k],
             &rows[..],
         )],
-        LinearWeight::F32(_) | LinearWeight::Half(..) => {
+        LinearWeight::Prepared(_) | LinearWeight::Half(..) => {
             let rows = lin.f32_rows().unwrap_or_default();
             vec![TensorData::from_f32(
                 format!("{p}.weight"),

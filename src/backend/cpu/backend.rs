@@ -7,14 +7,14 @@ use super::int8::{self, quantize_rows_smoothed, QuantizedRows};
 use super::int8w::matmul_w8;
 use super::matmul::matmul;
 use super::ops::{activate, gated_activation, norm_rows, rotate_rows, sigmoid, Rope, RopeTable};
-use super::packed::matmul_packed;
+use super::packed::{matmul_packed, PackedF32};
 use super::parallel::{kernel_threads, largest_first, serially};
 use super::routing::route_rows;
 use crate::backend::{AttentionShape, Backend, Pick, Segment, Tasks};
 use crate::error::{Error, Result};
 use crate::kv::{EvictionConfig, LayerCache, SlotStats};
 use crate::model::config::Activation;
-use crate::model::weights::{Linear, LinearWeight, Norm};
+use crate::model::weights::{Linear, LinearWeight, Norm, Weights};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -97,7 +97,14 @@ impl CpuBackend {
             }
         };
         match &lin.weight {
-            LinearWeight::F32(w) => matmul_packed(&scaled(), rows, w, bias, out),
+            LinearWeight::Prepared(w) => match w.as_any().downcast_ref::<PackedF32>() {
+                Some(w) => matmul_packed(&scaled(), rows, w, bias, out),
+                // Another backend's layout: its rows, as the checkpoint stores them.
+                None => {
+                    let rows_w = w.to_rows();
+                    matmul(&scaled(), rows, &rows_w, lin.out_features, k, bias, out)
+                }
+            },
             // A tied head: the embedding table, row-major.
             LinearWeight::F32Rows(w) => matmul(&scaled(), rows, w, lin.out_features, k, bias, out),
             LinearWeight::Half(kind, w) => {
@@ -140,6 +147,10 @@ impl Backend for CpuBackend {
         x.rows()
     }
 
+    fn prepare_weights(&self, weights: &mut Weights) {
+        super::prepare::prepare_weights(weights);
+    }
+
     fn upload_rows(&self, data: Vec<f32>, cols: usize) -> Rows {
         Rows::new(data, cols)
     }
@@ -172,7 +183,10 @@ impl Backend for CpuBackend {
             let t = t as usize;
             match &table.weight {
                 LinearWeight::F32Rows(w) => x.extend_from_slice(&w[t * e..(t + 1) * e]),
-                LinearWeight::F32(w) => x.extend(w.row(t)),
+                LinearWeight::Prepared(w) => match w.as_any().downcast_ref::<PackedF32>() {
+                    Some(w) => x.extend(w.row(t)),
+                    None => x.extend_from_slice(&w.to_rows()[t * e..(t + 1) * e]),
+                },
                 LinearWeight::Half(kind, w) => {
                     x.extend(w[t * e..(t + 1) * e].iter().map(|&b| kind.to_f32(b)))
                 }

@@ -10,6 +10,7 @@ pub mod matmul;
 pub mod ops;
 pub mod packed;
 pub(crate) mod parallel;
+pub mod prepare;
 pub mod routing;
 pub(crate) mod simd;
 pub(crate) mod vexp;

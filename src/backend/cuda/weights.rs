@@ -45,7 +45,7 @@ pub struct DeviceTable {
 fn f32_rows(lin: &Linear) -> Vec<f32> {
     let (n, k) = (lin.out_features, lin.in_features);
     match &lin.weight {
-        LinearWeight::F32(w) => w.to_rows(),
+        LinearWeight::Prepared(w) => w.to_rows(),
         LinearWeight::F32Rows(w) => w.to_vec(),
         LinearWeight::Half(kind, w) => w.iter().map(|&b| kind.to_f32(b)).collect(),
         LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => (0..n)

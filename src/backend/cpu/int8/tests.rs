@@ -330,11 +330,11 @@ fn tier_selection() {
     );
     assert_eq!(
         resolve_tier(Some("avx512"), Tier::Avx2),
-        Err(Int8Error::TierUnsupported(Tier::Avx512Vnni))
+        Err(TierError::TierUnsupported(Tier::Avx512Vnni))
     );
     assert!(matches!(
         resolve_tier(Some("sse9"), Tier::Avx2),
-        Err(Int8Error::UnknownTier(_))
+        Err(TierError::UnknownTier(_))
     ));
     assert!(active_tier().is_supported());
     assert!(Tier::supported().contains(&Tier::Scalar));
