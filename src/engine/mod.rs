@@ -14,6 +14,7 @@ pub(crate) mod stats;
 pub mod stream;
 mod tiered;
 
+use crate::backend::health::StepFailure;
 use crate::backend::{AttentionShape, Backend, DefaultBackend, Pick, Segment, Tasks};
 use crate::error::{Error, Result};
 use crate::experts::ExpertService;
@@ -23,6 +24,7 @@ use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, Norm, PlainMlp};
 use crate::model::Model;
 pub use builder::EngineBuilder;
 use stats::RuntimeStats;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 /// Most tokens of KV cache reserved up front for one sequence.
@@ -246,7 +248,10 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Runs the new tokens of every item through the model, appending them to the items' caches;
-    /// returns per item its logits, `rows × vocab` (one row for `Logits::Last`).
+    /// returns per item its logits, `rows × vocab` (one row for `Logits::Last`). On an error
+    /// (a corrupt expert block, a failed device op) each item's cache is back where it stood
+    /// before the step, or empty where that cannot be restored exactly (an eviction ran, or
+    /// the policy folded the step's attention into its statistics).
     pub fn forward(&self, batch: &mut [BatchItem]) -> Result<Vec<Vec<f32>>> {
         self.check_batch(batch)?;
         self.backend.run(|| self.evict_for(batch))?;
@@ -254,8 +259,26 @@ impl<B: Backend> Engine<B> {
         for item in batch.iter_mut() {
             item.cache.make_room(item.tokens.len(), context);
         }
-        let out = self.backend.run(|| self.forward_rows(batch));
+        let marks: Vec<_> = batch.iter().map(|b| b.cache.mark()).collect();
+        // A device op that fails unwinds with its error (`health::fail_step`): it ends this
+        // step only. Any other panic is a bug and goes on unwinding.
+        let out = catch_unwind(AssertUnwindSafe(|| {
+            self.backend.run(|| self.forward_rows(batch))
+        }))
+        .unwrap_or_else(|payload| match payload.downcast::<StepFailure>() {
+            Ok(failure) => Err(failure.0),
+            Err(other) => resume_unwind(other),
+        });
         self.experts.end_step();
+        if out.is_err() {
+            // The step may have appended to some layers only: undo it where that is exact,
+            // else start the sequence over rather than attend over a half-written cache.
+            for (item, mark) in batch.iter_mut().zip(&marks) {
+                if !item.cache.rewind(mark) {
+                    item.cache.clear();
+                }
+            }
+        }
         let out = out?;
         for item in batch.iter_mut() {
             item.cache.advance(item.tokens.len());

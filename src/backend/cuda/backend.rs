@@ -3,10 +3,11 @@
 //! picks (the [`Backend`] trait returns them) and the new KV rows (the engine's cache lives on
 //! the host, see kv.rs).
 //!
-//! The trait's ops cannot return errors, so a device failure inside a step (a launch error,
-//! running out of memory for activations) panics with one line naming what failed and how
-//! much was asked; weights, the large part, are uploaded by [`CudaBackend::new`], whose
-//! errors are ordinary ones.
+//! The trait's ops return values, not results, so a device failure inside a step (a launch
+//! error, running out of memory for activations) ends the step through
+//! [`crate::backend::health::fail_step`] with one line naming the op and how much was asked;
+//! `Engine::forward` returns it as that step's error. Weights, the large part, are uploaded by
+//! [`CudaBackend::new`], whose errors are ordinary ones.
 
 use super::device::Gpu;
 use super::kernels::{
@@ -82,7 +83,7 @@ fn must_on<T>(gpu: &Gpu, r: Result<T>) -> T {
                 "the GPU failed and cannot recover ({e}; then {after}): restart edgemoe"
             ));
         }
-        panic!("edgemoe: the CUDA backend failed: {e}")
+        crate::backend::health::fail_step(e)
     })
 }
 
