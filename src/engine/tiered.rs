@@ -365,5 +365,5 @@ fn prefetch_next<B: Backend>(
     let fetches: Vec<(ExpertKey, Option<ExpertKey>)> =
         admitted.iter().map(|&(e, v)| ((layer, e), v)).collect();
     settle(engine, tier, &fetches);
-    results?.into_iter().map(|r| r.map(|_| ())).collect()
+    results?.into_iter().try_for_each(|r| r.map(|_| ()))
 }

@@ -434,7 +434,11 @@ impl Backend for CudaBackend {
                 .ok()
                 .map(super::copier::ExpertCopier::stream),
         };
-        // An event that cannot be recorded costs the measurement, never the work.
+        // A copy's span is the copy stream's time from the first staged block to the last
+        // landed one (gaps while the host fills a staging buffer included: what a fetch costs).
+        // Only int8 blocks use the copy stream; scales and other forms go with the compute
+        // stream and are not in it. An event that cannot be recorded costs the measurement,
+        // never the work.
         let start = stream.and_then(|s| EventSpan::mark(s));
         let out = queue();
         let span = stream.zip(start).and_then(|(s, start)| {
