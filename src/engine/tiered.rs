@@ -253,9 +253,11 @@ pub fn run<B: Backend>(
             .map(|(&i, &mlp)| (i, mlp))
             .partition(|&(i, _)| sites[i] == Site::Host);
         std::thread::scope(|s| {
-            let host = s.spawn(|| match &host_x {
-                Some((xs, cols)) => run_on_host(engine, tiered, xs, *cols, groups, &host_jobs),
-                None => Vec::new(),
+            let host = (!host_jobs.is_empty()).then(|| {
+                s.spawn(|| match &host_x {
+                    Some((xs, cols)) => run_on_host(engine, tiered, xs, *cols, groups, &host_jobs),
+                    None => Vec::new(),
+                })
             });
             let mut done = resident.take().map(&run_resident).unwrap_or_default();
             let mut stalled = Duration::ZERO;
@@ -271,11 +273,13 @@ pub fn run<B: Backend>(
                 done.push((i, y));
             }
             let waiting = Instant::now();
-            let host = host.join().unwrap_or_else(|_| {
-                vec![(
-                    usize::MAX,
-                    Err(Error::invalid("a host expert task panicked")),
-                )]
+            let host = host.map_or_else(Vec::new, |h| {
+                h.join().unwrap_or_else(|_| {
+                    vec![(
+                        usize::MAX,
+                        Err(Error::invalid("a host expert task panicked")),
+                    )]
+                })
             });
             tier.record_stall(stalled + waiting.elapsed());
             done.extend(host);
