@@ -5,16 +5,21 @@
 //! count × placement × prefetch on/off, in prefill and decode, batched, and with the tier resized
 //! between steps, the logits must equal the single-backend run's exactly.
 
+use edgemoe::backend::Backend;
 use edgemoe::engine::{BatchItem, Engine, Logits};
 use edgemoe::experts::budget::MemBudget;
-use edgemoe::experts::tier::{ExpertTier, Placement};
+use edgemoe::experts::tier::{ExpertTier, Placement, TierStats};
 use edgemoe::experts::{ExpertService, PagingOptions};
 use edgemoe::Model;
+use std::collections::HashSet;
 use std::sync::Arc;
 
 #[path = "common/trained.rs"]
 mod trained;
 use trained::{fixture, quantized};
+#[path = "common/guarded.rs"]
+mod guarded;
+use guarded::Guarded;
 
 fn tokens(model: &Model, at: usize, n: usize) -> Vec<u32> {
     let text = std::fs::read_to_string(fixture().join("heldout.txt")).unwrap();
@@ -22,50 +27,54 @@ fn tokens(model: &Model, at: usize, n: usize) -> Vec<u32> {
     all[at..at + n].to_vec()
 }
 
-/// Logits of two sequences prefilled together (every row), then decoded together one token
+/// The two sequences' steps: both prompts prefilled together (every row), then one token
 /// each per step, with `between(step)` called before every decode step.
-fn run(
-    engine: &Engine,
+fn steps(
+    engine: &Engine<impl Backend>,
     prompts: [&[u32]; 2],
     decode: &[u32],
     mut between: impl FnMut(usize),
-) -> Vec<Vec<f32>> {
+) -> edgemoe::Result<Vec<Vec<f32>>> {
     let (mut a, mut b) = (engine.new_cache(), engine.new_cache());
-    let mut out = engine
-        .forward(&mut [
-            BatchItem {
-                tokens: prompts[0],
-                cache: &mut a,
-                logits: Logits::All,
-            },
-            BatchItem {
-                tokens: prompts[1],
-                cache: &mut b,
-                logits: Logits::All,
-            },
-        ])
-        .unwrap();
+    let mut out = engine.forward(&mut [
+        BatchItem {
+            tokens: prompts[0],
+            cache: &mut a,
+            logits: Logits::All,
+        },
+        BatchItem {
+            tokens: prompts[1],
+            cache: &mut b,
+            logits: Logits::All,
+        },
+    ])?;
     for (step, t) in decode.iter().enumerate() {
         between(step);
         let other = decode[decode.len() - 1 - step];
-        out.extend(
-            engine
-                .forward(&mut [
-                    BatchItem {
-                        tokens: &[*t],
-                        cache: &mut a,
-                        logits: Logits::Last,
-                    },
-                    BatchItem {
-                        tokens: &[other],
-                        cache: &mut b,
-                        logits: Logits::Last,
-                    },
-                ])
-                .unwrap(),
-        );
+        out.extend(engine.forward(&mut [
+            BatchItem {
+                tokens: &[*t],
+                cache: &mut a,
+                logits: Logits::Last,
+            },
+            BatchItem {
+                tokens: &[other],
+                cache: &mut b,
+                logits: Logits::Last,
+            },
+        ])?);
     }
-    out
+    Ok(out)
+}
+
+/// Logits of [`steps`], which must succeed.
+fn run(
+    engine: &Engine<impl Backend>,
+    prompts: [&[u32]; 2],
+    decode: &[u32],
+    between: impl FnMut(usize),
+) -> Vec<Vec<f32>> {
+    steps(engine, prompts, decode, between).unwrap()
 }
 
 fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
@@ -74,14 +83,23 @@ fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// The RAM tier under the device tier: in place, or paged with prediction (what the device
-/// tier's prefetch follows).
-fn service(model: &Arc<Model>, paged: bool) -> ExpertService {
-    if !paged {
+/// The RAM tier under the device tier.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ram {
+    /// Experts used in place: no RAM-tier prediction, so the device tier predicts for itself.
+    InPlace,
+    /// Paged, with or without the RAM tier's prediction and prefetch (which the device tier's
+    /// prefetch then follows).
+    Paged { prefetch: bool },
+}
+
+fn service(model: &Arc<Model>, ram: Ram) -> ExpertService {
+    let Ram::Paged { prefetch } = ram else {
         return ExpertService::in_place(model);
-    }
+    };
     let opts = |mem| PagingOptions {
         io_threads: 1,
+        prefetch,
         ..PagingOptions::with_budget(MemBudget::Bytes(mem))
     };
     // Six RAM slots: fewer than the experts a step routes to, so the RAM tier pages too.
@@ -93,6 +111,51 @@ fn service(model: &Arc<Model>, paged: bool) -> ExpertService {
         &opts(plan.fixed.total() + 6 * plan.slot_bytes),
     )
     .unwrap()
+}
+
+/// Every miss was fetched, run on the host, or (after a failed copy) neither.
+fn assert_books_balance(s: &TierStats) {
+    assert_eq!(
+        s.misses,
+        s.fetched + s.host_runs + s.fetch_failures,
+        "{s:?}"
+    );
+}
+
+/// A tiered engine on a [`Guarded`] device of `slots` slots over the RAM tier `ram`.
+fn tiered(
+    model: &Arc<Model>,
+    slots: usize,
+    placement: Placement,
+    prefetch: bool,
+    ram: Ram,
+) -> Engine<Guarded> {
+    let (layers, experts) = (model.config.num_layers, model.config.num_experts);
+    let tier = ExpertTier::new(slots, layers, experts, placement, prefetch);
+    Engine::with_backend(model.clone(), Guarded::new(model, slots))
+        .with_experts(service(model, ram))
+        .unwrap()
+        .with_tier(tier, 1)
+        .unwrap()
+}
+
+/// The device holds exactly what the tier counts resident, whole, and never ran an expert it
+/// did not hold.
+fn assert_device_agrees(engine: &Engine<Guarded>, what: &str) {
+    let device = engine.backend();
+    let tier = engine.tier().unwrap();
+    assert_eq!(device.violations(), Vec::<String>::new(), "{what}");
+    let counted: HashSet<(usize, usize)> = tier.resident().into_iter().collect();
+    assert_eq!(
+        device.resident(),
+        counted,
+        "{what}: device and tier disagree"
+    );
+    assert_eq!(
+        device.partial(),
+        0,
+        "{what}: part of an expert left on the device"
+    );
 }
 
 #[test]
@@ -117,32 +180,32 @@ fn tiered_logits_equal_the_single_backend_run_everywhere() {
     for slots in [0, 1, 2, 5, layers * experts] {
         for placement in [Placement::Auto, Placement::Gpu, Placement::Cpu] {
             for prefetch in [false, true] {
-                let tier = ExpertTier::new(slots, layers, experts, placement, prefetch);
-                let engine = Engine::new(model.clone(), 1)
-                    .unwrap()
-                    .with_experts(service(&model, prefetch))
-                    .unwrap()
-                    .with_tier(tier, 1)
-                    .unwrap();
-                let got = run(&engine, [&p1, &p2], &decode, |_| {});
-                assert!(
-                    bits(&got) == want,
-                    "slots {slots}, {placement:?}, prefetch {prefetch}: logits differ"
-                );
-                let s = engine.tier().unwrap().stats();
-                assert!(s.resident <= slots, "{s:?}");
-                assert_eq!(s.hits + s.misses, s.hits + s.fetched + s.host_runs, "{s:?}");
-                if placement == Placement::Cpu {
-                    assert_eq!(s.fetched, 0, "{s:?}");
+                for ram in [Ram::InPlace, Ram::Paged { prefetch: true }] {
+                    let what =
+                        format!("slots {slots}, {placement:?}, prefetch {prefetch}, {ram:?}");
+                    let engine = tiered(&model, slots, placement, prefetch, ram);
+                    let got = run(&engine, [&p1, &p2], &decode, |_| {});
+                    assert!(bits(&got) == want, "{what}: logits differ");
+                    assert_device_agrees(&engine, &what);
+                    let s = engine.tier().unwrap().stats();
+                    assert!(s.resident <= slots, "{what}: {s:?}");
+                    assert_books_balance(&s);
+                    assert_eq!(s.fetch_failures, 0, "{what}: {s:?}");
+                    if placement == Placement::Cpu {
+                        assert_eq!(s.fetched, 0, "{what}: {s:?}");
+                    }
+                    if slots == 0 {
+                        assert_eq!((s.fetched, s.prefetched, s.hits), (0, 0, 0), "{s:?}");
+                    }
+                    if !prefetch {
+                        assert_eq!(s.prefetched, 0, "{what}: {s:?}");
+                    }
+                    if placement == Placement::Gpu && slots == layers * experts {
+                        assert_eq!(s.host_runs, 0, "{what}: {s:?}");
+                    }
+                    host_runs += s.host_runs;
+                    fetched += s.fetched;
                 }
-                if slots == 0 {
-                    assert_eq!((s.fetched, s.prefetched, s.hits), (0, 0, 0), "{s:?}");
-                }
-                if placement == Placement::Gpu && slots == layers * experts {
-                    assert_eq!(s.host_runs, 0, "{s:?}");
-                }
-                host_runs += s.host_runs;
-                fetched += s.fetched;
             }
         }
     }
@@ -151,6 +214,141 @@ fn tiered_logits_equal_the_single_backend_run_everywhere() {
         host_runs > 0 && fetched > 0,
         "{host_runs} host runs, {fetched} fetched"
     );
+}
+
+/// Prefetch copies the next layer's predicted experts in ahead of need — by the RAM tier's
+/// prediction when it pages with prefetch, by the device tier's own otherwise — and routed
+/// experts are then found resident because of it. With `cpu` placement a miss is never
+/// fetched, so every expert in a slot got there by prefetch.
+#[test]
+fn prefetch_copies_experts_ahead_of_need_with_and_without_paging() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Arc::new(Model::load(&quantized(tmp.path())).unwrap());
+    let (layers, experts) = (model.config.num_layers, model.config.num_experts);
+    let (p1, p2, decode) = (
+        tokens(&model, 100, 13),
+        tokens(&model, 600, 11),
+        tokens(&model, 1100, 10),
+    );
+    let want = bits(&run(
+        &Engine::new(model.clone(), 2).unwrap(),
+        [&p1, &p2],
+        &decode,
+        |_| {},
+    ));
+    for ram in [
+        Ram::InPlace,
+        Ram::Paged { prefetch: false },
+        Ram::Paged { prefetch: true },
+    ] {
+        for slots in [experts, layers * experts] {
+            let what = format!("{ram:?}, {slots} slots");
+            let engine = tiered(&model, slots, Placement::Cpu, true, ram);
+            let got = run(&engine, [&p1, &p2], &decode, |_| {});
+            assert!(bits(&got) == want, "{what}: logits differ");
+            assert_device_agrees(&engine, &what);
+            let s = engine.tier().unwrap().stats();
+            assert_books_balance(&s);
+            assert_eq!(s.fetched, 0, "{what}: {s:?}");
+            assert!(s.prefetched > 0, "{what}: nothing prefetched: {s:?}");
+            assert!(s.prefetch_hits > 0, "{what}: no prefetch was used: {s:?}");
+            assert!(
+                s.prefetch_hits <= s.prefetched && s.prefetch_hits <= s.hits,
+                "{s:?}"
+            );
+            assert!(s.hits > 0, "{what}: {s:?}");
+        }
+        // The same engine without prefetch never fills a slot.
+        let engine = tiered(&model, layers * experts, Placement::Cpu, false, ram);
+        assert!(bits(&run(&engine, [&p1, &p2], &decode, |_| {})) == want);
+        let s = engine.tier().unwrap().stats();
+        assert_eq!(
+            (s.prefetched, s.hits, s.resident),
+            (0, 0, 0),
+            "{ram:?}: {s:?}"
+        );
+    }
+}
+
+/// A copy that fails (here: a device that refuses chosen experts after taking part of one) ends
+/// the step with an error naming the op, the expert and its size; the expert is not taken for
+/// resident afterwards, nothing of it stays on the device, and once the faults stop the same
+/// engine computes exactly what the single-backend run does.
+#[test]
+fn a_failed_fetch_fails_the_step_and_leaves_the_tier_consistent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Arc::new(Model::load(&quantized(tmp.path())).unwrap());
+    let (layers, experts) = (model.config.num_layers, model.config.num_experts);
+    let (p1, p2, decode) = (
+        tokens(&model, 200, 15),
+        tokens(&model, 800, 12),
+        tokens(&model, 1300, 6),
+    );
+    let want = bits(&run(
+        &Engine::new(model.clone(), 2).unwrap(),
+        [&p1, &p2],
+        &decode,
+        |_| {},
+    ));
+    let faulty: Vec<(usize, usize)> = (0..experts).map(|e| (layers - 1, e)).collect();
+    for (prefetch, ram) in [
+        (false, Ram::InPlace),
+        (true, Ram::InPlace),
+        (true, Ram::Paged { prefetch: true }),
+    ] {
+        for slots in [5, layers * experts] {
+            let what = format!("prefetch {prefetch}, {ram:?}, {slots} slots");
+            let engine = tiered(&model, slots, Placement::Gpu, prefetch, ram);
+            // A short clean step first, so a small tier is full and the failing fetch evicts,
+            // while a large one still misses most experts.
+            run(&engine, [&p1[..2], &p2[..2]], &[], |_| {});
+            let before: HashSet<(usize, usize)> =
+                engine.tier().unwrap().resident().into_iter().collect();
+            *engine.backend().faults.lock().unwrap() = faulty.iter().copied().collect();
+            let err = steps(&engine, [&p2, &p1], &decode, |_| {})
+                .expect_err("a step whose fetch fails must fail")
+                .to_string();
+            assert!(
+                err.contains("admit_expert")
+                    && err.contains(&format!("of layer {}", layers - 1))
+                    && err.contains(" bytes)")
+                    && err.contains("the test device refused"),
+                "{what}: {err}"
+            );
+            assert_device_agrees(&engine, &what);
+            let s = engine.tier().unwrap().stats();
+            assert!(s.fetch_failures > 0, "{what}: {s:?}");
+            assert!(s.resident <= slots, "{what}: {s:?}");
+            // A refused expert is resident only if it already was before the faults.
+            for key in &faulty {
+                let tier = engine.tier().unwrap();
+                assert!(
+                    !tier.is_resident(*key) || before.contains(key),
+                    "{what}: {key:?}"
+                );
+                assert!(!tier.is_reserved(*key), "{what}: {key:?}");
+            }
+            if !prefetch {
+                assert_books_balance(&s);
+            }
+            // Faults off: fresh sequences on the same engine compute exactly the reference,
+            // fetching the experts that failed before.
+            engine.backend().faults.lock().unwrap().clear();
+            let fetched = s.fetched;
+            let got = run(&engine, [&p1, &p2], &decode, |_| {});
+            assert!(
+                bits(&got) == want,
+                "{what}: logits differ after a failed fetch"
+            );
+            assert_device_agrees(&engine, &what);
+            let after = engine.tier().unwrap().stats();
+            assert!(
+                after.fetched + after.prefetched > fetched,
+                "{what}: {after:?}"
+            );
+            assert_eq!(after.fetch_failures, s.fetch_failures, "{what}: {after:?}");
+        }
+    }
 }
 
 #[test]
@@ -170,24 +368,24 @@ fn resizing_the_tier_between_steps_changes_nothing_computed() {
         |_| {},
     ));
     for placement in [Placement::Auto, Placement::Gpu] {
-        let tier = ExpertTier::new(layers * experts, layers, experts, placement, true);
-        let engine = Engine::new(model.clone(), 1)
-            .unwrap()
-            .with_experts(service(&model, true))
-            .unwrap()
-            .with_tier(tier, 1)
-            .unwrap();
-        let sizes = [3, 0, 1, 7, 2, layers * experts, 4, 1];
-        let got = run(&engine, [&p1, &p2], &decode, |step| {
-            engine.set_tier_slots(sizes[step % sizes.len()]).unwrap();
-            let s = engine.tier().unwrap().stats();
-            assert!(s.resident <= sizes[step % sizes.len()], "{s:?}");
-        });
-        assert!(
-            bits(&got) == want,
-            "{placement:?}: logits differ after resizing"
-        );
-        assert!(engine.tier().unwrap().stats().evicted > 0);
+        for ram in [Ram::InPlace, Ram::Paged { prefetch: true }] {
+            let engine = tiered(&model, layers * experts, placement, true, ram);
+            let sizes = [3, 0, 1, 7, 2, layers * experts, 4, 1];
+            let got = run(&engine, [&p1, &p2], &decode, |step| {
+                let size = sizes[step % sizes.len()];
+                engine.set_tier_slots(size).unwrap();
+                engine.backend().set_slots(size);
+                let s = engine.tier().unwrap().stats();
+                assert!(s.resident <= size, "{s:?}");
+                assert_device_agrees(&engine, "after resizing");
+            });
+            assert!(
+                bits(&got) == want,
+                "{placement:?}, {ram:?}: logits differ after resizing"
+            );
+            assert_device_agrees(&engine, "resized");
+            assert!(engine.tier().unwrap().stats().evicted > 0);
+        }
     }
 }
 

@@ -28,6 +28,8 @@ use crate::kv::{EvictionConfig, LayerCache, SlotStats};
 use crate::model::config::Activation;
 use crate::model::weights::{GatedMlp, Linear, Norm, Weights};
 use std::borrow::Cow;
+use std::task::Poll;
+use std::time::Duration;
 
 /// The attention geometry of a model.
 #[derive(Debug, Clone, Copy)]
@@ -64,6 +66,23 @@ pub enum Tasks {
     SequenceGroups,
 }
 
+/// Expert work whose time the expert tier's cost model learns from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertWork {
+    /// An expert's weights copied into a device slot ([`Backend::admit_expert`]).
+    Copy,
+    /// An expert run on the backend's activations.
+    Run,
+}
+
+/// The device time of work a backend queued without waiting for it (events around it, on
+/// CUDA): known once the work has completed, and asked for without waiting.
+pub trait DeviceTiming: Send {
+    /// `Ready(Some(t))` once the work has completed, `Pending` while it runs, `Ready(None)`
+    /// when it can no longer be measured (a device error).
+    fn poll(&self) -> Poll<Option<Duration>>;
+}
+
 /// Executes the ops of the forward pass. `Act` is a `rows × cols` matrix of f32 activations
 /// the backend owns.
 pub trait Backend: Send + Sync {
@@ -95,8 +114,20 @@ pub trait Backend: Send + Sync {
     fn admit_expert(&self, _mlp: &GatedMlp) -> Result<usize> {
         Ok(0)
     }
-    /// Gives back the slot of an expert admitted with [`Self::admit_expert`].
+    /// Gives back the slot of an expert admitted with [`Self::admit_expert`] (also after a
+    /// failed admission, whatever part of it was made).
     fn release_expert(&self, _mlp: &GatedMlp) {}
+    /// Runs `queue`, which queues expert `work` on this backend, and returns its result with a
+    /// handle to the work's device time where the backend only queued it (the host's wall
+    /// clock around `queue` would measure the queueing, not the work). `None`: the work ran
+    /// before `queue` returned, so the caller's wall clock measures it.
+    fn timed<R>(
+        &self,
+        _work: ExpertWork,
+        queue: impl FnOnce() -> R,
+    ) -> (R, Option<Box<dyn DeviceTiming>>) {
+        (queue(), None)
+    }
     /// Rows of an activation matrix.
     fn rows(&self, x: &Self::Act) -> usize;
     /// The values, row-major (borrowed where the activations live on the host).

@@ -69,7 +69,7 @@ pub use dispatch::{Selected, SelectedAct, SelectedRope};
 mod dispatch {
     use crate::backend::cpu::{CpuBackend, Rows};
     use crate::backend::cuda::{backend::DeviceRope, CudaBackend, DeviceRows};
-    use crate::backend::{AttentionShape, Backend, Pick, Segment, Tasks};
+    use crate::backend::{AttentionShape, Backend, DeviceTiming, ExpertWork, Pick, Segment, Tasks};
     use crate::kv::LayerCache;
     use crate::model::config::Activation;
     use crate::model::weights::{GatedMlp, Linear, Norm};
@@ -164,6 +164,17 @@ mod dispatch {
             match self {
                 Selected::Cpu(b) => b.release_expert(mlp),
                 Selected::Cuda(b) => b.release_expert(mlp),
+            }
+        }
+
+        fn timed<R>(
+            &self,
+            work: ExpertWork,
+            queue: impl FnOnce() -> R,
+        ) -> (R, Option<Box<dyn DeviceTiming>>) {
+            match self {
+                Selected::Cpu(b) => b.timed(work, queue),
+                Selected::Cuda(b) => b.timed(work, queue),
             }
         }
 

@@ -134,15 +134,18 @@ pub fn stats_line(engine: &Engine) -> String {
     }
     if let Some(t) = engine.tier().map(|t| t.stats()) {
         line += &format!(
-            "; GPU tier: {} slots, hits {}, misses {} ({} fetched, {} run on the CPU), {} prefetched, {} copied at {:.1} GB/s",
+            "; GPU tier: {} slots, hits {}, misses {} ({} fetched, {} run on the CPU, {} failed), {} prefetched ({} then used), {} copied at {:.1} GB/s, stall {:.2} ms/token",
             t.slots,
             t.hits,
             t.misses,
             t.fetched,
             t.host_runs,
+            t.fetch_failures,
             t.prefetched,
+            t.prefetch_hits,
             human(t.bytes_copied),
             t.copy_gb_per_s,
+            t.stall_ms_per_token,
         );
     }
     if let Some(p) = engine.experts.prediction() {

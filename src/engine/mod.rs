@@ -133,10 +133,8 @@ impl<B: Backend> Engine<B> {
         tier: crate::experts::tier::ExpertTier,
         host_threads: usize,
     ) -> Result<Engine<B>> {
-        self.tier = Some(tiered::Tiered {
-            tier,
-            host: crate::backend::HostBackend::new(host_threads)?,
-        });
+        let host = crate::backend::HostBackend::new(host_threads)?;
+        self.tier = Some(tiered::Tiered::new(tier, host, self.model.config.top_k));
         Ok(self)
     }
 

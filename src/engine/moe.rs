@@ -31,6 +31,18 @@ pub fn forward<B: Backend>(
     } else {
         None
     };
+    // The device tier prefetches by the RAM tier's prediction, or by its own where the RAM
+    // tier makes none.
+    let device_next = match &engine.tier {
+        Some(t) if t.tier.prefetches() => match &next {
+            Some(n) => Some(n.clone()),
+            None => {
+                let probs = pregate_probs(engine, layer + 1, residual);
+                tiered::predict_next(engine, t, layer, &rows, probs.as_deref())
+            }
+        },
+        _ => None,
+    };
     // Grouped by expert (a stable sort keeps each expert's tokens in row order): one list for
     // the whole step instead of one per expert.
     picks.sort_by_key(|p| p.expert);
@@ -55,7 +67,7 @@ pub fn forward<B: Backend>(
     // Outputs are mixed in expert order afterwards, so results don't depend on scheduling
     // (nor on how many experts the cache held at once, nor on where each expert ran).
     let outputs = match &engine.tier {
-        Some(tiered) => tiered::run(engine, tiered, layer, block, x, &groups, next)?,
+        Some(tiered) => tiered::run(engine, tiered, layer, block, x, &groups, next, device_next)?,
         None => service.run(layer, block, &ids, next, |start, mlps| {
             let tasks: Vec<_> = groups[start..start + mlps.len()]
                 .iter()

@@ -218,26 +218,14 @@ impl ExpertService {
         pregate_probs: Option<&[f32]>,
     ) -> Option<(usize, Vec<usize>)> {
         let p = self.predictor.as_ref()?;
-        let guess = p.predict(&self.paths, layer, rows, pregate_probs);
-        // A speculative read costs a whole block of disk time when it is wrong, so only the
-        // confident guesses are read (pre-gating probability; transitions alone are unfiltered).
-        let e_n = self.paths.experts();
-        let sure = |r: usize, e: usize| {
-            pregate_probs.is_none_or(|p| p.get(r * e_n + e).is_none_or(|&v| v >= PREFETCH_MIN_PROB))
-        };
-        let mut union: Vec<usize> = guess
-            .iter()
-            .enumerate()
-            .flat_map(|(r, g)| g.iter().copied().filter(move |&e| sure(r, e)))
-            .collect();
-        // Most-voted first: a prefetch that runs out of free slots drops the least likely.
-        let mut votes = vec![0usize; self.paths.experts()];
-        union.iter().for_each(|&e| votes[e] += 1);
-        union.sort_unstable();
-        union.dedup();
-        union.sort_by_key(|&e| std::cmp::Reverse(votes[e]));
-        p.set_pending(next, guess);
-        Some((next, union))
+        Some(prefetch_request(
+            &self.paths,
+            p,
+            layer,
+            next,
+            rows,
+            pregate_probs,
+        ))
     }
 
     /// Runs `run` on the experts `ids` of `layer` (in place, or in cache slots a chunk at a
@@ -329,6 +317,39 @@ impl ExpertService {
         });
         (map, reads)
     }
+}
+
+/// `predictor`'s guess of layer `next`'s experts per row (from the rows' choices at `layer`
+/// and, where given, their pre-gating probabilities), remembered for scoring, and the request
+/// to prefetch: the union of the confident guesses, most-voted first.
+pub fn prefetch_request(
+    paths: &PathStats,
+    predictor: &Predictor,
+    layer: usize,
+    next: usize,
+    rows: &[Vec<usize>],
+    pregate_probs: Option<&[f32]>,
+) -> (usize, Vec<usize>) {
+    let guess = predictor.predict(paths, layer, rows, pregate_probs);
+    // A speculative read costs a whole block of disk time when it is wrong, so only the
+    // confident guesses are read (pre-gating probability; transitions alone are unfiltered).
+    let e_n = paths.experts();
+    let sure = |r: usize, e: usize| {
+        pregate_probs.is_none_or(|p| p.get(r * e_n + e).is_none_or(|&v| v >= PREFETCH_MIN_PROB))
+    };
+    let mut union: Vec<usize> = guess
+        .iter()
+        .enumerate()
+        .flat_map(|(r, g)| g.iter().copied().filter(move |&e| sure(r, e)))
+        .collect();
+    // Most-voted first: a prefetch that runs out of free slots drops the least likely.
+    let mut votes = vec![0usize; e_n];
+    union.iter().for_each(|&e| votes[e] += 1);
+    union.sort_unstable();
+    union.dedup();
+    union.sort_by_key(|&e| std::cmp::Reverse(votes[e]));
+    predictor.set_pending(next, guess);
+    (next, union)
 }
 
 /// What the budget holds besides expert slots: the non-expert weights (owned or mapped), the

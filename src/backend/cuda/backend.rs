@@ -16,14 +16,16 @@ use super::kernels::{
 use super::kv::KvMirrors;
 use super::weights::{DeviceWeight, WeightCache};
 use crate::backend::cpu::routing::route_rows;
-use crate::backend::{AttentionShape, Backend, Pick, Segment, Tasks};
+use crate::backend::{AttentionShape, Backend, DeviceTiming, ExpertWork, Pick, Segment, Tasks};
 use crate::error::Result;
 use crate::kv::LayerCache;
 use crate::model::config::Activation;
 use crate::model::weights::{GatedMlp, Linear, LinearWeight, Norm};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{sys, CudaEvent, CudaSlice, CudaStream};
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::Duration;
 
 /// `rows × cols` f32 activations on the device, with the int8 form a fused norm made of them.
 pub struct DeviceRows {
@@ -71,6 +73,42 @@ pub struct CudaBackend {
     /// Norms also quantize their output for the W8A8 linear that follows (the model's
     /// attention projections are W8A8 without an input scale).
     fuse_norm_quant: bool,
+}
+
+/// Two timing events on one stream around queued expert work: the stream's time from the first
+/// to the second, read once the second has completed (queried, never waited for).
+struct EventSpan {
+    start: CudaEvent,
+    end: CudaEvent,
+}
+
+impl EventSpan {
+    fn mark(stream: &CudaStream) -> Option<CudaEvent> {
+        // cudarc's default flags disable timing.
+        stream
+            .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .ok()
+    }
+}
+
+impl DeviceTiming for EventSpan {
+    fn poll(&self) -> Poll<Option<Duration>> {
+        if self.end.context().bind_to_thread().is_err() {
+            return Poll::Ready(None);
+        }
+        match self.end.try_is_complete() {
+            Ok(false) => Poll::Pending,
+            // Both events have completed, so reading the time waits for nothing.
+            Ok(true) => Poll::Ready(
+                self.start
+                    .elapsed_ms(&self.end)
+                    .ok()
+                    .filter(|ms| ms.is_finite() && *ms >= 0.0)
+                    .map(|ms| Duration::from_secs_f64(f64::from(ms) / 1e3)),
+            ),
+            Err(_) => Poll::Ready(None),
+        }
+    }
 }
 
 /// A device failure inside a step: see the module comment. When the device cannot even finish
@@ -381,6 +419,36 @@ impl Backend for CudaBackend {
         for lin in [&mlp.gate, &mlp.up, &mlp.down] {
             self.weights.release_linear(&lin.name);
         }
+    }
+
+    fn timed<R>(
+        &self,
+        work: ExpertWork,
+        queue: impl FnOnce() -> R,
+    ) -> (R, Option<Box<dyn DeviceTiming>>) {
+        let stream = match work {
+            ExpertWork::Run => Some(&self.gpu.stream),
+            ExpertWork::Copy => self
+                .copier
+                .get_or_init(|| super::copier::ExpertCopier::new(&self.gpu))
+                .as_ref()
+                .ok()
+                .map(super::copier::ExpertCopier::stream),
+        };
+        // A copy's span is the copy stream's time from the first staged block to the last
+        // landed one (gaps while the host fills a staging buffer included: what a fetch costs).
+        // Only int8 blocks use the copy stream; scales and other forms go with the compute
+        // stream and are not in it. An event that cannot be recorded costs the measurement,
+        // never the work.
+        let start = stream.and_then(|s| EventSpan::mark(s));
+        let out = queue();
+        let span = stream.zip(start).and_then(|(s, start)| {
+            Some(EventSpan {
+                start,
+                end: EventSpan::mark(s)?,
+            })
+        });
+        (out, span.map(|s| Box::new(s) as Box<dyn DeviceTiming>))
     }
 
     fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {

@@ -99,6 +99,11 @@ impl ExpertCopier {
         Ok(dst)
     }
 
+    /// The copy stream (the tier times copies with events on it).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     /// Waits until every queued copy has landed (tests and the copy-bandwidth probe).
     pub fn sync(&self) -> Result<()> {
         self.stream

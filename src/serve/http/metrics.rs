@@ -164,10 +164,34 @@ pub fn render<T>(sched: &Scheduler<T>) -> String {
                 t.prefetched as f64,
             ),
             (
+                "edgemoe_gpu_expert_prefetch_hits_total",
+                "counter",
+                "Routed experts found on the GPU because a prefetch had copied them in.",
+                t.prefetch_hits as f64,
+            ),
+            (
+                "edgemoe_gpu_expert_fetch_failures_total",
+                "counter",
+                "Expert copies to the GPU that failed (the expert stayed off the GPU).",
+                t.fetch_failures as f64,
+            ),
+            (
                 "edgemoe_gpu_expert_bytes_copied_total",
                 "counter",
                 "Expert bytes copied to the GPU.",
                 t.bytes_copied as f64,
+            ),
+            (
+                "edgemoe_gpu_expert_copy_gigabytes_per_second",
+                "gauge",
+                "Measured host-to-GPU expert copy bandwidth.",
+                t.copy_gb_per_s,
+            ),
+            (
+                "edgemoe_gpu_tier_stall_seconds_per_token",
+                "gauge",
+                "Time a step waited on expert fetches and CPU-run experts, per token.",
+                t.stall_ms_per_token / 1e3,
             ),
             (
                 "edgemoe_gpu_expert_slots",
