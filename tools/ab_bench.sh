@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Two edgemoe binaries side by side: `edgemoe bench` run alternately with each, PAIRS times, and
+# the median of each binary's per-run means printed per test (pp, tg). For "this change is not
+# slower" checks on a shared machine, where the same command moves between minutes.
+#
+#   tools/ab_bench.sh OLD_BINARY NEW_BINARY [PAIRS] [-- BENCH ARGS...]
+#
+# Default bench arguments: --model builtin:mixtral-bench --quant rtn -p 64 -n 64 -b 1
+# --threads 2 -r 3. Needs python3 (for the medians) and nothing else.
+set -euo pipefail
+old="$1"; new="$2"; shift 2
+pairs=7
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then pairs="$1"; shift; fi
+[ "${1:-}" = "--" ] && shift
+args=("$@")
+[ ${#args[@]} -eq 0 ] && args=(--model builtin:mixtral-bench --quant rtn -p 64 -n 64 -b 1 --threads 2 -r 3)
+dir="$(mktemp -d)"
+trap 'rm -rf "$dir"' EXIT
+for i in $(seq 1 "$pairs"); do
+  for side in old new; do
+    bin="$old"; [ "$side" = new ] && bin="$new"
+    "$bin" bench "${args[@]}" --json > "$dir/$side.$i.json"
+  done
+done
+python3 - "$dir" "$old" "$new" "$pairs" <<'PY'
+import glob, json, os, statistics, sys
+dir, old, new, pairs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+runs = {}
+for path in sorted(glob.glob(os.path.join(dir, "*.json"))):
+    side = os.path.basename(path).split(".")[0]
+    for row in json.load(open(path))["results"]:
+        runs.setdefault(row["test"], {}).setdefault(side, []).append(row["tokens_per_s"]["mean"])
+print(f"{pairs} alternated pairs; medians of each run's mean, tok/s")
+print("| test | old | new | new/old | old runs | new runs |")
+print("| --- | ---: | ---: | ---: | --- | --- |")
+for test, sides in runs.items():
+    o, n = statistics.median(sides.get("old", [0])), statistics.median(sides.get("new", [0]))
+    fmt = lambda v: " ".join(f"{x:.1f}" for x in v)
+    print(f"| {test} | {o:.1f} | {n:.1f} | {n / o if o else 0:.3f} | {fmt(sides.get('old', []))} | {fmt(sides.get('new', []))} |")
+print(f"old = {old}\nnew = {new}")
+PY
