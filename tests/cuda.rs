@@ -13,5 +13,7 @@ mod bench;
 mod common;
 #[path = "cuda/kernels.rs"]
 mod kernels;
+#[path = "cuda/kv.rs"]
+mod kv;
 #[path = "cuda/model.rs"]
 mod model;

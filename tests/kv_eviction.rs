@@ -87,12 +87,12 @@ fn decode_stays_within_budget_and_keeps_positions() {
                 }])
                 .unwrap();
             for layer in &cache.layers {
-                assert!(layer.positions.len() <= 64);
-                assert!(layer.positions.windows(2).all(|w| w[0] < w[1]));
-                assert!((0..4.min(i as u32 + 1)).all(|p| layer.positions.contains(&p)));
+                assert!(layer.positions().len() <= 64);
+                assert!(layer.positions().windows(2).all(|w| w[0] < w[1]));
+                assert!((0..4.min(i as u32 + 1)).all(|p| layer.positions().contains(&p)));
                 let recent = (i + 1).saturating_sub(16) as u32..=i as u32;
                 assert!(
-                    recent.clone().all(|p| layer.positions.contains(&p)),
+                    recent.clone().all(|p| layer.positions().contains(&p)),
                     "{policy}"
                 );
             }
@@ -134,7 +134,7 @@ fn policies_keep_different_sets() {
                 }])
                 .unwrap();
         }
-        cache.layers[1].positions.clone()
+        cache.layers[1].positions().to_vec()
     };
     let window = kept(Policy::Window);
     assert_ne!(kept(Policy::H2o), window);

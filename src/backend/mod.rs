@@ -24,28 +24,13 @@ pub type DefaultBackend = cpu::CpuBackend;
 pub type DefaultBackend = select::Selected;
 
 use crate::error::Result;
-use crate::kv::{EvictionConfig, LayerCache, SlotStats};
+pub use crate::kv::{AttentionShape, Segment};
+use crate::kv::{EvictionConfig, KvStorage, LayerCache, SlotStats};
 use crate::model::config::Activation;
 use crate::model::weights::{GatedMlp, Linear, Norm, Weights};
 use std::borrow::Cow;
 use std::task::Poll;
 use std::time::Duration;
-
-/// The attention geometry of a model.
-#[derive(Debug, Clone, Copy)]
-pub struct AttentionShape {
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub sliding_window: Option<usize>,
-}
-
-/// One sequence's part of an attention call: query rows `rows` attend over `cache` (which
-/// already holds their own keys and values).
-pub struct Segment<'a> {
-    pub rows: std::ops::Range<usize>,
-    pub cache: &'a LayerCache,
-}
 
 /// One token's pick of one expert.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -151,8 +136,12 @@ pub trait Backend: Send + Sync {
     fn rope_table(&self, head_dim: usize, theta: f32, positions: &[usize]) -> Self::Rope;
     /// Rotates every head of row `r` of `x` by row `first_row + r` of `rope`.
     fn apply_rope(&self, x: &mut Self::Act, rope: &Self::Rope, first_row: usize);
+    /// An empty K/V storage in this backend's format, `kv_dim` floats a key: what a new cache's
+    /// layers start with, so the room reserved for them is this backend's memory.
+    fn new_kv(&self, kv_dim: usize) -> Box<dyn KvStorage>;
     /// Appends rows `rows` of `k` and `v` (one sequence's new tokens, at `positions`) to its
-    /// cache.
+    /// cache, in the backend's own storage (a layer without one, or with another backend's,
+    /// gets it first, holding the same slots).
     fn append_kv(
         &self,
         cache: &mut LayerCache,
@@ -182,21 +171,23 @@ pub trait Backend: Send + Sync {
         segments: &[Segment],
     ) -> (Self::Act, usize, Vec<f32>) {
         let (out, slots) = self.attention(shape, q, positions, segments);
-        let mass = crate::kv::mass::reference_mass(shape, &self.to_host(q), positions, segments);
+        let mass = crate::kv::mass::reference_mass(shape, &self.to_host(q), positions, segments)
+            .unwrap_or_else(|e| panic!("edgemoe: reading the KV cache back failed: {e}"));
         (out, slots, mass)
     }
     /// One layer's eviction at step `now` (the next token's position): keeps the slots
     /// `kv::evict::kept_slots_reference` keeps — exactly that set — compacted to the
-    /// front in order, with their statistics. This default is the plain reference.
+    /// front in order, with their statistics; a failure (a device's) leaves the layer as it
+    /// was. This default is the plain reference.
     fn evict(
         &self,
         config: &EvictionConfig,
         cache: &mut LayerCache,
         stats: &mut SlotStats,
         now: usize,
-    ) {
-        let kept = crate::kv::evict::kept_slots_reference(config, &cache.positions, stats, now);
-        crate::kv::evict::compact(cache, stats, &kept);
+    ) -> Result<()> {
+        let kept = crate::kv::evict::kept_slots_reference(config, cache.positions(), stats, now);
+        crate::kv::evict::compact(cache, stats, &kept)
     }
     /// `act(x)` in place.
     fn activate(&self, act: Activation, x: &mut Self::Act);

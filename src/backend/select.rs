@@ -70,7 +70,8 @@ mod dispatch {
     use crate::backend::cpu::{CpuBackend, Rows};
     use crate::backend::cuda::{backend::DeviceRope, CudaBackend, DeviceRows};
     use crate::backend::{AttentionShape, Backend, DeviceTiming, ExpertWork, Pick, Segment, Tasks};
-    use crate::kv::LayerCache;
+    use crate::error::Result;
+    use crate::kv::{EvictionConfig, KvStorage, LayerCache, SlotStats};
     use crate::model::config::Activation;
     use crate::model::weights::{GatedMlp, Linear, Norm};
     use std::borrow::Cow;
@@ -276,6 +277,13 @@ mod dispatch {
             }
         }
 
+        fn new_kv(&self, kv_dim: usize) -> Box<dyn KvStorage> {
+            match self {
+                Selected::Cpu(b) => b.new_kv(kv_dim),
+                Selected::Cuda(b) => b.new_kv(kv_dim),
+            }
+        }
+
         fn append_kv(
             &self,
             cache: &mut LayerCache,
@@ -306,6 +314,38 @@ mod dispatch {
                     let (o, n) = b.attention(shape, gpu_act!(q), positions, segments);
                     (SelectedAct::Cuda(o), n)
                 }
+            }
+        }
+
+        fn attention_with_mass(
+            &self,
+            shape: &AttentionShape,
+            q: &SelectedAct,
+            positions: &[usize],
+            segments: &[Segment],
+        ) -> (SelectedAct, usize, Vec<f32>) {
+            match self {
+                Selected::Cpu(b) => {
+                    let (o, n, m) = b.attention_with_mass(shape, cpu_act!(q), positions, segments);
+                    (SelectedAct::Cpu(o), n, m)
+                }
+                Selected::Cuda(b) => {
+                    let (o, n, m) = b.attention_with_mass(shape, gpu_act!(q), positions, segments);
+                    (SelectedAct::Cuda(o), n, m)
+                }
+            }
+        }
+
+        fn evict(
+            &self,
+            config: &EvictionConfig,
+            cache: &mut LayerCache,
+            stats: &mut SlotStats,
+            now: usize,
+        ) -> Result<()> {
+            match self {
+                Selected::Cpu(b) => b.evict(config, cache, stats, now),
+                Selected::Cuda(b) => b.evict(config, cache, stats, now),
             }
         }
 

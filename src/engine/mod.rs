@@ -224,9 +224,12 @@ impl<B: Backend> Engine<B> {
         self.backend.threads()
     }
 
-    /// An empty KV cache for one sequence.
+    /// An empty KV cache for one sequence, its layers in the backend's storage.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.model.config.num_layers, self.model.config.kv_dim())
+        let cfg = &self.model.config;
+        KvCache::with_storage(cfg.num_layers, cfg.kv_dim(), |kv_dim| {
+            Some(self.backend.new_kv(kv_dim))
+        })
     }
 
     /// A cache with room reserved for a sequence expected to reach `tokens` tokens (capped at
@@ -381,9 +384,9 @@ impl<B: Backend> Engine<B> {
             let Some(eviction) = eviction else { continue };
             for (layer, stats) in layers.iter_mut().zip(&mut eviction.stats) {
                 if cfg.needs_attention() {
-                    stats.sync(&layer.positions);
+                    stats.sync(layer.positions());
                 }
-                self.backend.evict(&cfg, layer, stats, now);
+                self.backend.evict(&cfg, layer, stats, now)?;
             }
             eviction.evictions += 1;
         }
@@ -727,14 +730,14 @@ pub(crate) fn gated_mlp_on<X: Backend>(
 fn observe_mass(li: usize, batch: &mut [BatchItem], positions: &[usize], mass: &[f32]) {
     let (mut row, mut at) = (0, 0);
     for item in batch.iter_mut() {
-        let n = item.cache.layers[li].positions.len();
+        let n = item.cache.layers[li].len();
         let rows = item.tokens.len();
         let (layers, eviction) = item.cache.parts_mut();
         if let Some(e) = eviction.filter(|e| e.config.needs_attention()) {
             let threshold = e.config.threshold;
             for r in 0..rows {
                 let m = &mass[at + r * n..at + (r + 1) * n];
-                e.stats[li].observe(&layers[li].positions, positions[row + r], m, threshold);
+                e.stats[li].observe(layers[li].positions(), positions[row + r], m, threshold);
             }
         }
         row += rows;

@@ -6,6 +6,7 @@
 use super::policy::{EvictionConfig, Policy};
 use super::stats::SlotStats;
 use super::LayerCache;
+use crate::error::Result;
 use std::cmp::Ordering;
 
 /// Whether slot `a` ranks above slot `b` for keeping (`Less` = keep `a` first). Ties fall to
@@ -64,39 +65,34 @@ pub fn kept_slots_reference(
     kept.into_iter().map(|s| s as u32).collect()
 }
 
-/// Moves slots `kept` (ascending) of `cache` and `stats` to the front and frees the rest; the
-/// buffers keep their capacity, so the freed slots are reused by the next appends.
-pub fn compact(cache: &mut LayerCache, stats: &mut SlotStats, kept: &[u32]) {
-    let kv_dim = if cache.positions.is_empty() {
-        0
-    } else {
-        cache.keys.len() / cache.positions.len()
-    };
-    for (i, &s) in kept.iter().enumerate() {
-        let s = s as usize;
-        assert!(s >= i, "compact: kept slots must be ascending");
-        if s != i {
-            cache
-                .keys
-                .copy_within(s * kv_dim..(s + 1) * kv_dim, i * kv_dim);
-            cache
-                .values
-                .copy_within(s * kv_dim..(s + 1) * kv_dim, i * kv_dim);
-            cache.positions[i] = cache.positions[s];
-        }
+/// Moves slots `kept` (ascending) of `cache` and `stats` to the front and frees the rest: the
+/// storage compacts its rows (keeping its capacity, so the freed slots take the next appends),
+/// then the position map and the statistics follow. A storage that fails leaves all unchanged.
+pub fn compact(cache: &mut LayerCache, stats: &mut SlotStats, kept: &[u32]) -> Result<()> {
+    assert!(
+        kept.windows(2).all(|w| w[0] < w[1])
+            && kept
+                .last()
+                .is_none_or(|&s| (s as usize) < cache.positions.len()),
+        "compact: kept slots must be ascending and held"
+    );
+    let positions: Vec<u32> = kept.iter().map(|&s| cache.positions[s as usize]).collect();
+    if let Some(storage) = &mut cache.storage {
+        storage.keep(kept, &positions)?;
     }
-    cache.keys.truncate(kept.len() * kv_dim);
-    cache.values.truncate(kept.len() * kv_dim);
-    cache.positions.truncate(kept.len());
+    cache.positions.clear();
+    cache.positions.extend_from_slice(&positions);
     if !stats.is_empty() {
         stats.retain(kept);
     }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kv::policy::{Budget, KvOptions};
+    use crate::kv::testing::VecKv;
 
     fn cfg(policy: Policy, budget: usize) -> EvictionConfig {
         KvOptions {
@@ -152,22 +148,22 @@ mod tests {
 
     #[test]
     fn compaction_moves_rows_and_keeps_positions() {
-        let kv_dim = 3;
-        let mut cache = LayerCache {
+        let storage = VecKv {
+            kv_dim: 3,
             keys: (0..15).map(|v| v as f32).collect(),
             values: (0..15).map(|v| -(v as f32)).collect(),
-            positions: vec![0, 1, 2, 3, 4],
         };
-        let cap = cache.keys.capacity();
+        let mut cache = LayerCache::with_storage(vec![0, 1, 2, 3, 4], Box::new(storage)).unwrap();
+        let cap = cache.storage().unwrap().capacity_slots();
         let mut stats = SlotStats::default();
-        stats.sync(&cache.positions);
+        stats.sync(cache.positions());
         stats.mass = vec![0.0, 1.0, 2.0, 3.0, 4.0];
-        compact(&mut cache, &mut stats, &[0, 2, 4]);
-        assert_eq!(cache.positions, [0, 2, 4]);
-        assert_eq!(cache.keys, [0., 1., 2., 6., 7., 8., 12., 13., 14.]);
-        assert_eq!(cache.values[3..6], [-6., -7., -8.]);
+        compact(&mut cache, &mut stats, &[0, 2, 4]).unwrap();
+        assert_eq!(cache.positions(), [0, 2, 4]);
+        let rows = cache.storage().unwrap().to_host().unwrap();
+        assert_eq!(*rows.keys, [0., 1., 2., 6., 7., 8., 12., 13., 14.]);
+        assert_eq!(rows.values[3..6], [-6., -7., -8.]);
         assert_eq!(stats.mass, [0.0, 2.0, 4.0]);
-        assert_eq!(cache.keys.capacity(), cap);
-        let _ = kv_dim;
+        assert_eq!(cache.storage().unwrap().capacity_slots(), cap);
     }
 }

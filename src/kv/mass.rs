@@ -3,16 +3,18 @@
 //! from their attention kernel instead; this is what they are tested against, and what a
 //! backend without its own emission falls back to.
 
-use crate::backend::{AttentionShape, Segment};
+use super::{AttentionShape, Segment};
+use crate::error::Result;
 
 /// Per query row, the mass slot `s` of its segment's cache received (mean over the query
-/// heads), rows one after another, each `cache.len()` long; invisible slots get 0.
+/// heads), rows one after another, each `cache.len()` long; invisible slots get 0. Fails only
+/// where a storage cannot be read back (a device's).
 pub fn reference_mass(
     shape: &AttentionShape,
     q: &[f32],
     positions: &[usize],
     segments: &[Segment],
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
     let (h, d) = (shape.num_heads, shape.head_dim);
     let group = h / shape.num_kv_heads;
     let kv_dim = shape.num_kv_heads * d;
@@ -20,6 +22,10 @@ pub fn reference_mass(
     for seg in segments {
         let cache = seg.cache;
         let n = cache.positions.len();
+        let keys = match cache.storage() {
+            Some(s) => s.to_host()?.keys,
+            None => std::borrow::Cow::Borrowed(&[][..]),
+        };
         for t in seg.rows.clone() {
             let pos = positions[t];
             let visible: Vec<usize> = (0..n)
@@ -35,7 +41,7 @@ pub fn reference_mass(
                 let scores: Vec<f64> = visible
                     .iter()
                     .map(|&s| {
-                        let k = &cache.keys[s * kv_dim + kvh * d..][..d];
+                        let k = &keys[s * kv_dim + kvh * d..][..d];
                         qh.iter()
                             .zip(k)
                             .map(|(&a, &b)| a as f64 * b as f64)
@@ -52,5 +58,5 @@ pub fn reference_mass(
             mass.extend(row.iter().map(|&m| m as f32));
         }
     }
-    mass
+    Ok(mass)
 }

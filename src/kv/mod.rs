@@ -2,7 +2,9 @@
 //!
 //! Attention reads slots, never assumes slot i holds position i, so an eviction policy may drop
 //! tokens (compacting slots) without the engine noticing. Keys are stored already rotated by
-//! RoPE at their true position.
+//! RoPE at their true position. The keys and values themselves live in the backend's own
+//! storage (`storage`): the backend appends and attends; this module keeps the position map,
+//! the budgets and the policies, and tells the storage what to keep.
 //!
 //! With an [`EvictionConfig`] the cache holds at most a budget of slots per layer: when a step
 //! would overflow it, the engine asks the backend to evict (see `evict`) down to
@@ -13,22 +15,30 @@ pub(crate) mod mass;
 pub mod plan;
 pub(crate) mod policy;
 pub(crate) mod rewind;
+pub(crate) mod shape;
 pub(crate) mod stats;
+pub mod storage;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use plan::{KvDemand, KvPlan};
 pub use policy::{Budget, EvictionConfig, KvOptions, Policy};
+pub use shape::{AttentionShape, Segment};
 pub use stats::SlotStats;
+pub use storage::{HostRows, KvStorage};
 
-#[derive(Debug, Clone)]
+use crate::error::{Error, Result};
+
+/// One layer of a sequence's cache: the position of the token in each slot, and the keys and
+/// values in a storage the backend owns (none until a backend first appends, or the engine
+/// made the cache with its backend's). Storage and position map always hold the same slots.
+#[derive(Debug, Default)]
 pub struct LayerCache {
-    /// `len × kv_dim` keys, slot-major.
-    pub keys: Vec<f32>,
-    pub values: Vec<f32>,
-    /// Position of the token held in each slot.
-    pub positions: Vec<u32>,
+    positions: Vec<u32>,
+    storage: Option<Box<dyn KvStorage>>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache {
     pub layers: Vec<LayerCache>,
     kv_dim: usize,
@@ -48,13 +58,24 @@ pub struct Eviction {
 }
 
 impl KvCache {
+    /// A cache whose layers get their storage from the backend that first appends to them
+    /// (until then, reserving room reserves only their position maps).
     pub fn new(num_layers: usize, kv_dim: usize) -> KvCache {
+        KvCache::with_storage(num_layers, kv_dim, |_| None)
+    }
+
+    /// A cache whose layers start with the storage `make` gives for `kv_dim` (a backend's empty
+    /// one), so room reserved before the first step is real memory.
+    pub fn with_storage(
+        num_layers: usize,
+        kv_dim: usize,
+        mut make: impl FnMut(usize) -> Option<Box<dyn KvStorage>>,
+    ) -> KvCache {
         KvCache {
             layers: (0..num_layers)
                 .map(|_| LayerCache {
-                    keys: Vec::new(),
-                    values: Vec::new(),
                     positions: Vec::new(),
+                    storage: make(kv_dim),
                 })
                 .collect(),
             kv_dim,
@@ -114,7 +135,6 @@ impl KvCache {
     /// Reserves room for `tokens` more tokens in every layer, so appending during decoding
     /// never stops to grow (and copy) the buffers.
     pub fn reserve(&mut self, tokens: usize) {
-        let kv_dim = self.kv_dim;
         // With a budget, a layer never holds more than the budget.
         let tokens = match &mut self.eviction {
             None => tokens,
@@ -138,8 +158,9 @@ impl KvCache {
         };
         // Exact: what `--mem` reserved for a sequence is what its cache allocates.
         for l in &mut self.layers {
-            l.keys.reserve_exact(tokens * kv_dim);
-            l.values.reserve_exact(tokens * kv_dim);
+            if let Some(s) = &mut l.storage {
+                s.reserve_exact(tokens);
+            }
             l.positions.reserve_exact(tokens);
         }
     }
@@ -157,13 +178,12 @@ impl KvCache {
         self.reserve(target - len);
     }
 
-    /// Slots every layer can hold without reallocating.
+    /// Slots every layer can hold without reallocating (none in a layer without storage).
     pub fn capacity_tokens(&self) -> usize {
-        let kv_dim = self.kv_dim.max(1);
         self.layers
             .iter()
             .map(|l| {
-                let kv = l.keys.capacity().min(l.values.capacity()) / kv_dim;
+                let kv = l.storage.as_ref().map_or(0, |s| s.capacity_slots());
                 kv.min(l.positions.capacity())
             })
             .min()
@@ -173,10 +193,10 @@ impl KvCache {
     /// Gives back memory beyond `tokens` slots per layer (a recycled cache that held a longer
     /// sequence), so a budgeted sequence never holds more than its budget. Empty caches only.
     pub fn shrink_to(&mut self, tokens: usize) {
-        let kv_dim = self.kv_dim;
         for l in &mut self.layers {
-            l.keys.shrink_to(tokens * kv_dim);
-            l.values.shrink_to(tokens * kv_dim);
+            if let Some(s) = &mut l.storage {
+                s.shrink_to(tokens);
+            }
             l.positions.shrink_to(tokens);
         }
         if let Some(e) = &mut self.eviction {
@@ -213,7 +233,7 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| (l.keys.len() + l.values.len()) * 4 + l.positions.len() * 4)
+            .map(|l| l.storage.as_ref().map_or(0, |s| s.bytes()) + l.positions.len() * 4)
             .sum()
     }
 
@@ -221,7 +241,9 @@ impl KvCache {
     pub fn allocated_bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| (l.keys.capacity() + l.values.capacity() + l.positions.capacity()) * 4)
+            .map(|l| {
+                l.storage.as_ref().map_or(0, |s| s.allocated_bytes()) + l.positions.capacity() * 4
+            })
             .sum::<usize>()
             + self.eviction.as_ref().map_or(0, |e| {
                 e.stats
@@ -233,9 +255,7 @@ impl KvCache {
 
     pub fn clear(&mut self) {
         for l in &mut self.layers {
-            l.keys.clear();
-            l.values.clear();
-            l.positions.clear();
+            l.truncate(0);
         }
         if let Some(e) = &mut self.eviction {
             e.stats.iter_mut().for_each(SlotStats::clear);
@@ -246,15 +266,96 @@ impl KvCache {
 }
 
 impl LayerCache {
-    pub fn append(&mut self, key: &[f32], value: &[f32], position: usize) {
-        self.keys.extend_from_slice(key);
-        self.values.extend_from_slice(value);
-        self.positions.push(position as u32);
+    /// A layer holding `storage`'s slots at `positions` (one each).
+    pub fn with_storage(positions: Vec<u32>, storage: Box<dyn KvStorage>) -> Result<LayerCache> {
+        if storage.len_slots() != positions.len() {
+            return Err(Error::invalid(format!(
+                "a KV storage of {} slots given {} positions",
+                storage.len_slots(),
+                positions.len()
+            )));
+        }
+        Ok(LayerCache {
+            positions,
+            storage: Some(storage),
+        })
+    }
+
+    /// Position of the token held in each slot.
+    pub fn positions(&self) -> &[u32] {
+        &self.positions
+    }
+
+    /// Slots held.
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// The keys and values, if a backend has made their storage yet.
+    pub fn storage(&self) -> Option<&dyn KvStorage> {
+        self.storage.as_deref()
+    }
+
+    /// The storage as backend type `S`, if it is one.
+    pub fn storage_as<S: KvStorage>(&self) -> Option<&S> {
+        self.storage.as_deref()?.as_any().downcast_ref()
+    }
+
+    /// Appends slots at `positions`: `write` adds exactly that many keys and values to the
+    /// layer's storage, which is the calling backend's own type `S`. A layer without storage, or
+    /// with another backend's, first gets the one `adopt` makes of it and the slots' positions
+    /// (the same slots, in `S`).
+    pub fn append_with<S: KvStorage>(
+        &mut self,
+        positions: &[usize],
+        adopt: impl FnOnce(Option<&dyn KvStorage>, &[u32]) -> Result<S>,
+        write: impl FnOnce(&mut S) -> Result<()>,
+    ) -> Result<()> {
+        if self.storage_as::<S>().is_none() {
+            let own = adopt(self.storage.as_deref(), &self.positions)?;
+            if own.len_slots() != self.positions.len() {
+                return Err(Error::invalid(format!(
+                    "a backend adopted a KV layer of {} slots as {}",
+                    self.positions.len(),
+                    own.len_slots()
+                )));
+            }
+            self.storage = Some(Box::new(own));
+        }
+        let Some(own) = self
+            .storage
+            .as_deref_mut()
+            .and_then(|s| s.as_any_mut().downcast_mut::<S>())
+        else {
+            unreachable!("the layer's storage was just made the backend's own");
+        };
+        write(own)?;
+        let held = own.len_slots();
+        self.positions.extend(positions.iter().map(|&p| p as u32));
+        assert_eq!(
+            held,
+            self.positions.len(),
+            "a backend appended a different number of KV slots than positions"
+        );
+        Ok(())
+    }
+
+    /// Keeps the first `slots` slots.
+    pub(crate) fn truncate(&mut self, slots: usize) {
+        if let Some(s) = &mut self.storage {
+            s.truncate(slots);
+        }
+        self.positions.truncate(slots);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::testing::{append, vec_cache};
     use super::KvCache;
 
     fn fill(cache: &mut KvCache, tokens: usize) {
@@ -262,7 +363,7 @@ mod tests {
         for _ in 0..tokens {
             let pos = cache.next_position();
             for layer in cache.parts_mut().0 {
-                layer.append(&kv, &kv, pos);
+                append(layer, &kv, &kv, pos);
             }
             cache.advance(1);
         }
@@ -270,7 +371,7 @@ mod tests {
 
     #[test]
     fn growth_doubles_but_stops_at_the_cap() {
-        let mut cache = KvCache::new(2, 8);
+        let mut cache = vec_cache(2, 8);
         cache.reserve(4);
         fill(&mut cache, 4);
         assert_eq!(cache.capacity_tokens(), 4);

@@ -40,11 +40,8 @@ impl KvCache {
         if !fits || self.next_position < mark.next_position {
             return false;
         }
-        let kv_dim = self.kv_dim;
         for (l, &n) in self.layers.iter_mut().zip(&mark.lens) {
-            l.keys.truncate(n * kv_dim);
-            l.values.truncate(n * kv_dim);
-            l.positions.truncate(n);
+            l.truncate(n);
         }
         if let Some(e) = &mut self.eviction {
             for (st, &n) in e.stats.iter_mut().zip(&mark.lens) {
@@ -61,25 +58,30 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv::testing::{append, VecKv};
+
+    fn rows(c: &KvCache, l: usize) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
+        let layer = &c.layers[l];
+        let s = layer.storage_as::<VecKv>().expect("a VecKv layer");
+        (s.keys.clone(), s.values.clone(), layer.positions().to_vec())
+    }
 
     #[test]
     fn rewind_drops_what_a_step_appended() {
         let mut c = KvCache::new(2, 2);
-        c.layers[0].append(&[1.0, 2.0], &[3.0, 4.0], 0);
-        c.layers[1].append(&[5.0, 6.0], &[7.0, 8.0], 0);
+        append(&mut c.layers[0], &[1.0, 2.0], &[3.0, 4.0], 0);
+        append(&mut c.layers[1], &[5.0, 6.0], &[7.0, 8.0], 0);
         c.advance(1);
-        let before = c.clone();
+        let before = [rows(&c, 0), rows(&c, 1)];
         let mark = c.mark();
         // A step that failed after the first layer appended its tokens.
-        c.layers[0].append(&[9.0, 9.0], &[9.0, 9.0], 1);
-        c.layers[0].append(&[9.0, 9.0], &[9.0, 9.0], 2);
+        append(&mut c.layers[0], &[9.0, 9.0], &[9.0, 9.0], 1);
+        append(&mut c.layers[0], &[9.0, 9.0], &[9.0, 9.0], 2);
         assert!(c.rewind(&mark));
-        assert_eq!(c.layers[0].keys, before.layers[0].keys);
-        assert_eq!(c.layers[0].positions, before.layers[0].positions);
-        assert_eq!(c.layers[1].values, before.layers[1].values);
+        assert_eq!([rows(&c, 0), rows(&c, 1)], before);
         assert_eq!(c.next_position(), 1);
         // Also after the step advanced the position.
-        c.layers[1].append(&[9.0, 9.0], &[9.0, 9.0], 1);
+        append(&mut c.layers[1], &[9.0, 9.0], &[9.0, 9.0], 1);
         c.advance(1);
         assert!(c.rewind(&mark));
         assert_eq!((c.next_position(), c.len(1)), (1, 1));

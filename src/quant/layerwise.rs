@@ -6,7 +6,6 @@ use super::calibrate::{Calibrator, InputStats};
 use crate::backend::cpu::backend::{CpuBackend, Rows};
 use crate::engine::{BatchItem, Engine, Logits};
 use crate::error::{Error, Result};
-use crate::kv::KvCache;
 use crate::model::weights::Layer;
 use crate::model::Model;
 use std::collections::HashMap;
@@ -75,13 +74,12 @@ impl LayerRunner {
     }
 
     fn run_all(&self, li: usize, layer: &Layer) -> Result<Vec<Rows>> {
-        let cfg = &self.engine.model().config;
         self.windows
             .iter()
             .zip(&self.hidden)
             .map(|(tokens, x)| {
                 // A window attends only to itself: a fresh cache, filled at this layer only.
-                let mut cache = KvCache::new(cfg.num_layers, cfg.kv_dim());
+                let mut cache = self.engine.new_cache();
                 let mut item = BatchItem {
                     tokens,
                     cache: &mut cache,

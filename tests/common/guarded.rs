@@ -218,8 +218,11 @@ impl Backend for Guarded {
         cache: &mut LayerCache,
         stats: &mut SlotStats,
         now: usize,
-    ) {
+    ) -> edgemoe::Result<()> {
         self.inner.evict(config, cache, stats, now)
+    }
+    fn new_kv(&self, kv_dim: usize) -> Box<dyn edgemoe::kv::KvStorage> {
+        self.inner.new_kv(kv_dim)
     }
     fn activate(&self, act: Activation, x: &mut Rows) {
         self.inner.activate(act, x)

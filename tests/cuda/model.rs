@@ -2,7 +2,7 @@
 //! W8A8 (round-to-nearest, int8 head), scored on its held-out text by both. Top-1 agreement of
 //! every position's logits must be at least 99% and the perplexities within 0.3% (the GPU sums
 //! in another order, so a near-tie may flip; int8 rounding of activations amplifies that).
-//! Token-by-token decoding (the KV mirrors) is checked the same way.
+//! Token-by-token decoding (the device KV storage) is checked the same way.
 
 use super::common::device;
 use edgemoe::backend::{engine_for, BackendChoice};

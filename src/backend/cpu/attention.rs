@@ -7,11 +7,12 @@
 //! prefetch the cache rows ahead, since decoding calls this once per layer for every sequence
 //! in the batch and the cache has gone cold in between.
 
+use super::kv::{host_kv, HostKv};
 use super::simd::{cpu_features, SendPtr};
 use super::vexp::softmax;
 use crate::backend::{AttentionShape, Segment};
-use crate::kv::LayerCache;
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 /// Below this many multiply-adds a call runs on the caller: handing tasks to the pool costs
 /// more than short contexts take.
@@ -46,7 +47,7 @@ pub fn attend_with_mass(
     let kv_heads = shape.num_kv_heads;
     let lens: Vec<usize> = segments
         .iter()
-        .flat_map(|seg| seg.rows.clone().map(|_| seg.cache.positions.len()))
+        .flat_map(|seg| seg.rows.clone().map(|_| seg.cache.len()))
         .collect();
     // Per row, per KV head, per slot: each task writes its own (row, KV head) part.
     let mut per_head = vec![0f32; lens.iter().sum::<usize>() * kv_heads];
@@ -79,9 +80,15 @@ fn attend_into(
         out.len() >= total && q.len() >= total,
         "attend: buffer too small"
     );
-    let mut row_cache: Vec<&LayerCache> = Vec::with_capacity(rows);
-    for seg in segments {
-        row_cache.extend(seg.rows.clone().map(|_| seg.cache));
+    let kvs: Vec<Cow<HostKv>> = segments.iter().map(|seg| host_kv(seg.cache)).collect();
+    let mut row_cache: Vec<CacheView> = Vec::with_capacity(rows);
+    for (seg, kv) in segments.iter().zip(&kvs) {
+        let view = CacheView {
+            positions: seg.cache.positions(),
+            keys: kv.keys(),
+            values: kv.values(),
+        };
+        row_cache.extend(seg.rows.clone().map(|_| view));
     }
     assert_eq!(
         row_cache.len(),
@@ -166,6 +173,15 @@ fn attend_into(
     }
 }
 
+/// One sequence's layer cache as the kernels read it.
+#[derive(Clone, Copy)]
+struct CacheView<'a> {
+    positions: &'a [u32],
+    /// `positions.len() × kv_dim`, slot-major.
+    keys: &'a [f32],
+    values: &'a [f32],
+}
+
 /// The cache slots a query row sees, in the order it reads them.
 trait Slots {
     fn count(&self) -> usize;
@@ -216,7 +232,7 @@ fn attend_row<S: Slots + ?Sized>(
     mass: Option<SendPtr<f32>>,
     t: usize,
     kv_heads_of: std::ops::Range<usize>,
-    cache: &LayerCache,
+    cache: CacheView,
     slots: &S,
 ) -> usize {
     let (h, d, kv_heads) = (shape.num_heads, shape.head_dim, shape.num_kv_heads);
@@ -235,7 +251,7 @@ fn attend_row<S: Slots + ?Sized>(
             kv_dim: kv_heads * d,
             offset: kv_head * d,
         };
-        heads.attend(cache, slots, &mut scores, o);
+        heads.attend(&cache, slots, &mut scores, o);
         if let Some(m) = mass {
             let (n, count) = (cache.positions.len(), slots.count());
             // SAFETY: this task alone writes row t's KV head `kv_head` part, inside the
@@ -263,7 +279,7 @@ impl HeadGroup<'_> {
     /// `scores`: scratch of `group × slots.count()` floats.
     fn attend<S: Slots + ?Sized>(
         &self,
-        cache: &LayerCache,
+        cache: &CacheView,
         slots: &S,
         scores: &mut [f32],
         out: &mut [f32],
@@ -283,15 +299,15 @@ impl HeadGroup<'_> {
         if cpu_features().avx2_fma {
             // SAFETY: avx2+fma detected at run time; slots and out bounds asserted above.
             unsafe {
-                self.scores_avx2(&cache.keys, slots, scores);
+                self.scores_avx2(cache.keys, slots, scores);
                 scores.chunks_exact_mut(n.max(1)).for_each(softmax);
-                self.mix_avx2(&cache.values, slots, scores, out);
+                self.mix_avx2(cache.values, slots, scores, out);
             }
             return;
         }
-        self.scores_scalar(&cache.keys, slots, scores);
+        self.scores_scalar(cache.keys, slots, scores);
         scores.chunks_exact_mut(n.max(1)).for_each(softmax);
-        self.mix_scalar(&cache.values, slots, scores, out);
+        self.mix_scalar(cache.values, slots, scores, out);
     }
 
     fn row<'c>(&self, data: &'c [f32], slot: usize) -> &'c [f32] {
@@ -584,10 +600,26 @@ unsafe fn prefetch(p: *const f32, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv::LayerCache;
     use crate::util::rng::SplitMix64;
 
+    /// A layer cache of `positions.len()` random slots in the CPU's storage.
+    fn random_cache(rng: &mut SplitMix64, kv_dim: usize, positions: Vec<u32>) -> LayerCache {
+        let n = positions.len() * kv_dim;
+        let keys = (0..n).map(|_| rng.normal()).collect();
+        let values = (0..n).map(|_| rng.normal()).collect();
+        let storage = HostKv::from_rows(kv_dim, keys, values);
+        LayerCache::with_storage(positions, Box::new(storage)).unwrap()
+    }
+
     /// Straightforward per-head attention in f64 over the visible positions.
-    fn reference(shape: &AttentionShape, q: &[f32], pos: usize, cache: &LayerCache) -> Vec<f32> {
+    fn reference(shape: &AttentionShape, q: &[f32], pos: usize, layer: &LayerCache) -> Vec<f32> {
+        let kv = host_kv(layer);
+        let cache = CacheView {
+            positions: layer.positions(),
+            keys: kv.keys(),
+            values: kv.values(),
+        };
         let (h, d) = (shape.num_heads, shape.head_dim);
         let kv_dim = shape.num_kv_heads * d;
         let group = h / shape.num_kv_heads;
@@ -641,11 +673,7 @@ mod tests {
         let kv_dim = 3 * 64;
         // Enough slots that the call is worth the pool (2·slots·h·d ≥ PARALLEL_MIN_MACS).
         let n = 200;
-        let cache = LayerCache {
-            keys: (0..n * kv_dim).map(|_| rng.normal()).collect(),
-            values: (0..n * kv_dim).map(|_| rng.normal()).collect(),
-            positions: (0..n as u32).collect(),
-        };
+        let cache = random_cache(&mut rng, kv_dim, (0..n as u32).collect());
         let q: Vec<f32> = (0..9 * 64).map(|_| rng.normal()).collect();
         let seg = [Segment {
             rows: 0..1,
@@ -690,15 +718,7 @@ mod tests {
             sliding_window: Some(40),
         };
         let kv_dim = 2 * 32;
-        let make = |rng: &mut SplitMix64, positions: Vec<u32>| LayerCache {
-            keys: (0..positions.len() * kv_dim)
-                .map(|_| rng.normal())
-                .collect(),
-            values: (0..positions.len() * kv_dim)
-                .map(|_| rng.normal())
-                .collect(),
-            positions,
-        };
+        let make = |rng: &mut SplitMix64, positions| random_cache(rng, kv_dim, positions);
         // Sequence a: 50 tokens with gaps (as after eviction); b: 400 in order (pool-sized).
         let a = make(&mut rng, (0..60u32).filter(|p| p % 6 != 1).collect());
         let b = make(&mut rng, (0..400u32).collect());
@@ -728,7 +748,7 @@ mod tests {
             let mut plain = vec![0f32; q.len()];
             let plain_slots = pool.install(|| attend(&shape, &q, &positions, &segs, &mut plain));
             assert_eq!((slots, &out), (plain_slots, &plain));
-            let want = crate::kv::mass::reference_mass(&shape, &q, &positions, &segs);
+            let want = crate::kv::mass::reference_mass(&shape, &q, &positions, &segs).unwrap();
             assert_eq!(mass.len(), want.len());
             for (m, w) in mass.iter().zip(&want) {
                 assert!((m - w).abs() < 1e-5, "{m} vs {w}");
@@ -736,7 +756,7 @@ mod tests {
             // Each row's mass sums to 1.
             let mut at = 0;
             for seg in &segs {
-                let n = seg.cache.positions.len();
+                let n = seg.cache.len();
                 for _ in seg.rows.clone() {
                     let sum: f32 = mass[at..at + n].iter().sum();
                     assert!((sum - 1.0).abs() < 1e-4, "row sums to {sum}");
@@ -765,15 +785,7 @@ mod tests {
             let kv_dim = kv_heads * d;
             // Slots out of position order with a gap (as after eviction), 20 tokens.
             let positions: Vec<u32> = (0..24u32).filter(|p| p % 7 != 3).rev().collect();
-            let cache = LayerCache {
-                keys: (0..positions.len() * kv_dim)
-                    .map(|_| rng.normal())
-                    .collect(),
-                values: (0..positions.len() * kv_dim)
-                    .map(|_| rng.normal())
-                    .collect(),
-                positions,
-            };
+            let cache = random_cache(&mut rng, kv_dim, positions);
             let query_pos = [23usize, 12, 0, 17];
             let q: Vec<f32> = (0..query_pos.len() * heads * d)
                 .map(|_| rng.normal())

@@ -5,6 +5,7 @@ use super::attention::{attend, attend_with_mass};
 use super::half::{matmul_half, HalfView};
 use super::int8::{self, quantize_rows_smoothed, QuantizedRows};
 use super::int8w::matmul_w8;
+use super::kv::HostKv;
 use super::matmul::matmul;
 use super::ops::{activate, gated_activation, norm_rows, rotate_rows, sigmoid, Rope, RopeTable};
 use super::packed::{matmul_packed, PackedF32};
@@ -12,7 +13,7 @@ use super::parallel::{kernel_threads, largest_first, serially};
 use super::routing::route_rows;
 use crate::backend::{AttentionShape, Backend, Pick, Segment, Tasks};
 use crate::error::{Error, Result};
-use crate::kv::{EvictionConfig, LayerCache, SlotStats};
+use crate::kv::{EvictionConfig, KvStorage, LayerCache, SlotStats};
 use crate::model::config::Activation;
 use crate::model::weights::{Linear, LinearWeight, Norm, Weights};
 use rayon::prelude::*;
@@ -255,6 +256,10 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn new_kv(&self, kv_dim: usize) -> Box<dyn KvStorage> {
+        Box::new(HostKv::new(kv_dim))
+    }
+
     fn append_kv(
         &self,
         cache: &mut LayerCache,
@@ -263,9 +268,15 @@ impl Backend for CpuBackend {
         rows: std::ops::Range<usize>,
         positions: &[usize],
     ) {
-        for r in rows {
-            cache.append(k.row(r), v.row(r), positions[r]);
-        }
+        let adopt = |other: Option<&dyn KvStorage>, _: &[u32]| HostKv::adopt(k.cols, other);
+        let span = rows.start * k.cols..rows.end * k.cols;
+        let write = |own: &mut HostKv| {
+            own.extend(&k.data[span.clone()], &v.data[span]);
+            Ok(())
+        };
+        cache
+            .append_with(&positions[rows.clone()], adopt, write)
+            .unwrap_or_else(|e| panic!("edgemoe: the KV cache could not be adopted: {e}"));
     }
 
     fn attention(
@@ -300,8 +311,8 @@ impl Backend for CpuBackend {
         cache: &mut LayerCache,
         stats: &mut SlotStats,
         now: usize,
-    ) {
-        super::evict::evict(config, cache, stats, now);
+    ) -> Result<()> {
+        super::evict::evict(config, cache, stats, now)
     }
 
     fn activate(&self, act: Activation, x: &mut Rows) {

@@ -2,6 +2,7 @@
 //! ([`crate::kv::evict::kept_slots_reference`]), found by a partial selection (linear time)
 //! instead of a full sort of the candidates.
 
+use crate::error::Result;
 use crate::kv::evict::{compact, keep_order, protected};
 use crate::kv::{EvictionConfig, LayerCache, SlotStats};
 
@@ -32,9 +33,14 @@ pub fn kept_slots(
 }
 
 /// Evicts one layer down to its plan's `keep()` slots.
-pub fn evict(cfg: &EvictionConfig, cache: &mut LayerCache, stats: &mut SlotStats, now: usize) {
-    let kept = kept_slots(cfg, &cache.positions, stats, now);
-    compact(cache, stats, &kept);
+pub fn evict(
+    cfg: &EvictionConfig,
+    cache: &mut LayerCache,
+    stats: &mut SlotStats,
+    now: usize,
+) -> Result<()> {
+    let kept = kept_slots(cfg, cache.positions(), stats, now);
+    compact(cache, stats, &kept)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub(crate) mod evict;
 pub mod half;
 pub mod int8;
 pub(crate) mod int8w;
+pub mod kv;
 pub mod matmul;
 pub mod ops;
 pub mod packed;
@@ -16,3 +17,4 @@ pub(crate) mod simd;
 pub(crate) mod vexp;
 
 pub use backend::{CpuBackend, Rows};
+pub use kv::HostKv;

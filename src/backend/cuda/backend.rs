@@ -1,7 +1,7 @@
 //! [`CudaBackend`]: the forward pass's ops on the device, on one compute stream. Activations
 //! stay on the device from the embedding gather to the logits; the host sees the routing
-//! picks (the [`Backend`] trait returns them) and the new KV rows (the engine's cache lives on
-//! the host, see kv.rs).
+//! picks (the [`Backend`] trait returns them). Keys and values stay there too, in each layer
+//! cache's device storage (kv.rs); the host keeps their positions.
 //!
 //! The trait's ops return values, not results, so a device failure inside a step (a launch
 //! error, running out of memory for activations) ends the step through
@@ -10,15 +10,13 @@
 //! [`CudaBackend::new`], whose errors are ordinary ones.
 
 use super::device::Gpu;
-use super::kernels::{
-    activation_id, AttnInputs, AttnShape, GemmKernel, OutType, QuantAct, MAX_ROUTED_EXPERTS,
-};
-use super::kv::KvMirrors;
+use super::kernels::{activation_id, AttnShape, GemmKernel, OutType, QuantAct, MAX_ROUTED_EXPERTS};
+use super::kv::DeviceKv;
 use super::weights::{DeviceWeight, WeightCache};
 use crate::backend::cpu::routing::route_rows;
 use crate::backend::{AttentionShape, Backend, DeviceTiming, ExpertWork, Pick, Segment, Tasks};
 use crate::error::Result;
-use crate::kv::LayerCache;
+use crate::kv::{KvStorage, LayerCache};
 use crate::model::config::Activation;
 use crate::model::weights::{GatedMlp, Linear, LinearWeight, Norm};
 use cudarc::driver::{sys, CudaEvent, CudaSlice, CudaStream};
@@ -64,12 +62,12 @@ pub struct DeviceRope {
 }
 
 pub struct CudaBackend {
-    gpu: Gpu,
+    /// Shared with the KV storages this backend makes (they grow and compact themselves).
+    gpu: Arc<Gpu>,
     weights: WeightCache,
     /// The copy stream and staging ring of fetched experts, made on the first fetch (a second
     /// stream turns on cudarc's per-buffer event tracking, which a whole-model run needs not).
     copier: std::sync::OnceLock<Result<super::copier::ExpertCopier>>,
-    kv: Mutex<KvMirrors>,
     /// Norms also quantize their output for the W8A8 linear that follows (the model's
     /// attention projections are W8A8 without an input scale).
     fuse_norm_quant: bool,
@@ -155,10 +153,9 @@ impl CudaBackend {
     /// Device 0 with no weights yet (they upload on first use).
     pub fn open() -> Result<CudaBackend> {
         Ok(CudaBackend {
-            gpu: Gpu::open(0)?,
+            gpu: Arc::new(Gpu::open(0)?),
             weights: WeightCache::default(),
             copier: std::sync::OnceLock::new(),
-            kv: Mutex::new(KvMirrors::default()),
             fuse_norm_quant: false,
         })
     }
@@ -246,59 +243,45 @@ impl CudaBackend {
     ) -> Result<()> {
         let kv_dim = k.cols;
         let span = rows.start * kv_dim..rows.end * kv_dim;
-        let pos = &positions[rows.clone()];
-        let mut mirrors = self.kv.lock().unwrap_or_else(|e| e.into_inner());
-        mirrors.append(
-            &self.gpu,
-            cache,
-            kv_dim,
-            k.data.slice(span.clone()),
-            v.data.slice(span.clone()),
-            pos,
-        )?;
-        // The host cache gets the same rows (the engine's counters and eviction read it).
-        let mut hk = vec![0f32; span.len()];
-        let mut hv = vec![0f32; span.len()];
-        let err = |e| super::device::driver_error("copying new KV rows to the host", e);
-        self.gpu
-            .stream
-            .memcpy_dtoh(&k.data.slice(span.clone()), hk.as_mut_slice())
-            .map_err(err)?;
-        self.gpu
-            .stream
-            .memcpy_dtoh(&v.data.slice(span), hv.as_mut_slice())
-            .map_err(err)?;
-        for (i, &p) in pos.iter().enumerate() {
-            cache.append(
-                &hk[i * kv_dim..(i + 1) * kv_dim],
-                &hv[i * kv_dim..(i + 1) * kv_dim],
-                p,
-            );
-        }
-        mirrors.note_host_append(cache);
-        Ok(())
+        let pos = &positions[rows];
+        let adopt = |other: Option<&dyn KvStorage>, held: &[u32]| {
+            DeviceKv::adopt(self.gpu.clone(), kv_dim, other, held)
+        };
+        let write = |own: &mut DeviceKv| {
+            own.append(k.data.slice(span.clone()), v.data.slice(span.clone()), pos)
+        };
+        cache.append_with(pos, adopt, write)
     }
 
+    /// Attention of every segment's rows over its cache; with `want_mass`, also the mass each
+    /// slot received from each row (mean over the heads), laid out as
+    /// [`Backend::attention_with_mass`] returns it. The kernel sums its mass over all the rows
+    /// of a call, so a row that wants its own runs alone.
     fn try_attention(
         &self,
         shape: &AttentionShape,
         q: &DeviceRows,
         positions: &[usize],
         segments: &[Segment],
-    ) -> Result<(DeviceRows, usize)> {
+        want_mass: bool,
+    ) -> Result<(DeviceRows, usize, Vec<f32>)> {
         let qd = shape.num_heads * shape.head_dim;
         let kv_dim = shape.num_kv_heads * shape.head_dim;
         let mut out = self.gpu.zeros::<f32>(q.rows * qd, "attention output")?;
-        let mut mirrors = self.kv.lock().unwrap_or_else(|e| e.into_inner());
         let mut slots_read = 0;
+        let mut mass = Vec::new();
+        let geometry = AttnShape {
+            num_heads: shape.num_heads,
+            num_kv_heads: shape.num_kv_heads,
+            head_dim: shape.head_dim,
+            window: shape.sliding_window.unwrap_or(0),
+            split_len: 0,
+        };
         for seg in segments {
-            let m = mirrors.sync(&self.gpu, seg.cache, kv_dim)?;
-            let span = seg.rows.start * qd..seg.rows.end * qd;
-            let qpos = &positions[seg.rows.clone()];
-            for &p in qpos {
-                slots_read += seg
-                    .cache
-                    .positions
+            let cache = seg.cache;
+            for &p in &positions[seg.rows.clone()] {
+                slots_read += cache
+                    .positions()
                     .iter()
                     .filter(|&&s| {
                         let s = s as usize;
@@ -306,26 +289,55 @@ impl CudaBackend {
                     })
                     .count();
             }
-            let inputs = AttnInputs {
-                q: q.data.slice(span.clone()),
-                q_positions: qpos,
-                keys: &m.keys,
-                values: &m.values,
-                slot_positions: &m.positions,
-                valid: &m.valid,
-                slots: m.len,
+            // A cache this backend has not appended to is read through a device copy.
+            let adopted;
+            let kv = match cache.storage_as::<DeviceKv>() {
+                Some(own) => own,
+                None => {
+                    adopted = DeviceKv::adopt(
+                        self.gpu.clone(),
+                        kv_dim,
+                        cache.storage(),
+                        cache.positions(),
+                    )?;
+                    &adopted
+                }
             };
-            let geometry = AttnShape {
-                num_heads: shape.num_heads,
-                num_kv_heads: shape.num_kv_heads,
-                head_dim: shape.head_dim,
-                window: shape.sliding_window.unwrap_or(0),
-                split_len: 0,
+            if kv.kv_dim() != kv_dim {
+                return Err(crate::Error::invalid(format!(
+                    "attention over a KV cache of {} floats a slot with {kv_dim} expected",
+                    kv.kv_dim()
+                )));
+            }
+            let n = cache.len();
+            // One call for the segment, or one per row where each row's mass is wanted.
+            let calls: Vec<std::ops::Range<usize>> = if want_mass {
+                seg.rows.clone().map(|r| r..r + 1).collect()
+            } else {
+                vec![seg.rows.clone()]
             };
-            let mut view = out.slice_mut(span);
-            self.gpu.attention(geometry, &inputs, &mut view, None)?;
+            for rows in calls {
+                let span = rows.start * qd..rows.end * qd;
+                // No slots: the rows' output stays zero, and so does their mass.
+                let Some(inputs) = kv.attn_inputs(q.data.slice(span.clone()), &positions[rows])
+                else {
+                    mass.resize(mass.len() + if want_mass { n } else { 0 }, 0.0);
+                    continue;
+                };
+                let mut view = out.slice_mut(span);
+                if want_mass {
+                    let mut row_mass = self.gpu.zeros::<f32>(n, "attention mass")?;
+                    self.gpu
+                        .attention(geometry, &inputs, &mut view, Some(&mut row_mass))?;
+                    let heads = shape.num_heads as f32;
+                    let summed = self.gpu.download(&row_mass, n, "attention mass")?;
+                    mass.extend(summed.iter().map(|m| m / heads));
+                } else {
+                    self.gpu.attention(geometry, &inputs, &mut view, None)?;
+                }
+            }
         }
-        Ok((self.act(out, q.rows, qd), slots_read))
+        Ok((self.act(out, q.rows, qd), slots_read, mass))
     }
 
     fn try_route(
@@ -452,10 +464,6 @@ impl Backend for CudaBackend {
     }
 
     fn run<R: Send>(&self, step: impl FnOnce() -> R + Send) -> R {
-        self.kv
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .next_step();
         step()
     }
 
@@ -535,6 +543,10 @@ impl Backend for CudaBackend {
         x.quant = None;
     }
 
+    fn new_kv(&self, kv_dim: usize) -> Box<dyn KvStorage> {
+        Box::new(DeviceKv::new(self.gpu.clone(), kv_dim))
+    }
+
     fn append_kv(
         &self,
         cache: &mut LayerCache,
@@ -553,7 +565,18 @@ impl Backend for CudaBackend {
         positions: &[usize],
         segments: &[Segment],
     ) -> (DeviceRows, usize) {
-        self.must(self.try_attention(shape, q, positions, segments))
+        let (out, slots, _) = self.must(self.try_attention(shape, q, positions, segments, false));
+        (out, slots)
+    }
+
+    fn attention_with_mass(
+        &self,
+        shape: &AttentionShape,
+        q: &DeviceRows,
+        positions: &[usize],
+        segments: &[Segment],
+    ) -> (DeviceRows, usize, Vec<f32>) {
+        self.must(self.try_attention(shape, q, positions, segments, true))
     }
 
     fn activate(&self, act: Activation, x: &mut DeviceRows) {

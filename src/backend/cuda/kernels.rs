@@ -473,26 +473,44 @@ impl Gpu {
         dim: usize,
         index: &[usize],
     ) -> Result<CudaSlice<f32>> {
-        check(
-            index.iter().all(|&i| i < table_rows) && table.len() >= table_rows * dim,
-            || format!("gather: an index is outside the {table_rows} rows"),
-        )?;
+        let mut out = self.zeros::<f32>(index.len() * dim, "gathered rows")?;
+        self.gather_rows_into(table, table_rows, dim, index, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::gather_rows`] into the first `index.len()` rows of `out` (which may hold more).
+    pub fn gather_rows_into(
+        &self,
+        table: &CudaSlice<f32>,
+        table_rows: usize,
+        dim: usize,
+        index: &[usize],
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         let rows = index.len();
-        let mut out = self.zeros::<f32>(rows * dim, "gathered rows")?;
+        check(
+            index.iter().all(|&i| i < table_rows)
+                && table.len() >= table_rows * dim
+                && out.len() >= rows * dim,
+            || {
+                format!(
+                    "gather: an index is outside the {table_rows} rows, or {rows} rows do not fit"
+                )
+            },
+        )?;
         if rows == 0 {
-            return Ok(out);
+            return Ok(());
         }
         let idx: Vec<i32> = index.iter().map(|&i| i as i32).collect();
         let idx = self.upload(&idx, "row indices")?;
         let (ri, di) = (i32_of(rows, "rows")?, i32_of(dim, "dim")?);
         let mut b = self.stream.launch_builder(self.func("gather_rows"));
-        b.arg(&ri).arg(&di).arg(&idx).arg(table).arg(&mut out);
-        // SAFETY: indices < table_rows (checked), rows × dim outputs (allocated).
+        b.arg(&ri).arg(&di).arg(&idx).arg(table).arg(out);
+        // SAFETY: indices < table_rows, rows × dim outputs fit (both checked).
         self.launched(
             "gather_rows",
             unsafe { b.launch(grid_1d(rows * dim)) }.map(|_| ()),
-        )?;
-        Ok(out)
+        )
     }
 
     /// `x[r] += table[index[r]]`.

@@ -1,189 +1,313 @@
-//! Device mirrors of the engine's KV caches. The engine owns each sequence's cache on the host
-//! (`LayerCache`, the slot → position map eviction edits); the backend keeps a device copy of
-//! every layer cache it has seen, appends to both, and before each use checks the mirror
-//! against the host's slot count and positions, rebuilding it from the host when they differ
-//! (an evicted, cleared or moved cache). A mirror unused for a while is dropped.
+//! The CUDA backend's K/V storage: a layer's keys, values and slot positions in device buffers
+//! that the attention kernel reads directly. Appends copy the new rows device to device;
+//! growth doubles (or takes exactly what the cache reserves) and copies what is held into the
+//! larger buffers; eviction gathers the kept rows into fresh buffers of the same capacity, so a
+//! failure leaves the old ones in place.
 
 use super::device::Gpu;
-use crate::error::Result;
-use crate::kv::LayerCache;
+use super::kernels::AttnInputs;
+use crate::error::{Error, Result};
+use crate::kv::{HostRows, KvStorage};
 use cudarc::driver::{CudaSlice, CudaView};
-use std::collections::HashMap;
+use std::any::Any;
+use std::borrow::Cow;
+use std::sync::Arc;
 
-/// Steps a mirror survives without being used.
-const IDLE_STEPS: u64 = 8;
-
-pub struct Mirror {
-    pub keys: CudaSlice<f32>,
-    pub values: CudaSlice<f32>,
-    pub positions: CudaSlice<i32>,
-    /// Per-slot validity bytes (all set: the host cache holds only live slots).
-    pub valid: CudaSlice<u8>,
-    /// Slots the buffers have room for.
+/// Device memory of `capacity` slots.
+struct Buffers {
+    keys: CudaSlice<f32>,
+    values: CudaSlice<f32>,
+    /// Each slot's position (the kernel masks by it).
+    positions: CudaSlice<i32>,
+    /// Per-slot validity bytes, all set: the storage holds only live slots.
+    valid: CudaSlice<u8>,
     capacity: usize,
-    /// Slots held (== the host cache's, after `sync`).
-    pub len: usize,
-    /// The host positions the mirror holds, and where the host's keys live: a host cache
-    /// that differs in either (evicted, cleared, reallocated, or another cache at a reused
-    /// address) is uploaded again rather than trusted.
-    host_positions: Vec<u32>,
-    host_keys: usize,
-    last_used: u64,
 }
 
-#[derive(Default)]
-pub struct KvMirrors {
-    mirrors: HashMap<usize, Mirror>,
-    step: u64,
-}
-
-impl Mirror {
-    fn with_capacity(gpu: &Gpu, kv_dim: usize, capacity: usize) -> Result<Mirror> {
-        let capacity = capacity.max(16);
-        Ok(Mirror {
+impl Buffers {
+    fn new(gpu: &Gpu, kv_dim: usize, capacity: usize) -> Result<Buffers> {
+        Ok(Buffers {
             keys: gpu.zeros(capacity * kv_dim, "KV cache keys")?,
             values: gpu.zeros(capacity * kv_dim, "KV cache values")?,
             positions: gpu.zeros(capacity, "KV slot positions")?,
             valid: gpu.upload(&vec![1u8; capacity], "KV slot validity")?,
             capacity,
-            len: 0,
-            host_positions: Vec::new(),
-            host_keys: 0,
-            last_used: 0,
         })
-    }
-
-    /// A mirror holding exactly what the host cache holds.
-    fn from_host(gpu: &Gpu, cache: &LayerCache, kv_dim: usize) -> Result<Mirror> {
-        let len = cache.positions.len();
-        let mut m = Mirror::with_capacity(gpu, kv_dim, (2 * len).max(64))?;
-        if len > 0 {
-            gpu.stream
-                .memcpy_htod(
-                    &cache.keys[..len * kv_dim],
-                    &mut m.keys.slice_mut(0..len * kv_dim),
-                )
-                .map_err(|e| super::device::driver_error("uploading KV keys", e))?;
-            gpu.stream
-                .memcpy_htod(
-                    &cache.values[..len * kv_dim],
-                    &mut m.values.slice_mut(0..len * kv_dim),
-                )
-                .map_err(|e| super::device::driver_error("uploading KV values", e))?;
-            let pos: Vec<i32> = cache.positions.iter().map(|&p| p as i32).collect();
-            gpu.stream
-                .memcpy_htod(&pos, &mut m.positions.slice_mut(0..len))
-                .map_err(|e| super::device::driver_error("uploading KV positions", e))?;
-        }
-        m.len = len;
-        m.host_positions = cache.positions.clone();
-        m.host_keys = cache.keys.as_ptr() as usize;
-        Ok(m)
-    }
-
-    /// Room for `more` slots, copying what is held into larger buffers when needed.
-    fn reserve(&mut self, gpu: &Gpu, kv_dim: usize, more: usize) -> Result<()> {
-        let need = self.len + more;
-        if need <= self.capacity {
-            return Ok(());
-        }
-        let mut bigger = Mirror::with_capacity(gpu, kv_dim, need.max(2 * self.capacity))?;
-        let n = self.len * kv_dim;
-        let copy = |src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>| {
-            gpu.stream
-                .memcpy_dtod(&src.slice(0..n), &mut dst.slice_mut(0..n))
-                .map_err(|e| super::device::driver_error("growing the KV cache", e))
-        };
-        if n > 0 {
-            copy(&self.keys, &mut bigger.keys)?;
-            copy(&self.values, &mut bigger.values)?;
-            gpu.stream
-                .memcpy_dtod(
-                    &self.positions.slice(0..self.len),
-                    &mut bigger.positions.slice_mut(0..self.len),
-                )
-                .map_err(|e| super::device::driver_error("growing the KV cache", e))?;
-        }
-        bigger.len = self.len;
-        bigger.host_positions = std::mem::take(&mut self.host_positions);
-        bigger.host_keys = self.host_keys;
-        *self = bigger;
-        Ok(())
     }
 }
 
-impl KvMirrors {
-    /// Starts a forward step: drops mirrors unused for [`IDLE_STEPS`] steps.
-    pub fn next_step(&mut self) {
-        self.step += 1;
-        let step = self.step;
-        self.mirrors.retain(|_, m| step - m.last_used <= IDLE_STEPS);
-    }
+/// One layer's keys and values on the device: `len` slots of `kv_dim` floats each.
+pub struct DeviceKv {
+    gpu: Arc<Gpu>,
+    kv_dim: usize,
+    len: usize,
+    /// `None` until the first slot or reservation.
+    bufs: Option<Buffers>,
+}
 
-    /// The mirror of `cache`, in agreement with it.
-    pub fn sync(&mut self, gpu: &Gpu, cache: &LayerCache, kv_dim: usize) -> Result<&mut Mirror> {
-        let key = cache as *const LayerCache as usize;
-        let fresh = match self.mirrors.get(&key) {
-            Some(m) => {
-                m.len != cache.positions.len()
-                    || m.host_keys != cache.keys.as_ptr() as usize
-                    || m.host_positions != cache.positions
-            }
-            None => true,
-        };
-        if fresh {
-            self.mirrors
-                .insert(key, Mirror::from_host(gpu, cache, kv_dim)?);
+impl std::fmt::Debug for DeviceKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceKv")
+            .field("kv_dim", &self.kv_dim)
+            .field("len", &self.len)
+            .field("capacity", &self.capacity_slots())
+            .finish()
+    }
+}
+
+fn copy_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| super::device::driver_error(what, e)
+}
+
+impl DeviceKv {
+    /// An empty storage (nothing allocated yet).
+    pub fn new(gpu: Arc<Gpu>, kv_dim: usize) -> DeviceKv {
+        DeviceKv {
+            gpu,
+            kv_dim,
+            len: 0,
+            bufs: None,
         }
-        let step = self.step;
-        let m = self
-            .mirrors
-            .get_mut(&key)
-            .ok_or_else(|| crate::Error::Cuda("KV mirror vanished".to_owned()))?;
-        m.last_used = step;
-        Ok(m)
     }
 
-    /// Appends `rows` slots (their keys and values on the device, at `positions`) to the
-    /// mirror of `cache`, which the caller has already appended them to on the host (so the
-    /// mirror is synced against the cache without them first).
-    #[allow(clippy::too_many_arguments)]
+    /// The same slots as another backend's storage (read back through the host), at
+    /// `positions`; an empty storage when there is none.
+    pub fn adopt(
+        gpu: Arc<Gpu>,
+        kv_dim: usize,
+        other: Option<&dyn KvStorage>,
+        positions: &[u32],
+    ) -> Result<DeviceKv> {
+        let mut kv = DeviceKv::new(gpu, kv_dim);
+        let Some(other) = other else {
+            return Ok(kv);
+        };
+        let rows = other.to_host()?;
+        let n = positions.len();
+        if other.kv_dim() != kv_dim || rows.keys.len() != n * kv_dim {
+            return Err(Error::invalid(format!(
+                "a KV layer of {} slots × {} floats does not fit {n} positions × {kv_dim}",
+                other.len_slots(),
+                other.kv_dim()
+            )));
+        }
+        if n == 0 {
+            return Ok(kv);
+        }
+        let mut b = Buffers::new(&kv.gpu, kv_dim, n)?;
+        let err = copy_error("uploading a KV cache");
+        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        let stream = &kv.gpu.stream;
+        stream
+            .memcpy_htod(&rows.keys[..], &mut b.keys)
+            .map_err(&err)?;
+        stream
+            .memcpy_htod(&rows.values[..], &mut b.values)
+            .map_err(&err)?;
+        stream.memcpy_htod(&pos, &mut b.positions).map_err(&err)?;
+        kv.bufs = Some(b);
+        kv.len = n;
+        Ok(kv)
+    }
+
+    /// Room for `need` slots in all: exactly that many when `exact`, else at least double the
+    /// current room.
+    fn grow(&mut self, need: usize, exact: bool) -> Result<()> {
+        let capacity = self.capacity_slots();
+        if need <= capacity {
+            return Ok(());
+        }
+        self.reallocate(if exact { need } else { need.max(2 * capacity) })
+    }
+
+    /// Moves what is held into new buffers of `capacity` (≥ the slots held) slots; on failure
+    /// the old buffers stay.
+    fn reallocate(&mut self, capacity: usize) -> Result<()> {
+        let mut fresh = Buffers::new(&self.gpu, self.kv_dim, capacity)?;
+        let n = self.len;
+        if let Some(old) = self.bufs.as_ref().filter(|_| n > 0) {
+            let err = copy_error("moving the KV cache to new buffers");
+            let stream = &self.gpu.stream;
+            let rows = 0..n * self.kv_dim;
+            stream
+                .memcpy_dtod(
+                    &old.keys.slice(rows.clone()),
+                    &mut fresh.keys.slice_mut(rows.clone()),
+                )
+                .map_err(&err)?;
+            stream
+                .memcpy_dtod(
+                    &old.values.slice(rows.clone()),
+                    &mut fresh.values.slice_mut(rows),
+                )
+                .map_err(&err)?;
+            stream
+                .memcpy_dtod(
+                    &old.positions.slice(0..n),
+                    &mut fresh.positions.slice_mut(0..n),
+                )
+                .map_err(&err)?;
+        }
+        self.bufs = Some(fresh);
+        Ok(())
+    }
+
+    /// Appends `positions.len()` slots whose keys and values are `k` and `v` (on the device,
+    /// slot-major).
     pub fn append(
         &mut self,
-        gpu: &Gpu,
-        cache_before: &LayerCache,
-        kv_dim: usize,
         k: CudaView<f32>,
         v: CudaView<f32>,
         positions: &[usize],
-    ) -> Result<usize> {
-        let key = cache_before as *const LayerCache as usize;
-        let m = self.sync(gpu, cache_before, kv_dim)?;
+    ) -> Result<()> {
         let rows = positions.len();
-        m.reserve(gpu, kv_dim, rows)?;
-        let (a, b) = (m.len * kv_dim, (m.len + rows) * kv_dim);
-        let err = |e| super::device::driver_error("appending to the KV cache", e);
-        gpu.stream
-            .memcpy_dtod(&k, &mut m.keys.slice_mut(a..b))
-            .map_err(err)?;
-        gpu.stream
-            .memcpy_dtod(&v, &mut m.values.slice_mut(a..b))
-            .map_err(err)?;
+        let floats = rows * self.kv_dim;
+        if k.len() != floats || v.len() != floats {
+            return Err(Error::invalid(format!(
+                "appending {rows} KV slots of {} floats given {} keys and {} values",
+                self.kv_dim,
+                k.len(),
+                v.len()
+            )));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        self.grow(self.len + rows, false)?;
+        let Some(b) = &mut self.bufs else {
+            unreachable!("grow allocated the buffers");
+        };
+        let err = copy_error("appending to the KV cache");
+        let (at, end) = (self.len * self.kv_dim, (self.len + rows) * self.kv_dim);
+        let stream = &self.gpu.stream;
+        stream
+            .memcpy_dtod(&k, &mut b.keys.slice_mut(at..end))
+            .map_err(&err)?;
+        stream
+            .memcpy_dtod(&v, &mut b.values.slice_mut(at..end))
+            .map_err(&err)?;
         let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        gpu.stream
-            .memcpy_htod(&pos, &mut m.positions.slice_mut(m.len..m.len + rows))
-            .map_err(err)?;
-        m.len += rows;
-        m.host_positions.extend(positions.iter().map(|&p| p as u32));
-        Ok(key)
+        stream
+            .memcpy_htod(&pos, &mut b.positions.slice_mut(self.len..self.len + rows))
+            .map_err(&err)?;
+        self.len += rows;
+        Ok(())
     }
 
-    /// Records where `cache` keeps its keys after the caller appended to it the rows it just
-    /// gave [`Self::append`] (its buffer may have moved; the contents agree).
-    pub fn note_host_append(&mut self, cache: &LayerCache) {
-        let key = cache as *const LayerCache as usize;
-        if let Some(m) = self.mirrors.get_mut(&key) {
-            m.host_keys = cache.keys.as_ptr() as usize;
+    /// The attention kernel's inputs over the held slots, for queries `q` at `q_positions`;
+    /// `None` while nothing is held.
+    pub fn attn_inputs<'a>(
+        &'a self,
+        q: CudaView<'a, f32>,
+        q_positions: &'a [usize],
+    ) -> Option<AttnInputs<'a>> {
+        let b = self.bufs.as_ref().filter(|_| self.len > 0)?;
+        Some(AttnInputs {
+            q,
+            q_positions,
+            keys: &b.keys,
+            values: &b.values,
+            slot_positions: &b.positions,
+            valid: &b.valid,
+            slots: self.len,
+        })
+    }
+}
+
+impl KvStorage for DeviceKv {
+    fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+
+    fn len_slots(&self) -> usize {
+        self.len
+    }
+
+    fn capacity_slots(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |b| b.capacity)
+    }
+
+    fn reserve_exact(&mut self, more: usize) {
+        // Without the memory now, the append that needs it grows the storage and fails there,
+        // naming the allocation.
+        self.grow(self.len + more, true).ok();
+    }
+
+    fn truncate(&mut self, slots: usize) {
+        self.len = self.len.min(slots);
+    }
+
+    fn keep(&mut self, kept: &[u32], positions: &[u32]) -> Result<()> {
+        if kept.len() == self.len {
+            // Ascending, distinct and held: every slot.
+            return Ok(());
         }
+        let Some(old) = &self.bufs else {
+            return Ok(());
+        };
+        let mut fresh = Buffers::new(&self.gpu, self.kv_dim, old.capacity)?;
+        if !kept.is_empty() {
+            let index: Vec<usize> = kept.iter().map(|&s| s as usize).collect();
+            let gpu = &self.gpu;
+            gpu.gather_rows_into(&old.keys, self.len, self.kv_dim, &index, &mut fresh.keys)?;
+            gpu.gather_rows_into(
+                &old.values,
+                self.len,
+                self.kv_dim,
+                &index,
+                &mut fresh.values,
+            )?;
+            let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+            gpu.stream
+                .memcpy_htod(&pos, &mut fresh.positions.slice_mut(0..kept.len()))
+                .map_err(copy_error("compacting the KV cache"))?;
+        }
+        self.bufs = Some(fresh);
+        self.len = kept.len();
+        Ok(())
+    }
+
+    fn shrink_to(&mut self, slots: usize) {
+        let target = slots.max(self.len);
+        if target >= self.capacity_slots() {
+            return;
+        }
+        if target == 0 {
+            self.bufs = None;
+        } else {
+            // Memory given back where it can be: on failure the larger buffers stay.
+            self.reallocate(target).ok();
+        }
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        // Keys and values (f32), a position (i32) and a validity byte per slot.
+        self.capacity_slots() * (2 * self.kv_dim * 4 + 4 + 1)
+    }
+
+    fn bytes(&self) -> usize {
+        self.len * self.kv_dim * 2 * 4
+    }
+
+    fn to_host(&self) -> Result<HostRows<'_>> {
+        let Some(b) = &self.bufs else {
+            return Ok(HostRows {
+                keys: Cow::Owned(Vec::new()),
+                values: Cow::Owned(Vec::new()),
+            });
+        };
+        let n = self.len * self.kv_dim;
+        Ok(HostRows {
+            keys: Cow::Owned(self.gpu.download(&b.keys, n, "KV cache keys")?),
+            values: Cow::Owned(self.gpu.download(&b.values, n, "KV cache values")?),
+        })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
     }
 }

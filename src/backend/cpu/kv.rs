@@ -1,0 +1,221 @@
+//! The CPU backend's K/V storage: keys and values in two host vectors, slot-major, grown only
+//! where the cache asks (`reserve_exact`) or by `Vec`'s doubling, and compacted in place.
+
+use crate::error::Result;
+use crate::kv::{HostRows, KvStorage, LayerCache};
+use std::any::Any;
+use std::borrow::Cow;
+
+/// `len × kv_dim` keys and as many values, slot-major.
+#[derive(Debug, Clone, Default)]
+pub struct HostKv {
+    kv_dim: usize,
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+impl HostKv {
+    pub fn new(kv_dim: usize) -> HostKv {
+        HostKv {
+            kv_dim,
+            ..HostKv::default()
+        }
+    }
+
+    /// A storage holding `keys` and `values` (`kv_dim` floats a slot, as many slots each).
+    pub fn from_rows(kv_dim: usize, keys: Vec<f32>, values: Vec<f32>) -> HostKv {
+        assert!(
+            keys.len() == values.len() && keys.len().is_multiple_of(kv_dim.max(1)),
+            "HostKv: keys and values of whole slots"
+        );
+        HostKv {
+            kv_dim,
+            keys,
+            values,
+        }
+    }
+
+    /// The same slots as another backend's storage (read back to the host), or an empty one.
+    pub fn adopt(kv_dim: usize, other: Option<&dyn KvStorage>) -> Result<HostKv> {
+        let Some(other) = other else {
+            return Ok(HostKv::new(kv_dim));
+        };
+        let rows = other.to_host()?;
+        Ok(HostKv::from_rows(
+            other.kv_dim(),
+            rows.keys.into_owned(),
+            rows.values.into_owned(),
+        ))
+    }
+
+    pub fn keys(&self) -> &[f32] {
+        &self.keys
+    }
+
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+
+    /// Appends whole slots: `keys` and `values` of `kv_dim` floats a slot.
+    pub fn extend(&mut self, keys: &[f32], values: &[f32]) {
+        debug_assert!(keys.len() == values.len() && keys.len().is_multiple_of(self.kv_dim.max(1)));
+        self.keys.extend_from_slice(keys);
+        self.values.extend_from_slice(values);
+    }
+}
+
+impl KvStorage for HostKv {
+    fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+
+    fn len_slots(&self) -> usize {
+        self.keys.len() / self.kv_dim.max(1)
+    }
+
+    fn capacity_slots(&self) -> usize {
+        self.keys.capacity().min(self.values.capacity()) / self.kv_dim.max(1)
+    }
+
+    fn reserve_exact(&mut self, more: usize) {
+        self.keys.reserve_exact(more * self.kv_dim);
+        self.values.reserve_exact(more * self.kv_dim);
+    }
+
+    fn truncate(&mut self, slots: usize) {
+        self.keys.truncate(slots * self.kv_dim);
+        self.values.truncate(slots * self.kv_dim);
+    }
+
+    fn keep(&mut self, kept: &[u32], _positions: &[u32]) -> Result<()> {
+        let d = self.kv_dim;
+        for (i, &s) in kept.iter().enumerate() {
+            let s = s as usize;
+            assert!(s >= i, "keep: kept slots must be ascending");
+            if s != i {
+                self.keys.copy_within(s * d..(s + 1) * d, i * d);
+                self.values.copy_within(s * d..(s + 1) * d, i * d);
+            }
+        }
+        self.truncate(kept.len());
+        Ok(())
+    }
+
+    fn shrink_to(&mut self, slots: usize) {
+        self.keys.shrink_to(slots * self.kv_dim);
+        self.values.shrink_to(slots * self.kv_dim);
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        (self.keys.capacity() + self.values.capacity()) * 4
+    }
+
+    fn bytes(&self) -> usize {
+        (self.keys.len() + self.values.len()) * 4
+    }
+
+    fn to_host(&self) -> Result<HostRows<'_>> {
+        Ok(HostRows {
+            keys: Cow::Borrowed(&self.keys),
+            values: Cow::Borrowed(&self.values),
+        })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// A layer's keys and values as the CPU kernels read them: its own storage borrowed, another
+/// backend's read back (only where a cache reaches the CPU without having been appended to by
+/// it), none for a layer without storage.
+pub fn host_kv(cache: &LayerCache) -> Cow<'_, HostKv> {
+    match cache.storage() {
+        None => Cow::Owned(HostKv::default()),
+        Some(s) => match s.as_any().downcast_ref::<HostKv>() {
+            Some(own) => Cow::Borrowed(own),
+            None => Cow::Owned(
+                HostKv::adopt(s.kv_dim(), Some(s))
+                    .unwrap_or_else(|e| panic!("edgemoe: reading the KV cache back failed: {e}")),
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::evict::compact;
+    use crate::kv::testing::{append, VecKv};
+    use crate::kv::{KvCache, SlotStats};
+
+    fn layer(kv_dim: usize, slots: usize) -> LayerCache {
+        let n = slots * kv_dim;
+        let keys: Vec<f32> = (0..n).map(|v| v as f32).collect();
+        let values: Vec<f32> = (0..n).map(|v| -(v as f32)).collect();
+        let storage = HostKv::from_rows(kv_dim, keys, values);
+        LayerCache::with_storage((0..slots as u32).collect(), Box::new(storage)).unwrap()
+    }
+
+    /// Eviction's compaction moves the kept rows to the front in place, as the plain gather of
+    /// the test storage does, and keeps the capacity for the next appends.
+    #[test]
+    fn compaction_matches_a_plain_gather_and_keeps_capacity() {
+        let (kv_dim, slots) = (3, 9);
+        let mut host = layer(kv_dim, slots);
+        let plain = VecKv {
+            kv_dim,
+            keys: host_kv(&host).keys().to_vec(),
+            values: host_kv(&host).values().to_vec(),
+        };
+        let mut plain =
+            LayerCache::with_storage((0..slots as u32).collect(), Box::new(plain)).unwrap();
+        let cap = host.storage().unwrap().capacity_slots();
+        let kept = [0u32, 2, 3, 7, 8];
+        for cache in [&mut host, &mut plain] {
+            compact(cache, &mut SlotStats::default(), &kept).unwrap();
+        }
+        assert_eq!(host.positions(), kept);
+        let (h, p) = (host_kv(&host), plain.storage().unwrap().to_host().unwrap());
+        assert_eq!((h.keys(), h.values()), (&*p.keys, &*p.values));
+        assert_eq!(h.keys()[3..6], [6., 7., 8.]);
+        assert_eq!(host.storage().unwrap().capacity_slots(), cap);
+    }
+
+    /// What a cache reserves is what its storage allocates, and `shrink_to` gives back the rest.
+    #[test]
+    fn reserves_exactly_and_shrinks() {
+        let mut cache = KvCache::with_storage(2, 4, |d| {
+            Some(Box::new(HostKv::new(d)) as Box<dyn KvStorage>)
+        });
+        cache.reserve(10);
+        assert_eq!(cache.capacity_tokens(), 10);
+        // Keys, values and positions: (4 + 4 + 1) floats a slot, two layers.
+        assert_eq!(cache.allocated_bytes(), 2 * 10 * 9 * 4);
+        cache.shrink_to(3);
+        assert_eq!(cache.capacity_tokens(), 3);
+    }
+
+    /// A layer whose storage is another backend's is adopted on the CPU backend's first append:
+    /// the same rows, then the new one, in the CPU's storage.
+    #[test]
+    fn an_append_adopts_another_backends_storage() {
+        use crate::backend::{cpu::CpuBackend, Backend};
+        let be = CpuBackend::new(1).unwrap();
+        let mut cache = LayerCache::default();
+        append(&mut cache, &[1.0, 2.0], &[3.0, 4.0], 0);
+        append(&mut cache, &[5.0, 6.0], &[7.0, 8.0], 4);
+        assert!(cache.storage_as::<VecKv>().is_some());
+        let k = be.upload_rows(vec![0.0, 0.0, 9.0, 10.0], 2);
+        let v = be.upload_rows(vec![0.0, 0.0, 11.0, 12.0], 2);
+        be.append_kv(&mut cache, &k, &v, 1..2, &[0, 6]);
+        let own = cache.storage_as::<HostKv>().expect("adopted");
+        assert_eq!(own.keys(), [1.0, 2.0, 5.0, 6.0, 9.0, 10.0]);
+        assert_eq!(own.values(), [3.0, 4.0, 7.0, 8.0, 11.0, 12.0]);
+        assert_eq!(cache.positions(), [0, 4, 6]);
+    }
+}

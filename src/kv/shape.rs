@@ -1,0 +1,20 @@
+//! What an attention call over the caches is given: the model's attention geometry, and per
+//! sequence the query rows and the layer cache they read.
+
+use super::LayerCache;
+
+/// The attention geometry of a model.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub sliding_window: Option<usize>,
+}
+
+/// One sequence's part of an attention call: query rows `rows` attend over `cache` (which
+/// already holds their own keys and values).
+pub struct Segment<'a> {
+    pub rows: std::ops::Range<usize>,
+    pub cache: &'a LayerCache,
+}
