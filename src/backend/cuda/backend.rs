@@ -15,13 +15,13 @@ use super::kv::DeviceKv;
 use super::weights::{DeviceWeight, WeightCache};
 use crate::backend::cpu::routing::route_rows;
 use crate::backend::{AttentionShape, Backend, DeviceTiming, ExpertWork, Pick, Segment, Tasks};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kv::{KvStorage, LayerCache};
 use crate::model::config::Activation;
 use crate::model::weights::{GatedMlp, Linear, LinearWeight, Norm};
 use cudarc::driver::{sys, CudaEvent, CudaSlice, CudaStream};
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -123,6 +123,27 @@ fn must_on<T>(gpu: &Gpu, r: Result<T>) -> T {
     })
 }
 
+/// Names an attention call and its sizes in an error.
+fn attention_op(q: &DeviceRows, segments: &[Segment]) -> String {
+    let slots: usize = segments.iter().map(|s| s.cache.len()).sum();
+    format!(
+        "attention of {} query rows × {} over {} sequences, {slots} cached slots",
+        q.rows,
+        q.cols,
+        segments.len()
+    )
+}
+
+/// `e` with the op that failed (and its sizes) in front, keeping its kind (out of memory stays
+/// out of memory).
+fn naming_op(op: String, e: Error) -> Error {
+    match e {
+        Error::OutOfMemory(m) => Error::OutOfMemory(format!("{op}: {m}")),
+        Error::Cuda(m) => Error::Cuda(format!("{op}: {m}")),
+        other => Error::Cuda(format!("{op}: {other}")),
+    }
+}
+
 impl CudaBackend {
     /// Device 0 with every weight of `model` resident.
     pub fn new(model: &crate::Model) -> Result<CudaBackend> {
@@ -164,8 +185,10 @@ impl CudaBackend {
         &self.gpu
     }
 
-    fn must<T>(&self, r: Result<T>) -> T {
-        must_on(&self.gpu, r)
+    /// `r`'s value, or the end of the step with its error prefixed by `op` (the op and its
+    /// sizes, formatted only on failure).
+    fn must<T>(&self, op: impl FnOnce() -> String, r: Result<T>) -> T {
+        must_on(&self.gpu, r.map_err(|e| naming_op(op(), e)))
     }
 
     fn act(&self, data: CudaSlice<f32>, rows: usize, cols: usize) -> DeviceRows {
@@ -472,41 +495,65 @@ impl Backend for CudaBackend {
     }
 
     fn to_host<'a>(&self, x: &'a DeviceRows) -> Cow<'a, [f32]> {
-        Cow::Owned(self.must(self.gpu.download(&x.data, x.rows * x.cols, "activations")))
+        Cow::Owned(self.must(
+            || format!("to_host of {} × {} activations", x.rows, x.cols),
+            self.gpu.download(&x.data, x.rows * x.cols, "activations"),
+        ))
     }
 
     fn select_rows(&self, x: &DeviceRows, rows: &[usize]) -> DeviceRows {
-        let data = self.must(self.gpu.gather_rows(&x.data, x.rows, x.cols, rows));
+        let data = self.must(
+            || format!("select_rows: {} of {} × {}", rows.len(), x.rows, x.cols),
+            self.gpu.gather_rows(&x.data, x.rows, x.cols, rows),
+        );
         self.act(data, rows.len(), x.cols)
     }
 
     fn concat_rows(&self, parts: Vec<DeviceRows>) -> DeviceRows {
-        self.must(self.try_concat(parts))
+        let (n, rows): (usize, usize) = (parts.len(), parts.iter().map(|p| p.rows).sum());
+        let cols = parts.first().map_or(0, |p| p.cols);
+        self.must(
+            || format!("concat_rows: {n} parts, {rows} × {cols}"),
+            self.try_concat(parts),
+        )
     }
 
     fn embed(&self, table: &Linear, tokens: &[u32]) -> DeviceRows {
-        let t = self.must(self.weights.embedding(&self.gpu, table));
-        let index: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
         let dim = table.in_features;
-        let data = self.must(self.gpu.gather_rows(&t.data, t.rows, dim, &index));
+        let op = || format!("embed {} ({} tokens × {dim})", table.name, tokens.len());
+        let t = self.must(op, self.weights.embedding(&self.gpu, table));
+        let index: Vec<usize> = tokens.iter().map(|&t| t as usize).collect();
+        let data = self.must(op, self.gpu.gather_rows(&t.data, t.rows, dim, &index));
         self.act(data, tokens.len(), dim)
     }
 
     fn add_table_rows(&self, x: &mut DeviceRows, table: &[f32], index: &[usize]) {
-        let t = self.must(self.weights.rows(&self.gpu, table, x.cols));
-        self.must(
-            self.gpu
-                .add_rows(&mut x.data, x.cols, &t.data, t.rows, index),
-        );
+        let op = || format!("add_table_rows: {} × {}", x.rows, x.cols);
+        let t = self.must(op, self.weights.rows(&self.gpu, table, x.cols));
+        let added = self
+            .gpu
+            .add_rows(&mut x.data, x.cols, &t.data, t.rows, index);
+        self.must(op, added);
         x.quant = None;
     }
 
     fn norm(&self, norm: &Norm, x: &DeviceRows) -> DeviceRows {
-        self.must(self.try_norm(norm, x))
+        self.must(
+            || format!("norm of {} × {}", x.rows, x.cols),
+            self.try_norm(norm, x),
+        )
     }
 
     fn linear(&self, lin: &Linear, x: &DeviceRows) -> DeviceRows {
-        self.must(self.try_linear(lin, x))
+        self.must(
+            || {
+                format!(
+                    "linear {} ({} rows × {} → {})",
+                    lin.name, x.rows, lin.in_features, lin.out_features
+                )
+            },
+            self.try_linear(lin, x),
+        )
     }
 
     fn rope_table(&self, head_dim: usize, theta: f32, positions: &[usize]) -> DeviceRope {
@@ -524,22 +571,27 @@ impl Backend for CudaBackend {
             }
         }
         DeviceRope {
-            cos_sin: self.must(self.gpu.upload(&cos_sin, "RoPE table")),
+            cos_sin: self.must(
+                || format!("rope_table of {} positions × {head_dim}", positions.len()),
+                self.gpu.upload(&cos_sin, "RoPE table"),
+            ),
             half,
             rows: positions.len(),
         }
     }
 
     fn apply_rope(&self, x: &mut DeviceRows, rope: &DeviceRope, first_row: usize) {
-        self.must(self.gpu.rope(
+        let (rows, cols) = (x.rows, x.cols);
+        let done = self.gpu.rope(
             &mut x.data,
-            x.rows,
-            x.cols,
+            rows,
+            cols,
             rope.half,
             &rope.cos_sin,
             rope.rows,
             first_row,
-        ));
+        );
+        self.must(|| format!("apply_rope on {rows} × {cols}"), done);
         x.quant = None;
     }
 
@@ -555,7 +607,12 @@ impl Backend for CudaBackend {
         rows: std::ops::Range<usize>,
         positions: &[usize],
     ) {
-        self.must(self.try_append_kv(cache, k, v, rows, positions))
+        let (new, cols, held) = (rows.len(), k.cols, cache.len());
+        let done = self.try_append_kv(cache, k, v, rows, positions);
+        self.must(
+            || format!("append_kv: {new} rows of {cols} to a cache of {held} slots"),
+            done,
+        )
     }
 
     fn attention(
@@ -565,7 +622,10 @@ impl Backend for CudaBackend {
         positions: &[usize],
         segments: &[Segment],
     ) -> (DeviceRows, usize) {
-        let (out, slots, _) = self.must(self.try_attention(shape, q, positions, segments, false));
+        let (out, slots, _) = self.must(
+            || attention_op(q, segments),
+            self.try_attention(shape, q, positions, segments, false),
+        );
         (out, slots)
     }
 
@@ -576,37 +636,45 @@ impl Backend for CudaBackend {
         positions: &[usize],
         segments: &[Segment],
     ) -> (DeviceRows, usize, Vec<f32>) {
-        self.must(self.try_attention(shape, q, positions, segments, true))
+        self.must(
+            || attention_op(q, segments),
+            self.try_attention(shape, q, positions, segments, true),
+        )
     }
 
     fn activate(&self, act: Activation, x: &mut DeviceRows) {
-        self.must(
-            self.gpu
-                .activate(&mut x.data, x.rows * x.cols, activation_id(act)),
-        );
+        let (rows, cols) = (x.rows, x.cols);
+        let done = self
+            .gpu
+            .activate(&mut x.data, rows * cols, activation_id(act));
+        self.must(|| format!("activate {rows} × {cols}"), done);
         x.quant = None;
     }
 
     fn gated_activation(&self, act: Activation, gate: &mut DeviceRows, up: &DeviceRows) {
-        self.must(self.gpu.gated_act(
-            &mut gate.data,
-            &up.data,
-            gate.rows * gate.cols,
-            activation_id(act),
-        ));
+        let (rows, cols) = (gate.rows, gate.cols);
+        let done = self
+            .gpu
+            .gated_act(&mut gate.data, &up.data, rows * cols, activation_id(act));
+        self.must(|| format!("gated_activation {rows} × {cols}"), done);
         gate.quant = None;
     }
 
     fn rotate_rows(&self, x: &mut DeviceRows, block: usize) {
-        self.must(self.gpu.hadamard(&mut x.data, x.rows * x.cols, block));
-        if x.cols > block {
-            x.data = self.must(self.gpu.mix_blocks(&x.data, x.rows, x.cols, block));
+        let (rows, cols) = (x.rows, x.cols);
+        let op = || format!("rotate_rows {rows} × {cols} in blocks of {block}");
+        let done = self.gpu.hadamard(&mut x.data, rows * cols, block);
+        self.must(op, done);
+        if cols > block {
+            x.data = self.must(op, self.gpu.mix_blocks(&x.data, rows, cols, block));
         }
         x.quant = None;
     }
 
     fn add(&self, x: &mut DeviceRows, y: &DeviceRows) {
-        self.must(self.gpu.add(&mut x.data, &y.data, x.rows * x.cols));
+        let (rows, cols) = (x.rows, x.cols);
+        let done = self.gpu.add(&mut x.data, &y.data, rows * cols);
+        self.must(|| format!("add {rows} × {cols}"), done);
         x.quant = None;
     }
 
@@ -617,30 +685,41 @@ impl Backend for CudaBackend {
         renormalize: bool,
         first_row: usize,
     ) -> Vec<Pick> {
-        self.must(self.try_route(logits, top_k, renormalize, first_row))
+        self.must(
+            || format!("route {} × {} top-{top_k}", logits.rows, logits.cols),
+            self.try_route(logits, top_k, renormalize, first_row),
+        )
     }
 
     fn mix_rows(&self, out: &mut DeviceRows, y: &DeviceRows, picks: &[Pick]) {
         let rows: Vec<usize> = picks.iter().map(|p| p.row).collect();
         let weights: Vec<f32> = picks.iter().map(|p| p.weight).collect();
+        let (n, cols) = (out.rows, out.cols);
+        let done = self
+            .gpu
+            .mix_rows(&mut out.data, n, cols, &y.data, &rows, &weights);
         self.must(
-            self.gpu
-                .mix_rows(&mut out.data, out.rows, out.cols, &y.data, &rows, &weights),
+            || format!("mix_rows: {} picks into {n} × {cols}", rows.len()),
+            done,
         );
         out.quant = None;
     }
 
     fn add_gated(&self, out: &mut DeviceRows, y: &DeviceRows, gate: &DeviceRows) {
-        self.must(
-            self.gpu
-                .add_gated(&mut out.data, &y.data, &gate.data, out.rows, out.cols),
-        );
+        let (rows, cols) = (out.rows, out.cols);
+        let done = self
+            .gpu
+            .add_gated(&mut out.data, &y.data, &gate.data, rows, cols);
+        self.must(|| format!("add_gated {rows} × {cols}"), done);
         out.quant = None;
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> DeviceRows {
         self.act(
-            self.must(self.gpu.zeros(rows * cols, "activations")),
+            self.must(
+                || format!("zeros {rows} × {cols}"),
+                self.gpu.zeros(rows * cols, "activations"),
+            ),
             rows,
             cols,
         )
