@@ -116,6 +116,32 @@ fn qwen2_moe_norm_topk_matches_transformers() {
     check("qwen2moe-tiny-normtopk");
 }
 
+/// Per-head q/k norms, head_dim 32 apart from hidden / heads, a dense layer from
+/// `mlp_only_layers`, renormalized top-k.
+#[test]
+fn qwen3_moe_matches_transformers() {
+    check("qwen3moe-tiny");
+}
+
+/// `decoder_sparse_step 2` (only layer 1 has experts), top-k not renormalized, legacy config.
+#[test]
+fn qwen3_moe_sparse_step_matches_transformers() {
+    check("qwen3moe-tiny-step2");
+}
+
+/// q/k norms over the whole projection and `clip_qkv 1.5`, which moves transformers' logits
+/// by up to 2 (tools/make_fixtures.py checks it), so ignoring it would fail here.
+#[test]
+fn olmoe_clip_qkv_matches_transformers() {
+    check("olmoe-tiny");
+}
+
+/// No clip, renormalized top-k, legacy config.
+#[test]
+fn olmoe_norm_topk_matches_transformers() {
+    check("olmoe-tiny-normtopk");
+}
+
 #[test]
 fn opt_matches_transformers() {
     check("opt-tiny");
