@@ -969,6 +969,69 @@ mod tests {
     }
 
     #[test]
+    fn qwen3_moe_and_olmoe_follow_transformers() {
+        // Qwen3MoeConfig: head_dim from config.json when set, else hidden / heads; experts as
+        // num_experts or num_local_experts (what transformers 5 writes).
+        let q = parse(
+            json!({"model_type": "qwen3_moe", "head_dim": 128, "num_local_experts": 16,
+            "num_hidden_layers": 4, "decoder_sparse_step": 2, "mlp_only_layers": [3]}),
+        )
+        .unwrap();
+        assert_eq!((q.head_dim, q.num_experts, q.top_k), (128, 16, 8));
+        assert_eq!(
+            (q.shared_expert_ffn, q.qk_norm),
+            (None, Some(QkNorm::PerHead))
+        );
+        assert_eq!(
+            q.layer_ffn,
+            vec![
+                FfnKind::DenseGated,
+                FfnKind::Moe,
+                FfnKind::DenseGated,
+                FfnKind::DenseGated
+            ]
+        );
+        let q = parse(json!({"architectures": ["Qwen3MoeForCausalLM"]})).unwrap();
+        assert_eq!((q.head_dim, q.num_kv_heads, q.num_experts), (64, 4, 128));
+        let o = parse(json!({"model_type": "olmoe", "clip_qkv": 8.0})).unwrap();
+        assert_eq!((o.num_experts, o.top_k, o.expert_ffn), (64, 8, 2048));
+        assert_eq!((o.clip_qkv, o.qk_norm), (Some(8.0), Some(QkNorm::Whole)));
+        assert_eq!(o.eos_token_ids, vec![50279]);
+        assert_eq!(o.layer_ffn, vec![FfnKind::Moe; 16]);
+        let bad = [
+            (
+                json!({"model_type": "qwen3_moe", "attention_bias": true}),
+                "attention_bias",
+            ),
+            (
+                json!({"model_type": "qwen3_moe", "use_sliding_window": true}),
+                "use_sliding_window",
+            ),
+            (
+                json!({"model_type": "qwen3_moe", "num_experts": 8, "num_local_experts": 4}),
+                "num_local_experts",
+            ),
+            (
+                json!({"model_type": "olmoe", "attention_bias": true}),
+                "attention_bias",
+            ),
+            (json!({"model_type": "olmoe", "clip_qkv": -1.0}), "clip_qkv"),
+            (
+                json!({"model_type": "olmoe", "clip_qkv": "big"}),
+                "clip_qkv",
+            ),
+            (
+                json!({"model_type": "olmoe", "num_experts": 0}),
+                "num_experts",
+            ),
+        ];
+        for (cfg, field) in bad {
+            let e = parse(cfg).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let e = parse(json!({"architectures": ["MixtralForCausalLM"], "hidden_size": "big"}))
             .unwrap_err();
@@ -977,7 +1040,7 @@ mod tests {
         assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
         // A layer count past MAX_LAYERS is refused before the per-layer table is allocated
         // (10^12 aborted the process), and ids past u32 are refused, not truncated.
-        for arch in ["llama", "mixtral", "qwen2_moe", "opt"] {
+        for arch in ["llama", "mixtral", "qwen2_moe", "opt", "qwen3_moe", "olmoe"] {
             let e = parse(json!({"model_type": arch, "num_hidden_layers": 1_000_000_000_000u64}))
                 .unwrap_err()
                 .to_string();
