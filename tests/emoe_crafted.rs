@@ -253,6 +253,10 @@ fn stores_of_every_fixture_architecture_open() {
         "qwen2moe-tiny-normtopk",
         "opt-tiny",
         "opt-tiny-proj",
+        "qwen3moe-tiny",
+        "qwen3moe-tiny-step2",
+        "olmoe-tiny",
+        "olmoe-tiny-normtopk",
         "llama-tiny",
     ] {
         let model = Model::load(&root.join(name)).unwrap();

@@ -122,6 +122,10 @@ fn every_architecture_fixture_f32_export_is_bit_identical() {
         "qwen2moe-tiny",
         "qwen2moe-tiny-normtopk",
         "opt-tiny",
+        "qwen3moe-tiny",
+        "qwen3moe-tiny-step2",
+        "olmoe-tiny",
+        "olmoe-tiny-normtopk",
         "opt-tiny-proj",
     ] {
         f32_round_trip(fixture(name).to_str().unwrap());

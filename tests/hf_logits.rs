@@ -6,6 +6,7 @@
 
 use edgemoe::engine::{BatchItem, Engine, Logits};
 use edgemoe::model::safetensors::SafetensorsFile;
+use edgemoe::quant::{self, Method, QuantOptions};
 use edgemoe::Model;
 use std::path::Path;
 use std::sync::Arc;
@@ -57,7 +58,12 @@ fn check(name: &str) {
 
 /// `model` (a checkpoint directory or file) against the reference logits of fixture `name`.
 fn check_model(name: &str, model: &Path) {
-    let model = Arc::new(Model::load(model).unwrap());
+    check_loaded(name, Model::load(model).unwrap());
+}
+
+/// `model` (loaded, or derived from a fixture) against the reference logits of fixture `name`.
+fn check_loaded(name: &str, model: Model) {
+    let model = Arc::new(model);
     let vocab = model.config.vocab_size;
     let engine = Engine::new(model, 2).unwrap();
     let r = reference(name);
@@ -114,6 +120,55 @@ fn qwen2_moe_matches_transformers() {
 #[test]
 fn qwen2_moe_norm_topk_matches_transformers() {
     check("qwen2moe-tiny-normtopk");
+}
+
+/// Per-head q/k norms, head_dim 32 apart from hidden / heads, a dense layer from
+/// `mlp_only_layers`, renormalized top-k.
+#[test]
+fn qwen3_moe_matches_transformers() {
+    check("qwen3moe-tiny");
+}
+
+/// `decoder_sparse_step 2` (only layer 1 has experts), top-k not renormalized, legacy config.
+#[test]
+fn qwen3_moe_sparse_step_matches_transformers() {
+    check("qwen3moe-tiny-step2");
+}
+
+/// q/k norms over the whole projection and `clip_qkv 1.5`, which moves transformers' logits
+/// by up to 2 (tools/make_fixtures.py checks it), so ignoring it would fail here.
+#[test]
+fn olmoe_clip_qkv_matches_transformers() {
+    check("olmoe-tiny");
+}
+
+/// No clip, renormalized top-k, legacy config.
+#[test]
+fn olmoe_norm_topk_matches_transformers() {
+    check("olmoe-tiny-normtopk");
+}
+
+/// Rotation and SmoothQuant's folds, every linear kept f32, leave these models as they were:
+/// the q/k norms come after the projections the folds touch, and under clip_qkv the v → o
+/// fold and the per-head rotation of v are left out (a clamp commutes with neither).
+#[test]
+fn rotation_and_smoothing_folds_are_exact_with_qk_norms_and_clip() {
+    for name in ["qwen3moe-tiny", "olmoe-tiny"] {
+        let model = Model::load(&fixture(name)).unwrap();
+        let r = reference(name);
+        let opts = QuantOptions {
+            threads: 2,
+            rotate: true,
+            keep_f32: vec![String::new()],
+            head: quant::HeadQuant::F32,
+            ..QuantOptions::new(Method::Smooth, &model)
+        };
+        let calib = &r.tokens;
+        let (folded, summary) =
+            quant::quantize(model, calib, calib.len(), &opts, |_, _, _| {}).unwrap();
+        assert!(!summary.alphas.is_empty(), "{name}: nothing was smoothed");
+        check_loaded(name, folded);
+    }
 }
 
 #[test]

@@ -20,6 +20,7 @@ usage: python tools/make_fixtures.py [--out tests/fixtures] [--only NAME ...]
 """
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -97,7 +98,8 @@ CORPUS_LINES = [
 
 
 def fixture_specs():
-    from transformers import LlamaConfig, MixtralConfig, OPTConfig, Qwen2MoeConfig
+    from transformers import (LlamaConfig, MixtralConfig, OlmoeConfig, OPTConfig, Qwen2MoeConfig,
+                              Qwen3MoeConfig)
 
     common_mixtral = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -113,6 +115,21 @@ def fixture_specs():
         max_position_embeddings=1024, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         tie_word_embeddings=False, use_sliding_window=False, bos_token_id=1, eos_token_id=2,
+    )
+    # Qwen3-MoE / OLMoE: no shared expert; q/k RMSNorms (per head / over the projection).
+    common_qwen3 = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=48, max_position_embeddings=1024, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        tie_word_embeddings=False, use_sliding_window=False, bos_token_id=1, eos_token_id=2,
+    )
+    common_olmoe = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=1024, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False, pad_token_id=1, bos_token_id=1, eos_token_id=2,
     )
     common_opt = dict(
         vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
@@ -140,6 +157,23 @@ def fixture_specs():
         dict(name="opt-tiny-proj", seed=6006, legacy_config=False, dtype=torch.float32, shard=None,
              gen=dict(bos_token_id=2, eos_token_id=2, pad_token_id=1),
              config=OPTConfig(**common_opt, do_layer_norm_before=False, word_embed_proj_dim=32)),
+        # head_dim 32 set apart from hidden / heads = 16, as real Qwen3-MoE checkpoints do.
+        dict(name="qwen3moe-tiny", seed=8008, legacy_config=False, dtype=torch.float32, shard=None,
+             gen=dict(bos_token_id=1, eos_token_id=[1, 2]),
+             config=Qwen3MoeConfig(**common_qwen3, head_dim=32, decoder_sparse_step=1,
+                                   mlp_only_layers=[1], norm_topk_prob=True)),
+        dict(name="qwen3moe-tiny-step2", seed=9009, legacy_config=True, dtype=torch.float32, shard=None,
+             gen=dict(bos_token_id=1, eos_token_id=2),
+             config=Qwen3MoeConfig(**common_qwen3, decoder_sparse_step=2, mlp_only_layers=[],
+                                   norm_topk_prob=False)),
+        # clip_qkv 1.5 clamps a good share of q, k and v (must_matter checks that the logits
+        # move without it).
+        dict(name="olmoe-tiny", seed=10010, legacy_config=False, dtype=torch.float32, shard=None,
+             gen=dict(bos_token_id=1, eos_token_id=2), must_matter=dict(clip_qkv=None),
+             config=OlmoeConfig(**common_olmoe, clip_qkv=1.5, norm_topk_prob=False)),
+        dict(name="olmoe-tiny-normtopk", seed=11011, legacy_config=True, dtype=torch.float32, shard=None,
+             gen=dict(bos_token_id=1, eos_token_id=2),
+             config=OlmoeConfig(**common_olmoe, clip_qkv=None, norm_topk_prob=True)),
         # Dense Llama, tied head; also written as llama-tiny.gguf (F32, q/k rows permuted as
         # llama.cpp's converter does, tokenizer in tokenizer.ggml.* metadata).
         dict(name="llama-tiny", seed=7007, legacy_config=True, dtype=torch.float32, shard=None,
@@ -285,6 +319,15 @@ def build_one(spec, out_root, tokenizer_json):
         with torch.no_grad():
             mem = model(input_ids[None]).logits[0].float()
         assert torch.equal(mem, logits), f"{name}: reload changed logits"
+    for field, value in spec.get("must_matter", {}).items():
+        # The option must change this fixture's logits, or the test could not see it ignored.
+        alt = copy.deepcopy(ref_model)
+        setattr(alt.config, field, value)
+        with torch.no_grad():
+            alt_logits = alt(input_ids[None]).logits[0].float()
+        moved = (alt_logits - logits).abs().max().item()
+        assert moved > 1e-2 * logits.abs().max().item(), f"{name}: {field} changes logits by {moved}"
+        print(f"{name}: {field}={value} instead moves the logits by up to {moved:.3f}")
     meta = {
         "transformers": transformers.__version__,
         "torch": torch.__version__,

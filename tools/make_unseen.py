@@ -2,7 +2,7 @@
 """Make "unseen" random checkpoints (NOT committed) for manual checks of the
 engine against transformers, with shapes/configs unlike tests/fixtures/.
 
-usage: python tools/make_unseen.py [--out /tmp/unseen] [--ctx 64]
+usage: python tools/make_unseen.py [--out /tmp/unseen] [--ctx 64] [--only NAME ...]
 
 Each OUT/<name>/ is written by transformers' save_pretrained, randomly
 re-initialised like the fixtures (hfcommon.reinit_), gets the trained-moe
@@ -27,7 +27,7 @@ import hfcommon  # noqa: E402
 
 
 def specs():
-    from transformers import MixtralConfig, OPTConfig, Qwen2MoeConfig
+    from transformers import MixtralConfig, OlmoeConfig, OPTConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     return [
         # bf16, sharded, 6 experts, head_dim 16, v5-style "rope_parameters"
@@ -68,6 +68,26 @@ def specs():
                                    rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                                    use_sliding_window=False, tie_word_embeddings=False,
                                    bos_token_id=1, eos_token_id=2)),
+        # Qwen3-MoE bf16 sharded, legacy config: head_dim 24 (hidden/heads would be 16; not a power
+        # of two), 6 heads / 3 kv, step 2 with layer 3 listed dense too (only layer 1 MoE), top-3 of 6
+        dict(name="qwen3moe-hd24-step2-bf16-sharded", seed=17, dtype=torch.bfloat16, shard="400KB", legacy=True,
+             gen=dict(bos_token_id=1, eos_token_id=2),
+             config=Qwen3MoeConfig(vocab_size=2048, hidden_size=96, intermediate_size=160, num_hidden_layers=4,
+                                   head_dim=24, num_attention_heads=6, num_key_value_heads=3, num_experts=6,
+                                   num_experts_per_tok=3, moe_intermediate_size=40, decoder_sparse_step=2,
+                                   mlp_only_layers=[3], norm_topk_prob=True, max_position_embeddings=512,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rms_norm_eps=1e-6,
+                                   use_sliding_window=False, tie_word_embeddings=False,
+                                   bos_token_id=1, eos_token_id=2)),
+        # OLMoE: MQA (k_norm of one head), clip_qkv 2.5, top-3 of 10, tied head
+        dict(name="olmoe-mqa-clip-top3-tied", seed=18, dtype=torch.float32, shard=None, legacy=False,
+             gen=dict(bos_token_id=1, eos_token_id=2),
+             config=OlmoeConfig(vocab_size=2048, hidden_size=96, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=6, num_key_value_heads=1, num_experts=10,
+                                num_experts_per_tok=3, clip_qkv=2.5, norm_topk_prob=False,
+                                max_position_embeddings=512, rms_norm_eps=1e-5,
+                                rope_parameters={"rope_type": "default", "rope_theta": 5e4},
+                                tie_word_embeddings=True, pad_token_id=1, bos_token_id=1, eos_token_id=2)),
         # OPT-350m-like: post-LN, project_in/out (48 <-> 96), tied head
         dict(name="opt-350m-like", seed=15, dtype=torch.float32, shard=None, legacy=False,
              gen=dict(bos_token_id=2, eos_token_id=2, pad_token_id=1),
@@ -90,6 +110,7 @@ def main():
     ap.add_argument("--out", default="/tmp/unseen")
     ap.add_argument("--ctx", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", nargs="*", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -101,6 +122,8 @@ def main():
     heldout = os.path.join(trained, "heldout.txt")
 
     for spec in specs():
+        if args.only and spec["name"] not in args.only:
+            continue
         d = os.path.join(args.out, spec["name"])
         if os.path.isdir(d):
             shutil.rmtree(d)

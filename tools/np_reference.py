@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Independent float64 NumPy forward pass for the fixture checkpoints
-(Mixtral, Qwen2-MoE, OPT), written from the architecture semantics rather
+(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, OPT), written from the architecture semantics rather
 than from transformers' code paths.  It reads only config.json and the
 safetensors files, so it documents exactly what the Rust engine has to do,
 and cross-checks reference.safetensors (transformers' logits).
@@ -104,9 +104,19 @@ def llama_like(cfg, w, ids, arch):
         p = f"model.layers.{i}."
         h = rmsnorm(x, w[p + "input_layernorm.weight"], eps)
         a = p + "self_attn."
-        q = lin(h, w[a + "q_proj.weight"], w.get(a + "q_proj.bias")).reshape(T, H, D)
-        k = lin(h, w[a + "k_proj.weight"], w.get(a + "k_proj.bias")).reshape(T, Hkv, D)
-        v = lin(h, w[a + "v_proj.weight"], w.get(a + "v_proj.bias")).reshape(T, Hkv, D)
+        q = lin(h, w[a + "q_proj.weight"], w.get(a + "q_proj.bias"))
+        k = lin(h, w[a + "k_proj.weight"], w.get(a + "k_proj.bias"))
+        v = lin(h, w[a + "v_proj.weight"], w.get(a + "v_proj.bias"))
+        if arch == "olmoe":  # RMSNorm over the whole projection, then the clamp
+            q = rmsnorm(q, w[a + "q_norm.weight"], eps)
+            k = rmsnorm(k, w[a + "k_norm.weight"], eps)
+            c = cfg.get("clip_qkv")
+            if c is not None:
+                q, k, v = (np.clip(t, -c, c) for t in (q, k, v))
+        q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
+        if arch == "qwen3_moe":  # RMSNorm of each head
+            q = rmsnorm(q, w[a + "q_norm.weight"], eps)
+            k = rmsnorm(k, w[a + "k_norm.weight"], eps)
         o = attention(rope(q, theta), rope(k, theta), v, D ** -0.5)
         x = x + lin(o, w[a + "o_proj.weight"])
         h = rmsnorm(x, w[p + "post_attention_layernorm.weight"], eps)
@@ -114,13 +124,17 @@ def llama_like(cfg, w, ids, arch):
             m = p + "block_sparse_moe."
             x = x + moe(h, w, m + "gate.weight", m + "experts.{}.", ("w1", "w3", "w2"),
                         cfg["num_local_experts"], cfg["num_experts_per_tok"], True)
-        else:  # qwen2_moe
-            sparse = (i not in cfg.get("mlp_only_layers", [])) and cfg["num_experts"] > 0 and \
-                (i + 1) % cfg["decoder_sparse_step"] == 0
+        else:  # qwen2_moe, qwen3_moe (no shared expert), olmoe (experts in every layer)
+            E = cfg.get("num_experts") or cfg["num_local_experts"]
+            sparse = arch == "olmoe" or ((i not in (cfg.get("mlp_only_layers") or [])) and E > 0 and
+                                         (i + 1) % cfg["decoder_sparse_step"] == 0)
             m = p + "mlp."
             if sparse:
                 y = moe(h, w, m + "gate.weight", m + "experts.{}.", ("gate_proj", "up_proj", "down_proj"),
-                        cfg["num_experts"], cfg["num_experts_per_tok"], cfg["norm_topk_prob"])
+                        E, cfg["num_experts_per_tok"], cfg["norm_topk_prob"])
+                if arch != "qwen2_moe":
+                    x = x + y
+                    continue
                 sh = mlp(h, w, m + "shared_expert.", ("gate_proj", "up_proj", "down_proj"))
                 g = 1 / (1 + np.exp(-lin(h, w[m + "shared_expert_gate.weight"])))  # [T, 1] sigmoid
                 x = x + y + g * sh
@@ -188,7 +202,7 @@ def forward(d, ids):
     cfg = json.load(open(os.path.join(d, "config.json")))
     w = load_weights(d)
     mt = cfg["model_type"]
-    if mt in ("mixtral", "qwen2_moe"):
+    if mt in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
         return llama_like(cfg, w, ids, mt)
     if mt == "opt":
         return opt(cfg, w, ids)

@@ -127,6 +127,26 @@ pub trait Backend: Send + Sync {
     /// `x[r] += table[index[r]]` for every row (learned absolute positions).
     fn add_table_rows(&self, x: &mut Self::Act, table: &[f32], index: &[usize]);
     fn norm(&self, norm: &Norm, x: &Self::Act) -> Self::Act;
+    /// [`Self::norm`] of every run of `dim` values of every row, `norm` being `dim` wide (a
+    /// per-head norm: Qwen3-MoE's q/k norms). This default goes through the host: the values
+    /// downloaded, normalized as a `rows·cols/dim × dim` matrix, and put back.
+    fn norm_runs(&self, norm: &Norm, x: &Self::Act, dim: usize) -> Self::Act {
+        let host = self.to_host(x);
+        let cols = host.len() / self.rows(x).max(1);
+        let runs = self.upload_rows(host.into_owned(), dim);
+        let normed = self.norm(norm, &runs);
+        let data = self.to_host(&normed).into_owned();
+        self.upload_rows(data, cols)
+    }
+    /// Clamps every value of `x` to `[-limit, limit]` (OLMoE's clip_qkv). This default goes
+    /// through the host (CUDA runs it so: a small download and upload per projection).
+    fn clamp(&self, x: &mut Self::Act, limit: f32) {
+        let rows = self.rows(x);
+        let host = self.to_host(x);
+        let data: Vec<f32> = host.iter().map(|v| v.clamp(-limit, limit)).collect();
+        let cols = data.len() / rows.max(1);
+        *x = self.upload_rows(data, cols);
+    }
     /// `x·Wᵀ + b` for any stored form of the weights.
     fn linear(&self, lin: &Linear, x: &Self::Act) -> Self::Act;
     /// Several linears of the same input; the backend may run them side by side.

@@ -246,6 +246,20 @@ mod dispatch {
             }
         }
 
+        fn norm_runs(&self, norm: &Norm, x: &SelectedAct, dim: usize) -> SelectedAct {
+            match self {
+                Selected::Cpu(b) => SelectedAct::Cpu(b.norm_runs(norm, cpu_act!(x), dim)),
+                Selected::Cuda(b) => SelectedAct::Cuda(b.norm_runs(norm, gpu_act!(x), dim)),
+            }
+        }
+
+        fn clamp(&self, x: &mut SelectedAct, limit: f32) {
+            match self {
+                Selected::Cpu(b) => b.clamp(cpu_act!(x), limit),
+                Selected::Cuda(b) => b.clamp(gpu_act!(x), limit),
+            }
+        }
+
         fn linear(&self, lin: &Linear, x: &SelectedAct) -> SelectedAct {
             match self {
                 Selected::Cpu(b) => SelectedAct::Cpu(b.linear(lin, cpu_act!(x))),

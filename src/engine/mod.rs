@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::experts::ExpertService;
 use crate::kv::{KvCache, KvOptions};
 use crate::model::arch::opt::POSITION_OFFSET;
+use crate::model::config::QkNorm;
 use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, Norm, PlainMlp};
 use crate::model::Model;
 pub use builder::EngineBuilder;
@@ -563,7 +564,21 @@ impl<B: Backend> Engine<B> {
         let be = &self.backend;
         let h = self.pre_norm(&layer.attn_norm, x);
         let a = &layer.attn;
-        let [mut q, mut k, v] = self.linears([&a.q, &a.k, &a.v], &h);
+        let [mut q, mut k, mut v] = self.linears([&a.q, &a.k, &a.v], &h);
+        if let Some([q_norm, k_norm]) = &a.qk_norm {
+            (q, k) = match cfg.qk_norm {
+                Some(QkNorm::PerHead) => (
+                    be.norm_runs(q_norm, &q, cfg.head_dim),
+                    be.norm_runs(k_norm, &k, cfg.head_dim),
+                ),
+                _ => (be.norm(q_norm, &q), be.norm(k_norm, &k)),
+            };
+        }
+        if let Some(clip) = cfg.clip_qkv {
+            for x in [&mut q, &mut k, &mut v] {
+                be.clamp(x, clip);
+            }
+        }
         if let Some(rope) = rope {
             be.apply_rope(&mut q, rope, first_row);
             be.apply_rope(&mut k, rope, first_row);

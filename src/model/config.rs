@@ -19,6 +19,10 @@ pub enum Architecture {
     Opt,
     /// LlamaForCausalLM (dense, gated SwiGLU MLP): <https://huggingface.co/docs/transformers/model_doc/llama>
     Llama,
+    /// Qwen3MoeForCausalLM: <https://huggingface.co/docs/transformers/model_doc/qwen3_moe>
+    Qwen3Moe,
+    /// OlmoeForCausalLM: <https://huggingface.co/docs/transformers/model_doc/olmoe>
+    Olmoe,
 }
 
 impl Architecture {
@@ -28,6 +32,8 @@ impl Architecture {
             Architecture::Qwen2Moe => "Qwen2MoeForCausalLM",
             Architecture::Opt => "OPTForCausalLM",
             Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Architecture::Olmoe => "OlmoeForCausalLM",
         }
     }
 }
@@ -40,6 +46,15 @@ pub enum Activation {
     Gelu,
     /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
     GeluTanh,
+}
+
+/// An RMSNorm of the queries and keys after their projections, before RoPE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QkNorm {
+    /// Each head's `head_dim` values on their own (Qwen3-MoE).
+    PerHead,
+    /// The whole projection, all heads together (OLMoE).
+    Whole,
 }
 
 /// What the feed-forward part of one decoder layer is.
@@ -92,6 +107,12 @@ pub struct ModelConfig {
     /// runs of this many values (a rotated quantized model; `quant::rotate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ffn_hadamard_block: Option<usize>,
+    /// q_norm / k_norm after the q and k projections (Qwen3-MoE, OLMoE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qk_norm: Option<QkNorm>,
+    /// OLMoE: q, k and v clamped to `[-clip, clip]` after their projections (and q/k norms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_qkv: Option<f32>,
 }
 
 /// Most decoder layers a config may claim (the largest real checkpoints have ~130): the
@@ -222,6 +243,8 @@ impl ModelConfig {
             Architecture::Qwen2Moe => qwen2_moe(&f)?,
             Architecture::Opt => opt(&f)?,
             Architecture::Llama => llama(&f)?,
+            Architecture::Qwen3Moe => qwen3_moe(&f)?,
+            Architecture::Olmoe => olmoe(&f)?,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -336,6 +359,11 @@ impl ModelConfig {
         if self.word_embed_proj_dim == 0 {
             return Err(("word_embed_proj_dim", "must be positive".into()));
         }
+        if let Some(c) = self.clip_qkv {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(("clip_qkv", format!("{c} must be a positive number")));
+            }
+        }
         if let Some(b) = self.ffn_hadamard_block {
             let widths = [self.dense_ffn, self.expert_ffn]
                 .into_iter()
@@ -393,6 +421,8 @@ fn architecture(f: &Fields) -> Result<Architecture> {
             Some("qwen2_moe") => return Ok(Architecture::Qwen2Moe),
             Some("opt") => return Ok(Architecture::Opt),
             Some("llama") => return Ok(Architecture::Llama),
+            Some("qwen3_moe") => return Ok(Architecture::Qwen3Moe),
+            Some("olmoe") => return Ok(Architecture::Olmoe),
             Some(other) => other.to_string(),
             None => {
                 return Err(Error::config(
@@ -408,6 +438,8 @@ fn architecture(f: &Fields) -> Result<Architecture> {
         "Qwen2MoeForCausalLM" => Ok(Architecture::Qwen2Moe),
         "OPTForCausalLM" => Ok(Architecture::Opt),
         "LlamaForCausalLM" => Ok(Architecture::Llama),
+        "Qwen3MoeForCausalLM" => Ok(Architecture::Qwen3Moe),
+        "OlmoeForCausalLM" => Ok(Architecture::Olmoe),
         _ => Err(Error::UnknownArchitecture {
             path: f.path.to_path_buf(),
             name,
@@ -527,6 +559,8 @@ fn mixtral(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(1)),
         ffn_hadamard_block: None,
+        qk_norm: None,
+        clip_qkv: None,
         eos_token_ids: match f.token_ids("eos_token_id")? {
             ids if ids.is_empty() => vec![2],
             ids => ids,
@@ -539,38 +573,7 @@ fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
     let (hidden, heads, kv, head_dim) = attention_shape(f, 2048, 16, None)?;
     let layers = f.layers(24)?;
     let num_experts = f.usize_or("num_experts", Some(60))?;
-    let sparse_step = f.positive("decoder_sparse_step", Some(1))?;
-    let mlp_only: Vec<usize> = match f.present("mlp_only_layers") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.as_u64().map(|x| x as usize))
-            .collect::<Option<_>>()
-            .ok_or_else(|| {
-                Error::config(
-                    f.path,
-                    "mlp_only_layers",
-                    "expected a list of layer indices",
-                )
-            })?,
-        Some(_) => {
-            return Err(Error::config(
-                f.path,
-                "mlp_only_layers",
-                "expected a list of layer indices",
-            ))
-        }
-        None => vec![],
-    };
-    // As Qwen2MoeDecoderLayer decides: experts unless listed in mlp_only_layers or off the step.
-    let layer_ffn = (0..layers)
-        .map(|i| {
-            if !mlp_only.contains(&i) && num_experts > 0 && (i + 1) % sparse_step == 0 {
-                FfnKind::Moe
-            } else {
-                FfnKind::DenseGated
-            }
-        })
-        .collect();
+    let layer_ffn = sparse_layers(f, layers, num_experts)?;
     let shared = f.usize_or("shared_expert_intermediate_size", Some(5632))?;
     // transformers windows only the layers from max_window_layers on; refuse rather than run
     // a different model.
@@ -608,7 +611,162 @@ fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        qk_norm: None,
+        clip_qkv: None,
         eos_token_ids: f.token_ids("eos_token_id")?,
+    })
+}
+
+/// Qwen2/3-MoE's layer kinds, as their decoder layers decide: experts unless listed in
+/// `mlp_only_layers` or off the `decoder_sparse_step`.
+fn sparse_layers(f: &Fields, layers: usize, num_experts: usize) -> Result<Vec<FfnKind>> {
+    let sparse_step = f.positive("decoder_sparse_step", Some(1))?;
+    let not_a_list = || {
+        Error::config(
+            f.path,
+            "mlp_only_layers",
+            "expected a list of layer indices",
+        )
+    };
+    let mlp_only: Vec<usize> = match f.present("mlp_only_layers") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_u64().map(|x| x as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(not_a_list)?,
+        Some(_) => return Err(not_a_list()),
+        None => vec![],
+    };
+    Ok((0..layers)
+        .map(|i| {
+            if !mlp_only.contains(&i) && num_experts > 0 && (i + 1) % sparse_step == 0 {
+                FfnKind::Moe
+            } else {
+                FfnKind::DenseGated
+            }
+        })
+        .collect())
+}
+
+/// The expert count, which transformers' Qwen3-MoE / OLMoE configs take as `num_experts` or
+/// `num_local_experts` (one an alias of the other; Qwen3-MoE writes the latter).
+fn expert_count(f: &Fields, default: usize) -> Result<usize> {
+    let a = f.opt_usize("num_experts")?;
+    let b = f.opt_usize("num_local_experts")?;
+    match (a, b) {
+        (Some(a), Some(b)) if a != b => Err(Error::config(
+            f.path,
+            "num_local_experts",
+            format!("{b} disagrees with num_experts {a}"),
+        )),
+        (Some(n), _) | (None, Some(n)) => Ok(n),
+        (None, None) => Ok(default),
+    }
+}
+
+/// Refuses `field: true` where edgemoe has no such option (rather than run another model).
+fn refuse_true(f: &Fields, field: &str, why: &str) -> Result<()> {
+    if f.bool_or(field, false)? {
+        return Err(Error::config(
+            f.path,
+            field,
+            format!("true is not supported ({why})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Defaults from transformers' Qwen3MoeConfig: Qwen2-MoE's layer plan without the shared
+/// expert or q/k/v biases, and an RMSNorm on every query and key head.
+fn qwen3_moe(f: &Fields) -> Result<ModelConfig> {
+    // Real checkpoints set head_dim (Qwen3-30B-A3B: 128, not hidden / heads = 64).
+    let (hidden, heads, kv, head_dim) = attention_shape(f, 2048, 32, Some(4))?;
+    let layers = f.layers(24)?;
+    let num_experts = expert_count(f, 128)?;
+    refuse_true(f, "use_sliding_window", "per-layer sliding windows")?;
+    refuse_true(f, "attention_bias", "biases on q/k/v/o")?;
+    Ok(ModelConfig {
+        arch: Architecture::Qwen3Moe,
+        vocab_size: f.positive("vocab_size", Some(151936))?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        max_position_embeddings: f.positive("max_position_embeddings", Some(32768))?,
+        norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
+        rope_theta: Some(rope_theta(f, 10000.0)?),
+        sliding_window: None,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        activation: activation(f, "hidden_act", "silu")?,
+        layer_ffn: sparse_layers(f, layers, num_experts)?,
+        dense_ffn: f.positive("intermediate_size", Some(6144))?,
+        num_experts,
+        top_k: f.positive("num_experts_per_tok", Some(8))?,
+        expert_ffn: f.positive("moe_intermediate_size", Some(768))?,
+        norm_topk_prob: f.bool_or("norm_topk_prob", false)?,
+        shared_expert_ffn: None,
+        attention_bias: false,
+        word_embed_proj_dim: hidden,
+        pre_norm: true,
+        final_norm: true,
+        bos_token_id: f.opt_token_id("bos_token_id")?,
+        ffn_hadamard_block: None,
+        qk_norm: Some(QkNorm::PerHead),
+        clip_qkv: None,
+        eos_token_ids: f.token_ids("eos_token_id")?,
+    })
+}
+
+/// Defaults from transformers' OlmoeConfig: experts in every layer (of `intermediate_size`),
+/// an RMSNorm over the whole q and k projections, and q/k/v optionally clamped (`clip_qkv`).
+fn olmoe(f: &Fields) -> Result<ModelConfig> {
+    let (hidden, heads, kv, head_dim) = attention_shape(f, 2048, 16, None)?;
+    let layers = f.layers(16)?;
+    refuse_true(f, "attention_bias", "biases on q/k/v/o")?;
+    let ffn = f.positive("intermediate_size", Some(2048))?;
+    let clip_qkv = match f.present("clip_qkv") {
+        Some(v) => Some(v.as_f64().map(|c| c as f32).ok_or_else(|| {
+            Error::config(f.path, "clip_qkv", format!("expected a number, got {v}"))
+        })?),
+        None => None,
+    };
+    Ok(ModelConfig {
+        arch: Architecture::Olmoe,
+        vocab_size: f.positive("vocab_size", Some(50304))?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        max_position_embeddings: f.positive("max_position_embeddings", Some(4096))?,
+        norm_eps: f.f32_or("rms_norm_eps", 1e-5)?,
+        rope_theta: Some(rope_theta(f, 10000.0)?),
+        sliding_window: None,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        activation: activation(f, "hidden_act", "silu")?,
+        layer_ffn: vec![FfnKind::Moe; layers],
+        dense_ffn: ffn,
+        num_experts: match expert_count(f, 64)? {
+            0 => return Err(Error::config(f.path, "num_experts", "must be positive")),
+            n => n,
+        },
+        top_k: f.positive("num_experts_per_tok", Some(8))?,
+        expert_ffn: ffn,
+        norm_topk_prob: f.bool_or("norm_topk_prob", false)?,
+        shared_expert_ffn: None,
+        attention_bias: false,
+        word_embed_proj_dim: hidden,
+        pre_norm: true,
+        final_norm: true,
+        bos_token_id: f.opt_token_id("bos_token_id")?,
+        ffn_hadamard_block: None,
+        qk_norm: Some(QkNorm::Whole),
+        clip_qkv,
+        eos_token_ids: match f.token_ids("eos_token_id")? {
+            ids if ids.is_empty() => vec![50279],
+            ids => ids,
+        },
     })
 }
 
@@ -634,6 +792,8 @@ fn llama(f: &Fields) -> Result<ModelConfig> {
         activation: activation(f, "hidden_act", "silu")?,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        qk_norm: None,
+        clip_qkv: None,
         eos_token_ids: f.token_ids("eos_token_id")?,
         ..ModelConfig::dense_llama(hidden, layers, ffn)
     })
@@ -671,6 +831,8 @@ impl ModelConfig {
             final_norm: true,
             bos_token_id: None,
             ffn_hadamard_block: None,
+            qk_norm: None,
+            clip_qkv: None,
             eos_token_ids: Vec::new(),
         }
     }
@@ -725,6 +887,8 @@ fn opt(f: &Fields) -> Result<ModelConfig> {
         final_norm: pre_norm && !remove_final,
         bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(2)),
         ffn_hadamard_block: None,
+        qk_norm: None,
+        clip_qkv: None,
         eos_token_ids: {
             let ids = f.token_ids("eos_token_id")?;
             if ids.is_empty() {
@@ -805,6 +969,69 @@ mod tests {
     }
 
     #[test]
+    fn qwen3_moe_and_olmoe_follow_transformers() {
+        // Qwen3MoeConfig: head_dim from config.json when set, else hidden / heads; experts as
+        // num_experts or num_local_experts (what transformers 5 writes).
+        let q = parse(
+            json!({"model_type": "qwen3_moe", "head_dim": 128, "num_local_experts": 16,
+            "num_hidden_layers": 4, "decoder_sparse_step": 2, "mlp_only_layers": [3]}),
+        )
+        .unwrap();
+        assert_eq!((q.head_dim, q.num_experts, q.top_k), (128, 16, 8));
+        assert_eq!(
+            (q.shared_expert_ffn, q.qk_norm),
+            (None, Some(QkNorm::PerHead))
+        );
+        assert_eq!(
+            q.layer_ffn,
+            vec![
+                FfnKind::DenseGated,
+                FfnKind::Moe,
+                FfnKind::DenseGated,
+                FfnKind::DenseGated
+            ]
+        );
+        let q = parse(json!({"architectures": ["Qwen3MoeForCausalLM"]})).unwrap();
+        assert_eq!((q.head_dim, q.num_kv_heads, q.num_experts), (64, 4, 128));
+        let o = parse(json!({"model_type": "olmoe", "clip_qkv": 8.0})).unwrap();
+        assert_eq!((o.num_experts, o.top_k, o.expert_ffn), (64, 8, 2048));
+        assert_eq!((o.clip_qkv, o.qk_norm), (Some(8.0), Some(QkNorm::Whole)));
+        assert_eq!(o.eos_token_ids, vec![50279]);
+        assert_eq!(o.layer_ffn, vec![FfnKind::Moe; 16]);
+        let bad = [
+            (
+                json!({"model_type": "qwen3_moe", "attention_bias": true}),
+                "attention_bias",
+            ),
+            (
+                json!({"model_type": "qwen3_moe", "use_sliding_window": true}),
+                "use_sliding_window",
+            ),
+            (
+                json!({"model_type": "qwen3_moe", "num_experts": 8, "num_local_experts": 4}),
+                "num_local_experts",
+            ),
+            (
+                json!({"model_type": "olmoe", "attention_bias": true}),
+                "attention_bias",
+            ),
+            (json!({"model_type": "olmoe", "clip_qkv": -1.0}), "clip_qkv"),
+            (
+                json!({"model_type": "olmoe", "clip_qkv": "big"}),
+                "clip_qkv",
+            ),
+            (
+                json!({"model_type": "olmoe", "num_experts": 0}),
+                "num_experts",
+            ),
+        ];
+        for (cfg, field) in bad {
+            let e = parse(cfg).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let e = parse(json!({"architectures": ["MixtralForCausalLM"], "hidden_size": "big"}))
             .unwrap_err();
@@ -813,7 +1040,7 @@ mod tests {
         assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
         // A layer count past MAX_LAYERS is refused before the per-layer table is allocated
         // (10^12 aborted the process), and ids past u32 are refused, not truncated.
-        for arch in ["llama", "mixtral", "qwen2_moe", "opt"] {
+        for arch in ["llama", "mixtral", "qwen2_moe", "opt", "qwen3_moe", "olmoe"] {
             let e = parse(json!({"model_type": arch, "num_hidden_layers": 1_000_000_000_000u64}))
                 .unwrap_err()
                 .to_string();

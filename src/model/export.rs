@@ -156,6 +156,8 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: ExportDtype) -> Value {
         Architecture::Qwen2Moe => qwen2_moe_json(cfg),
         Architecture::Opt => opt_json(cfg),
         Architecture::Llama => llama_json(cfg),
+        Architecture::Qwen3Moe => qwen3_moe_json(cfg),
+        Architecture::Olmoe => olmoe_json(cfg),
     };
     let m = c.as_object_mut().expect("config is an object");
     m.insert("bos_token_id".into(), json!(cfg.bos_token_id));
@@ -230,6 +232,70 @@ fn qwen2_moe_json(cfg: &ModelConfig) -> Value {
         "initializer_range": 0.02,
         "output_router_logits": false,
         "router_aux_loss_coef": 0.001,
+        "pad_token_id": null,
+    })
+}
+
+fn qwen3_moe_json(cfg: &ModelConfig) -> Value {
+    // Dense layers said with mlp_only_layers alone, as for Qwen2-MoE.
+    let mlp_only: Vec<usize> = (0..cfg.num_layers)
+        .filter(|&i| cfg.layer_ffn[i] != FfnKind::Moe)
+        .collect();
+    json!({
+        "architectures": [Architecture::Qwen3Moe.hf_name()],
+        "model_type": "qwen3_moe",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.dense_ffn,
+        "moe_intermediate_size": cfg.expert_ffn,
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.top_k,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": mlp_only,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": activation_name(cfg.activation),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": f32_json(cfg.norm_eps),
+        "rope_theta": cfg.rope_theta.map(f32_json),
+        "use_sliding_window": false,
+        "sliding_window": null,
+        "max_window_layers": cfg.num_layers,
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "output_router_logits": false,
+        "router_aux_loss_coef": 0.001,
+        "pad_token_id": null,
+    })
+}
+
+fn olmoe_json(cfg: &ModelConfig) -> Value {
+    json!({
+        "architectures": [Architecture::Olmoe.hf_name()],
+        "model_type": "olmoe",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.expert_ffn,
+        "num_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.top_k,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "hidden_act": activation_name(cfg.activation),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": f32_json(cfg.norm_eps),
+        "rope_theta": cfg.rope_theta.map(f32_json),
+        "clip_qkv": cfg.clip_qkv.map(f32_json),
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "output_router_logits": false,
+        "router_aux_loss_coef": 0.01,
         "pad_token_id": null,
     })
 }
@@ -455,6 +521,9 @@ fn tensors(w: &Weights, ffn_block: Option<usize>) -> Result<Vec<Tensor<'_>>> {
         let a = &layer.attn;
         for l in [&a.q, &a.k, &a.v, &a.o] {
             t.linear(l);
+        }
+        for n in a.qk_norm.iter().flatten() {
+            t.norm(n);
         }
         t.norm(&layer.ffn_norm);
         match &layer.ffn {

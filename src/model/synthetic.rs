@@ -39,6 +39,8 @@ pub fn default_config() -> ModelConfig {
         final_norm: true,
         bos_token_id: Some(BYTE_BOS),
         ffn_hadamard_block: None,
+        qk_norm: None,
+        clip_qkv: None,
         eos_token_ids: vec![BYTE_EOS],
     }
 }
@@ -118,6 +120,8 @@ pub fn mixtral_bench_config(layers: usize) -> ModelConfig {
         rope_theta: Some(1e6),
         bos_token_id: Some(1),
         ffn_hadamard_block: None,
+        qk_norm: None,
+        clip_qkv: None,
         eos_token_ids: vec![2],
         ..default_config()
     }
@@ -145,6 +149,8 @@ pub fn smol_moe_config() -> ModelConfig {
         word_embed_proj_dim: 576,
         bos_token_id: Some(1),
         ffn_hadamard_block: None,
+        qk_norm: None,
+        clip_qkv: None,
         eos_token_ids: vec![2],
         ..default_config()
     }

@@ -222,6 +222,9 @@ pub struct Attention {
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
+    /// RMSNorms of the query and key projections' outputs, before RoPE (Qwen3-MoE per head,
+    /// OLMoE over the whole projection: `ModelConfig::qk_norm` says which).
+    pub qk_norm: Option<[Norm; 2]>,
 }
 
 impl Attention {
@@ -469,6 +472,7 @@ impl Weights {
         small += self.final_norm.as_ref().map_or(0, norm_len);
         for l in &self.layers {
             small += norm_len(&l.attn_norm) + norm_len(&l.ffn_norm);
+            small += l.attn.qk_norm.iter().flatten().map(norm_len).sum::<usize>();
         }
         f(Storage::Owned(small * 4));
     }
@@ -687,9 +691,14 @@ impl Loader<'_> {
     }
 
     pub fn rms_norm(&self, prefix: &str, dim: usize, eps: f32) -> Result<Norm> {
+        self.rms_norm_of(prefix, dim, eps, "hidden_size")
+    }
+
+    /// An RMSNorm of `dim` values; `why` names the config fields that give `dim`.
+    pub fn rms_norm_of(&self, prefix: &str, dim: usize, eps: f32, why: &str) -> Result<Norm> {
         Ok(Norm::Rms {
             name: prefix.to_string(),
-            weight: self.vector(&format!("{prefix}.weight"), dim, "hidden_size")?,
+            weight: self.vector(&format!("{prefix}.weight"), dim, why)?,
             eps,
         })
     }

@@ -208,8 +208,11 @@ pub fn quantize(
     };
     // The down-projection's input is rotated at run time: an up→down smoothing fold would scale
     // the channels before the rotation, not the ones the int8 kernel sees.
+    // A clamp between v_proj and o_proj (OLMoE's clip_qkv) does not commute with scaling v's
+    // channels, so o_proj is then smoothed on its own.
     let opts = &QuantOptions {
         fold_down: opts.fold_down && model.config.ffn_hadamard_block.is_none(),
+        fold_vo: opts.fold_vo && model.config.clip_qkv.is_none(),
         ..opts.clone()
     };
     // Checked as the engine's pool is: 10^5 threads once hung here, starting them one by one.

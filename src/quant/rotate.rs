@@ -202,8 +202,10 @@ impl ModelRotation {
             residual: Rotation::random(cfg.hidden_size, seed),
             seed,
             ffn_block,
+            // Not through a clamp of v (OLMoE's clip_qkv): it does not commute with a rotation.
             head_block: (cfg.head_dim.is_power_of_two() && cfg.head_dim > 1)
-                .then_some(cfg.head_dim),
+                .then_some(cfg.head_dim)
+                .filter(|_| cfg.clip_qkv.is_none()),
         }
     }
 

@@ -125,6 +125,9 @@ pub fn write_emoe<'a>(
         for lin in [&a.q, &a.k, &a.v, &a.o] {
             add(linear_tensors(lin));
         }
+        for n in a.qk_norm.iter().flatten() {
+            add(norm_tensors(n));
+        }
         match &layer.ffn {
             Ffn::Moe(b) => {
                 add(linear_tensors(&b.router));

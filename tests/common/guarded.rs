@@ -169,6 +169,12 @@ impl Backend for Guarded {
     fn norm(&self, norm: &Norm, x: &Rows) -> Rows {
         self.inner.norm(norm, x)
     }
+    fn norm_runs(&self, norm: &Norm, x: &Rows, dim: usize) -> Rows {
+        self.inner.norm_runs(norm, x, dim)
+    }
+    fn clamp(&self, x: &mut Rows, limit: f32) {
+        self.inner.clamp(x, limit)
+    }
     fn linear(&self, lin: &Linear, x: &Rows) -> Rows {
         self.check(lin);
         self.inner.linear(lin, x)

@@ -214,3 +214,40 @@ fn gpu_expert_tier_agrees_with_the_cpu_int8_engine() {
     }
     assert!(failures.is_empty(), "{failures:?}");
 }
+
+/// Qwen3-MoE's per-head q/k norms (`norm_runs` on the device) and OLMoE's whole-projection
+/// norms with `clip_qkv` (`clamp`, through the host) on the GPU against the CPU engine, f32
+/// weights, prefill and token by token. A misplaced norm or a missing clamp moves logits by
+/// O(1) (tests/hf_logits.rs); the tolerance leaves room for the GPU's own summation order.
+#[test]
+fn gpu_runs_qk_norms_and_clip_qkv_as_the_cpu() {
+    if device("model").is_none() {
+        return;
+    }
+    let root = fixture_dir().join("..");
+    for name in ["qwen3moe-tiny", "olmoe-tiny"] {
+        let model = Arc::new(Model::load(&root.join(name)).expect("fixture"));
+        let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 500 + 3).collect();
+        let cpu = engine_for(model.clone(), BackendChoice::Cpu, 0).unwrap();
+        let gpu = engine_for(model.clone(), BackendChoice::Cuda, 0).unwrap();
+        let want = all_logits(&cpu, &tokens);
+        let tol = 1e-2 * want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut cache = gpu.new_cache();
+        let mut decoded = Vec::new();
+        for t in tokens.chunks(1) {
+            let mut batch = [BatchItem {
+                tokens: t,
+                cache: &mut cache,
+                logits: Logits::Last,
+            }];
+            decoded.extend(gpu.forward(&mut batch).expect("decode").remove(0));
+        }
+        for (what, got) in [("prefill", all_logits(&gpu, &tokens)), ("decode", decoded)] {
+            let worst = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst <= tol, "{name} {what}: worst {worst} > {tol}");
+        }
+    }
+}

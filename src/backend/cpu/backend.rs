@@ -215,6 +215,16 @@ impl Backend for CpuBackend {
         Rows::new(out, x.cols)
     }
 
+    fn norm_runs(&self, norm: &Norm, x: &Rows, dim: usize) -> Rows {
+        let mut out = vec![0f32; x.data.len()];
+        norm_rows(norm, &x.data, dim, &mut out);
+        Rows::new(out, x.cols)
+    }
+
+    fn clamp(&self, x: &mut Rows, limit: f32) {
+        x.data.iter_mut().for_each(|v| *v = v.clamp(-limit, limit));
+    }
+
     fn linear(&self, lin: &Linear, x: &Rows) -> Rows {
         let rows = x.rows();
         let mut out = vec![0f32; rows * lin.out_features];

@@ -544,6 +544,17 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn norm_runs(&self, norm: &Norm, x: &DeviceRows, dim: usize) -> DeviceRows {
+        // The norm kernel on the same buffer read as `rows·cols/dim` rows of `dim` values.
+        let runs = x.rows * (x.cols / dim.max(1));
+        let normed = self.weights.norm(&self.gpu, norm).and_then(|d| {
+            self.gpu
+                .norm(&x.data, runs, dim, &d.weight, d.bias.as_ref(), d.eps)
+        });
+        let data = self.must(normed);
+        self.act(data, x.rows, x.cols)
+    }
+
     fn linear(&self, lin: &Linear, x: &DeviceRows) -> DeviceRows {
         self.must(
             || {

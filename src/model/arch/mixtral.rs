@@ -3,9 +3,9 @@
 //! softmax weights. Tensor names follow transformers' MixtralForCausalLM.
 
 use crate::error::Result;
-use crate::model::config::ModelConfig;
+use crate::model::config::{ModelConfig, QkNorm};
 use crate::model::weights::{
-    Attention, Ffn, Layer, Loader, MoeBlock, TensorSource, WeightForm, Weights,
+    Attention, Ffn, Layer, Loader, MoeBlock, Norm, TensorSource, WeightForm, Weights,
 };
 
 pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> Result<Weights> {
@@ -44,7 +44,8 @@ pub fn rms_decoder(l: &Loader, cfg: &ModelConfig, layers: Vec<Layer>) -> Result<
     })
 }
 
-/// q/k/v/o projections; Qwen2-MoE shares this with `bias` on q/k/v.
+/// q/k/v/o projections, and q_norm / k_norm where the config has them; Qwen2-MoE shares this
+/// with `bias` on q/k/v.
 pub fn attention(l: &Loader, cfg: &ModelConfig, p: &str, qkv_bias: bool) -> Result<Attention> {
     let h = cfg.hidden_size;
     Ok(Attention {
@@ -76,7 +77,29 @@ pub fn attention(l: &Loader, cfg: &ModelConfig, p: &str, qkv_bias: bool) -> Resu
             false,
             "hidden_size, num_attention_heads × head_dim",
         )?,
+        qk_norm: qk_norms(l, cfg, p)?,
     })
+}
+
+/// Qwen3-MoE's norms act on each head's `head_dim` values, OLMoE's on the whole projection.
+fn qk_norms(l: &Loader, cfg: &ModelConfig, p: &str) -> Result<Option<[Norm; 2]>> {
+    let (q, k, why) = match cfg.qk_norm {
+        None => return Ok(None),
+        Some(QkNorm::PerHead) => (cfg.head_dim, cfg.head_dim, ["head_dim", "head_dim"]),
+        Some(QkNorm::Whole) => (
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            [
+                "num_attention_heads × head_dim",
+                "num_key_value_heads × head_dim",
+            ],
+        ),
+    };
+    let eps = cfg.norm_eps;
+    Ok(Some([
+        l.rms_norm_of(&format!("{p}.q_norm"), q, eps, why[0])?,
+        l.rms_norm_of(&format!("{p}.k_norm"), k, eps, why[1])?,
+    ]))
 }
 
 /// The untied head, or `None` when tied to the embeddings.

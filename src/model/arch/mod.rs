@@ -3,8 +3,10 @@
 
 pub(crate) mod llama;
 pub(crate) mod mixtral;
+pub(crate) mod olmoe;
 pub(crate) mod opt;
 pub(crate) mod qwen2_moe;
+pub(crate) mod qwen3_moe;
 
 use crate::error::Result;
 use crate::model::config::{Architecture, ModelConfig};
@@ -20,5 +22,7 @@ pub fn load_weights(
         Architecture::Qwen2Moe => qwen2_moe::load(cfg, src, form),
         Architecture::Opt => opt::load(cfg, src, form),
         Architecture::Llama => llama::load(cfg, src, form),
+        Architecture::Qwen3Moe => qwen3_moe::load(cfg, src, form),
+        Architecture::Olmoe => olmoe::load(cfg, src, form),
     }
 }

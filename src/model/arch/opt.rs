@@ -37,6 +37,7 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> Resu
                     k: l.linear(&format!("{a}.k_proj"), h, h, b, why)?,
                     v: l.linear(&format!("{a}.v_proj"), h, h, b, why)?,
                     o: l.linear(&format!("{a}.out_proj"), h, h, b, why)?,
+                    qk_norm: None,
                 },
                 ffn_norm: l.layer_norm(&format!("{p}.final_layer_norm"), h, cfg.norm_eps)?,
                 ffn: Ffn::Plain(PlainMlp {

@@ -11,13 +11,27 @@ use crate::model::weights::{
 };
 
 pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> Result<Weights> {
+    load_named(cfg, src, form, "moe_intermediate_size")
+}
+
+/// [`load`], with `expert_width` the config field that gives an expert's hidden width (named
+/// when a tensor's shape disagrees).
+pub fn load_named(
+    cfg: &ModelConfig,
+    src: &dyn TensorSource,
+    form: WeightForm,
+    expert_width: &str,
+) -> Result<Weights> {
     let l = Loader { src, form };
     let h = cfg.hidden_size;
     let layers = (0..cfg.num_layers)
         .map(|i| {
             let p = format!("model.layers.{i}");
             let ffn = match cfg.layer_ffn[i] {
-                FfnKind::Moe => Ffn::Moe(Box::new(moe(&l, cfg, i, &format!("{p}.mlp"))?)),
+                FfnKind::Moe => {
+                    let block = moe(&l, cfg, i, &format!("{p}.mlp"), expert_width)?;
+                    Ffn::Moe(Box::new(block))
+                }
                 _ => Ffn::Gated(l.gated_mlp(
                     &format!("{p}.mlp"),
                     PROJECTIONS,
@@ -39,12 +53,11 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> Resu
 
 const PROJECTIONS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
-fn moe(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str) -> Result<MoeBlock> {
+fn moe(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str, why: &str) -> Result<MoeBlock> {
     let h = cfg.hidden_size;
     let experts = (0..cfg.num_experts)
         .map(|e| {
             let prefix = format!("{p}.experts.{e}");
-            let why = "moe_intermediate_size";
             l.expert((layer, e), &prefix, PROJECTIONS, h, cfg.expert_ffn, why)
         })
         .collect::<Result<Vec<_>>>()?;
