@@ -26,16 +26,20 @@ python3 - "$dir" "$old" "$new" "$pairs" <<'PY'
 import glob, json, os, statistics, sys
 dir, old, new, pairs = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 runs = {}
-for path in sorted(glob.glob(os.path.join(dir, "*.json"))):
+# Sorted by pair number, so each side's runs line up pair by pair.
+for path in sorted(glob.glob(os.path.join(dir, "*.json")), key=lambda p: int(p.split(".")[-2])):
     side = os.path.basename(path).split(".")[0]
     for row in json.load(open(path))["results"]:
         runs.setdefault(row["test"], {}).setdefault(side, []).append(row["tokens_per_s"]["mean"])
 print(f"{pairs} alternated pairs; medians of each run's mean, tok/s")
-print("| test | old | new | new/old | old runs | new runs |")
-print("| --- | ---: | ---: | ---: | --- | --- |")
+print("| test | old | new | new/old | median of pair ratios | old runs | new runs |")
+print("| --- | ---: | ---: | ---: | ---: | --- | --- |")
 for test, sides in runs.items():
-    o, n = statistics.median(sides.get("old", [0])), statistics.median(sides.get("new", [0]))
+    olds, news = sides.get("old", []), sides.get("new", [])
+    o, n = statistics.median(olds or [0]), statistics.median(news or [0])
+    ratios = [b / a for a, b in zip(olds, news) if a]
+    pair = statistics.median(ratios) if ratios else 0
     fmt = lambda v: " ".join(f"{x:.1f}" for x in v)
-    print(f"| {test} | {o:.1f} | {n:.1f} | {n / o if o else 0:.3f} | {fmt(sides.get('old', []))} | {fmt(sides.get('new', []))} |")
+    print(f"| {test} | {o:.1f} | {n:.1f} | {n / o if o else 0:.3f} | {pair:.3f} | {fmt(olds)} | {fmt(news)} |")
 print(f"old = {old}\nnew = {new}")
 PY
