@@ -6,7 +6,8 @@
 use crate::model::buf::Buf;
 use std::fmt;
 
-/// Rows of [`QuantizedRows`] and [`Int8Matrix`] are padded with zeros to a multiple of this.
+/// Rows of an [`Int8Matrix`] (and the kernels' quantized activations) are zero padded to a
+/// multiple of this.
 pub const K_ALIGN: usize = 64;
 /// Largest k whose worst-case dot product (`k·127·127`) still fits in an i32.
 pub const MAX_K: usize = (i32::MAX / (127 * 127)) as usize;
