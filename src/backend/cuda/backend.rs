@@ -551,7 +551,10 @@ impl Backend for CudaBackend {
             self.gpu
                 .norm(&x.data, runs, dim, &d.weight, d.bias.as_ref(), d.eps)
         });
-        let data = self.must(normed);
+        let data = self.must(
+            || format!("norm of {} × {} in runs of {dim}", x.rows, x.cols),
+            normed,
+        );
         self.act(data, x.rows, x.cols)
     }
 
