@@ -236,41 +236,21 @@ fn qwen2_moe_json(cfg: &ModelConfig) -> Value {
     })
 }
 
+/// Qwen2-MoE's config without the shared expert and with `attention_bias` (always false: a
+/// Qwen3-MoE with biases is refused at load) in place of `qkv_bias`.
 fn qwen3_moe_json(cfg: &ModelConfig) -> Value {
-    // Dense layers said with mlp_only_layers alone, as for Qwen2-MoE.
-    let mlp_only: Vec<usize> = (0..cfg.num_layers)
-        .filter(|&i| cfg.layer_ffn[i] != FfnKind::Moe)
-        .collect();
-    json!({
-        "architectures": [Architecture::Qwen3Moe.hf_name()],
-        "model_type": "qwen3_moe",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.dense_ffn,
-        "moe_intermediate_size": cfg.expert_ffn,
-        "num_experts": cfg.num_experts,
-        "num_experts_per_tok": cfg.top_k,
-        "norm_topk_prob": cfg.norm_topk_prob,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": mlp_only,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": activation_name(cfg.activation),
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": f32_json(cfg.norm_eps),
-        "rope_theta": cfg.rope_theta.map(f32_json),
-        "use_sliding_window": false,
-        "sliding_window": null,
-        "max_window_layers": cfg.num_layers,
-        "attention_bias": false,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "output_router_logits": false,
-        "router_aux_loss_coef": 0.001,
-        "pad_token_id": null,
-    })
+    let mut v = qwen2_moe_json(cfg);
+    if let Some(m) = v.as_object_mut() {
+        m.remove("shared_expert_intermediate_size");
+        m.remove("qkv_bias");
+        m.insert("attention_bias".into(), json!(false));
+        m.insert(
+            "architectures".into(),
+            json!([Architecture::Qwen3Moe.hf_name()]),
+        );
+        m.insert("model_type".into(), json!("qwen3_moe"));
+    }
+    v
 }
 
 fn olmoe_json(cfg: &ModelConfig) -> Value {
