@@ -2,7 +2,7 @@
 //! scored decode-style, and with `--facts` the recall of the text's facts.
 
 use super::ModelArgs;
-use crate::engine::ppl::{score, Steps, PROTOCOL};
+use crate::engine::ppl::{score, score_against, Steps, PROTOCOL};
 use crate::engine::recall::recall;
 use anyhow::Context;
 use std::path::PathBuf;
@@ -27,6 +27,11 @@ pub struct PplArgs {
     /// mention in each window and on their repeats.
     #[arg(long)]
     pub facts: Option<PathBuf>,
+    /// A reference model (e.g. the f32 checkpoint a quantized one came from): also report the
+    /// KL divergence of this model's next-token distributions from its, top-1 agreement and
+    /// the reference's perplexity on the same windows (the reference runs with a full cache).
+    #[arg(long, value_name = "MODEL")]
+    pub kl_ref: Option<PathBuf>,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
@@ -67,12 +72,24 @@ pub fn run(a: PplArgs) -> anyhow::Result<()> {
     } else {
         Steps::Chunked
     };
-    let scored = score(&engine, &tokens, a.ctx, steps, |done, total| {
+    let progress = |done, total| {
         // Progress only for a person watching: a log gets no carriage returns.
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             eprint!("\rwindow {done}/{total}");
         }
-    })?;
+    };
+    let (scored, divergence) = match &a.kl_ref {
+        Some(path) => {
+            let reference = super::ModelArgs {
+                model: Some(path.clone()),
+                ..a.model.clone()
+            }
+            .engine()?;
+            let (s, d) = score_against(&engine, &reference, &tokens, a.ctx, steps, progress)?;
+            (s, Some(d))
+        }
+        None => (score(&engine, &tokens, a.ctx, steps, progress)?, None),
+    };
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(" ({seconds:.1} s)");
     let recall = match &facts {
@@ -85,6 +102,9 @@ pub fn run(a: PplArgs) -> anyhow::Result<()> {
         v["seconds"] = serde_json::json!(seconds);
         if let Some(r) = &recall {
             v["recall"] = serde_json::to_value(r)?;
+        }
+        if let Some(d) = &divergence {
+            v["against_reference"] = serde_json::to_value(d)?;
         }
         println!("{}", serde_json::to_string(&v)?);
     } else {
@@ -100,6 +120,18 @@ pub fn run(a: PplArgs) -> anyhow::Result<()> {
             println!(
                 "facts: first mentions {} tokens, nll {:.3}, top-1 {:.3}; repeats {} tokens, nll {:.3}, top-1 {:.3}",
                 r.first_tokens, r.first_nll, r.first_top1, r.repeat_tokens, r.repeat_nll, r.repeat_top1
+            );
+        }
+        if let Some(d) = &divergence {
+            println!(
+                "against the reference (ppl {:.4}, {:+.3}% ± {:.3}% by chance): KL mean {:.6} nats, p99 {:.5}, max {:.4}; same top-1 {:.2}%",
+                d.reference_ppl,
+                (result.ppl / d.reference_ppl - 1.0) * 100.0,
+                d.delta_nll_se * 100.0,
+                d.kl_mean,
+                d.kl_p99,
+                d.kl_max,
+                d.top1_agree * 100.0
             );
         }
     }
