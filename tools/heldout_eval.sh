@@ -12,13 +12,17 @@
 #       window: ppl change against the full cache; on the recall texts also the top-1 rate of
 #       restated fact tokens (`--facts`).
 #   quant: f32 (the GGUF's weights dequantized), then rtn, smooth, gptq, haq quantized on
-#       calib.txt (16 384 tokens): ppl change against f32 at ctx 256 and 1024; quantize wall
-#       time and peak RSS against the f32 weights' size.
+#       CALIB (default tools/data/calib/mix.txt, tools/make_calib_mix.py: none of it is a
+#       tuning or held-out text): ppl change against f32 at ctx 256 and 1024, each run with
+#       `--kl-ref` (the f32 model), so also the KL divergence from f32 and the chance spread of
+#       each text's ppl ratio; quantize wall time and peak RSS against the f32 weights' size.
+#       Quantization TUNING texts: tune-kjv, tune-code, tune-docs (tools/data/tune/).
 #
 # usage: tools/heldout_eval.sh [--kv-only | --quant-only | --table-only] [--texts "prose play ..."]
 #   --table-only prints the table of the results already there.
 # env: MODEL (SmolLM2 GGUF), BIN (release edgemoe), THREADS (2), REQUANT=1 to quantize again
-#      when target/exports/heldout/smollm2-METHOD.emoe exists already, QUANT_BYTES (4600),
+#      when target/exports/heldout/smollm2-METHOD.emoe exists already, QUANT_BYTES (20000:
+#      every text whole), CALIB, QUANT_ARGS (more `quantize` arguments),
 #      KV_POLICIES ("window h2o lazy"; an entry POLICY:FLAG=VALUE adds a flag, e.g.
 #      lazy:--kv-threshold=16), KV_TEXTS (the tuning recall text and the held-out ones),
 #      KV_BUDGETS ("50 25"), KV_FULL=0 to skip the full-cache runs, KV_OUT (results-kv): the file name of this run's
@@ -51,10 +55,12 @@ trap 'rm -rf "$tmp"' EXIT
 # The tuning texts, cut like the held-out ones (recall.txt: its first block).
 head -c 9000 tools/data/recall.txt >"$tmp/tune-recall.txt"
 head -c 9600 tests/fixtures/trained-moe/heldout.txt >"$tmp/tune-kjv.txt"
+cp tools/data/tune/code.txt "$tmp/tune-code.txt"
+cp tools/data/tune/docs.txt "$tmp/tune-docs.txt"
 path() { case $1 in tune-*) echo "$tmp/$1.txt" ;; *) echo "tools/data/heldout/$1.txt" ;; esac; }
-# The quantization runs score the first QUANT_BYTES of each text (default: ~1 100 tokens, so
-# four windows of 256 and one of 1024): the time the KV runs leave on 2 shared cores.
-qpath() { head -c "${QUANT_BYTES:-4600}" "$(path "$1")" >"$tmp/q-$1.txt" && echo "$tmp/q-$1.txt"; }
+# The quantization runs score the first QUANT_BYTES of each text (default: all of it, ~2 300
+# tokens: 8-10 windows of 256, 2 of 1024).
+qpath() { head -c "${QUANT_BYTES:-20000}" "$(path "$1")" >"$tmp/q-$1.txt" && echo "$tmp/q-$1.txt"; }
 facts() {
   case $1 in
   tune-recall) echo tools/data/recall_facts.txt ;;
@@ -101,16 +107,17 @@ if [ $do_quant = 1 ]; then
     emoe=$out/smollm2-$m.emoe
     if [ "${REQUANT:-0}" = 1 ] || [ ! -s "$emoe" ] || [ ! -s "$out/time-$m.txt" ]; then
       echo "  quantize $m" >&2
-      /usr/bin/time -v "$BIN" quantize --model "$MODEL" --calib tests/fixtures/trained-moe/calib.txt \
-        --method $m --threads "$THREADS" --out "$emoe" >"$out/quant-$m.txt" 2>"$out/time-$m.txt"
+      # shellcheck disable=SC2086 # QUANT_ARGS is a list of arguments
+      /usr/bin/time -v "$BIN" quantize --model "$MODEL" --calib "${CALIB:-tools/data/calib/mix.txt}" \
+        --method $m --threads "$THREADS" --out "$emoe" ${QUANT_ARGS:-} >"$out/quant-$m.txt" 2>"$out/time-$m.txt"
     fi
   done
-  for text in tune-kjv $held; do
+  for text in tune-kjv tune-code tune-docs $held; do
     [ "$text" = recall ] && continue # generated facts between report prose: a KV text
     for ctx in 256 1024; do
-      run "$text" "$MODEL" "f32$tag" $ctx
+      # f32's ppl comes with each run against it (--kl-ref scores the reference too).
       for m in ${QUANT_METHODS:-rtn smooth gptq haq}; do
-        run "$text" "$out/smollm2-$m.emoe" "$m$tag" $ctx
+        run "$text" "$out/smollm2-$m.emoe" "$m$tag" $ctx --kl-ref "$MODEL"
       done
     done
   done
@@ -122,7 +129,16 @@ out, held = sys.argv[1], sys.argv[2].split()
 rows = [json.loads(l) for f in sorted(os.listdir(out))
         if f.startswith("results-") and f.endswith(".jsonl") for l in open(os.path.join(out, f))]
 by = {(r["text"], r["config"], r["ctx"]): r for r in rows}
-texts = [t for t in ["tune-recall", "tune-kjv"] if any(r["text"] == t for r in rows)] + held
+for r in rows:  # the f32 reference's ppl, as each quantized run scored it beside itself
+    m = re.fullmatch(r"(rtn|smooth|gptq|haq)(.*)", r["config"])
+    if m and "against_reference" in r:
+        by.setdefault((r["text"], "f32" + m.group(2), r["ctx"]),
+                      {"text": r["text"], "config": "f32" + m.group(2), "ctx": r["ctx"],
+                       "ppl": r["against_reference"]["reference_ppl"],
+                       "tokens": r["tokens"], "windows": r["windows"]})
+rows += [v for k, v in by.items() if v not in rows]
+texts = [t for t in ["tune-recall", "tune-kjv", "tune-code", "tune-docs"]
+         if any(r["text"] == t for r in rows)] + held
 head = texts + ["held-out mean", "worst held-out"]
 print("| method | " + " | ".join(head) + " |")
 print("|" + " --- |" * (len(head) + 1))
@@ -167,6 +183,13 @@ for tag in tags:
         for m in ["rtn", "smooth", "gptq", "haq"]:
             if any(r["config"] == m + tag for r in rows):
                 line(f"{m}{tag} ctx {ctx}: Δppl", delta(m + tag, "f32" + tag, ctx))
+                kl = {t: by[(t, m + tag, ctx)]["against_reference"] for t in texts
+                      if "against_reference" in by.get((t, m + tag, ctx), {})}
+                if kl:
+                    line(f"{m}{tag} ctx {ctx}: ± by chance (1 s.e.)",
+                         {t: d["delta_nll_se"] * 100 for t, d in kl.items()}, fmt="{:.2f}%")
+                    line(f"{m}{tag} ctx {ctx}: KL from f32 (millinats)",
+                         {t: d["kl_mean"] * 1000 for t, d in kl.items()}, fmt="{:.2f}")
 if tags:
     f32_bytes = 134515008 * 4  # SmolLM2-135M's parameters (tied head once) in f32
     print()
