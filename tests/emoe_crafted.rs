@@ -257,6 +257,8 @@ fn stores_of_every_fixture_architecture_open() {
         "qwen3moe-tiny-step2",
         "olmoe-tiny",
         "olmoe-tiny-normtopk",
+        "granitemoe-tiny",
+        "granitemoeshared-tiny",
         "llama-tiny",
     ] {
         let model = Model::load(&root.join(name)).unwrap();

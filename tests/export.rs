@@ -126,6 +126,8 @@ fn every_architecture_fixture_f32_export_is_bit_identical() {
         "qwen3moe-tiny-step2",
         "olmoe-tiny",
         "olmoe-tiny-normtopk",
+        "granitemoe-tiny",
+        "granitemoeshared-tiny",
         "opt-tiny-proj",
     ] {
         f32_round_trip(fixture(name).to_str().unwrap());

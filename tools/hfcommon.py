@@ -50,7 +50,9 @@ def train_bytelevel_bpe(lines: Iterable[str], vocab_size: int):
 def is_router(name: str) -> bool:
     # Mixtral / Qwen2-MoE router (transformers >= 5 module name; on disk it is
     # block_sparse_moe.gate.weight for Mixtral and mlp.gate.weight for Qwen2-MoE).
-    return name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight")
+    # Granite-MoE's is block_sparse_moe.router.weight (router.layer.weight on disk).
+    return (name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight")
+            or name.endswith("block_sparse_moe.router.weight"))
 
 
 @torch.no_grad()

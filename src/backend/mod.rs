@@ -147,6 +147,15 @@ pub trait Backend: Send + Sync {
         let cols = data.len() / rows.max(1);
         *x = self.upload_rows(data, cols);
     }
+    /// Multiplies every value of `x` by `factor` (Granite's embedding, attention and residual
+    /// multipliers). This default goes through the host (CUDA runs it so).
+    fn scale(&self, x: &mut Self::Act, factor: f32) {
+        let rows = self.rows(x);
+        let host = self.to_host(x);
+        let data: Vec<f32> = host.iter().map(|v| v * factor).collect();
+        let cols = data.len() / rows.max(1);
+        *x = self.upload_rows(data, cols);
+    }
     /// `x·Wᵀ + b` for any stored form of the weights.
     fn linear(&self, lin: &Linear, x: &Self::Act) -> Self::Act;
     /// Several linears of the same input; the backend may run them side by side.

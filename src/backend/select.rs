@@ -260,6 +260,13 @@ mod dispatch {
             }
         }
 
+        fn scale(&self, x: &mut SelectedAct, factor: f32) {
+            match self {
+                Selected::Cpu(b) => b.scale(cpu_act!(x), factor),
+                Selected::Cuda(b) => b.scale(gpu_act!(x), factor),
+            }
+        }
+
         fn linear(&self, lin: &Linear, x: &SelectedAct) -> SelectedAct {
             match self {
                 Selected::Cpu(b) => SelectedAct::Cpu(b.linear(lin, cpu_act!(x))),

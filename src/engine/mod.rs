@@ -448,7 +448,10 @@ impl<B: Backend> Engine<B> {
             hs = self.linear(p, &hs);
         }
         let logits = self.linear(w.head(), &hs);
-        let logits = self.backend.to_host(&logits);
+        let mut logits = self.backend.to_host(&logits);
+        if let Some(s) = cfg.options.logits_scaling {
+            logits.to_mut().iter_mut().for_each(|l| *l /= s);
+        }
         let v = cfg.vocab_size;
         let mut out = Vec::with_capacity(batch.len());
         let mut r = 0;
@@ -474,6 +477,9 @@ impl<B: Backend> Engine<B> {
     fn embed(&self, tokens: &[u32], positions: &[usize]) -> B::Act {
         let w = &self.model.weights;
         let mut x = self.backend.embed(&w.embed, tokens);
+        if let Some(m) = self.model.config.options.embedding_multiplier {
+            self.backend.scale(&mut x, m);
+        }
         if let Some(p) = &w.project_in {
             x = self.linear(p, &x);
         }
@@ -583,6 +589,10 @@ impl<B: Backend> Engine<B> {
             be.apply_rope(&mut q, rope, first_row);
             be.apply_rope(&mut k, rope, first_row);
         }
+        if let Some(m) = cfg.options.attention_multiplier {
+            // The kernel scales scores by 1/sqrt(head_dim); the model wants `m` instead.
+            be.scale(&mut q, m * (cfg.head_dim as f32).sqrt());
+        }
         let shape = AttentionShape {
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
@@ -625,7 +635,7 @@ impl<B: Backend> Engine<B> {
             observe_mass(li, batch, positions, &mass);
         }
         let o = self.linear(&a.o, &attn);
-        self.residual(&layer.attn_norm, x, &o);
+        self.residual(&layer.attn_norm, x, o);
         // The feed-forward half's row-by-row start, here so that a split step runs it on
         // every thread: its norm, and for a sparse block the routing.
         let normed = self.pre_norm(&layer.ffn_norm, x);
@@ -657,7 +667,7 @@ impl<B: Backend> Engine<B> {
             Ffn::Gated(mlp) => self.gated_mlp(mlp, h),
             Ffn::Plain(mlp) => self.plain_mlp(mlp, h),
         };
-        self.residual(&layer.ffn_norm, x, &f);
+        self.residual(&layer.ffn_norm, x, f);
         Ok(())
     }
 
@@ -679,9 +689,13 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// `x += y`, then normalize for post-norm blocks.
-    fn residual(&self, norm: &Norm, x: &mut B::Act, y: &B::Act) {
-        self.backend.add(x, y);
+    /// `x += y` (`y` scaled by Granite's residual multiplier), then normalize for post-norm
+    /// blocks.
+    fn residual(&self, norm: &Norm, x: &mut B::Act, mut y: B::Act) {
+        if let Some(m) = self.model.config.options.residual_multiplier {
+            self.backend.scale(&mut y, m);
+        }
+        self.backend.add(x, &y);
         if !self.model.config.pre_norm {
             *x = self.backend.norm(norm, x);
         }

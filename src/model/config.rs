@@ -23,6 +23,11 @@ pub enum Architecture {
     Qwen3Moe,
     /// OlmoeForCausalLM: <https://huggingface.co/docs/transformers/model_doc/olmoe>
     Olmoe,
+    /// GraniteMoeForCausalLM: <https://huggingface.co/docs/transformers/model_doc/granitemoe>
+    GraniteMoe,
+    /// GraniteMoeSharedForCausalLM (GraniteMoe with an always-on shared MLP):
+    /// <https://huggingface.co/docs/transformers/model_doc/granitemoeshared>
+    GraniteMoeShared,
 }
 
 impl Architecture {
@@ -34,6 +39,8 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
             Architecture::Olmoe => "OlmoeForCausalLM",
+            Architecture::GraniteMoe => "GraniteMoeForCausalLM",
+            Architecture::GraniteMoeShared => "GraniteMoeSharedForCausalLM",
         }
     }
 }
@@ -55,6 +62,31 @@ pub enum QkNorm {
     PerHead,
     /// The whole projection, all heads together (OLMoE).
     Whole,
+}
+
+/// Scalars and options of the families that need them (Granite's multipliers); every default
+/// is "none", so a config without them reads as before.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ArchOptions {
+    /// The embeddings are multiplied by this before the first layer (Granite).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_multiplier: Option<f32>,
+    /// The attention softmax scale in place of `1/sqrt(head_dim)` (Granite).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_multiplier: Option<f32>,
+    /// Each block's output is multiplied by this before it joins the residual (Granite).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual_multiplier: Option<f32>,
+    /// The logits are divided by this (Granite).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits_scaling: Option<f32>,
+}
+
+impl ArchOptions {
+    /// True when no option is set (the config then serializes as before).
+    pub fn is_plain(&self) -> bool {
+        *self == ArchOptions::default()
+    }
 }
 
 /// What the feed-forward part of one decoder layer is.
@@ -113,6 +145,9 @@ pub struct ModelConfig {
     /// OLMoE: q, k and v clamped to `[-clip, clip]` after their projections (and q/k norms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_qkv: Option<f32>,
+    /// The families' own scalars and options (see [`ArchOptions`]).
+    #[serde(default, skip_serializing_if = "ArchOptions::is_plain")]
+    pub options: ArchOptions,
 }
 
 /// Most decoder layers a config may claim (the largest real checkpoints have ~130): the
@@ -245,6 +280,8 @@ impl ModelConfig {
             Architecture::Llama => llama(&f)?,
             Architecture::Qwen3Moe => qwen3_moe(&f)?,
             Architecture::Olmoe => olmoe(&f)?,
+            Architecture::GraniteMoe => granite_moe(&f, false)?,
+            Architecture::GraniteMoeShared => granite_moe(&f, true)?,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -364,6 +401,18 @@ impl ModelConfig {
                 return Err(("clip_qkv", format!("{c} must be a positive number")));
             }
         }
+        let o = &self.options;
+        let scalars = [
+            ("embedding_multiplier", o.embedding_multiplier),
+            ("attention_multiplier", o.attention_multiplier),
+            ("residual_multiplier", o.residual_multiplier),
+            ("logits_scaling", o.logits_scaling),
+        ];
+        for (field, v) in scalars {
+            if let Some(v) = v.filter(|v| !v.is_finite() || *v == 0.0) {
+                return Err((field, format!("{v} must be a finite non-zero number")));
+            }
+        }
         if let Some(b) = self.ffn_hadamard_block {
             let widths = [self.dense_ffn, self.expert_ffn]
                 .into_iter()
@@ -423,6 +472,8 @@ fn architecture(f: &Fields) -> Result<Architecture> {
             Some("llama") => return Ok(Architecture::Llama),
             Some("qwen3_moe") => return Ok(Architecture::Qwen3Moe),
             Some("olmoe") => return Ok(Architecture::Olmoe),
+            Some("granitemoe") => return Ok(Architecture::GraniteMoe),
+            Some("granitemoeshared") => return Ok(Architecture::GraniteMoeShared),
             Some(other) => other.to_string(),
             None => {
                 return Err(Error::config(
@@ -440,6 +491,8 @@ fn architecture(f: &Fields) -> Result<Architecture> {
         "LlamaForCausalLM" => Ok(Architecture::Llama),
         "Qwen3MoeForCausalLM" => Ok(Architecture::Qwen3Moe),
         "OlmoeForCausalLM" => Ok(Architecture::Olmoe),
+        "GraniteMoeForCausalLM" => Ok(Architecture::GraniteMoe),
+        "GraniteMoeSharedForCausalLM" => Ok(Architecture::GraniteMoeShared),
         _ => Err(Error::UnknownArchitecture {
             path: f.path.to_path_buf(),
             name,
@@ -561,6 +614,7 @@ fn mixtral(f: &Fields) -> Result<ModelConfig> {
         ffn_hadamard_block: None,
         qk_norm: None,
         clip_qkv: None,
+        options: Default::default(),
         eos_token_ids: match f.token_ids("eos_token_id")? {
             ids if ids.is_empty() => vec![2],
             ids => ids,
@@ -613,6 +667,7 @@ fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
         ffn_hadamard_block: None,
         qk_norm: None,
         clip_qkv: None,
+        options: Default::default(),
         eos_token_ids: f.token_ids("eos_token_id")?,
     })
 }
@@ -714,6 +769,7 @@ fn qwen3_moe(f: &Fields) -> Result<ModelConfig> {
         ffn_hadamard_block: None,
         qk_norm: Some(QkNorm::PerHead),
         clip_qkv: None,
+        options: Default::default(),
         eos_token_ids: f.token_ids("eos_token_id")?,
     })
 }
@@ -763,8 +819,74 @@ fn olmoe(f: &Fields) -> Result<ModelConfig> {
         ffn_hadamard_block: None,
         qk_norm: Some(QkNorm::Whole),
         clip_qkv,
+        options: Default::default(),
         eos_token_ids: match f.token_ids("eos_token_id")? {
             ids if ids.is_empty() => vec![50279],
+            ids => ids,
+        },
+    })
+}
+
+/// Defaults from transformers' GraniteMoeConfig / GraniteMoeSharedConfig: Mixtral's block
+/// (the router's softmax over the top-k logits is the renormalized top-k of the full softmax)
+/// with four scalars, and for the shared variant an ungated shared MLP of
+/// `shared_intermediate_size` (0: none).
+fn granite_moe(f: &Fields, shared: bool) -> Result<ModelConfig> {
+    let (hidden, heads, kv, head_dim) = attention_shape(f, 4096, 32, None)?;
+    let layers = f.layers(32)?;
+    let ffn = f.positive("intermediate_size", Some(11008))?;
+    let shared_ffn = if shared {
+        f.usize_or("shared_intermediate_size", Some(0))?
+    } else {
+        0
+    };
+    // 1.0 multiplies by one: left out, except the attention scale, which replaces
+    // 1/sqrt(head_dim) whatever its value.
+    let unless_one = |field: &str| -> Result<Option<f32>> {
+        let v = f.f32_or(field, 1.0)?;
+        Ok((v != 1.0).then_some(v))
+    };
+    Ok(ModelConfig {
+        arch: if shared {
+            Architecture::GraniteMoeShared
+        } else {
+            Architecture::GraniteMoe
+        },
+        vocab_size: f.positive("vocab_size", Some(32000))?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        max_position_embeddings: f.positive("max_position_embeddings", Some(2048))?,
+        norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
+        rope_theta: Some(rope_theta(f, 10000.0)?),
+        sliding_window: None,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        activation: activation(f, "hidden_act", "silu")?,
+        layer_ffn: vec![FfnKind::Moe; layers],
+        dense_ffn: ffn,
+        num_experts: f.positive("num_local_experts", Some(8))?,
+        top_k: f.positive("num_experts_per_tok", Some(2))?,
+        expert_ffn: ffn,
+        norm_topk_prob: true,
+        shared_expert_ffn: (shared_ffn > 0).then_some(shared_ffn),
+        attention_bias: f.bool_or("attention_bias", false)?,
+        word_embed_proj_dim: hidden,
+        pre_norm: true,
+        final_norm: true,
+        bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(1)),
+        ffn_hadamard_block: None,
+        qk_norm: None,
+        clip_qkv: None,
+        options: ArchOptions {
+            embedding_multiplier: unless_one("embedding_multiplier")?,
+            attention_multiplier: Some(f.f32_or("attention_multiplier", 1.0)?),
+            residual_multiplier: unless_one("residual_multiplier")?,
+            logits_scaling: unless_one("logits_scaling")?,
+        },
+        eos_token_ids: match f.token_ids("eos_token_id")? {
+            ids if ids.is_empty() => vec![2],
             ids => ids,
         },
     })
@@ -794,6 +916,7 @@ fn llama(f: &Fields) -> Result<ModelConfig> {
         ffn_hadamard_block: None,
         qk_norm: None,
         clip_qkv: None,
+        options: Default::default(),
         eos_token_ids: f.token_ids("eos_token_id")?,
         ..ModelConfig::dense_llama(hidden, layers, ffn)
     })
@@ -833,6 +956,7 @@ impl ModelConfig {
             ffn_hadamard_block: None,
             qk_norm: None,
             clip_qkv: None,
+            options: Default::default(),
             eos_token_ids: Vec::new(),
         }
     }
@@ -889,6 +1013,7 @@ fn opt(f: &Fields) -> Result<ModelConfig> {
         ffn_hadamard_block: None,
         qk_norm: None,
         clip_qkv: None,
+        options: Default::default(),
         eos_token_ids: {
             let ids = f.token_ids("eos_token_id")?;
             if ids.is_empty() {
@@ -1032,6 +1157,49 @@ mod tests {
     }
 
     #[test]
+    fn granite_moe_follows_transformers() {
+        // GraniteMoeConfig's defaults: the attention scale is 1.0 (not 1/sqrt(head_dim)) when
+        // unset; multipliers of one are left out.
+        let g = parse(json!({"model_type": "granitemoe"})).unwrap();
+        assert_eq!((g.num_experts, g.top_k, g.expert_ffn), (8, 2, 11008));
+        assert_eq!(g.options.attention_multiplier, Some(1.0));
+        assert_eq!(g.options.embedding_multiplier, None);
+        assert!(g.norm_topk_prob && g.shared_expert_ffn.is_none());
+        let g = parse(json!({"architectures": ["GraniteMoeForCausalLM"],
+            "embedding_multiplier": 12.0, "attention_multiplier": 0.015625,
+            "residual_multiplier": 0.22, "logits_scaling": 6.0, "attention_bias": true}))
+        .unwrap();
+        assert_eq!(g.options.embedding_multiplier, Some(12.0));
+        assert_eq!(g.options.logits_scaling, Some(6.0));
+        assert!(g.attention_bias);
+        let s = parse(json!({"model_type": "granitemoeshared", "shared_intermediate_size": 64}))
+            .unwrap();
+        assert_eq!(
+            (s.arch, s.shared_expert_ffn),
+            (Architecture::GraniteMoeShared, Some(64))
+        );
+        let s = parse(json!({"model_type": "granitemoeshared"})).unwrap();
+        assert_eq!(s.shared_expert_ffn, None);
+        for (cfg, field) in [
+            (
+                json!({"model_type": "granitemoe", "logits_scaling": 0.0}),
+                "logits_scaling",
+            ),
+            (
+                json!({"model_type": "granitemoe", "residual_multiplier": "x"}),
+                "residual_multiplier",
+            ),
+            (
+                json!({"model_type": "granitemoe", "rope_scaling": {"rope_type": "yarn"}}),
+                "rope_scaling",
+            ),
+        ] {
+            let e = parse(cfg).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let e = parse(json!({"architectures": ["MixtralForCausalLM"], "hidden_size": "big"}))
             .unwrap_err();
@@ -1040,7 +1208,15 @@ mod tests {
         assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
         // A layer count past MAX_LAYERS is refused before the per-layer table is allocated
         // (10^12 aborted the process), and ids past u32 are refused, not truncated.
-        for arch in ["llama", "mixtral", "qwen2_moe", "opt", "qwen3_moe", "olmoe"] {
+        for arch in [
+            "llama",
+            "mixtral",
+            "qwen2_moe",
+            "opt",
+            "qwen3_moe",
+            "olmoe",
+            "granitemoe",
+        ] {
             let e = parse(json!({"model_type": arch, "num_hidden_layers": 1_000_000_000_000u64}))
                 .unwrap_err()
                 .to_string();

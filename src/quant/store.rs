@@ -132,7 +132,11 @@ pub fn write_emoe<'a>(
             Ffn::Moe(b) => {
                 add(linear_tensors(&b.router));
                 if let Some(s) = &b.shared {
-                    for lin in [&s.mlp.gate, &s.mlp.up, &s.mlp.down, &s.gate] {
+                    let gate = s.gate.iter();
+                    for lin in [&s.mlp.gate, &s.mlp.up, &s.mlp.down]
+                        .into_iter()
+                        .chain(gate)
+                    {
                         add(linear_tensors(lin));
                     }
                 }

@@ -175,6 +175,9 @@ impl Backend for Guarded {
     fn clamp(&self, x: &mut Rows, limit: f32) {
         self.inner.clamp(x, limit)
     }
+    fn scale(&self, x: &mut Rows, factor: f32) {
+        self.inner.scale(x, factor)
+    }
     fn linear(&self, lin: &Linear, x: &Rows) -> Rows {
         self.check(lin);
         self.inner.linear(lin, x)

@@ -225,6 +225,10 @@ impl Backend for CpuBackend {
         x.data.iter_mut().for_each(|v| *v = v.clamp(-limit, limit));
     }
 
+    fn scale(&self, x: &mut Rows, factor: f32) {
+        x.data.iter_mut().for_each(|v| *v *= factor);
+    }
+
     fn linear(&self, lin: &Linear, x: &Rows) -> Rows {
         let rows = x.rows();
         let mut out = vec![0f32; rows * lin.out_features];
