@@ -259,6 +259,8 @@ fn stores_of_every_fixture_architecture_open() {
         "olmoe-tiny-normtopk",
         "granitemoe-tiny",
         "granitemoeshared-tiny",
+        "glm4moe-tiny",
+        "glm4moe-tiny-plain",
         "llama-tiny",
     ] {
         let model = Model::load(&root.join(name)).unwrap();

@@ -159,6 +159,8 @@ fn rotation_and_smoothing_folds_are_exact_with_qk_norms_and_clip() {
         "olmoe-tiny",
         "granitemoe-tiny",
         "granitemoeshared-tiny",
+        "glm4moe-tiny",
+        "glm4moe-tiny-plain",
     ] {
         let model = Model::load(&fixture(name)).unwrap();
         let r = reference(name);
@@ -219,6 +221,21 @@ fn granite_moe_stores_match_transformers() {
             );
         }
     }
+}
+
+/// Grouped sigmoid routing (4 groups of 2, the best 2; correction bias; renormalized;
+/// `routed_scaling_factor` 2.5, which moves the logits by up to 2.7), a leading dense layer,
+/// the shared expert, per-head q/k norms, q/k/v biases, RoPE on half of each head.
+#[test]
+fn glm4_moe_matches_transformers() {
+    check("glm4moe-tiny");
+}
+
+/// One group, top-k not renormalized, every layer MoE, a shared expert of two experts' width,
+/// no q/k norms or biases, RoPE on a quarter of each head; legacy config.
+#[test]
+fn glm4_moe_plain_matches_transformers() {
+    check("glm4moe-tiny-plain");
 }
 
 #[test]

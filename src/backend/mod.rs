@@ -165,6 +165,35 @@ pub trait Backend: Send + Sync {
     fn rope_table(&self, head_dim: usize, theta: f32, positions: &[usize]) -> Self::Rope;
     /// Rotates every head of row `r` of `x` by row `first_row + r` of `rope`.
     fn apply_rope(&self, x: &mut Self::Act, rope: &Self::Rope, first_row: usize);
+    /// [`Self::apply_rope`] on the first `rotary` values of every `head_dim`-wide head of `x`,
+    /// the rest passing through (GLM-4-MoE's partial rotary; `rope` is `rotary` wide). This
+    /// default gathers the rotated parts into a matrix of their own through the host, rotates
+    /// it with [`Self::apply_rope`] and puts them back (CUDA runs it so).
+    fn apply_rope_partial(
+        &self,
+        x: &mut Self::Act,
+        rope: &Self::Rope,
+        first_row: usize,
+        (head_dim, rotary): (usize, usize),
+    ) {
+        let rows = self.rows(x);
+        let mut host = self.to_host(x).into_owned();
+        let cols = host.len() / rows.max(1);
+        let parts: Vec<f32> = host
+            .chunks_exact(head_dim)
+            .flat_map(|head| head[..rotary].iter().copied())
+            .collect();
+        let mut parts = self.upload_rows(parts, cols / head_dim * rotary);
+        self.apply_rope(&mut parts, rope, first_row);
+        let turned = self.to_host(&parts);
+        for (head, part) in host
+            .chunks_exact_mut(head_dim)
+            .zip(turned.chunks_exact(rotary))
+        {
+            head[..rotary].copy_from_slice(part);
+        }
+        *x = self.upload_rows(host, cols);
+    }
     /// An empty K/V storage in this backend's format, `kv_dim` floats a key: what a new cache's
     /// layers start with, so the room reserved for them is this backend's memory.
     fn new_kv(&self, kv_dim: usize) -> Box<dyn KvStorage>;

@@ -28,6 +28,8 @@ pub enum Architecture {
     /// GraniteMoeSharedForCausalLM (GraniteMoe with an always-on shared MLP):
     /// <https://huggingface.co/docs/transformers/model_doc/granitemoeshared>
     GraniteMoeShared,
+    /// Glm4MoeForCausalLM: <https://huggingface.co/docs/transformers/model_doc/glm4_moe>
+    Glm4Moe,
 }
 
 impl Architecture {
@@ -41,6 +43,7 @@ impl Architecture {
             Architecture::Olmoe => "OlmoeForCausalLM",
             Architecture::GraniteMoe => "GraniteMoeForCausalLM",
             Architecture::GraniteMoeShared => "GraniteMoeSharedForCausalLM",
+            Architecture::Glm4Moe => "Glm4MoeForCausalLM",
         }
     }
 }
@@ -80,6 +83,67 @@ pub struct ArchOptions {
     /// The logits are divided by this (Granite).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logits_scaling: Option<f32>,
+    /// RoPE turns only the first this many values of each head (GLM-4-MoE's
+    /// `partial_rotary_factor`); `None`: all `head_dim`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotary_dim: Option<usize>,
+    /// Sigmoid routing with a correction bias and group-limited choice (GLM-4-MoE); `None`:
+    /// softmax top-k.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grouped_sigmoid: Option<GroupedSigmoid>,
+}
+
+/// DeepSeek-V3-style routing (GLM-4-MoE): scores `sigmoid(logits)`; experts are chosen by
+/// `score + e_score_correction_bias` among the `topk_group` groups (of `n_group`) whose two best
+/// such values sum highest; the chosen experts' plain scores, renormalized where
+/// `norm_topk_prob` says, times `routed_scaling_factor`, mix their outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GroupedSigmoid {
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub routed_scaling_factor: f32,
+}
+
+impl GroupedSigmoid {
+    /// The groups must split the experts evenly, at least two a group (a group is scored by
+    /// its two best), and offer at least `top_k` experts.
+    fn check(
+        &self,
+        experts: usize,
+        top_k: usize,
+    ) -> std::result::Result<(), (&'static str, String)> {
+        let n = self.n_group;
+        if n == 0 || !experts.is_multiple_of(n) || experts / n < 2 {
+            return Err((
+                "n_group",
+                format!("{n} must split the {experts} experts into groups of two or more"),
+            ));
+        }
+        if self.topk_group == 0 || self.topk_group > n {
+            return Err((
+                "topk_group",
+                format!("{} is not in 1..={n}", self.topk_group),
+            ));
+        }
+        if top_k > self.topk_group * (experts / n) {
+            return Err((
+                "num_experts_per_tok",
+                format!(
+                    "{top_k} is more than the {} experts of topk_group {} groups",
+                    self.topk_group * (experts / n),
+                    self.topk_group
+                ),
+            ));
+        }
+        let s = self.routed_scaling_factor;
+        if !(s.is_finite() && s != 0.0) {
+            return Err((
+                "routed_scaling_factor",
+                format!("{s} must be a finite non-zero number"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl ArchOptions {
@@ -282,6 +346,7 @@ impl ModelConfig {
             Architecture::Olmoe => olmoe(&f)?,
             Architecture::GraniteMoe => granite_moe(&f, false)?,
             Architecture::GraniteMoeShared => granite_moe(&f, true)?,
+            Architecture::Glm4Moe => glm4_moe(&f)?,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -413,6 +478,20 @@ impl ModelConfig {
                 return Err((field, format!("{v} must be a finite non-zero number")));
             }
         }
+        if let Some(r) = o.rotary_dim {
+            if r == 0 || r > self.head_dim || !r.is_multiple_of(2) {
+                return Err((
+                    "partial_rotary_factor",
+                    format!(
+                        "gives {r} rotated values a head; must be even, in 2..={}",
+                        self.head_dim
+                    ),
+                ));
+            }
+        }
+        if let Some(g) = &o.grouped_sigmoid {
+            g.check(self.num_experts, self.top_k)?;
+        }
         if let Some(b) = self.ffn_hadamard_block {
             let widths = [self.dense_ffn, self.expert_ffn]
                 .into_iter()
@@ -474,6 +553,7 @@ fn architecture(f: &Fields) -> Result<Architecture> {
             Some("olmoe") => return Ok(Architecture::Olmoe),
             Some("granitemoe") => return Ok(Architecture::GraniteMoe),
             Some("granitemoeshared") => return Ok(Architecture::GraniteMoeShared),
+            Some("glm4_moe") => return Ok(Architecture::Glm4Moe),
             Some(other) => other.to_string(),
             None => {
                 return Err(Error::config(
@@ -493,6 +573,7 @@ fn architecture(f: &Fields) -> Result<Architecture> {
         "OlmoeForCausalLM" => Ok(Architecture::Olmoe),
         "GraniteMoeForCausalLM" => Ok(Architecture::GraniteMoe),
         "GraniteMoeSharedForCausalLM" => Ok(Architecture::GraniteMoeShared),
+        "Glm4MoeForCausalLM" => Ok(Architecture::Glm4Moe),
         _ => Err(Error::UnknownArchitecture {
             path: f.path.to_path_buf(),
             name,
@@ -884,11 +965,124 @@ fn granite_moe(f: &Fields, shared: bool) -> Result<ModelConfig> {
             attention_multiplier: Some(f.f32_or("attention_multiplier", 1.0)?),
             residual_multiplier: unless_one("residual_multiplier")?,
             logits_scaling: unless_one("logits_scaling")?,
+            ..ArchOptions::default()
         },
         eos_token_ids: match f.token_ids("eos_token_id")? {
             ids if ids.is_empty() => vec![2],
             ids => ids,
         },
+    })
+}
+
+/// Defaults from transformers' Glm4MoeConfig: `first_k_dense_replace` leading dense layers
+/// (of `intermediate_size`), then experts of `moe_intermediate_size` with an ungated shared
+/// expert `n_shared_experts` times as wide, grouped sigmoid routing ([`GroupedSigmoid`]), RoPE
+/// on the first `partial_rotary_factor` of each head (0.5 unless set), biases on q/k/v where
+/// `attention_bias`, and per-head q/k RMSNorms where `use_qk_norm`.
+fn glm4_moe(f: &Fields) -> Result<ModelConfig> {
+    let (hidden, heads, kv, head_dim) = attention_shape(f, 4096, 96, Some(8))?;
+    let layers = f.layers(46)?;
+    let experts = match (
+        f.opt_usize("n_routed_experts")?,
+        f.opt_usize("num_local_experts")?,
+    ) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(Error::config(
+                f.path,
+                "num_local_experts",
+                format!("{b} disagrees with n_routed_experts {a}"),
+            ))
+        }
+        (Some(n), _) | (None, Some(n)) => n,
+        (None, None) => 128,
+    };
+    if experts == 0 {
+        return Err(Error::config(
+            f.path,
+            "n_routed_experts",
+            "must be positive",
+        ));
+    }
+    let dense = f.usize_or("first_k_dense_replace", Some(1))?;
+    let expert_ffn = f.positive("moe_intermediate_size", Some(1408))?;
+    let shared = f.usize_or("n_shared_experts", Some(1))?;
+    let shared_ffn = expert_ffn.checked_mul(shared).ok_or_else(|| {
+        Error::config(
+            f.path,
+            "n_shared_experts",
+            format!("{shared} × {expert_ffn} overflows"),
+        )
+    })?;
+    // partial_rotary_factor sits in rope_parameters (transformers 5) or at the top level.
+    let factor = match f
+        .present("rope_parameters")
+        .and_then(|p| p.get("partial_rotary_factor"))
+    {
+        Some(v) => v.as_f64().ok_or_else(|| {
+            Error::config(
+                f.path,
+                "rope_parameters",
+                format!("partial_rotary_factor: expected a number, got {v}"),
+            )
+        })?,
+        None => f64::from(f.f32_or("partial_rotary_factor", 0.5)?),
+    };
+    if !(factor > 0.0 && factor <= 1.0) {
+        return Err(Error::config(
+            f.path,
+            "partial_rotary_factor",
+            format!("{factor} is not in (0, 1]"),
+        ));
+    }
+    // transformers: int(head_dim * partial_rotary_factor).
+    let rotary = (head_dim as f64 * factor) as usize;
+    Ok(ModelConfig {
+        arch: Architecture::Glm4Moe,
+        vocab_size: f.positive("vocab_size", Some(151552))?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        max_position_embeddings: f.positive("max_position_embeddings", Some(131072))?,
+        norm_eps: f.f32_or("rms_norm_eps", 1e-5)?,
+        rope_theta: Some(rope_theta(f, 10000.0)?),
+        sliding_window: None,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        activation: activation(f, "hidden_act", "silu")?,
+        layer_ffn: (0..layers)
+            .map(|i| {
+                if i < dense {
+                    FfnKind::DenseGated
+                } else {
+                    FfnKind::Moe
+                }
+            })
+            .collect(),
+        dense_ffn: f.positive("intermediate_size", Some(10944))?,
+        num_experts: experts,
+        top_k: f.positive("num_experts_per_tok", Some(8))?,
+        expert_ffn,
+        norm_topk_prob: f.bool_or("norm_topk_prob", true)?,
+        shared_expert_ffn: (shared_ffn > 0).then_some(shared_ffn),
+        attention_bias: f.bool_or("attention_bias", false)?,
+        word_embed_proj_dim: hidden,
+        pre_norm: true,
+        final_norm: true,
+        bos_token_id: f.opt_token_id("bos_token_id")?,
+        ffn_hadamard_block: None,
+        qk_norm: f.bool_or("use_qk_norm", false)?.then_some(QkNorm::PerHead),
+        clip_qkv: None,
+        options: ArchOptions {
+            rotary_dim: (rotary != head_dim).then_some(rotary),
+            grouped_sigmoid: Some(GroupedSigmoid {
+                n_group: f.positive("n_group", Some(1))?,
+                topk_group: f.positive("topk_group", Some(1))?,
+                routed_scaling_factor: f.f32_or("routed_scaling_factor", 1.0)?,
+            }),
+            ..ArchOptions::default()
+        },
+        eos_token_ids: f.token_ids("eos_token_id")?,
     })
 }
 
@@ -1194,6 +1388,105 @@ mod tests {
                 "rope_scaling",
             ),
         ] {
+            let e = parse(cfg).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn glm4_moe_follows_transformers() {
+        // Glm4MoeConfig: one leading dense layer, partial_rotary_factor 0.5 unless set, one
+        // group, a shared expert of moe_intermediate_size.
+        // (Its default 96 heads do not divide hidden 4096: real configs set head_dim.)
+        let g = parse(json!({"model_type": "glm4_moe", "num_hidden_layers": 3,
+            "num_attention_heads": 32}))
+        .unwrap();
+        assert_eq!(
+            g.layer_ffn,
+            vec![FfnKind::DenseGated, FfnKind::Moe, FfnKind::Moe]
+        );
+        assert_eq!((g.head_dim, g.options.rotary_dim), (128, Some(64)));
+        assert_eq!(
+            (g.num_experts, g.top_k, g.shared_expert_ffn),
+            (128, 8, Some(1408))
+        );
+        assert_eq!(
+            g.options.grouped_sigmoid,
+            Some(GroupedSigmoid {
+                n_group: 1,
+                topk_group: 1,
+                routed_scaling_factor: 1.0
+            })
+        );
+        assert!(g.norm_topk_prob && g.qk_norm.is_none());
+        // GLM-4.5-Air's fields; the factor at the top level or in rope_parameters.
+        let g = parse(
+            json!({"architectures": ["Glm4MoeForCausalLM"], "head_dim": 128,
+            "partial_rotary_factor": 1.0, "n_routed_experts": 128, "n_group": 1,
+            "n_shared_experts": 1, "moe_intermediate_size": 1408, "use_qk_norm": true,
+            "routed_scaling_factor": 1.0, "first_k_dense_replace": 1, "num_hidden_layers": 46}),
+        )
+        .unwrap();
+        assert_eq!(g.options.rotary_dim, None);
+        assert_eq!(g.qk_norm, Some(QkNorm::PerHead));
+        let g = parse(
+            json!({"model_type": "glm4_moe", "head_dim": 16, "n_shared_experts": 0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+            "partial_rotary_factor": 0.25}}),
+        )
+        .unwrap();
+        assert_eq!((g.options.rotary_dim, g.rope_theta), (Some(4), Some(1e6)));
+        assert_eq!(g.shared_expert_ffn, None);
+        for (cfg, field) in [
+            (
+                json!({"model_type": "glm4_moe", "n_routed_experts": 8, "n_group": 3}),
+                "n_group",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "n_routed_experts": 8, "n_group": 4, "topk_group": 5}),
+                "topk_group",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "n_routed_experts": 8, "n_group": 4,
+                "topk_group": 1, "num_experts_per_tok": 3}),
+                "num_experts_per_tok",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "partial_rotary_factor": 0.0}),
+                "partial_rotary_factor",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "head_dim": 6, "partial_rotary_factor": 0.5}),
+                "partial_rotary_factor",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "n_routed_experts": 8, "num_local_experts": 4}),
+                "num_local_experts",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "routed_scaling_factor": 0.0}),
+                "routed_scaling_factor",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "rope_scaling": {"rope_type": "yarn"}}),
+                "rope_scaling",
+            ),
+            (json!({"model_type": "glm4_moe"}), "num_attention_heads"),
+            (
+                json!({"model_type": "glm4_moe", "head_dim": 128, "bos_token_id": 4_294_967_297u64}),
+                "bos_token_id",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "head_dim": 128,
+                "num_hidden_layers": 1_000_000_000_000u64}),
+                "num_hidden_layers",
+            ),
+        ] {
+            // A workable head_dim, so that the field under test is the one refused.
+            let mut cfg = cfg;
+            if field != "num_attention_heads" && cfg.get("head_dim").is_none() {
+                cfg["head_dim"] = json!(128);
+            }
             let e = parse(cfg).unwrap_err().to_string();
             assert!(e.contains(field), "{field}: {e}");
         }

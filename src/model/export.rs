@@ -163,6 +163,7 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: ExportDtype) -> Value {
         Architecture::Qwen3Moe => qwen3_moe_json(cfg),
         Architecture::Olmoe => olmoe_json(cfg),
         Architecture::GraniteMoe | Architecture::GraniteMoeShared => granite_moe_json(cfg),
+        Architecture::Glm4Moe => glm4_moe_json(cfg),
     };
     let m = c.as_object_mut().expect("config is an object");
     m.insert("bos_token_id".into(), json!(cfg.bos_token_id));
@@ -321,6 +322,48 @@ fn granite_moe_json(cfg: &ModelConfig) -> Value {
         );
     }
     v
+}
+
+fn glm4_moe_json(cfg: &ModelConfig) -> Value {
+    let o = &cfg.options;
+    let dense = cfg
+        .layer_ffn
+        .iter()
+        .take_while(|k| **k != FfnKind::Moe)
+        .count();
+    let shared = cfg.shared_expert_ffn.unwrap_or(0) / cfg.expert_ffn.max(1);
+    let rotary = o.rotary_dim.unwrap_or(cfg.head_dim);
+    let g = o.grouped_sigmoid;
+    json!({
+        "architectures": [Architecture::Glm4Moe.hf_name()],
+        "model_type": "glm4_moe",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.dense_ffn,
+        "moe_intermediate_size": cfg.expert_ffn,
+        "n_routed_experts": cfg.num_experts,
+        "n_shared_experts": shared,
+        "num_experts_per_tok": cfg.top_k,
+        "first_k_dense_replace": dense,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "n_group": g.map_or(1, |g| g.n_group),
+        "topk_group": g.map_or(1, |g| g.topk_group),
+        "routed_scaling_factor": f32_json(g.map_or(1.0, |g| g.routed_scaling_factor)),
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "partial_rotary_factor": rotary as f64 / cfg.head_dim.max(1) as f64,
+        "use_qk_norm": cfg.qk_norm.is_some(),
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "hidden_act": activation_name(cfg.activation),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": f32_json(cfg.norm_eps),
+        "rope_theta": cfg.rope_theta.map(f32_json),
+        "initializer_range": 0.02,
+        "num_nextn_predict_layers": 0,
+    })
 }
 
 fn llama_json(cfg: &ModelConfig) -> Value {
@@ -571,6 +614,10 @@ fn tensors(w: &Weights, ffn_block: Option<usize>, stacked: bool) -> Result<Vec<T
             Ffn::Moe(b) if stacked => t.stacked_moe(b)?,
             Ffn::Moe(b) => {
                 t.linear(&b.router);
+                if let Some(bias) = &b.score_bias {
+                    let name = format!("{}.e_score_correction_bias", b.router.name);
+                    t.floats(name, vec![bias.len()], bias);
+                }
                 for e in &b.experts {
                     t.mlp(e);
                 }

@@ -359,6 +359,9 @@ pub struct MoeBlock {
     pub router: Linear,
     pub experts: Vec<GatedMlp>,
     pub shared: Option<SharedExpert>,
+    /// Added to the sigmoid scores to choose experts, not to weight them (GLM-4-MoE's
+    /// `e_score_correction_bias`, stored beside the router as `P.e_score_correction_bias`).
+    pub score_bias: Option<Vec<f32>>,
 }
 
 // One per layer: the variants' sizes do not matter.
@@ -473,6 +476,9 @@ impl Weights {
         small += self.final_norm.as_ref().map_or(0, norm_len);
         for l in &self.layers {
             small += norm_len(&l.attn_norm) + norm_len(&l.ffn_norm);
+            if let Ffn::Moe(b) = &l.ffn {
+                small += b.score_bias.as_ref().map_or(0, Vec::len);
+            }
             small += l.attn.qk_norm.iter().flatten().map(norm_len).sum::<usize>();
         }
         f(Storage::Owned(small * 4));

@@ -131,6 +131,10 @@ pub fn write_emoe<'a>(
         match &layer.ffn {
             Ffn::Moe(b) => {
                 add(linear_tensors(&b.router));
+                if let Some(bias) = &b.score_bias {
+                    let name = format!("{}.e_score_correction_bias", b.router.name);
+                    add(vec![f32_tensor(name, vec![bias.len()], bias)]);
+                }
                 if let Some(s) = &b.shared {
                     let gate = s.gate.iter();
                     for lin in [&s.mlp.gate, &s.mlp.up, &s.mlp.down]

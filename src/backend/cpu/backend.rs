@@ -270,6 +270,19 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn apply_rope_partial(
+        &self,
+        x: &mut Rows,
+        rope: &RopeTable,
+        first_row: usize,
+        (head_dim, _): (usize, usize),
+    ) {
+        let cols = x.cols;
+        for (r, row) in x.data.chunks_exact_mut(cols).enumerate() {
+            rope.apply_heads(first_row + r, row, head_dim);
+        }
+    }
+
     fn new_kv(&self, kv_dim: usize) -> Box<dyn KvStorage> {
         Box::new(HostKv::new(kv_dim))
     }

@@ -107,6 +107,7 @@ fn moe(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str) -> Result<MoeBlock>
         )?,
         experts,
         shared,
+        score_bias: None,
     })
 }
 

@@ -152,5 +152,6 @@ fn moe(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str) -> Result<MoeBlock>
         )?,
         experts,
         shared: None,
+        score_bias: None,
     })
 }

@@ -1,6 +1,7 @@
 //! One loader per architecture: checkpoint tensor names → [`Weights`]. Each reads like the
 //! architecture's block diagram; the forward pass itself is shared (`engine`).
 
+pub(crate) mod glm4_moe;
 pub(crate) mod granite_moe;
 pub(crate) mod llama;
 pub(crate) mod mixtral;
@@ -28,5 +29,6 @@ pub fn load_weights(
         Architecture::GraniteMoe | Architecture::GraniteMoeShared => {
             granite_moe::load(cfg, src, form)
         }
+        Architecture::Glm4Moe => glm4_moe::load(cfg, src, form),
     }
 }

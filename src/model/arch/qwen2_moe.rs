@@ -90,5 +90,6 @@ fn moe(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str, why: &str) -> Resul
         )?,
         experts,
         shared,
+        score_bias: None,
     })
 }
