@@ -257,6 +257,10 @@ fn stores_of_every_fixture_architecture_open() {
         "qwen3moe-tiny-step2",
         "olmoe-tiny",
         "olmoe-tiny-normtopk",
+        "granitemoe-tiny",
+        "granitemoeshared-tiny",
+        "glm4moe-tiny",
+        "glm4moe-tiny-plain",
         "llama-tiny",
     ] {
         let model = Model::load(&root.join(name)).unwrap();

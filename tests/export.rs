@@ -126,6 +126,10 @@ fn every_architecture_fixture_f32_export_is_bit_identical() {
         "qwen3moe-tiny-step2",
         "olmoe-tiny",
         "olmoe-tiny-normtopk",
+        "granitemoe-tiny",
+        "granitemoeshared-tiny",
+        "glm4moe-tiny",
+        "glm4moe-tiny-plain",
         "opt-tiny-proj",
     ] {
         f32_round_trip(fixture(name).to_str().unwrap());

@@ -150,10 +150,18 @@ fn olmoe_norm_topk_matches_transformers() {
 
 /// Rotation and SmoothQuant's folds, every linear kept f32, leave these models as they were:
 /// the q/k norms come after the projections the folds touch, and under clip_qkv the v → o
-/// fold and the per-head rotation of v are left out (a clamp commutes with neither).
+/// fold and the per-head rotation of v are left out (a clamp commutes with neither). Granite's
+/// multipliers are scalars, which commute with both; its biases are rotated with their rows.
 #[test]
 fn rotation_and_smoothing_folds_are_exact_with_qk_norms_and_clip() {
-    for name in ["qwen3moe-tiny", "olmoe-tiny"] {
+    for name in [
+        "qwen3moe-tiny",
+        "olmoe-tiny",
+        "granitemoe-tiny",
+        "granitemoeshared-tiny",
+        "glm4moe-tiny",
+        "glm4moe-tiny-plain",
+    ] {
         let model = Model::load(&fixture(name)).unwrap();
         let r = reference(name);
         let opts = QuantOptions {
@@ -169,6 +177,65 @@ fn rotation_and_smoothing_folds_are_exact_with_qk_norms_and_clip() {
         assert!(!summary.alphas.is_empty(), "{name}: nothing was smoothed");
         check_loaded(name, folded);
     }
+}
+
+/// Stacked experts read as rows, the four scalars (embedding 12, attention 0.6 in place of
+/// 1/sqrt(16), residual 0.22, logits / 6: tools/make_fixtures.py checks each moves the
+/// logits), q/k/v/o biases, tied head, legacy config.
+#[test]
+fn granite_moe_matches_transformers() {
+    check("granitemoe-tiny");
+}
+
+/// The ungated shared MLP (stacked gate/up rows), untied head, bf16 shards.
+#[test]
+fn granite_moe_shared_matches_transformers() {
+    check("granitemoeshared-tiny");
+}
+
+/// A Granite store keeps each expert under its own names (the loader's other path): written
+/// plain, it reads back as transformers' model; RTN-quantized, its routers stay f32 as
+/// every family's do.
+#[test]
+fn granite_moe_stores_match_transformers() {
+    for name in ["granitemoe-tiny", "granitemoeshared-tiny"] {
+        let model = Model::load(&fixture(name)).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("plain.emoe");
+        edgemoe::quant::store::write_emoe(&model, serde_json::json!({"method": "none"}), &path)
+            .unwrap();
+        check_model(name, &path);
+        let opts = QuantOptions {
+            threads: 1,
+            ..QuantOptions::new(Method::Rtn, &model)
+        };
+        let (q, _) = quant::quantize(model, &[], 0, &opts, |_, _, _| {}).unwrap();
+        for layer in &q.weights.layers {
+            let edgemoe::model::weights::Ffn::Moe(b) = &layer.ffn else {
+                panic!("{name}: every Granite layer has experts")
+            };
+            assert!(b.router.f32_rows().is_some(), "{name}: router quantized");
+            assert!(
+                b.experts[0].up.f32_rows().is_none(),
+                "{name}: experts kept f32"
+            );
+        }
+    }
+}
+
+/// Grouped sigmoid routing (4 groups of 2, the best 2; correction bias; renormalized;
+/// `routed_scaling_factor` 2.5, which moves the logits by up to 2.7), a leading dense layer,
+/// the shared expert, per-head q/k norms, q/k/v biases, RoPE on half of each head.
+#[test]
+fn glm4_moe_matches_transformers() {
+    check("glm4moe-tiny");
+}
+
+/// One group, top-k not renormalized, every layer MoE, a shared expert of two experts' width,
+/// no q/k norms or biases, RoPE on a quarter of each head; legacy config.
+#[test]
+fn glm4_moe_plain_matches_transformers() {
+    check("glm4moe-tiny-plain");
 }
 
 #[test]

@@ -50,7 +50,9 @@ def train_bytelevel_bpe(lines: Iterable[str], vocab_size: int):
 def is_router(name: str) -> bool:
     # Mixtral / Qwen2-MoE router (transformers >= 5 module name; on disk it is
     # block_sparse_moe.gate.weight for Mixtral and mlp.gate.weight for Qwen2-MoE).
-    return name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight")
+    # Granite-MoE's is block_sparse_moe.router.weight (router.layer.weight on disk).
+    return (name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight")
+            or name.endswith("block_sparse_moe.router.weight"))
 
 
 @torch.no_grad()
@@ -81,6 +83,11 @@ def reinit_(model: torch.nn.Module, seed: int, router_scale: float = 2.0, embed_
             if is_router(name):
                 std *= router_scale
             p.normal_(0.0, std, generator=g)
+    # GLM-4-MoE / DeepSeek-V3's correction bias is a buffer (zeros at init): N(0, 0.1) so that
+    # it steers the choice (models without one draw nothing more).
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.normal_(0.0, 0.1, generator=g)
 
 
 # --------------------------------------------------------------------------
@@ -97,6 +104,8 @@ class RouterProbe:
         for name, mod in model.named_modules():
             if type(mod).__name__.endswith("TopKRouter"):
                 self.handles.append(mod.register_forward_hook(self._hook(name, mod)))
+            elif type(mod).__name__.endswith("TopkRouter"):  # GLM-4-MoE's grouped sigmoid
+                self.handles.append(mod.register_forward_hook(self._grouped_hook(name, mod)))
 
     def _hook(self, name, mod):
         def fn(_m, _inp, out):
@@ -107,6 +116,29 @@ class RouterProbe:
             gap = (srt[:, k - 1] - srt[:, k]).min().item()
             idx = probs.topk(k, dim=-1).indices
             counts = torch.bincount(idx.flatten(), minlength=probs.shape[-1]).tolist()
+            self.stats[name] = {"min_topk_gap": gap, "expert_counts": counts}
+        return fn
+
+    def _grouped_hook(self, name, mod):
+        # Both choices must be clear: the topk_group-th best group over the next, and within
+        # the chosen groups the k-th best biased score over the next.
+        def fn(_m, inp, _out):
+            h = inp[0].detach().float().reshape(-1, mod.hidden_dim)
+            scores = torch.nn.functional.linear(h, mod.weight.float()).sigmoid()
+            choice = scores + mod.e_score_correction_bias.float()
+            e, groups, k, kg = mod.num_experts, mod.num_group, mod.top_k, mod.topk_group
+            group_scores = choice.view(-1, groups, e // groups).topk(2, dim=-1)[0].sum(dim=-1)
+            gap = float("inf")
+            if kg < groups:
+                srt = group_scores.sort(dim=-1, descending=True).values
+                gap = (srt[:, kg - 1] - srt[:, kg]).min().item()
+            keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(kg, dim=-1)[1], 1)
+            masked = choice.masked_fill(~keep.bool().repeat_interleave(e // groups, dim=1), float("-inf"))
+            srt = masked.sort(dim=-1, descending=True).values
+            if k < e:
+                gap = min(gap, (srt[:, k - 1] - srt[:, k]).min().item())
+            idx = masked.topk(k, dim=-1).indices
+            counts = torch.bincount(idx.flatten(), minlength=e).tolist()
             self.stats[name] = {"min_topk_gap": gap, "expert_counts": counts}
         return fn
 
@@ -134,6 +166,8 @@ def legacy_config_json(path: str) -> None:
     if rp is not None:
         assert rp.get("rope_type", "default") == "default", rp
         cfg["rope_theta"] = rp["rope_theta"]
+        if "partial_rotary_factor" in rp:  # GLM-4-MoE's, top-level in its Hub configs
+            cfg["partial_rotary_factor"] = rp["partial_rotary_factor"]
     if "dtype" in cfg:
         cfg["torch_dtype"] = cfg.pop("dtype")
     if "head_dim" in cfg and cfg["head_dim"] is None:

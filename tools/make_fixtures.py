@@ -98,8 +98,8 @@ CORPUS_LINES = [
 
 
 def fixture_specs():
-    from transformers import (LlamaConfig, MixtralConfig, OlmoeConfig, OPTConfig, Qwen2MoeConfig,
-                              Qwen3MoeConfig)
+    from transformers import (Glm4MoeConfig, GraniteMoeConfig, GraniteMoeSharedConfig, LlamaConfig,
+                              MixtralConfig, OlmoeConfig, OPTConfig, Qwen2MoeConfig, Qwen3MoeConfig)
 
     common_mixtral = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -130,6 +130,27 @@ def fixture_specs():
         max_position_embeddings=1024, rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=False, pad_token_id=1, bos_token_id=1, eos_token_id=2,
+    )
+    # Granite-MoE: Mixtral's block with four scalars, each set away from its neutral value
+    # (must_matter checks that each moves the logits).
+    common_granite = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=1024, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        embedding_multiplier=12.0, attention_multiplier=0.6, residual_multiplier=0.22,
+        logits_scaling=6.0,
+    )
+    granite_neutral = dict(embedding_multiplier=1.0, attention_multiplier=0.25,
+                           residual_multiplier=1.0, logits_scaling=1.0)
+    # GLM-4-MoE: leading dense layer(s), grouped sigmoid routing with a correction bias
+    # (hfcommon.reinit_ draws it), a shared expert, partial rotary.
+    common_glm = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        n_routed_experts=8, num_experts_per_tok=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     common_opt = dict(
         vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
@@ -174,6 +195,35 @@ def fixture_specs():
         dict(name="olmoe-tiny-normtopk", seed=11011, legacy_config=True, dtype=torch.float32, shard=None,
              gen=dict(bos_token_id=1, eos_token_id=2),
              config=OlmoeConfig(**common_olmoe, clip_qkv=None, norm_topk_prob=True)),
+        # Tied head (as the Granite 3 MoE checkpoints), biases on q/k/v/o, legacy rope_theta.
+        dict(name="granitemoe-tiny", seed=12012, legacy_config=True, dtype=torch.float32, shard=None,
+             gen=dict(bos_token_id=1, eos_token_id=2), must_matter=granite_neutral,
+             config=GraniteMoeConfig(**common_granite, tie_word_embeddings=True,
+                                     attention_bias=True)),
+        # The shared MLP, untied head, bf16 shards.
+        dict(name="granitemoeshared-tiny", seed=13013, legacy_config=False, dtype=torch.bfloat16,
+             shard="300KB", gen=dict(bos_token_id=1, eos_token_id=2),
+             config=GraniteMoeSharedConfig(**common_granite, tie_word_embeddings=False,
+                                           shared_intermediate_size=32)),
+        # 4 groups of 2, the best 2 groups; q/k norms, q/k/v biases, rotary on half of each head,
+        # routed_scaling_factor 2.5 (must_matter), renormalized top-k.
+        dict(name="glm4moe-tiny", seed=14014, legacy_config=False, dtype=torch.float32, shard=None,
+             gen=dict(bos_token_id=1, eos_token_id=2), must_matter=dict(routed_scaling_factor=1.0),
+             config=Glm4MoeConfig(**common_glm, first_k_dense_replace=1, n_shared_experts=1, n_group=4,
+                                  topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                  use_qk_norm=True, attention_bias=True,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                   "partial_rotary_factor": 0.5})),
+        # One group, no q/k norms or biases, top-k not renormalized, every layer MoE, two shared
+        # experts' width, rotary on a quarter of each head; legacy config (top-level
+        # partial_rotary_factor and rope_theta).
+        dict(name="glm4moe-tiny-plain", seed=15015, legacy_config=True, dtype=torch.float32, shard=None,
+             gen=dict(bos_token_id=1, eos_token_id=2),
+             config=Glm4MoeConfig(**common_glm, first_k_dense_replace=0, n_shared_experts=2, n_group=1,
+                                  topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False,
+                                  use_qk_norm=False, attention_bias=False,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                   "partial_rotary_factor": 0.25})),
         # Dense Llama, tied head; also written as llama-tiny.gguf (F32, q/k rows permuted as
         # llama.cpp's converter does, tokenizer in tokenizer.ggml.* metadata).
         dict(name="llama-tiny", seed=7007, legacy_config=True, dtype=torch.float32, shard=None,
@@ -321,8 +371,12 @@ def build_one(spec, out_root, tokenizer_json):
         assert torch.equal(mem, logits), f"{name}: reload changed logits"
     for field, value in spec.get("must_matter", {}).items():
         # The option must change this fixture's logits, or the test could not see it ignored.
-        alt = copy.deepcopy(ref_model)
-        setattr(alt.config, field, value)
+        # Built anew from the changed config: some modules copy a field when constructed.
+        alt_cfg = copy.deepcopy(ref_model.config)
+        setattr(alt_cfg, field, value)
+        alt = type(ref_model)(alt_cfg)
+        alt.load_state_dict(ref_model.state_dict())
+        alt.eval()
         with torch.no_grad():
             alt_logits = alt(input_ids[None]).logits[0].float()
         moved = (alt_logits - logits).abs().max().item()

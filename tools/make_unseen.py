@@ -27,7 +27,8 @@ import hfcommon  # noqa: E402
 
 
 def specs():
-    from transformers import MixtralConfig, OlmoeConfig, OPTConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import (Glm4MoeConfig, GraniteMoeConfig, GraniteMoeSharedConfig, MixtralConfig,
+                              OlmoeConfig, OPTConfig, Qwen2MoeConfig, Qwen3MoeConfig)
 
     return [
         # bf16, sharded, 6 experts, head_dim 16, v5-style "rope_parameters"
@@ -88,6 +89,54 @@ def specs():
                                 max_position_embeddings=512, rms_norm_eps=1e-5,
                                 rope_parameters={"rope_type": "default", "rope_theta": 5e4},
                                 tie_word_embeddings=True, pad_token_id=1, bos_token_id=1, eos_token_id=2)),
+        # Granite-MoE bf16 sharded, untied: 6 heads / 3 kv, top-3 of 6, Granite 3's scalars with
+        # the attention scale 1/head_dim, no biases
+        dict(name="granitemoe-top3-untied-bf16-sharded", seed=19, dtype=torch.bfloat16, shard="400KB",
+             legacy=False, gen=dict(bos_token_id=1, eos_token_id=2),
+             config=GraniteMoeConfig(vocab_size=2048, hidden_size=96, intermediate_size=64, num_hidden_layers=3,
+                                     num_attention_heads=6, num_key_value_heads=3, num_local_experts=6,
+                                     num_experts_per_tok=3, max_position_embeddings=512, rms_norm_eps=1e-6,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                                     embedding_multiplier=12.0, attention_multiplier=1 / 16,
+                                     residual_multiplier=0.22, logits_scaling=6.0, attention_bias=False,
+                                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+        # GraniteMoeShared: MQA, tied head, q/k/v/o biases, shared MLP of 48, top-1 of 4, legacy config
+        dict(name="granitemoeshared-mqa-tied-legacy", seed=20, dtype=torch.float32, shard=None, legacy=True,
+             gen=dict(bos_token_id=1, eos_token_id=2),
+             config=GraniteMoeSharedConfig(vocab_size=2048, hidden_size=64, intermediate_size=40,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                           num_local_experts=4, num_experts_per_tok=1, shared_intermediate_size=48,
+                                           max_position_embeddings=512, rms_norm_eps=1e-5,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 5e4},
+                                           embedding_multiplier=6.0, attention_multiplier=0.3,
+                                           residual_multiplier=0.5, logits_scaling=2.5, attention_bias=True,
+                                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)),
+        # GLM-4-MoE bf16 sharded: 2 leading dense layers of 4, 12 experts in 3 groups of 4 (best 2),
+        # top-3, scaling 1.8, q/k norms, biases, head_dim 24 with rotary 12, MQA
+        dict(name="glm4moe-3groups-dense2-bf16-sharded", seed=21, dtype=torch.bfloat16, shard="400KB",
+             legacy=False, gen=dict(bos_token_id=1, eos_token_id=2),
+             config=Glm4MoeConfig(vocab_size=2048, hidden_size=96, intermediate_size=128,
+                                  moe_intermediate_size=40, num_hidden_layers=4, num_attention_heads=6,
+                                  num_key_value_heads=1, head_dim=24, n_routed_experts=12,
+                                  num_experts_per_tok=3, n_group=3, topk_group=2, n_shared_experts=1,
+                                  first_k_dense_replace=2, routed_scaling_factor=1.8, norm_topk_prob=True,
+                                  use_qk_norm=True, attention_bias=True, max_position_embeddings=512,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                   "partial_rotary_factor": 0.5},
+                                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+        # GLM-4-MoE f32, legacy config: all layers MoE, one group, not renormalized, rotary on
+        # 3/4 of head_dim 32, tied head, 4 heads / 2 kv
+        dict(name="glm4moe-allmoe-tied-legacy", seed=22, dtype=torch.float32, shard=None, legacy=True,
+             gen=dict(bos_token_id=1, eos_token_id=2),
+             config=Glm4MoeConfig(vocab_size=2048, hidden_size=64, intermediate_size=96,
+                                  moe_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=32, n_routed_experts=6,
+                                  num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=2,
+                                  first_k_dense_replace=0, routed_scaling_factor=1.0, norm_topk_prob=False,
+                                  use_qk_norm=False, attention_bias=False, max_position_embeddings=512,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                   "partial_rotary_factor": 0.75},
+                                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)),
         # OPT-350m-like: post-LN, project_in/out (48 <-> 96), tied head
         dict(name="opt-350m-like", seed=15, dtype=torch.float32, shard=None, legacy=False,
              gen=dict(bos_token_id=2, eos_token_id=2, pad_token_id=1),

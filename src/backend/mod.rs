@@ -68,6 +68,34 @@ pub trait DeviceTiming: Send {
     fn poll(&self) -> Poll<Option<Duration>>;
 }
 
+/// [`Backend::apply_rope_partial`]'s default on `be`: the rotated parts of every head gathered
+/// through the host into a matrix of their own, turned by [`Backend::apply_rope`], put back.
+pub(crate) fn rope_partial_through_host<B: Backend + ?Sized>(
+    be: &B,
+    x: &mut B::Act,
+    rope: &B::Rope,
+    first_row: usize,
+    (head_dim, rotary): (usize, usize),
+) {
+    let rows = be.rows(x);
+    let mut host = be.to_host(x).into_owned();
+    let cols = host.len() / rows.max(1);
+    let parts: Vec<f32> = host
+        .chunks_exact(head_dim)
+        .flat_map(|head| head[..rotary].iter().copied())
+        .collect();
+    let mut parts = be.upload_rows(parts, cols / head_dim * rotary);
+    be.apply_rope(&mut parts, rope, first_row);
+    let turned = be.to_host(&parts);
+    for (head, part) in host
+        .chunks_exact_mut(head_dim)
+        .zip(turned.chunks_exact(rotary))
+    {
+        head[..rotary].copy_from_slice(part);
+    }
+    *x = be.upload_rows(host, cols);
+}
+
 /// Executes the ops of the forward pass. `Act` is a `rows × cols` matrix of f32 activations
 /// the backend owns.
 pub trait Backend: Send + Sync {
@@ -147,6 +175,15 @@ pub trait Backend: Send + Sync {
         let cols = data.len() / rows.max(1);
         *x = self.upload_rows(data, cols);
     }
+    /// Multiplies every value of `x` by `factor` (Granite's embedding, attention and residual
+    /// multipliers). This default goes through the host (CUDA runs it so).
+    fn scale(&self, x: &mut Self::Act, factor: f32) {
+        let rows = self.rows(x);
+        let host = self.to_host(x);
+        let data: Vec<f32> = host.iter().map(|v| v * factor).collect();
+        let cols = data.len() / rows.max(1);
+        *x = self.upload_rows(data, cols);
+    }
     /// `x·Wᵀ + b` for any stored form of the weights.
     fn linear(&self, lin: &Linear, x: &Self::Act) -> Self::Act;
     /// Several linears of the same input; the backend may run them side by side.
@@ -156,6 +193,19 @@ pub trait Backend: Send + Sync {
     fn rope_table(&self, head_dim: usize, theta: f32, positions: &[usize]) -> Self::Rope;
     /// Rotates every head of row `r` of `x` by row `first_row + r` of `rope`.
     fn apply_rope(&self, x: &mut Self::Act, rope: &Self::Rope, first_row: usize);
+    /// [`Self::apply_rope`] on the first `rotary` values of every `head_dim`-wide head of `x`,
+    /// the rest passing through (GLM-4-MoE's partial rotary; `rope` is `rotary` wide). This
+    /// default gathers the rotated parts into a matrix of their own through the host, rotates
+    /// it with [`Self::apply_rope`] and puts them back (CUDA runs it so).
+    fn apply_rope_partial(
+        &self,
+        x: &mut Self::Act,
+        rope: &Self::Rope,
+        first_row: usize,
+        dims: (usize, usize),
+    ) {
+        rope_partial_through_host(self, x, rope, first_row, dims)
+    }
     /// An empty K/V storage in this backend's format, `kv_dim` floats a key: what a new cache's
     /// layers start with, so the room reserved for them is this backend's memory.
     fn new_kv(&self, kv_dim: usize) -> Box<dyn KvStorage>;
@@ -247,4 +297,32 @@ pub trait Backend: Send + Sync {
     /// Into how many groups a step's sequences split for the attention half (1: none).
     fn sequence_groups(&self, sequences: usize, decoding: bool, layer_weight_bytes: usize)
         -> usize;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu::CpuBackend;
+    use super::*;
+
+    /// The default partial rotary (what CUDA runs) against the CPU's in-place one: the same
+    /// values, the unrotated tail of each head untouched, rows offset by `first_row`.
+    #[test]
+    fn partial_rope_through_the_host_matches_the_cpu() {
+        let be = CpuBackend::new(1).unwrap();
+        let (heads, head_dim, rotary, rows) = (3, 12, 4, 5);
+        let data: Vec<f32> = (0..rows * heads * head_dim)
+            .map(|i| ((i * 7919) % 113) as f32 / 50.0 - 1.1)
+            .collect();
+        let rope = be.rope_table(rotary, 10000.0, &[3, 4, 5, 6, 7, 8, 9]);
+        let mut cpu = be.upload_rows(data.clone(), heads * head_dim);
+        be.apply_rope_partial(&mut cpu, &rope, 2, (head_dim, rotary));
+        let mut host = be.upload_rows(data.clone(), heads * head_dim);
+        rope_partial_through_host(&be, &mut host, &rope, 2, (head_dim, rotary));
+        let (cpu, host) = (be.to_host(&cpu), be.to_host(&host));
+        assert_eq!(cpu, host);
+        for (i, (c, d)) in cpu.iter().zip(&data).enumerate() {
+            let turned = i % head_dim < rotary;
+            assert_eq!(c == d, !turned, "value {i}: {c} from {d}");
+        }
+    }
 }

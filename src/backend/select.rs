@@ -260,6 +260,31 @@ mod dispatch {
             }
         }
 
+        fn apply_rope_partial(
+            &self,
+            x: &mut SelectedAct,
+            rope: &SelectedRope,
+            first_row: usize,
+            dims: (usize, usize),
+        ) {
+            match (self, rope) {
+                (Selected::Cpu(b), SelectedRope::Cpu(r)) => {
+                    b.apply_rope_partial(cpu_act!(x), r, first_row, dims)
+                }
+                (Selected::Cuda(b), SelectedRope::Cuda(r)) => {
+                    b.apply_rope_partial(gpu_act!(x), r, first_row, dims)
+                }
+                _ => mixed(),
+            }
+        }
+
+        fn scale(&self, x: &mut SelectedAct, factor: f32) {
+            match self {
+                Selected::Cpu(b) => b.scale(cpu_act!(x), factor),
+                Selected::Cuda(b) => b.scale(gpu_act!(x), factor),
+            }
+        }
+
         fn linear(&self, lin: &Linear, x: &SelectedAct) -> SelectedAct {
             match self {
                 Selected::Cpu(b) => SelectedAct::Cpu(b.linear(lin, cpu_act!(x))),

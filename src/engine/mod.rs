@@ -21,7 +21,7 @@ use crate::experts::ExpertService;
 use crate::kv::{KvCache, KvOptions};
 use crate::model::arch::opt::POSITION_OFFSET;
 use crate::model::config::QkNorm;
-use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, Norm, PlainMlp};
+use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, MoeBlock, Norm, PlainMlp};
 use crate::model::Model;
 pub use builder::EngineBuilder;
 use stats::RuntimeStats;
@@ -317,7 +317,6 @@ impl<B: Backend> Engine<B> {
         x: &mut B::Act,
         item: &mut BatchItem,
     ) -> Result<()> {
-        let cfg = &self.model.config;
         if li >= item.cache.layers.len() || self.backend.rows(x) != item.tokens.len() {
             return Err(Error::invalid(format!(
                 "forward_layer: layer {li} of {}, {} rows for {} tokens",
@@ -329,14 +328,21 @@ impl<B: Backend> Engine<B> {
         let first = item.cache.next_position();
         let positions: Vec<usize> = (first..first + item.tokens.len()).collect();
         self.backend.run(|| {
-            let rope = cfg
-                .rope_theta
-                .map(|theta| self.backend.rope_table(cfg.head_dim, theta, &positions));
+            let rope = self.rope_table(&positions);
             let batch = std::slice::from_mut(item);
             let (_, ffn_input) =
                 self.attention_block(li, layer, x, batch, &positions, rope.as_ref());
             self.ffn_block(li, layer, x, ffn_input)
         })
+    }
+
+    /// The step's RoPE angles (over the rotated part of a head only, under partial rotary);
+    /// `None` for learned positions.
+    fn rope_table(&self, positions: &[usize]) -> Option<B::Rope> {
+        let cfg = &self.model.config;
+        let dim = cfg.options.rotary_dim.unwrap_or(cfg.head_dim);
+        cfg.rope_theta
+            .map(|theta| self.backend.rope_table(dim, theta, positions))
     }
 
     fn check_batch(&self, batch: &[BatchItem]) -> Result<()> {
@@ -406,9 +412,7 @@ impl<B: Backend> Engine<B> {
             .flat_map(|b| b.tokens.iter().copied())
             .collect();
         let mut x = self.embed(&tokens, &positions);
-        let rope = cfg
-            .rope_theta
-            .map(|theta| self.backend.rope_table(cfg.head_dim, theta, &positions));
+        let rope = self.rope_table(&positions);
         // Bytes read, for the runtime's counters (the MoE block counts its experts itself).
         let (mut weight_bytes, mut kv_bytes) = (self.embed_bytes(tokens.len()), 0);
         for (li, layer) in w.layers.iter().enumerate() {
@@ -448,7 +452,10 @@ impl<B: Backend> Engine<B> {
             hs = self.linear(p, &hs);
         }
         let logits = self.linear(w.head(), &hs);
-        let logits = self.backend.to_host(&logits);
+        let mut logits = self.backend.to_host(&logits);
+        if let Some(s) = cfg.options.logits_scaling {
+            logits.to_mut().iter_mut().for_each(|l| *l /= s);
+        }
         let v = cfg.vocab_size;
         let mut out = Vec::with_capacity(batch.len());
         let mut r = 0;
@@ -474,6 +481,9 @@ impl<B: Backend> Engine<B> {
     fn embed(&self, tokens: &[u32], positions: &[usize]) -> B::Act {
         let w = &self.model.weights;
         let mut x = self.backend.embed(&w.embed, tokens);
+        if let Some(m) = self.model.config.options.embedding_multiplier {
+            self.backend.scale(&mut x, m);
+        }
         if let Some(p) = &w.project_in {
             x = self.linear(p, &x);
         }
@@ -580,8 +590,20 @@ impl<B: Backend> Engine<B> {
             }
         }
         if let Some(rope) = rope {
-            be.apply_rope(&mut q, rope, first_row);
-            be.apply_rope(&mut k, rope, first_row);
+            match cfg.options.rotary_dim {
+                Some(r) => {
+                    be.apply_rope_partial(&mut q, rope, first_row, (cfg.head_dim, r));
+                    be.apply_rope_partial(&mut k, rope, first_row, (cfg.head_dim, r));
+                }
+                None => {
+                    be.apply_rope(&mut q, rope, first_row);
+                    be.apply_rope(&mut k, rope, first_row);
+                }
+            }
+        }
+        if let Some(m) = cfg.options.attention_multiplier {
+            // The kernel scales scores by 1/sqrt(head_dim); the model wants `m` instead.
+            be.scale(&mut q, m * (cfg.head_dim as f32).sqrt());
         }
         let shape = AttentionShape {
             num_heads: cfg.num_heads,
@@ -625,12 +647,12 @@ impl<B: Backend> Engine<B> {
             observe_mass(li, batch, positions, &mass);
         }
         let o = self.linear(&a.o, &attn);
-        self.residual(&layer.attn_norm, x, &o);
+        self.residual(&layer.attn_norm, x, o);
         // The feed-forward half's row-by-row start, here so that a split step runs it on
         // every thread: its norm, and for a sparse block the routing.
         let normed = self.pre_norm(&layer.ffn_norm, x);
         let picks = match &layer.ffn {
-            Ffn::Moe(block) => Some(self.route(&block.router, &normed, first_row)),
+            Ffn::Moe(block) => Some(self.route(block, &normed, first_row)),
             Ffn::Gated(_) | Ffn::Plain(_) => None,
         };
         // A slot is one f32 key row and one value row.
@@ -649,24 +671,33 @@ impl<B: Backend> Engine<B> {
         let f = match &layer.ffn {
             Ffn::Moe(block) => {
                 // Routed at the end of the attention half.
-                let picks = input
-                    .picks
-                    .unwrap_or_else(|| self.route(&block.router, h, 0));
+                let picks = input.picks.unwrap_or_else(|| self.route(block, h, 0));
                 moe::forward(self, li, block, h, x, picks)?
             }
             Ffn::Gated(mlp) => self.gated_mlp(mlp, h),
             Ffn::Plain(mlp) => self.plain_mlp(mlp, h),
         };
-        self.residual(&layer.ffn_norm, x, &f);
+        self.residual(&layer.ffn_norm, x, f);
         Ok(())
     }
 
     /// The experts each normalized row (rows `first_row..` of the step) chooses.
-    fn route(&self, router: &Linear, normed: &B::Act, first_row: usize) -> Vec<Pick> {
+    fn route(&self, block: &MoeBlock, normed: &B::Act, first_row: usize) -> Vec<Pick> {
         let cfg = &self.model.config;
-        let logits = self.linear(router, normed);
-        self.backend
-            .route(&logits, cfg.top_k, cfg.norm_topk_prob, first_row)
+        let logits = self.linear(&block.router, normed);
+        match (&cfg.options.grouped_sigmoid, &block.score_bias) {
+            // Grouped sigmoid routing runs on the host, on every backend (one small download).
+            (Some(g), Some(bias)) => crate::backend::cpu::routing::route_grouped_sigmoid(
+                &self.backend.to_host(&logits),
+                bias,
+                g,
+                (cfg.top_k, cfg.norm_topk_prob),
+                first_row,
+            ),
+            _ => self
+                .backend
+                .route(&logits, cfg.top_k, cfg.norm_topk_prob, first_row),
+        }
     }
 
     /// Pre-norm blocks normalize their input; post-norm blocks (OPT-350m) take it as is.
@@ -679,9 +710,13 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// `x += y`, then normalize for post-norm blocks.
-    fn residual(&self, norm: &Norm, x: &mut B::Act, y: &B::Act) {
-        self.backend.add(x, y);
+    /// `x += y` (`y` scaled by Granite's residual multiplier), then normalize for post-norm
+    /// blocks.
+    fn residual(&self, norm: &Norm, x: &mut B::Act, mut y: B::Act) {
+        if let Some(m) = self.model.config.options.residual_multiplier {
+            self.backend.scale(&mut y, m);
+        }
+        self.backend.add(x, &y);
         if !self.model.config.pre_norm {
             *x = self.backend.norm(norm, x);
         }

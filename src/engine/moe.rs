@@ -59,7 +59,7 @@ pub fn forward<B: Backend>(
         bytes += block.experts[e].weight_bytes();
     }
     if let Some(shared) = &block.shared {
-        bytes += shared.mlp.weight_bytes() + shared.gate.weight_bytes();
+        bytes += shared.mlp.weight_bytes() + shared.gate.as_ref().map_or(0, |g| g.weight_bytes());
     }
     engine.stats.add_bytes_read(bytes, 0);
     let weights = cfg.hidden_size * cfg.expert_ffn;
@@ -91,8 +91,13 @@ pub fn forward<B: Backend>(
     }
     if let Some(shared) = &block.shared {
         let ys = engine.gated_mlp(&shared.mlp, x);
-        let gates = engine.linear(&shared.gate, x);
-        be.add_gated(&mut out, &ys, &gates);
+        match &shared.gate {
+            Some(gate) => {
+                let gates = engine.linear(gate, x);
+                be.add_gated(&mut out, &ys, &gates);
+            }
+            None => be.add(&mut out, &ys),
+        }
     }
     Ok(out)
 }

@@ -93,6 +93,23 @@ impl<T: Plain> Buf<T> {
         })
     }
 
+    /// Values `start..start + len`: in place for a mapped buffer, copied from an owned one;
+    /// `None` past the end.
+    pub fn slice(&self, start: usize, len: usize) -> Option<Buf<T>> {
+        let end = start.checked_add(len)?;
+        if end > self.len() {
+            return None;
+        }
+        Some(match self {
+            Buf::Owned(v) => Buf::Owned(v[start..end].to_vec()),
+            Buf::Mapped { map, offset, .. } => Buf::Mapped {
+                map: map.clone(),
+                offset: offset + start * std::mem::size_of::<T>(),
+                len,
+            },
+        })
+    }
+
     /// Whether the values live in a map.
     pub fn is_mapped(&self) -> bool {
         matches!(self, Buf::Mapped { .. })

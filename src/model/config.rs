@@ -23,6 +23,13 @@ pub enum Architecture {
     Qwen3Moe,
     /// OlmoeForCausalLM: <https://huggingface.co/docs/transformers/model_doc/olmoe>
     Olmoe,
+    /// GraniteMoeForCausalLM: <https://huggingface.co/docs/transformers/model_doc/granitemoe>
+    GraniteMoe,
+    /// GraniteMoeSharedForCausalLM (GraniteMoe with an always-on shared MLP):
+    /// <https://huggingface.co/docs/transformers/model_doc/granitemoeshared>
+    GraniteMoeShared,
+    /// Glm4MoeForCausalLM: <https://huggingface.co/docs/transformers/model_doc/glm4_moe>
+    Glm4Moe,
 }
 
 impl Architecture {
@@ -34,6 +41,9 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
             Architecture::Olmoe => "OlmoeForCausalLM",
+            Architecture::GraniteMoe => "GraniteMoeForCausalLM",
+            Architecture::GraniteMoeShared => "GraniteMoeSharedForCausalLM",
+            Architecture::Glm4Moe => "Glm4MoeForCausalLM",
         }
     }
 }
@@ -55,6 +65,92 @@ pub enum QkNorm {
     PerHead,
     /// The whole projection, all heads together (OLMoE).
     Whole,
+}
+
+/// Scalars and options of the families that need them (Granite's multipliers); every default
+/// is "none", so a config without them reads as before.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ArchOptions {
+    /// The embeddings are multiplied by this before the first layer (Granite).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_multiplier: Option<f32>,
+    /// The attention softmax scale in place of `1/sqrt(head_dim)` (Granite).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_multiplier: Option<f32>,
+    /// Each block's output is multiplied by this before it joins the residual (Granite).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual_multiplier: Option<f32>,
+    /// The logits are divided by this (Granite).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits_scaling: Option<f32>,
+    /// RoPE turns only the first this many values of each head (GLM-4-MoE's
+    /// `partial_rotary_factor`); `None`: all `head_dim`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotary_dim: Option<usize>,
+    /// Sigmoid routing with a correction bias and group-limited choice (GLM-4-MoE); `None`:
+    /// softmax top-k.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grouped_sigmoid: Option<GroupedSigmoid>,
+}
+
+/// DeepSeek-V3-style routing (GLM-4-MoE): scores `sigmoid(logits)`; experts are chosen by
+/// `score + e_score_correction_bias` among the `topk_group` groups (of `n_group`) whose two best
+/// such values sum highest; the chosen experts' plain scores, renormalized where
+/// `norm_topk_prob` says, times `routed_scaling_factor`, mix their outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GroupedSigmoid {
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub routed_scaling_factor: f32,
+}
+
+impl GroupedSigmoid {
+    /// The groups must split the experts evenly, at least two a group (a group is scored by
+    /// its two best), and offer at least `top_k` experts.
+    fn check(
+        &self,
+        experts: usize,
+        top_k: usize,
+    ) -> std::result::Result<(), (&'static str, String)> {
+        let n = self.n_group;
+        if n == 0 || !experts.is_multiple_of(n) || experts / n < 2 {
+            return Err((
+                "n_group",
+                format!("{n} must split the {experts} experts into groups of two or more"),
+            ));
+        }
+        if self.topk_group == 0 || self.topk_group > n {
+            return Err((
+                "topk_group",
+                format!("{} is not in 1..={n}", self.topk_group),
+            ));
+        }
+        if top_k > self.topk_group * (experts / n) {
+            return Err((
+                "num_experts_per_tok",
+                format!(
+                    "{top_k} is more than the {} experts of topk_group {} groups",
+                    self.topk_group * (experts / n),
+                    self.topk_group
+                ),
+            ));
+        }
+        let s = self.routed_scaling_factor;
+        if !(s.is_finite() && s != 0.0) {
+            return Err((
+                "routed_scaling_factor",
+                format!("{s} must be a finite non-zero number"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ArchOptions {
+    /// True when no option is set (the config then serializes as before).
+    pub fn is_plain(&self) -> bool {
+        *self == ArchOptions::default()
+    }
 }
 
 /// What the feed-forward part of one decoder layer is.
@@ -113,6 +209,9 @@ pub struct ModelConfig {
     /// OLMoE: q, k and v clamped to `[-clip, clip]` after their projections (and q/k norms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_qkv: Option<f32>,
+    /// The families' own scalars and options (see [`ArchOptions`]).
+    #[serde(default, skip_serializing_if = "ArchOptions::is_plain")]
+    pub options: ArchOptions,
 }
 
 /// Most decoder layers a config may claim (the largest real checkpoints have ~130): the
@@ -245,6 +344,9 @@ impl ModelConfig {
             Architecture::Llama => llama(&f)?,
             Architecture::Qwen3Moe => qwen3_moe(&f)?,
             Architecture::Olmoe => olmoe(&f)?,
+            Architecture::GraniteMoe => granite_moe(&f, false)?,
+            Architecture::GraniteMoeShared => granite_moe(&f, true)?,
+            Architecture::Glm4Moe => glm4_moe(&f)?,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -364,6 +466,32 @@ impl ModelConfig {
                 return Err(("clip_qkv", format!("{c} must be a positive number")));
             }
         }
+        let o = &self.options;
+        let scalars = [
+            ("embedding_multiplier", o.embedding_multiplier),
+            ("attention_multiplier", o.attention_multiplier),
+            ("residual_multiplier", o.residual_multiplier),
+            ("logits_scaling", o.logits_scaling),
+        ];
+        for (field, v) in scalars {
+            if let Some(v) = v.filter(|v| !v.is_finite() || *v == 0.0) {
+                return Err((field, format!("{v} must be a finite non-zero number")));
+            }
+        }
+        if let Some(r) = o.rotary_dim {
+            if r == 0 || r > self.head_dim || !r.is_multiple_of(2) {
+                return Err((
+                    "partial_rotary_factor",
+                    format!(
+                        "gives {r} rotated values a head; must be even, in 2..={}",
+                        self.head_dim
+                    ),
+                ));
+            }
+        }
+        if let Some(g) = &o.grouped_sigmoid {
+            g.check(self.num_experts, self.top_k)?;
+        }
         if let Some(b) = self.ffn_hadamard_block {
             let widths = [self.dense_ffn, self.expert_ffn]
                 .into_iter()
@@ -423,6 +551,9 @@ fn architecture(f: &Fields) -> Result<Architecture> {
             Some("llama") => return Ok(Architecture::Llama),
             Some("qwen3_moe") => return Ok(Architecture::Qwen3Moe),
             Some("olmoe") => return Ok(Architecture::Olmoe),
+            Some("granitemoe") => return Ok(Architecture::GraniteMoe),
+            Some("granitemoeshared") => return Ok(Architecture::GraniteMoeShared),
+            Some("glm4_moe") => return Ok(Architecture::Glm4Moe),
             Some(other) => other.to_string(),
             None => {
                 return Err(Error::config(
@@ -440,6 +571,9 @@ fn architecture(f: &Fields) -> Result<Architecture> {
         "LlamaForCausalLM" => Ok(Architecture::Llama),
         "Qwen3MoeForCausalLM" => Ok(Architecture::Qwen3Moe),
         "OlmoeForCausalLM" => Ok(Architecture::Olmoe),
+        "GraniteMoeForCausalLM" => Ok(Architecture::GraniteMoe),
+        "GraniteMoeSharedForCausalLM" => Ok(Architecture::GraniteMoeShared),
+        "Glm4MoeForCausalLM" => Ok(Architecture::Glm4Moe),
         _ => Err(Error::UnknownArchitecture {
             path: f.path.to_path_buf(),
             name,
@@ -561,6 +695,7 @@ fn mixtral(f: &Fields) -> Result<ModelConfig> {
         ffn_hadamard_block: None,
         qk_norm: None,
         clip_qkv: None,
+        options: Default::default(),
         eos_token_ids: match f.token_ids("eos_token_id")? {
             ids if ids.is_empty() => vec![2],
             ids => ids,
@@ -613,6 +748,7 @@ fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
         ffn_hadamard_block: None,
         qk_norm: None,
         clip_qkv: None,
+        options: Default::default(),
         eos_token_ids: f.token_ids("eos_token_id")?,
     })
 }
@@ -714,6 +850,7 @@ fn qwen3_moe(f: &Fields) -> Result<ModelConfig> {
         ffn_hadamard_block: None,
         qk_norm: Some(QkNorm::PerHead),
         clip_qkv: None,
+        options: Default::default(),
         eos_token_ids: f.token_ids("eos_token_id")?,
     })
 }
@@ -763,10 +900,189 @@ fn olmoe(f: &Fields) -> Result<ModelConfig> {
         ffn_hadamard_block: None,
         qk_norm: Some(QkNorm::Whole),
         clip_qkv,
+        options: Default::default(),
         eos_token_ids: match f.token_ids("eos_token_id")? {
             ids if ids.is_empty() => vec![50279],
             ids => ids,
         },
+    })
+}
+
+/// Defaults from transformers' GraniteMoeConfig / GraniteMoeSharedConfig: Mixtral's block
+/// (the router's softmax over the top-k logits is the renormalized top-k of the full softmax)
+/// with four scalars, and for the shared variant an ungated shared MLP of
+/// `shared_intermediate_size` (0: none).
+fn granite_moe(f: &Fields, shared: bool) -> Result<ModelConfig> {
+    let (hidden, heads, kv, head_dim) = attention_shape(f, 4096, 32, None)?;
+    let layers = f.layers(32)?;
+    let ffn = f.positive("intermediate_size", Some(11008))?;
+    let shared_ffn = if shared {
+        f.usize_or("shared_intermediate_size", Some(0))?
+    } else {
+        0
+    };
+    // 1.0 multiplies by one: left out, except the attention scale, which replaces
+    // 1/sqrt(head_dim) whatever its value.
+    let unless_one = |field: &str| -> Result<Option<f32>> {
+        let v = f.f32_or(field, 1.0)?;
+        Ok((v != 1.0).then_some(v))
+    };
+    Ok(ModelConfig {
+        arch: if shared {
+            Architecture::GraniteMoeShared
+        } else {
+            Architecture::GraniteMoe
+        },
+        vocab_size: f.positive("vocab_size", Some(32000))?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        max_position_embeddings: f.positive("max_position_embeddings", Some(2048))?,
+        norm_eps: f.f32_or("rms_norm_eps", 1e-6)?,
+        rope_theta: Some(rope_theta(f, 10000.0)?),
+        sliding_window: None,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        activation: activation(f, "hidden_act", "silu")?,
+        layer_ffn: vec![FfnKind::Moe; layers],
+        dense_ffn: ffn,
+        num_experts: f.positive("num_local_experts", Some(8))?,
+        top_k: f.positive("num_experts_per_tok", Some(2))?,
+        expert_ffn: ffn,
+        norm_topk_prob: true,
+        shared_expert_ffn: (shared_ffn > 0).then_some(shared_ffn),
+        attention_bias: f.bool_or("attention_bias", false)?,
+        word_embed_proj_dim: hidden,
+        pre_norm: true,
+        final_norm: true,
+        bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(1)),
+        ffn_hadamard_block: None,
+        qk_norm: None,
+        clip_qkv: None,
+        options: ArchOptions {
+            embedding_multiplier: unless_one("embedding_multiplier")?,
+            attention_multiplier: Some(f.f32_or("attention_multiplier", 1.0)?),
+            residual_multiplier: unless_one("residual_multiplier")?,
+            logits_scaling: unless_one("logits_scaling")?,
+            ..ArchOptions::default()
+        },
+        eos_token_ids: match f.token_ids("eos_token_id")? {
+            ids if ids.is_empty() => vec![2],
+            ids => ids,
+        },
+    })
+}
+
+/// Defaults from transformers' Glm4MoeConfig: `first_k_dense_replace` leading dense layers
+/// (of `intermediate_size`), then experts of `moe_intermediate_size` with an ungated shared
+/// expert `n_shared_experts` times as wide, grouped sigmoid routing ([`GroupedSigmoid`]), RoPE
+/// on the first `partial_rotary_factor` of each head (0.5 unless set), biases on q/k/v where
+/// `attention_bias`, and per-head q/k RMSNorms where `use_qk_norm`.
+fn glm4_moe(f: &Fields) -> Result<ModelConfig> {
+    let (hidden, heads, kv, head_dim) = attention_shape(f, 4096, 96, Some(8))?;
+    let layers = f.layers(46)?;
+    let experts = match (
+        f.opt_usize("n_routed_experts")?,
+        f.opt_usize("num_local_experts")?,
+    ) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(Error::config(
+                f.path,
+                "num_local_experts",
+                format!("{b} disagrees with n_routed_experts {a}"),
+            ))
+        }
+        (Some(n), _) | (None, Some(n)) => n,
+        (None, None) => 128,
+    };
+    if experts == 0 {
+        return Err(Error::config(
+            f.path,
+            "n_routed_experts",
+            "must be positive",
+        ));
+    }
+    let dense = f.usize_or("first_k_dense_replace", Some(1))?;
+    let expert_ffn = f.positive("moe_intermediate_size", Some(1408))?;
+    let shared = f.usize_or("n_shared_experts", Some(1))?;
+    let shared_ffn = expert_ffn.checked_mul(shared).ok_or_else(|| {
+        Error::config(
+            f.path,
+            "n_shared_experts",
+            format!("{shared} × {expert_ffn} overflows"),
+        )
+    })?;
+    // partial_rotary_factor sits in rope_parameters (transformers 5) or at the top level.
+    let factor = match f
+        .present("rope_parameters")
+        .and_then(|p| p.get("partial_rotary_factor"))
+    {
+        Some(v) => v.as_f64().ok_or_else(|| {
+            Error::config(
+                f.path,
+                "rope_parameters",
+                format!("partial_rotary_factor: expected a number, got {v}"),
+            )
+        })?,
+        None => f64::from(f.f32_or("partial_rotary_factor", 0.5)?),
+    };
+    if !(factor > 0.0 && factor <= 1.0) {
+        return Err(Error::config(
+            f.path,
+            "partial_rotary_factor",
+            format!("{factor} is not in (0, 1]"),
+        ));
+    }
+    // transformers: int(head_dim * partial_rotary_factor).
+    let rotary = (head_dim as f64 * factor) as usize;
+    Ok(ModelConfig {
+        arch: Architecture::Glm4Moe,
+        vocab_size: f.positive("vocab_size", Some(151552))?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        max_position_embeddings: f.positive("max_position_embeddings", Some(131072))?,
+        norm_eps: f.f32_or("rms_norm_eps", 1e-5)?,
+        rope_theta: Some(rope_theta(f, 10000.0)?),
+        sliding_window: None,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        activation: activation(f, "hidden_act", "silu")?,
+        layer_ffn: (0..layers)
+            .map(|i| {
+                if i < dense {
+                    FfnKind::DenseGated
+                } else {
+                    FfnKind::Moe
+                }
+            })
+            .collect(),
+        dense_ffn: f.positive("intermediate_size", Some(10944))?,
+        num_experts: experts,
+        top_k: f.positive("num_experts_per_tok", Some(8))?,
+        expert_ffn,
+        norm_topk_prob: f.bool_or("norm_topk_prob", true)?,
+        shared_expert_ffn: (shared_ffn > 0).then_some(shared_ffn),
+        attention_bias: f.bool_or("attention_bias", false)?,
+        word_embed_proj_dim: hidden,
+        pre_norm: true,
+        final_norm: true,
+        bos_token_id: f.opt_token_id("bos_token_id")?,
+        ffn_hadamard_block: None,
+        qk_norm: f.bool_or("use_qk_norm", false)?.then_some(QkNorm::PerHead),
+        clip_qkv: None,
+        options: ArchOptions {
+            rotary_dim: (rotary != head_dim).then_some(rotary),
+            grouped_sigmoid: Some(GroupedSigmoid {
+                n_group: f.positive("n_group", Some(1))?,
+                topk_group: f.positive("topk_group", Some(1))?,
+                routed_scaling_factor: f.f32_or("routed_scaling_factor", 1.0)?,
+            }),
+            ..ArchOptions::default()
+        },
+        eos_token_ids: f.token_ids("eos_token_id")?,
     })
 }
 
@@ -794,6 +1110,7 @@ fn llama(f: &Fields) -> Result<ModelConfig> {
         ffn_hadamard_block: None,
         qk_norm: None,
         clip_qkv: None,
+        options: Default::default(),
         eos_token_ids: f.token_ids("eos_token_id")?,
         ..ModelConfig::dense_llama(hidden, layers, ffn)
     })
@@ -833,6 +1150,7 @@ impl ModelConfig {
             ffn_hadamard_block: None,
             qk_norm: None,
             clip_qkv: None,
+            options: Default::default(),
             eos_token_ids: Vec::new(),
         }
     }
@@ -889,6 +1207,7 @@ fn opt(f: &Fields) -> Result<ModelConfig> {
         ffn_hadamard_block: None,
         qk_norm: None,
         clip_qkv: None,
+        options: Default::default(),
         eos_token_ids: {
             let ids = f.token_ids("eos_token_id")?;
             if ids.is_empty() {
@@ -1032,6 +1351,148 @@ mod tests {
     }
 
     #[test]
+    fn granite_moe_follows_transformers() {
+        // GraniteMoeConfig's defaults: the attention scale is 1.0 (not 1/sqrt(head_dim)) when
+        // unset; multipliers of one are left out.
+        let g = parse(json!({"model_type": "granitemoe"})).unwrap();
+        assert_eq!((g.num_experts, g.top_k, g.expert_ffn), (8, 2, 11008));
+        assert_eq!(g.options.attention_multiplier, Some(1.0));
+        assert_eq!(g.options.embedding_multiplier, None);
+        assert!(g.norm_topk_prob && g.shared_expert_ffn.is_none());
+        let g = parse(json!({"architectures": ["GraniteMoeForCausalLM"],
+            "embedding_multiplier": 12.0, "attention_multiplier": 0.015625,
+            "residual_multiplier": 0.22, "logits_scaling": 6.0, "attention_bias": true}))
+        .unwrap();
+        assert_eq!(g.options.embedding_multiplier, Some(12.0));
+        assert_eq!(g.options.logits_scaling, Some(6.0));
+        assert!(g.attention_bias);
+        let s = parse(json!({"model_type": "granitemoeshared", "shared_intermediate_size": 64}))
+            .unwrap();
+        assert_eq!(
+            (s.arch, s.shared_expert_ffn),
+            (Architecture::GraniteMoeShared, Some(64))
+        );
+        let s = parse(json!({"model_type": "granitemoeshared"})).unwrap();
+        assert_eq!(s.shared_expert_ffn, None);
+        for (cfg, field) in [
+            (
+                json!({"model_type": "granitemoe", "logits_scaling": 0.0}),
+                "logits_scaling",
+            ),
+            (
+                json!({"model_type": "granitemoe", "residual_multiplier": "x"}),
+                "residual_multiplier",
+            ),
+            (
+                json!({"model_type": "granitemoe", "rope_scaling": {"rope_type": "yarn"}}),
+                "rope_scaling",
+            ),
+        ] {
+            let e = parse(cfg).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn glm4_moe_follows_transformers() {
+        // Glm4MoeConfig: one leading dense layer, partial_rotary_factor 0.5 unless set, one
+        // group, a shared expert of moe_intermediate_size.
+        // (Its default 96 heads do not divide hidden 4096: real configs set head_dim.)
+        let g = parse(json!({"model_type": "glm4_moe", "num_hidden_layers": 3,
+            "num_attention_heads": 32}))
+        .unwrap();
+        assert_eq!(
+            g.layer_ffn,
+            vec![FfnKind::DenseGated, FfnKind::Moe, FfnKind::Moe]
+        );
+        assert_eq!((g.head_dim, g.options.rotary_dim), (128, Some(64)));
+        assert_eq!(
+            (g.num_experts, g.top_k, g.shared_expert_ffn),
+            (128, 8, Some(1408))
+        );
+        assert_eq!(
+            g.options.grouped_sigmoid,
+            Some(GroupedSigmoid {
+                n_group: 1,
+                topk_group: 1,
+                routed_scaling_factor: 1.0
+            })
+        );
+        assert!(g.norm_topk_prob && g.qk_norm.is_none());
+        // GLM-4.5-Air's fields; the factor at the top level or in rope_parameters.
+        let g = parse(
+            json!({"architectures": ["Glm4MoeForCausalLM"], "head_dim": 128,
+            "partial_rotary_factor": 1.0, "n_routed_experts": 128, "n_group": 1,
+            "n_shared_experts": 1, "moe_intermediate_size": 1408, "use_qk_norm": true,
+            "routed_scaling_factor": 1.0, "first_k_dense_replace": 1, "num_hidden_layers": 46}),
+        )
+        .unwrap();
+        assert_eq!(g.options.rotary_dim, None);
+        assert_eq!(g.qk_norm, Some(QkNorm::PerHead));
+        let g = parse(
+            json!({"model_type": "glm4_moe", "head_dim": 16, "n_shared_experts": 0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+            "partial_rotary_factor": 0.25}}),
+        )
+        .unwrap();
+        assert_eq!((g.options.rotary_dim, g.rope_theta), (Some(4), Some(1e6)));
+        assert_eq!(g.shared_expert_ffn, None);
+        for (cfg, field) in [
+            (
+                json!({"model_type": "glm4_moe", "n_routed_experts": 8, "n_group": 3}),
+                "n_group",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "n_routed_experts": 8, "n_group": 4, "topk_group": 5}),
+                "topk_group",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "n_routed_experts": 8, "n_group": 4,
+                "topk_group": 1, "num_experts_per_tok": 3}),
+                "num_experts_per_tok",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "partial_rotary_factor": 0.0}),
+                "partial_rotary_factor",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "head_dim": 6, "partial_rotary_factor": 0.5}),
+                "partial_rotary_factor",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "n_routed_experts": 8, "num_local_experts": 4}),
+                "num_local_experts",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "routed_scaling_factor": 0.0}),
+                "routed_scaling_factor",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "rope_scaling": {"rope_type": "yarn"}}),
+                "rope_scaling",
+            ),
+            (json!({"model_type": "glm4_moe"}), "num_attention_heads"),
+            (
+                json!({"model_type": "glm4_moe", "head_dim": 128, "bos_token_id": 4_294_967_297u64}),
+                "bos_token_id",
+            ),
+            (
+                json!({"model_type": "glm4_moe", "head_dim": 128,
+                "num_hidden_layers": 1_000_000_000_000u64}),
+                "num_hidden_layers",
+            ),
+        ] {
+            // A workable head_dim, so that the field under test is the one refused.
+            let mut cfg = cfg;
+            if field != "num_attention_heads" && cfg.get("head_dim").is_none() {
+                cfg["head_dim"] = json!(128);
+            }
+            let e = parse(cfg).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let e = parse(json!({"architectures": ["MixtralForCausalLM"], "hidden_size": "big"}))
             .unwrap_err();
@@ -1040,7 +1501,15 @@ mod tests {
         assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
         // A layer count past MAX_LAYERS is refused before the per-layer table is allocated
         // (10^12 aborted the process), and ids past u32 are refused, not truncated.
-        for arch in ["llama", "mixtral", "qwen2_moe", "opt", "qwen3_moe", "olmoe"] {
+        for arch in [
+            "llama",
+            "mixtral",
+            "qwen2_moe",
+            "opt",
+            "qwen3_moe",
+            "olmoe",
+            "granitemoe",
+        ] {
             let e = parse(json!({"model_type": arch, "num_hidden_layers": 1_000_000_000_000u64}))
                 .unwrap_err()
                 .to_string();

@@ -19,7 +19,7 @@
 use crate::error::{Error, Result};
 use crate::model::config::{Activation, Architecture, FfnKind, ModelConfig};
 use crate::model::tokenizer::Tokenizer;
-use crate::model::weights::{Ffn, GatedMlp, Linear, LinearWeight, Norm, Weights};
+use crate::model::weights::{Ffn, GatedMlp, Linear, LinearWeight, MoeBlock, Norm, Weights};
 use crate::model::Model;
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
@@ -125,7 +125,11 @@ pub fn export(
             index.display()
         )));
     }
-    let tensors = tensors(&model.weights, model.config.ffn_hadamard_block)?;
+    let stacked = matches!(
+        cfg.arch,
+        Architecture::GraniteMoe | Architecture::GraniteMoeShared
+    );
+    let tensors = tensors(&model.weights, model.config.ffn_hadamard_block, stacked)?;
     let safetensors_bytes =
         write_safetensors(&dir.join("model.safetensors"), &tensors, dtype, progress)?;
     let generated_tokenizer = matches!(model.tokenizer, Tokenizer::Bytes);
@@ -158,6 +162,8 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: ExportDtype) -> Value {
         Architecture::Llama => llama_json(cfg),
         Architecture::Qwen3Moe => qwen3_moe_json(cfg),
         Architecture::Olmoe => olmoe_json(cfg),
+        Architecture::GraniteMoe | Architecture::GraniteMoeShared => granite_moe_json(cfg),
+        Architecture::Glm4Moe => glm4_moe_json(cfg),
     };
     let m = c.as_object_mut().expect("config is an object");
     m.insert("bos_token_id".into(), json!(cfg.bos_token_id));
@@ -277,6 +283,86 @@ fn olmoe_json(cfg: &ModelConfig) -> Value {
         "output_router_logits": false,
         "router_aux_loss_coef": 0.01,
         "pad_token_id": null,
+    })
+}
+
+fn granite_moe_json(cfg: &ModelConfig) -> Value {
+    let o = &cfg.options;
+    let mut v = json!({
+        "architectures": [cfg.arch.hf_name()],
+        "model_type": "granitemoe",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.expert_ffn,
+        "num_local_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.top_k,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": activation_name(cfg.activation),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": f32_json(cfg.norm_eps),
+        "rope_theta": cfg.rope_theta.map(f32_json),
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "embedding_multiplier": f32_json(o.embedding_multiplier.unwrap_or(1.0)),
+        "attention_multiplier": f32_json(o.attention_multiplier.unwrap_or(1.0)),
+        "residual_multiplier": f32_json(o.residual_multiplier.unwrap_or(1.0)),
+        "logits_scaling": f32_json(o.logits_scaling.unwrap_or(1.0)),
+        "initializer_range": 0.02,
+        "output_router_logits": false,
+        "router_aux_loss_coef": 0.001,
+    });
+    if let (Architecture::GraniteMoeShared, Some(m)) = (cfg.arch, v.as_object_mut()) {
+        m.insert("model_type".into(), json!("granitemoeshared"));
+        m.insert(
+            "shared_intermediate_size".into(),
+            json!(cfg.shared_expert_ffn.unwrap_or(0)),
+        );
+    }
+    v
+}
+
+fn glm4_moe_json(cfg: &ModelConfig) -> Value {
+    let o = &cfg.options;
+    let dense = cfg
+        .layer_ffn
+        .iter()
+        .take_while(|k| **k != FfnKind::Moe)
+        .count();
+    let shared = cfg.shared_expert_ffn.unwrap_or(0) / cfg.expert_ffn.max(1);
+    let rotary = o.rotary_dim.unwrap_or(cfg.head_dim);
+    let g = o.grouped_sigmoid;
+    json!({
+        "architectures": [Architecture::Glm4Moe.hf_name()],
+        "model_type": "glm4_moe",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.dense_ffn,
+        "moe_intermediate_size": cfg.expert_ffn,
+        "n_routed_experts": cfg.num_experts,
+        "n_shared_experts": shared,
+        "num_experts_per_tok": cfg.top_k,
+        "first_k_dense_replace": dense,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "n_group": g.map_or(1, |g| g.n_group),
+        "topk_group": g.map_or(1, |g| g.topk_group),
+        "routed_scaling_factor": f32_json(g.map_or(1.0, |g| g.routed_scaling_factor)),
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "partial_rotary_factor": rotary as f64 / cfg.head_dim.max(1) as f64,
+        "use_qk_norm": cfg.qk_norm.is_some(),
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "hidden_act": activation_name(cfg.activation),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": f32_json(cfg.norm_eps),
+        "rope_theta": cfg.rope_theta.map(f32_json),
+        "initializer_range": 0.02,
+        "num_nextn_predict_layers": 0,
     })
 }
 
@@ -403,6 +489,9 @@ enum Values<'a> {
     /// A down-projection that reads its input rotated by `rotate_rows` on runs of this block:
     /// the weight of the same linear reading the input as it is (`W·T`, rows `Tᵀ·w`).
     RotatedInput(&'a Linear, usize),
+    /// Several weights one after another in one tensor (Granite's stacked experts), each
+    /// with the rotated model's down-projection block where it has one.
+    Stacked(Vec<(&'a Linear, Option<usize>)>),
 }
 
 struct Tensor<'a> {
@@ -421,15 +510,29 @@ impl Tensor<'_> {
         match self.values {
             Values::Floats(v) => Cow::Borrowed(v),
             Values::Weight(l) => linear_rows(l),
-            Values::RotatedInput(l, block) => {
-                let mut rows = linear_rows(l).into_owned();
-                let k = l.in_features;
-                rows.par_chunks_mut(k.max(1))
-                    .for_each(|row| crate::model::rotation::rotate_rows_back(row, k, block));
-                Cow::Owned(rows)
+            Values::RotatedInput(l, block) => Cow::Owned(unrotated_rows(l, block)),
+            Values::Stacked(ref parts) => {
+                let mut all = Vec::with_capacity(self.numel());
+                for &(l, block) in parts {
+                    match block {
+                        Some(b) => all.extend(unrotated_rows(l, b)),
+                        None => all.extend_from_slice(&linear_rows(l)),
+                    }
+                }
+                Cow::Owned(all)
             }
         }
     }
+}
+
+/// The rows of a down-projection that reads its input rotated on runs of `block`, for an
+/// input as it is.
+fn unrotated_rows(l: &Linear, block: usize) -> Vec<f32> {
+    let mut rows = linear_rows(l).into_owned();
+    let k = l.in_features;
+    rows.par_chunks_mut(k.max(1))
+        .for_each(|row| crate::model::rotation::rotate_rows_back(row, k, block));
+    rows
 }
 
 /// `[out, in]` row-major f32 weights of `l`; int8 weights dequantized, an input scale folded in.
@@ -471,8 +574,9 @@ fn checkpoint_name(prefix: &str) -> String {
 }
 
 /// Every tensor of `w` under its checkpoint name, in the order transformers' modules list
-/// them: embeddings, layers, final norm, head.
-fn tensors(w: &Weights, ffn_block: Option<usize>) -> Result<Vec<Tensor<'_>>> {
+/// them: embeddings, layers, final norm, head; `stacked`: the experts in Granite's stacked
+/// tensors.
+fn tensors(w: &Weights, ffn_block: Option<usize>, stacked: bool) -> Result<Vec<Tensor<'_>>> {
     let mut t = Tensors(Vec::new(), ffn_block);
     t.linear(&w.embed);
     if let Some(p) = &w.positions {
@@ -507,14 +611,21 @@ fn tensors(w: &Weights, ffn_block: Option<usize>) -> Result<Vec<Tensor<'_>>> {
         }
         t.norm(&layer.ffn_norm);
         match &layer.ffn {
+            Ffn::Moe(b) if stacked => t.stacked_moe(b)?,
             Ffn::Moe(b) => {
                 t.linear(&b.router);
+                if let Some(bias) = &b.score_bias {
+                    let name = format!("{}.e_score_correction_bias", b.router.name);
+                    t.floats(name, vec![bias.len()], bias);
+                }
                 for e in &b.experts {
                     t.mlp(e);
                 }
                 if let Some(s) = &b.shared {
                     t.mlp(&s.mlp);
-                    t.linear(&s.gate);
+                    if let Some(g) = &s.gate {
+                        t.linear(g);
+                    }
                 }
             }
             Ffn::Gated(m) => t.mlp(m),
@@ -574,6 +685,51 @@ impl<'a> Tensors<'a> {
         if let (Some(block), Some(down)) = (self.1, self.0.last_mut()) {
             down.values = Values::RotatedInput(&m.down, block);
         }
+    }
+
+    /// Granite's block: the router, every expert's gate and up rows in `input_linear`, their
+    /// down-projections in `output_linear`, and the shared MLP's likewise.
+    fn stacked_moe(&mut self, b: &'a MoeBlock) -> Result<()> {
+        let prefix = |l: &Linear, suffix: &str| {
+            l.name
+                .strip_suffix(suffix)
+                .map(str::to_string)
+                .ok_or_else(|| Error::invalid(format!("cannot stack `{}` (no `{suffix}`)", l.name)))
+        };
+        self.linear(&b.router);
+        let p = prefix(&b.router, ".router.layer")?;
+        let (n, first) = (b.experts.len(), b.experts.first());
+        let (f, h) = first.map_or((0, 0), |e| (e.gate.out_features, e.gate.in_features));
+        let gate_up = b
+            .experts
+            .iter()
+            .flat_map(|e| [(&e.gate, None), (&e.up, None)]);
+        self.0.push(Tensor {
+            name: format!("{p}.input_linear.weight"),
+            shape: vec![n, 2 * f, h],
+            values: Values::Stacked(gate_up.collect()),
+        });
+        let down = b.experts.iter().map(|e| (&e.down, self.1));
+        self.0.push(Tensor {
+            name: format!("{p}.output_linear.weight"),
+            shape: vec![n, h, f],
+            values: Values::Stacked(down.collect()),
+        });
+        if let Some(s) = &b.shared {
+            let p = prefix(&s.mlp.gate, ".gate_proj")?;
+            let (m, g) = (&s.mlp, &s.mlp.gate);
+            self.0.push(Tensor {
+                name: format!("{p}.input_linear.weight"),
+                shape: vec![2 * g.out_features, g.in_features],
+                values: Values::Stacked(vec![(&m.gate, None), (&m.up, None)]),
+            });
+            self.0.push(Tensor {
+                name: format!("{p}.output_linear.weight"),
+                shape: vec![m.down.out_features, m.down.in_features],
+                values: Values::Stacked(vec![(&m.down, self.1)]),
+            });
+        }
+        Ok(())
     }
 
     fn norm(&mut self, n: &'a Norm) {

@@ -168,7 +168,9 @@ impl Model {
                 Ffn::Moe(b) => {
                     lin(&b.router)
                         + b.experts.iter().map(mlp).sum::<usize>()
-                        + b.shared.as_ref().map_or(0, |s| mlp(&s.mlp) + lin(&s.gate))
+                        + b.shared
+                            .as_ref()
+                            .map_or(0, |s| mlp(&s.mlp) + s.gate.as_ref().map_or(0, lin))
                 }
                 Ffn::Gated(m) => mlp(m),
                 Ffn::Plain(m) => lin(&m.fc1) + lin(&m.fc2),
@@ -231,9 +233,9 @@ fn layer_params(l: &weights::Layer, experts: usize) -> usize {
             let per = b.experts.first().map_or(0, mlp);
             b.router.num_params()
                 + per * b.experts.len().min(experts)
-                + b.shared
-                    .as_ref()
-                    .map_or(0, |s| mlp(&s.mlp) + s.gate.num_params())
+                + b.shared.as_ref().map_or(0, |s| {
+                    mlp(&s.mlp) + s.gate.as_ref().map_or(0, weights::Linear::num_params)
+                })
         }
         Ffn::Gated(m) => mlp(m),
         Ffn::Plain(m) => m.fc1.num_params() + m.fc2.num_params(),

@@ -41,6 +41,7 @@ pub fn default_config() -> ModelConfig {
         ffn_hadamard_block: None,
         qk_norm: None,
         clip_qkv: None,
+        options: Default::default(),
         eos_token_ids: vec![BYTE_EOS],
     }
 }
@@ -122,6 +123,7 @@ pub fn mixtral_bench_config(layers: usize) -> ModelConfig {
         ffn_hadamard_block: None,
         qk_norm: None,
         clip_qkv: None,
+        options: Default::default(),
         eos_token_ids: vec![2],
         ..default_config()
     }
@@ -151,6 +153,7 @@ pub fn smol_moe_config() -> ModelConfig {
         ffn_hadamard_block: None,
         qk_norm: None,
         clip_qkv: None,
+        options: Default::default(),
         eos_token_ids: vec![2],
         ..default_config()
     }

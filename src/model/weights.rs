@@ -346,11 +346,12 @@ pub struct PlainMlp {
     pub fc2: Linear,
 }
 
-/// Qwen2-MoE's always-on expert, scaled by `sigmoid(gate·x)`.
+/// An always-on expert: Qwen2-MoE's, scaled by `sigmoid(gate·x)`; GraniteMoeShared's and
+/// GLM-4-MoE's, added as it is (`gate` is `None`).
 #[derive(Debug, Clone)]
 pub struct SharedExpert {
     pub mlp: GatedMlp,
-    pub gate: Linear,
+    pub gate: Option<Linear>,
 }
 
 #[derive(Debug, Clone)]
@@ -358,6 +359,9 @@ pub struct MoeBlock {
     pub router: Linear,
     pub experts: Vec<GatedMlp>,
     pub shared: Option<SharedExpert>,
+    /// Added to the sigmoid scores to choose experts, not to weight them (GLM-4-MoE's
+    /// `e_score_correction_bias`, stored beside the router as `P.e_score_correction_bias`).
+    pub score_bias: Option<Vec<f32>>,
 }
 
 // One per layer: the variants' sizes do not matter.
@@ -416,7 +420,7 @@ impl Weights {
                     b.experts.iter().for_each(|e| v.extend(mlp(e)));
                     if let Some(s) = &b.shared {
                         v.extend(mlp(&s.mlp));
-                        v.push(&s.gate);
+                        v.extend(&s.gate);
                     }
                 }
                 Ffn::Gated(m) => v.extend(mlp(m)),
@@ -449,7 +453,7 @@ impl Weights {
                     b.experts.iter_mut().for_each(|e| v.extend(mlp(e)));
                     if let Some(s) = &mut b.shared {
                         v.extend(mlp(&mut s.mlp));
-                        v.push(&mut s.gate);
+                        v.extend(&mut s.gate);
                     }
                 }
                 Ffn::Gated(m) => v.extend(mlp(m)),
@@ -472,6 +476,9 @@ impl Weights {
         small += self.final_norm.as_ref().map_or(0, norm_len);
         for l in &self.layers {
             small += norm_len(&l.attn_norm) + norm_len(&l.ffn_norm);
+            if let Ffn::Moe(b) = &l.ffn {
+                small += b.score_bias.as_ref().map_or(0, Vec::len);
+            }
             small += l.attn.qk_norm.iter().flatten().map(norm_len).sum::<usize>();
         }
         f(Storage::Owned(small * 4));
@@ -684,6 +691,45 @@ impl Loader<'_> {
                 &format!("hidden_size × {why_ffn}"),
             )?,
         ))
+    }
+
+    /// `rows` rows of `in_features` values from row `first_row` of a stacked tensor `stored`
+    /// (named `from`), as the linear `name`: a checkpoint that keeps several matrices in one
+    /// tensor (Granite's experts, `[experts, out, in]`). Mapped values stay in place.
+    pub fn rows_of(
+        &self,
+        stored: &Stored,
+        from: &str,
+        name: &str,
+        first_row: usize,
+        (rows, in_features): (usize, usize),
+    ) -> Result<Linear> {
+        let (start, len) = (first_row * in_features, rows * in_features);
+        let outside = || Error::invalid(format!("{from}: rows {first_row}+{rows} lie outside it"));
+        let weight = match (stored, self.form) {
+            (Stored::Half(kind, w), WeightForm::AsStored | WeightForm::InPlace) => {
+                LinearWeight::Half(*kind, w.slice(start, len).ok_or_else(outside)?)
+            }
+            (Stored::Half(kind, w), WeightForm::F32) => {
+                let part = w.slice(start, len).ok_or_else(outside)?;
+                LinearWeight::F32Rows(kind.widen(&part).into())
+            }
+            (Stored::F32(w), _) => LinearWeight::F32Rows(w.slice(start, len).ok_or_else(outside)?),
+            (other, _) => {
+                return Err(Error::UnsupportedDtype {
+                    name: from.to_string(),
+                    dtype: other.dtype().into(),
+                })
+            }
+        };
+        Ok(Linear {
+            name: name.to_string(),
+            out_features: rows,
+            in_features,
+            weight,
+            bias: None,
+            input_scale: None,
+        })
     }
 
     pub fn vector(&self, name: &str, len: usize, why: &str) -> Result<Vec<f32>> {

@@ -386,7 +386,8 @@ fn layer_linears(layer: &mut Layer) -> Vec<&mut Linear> {
                 all.extend([&mut e.gate, &mut e.up, &mut e.down]);
             }
             if let Some(s) = &mut b.shared {
-                all.extend([&mut s.mlp.gate, &mut s.mlp.up, &mut s.mlp.down, &mut s.gate]);
+                all.extend([&mut s.mlp.gate, &mut s.mlp.up, &mut s.mlp.down]);
+                all.extend(&mut s.gate);
             }
         }
         Ffn::Gated(m) => all.extend([&mut m.gate, &mut m.up, &mut m.down]),
@@ -407,7 +408,7 @@ fn ffn_input_linears(ffn: &mut Ffn) -> Vec<&mut Linear> {
             if let Some(s) = &mut b.shared {
                 v.push(&mut s.mlp.gate);
                 v.push(&mut s.mlp.up);
-                v.push(&mut s.gate);
+                v.extend(&mut s.gate);
             }
             v
         }
@@ -562,10 +563,11 @@ fn set_input_scale(members: &mut [&mut Linear], s: &[f32]) {
     }
 }
 
-/// Whether a linear is quantized to int8 (routers and the 1-wide shared-expert gate stay f32).
+/// Whether a linear is quantized to int8 (routers — `gate`, Granite's `router.layer` — and
+/// the 1-wide shared-expert gate stay f32).
 pub fn is_quantized_layer(name: &str) -> bool {
     let last = name.rsplit('.').next().unwrap_or(name);
-    !matches!(last, "gate" | "shared_expert_gate")
+    !matches!(last, "gate" | "shared_expert_gate") && !name.ends_with(".router.layer")
 }
 
 fn quantize_layer(

@@ -131,8 +131,16 @@ pub fn write_emoe<'a>(
         match &layer.ffn {
             Ffn::Moe(b) => {
                 add(linear_tensors(&b.router));
+                if let Some(bias) = &b.score_bias {
+                    let name = format!("{}.e_score_correction_bias", b.router.name);
+                    add(vec![f32_tensor(name, vec![bias.len()], bias)]);
+                }
                 if let Some(s) = &b.shared {
-                    for lin in [&s.mlp.gate, &s.mlp.up, &s.mlp.down, &s.gate] {
+                    let gate = s.gate.iter();
+                    for lin in [&s.mlp.gate, &s.mlp.up, &s.mlp.down]
+                        .into_iter()
+                        .chain(gate)
+                    {
                         add(linear_tensors(lin));
                     }
                 }

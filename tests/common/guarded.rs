@@ -175,6 +175,18 @@ impl Backend for Guarded {
     fn clamp(&self, x: &mut Rows, limit: f32) {
         self.inner.clamp(x, limit)
     }
+    fn apply_rope_partial(
+        &self,
+        x: &mut Rows,
+        rope: &RopeTable,
+        first_row: usize,
+        dims: (usize, usize),
+    ) {
+        self.inner.apply_rope_partial(x, rope, first_row, dims)
+    }
+    fn scale(&self, x: &mut Rows, factor: f32) {
+        self.inner.scale(x, factor)
+    }
     fn linear(&self, lin: &Linear, x: &Rows) -> Rows {
         self.check(lin);
         self.inner.linear(lin, x)

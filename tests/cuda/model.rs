@@ -251,3 +251,39 @@ fn gpu_runs_qk_norms_and_clip_qkv_as_the_cpu() {
         }
     }
 }
+
+/// Granite's multipliers (`scale`, through the host) and GLM-4-MoE's partial rotary
+/// (`apply_rope_partial`, through the host) with its host-side grouped sigmoid routing, on the
+/// GPU against the CPU engine, f32 weights, prefill and token by token, as above.
+#[test]
+fn gpu_runs_granite_and_glm4_moe_as_the_cpu() {
+    if device("model").is_none() {
+        return;
+    }
+    let root = fixture_dir().join("..");
+    for name in ["granitemoe-tiny", "glm4moe-tiny"] {
+        let model = Arc::new(Model::load(&root.join(name)).expect("fixture"));
+        let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 500 + 3).collect();
+        let cpu = engine_for(model.clone(), BackendChoice::Cpu, 0).unwrap();
+        let gpu = engine_for(model.clone(), BackendChoice::Cuda, 0).unwrap();
+        let want = all_logits(&cpu, &tokens);
+        let tol = 1e-2 * want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut cache = gpu.new_cache();
+        let mut decoded = Vec::new();
+        for t in tokens.chunks(1) {
+            let mut batch = [BatchItem {
+                tokens: t,
+                cache: &mut cache,
+                logits: Logits::Last,
+            }];
+            decoded.extend(gpu.forward(&mut batch).expect("decode").remove(0));
+        }
+        for (what, got) in [("prefill", all_logits(&gpu, &tokens)), ("decode", decoded)] {
+            let worst = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst <= tol, "{name} {what}: worst {worst} > {tol}");
+        }
+    }
+}

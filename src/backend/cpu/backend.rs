@@ -225,6 +225,10 @@ impl Backend for CpuBackend {
         x.data.iter_mut().for_each(|v| *v = v.clamp(-limit, limit));
     }
 
+    fn scale(&self, x: &mut Rows, factor: f32) {
+        x.data.iter_mut().for_each(|v| *v *= factor);
+    }
+
     fn linear(&self, lin: &Linear, x: &Rows) -> Rows {
         let rows = x.rows();
         let mut out = vec![0f32; rows * lin.out_features];
@@ -263,6 +267,19 @@ impl Backend for CpuBackend {
         let cols = x.cols;
         for (r, row) in x.data.chunks_exact_mut(cols).enumerate() {
             rope.apply(first_row + r, row);
+        }
+    }
+
+    fn apply_rope_partial(
+        &self,
+        x: &mut Rows,
+        rope: &RopeTable,
+        first_row: usize,
+        (head_dim, _): (usize, usize),
+    ) {
+        let cols = x.cols;
+        for (r, row) in x.data.chunks_exact_mut(cols).enumerate() {
+            rope.apply_heads(first_row + r, row, head_dim);
         }
     }
 

@@ -126,10 +126,16 @@ pub struct RopeTable {
 impl RopeTable {
     /// Rotates each `2·half`-wide head of `x` (rotate-half convention) by row `row`'s angles.
     pub fn apply(&self, row: usize, x: &mut [f32]) {
+        self.apply_heads(row, x, 2 * self.half);
+    }
+
+    /// [`Self::apply`] on the first `2·half` values of each `head_dim`-wide head of `x`, the
+    /// rest left as they are (partial rotary).
+    pub fn apply_heads(&self, row: usize, x: &mut [f32], head_dim: usize) {
         let half = self.half;
         let cs = &self.cos_sin[row * half..(row + 1) * half];
-        for head in x.chunks_exact_mut(2 * half) {
-            let (a, b) = head.split_at_mut(half);
+        for head in x.chunks_exact_mut(head_dim) {
+            let (a, b) = head[..2 * half].split_at_mut(half);
             for ((a, b), &(c, s)) in a.iter_mut().zip(b.iter_mut()).zip(cs) {
                 let (x0, x1) = (*a, *b);
                 *a = x0 * c - x1 * s;

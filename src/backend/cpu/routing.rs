@@ -3,6 +3,7 @@
 
 use super::ops::softmax;
 use crate::backend::Pick;
+use crate::model::config::GroupedSigmoid;
 
 /// Top-k experts of one token and their mixing weights.
 pub fn route(router_logits: &[f32], top_k: usize, renormalize: bool) -> Vec<(usize, f32)> {
@@ -72,9 +73,105 @@ pub fn route_rows(
     picks
 }
 
+/// Every pick of rows `first_row..` under grouped sigmoid routing ([`GroupedSigmoid`]), given
+/// their router logits (`rows × experts`) and the experts' correction bias: what transformers'
+/// Glm4MoeTopkRouter computes, ties going to the lower index as in [`route`].
+pub fn route_grouped_sigmoid(
+    logits: &[f32],
+    bias: &[f32],
+    g: &GroupedSigmoid,
+    (top_k, renormalize): (usize, bool),
+    first_row: usize,
+) -> Vec<Pick> {
+    let experts = bias.len().max(1);
+    let per_group = experts / g.n_group.max(1);
+    let mut picks = Vec::with_capacity(logits.len() / experts * top_k);
+    let (mut scores, mut choice) = (Vec::with_capacity(experts), Vec::with_capacity(experts));
+    for (r, row) in logits.chunks_exact(experts).enumerate() {
+        scores.clear();
+        scores.extend(row.iter().map(|&l| 1.0 / (1.0 + (-l).exp())));
+        choice.clear();
+        choice.extend(scores.iter().zip(bias).map(|(s, b)| s + b));
+        // A group's score: the sum of its two best choice values.
+        let group_score: Vec<f32> = choice
+            .chunks_exact(per_group)
+            .map(|c| {
+                let best = top_indices(c, 2);
+                best.iter().map(|&i| c[i]).sum()
+            })
+            .collect();
+        let groups = top_indices(&group_score, g.topk_group);
+        for (i, v) in choice.iter_mut().enumerate() {
+            if !groups.contains(&(i / per_group)) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        let chosen = top_indices(&choice, top_k);
+        let sum: f32 = chosen.iter().map(|&e| scores[e]).sum();
+        picks.extend(chosen.iter().map(|&e| {
+            let w = if renormalize {
+                scores[e] / (sum + 1e-20)
+            } else {
+                scores[e]
+            };
+            Pick {
+                expert: e,
+                row: first_row + r,
+                weight: w * g.routed_scaling_factor,
+            }
+        }));
+    }
+    picks
+}
+
+/// Indices of the `k` largest values, largest first, ties to the lower index.
+fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
+    let mut chosen: Vec<usize> = Vec::with_capacity(k);
+    for _ in 0..k.min(values.len()) {
+        let best = (0..values.len())
+            .filter(|i| !chosen.contains(i))
+            .reduce(|b, i| {
+                if values[i].total_cmp(&values[b]).is_gt() {
+                    i
+                } else {
+                    b
+                }
+            });
+        chosen.extend(best);
+    }
+    chosen
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Groups {0,1}, {2,3}, {4,5}: the bias steers the choice (expert 5 over 4) but not the
+    /// weights; only the best group's experts can be chosen.
+    #[test]
+    fn grouped_sigmoid_chooses_within_the_best_groups() {
+        let logits = [2.0, 1.9, 0.0, 3.0, 1.0, 0.9];
+        let bias = [0.0, 0.0, 0.0, 0.0, 0.0, 0.5];
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let g = GroupedSigmoid {
+            n_group: 3,
+            topk_group: 1,
+            routed_scaling_factor: 2.5,
+        };
+        // Group sums of the two best: {0,1} 1.75, {2,3} 1.45, {4,5} 1.94 → only group 2.
+        let picks = route_grouped_sigmoid(&logits, &bias, &g, (2, false), 7);
+        let ids: Vec<usize> = picks.iter().map(|p| p.expert).collect();
+        assert_eq!(ids, vec![5, 4]);
+        assert!((picks[0].weight - 2.5 * sig(0.9)).abs() < 1e-6);
+        assert!(picks.iter().all(|p| p.row == 7));
+        let g = GroupedSigmoid { topk_group: 3, ..g };
+        let picks = route_grouped_sigmoid(&logits, &bias, &g, (2, true), 0);
+        // Every group open: the biased 5 (1.21), then 3 (0.95).
+        let ids: Vec<usize> = picks.iter().map(|p| p.expert).collect();
+        assert_eq!(ids, vec![5, 3]);
+        let sum: f32 = picks.iter().map(|p| p.weight).sum();
+        assert!((sum - 2.5).abs() < 1e-5, "{sum}");
+    }
 
     #[test]
     fn routing_picks_top_k_and_renormalizes() {

@@ -210,8 +210,8 @@ impl WeightCache {
             let mlps: Vec<&crate::model::weights::GatedMlp> = match &layer.ffn {
                 Ffn::Moe(b) => {
                     self.linear(gpu, &b.router)?;
-                    if let Some(s) = &b.shared {
-                        self.linear(gpu, &s.gate)?;
+                    if let Some(gate) = b.shared.as_ref().and_then(|s| s.gate.as_ref()) {
+                        self.linear(gpu, gate)?;
                     }
                     let routed = b.experts.iter().filter(|_| routed_experts);
                     routed.chain(b.shared.iter().map(|s| &s.mlp)).collect()

@@ -47,6 +47,16 @@ pub fn rms_decoder(l: &Loader, cfg: &ModelConfig, layers: Vec<Layer>) -> Result<
 /// q/k/v/o projections, and q_norm / k_norm where the config has them; Qwen2-MoE shares this
 /// with `bias` on q/k/v.
 pub fn attention(l: &Loader, cfg: &ModelConfig, p: &str, qkv_bias: bool) -> Result<Attention> {
+    attention_with(l, cfg, p, [qkv_bias, false])
+}
+
+/// [`attention`] with biases on q/k/v and on o as `[qkv_bias, o_bias]` say (Granite: both).
+pub fn attention_with(
+    l: &Loader,
+    cfg: &ModelConfig,
+    p: &str,
+    [qkv_bias, o_bias]: [bool; 2],
+) -> Result<Attention> {
     let h = cfg.hidden_size;
     Ok(Attention {
         q: l.linear(
@@ -74,7 +84,7 @@ pub fn attention(l: &Loader, cfg: &ModelConfig, p: &str, qkv_bias: bool) -> Resu
             &format!("{p}.o_proj"),
             h,
             cfg.q_dim(),
-            false,
+            o_bias,
             "hidden_size, num_attention_heads × head_dim",
         )?,
         qk_norm: qk_norms(l, cfg, p)?,
@@ -142,5 +152,6 @@ fn moe(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str) -> Result<MoeBlock>
         )?,
         experts,
         shared: None,
+        score_bias: None,
     })
 }

@@ -1,6 +1,8 @@
 //! One loader per architecture: checkpoint tensor names → [`Weights`]. Each reads like the
 //! architecture's block diagram; the forward pass itself is shared (`engine`).
 
+pub(crate) mod glm4_moe;
+pub(crate) mod granite_moe;
 pub(crate) mod llama;
 pub(crate) mod mixtral;
 pub(crate) mod olmoe;
@@ -24,5 +26,9 @@ pub fn load_weights(
         Architecture::Llama => llama::load(cfg, src, form),
         Architecture::Qwen3Moe => qwen3_moe::load(cfg, src, form),
         Architecture::Olmoe => olmoe::load(cfg, src, form),
+        Architecture::GraniteMoe | Architecture::GraniteMoeShared => {
+            granite_moe::load(cfg, src, form)
+        }
+        Architecture::Glm4Moe => glm4_moe::load(cfg, src, form),
     }
 }

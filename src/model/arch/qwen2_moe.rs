@@ -70,13 +70,13 @@ fn moe(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str, why: &str) -> Resul
                 f,
                 "shared_expert_intermediate_size",
             )?,
-            gate: l.linear(
+            gate: Some(l.linear(
                 &format!("{p}.shared_expert_gate"),
                 1,
                 h,
                 false,
                 "1 × hidden_size",
-            )?,
+            )?),
         }),
         None => None,
     };
@@ -90,5 +90,6 @@ fn moe(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str, why: &str) -> Resul
         )?,
         experts,
         shared,
+        score_bias: None,
     })
 }
