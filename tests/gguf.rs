@@ -22,8 +22,12 @@ const F16: u32 = 1;
 const Q4_0: u32 = 2;
 const Q4_1: u32 = 3;
 const Q8_0: u32 = 8;
+const Q2_K: u32 = 10;
 const Q4_K: u32 = 12;
+const Q5_K: u32 = 13;
+const Q6_K: u32 = 14;
 const BF16: u32 = 30;
+const MXFP4: u32 = 39;
 
 struct Writer {
     version: u32,
@@ -345,6 +349,30 @@ fn hostile_headers_fail_clearly() {
         let e = open_err(&bytes);
         assert!(e.contains(want), "{e:?} should mention {want:?}");
     }
+    // The k-quants' super-blocks of 256 and MXFP4's blocks of 32 split only the innermost dim,
+    // and the data must hold every block the dims imply.
+    for (ty, name, block, bytes) in [
+        (Q4_K, "Q4_K", 256, 144),
+        (Q5_K, "Q5_K", 256, 176),
+        (Q6_K, "Q6_K", 256, 210),
+        (MXFP4, "MXFP4", 32, 17),
+    ] {
+        let mut w = Writer::new();
+        w.tensor("t", &[block / 2, 2], ty, vec![0; bytes]);
+        let e = open_err(&w.build());
+        let want = format!("not a multiple of {name}'s block of {block}");
+        assert!(e.contains(&want), "{e:?} should mention {want:?}");
+        let mut w = Writer::new();
+        w.tensor("t", &[block as u64, 3], ty, vec![0; 3 * bytes - 1]);
+        let e = open_err(&w.build());
+        assert!(e.contains("past the end") && e.contains(name), "{e:?}");
+        // Whole blocks read back (all-zero blocks are zeros).
+        let mut w = Writer::new();
+        w.tensor("t", &[block as u64, 3], ty, vec![0; 3 * bytes]);
+        let (_dir, path) = write_tmp(&w.build());
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(values(f.read("t").unwrap()), vec![0.0; 3 * block as usize]);
+    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> usize {
@@ -356,11 +384,11 @@ fn find(hay: &[u8], needle: &[u8]) -> usize {
 #[test]
 fn unsupported_types_are_named_when_read() {
     let mut w = Writer::new();
-    w.tensor("k", &[256], Q4_K, vec![0; 144]);
+    w.tensor("k", &[256], Q2_K, vec![0; 84]);
     let (_dir, path) = write_tmp(&w.build());
     let f = GgufFile::open(&path).unwrap();
     let e = f.read("k").err().unwrap().to_string();
-    assert!(e.contains("Q4_K") && e.contains("Q4_1"), "{e}");
+    assert!(e.contains("Q2_K") && e.contains("Q4_K"), "{e}");
 }
 
 #[test]
