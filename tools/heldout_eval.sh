@@ -108,7 +108,7 @@ if [ $do_quant = 1 ]; then
   for text in tune-kjv $held; do
     [ "$text" = recall ] && continue # generated facts between report prose: a KV text
     for ctx in 256 1024; do
-      run "$text" "$MODEL" "f32$tag" $ctx
+      run "$text" "$MODEL" "f32$tag" $ctx --gguf-f32
       for m in ${QUANT_METHODS:-rtn smooth gptq haq}; do
         run "$text" "$out/smollm2-$m.emoe" "$m$tag" $ctx
       done
