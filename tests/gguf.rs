@@ -364,12 +364,12 @@ fn hostile_headers_fail_clearly() {
         let want = format!("not a multiple of {name}'s block of {block}");
         assert!(e.contains(&want), "{e:?} should mention {want:?}");
         let mut w = Writer::new();
-        w.tensor("t", &[block as u64, 3], ty, vec![0; 3 * bytes - 1]);
+        w.tensor("t", &[block, 3], ty, vec![0; 3 * bytes - 1]);
         let e = open_err(&w.build());
         assert!(e.contains("past the end") && e.contains(name), "{e:?}");
         // Whole blocks read back (all-zero blocks are zeros).
         let mut w = Writer::new();
-        w.tensor("t", &[block as u64, 3], ty, vec![0; 3 * bytes]);
+        w.tensor("t", &[block, 3], ty, vec![0; 3 * bytes]);
         let (_dir, path) = write_tmp(&w.build());
         let f = GgufFile::open(&path).unwrap();
         assert_eq!(values(f.read("t").unwrap()), vec![0.0; 3 * block as usize]);

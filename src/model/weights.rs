@@ -590,7 +590,7 @@ impl Loader<'_> {
     }
 
     /// What a matrix in a file's quantized blocks becomes (see [`WeightForm`]).
-    fn from_blocks(&self, b: Arc<BlockMatrix>, prefix: &str, table: bool) -> Result<LinearWeight> {
+    fn block_weight(&self, b: Arc<BlockMatrix>, prefix: &str, table: bool) -> Result<LinearWeight> {
         let decoded = |b: &BlockMatrix| {
             let rows = b.to_rows();
             b.release();
@@ -631,7 +631,7 @@ impl Loader<'_> {
         let weight = if self.src.has(&qname) {
             self.int8_weight(prefix, out, inp, why)?
         } else if let Some(b) = self.src.blocks(&wname, &[out, inp], why)? {
-            self.from_blocks(b, prefix, table)?
+            self.block_weight(b, prefix, table)?
         } else {
             match (self.src.stored(&wname, &[out, inp], why)?, self.form) {
                 (Stored::Half(kind, w), WeightForm::AsStored | WeightForm::InPlace) => {
