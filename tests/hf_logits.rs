@@ -5,6 +5,7 @@
 //! order (blocked SIMD dot products vs. torch's GEMM), which moves a logit by ~1e-6 relative.
 
 use edgemoe::engine::{BatchItem, Engine, Logits};
+use edgemoe::model::config::ModelConfig;
 use edgemoe::model::safetensors::SafetensorsFile;
 use edgemoe::quant::{self, Method, QuantOptions};
 use edgemoe::Model;
@@ -258,6 +259,39 @@ fn llama_matches_transformers() {
 #[test]
 fn llama_gguf_matches_transformers() {
     check_model("llama-tiny", &fixture("llama-tiny/llama-tiny.gguf"));
+}
+
+/// The MoE fixtures as llama.cpp lays them out in GGUF (tools/make_moe_gguf_fixtures.py: F32,
+/// stacked `ffn_*_exps` experts, `ffn_gate_inp` routers, `{arch}.expert_*` keys) against
+/// transformers' logits of the checkpoints. Mixtral is llama.cpp's `llama` arch with
+/// `llama.expert_count` and q/k rows permuted; qwen2moe (shared expert, q/k/v biases, a dense
+/// layer), qwen3moe (per-head q/k norms, a dense layer) and olmoe (whole q/k norms, clamp_kqv)
+/// are stored in transformers' row order.
+#[test]
+fn moe_ggufs_match_transformers() {
+    for name in [
+        "mixtral-tiny",
+        "qwen2moe-tiny",
+        "qwen3moe-tiny",
+        "olmoe-tiny",
+    ] {
+        let path = fixture(name).join(format!("{name}.gguf"));
+        let (gguf, hf) = (
+            Model::load(&path).unwrap(),
+            Model::load(&fixture(name)).unwrap(),
+        );
+        // generation_config.json may add stop ids the converter does not carry over.
+        let without_eos = |m: &Model| ModelConfig {
+            eos_token_ids: vec![],
+            ..m.config.clone()
+        };
+        assert_eq!(
+            without_eos(&gguf),
+            without_eos(&hf),
+            "{name}: config from GGUF metadata"
+        );
+        check_loaded(name, gguf);
+    }
 }
 
 /// Several sequences in one batched step give the same logits as each alone.

@@ -20,7 +20,7 @@ held=tests/fixtures/trained-moe/heldout.txt
 peak_kb() { awk -F: '/Maximum resident/ {gsub(/ /,"",$2); print $2}' "$1"; }
 wall() { awk '/Elapsed \(wall clock\)/ {print $NF}' "$1"; }
 cpu() { awk -F: '/User time|System time/ {s += $2} END {printf "%.0f", s}' "$1"; }
-ppl() { "$bin" ppl --model "$1" --text "$held" --ctx "$2" --threads 2 --json 2>/dev/null |
+ppl() { "$bin" ppl --model "$1" --text "$held" --ctx "$2" --threads 2 --json "${@:3}" 2>/dev/null |
   python3 -c "import json,sys; print('%.4f' % json.load(sys.stdin)['ppl'])"; }
 
 if [ "$what" = smollm2 ] || [ "$what" = all ]; then
@@ -28,7 +28,7 @@ if [ "$what" = smollm2 ] || [ "$what" = all ]; then
   [ -f "$gguf" ] || bash tools/fetch_smollm2.sh
   f32_bytes=$((134515008 * 4)) # SmolLM2-135M's parameters (tied head counted once) in f32
   echo "== SmolLM2-135M: f32 weights $f32_bytes B"
-  f256=$(ppl "$gguf" 256); f1024=$(ppl "$gguf" 1024)
+  f256=$(ppl "$gguf" 256 --gguf-f32); f1024=$(ppl "$gguf" 1024 --gguf-f32)
   echo "method | ppl ctx 256 | vs f32 | ppl ctx 1024 | vs f32 | quantize wall (CPU s) | peak RSS / f32 size"
   echo "f32 | $f256 | | $f1024 | | |"
   # An entry is a method, or METHOD:FLAG for a variant (haq:--no-rotate).

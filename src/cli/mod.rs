@@ -65,6 +65,11 @@ pub struct ModelArgs {
     /// builtin:mixtral-1g, builtin:smol-moe).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// A .gguf's quantized matrices (Q4_K, Q8_0, …) decoded to f32 at load, exactly the
+    /// file's values, instead of converted to weight-only int8 rows (the default, which holds
+    /// no f32 copy of the model): the reference that quantization is measured against.
+    #[arg(long = "gguf-f32")]
+    pub gguf_f32: bool,
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -98,7 +103,20 @@ impl ModelArgs {
         kv: impl FnOnce(&crate::Model) -> anyhow::Result<crate::kv::KvDemand>,
     ) -> anyhow::Result<crate::Engine> {
         let started = std::time::Instant::now();
-        let model = crate::load_model(self.model.as_deref())?;
+        let model = match self.model.as_deref() {
+            Some(p) if self.gguf_f32 => {
+                let is_gguf = p
+                    .extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+                anyhow::ensure!(
+                    is_gguf,
+                    "--gguf-f32 is for .gguf files, not {}",
+                    p.display()
+                );
+                crate::Model::load_f32(p)?
+            }
+            path => crate::load_model(path)?,
+        };
         eprintln!(
             "loaded {} ({}, {:.1} M params) in {:.2} s",
             model.source,

@@ -29,7 +29,8 @@ pub struct PplArgs {
     pub facts: Option<PathBuf>,
     /// A reference model (e.g. the f32 checkpoint a quantized one came from): also report the
     /// KL divergence of this model's next-token distributions from its, top-1 agreement and
-    /// the reference's perplexity on the same windows (the reference runs with a full cache).
+    /// the reference's perplexity on the same windows (the reference runs with a full cache; a
+    /// .gguf reference is decoded to f32, as `--gguf-f32` does).
     #[arg(long, value_name = "MODEL")]
     pub kl_ref: Option<PathBuf>,
     /// Print one JSON object instead of a line of text.
@@ -80,8 +81,11 @@ pub fn run(a: PplArgs) -> anyhow::Result<()> {
     };
     let (scored, divergence) = match &a.kl_ref {
         Some(path) => {
+            // A GGUF reference is decoded to f32: its exact values, not int8 rows.
+            let gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
             let reference = super::ModelArgs {
                 model: Some(path.clone()),
+                gguf_f32: gguf,
                 ..a.model.clone()
             }
             .engine()?;

@@ -101,12 +101,18 @@ impl Model {
         })
     }
 
-    /// Loads a GGUF file: config and tokenizer from its metadata, tensors read in place (F32,
-    /// F16, BF16) or dequantized to f32 (Q8_0, Q4_0, Q4_1).
+    /// Loads a GGUF file: config and tokenizer from its metadata, F32/F16/BF16 tensors in
+    /// place, quantized ones (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, MXFP4) as `form` says:
+    /// converted at load to weight-only int8 rows, a matrix at a time ([`WeightForm::AsStored`]),
+    /// left in the map for the quantizer ([`WeightForm::InPlace`]) or decoded to f32.
     pub fn load_gguf(path: &Path, form: WeightForm) -> Result<Model> {
-        let file = gguf::GgufFile::open(path)?;
+        let mut file = gguf::GgufFile::open(path)?;
         let config = file.config()?;
         let tokenizer = file.tokenizer()?;
+        // The vocabulary's strings, and what building the tokenizer left free, go back before
+        // the weights are converted (a small model's peak RSS is mostly these).
+        file.drop_tokenizer_metadata();
+        crate::util::memory::trim_heap();
         let weights = arch::load_weights(&config, &file, form)?;
         Ok(Model {
             config,

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::buf::{Buf, HalfKind, SharedMap};
+use crate::model::gguf::blocks::BlockMatrix;
 use crate::model::int8::{padded_k, Int8Matrix};
 use std::any::Any;
 use std::sync::{Arc, OnceLock};
@@ -42,8 +43,10 @@ pub enum LinearWeight {
     Int8WeightOnly(Int8Matrix),
 }
 
-/// An f32 matrix in a layout one backend chose for its own kernels. `model/` sees only what
-/// reports and the quantizer need; the backend that made it reads it through [`Self::as_any`].
+/// An f32 matrix in a layout one backend chose for its own kernels, or a file's quantized
+/// blocks awaiting the quantizer ([`BlockMatrix`]). `model/` sees only what reports and the
+/// quantizer need; the backend that made it reads it through [`Self::as_any`] (others through
+/// [`Self::to_rows`]).
 pub trait PreparedMatrix: std::fmt::Debug + Send + Sync + Any {
     /// The matrix as the checkpoint stores it, row-major `[out, in]` (a copy).
     fn to_rows(&self) -> Vec<f32>;
@@ -98,14 +101,25 @@ impl Linear {
         matches!(self.weight, LinearWeight::Prepared(_))
     }
 
-    /// Widens bf16/f16 weights to row-major f32 the process owns, releasing their file pages.
+    /// Widens bf16/f16 weights, and decodes a file's quantized blocks (GGUF), to row-major
+    /// f32 the process owns, releasing their file pages.
     pub fn widen_half_rows(&mut self) {
-        if let LinearWeight::Half(kind, w) = &self.weight {
-            let rows = kind.widen(w);
-            if let Some((map, at, len)) = w.mapping() {
-                crate::model::buf::release_pages(map, at, len);
+        match &self.weight {
+            LinearWeight::Half(kind, w) => {
+                let rows = kind.widen(w);
+                if let Some((map, at, len)) = w.mapping() {
+                    crate::model::buf::release_pages(map, at, len);
+                }
+                self.weight = LinearWeight::F32Rows(rows.into());
             }
-            self.weight = LinearWeight::F32Rows(rows.into());
+            LinearWeight::Prepared(p) => {
+                if let Some(b) = p.as_any().downcast_ref::<BlockMatrix>() {
+                    let rows = b.to_rows();
+                    b.release();
+                    self.weight = LinearWeight::F32Rows(rows.into());
+                }
+            }
+            _ => {}
         }
     }
 
@@ -524,6 +538,17 @@ pub trait TensorSource {
             }),
         }
     }
+    /// A matrix the source keeps in a file's own quantized blocks (a GGUF's Q4_K, Q8_0, …),
+    /// checked against `shape`; `None` where the source stores `name` otherwise. The loader
+    /// decides what it becomes ([`WeightForm`]).
+    fn blocks(
+        &self,
+        _name: &str,
+        _shape: &[usize],
+        _why: &str,
+    ) -> Result<Option<Arc<BlockMatrix>>> {
+        Ok(None)
+    }
     /// The block of a mapped store that holds expert `expert` of layer `layer`, if any.
     fn expert_block(&self, _layer: usize, _expert: usize) -> Option<Arc<StoredBlock>> {
         None
@@ -533,13 +558,16 @@ pub trait TensorSource {
 /// How a loader turns stored weights into the kernels' forms.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum WeightForm {
-    /// As stored where a kernel reads that layout (bf16/f16 and mapped tables in place).
+    /// As stored where a kernel reads that layout (bf16/f16 and mapped tables in place); a
+    /// file's quantized blocks (GGUF) converted at load, a matrix at a time, to weight-only
+    /// int8 rows (routers and the shared-expert gate, which stay f32 in an .emoe too, to f32).
     #[default]
     AsStored,
     /// Every floating-point weight widened to f32 (the quantizer edits f32 weights).
     F32,
-    /// Every matrix exactly as stored, f32 ones too (not packed): the quantizer takes one
-    /// layer at a time from the file.
+    /// Every matrix exactly as stored, f32 ones and quantized blocks too (not packed, not
+    /// decoded): the quantizer takes one layer at a time from the file. Embedding tables in
+    /// quantized blocks are decoded to f32 (calibration looks rows up).
     InPlace,
 }
 
@@ -560,20 +588,44 @@ impl Loader<'_> {
         bias: bool,
         why: &str,
     ) -> Result<Linear> {
-        self.linear_as(prefix, out, inp, bias, why)
+        self.linear_as(prefix, (out, inp), bias, false, why)
     }
 
     /// An embedding table (looked up a row per token; backends keep it row-major).
     pub fn embedding(&self, prefix: &str, out: usize, inp: usize, why: &str) -> Result<Linear> {
-        self.linear_as(prefix, out, inp, false, why)
+        self.linear_as(prefix, (out, inp), false, true, why)
+    }
+
+    /// What a matrix in a file's quantized blocks becomes (see [`WeightForm`]).
+    fn block_weight(&self, b: Arc<BlockMatrix>, prefix: &str, table: bool) -> Result<LinearWeight> {
+        let decoded = |b: &BlockMatrix| {
+            let rows = b.to_rows();
+            b.release();
+            LinearWeight::F32Rows(rows.into())
+        };
+        Ok(match self.form {
+            WeightForm::F32 => decoded(&b),
+            WeightForm::InPlace if table => decoded(&b),
+            WeightForm::InPlace => LinearWeight::Prepared(b),
+            WeightForm::AsStored if !crate::quant::is_quantized_layer(prefix) => decoded(&b),
+            WeightForm::AsStored => {
+                let m = b.to_int8().map_err(|e| {
+                    Error::invalid(format!(
+                        "{prefix}: converting {} blocks to int8: {e}",
+                        b.ggml_type().name()
+                    ))
+                })?;
+                LinearWeight::Int8WeightOnly(m)
+            }
+        })
     }
 
     fn linear_as(
         &self,
         prefix: &str,
-        out: usize,
-        inp: usize,
+        (out, inp): (usize, usize),
         bias: bool,
+        table: bool,
         why: &str,
     ) -> Result<Linear> {
         let bias = if bias {
@@ -582,10 +634,12 @@ impl Loader<'_> {
             None
         };
         let qname = format!("{prefix}.qweight");
+        let wname = format!("{prefix}.weight");
         let weight = if self.src.has(&qname) {
             self.int8_weight(prefix, out, inp, why)?
+        } else if let Some(b) = self.src.blocks(&wname, &[out, inp], why)? {
+            self.block_weight(b, prefix, table)?
         } else {
-            let wname = format!("{prefix}.weight");
             match (self.src.stored(&wname, &[out, inp], why)?, self.form) {
                 (Stored::Half(kind, w), WeightForm::AsStored | WeightForm::InPlace) => {
                     LinearWeight::Half(kind, w)

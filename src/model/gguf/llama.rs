@@ -1,11 +1,12 @@
-//! What a Llama GGUF file says besides its tensors: the model config (from `llama.*` metadata,
-//! llama.cpp's key names) and the tokenizer (from `tokenizer.ggml.*`), rebuilt as a
+//! What a GGUF file says besides its tensors: the model config (from `{arch}.*` metadata,
+//! llama.cpp's key names, for `llama` — Mixtral when it has `llama.expert_count` —, `qwen2moe`,
+//! `qwen3moe` and `olmoe`) and the tokenizer (from `tokenizer.ggml.*`), rebuilt as a
 //! `tokenizers` tokenizer.json so it runs, and embeds in an .emoe, like a checkpoint's.
 
 use super::parse::Value;
 use super::GgufFile;
 use crate::error::{Error, Result};
-use crate::model::config::ModelConfig;
+use crate::model::config::{Architecture, FfnKind, ModelConfig, QkNorm};
 use crate::model::tokenizer::Tokenizer;
 use serde_json::{json, Map};
 
@@ -71,16 +72,35 @@ impl GgufFile {
         }
     }
 
-    /// The model config the metadata describes (only `general.architecture = llama` for now).
-    pub fn config(&self) -> Result<ModelConfig> {
-        let arch = self.architecture();
-        if arch != "llama" {
-            return Err(Error::UnknownArchitecture {
-                path: self.path.clone(),
-                name: format!("{arch} (GGUF general.architecture)"),
-            });
+    fn flag(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            Some(v) => v.as_bool().ok_or_else(|| {
+                self.key_error(key, format!("expected a bool, got a {}", v.type_name()))
+            }),
+            None => Ok(default),
         }
-        let k = |s: &str| format!("llama.{s}");
+    }
+
+    /// The model config the metadata describes: `general.architecture` `llama` (Mixtral when
+    /// `llama.expert_count` is set), `qwen2moe`, `qwen3moe` or `olmoe`.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let name = self.architecture();
+        let k = |s: &str| format!("{name}.{s}");
+        let arch = match name {
+            "llama" if self.uint(&k("expert_count"), Some(0))? > 0 => Architecture::Mixtral,
+            "llama" => Architecture::Llama,
+            "qwen2moe" => Architecture::Qwen2Moe,
+            "qwen3moe" => Architecture::Qwen3Moe,
+            "olmoe" => Architecture::Olmoe,
+            _ => {
+                return Err(Error::UnknownArchitecture {
+                    path: self.path.clone(),
+                    name: format!(
+                        "{name} (GGUF general.architecture; supported: llama, qwen2moe, qwen3moe, olmoe)"
+                    ),
+                })
+            }
+        };
         let hidden = self.positive(&k("embedding_length"), None)?;
         let layers = self.positive(&k("block_count"), None)?;
         // Checked before `dense_llama` sizes its per-layer table by it.
@@ -133,8 +153,7 @@ impl GgufFile {
             }
             v
         });
-        let ffn = self.positive(&k("feed_forward_length"), None)?;
-        let cfg = ModelConfig {
+        let mut cfg = ModelConfig {
             vocab_size: vocab,
             num_heads: heads,
             num_kv_heads: kv,
@@ -145,10 +164,63 @@ impl GgufFile {
             tie_word_embeddings: self.info("output.weight").is_none(),
             bos_token_id: self.token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: eos,
-            ..ModelConfig::dense_llama(hidden, layers, ffn)
+            ..ModelConfig::dense_llama(hidden, layers, 0)
         };
+        if arch == Architecture::Llama {
+            cfg.dense_ffn = self.positive(&k("feed_forward_length"), None)?;
+        } else {
+            self.moe_config(&mut cfg, arch)?;
+        }
         cfg.validate(&self.path)?;
         Ok(cfg)
+    }
+
+    /// The MoE fields: expert counts and widths from `{arch}.expert_*`; which layers route
+    /// from their tensors (a layer with `ffn_gate_inp` has experts, one without is a dense
+    /// MLP, as Qwen's `mlp_only_layers` / `decoder_sparse_step` make); biases, q/k norms and
+    /// the top-k renormalization as each family has them (llama.cpp's defaults where
+    /// `{arch}.expert_weights_norm` is absent).
+    fn moe_config(&self, cfg: &mut ModelConfig, arch: Architecture) -> Result<()> {
+        let name = self.architecture();
+        let k = |s: &str| format!("{name}.{s}");
+        cfg.arch = arch;
+        cfg.num_experts = self.positive(&k("expert_count"), None)?;
+        cfg.top_k = self.positive(&k("expert_used_count"), None)?;
+        let ffn = self.uint(&k("feed_forward_length"), Some(0))?;
+        cfg.expert_ffn = self.positive(&k("expert_feed_forward_length"), Some(ffn))?;
+        cfg.dense_ffn = ffn;
+        cfg.layer_ffn = (0..cfg.num_layers)
+            .map(
+                |i| match self.info(&format!("blk.{i}.ffn_gate_inp.weight")) {
+                    Some(_) => FfnKind::Moe,
+                    None => FfnKind::DenseGated,
+                },
+            )
+            .collect();
+        let renormalize = matches!(arch, Architecture::Mixtral | Architecture::Qwen3Moe);
+        cfg.norm_topk_prob = self.flag(&k("expert_weights_norm"), renormalize)?;
+        let shared = self.uint(&k("expert_shared_feed_forward_length"), Some(0))?;
+        cfg.shared_expert_ffn = (arch == Architecture::Qwen2Moe && shared > 0).then_some(shared);
+        cfg.attention_bias = self.info("blk.0.attn_q.bias").is_some();
+        cfg.qk_norm = match arch {
+            Architecture::Qwen3Moe => Some(QkNorm::PerHead),
+            Architecture::Olmoe => Some(QkNorm::Whole),
+            _ => None,
+        };
+        if self.get(&k("attention.clamp_kqv")).is_some() {
+            cfg.clip_qkv = Some(self.float(&k("attention.clamp_kqv"), 0.0)?);
+        }
+        if let Some(w) = self.get(&k("attention.sliding_window")) {
+            let w = w.as_u64().and_then(|w| usize::try_from(w).ok());
+            let w = w.ok_or_else(|| {
+                self.key_error(
+                    &k("attention.sliding_window"),
+                    "expected an unsigned integer",
+                )
+            })?;
+            cfg.sliding_window = (w > 0).then_some(w);
+        }
+        Ok(())
     }
 
     /// The tokenizer the metadata describes, as a tokenizer.json text.

@@ -6,12 +6,17 @@
 //! default). [`parse`] validates every count, length and offset before use.
 //!
 //! As a [`TensorSource`] the file answers to the Hugging Face names the architecture loaders
-//! ask for (`model.layers.0.self_attn.q_proj.weight` is `blk.0.attn_q.weight`). F32, F16 and
-//! BF16 tensors are used in place; Q8_0, Q4_0 and Q4_1 are dequantized to f32 on reading.
-//! llama.cpp's converter permutes the rows of a Llama's q and k projections for ggml's
-//! interleaved RoPE; edgemoe's RoPE rotates halves as transformers does, so those rows are put
-//! back in Hugging Face order here.
+//! ask for (`model.layers.0.self_attn.q_proj.weight` is `blk.0.attn_q.weight`; expert `e` of a
+//! MoE layer is slice `e` of the stacked `blk.N.ffn_gate_exps.weight`). F32, F16 and BF16
+//! tensors are used in place. Quantized matrices (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, MXFP4)
+//! are handed to the loader as [`BlockMatrix`]es, still in the map: a direct run converts each
+//! to int8 at load, `quantize` decodes one at a time (see [`blocks`]); quantized vectors are
+//! dequantized to f32 on reading. llama.cpp's converter permutes the rows of a Llama's (and
+//! Mixtral's) q and k projections for ggml's interleaved RoPE; edgemoe's RoPE rotates halves as
+//! transformers does, so those rows are put back in Hugging Face order here. Qwen2-MoE,
+//! Qwen3-MoE and OLMoE use NeoX RoPE in llama.cpp and are stored unpermuted.
 
+pub mod blocks;
 pub(crate) mod llama;
 pub mod parse;
 pub(crate) mod types;
@@ -19,6 +24,7 @@ pub(crate) mod types;
 use crate::error::{Error, Result};
 use crate::model::buf::{Buf, HalfKind, Plain, SharedMap};
 use crate::model::weights::{Stored, TensorSource};
+use blocks::BlockMatrix;
 use memmap2::Mmap;
 use parse::{Header, TensorInfo, Value};
 use std::collections::BTreeMap;
@@ -92,6 +98,15 @@ impl GgufFile {
 
     pub fn metadata(&self) -> &BTreeMap<String, Value> {
         &self.header.metadata
+    }
+
+    /// Forgets the `tokenizer.ggml.*` keys (once the tokenizer is built) and gives their
+    /// bytes' file pages back.
+    pub fn drop_tokenizer_metadata(&mut self) {
+        self.header
+            .metadata
+            .retain(|k, _| !k.starts_with("tokenizer.ggml."));
+        crate::model::buf::release_pages(&self.map, 0, self.header.data_start);
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -175,7 +190,8 @@ fn u16s(bytes: &[u8]) -> Vec<u16> {
         .collect()
 }
 
-/// The GGUF name llama.cpp gives a Hugging Face Llama-family tensor name, if it has one.
+/// The GGUF name llama.cpp gives a Hugging Face tensor name (Llama, Mixtral, Qwen2/3-MoE,
+/// OLMoE), if it has one; experts are [`gguf_expert`]'s.
 pub fn gguf_name(hf: &str) -> Option<String> {
     let fixed = match hf {
         "model.embed_tokens.weight" => Some("token_embd.weight"),
@@ -186,15 +202,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     if let Some(f) = fixed {
         return Some(f.to_string());
     }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let (module, suffix) = rest.rsplit_once('.')?;
-    if suffix != "weight" && suffix != "bias" {
-        return None;
-    }
+    let (layer, module, suffix) = layer_parts(hf)?;
     let g = match module {
         "input_layernorm" => "attn_norm",
         "post_attention_layernorm" => "ffn_norm",
@@ -202,12 +210,57 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
+        // Routers (Qwen2/3-MoE and OLMoE; Mixtral) and Qwen2-MoE's shared expert.
+        "mlp.gate" | "block_sparse_moe.gate" => "ffn_gate_inp",
+        "mlp.shared_expert.gate_proj" => "ffn_gate_shexp",
+        "mlp.shared_expert.up_proj" => "ffn_up_shexp",
+        "mlp.shared_expert.down_proj" => "ffn_down_shexp",
+        "mlp.shared_expert_gate" => "ffn_gate_inp_shexp",
         _ => return None,
     };
     Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// `model.layers.N.MODULE.SUFFIX` (SUFFIX `weight` or `bias`) split into its parts.
+fn layer_parts(hf: &str) -> Option<(&str, &str, &str)> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (module, suffix) = rest.rsplit_once('.')?;
+    (suffix == "weight" || suffix == "bias").then_some((layer, module, suffix))
+}
+
+/// An expert's projection: the stacked tensor llama.cpp writes (`blk.N.ffn_gate_exps.weight`,
+/// `[n_expert, ...]`), the expert's index in it, and the per-expert name older Mixtral GGUFs
+/// used (`blk.N.ffn_gate.E.weight`).
+pub fn gguf_expert(hf: &str) -> Option<(String, usize, String)> {
+    let (layer, module, suffix) = layer_parts(hf)?;
+    if suffix != "weight" {
+        return None;
+    }
+    let rest = module
+        .strip_prefix("mlp.experts.")
+        .or_else(|| module.strip_prefix("block_sparse_moe.experts."))?;
+    let (expert, proj) = rest.split_once('.')?;
+    let expert: usize = expert.parse().ok()?;
+    let g = match proj {
+        "gate_proj" | "w1" => "ffn_gate",
+        "up_proj" | "w3" => "ffn_up",
+        "down_proj" | "w2" => "ffn_down",
+        _ => return None,
+    };
+    Some((
+        format!("blk.{layer}.{g}_exps.weight"),
+        expert,
+        format!("blk.{layer}.{g}.{expert}.weight"),
+    ))
 }
 
 /// Undoes llama.cpp's `permute` of a q/k projection: within each of `heads` heads, GGUF row
@@ -231,38 +284,112 @@ pub fn unpermute_rows<T: Copy>(v: &[T], heads: usize, cols: usize) -> Option<Vec
     Some(dst)
 }
 
-impl TensorSource for GgufFile {
-    fn has(&self, name: &str) -> bool {
-        gguf_name(name).is_some_and(|g| self.info(&g).is_some())
+/// Where a Hugging Face tensor lies in the file: a whole GGUF tensor or one expert's slice of
+/// a stacked one.
+struct View {
+    gguf: String,
+    ty: GgmlType,
+    start: usize,
+    end: usize,
+    shape: Vec<usize>,
+}
+
+/// A shape without its outermost 1s (`[1, h]` and `[h]` are the same vector).
+fn squeezed(shape: &[usize]) -> &[usize] {
+    let ones = shape.iter().take_while(|&&d| d == 1).count();
+    &shape[ones.min(shape.len().saturating_sub(1))..]
+}
+
+impl GgufFile {
+    /// The GGUF tensor (and expert) behind Hugging Face name `hf`.
+    fn locate(&self, hf: &str) -> Option<(String, Option<usize>)> {
+        if let Some(g) = gguf_name(hf) {
+            return self.info(&g).is_some().then_some((g, None));
+        }
+        let (stacked, e, legacy) = gguf_expert(hf)?;
+        if self.info(&stacked).is_some() {
+            Some((stacked, Some(e)))
+        } else {
+            self.info(&legacy).is_some().then_some((legacy, None))
+        }
     }
 
-    fn stored(&self, name: &str, shape: &[usize], why: &str) -> Result<Stored> {
-        let g = gguf_name(name).ok_or_else(|| Error::MissingTensor {
-            name: name.to_string(),
-        })?;
-        let info = self
-            .info(&g)
-            .ok_or_else(|| self.error(format!("no tensor `{g}` (asked for as `{name}`)")))?;
-        let actual = info.shape();
-        if actual != shape {
+    /// `hf`'s bytes, checked against `shape`.
+    fn view(&self, hf: &str, shape: &[usize], why: &str) -> Result<View> {
+        let missing = || match gguf_name(hf).or_else(|| gguf_expert(hf).map(|e| e.0)) {
+            Some(g) => self.error(format!("no tensor `{g}` (asked for as `{hf}`)")),
+            None => Error::MissingTensor {
+                name: hf.to_string(),
+            },
+        };
+        let (g, expert) = self.locate(hf).ok_or_else(missing)?;
+        let info = self.info(&g).ok_or_else(missing)?;
+        let mut actual = info.shape();
+        let (mut start, mut end) = (info.start, info.end);
+        if let Some(e) = expert {
+            let n = actual[0];
+            if e >= n || actual.len() < 2 {
+                return Err(self.error(format!(
+                    "`{hf}`: expert {e}, but `{g}` {actual:?} holds {n} experts"
+                )));
+            }
+            // Blocks run along the innermost dim, so each expert's bytes are one slice.
+            let per = (end - start) / n;
+            start += e * per;
+            end = start + per;
+            actual.remove(0);
+        }
+        if squeezed(&actual) != squeezed(shape) {
             return Err(Error::ShapeMismatch {
                 name: g,
                 expected: shape.to_vec(),
                 actual,
-                why: format!("`{name}`, from GGUF metadata {why}"),
+                why: format!("`{hf}`, from GGUF metadata {why}"),
             });
         }
-        let stored = self.read(&g)?;
-        let Some(heads) = self.rope_permuted_heads(&g) else {
+        Ok(View {
+            gguf: g,
+            ty: info.ty,
+            start,
+            end,
+            shape: shape.to_vec(),
+        })
+    }
+}
+
+impl TensorSource for GgufFile {
+    fn has(&self, name: &str) -> bool {
+        self.locate(name).is_some()
+    }
+
+    fn stored(&self, name: &str, shape: &[usize], why: &str) -> Result<Stored> {
+        let v = self.view(name, shape, why)?;
+        let n: usize = v.shape.iter().product();
+        let bytes = &self.map[v.start..v.end];
+        let stored = match v.ty.id() {
+            types::F32 => Stored::F32(
+                Buf::mapped(&self.map, v.start, n)
+                    .unwrap_or_else(|| crate::model::convert::f32s(bytes).into()),
+            ),
+            types::F16 | types::BF16 => {
+                let kind = if v.ty.id() == types::F16 {
+                    HalfKind::F16
+                } else {
+                    HalfKind::Bf16
+                };
+                let b = Buf::mapped(&self.map, v.start, n).unwrap_or_else(|| u16s(bytes).into());
+                Stored::Half(kind, b)
+            }
+            _ => match types::dequantize(v.ty, bytes) {
+                Some(x) => Stored::F32(x.into()),
+                None => return Err(self.unsupported(&v.gguf, v.ty)),
+            },
+        };
+        let Some(heads) = self.rope_permuted_heads(&v.gguf) else {
             return Ok(stored);
         };
         let cols = if shape.len() == 2 { shape[1] } else { 1 };
-        let bad = || {
-            self.error(format!(
-                "tensor `{g}`: {} rows do not split into {heads} heads of an even size",
-                shape[0]
-            ))
-        };
+        let bad = || self.uneven_heads(&v.gguf, shape[0], heads);
         Ok(match stored {
             Stored::F32(b) => Stored::F32(unpermute_rows(&b, heads, cols).ok_or_else(bad)?.into()),
             Stored::Half(k, b) => {
@@ -270,6 +397,31 @@ impl TensorSource for GgufFile {
             }
             other => other,
         })
+    }
+
+    fn blocks(&self, name: &str, shape: &[usize], why: &str) -> Result<Option<Arc<BlockMatrix>>> {
+        let v = self.view(name, shape, why)?;
+        if !v.ty.is_dequantizable() || shape.len() != 2 {
+            return Ok(None);
+        }
+        let heads = self.rope_permuted_heads(&v.gguf);
+        let b = BlockMatrix::new(self.map.clone(), v.start, (shape[0], shape[1]), v.ty, heads);
+        b.map(|b| Some(Arc::new(b))).ok_or_else(|| {
+            self.error(format!(
+                "tensor `{}` ({} {shape:?}) is not a matrix of whole blocks{}",
+                v.gguf,
+                v.ty.name(),
+                heads.map_or(String::new(), |h| format!(" in {h} heads of an even size"))
+            ))
+        })
+    }
+}
+
+impl GgufFile {
+    fn uneven_heads(&self, g: &str, rows: usize, heads: usize) -> Error {
+        self.error(format!(
+            "tensor `{g}`: {rows} rows do not split into {heads} heads of an even size"
+        ))
     }
 }
 
@@ -297,11 +449,42 @@ mod tests {
             ),
             ("model.layers.0.self_attn.q_proj.qweight", None),
             ("model.layers.x.mlp.up_proj.weight", None),
-            ("model.layers.0.block_sparse_moe.gate.weight", None),
+            (
+                "model.layers.0.block_sparse_moe.gate.weight",
+                Some("blk.0.ffn_gate_inp.weight"),
+            ),
+            (
+                "model.layers.2.mlp.gate.weight",
+                Some("blk.2.ffn_gate_inp.weight"),
+            ),
+            (
+                "model.layers.1.mlp.shared_expert_gate.weight",
+                Some("blk.1.ffn_gate_inp_shexp.weight"),
+            ),
+            (
+                "model.layers.1.mlp.shared_expert.down_proj.weight",
+                Some("blk.1.ffn_down_shexp.weight"),
+            ),
+            (
+                "model.layers.0.self_attn.k_norm.weight",
+                Some("blk.0.attn_k_norm.weight"),
+            ),
+            ("model.layers.0.mlp.experts.3.up_proj.weight", None),
         ];
         for (hf, want) in cases {
             assert_eq!(gguf_name(hf).as_deref(), want, "{hf}");
         }
+        let (stacked, e, legacy) =
+            gguf_expert("model.layers.4.block_sparse_moe.experts.7.w2.weight").unwrap();
+        assert_eq!(
+            (stacked.as_str(), e, legacy.as_str()),
+            ("blk.4.ffn_down_exps.weight", 7, "blk.4.ffn_down.7.weight")
+        );
+        let (stacked, e, _) =
+            gguf_expert("model.layers.0.mlp.experts.12.gate_proj.weight").unwrap();
+        assert_eq!((stacked.as_str(), e), ("blk.0.ffn_gate_exps.weight", 12));
+        assert!(gguf_expert("model.layers.0.mlp.experts.1.gate_proj.bias").is_none());
+        assert!(gguf_expert("model.layers.0.mlp.experts.x.gate_proj.weight").is_none());
     }
 
     /// llama.cpp's permute (reshape to [heads, 2, hd/2], swap the last two) then ours is the

@@ -2,7 +2,12 @@
 //! parses), and dequantization for the ones edgemoe reads. Block layouts follow
 //! ggml-common.h: a block of 32 values is an f16 scale `d` (and for Q4_1 an f16 minimum `m`)
 //! followed by the quants; in the 4-bit types byte `j` holds value `j` in its low nibble and
-//! value `j + 16` in its high nibble.
+//! value `j + 16` in its high nibble. The k-quants (Q4_K, Q5_K, Q6_K) pack 256 values in 8 or
+//! 16 sub-blocks with their own 6- or 8-bit scales ([`kquants`]); MXFP4 is a block of 32 FP4
+//! (e2m1) values sharing a power-of-two (e8m0) scale.
+//!
+//! Every formula keeps the association (and so the f32 rounding) of the `gguf` Python
+//! package's dequantizers, which tests/gguf_quants.rs checks bit for bit.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GgmlType {
@@ -54,10 +59,14 @@ pub const F16: u32 = 1;
 pub const Q4_0: u32 = 2;
 pub const Q4_1: u32 = 3;
 pub const Q8_0: u32 = 8;
+pub const Q4_K: u32 = 12;
+pub const Q5_K: u32 = 13;
+pub const Q6_K: u32 = 14;
 pub const BF16: u32 = 30;
+pub const MXFP4: u32 = 39;
 
 /// What [`dequantize`] and the in-place readers handle.
-pub const SUPPORTED: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1";
+pub const SUPPORTED: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, MXFP4";
 
 impl GgmlType {
     pub fn from_id(id: u32) -> Option<GgmlType> {
@@ -84,6 +93,20 @@ impl GgmlType {
     pub fn block(self) -> (usize, usize) {
         (self.block, self.block_bytes)
     }
+
+    /// Whether [`dequantize_into`] decodes this type (a quantized type edgemoe reads).
+    pub fn is_dequantizable(self) -> bool {
+        matches!(self.id, Q8_0 | Q4_0 | Q4_1 | Q4_K | Q5_K | Q6_K | MXFP4)
+    }
+
+    /// Bytes of `values` values (whole blocks), `None` when `values` is not whole blocks or
+    /// the size overflows.
+    pub fn bytes_for(self, values: usize) -> Option<usize> {
+        if !values.is_multiple_of(self.block) {
+            return None;
+        }
+        (values / self.block).checked_mul(self.block_bytes)
+    }
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -91,38 +114,160 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 /// The f32 values of `bytes` holding whole blocks of a quantized type; `None` for a type not
-/// handled here.
+/// handled here or bytes that are not whole blocks.
 pub fn dequantize(ty: GgmlType, bytes: &[u8]) -> Option<Vec<f32>> {
     let (block, block_bytes) = ty.block();
-    debug_assert_eq!(bytes.len() % block_bytes, 0);
-    let mut out = Vec::with_capacity(bytes.len() / block_bytes * block);
-    let blocks = bytes.chunks_exact(block_bytes);
-    match ty.id {
-        Q8_0 => {
-            for b in blocks {
-                let d = f16_at(b, 0);
-                out.extend(b[2..34].iter().map(|&q| f32::from(q as i8) * d));
-            }
-        }
-        Q4_0 => {
-            for b in blocks {
-                let d = f16_at(b, 0);
-                let qs = &b[2..18];
-                out.extend(qs.iter().map(|&q| (i32::from(q & 0xF) - 8) as f32 * d));
-                out.extend(qs.iter().map(|&q| (i32::from(q >> 4) - 8) as f32 * d));
-            }
-        }
-        Q4_1 => {
-            for b in blocks {
-                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-                let qs = &b[4..20];
-                out.extend(qs.iter().map(|&q| f32::from(q & 0xF) * d + m));
-                out.extend(qs.iter().map(|&q| f32::from(q >> 4) * d + m));
-            }
-        }
-        _ => return None,
+    if !ty.is_dequantizable() || !bytes.len().is_multiple_of(block_bytes) {
+        return None;
     }
-    Some(out)
+    let mut out = vec![0f32; bytes.len() / block_bytes * block];
+    dequantize_into(ty, bytes, &mut out).then_some(out)
+}
+
+/// Decodes `bytes` (whole blocks of `ty`) into `out`, which must hold exactly their values;
+/// false (and `out` untouched) for a type not handled here or mismatched lengths.
+pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> bool {
+    let (block, block_bytes) = ty.block();
+    if !ty.is_dequantizable()
+        || !bytes.len().is_multiple_of(block_bytes)
+        || bytes.len() / block_bytes * block != out.len()
+    {
+        return false;
+    }
+    let pairs = bytes
+        .chunks_exact(block_bytes)
+        .zip(out.chunks_exact_mut(block));
+    match ty.id {
+        Q8_0 => pairs.for_each(|(b, y)| q8_0(b, y)),
+        Q4_0 => pairs.for_each(|(b, y)| q4_0(b, y)),
+        Q4_1 => pairs.for_each(|(b, y)| q4_1(b, y)),
+        Q4_K => pairs.for_each(|(b, y)| kquants::q4_k(b, y)),
+        Q5_K => pairs.for_each(|(b, y)| kquants::q5_k(b, y)),
+        Q6_K => pairs.for_each(|(b, y)| kquants::q6_k(b, y)),
+        MXFP4 => pairs.for_each(|(b, y)| mxfp4(b, y)),
+        _ => return false,
+    }
+    true
+}
+
+fn q8_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (v, &q) in y.iter_mut().zip(&b[2..34]) {
+        *v = f32::from(q as i8) * d;
+    }
+}
+
+fn q4_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let (lo, hi) = y.split_at_mut(16);
+    for ((l, h), &q) in lo.iter_mut().zip(hi).zip(&b[2..18]) {
+        *l = (i32::from(q & 0xF) - 8) as f32 * d;
+        *h = (i32::from(q >> 4) - 8) as f32 * d;
+    }
+}
+
+fn q4_1(b: &[u8], y: &mut [f32]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    let (lo, hi) = y.split_at_mut(16);
+    for ((l, h), &q) in lo.iter_mut().zip(hi).zip(&b[4..20]) {
+        *l = f32::from(q & 0xF) * d + m;
+        *h = f32::from(q >> 4) * d + m;
+    }
+}
+
+/// FP4 e2m1 values, doubled (the e8m0 scale is halved to match): codes 0–7 are
+/// 0, 0.5, 1, 1.5, 2, 3, 4, 6 and 8–15 their negatives.
+const E2M1_DOUBLED: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// Half of the e8m0 scale `2^(e - 127)`, as f32 bits: `2^(e - 128)`, subnormal below e = 2.
+pub fn e8m0_half(e: u8) -> f32 {
+    let bits = if e < 2 {
+        0x0020_0000u32 << e
+    } else {
+        u32::from(e - 1) << 23
+    };
+    f32::from_bits(bits)
+}
+
+/// One MXFP4 block: the e8m0 exponent, then 16 bytes holding values `j` (low nibble) and
+/// `j + 16` (high nibble).
+fn mxfp4(b: &[u8], y: &mut [f32]) {
+    let d = e8m0_half(b[0]);
+    let (lo, hi) = y.split_at_mut(16);
+    for ((l, h), &q) in lo.iter_mut().zip(hi).zip(&b[1..17]) {
+        *l = d * f32::from(E2M1_DOUBLED[usize::from(q & 0xF)]);
+        *h = d * f32::from(E2M1_DOUBLED[usize::from(q >> 4)]);
+    }
+}
+
+/// The 256-value super-blocks.
+mod kquants {
+    use super::f16_at;
+
+    /// Sub-block `g`'s 6-bit scale and minimum in Q4_K/Q5_K's 12 packed bytes: for g < 4 the
+    /// low 6 bits of bytes g and g + 4; above, a nibble of byte g + 4 with the top 2 bits of
+    /// byte g - 4 (scale) or g (minimum).
+    fn scale_min(s: &[u8], g: usize) -> (u8, u8) {
+        if g < 4 {
+            (s[g] & 63, s[g + 4] & 63)
+        } else {
+            (
+                (s[g + 4] & 0xF) | ((s[g - 4] >> 6) << 4),
+                (s[g + 4] >> 4) | ((s[g] >> 6) << 4),
+            )
+        }
+    }
+
+    /// Q4_K (144 bytes): f16 d, f16 dmin, 12 scale bytes, 128 bytes of nibbles; sub-block g
+    /// of 32 values is `(d·sc)·q − dmin·m` with q the low (even g) or high (odd g) nibbles of
+    /// bytes 32·(g/2) ..+32.
+    pub(super) fn q4_k(b: &[u8], y: &mut [f32]) {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let (scales, qs) = (&b[4..16], &b[16..144]);
+        for (g, out) in y.chunks_exact_mut(32).enumerate() {
+            let (sc, m) = scale_min(scales, g);
+            let (dl, ml) = (d * f32::from(sc), dmin * f32::from(m));
+            let shift = 4 * (g % 2);
+            let q = &qs[32 * (g / 2)..32 * (g / 2) + 32];
+            for (v, &byte) in out.iter_mut().zip(q) {
+                *v = dl * f32::from((byte >> shift) & 0xF) - ml;
+            }
+        }
+    }
+
+    /// Q5_K (176 bytes): Q4_K's header, 32 bytes of fifth bits (bit g of byte j for value j of
+    /// sub-block g), then Q4_K's nibbles.
+    pub(super) fn q5_k(b: &[u8], y: &mut [f32]) {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+        for (g, out) in y.chunks_exact_mut(32).enumerate() {
+            let (sc, m) = scale_min(scales, g);
+            let (dl, ml) = (d * f32::from(sc), dmin * f32::from(m));
+            let shift = 4 * (g % 2);
+            let q = &qs[32 * (g / 2)..32 * (g / 2) + 32];
+            for ((v, &byte), &high) in out.iter_mut().zip(q).zip(qh) {
+                let q = ((byte >> shift) & 0xF) | (((high >> g) & 1) << 4);
+                *v = dl * f32::from(q) - ml;
+            }
+        }
+    }
+
+    /// Q6_K (210 bytes): 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales (one
+    /// per 16 values), f16 d. In each half h of 128 values, group t of 32 takes the low (t < 2)
+    /// or high nibble of ql[64h + 32·(t % 2) + j] and bits 2t of qh[32h + j]; value
+    /// `(d·scale)·(q − 32)`.
+    pub(super) fn q6_k(b: &[u8], y: &mut [f32]) {
+        let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
+        let d = f16_at(b, 208);
+        for (i, v) in y.iter_mut().enumerate() {
+            let (h, t, j) = (i / 128, (i % 128) / 32, i % 32);
+            let low = (ql[64 * h + 32 * (t % 2) + j] >> (4 * (t / 2))) & 0xF;
+            let high = (qh[32 * h + j] >> (2 * t)) & 3;
+            let q = i32::from(low | (high << 4)) - 32;
+            let dl = d * f32::from(scales[i / 16] as i8);
+            *v = dl * q as f32;
+        }
+    }
 }
 
 #[cfg(test)]

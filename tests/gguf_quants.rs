@@ -1,0 +1,145 @@
+//! GGUF dequantization against the `gguf` Python package (0.19): every quantized tensor of
+//! tests/fixtures/gguf-quants/quants.gguf (written by tools/make_gguf_quant_fixtures.py) must
+//! decode to exactly the f32 bits the package gave, stored beside it as `NAME.expected`.
+
+use edgemoe::model::gguf::GgufFile;
+use edgemoe::model::weights::Stored;
+use std::path::Path;
+
+fn f32s(s: Stored) -> Vec<f32> {
+    match s {
+        Stored::F32(b) => b.to_vec(),
+        _ => panic!("expected f32 values"),
+    }
+}
+
+#[test]
+fn every_quantized_type_decodes_bit_exactly_as_the_gguf_package_does() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf-quants/quants.gguf");
+    let f = GgufFile::open(&path).unwrap();
+    let mut types = vec![];
+    for (name, info) in f.tensors() {
+        if name.ends_with(".expected") {
+            continue;
+        }
+        let want = f32s(f.read(&format!("{name}.expected")).unwrap());
+        let got = f32s(f.read(name).unwrap());
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{name}[{i}]: {g} vs gguf's {w}");
+        }
+        types.push(info.ty.name());
+    }
+    types.sort();
+    types.dedup();
+    assert_eq!(
+        types,
+        ["MXFP4", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0"],
+        "the fixture covers every quantized type edgemoe reads"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a quantized GGUF becomes: qwen2moe-tiny with its matrices in Q8_0
+// (tools/make_moe_gguf_fixtures.py; experts stacked, a shared expert, a dense layer).
+
+use edgemoe::model::gguf::blocks::BlockMatrix;
+use edgemoe::model::int8::Int8Matrix;
+use edgemoe::model::weights::LinearWeight;
+use edgemoe::quant::{self, Method, QuantOptions};
+use edgemoe::Model;
+
+fn q8_0_moe() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qwen2moe-tiny/qwen2moe-tiny.q8_0.gguf")
+}
+
+/// The reference for a converted matrix: the quantizer's round to nearest of the decoded f32
+/// rows, scales rounded to f16 as an .emoe stores them.
+fn rtn(rows: &[f32], n: usize, k: usize) -> Int8Matrix {
+    let mut m = Int8Matrix::quantize_rtn(rows, n, k).unwrap();
+    for s in m.scales.make_mut() {
+        *s = half::f16::from_f32(*s).to_f32();
+    }
+    m
+}
+
+/// A direct run holds no f32 copy: every matrix (experts, shared expert, dense MLP, attention,
+/// embeddings, head) is weight-only int8 equal to RTN of its decoded rows; only the routers and
+/// the shared-expert gate (f32 in an .emoe too) are decoded to f32, exactly.
+#[test]
+fn a_direct_run_converts_each_matrix_to_int8_at_load() {
+    let direct = Model::load(&q8_0_moe()).unwrap();
+    let decoded = Model::load_f32(&q8_0_moe()).unwrap();
+    let (mut int8, mut f32s) = (0, 0);
+    for (a, b) in direct
+        .weights
+        .linears()
+        .iter()
+        .zip(decoded.weights.linears())
+    {
+        assert_eq!(a.name, b.name);
+        let rows = b.f32_rows().unwrap();
+        match &a.weight {
+            LinearWeight::Int8WeightOnly(m) => {
+                assert_eq!(m, &rtn(&rows, a.out_features, a.in_features), "{}", a.name);
+                int8 += 1;
+            }
+            // F32 in the file (widths not whole Q8_0 blocks): used in place, as ever.
+            LinearWeight::F32Rows(w) if w.is_mapped() => assert_eq!(&w[..], &rows[..]),
+            LinearWeight::F32Rows(w) => {
+                assert!(a.name.ends_with("gate"), "{} was decoded to f32", a.name);
+                assert_eq!(&w[..], &rows[..], "{}", a.name);
+                f32s += 1;
+            }
+            _ => panic!("{}: neither int8 nor f32", a.name),
+        }
+    }
+    let c = &direct.config;
+    let moe_layers = c
+        .layer_ffn
+        .iter()
+        .filter(|k| c.num_experts > 0 && **k == edgemoe::model::config::FfnKind::Moe)
+        .count();
+    assert_eq!(
+        f32s,
+        2 * moe_layers,
+        "a router and a shared-expert gate per MoE layer"
+    );
+    assert!(int8 > 2 * c.num_experts * moe_layers);
+}
+
+/// `quantize` reads the blocks a layer at a time: loaded in place, every matrix but the
+/// embedding table is still the file's Q8_0 blocks (nothing decoded), and quantizing from there
+/// gives exactly what quantizing the fully decoded model gives.
+#[test]
+fn quantize_decodes_one_layer_at_a_time_and_matches_the_decoded_model() {
+    let in_place = Model::load_in_place(&q8_0_moe()).unwrap();
+    for lin in in_place.weights.linears().into_iter().skip(1) {
+        let blocks = match &lin.weight {
+            LinearWeight::Prepared(p) => p.as_any().downcast_ref::<BlockMatrix>().is_some(),
+            LinearWeight::F32Rows(w) => w.is_mapped(), // F32 in the file
+            _ => false,
+        };
+        assert!(blocks, "{} was decoded at load", lin.name);
+    }
+    let decoded = Model::load_f32(&q8_0_moe()).unwrap();
+    let opts = |m: &Model| QuantOptions {
+        threads: 2,
+        rotate: false,
+        ..QuantOptions::new(Method::Rtn, m)
+    };
+    let (o1, o2) = (opts(&in_place), opts(&decoded));
+    let (a, _) = quant::quantize(in_place, &[], 16, &o1, |_, _, _| {}).unwrap();
+    let (b, _) = quant::quantize(decoded, &[], 16, &o2, |_, _, _| {}).unwrap();
+    for (x, y) in a.weights.linears().iter().zip(b.weights.linears()) {
+        let same = match (&x.weight, &y.weight) {
+            (
+                LinearWeight::Int8(p) | LinearWeight::Int8WeightOnly(p),
+                LinearWeight::Int8(q) | LinearWeight::Int8WeightOnly(q),
+            ) => p == q,
+            _ => x.f32_rows() == y.f32_rows(),
+        };
+        assert!(same, "{}", x.name);
+    }
+}
