@@ -82,7 +82,9 @@ pub fn run(a: PplArgs) -> anyhow::Result<()> {
     let (scored, divergence) = match &a.kl_ref {
         Some(path) => {
             // A GGUF reference is decoded to f32: its exact values, not int8 rows.
-            let gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+            let gguf = path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
             let reference = super::ModelArgs {
                 model: Some(path.clone()),
                 gguf_f32: gguf,
