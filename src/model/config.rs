@@ -1499,6 +1499,13 @@ mod tests {
         assert!(e.to_string().contains("hidden_size"), "{e}");
         let e = parse(json!({"architectures": ["GPT2LMHeadModel"]})).unwrap_err();
         assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
+        // GPT-OSS is not supported yet: refused by name, with the list of what is.
+        let e = parse(json!({"architectures": ["GptOssForCausalLM"]})).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("GptOssForCausalLM") && e.contains("Glm4MoeForCausalLM"),
+            "{e}"
+        );
         // A layer count past MAX_LAYERS is refused before the per-layer table is allocated
         // (10^12 aborted the process), and ids past u32 are refused, not truncated.
         for arch in [
