@@ -51,6 +51,7 @@ fn f32_rows(lin: &Linear) -> Vec<f32> {
         LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => (0..n)
             .flat_map(|j| m.row(j)[..k].iter().map(move |&q| q as f32 * m.scales[j]))
             .collect(),
+        LinearWeight::Int4(m) => (0..n).flat_map(|j| m.dequantize_row(j)).collect(),
     }
 }
 
