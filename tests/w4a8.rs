@@ -198,7 +198,7 @@ fn w4a8_loss_stays_near_f32_and_paging_computes_the_same() {
         .len;
     // Every read is one whole int4 block: the pager counts (and pages) the int4 bytes.
     assert!(
-        s.misses > 0 && s.bytes_read > 0 && s.bytes_read % block == 0,
+        s.misses > 0 && s.bytes_read > 0 && s.bytes_read.is_multiple_of(block),
         "{s:?}, blocks of {block}"
     );
     assert!(

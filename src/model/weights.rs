@@ -607,7 +607,7 @@ impl Loader<'_> {
         let qname = format!("{prefix}.qweight");
         let weight = if self.src.has(&qname) {
             self.int8_weight(prefix, out, inp, why)?
-        } else if self.src.has(&format!("{prefix}.qweight4")) {
+        } else if self.src.shape_of(&format!("{prefix}.qweight4")).is_some() {
             self.int4_weight(prefix, out, inp, why)?
         } else {
             let wname = format!("{prefix}.weight");

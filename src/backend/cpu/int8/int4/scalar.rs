@@ -33,7 +33,7 @@ pub(super) fn tile(job: &TileJob, f: &mut TileOut) {
                 let zero = job.zeros.map_or(SYMMETRIC_ZERO, |z| z[at]);
                 d -= i32::from(zero) * xsum[g];
                 let scale = half::f16::from_bits(job.scales[at]).to_f32();
-                acc_f = acc_f + d as f32 * scale;
+                acc_f += d as f32 * scale;
             }
             *f_r = acc_f;
         }
