@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::{TileJob, TileOut, MAX_TOKENS};
-use crate::model::int4::{STEP_BYTES, STEP_K, TILE_ROWS};
+use crate::model::int4::{STEP_BYTES, STEP_K, SYMMETRIC_ZERO, TILE_ROWS};
 
 /// # Safety
 /// The CPU must have AVX2 and F16C.
@@ -23,14 +23,14 @@ pub(super) unsafe fn tile(job: &TileJob, f: &mut TileOut) {
     }
 }
 
+/// A step's eight activation bytes as two little-endian i32: columns 0..4 and 4..8.
 #[inline(always)]
-fn quad(x: &[i8], at: usize) -> i32 {
-    i32::from_le_bytes([
-        x[at] as u8,
-        x[at + 1] as u8,
-        x[at + 2] as u8,
-        x[at + 3] as u8,
-    ])
+fn quads(x: &[i8; STEP_K]) -> (i32, i32) {
+    let b = x.map(|v| v as u8);
+    (
+        i32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        i32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+    )
 }
 
 #[target_feature(enable = "avx2,f16c")]
@@ -41,8 +41,8 @@ fn tokens<const R: usize>(job: &TileJob, f: &mut TileOut) {
         steps.len() * STEP_K >= job.k_x,
         "the tile is shorter than the activations"
     );
-    let xs: [&[i8]; R] = std::array::from_fn(|t| job.xs[t]);
-    assert!(xs.iter().all(|x| x.len() == job.k_x));
+    let xs: [&[[i8; STEP_K]]; R] = std::array::from_fn(|t| job.xs[t].as_chunks::<STEP_K>().0);
+    assert!(xs.iter().all(|x| x.len() * STEP_K == job.k_x));
     assert!(job.scales.len() >= job.groups() * TILE_ROWS);
     assert!(job
         .zeros
@@ -58,8 +58,9 @@ fn tokens<const R: usize>(job: &TileJob, f: &mut TileOut) {
             let mut x_lo = [_mm256_setzero_si256(); R];
             let mut x_hi = [_mm256_setzero_si256(); R];
             for t in 0..R {
-                x_lo[t] = _mm256_set1_epi32(quad(xs[t], s * STEP_K));
-                x_hi[t] = _mm256_set1_epi32(quad(xs[t], s * STEP_K + 4));
+                let (q_lo, q_hi) = quads(&xs[t][s]);
+                x_lo[t] = _mm256_set1_epi32(q_lo);
+                x_hi[t] = _mm256_set1_epi32(q_hi);
             }
             for h in 0..2 {
                 // SAFETY: bytes 32h..32h+32 of a 64-byte step; `loadu` has no alignment need.
@@ -77,21 +78,20 @@ fn tokens<const R: usize>(job: &TileJob, f: &mut TileOut) {
         }
         for h in 0..2 {
             let meta = g * TILE_ROWS + 8 * h..g * TILE_ROWS + 8 * h + 8;
-            let zero = match job.zeros {
+            let zeros = job.zeros.map(|z| {
                 // SAFETY: 8 readable bytes (asserted above).
-                Some(z) => _mm256_cvtepu8_epi32(unsafe {
-                    _mm_loadl_epi64(z[meta.clone()].as_ptr().cast())
-                }),
-                None => _mm256_set1_epi32(i32::from(crate::model::int4::SYMMETRIC_ZERO)),
-            };
+                _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(z[meta.clone()].as_ptr().cast()) })
+            });
             // SAFETY: 8 readable u16 (asserted above).
             let scale =
                 _mm256_cvtph_ps(unsafe { _mm_loadu_si128(job.scales[meta].as_ptr().cast()) });
             for t in 0..R {
-                let d = _mm256_sub_epi32(
-                    acc[t][h],
-                    _mm256_mullo_epi32(zero, _mm256_set1_epi32(job.xsums[t][g])),
-                );
+                // zero · Σx: per lane where stored, else the symmetric 8 (the same integers).
+                let correction = match zeros {
+                    Some(z) => _mm256_mullo_epi32(z, _mm256_set1_epi32(job.xsums[t][g])),
+                    None => _mm256_set1_epi32(i32::from(SYMMETRIC_ZERO) * job.xsums[t][g]),
+                };
+                let d = _mm256_sub_epi32(acc[t][h], correction);
                 sums[t][h] = _mm256_add_ps(sums[t][h], _mm256_mul_ps(_mm256_cvtepi32_ps(d), scale));
             }
         }

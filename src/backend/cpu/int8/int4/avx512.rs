@@ -4,7 +4,7 @@
 use std::arch::x86_64::*;
 
 use super::{TileJob, TileOut, MAX_TOKENS};
-use crate::model::int4::{STEP_BYTES, STEP_K, TILE_ROWS};
+use crate::model::int4::{STEP_BYTES, STEP_K, SYMMETRIC_ZERO, TILE_ROWS};
 
 /// # Safety
 /// The CPU must have AVX-512 F + BW + VNNI.
@@ -21,15 +21,15 @@ pub(super) unsafe fn tile(job: &TileJob, f: &mut TileOut) {
     }
 }
 
-/// Four activation bytes `x[at..at + 4]` as one little-endian i32 (for a broadcast).
+/// A step's eight activation bytes as two little-endian i32 (for broadcasts): columns 0..4
+/// and 4..8.
 #[inline(always)]
-fn quad(x: &[i8], at: usize) -> i32 {
-    i32::from_le_bytes([
-        x[at] as u8,
-        x[at + 1] as u8,
-        x[at + 2] as u8,
-        x[at + 3] as u8,
-    ])
+fn quads(x: &[i8; STEP_K]) -> (i32, i32) {
+    let b = x.map(|v| v as u8);
+    (
+        i32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        i32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+    )
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -40,8 +40,8 @@ fn tokens<const R: usize>(job: &TileJob, f: &mut TileOut) {
         steps.len() * STEP_K >= job.k_x,
         "the tile is shorter than the activations"
     );
-    let xs: [&[i8]; R] = std::array::from_fn(|t| job.xs[t]);
-    assert!(xs.iter().all(|x| x.len() == job.k_x));
+    let xs: [&[[i8; STEP_K]]; R] = std::array::from_fn(|t| job.xs[t].as_chunks::<STEP_K>().0);
+    assert!(xs.iter().all(|x| x.len() * STEP_K == job.k_x));
     assert!(job.scales.len() >= job.groups() * TILE_ROWS);
     assert!(job
         .zeros
@@ -59,30 +59,27 @@ fn tokens<const R: usize>(job: &TileJob, f: &mut TileOut) {
             let lo = _mm512_and_si512(v, nibbles);
             let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibbles);
             for t in 0..R {
-                let at = s * STEP_K;
-                let x_lo = _mm512_set1_epi32(quad(xs[t], at));
-                let x_hi = _mm512_set1_epi32(quad(xs[t], at + 4));
-                lo_acc[t] = _mm512_dpbusd_epi32(lo_acc[t], lo, x_lo);
-                hi_acc[t] = _mm512_dpbusd_epi32(hi_acc[t], hi, x_hi);
+                let (q_lo, q_hi) = quads(&xs[t][s]);
+                lo_acc[t] = _mm512_dpbusd_epi32(lo_acc[t], lo, _mm512_set1_epi32(q_lo));
+                hi_acc[t] = _mm512_dpbusd_epi32(hi_acc[t], hi, _mm512_set1_epi32(q_hi));
             }
         }
         let meta = g * TILE_ROWS..(g + 1) * TILE_ROWS;
-        let zero = match job.zeros {
+        let zeros = job.zeros.map(|z| {
             // SAFETY: 16 readable bytes (asserted above).
-            Some(z) => {
-                _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(z[meta.clone()].as_ptr().cast()) })
-            }
-            None => _mm512_set1_epi32(i32::from(crate::model::int4::SYMMETRIC_ZERO)),
-        };
+            _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(z[meta.clone()].as_ptr().cast()) })
+        });
         // SAFETY: 16 readable u16 (asserted above).
         let scale =
             _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(job.scales[meta].as_ptr().cast()) });
         for t in 0..R {
             let d = _mm512_add_epi32(lo_acc[t], hi_acc[t]);
-            let d = _mm512_sub_epi32(
-                d,
-                _mm512_mullo_epi32(zero, _mm512_set1_epi32(job.xsums[t][g])),
-            );
+            // zero · Σx: per lane where stored, else the symmetric 8 (the same integers).
+            let correction = match zeros {
+                Some(z) => _mm512_mullo_epi32(z, _mm512_set1_epi32(job.xsums[t][g])),
+                None => _mm512_set1_epi32(i32::from(SYMMETRIC_ZERO) * job.xsums[t][g]),
+            };
+            let d = _mm512_sub_epi32(d, correction);
             sums[t] = _mm512_add_ps(sums[t], _mm512_mul_ps(_mm512_cvtepi32_ps(d), scale));
         }
     }
