@@ -131,6 +131,17 @@ fn w4a8_round_trips_exactly_and_halves_the_expert_blocks() {
     let b = forward(&Engine::new(Arc::new(loaded), 2).unwrap(), tokens);
     assert!(a == b, "logits differ after the .emoe round trip");
 
+    // The same bytes claiming version 3 are refused: U8 tensors need version 4.
+    let mut v3 = std::fs::read(&p4).unwrap();
+    v3[8..12].copy_from_slice(&3u32.to_le_bytes());
+    let p3 = tmp.path().join("v3.emoe");
+    std::fs::write(&p3, v3).unwrap();
+    let err = Model::load(&p3)
+        .err()
+        .expect("a version 3 file with int4 opens")
+        .to_string();
+    assert!(err.contains("U8") && err.contains("version 3"), "{err}");
+
     let block_bytes = |p: &Path| -> u64 {
         let f = edgemoe::model::emoe::EmoeFile::open(p).unwrap();
         f.expert_blocks().iter().map(|b| b.len).sum()
