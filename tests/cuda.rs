@@ -17,3 +17,5 @@ mod kernels;
 mod kv;
 #[path = "cuda/model.rs"]
 mod model;
+#[path = "cuda/w4a8.rs"]
+mod w4a8;

@@ -396,8 +396,8 @@ fn rejects_bad_magic() {
 fn rejects_unsupported_version() {
     let fx = fixture();
     let mut b = fx.bytes.clone();
-    b[8..12].copy_from_slice(&4u32.to_le_bytes());
-    expect_open_error(&b, &["unsupported .emoe version 4", "version 3"]);
+    b[8..12].copy_from_slice(&5u32.to_le_bytes());
+    expect_open_error(&b, &["unsupported .emoe version 5", "versions 3 and 4"]);
     b[8..12].copy_from_slice(&1u32.to_le_bytes());
     expect_open_error(&b, &["version 1 .emoe", "re-quantize"]);
     b[8..12].copy_from_slice(&2u32.to_le_bytes());

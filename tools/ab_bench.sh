@@ -5,6 +5,10 @@
 #
 #   tools/ab_bench.sh OLD_BINARY NEW_BINARY [PAIRS] [-- BENCH ARGS...]
 #
+# With AB_MODELS="OLD_MODEL NEW_MODEL" the two sides run their own --model (one binary may be
+# given twice): e.g. a W8A8 and a W4A8 .emoe of the same checkpoint. Leave --model out of the
+# bench arguments then.
+#
 # Default bench arguments: --model builtin:mixtral-bench --quant rtn -p 64 -n 64 -b 1
 # --threads 2 -r 3. Needs python3 (for the medians) and nothing else.
 set -euo pipefail
@@ -13,13 +17,21 @@ pairs=7
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then pairs="$1"; shift; fi
 [ "${1:-}" = "--" ] && shift
 args=("$@")
-[ ${#args[@]} -eq 0 ] && args=(--model builtin:mixtral-bench --quant rtn -p 64 -n 64 -b 1 --threads 2 -r 3)
+models=(${AB_MODELS:-})
+if [ ${#args[@]} -eq 0 ]; then
+  args=(-p 64 -n 64 -b 1 --threads 2 -r 3)
+  [ ${#models[@]} -eq 0 ] && args=(--model builtin:mixtral-bench --quant rtn "${args[@]}")
+fi
 dir="$(mktemp -d)"
 trap 'rm -rf "$dir"' EXIT
 for i in $(seq 1 "$pairs"); do
   for side in old new; do
     bin="$old"; [ "$side" = new ] && bin="$new"
-    "$bin" bench "${args[@]}" --json > "$dir/$side.$i.json"
+    model=()
+    if [ ${#models[@]} -eq 2 ]; then
+      model=(--model "${models[0]}"); [ "$side" = new ] && model=(--model "${models[1]}")
+    fi
+    "$bin" bench "${model[@]}" "${args[@]}" --json > "$dir/$side.$i.json"
   done
 done
 python3 - "$dir" "$old" "$new" "$pairs" <<'PY'
@@ -42,4 +54,6 @@ for test, sides in runs.items():
     fmt = lambda v: " ".join(f"{x:.1f}" for x in v)
     print(f"| {test} | {o:.1f} | {n:.1f} | {n / o if o else 0:.3f} | {pair:.3f} | {fmt(olds)} | {fmt(news)} |")
 print(f"old = {old}\nnew = {new}")
+if os.environ.get("AB_MODELS"):
+    print("models (old, new) = " + os.environ["AB_MODELS"])
 PY

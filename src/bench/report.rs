@@ -36,7 +36,9 @@ impl ModelInfo {
 pub fn weight_format(model: &Model) -> &'static str {
     let linears = model.weights.linears();
     let has = |f: fn(&LinearWeight) -> bool| linears.iter().any(|l| f(&l.weight));
-    if has(|w| matches!(w, LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_))) {
+    if has(|w| matches!(w, LinearWeight::Int4(_))) {
+        "w4a8"
+    } else if has(|w| matches!(w, LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_))) {
         "w8a8"
     } else if has(|w| matches!(w, LinearWeight::Half(HalfKind::Bf16, _))) {
         "bf16"

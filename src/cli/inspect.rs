@@ -117,8 +117,8 @@ pub fn render_text(f: &EmoeFile, verified: bool) -> String {
     let _ = writeln!(s, "\nbytes per tensor class");
     let _ = writeln!(
         s,
-        "{:<14} {:>8} {:>14} {:>10} {:>14} {:>12}",
-        "class", "tensors", "bytes", "MiB", "int8 params", "bytes/param"
+        "{:<14} {:>8} {:>14} {:>10} {:>14} {:>14} {:>12}",
+        "class", "tensors", "bytes", "MiB", "int8 params", "int4 params", "bytes/param"
     );
     let tally = h.class_tally();
     let mut total = ClassStats::default();
@@ -127,6 +127,7 @@ pub fn render_text(f: &EmoeFile, verified: bool) -> String {
         total.tensors += st.tensors;
         total.bytes += st.bytes;
         total.int8_params += st.int8_params;
+        total.int4_params += st.int4_params;
     }
     // Bytes per int8 param means little summed over classes without int8 weights.
     class_row(&mut s, "total", &total, false);
@@ -154,17 +155,18 @@ pub fn render_text(f: &EmoeFile, verified: bool) -> String {
 
 fn class_row(s: &mut String, label: &str, st: &ClassStats, per_param: bool) {
     let per = st
-        .bytes_per_int8_param()
+        .bytes_per_quantized_param()
         .filter(|_| per_param)
         .map_or("-".to_string(), |b| format!("{b:.4}"));
     let _ = writeln!(
         s,
-        "{:<14} {:>8} {:>14} {:>10.2} {:>14} {:>12}",
+        "{:<14} {:>8} {:>14} {:>10.2} {:>14} {:>14} {:>12}",
         label,
         st.tensors,
         st.bytes,
         mib(st.bytes),
         st.int8_params,
+        st.int4_params,
         per
     );
 }
@@ -183,6 +185,8 @@ pub fn render_json(f: &EmoeFile) -> Value {
                 "bytes": st.bytes,
                 "int8_params": st.int8_params,
                 "bytes_per_int8_param": st.bytes_per_int8_param(),
+                "int4_params": st.int4_params,
+                "bytes_per_quantized_param": st.bytes_per_quantized_param(),
             })
         })
         .collect();

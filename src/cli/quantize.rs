@@ -70,6 +70,63 @@ pub struct QuantizeArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Weight bits of the routed experts: 8 (W8A8) or 4 (W4A8: int4 weights with per-group
+    /// scales, int8 activations; half the bytes paged and read). Attention, shared experts
+    /// and dense MLPs stay 8 unless named with --int4.
+    #[arg(long, default_value_t = 8)]
+    pub bits: u8,
+    /// --bits 4: input columns per scale (32, 64 or 128).
+    #[arg(long = "group-size", default_value_t = DEFAULT_GROUP)]
+    pub group_size: usize,
+    /// --bits 4: a zero point per group (asymmetric grid) instead of the symmetric one.
+    #[arg(long)]
+    pub asymmetric: bool,
+    /// --bits 4: keep routed-expert linears whose names contain NAME at 8 bits (repeatable;
+    /// e.g. `layers.0.` or `.w2`).
+    #[arg(long = "keep-int8", value_name = "NAME")]
+    pub keep_int8: Vec<String>,
+    /// --bits 4: also give 4-bit weights to other linears whose names contain NAME
+    /// (repeatable; e.g. `self_attn`).
+    #[arg(long = "int4", value_name = "NAME")]
+    pub int4_also: Vec<String>,
+}
+
+/// The default int4 group size (docs/quantization.md has the measurement behind it).
+pub const DEFAULT_GROUP: usize = 64;
+
+/// The int4 options `--bits 4` asks for; the int4-only flags without it are refused.
+fn int4_options(a: &QuantizeArgs) -> anyhow::Result<Option<quant::Int4Options>> {
+    anyhow::ensure!(
+        matches!(a.bits, 4 | 8),
+        "--bits must be 8 or 4, got {}",
+        a.bits
+    );
+    if a.bits != 4 {
+        let stray = [
+            (a.group_size != DEFAULT_GROUP, "--group-size"),
+            (a.asymmetric, "--asymmetric"),
+            (!a.keep_int8.is_empty(), "--keep-int8"),
+            (!a.int4_also.is_empty(), "--int4"),
+        ];
+        if let Some((_, flag)) = stray.iter().find(|(set, _)| *set) {
+            anyhow::bail!("{flag} applies to 4-bit weights: add --bits 4");
+        }
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        crate::model::int4::GROUP_SIZES.contains(&a.group_size),
+        "--group-size must be one of {:?}, got {}",
+        crate::model::int4::GROUP_SIZES,
+        a.group_size
+    );
+    Ok(Some(quant::Int4Options {
+        grid: quant::gptq4::Int4Grid {
+            group: a.group_size,
+            symmetric: !a.asymmetric,
+        },
+        keep_int8: a.keep_int8.clone(),
+        also: a.int4_also.clone(),
+    }))
 }
 
 /// Refuses inputs quantizing cannot use and outputs it cannot write, before any work.
@@ -123,6 +180,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     opts.propagate = a.propagate;
     opts.keep_f32 = a.keep_f32.clone();
     opts.rotate = !a.no_rotate;
+    opts.int4 = int4_options(&a)?;
     // Finished layers wait beside the output, on its disk, not in memory.
     opts.spill_dir = Some(super::output_dir(&a.out).to_path_buf());
     match a.alpha.as_deref() {
@@ -187,8 +245,10 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         written.total_bytes as f64 / 1e6
     );
     println!(
-        "  {} int8 linears ({:.2} M params), {} by GPTQ, {} calibration tokens",
+        "  {} quantized linears ({} int8, {} int4; {:.2} M params), {} by GPTQ, {} calibration tokens",
         summary.linears,
+        summary.linears - summary.int4_linears,
+        summary.int4_linears,
         summary.params as f64 / 1e6,
         summary.gptq,
         summary.calib_tokens

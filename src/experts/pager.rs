@@ -9,7 +9,7 @@ use super::paths::PathStats;
 use super::slots::{new_slot, rebase, refill, BlockSpan};
 use crate::error::{Error, Result};
 use crate::model::buf::SharedMap;
-use crate::model::weights::{Ffn, GatedMlp, LinearWeight};
+use crate::model::weights::{Ffn, GatedMlp};
 use crate::model::Model;
 use memmap2::Mmap;
 use std::path::PathBuf;
@@ -447,9 +447,8 @@ impl Inner {
                 }
                 let mlp = self.handle(b, &mem).map_err(|e| e.to_string())?;
                 for lin in [&mlp.gate, &mlp.up, &mlp.down] {
-                    if let LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) = &lin.weight {
-                        m.validate().map_err(|e| format!("{}: {}: {e}", what(), lin.name))?;
-                    }
+                    lin.validate_quantized()
+                        .map_err(|e| format!("{}: {}: {e}", what(), lin.name))?;
                 }
                 Ok(())
             })

@@ -70,6 +70,15 @@ fn rebase_linear(
                 LinearWeight::Int8WeightOnly(m)
             }
         }
+        LinearWeight::Int4(m) => {
+            let mut m = m.clone();
+            m.data = rebase_buf(&m.data, file, span, slot)?;
+            m.scales = rebase_buf(&m.scales, file, span, slot)?;
+            if let Some(z) = &m.zeros {
+                m.zeros = Some(rebase_buf(z, file, span, slot)?);
+            }
+            LinearWeight::Int4(m)
+        }
         LinearWeight::F32Rows(b) => LinearWeight::F32Rows(rebase_buf(b, file, span, slot)?),
         LinearWeight::Half(k, b) => LinearWeight::Half(*k, rebase_buf(b, file, span, slot)?),
         LinearWeight::Prepared(p) => LinearWeight::Prepared(p.clone()),

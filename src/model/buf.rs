@@ -15,6 +15,7 @@ impl Plain for f32 {}
 impl Plain for i8 {}
 impl Plain for i32 {}
 impl Plain for u16 {}
+impl Plain for u8 {}
 
 /// The values' bytes in the host's order (little-endian on every host we map files on).
 pub fn bytes_of<T: Plain>(values: &[T]) -> &[u8] {

@@ -555,6 +555,13 @@ fn linear_rows(l: &Linear) -> Cow<'_, [f32]> {
                 });
             out
         }
+        LinearWeight::Int4(m) => {
+            let mut out = vec![0f32; l.out_features * k];
+            out.par_chunks_mut(k.max(1))
+                .enumerate()
+                .for_each(|(j, row)| row.copy_from_slice(&m.dequantize_row(j)));
+            out
+        }
     };
     if let Some(s) = &l.input_scale {
         rows.par_chunks_mut(k.max(1)).for_each(|row| {

@@ -10,6 +10,7 @@ pub mod emoe;
 pub mod export;
 pub mod gguf;
 pub mod hf;
+pub mod int4;
 pub mod int8;
 pub mod rotation;
 pub mod safetensors;

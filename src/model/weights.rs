@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::model::buf::{Buf, HalfKind, SharedMap};
 use crate::model::gguf::blocks::BlockMatrix;
+use crate::model::int4::Int4Matrix;
 use crate::model::int8::{padded_k, Int8Matrix};
 use std::any::Any;
 use std::sync::{Arc, OnceLock};
@@ -41,6 +42,9 @@ pub enum LinearWeight {
     Int8(Int8Matrix),
     /// Int8 weights with per-output-channel scales, f32 activations (weight-only; the head).
     Int8WeightOnly(Int8Matrix),
+    /// W4A8: int4 weights with per-group scales (the experts of `quantize --bits 4`);
+    /// activations are quantized per token at run time, as for W8A8.
+    Int4(Int4Matrix),
 }
 
 /// An f32 matrix in a layout one backend chose for its own kernels, or a file's quantized
@@ -85,7 +89,7 @@ impl Linear {
             LinearWeight::Prepared(w) => Some(w.to_rows()),
             LinearWeight::F32Rows(w) => Some(w.to_vec()),
             LinearWeight::Half(kind, w) => Some(kind.widen(w)),
-            LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => None,
+            LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) | LinearWeight::Int4(_) => None,
         }
     }
 
@@ -167,10 +171,29 @@ impl Linear {
                 f(Storage::of(&m.scales));
                 f(Storage::of(&m.row_sums));
             }
+            LinearWeight::Int4(m) => {
+                f(Storage::of(&m.data));
+                f(Storage::of(&m.scales));
+                if let Some(z) = &m.zeros {
+                    f(Storage::of(z));
+                }
+            }
         }
         let small =
             self.bias.as_ref().map_or(0, Vec::len) + self.input_scale.as_ref().map_or(0, Vec::len);
         f(Storage::Owned(small * 4));
+    }
+
+    /// Checks a quantized matrix's values as the kernels rely on them (see
+    /// [`Int8Matrix::validate`], [`Int4Matrix::validate`]); other forms have nothing to check.
+    pub fn validate_quantized(&self) -> std::result::Result<(), String> {
+        match &self.weight {
+            LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => {
+                m.validate().map_err(|e| e.to_string())
+            }
+            LinearWeight::Int4(m) => m.validate().map_err(|e| e.to_string()),
+            _ => Ok(()),
+        }
     }
 
     /// Bytes read to look up one row of the matrix (an embedding row).
@@ -181,6 +204,7 @@ impl Linear {
             LinearWeight::Prepared(w) => w.row_read_bytes(),
             LinearWeight::Half(..) => 2 * k,
             LinearWeight::Int8(_) | LinearWeight::Int8WeightOnly(_) => k + 4,
+            LinearWeight::Int4(m) => m.bytes() / m.n.max(1),
         }
     }
 
@@ -191,6 +215,7 @@ impl Linear {
             LinearWeight::F32Rows(w) => w.byte_len(),
             LinearWeight::Half(_, w) => w.byte_len(),
             LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => m.bytes(),
+            LinearWeight::Int4(m) => m.bytes(),
         };
         w + self.bias.as_ref().map_or(0, |b| b.len() * 4)
             + self.input_scale.as_ref().map_or(0, |s| s.len() * 4)
@@ -284,10 +309,8 @@ impl GatedMlp {
         let verdict = block.verdict.get_or_init(|| {
             block.checksum_verdict()?;
             for lin in [&self.gate, &self.up, &self.down] {
-                if let LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) = &lin.weight {
-                    m.validate()
-                        .map_err(|e| format!("{}: {}: {e}", block.what, lin.name))?;
-                }
+                lin.validate_quantized()
+                    .map_err(|e| format!("{}: {}: {e}", block.what, lin.name))?;
             }
             Ok(())
         });
@@ -506,6 +529,7 @@ pub enum Stored {
     Half(HalfKind, Buf<u16>),
     I8(Buf<i8>),
     I32(Buf<i32>),
+    U8(Buf<u8>),
 }
 
 impl Stored {
@@ -516,6 +540,7 @@ impl Stored {
             Stored::Half(HalfKind::F16, _) => "F16",
             Stored::I8(_) => "I8",
             Stored::I32(_) => "I32",
+            Stored::U8(_) => "U8",
         }
     }
 }
@@ -548,6 +573,11 @@ pub trait TensorSource {
         _why: &str,
     ) -> Result<Option<Arc<BlockMatrix>>> {
         Ok(None)
+    }
+    /// A stored tensor's shape, where the source can tell without reading it (an .emoe's
+    /// directory): the int4 group size is part of the shape.
+    fn shape_of(&self, _name: &str) -> Option<Vec<usize>> {
+        None
     }
     /// The block of a mapped store that holds expert `expert` of layer `layer`, if any.
     fn expert_block(&self, _layer: usize, _expert: usize) -> Option<Arc<StoredBlock>> {
@@ -637,6 +667,8 @@ impl Loader<'_> {
         let wname = format!("{prefix}.weight");
         let weight = if self.src.has(&qname) {
             self.int8_weight(prefix, out, inp, why)?
+        } else if self.src.shape_of(&format!("{prefix}.qweight4")).is_some() {
+            self.int4_weight(prefix, out, inp, why)?
         } else if let Some(b) = self.src.blocks(&wname, &[out, inp], why)? {
             self.block_weight(b, prefix, table)?
         } else {
@@ -705,6 +737,56 @@ impl Loader<'_> {
         } else {
             LinearWeight::Int8(matrix)
         })
+    }
+
+    /// `prefix.qweight4` (U8, `[rows padded to 16, groups, group / 2]`: the group size is in
+    /// the shape), `prefix.scales4` (F16, `[tiles, groups, 16]`) and, for an asymmetric matrix,
+    /// `prefix.zeros4` (U8, like the scales), all used in place (see [`Int4Matrix`]).
+    fn int4_weight(&self, prefix: &str, out: usize, inp: usize, why: &str) -> Result<LinearWeight> {
+        use crate::model::int4::{int4_padded_k, TILE_ROWS};
+        let qname = format!("{prefix}.qweight4");
+        let group = match self.src.shape_of(&qname).as_deref() {
+            Some(&[_, _, half]) => 2 * half,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{qname}: expected a [rows, groups, group / 2] int4 tensor"
+                )))
+            }
+        };
+        if !crate::model::int4::GROUP_SIZES.contains(&group) {
+            return Err(Error::invalid(format!(
+                "{qname}: int4 group size {group}; expected one of {:?}",
+                crate::model::int4::GROUP_SIZES
+            )));
+        }
+        let (tiles, groups) = (out.div_ceil(TILE_ROWS), int4_padded_k(inp, group) / group);
+        let data = self
+            .src
+            .stored(&qname, &[tiles * TILE_ROWS, groups, group / 2], why)?;
+        let sname = format!("{prefix}.scales4");
+        let scales = self.src.stored(&sname, &[tiles, groups, TILE_ROWS], why)?;
+        let zname = format!("{prefix}.zeros4");
+        let zeros = if self.src.has(&zname) {
+            match self.src.stored(&zname, &[tiles, groups, TILE_ROWS], why)? {
+                Stored::U8(z) => Some(z),
+                other => {
+                    return Err(Error::UnsupportedDtype {
+                        name: zname,
+                        dtype: other.dtype().into(),
+                    })
+                }
+            }
+        } else {
+            None
+        };
+        let (Stored::U8(data), Stored::Half(HalfKind::F16, scales)) = (data, scales) else {
+            return Err(Error::invalid(format!(
+                "{qname}: expected U8 int4 weights and F16 scales"
+            )));
+        };
+        let matrix = Int4Matrix::from_parts(out, inp, group, data, scales, zeros)
+            .map_err(|e| Error::invalid(format!("{qname}: {e}")))?;
+        Ok(LinearWeight::Int4(matrix))
     }
 
     /// An expert's gated MLP under `prefix` with the given projection names; its weights'

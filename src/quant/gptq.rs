@@ -45,11 +45,11 @@ pub fn quantize_value(w: f64, scale: f64) -> i8 {
 /// (q/k/v, gate/up): the column order, the inputs that never fire, and the upper Cholesky
 /// factor of the damped, permuted H⁻¹.
 pub struct HessianFactor {
-    k: usize,
-    perm: Vec<usize>,
-    dead: Vec<bool>,
+    pub(super) k: usize,
+    pub(super) perm: Vec<usize>,
+    pub(super) dead: Vec<bool>,
     /// `None` where H could not be factored: those linears are rounded.
-    hinv: Option<Vec<f64>>,
+    pub(super) hinv: Option<Vec<f64>>,
 }
 
 impl HessianFactor {

@@ -7,6 +7,7 @@
 
 pub(crate) mod calibrate;
 pub mod gptq;
+pub mod gptq4;
 pub mod layerwise;
 pub mod linalg;
 pub mod outliers;
@@ -19,6 +20,7 @@ use crate::backend::cpu::int8::Int8Matrix;
 use crate::backend::cpu::prepare::prepare_linear;
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
+use crate::model::int4::Int4Matrix;
 use crate::model::weights::{Ffn, Layer, Linear, LinearWeight};
 use crate::model::Model;
 use calibrate::{input_key, InputStats};
@@ -104,6 +106,30 @@ pub struct QuantOptions {
     /// process holds one layer, not the whole int8 model; `None` keeps them in memory.
     #[serde(skip)]
     pub spill_dir: Option<std::path::PathBuf>,
+    /// W4A8 experts (`--bits 4`); `None`: every quantized linear is int8.
+    pub int4: Option<Int4Options>,
+}
+
+/// Which linears get 4-bit weights, on which grid.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Int4Options {
+    pub grid: gptq4::Int4Grid,
+    /// Routed-expert linears whose names contain one of these stay int8.
+    pub keep_int8: Vec<String>,
+    /// Other linears whose names contain one of these get 4 bits too (attention stays 8
+    /// unless asked).
+    pub also: Vec<String>,
+}
+
+impl Int4Options {
+    /// The grid for linear `name`, if it gets 4 bits: routed experts (as `TensorClass` names
+    /// them) unless kept at 8, and whatever `also` names.
+    pub fn grid_for(&self, name: &str) -> Option<gptq4::Int4Grid> {
+        let has = |patterns: &[String]| patterns.iter().any(|p| name.contains(p.as_str()));
+        let expert = crate::model::emoe::TensorClass::of(name, false)
+            == crate::model::emoe::TensorClass::Experts;
+        ((expert && !has(&self.keep_int8)) || has(&self.also)).then_some(self.grid)
+    }
 }
 
 impl QuantOptions {
@@ -138,6 +164,7 @@ impl QuantOptions {
             rotate: true,
             rotate_seed: 0x005E_ED0F_2024,
             spill_dir: None,
+            int4: None,
         }
     }
 }
@@ -147,6 +174,8 @@ pub struct QuantSummary {
     pub linears: usize,
     pub params: usize,
     pub gptq: usize,
+    /// Linears given 4-bit weights (counted in `linears` too).
+    pub int4_linears: usize,
     /// Linears quantized by rounding because they saw too few calibration tokens.
     pub rtn_fallback: Vec<String>,
     /// α chosen per smoothed group.
@@ -312,6 +341,38 @@ fn check_keep_f32(model: &mut Model, opts: &QuantOptions) -> Result<()> {
         .collect();
     for layer in &mut w.layers {
         names.extend(layer_linears(layer).into_iter().map(|l| l.name.clone()));
+    }
+    if let Some(int4) = &opts.int4 {
+        let experts: Vec<&String> = names
+            .iter()
+            .filter(|n| {
+                crate::model::emoe::TensorClass::of(n, false)
+                    == crate::model::emoe::TensorClass::Experts
+            })
+            .collect();
+        if let Some(p) = int4
+            .keep_int8
+            .iter()
+            .find(|p| !experts.iter().any(|n| n.contains(p.as_str())))
+        {
+            return Err(Error::invalid(format!(
+                "--keep-int8 {p:?} matches no routed-expert linear of this model{}",
+                experts
+                    .first()
+                    .map_or(" (it has none)".to_string(), |n| format!(
+                        " (names look like {n:?})"
+                    ))
+            )));
+        }
+        if let Some(p) = int4
+            .also
+            .iter()
+            .find(|p| !names.iter().any(|n| n.contains(p.as_str())))
+        {
+            return Err(Error::invalid(format!(
+                "--int4 {p:?} matches no linear of this model"
+            )));
+        }
     }
     match opts
         .keep_f32
@@ -620,6 +681,28 @@ fn quantize_linear(
     };
     let w = &rows[..];
     let (n, k) = (lin.out_features, lin.in_features);
+    if let Some(grid) = opts.int4.as_ref().and_then(|o| o.grid_for(&lin.name)) {
+        let q = match factor {
+            Some(f) if opts.method.uses_hessian() => {
+                summary.gptq += 1;
+                gptq4::gptq4_factored(w, n, f, grid)
+            }
+            _ => {
+                if opts.method.uses_hessian() {
+                    summary.rtn_fallback.push(lin.name.clone());
+                }
+                gptq4::rtn4(w, n, k, grid)
+            }
+        };
+        let zeros = (!grid.symmetric).then_some(&q.zeros[..]);
+        let matrix = Int4Matrix::from_quantized(n, k, grid.group, &q.u, &q.scales, zeros)
+            .map_err(|e| Error::invalid(format!("{}: {e}", lin.name)))?;
+        summary.linears += 1;
+        summary.int4_linears += 1;
+        summary.params += n * k;
+        lin.weight = LinearWeight::Int4(matrix);
+        return Ok(());
+    }
     let bad =
         |e: crate::backend::cpu::int8::Int8Error| Error::invalid(format!("{}: {e}", lin.name));
     let matrix = match factor {

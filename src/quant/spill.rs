@@ -43,6 +43,7 @@ impl Spill {
             pos: 0,
         };
         let mut placed = Vec::new();
+        let mut placed4 = Vec::new();
         for lin in &linears {
             if let LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) = &lin.weight {
                 let data = out.put(&m.data).map_err(fail)?;
@@ -50,17 +51,44 @@ impl Spill {
                 let sums = out.put(&m.row_sums).map_err(fail)?;
                 placed.push((data, scales, sums));
             }
+            if let LinearWeight::Int4(m) = &lin.weight {
+                let data = out.put(&m.data).map_err(fail)?;
+                let scales = out.put(&m.scales).map_err(fail)?;
+                let zeros = match &m.zeros {
+                    Some(z) => Some(out.put(z).map_err(fail)?),
+                    None => None,
+                };
+                placed4.push((data, scales, zeros));
+            }
         }
         out.w.flush().map_err(fail)?;
         drop(out);
-        if placed.is_empty() {
+        if placed.is_empty() && placed4.is_empty() {
             return Ok(());
         }
         // SAFETY: the file is ours alone (created new, then unlinked) and is never written
         // again, so the map's contents cannot change under the references it hands out.
         let map: SharedMap = Arc::new(unsafe { Mmap::map(&file) }.map_err(fail)?);
         let mut placed = placed.into_iter();
+        let mut placed4 = placed4.into_iter();
         for lin in linears {
+            if let LinearWeight::Int4(m) = &mut lin.weight {
+                let Some((data, scales, zeros)) = placed4.next() else {
+                    break;
+                };
+                let z = match (&m.zeros, zeros) {
+                    (Some(z), Some(at)) => Buf::mapped(&map, at, z.len()).map(Some),
+                    _ => Some(None),
+                };
+                if let (Some(d), Some(s), Some(z)) = (
+                    Buf::mapped(&map, data, m.data.len()),
+                    Buf::mapped(&map, scales, m.scales.len()),
+                    z,
+                ) {
+                    (m.data, m.scales, m.zeros) = (d, s, z);
+                }
+                continue;
+            }
             if let LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) = &mut lin.weight {
                 let Some((data, scales, sums)) = placed.next() else {
                     break;

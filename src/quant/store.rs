@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::emoe::{EmoeDtype, EmoeWriter, TensorData, WriteSummary};
+use crate::model::int4::TILE_ROWS;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::{Ffn, Linear, LinearWeight, Norm};
 use crate::model::Model;
@@ -54,6 +55,33 @@ fn linear_tensors(lin: &Linear) -> Vec<TensorData<'_>> {
             .into_iter()
             .chain(marker)
             .collect()
+        }
+        LinearWeight::Int4(m) => {
+            let (tiles, groups) = (m.n_tiles(), m.groups());
+            // The kernels' tiled layout, used in place; the group size is in the shape.
+            let mut v = vec![
+                TensorData::borrowed(
+                    format!("{p}.qweight4"),
+                    EmoeDtype::U8,
+                    vec![tiles * TILE_ROWS, groups, m.group / 2],
+                    &m.data[..],
+                ),
+                TensorData::borrowed(
+                    format!("{p}.scales4"),
+                    EmoeDtype::F16,
+                    vec![tiles, groups, TILE_ROWS],
+                    &m.scales[..],
+                ),
+            ];
+            if let Some(z) = &m.zeros {
+                v.push(TensorData::borrowed(
+                    format!("{p}.zeros4"),
+                    EmoeDtype::U8,
+                    vec![tiles, groups, TILE_ROWS],
+                    &z[..],
+                ));
+            }
+            v
         }
     };
     if let Some(b) = &lin.bias {

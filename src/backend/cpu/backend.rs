@@ -124,6 +124,12 @@ impl CpuBackend {
                 int8::gemm(out, &q, matrix, bias, &self.pool);
             }
             LinearWeight::Int8WeightOnly(matrix) => matmul_w8(&scaled(), rows, matrix, bias, out),
+            LinearWeight::Int4(matrix) => {
+                // W4A8: the same per-token activations, int4 weights.
+                let mut q = QuantizedRows::new();
+                quantize_rows_smoothed(x, rows, k, lin.input_scale.as_deref(), &mut q);
+                int8::int4::gemm(out, &q, matrix, bias, &self.pool);
+            }
         }
     }
 }
@@ -196,6 +202,7 @@ impl Backend for CpuBackend {
                     let scale = m.scales[t];
                     x.extend(m.row(t)[..e].iter().map(|&q| q as f32 * scale))
                 }
+                LinearWeight::Int4(m) => x.extend(m.dequantize_row(t)),
             }
         }
         Rows::new(x, e)

@@ -222,6 +222,19 @@ impl CudaBackend {
                 )?;
                 out
             }
+            DeviceWeight::Int4(w) => {
+                let fresh;
+                let q = match &x.quant {
+                    Some(q) if d.input_scale.is_none() && q.k == d.k => q.as_ref(),
+                    _ => {
+                        fresh =
+                            self.gpu
+                                .quantize(&x.data, rows, d.k, None, d.input_scale.as_ref())?;
+                        &fresh
+                    }
+                };
+                self.gpu.gemm_w4a8(q, w, d.bias.as_ref())?
+            }
             DeviceWeight::F32(w) => match &d.input_scale {
                 Some(s) => {
                     let xs = self.gpu.scale_cols(&x.data, rows, d.k, s)?;

@@ -25,6 +25,7 @@ const KERNELS: &[(&str, &[&str])] = &[
             "gemm_w8a8_grouped",
         ],
     ),
+    ("gemm_w4a8", &["gemm_w4a8"]),
     ("quantize", &["quantize_rows"]),
     ("route", &["route_topk", "moe_sort"]),
     (

@@ -34,6 +34,18 @@ pub struct DeviceInt8 {
     pub scales: CudaSlice<f32>,
 }
 
+/// W4A8 weights on the device in the CPU's tiled layout (`model::int4`): values, f16 scales
+/// and, for an asymmetric matrix, zero points.
+pub struct DeviceInt4 {
+    pub n: usize,
+    pub k: usize,
+    pub k_padded: usize,
+    pub group: usize,
+    pub data: CudaSlice<u8>,
+    pub scales: CudaSlice<u16>,
+    pub zeros: Option<CudaSlice<u8>>,
+}
+
 /// Which W8A8 kernel runs a product (`Auto` picks by M; tests force each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmKernel {
@@ -249,6 +261,76 @@ impl Gpu {
         // SAFETY: shapes checked above: m × k_padded and n × k_padded int8, m and n scales,
         // n bias values when flagged, m × n outputs (and accumulators when flagged).
         self.launched(name, unsafe { b.launch(cfg) }.map(|_| ()))
+    }
+
+    /// `y = x·Wᵀ (+ bias)` W4A8 in f32, bitwise equal to the CPU's `int8::int4::gemm`.
+    pub fn gemm_w4a8(
+        &self,
+        x: &QuantAct,
+        w: &DeviceInt4,
+        bias: Option<&CudaSlice<f32>>,
+    ) -> Result<CudaSlice<f32>> {
+        let (m, n) = (x.rows, w.n);
+        check(
+            x.k == w.k && x.k_padded == padded_k(x.k) && x.k_padded <= w.k_padded,
+            || {
+                format!(
+                    "gemm_w4a8: activations have k = {}, weights k = {}",
+                    x.k, w.k
+                )
+            },
+        )?;
+        let tiles = n.div_ceil(16);
+        let meta = tiles * (w.k_padded / w.group.max(1)) * 16;
+        check(
+            w.data.len() >= tiles * w.k_padded * 8
+                && w.scales.len() >= meta
+                && w.zeros.as_ref().is_none_or(|z| z.len() >= meta)
+                && bias.is_none_or(|b| b.len() >= n)
+                && x.q.len() >= m * x.k_padded
+                && x.scales.len() >= m,
+            || format!("gemm_w4a8: buffers too small for {m} × {n} × {}", w.k),
+        )?;
+        let mut y = self.zeros::<f32>(m * n, "linear output")?;
+        if m == 0 || n == 0 {
+            return Ok(y);
+        }
+        let ints = [
+            i32_of(m, "m")?,
+            i32_of(n, "n")?,
+            i32_of(x.k_padded, "k")?,
+            i32_of(w.k_padded, "k")?,
+            i32_of(w.group, "group")?,
+            w.zeros.is_some() as i32,
+            bias.is_some() as i32,
+        ];
+        let bias = bias.unwrap_or(&self.none_f32);
+        let mut spare = None;
+        let zeros = match &w.zeros {
+            Some(z) => z,
+            None => spare.insert(self.zeros::<u8>(1, "placeholder")?),
+        };
+        // 8 warps a block, one 16-row tile each; 8 tokens a block row.
+        let cfg = LaunchConfig {
+            grid_dim: (tiles.div_ceil(8) as u32, m.div_ceil(8) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(self.func("gemm_w4a8"));
+        for v in &ints {
+            b.arg(v);
+        }
+        b.arg(&x.q)
+            .arg(&x.scales)
+            .arg(&w.data)
+            .arg(&w.scales)
+            .arg(zeros)
+            .arg(bias)
+            .arg(&mut y);
+        // SAFETY: every buffer was checked against the shapes the kernel reads; it writes
+        // m × n outputs (allocated).
+        self.launched("gemm_w4a8", unsafe { b.launch(cfg) }.map(|_| ()))?;
+        Ok(y)
     }
 
     /// `y = x·Wᵀ (+ bias)` in f32 (`x`: `m × k`, `w`: `n × k` rows).

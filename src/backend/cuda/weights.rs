@@ -7,7 +7,7 @@
 
 use super::copier::ExpertCopier;
 use super::device::Gpu;
-use super::kernels::DeviceInt8;
+use super::kernels::{DeviceInt4, DeviceInt8};
 use crate::error::Result;
 use crate::model::weights::{Linear, LinearWeight, Norm};
 use cudarc::driver::CudaSlice;
@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 pub enum DeviceWeight {
     Int8(DeviceInt8),
+    Int4(DeviceInt4),
     /// `n × k` f32 rows.
     F32(CudaSlice<f32>),
 }
@@ -51,6 +52,7 @@ fn f32_rows(lin: &Linear) -> Vec<f32> {
         LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => (0..n)
             .flat_map(|j| m.row(j)[..k].iter().map(move |&q| q as f32 * m.scales[j]))
             .collect(),
+        LinearWeight::Int4(m) => (0..n).flat_map(|j| m.dequantize_row(j)).collect(),
     }
 }
 
@@ -96,6 +98,18 @@ impl WeightCache {
                     None => gpu.upload(&m.data[..], &lin.name)?,
                 },
                 scales: gpu.upload(&m.scales[..], &lin.name)?,
+            }),
+            LinearWeight::Int4(m) => DeviceWeight::Int4(DeviceInt4 {
+                n,
+                k,
+                k_padded: m.k_padded,
+                group: m.group,
+                data: gpu.upload(&m.data[..], &lin.name)?,
+                scales: gpu.upload(&m.scales[..], &lin.name)?,
+                zeros: match &m.zeros {
+                    Some(z) => Some(gpu.upload(&z[..], &lin.name)?),
+                    None => None,
+                },
             }),
             _ => DeviceWeight::F32(gpu.upload(&f32_rows(lin), &lin.name)?),
         };
@@ -172,6 +186,9 @@ impl WeightCache {
     pub fn linear_bytes(d: &DeviceLinear) -> usize {
         let w = match &d.weight {
             DeviceWeight::Int8(m) => m.n * m.k_padded + m.n * 4,
+            DeviceWeight::Int4(m) => {
+                m.data.len() + 2 * m.scales.len() + m.zeros.as_ref().map_or(0, |z| z.len())
+            }
             DeviceWeight::F32(_) => d.n * d.k * 4,
         };
         w + 4 * (d.bias.as_ref().map_or(0, |_| d.n) + d.input_scale.as_ref().map_or(0, |_| d.k))

@@ -9,7 +9,7 @@
 //! inside its declared block or the data region, not overlapping another tensor). Checksums are
 //! the reader's job: the data region's at open, each block's on first access.
 
-use super::{align_up, ClassTally, EmoeDtype, BLOCK_ALIGN, MAGIC, VERSION};
+use super::{align_up, ClassTally, EmoeDtype, BLOCK_ALIGN, MAGIC, VERSION, VERSION_WITHOUT_INT4};
 use crate::model::config::ModelConfig;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -139,6 +139,14 @@ pub fn parse_header(file: &[u8]) -> Result<Header, String> {
     raw.config
         .check()
         .map_err(|(field, reason)| format!("embedded config field `{field}`: {reason}"))?;
+    if version < VERSION {
+        if let Some(t) = raw.tensors.iter().find(|t| t.dtype == EmoeDtype::U8) {
+            return Err(format!(
+                "tensor `{}` is U8 (int4), which a version {version} .emoe cannot hold",
+                t.name
+            ));
+        }
+    }
     let mut blocks = raw.blocks;
     check_data_region(&raw.data, header_end, file_len)?;
     let by_expert = check_blocks(&blocks, &raw.config, file_len)?;
@@ -183,9 +191,9 @@ fn read_preamble(file: &[u8]) -> Result<(u32, u64, u32), String> {
         2 => return Err(format!(
             "this is a version 2 .emoe, whose header has no checksum; this build reads version {VERSION}: re-quantize the checkpoint with `edgemoe quantize`"
         )),
-        VERSION => {}
+        VERSION_WITHOUT_INT4 | VERSION => {}
         _ => return Err(format!(
-            "unsupported .emoe version {version}: this build reads version {VERSION}"
+            "unsupported .emoe version {version}: this build reads versions {VERSION_WITHOUT_INT4} and {VERSION}"
         )),
     }
     let header_len = file

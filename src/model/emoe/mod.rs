@@ -41,8 +41,12 @@ use std::collections::BTreeMap;
 pub const MAGIC: [u8; 8] = *b"EDGEMOE\0";
 /// Version 2 stores int8 matrices exactly as the CPU kernels read them (rows padded to 64
 /// bytes, f32 scales, i32 row sums), so they are used in place from the map; version 3 adds the
-/// header JSON's CRC-32C to the preamble, so every byte the reader trusts is checksummed.
-pub const VERSION: u32 = 3;
+/// header JSON's CRC-32C to the preamble, so every byte the reader trusts is checksummed;
+/// version 4 adds U8 tensors: int4 weights in the kernels' tiled layout (`model::int4`). A
+/// file without them is still written as version 3, so older readers open it.
+pub const VERSION: u32 = 4;
+/// The newest version a file without U8 tensors needs.
+pub const VERSION_WITHOUT_INT4: u32 = 3;
 /// Alignment of the data region and of every expert block: a page, so a block maps, reads and
 /// DMAs as whole pages.
 pub const BLOCK_ALIGN: u64 = 4096;
@@ -54,6 +58,8 @@ pub enum EmoeDtype {
     BF16,
     I8,
     I32,
+    /// Bytes: packed int4 weights and their zero points (version 4).
+    U8,
 }
 
 impl EmoeDtype {
@@ -61,7 +67,7 @@ impl EmoeDtype {
         match self {
             EmoeDtype::F32 | EmoeDtype::I32 => 4,
             EmoeDtype::F16 | EmoeDtype::BF16 => 2,
-            EmoeDtype::I8 => 1,
+            EmoeDtype::I8 | EmoeDtype::U8 => 1,
         }
     }
 }
@@ -111,6 +117,18 @@ impl LeBytes for f32 {
 }
 
 impl LeBytes for i32 {
+    fn le_bytes(&self) -> Vec<u8> {
+        self.to_le_bytes().to_vec()
+    }
+}
+
+impl LeBytes for u8 {
+    fn le_bytes(&self) -> Vec<u8> {
+        vec![*self]
+    }
+}
+
+impl LeBytes for u16 {
     fn le_bytes(&self) -> Vec<u8> {
         self.to_le_bytes().to_vec()
     }
@@ -195,6 +213,8 @@ pub struct ClassStats {
     pub bytes: u64,
     /// Elements of the class's I8 tensors: the quantized weights.
     pub int8_params: u64,
+    /// Weights held by the class's int4 tensors (two per byte of a `qweight4`).
+    pub int4_params: u64,
 }
 
 impl ClassStats {
@@ -202,6 +222,13 @@ impl ClassStats {
     /// `None` for a class with no int8 tensors.
     pub fn bytes_per_int8_param(&self) -> Option<f64> {
         (self.int8_params > 0).then(|| self.bytes as f64 / self.int8_params as f64)
+    }
+
+    /// All bytes of the class per quantized weight, int8 and int4 (padding counted as
+    /// weights); `None` for a class with neither.
+    pub fn bytes_per_quantized_param(&self) -> Option<f64> {
+        let params = self.int8_params + self.int4_params;
+        (params > 0).then(|| self.bytes as f64 / params as f64)
     }
 }
 
@@ -216,6 +243,9 @@ impl ClassTally {
         s.bytes = s.bytes.saturating_add(bytes);
         if dtype == EmoeDtype::I8 {
             s.int8_params = s.int8_params.saturating_add(numel);
+        }
+        if dtype == EmoeDtype::U8 && name.ends_with(".qweight4") {
+            s.int4_params = s.int4_params.saturating_add(numel.saturating_mul(2));
         }
     }
 }

@@ -42,7 +42,7 @@ impl<'a> TensorView<'a> {
             EmoeDtype::F32 => crate::model::convert::f32s(b),
             EmoeDtype::F16 => crate::model::convert::f16s(b),
             EmoeDtype::BF16 => crate::model::convert::bf16s(b),
-            EmoeDtype::I8 | EmoeDtype::I32 => return None,
+            EmoeDtype::I8 | EmoeDtype::I32 | EmoeDtype::U8 => return None,
         })
     }
 
@@ -248,7 +248,12 @@ impl TensorSource for EmoeFile {
             EmoeDtype::BF16 => Stored::Half(HalfKind::Bf16, self.in_place(name, offset, numel)?),
             EmoeDtype::I8 => Stored::I8(self.in_place(name, offset, numel)?),
             EmoeDtype::I32 => Stored::I32(self.in_place(name, offset, numel)?),
+            EmoeDtype::U8 => Stored::U8(self.in_place(name, offset, numel)?),
         })
+    }
+
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.header.get(name).map(|t| t.shape.clone())
     }
 
     fn expert_block(&self, layer: usize, expert: usize) -> Option<Arc<StoredBlock>> {

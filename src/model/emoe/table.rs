@@ -37,6 +37,10 @@ impl TensorSource for Recording<'_> {
         Ok(s)
     }
 
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.file.shape_of(name)
+    }
+
     fn expert_block(&self, layer: usize, expert: usize) -> Option<Arc<StoredBlock>> {
         self.file.expert_block(layer, expert)
     }

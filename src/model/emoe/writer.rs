@@ -3,7 +3,10 @@
 //! half-written file.
 
 use super::format::{data_start_after, DataRegion, ExpertBlockEntry, HeaderJson, TensorEntry};
-use super::{align_up, ClassTally, TensorData, BLOCK_ALIGN, MAGIC, TENSOR_ALIGN, VERSION};
+use super::{
+    align_up, ClassTally, EmoeDtype, TensorData, BLOCK_ALIGN, MAGIC, TENSOR_ALIGN, VERSION,
+    VERSION_WITHOUT_INT4,
+};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use serde::Serialize;
@@ -247,7 +250,7 @@ impl<'a> EmoeWriter<'a> {
             pos: 0,
         };
         out.put(&MAGIC)?;
-        out.put(&VERSION.to_le_bytes())?;
+        out.put(&self.version().to_le_bytes())?;
         out.put(&(json.len() as u64).to_le_bytes())?;
         out.put(&crc32c::crc32c(json).to_le_bytes())?;
         out.put(json)?;
@@ -261,6 +264,22 @@ impl<'a> EmoeWriter<'a> {
         let file = out.w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         Ok(total)
+    }
+
+    /// The oldest version that holds every tensor: files without int4 stay readable by
+    /// builds that know only version 3.
+    fn version(&self) -> u32 {
+        let blocks = self.blocks.iter().flat_map(|b| &b.tensors);
+        if self
+            .tensors
+            .iter()
+            .chain(blocks)
+            .any(|t| t.dtype == EmoeDtype::U8)
+        {
+            VERSION
+        } else {
+            VERSION_WITHOUT_INT4
+        }
     }
 
     fn tally(&self) -> ClassTally {

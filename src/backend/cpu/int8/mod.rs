@@ -26,6 +26,7 @@ pub use crate::model::int8::{padded_k, Int8Error, Int8Matrix, K_ALIGN, MAX_K};
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod int4;
 mod scalar;
 
 /// Environment variable that forces a lower tier: `scalar`, `avx2` or `avx512`.

@@ -1,0 +1,273 @@
+//! Int4 weights for W4A8 experts: GPTQ (the same column-by-column error feedback through the
+//! factored inverse Hessian as `gptq.rs`) or rounding, onto a 4-bit grid with one f16 scale
+//! (and, asymmetric, one zero point) per row and group of `group` input columns.
+//!
+//! A group's parameters come from the row's values when GPTQ reaches the group's first column,
+//! so they include the error pushed onto them by the columns before (as in GPTQ's grouped
+//! variant); with act-order the columns are visited out of order, so the parameters are taken
+//! from the original weights instead (static groups).
+
+use rayon::prelude::*;
+
+use super::gptq::HessianFactor;
+use super::linalg;
+use crate::model::int4::{round_scale, SYMMETRIC_ZERO};
+
+/// Rows quantized side by side (one task of the pool).
+const ROW_TILE: usize = 16;
+
+/// The 4-bit grid: group size along the input dimension, symmetric or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Int4Grid {
+    pub group: usize,
+    pub symmetric: bool,
+}
+
+/// Int4 values and their group parameters, row-major: `u` is `n × k`, `scales` and `zeros`
+/// `n × ceil(k / group)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int4Quantized {
+    pub u: Vec<u8>,
+    pub scales: Vec<f32>,
+    pub zeros: Vec<u8>,
+}
+
+/// Scale (f16-rounded) and zero point of a group of values.
+fn group_params(values: impl Iterator<Item = f64>, grid: Int4Grid) -> (f64, u8) {
+    let (lo, hi) = values.fold((0f64, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    if grid.symmetric {
+        // [-7, 7] around zero point 8: the grid stays symmetric, so does the rounding error.
+        let m = (-lo).max(hi);
+        (f64::from(round_scale((m / 7.0) as f32)), SYMMETRIC_ZERO)
+    } else {
+        // The range always holds 0 (GPTQ's convention), so zero is exactly representable.
+        let s = f64::from(round_scale(((hi - lo) / 15.0) as f32));
+        let z = if s > 0.0 {
+            (-lo / s).round().clamp(0.0, 15.0) as u8
+        } else {
+            SYMMETRIC_ZERO
+        };
+        (s, z)
+    }
+}
+
+/// The nibble nearest to `v` on the grid `(s, z)` (half away from zero, clamped).
+fn quantize_value(v: f64, s: f64, z: u8) -> u8 {
+    if s == 0.0 {
+        return z;
+    }
+    ((v / s).round() + f64::from(z)).clamp(0.0, 15.0) as u8
+}
+
+fn dequantize(u: u8, s: f64, z: u8) -> f64 {
+    s * (f64::from(u) - f64::from(z))
+}
+
+/// Round-to-nearest onto the grid.
+pub fn rtn4(w: &[f32], n: usize, k: usize, grid: Int4Grid) -> Int4Quantized {
+    let kg = k.div_ceil(grid.group);
+    let mut out = Int4Quantized {
+        u: vec![0; n * k],
+        scales: vec![0.0; n * kg],
+        zeros: vec![0; n * kg],
+    };
+    for j in 0..n {
+        for g in 0..kg {
+            let cols = g * grid.group..((g + 1) * grid.group).min(k);
+            let row = &w[j * k..(j + 1) * k];
+            let (s, z) = group_params(row[cols.clone()].iter().map(|&v| f64::from(v)), grid);
+            out.scales[j * kg + g] = s as f32;
+            out.zeros[j * kg + g] = z;
+            for i in cols {
+                out.u[j * k + i] = quantize_value(f64::from(row[i]), s, z);
+            }
+        }
+    }
+    out
+}
+
+/// GPTQ onto the grid with the input's factor; rounding where H could not be factored.
+pub fn gptq4_factored(w: &[f32], n: usize, f: &HessianFactor, grid: Int4Grid) -> Int4Quantized {
+    let k = f.k;
+    let Some(hinv) = &f.hinv else {
+        return rtn4(w, n, k, grid);
+    };
+    let kg = k.div_ceil(grid.group);
+    let perm = &f.perm;
+    let in_order = perm.iter().enumerate().all(|(i, &c)| i == c);
+    // Static groups (act-order): parameters from the original weights, dead inputs zeroed.
+    let live = |j: usize, c: usize| {
+        if f.dead[c] {
+            0.0
+        } else {
+            f64::from(w[j * k + c])
+        }
+    };
+    let static_params = (!in_order).then(|| rtn_params(n, k, grid, &live));
+    let mut wp: Vec<f64> = (0..n * k).map(|idx| live(idx / k, perm[idx % k])).collect();
+    let mut q = vec![0u8; n * k];
+    let mut scales = vec![0f32; n * kg];
+    let mut zeros = vec![0u8; n * kg];
+    wp.par_chunks_mut(ROW_TILE * k)
+        .zip(q.par_chunks_mut(ROW_TILE * k))
+        .zip(scales.par_chunks_mut(ROW_TILE * kg))
+        .zip(zeros.par_chunks_mut(ROW_TILE * kg))
+        .enumerate()
+        .for_each(|(tile, (((rows, qrows), tile_scales), tile_zeros))| {
+            if let Some((s, z)) = &static_params {
+                let at = tile * ROW_TILE * kg;
+                tile_scales.copy_from_slice(&s[at..at + tile_scales.len()]);
+                tile_zeros.copy_from_slice(&z[at..at + tile_zeros.len()]);
+            }
+            for i in 0..k {
+                let col = perm[i];
+                let g = col / grid.group;
+                let d = hinv[i * k + i];
+                let tail = &hinv[i * k + i + 1..(i + 1) * k];
+                let rows_iter = rows
+                    .chunks_mut(k)
+                    .zip(qrows.chunks_mut(k))
+                    .zip(tile_scales.chunks_mut(kg).zip(tile_zeros.chunks_mut(kg)));
+                for ((row, qrow), (rs, rz)) in rows_iter {
+                    if in_order && i % grid.group == 0 {
+                        let end = (i + grid.group).min(k);
+                        let (s, z) = group_params(row[i..end].iter().copied(), grid);
+                        rs[g] = s as f32;
+                        rz[g] = z;
+                    }
+                    let (s, z) = (f64::from(rs[g]), rz[g]);
+                    let u = quantize_value(row[i], s, z);
+                    qrow[i] = u;
+                    let e = (row[i] - dequantize(u, s, z)) / d;
+                    linalg::sub_scaled(&mut row[i + 1..], e, tail);
+                }
+            }
+        });
+    // Undo the column permutation.
+    let mut u = vec![0u8; n * k];
+    for j in 0..n {
+        for (pos, &col) in perm.iter().enumerate() {
+            u[j * k + col] = q[j * k + pos];
+        }
+    }
+    Int4Quantized { u, scales, zeros }
+}
+
+/// Every row's group parameters from `value(row, col)`.
+fn rtn_params(
+    n: usize,
+    k: usize,
+    grid: Int4Grid,
+    value: &impl Fn(usize, usize) -> f64,
+) -> (Vec<f32>, Vec<u8>) {
+    let kg = k.div_ceil(grid.group);
+    let mut s = vec![0f32; n * kg];
+    let mut z = vec![0u8; n * kg];
+    for j in 0..n {
+        for g in 0..kg {
+            let cols = g * grid.group..((g + 1) * grid.group).min(k);
+            let (gs, gz) = group_params(cols.map(|c| value(j, c)), grid);
+            s[j * kg + g] = gs as f32;
+            z[j * kg + g] = gz;
+        }
+    }
+    (s, z)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::gptq::GptqOptions;
+    use crate::util::rng::SplitMix64;
+
+    fn output_error(
+        w: &[f32],
+        q: &Int4Quantized,
+        x: &[f32],
+        n: usize,
+        k: usize,
+        grid: Int4Grid,
+    ) -> f64 {
+        let kg = k.div_ceil(grid.group);
+        let rows = x.len() / k;
+        let mut e = 0.0;
+        for r in 0..rows {
+            for j in 0..n {
+                let mut d = 0.0;
+                for i in 0..k {
+                    let g = j * kg + i / grid.group;
+                    let wq = dequantize(q.u[j * k + i], f64::from(q.scales[g]), q.zeros[g]);
+                    d += (f64::from(w[j * k + i]) - wq) * f64::from(x[r * k + i]);
+                }
+                e += d * d;
+            }
+        }
+        e
+    }
+
+    #[test]
+    fn rounding_is_within_half_a_step_and_gptq_beats_it() {
+        let (n, k, rows) = (16, 96, 400);
+        let mut rng = SplitMix64::new(11);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
+        let basis: Vec<f32> = (0..8 * k).map(|_| rng.normal()).collect();
+        let mut x = vec![0f32; rows * k];
+        for r in 0..rows {
+            let coef: Vec<f32> = (0..8).map(|_| rng.normal()).collect();
+            for i in 0..k {
+                x[r * k + i] =
+                    (0..8).map(|b| coef[b] * basis[b * k + i]).sum::<f32>() + 0.1 * rng.normal();
+            }
+        }
+        let mut h = vec![0f64; k * k];
+        for r in 0..rows {
+            for i in 0..k {
+                for j in 0..k {
+                    h[i * k + j] += f64::from(x[r * k + i]) * f64::from(x[r * k + j]);
+                }
+            }
+        }
+        for grid in [
+            Int4Grid {
+                group: 32,
+                symmetric: true,
+            },
+            Int4Grid {
+                group: 64,
+                symmetric: false,
+            },
+        ] {
+            let kg = k.div_ceil(grid.group);
+            let rtn = rtn4(&w, n, k, grid);
+            for j in 0..n {
+                for i in 0..k {
+                    let g = j * kg + i / grid.group;
+                    let s = f64::from(rtn.scales[g]);
+                    let wq = dequantize(rtn.u[j * k + i], s, rtn.zeros[g]);
+                    // Half a step, plus the f16 rounding of the scale over up to 15 steps.
+                    assert!((wq - f64::from(w[j * k + i])).abs() <= s * (0.5 + 15.0 / 1024.0));
+                }
+            }
+            for act_order in [false, true] {
+                let f = HessianFactor::new(
+                    &h,
+                    k,
+                    &GptqOptions {
+                        damp: 0.01,
+                        act_order,
+                    },
+                );
+                let q = gptq4_factored(&w, n, &f, grid);
+                assert!(q.u.iter().chain(&q.zeros).all(|&v| v <= 15));
+                let (eg, er) = (
+                    output_error(&w, &q, &x, n, k, grid),
+                    output_error(&w, &rtn, &x, n, k, grid),
+                );
+                assert!(
+                    eg < 0.7 * er,
+                    "{grid:?} act_order {act_order}: gptq {eg} vs rtn {er}"
+                );
+            }
+        }
+    }
+}
