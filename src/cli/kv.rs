@@ -1,6 +1,6 @@
 //! The KV-budget options generate, ppl, bench and serve share.
 
-use crate::kv::{Budget, KvOptions, Policy};
+use crate::kv::{Budget, Granularity, KvOptions, Policy};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct KvArgs {
@@ -27,6 +27,10 @@ pub struct KvArgs {
     /// the observation window); the policy ranks only what is older.
     #[arg(long = "kv-recent", default_value_t = crate::kv::policy::DEFAULT_RECENT)]
     pub recent: f32,
+    /// What one eviction decision covers: layer (a slot holds every KV head of its token) |
+    /// head (each KV head keeps its own tokens, ranked by its own query heads; CPU only).
+    #[arg(long = "kv-granularity", default_value = "layer")]
+    pub granularity: String,
 }
 
 impl KvArgs {
@@ -48,6 +52,7 @@ impl KvArgs {
             sinks: self.sinks,
             threshold: self.threshold,
             recent: self.recent,
+            granularity: self.granularity.parse::<Granularity>()?,
         };
         opts.validate()?;
         Ok(opts)

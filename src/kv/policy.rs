@@ -50,6 +50,39 @@ impl fmt::Display for Policy {
     }
 }
 
+/// What one eviction decision covers: a whole layer (a slot holds every KV head of its token,
+/// ranked by the attention summed over the layer's heads), or each KV head of a layer on its
+/// own (each head keeps its own tokens, ranked by its own query heads' attention; every head
+/// keeps the same number of slots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Granularity {
+    #[default]
+    Layer,
+    Head,
+}
+
+impl FromStr for Granularity {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Granularity> {
+        match s {
+            "layer" => Ok(Granularity::Layer),
+            "head" => Ok(Granularity::Head),
+            _ => Err(Error::invalid(format!(
+                "unknown KV granularity `{s}` (layer, head)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Granularity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Granularity::Layer => "layer",
+            Granularity::Head => "head",
+        })
+    }
+}
+
 /// A KV budget: a number of tokens, or a percentage of the tokens a sequence will reach.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Budget {
@@ -130,6 +163,8 @@ pub struct KvOptions {
     pub threshold: f32,
     /// Share of the budget protected as recent tokens, in [0, 1) (default `DEFAULT_RECENT`).
     pub recent: f32,
+    /// Whether a layer evicts as a whole or per KV head.
+    pub granularity: Granularity,
 }
 
 impl Default for KvOptions {
@@ -141,6 +176,7 @@ impl Default for KvOptions {
             sinks: DEFAULT_SINKS,
             threshold: DEFAULT_THRESHOLD,
             recent: DEFAULT_RECENT,
+            granularity: Granularity::Layer,
         }
     }
 }
@@ -156,6 +192,7 @@ pub struct EvictionConfig {
     pub threshold: f32,
     /// The most recent tokens every eviction keeps: at least `window`, at most `keep − sinks`.
     pub recent: usize,
+    pub granularity: Granularity,
 }
 
 impl EvictionConfig {
@@ -167,6 +204,11 @@ impl EvictionConfig {
     /// Whether the policy ranks slots by the attention they received (the kernel then emits it).
     pub fn needs_attention(&self) -> bool {
         matches!(self.policy, Policy::H2o | Policy::Lazy)
+    }
+
+    /// Whether each KV head keeps its own tokens.
+    pub fn per_head(&self) -> bool {
+        self.granularity == Granularity::Head
     }
 }
 
@@ -235,6 +277,7 @@ impl KvOptions {
             sinks: self.sinks,
             threshold: self.threshold,
             recent,
+            granularity: self.granularity,
         })
     }
 }

@@ -44,7 +44,12 @@ impl KvCache {
             l.truncate(n);
         }
         if let Some(e) = &mut self.eviction {
-            for (st, &n) in e.stats.iter_mut().zip(&mark.lens) {
+            let heads = e.heads;
+            for (st, &n) in e
+                .stats
+                .iter_mut()
+                .zip(mark.lens.iter().flat_map(|n| std::iter::repeat_n(n, heads)))
+            {
                 st.mass.truncate(n);
                 st.last_hit.truncate(n);
                 st.mri.truncate(n);
