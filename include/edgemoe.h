@@ -83,6 +83,13 @@
 // recurrence interval.
 #define EDGEMOE_KV_POLICY_LAZY 4
 
+// kv_granularity: a layer evicts as a whole (a slot holds every KV head of its token).
+#define EDGEMOE_KV_GRANULARITY_LAYER 0
+
+// kv_granularity: each KV head of a layer keeps its own tokens, ranked by its own query
+// heads' attention (CPU backend only).
+#define EDGEMOE_KV_GRANULARITY_HEAD 1
+
 // A loaded model: immutable, so any number of threads may use one model handle at once.
 // Sessions keep their model alive, so models and sessions may be freed in any order.
 typedef struct EdgemoeModel EdgemoeModel;
@@ -128,6 +135,8 @@ typedef struct EdgemoeSessionParams {
     // `cuda` feature and a GPU; otherwise edgemoe_session_new fails with
     // EDGEMOE_ERR_INVALID_INPUT naming why.
     uint64_t gpu_mem_bytes;
+    // What one eviction decision covers: one of EDGEMOE_KV_GRANULARITY_*. Default LAYER.
+    int kv_granularity;
 } EdgemoeSessionParams;
 
 // Options for edgemoe_generate; start from edgemoe_generate_default_params().

@@ -19,8 +19,8 @@
 #   --table-only prints the table of the results already there.
 # env: MODEL (SmolLM2 GGUF), BIN (release edgemoe), THREADS (2), REQUANT=1 to quantize again
 #      when target/exports/heldout/smollm2-METHOD.emoe exists already, QUANT_BYTES (4600),
-#      KV_POLICIES ("window h2o lazy"; an entry POLICY:FLAG=VALUE adds a flag, e.g.
-#      lazy:--kv-threshold=16), KV_TEXTS (the tuning recall text and the held-out ones),
+#      KV_POLICIES ("window h2o lazy"; an entry POLICY:FLAG=VALUE[,FLAG=VALUE…] adds flags,
+#      e.g. lazy:--kv-threshold=16 or lazy:--kv-granularity=head,--kv-threshold=16), KV_TEXTS (the tuning recall text and the held-out ones),
 #      KV_BUDGETS ("50 25"), KV_FULL=0 to skip the full-cache runs, KV_OUT (results-kv): the file name of this run's
 #      KV results, so runs of parts can go side by side.
 # Raw results: target/exports/heldout/results-*.jsonl (one JSON line per run; a run rewrites
@@ -85,7 +85,7 @@ if [ $do_kv = 1 ]; then
     for b in ${KV_BUDGETS:-50 25}; do
       for entry in ${KV_POLICIES:-window h2o lazy}; do
         p=${entry%%:*} flag=()
-        [ "$entry" = "$p" ] || flag=("${entry#*:}")
+        [ "$entry" = "$p" ] || IFS=, read -ra flag <<<"${entry#*:}"
         run "$text" "$MODEL" "$entry $b%" 2048 --kv-budget $b% --kv-policy "$p" "${flag[@]}"
       done
     done

@@ -57,9 +57,9 @@ pub(super) fn kv_options(p: &EdgemoeSessionParams) -> CResult<KvOptions> {
                 .into(),
         );
     }
-    if !(p.kv_threshold.is_finite() && p.kv_threshold > 0.0) {
+    if !(p.kv_threshold.is_finite() && p.kv_threshold >= 0.0) {
         return bad(format!(
-            "kv_threshold is {}; it must be finite and > 0",
+            "kv_threshold is {}; it must be finite and > 0, or 0 for the granularity's default",
             p.kv_threshold
         ));
     }
@@ -77,7 +77,10 @@ pub(super) fn kv_options(p: &EdgemoeSessionParams) -> CResult<KvOptions> {
         budget,
         window: p.kv_window as usize,
         sinks: p.kv_sinks as usize,
-        threshold: p.kv_threshold,
+        threshold: match p.kv_threshold {
+            0.0 => granularity.default_threshold(),
+            t => t,
+        },
         recent: crate::kv::policy::DEFAULT_RECENT,
         granularity,
     };

@@ -74,6 +74,18 @@ impl FromStr for Granularity {
     }
 }
 
+impl Granularity {
+    /// The significance threshold lazy uses when none is given: a KV head's own attention is
+    /// more peaked than the layer's mean over its heads, so per-head eviction wants a higher
+    /// cut.
+    pub fn default_threshold(self) -> f32 {
+        match self {
+            Granularity::Layer => DEFAULT_THRESHOLD,
+            Granularity::Head => DEFAULT_HEAD_THRESHOLD,
+        }
+    }
+}
+
 impl fmt::Display for Granularity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -140,6 +152,14 @@ pub const DEFAULT_WINDOW: usize = 64;
 /// +3.61% against 8×'s +3.32%; docs/BENCHMARKS.md), so 8× stays: one window of one kind of
 /// text was too little tuning text to move a default on.
 pub const DEFAULT_THRESHOLD: f32 = 8.0;
+
+/// [`DEFAULT_THRESHOLD`] for per-KV-head eviction, where a slot's attention is its own KV
+/// head's (mean over that head's query-head group) instead of the layer's mean over all heads.
+/// Chosen on the TUNING text only, tools/data/recall.txt's first 2048-token window
+/// (SmolLM2-135M, ctx 2048, issue 29; full cache 9.019): lazy per head at a 25% budget ppl
+/// 10.91 at 4×, 10.38 at 8×, 9.518 at 16×, 9.509 at 32×; at 50% 9.091 at 8×, 9.134 at 16×,
+/// 9.150 at 32×. 16× is the best sum over both budgets.
+pub const DEFAULT_HEAD_THRESHOLD: f32 = 16.0;
 
 /// Share of the budget kept as the most recent tokens by every policy (at least the observation
 /// window): a protection window the ranking cannot touch (H2O's paper splits its budget half
@@ -213,6 +233,15 @@ impl EvictionConfig {
 }
 
 impl KvOptions {
+    /// Position maps (and sets of statistics) a cache of a layer of `kv_heads` KV heads keeps
+    /// under these options: one per KV head when each head evicts on its own, else one.
+    pub fn position_maps(&self, kv_heads: usize) -> usize {
+        match (self.granularity, self.budget) {
+            (Granularity::Head, Some(_)) => kv_heads.max(1),
+            _ => 1,
+        }
+    }
+
     /// Checks the options on their own (what can be checked before a sequence's length is known).
     pub fn validate(&self) -> Result<()> {
         match (self.policy, self.budget) {
