@@ -128,7 +128,8 @@ typedef struct EdgemoeSessionParams {
     // Attention-sink tokens (the first ones) every policy keeps. Default 4.
     uint32_t kv_sinks;
     // lazy: a token's attention at a step is significant above this many times the uniform
-    // share, averaged over the heads; finite and > 0. Default 8.
+    // share, averaged over the heads (per KV head: over its query heads); finite and > 0, or
+    // 0 for the granularity's default (8 for LAYER, 16 for HEAD). Default 8.
     float kv_threshold;
     // GPU memory in bytes for the GPU expert tier (non-expert weights, KV, workspaces, the
     // rest expert slots); 0 means none (the session runs on the CPU). Needs a build with the
