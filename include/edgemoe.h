@@ -83,6 +83,13 @@
 // recurrence interval.
 #define EDGEMOE_KV_POLICY_LAZY 4
 
+// kv_granularity: a layer evicts as a whole (a slot holds every KV head of its token).
+#define EDGEMOE_KV_GRANULARITY_LAYER 0
+
+// kv_granularity: each KV head of a layer keeps its own tokens, ranked by its own query
+// heads' attention (CPU backend only).
+#define EDGEMOE_KV_GRANULARITY_HEAD 1
+
 // A loaded model: immutable, so any number of threads may use one model handle at once.
 // Sessions keep their model alive, so models and sessions may be freed in any order.
 typedef struct EdgemoeModel EdgemoeModel;
@@ -121,13 +128,16 @@ typedef struct EdgemoeSessionParams {
     // Attention-sink tokens (the first ones) every policy keeps. Default 4.
     uint32_t kv_sinks;
     // lazy: a token's attention at a step is significant above this many times the uniform
-    // share, averaged over the heads; finite and > 0. Default 8.
+    // share, averaged over the heads (per KV head: over its query heads); finite and > 0, or
+    // 0 for the granularity's default (8 for LAYER, 16 for HEAD). Default 8.
     float kv_threshold;
     // GPU memory in bytes for the GPU expert tier (non-expert weights, KV, workspaces, the
     // rest expert slots); 0 means none (the session runs on the CPU). Needs a build with the
     // `cuda` feature and a GPU; otherwise edgemoe_session_new fails with
     // EDGEMOE_ERR_INVALID_INPUT naming why.
     uint64_t gpu_mem_bytes;
+    // What one eviction decision covers: one of EDGEMOE_KV_GRANULARITY_*. Default LAYER.
+    int kv_granularity;
 } EdgemoeSessionParams;
 
 // Options for edgemoe_generate; start from edgemoe_generate_default_params().

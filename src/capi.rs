@@ -73,6 +73,12 @@ pub const EDGEMOE_KV_POLICY_H2O: c_int = 3;
 /// recurrence interval.
 pub const EDGEMOE_KV_POLICY_LAZY: c_int = 4;
 
+/// kv_granularity: a layer evicts as a whole (a slot holds every KV head of its token).
+pub const EDGEMOE_KV_GRANULARITY_LAYER: c_int = 0;
+/// kv_granularity: each KV head of a layer keeps its own tokens, ranked by its own query
+/// heads' attention (CPU backend only).
+pub const EDGEMOE_KV_GRANULARITY_HEAD: c_int = 1;
+
 /// Options for edgemoe_session_new; start from edgemoe_session_default_params().
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -99,13 +105,16 @@ pub struct EdgemoeSessionParams {
     /// Attention-sink tokens (the first ones) every policy keeps. Default 4.
     pub kv_sinks: u32,
     /// lazy: a token's attention at a step is significant above this many times the uniform
-    /// share, averaged over the heads; finite and > 0. Default 8.
+    /// share, averaged over the heads (per KV head: over its query heads); finite and > 0, or
+    /// 0 for the granularity's default (8 for LAYER, 16 for HEAD). Default 8.
     pub kv_threshold: f32,
     /// GPU memory in bytes for the GPU expert tier (non-expert weights, KV, workspaces, the
     /// rest expert slots); 0 means none (the session runs on the CPU). Needs a build with the
     /// `cuda` feature and a GPU; otherwise edgemoe_session_new fails with
     /// EDGEMOE_ERR_INVALID_INPUT naming why.
     pub gpu_mem_bytes: u64,
+    /// What one eviction decision covers: one of EDGEMOE_KV_GRANULARITY_*. Default LAYER.
+    pub kv_granularity: c_int,
 }
 
 impl Default for EdgemoeSessionParams {
@@ -121,6 +130,7 @@ impl Default for EdgemoeSessionParams {
             kv_sinks: kv.sinks as u32,
             kv_threshold: kv.threshold,
             gpu_mem_bytes: 0,
+            kv_granularity: EDGEMOE_KV_GRANULARITY_LAYER,
         }
     }
 }

@@ -217,6 +217,7 @@ fn c_program_generates_what_the_rust_api_generates() {
         ("kv_zero_window", "kv_window is 0"),
         ("kv_bad_threshold", "kv_threshold is -1"),
         ("kv_bad_percent", "kv_budget_percent is 150"),
+        ("kv_bad_granularity", "kv_granularity is 7"),
     ] {
         r.code(&format!("{key}_rc"), 4);
         assert_eq!(r.get(&format!("{key}_null")), "1", "{key}");

@@ -7,7 +7,7 @@ use edgemoe::engine::generation::{generate, GenerateRequest};
 use edgemoe::engine::ppl::{score, Steps};
 use edgemoe::engine::sampling::SamplingParams;
 use edgemoe::engine::{BatchItem, Logits};
-use edgemoe::kv::{Budget, KvOptions, Policy};
+use edgemoe::kv::{Budget, Granularity, KvOptions, Policy};
 use edgemoe::{Engine, Model};
 use std::path::Path;
 use std::sync::Arc;
@@ -28,6 +28,15 @@ fn options(policy: Policy, budget: usize) -> KvOptions {
         sinks: 4,
         threshold: 1.0,
         recent: 0.0,
+        granularity: Granularity::Layer,
+    }
+}
+
+/// [`options`] with each KV head keeping its own tokens.
+fn per_head(policy: Policy, budget: usize) -> KvOptions {
+    KvOptions {
+        granularity: Granularity::Head,
+        ..options(policy, budget)
     }
 }
 
@@ -39,9 +48,20 @@ fn options(policy: Policy, budget: usize) -> KvOptions {
 fn chunked_ppl_matches_token_by_token() {
     let (model, tokens) = fixture();
     let tokens = &tokens[..2 * 300];
-    for policy in [Policy::Window, Policy::H2o, Policy::Lazy] {
+    for (policy, granularity) in [
+        (Policy::Window, Granularity::Layer),
+        (Policy::H2o, Granularity::Layer),
+        (Policy::Lazy, Granularity::Layer),
+        (Policy::H2o, Granularity::Head),
+        (Policy::Lazy, Granularity::Head),
+    ] {
+        let opts = KvOptions {
+            granularity,
+            ..options(policy, 100)
+        };
+        let policy = format!("{policy} per {granularity}");
         let mut engine = Engine::new(model.clone(), 1).unwrap();
-        engine.set_kv_options(options(policy, 100)).unwrap();
+        engine.set_kv_options(opts).unwrap();
         let fast = score(&engine, tokens, 300, Steps::Chunked, |_, _| {}).unwrap();
         let exact = score(&engine, tokens, 300, Steps::TokenByToken, |_, _| {}).unwrap();
         let (a, b) = (fast.result.ppl.ln(), exact.result.ppl.ln());
@@ -72,11 +92,20 @@ fn unreached_budget_equals_full_cache() {
 #[test]
 fn decode_stays_within_budget_and_keeps_positions() {
     let (model, tokens) = fixture();
-    for policy in [Policy::Window, Policy::H2o, Policy::Lazy] {
+    let kinds = [Policy::Window, Policy::H2o, Policy::Lazy]
+        .into_iter()
+        .flat_map(|p| [options(p, 64), per_head(p, 64)]);
+    for opts in kinds {
+        let policy = format!("{} per {}", opts.policy, opts.granularity);
         let mut engine = Engine::new(model.clone(), 1).unwrap();
-        engine.set_kv_options(options(policy, 64)).unwrap();
+        engine.set_kv_options(opts).unwrap();
         let mut cache = engine.new_cache();
         engine.prepare_cache(&mut cache, 400).unwrap();
+        let heads = match opts.granularity {
+            Granularity::Layer => 1,
+            Granularity::Head => model.config.num_kv_heads,
+        };
+        assert_eq!(cache.layers[0].position_maps(), heads);
         let capacity = cache.allocated_bytes();
         for (i, &t) in tokens[..400].iter().enumerate() {
             engine
@@ -87,14 +116,14 @@ fn decode_stays_within_budget_and_keeps_positions() {
                 }])
                 .unwrap();
             for layer in &cache.layers {
-                assert!(layer.positions().len() <= 64);
-                assert!(layer.positions().windows(2).all(|w| w[0] < w[1]));
-                assert!((0..4.min(i as u32 + 1)).all(|p| layer.positions().contains(&p)));
-                let recent = (i + 1).saturating_sub(16) as u32..=i as u32;
-                assert!(
-                    recent.clone().all(|p| layer.positions().contains(&p)),
-                    "{policy}"
-                );
+                for h in 0..heads {
+                    let map = layer.head_positions(h);
+                    assert!(map.len() <= 64);
+                    assert!(map.windows(2).all(|w| w[0] < w[1]));
+                    assert!((0..4.min(i as u32 + 1)).all(|p| map.contains(&p)));
+                    let recent = (i + 1).saturating_sub(16) as u32..=i as u32;
+                    assert!(recent.clone().all(|p| map.contains(&p)), "{policy}");
+                }
             }
         }
         assert_eq!(
@@ -139,6 +168,52 @@ fn policies_keep_different_sets() {
     let window = kept(Policy::Window);
     assert_ne!(kept(Policy::H2o), window);
     assert_ne!(kept(Policy::Lazy), window);
+}
+
+/// Per-KV-head eviction with the window policy keeps in every head what the layer keeps: the
+/// per-head masks, compaction and position maps give the layer's bits exactly.
+#[test]
+fn per_head_window_equals_the_layer_window() {
+    let (model, tokens) = fixture();
+    let tokens = &tokens[..2 * 300];
+    let nll = |opts| {
+        let mut engine = Engine::new(model.clone(), 1).unwrap();
+        engine.set_kv_options(opts).unwrap();
+        score(&engine, tokens, 300, Steps::Chunked, |_, _| {})
+            .unwrap()
+            .nll
+    };
+    assert_eq!(
+        nll(per_head(Policy::Window, 100)),
+        nll(options(Policy::Window, 100))
+    );
+}
+
+/// With h2o and lazy per KV head, the heads of a layer rank their own attention and keep
+/// different tokens somewhere in the run (otherwise per-head eviction would measure nothing).
+#[test]
+fn per_head_policies_keep_different_tokens_per_head() {
+    let (model, tokens) = fixture();
+    for policy in [Policy::H2o, Policy::Lazy] {
+        let mut engine = Engine::new(model.clone(), 1).unwrap();
+        engine.set_kv_options(per_head(policy, 64)).unwrap();
+        let mut cache = engine.new_cache();
+        engine.prepare_cache(&mut cache, 300).unwrap();
+        for &t in &tokens[..200] {
+            engine
+                .forward(&mut [BatchItem {
+                    tokens: &[t],
+                    cache: &mut cache,
+                    logits: Logits::Last,
+                }])
+                .unwrap();
+        }
+        let differ = cache
+            .layers
+            .iter()
+            .any(|l| (1..l.position_maps()).any(|h| l.head_positions(h) != l.head_positions(0)));
+        assert!(differ, "{policy}: every head kept the same tokens");
+    }
 }
 
 /// A prompt longer than the budget goes in pieces; generation runs and ends by length.

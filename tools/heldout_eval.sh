@@ -23,8 +23,8 @@
 # env: MODEL (SmolLM2 GGUF), BIN (release edgemoe), THREADS (2), REQUANT=1 to quantize again
 #      when target/exports/heldout/smollm2-METHOD.emoe exists already, QUANT_BYTES (20000:
 #      every text whole), CALIB, QUANT_ARGS (more `quantize` arguments),
-#      KV_POLICIES ("window h2o lazy"; an entry POLICY:FLAG=VALUE adds a flag, e.g.
-#      lazy:--kv-threshold=16), KV_TEXTS (the tuning recall text and the held-out ones),
+#      KV_POLICIES ("window h2o lazy"; an entry POLICY:FLAG=VALUE[,FLAG=VALUE…] adds flags,
+#      e.g. lazy:--kv-threshold=16 or lazy:--kv-granularity=head,--kv-threshold=16), KV_TEXTS (the tuning recall text and the held-out ones),
 #      KV_BUDGETS ("50 25"), KV_FULL=0 to skip the full-cache runs, KV_OUT (results-kv): the file name of this run's
 #      KV results, so runs of parts can go side by side.
 # Raw results: target/exports/heldout/results-*.jsonl (one JSON line per run; a run rewrites
@@ -76,6 +76,8 @@ run() {
   local file
   file=$(path "$text")
   [ "$ctx" = 2048 ] || file=$(qpath "$text")
+  # A GGUF runs decoded to f32 (its exact values), not converted to int8 rows at load.
+  case $model in *.gguf) fa+=(--gguf-f32) ;; esac
   "$BIN" ppl --model "$model" --text "$file" --ctx "$ctx" --threads "$THREADS" --json \
     "${fa[@]}" "$@" 2>"$tmp/err" | sed "s/^{/{\"text\":\"$text\",\"config\":\"$config\",/" >>"$res" ||
     { cat "$tmp/err" >&2; exit 1; }
@@ -91,7 +93,7 @@ if [ $do_kv = 1 ]; then
     for b in ${KV_BUDGETS:-50 25}; do
       for entry in ${KV_POLICIES:-window h2o lazy}; do
         p=${entry%%:*} flag=()
-        [ "$entry" = "$p" ] || flag=("${entry#*:}")
+        [ "$entry" = "$p" ] || IFS=, read -ra flag <<<"${entry#*:}"
         run "$text" "$MODEL" "$entry $b%" 2048 --kv-budget $b% --kv-policy "$p" "${flag[@]}"
       done
     done

@@ -245,6 +245,48 @@ pub trait Backend: Send + Sync {
             .unwrap_or_else(|e| panic!("edgemoe: reading the KV cache back failed: {e}"));
         (out, slots, mass)
     }
+    /// [`Self::attention`], and also per row and KV head the mass each slot of that head
+    /// received: the softmax weights of the head's group of query heads summed, `num_kv_heads
+    /// × cache.len()` values a row (head-major), rows one after another; the attention of a
+    /// layer whose KV heads keep their own tokens (each head's own positions mask its slots).
+    /// This default recomputes the mass with the plain reference.
+    fn attention_with_head_mass(
+        &self,
+        shape: &AttentionShape,
+        q: &Self::Act,
+        positions: &[usize],
+        segments: &[Segment],
+    ) -> (Self::Act, usize, Vec<f32>) {
+        let (out, slots) = self.attention(shape, q, positions, segments);
+        let mass =
+            crate::kv::mass::reference_head_mass(shape, &self.to_host(q), positions, segments)
+                .unwrap_or_else(|e| panic!("edgemoe: reading the KV cache back failed: {e}"));
+        (out, slots, mass)
+    }
+    /// Whether this backend runs caches whose KV heads keep their own tokens
+    /// ([`crate::kv::Granularity::Head`]): its attention masks each KV head by that head's
+    /// positions, and its storage compacts per head. The engine refuses the option otherwise.
+    fn evicts_per_head(&self) -> bool {
+        false
+    }
+    /// Per-KV-head eviction of one layer at step `now`: each head keeps the slots
+    /// `kv::evict::kept_slots_reference` keeps of its own positions and statistics
+    /// (`stats[h]`), compacted per head. This default is the plain reference.
+    fn evict_heads(
+        &self,
+        config: &EvictionConfig,
+        cache: &mut LayerCache,
+        stats: &mut [SlotStats],
+        now: usize,
+    ) -> Result<()> {
+        crate::kv::evict::evict_heads(
+            config,
+            cache,
+            stats,
+            now,
+            crate::kv::evict::kept_slots_reference,
+        )
+    }
     /// One layer's eviction at step `now` (the next token's position): keeps the slots
     /// `kv::evict::kept_slots_reference` keeps — exactly that set — compacted to the
     /// front in order, with their statistics; a failure (a device's) leaves the layer as it

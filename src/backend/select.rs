@@ -375,6 +375,47 @@ mod dispatch {
             }
         }
 
+        fn attention_with_head_mass(
+            &self,
+            shape: &AttentionShape,
+            q: &SelectedAct,
+            positions: &[usize],
+            segments: &[Segment],
+        ) -> (SelectedAct, usize, Vec<f32>) {
+            match self {
+                Selected::Cpu(b) => {
+                    let (o, n, m) =
+                        b.attention_with_head_mass(shape, cpu_act!(q), positions, segments);
+                    (SelectedAct::Cpu(o), n, m)
+                }
+                Selected::Cuda(b) => {
+                    let (o, n, m) =
+                        b.attention_with_head_mass(shape, gpu_act!(q), positions, segments);
+                    (SelectedAct::Cuda(o), n, m)
+                }
+            }
+        }
+
+        fn evicts_per_head(&self) -> bool {
+            match self {
+                Selected::Cpu(b) => b.evicts_per_head(),
+                Selected::Cuda(b) => b.evicts_per_head(),
+            }
+        }
+
+        fn evict_heads(
+            &self,
+            config: &EvictionConfig,
+            cache: &mut LayerCache,
+            stats: &mut [SlotStats],
+            now: usize,
+        ) -> Result<()> {
+            match self {
+                Selected::Cpu(b) => b.evict_heads(config, cache, stats, now),
+                Selected::Cuda(b) => b.evict_heads(config, cache, stats, now),
+            }
+        }
+
         fn evict(
             &self,
             config: &EvictionConfig,

@@ -3,11 +3,11 @@
 
 use super::support::{fail, CResult};
 use super::{
-    EdgemoeSessionParams, EDGEMOE_ERR_INVALID_INPUT, EDGEMOE_KV_POLICY_DEFAULT,
-    EDGEMOE_KV_POLICY_FULL, EDGEMOE_KV_POLICY_H2O, EDGEMOE_KV_POLICY_LAZY,
-    EDGEMOE_KV_POLICY_WINDOW,
+    EdgemoeSessionParams, EDGEMOE_ERR_INVALID_INPUT, EDGEMOE_KV_GRANULARITY_HEAD,
+    EDGEMOE_KV_GRANULARITY_LAYER, EDGEMOE_KV_POLICY_DEFAULT, EDGEMOE_KV_POLICY_FULL,
+    EDGEMOE_KV_POLICY_H2O, EDGEMOE_KV_POLICY_LAZY, EDGEMOE_KV_POLICY_WINDOW,
 };
-use crate::kv::{Budget, KvOptions, Policy};
+use crate::kv::{Budget, Granularity, KvOptions, Policy};
 
 pub(super) fn kv_options(p: &EdgemoeSessionParams) -> CResult<KvOptions> {
     let bad = |m: String| fail(EDGEMOE_ERR_INVALID_INPUT, m);
@@ -57,19 +57,32 @@ pub(super) fn kv_options(p: &EdgemoeSessionParams) -> CResult<KvOptions> {
                 .into(),
         );
     }
-    if !(p.kv_threshold.is_finite() && p.kv_threshold > 0.0) {
+    if !(p.kv_threshold.is_finite() && p.kv_threshold >= 0.0) {
         return bad(format!(
-            "kv_threshold is {}; it must be finite and > 0",
+            "kv_threshold is {}; it must be finite and > 0, or 0 for the granularity's default",
             p.kv_threshold
         ));
     }
+    let granularity = match p.kv_granularity {
+        EDGEMOE_KV_GRANULARITY_LAYER => Granularity::Layer,
+        EDGEMOE_KV_GRANULARITY_HEAD => Granularity::Head,
+        other => {
+            return bad(format!(
+                "kv_granularity is {other}; it must be one of EDGEMOE_KV_GRANULARITY_* (0 or 1)"
+            ))
+        }
+    };
     let opts = KvOptions {
         policy,
         budget,
         window: p.kv_window as usize,
         sinks: p.kv_sinks as usize,
-        threshold: p.kv_threshold,
+        threshold: match p.kv_threshold {
+            0.0 => granularity.default_threshold(),
+            t => t,
+        },
         recent: crate::kv::policy::DEFAULT_RECENT,
+        granularity,
     };
     // What is left to check (a token budget below the sinks and two windows) names the sizes.
     if let Err(e) = opts.validate() {

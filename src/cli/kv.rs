@@ -1,6 +1,6 @@
 //! The KV-budget options generate, ppl, bench and serve share.
 
-use crate::kv::{Budget, KvOptions, Policy};
+use crate::kv::{Budget, Granularity, KvOptions, Policy};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct KvArgs {
@@ -20,13 +20,18 @@ pub struct KvArgs {
     #[arg(long = "kv-sinks", default_value_t = crate::kv::policy::DEFAULT_SINKS)]
     pub sinks: usize,
     /// lazy: a token's attention at a step is significant above this many times the uniform
-    /// share (1 / visible tokens), averaged over the heads.
-    #[arg(long = "kv-threshold", default_value_t = crate::kv::policy::DEFAULT_THRESHOLD)]
-    pub threshold: f32,
+    /// share (1 / visible tokens), averaged over the layer's heads (per KV head: over its
+    /// query heads). Default 8 (layer granularity), 16 (head).
+    #[arg(long = "kv-threshold")]
+    pub threshold: Option<f32>,
     /// Share of the budget every policy keeps as the most recent tokens, in [0, 1) (at least
     /// the observation window); the policy ranks only what is older.
     #[arg(long = "kv-recent", default_value_t = crate::kv::policy::DEFAULT_RECENT)]
     pub recent: f32,
+    /// What one eviction decision covers: layer (a slot holds every KV head of its token) |
+    /// head (each KV head keeps its own tokens, ranked by its own query heads; CPU only).
+    #[arg(long = "kv-granularity", default_value = "layer")]
+    pub granularity: String,
 }
 
 impl KvArgs {
@@ -41,13 +46,17 @@ impl KvArgs {
             (None, Some(_)) => Policy::Lazy,
             (None, None) => Policy::Full,
         };
+        let granularity = self.granularity.parse::<Granularity>()?;
         let opts = KvOptions {
             policy,
             budget,
             window: self.window,
             sinks: self.sinks,
-            threshold: self.threshold,
+            threshold: self
+                .threshold
+                .unwrap_or_else(|| granularity.default_threshold()),
             recent: self.recent,
+            granularity,
         };
         opts.validate()?;
         Ok(opts)

@@ -18,7 +18,7 @@ use crate::backend::health::StepFailure;
 use crate::backend::{AttentionShape, Backend, DefaultBackend, Pick, Segment, Tasks};
 use crate::error::{Error, Result};
 use crate::experts::ExpertService;
-use crate::kv::{KvCache, KvOptions};
+use crate::kv::{Granularity, KvCache, KvOptions};
 use crate::model::arch::opt::POSITION_OFFSET;
 use crate::model::config::QkNorm;
 use crate::model::weights::{Ffn, GatedMlp, Layer, Linear, MoeBlock, Norm, PlainMlp};
@@ -172,7 +172,24 @@ impl<B: Backend> Engine<B> {
     /// Sets the KV budget and policy every sequence started from now on gets (checked first).
     pub fn set_kv_options(&mut self, kv: KvOptions) -> Result<()> {
         kv.validate()?;
+        self.check_granularity(&kv)?;
         self.kv = kv;
+        Ok(())
+    }
+
+    /// Per-KV-head eviction needs a backend whose attention masks each KV head by its own
+    /// positions; the others refuse it here, by name.
+    fn check_granularity(&self, kv: &KvOptions) -> Result<()> {
+        if kv.granularity == Granularity::Head
+            && kv.budget.is_some()
+            && !self.backend.evicts_per_head()
+        {
+            return Err(Error::invalid(
+                "--kv-granularity head (per-KV-head eviction) runs on the CPU backend only: \
+                 this backend's attention keeps one position map per layer (use \
+                 --kv-granularity layer)",
+            ));
+        }
         Ok(())
     }
 
@@ -196,7 +213,8 @@ impl<B: Backend> Engine<B> {
         tokens: usize,
     ) -> Result<()> {
         let plan = kv.resolve(tokens)?;
-        cache.set_eviction(plan);
+        self.check_granularity(kv)?;
+        cache.set_eviction(plan, self.model.config.num_kv_heads)?;
         if let Some(p) = plan {
             cache.shrink_to(p.budget.min(tokens));
         }
@@ -389,11 +407,18 @@ impl<B: Backend> Engine<B> {
             let now = item.cache.next_position();
             let (layers, eviction) = item.cache.parts_mut();
             let Some(eviction) = eviction else { continue };
-            for (layer, stats) in layers.iter_mut().zip(&mut eviction.stats) {
+            let heads = eviction.heads;
+            for (layer, stats) in layers.iter_mut().zip(eviction.stats.chunks_mut(heads)) {
                 if cfg.needs_attention() {
-                    stats.sync(layer.positions());
+                    for (h, st) in stats.iter_mut().enumerate() {
+                        st.sync(layer.head_positions(h));
+                    }
                 }
-                self.backend.evict(&cfg, layer, stats, now)?;
+                if cfg.per_head() {
+                    self.backend.evict_heads(&cfg, layer, stats, now)?;
+                } else {
+                    self.backend.evict(&cfg, layer, &mut stats[0], now)?;
+                }
             }
             eviction.evictions += 1;
         }
@@ -630,20 +655,30 @@ impl<B: Backend> Engine<B> {
                 }
             })
             .collect();
-        // Policies that rank by attention take it from the kernel itself.
+        // Policies that rank by attention take it from the kernel itself: per KV head where
+        // any sequence's heads keep their own tokens (or any cache's heads do: its mask is per
+        // head), else per layer.
         let wants_mass = batch.iter().any(|item| {
             item.cache
                 .eviction_config()
                 .is_some_and(|c| c.needs_attention())
         });
-        let (attn, slots_read, mass) = if wants_mass {
+        let per_head = batch.iter().any(|item| {
+            item.cache.layers[li].per_head()
+                || item.cache.eviction_config().is_some_and(|c| c.per_head())
+        });
+        let (attn, slots_read, mass) = if per_head {
+            be.attention_with_head_mass(&shape, &q, positions, &segments)
+        } else if wants_mass {
             be.attention_with_mass(&shape, &q, positions, &segments)
         } else {
             let (attn, slots) = be.attention(&shape, &q, positions, &segments);
             (attn, slots, Vec::new())
         };
         drop(segments);
-        if wants_mass {
+        if per_head {
+            observe_head_mass(li, batch, positions, &mass, &shape);
+        } else if wants_mass {
             observe_mass(li, batch, positions, &mass);
         }
         let o = self.linear(&a.o, &attn);
@@ -792,6 +827,51 @@ fn observe_mass(li: usize, batch: &mut [BatchItem], positions: &[usize], mass: &
         }
         row += rows;
         at += rows * n;
+    }
+}
+
+/// [`observe_mass`] for mass laid out per KV head ([`Backend::attention_with_head_mass`]):
+/// a sequence whose heads keep their own tokens gives each head's statistics that head's mass
+/// (its group's sum over the group's size, so a head's row sums to 1); one that evicts per
+/// layer gets the mean over all query heads, summed as the CPU's layer kernel sums it.
+fn observe_head_mass(
+    li: usize,
+    batch: &mut [BatchItem],
+    positions: &[usize],
+    mass: &[f32],
+    shape: &AttentionShape,
+) {
+    let kv_heads = shape.num_kv_heads;
+    let group = (shape.num_heads / kv_heads) as f32;
+    let scale = 1.0 / shape.num_heads as f32;
+    let (mut row, mut at) = (0, 0);
+    for item in batch.iter_mut() {
+        let n = item.cache.layers[li].len();
+        let rows = item.tokens.len();
+        let (layers, eviction) = item.cache.parts_mut();
+        if let Some(e) = eviction.filter(|e| e.config.needs_attention()) {
+            let threshold = e.config.threshold;
+            let per_head = e.heads > 1;
+            let stats = e.layer_stats_mut(li);
+            for r in 0..rows {
+                let m = &mass[at + r * kv_heads * n..at + (r + 1) * kv_heads * n];
+                let query = positions[row + r];
+                if per_head {
+                    for (h, st) in stats.iter_mut().enumerate() {
+                        let own: Vec<f32> =
+                            m[h * n..(h + 1) * n].iter().map(|x| x / group).collect();
+                        st.observe(layers[li].head_positions(h), query, &own, threshold);
+                    }
+                } else {
+                    let layer: Vec<f32> = (0..n)
+                        .map(|s| (0..kv_heads).map(|k| m[k * n + s]).sum::<f32>() * scale)
+                        .collect();
+                    stats[0].observe(layers[li].positions(), query, &layer, threshold);
+                }
+            }
+        }
+        row += rows;
+        at += rows * kv_heads * n;
     }
 }
 

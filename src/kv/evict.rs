@@ -88,6 +88,72 @@ pub fn compact(cache: &mut LayerCache, stats: &mut SlotStats, kept: &[u32]) -> R
     Ok(())
 }
 
+/// Per-KV-head eviction at step `now`: each head's surviving slots chosen by `select` (the
+/// reference [`kept_slots_reference`], or a backend's equal selection) from its own positions
+/// and statistics (`stats[h]`), then compacted head by head ([`compact_heads`]).
+pub fn evict_heads(
+    cfg: &EvictionConfig,
+    cache: &mut LayerCache,
+    stats: &mut [SlotStats],
+    now: usize,
+    select: impl Fn(&EvictionConfig, &[u32], &SlotStats, usize) -> Vec<u32>,
+) -> Result<()> {
+    let empty = SlotStats::default();
+    let kept: Vec<Vec<u32>> = (0..cache.position_maps())
+        .map(|h| {
+            select(
+                cfg,
+                cache.head_positions(h),
+                stats.get(h).unwrap_or(&empty),
+                now,
+            )
+        })
+        .collect();
+    compact_heads(cache, stats, &kept)
+}
+
+/// [`compact`] for a layer whose KV heads keep their own tokens: head `h` moves its slots
+/// `kept[h]` (ascending; as many for every head) to the front, in the storage (its slice of
+/// each slot), its position map and its statistics `stats[h]` (when kept). A storage that
+/// fails leaves all unchanged.
+pub fn compact_heads(
+    cache: &mut LayerCache,
+    stats: &mut [SlotStats],
+    kept: &[Vec<u32>],
+) -> Result<()> {
+    let heads = cache.position_maps();
+    let k = kept.first().map_or(0, Vec::len);
+    assert!(
+        kept.len() == heads
+            && kept.iter().all(|h| {
+                h.len() == k
+                    && h.windows(2).all(|w| w[0] < w[1])
+                    && h.last()
+                        .is_none_or(|&s| (s as usize) < cache.positions.len())
+            }),
+        "compact_heads: per head, as many kept slots, ascending and held"
+    );
+    if let Some(storage) = &mut cache.storage {
+        let head_dim = storage.kv_dim() / heads;
+        storage.keep_heads(&kept.concat(), head_dim)?;
+    }
+    for (h, kept) in kept.iter().enumerate() {
+        let map = match h {
+            0 => &mut cache.positions,
+            h => &mut cache.other_heads[h - 1],
+        };
+        // In place (ascending, so forward only): the map keeps its capacity.
+        for (i, &s) in kept.iter().enumerate() {
+            map[i] = map[s as usize];
+        }
+        map.truncate(kept.len());
+        if let Some(st) = stats.get_mut(h).filter(|st| !st.is_empty()) {
+            st.retain(kept);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +168,7 @@ mod tests {
             sinks: 2,
             threshold: 1.0,
             recent: 0.0,
+            granularity: crate::kv::Granularity::Layer,
         }
         .resolve(0)
         .unwrap()

@@ -9,6 +9,12 @@
 //! With an [`EvictionConfig`] the cache holds at most a budget of slots per layer: when a step
 //! would overflow it, the engine asks the backend to evict (see `evict`) down to
 //! `budget − window`, ranking slots by the statistics the attention kernel reported (`stats`).
+//!
+//! A layer evicts as a whole (one position map: a slot holds every KV head of its token) or,
+//! with [`Granularity::Head`], per KV head: each head's slice of a slot may hold another
+//! token, so each head has its own position map and statistics. All heads hold the same number
+//! of slots, and the tokens a step appends take the same slots in every head; the storage
+//! layout stays `[slot][kv_dim]`.
 
 pub(crate) mod evict;
 pub(crate) mod mass;
@@ -22,7 +28,7 @@ pub mod storage;
 pub(crate) mod testing;
 
 pub use plan::{KvDemand, KvPlan};
-pub use policy::{Budget, EvictionConfig, KvOptions, Policy};
+pub use policy::{Budget, EvictionConfig, Granularity, KvOptions, Policy};
 pub use shape::{AttentionShape, Segment};
 pub use stats::SlotStats;
 pub use storage::{HostRows, KvStorage};
@@ -31,10 +37,13 @@ use crate::error::{Error, Result};
 
 /// One layer of a sequence's cache: the position of the token in each slot, and the keys and
 /// values in a storage the backend owns (none until a backend first appends, or the engine
-/// made the cache with its backend's). Storage and position map always hold the same slots.
+/// made the cache with its backend's). Storage and position maps always hold the same slots.
 #[derive(Debug, Default)]
 pub struct LayerCache {
+    /// Slot → position (KV head 0's where each head keeps its own tokens).
     positions: Vec<u32>,
+    /// Per-KV-head eviction only: the position maps of KV heads 1.. (empty otherwise).
+    other_heads: Vec<Vec<u32>>,
     storage: Option<Box<dyn KvStorage>>,
 }
 
@@ -52,6 +61,9 @@ pub struct KvCache {
 #[derive(Debug, Clone)]
 pub struct Eviction {
     pub config: EvictionConfig,
+    /// Position maps (and statistics) per layer: 1, or the KV heads with per-head eviction.
+    pub heads: usize,
+    /// Per layer, per position map (layer `l`'s are `stats[l·heads..(l+1)·heads]`).
     pub stats: Vec<SlotStats>,
     /// Evictions run so far (per layer, counted once).
     pub evictions: usize,
@@ -75,6 +87,7 @@ impl KvCache {
             layers: (0..num_layers)
                 .map(|_| LayerCache {
                     positions: Vec::new(),
+                    other_heads: Vec::new(),
                     storage: make(kv_dim),
                 })
                 .collect(),
@@ -84,14 +97,32 @@ impl KvCache {
         }
     }
 
-    /// Sets (or with `None` removes) the eviction plan; the statistics start empty.
-    pub fn set_eviction(&mut self, config: Option<EvictionConfig>) {
+    /// Sets (or with `None` removes) the eviction plan of a cache whose layers have `kv_heads`
+    /// KV heads; the statistics start empty. A per-head plan gives every head its own position
+    /// map (a copy of the layer's); going back to one map is refused once the heads' tokens
+    /// differ (clear the cache first).
+    pub fn set_eviction(&mut self, config: Option<EvictionConfig>, kv_heads: usize) -> Result<()> {
+        let heads = match config {
+            Some(c) if c.per_head() => kv_heads,
+            _ => 1,
+        };
+        if heads == 0 || !self.kv_dim.is_multiple_of(heads) {
+            return Err(Error::invalid(format!(
+                "per-KV-head eviction of {heads} heads in a cache of {} floats a slot",
+                self.kv_dim
+            )));
+        }
+        for l in &mut self.layers {
+            l.set_position_maps(heads)?;
+        }
         let layers = self.layers.len();
         self.eviction = config.map(|config| Eviction {
             config,
-            stats: vec![SlotStats::default(); layers],
+            heads,
+            stats: vec![SlotStats::default(); layers * heads],
             evictions: 0,
         });
+        Ok(())
     }
 
     pub fn eviction(&self) -> Option<&Eviction> {
@@ -162,6 +193,9 @@ impl KvCache {
                 s.reserve_exact(tokens);
             }
             l.positions.reserve_exact(tokens);
+            for map in &mut l.other_heads {
+                map.reserve_exact(tokens);
+            }
         }
     }
 
@@ -198,6 +232,9 @@ impl KvCache {
                 s.shrink_to(tokens);
             }
             l.positions.shrink_to(tokens);
+            for map in &mut l.other_heads {
+                map.shrink_to(tokens);
+            }
         }
         if let Some(e) = &mut self.eviction {
             for st in &mut e.stats {
@@ -233,7 +270,10 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| l.storage.as_ref().map_or(0, |s| s.bytes()) + l.positions.len() * 4)
+            .map(|l| {
+                l.storage.as_ref().map_or(0, |s| s.bytes())
+                    + l.positions.len() * 4 * (1 + l.other_heads.len())
+            })
             .sum()
     }
 
@@ -242,7 +282,12 @@ impl KvCache {
         self.layers
             .iter()
             .map(|l| {
-                l.storage.as_ref().map_or(0, |s| s.allocated_bytes()) + l.positions.capacity() * 4
+                l.storage.as_ref().map_or(0, |s| s.allocated_bytes())
+                    + l.positions.capacity() * 4
+                    + l.other_heads
+                        .iter()
+                        .map(|m| m.capacity() * 4)
+                        .sum::<usize>()
             })
             .sum::<usize>()
             + self.eviction.as_ref().map_or(0, |e| {
@@ -265,6 +310,13 @@ impl KvCache {
     }
 }
 
+impl Eviction {
+    /// Layer `l`'s statistics, one per position map.
+    pub fn layer_stats_mut(&mut self, l: usize) -> &mut [SlotStats] {
+        &mut self.stats[l * self.heads..(l + 1) * self.heads]
+    }
+}
+
 impl LayerCache {
     /// A layer holding `storage`'s slots at `positions` (one each).
     pub fn with_storage(positions: Vec<u32>, storage: Box<dyn KvStorage>) -> Result<LayerCache> {
@@ -277,13 +329,78 @@ impl LayerCache {
         }
         Ok(LayerCache {
             positions,
+            other_heads: Vec::new(),
             storage: Some(storage),
         })
     }
 
-    /// Position of the token held in each slot.
+    /// A layer whose KV heads keep their own tokens: head `h`'s slice of each slot of `storage`
+    /// holds the token at `head_positions[h][slot]` (as many slots for every head).
+    pub fn with_head_storage(
+        head_positions: Vec<Vec<u32>>,
+        storage: Box<dyn KvStorage>,
+    ) -> Result<LayerCache> {
+        let heads = head_positions.len();
+        let slots = storage.len_slots();
+        if heads == 0
+            || !storage.kv_dim().is_multiple_of(heads)
+            || head_positions.iter().any(|m| m.len() != slots)
+        {
+            return Err(Error::invalid(format!(
+                "a KV storage of {slots} slots of {} floats given {heads} position maps of {:?} \
+                 slots",
+                storage.kv_dim(),
+                head_positions.iter().map(Vec::len).collect::<Vec<_>>()
+            )));
+        }
+        let mut maps = head_positions.into_iter();
+        let positions = maps.next().unwrap_or_default();
+        Ok(LayerCache {
+            positions,
+            other_heads: maps.collect(),
+            storage: Some(storage),
+        })
+    }
+
+    /// Position of the token held in each slot; where each KV head keeps its own tokens, KV
+    /// head 0's (see [`Self::head_positions`]).
     pub fn positions(&self) -> &[u32] {
         &self.positions
+    }
+
+    /// Position maps the layer keeps: 1, or one per KV head with per-head eviction.
+    pub fn position_maps(&self) -> usize {
+        1 + self.other_heads.len()
+    }
+
+    /// Whether each KV head keeps its own tokens (and position map).
+    pub fn per_head(&self) -> bool {
+        !self.other_heads.is_empty()
+    }
+
+    /// Position of the token KV head `head` holds in each slot (the layer's map when the
+    /// layer evicts as a whole).
+    pub fn head_positions(&self, head: usize) -> &[u32] {
+        match head {
+            0 => &self.positions,
+            h => self.other_heads.get(h - 1).unwrap_or(&self.positions),
+        }
+    }
+
+    /// Gives the layer `maps` position maps (1: one for the layer; else one per KV head), each
+    /// a copy of the layer's; one map again only while every head holds the same tokens.
+    fn set_position_maps(&mut self, maps: usize) -> Result<()> {
+        if maps == self.position_maps() {
+            return Ok(());
+        }
+        if self.other_heads.iter().any(|m| *m != self.positions) {
+            return Err(Error::invalid(
+                "a KV cache whose heads hold different tokens cannot change its granularity \
+                 (clear it first)",
+            ));
+        }
+        self.other_heads = vec![self.positions.clone(); maps.saturating_sub(1)];
+        Ok(())
     }
 
     /// Slots held.
@@ -336,6 +453,9 @@ impl LayerCache {
         write(own)?;
         let held = own.len_slots();
         self.positions.extend(positions.iter().map(|&p| p as u32));
+        for map in &mut self.other_heads {
+            map.extend(positions.iter().map(|&p| p as u32));
+        }
         assert_eq!(
             held,
             self.positions.len(),
@@ -350,6 +470,9 @@ impl LayerCache {
             s.truncate(slots);
         }
         self.positions.truncate(slots);
+        for map in &mut self.other_heads {
+            map.truncate(slots);
+        }
     }
 }
 

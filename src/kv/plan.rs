@@ -49,11 +49,17 @@ impl KvPlan {
 /// counts them: f32 keys and values, a u32 position and, for h2o and lazy, an f32 mass and two
 /// u32 step counters per layer.
 pub fn bytes_per_token(layers: usize, kv_dim: usize, policy: Policy) -> u64 {
+    bytes_per_token_maps(layers, kv_dim, 1, policy)
+}
+
+/// [`bytes_per_token`] for layers of `maps` position maps (one per KV head when each head keeps
+/// its own tokens, [`KvOptions::position_maps`]): a position and the statistics per map.
+pub fn bytes_per_token_maps(layers: usize, kv_dim: usize, maps: usize, policy: Policy) -> u64 {
     let stats = match policy {
         Policy::H2o | Policy::Lazy => 3 * 4,
         Policy::Full | Policy::Window => 0,
     };
-    layers as u64 * ((2 * kv_dim as u64 + 1) * 4 + stats)
+    layers as u64 * (2 * kv_dim as u64 * 4 + maps as u64 * (4 + stats))
 }
 
 impl KvDemand {
@@ -66,13 +72,21 @@ impl KvDemand {
         })
     }
 
-    /// The plan for a model of `layers` layers, `kv_dim` key (= value) floats per token and a
-    /// context of `context` tokens; a budget too small for the policy is refused.
-    pub fn plan(&self, layers: usize, kv_dim: usize, context: usize) -> Result<KvPlan> {
+    /// The plan for a model of `layers` layers, `kv_dim` key (= value) floats per token in
+    /// `kv_heads` KV heads and a context of `context` tokens; a budget too small for the policy
+    /// is refused.
+    pub fn plan(
+        &self,
+        layers: usize,
+        kv_dim: usize,
+        kv_heads: usize,
+        context: usize,
+    ) -> Result<KvPlan> {
+        let maps = self.options.position_maps(kv_heads);
         Ok(KvPlan {
             tokens_per_sequence: self.tokens_per_sequence(context)?,
             sequences: self.sequences.max(1),
-            bytes_per_token: bytes_per_token(layers, kv_dim, self.options.policy),
+            bytes_per_token: bytes_per_token_maps(layers, kv_dim, maps, self.options.policy),
         })
     }
 }
@@ -89,7 +103,7 @@ mod tests {
             sequences: 3,
             ..KvDemand::default()
         };
-        let p = full.plan(2, 8, 512).unwrap();
+        let p = full.plan(2, 8, 2, 512).unwrap();
         // The context caps the reach; every layer holds keys, values and a position.
         assert_eq!(p.tokens_per_sequence, 512);
         assert_eq!(p.bytes_per_token, 2 * (17 * 4));
@@ -102,7 +116,7 @@ mod tests {
             },
             ..full
         };
-        let p = lazy.plan(2, 8, 4096).unwrap();
+        let p = lazy.plan(2, 8, 2, 4096).unwrap();
         assert_eq!(
             (p.tokens_per_sequence, p.bytes_per_token),
             (200, 2 * (68 + 12))
@@ -120,5 +134,44 @@ mod tests {
         };
         assert_eq!(pct.tokens_per_sequence(4096).unwrap(), 1024);
         assert!(pct.tokens_per_sequence(400).is_err(), "100 tokens < 132");
+    }
+
+    /// With per-KV-head eviction every head keeps a position and statistics per slot, and the
+    /// plan counts what such a cache really allocates.
+    #[test]
+    fn per_head_eviction_counts_a_map_per_head() {
+        use crate::backend::cpu::kv::HostKv;
+        use crate::kv::{Granularity, KvCache, KvStorage};
+        let options = KvOptions {
+            policy: Policy::Lazy,
+            budget: Some(Budget::Tokens(200)),
+            granularity: Granularity::Head,
+            ..KvOptions::default()
+        };
+        let demand = KvDemand {
+            options,
+            reach: 1000,
+            sequences: 1,
+        };
+        let p = demand.plan(2, 8, 2, 4096).unwrap();
+        assert_eq!(p.bytes_per_token, 2 * (64 + 2 * (4 + 12)));
+        let mut cache = KvCache::with_storage(2, 8, |d| {
+            Some(Box::new(HostKv::new(d)) as Box<dyn KvStorage>)
+        });
+        cache
+            .set_eviction(options.resolve(1000).unwrap(), 2)
+            .unwrap();
+        cache.reserve(1000);
+        assert_eq!(cache.allocated_bytes() as u64, p.bytes());
+        // Without a budget the granularity changes nothing.
+        let full = KvDemand {
+            options: KvOptions {
+                policy: Policy::Full,
+                budget: None,
+                ..options
+            },
+            ..demand
+        };
+        assert_eq!(full.plan(2, 8, 2, 4096).unwrap().bytes_per_token, 2 * 68);
     }
 }

@@ -28,6 +28,16 @@ pub trait KvStorage: Send + Sync + std::fmt::Debug + Any {
     /// positions, in order, for a storage that keeps its own copy beside the rows (a device's
     /// kernels read them there). Nothing changes when it fails.
     fn keep(&mut self, kept: &[u32], positions: &[u32]) -> Result<()>;
+    /// Per-KV-head eviction: KV head `h` (floats `h·head_dim..(h+1)·head_dim` of a slot)
+    /// moves its slots `kept[h·k..(h+1)·k]` (ascending; `k = kept.len() / heads`) to the front
+    /// in order, each head independently, and the rest are dropped; capacity stays. Nothing
+    /// changes when it fails. A storage that cannot (a device's, so far) says so.
+    fn keep_heads(&mut self, kept: &[u32], head_dim: usize) -> Result<()> {
+        let _ = (kept, head_dim);
+        Err(crate::error::Error::invalid(
+            "this backend's KV storage cannot evict per KV head (use --kv-granularity layer)",
+        ))
+    }
     /// Gives back capacity beyond `slots` (or beyond what it holds, if more), where it can.
     fn shrink_to(&mut self, slots: usize);
     /// Bytes its buffers have allocated, reserve included.

@@ -57,6 +57,25 @@ impl KvStorage for VecKv {
         (self.keys, self.values) = (gather(&self.keys), gather(&self.values));
         Ok(())
     }
+    /// The plain reference: every head's kept slices gathered into fresh buffers.
+    fn keep_heads(&mut self, kept: &[u32], head_dim: usize) -> Result<()> {
+        let d = self.kv_dim;
+        let heads = d / head_dim;
+        let k = kept.len() / heads;
+        let gather = |data: &[f32]| {
+            let mut out = vec![0f32; k * d];
+            for h in 0..heads {
+                for (i, &s) in kept[h * k..(h + 1) * k].iter().enumerate() {
+                    let from = s as usize * d + h * head_dim;
+                    out[i * d + h * head_dim..][..head_dim]
+                        .copy_from_slice(&data[from..from + head_dim]);
+                }
+            }
+            out
+        };
+        (self.keys, self.values) = (gather(&self.keys), gather(&self.values));
+        Ok(())
+    }
     fn shrink_to(&mut self, slots: usize) {
         self.keys.shrink_to(slots * self.kv_dim);
         self.values.shrink_to(slots * self.kv_dim);

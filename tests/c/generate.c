@@ -213,8 +213,8 @@ int main(int argc, char **argv) {
     edgemoe_session_free(lazy);
 
     /* Bad KV options are refused with EDGEMOE_ERR_INVALID_INPUT and a message; no session. */
-    struct { const char *key; EdgemoeSessionParams p; } bad_kv[8];
-    for (int i = 0; i < 8; i++) {
+    struct { const char *key; EdgemoeSessionParams p; } bad_kv[9];
+    for (int i = 0; i < 9; i++) {
         bad_kv[i].p = edgemoe_session_default_params();
     }
     bad_kv[0].key = "kv_bad_policy";       bad_kv[0].p.kv_policy = 9;
@@ -228,7 +228,8 @@ int main(int argc, char **argv) {
     bad_kv[6].key = "kv_bad_threshold";    bad_kv[6].p.kv_budget_tokens = 200;
                                            bad_kv[6].p.kv_threshold = -1.0f;
     bad_kv[7].key = "kv_bad_percent";      bad_kv[7].p.kv_budget_percent = 150.0f;
-    for (int i = 0; i < 8; i++) {
+    bad_kv[8].key = "kv_bad_granularity";  bad_kv[8].p.kv_granularity = 7;
+    for (int i = 0; i < 9; i++) {
         EdgemoeSession *s = (EdgemoeSession *)&bad_kv[i]; /* must come back NULL */
         rc = edgemoe_session_new(model, &bad_kv[i].p, &s);
         printf("%s_rc=%d\n", bad_kv[i].key, rc);

@@ -230,6 +230,28 @@ impl Backend for Guarded {
         self.inner
             .attention_with_mass(shape, q, positions, segments)
     }
+    fn attention_with_head_mass(
+        &self,
+        shape: &AttentionShape,
+        q: &Rows,
+        positions: &[usize],
+        segments: &[Segment],
+    ) -> (Rows, usize, Vec<f32>) {
+        self.inner
+            .attention_with_head_mass(shape, q, positions, segments)
+    }
+    fn evicts_per_head(&self) -> bool {
+        self.inner.evicts_per_head()
+    }
+    fn evict_heads(
+        &self,
+        config: &EvictionConfig,
+        cache: &mut LayerCache,
+        stats: &mut [SlotStats],
+        now: usize,
+    ) -> edgemoe::Result<()> {
+        self.inner.evict_heads(config, cache, stats, now)
+    }
     fn evict(
         &self,
         config: &EvictionConfig,

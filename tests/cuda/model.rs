@@ -153,6 +153,33 @@ fn paging_on_the_gpu_backend_is_refused() {
     assert!(err.contains("--mem") && err.contains("cuda"), "{err}");
 }
 
+/// Per-KV-head eviction needs an attention that masks each KV head by its own positions; the
+/// CUDA backend keeps one position map per layer and refuses the option by name.
+#[test]
+fn per_head_eviction_is_refused_on_cuda() {
+    use edgemoe::kv::{Budget, Granularity, KvOptions, Policy};
+    if device("per-head eviction refused").is_none() {
+        return;
+    }
+    let mut gpu = engine_for(quantized_fixture(), BackendChoice::Cuda, 0).unwrap();
+    let opts = KvOptions {
+        policy: Policy::Lazy,
+        budget: Some(Budget::Tokens(200)),
+        granularity: Granularity::Head,
+        ..KvOptions::default()
+    };
+    let err = gpu.set_kv_options(opts).unwrap_err().to_string();
+    assert!(
+        err.contains("--kv-granularity head") && err.contains("CPU"),
+        "{err}"
+    );
+    gpu.set_kv_options(KvOptions {
+        granularity: Granularity::Layer,
+        ..opts
+    })
+    .expect("layer granularity runs on CUDA");
+}
+
 /// The device expert tier at 100%, 50% and 25% of the routed experts × each placement: the GPU
 /// engine (experts resident, fetched through the pinned ring on the copy stream, or run on the
 /// CPU beside it) against the CPU int8 engine, with the model check's bounds (top-1 agreement

@@ -63,6 +63,26 @@ pub fn attend_with_mass(
     (slots, mass)
 }
 
+/// [`attend`], and also per row and KV head the mass every slot of that head received: the
+/// softmax weights of the head's group of query heads summed, row `t`'s `kv_heads ×
+/// cache.len()` values head-major, rows one after another (what per-KV-head eviction ranks by;
+/// [`crate::kv::mass::reference_head_mass`] is its reference).
+pub fn attend_with_head_mass(
+    shape: &AttentionShape,
+    q: &[f32],
+    positions: &[usize],
+    segments: &[Segment],
+    out: &mut [f32],
+) -> (usize, Vec<f32>) {
+    let held: usize = segments
+        .iter()
+        .map(|seg| seg.rows.len() * seg.cache.len())
+        .sum();
+    let mut mass = vec![0f32; held * shape.num_kv_heads];
+    let slots = attend_into(shape, q, positions, segments, out, Some(&mut mass));
+    (slots, mass)
+}
+
 /// [`attend`], with the per-(row, KV head, slot) mass summed over each group's query heads
 /// into `mass` when given (laid out as in [`attend_with_mass`], times the KV heads).
 fn attend_into(
@@ -85,6 +105,7 @@ fn attend_into(
     for (seg, kv) in segments.iter().zip(&kvs) {
         let view = CacheView {
             positions: seg.cache.positions(),
+            heads: seg.cache.per_head().then_some(seg.cache),
             keys: kv.keys(),
             values: kv.values(),
         };
@@ -127,28 +148,23 @@ fn attend_into(
             (task, 0..shape.num_kv_heads)
         };
         let cache = row_cache[t];
-        let pos = positions[t];
-        let visible = |p: u32| {
-            let p = p as usize;
-            p <= pos && shape.sliding_window.is_none_or(|w| pos - p < w)
-        };
-        // Usually every cached token is visible (decoding without a window): the row reads
-        // slots 0..n in order, with no list of them to build or follow. Visible positions
-        // form an interval, so its oldest and newest tokens decide.
-        let n = cache.positions.len();
-        let (lo, hi) = cache
-            .positions
-            .iter()
-            .fold((u32::MAX, 0), |(lo, hi), &p| (lo.min(p), hi.max(p)));
         // SAFETY: row t's mass region lies inside the buffer (asserted above).
         let mass = mass_ptr.map(|m| unsafe { SendPtr(m.get().add(mass_at[t])) });
-        let slots = if n == 0 || (visible(lo) && visible(hi)) {
-            attend_row(shape, q, out_ptr, mass, t, heads, cache, &AllSlots(n))
-        } else {
-            let slots: Vec<u32> = (0..n as u32)
-                .filter(|&s| visible(cache.positions[s as usize]))
-                .collect();
-            attend_row(shape, q, out_ptr, mass, t, heads, cache, slots.as_slice())
+        let slots = match cache.heads {
+            None => attend_visible(shape, q, out_ptr, mass, t, positions[t], heads, cache),
+            // Each KV head keeps its own tokens: its own positions mask its slots. Slots read
+            // are counted by the first KV head's mask (every head holds as many slots).
+            Some(layer) => heads
+                .map(|kv| {
+                    let view = CacheView {
+                        positions: layer.head_positions(kv),
+                        ..cache
+                    };
+                    let one = kv..kv + 1;
+                    attend_visible(shape, q, out_ptr, mass, t, positions[t], one, view)
+                })
+                .reduce(|first, _| first)
+                .unwrap_or(0),
         };
         // A row's slots count once, whichever task read them.
         if per_head && !task.is_multiple_of(shape.num_kv_heads) {
@@ -173,10 +189,48 @@ fn attend_into(
     }
 }
 
+/// Attends query row `t` (at `pos`) over the slots of `cache` its position map makes visible,
+/// for KV heads `heads`; returns how many slots it read.
+#[allow(clippy::too_many_arguments)]
+fn attend_visible(
+    shape: &AttentionShape,
+    q: &[f32],
+    out: SendPtr<f32>,
+    mass: Option<SendPtr<f32>>,
+    t: usize,
+    pos: usize,
+    heads: std::ops::Range<usize>,
+    cache: CacheView,
+) -> usize {
+    let visible = |p: u32| {
+        let p = p as usize;
+        p <= pos && shape.sliding_window.is_none_or(|w| pos - p < w)
+    };
+    // Usually every cached token is visible (decoding without a window): the row reads
+    // slots 0..n in order, with no list of them to build or follow. Visible positions
+    // form an interval, so its oldest and newest tokens decide.
+    let n = cache.positions.len();
+    let (lo, hi) = cache
+        .positions
+        .iter()
+        .fold((u32::MAX, 0), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+    if n == 0 || (visible(lo) && visible(hi)) {
+        attend_row(shape, q, out, mass, t, heads, cache, &AllSlots(n))
+    } else {
+        let slots: Vec<u32> = (0..n as u32)
+            .filter(|&s| visible(cache.positions[s as usize]))
+            .collect();
+        attend_row(shape, q, out, mass, t, heads, cache, slots.as_slice())
+    }
+}
+
 /// One sequence's layer cache as the kernels read it.
 #[derive(Clone, Copy)]
 struct CacheView<'a> {
+    /// Slot → position: the layer's, or (in a view of one KV head) that head's.
     positions: &'a [u32],
+    /// The layer, where each KV head keeps its own tokens (and positions).
+    heads: Option<&'a crate::kv::LayerCache>,
     /// `positions.len() × kv_dim`, slot-major.
     keys: &'a [f32],
     values: &'a [f32],
@@ -612,20 +666,22 @@ mod tests {
         LayerCache::with_storage(positions, Box::new(storage)).unwrap()
     }
 
-    /// Straightforward per-head attention in f64 over the visible positions.
+    /// Straightforward per-head attention in f64 over the positions visible to each head's KV
+    /// head (its own map where the KV heads keep their own tokens).
     fn reference(shape: &AttentionShape, q: &[f32], pos: usize, layer: &LayerCache) -> Vec<f32> {
         let kv = host_kv(layer);
-        let cache = CacheView {
-            positions: layer.positions(),
-            keys: kv.keys(),
-            values: kv.values(),
-        };
         let (h, d) = (shape.num_heads, shape.head_dim);
         let kv_dim = shape.num_kv_heads * d;
         let group = h / shape.num_kv_heads;
         let mut out = vec![0f32; h * d];
         for head in 0..h {
             let kvh = head / group;
+            let cache = CacheView {
+                positions: layer.head_positions(kvh),
+                heads: None,
+                keys: kv.keys(),
+                values: kv.values(),
+            };
             let visible: Vec<usize> = (0..cache.positions.len())
                 .filter(|&s| {
                     let p = cache.positions[s] as usize;
@@ -800,6 +856,117 @@ mod tests {
                 let want = reference(&shape, &q[t * heads * d..(t + 1) * heads * d], pos, &cache);
                 for (a, b) in out[t * heads * d..(t + 1) * heads * d].iter().zip(&want) {
                     assert!((a - b).abs() < 1e-5, "{heads}/{kv_heads}/{d}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    /// A layer whose KV heads hold different tokens: every head is masked by its own
+    /// positions (a query sees a slot in one head and not in another, by causality and by a
+    /// sliding window), for prefill rows, a pool-split decode row and two sequences, and the
+    /// emitted per-KV-head mass equals the f64 reference's; the output is the same with and
+    /// without the mass.
+    #[test]
+    fn per_head_positions_mask_each_head_and_emit_its_mass() {
+        let mut rng = SplitMix64::new(29);
+        for window in [None, Some(30)] {
+            let shape = AttentionShape {
+                num_heads: 6,
+                num_kv_heads: 3,
+                head_dim: 16,
+                sliding_window: window,
+            };
+            let kv_dim = 3 * 16;
+            // Three heads over 40 slots: head 0 holds 0..40, head 1 every other token of
+            // 0..80, head 2 the newest 40 of 0..80 (each its own map, as per-head eviction
+            // leaves them); a second sequence of 300 slots, heads shifted by 0, 5 and 9.
+            let maps = vec![
+                (0..40u32).collect::<Vec<_>>(),
+                (0..40u32).map(|p| 2 * p).collect(),
+                (40..80u32).collect(),
+            ];
+            let make = |rng: &mut SplitMix64, maps: Vec<Vec<u32>>| {
+                let n = maps[0].len() * kv_dim;
+                let keys = (0..n).map(|_| rng.normal()).collect();
+                let values = (0..n).map(|_| rng.normal()).collect();
+                let storage = HostKv::from_rows(kv_dim, keys, values);
+                LayerCache::with_head_storage(maps, Box::new(storage)).unwrap()
+            };
+            let a = make(&mut rng, maps);
+            let b = make(
+                &mut rng,
+                [0u32, 5, 9]
+                    .iter()
+                    .map(|&o| (0..300u32).map(|p| p + o).collect())
+                    .collect(),
+            );
+            assert!(a.per_head() && b.per_head());
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap();
+            for (rows_a, rows_b) in [(vec![79usize, 45, 20], vec![310usize]), (vec![], vec![308])] {
+                let positions: Vec<usize> = rows_a.iter().chain(&rows_b).copied().collect();
+                let q: Vec<f32> = (0..positions.len() * 6 * 16)
+                    .map(|_| rng.normal())
+                    .collect();
+                let mut segs = Vec::new();
+                if !rows_a.is_empty() {
+                    segs.push(Segment {
+                        rows: 0..rows_a.len(),
+                        cache: &a,
+                    });
+                }
+                segs.push(Segment {
+                    rows: rows_a.len()..positions.len(),
+                    cache: &b,
+                });
+                let mut out = vec![0f32; q.len()];
+                let (slots, mass) =
+                    pool.install(|| attend_with_head_mass(&shape, &q, &positions, &segs, &mut out));
+                let mut plain = vec![0f32; q.len()];
+                let plain_slots =
+                    pool.install(|| attend(&shape, &q, &positions, &segs, &mut plain));
+                assert_eq!((slots, &out), (plain_slots, &plain));
+                let hd = 6 * 16;
+                for seg in &segs {
+                    for t in seg.rows.clone() {
+                        let want = reference(&shape, &q[t * hd..][..hd], positions[t], seg.cache);
+                        for (x, y) in out[t * hd..][..hd].iter().zip(&want) {
+                            assert!((x - y).abs() < 1e-5, "row {t}: {x} vs {y}");
+                        }
+                    }
+                }
+                let want =
+                    crate::kv::mass::reference_head_mass(&shape, &q, &positions, &segs).unwrap();
+                assert_eq!(mass.len(), want.len());
+                for (m, w) in mass.iter().zip(&want) {
+                    assert!((m - w).abs() < 1e-5, "{m} vs {w}");
+                }
+                // A head's row sums to its group of 2 query heads, unless none of its slots is
+                // visible; and an invisible slot gets none.
+                let mut at = 0;
+                for seg in &segs {
+                    let n = seg.cache.len();
+                    for t in seg.rows.clone() {
+                        for h in 0..3 {
+                            let row = &mass[at..at + n];
+                            let map = seg.cache.head_positions(h);
+                            let seen = (0..n).any(|s| {
+                                let p = map[s] as usize;
+                                p <= positions[t] && window.is_none_or(|w| positions[t] - p < w)
+                            });
+                            let sum: f32 = row.iter().sum();
+                            let expect = if seen { 2.0 } else { 0.0 };
+                            assert!((sum - expect).abs() < 1e-4, "row {t} head {h}: {sum}");
+                            for (s, &m) in row.iter().enumerate() {
+                                if map[s] as usize > positions[t] {
+                                    assert_eq!(m, 0.0, "row {t} head {h} slot {s}");
+                                }
+                            }
+                            at += n;
+                        }
+                    }
                 }
             }
         }

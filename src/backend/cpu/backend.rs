@@ -1,7 +1,7 @@
 //! [`CpuBackend`]: the forward pass's ops on host memory, over a rayon pool. The pool and
 //! every scheduling choice (what runs side by side, what splits over the threads) live here.
 
-use super::attention::{attend, attend_with_mass};
+use super::attention::{attend, attend_with_head_mass, attend_with_mass};
 use super::half::{matmul_half, HalfView};
 use super::int8::{self, quantize_rows_smoothed, QuantizedRows};
 use super::int8w::matmul_w8;
@@ -337,6 +337,33 @@ impl Backend for CpuBackend {
         let mut out = vec![0f32; positions.len() * qd];
         let (slots, mass) = attend_with_mass(shape, &q.data, positions, segments, &mut out);
         (Rows::new(out, qd), slots, mass)
+    }
+
+    fn attention_with_head_mass(
+        &self,
+        shape: &AttentionShape,
+        q: &Rows,
+        positions: &[usize],
+        segments: &[Segment],
+    ) -> (Rows, usize, Vec<f32>) {
+        let qd = shape.num_heads * shape.head_dim;
+        let mut out = vec![0f32; positions.len() * qd];
+        let (slots, mass) = attend_with_head_mass(shape, &q.data, positions, segments, &mut out);
+        (Rows::new(out, qd), slots, mass)
+    }
+
+    fn evicts_per_head(&self) -> bool {
+        true
+    }
+
+    fn evict_heads(
+        &self,
+        config: &EvictionConfig,
+        cache: &mut LayerCache,
+        stats: &mut [SlotStats],
+        now: usize,
+    ) -> Result<()> {
+        crate::kv::evict::evict_heads(config, cache, stats, now, super::evict::kept_slots)
     }
 
     fn evict(

@@ -101,6 +101,35 @@ impl KvStorage for HostKv {
         Ok(())
     }
 
+    /// In place, head by head: a head's kept slots are ascending, so each moves only towards
+    /// the front, over slices no other head touches.
+    fn keep_heads(&mut self, kept: &[u32], head_dim: usize) -> Result<()> {
+        let d = self.kv_dim;
+        assert!(
+            head_dim > 0 && d.is_multiple_of(head_dim),
+            "keep_heads: head_dim must divide kv_dim"
+        );
+        let heads = d / head_dim;
+        assert!(
+            kept.len().is_multiple_of(heads),
+            "keep_heads: the same number of slots for every head"
+        );
+        let k = kept.len() / heads;
+        for h in 0..heads {
+            for (i, &s) in kept[h * k..(h + 1) * k].iter().enumerate() {
+                let s = s as usize;
+                assert!(s >= i, "keep_heads: kept slots must be ascending");
+                if s != i {
+                    let (from, to) = (s * d + h * head_dim, i * d + h * head_dim);
+                    self.keys.copy_within(from..from + head_dim, to);
+                    self.values.copy_within(from..from + head_dim, to);
+                }
+            }
+        }
+        self.truncate(k);
+        Ok(())
+    }
+
     fn shrink_to(&mut self, slots: usize) {
         self.keys.shrink_to(slots * self.kv_dim);
         self.values.shrink_to(slots * self.kv_dim);
