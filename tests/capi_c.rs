@@ -32,7 +32,8 @@ fn model_dir() -> PathBuf {
     }
 }
 
-/// `target/<profile>/libedgemoe.a`: this test runs from `target/<profile>/deps/`.
+/// The newest `libedgemoe.a` of `target/<profile>/` and its `deps/`: this test runs from
+/// `target/<profile>/deps/`.
 fn staticlib() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let deps = exe.parent().expect("the test binary's directory");
@@ -40,10 +41,13 @@ fn staticlib() -> PathBuf {
         deps.parent().map(|p| p.join("libedgemoe.a")),
         Some(deps.join("libedgemoe.a")),
     ];
+    // `cargo test` writes deps/; `cargo build` also copies it up a level. After a `cargo build`
+    // followed by source changes and `cargo test`, the copy above is stale: take the newest.
     candidates
         .into_iter()
         .flatten()
-        .find(|p| p.is_file())
+        .filter(|p| p.is_file())
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
         .unwrap_or_else(|| {
             panic!(
                 "libedgemoe.a not found next to {} (is `staticlib` still in [lib] crate-type?)",
