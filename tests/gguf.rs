@@ -602,3 +602,54 @@ fn tensor_source_maps_names_and_checks_shapes() {
         .to_string();
     assert!(e.contains("blk.9.ffn_up.weight"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// SmolLM2-135M-Instruct in Q4_K_M, made by llama.cpp's llama-quantize from the Q4_1 GGUF
+// (tools/make_smollm2_q4km.sh; `--allow-requantize`): Q4_K, Q5_K/Q6_K and the rest as
+// llama.cpp mixes them.
+
+fn smollm2_q4_k_m() -> Option<PathBuf> {
+    let p = std::env::var_os("SMOLLM2_Q4_K_M").map_or_else(
+        || {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("target/models/SmolLM2-135M-Instruct.Q4_K_M.gguf")
+        },
+        PathBuf::from,
+    );
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!(
+            "SKIPPED: {} is absent; run tools/make_smollm2_q4km.sh to make it",
+            p.display()
+        );
+        None
+    }
+}
+
+/// The Q4_K_M file decoded exactly (`load_f32`) and run directly (int8 at load), against the
+/// perplexity of the Q4_1 file it was made from (transformers, on the Q4_1's f32 values).
+/// Requantizing 4-bit weights to Q4_K_M moves perplexity by a few percent (llama-quantize's own
+/// error, the same for any reader): the decoded file must stay within 10% of the source, where a
+/// k-quant decoding error (a wrong scale or nibble order) would multiply it many times over.
+/// The direct run must stay within 1% of the decoded one, as the Q4_1 file's does (the int8
+/// rows' rounding).
+#[test]
+fn smollm2_q4_k_m_runs_close_to_the_f32_reference() {
+    let Some(path) = smollm2_q4_k_m() else { return };
+    let f = GgufFile::open(&path).unwrap();
+    let mut types: Vec<&str> = f.tensors().values().map(|t| t.ty.name()).collect();
+    types.sort();
+    types.dedup();
+    assert!(types.contains(&"Q4_K"), "{types:?}");
+    let (decoded, want) = smollm2_ppl(Model::load_f32(&path).unwrap());
+    let (direct, _) = smollm2_ppl(Model::load(&path).unwrap());
+    eprintln!(
+        "SmolLM2 Q4_K_M ({types:?}): ppl decoded {decoded:.4}, direct (int8) {direct:.4}; Q4_1 source (transformers) {want:.4}"
+    );
+    assert!((decoded / want - 1.0).abs() < 0.10, "{decoded} vs {want}");
+    assert!(
+        (direct / decoded - 1.0).abs() < 0.01,
+        "{direct} vs {decoded}"
+    );
+}
