@@ -34,7 +34,7 @@ fn every_quantized_type_decodes_bit_exactly_as_the_gguf_package_does() {
     types.dedup();
     assert_eq!(
         types,
-        ["MXFP4", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0"],
+        ["MXFP4", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"],
         "the fixture covers every quantized type edgemoe reads"
     );
 }

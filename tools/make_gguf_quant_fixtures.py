@@ -46,13 +46,16 @@ def main():
     w = gguf.GGUFWriter(str(OUT), "quant-fixture")
     cases = []
     # Quantized by `gguf` itself.
-    for qtype, name in [(T.Q8_0, "q8_0"), (T.Q4_0, "q4_0"), (T.Q4_1, "q4_1"), (T.MXFP4, "mxfp4")]:
+    for qtype, name in [(T.Q8_0, "q8_0"), (T.Q4_0, "q4_0"), (T.Q4_1, "q4_1"), (T.Q5_0, "q5_0"),
+                        (T.Q5_1, "q5_1"), (T.MXFP4, "mxfp4")]:
         x = (rng.standard_normal((3, 96)) * rng.uniform(0.01, 4.0, size=(3, 1))).astype(np.float32)
         cases.append((name, qtype, quantize(x, qtype)))
     # Random blocks: every bit pattern of the k-quants' packed scales and quants.
     cases.append(("q4_k", T.Q4_K, random_blocks(T.Q4_K, 3, 512, [0, 2])))
     cases.append(("q5_k", T.Q5_K, random_blocks(T.Q5_K, 3, 512, [0, 2])))
     cases.append(("q6_k", T.Q6_K, random_blocks(T.Q6_K, 3, 512, [208])))
+    cases.append(("q5_0_random", T.Q5_0, random_blocks(T.Q5_0, 2, 64, [0])))
+    cases.append(("q5_1_random", T.Q5_1, random_blocks(T.Q5_1, 2, 64, [0, 2])))
     mx = random_blocks(T.MXFP4, 4, 64, []).reshape(-1, 17)
     mx[:, 0] = rng.integers(100, 140, size=len(mx))  # weights' range
     mx[:5, 0] = [0, 1, 2, 254, 255]  # the edges: subnormal halves, and overflow to inf

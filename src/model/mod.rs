@@ -103,7 +103,7 @@ impl Model {
     }
 
     /// Loads a GGUF file: config and tokenizer from its metadata, F32/F16/BF16 tensors in
-    /// place, quantized ones (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, MXFP4) as `form` says:
+    /// place, quantized ones (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, MXFP4) as `form` says:
     /// converted at load to weight-only int8 rows, a matrix at a time ([`WeightForm::AsStored`]),
     /// left in the map for the quantizer ([`WeightForm::InPlace`]) or decoded to f32.
     pub fn load_gguf(path: &Path, form: WeightForm) -> Result<Model> {

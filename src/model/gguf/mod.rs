@@ -8,13 +8,13 @@
 //! As a [`TensorSource`] the file answers to the Hugging Face names the architecture loaders
 //! ask for (`model.layers.0.self_attn.q_proj.weight` is `blk.0.attn_q.weight`; expert `e` of a
 //! MoE layer is slice `e` of the stacked `blk.N.ffn_gate_exps.weight`). F32, F16 and BF16
-//! tensors are used in place. Quantized matrices (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, MXFP4)
-//! are handed to the loader as [`BlockMatrix`]es, still in the map: a direct run converts each
-//! to int8 at load, `quantize` decodes one at a time (see [`blocks`]); quantized vectors are
-//! dequantized to f32 on reading. llama.cpp's converter permutes the rows of a Llama's (and
-//! Mixtral's) q and k projections for ggml's interleaved RoPE; edgemoe's RoPE rotates halves as
-//! transformers does, so those rows are put back in Hugging Face order here. Qwen2-MoE,
-//! Qwen3-MoE and OLMoE use NeoX RoPE in llama.cpp and are stored unpermuted.
+//! tensors are used in place. Quantized matrices (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
+//! Q6_K, MXFP4) are handed to the loader as [`BlockMatrix`]es, still in the map: a direct run
+//! converts each to int8 at load, `quantize` decodes one at a time (see [`blocks`]); quantized
+//! vectors are dequantized to f32 on reading. llama.cpp's converter permutes the rows of a
+//! Llama's (and Mixtral's) q and k projections for ggml's interleaved RoPE; edgemoe's RoPE
+//! rotates halves as transformers does, so those rows are put back in Hugging Face order here.
+//! Qwen2-MoE, Qwen3-MoE and OLMoE use NeoX RoPE in llama.cpp and are stored unpermuted.
 
 pub mod blocks;
 pub(crate) mod llama;

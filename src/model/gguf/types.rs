@@ -58,6 +58,8 @@ pub const F32: u32 = 0;
 pub const F16: u32 = 1;
 pub const Q4_0: u32 = 2;
 pub const Q4_1: u32 = 3;
+pub const Q5_0: u32 = 6;
+pub const Q5_1: u32 = 7;
 pub const Q8_0: u32 = 8;
 pub const Q4_K: u32 = 12;
 pub const Q5_K: u32 = 13;
@@ -66,7 +68,7 @@ pub const BF16: u32 = 30;
 pub const MXFP4: u32 = 39;
 
 /// What [`dequantize`] and the in-place readers handle.
-pub const SUPPORTED: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, MXFP4";
+pub const SUPPORTED: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, MXFP4";
 
 impl GgmlType {
     pub fn from_id(id: u32) -> Option<GgmlType> {
@@ -96,7 +98,10 @@ impl GgmlType {
 
     /// Whether [`dequantize_into`] decodes this type (a quantized type edgemoe reads).
     pub fn is_dequantizable(self) -> bool {
-        matches!(self.id, Q8_0 | Q4_0 | Q4_1 | Q4_K | Q5_K | Q6_K | MXFP4)
+        matches!(
+            self.id,
+            Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q4_K | Q5_K | Q6_K | MXFP4
+        )
     }
 
     /// Bytes of `values` values (whole blocks), `None` when `values` is not whole blocks or
@@ -141,6 +146,8 @@ pub fn dequantize_into(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> bool {
         Q8_0 => pairs.for_each(|(b, y)| q8_0(b, y)),
         Q4_0 => pairs.for_each(|(b, y)| q4_0(b, y)),
         Q4_1 => pairs.for_each(|(b, y)| q4_1(b, y)),
+        Q5_0 => pairs.for_each(|(b, y)| q5_0(b, y)),
+        Q5_1 => pairs.for_each(|(b, y)| q5_1(b, y)),
         Q4_K => pairs.for_each(|(b, y)| kquants::q4_k(b, y)),
         Q5_K => pairs.for_each(|(b, y)| kquants::q5_k(b, y)),
         Q6_K => pairs.for_each(|(b, y)| kquants::q6_k(b, y)),
@@ -172,6 +179,34 @@ fn q4_1(b: &[u8], y: &mut [f32]) {
     for ((l, h), &q) in lo.iter_mut().zip(hi).zip(&b[4..20]) {
         *l = f32::from(q & 0xF) * d + m;
         *h = f32::from(q >> 4) * d + m;
+    }
+}
+
+/// Q5_0/Q5_1's fifth bits: bit `i` of the little-endian u32 at `at` belongs to value `i`.
+fn fifth_bits(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Value `i` of a 5-bit block: its nibble (low for i < 16, high above) and its fifth bit.
+fn five_bits(qs: &[u8], qh: u32, i: usize) -> u8 {
+    let nibble = if i < 16 { qs[i] & 0xF } else { qs[i - 16] >> 4 };
+    nibble | ((((qh >> i) & 1) as u8) << 4)
+}
+
+/// Q5_0 (22 bytes): f16 d, 32 fifth bits, 16 bytes of nibbles; value `(q − 16)·d`. The type
+/// llama-quantize falls back to for Q4_K rows that are not whole 256-value super-blocks.
+fn q5_0(b: &[u8], y: &mut [f32]) {
+    let (d, qh) = (f16_at(b, 0), fifth_bits(b, 2));
+    for (i, v) in y.iter_mut().enumerate() {
+        *v = d * f32::from(five_bits(&b[6..22], qh, i) as i8 - 16);
+    }
+}
+
+/// Q5_1 (24 bytes): f16 d and m, 32 fifth bits, 16 bytes of nibbles; value `d·q + m`.
+fn q5_1(b: &[u8], y: &mut [f32]) {
+    let (d, m, qh) = (f16_at(b, 0), f16_at(b, 2), fifth_bits(b, 4));
+    for (i, v) in y.iter_mut().enumerate() {
+        *v = d * f32::from(five_bits(&b[8..24], qh, i)) + m;
     }
 }
 
