@@ -42,6 +42,7 @@ ctxs=${CTXS:-256 1024}
 method=${METHOD:-haq}
 out=target/w4_vs_llama
 mkdir -p "$out"
+load0=$(cut -d' ' -f1-3 /proc/loadavg) # other tenants of a shared machine move every timing
 rows=$out/rows.tsv # kind model weights key value, one measurement a line
 : >"$rows"
 
@@ -128,7 +129,8 @@ for r in json.load(sys.stdin)['results']:
 fi
 
 commit=$(git rev-parse --short HEAD)
-echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $pairs pairs"
+echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit, $(nproc) cores, load average at the start" \
+  "$load0, at the end $(cut -d' ' -f1-3 /proc/loadavg), $pairs pairs"
 python3 - "$rows" <<'PY'
 import collections, statistics, sys
 
@@ -144,10 +146,14 @@ def get(model, weights, kind, key):
     v = vals.get((model, weights, kind, key))
     return statistics.median(v) if v else None
 
+# Per model: llama.cpp rows, then edgemoe's; each side's F32 reference first.
+models = list(dict.fromkeys(m for m, _ in order))
+order.sort(key=lambda mw: (models.index(mw[0]), mw[1].split()[0] != "llama.cpp", not mw[1].endswith("F32")))
 ctxs = sorted({k[3] for k in vals if k[2] == "ppl"}, key=lambda c: int(c[3:]))
-print("| model | weights | file MiB | " + " | ".join(f"ppl {c} (loss vs own f32)" for c in ctxs)
-      + " | pp64 tok/s | tg64 tok/s | tg64 / llama.cpp Q4_K_M |")
-print("| --- | --- | ---: |" + " ---: |" * len(ctxs) + " ---: | ---: | ---: |")
+head = ["model", "weights", "file MiB"] + [f"ppl {c} (loss vs own f32)" for c in ctxs]
+head += ["pp64 tok/s", "tg64 tok/s", "tg64 / llama.cpp Q4_K_M"]
+print("| " + " | ".join(head) + " |")
+print("| --- | --- |" + " ---: |" * (len(head) - 2))
 for model, weights in order:
     side = weights.split()[0]
     ref = f"{side} F32"
