@@ -7,7 +7,7 @@
 #   tools/llama_cpp.sh build
 #       Download the sdist (pip download --no-deps --no-binary :all: llama-cpp-python), unpack
 #       its vendor/llama.cpp into target/llama.cpp, build llama-bench, llama-quantize,
-#       llama-simple and llama-completion (llama-cli in older versions) into
+#       llama-perplexity, llama-simple and llama-completion (llama-cli in older versions) into
 #       target/llama.cpp/build/bin (cmake, Release, CPU only, GGML_NATIVE=ON, AMX off: its AMX
 #       path faults in these VMs), and make a Python venv for the converter in
 #       target/llama.cpp-venv. Installs cmake/build-essential with apt-get when missing.
@@ -93,7 +93,7 @@ build() {
     local cli=llama-cli
     [[ -d $src/tools/completion ]] && cli=llama-completion
     cmake --build "$src/build" --config Release -j "$jobs" \
-        --target llama-bench llama-quantize llama-simple "$cli" >&2
+        --target llama-bench llama-quantize llama-perplexity llama-simple "$cli" >&2
     make_venv
     echo "built: $(ls "$bin" | tr '\n' ' ')" >&2
 }
