@@ -225,15 +225,7 @@ fn score_windows(
 
 /// KL(p ‖ q) of the softmaxes of two logit rows, in f64.
 pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
-    let lse = |row: &[f32]| {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        row.iter()
-            .map(|&v| (v as f64 - max).exp())
-            .sum::<f64>()
-            .ln()
-            + max
-    };
-    let (lp, lq) = (lse(p_logits), lse(q_logits));
+    let (lp, lq) = (log_sum_exp(p_logits), log_sum_exp(q_logits));
     p_logits
         .iter()
         .zip(q_logits)
@@ -273,14 +265,17 @@ fn window_logits(
 
 /// log p(target) under softmax(row), in f64.
 pub fn log_softmax_at(row: &[f32], target: usize) -> f64 {
+    row[target] as f64 - log_sum_exp(row)
+}
+
+/// log Σ exp(row), in f64, shifted by the maximum so nothing overflows.
+fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = row
-        .iter()
+    row.iter()
         .map(|&v| (v as f64 - max).exp())
         .sum::<f64>()
         .ln()
-        + max;
-    row[target] as f64 - lse
+        + max
 }
 
 /// The first index of the largest value.
