@@ -8,7 +8,7 @@ pub mod generation;
 pub(crate) mod moe;
 pub(crate) mod penalties;
 pub mod ppl;
-pub(crate) mod recall;
+pub mod recall;
 pub mod sampling;
 pub(crate) mod stats;
 pub mod stream;
