@@ -239,6 +239,29 @@ fn glm4_moe_plain_matches_transformers() {
     check("glm4moe-tiny-plain");
 }
 
+/// Multi-head latent attention with q_proj, complex RoPE under YaRN (the softmax scale's
+/// mscale²), values narrower than keys; softmax routing limited to the best 2 of 4 groups,
+/// `routed_scaling_factor` 2.0; a leading dense layer, two experts' width of shared expert.
+#[test]
+fn deepseek_v2_matches_transformers() {
+    check("deepseekv2-tiny");
+}
+
+/// Latent attention with the low-rank query (q_a_proj, q_a_layernorm, q_b_proj), biases on
+/// q_a/kv_a/o, interleaved RoPE under YaRN whose cos/sin factor and softmax scale both differ
+/// from 1; grouped sigmoid routing with the correction bias, renormalized, scaling 2.5.
+#[test]
+fn deepseek_v3_matches_transformers() {
+    check("deepseekv3-tiny");
+}
+
+/// Rotate-half RoPE (`rope_interleave` false), no YaRN, values as wide as keys, one group,
+/// top-k not renormalized, every layer MoE; legacy config.
+#[test]
+fn deepseek_v3_plain_matches_transformers() {
+    check("deepseekv3-tiny-plain");
+}
+
 #[test]
 fn opt_matches_transformers() {
     check("opt-tiny");
