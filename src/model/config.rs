@@ -498,6 +498,10 @@ impl ModelConfig {
                 return Err((field, format!("{v} must be a finite non-zero number")));
             }
         }
+        // Before the rotary width, which latent attention sets from qk_rope_head_dim.
+        if let Some(m) = &o.mla {
+            m.check(self.head_dim)?;
+        }
         if let Some(r) = o.rotary_dim {
             if r == 0 || r > self.head_dim || !r.is_multiple_of(2) {
                 return Err((
@@ -514,9 +518,6 @@ impl ModelConfig {
         }
         if let Some(g) = &o.softmax_groups {
             g.check(self.num_experts, self.top_k)?;
-        }
-        if let Some(m) = &o.mla {
-            m.check(self.head_dim)?;
         }
         if let Some(b) = self.ffn_hadamard_block {
             let widths = [self.dense_ffn, self.expert_ffn]

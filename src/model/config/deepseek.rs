@@ -359,3 +359,145 @@ fn rope_block(f: &Fields, max_positions: usize) -> Result<(f32, Option<Yarn>)> {
     }
     Ok((top_theta, None))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::path::Path;
+
+    fn parse(v: Value) -> Result<ModelConfig> {
+        ModelConfig::from_json(&v, Path::new("config.json"))
+    }
+
+    /// DeepseekV2Config / DeepseekV3Config defaults: the head is nope + rope wide, one KV head
+    /// per head, the versions' routings and layer plans.
+    #[test]
+    fn defaults_follow_transformers() {
+        let v2 = parse(json!({"model_type": "deepseek_v2", "num_experts_per_tok": 6})).unwrap();
+        assert_eq!(v2.arch, Architecture::DeepseekV2);
+        assert_eq!((v2.head_dim, v2.num_kv_heads, v2.num_heads), (192, 32, 32));
+        assert_eq!(v2.layer_ffn[0], FfnKind::Moe);
+        assert_eq!(v2.shared_expert_ffn, Some(2 * 1407));
+        assert_eq!(v2.options.rotary_dim, Some(64));
+        let m = v2.options.mla.unwrap();
+        assert_eq!(
+            (m.q_lora_rank, m.kv_lora_rank, m.v_head_dim),
+            (Some(1536), 512, 128)
+        );
+        assert!(m.interleaved && v2.options.yarn.is_none() && !v2.norm_topk_prob);
+        assert_eq!(
+            v2.options.softmax_groups,
+            Some(SoftmaxGroups {
+                n_group: 1,
+                topk_group: 1,
+                routed_scaling_factor: 1.0
+            })
+        );
+        assert_eq!(v2.options.grouped_sigmoid, None);
+        let v3 = parse(json!({"architectures": ["DeepseekV3ForCausalLM"]})).unwrap();
+        assert_eq!((v3.num_layers, v3.num_experts, v3.top_k), (61, 256, 8));
+        assert_eq!(
+            &v3.layer_ffn[..4],
+            &[
+                FfnKind::DenseGated,
+                FfnKind::DenseGated,
+                FfnKind::DenseGated,
+                FfnKind::Moe
+            ]
+        );
+        let g = v3.options.grouped_sigmoid.unwrap();
+        assert_eq!(
+            (g.n_group, g.topk_group, g.routed_scaling_factor),
+            (8, 4, 2.5)
+        );
+        assert!(v3.norm_topk_prob && v3.options.softmax_groups.is_none());
+        assert_eq!(
+            (v3.bos_token_id, v3.eos_token_ids.clone()),
+            (Some(0), vec![1])
+        );
+    }
+
+    /// DeepSeek-V3's Hub config: q_lora null is a direct q_proj, legacy rope_scaling of type
+    /// yarn with the base at the top level, rope_interleave.
+    #[test]
+    fn hub_fields_are_read() {
+        let c = parse(
+            json!({"architectures": ["DeepseekV3ForCausalLM"], "q_lora_rank": null,
+            "rope_theta": 5000.0, "rope_interleave": false, "max_position_embeddings": 163840,
+            "rope_scaling": {"type": "yarn", "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1}}),
+        )
+        .unwrap();
+        let m = c.options.mla.unwrap();
+        assert_eq!(m.q_lora_rank, None);
+        assert!(!m.interleaved);
+        assert_eq!(c.rope_theta, Some(5000.0));
+        let y = c.options.yarn.unwrap();
+        assert_eq!((y.factor, y.original_max_position_embeddings), (40.0, 4096));
+        // V2 is interleaved whatever rope_interleave says (transformers ignores it there).
+        let v2 = parse(
+            json!({"model_type": "deepseek_v2", "num_experts_per_tok": 6,
+            "rope_interleave": false, "topk_method": "group_limited_greedy", "n_group": 8,
+            "topk_group": 3}),
+        )
+        .unwrap();
+        assert!(v2.options.mla.unwrap().interleaved);
+        assert_eq!(v2.options.softmax_groups.map(|g| g.n_group), Some(8));
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let v2 = |extra: Value| {
+            let mut c = json!({"model_type": "deepseek_v2", "num_experts_per_tok": 6});
+            for (k, v) in extra.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+            c
+        };
+        for (cfg, field) in [
+            (json!({"model_type": "deepseek_v2"}), "num_experts_per_tok"),
+            (v2(json!({"norm_topk_prob": true})), "norm_topk_prob"),
+            (v2(json!({"topk_method": "noaux_tc"})), "topk_method"),
+            (
+                v2(json!({"topk_method": "group_limited_greedy"})),
+                "n_group",
+            ),
+            (
+                v2(json!({"topk_method": "group_limited_greedy", "n_group": 5, "topk_group": 2})),
+                "n_group",
+            ),
+            (
+                v2(json!({"topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 9})),
+                "topk_group",
+            ),
+            (v2(json!({"num_key_value_heads": 8})), "num_key_value_heads"),
+            (v2(json!({"mlp_bias": true})), "mlp_bias"),
+            (v2(json!({"v_head_dim": 256})), "v_head_dim"),
+            (
+                v2(json!({"qk_nope_head_dim": 127, "qk_rope_head_dim": 7})),
+                "qk_rope_head_dim",
+            ),
+            (v2(json!({"kv_lora_rank": 0})), "kv_lora_rank"),
+            (
+                v2(json!({"rope_scaling": {"type": "linear", "factor": 2.0}})),
+                "rope_scaling",
+            ),
+            (
+                v2(json!({"rope_parameters": {"rope_type": "yarn", "factor": 0.0}})),
+                "rope_parameters",
+            ),
+            (
+                json!({"model_type": "deepseek_v3", "n_group": 3}),
+                "n_group",
+            ),
+            (
+                json!({"model_type": "deepseek_v3", "routed_scaling_factor": 0.0}),
+                "routed_scaling_factor",
+            ),
+        ] {
+            let e = parse(cfg).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
+}
