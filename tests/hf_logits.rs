@@ -348,10 +348,16 @@ fn moe_ggufs_match_transformers() {
     }
 }
 
-/// Several sequences in one batched step give the same logits as each alone.
+/// Several sequences in one batched step give the same logits as each alone (DeepSeek's latent
+/// attention and host routing too).
 #[test]
 fn batched_decode_matches_single_sequences() {
-    let name = "qwen2moe-tiny";
+    for name in ["qwen2moe-tiny", "deepseekv2-tiny", "deepseekv3-tiny"] {
+        batched_decode_matches_single_sequences_of(name);
+    }
+}
+
+fn batched_decode_matches_single_sequences_of(name: &str) {
     let model = Arc::new(Model::load(&fixture(name)).unwrap());
     let engine = Engine::new(model, 2).unwrap();
     let r = reference(name);
@@ -404,6 +410,6 @@ fn batched_decode_matches_single_sequences() {
         };
         step(p);
         let alone = step(&next[i..i + 1]);
-        assert_eq!(batched[i], alone[0], "decode step of item {i}");
+        assert_eq!(batched[i], alone[0], "{name}: decode step of item {i}");
     }
 }
