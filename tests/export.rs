@@ -130,6 +130,9 @@ fn every_architecture_fixture_f32_export_is_bit_identical() {
         "granitemoeshared-tiny",
         "glm4moe-tiny",
         "glm4moe-tiny-plain",
+        "deepseekv2-tiny",
+        "deepseekv3-tiny",
+        "deepseekv3-tiny-plain",
         "opt-tiny-proj",
     ] {
         f32_round_trip(fixture(name).to_str().unwrap());

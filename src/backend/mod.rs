@@ -191,6 +191,8 @@ pub trait Backend: Send + Sync {
         lins.map(|l| self.linear(l, x))
     }
     fn rope_table(&self, head_dim: usize, theta: f32, positions: &[usize]) -> Self::Rope;
+    /// [`Self::rope_table`] from the frequencies themselves (`head_dim / 2` of them: YaRN's).
+    fn rope_table_freqs(&self, inv_freq: &[f32], positions: &[usize]) -> Self::Rope;
     /// Rotates every head of row `r` of `x` by row `first_row + r` of `rope`.
     fn apply_rope(&self, x: &mut Self::Act, rope: &Self::Rope, first_row: usize);
     /// [`Self::apply_rope`] on the first `rotary` values of every `head_dim`-wide head of `x`,

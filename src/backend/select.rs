@@ -306,6 +306,13 @@ mod dispatch {
             }
         }
 
+        fn rope_table_freqs(&self, inv_freq: &[f32], positions: &[usize]) -> SelectedRope {
+            match self {
+                Selected::Cpu(b) => SelectedRope::Cpu(b.rope_table_freqs(inv_freq, positions)),
+                Selected::Cuda(b) => SelectedRope::Cuda(b.rope_table_freqs(inv_freq, positions)),
+            }
+        }
+
         fn apply_rope(&self, x: &mut SelectedAct, rope: &SelectedRope, first_row: usize) {
             match (self, rope) {
                 (Selected::Cpu(b), SelectedRope::Cpu(r)) => b.apply_rope(cpu_act!(x), r, first_row),

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
 
+mod deepseek;
+pub use deepseek::{LatentAttention, SoftmaxGroups};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Architecture {
     /// MixtralForCausalLM: <https://huggingface.co/docs/transformers/model_doc/mixtral>
@@ -30,6 +33,10 @@ pub enum Architecture {
     GraniteMoeShared,
     /// Glm4MoeForCausalLM: <https://huggingface.co/docs/transformers/model_doc/glm4_moe>
     Glm4Moe,
+    /// DeepseekV2ForCausalLM: <https://huggingface.co/docs/transformers/model_doc/deepseek_v2>
+    DeepseekV2,
+    /// DeepseekV3ForCausalLM: <https://huggingface.co/docs/transformers/model_doc/deepseek_v3>
+    DeepseekV3,
 }
 
 impl Architecture {
@@ -44,6 +51,8 @@ impl Architecture {
             Architecture::GraniteMoe => "GraniteMoeForCausalLM",
             Architecture::GraniteMoeShared => "GraniteMoeSharedForCausalLM",
             Architecture::Glm4Moe => "Glm4MoeForCausalLM",
+            Architecture::DeepseekV2 => "DeepseekV2ForCausalLM",
+            Architecture::DeepseekV3 => "DeepseekV3ForCausalLM",
         }
     }
 }
@@ -91,6 +100,15 @@ pub struct ArchOptions {
     /// softmax top-k.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grouped_sigmoid: Option<GroupedSigmoid>,
+    /// DeepSeek-V2's softmax routing, group-limited or not; `None`: see `grouped_sigmoid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softmax_groups: Option<SoftmaxGroups>,
+    /// Multi-head latent attention (DeepSeek) in place of q/k/v projections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mla: Option<LatentAttention>,
+    /// YaRN-scaled RoPE frequencies (`rope_type: yarn`); `None`: plain RoPE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yarn: Option<crate::model::yarn::Yarn>,
 }
 
 /// DeepSeek-V3-style routing (GLM-4-MoE): scores `sigmoid(logits)`; experts are chosen by
@@ -347,6 +365,8 @@ impl ModelConfig {
             Architecture::GraniteMoe => granite_moe(&f, false)?,
             Architecture::GraniteMoeShared => granite_moe(&f, true)?,
             Architecture::Glm4Moe => glm4_moe(&f)?,
+            Architecture::DeepseekV2 => deepseek::deepseek(&f, false)?,
+            Architecture::DeepseekV3 => deepseek::deepseek(&f, true)?,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -478,6 +498,10 @@ impl ModelConfig {
                 return Err((field, format!("{v} must be a finite non-zero number")));
             }
         }
+        // Before the rotary width, which latent attention sets from qk_rope_head_dim.
+        if let Some(m) = &o.mla {
+            m.check(self.head_dim)?;
+        }
         if let Some(r) = o.rotary_dim {
             if r == 0 || r > self.head_dim || !r.is_multiple_of(2) {
                 return Err((
@@ -490,6 +514,9 @@ impl ModelConfig {
             }
         }
         if let Some(g) = &o.grouped_sigmoid {
+            g.check(self.num_experts, self.top_k)?;
+        }
+        if let Some(g) = &o.softmax_groups {
             g.check(self.num_experts, self.top_k)?;
         }
         if let Some(b) = self.ffn_hadamard_block {
@@ -554,6 +581,8 @@ fn architecture(f: &Fields) -> Result<Architecture> {
             Some("granitemoe") => return Ok(Architecture::GraniteMoe),
             Some("granitemoeshared") => return Ok(Architecture::GraniteMoeShared),
             Some("glm4_moe") => return Ok(Architecture::Glm4Moe),
+            Some("deepseek_v2") => return Ok(Architecture::DeepseekV2),
+            Some("deepseek_v3") => return Ok(Architecture::DeepseekV3),
             Some(other) => other.to_string(),
             None => {
                 return Err(Error::config(
@@ -574,6 +603,8 @@ fn architecture(f: &Fields) -> Result<Architecture> {
         "GraniteMoeForCausalLM" => Ok(Architecture::GraniteMoe),
         "GraniteMoeSharedForCausalLM" => Ok(Architecture::GraniteMoeShared),
         "Glm4MoeForCausalLM" => Ok(Architecture::Glm4Moe),
+        "DeepseekV2ForCausalLM" => Ok(Architecture::DeepseekV2),
+        "DeepseekV3ForCausalLM" => Ok(Architecture::DeepseekV3),
         _ => Err(Error::UnknownArchitecture {
             path: f.path.to_path_buf(),
             name,

@@ -164,6 +164,7 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: ExportDtype) -> Value {
         Architecture::Olmoe => olmoe_json(cfg),
         Architecture::GraniteMoe | Architecture::GraniteMoeShared => granite_moe_json(cfg),
         Architecture::Glm4Moe => glm4_moe_json(cfg),
+        Architecture::DeepseekV2 | Architecture::DeepseekV3 => deepseek_json(cfg),
     };
     let m = c.as_object_mut().expect("config is an object");
     m.insert("bos_token_id".into(), json!(cfg.bos_token_id));
@@ -364,6 +365,85 @@ fn glm4_moe_json(cfg: &ModelConfig) -> Value {
         "initializer_range": 0.02,
         "num_nextn_predict_layers": 0,
     })
+}
+
+fn deepseek_json(cfg: &ModelConfig) -> Value {
+    let o = &cfg.options;
+    let v3 = cfg.arch == Architecture::DeepseekV3;
+    let dense = cfg
+        .layer_ffn
+        .iter()
+        .take_while(|k| **k != FfnKind::Moe)
+        .count();
+    let shared = cfg.shared_expert_ffn.unwrap_or(0) / cfg.expert_ffn.max(1);
+    // One of the two routings, by version; its groups and scaling.
+    let (n_group, topk_group, scaling) = match (o.grouped_sigmoid, o.softmax_groups) {
+        (Some(g), _) => (g.n_group, g.topk_group, g.routed_scaling_factor),
+        (None, Some(g)) => (g.n_group, g.topk_group, g.routed_scaling_factor),
+        (None, None) => (1, 1, 1.0),
+    };
+    let mut rope = json!({"rope_type": "default", "rope_theta": cfg.rope_theta.map(f32_json)});
+    if let Some(y) = &o.yarn {
+        rope = json!({
+            "rope_type": "yarn",
+            "rope_theta": cfg.rope_theta.map(f32_json),
+            "factor": y.factor,
+            "original_max_position_embeddings": y.original_max_position_embeddings,
+            "beta_fast": y.beta_fast,
+            "beta_slow": y.beta_slow,
+            "truncate": y.truncate,
+            "attention_factor": y.attention_factor,
+            "mscale_all_dim": y.mscale_all_dim,
+        });
+    }
+    let m = o.mla;
+    let mut v = json!({
+        "architectures": [cfg.arch.hf_name()],
+        "model_type": if v3 { "deepseek_v3" } else { "deepseek_v2" },
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.dense_ffn,
+        "moe_intermediate_size": cfg.expert_ffn,
+        "n_routed_experts": cfg.num_experts,
+        "n_shared_experts": shared,
+        "num_experts_per_tok": cfg.top_k,
+        "first_k_dense_replace": dense,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "n_group": n_group,
+        "topk_group": topk_group,
+        "routed_scaling_factor": f32_json(scaling),
+        "q_lora_rank": m.and_then(|m| m.q_lora_rank),
+        "kv_lora_rank": m.map(|m| m.kv_lora_rank),
+        "qk_nope_head_dim": m.map(|m| m.qk_nope_head_dim),
+        "qk_rope_head_dim": m.map(|m| m.qk_rope_head_dim),
+        "v_head_dim": m.map(|m| m.v_head_dim),
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "hidden_act": activation_name(cfg.activation),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": f32_json(cfg.norm_eps),
+        "rope_parameters": rope,
+        "initializer_range": 0.02,
+    });
+    let obj = v.as_object_mut().expect("config is an object");
+    if v3 {
+        obj.insert(
+            "rope_interleave".into(),
+            json!(m.is_some_and(|m| m.interleaved)),
+        );
+        obj.insert("num_nextn_predict_layers".into(), json!(0));
+    } else {
+        let method = if n_group > 1 {
+            "group_limited_greedy"
+        } else {
+            "greedy"
+        };
+        obj.insert("topk_method".into(), json!(method));
+    }
+    v
 }
 
 fn llama_json(cfg: &ModelConfig) -> Value {
@@ -610,10 +690,10 @@ fn tensors(w: &Weights, ffn_block: Option<usize>, stacked: bool) -> Result<Vec<T
     for layer in &w.layers {
         t.norm(&layer.attn_norm);
         let a = &layer.attn;
-        for l in [&a.q, &a.k, &a.v, &a.o] {
+        for l in a.projections() {
             t.linear(l);
         }
-        for n in a.qk_norm.iter().flatten() {
+        for n in a.norms() {
             t.norm(n);
         }
         t.norm(&layer.ffn_norm);

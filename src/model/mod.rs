@@ -17,6 +17,7 @@ pub mod safetensors;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
+pub mod yarn;
 
 use crate::error::{Error, Result};
 use config::ModelConfig;
@@ -168,8 +169,7 @@ impl Model {
         n += w.positions.as_ref().map_or(0, |p| p.len() * 4);
         n += w.project_in.as_ref().map_or(0, lin) + w.project_out.as_ref().map_or(0, lin);
         for l in &w.layers {
-            let a = &l.attn;
-            n += lin(&a.q) + lin(&a.k) + lin(&a.v) + lin(&a.o);
+            n += l.attn.weight_bytes();
             let mlp = weights::GatedMlp::weight_bytes;
             n += match &l.ffn {
                 Ffn::Moe(b) => {
@@ -232,8 +232,7 @@ impl Model {
 }
 
 fn layer_params(l: &weights::Layer, experts: usize) -> usize {
-    let a = &l.attn;
-    let attn = a.q.num_params() + a.k.num_params() + a.v.num_params() + a.o.num_params();
+    let attn: usize = l.attn.projections().iter().map(|p| p.num_params()).sum();
     let mlp = |m: &weights::GatedMlp| m.gate.num_params() + m.up.num_params() + m.down.num_params();
     let ffn = match &l.ffn {
         Ffn::Moe(b) => {

@@ -19,7 +19,7 @@ pub mod store;
 use crate::backend::cpu::int8::Int8Matrix;
 use crate::backend::cpu::prepare::prepare_linear;
 use crate::error::{Error, Result};
-use crate::model::config::Activation;
+use crate::model::config::{Activation, ModelConfig};
 use crate::model::int4::Int4Matrix;
 use crate::model::weights::{Ffn, Layer, Linear, LinearWeight};
 use crate::model::Model;
@@ -200,6 +200,9 @@ pub fn quantize(
     opts: &QuantOptions,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<(Model, QuantSummary)> {
+    if let Some(why) = unsupported(&model.config) {
+        return Err(Error::invalid(why));
+    }
     let mut summary = QuantSummary {
         calib_tokens: calib.len(),
         ..Default::default()
@@ -328,6 +331,19 @@ pub fn quantize(
     summary.phase_seconds = clock.phases;
     summary.peak_rss_bytes = crate::util::memory::peak_rss_bytes();
     Ok((model, summary))
+}
+
+/// Why `quantize` cannot take a model of `cfg`, or `None`. Multi-head latent attention feeds
+/// its projections from three different inputs (the layer's, the query and key latents), which
+/// the smoothing and rotation folds, written for q/k/v sharing one input, would get wrong.
+pub fn unsupported(cfg: &ModelConfig) -> Option<String> {
+    cfg.options.mla.is_some().then(|| {
+        format!(
+            "{}: quantizing multi-head latent attention is not supported yet \
+             (run the f32/bf16 checkpoint as it is)",
+            cfg.arch.hf_name()
+        )
+    })
 }
 
 /// A `--keep-f32` pattern that names no linear is a typo that would quietly quantize what the

@@ -198,6 +198,9 @@ impl Backend for Guarded {
     fn rope_table(&self, head_dim: usize, theta: f32, positions: &[usize]) -> RopeTable {
         self.inner.rope_table(head_dim, theta, positions)
     }
+    fn rope_table_freqs(&self, inv_freq: &[f32], positions: &[usize]) -> RopeTable {
+        self.inner.rope_table_freqs(inv_freq, positions)
+    }
     fn apply_rope(&self, x: &mut Rows, rope: &RopeTable, first_row: usize) {
         self.inner.apply_rope(x, rope, first_row)
     }

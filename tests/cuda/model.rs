@@ -5,7 +5,7 @@
 //! Token-by-token decoding (the device KV storage) is checked the same way.
 
 use super::common::device;
-use edgemoe::backend::{engine_for, BackendChoice};
+use edgemoe::backend::{engine_for, Backend, BackendChoice};
 use edgemoe::engine::ppl::perplexity;
 use edgemoe::engine::{BatchItem, Logits};
 use edgemoe::{Engine, Model};
@@ -312,5 +312,26 @@ fn gpu_runs_granite_and_glm4_moe_as_the_cpu() {
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(worst <= tol, "{name} {what}: worst {worst} > {tol}");
         }
+    }
+}
+
+/// Multi-head latent attention has no GPU path: `--backend cuda` refuses a DeepSeek model by
+/// name before touching a device (so this runs on machines without one), and `auto` falls back
+/// to the CPU.
+#[test]
+fn gpu_refuses_latent_attention() {
+    let root = fixture_dir().join("..");
+    for name in ["deepseekv2-tiny", "deepseekv3-tiny"] {
+        let model = Arc::new(Model::load(&root.join(name)).expect("fixture"));
+        let e = match engine_for(model.clone(), BackendChoice::Cuda, 1) {
+            Ok(_) => panic!("{name}: the GPU took a latent-attention model"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("multi-head latent attention") && e.contains("--backend cpu"),
+            "{name}: {e}"
+        );
+        let auto = engine_for(model, BackendChoice::Auto, 1).expect("auto");
+        assert_eq!(auto.backend().name(), "cpu");
     }
 }

@@ -270,6 +270,10 @@ impl Backend for CpuBackend {
         Rope::new(head_dim, theta).table(positions)
     }
 
+    fn rope_table_freqs(&self, inv_freq: &[f32], positions: &[usize]) -> RopeTable {
+        Rope::from_inv_freq(inv_freq).table(positions)
+    }
+
     fn apply_rope(&self, x: &mut Rows, rope: &RopeTable, first_row: usize) {
         let cols = x.cols;
         for (r, row) in x.data.chunks_exact_mut(cols).enumerate() {

@@ -98,6 +98,13 @@ impl Rope {
         Rope { inv_freq }
     }
 
+    /// A rotation of these frequencies (one per pair of values).
+    pub fn from_inv_freq(inv_freq: &[f32]) -> Rope {
+        Rope {
+            inv_freq: inv_freq.to_vec(),
+        }
+    }
+
     /// The cos/sin of every angle at each of `positions`, computed once per forward pass and
     /// shared by all layers (sin/cos are the costly part of applying the rotation).
     pub fn table(&self, positions: &[usize]) -> RopeTable {

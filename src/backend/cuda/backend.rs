@@ -144,6 +144,17 @@ fn naming_op(op: String, e: Error) -> Error {
     }
 }
 
+/// Why the GPU cannot run a model of `cfg`, or `None`. Multi-head latent attention
+/// (DeepSeek-V2/V3) has not been run on a device: refused rather than risk wrong numbers.
+pub fn unsupported_model(cfg: &crate::model::config::ModelConfig) -> Option<String> {
+    cfg.options.mla.is_some().then(|| {
+        format!(
+            "{}: multi-head latent attention has no CUDA path yet; run it with --backend cpu",
+            cfg.arch.hf_name()
+        )
+    })
+}
+
 impl CudaBackend {
     /// Device 0 with every weight of `model` resident.
     pub fn new(model: &crate::Model) -> Result<CudaBackend> {
@@ -157,6 +168,9 @@ impl CudaBackend {
     }
 
     fn with_weights(model: &crate::Model, routed_experts: bool) -> Result<CudaBackend> {
+        if let Some(why) = unsupported_model(&model.config) {
+            return Err(crate::error::Error::invalid(why));
+        }
         let backend = CudaBackend::open()?;
         backend
             .weights
@@ -585,13 +599,17 @@ impl Backend for CudaBackend {
 
     fn rope_table(&self, head_dim: usize, theta: f32, positions: &[usize]) -> DeviceRope {
         // The CPU's angles (ops.rs: Rope), computed the same way so the rotation is identical.
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
+        let inv_freq: Vec<f32> = (0..head_dim / 2)
             .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
             .collect();
+        self.rope_table_freqs(&inv_freq, positions)
+    }
+
+    fn rope_table_freqs(&self, inv_freq: &[f32], positions: &[usize]) -> DeviceRope {
+        let (half, head_dim) = (inv_freq.len(), 2 * inv_freq.len());
         let mut cos_sin = Vec::with_capacity(positions.len() * half * 2);
         for &p in positions {
-            for &f in &inv_freq {
+            for &f in inv_freq {
                 let a = p as f32 * f;
                 cos_sin.push(a.cos());
                 cos_sin.push(a.sin());

@@ -221,7 +221,7 @@ impl WeightCache {
         for layer in &w.layers {
             self.norm(gpu, &layer.attn_norm)?;
             self.norm(gpu, &layer.ffn_norm)?;
-            for lin in [&layer.attn.q, &layer.attn.k, &layer.attn.v, &layer.attn.o] {
+            for lin in layer.attn.projections() {
                 self.linear(gpu, lin)?;
             }
             let mlps: Vec<&crate::model::weights::GatedMlp> = match &layer.ffn {

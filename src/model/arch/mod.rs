@@ -1,6 +1,7 @@
 //! One loader per architecture: checkpoint tensor names → [`Weights`]. Each reads like the
 //! architecture's block diagram; the forward pass itself is shared (`engine`).
 
+pub(crate) mod deepseek;
 pub(crate) mod glm4_moe;
 pub(crate) mod granite_moe;
 pub(crate) mod llama;
@@ -30,5 +31,6 @@ pub fn load_weights(
             granite_moe::load(cfg, src, form)
         }
         Architecture::Glm4Moe => glm4_moe::load(cfg, src, form),
+        Architecture::DeepseekV2 | Architecture::DeepseekV3 => deepseek::load(cfg, src, form),
     }
 }
