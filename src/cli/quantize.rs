@@ -35,7 +35,7 @@ pub struct QuantizeArgs {
     pub act_order: bool,
     /// GPTQ: damping added to the Hessian's diagonal, as a share of its mean (larger leans
     /// toward plain rounding: less fitted to the calibration text).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = crate::quant::DEFAULT_DAMP)]
     pub damp: f64,
     /// The output head (and embeddings tied to it): `weight-only` (int8 weights, f32
     /// activations: the default, since quantizing its input per token measured +0.5% ppl on
