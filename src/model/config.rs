@@ -203,6 +203,11 @@ pub struct ModelConfig {
     /// runs of this many values (a rotated quantized model; `quant::rotate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ffn_hadamard_block: Option<usize>,
+    /// The head reads the final norm's output through a `hidden × hidden` linear
+    /// (`P.transform`, `P` the final norm): a rotated model whose head is tied to the rotated
+    /// embedding table keeps the final norm's weight there (`quant::rotate`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub head_transform: bool,
     /// q_norm / k_norm after the q and k projections (Qwen3-MoE, OLMoE).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qk_norm: Option<QkNorm>,
@@ -492,6 +497,15 @@ impl ModelConfig {
         if let Some(g) = &o.grouped_sigmoid {
             g.check(self.num_experts, self.top_k)?;
         }
+        let head_reads_hidden = self.word_embed_proj_dim == self.hidden_size;
+        if self.head_transform
+            && !(self.tie_word_embeddings && self.final_norm && head_reads_hidden)
+        {
+            return Err((
+                "head_transform",
+                "needs tied word embeddings, a final norm and no output projection".into(),
+            ));
+        }
         if let Some(b) = self.ffn_hadamard_block {
             let widths = [self.dense_ffn, self.expert_ffn]
                 .into_iter()
@@ -693,6 +707,7 @@ fn mixtral(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(1)),
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: Default::default(),
@@ -746,6 +761,7 @@ fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: Default::default(),
@@ -848,6 +864,7 @@ fn qwen3_moe(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: Some(QkNorm::PerHead),
         clip_qkv: None,
         options: Default::default(),
@@ -898,6 +915,7 @@ fn olmoe(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: Some(QkNorm::Whole),
         clip_qkv,
         options: Default::default(),
@@ -958,6 +976,7 @@ fn granite_moe(f: &Fields, shared: bool) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(1)),
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: ArchOptions {
@@ -1071,6 +1090,7 @@ fn glm4_moe(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: f.bool_or("use_qk_norm", false)?.then_some(QkNorm::PerHead),
         clip_qkv: None,
         options: ArchOptions {
@@ -1108,6 +1128,7 @@ fn llama(f: &Fields) -> Result<ModelConfig> {
         activation: activation(f, "hidden_act", "silu")?,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: Default::default(),
@@ -1148,6 +1169,7 @@ impl ModelConfig {
             final_norm: true,
             bos_token_id: None,
             ffn_hadamard_block: None,
+            head_transform: false,
             qk_norm: None,
             clip_qkv: None,
             options: Default::default(),
@@ -1205,6 +1227,7 @@ fn opt(f: &Fields) -> Result<ModelConfig> {
         final_norm: pre_norm && !remove_final,
         bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(2)),
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: Default::default(),
