@@ -10,10 +10,9 @@ pub(crate) mod opt;
 pub(crate) mod qwen2_moe;
 pub(crate) mod qwen3_moe;
 
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::config::{Architecture, ModelConfig};
-use crate::model::weights::{Loader, Norm, TensorSource, WeightForm, Weights};
+use crate::model::weights::{Linear, Loader, Norm, TensorSource, WeightForm, Weights};
 
 pub fn load_weights(
     cfg: &ModelConfig,
@@ -29,11 +28,7 @@ pub fn load_weights(
 
 /// The `hidden × hidden` linear the head reads the final norm through, stored beside that norm
 /// as `P.transform` (any architecture with a final norm).
-fn head_transform(
-    cfg: &ModelConfig,
-    w: &Weights,
-    l: &Loader,
-) -> Result<crate::model::weights::Linear> {
+fn head_transform(cfg: &ModelConfig, w: &Weights, l: &Loader) -> Result<Linear> {
     let norm = match &w.final_norm {
         Some(Norm::Rms { name, .. } | Norm::Layer { name, .. }) => name,
         None => return Err(Error::invalid("head_transform needs a final norm")),
