@@ -458,8 +458,12 @@ impl<B: Backend> Engine<B> {
                 Ffn::Plain(mlp) => mlp.fc1.weight_bytes() + mlp.fc2.weight_bytes(),
             };
         }
-        weight_bytes +=
-            w.head().weight_bytes() + w.project_out.as_ref().map_or(0, |p| p.weight_bytes());
+        weight_bytes += w.head().weight_bytes()
+            + [&w.head_transform, &w.project_out]
+                .into_iter()
+                .flatten()
+                .map(|p| p.weight_bytes())
+                .sum::<usize>();
         self.stats.add_bytes_read(weight_bytes, kv_bytes);
         // Gather the rows whose logits are wanted, then the head runs only on those.
         let mut start = 0;
@@ -478,6 +482,9 @@ impl<B: Backend> Engine<B> {
         let mut hs = self.backend.select_rows(&x, &wanted);
         if let Some(norm) = &w.final_norm {
             hs = self.backend.norm(norm, &hs);
+        }
+        if let Some(t) = &w.head_transform {
+            hs = self.linear(t, &hs);
         }
         if let Some(p) = &w.project_out {
             hs = self.linear(p, &hs);

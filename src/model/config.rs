@@ -221,6 +221,11 @@ pub struct ModelConfig {
     /// runs of this many values (a rotated quantized model; `quant::rotate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ffn_hadamard_block: Option<usize>,
+    /// The head reads the final norm's output through a `hidden × hidden` linear
+    /// (`P.transform`, `P` the final norm): a rotated model whose head is tied to the rotated
+    /// embedding table keeps the final norm's weight there (`quant::rotate`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub head_transform: bool,
     /// q_norm / k_norm after the q and k projections (Qwen3-MoE, OLMoE).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qk_norm: Option<QkNorm>,
@@ -519,6 +524,15 @@ impl ModelConfig {
         if let Some(g) = &o.softmax_groups {
             g.check(self.num_experts, self.top_k)?;
         }
+        let head_reads_hidden = self.word_embed_proj_dim == self.hidden_size;
+        if self.head_transform
+            && !(self.tie_word_embeddings && self.final_norm && head_reads_hidden)
+        {
+            return Err((
+                "head_transform",
+                "needs tied word embeddings, a final norm and no output projection".into(),
+            ));
+        }
         if let Some(b) = self.ffn_hadamard_block {
             let widths = [self.dense_ffn, self.expert_ffn]
                 .into_iter()
@@ -724,6 +738,7 @@ fn mixtral(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(1)),
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: Default::default(),
@@ -777,6 +792,7 @@ fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: Default::default(),
@@ -879,6 +895,7 @@ fn qwen3_moe(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: Some(QkNorm::PerHead),
         clip_qkv: None,
         options: Default::default(),
@@ -929,6 +946,7 @@ fn olmoe(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: Some(QkNorm::Whole),
         clip_qkv,
         options: Default::default(),
@@ -989,6 +1007,7 @@ fn granite_moe(f: &Fields, shared: bool) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(1)),
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: ArchOptions {
@@ -1102,6 +1121,7 @@ fn glm4_moe(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: f.bool_or("use_qk_norm", false)?.then_some(QkNorm::PerHead),
         clip_qkv: None,
         options: ArchOptions {
@@ -1139,6 +1159,7 @@ fn llama(f: &Fields) -> Result<ModelConfig> {
         activation: activation(f, "hidden_act", "silu")?,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: Default::default(),
@@ -1179,6 +1200,7 @@ impl ModelConfig {
             final_norm: true,
             bos_token_id: None,
             ffn_hadamard_block: None,
+            head_transform: false,
             qk_norm: None,
             clip_qkv: None,
             options: Default::default(),
@@ -1236,6 +1258,7 @@ fn opt(f: &Fields) -> Result<ModelConfig> {
         final_norm: pre_norm && !remove_final,
         bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(2)),
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: Default::default(),

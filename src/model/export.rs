@@ -103,8 +103,13 @@ pub fn export(
 ) -> Result<ExportSummary> {
     // A rotated model's down-projections are written back unrotated (`Values::RotatedInput`),
     // so the checkpoint needs no run-time transform.
+    // A head tied to the embeddings through a transform (a rotated tied model) is written as
+    // its own matrix, the table times the transform: transformers has no such transform.
     let cfg = &ModelConfig {
         ffn_hadamard_block: None,
+        head_transform: false,
+        tie_word_embeddings: model.config.tie_word_embeddings
+            && model.weights.head_transform.is_none(),
         ..model.config.clone()
     };
     let config = hf_config_json(cfg, dtype);
@@ -569,6 +574,8 @@ enum Values<'a> {
     /// A down-projection that reads its input rotated by `rotate_rows` on runs of this block:
     /// the weight of the same linear reading the input as it is (`W·T`, rows `Tᵀ·w`).
     RotatedInput(&'a Linear, usize),
+    /// A head tied to the table through a transform `G` it reads its input by: `E·G`.
+    Transformed(&'a Linear, &'a Linear),
     /// Several weights one after another in one tensor (Granite's stacked experts), each
     /// with the rotated model's down-projection block where it has one.
     Stacked(Vec<(&'a Linear, Option<usize>)>),
@@ -591,6 +598,7 @@ impl Tensor<'_> {
             Values::Floats(v) => Cow::Borrowed(v),
             Values::Weight(l) => linear_rows(l),
             Values::RotatedInput(l, block) => Cow::Owned(unrotated_rows(l, block)),
+            Values::Transformed(table, g) => Cow::Owned(transformed_rows(table, g)),
             Values::Stacked(ref parts) => {
                 let mut all = Vec::with_capacity(self.numel());
                 for &(l, block) in parts {
@@ -613,6 +621,21 @@ fn unrotated_rows(l: &Linear, block: usize) -> Vec<f32> {
     rows.par_chunks_mut(k.max(1))
         .for_each(|row| crate::model::rotation::rotate_rows_back(row, k, block));
     rows
+}
+
+/// The rows of `table·g` (`g` square, the table's width): row i is `Σ_j table[i][j]·g[j]`.
+fn transformed_rows(table: &Linear, g: &Linear) -> Vec<f32> {
+    let (e, g) = (linear_rows(table), linear_rows(g));
+    let k = table.in_features;
+    let mut out = vec![0f32; table.out_features * k];
+    out.par_chunks_mut(k.max(1))
+        .zip(e.par_chunks(k.max(1)))
+        .for_each(|(o, row)| {
+            for (&a, g_row) in row.iter().zip(g.chunks_exact(k)) {
+                o.iter_mut().zip(g_row).for_each(|(o, &b)| *o += a * b);
+            }
+        });
+    out
 }
 
 /// `[out, in]` row-major f32 weights of `l`; int8 weights dequantized, an input scale folded in.
@@ -730,6 +753,13 @@ fn tensors(w: &Weights, ffn_block: Option<usize>, stacked: bool) -> Result<Vec<T
     }
     if let Some(l) = &w.lm_head {
         t.linear(l);
+    }
+    if let Some(g) = &w.head_transform {
+        t.0.push(Tensor {
+            name: "lm_head.weight".into(),
+            shape: vec![w.embed.out_features, w.embed.in_features],
+            values: Values::Transformed(&w.embed, g),
+        });
     }
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = t.0.iter().find(|x| !seen.insert(x.name.as_str())) {

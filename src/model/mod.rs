@@ -152,8 +152,11 @@ impl Model {
         let w = &self.weights;
         let mut n = w.embed.num_params() + w.lm_head.as_ref().map_or(0, |l| l.num_params());
         n += w.positions.as_ref().map_or(0, Vec::len);
-        n += w.project_in.as_ref().map_or(0, |l| l.num_params())
-            + w.project_out.as_ref().map_or(0, |l| l.num_params());
+        n += [&w.project_in, &w.head_transform, &w.project_out]
+            .into_iter()
+            .flatten()
+            .map(|l| l.num_params())
+            .sum::<usize>();
         n + w
             .layers
             .iter()
@@ -167,7 +170,11 @@ impl Model {
         let lin = |l: &weights::Linear| l.weight_bytes();
         let mut n = lin(&w.embed) + w.lm_head.as_ref().map_or(0, lin);
         n += w.positions.as_ref().map_or(0, |p| p.len() * 4);
-        n += w.project_in.as_ref().map_or(0, lin) + w.project_out.as_ref().map_or(0, lin);
+        n += [&w.project_in, &w.head_transform, &w.project_out]
+            .into_iter()
+            .flatten()
+            .map(lin)
+            .sum::<usize>();
         for l in &w.layers {
             n += l.attn.weight_bytes();
             let mlp = weights::GatedMlp::weight_bytes;

@@ -473,6 +473,9 @@ pub struct Weights {
     pub project_in: Option<Linear>,
     pub layers: Vec<Layer>,
     pub final_norm: Option<Norm>,
+    /// `hidden × hidden`, applied to the final norm's output before the head (a rotated model
+    /// whose head stays tied to its rotated embeddings: `config.head_transform`).
+    pub head_transform: Option<Linear>,
     pub project_out: Option<Linear>,
     /// `None` when tied to `embed`.
     pub lm_head: Option<Linear>,
@@ -487,9 +490,14 @@ impl Weights {
     pub fn linears(&self) -> Vec<&Linear> {
         let mut v = vec![&self.embed];
         v.extend(
-            [&self.project_in, &self.project_out, &self.lm_head]
-                .into_iter()
-                .flatten(),
+            [
+                &self.project_in,
+                &self.head_transform,
+                &self.project_out,
+                &self.lm_head,
+            ]
+            .into_iter()
+            .flatten(),
         );
         for l in &self.layers {
             v.extend(l.attn.projections());
@@ -517,6 +525,7 @@ impl Weights {
     pub fn projections_mut(&mut self) -> Vec<&mut Linear> {
         let mut v: Vec<&mut Linear> = [
             &mut self.project_in,
+            &mut self.head_transform,
             &mut self.project_out,
             &mut self.lm_head,
         ]

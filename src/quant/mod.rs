@@ -98,7 +98,8 @@ pub struct QuantOptions {
     pub damp: f64,
     /// Linears that saw fewer calibration tokens fall back to round-to-nearest.
     pub min_tokens: usize,
-    /// Also quantize the output head (round-to-nearest); embeddings tied to it too.
+    /// Also quantize the output head (round-to-nearest); embeddings tied to it too (one int8
+    /// matrix, looked up and used as the head, also when rotated).
     pub head: HeadQuant,
     pub threads: usize,
     /// Linears whose names contain one of these stay f32 (mixed precision, and finding which
@@ -226,13 +227,17 @@ pub fn quantize(
         clock.time("rotate", || {
             r.rotate_embeddings(&mut model.config, &mut model.weights)
         })?;
-        // The table is int8 as a tied one would be (rows are looked up and dequantized; rotated
-        // rows have no outlier to widen a scale). Done now, so calibration sees the embeddings
-        // the quantized model will, and the f32 table is not held through every layer.
+        // The table is int8 as a tied one is (rows are looked up and dequantized; rotated rows
+        // have no outlier to widen a scale). Done now, so calibration sees the embeddings the
+        // quantized model will, and the f32 table is not held through every layer. A tied head
+        // is this very matrix (it reads the final norm through `head_transform`), so it takes
+        // the head's form now and is not rounded again.
         if opts.head != HeadQuant::F32 {
+            let tied = model.weights.lm_head.is_none();
+            let weight_only = !tied || opts.head == HeadQuant::WeightOnly;
             let embed = &mut model.weights.embed;
             clock.time("quantize", || {
-                round_to_int8(embed, opts, true, &mut summary)
+                round_to_int8(embed, opts, weight_only, &mut summary)
             })?;
         }
         summary.rotation = Some(format!(
@@ -325,10 +330,13 @@ pub fn quantize(
         .map_err(|_| Error::invalid("model still shared after calibration"))?;
     model.weights.layers = layers;
     if let Some(r) = &rotation {
-        clock.time("rotate", || r.rotate_head(&mut model.weights))?;
+        clock.time("rotate", || {
+            r.rotate_head(&mut model.config, &mut model.weights)
+        })?;
     }
     if opts.head != HeadQuant::F32 {
         let w = &mut model.weights;
+        // A tied table rotated above is int8 already (rounding skips it).
         let head = w.lm_head.as_mut().unwrap_or(&mut w.embed);
         let weight_only = opts.head == HeadQuant::WeightOnly;
         clock.time("quantize", || {

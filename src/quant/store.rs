@@ -136,9 +136,14 @@ pub fn write_emoe<'a>(
             p,
         )]);
     }
-    for lin in [&weights.project_in, &weights.project_out, &weights.lm_head]
-        .into_iter()
-        .flatten()
+    for lin in [
+        &weights.project_in,
+        &weights.head_transform,
+        &weights.project_out,
+        &weights.lm_head,
+    ]
+    .into_iter()
+    .flatten()
     {
         add(linear_tensors(lin));
     }

@@ -211,7 +211,10 @@ impl WeightCache {
         let w = &model.weights;
         check_unique_names(model)?;
         self.embedding(gpu, &w.embed)?;
-        for lin in [&w.project_in, &w.project_out].into_iter().flatten() {
+        for lin in [&w.project_in, &w.head_transform, &w.project_out]
+            .into_iter()
+            .flatten()
+        {
             self.linear(gpu, lin)?;
         }
         self.linear(gpu, w.head())?;

@@ -90,6 +90,7 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> Resu
         } else {
             None
         },
+        head_transform: None,
         project_out: if projected {
             Some(l.linear(
                 &format!("{root}.project_out"),
