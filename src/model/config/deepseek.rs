@@ -310,6 +310,7 @@ pub(super) fn deepseek(f: &Fields, v3: bool) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(d.bos)),
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: ArchOptions {
