@@ -60,7 +60,7 @@ pub enum Error {
     },
 
     /// A config.json naming an architecture edgemoe does not implement.
-    #[error("{path}: unsupported architecture `{name}` (supported: MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM, GraniteMoeForCausalLM, GraniteMoeSharedForCausalLM, Glm4MoeForCausalLM, OPTForCausalLM, LlamaForCausalLM)")]
+    #[error("{path}: unsupported architecture `{name}` (supported: MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM, GraniteMoeForCausalLM, GraniteMoeSharedForCausalLM, Glm4MoeForCausalLM, GptOssForCausalLM, OPTForCausalLM, LlamaForCausalLM)")]
     UnknownArchitecture {
         /// The config file.
         path: PathBuf,

@@ -30,6 +30,8 @@ pub enum Architecture {
     GraniteMoeShared,
     /// Glm4MoeForCausalLM: <https://huggingface.co/docs/transformers/model_doc/glm4_moe>
     Glm4Moe,
+    /// GptOssForCausalLM: <https://huggingface.co/docs/transformers/model_doc/gpt_oss>
+    GptOss,
 }
 
 impl Architecture {
@@ -44,6 +46,7 @@ impl Architecture {
             Architecture::GraniteMoe => "GraniteMoeForCausalLM",
             Architecture::GraniteMoeShared => "GraniteMoeSharedForCausalLM",
             Architecture::Glm4Moe => "Glm4MoeForCausalLM",
+            Architecture::GptOss => "GptOssForCausalLM",
         }
     }
 }
@@ -91,6 +94,83 @@ pub struct ArchOptions {
     /// softmax top-k.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grouped_sigmoid: Option<GroupedSigmoid>,
+    /// Which layers `sliding_window` applies to (GPT-OSS's `layer_types`: true for
+    /// `sliding_attention`); `None`: every layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windowed_layers: Option<Vec<bool>>,
+    /// Each attention head has a learned sink logit (`self_attn.sinks`) that joins its softmax
+    /// denominator and is then dropped (GPT-OSS).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attention_sinks: bool,
+    /// YaRN-scaled RoPE frequencies and attention factor (GPT-OSS); `None`: plain RoPE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yarn: Option<Yarn>,
+    /// The experts' gated activation is GPT-OSS's clamped SwiGLU in place of
+    /// `act(gate) ⊙ up`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clamped_swiglu: Option<ClampedSwiglu>,
+}
+
+/// GPT-OSS's expert activation: `gate` clamped to at most `limit`, `up` to `[-limit, limit]`,
+/// then `(up + 1) · gate · sigmoid(alpha · gate)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ClampedSwiglu {
+    pub alpha: f32,
+    pub limit: f32,
+}
+
+/// YaRN RoPE scaling as transformers' `_compute_yarn_parameters` computes it: frequencies
+/// blended between the plain ones (fast dimensions) and ones `factor` times slower (slow
+/// dimensions) over a linear ramp between the dimensions that turn `beta_fast` and
+/// `beta_slow` times in `original_max_position_embeddings`; cos and sin multiplied by
+/// `attention_factor`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Yarn {
+    pub factor: f64,
+    pub attention_factor: f64,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    pub original_max_position_embeddings: usize,
+    /// Round the ramp's ends out to whole dimensions.
+    pub truncate: bool,
+}
+
+impl Yarn {
+    /// The inverse frequencies of a `dim`-wide rotation with base `theta` (f32 where
+    /// transformers computes in f32, f64 where it uses Python floats) and the factor cos and
+    /// sin are multiplied by.
+    pub fn frequencies(&self, dim: usize, theta: f32) -> (Vec<f32>, f32) {
+        let base = f64::from(theta);
+        let correction_dim = |rotations: f64| {
+            let turns = self.original_max_position_embeddings as f64
+                / (rotations * 2.0 * std::f64::consts::PI);
+            dim as f64 * turns.ln() / (2.0 * base.ln())
+        };
+        let (mut low, mut high) = (
+            correction_dim(self.beta_fast),
+            correction_dim(self.beta_slow),
+        );
+        if self.truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, mut high) = (low.max(0.0), high.min(dim as f64 - 1.0));
+        if low == high {
+            high += 0.001; // transformers' guard against a zero-width ramp
+        }
+        let span = (high - low) as f32;
+        let low = low as f32;
+        let factor = self.factor as f32;
+        let inv_freq = (0..dim / 2)
+            .map(|i| {
+                let pos_freq = theta.powf((2 * i) as f32 / dim as f32);
+                let (fast, slow) = (1.0 / pos_freq, 1.0 / (factor * pos_freq));
+                let ramp = ((i as f32 - low) / span).clamp(0.0, 1.0);
+                let keep = 1.0 - ramp;
+                slow * (1.0 - keep) + fast * keep
+            })
+            .collect();
+        (inv_freq, self.attention_factor as f32)
+    }
 }
 
 /// DeepSeek-V3-style routing (GLM-4-MoE): scores `sigmoid(logits)`; experts are chosen by
@@ -140,6 +220,30 @@ impl GroupedSigmoid {
             return Err((
                 "routed_scaling_factor",
                 format!("{s} must be a finite non-zero number"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Yarn {
+    fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        let finite = [
+            self.factor,
+            self.attention_factor,
+            self.beta_fast,
+            self.beta_slow,
+        ];
+        if finite.iter().any(|v| !v.is_finite()) || self.factor <= 0.0 {
+            return Err((
+                "rope_parameters",
+                format!("yarn parameters must be finite, the factor positive: {self:?}"),
+            ));
+        }
+        if self.original_max_position_embeddings == 0 {
+            return Err((
+                "rope_parameters",
+                "yarn original_max_position_embeddings must be positive".into(),
             ));
         }
         Ok(())
@@ -347,6 +451,7 @@ impl ModelConfig {
             Architecture::GraniteMoe => granite_moe(&f, false)?,
             Architecture::GraniteMoeShared => granite_moe(&f, true)?,
             Architecture::Glm4Moe => glm4_moe(&f)?,
+            Architecture::GptOss => gpt_oss(&f)?,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -492,6 +597,28 @@ impl ModelConfig {
         if let Some(g) = &o.grouped_sigmoid {
             g.check(self.num_experts, self.top_k)?;
         }
+        if let Some(w) = &o.windowed_layers {
+            if w.len() != self.num_layers {
+                return Err((
+                    "layer_types",
+                    format!("{} entries for {} layers", w.len(), self.num_layers),
+                ));
+            }
+        }
+        if let Some(y) = &o.yarn {
+            y.check()?;
+        }
+        if let Some(c) = &o.clamped_swiglu {
+            if !(c.alpha.is_finite() && c.limit.is_finite() && c.limit > 0.0) {
+                return Err((
+                    "swiglu_limit",
+                    format!(
+                        "alpha {} and limit {} must be finite, the limit positive",
+                        c.alpha, c.limit
+                    ),
+                ));
+            }
+        }
         if let Some(b) = self.ffn_hadamard_block {
             let widths = [self.dense_ffn, self.expert_ffn]
                 .into_iter()
@@ -518,6 +645,15 @@ impl ModelConfig {
 
     pub fn is_moe(&self) -> bool {
         self.layer_ffn.contains(&FfnKind::Moe)
+    }
+
+    /// The sliding window of layer `layer`'s attention (GPT-OSS windows only its
+    /// `sliding_attention` layers).
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        match &self.options.windowed_layers {
+            Some(w) if !w.get(layer).copied().unwrap_or(false) => None,
+            _ => self.sliding_window,
+        }
     }
 
     /// Applies generation_config.json: its eos/bos override the model config's.
@@ -554,6 +690,7 @@ fn architecture(f: &Fields) -> Result<Architecture> {
             Some("granitemoe") => return Ok(Architecture::GraniteMoe),
             Some("granitemoeshared") => return Ok(Architecture::GraniteMoeShared),
             Some("glm4_moe") => return Ok(Architecture::Glm4Moe),
+            Some("gpt_oss") => return Ok(Architecture::GptOss),
             Some(other) => other.to_string(),
             None => {
                 return Err(Error::config(
@@ -574,6 +711,7 @@ fn architecture(f: &Fields) -> Result<Architecture> {
         "GraniteMoeForCausalLM" => Ok(Architecture::GraniteMoe),
         "GraniteMoeSharedForCausalLM" => Ok(Architecture::GraniteMoeShared),
         "Glm4MoeForCausalLM" => Ok(Architecture::Glm4Moe),
+        "GptOssForCausalLM" => Ok(Architecture::GptOss),
         _ => Err(Error::UnknownArchitecture {
             path: f.path.to_path_buf(),
             name,
@@ -1086,6 +1224,196 @@ fn glm4_moe(f: &Fields) -> Result<ModelConfig> {
     })
 }
 
+/// Defaults from transformers' GptOssConfig: every layer MoE (a router with a bias, softmax
+/// over the top-k logits, experts with biases and the clamped SwiGLU of `swiglu_alpha` /
+/// `swiglu_limit`), q/k/v/o biases, a sink logit per head, `layer_types` alternating
+/// sliding-window and full attention (sliding first), and YaRN RoPE unless `rope_parameters`
+/// say otherwise.
+fn gpt_oss(f: &Fields) -> Result<ModelConfig> {
+    let hidden = f.positive("hidden_size", Some(2880))?;
+    let heads = f.positive("num_attention_heads", Some(64))?;
+    let kv = f.positive("num_key_value_heads", Some(8))?;
+    // GptOssConfig: head_dim 64 unless set; null means hidden_size / num_attention_heads.
+    let head_dim = match f.json.get("head_dim") {
+        Some(Value::Null) => {
+            if hidden % heads != 0 {
+                return Err(Error::config(
+                    f.path,
+                    "num_attention_heads",
+                    format!("{heads} does not divide hidden_size {hidden}"),
+                ));
+            }
+            hidden / heads
+        }
+        _ => f.positive("head_dim", Some(64))?,
+    };
+    let layers = f.layers(36)?;
+    let ffn = f.positive("intermediate_size", Some(2880))?;
+    let max_positions = f.positive("max_position_embeddings", Some(131072))?;
+    // sliding_window: 128 when absent, none when null.
+    let sliding_window = match f.json.get("sliding_window") {
+        Some(Value::Null) => None,
+        _ => Some(f.positive("sliding_window", Some(128))?),
+    };
+    let windowed = match f.present("layer_types") {
+        None => (0..layers).map(|i| i % 2 == 0).collect(),
+        Some(v) => {
+            let kinds = v.as_array().ok_or_else(|| {
+                Error::config(f.path, "layer_types", "expected a list of layer types")
+            })?;
+            kinds
+                .iter()
+                .map(|k| match k.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(Error::config(
+                        f.path,
+                        "layer_types",
+                        format!("{k} is not sliding_attention or full_attention"),
+                    )),
+                })
+                .collect::<Result<Vec<bool>>>()?
+        }
+    };
+    let (theta, yarn) = gpt_oss_rope(f, max_positions)?;
+    let swiglu = ClampedSwiglu {
+        alpha: f.f32_or("swiglu_alpha", 1.702)?,
+        limit: f.f32_or("swiglu_limit", 7.0)?,
+    };
+    Ok(ModelConfig {
+        arch: Architecture::GptOss,
+        vocab_size: f.positive("vocab_size", Some(201088))?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        max_position_embeddings: max_positions,
+        norm_eps: f.f32_or("rms_norm_eps", 1e-5)?,
+        rope_theta: Some(theta),
+        sliding_window,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        // The experts use `options.clamped_swiglu`; hidden_act is not read by GptOss.
+        activation: Activation::Silu,
+        layer_ffn: vec![FfnKind::Moe; layers],
+        dense_ffn: ffn,
+        num_experts: f.positive("num_local_experts", Some(128))?,
+        top_k: f.positive("num_experts_per_tok", Some(4))?,
+        expert_ffn: ffn,
+        // Softmax over the top-k logits: the renormalized top-k of the full softmax.
+        norm_topk_prob: true,
+        shared_expert_ffn: None,
+        attention_bias: f.bool_or("attention_bias", true)?,
+        word_embed_proj_dim: hidden,
+        pre_norm: true,
+        final_norm: true,
+        bos_token_id: f.opt_token_id("bos_token_id")?,
+        ffn_hadamard_block: None,
+        qk_norm: None,
+        clip_qkv: None,
+        options: ArchOptions {
+            windowed_layers: sliding_window.is_some().then_some(windowed),
+            attention_sinks: true,
+            yarn,
+            clamped_swiglu: Some(swiglu),
+            ..ArchOptions::default()
+        },
+        eos_token_ids: f.token_ids("eos_token_id")?,
+    })
+}
+
+/// GPT-OSS's RoPE base and YaRN scaling, read as transformers standardizes them:
+/// `rope_parameters` (or the legacy `rope_scaling`), the base there or in `rope_theta`
+/// (150000 unless set); YaRN with factor 32 over 4096 positions when neither is given;
+/// `rope_type` default or yarn (anything else is refused).
+fn gpt_oss_rope(f: &Fields, max_positions: usize) -> Result<(f32, Option<Yarn>)> {
+    let (field, params) = match (f.present("rope_parameters"), f.present("rope_scaling")) {
+        (Some(p), _) => ("rope_parameters", p.clone()),
+        (None, Some(p)) => ("rope_scaling", p.clone()),
+        (None, None) => (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                "beta_slow": 1.0, "truncate": false, "original_max_position_embeddings": 4096}),
+        ),
+    };
+    let bad = |why: String| Error::config(f.path, field, why);
+    let number = |key: &str| -> Result<Option<f64>> {
+        match params.get(key).filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| bad(format!("{key}: expected a number, got {v}"))),
+        }
+    };
+    let theta = match number("rope_theta")? {
+        Some(t) => t as f32,
+        None => f.f32_or("rope_theta", 150000.0)?,
+    };
+    if number("partial_rotary_factor")?.is_some_and(|p| p != 1.0) {
+        return Err(bad(
+            "partial_rotary_factor other than 1 is not supported".into()
+        ));
+    }
+    let kind = params
+        .get("rope_type")
+        .or_else(|| params.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match kind {
+        "default" => return Ok((theta, None)),
+        "yarn" => {}
+        other => {
+            return Err(bad(format!(
+                "rope_type `{other}` is not supported (only `default` and `yarn`)"
+            )))
+        }
+    }
+    let original = match number("original_max_position_embeddings")? {
+        Some(n) if n >= 1.0 && n.fract() == 0.0 => n as usize,
+        Some(n) => return Err(bad(format!("original_max_position_embeddings {n}"))),
+        None => max_positions,
+    };
+    let factor = number("factor")?.unwrap_or(max_positions as f64 / original as f64);
+    let mscale = |scale: f64, m: f64| {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * scale.ln() + 1.0
+        }
+    };
+    let attention_factor = match (
+        number("attention_factor")?,
+        number("mscale")?,
+        number("mscale_all_dim")?,
+    ) {
+        (Some(a), _, _) => a,
+        (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+            mscale(factor, m) / mscale(factor, all)
+        }
+        _ => mscale(factor, 1.0),
+    };
+    // transformers: `beta_fast or 32`, `beta_slow or 1` (0 also takes the default).
+    let nonzero = |v: Option<f64>, default: f64| v.filter(|&b| b != 0.0).unwrap_or(default);
+    let truncate = match params.get("truncate").filter(|v| !v.is_null()) {
+        None => true,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| bad(format!("truncate: expected true/false, got {v}")))?,
+    };
+    Ok((
+        theta,
+        Some(Yarn {
+            factor,
+            attention_factor,
+            beta_fast: nonzero(number("beta_fast")?, 32.0),
+            beta_slow: nonzero(number("beta_slow")?, 1.0),
+            original_max_position_embeddings: original,
+            truncate,
+        }),
+    ))
+}
+
 /// Defaults from transformers' LlamaConfig.
 fn llama(f: &Fields) -> Result<ModelConfig> {
     let (hidden, heads, kv, head_dim) = attention_shape(f, 4096, 32, None)?;
@@ -1493,17 +1821,145 @@ mod tests {
     }
 
     #[test]
+    fn gpt_oss_follows_transformers() {
+        // GptOssConfig: head_dim 64 (not hidden / heads), sliding layers first and every other,
+        // a window of 128, YaRN ×32 over 4096 positions untruncated, theta 150000.
+        let g = parse(json!({"model_type": "gpt_oss", "num_hidden_layers": 4})).unwrap();
+        assert_eq!((g.head_dim, g.num_heads, g.num_kv_heads), (64, 64, 8));
+        assert_eq!((g.num_experts, g.top_k, g.expert_ffn), (128, 4, 2880));
+        assert_eq!(g.sliding_window, Some(128));
+        let windows: Vec<_> = (0..4).map(|i| g.window_of(i)).collect();
+        assert_eq!(windows, vec![Some(128), None, Some(128), None]);
+        assert_eq!(g.rope_theta, Some(150000.0));
+        let y = g.options.yarn.unwrap();
+        assert_eq!((y.factor, y.original_max_position_embeddings), (32.0, 4096));
+        assert!(!y.truncate);
+        // transformers' get_mscale(32): 0.1·ln 32 + 1.
+        assert!((y.attention_factor - (0.1 * 32f64.ln() + 1.0)).abs() < 1e-12);
+        assert!(g.options.attention_sinks && g.attention_bias && g.norm_topk_prob);
+        let s = g.options.clamped_swiglu.unwrap();
+        assert_eq!((s.alpha, s.limit), (1.702, 7.0));
+        // gpt-oss-20b's config.json (legacy rope_scaling; layer_types listed).
+        let g = parse(
+            json!({"architectures": ["GptOssForCausalLM"], "head_dim": 64,
+            "hidden_size": 2880, "num_attention_heads": 64, "num_hidden_layers": 2,
+            "num_local_experts": 32, "rope_theta": 150000, "sliding_window": 128,
+            "layer_types": ["full_attention", "sliding_attention"], "swiglu_limit": 7.0,
+            "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                "truncate": false}}),
+        )
+        .unwrap();
+        assert_eq!((g.window_of(0), g.window_of(1)), (None, Some(128)));
+        assert_eq!(g.num_experts, 32);
+        // `truncate` absent: true, as transformers reads it; null window and head_dim.
+        let g = parse(json!({"model_type": "gpt_oss", "sliding_window": null,
+            "head_dim": null, "hidden_size": 256, "num_attention_heads": 8,
+            "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                "attention_factor": 1.5}}))
+        .unwrap();
+        let y = g.options.yarn.unwrap();
+        assert!(y.truncate);
+        assert_eq!(
+            (y.attention_factor, y.beta_fast, y.beta_slow),
+            (1.5, 32.0, 1.0)
+        );
+        assert_eq!(y.original_max_position_embeddings, 131072);
+        assert_eq!(
+            (g.head_dim, g.sliding_window, g.window_of(0)),
+            (32, None, None)
+        );
+        let g = parse(json!({"model_type": "gpt_oss",
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}))
+        .unwrap();
+        assert_eq!((g.options.yarn, g.rope_theta), (None, Some(5e5)));
+        for (cfg, field) in [
+            (
+                json!({"model_type": "gpt_oss", "num_hidden_layers": 2,
+                "layer_types": ["sliding_attention"]}),
+                "layer_types",
+            ),
+            (
+                json!({"model_type": "gpt_oss", "layer_types": ["chunked_attention"]}),
+                "layer_types",
+            ),
+            (
+                json!({"model_type": "gpt_oss", "rope_parameters": {"rope_type": "llama3"}}),
+                "rope_parameters",
+            ),
+            (
+                json!({"model_type": "gpt_oss", "rope_scaling": {"rope_type": "yarn",
+                "factor": -2.0}}),
+                "rope_parameters",
+            ),
+            (
+                json!({"model_type": "gpt_oss", "rope_parameters": {"rope_type": "yarn",
+                "factor": 2.0, "truncate": "no"}}),
+                "rope_parameters",
+            ),
+            (
+                json!({"model_type": "gpt_oss", "swiglu_limit": 0.0}),
+                "swiglu_limit",
+            ),
+            (
+                json!({"model_type": "gpt_oss", "sliding_window": 0}),
+                "sliding_window",
+            ),
+        ] {
+            let e = parse(cfg).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
+
+    /// YaRN's frequencies: the fastest ones kept, the slowest divided by the factor, a ramp
+    /// between; the ramp's ends rounded out under `truncate`.
+    #[test]
+    fn yarn_blends_plain_and_interpolated_frequencies() {
+        let y = Yarn {
+            factor: 4.0,
+            attention_factor: 1.25,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            original_max_position_embeddings: 256,
+            truncate: false,
+        };
+        let (dim, theta) = (16, 10000f32);
+        let plain: Vec<f32> = (0..dim / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / dim as f32))
+            .collect();
+        let (f, scale) = y.frequencies(dim, theta);
+        assert_eq!(scale, 1.25);
+        // The ramp: dims with fewer than beta_slow turns in 256 positions are interpolated.
+        let turns = |i: usize| 256.0 * plain[i] / (2.0 * std::f32::consts::PI);
+        for i in 0..dim / 2 {
+            if turns(i) >= 32.0 {
+                assert_eq!(f[i], plain[i], "{i}");
+            } else if turns(i) <= 1.0 {
+                assert!((f[i] - plain[i] / 4.0).abs() < 1e-9, "{i}");
+            } else {
+                assert!(f[i] < plain[i] && f[i] > plain[i] / 4.0, "{i}");
+            }
+        }
+        let (t, _) = Yarn {
+            truncate: true,
+            ..y
+        }
+        .frequencies(dim, theta);
+        assert_ne!(t, f);
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let e = parse(json!({"architectures": ["MixtralForCausalLM"], "hidden_size": "big"}))
             .unwrap_err();
         assert!(e.to_string().contains("hidden_size"), "{e}");
         let e = parse(json!({"architectures": ["GPT2LMHeadModel"]})).unwrap_err();
         assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
-        // GPT-OSS is not supported yet: refused by name, with the list of what is.
-        let e = parse(json!({"architectures": ["GptOssForCausalLM"]})).unwrap_err();
+        // DeepSeek-V3 is not supported: refused by name, with the list of what is.
+        let e = parse(json!({"architectures": ["DeepseekV3ForCausalLM"]})).unwrap_err();
         let e = e.to_string();
         assert!(
-            e.contains("GptOssForCausalLM") && e.contains("Glm4MoeForCausalLM"),
+            e.contains("DeepseekV3ForCausalLM") && e.contains("GptOssForCausalLM"),
             "{e}"
         );
         // A layer count past MAX_LAYERS is refused before the per-layer table is allocated
@@ -1516,6 +1972,7 @@ mod tests {
             "qwen3_moe",
             "olmoe",
             "granitemoe",
+            "gpt_oss",
         ] {
             let e = parse(json!({"model_type": arch, "num_hidden_layers": 1_000_000_000_000u64}))
                 .unwrap_err()

@@ -314,3 +314,16 @@ fn gpu_runs_granite_and_glm4_moe_as_the_cpu() {
         }
     }
 }
+
+/// GPT-OSS's attention sinks have no CUDA kernel: the backend refuses the model by name (before
+/// it opens a device, so this runs without one) rather than attend without them.
+#[test]
+fn gpt_oss_is_refused_on_cuda() {
+    let root = fixture_dir().join("..");
+    let model = Arc::new(Model::load(&root.join("gptoss-tiny")).expect("fixture"));
+    let err = engine_for(model, BackendChoice::Cuda, 0)
+        .err()
+        .expect("GPT-OSS on CUDA")
+        .to_string();
+    assert!(err.contains("attention sinks"), "{err}");
+}

@@ -144,6 +144,16 @@ fn naming_op(op: String, e: Error) -> Error {
     }
 }
 
+/// Why the CUDA backend refuses a model's configuration: its attention kernel has no sink
+/// logits (GPT-OSS), and would compute another model's numbers without them.
+const SINKS_UNSUPPORTED: &str = "the CUDA backend does not run attention sinks (GPT-OSS); \
+     use --backend cpu";
+
+/// [`SINKS_UNSUPPORTED`] where `cfg` has attention sinks, else `None`.
+pub fn unsupported(cfg: &crate::model::config::ModelConfig) -> Option<&'static str> {
+    cfg.options.attention_sinks.then_some(SINKS_UNSUPPORTED)
+}
+
 impl CudaBackend {
     /// Device 0 with every weight of `model` resident.
     pub fn new(model: &crate::Model) -> Result<CudaBackend> {
@@ -157,6 +167,9 @@ impl CudaBackend {
     }
 
     fn with_weights(model: &crate::Model, routed_experts: bool) -> Result<CudaBackend> {
+        if let Some(why) = unsupported(&model.config) {
+            return Err(crate::Error::invalid(why));
+        }
         let backend = CudaBackend::open()?;
         backend
             .weights
@@ -301,6 +314,9 @@ impl CudaBackend {
         segments: &[Segment],
         want_mass: bool,
     ) -> Result<(DeviceRows, usize, Vec<f32>)> {
+        if shape.sink_logits.is_some() {
+            return Err(crate::Error::invalid(SINKS_UNSUPPORTED));
+        }
         let qd = shape.num_heads * shape.head_dim;
         let kv_dim = shape.num_kv_heads * shape.head_dim;
         let mut out = self.gpu.zeros::<f32>(q.rows * qd, "attention output")?;
@@ -589,12 +605,18 @@ impl Backend for CudaBackend {
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
             .collect();
+        self.rope_table_freqs(&inv_freq, 1.0, positions)
+    }
+
+    fn rope_table_freqs(&self, inv_freq: &[f32], scale: f32, positions: &[usize]) -> DeviceRope {
+        let (half, head_dim) = (inv_freq.len(), 2 * inv_freq.len());
         let mut cos_sin = Vec::with_capacity(positions.len() * half * 2);
         for &p in positions {
-            for &f in &inv_freq {
+            for &f in inv_freq {
                 let a = p as f32 * f;
-                cos_sin.push(a.cos());
-                cos_sin.push(a.sin());
+                // × 1.0 leaves every value as it was (plain RoPE).
+                cos_sin.push(a.cos() * scale);
+                cos_sin.push(a.sin() * scale);
             }
         }
         DeviceRope {

@@ -2,6 +2,8 @@
 //! architecture's block diagram; the forward pass itself is shared (`engine`).
 
 pub(crate) mod glm4_moe;
+pub(crate) mod gpt_oss;
+mod gpt_oss_mxfp4;
 pub(crate) mod granite_moe;
 pub(crate) mod llama;
 pub(crate) mod mixtral;
@@ -30,5 +32,6 @@ pub fn load_weights(
             granite_moe::load(cfg, src, form)
         }
         Architecture::Glm4Moe => glm4_moe::load(cfg, src, form),
+        Architecture::GptOss => gpt_oss::load(cfg, src, form),
     }
 }
