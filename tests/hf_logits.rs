@@ -250,11 +250,17 @@ fn gpt_oss_matches_transformers() {
     check("gptoss-tiny");
 }
 
-/// bf16; full then sliding layers (window 9), one KV head, top-3, swiglu_alpha 1.2; legacy
-/// config (rope_scaling) with YaRN truncated by default.
+/// bf16 (the transposed experts kept bf16); full then sliding layers (window 9), one KV head,
+/// top-3, swiglu_alpha 1.2; legacy config (rope_scaling) with YaRN truncated by default.
 #[test]
 fn gpt_oss_legacy_matches_transformers() {
-    check("gptoss-tiny-legacy");
+    let name = "gptoss-tiny-legacy";
+    let model = Model::load(&fixture(name)).unwrap();
+    let edgemoe::model::weights::Ffn::Moe(b) = &model.weights.layers[0].ffn else {
+        panic!("every GPT-OSS layer has experts")
+    };
+    assert!(matches!(b.experts[0].gate.weight, LinearWeight::Half(..)));
+    check_loaded(name, model);
 }
 
 /// The sinks matter to these fixtures: without them the logits leave the tolerance.

@@ -9,16 +9,19 @@
 //! `[experts, hidden, 2·intermediate]` with each expert's gate and up columns interleaved
 //! (gate even, up odd), `gate_up_proj_bias` `[experts, 2·intermediate]`, `down_proj`
 //! `[experts, intermediate, hidden]` and `down_proj_bias` `[experts, hidden]`. Each expert is
-//! transposed at load into `[out, in]` linears under names of its own
+//! transposed at load (a copy, 16-bit weights kept 16-bit) into `[out, in]` linears under names
+//! of its own
 //! (`mlp.experts.E.gate_proj`, with biases), which is how a quantized store writes it and
 //! reads it back. The released checkpoints' MXFP4 experts (`*_blocks` / `*_scales`) are
 //! decoded by `gpt_oss_mxfp4`.
 
 use super::mixtral::{attention_with, rms_decoder};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::model::buf::HalfKind;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{
-    Ffn, GatedMlp, Layer, Linear, Loader, MoeBlock, TensorSource, WeightForm, Weights,
+    Ffn, GatedMlp, Layer, Linear, LinearWeight, Loader, MoeBlock, Stored, TensorSource, WeightForm,
+    Weights,
 };
 
 /// The per-expert names a quantized store keeps.
@@ -99,11 +102,13 @@ pub(super) fn expert_linears(l: &Loader, cfg: &ModelConfig, prefix: &str) -> Res
 }
 
 /// Every expert of the checkpoint's stacked tensors, transposed to `[out, in]` linears (the
-/// gate from the even columns of `gate_up_proj`, the up projection from the odd ones).
+/// gate from the even columns of `gate_up_proj`, the up projection from the odd ones). bf16 /
+/// f16 weights stay 16-bit (copied in the new order) unless the loader wants f32.
 fn stacked_experts(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str) -> Result<Vec<GatedMlp>> {
     let (h, f, n) = (cfg.hidden_size, cfg.expert_ffn, cfg.num_experts);
     let e = "num_local_experts";
-    let gate_up = l.src.tensor(
+    let gate_up = Matrix::read(
+        l,
         &format!("{p}.experts.gate_up_proj"),
         &[n, h, 2 * f],
         &format!("{e} × hidden_size × 2·intermediate_size"),
@@ -113,7 +118,8 @@ fn stacked_experts(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str) -> Resu
         &[n, 2 * f],
         &format!("{e} × 2·intermediate_size"),
     )?;
-    let down = l.src.tensor(
+    let down = Matrix::read(
+        l,
         &format!("{p}.experts.down_proj"),
         &[n, f, h],
         &format!("{e} × intermediate_size × hidden_size"),
@@ -126,31 +132,68 @@ fn stacked_experts(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str) -> Resu
     let experts = (0..n)
         .map(|x| {
             let name = |proj: &str| format!("{p}.experts.{x}.{proj}");
-            let gu = &gate_up[x * h * 2 * f..(x + 1) * h * 2 * f];
             let gu_bias = &gate_up_bias[x * 2 * f..(x + 1) * 2 * f];
-            // [hidden, 2f] → rows j of the gate (column 2j) and of up (column 2j + 1).
-            let half = |odd: usize| -> (Vec<f32>, Vec<f32>) {
-                let w = (0..f)
-                    .flat_map(|j| (0..h).map(move |i| gu[i * 2 * f + 2 * j + odd]))
-                    .collect();
-                let b = (0..f).map(|j| gu_bias[2 * j + odd]).collect();
-                (w, b)
+            // Expert x's [hidden, 2f] block → row j of the gate (column 2j) or of up (2j + 1).
+            let half = |odd: usize| {
+                let at = x * h * 2 * f;
+                let weight = gate_up
+                    .gather((0..f).flat_map(|j| (0..h).map(move |i| at + i * 2 * f + 2 * j + odd)));
+                let bias = (0..f).map(|j| gu_bias[2 * j + odd]).collect();
+                (weight, Some(bias))
             };
-            let (gate_w, gate_b) = half(0);
-            let (up_w, up_b) = half(1);
-            let d = &down[x * f * h..(x + 1) * f * h];
-            let down_w = (0..h)
-                .flat_map(|o| (0..f).map(move |j| d[j * h + o]))
-                .collect();
-            let down_b = down_bias[x * h..(x + 1) * h].to_vec();
+            // Expert x's [f, hidden] block, transposed.
+            let at = x * f * h;
+            let down_w = down.gather((0..h).flat_map(|o| (0..f).map(move |j| at + j * h + o)));
+            let down_b = Some(down_bias[x * h..(x + 1) * h].to_vec());
+            let linear = |proj: &str, (out, inp), (weight, bias)| Linear {
+                name: name(proj),
+                out_features: out,
+                in_features: inp,
+                weight,
+                bias,
+                input_scale: None,
+            };
             let mut mlp = GatedMlp::new(
-                Linear::new(&name(PROJECTIONS[0]), f, h, gate_w, Some(gate_b)),
-                Linear::new(&name(PROJECTIONS[1]), f, h, up_w, Some(up_b)),
-                Linear::new(&name(PROJECTIONS[2]), h, f, down_w, Some(down_b)),
+                linear(PROJECTIONS[0], (f, h), half(0)),
+                linear(PROJECTIONS[1], (f, h), half(1)),
+                linear(PROJECTIONS[2], (h, f), (down_w, down_b)),
             );
             mlp.block = l.src.expert_block(layer, x);
             mlp
         })
         .collect();
     Ok(experts)
+}
+
+/// A stacked expert tensor's values: f32, or bf16 / f16 kept 16-bit.
+enum Matrix {
+    F32(Vec<f32>),
+    Half(HalfKind, Vec<u16>),
+}
+
+impl Matrix {
+    fn read(l: &Loader, name: &str, shape: &[usize], why: &str) -> Result<Matrix> {
+        Ok(match (l.src.stored(name, shape, why)?, l.form) {
+            (Stored::Half(kind, b), WeightForm::AsStored | WeightForm::InPlace) => {
+                Matrix::Half(kind, b.to_vec())
+            }
+            (Stored::Half(kind, b), WeightForm::F32) => Matrix::F32(kind.widen(&b)),
+            (Stored::F32(b), _) => Matrix::F32(b.to_vec()),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{name}: expected F32, BF16 or F16 expert weights"
+                )))
+            }
+        })
+    }
+
+    /// The values at `index`, in that order, as a linear's weight.
+    fn gather(&self, index: impl Iterator<Item = usize>) -> LinearWeight {
+        match self {
+            Matrix::F32(v) => LinearWeight::F32Rows(index.map(|i| v[i]).collect::<Vec<_>>().into()),
+            Matrix::Half(kind, v) => {
+                LinearWeight::Half(*kind, index.map(|i| v[i]).collect::<Vec<_>>().into())
+            }
+        }
+    }
 }
