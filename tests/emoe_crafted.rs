@@ -31,6 +31,26 @@ fn store() -> &'static [u8] {
     })
 }
 
+/// The tied Llama fixture quantized with RTN and rotated: no `lm_head`, the head reading the
+/// final norm through `model.norm.transform`.
+fn tied_store() -> &'static [u8] {
+    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    BYTES.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-tiny");
+        let model = Model::load(&dir).unwrap();
+        let opts = QuantOptions {
+            threads: 1,
+            ..QuantOptions::new(Method::Rtn, &model)
+        };
+        let (q, _) = quant::quantize(model, &[], 0, &opts, |_, _, _| {}).unwrap();
+        assert!(q.config.head_transform);
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("m.emoe");
+        write_emoe(&q, json!({"method": "rtn"}), &path).unwrap();
+        std::fs::read(&path).unwrap()
+    })
+}
+
 fn header_len(b: &[u8]) -> usize {
     u64::from_le_bytes(b[12..20].try_into().unwrap()) as usize
 }
@@ -217,6 +237,52 @@ fn a_config_that_disagrees_with_the_tensors_is_refused() {
         tensor(h, "model.norm.weight")["dtype"] = json!("I32")
     });
     refused(&b, &[table, "model.norm.weight", "dtype I32"]);
+}
+
+/// The head transform is there exactly when the config says so, hidden × hidden f32, and only
+/// for a tied head.
+#[test]
+fn the_head_transform_must_match_the_config() {
+    let table = "does not match the embedded config";
+    let g = "model.norm.transform.weight";
+    assert!(opens(tied_store()).weights.head_transform.is_some());
+    // Stored but not in the config: extra.
+    let b = craft(tied_store(), |h| {
+        h["config"]["head_transform"] = json!(false)
+    });
+    refused(
+        &b,
+        &[
+            table,
+            "tensor `model.norm.transform.",
+            "is not part of the model",
+        ],
+    );
+    // In the config but not stored: missing.
+    let b = craft(tied_store(), |h| {
+        h["tensors"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|t| t["name"] != g)
+    });
+    refused(&b, &[table, "no tensor `model.norm.transform.weight`"]);
+    // The wrong dtype (same byte count) and the wrong shape (same element count).
+    let b = craft(tied_store(), |h| tensor(h, g)["dtype"] = json!("I32"));
+    refused(&b, &[table, g, "dtype I32"]);
+    let b = craft(tied_store(), |h| tensor(h, g)["shape"] = json!([32, 128]));
+    refused(&b, &[table, g, "has shape"]);
+    // A transform with an untied head is not a model quantize writes.
+    let b = craft(tied_store(), |h| {
+        h["config"]["tie_word_embeddings"] = json!(false)
+    });
+    refused(
+        &b,
+        &[
+            "embedded config field",
+            "`head_transform`",
+            "tied word embeddings",
+        ],
+    );
 }
 
 #[test]

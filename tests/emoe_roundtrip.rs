@@ -83,3 +83,64 @@ fn quantized_store_round_trips_exactly() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["completion_tokens"], 8);
 }
+
+/// A tied model quantized with rotation (the tied Llama fixture) stores its table once, with
+/// no `lm_head` and the head transform beside the final norm, and computes exactly the same
+/// after the round trip; the layout quantize wrote before (an untied copy of the table as the
+/// head) is a whole int8 `vocab × hidden` matrix larger.
+#[test]
+fn a_tied_rotated_store_holds_one_table_and_round_trips_exactly() {
+    let llama = || {
+        Model::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama-tiny"))
+            .unwrap()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |mut model: Model, untie: bool, name: &str| {
+        if untie {
+            let mut head = model.weights.embed.clone();
+            head.name = "lm_head".into();
+            model.weights.lm_head = Some(head);
+            model.config.tie_word_embeddings = false;
+        }
+        let opts = QuantOptions {
+            threads: 2,
+            ..QuantOptions::new(Method::Rtn, &model)
+        };
+        let (q, _) = quant::quantize(model, &[], 0, &opts, |_, _, _| {}).unwrap();
+        let path = tmp.path().join(name);
+        write_emoe(&q, serde_json::json!({"method": "rtn"}), &path).unwrap();
+        (q, path)
+    };
+    let (q, path) = write(llama(), false, "tied.emoe");
+    let (_, old) = write(llama(), true, "untied.emoe");
+    let file = edgemoe::model::emoe::EmoeFile::open(&path).unwrap();
+    let h = file.header();
+    assert!(h.config.tie_word_embeddings && h.config.head_transform);
+    let names: Vec<&str> = h.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert!(!names.iter().any(|n| n.starts_with("lm_head")), "{names:?}");
+    let g = h.get("model.norm.transform.weight").unwrap();
+    assert_eq!(g.shape, [64, 64]);
+    let big: Vec<&str> = h
+        .tensors
+        .iter()
+        .filter(|t| t.shape.first() == Some(&512) && t.dtype == edgemoe::model::emoe::EmoeDtype::I8)
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(big, ["model.embed_tokens.qweight"]);
+    let (tied_len, old_len) = (
+        std::fs::metadata(&path).unwrap().len(),
+        std::fs::metadata(&old).unwrap().len(),
+    );
+    // The untied head's int8 rows (64-byte padded) and per-row scales and sums, less G.
+    let saved = 512 * (64 + 4 + 4) - 64 * 64 * 4;
+    eprintln!("tied {tied_len} bytes, untied {old_len}");
+    assert!(old_len as i64 - tied_len as i64 >= saved as i64 - 4096);
+
+    let loaded = Model::load(&path).unwrap();
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 % 512) as u32).collect();
+    let (a, b) = (
+        logits(Arc::new(q), &tokens),
+        logits(Arc::new(loaded), &tokens),
+    );
+    assert_eq!(a, b, "logits differ after the .emoe round trip");
+}

@@ -132,6 +132,9 @@ fn every_architecture_fixture_f32_export_is_bit_identical() {
         "glm4moe-tiny-plain",
         "gptoss-tiny",
         "gptoss-tiny-legacy",
+        "deepseekv2-tiny",
+        "deepseekv3-tiny",
+        "deepseekv3-tiny-plain",
         "opt-tiny-proj",
     ] {
         f32_round_trip(fixture(name).to_str().unwrap());
@@ -360,4 +363,47 @@ fn cli_exports_a_builtin_model_and_refuses_a_sharded_directory() {
         stderr.contains("error:") && stderr.contains("index.json"),
         "{stderr}"
     );
+}
+
+/// A rotated tied model (its head reads the final norm through `R·diag(γ)·Rᵀ`) exports the
+/// head as its own matrix, table times transform, for transformers, which has no such
+/// transform: the reloaded checkpoint is untied and computes the same logits as the rotated
+/// model (in f32 to float rounding, quantized as the dequantized weights do).
+#[test]
+fn a_tied_rotated_model_exports_its_head_untied() {
+    for (keep_f32, tolerance) in [(true, 1e-5), (false, 0.05)] {
+        let model = Model::load(&fixture("llama-tiny")).unwrap();
+        let opts = QuantOptions {
+            threads: 2,
+            keep_f32: if keep_f32 {
+                vec![String::new()]
+            } else {
+                vec![]
+            },
+            head: if keep_f32 {
+                quant::HeadQuant::F32
+            } else {
+                quant::HeadQuant::WeightOnly
+            },
+            ..QuantOptions::new(Method::Rtn, &model)
+        };
+        let (q, _) = quant::quantize(model, &[], 64, &opts, |_, _, _| {}).unwrap();
+        assert!(q.config.head_transform && q.weights.lm_head.is_none());
+        let tmp = tempfile::tempdir().unwrap();
+        export_to(&q, tmp.path(), ExportDtype::F32);
+        let reloaded = Model::load(tmp.path()).unwrap();
+        assert!(!reloaded.config.tie_word_embeddings && !reloaded.config.head_transform);
+        assert!(reloaded.weights.lm_head.is_some());
+        let tokens = q.tokenizer.encode(TEXT, false).unwrap();
+        let a = logits(Arc::new(q), &tokens);
+        let b = logits(Arc::new(reloaded), &tokens);
+        let rel = relative_worst(&b, &a);
+        eprintln!("tied rotated (f32 {keep_f32}) vs its export: {rel:.2e}");
+        assert!(rel < tolerance, "{rel}");
+        if keep_f32 {
+            let original = Model::load(&fixture("llama-tiny")).unwrap();
+            let rel = relative_worst(&b, &logits(Arc::new(original), &tokens));
+            assert!(rel < tolerance, "export vs the unrotated model: {rel}");
+        }
+    }
 }

@@ -377,10 +377,6 @@ fn fleet_survives_a_killed_replica() {
         threads.push(std::thread::spawn(move || {
             stream(&addr, i + 1, MAX_TOKENS, &started)
         }));
-        // Staggered opens: tiny_http 0.12's connection pool can lose a connection opened in
-        // the same instant as others (docs/fleet.md, "Known issue"); spaced out, every
-        // stream is still in flight at once.
-        std::thread::sleep(Duration::from_millis(25));
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while started.load(Ordering::SeqCst) < STREAMS {
@@ -456,10 +452,7 @@ fn fleet_survives_a_killed_replica() {
     let news: Vec<Stream> = (0..8)
         .map(|i| {
             let (addr, after) = (fleet.nginx.clone(), Arc::clone(&after));
-            let t = std::thread::spawn(move || stream(&addr, 100 + i, 16, &after));
-            // Staggered like the first streams, for the same known issue.
-            std::thread::sleep(Duration::from_millis(25));
-            t
+            std::thread::spawn(move || stream(&addr, 100 + i, 16, &after))
         })
         .collect::<Vec<_>>()
         .into_iter()

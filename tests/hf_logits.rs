@@ -416,6 +416,60 @@ fn gpt_oss_mxfp4_experts_match_transformers() {
     assert!(worst < 2e-2 * max, "{name} int8: {worst}");
 }
 
+/// Multi-head latent attention with q_proj, complex RoPE under YaRN (the softmax scale's
+/// mscale²), values narrower than keys; softmax routing limited to the best 2 of 4 groups,
+/// `routed_scaling_factor` 2.0; a leading dense layer, two experts' width of shared expert.
+#[test]
+fn deepseek_v2_matches_transformers() {
+    check("deepseekv2-tiny");
+}
+
+/// Latent attention with the low-rank query (q_a_proj, q_a_layernorm, q_b_proj), biases on
+/// q_a/kv_a/o, interleaved RoPE under YaRN whose cos/sin factor and softmax scale both differ
+/// from 1; grouped sigmoid routing with the correction bias, renormalized, scaling 2.5.
+#[test]
+fn deepseek_v3_matches_transformers() {
+    check("deepseekv3-tiny");
+}
+
+/// Rotate-half RoPE (`rope_interleave` false), no YaRN, values as wide as keys, one group,
+/// top-k not renormalized, every layer MoE; legacy config.
+#[test]
+fn deepseek_v3_plain_matches_transformers() {
+    check("deepseekv3-tiny-plain");
+}
+
+/// A DeepSeek model written to a plain store (q LoRA, latent norms, correction biases and all)
+/// reads back as transformers' model; quantizing one is refused by name, not run with folds
+/// that assume q/k/v share an input.
+#[test]
+fn deepseek_stores_match_transformers_and_quantize_refuses() {
+    for name in [
+        "deepseekv2-tiny",
+        "deepseekv3-tiny",
+        "deepseekv3-tiny-plain",
+    ] {
+        let model = Model::load(&fixture(name)).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("plain.emoe");
+        edgemoe::quant::store::write_emoe(&model, serde_json::json!({"method": "none"}), &path)
+            .unwrap();
+        check_model(name, &path);
+        let opts = QuantOptions {
+            threads: 1,
+            ..QuantOptions::new(Method::Rtn, &model)
+        };
+        let e = match quant::quantize(model, &[], 0, &opts, |_, _, _| {}) {
+            Ok(_) => panic!("{name}: quantized a latent-attention model"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("multi-head latent attention") && e.contains("ForCausalLM"),
+            "{name}: {e}"
+        );
+    }
+}
+
 #[test]
 fn opt_matches_transformers() {
     check("opt-tiny");
@@ -471,10 +525,16 @@ fn moe_ggufs_match_transformers() {
     }
 }
 
-/// Several sequences in one batched step give the same logits as each alone.
+/// Several sequences in one batched step give the same logits as each alone (DeepSeek's latent
+/// attention and host routing too).
 #[test]
 fn batched_decode_matches_single_sequences() {
-    let name = "qwen2moe-tiny";
+    for name in ["qwen2moe-tiny", "deepseekv2-tiny", "deepseekv3-tiny"] {
+        batched_decode_matches_single_sequences_of(name);
+    }
+}
+
+fn batched_decode_matches_single_sequences_of(name: &str) {
     let model = Arc::new(Model::load(&fixture(name)).unwrap());
     let engine = Engine::new(model, 2).unwrap();
     let r = reference(name);
@@ -527,6 +587,6 @@ fn batched_decode_matches_single_sequences() {
         };
         step(p);
         let alone = step(&next[i..i + 1]);
-        assert_eq!(batched[i], alone[0], "decode step of item {i}");
+        assert_eq!(batched[i], alone[0], "{name}: decode step of item {i}");
     }
 }

@@ -2,8 +2,9 @@
 //! requests with bad ones among them (broken JSON, an unknown field, an oversize body, a client
 //! that disconnects mid-stream). Every good request must produce exactly the text
 //! `edgemoe generate` gives with the same seed and settings (a chat: its prompt rendered by the
-//! chat template); every bad one its error. Also: the bounded queue, the API key, and a resident
-//! set that stays flat over 1000 requests.
+//! chat template); every bad one its error. Also: the bounded queue, the API key, a resident
+//! set that stays flat over 1000 requests, a burst of 32 connections that all start at once,
+//! malformed requests and the connection limit.
 
 use edgemoe::serve::chat::ChatTemplate;
 use serde_json::{json, Value};
@@ -733,5 +734,185 @@ fn a_non_streaming_client_that_disconnects_is_cancelled() {
     for reason in ["stop", "length", "error"] {
         let name = format!("edgemoe_requests_total{{finish_reason=\"{reason}\"}}");
         assert_eq!(metric(&addr, &name), 0.0, "{reason}");
+    }
+}
+
+/// 32 kept-alive connections send a streaming chat completion in the same instant: every one
+/// gets its first byte within seconds while all the others stay open. (tiny_http 0.12 started
+/// about 4 and held the rest until a connection closed: through nginx, which keeps idle
+/// connections 60 s, a minute; here, never.)
+#[test]
+fn a_burst_of_32_streams_all_start_at_once() {
+    const N: usize = 32;
+    let server = start(&["--max-batch", "32"]);
+    let addr = server.addr.clone();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(N));
+    let clients: Vec<_> = (0..N)
+        .map(|i| {
+            let (addr, barrier) = (addr.clone(), std::sync::Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                let body = json!({
+                    "messages": [{"role": "user", "content": format!("Tell me story {i}")}],
+                    "max_tokens": 48, "temperature": 0, "stream": true
+                })
+                .to_string();
+                let mut s = TcpStream::connect(&addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                barrier.wait();
+                let sent = Instant::now();
+                // No `Connection: close`: kept alive, as a proxy keeps its connections.
+                write!(
+                    s,
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let first = r.fill_buf().map(|b| !b.is_empty()).unwrap_or(false);
+                let waited = sent.elapsed();
+                assert!(first, "stream {i} got no first byte in 30 s");
+                let (status, _) = read_head(&mut r);
+                let mut events = Vec::new();
+                while let Some(c) = read_chunk(&mut r) {
+                    events.extend(c);
+                }
+                let events = String::from_utf8(events).unwrap();
+                // Returned, so the connection stays open until every stream has ended.
+                (status, waited, events.ends_with("data: [DONE]\n\n"), s)
+            })
+        })
+        .collect();
+    let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let slowest = results.iter().map(|r| r.1).max().unwrap();
+    eprintln!("slowest first byte of {N} streams opened at once: {slowest:?}");
+    for (i, (status, waited, done, _)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "stream {i}");
+        assert!(*done, "stream {i} did not end in [DONE]");
+        assert!(
+            *waited < Duration::from_secs(10),
+            "stream {i} waited {waited:?} for its first byte"
+        );
+    }
+}
+
+/// Sends `raw`, closes the sending side, and reads the one answer; the server must then close.
+fn raw_exchange(addr: &str, raw: &[u8]) -> Response {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // The server may answer and close before taking everything.
+    let _ = s.write_all(raw);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r);
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.parse().unwrap())
+        .expect("an error answer has a Content-Length");
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).unwrap();
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    assert!(
+        rest.is_empty(),
+        "a second answer: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Malformed requests each get one error answer in OpenAI's shape (and a closed connection);
+/// the server keeps serving.
+#[test]
+fn malformed_requests_get_one_error_and_the_server_stays_up() {
+    let server = start_with(&["--model".into(), "builtin:default".into()]);
+    let addr = server.addr.as_str();
+    let body = json!({"prompt": "And", "max_tokens": 2}).to_string();
+    let big = format!(
+        "GET /health HTTP/1.1\r\nHost: t\r\nCookie: {}\r\n\r\n",
+        "c".repeat(40_000)
+    );
+    let mid_body = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{}",
+        body.len(),
+        &body[..body.len() / 2]
+    );
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "oversized headers",
+            big.into_bytes(),
+            431,
+            "headers_too_large",
+        ),
+        (
+            "bad request line",
+            b"HELLO THERE\r\n\r\n".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "bad Content-Length",
+            b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 1e3\r\n\r\n{}".to_vec(),
+            400,
+            "bad_content_length",
+        ),
+        ("closed mid-body", mid_body.into_bytes(), 400, "bad_body"),
+    ];
+    for (what, raw, status, code) in cases {
+        let r = raw_exchange(addr, &raw);
+        let v = r.json();
+        assert_eq!(
+            (r.status, v["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{what}: {v}"
+        );
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+        assert_eq!(r.header("connection"), Some("close"), "{what}");
+    }
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "And", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200);
+}
+
+/// `--max-connections`: one connection more than the limit is answered 503 at once.
+#[test]
+fn connections_over_the_limit_are_answered_503() {
+    let server = start_with(&[
+        "--model".into(),
+        "builtin:default".into(),
+        "--max-connections".into(),
+        "2".into(),
+    ]);
+    let addr = server.addr.as_str();
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+                .unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            assert_eq!(read_head(&mut r).0, 200);
+            s
+        })
+        .collect();
+    let r = raw_exchange(addr, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (503, Some("overloaded"))
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while request(addr, "GET", "/health", None, &[]).status != 200 {
+        assert!(Instant::now() < deadline, "places never given back");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

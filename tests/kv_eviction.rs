@@ -3,8 +3,9 @@
 //! the window never reaches equals the full cache, caches stay within their budget with their
 //! tokens' original positions, and generation with a budget runs past it.
 
-use edgemoe::engine::generation::{generate, GenerateRequest};
+use edgemoe::engine::generation::{generate, run, GenerateRequest, Generation};
 use edgemoe::engine::ppl::{score, Steps};
+use edgemoe::engine::recall::recall;
 use edgemoe::engine::sampling::SamplingParams;
 use edgemoe::engine::{BatchItem, Logits};
 use edgemoe::kv::{Budget, Granularity, KvOptions, Policy};
@@ -252,4 +253,61 @@ fn too_small_a_budget_is_refused() {
         err.contains("too small") && err.contains("at least 36"),
         "{err}"
     );
+}
+
+/// `recall`'s "reproduced" mentions are the ones greedy generation writes out: for every
+/// mention of a few repeated words of the fixture's text, a real greedy generation from the
+/// text's tokens just before it (prefilled as `generate` does, evicting under the same budget)
+/// is compared with the scoring's all-tokens-top-1 verdict. They may differ only where the
+/// chunked scoring's f32 rounding (`chunked_ppl_matches_token_by_token`) flips a near tie.
+#[test]
+fn reproduced_facts_are_what_greedy_generation_writes() {
+    let (model, tokens) = fixture();
+    let ctx = 360;
+    let window = &tokens[..ctx];
+    let words = ["the", "and", "of", "that", "he", "faith", "God", "him"];
+    let facts: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+    for policy in [Policy::Lazy, Policy::Window, Policy::Full] {
+        let mut engine = Engine::new(model.clone(), 1).unwrap();
+        if policy != Policy::Full {
+            engine.set_kv_options(options(policy, 100)).unwrap();
+        }
+        let scored = score(&engine, window, ctx, Steps::Chunked, |_, _| {}).unwrap();
+        let got = recall(&model.tokenizer, window, &scored, &facts).unwrap();
+        let (mut mentions, mut generated, mut disagree) = (0, 0, 0);
+        for word in &words {
+            let needle = model.tokenizer.encode(&format!(" {word}"), false).unwrap();
+            for i in 1..=ctx - needle.len() {
+                if window[i..i + needle.len()] != needle[..] {
+                    continue;
+                }
+                let req = GenerateRequest {
+                    prompt: String::new(),
+                    max_tokens: needle.len(),
+                    sampling: SamplingParams::default(),
+                    stop: vec![],
+                };
+                let mut g = Generation::from_tokens(&engine, window[..i].to_vec(), &req).unwrap();
+                g.attach_cache(&engine, engine.new_cache());
+                let out = run(&engine, g, |_| true).unwrap();
+                let wrote = out.text == model.tokenizer.decode(&needle);
+                let scored_all_top1 = (i..i + needle.len()).all(|j| scored.top1[j - 1]);
+                mentions += 1;
+                generated += wrote as usize;
+                disagree += (wrote != scored_all_top1) as usize;
+            }
+        }
+        let counted = got.first_reproduced * got.first_mentions as f64
+            + got.repeat_reproduced * got.repeat_mentions as f64;
+        println!(
+            "{policy}: {mentions} mentions, greedy generation wrote {generated}, recall counted {counted}, {disagree} disagree"
+        );
+        assert_eq!(got.first_mentions + got.repeat_mentions, mentions);
+        assert!(mentions >= 30, "too few mentions to compare: {mentions}");
+        assert!(
+            generated > 0 && generated < mentions,
+            "{policy}: {generated} of {mentions}"
+        );
+        assert!(disagree <= 1, "{policy}: {disagree} of {mentions} disagree");
+    }
 }

@@ -1,6 +1,7 @@
 //! The whole open path on corrupt files, deterministically (the in-CI stand-in for
-//! `cargo fuzz run open_model`): a few hundred seeded mutations each of a real .emoe (the
-//! mixtral-tiny fixture quantized), a GGUF (llama-tiny's) and a safetensors checkpoint
+//! `cargo fuzz run open_model`): a few hundred seeded mutations each of two real .emoe files (the
+//! mixtral-tiny fixture quantized, and the tied llama-tiny one rotated: its head reads the final
+//! norm through a transform), a GGUF (llama-tiny's) and a safetensors checkpoint
 //! (llama-tiny's), each opened with `Model::load` and, where that succeeds, run for two tokens.
 //! Every outcome must be `Ok` or `Err`: a panic fails the test, and so does any single
 //! allocation over [`CAP`] (the allocator refuses it, which aborts with Rust's "memory
@@ -271,11 +272,23 @@ fn every_opener_survives_seeded_mutations() {
     let emoe = dir.join("good.emoe");
     write_emoe(&q, serde_json::json!({"method": "rtn"}), &emoe).unwrap();
     let emoe = std::fs::read(&emoe).unwrap();
+    // A tied, rotated store: no lm_head, the head transform beside the final norm.
+    let llama = Model::load(&fixture("llama-tiny")).unwrap();
+    let opts = QuantOptions {
+        threads: 1,
+        ..QuantOptions::new(Method::Rtn, &llama)
+    };
+    let (q, _) = quant::quantize(llama, &[], 0, &opts, |_, _, _| {}).unwrap();
+    assert!(q.config.head_transform);
+    let tied = dir.join("tied.emoe");
+    write_emoe(&q, serde_json::json!({"method": "rtn"}), &tied).unwrap();
+    let tied = std::fs::read(&tied).unwrap();
     let gguf = std::fs::read(fixture("llama-tiny/llama-tiny.gguf")).unwrap();
     let st = std::fs::read(fixture("llama-tiny/model.safetensors")).unwrap();
 
     for (kind, good, seed) in [
         (Kind::Emoe, &emoe, 0x0e0e),
+        (Kind::Emoe, &tied, 0x7e0e),
         (Kind::Gguf, &gguf, 0x6606),
         (Kind::Safetensors, &st, 0x5afe),
     ] {

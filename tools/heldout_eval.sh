@@ -169,6 +169,12 @@ if any(r["config"] == "full" for r in rows):
         v = {t: by[(t, c, 2048)]["recall"]["repeat_top1"] * 100 for t in texts
              if (t, c, 2048) in by and "recall" in by[(t, c, 2048)]}
         line(f"facts top-1 on repeats, {c}", v, worst=min, fmt="{:.1f}")
+    for c in ["full"] + kv:  # whole repeats greedy generation writes out (engine/recall.rs)
+        v = {t: by[(t, c, 2048)]["recall"]["repeat_reproduced"] * 100 for t in texts
+             if (t, c, 2048) in by and "repeat_reproduced" in by[(t, c, 2048)].get("recall", {})}
+        if v:
+            line(f"facts reproduced by greedy generation, repeats, {c}", v, worst=min,
+                 fmt="{:.1f}")
     v = {t: by[(t, "lazy 50%", 2048)]["seconds"] / by[(t, "full", 2048)]["seconds"]
          for t in texts if (t, "lazy 50%", 2048) in by and (t, "full", 2048) in by}
     line("scoring time lazy 50% / full", v, fmt="{:.2f}")

@@ -105,7 +105,9 @@ class RouterProbe:
         for name, mod in model.named_modules():
             if type(mod).__name__.endswith("TopKRouter"):
                 self.handles.append(mod.register_forward_hook(self._hook(name, mod)))
-            elif type(mod).__name__.endswith("TopkRouter"):  # GLM-4-MoE's grouped sigmoid
+            elif type(mod).__name__ == "DeepseekV2TopkRouter":  # softmax, maybe group-limited
+                self.handles.append(mod.register_forward_hook(self._softmax_groups_hook(name, mod)))
+            elif type(mod).__name__.endswith("TopkRouter"):  # GLM-4-MoE / DeepSeek-V3's grouped sigmoid
                 self.handles.append(mod.register_forward_hook(self._grouped_hook(name, mod)))
 
     def _hook(self, name, mod):
@@ -139,6 +141,30 @@ class RouterProbe:
             if k < e:
                 gap = min(gap, (srt[:, k - 1] - srt[:, k]).min().item())
             idx = masked.topk(k, dim=-1).indices
+            counts = torch.bincount(idx.flatten(), minlength=e).tolist()
+            self.stats[name] = {"min_topk_gap": gap, "expert_counts": counts}
+        return fn
+
+    def _softmax_groups_hook(self, name, mod):
+        # DeepSeek-V2: softmax scores; under group_limited_greedy the topk_group-th best group
+        # (by its best score) must be clear of the next, then the k-th chosen score of the next.
+        def fn(_m, inp, _out):
+            h = inp[0].detach().float().reshape(-1, mod.hidden_dim)
+            scores = torch.nn.functional.linear(h, mod.weight.float()).softmax(dim=-1)
+            e, k = mod.num_experts, mod.top_k
+            gap = float("inf")
+            if mod.topk_method == "group_limited_greedy":
+                groups, kg = mod.num_group, mod.topk_group
+                group_scores = scores.view(-1, groups, e // groups).max(dim=-1).values
+                if kg < groups:
+                    srt = group_scores.sort(dim=-1, descending=True).values
+                    gap = (srt[:, kg - 1] - srt[:, kg]).min().item()
+                keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(kg, dim=-1)[1], 1)
+                scores = scores.masked_fill(~keep.bool().repeat_interleave(e // groups, dim=1), 0.0)
+            srt = scores.sort(dim=-1, descending=True).values
+            if k < e:
+                gap = min(gap, (srt[:, k - 1] - srt[:, k]).min().item())
+            idx = scores.topk(k, dim=-1).indices
             counts = torch.bincount(idx.flatten(), minlength=e).tolist()
             self.stats[name] = {"min_topk_gap": gap, "expert_counts": counts}
         return fn

@@ -98,9 +98,9 @@ CORPUS_LINES = [
 
 
 def fixture_specs():
-    from transformers import (Glm4MoeConfig, GptOssConfig, GraniteMoeConfig, GraniteMoeSharedConfig,
-                              LlamaConfig, MixtralConfig, OlmoeConfig, OPTConfig, Qwen2MoeConfig,
-                              Qwen3MoeConfig)
+    from transformers import (DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig, GptOssConfig,
+                              GraniteMoeConfig, GraniteMoeSharedConfig, LlamaConfig, MixtralConfig,
+                              OlmoeConfig, OPTConfig, Qwen2MoeConfig, Qwen3MoeConfig)
 
     common_mixtral = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -159,6 +159,14 @@ def fixture_specs():
         vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_attention_heads=4,
         head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    # DeepSeek-V2/V3: multi-head latent attention (values narrower than keys), leading dense
+    # layer(s), shared experts; num_key_value_heads set (V3's default 128 would not divide).
+    common_ds = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     common_opt = dict(
         vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
@@ -260,6 +268,49 @@ def fixture_specs():
                                  rope_parameters={"rope_type": "yarn", "rope_theta": 50000.0,
                                                   "factor": 8.0, "beta_fast": 16.0, "beta_slow": 1.0,
                                                   "original_max_position_embeddings": 128})),
+        # DeepSeek-V2: q_proj (no q LoRA), complex (interleaved) RoPE with YaRN (factor 8 over an
+        # original 32 positions, mscale = mscale_all_dim 0.707 as V2's own config: the cos/sin
+        # factor is 1, the softmax scale moves), group_limited_greedy (4 groups of 2, best 2),
+        # routed_scaling_factor 2.0 (must_matter), two shared experts' width, v_head_dim 12 under
+        # a qk head of 8 + 8.
+        dict(name="deepseekv2-tiny", seed=16016, legacy_config=False, dtype=torch.float32, shard=None,
+             gen=dict(bos_token_id=1, eos_token_id=2),
+             must_matter=dict(routed_scaling_factor=1.0,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+             config=DeepseekV2Config(**common_ds, first_k_dense_replace=1, n_shared_experts=2,
+                                     topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                     routed_scaling_factor=2.0, norm_topk_prob=False, q_lora_rank=None,
+                                     kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                      "factor": 8.0, "original_max_position_embeddings": 32,
+                                                      "mscale": 0.707, "mscale_all_dim": 0.707,
+                                                      "beta_fast": 32, "beta_slow": 1})),
+        # DeepSeek-V3: q LoRA (q_a_proj/q_a_layernorm/q_b_proj), biases on q_a/kv_a/o, rope_interleave,
+        # YaRN with mscale 1 and mscale_all_dim 0.8 (both the cos/sin factor and the softmax
+        # scale differ from 1) over a ramp inside the 16 rotated dims, grouped sigmoid routing
+        # (4 groups of 2, best 2; correction bias), routed_scaling_factor 2.5, renormalized.
+        dict(name="deepseekv3-tiny", seed=17017, legacy_config=False, dtype=torch.float32, shard=None,
+             gen=dict(bos_token_id=1, eos_token_id=2),
+             must_matter=dict(routed_scaling_factor=1.0,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+             config=DeepseekV3Config(**common_ds, first_k_dense_replace=1, n_shared_experts=1, n_group=4,
+                                     topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                     q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                                     v_head_dim=24, attention_bias=True, rope_interleave=True,
+                                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                      "factor": 4.0, "original_max_position_embeddings": 64,
+                                                      "mscale": 1.0, "mscale_all_dim": 0.8,
+                                                      "beta_fast": 32, "beta_slow": 1})),
+        # DeepSeek-V3 plain: q_proj, rotate-half RoPE (rope_interleave false, which must matter),
+        # no YaRN, one group, top-k not renormalized, every layer MoE, values as wide as keys;
+        # legacy config (top-level rope_theta).
+        dict(name="deepseekv3-tiny-plain", seed=18018, legacy_config=True, dtype=torch.float32, shard=None,
+             gen=dict(bos_token_id=1, eos_token_id=2), must_matter=dict(rope_interleave=True),
+             config=DeepseekV3Config(**common_ds, first_k_dense_replace=0, n_shared_experts=1, n_group=1,
+                                     topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False,
+                                     q_lora_rank=None, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                     v_head_dim=16, attention_bias=False, rope_interleave=False,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
         # Dense Llama, tied head; also written as llama-tiny.gguf (F32, q/k rows permuted as
         # llama.cpp's converter does, tokenizer in tokenizer.ggml.* metadata).
         dict(name="llama-tiny", seed=7007, legacy_config=True, dtype=torch.float32, shard=None,

@@ -27,8 +27,9 @@ import hfcommon  # noqa: E402
 
 
 def specs():
-    from transformers import (Glm4MoeConfig, GptOssConfig, GraniteMoeConfig, GraniteMoeSharedConfig,
-                              MixtralConfig, OlmoeConfig, OPTConfig, Qwen2MoeConfig, Qwen3MoeConfig)
+    from transformers import (DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig, GptOssConfig,
+                              GraniteMoeConfig, GraniteMoeSharedConfig, MixtralConfig, OlmoeConfig, OPTConfig,
+                              Qwen2MoeConfig, Qwen3MoeConfig)
 
     return [
         # bf16, sharded, 6 experts, head_dim 16, v5-style "rope_parameters"
@@ -162,6 +163,35 @@ def specs():
                                  swiglu_limit=3.0, max_position_embeddings=512,
                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)),
+        # DeepSeek-V2-Lite-like bf16 sharded: greedy softmax top-6 of 16, no q LoRA, YaRN over an
+        # original 16 positions (ctx 64 runs past it), mscale 0.707 both, 2 shared experts, 1 dense
+        dict(name="deepseekv2-lite-like-bf16-sharded", seed=23, dtype=torch.bfloat16, shard="400KB",
+             legacy=False, gen=dict(bos_token_id=1, eos_token_id=2),
+             config=DeepseekV2Config(vocab_size=2048, hidden_size=96, intermediate_size=160,
+                                     moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=6,
+                                     n_routed_experts=16, num_experts_per_tok=6, n_shared_experts=2,
+                                     first_k_dense_replace=1, topk_method="greedy", routed_scaling_factor=1.0,
+                                     q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                     v_head_dim=16, max_position_embeddings=512,
+                                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                      "original_max_position_embeddings": 16, "mscale": 0.707,
+                                                      "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1},
+                                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+        # DeepSeek-V3-like f32: q LoRA, 16 experts in 4 groups (best 2), top-4, scaling 2.5, 2 dense
+        # layers of 4, YaRN factor 8 over 16 positions with mscale_all_dim 1, interleaved, biases
+        dict(name="deepseekv3-like-yarn", seed=24, dtype=torch.float32, shard=None, legacy=False,
+             gen=dict(bos_token_id=1, eos_token_id=2),
+             config=DeepseekV3Config(vocab_size=2048, hidden_size=64, intermediate_size=128,
+                                     moe_intermediate_size=24, num_hidden_layers=4, num_attention_heads=4,
+                                     num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=4,
+                                     n_shared_experts=1, first_k_dense_replace=2, n_group=4, topk_group=2,
+                                     routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=32,
+                                     kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=12, v_head_dim=20,
+                                     attention_bias=True, rope_interleave=True, max_position_embeddings=512,
+                                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                                                      "original_max_position_embeddings": 16, "mscale": 1.0,
+                                                      "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
+                                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
         # OPT-350m-like: post-LN, project_in/out (48 <-> 96), tied head
         dict(name="opt-350m-like", seed=15, dtype=torch.float32, shard=None, legacy=False,
              gen=dict(bos_token_id=2, eos_token_id=2, pad_token_id=1),

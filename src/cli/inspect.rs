@@ -95,6 +95,7 @@ pub fn render_text(f: &EmoeFile, verified: bool) -> String {
         c.num_experts, c.top_k, c.expert_ffn, shared
     );
     let _ = writeln!(s, "quant       {method}  {params}");
+    let _ = writeln!(s, "head        {}", head_layout(f));
     let _ = writeln!(
         s,
         "tokenizer   {} bytes of tokenizer.json",
@@ -151,6 +152,25 @@ pub fn render_text(f: &EmoeFile, verified: bool) -> String {
         );
     }
     s
+}
+
+/// Whether the head has its own matrix or is the embedding table, and what it reads.
+fn head_layout(f: &EmoeFile) -> String {
+    let h = f.header();
+    if !h.config.tie_word_embeddings {
+        return "its own matrix (lm_head)".into();
+    }
+    let transform = h
+        .tensors
+        .iter()
+        .find(|t| h.config.head_transform && t.name.ends_with(".transform.weight"));
+    match transform {
+        Some(t) => format!(
+            "tied to the embedding table, reading the final norm through `{}` ({:?} {:?})",
+            t.name, t.dtype, t.shape
+        ),
+        None => "tied to the embedding table".into(),
+    }
 }
 
 fn class_row(s: &mut String, label: &str, st: &ClassStats, per_param: bool) {

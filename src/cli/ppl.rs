@@ -127,6 +127,13 @@ pub fn run(a: PplArgs) -> anyhow::Result<()> {
                 "facts: first mentions {} tokens, nll {:.3}, top-1 {:.3}; repeats {} tokens, nll {:.3}, top-1 {:.3}",
                 r.first_tokens, r.first_nll, r.first_top1, r.repeat_tokens, r.repeat_nll, r.repeat_top1
             );
+            println!(
+                "facts greedy generation reproduces: {:.1}% of {} first mentions, {:.1}% of {} repeats",
+                100.0 * r.first_reproduced,
+                r.first_mentions,
+                100.0 * r.repeat_reproduced,
+                r.repeat_mentions
+            );
         }
         if let Some(d) = &divergence {
             println!(

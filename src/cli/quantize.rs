@@ -35,7 +35,7 @@ pub struct QuantizeArgs {
     pub act_order: bool,
     /// GPTQ: damping added to the Hessian's diagonal, as a share of its mean (larger leans
     /// toward plain rounding: less fitted to the calibration text).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = crate::quant::DEFAULT_DAMP)]
     pub damp: f64,
     /// The output head (and embeddings tied to it): `weight-only` (int8 weights, f32
     /// activations: the default, since quantizing its input per token measured +0.5% ppl on
@@ -166,6 +166,10 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         Some(_) => crate::load_model(Some(&a.model))?,
         None => crate::model::Model::load_in_place(&a.model)?,
     };
+    // Before the calibration text is read and tokenized.
+    if let Some(why) = quant::unsupported(&model.config) {
+        anyhow::bail!(why);
+    }
     let mut opts = QuantOptions::new(a.method, &model);
     opts.act_order = a.act_order;
     if !(a.damp.is_finite() && a.damp > 0.0 && a.damp <= 10.0) {

@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// With --http: largest request body accepted, in bytes.
     #[arg(long = "max-body", default_value_t = 4 << 20, requires = "http")]
     pub max_body: usize,
+    /// With --http: most connections open at once (each has a thread); more are answered
+    /// 503 and closed.
+    #[arg(long = "max-connections", default_value_t = 512, value_parser = connections, requires = "http")]
+    pub max_connections: usize,
     /// A Jinja chat template file, used instead of the model's own for `messages` requests.
     #[arg(long = "chat-template")]
     pub chat_template: Option<PathBuf>,
@@ -43,6 +47,13 @@ fn batch_size(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=4096).contains(&n) => Ok(n),
         _ => Err(format!("`{s}` is not a batch size from 1 to 4096")),
+    }
+}
+
+fn connections(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a number of connections (1 or more)")),
     }
 }
 
@@ -91,6 +102,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             api_key: a.api_key.clone(),
             scheduler,
             max_body_bytes: a.max_body,
+            max_connections: a.max_connections,
             ..HttpOptions::default()
         };
         return serve_http(opts, || {

@@ -5,10 +5,11 @@
 
 pub mod builder;
 pub mod generation;
+mod mla;
 pub(crate) mod moe;
 pub(crate) mod penalties;
 pub mod ppl;
-pub(crate) mod recall;
+pub mod recall;
 pub mod sampling;
 pub(crate) mod stats;
 pub mod stream;
@@ -359,11 +360,15 @@ impl<B: Backend> Engine<B> {
     fn rope_table(&self, positions: &[usize]) -> Option<B::Rope> {
         let cfg = &self.model.config;
         let dim = cfg.options.rotary_dim.unwrap_or(cfg.head_dim);
-        cfg.rope_theta.map(|theta| match &cfg.options.yarn {
-            Some(yarn) => {
-                let (inv_freq, scale) = yarn.frequencies(dim, theta);
-                self.backend.rope_table_freqs(&inv_freq, scale, positions)
-            }
+        let theta = cfg.rope_theta?;
+        Some(match &cfg.options.yarn {
+            // YaRN's attention factor multiplies cos and sin, so every rotated value (latent
+            // attention's rotated parts too).
+            Some(y) => self.backend.rope_table_freqs(
+                &y.inv_freq(dim, theta),
+                y.attention_factor as f32,
+                positions,
+            ),
             None => self.backend.rope_table(dim, theta, positions),
         })
     }
@@ -457,8 +462,12 @@ impl<B: Backend> Engine<B> {
                 Ffn::Plain(mlp) => mlp.fc1.weight_bytes() + mlp.fc2.weight_bytes(),
             };
         }
-        weight_bytes +=
-            w.head().weight_bytes() + w.project_out.as_ref().map_or(0, |p| p.weight_bytes());
+        weight_bytes += w.head().weight_bytes()
+            + [&w.head_transform, &w.project_out]
+                .into_iter()
+                .flatten()
+                .map(|p| p.weight_bytes())
+                .sum::<usize>();
         self.stats.add_bytes_read(weight_bytes, kv_bytes);
         // Gather the rows whose logits are wanted, then the head runs only on those.
         let mut start = 0;
@@ -477,6 +486,9 @@ impl<B: Backend> Engine<B> {
         let mut hs = self.backend.select_rows(&x, &wanted);
         if let Some(norm) = &w.final_norm {
             hs = self.backend.norm(norm, &hs);
+        }
+        if let Some(t) = &w.head_transform {
+            hs = self.linear(t, &hs);
         }
         if let Some(p) = &w.project_out {
             hs = self.linear(p, &hs);
@@ -604,37 +616,10 @@ impl<B: Backend> Engine<B> {
         let be = &self.backend;
         let h = self.pre_norm(&layer.attn_norm, x);
         let a = &layer.attn;
-        let [mut q, mut k, mut v] = self.linears([&a.q, &a.k, &a.v], &h);
-        if let Some([q_norm, k_norm]) = &a.qk_norm {
-            (q, k) = match cfg.qk_norm {
-                Some(QkNorm::PerHead) => (
-                    be.norm_runs(q_norm, &q, cfg.head_dim),
-                    be.norm_runs(k_norm, &k, cfg.head_dim),
-                ),
-                _ => (be.norm(q_norm, &q), be.norm(k_norm, &k)),
-            };
-        }
-        if let Some(clip) = cfg.clip_qkv {
-            for x in [&mut q, &mut k, &mut v] {
-                be.clamp(x, clip);
-            }
-        }
-        if let Some(rope) = rope {
-            match cfg.options.rotary_dim {
-                Some(r) => {
-                    be.apply_rope_partial(&mut q, rope, first_row, (cfg.head_dim, r));
-                    be.apply_rope_partial(&mut k, rope, first_row, (cfg.head_dim, r));
-                }
-                None => {
-                    be.apply_rope(&mut q, rope, first_row);
-                    be.apply_rope(&mut k, rope, first_row);
-                }
-            }
-        }
-        if let Some(m) = cfg.options.attention_multiplier {
-            // The kernel scales scores by 1/sqrt(head_dim); the model wants `m` instead.
-            be.scale(&mut q, m * (cfg.head_dim as f32).sqrt());
-        }
+        let [q, k, v] = match &a.latent {
+            Some(parts) => self.latent_qkv(a, parts, &h, rope, first_row),
+            None => self.qkv(a, &h, rope, first_row),
+        };
         let shape = AttentionShape {
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
@@ -687,6 +672,10 @@ impl<B: Backend> Engine<B> {
         } else if wants_mass {
             observe_mass(li, batch, positions, &mass);
         }
+        let attn = match &a.latent {
+            Some(_) => self.latent_output(attn),
+            None => attn,
+        };
         let o = self.linear(&a.o, &attn);
         self.residual(&layer.attn_norm, x, o);
         // The feed-forward half's row-by-row start, here so that a split step runs it on
@@ -699,6 +688,51 @@ impl<B: Backend> Engine<B> {
         // A slot is one f32 key row and one value row.
         let kv_bytes = slots_read * 2 * cfg.kv_dim() * std::mem::size_of::<f32>();
         (kv_bytes, FfnInput { normed, picks })
+    }
+
+    /// The step's q, k and v rows from the normalized input `h` by q/k/v projections: q/k
+    /// norms, clamps, RoPE (rows `first_row..` of `rope`) and the attention multiplier applied.
+    fn qkv(
+        &self,
+        a: &crate::model::weights::Attention,
+        h: &B::Act,
+        rope: Option<&B::Rope>,
+        first_row: usize,
+    ) -> [B::Act; 3] {
+        let cfg = &self.model.config;
+        let be = &self.backend;
+        let [mut q, mut k, mut v] = self.linears([&a.q, &a.k, &a.v], h);
+        if let Some([q_norm, k_norm]) = &a.qk_norm {
+            (q, k) = match cfg.qk_norm {
+                Some(QkNorm::PerHead) => (
+                    be.norm_runs(q_norm, &q, cfg.head_dim),
+                    be.norm_runs(k_norm, &k, cfg.head_dim),
+                ),
+                _ => (be.norm(q_norm, &q), be.norm(k_norm, &k)),
+            };
+        }
+        if let Some(clip) = cfg.clip_qkv {
+            for x in [&mut q, &mut k, &mut v] {
+                be.clamp(x, clip);
+            }
+        }
+        if let Some(rope) = rope {
+            match cfg.options.rotary_dim {
+                Some(r) => {
+                    be.apply_rope_partial(&mut q, rope, first_row, (cfg.head_dim, r));
+                    be.apply_rope_partial(&mut k, rope, first_row, (cfg.head_dim, r));
+                }
+                None => {
+                    be.apply_rope(&mut q, rope, first_row);
+                    be.apply_rope(&mut k, rope, first_row);
+                }
+            }
+        }
+        if let Some(m) = cfg.options.attention_multiplier {
+            // The kernel scales scores by 1/sqrt(head_dim); the model wants `m` instead.
+            be.scale(&mut q, m * (cfg.head_dim as f32).sqrt());
+        }
+        [q, k, v]
     }
 
     fn ffn_block(
@@ -726,6 +760,16 @@ impl<B: Backend> Engine<B> {
     fn route(&self, block: &MoeBlock, normed: &B::Act, first_row: usize) -> Vec<Pick> {
         let cfg = &self.model.config;
         let logits = self.linear(&block.router, normed);
+        if let Some(g) = &cfg.options.softmax_groups {
+            // DeepSeek-V2's routing runs on the host, on every backend (one small download).
+            return crate::backend::cpu::routing::route_grouped_softmax(
+                &self.backend.to_host(&logits),
+                cfg.num_experts,
+                g,
+                cfg.top_k,
+                first_row,
+            );
+        }
         match (&cfg.options.grouped_sigmoid, &block.score_bias) {
             // Grouped sigmoid routing runs on the host, on every backend (one small download).
             (Some(g), Some(bias)) => crate::backend::cpu::routing::route_grouped_sigmoid(

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;
 
+mod deepseek;
+pub use crate::model::yarn::Yarn;
+pub use deepseek::{LatentAttention, SoftmaxGroups};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Architecture {
     /// MixtralForCausalLM: <https://huggingface.co/docs/transformers/model_doc/mixtral>
@@ -32,6 +36,10 @@ pub enum Architecture {
     Glm4Moe,
     /// GptOssForCausalLM: <https://huggingface.co/docs/transformers/model_doc/gpt_oss>
     GptOss,
+    /// DeepseekV2ForCausalLM: <https://huggingface.co/docs/transformers/model_doc/deepseek_v2>
+    DeepseekV2,
+    /// DeepseekV3ForCausalLM: <https://huggingface.co/docs/transformers/model_doc/deepseek_v3>
+    DeepseekV3,
 }
 
 impl Architecture {
@@ -47,6 +55,8 @@ impl Architecture {
             Architecture::GraniteMoeShared => "GraniteMoeSharedForCausalLM",
             Architecture::Glm4Moe => "Glm4MoeForCausalLM",
             Architecture::GptOss => "GptOssForCausalLM",
+            Architecture::DeepseekV2 => "DeepseekV2ForCausalLM",
+            Architecture::DeepseekV3 => "DeepseekV3ForCausalLM",
         }
     }
 }
@@ -102,13 +112,20 @@ pub struct ArchOptions {
     /// denominator and is then dropped (GPT-OSS).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub attention_sinks: bool,
-    /// YaRN-scaled RoPE frequencies and attention factor (GPT-OSS); `None`: plain RoPE.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub yarn: Option<Yarn>,
     /// The experts' gated activation is GPT-OSS's clamped SwiGLU in place of
     /// `act(gate) ⊙ up`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clamped_swiglu: Option<ClampedSwiglu>,
+    /// DeepSeek-V2's softmax routing, group-limited or not; `None`: see `grouped_sigmoid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub softmax_groups: Option<SoftmaxGroups>,
+    /// Multi-head latent attention (DeepSeek) in place of q/k/v projections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mla: Option<LatentAttention>,
+    /// YaRN-scaled RoPE frequencies and attention factor (`rope_type: yarn`: GPT-OSS,
+    /// DeepSeek); `None`: plain RoPE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yarn: Option<Yarn>,
 }
 
 /// GPT-OSS's expert activation: `gate` clamped to at most `limit`, `up` to `[-limit, limit]`,
@@ -117,60 +134,6 @@ pub struct ArchOptions {
 pub struct ClampedSwiglu {
     pub alpha: f32,
     pub limit: f32,
-}
-
-/// YaRN RoPE scaling as transformers' `_compute_yarn_parameters` computes it: frequencies
-/// blended between the plain ones (fast dimensions) and ones `factor` times slower (slow
-/// dimensions) over a linear ramp between the dimensions that turn `beta_fast` and
-/// `beta_slow` times in `original_max_position_embeddings`; cos and sin multiplied by
-/// `attention_factor`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Yarn {
-    pub factor: f64,
-    pub attention_factor: f64,
-    pub beta_fast: f64,
-    pub beta_slow: f64,
-    pub original_max_position_embeddings: usize,
-    /// Round the ramp's ends out to whole dimensions.
-    pub truncate: bool,
-}
-
-impl Yarn {
-    /// The inverse frequencies of a `dim`-wide rotation with base `theta` (f32 where
-    /// transformers computes in f32, f64 where it uses Python floats) and the factor cos and
-    /// sin are multiplied by.
-    pub fn frequencies(&self, dim: usize, theta: f32) -> (Vec<f32>, f32) {
-        let base = f64::from(theta);
-        let correction_dim = |rotations: f64| {
-            let turns = self.original_max_position_embeddings as f64
-                / (rotations * 2.0 * std::f64::consts::PI);
-            dim as f64 * turns.ln() / (2.0 * base.ln())
-        };
-        let (mut low, mut high) = (
-            correction_dim(self.beta_fast),
-            correction_dim(self.beta_slow),
-        );
-        if self.truncate {
-            (low, high) = (low.floor(), high.ceil());
-        }
-        let (low, mut high) = (low.max(0.0), high.min(dim as f64 - 1.0));
-        if low == high {
-            high += 0.001; // transformers' guard against a zero-width ramp
-        }
-        let span = (high - low) as f32;
-        let low = low as f32;
-        let factor = self.factor as f32;
-        let inv_freq = (0..dim / 2)
-            .map(|i| {
-                let pos_freq = theta.powf((2 * i) as f32 / dim as f32);
-                let (fast, slow) = (1.0 / pos_freq, 1.0 / (factor * pos_freq));
-                let ramp = ((i as f32 - low) / span).clamp(0.0, 1.0);
-                let keep = 1.0 - ramp;
-                slow * (1.0 - keep) + fast * keep
-            })
-            .collect();
-        (inv_freq, self.attention_factor as f32)
-    }
 }
 
 /// DeepSeek-V3-style routing (GLM-4-MoE): scores `sigmoid(logits)`; experts are chosen by
@@ -220,30 +183,6 @@ impl GroupedSigmoid {
             return Err((
                 "routed_scaling_factor",
                 format!("{s} must be a finite non-zero number"),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl Yarn {
-    fn check(&self) -> std::result::Result<(), (&'static str, String)> {
-        let finite = [
-            self.factor,
-            self.attention_factor,
-            self.beta_fast,
-            self.beta_slow,
-        ];
-        if finite.iter().any(|v| !v.is_finite()) || self.factor <= 0.0 {
-            return Err((
-                "rope_parameters",
-                format!("yarn parameters must be finite, the factor positive: {self:?}"),
-            ));
-        }
-        if self.original_max_position_embeddings == 0 {
-            return Err((
-                "rope_parameters",
-                "yarn original_max_position_embeddings must be positive".into(),
             ));
         }
         Ok(())
@@ -307,6 +246,11 @@ pub struct ModelConfig {
     /// runs of this many values (a rotated quantized model; `quant::rotate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ffn_hadamard_block: Option<usize>,
+    /// The head reads the final norm's output through a `hidden × hidden` linear
+    /// (`P.transform`, `P` the final norm): a rotated model whose head is tied to the rotated
+    /// embedding table keeps the final norm's weight there (`quant::rotate`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub head_transform: bool,
     /// q_norm / k_norm after the q and k projections (Qwen3-MoE, OLMoE).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qk_norm: Option<QkNorm>,
@@ -452,6 +396,8 @@ impl ModelConfig {
             Architecture::GraniteMoeShared => granite_moe(&f, true)?,
             Architecture::Glm4Moe => glm4_moe(&f)?,
             Architecture::GptOss => gpt_oss(&f)?,
+            Architecture::DeepseekV2 => deepseek::deepseek(&f, false)?,
+            Architecture::DeepseekV3 => deepseek::deepseek(&f, true)?,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -583,6 +529,10 @@ impl ModelConfig {
                 return Err((field, format!("{v} must be a finite non-zero number")));
             }
         }
+        // Before the rotary width, which latent attention sets from qk_rope_head_dim.
+        if let Some(m) = &o.mla {
+            m.check(self.head_dim)?;
+        }
         if let Some(r) = o.rotary_dim {
             if r == 0 || r > self.head_dim || !r.is_multiple_of(2) {
                 return Err((
@@ -606,7 +556,8 @@ impl ModelConfig {
             }
         }
         if let Some(y) = &o.yarn {
-            y.check()?;
+            // Read through Yarn::from_block, but a store's config is deserialized directly.
+            y.check().map_err(|why| ("rope_parameters", why))?;
         }
         if let Some(c) = &o.clamped_swiglu {
             if !(c.alpha.is_finite() && c.limit.is_finite() && c.limit > 0.0) {
@@ -618,6 +569,18 @@ impl ModelConfig {
                     ),
                 ));
             }
+        }
+        if let Some(g) = &o.softmax_groups {
+            g.check(self.num_experts, self.top_k)?;
+        }
+        let head_reads_hidden = self.word_embed_proj_dim == self.hidden_size;
+        if self.head_transform
+            && !(self.tie_word_embeddings && self.final_norm && head_reads_hidden)
+        {
+            return Err((
+                "head_transform",
+                "needs tied word embeddings, a final norm and no output projection".into(),
+            ));
         }
         if let Some(b) = self.ffn_hadamard_block {
             let widths = [self.dense_ffn, self.expert_ffn]
@@ -691,6 +654,8 @@ fn architecture(f: &Fields) -> Result<Architecture> {
             Some("granitemoeshared") => return Ok(Architecture::GraniteMoeShared),
             Some("glm4_moe") => return Ok(Architecture::Glm4Moe),
             Some("gpt_oss") => return Ok(Architecture::GptOss),
+            Some("deepseek_v2") => return Ok(Architecture::DeepseekV2),
+            Some("deepseek_v3") => return Ok(Architecture::DeepseekV3),
             Some(other) => other.to_string(),
             None => {
                 return Err(Error::config(
@@ -712,6 +677,8 @@ fn architecture(f: &Fields) -> Result<Architecture> {
         "GraniteMoeSharedForCausalLM" => Ok(Architecture::GraniteMoeShared),
         "Glm4MoeForCausalLM" => Ok(Architecture::Glm4Moe),
         "GptOssForCausalLM" => Ok(Architecture::GptOss),
+        "DeepseekV2ForCausalLM" => Ok(Architecture::DeepseekV2),
+        "DeepseekV3ForCausalLM" => Ok(Architecture::DeepseekV3),
         _ => Err(Error::UnknownArchitecture {
             path: f.path.to_path_buf(),
             name,
@@ -831,6 +798,7 @@ fn mixtral(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(1)),
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: Default::default(),
@@ -884,6 +852,7 @@ fn qwen2_moe(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: Default::default(),
@@ -986,6 +955,7 @@ fn qwen3_moe(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: Some(QkNorm::PerHead),
         clip_qkv: None,
         options: Default::default(),
@@ -1036,6 +1006,7 @@ fn olmoe(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: Some(QkNorm::Whole),
         clip_qkv,
         options: Default::default(),
@@ -1096,6 +1067,7 @@ fn granite_moe(f: &Fields, shared: bool) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(1)),
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: ArchOptions {
@@ -1209,6 +1181,7 @@ fn glm4_moe(f: &Fields) -> Result<ModelConfig> {
         final_norm: true,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: f.bool_or("use_qk_norm", false)?.then_some(QkNorm::PerHead),
         clip_qkv: None,
         options: ArchOptions {
@@ -1293,6 +1266,7 @@ fn gpt_oss(f: &Fields) -> Result<ModelConfig> {
         rope_theta: Some(theta),
         sliding_window,
         tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        head_transform: false,
         // The experts use `options.clamped_swiglu`; hidden_act is not read by GptOss.
         activation: Activation::Silu,
         layer_ffn: vec![FfnKind::Moe; layers],
@@ -1322,19 +1296,31 @@ fn gpt_oss(f: &Fields) -> Result<ModelConfig> {
     })
 }
 
-/// GPT-OSS's RoPE base and YaRN scaling, read as transformers standardizes them:
-/// `rope_parameters` (or the legacy `rope_scaling`), the base there or in `rope_theta`
-/// (150000 unless set); YaRN with factor 32 over 4096 positions when neither is given;
-/// `rope_type` default or yarn (anything else is refused).
+/// GPT-OSS's RoPE base (150000 unless set) and YaRN scaling: factor 32 over 4096 positions,
+/// untruncated, when the config gives no RoPE block.
 fn gpt_oss_rope(f: &Fields, max_positions: usize) -> Result<(f32, Option<Yarn>)> {
-    let (field, params) = match (f.present("rope_parameters"), f.present("rope_scaling")) {
-        (Some(p), _) => ("rope_parameters", p.clone()),
-        (None, Some(p)) => ("rope_scaling", p.clone()),
-        (None, None) => (
-            "rope_parameters",
-            serde_json::json!({"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
-                "beta_slow": 1.0, "truncate": false, "original_max_position_embeddings": 4096}),
-        ),
+    let absent = serde_json::json!({"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+        "beta_slow": 1.0, "truncate": false, "original_max_position_embeddings": 4096});
+    rope_and_yarn(f, max_positions, 150000.0, Some(&absent))
+}
+
+/// The RoPE base and YaRN scaling as transformers standardizes them, for every family that
+/// reads YaRN (GPT-OSS, DeepSeek): `rope_parameters` (transformers 5) or the legacy
+/// `rope_scaling`, else `absent` (the family's default block; `None`: plain RoPE); the base in
+/// the block or at the top level (`default_theta` unless set); `rope_type` default or yarn,
+/// anything else refused naming the field the block came from.
+fn rope_and_yarn(
+    f: &Fields,
+    max_positions: usize,
+    default_theta: f32,
+    absent: Option<&Value>,
+) -> Result<(f32, Option<Yarn>)> {
+    let top_theta = f.f32_or("rope_theta", default_theta)?;
+    let given = ["rope_parameters", "rope_scaling"]
+        .into_iter()
+        .find_map(|field| f.present(field).map(|p| (field, p)));
+    let Some((field, params)) = given.or(absent.map(|p| ("rope_parameters", p))) else {
+        return Ok((top_theta, None));
     };
     let bad = |why: String| Error::config(f.path, field, why);
     let number = |key: &str| -> Result<Option<f64>> {
@@ -1346,10 +1332,7 @@ fn gpt_oss_rope(f: &Fields, max_positions: usize) -> Result<(f32, Option<Yarn>)>
                 .ok_or_else(|| bad(format!("{key}: expected a number, got {v}"))),
         }
     };
-    let theta = match number("rope_theta")? {
-        Some(t) => t as f32,
-        None => f.f32_or("rope_theta", 150000.0)?,
-    };
+    let theta = number("rope_theta")?.map_or(top_theta, |t| t as f32);
     if number("partial_rotary_factor")?.is_some_and(|p| p != 1.0) {
         return Err(bad(
             "partial_rotary_factor other than 1 is not supported".into()
@@ -1361,57 +1344,14 @@ fn gpt_oss_rope(f: &Fields, max_positions: usize) -> Result<(f32, Option<Yarn>)>
         .and_then(Value::as_str)
         .unwrap_or("default");
     match kind {
-        "default" => return Ok((theta, None)),
-        "yarn" => {}
-        other => {
-            return Err(bad(format!(
-                "rope_type `{other}` is not supported (only `default` and `yarn`)"
-            )))
-        }
+        "default" => Ok((theta, None)),
+        "yarn" => Yarn::from_block(params, max_positions)
+            .map(|y| (theta, Some(y)))
+            .map_err(bad),
+        other => Err(bad(format!(
+            "rope_type `{other}` is not supported (default or yarn)"
+        ))),
     }
-    let original = match number("original_max_position_embeddings")? {
-        Some(n) if n >= 1.0 && n.fract() == 0.0 => n as usize,
-        Some(n) => return Err(bad(format!("original_max_position_embeddings {n}"))),
-        None => max_positions,
-    };
-    let factor = number("factor")?.unwrap_or(max_positions as f64 / original as f64);
-    let mscale = |scale: f64, m: f64| {
-        if scale <= 1.0 {
-            1.0
-        } else {
-            0.1 * m * scale.ln() + 1.0
-        }
-    };
-    let attention_factor = match (
-        number("attention_factor")?,
-        number("mscale")?,
-        number("mscale_all_dim")?,
-    ) {
-        (Some(a), _, _) => a,
-        (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
-            mscale(factor, m) / mscale(factor, all)
-        }
-        _ => mscale(factor, 1.0),
-    };
-    // transformers: `beta_fast or 32`, `beta_slow or 1` (0 also takes the default).
-    let nonzero = |v: Option<f64>, default: f64| v.filter(|&b| b != 0.0).unwrap_or(default);
-    let truncate = match params.get("truncate").filter(|v| !v.is_null()) {
-        None => true,
-        Some(v) => v
-            .as_bool()
-            .ok_or_else(|| bad(format!("truncate: expected true/false, got {v}")))?,
-    };
-    Ok((
-        theta,
-        Some(Yarn {
-            factor,
-            attention_factor,
-            beta_fast: nonzero(number("beta_fast")?, 32.0),
-            beta_slow: nonzero(number("beta_slow")?, 1.0),
-            original_max_position_embeddings: original,
-            truncate,
-        }),
-    ))
 }
 
 /// Defaults from transformers' LlamaConfig.
@@ -1436,6 +1376,7 @@ fn llama(f: &Fields) -> Result<ModelConfig> {
         activation: activation(f, "hidden_act", "silu")?,
         bos_token_id: f.opt_token_id("bos_token_id")?,
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: Default::default(),
@@ -1476,6 +1417,7 @@ impl ModelConfig {
             final_norm: true,
             bos_token_id: None,
             ffn_hadamard_block: None,
+            head_transform: false,
             qk_norm: None,
             clip_qkv: None,
             options: Default::default(),
@@ -1533,6 +1475,7 @@ fn opt(f: &Fields) -> Result<ModelConfig> {
         final_norm: pre_norm && !remove_final,
         bos_token_id: Some(f.opt_token_id("bos_token_id")?.unwrap_or(2)),
         ffn_hadamard_block: None,
+        head_transform: false,
         qk_norm: None,
         clip_qkv: None,
         options: Default::default(),
@@ -1890,7 +1833,7 @@ mod tests {
             (
                 json!({"model_type": "gpt_oss", "rope_scaling": {"rope_type": "yarn",
                 "factor": -2.0}}),
-                "rope_parameters",
+                "rope_scaling",
             ),
             (
                 json!({"model_type": "gpt_oss", "rope_parameters": {"rope_type": "yarn",
@@ -1911,43 +1854,6 @@ mod tests {
         }
     }
 
-    /// YaRN's frequencies: the fastest ones kept, the slowest divided by the factor, a ramp
-    /// between; the ramp's ends rounded out under `truncate`.
-    #[test]
-    fn yarn_blends_plain_and_interpolated_frequencies() {
-        let y = Yarn {
-            factor: 4.0,
-            attention_factor: 1.25,
-            beta_fast: 32.0,
-            beta_slow: 1.0,
-            original_max_position_embeddings: 256,
-            truncate: false,
-        };
-        let (dim, theta) = (16, 10000f32);
-        let plain: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / dim as f32))
-            .collect();
-        let (f, scale) = y.frequencies(dim, theta);
-        assert_eq!(scale, 1.25);
-        // The ramp: dims with fewer than beta_slow turns in 256 positions are interpolated.
-        let turns = |i: usize| 256.0 * plain[i] / (2.0 * std::f32::consts::PI);
-        for i in 0..dim / 2 {
-            if turns(i) >= 32.0 {
-                assert_eq!(f[i], plain[i], "{i}");
-            } else if turns(i) <= 1.0 {
-                assert!((f[i] - plain[i] / 4.0).abs() < 1e-9, "{i}");
-            } else {
-                assert!(f[i] < plain[i] && f[i] > plain[i] / 4.0, "{i}");
-            }
-        }
-        let (t, _) = Yarn {
-            truncate: true,
-            ..y
-        }
-        .frequencies(dim, theta);
-        assert_ne!(t, f);
-    }
-
     #[test]
     fn bad_fields_are_named() {
         let e = parse(json!({"architectures": ["MixtralForCausalLM"], "hidden_size": "big"}))
@@ -1955,11 +1861,13 @@ mod tests {
         assert!(e.to_string().contains("hidden_size"), "{e}");
         let e = parse(json!({"architectures": ["GPT2LMHeadModel"]})).unwrap_err();
         assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
-        // DeepSeek-V3 is not supported: refused by name, with the list of what is.
-        let e = parse(json!({"architectures": ["DeepseekV3ForCausalLM"]})).unwrap_err();
+        // An architecture not implemented is refused by name, with the list of what is.
+        let e = parse(json!({"architectures": ["DbrxForCausalLM"]})).unwrap_err();
         let e = e.to_string();
         assert!(
-            e.contains("DeepseekV3ForCausalLM") && e.contains("GptOssForCausalLM"),
+            e.contains("DbrxForCausalLM")
+                && e.contains("GptOssForCausalLM")
+                && e.contains("DeepseekV3ForCausalLM"),
             "{e}"
         );
         // A layer count past MAX_LAYERS is refused before the per-layer table is allocated

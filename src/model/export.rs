@@ -103,8 +103,13 @@ pub fn export(
 ) -> Result<ExportSummary> {
     // A rotated model's down-projections are written back unrotated (`Values::RotatedInput`),
     // so the checkpoint needs no run-time transform.
+    // A head tied to the embeddings through a transform (a rotated tied model) is written as
+    // its own matrix, the table times the transform: transformers has no such transform.
     let cfg = &ModelConfig {
         ffn_hadamard_block: None,
+        head_transform: false,
+        tie_word_embeddings: model.config.tie_word_embeddings
+            && model.weights.head_transform.is_none(),
         ..model.config.clone()
     };
     let config = hf_config_json(cfg, dtype);
@@ -166,6 +171,7 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: ExportDtype) -> Value {
         Architecture::GraniteMoe | Architecture::GraniteMoeShared => granite_moe_json(cfg),
         Architecture::Glm4Moe => glm4_moe_json(cfg),
         Architecture::GptOss => gpt_oss_json(cfg),
+        Architecture::DeepseekV2 | Architecture::DeepseekV3 => deepseek_json(cfg),
     };
     let m = c.as_object_mut().expect("config is an object");
     m.insert("bos_token_id".into(), json!(cfg.bos_token_id));
@@ -368,21 +374,33 @@ fn glm4_moe_json(cfg: &ModelConfig) -> Value {
     })
 }
 
+/// `rope_parameters` as transformers 5 writes them, for every family that reads YaRN (GPT-OSS,
+/// DeepSeek): the base, and YaRN's parameters resolved (the attention factor explicit, so
+/// transformers computes no other; DeepSeek's `mscale_all_dim` where it has one).
+fn rope_parameters_json(cfg: &ModelConfig) -> Value {
+    let theta = cfg.rope_theta.map(f32_json);
+    let Some(y) = &cfg.options.yarn else {
+        return json!({"rope_type": "default", "rope_theta": theta});
+    };
+    let mut rope = json!({
+        "rope_type": "yarn",
+        "rope_theta": theta,
+        "factor": y.factor,
+        "original_max_position_embeddings": y.original_max_position_embeddings,
+        "beta_fast": y.beta_fast,
+        "beta_slow": y.beta_slow,
+        "truncate": y.truncate,
+        "attention_factor": y.attention_factor,
+    });
+    if y.mscale_all_dim != 0.0 {
+        rope["mscale_all_dim"] = json!(y.mscale_all_dim);
+    }
+    rope
+}
+
 fn gpt_oss_json(cfg: &ModelConfig) -> Value {
     let o = &cfg.options;
-    let mut rope = match &o.yarn {
-        Some(y) => json!({
-            "rope_type": "yarn",
-            "factor": y.factor,
-            "attention_factor": y.attention_factor,
-            "beta_fast": y.beta_fast,
-            "beta_slow": y.beta_slow,
-            "original_max_position_embeddings": y.original_max_position_embeddings,
-            "truncate": y.truncate,
-        }),
-        None => json!({"rope_type": "default"}),
-    };
-    rope["rope_theta"] = json!(cfg.rope_theta.map(f32_json));
+    let rope = rope_parameters_json(cfg);
     let layer_types: Vec<&str> = (0..cfg.num_layers)
         .map(|i| match (cfg.sliding_window, &o.windowed_layers) {
             (Some(_), Some(w)) if !w.get(i).copied().unwrap_or(false) => "full_attention",
@@ -415,6 +433,72 @@ fn gpt_oss_json(cfg: &ModelConfig) -> Value {
         "rope_parameters": rope,
         "initializer_range": 0.02,
     })
+}
+
+fn deepseek_json(cfg: &ModelConfig) -> Value {
+    let o = &cfg.options;
+    let v3 = cfg.arch == Architecture::DeepseekV3;
+    let dense = cfg
+        .layer_ffn
+        .iter()
+        .take_while(|k| **k != FfnKind::Moe)
+        .count();
+    let shared = cfg.shared_expert_ffn.unwrap_or(0) / cfg.expert_ffn.max(1);
+    // One of the two routings, by version; its groups and scaling.
+    let (n_group, topk_group, scaling) = match (o.grouped_sigmoid, o.softmax_groups) {
+        (Some(g), _) => (g.n_group, g.topk_group, g.routed_scaling_factor),
+        (None, Some(g)) => (g.n_group, g.topk_group, g.routed_scaling_factor),
+        (None, None) => (1, 1, 1.0),
+    };
+    let rope = rope_parameters_json(cfg);
+    let m = o.mla;
+    let mut v = json!({
+        "architectures": [cfg.arch.hf_name()],
+        "model_type": if v3 { "deepseek_v3" } else { "deepseek_v2" },
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.dense_ffn,
+        "moe_intermediate_size": cfg.expert_ffn,
+        "n_routed_experts": cfg.num_experts,
+        "n_shared_experts": shared,
+        "num_experts_per_tok": cfg.top_k,
+        "first_k_dense_replace": dense,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "n_group": n_group,
+        "topk_group": topk_group,
+        "routed_scaling_factor": f32_json(scaling),
+        "q_lora_rank": m.and_then(|m| m.q_lora_rank),
+        "kv_lora_rank": m.map(|m| m.kv_lora_rank),
+        "qk_nope_head_dim": m.map(|m| m.qk_nope_head_dim),
+        "qk_rope_head_dim": m.map(|m| m.qk_rope_head_dim),
+        "v_head_dim": m.map(|m| m.v_head_dim),
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "hidden_act": activation_name(cfg.activation),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": f32_json(cfg.norm_eps),
+        "rope_parameters": rope,
+        "initializer_range": 0.02,
+    });
+    let obj = v.as_object_mut().expect("config is an object");
+    if v3 {
+        obj.insert(
+            "rope_interleave".into(),
+            json!(m.is_some_and(|m| m.interleaved)),
+        );
+        obj.insert("num_nextn_predict_layers".into(), json!(0));
+    } else {
+        let method = if n_group > 1 {
+            "group_limited_greedy"
+        } else {
+            "greedy"
+        };
+        obj.insert("topk_method".into(), json!(method));
+    }
+    v
 }
 
 fn llama_json(cfg: &ModelConfig) -> Value {
@@ -540,6 +624,8 @@ enum Values<'a> {
     /// A down-projection that reads its input rotated by `rotate_rows` on runs of this block:
     /// the weight of the same linear reading the input as it is (`W·T`, rows `Tᵀ·w`).
     RotatedInput(&'a Linear, usize),
+    /// A head tied to the table through a transform `G` it reads its input by: `E·G`.
+    Transformed(&'a Linear, &'a Linear),
     /// Several weights one after another in one tensor (Granite's stacked experts), each
     /// with the rotated model's down-projection block where it has one.
     Stacked(Vec<(&'a Linear, Option<usize>)>),
@@ -608,6 +694,7 @@ impl Tensor<'_> {
             }
             Values::Weight(l) => linear_rows(l),
             Values::RotatedInput(l, block) => Cow::Owned(unrotated_rows(l, block)),
+            Values::Transformed(table, g) => Cow::Owned(transformed_rows(table, g)),
             Values::Stacked(ref parts) => {
                 let mut all = Vec::with_capacity(self.numel());
                 for &(l, block) in parts {
@@ -630,6 +717,21 @@ fn unrotated_rows(l: &Linear, block: usize) -> Vec<f32> {
     rows.par_chunks_mut(k.max(1))
         .for_each(|row| crate::model::rotation::rotate_rows_back(row, k, block));
     rows
+}
+
+/// The rows of `table·g` (`g` square, the table's width): row i is `Σ_j table[i][j]·g[j]`.
+fn transformed_rows(table: &Linear, g: &Linear) -> Vec<f32> {
+    let (e, g) = (linear_rows(table), linear_rows(g));
+    let k = table.in_features;
+    let mut out = vec![0f32; table.out_features * k];
+    out.par_chunks_mut(k.max(1))
+        .zip(e.par_chunks(k.max(1)))
+        .for_each(|(o, row)| {
+            for (&a, g_row) in row.iter().zip(g.chunks_exact(k)) {
+                o.iter_mut().zip(g_row).for_each(|(o, &b)| *o += a * b);
+            }
+        });
+    out
 }
 
 /// `[out, in]` row-major f32 weights of `l`; int8 weights dequantized, an input scale folded in.
@@ -706,10 +808,10 @@ fn tensors(w: &Weights, ffn_block: Option<usize>, layout: ExpertLayout) -> Resul
     for layer in &w.layers {
         t.norm(&layer.attn_norm);
         let a = &layer.attn;
-        for l in [&a.q, &a.k, &a.v, &a.o] {
+        for l in a.projections() {
             t.linear(l);
         }
-        for n in a.qk_norm.iter().flatten() {
+        for n in a.norms() {
             t.norm(n);
         }
         if let Some(sinks) = &a.sinks {
@@ -751,6 +853,13 @@ fn tensors(w: &Weights, ffn_block: Option<usize>, layout: ExpertLayout) -> Resul
     }
     if let Some(l) = &w.lm_head {
         t.linear(l);
+    }
+    if let Some(g) = &w.head_transform {
+        t.0.push(Tensor {
+            name: "lm_head.weight".into(),
+            shape: vec![w.embed.out_features, w.embed.in_features],
+            values: Values::Transformed(&w.embed, g),
+        });
     }
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = t.0.iter().find(|x| !seen.insert(x.name.as_str())) {

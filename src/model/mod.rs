@@ -17,6 +17,7 @@ pub mod safetensors;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod weights;
+pub mod yarn;
 
 use crate::error::{Error, Result};
 use config::ModelConfig;
@@ -151,8 +152,11 @@ impl Model {
         let w = &self.weights;
         let mut n = w.embed.num_params() + w.lm_head.as_ref().map_or(0, |l| l.num_params());
         n += w.positions.as_ref().map_or(0, Vec::len);
-        n += w.project_in.as_ref().map_or(0, |l| l.num_params())
-            + w.project_out.as_ref().map_or(0, |l| l.num_params());
+        n += [&w.project_in, &w.head_transform, &w.project_out]
+            .into_iter()
+            .flatten()
+            .map(|l| l.num_params())
+            .sum::<usize>();
         n + w
             .layers
             .iter()
@@ -166,10 +170,13 @@ impl Model {
         let lin = |l: &weights::Linear| l.weight_bytes();
         let mut n = lin(&w.embed) + w.lm_head.as_ref().map_or(0, lin);
         n += w.positions.as_ref().map_or(0, |p| p.len() * 4);
-        n += w.project_in.as_ref().map_or(0, lin) + w.project_out.as_ref().map_or(0, lin);
+        n += [&w.project_in, &w.head_transform, &w.project_out]
+            .into_iter()
+            .flatten()
+            .map(lin)
+            .sum::<usize>();
         for l in &w.layers {
-            let a = &l.attn;
-            n += lin(&a.q) + lin(&a.k) + lin(&a.v) + lin(&a.o);
+            n += l.attn.weight_bytes();
             let mlp = weights::GatedMlp::weight_bytes;
             n += match &l.ffn {
                 Ffn::Moe(b) => {
@@ -232,8 +239,7 @@ impl Model {
 }
 
 fn layer_params(l: &weights::Layer, experts: usize) -> usize {
-    let a = &l.attn;
-    let attn = a.q.num_params() + a.k.num_params() + a.v.num_params() + a.o.num_params();
+    let attn: usize = l.attn.projections().iter().map(|p| p.num_params()).sum();
     let mlp = |m: &weights::GatedMlp| m.gate.num_params() + m.up.num_params() + m.down.num_params();
     let ffn = match &l.ffn {
         Ffn::Moe(b) => {

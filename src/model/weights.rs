@@ -257,8 +257,13 @@ pub enum Norm {
 
 #[derive(Debug, Clone)]
 pub struct Attention {
+    /// `q_proj`; under latent attention `q_b_proj` where a `q_a_proj` comes first.
     pub q: Linear,
+    /// `k_proj`; under latent attention `kv_a_proj_with_mqa` (the latent and the shared
+    /// rotated key part).
     pub k: Linear,
+    /// `v_proj`; under latent attention `kv_b_proj` (the latent to every head's unrotated key
+    /// part and value).
     pub v: Linear,
     pub o: Linear,
     /// RMSNorms of the query and key projections' outputs, before RoPE (Qwen3-MoE per head,
@@ -267,15 +272,55 @@ pub struct Attention {
     /// One sink logit per query head, joining that head's softmax denominator (GPT-OSS's
     /// `self_attn.sinks`).
     pub sinks: Option<Vec<f32>>,
+    /// Multi-head latent attention's other parts (DeepSeek; `ModelConfig::options.mla`).
+    pub latent: Option<Box<LatentParts>>,
+}
+
+/// What multi-head latent attention has beside q/k/v/o (see [`Attention`]'s fields).
+#[derive(Debug, Clone)]
+pub struct LatentParts {
+    /// `q_a_proj` and `q_a_layernorm`, before `q_b_proj` (a low-rank query); `None`: `q_proj`.
+    pub q_a: Option<(Linear, Norm)>,
+    /// `kv_a_layernorm`, on the latent before `kv_b_proj`.
+    pub kv_a_norm: Norm,
 }
 
 impl Attention {
-    /// Bytes of the four projections' weights.
+    /// Every projection: q/k/v/o, and a latent attention's `q_a_proj`.
+    pub fn projections(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.q, &self.k, &self.v, &self.o];
+        v.extend(
+            self.latent
+                .iter()
+                .filter_map(|l| l.q_a.as_ref().map(|(q, _)| q)),
+        );
+        v
+    }
+
+    /// [`Self::projections`], mutable.
+    pub fn projections_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = vec![&mut self.q, &mut self.k, &mut self.v, &mut self.o];
+        v.extend(
+            self.latent
+                .iter_mut()
+                .filter_map(|l| l.q_a.as_mut().map(|(q, _)| q)),
+        );
+        v
+    }
+
+    /// The norms inside the attention: q/k norms and a latent attention's.
+    pub fn norms(&self) -> Vec<&Norm> {
+        let mut v: Vec<&Norm> = self.qk_norm.iter().flatten().collect();
+        if let Some(l) = &self.latent {
+            v.extend(l.q_a.as_ref().map(|(_, n)| n));
+            v.push(&l.kv_a_norm);
+        }
+        v
+    }
+
+    /// Bytes of the projections' weights.
     pub fn weight_bytes(&self) -> usize {
-        [&self.q, &self.k, &self.v, &self.o]
-            .iter()
-            .map(|l| l.weight_bytes())
-            .sum()
+        self.projections().iter().map(|l| l.weight_bytes()).sum()
     }
 }
 
@@ -431,6 +476,9 @@ pub struct Weights {
     pub project_in: Option<Linear>,
     pub layers: Vec<Layer>,
     pub final_norm: Option<Norm>,
+    /// `hidden × hidden`, applied to the final norm's output before the head (a rotated model
+    /// whose head stays tied to its rotated embeddings: `config.head_transform`).
+    pub head_transform: Option<Linear>,
     pub project_out: Option<Linear>,
     /// `None` when tied to `embed`.
     pub lm_head: Option<Linear>,
@@ -445,12 +493,17 @@ impl Weights {
     pub fn linears(&self) -> Vec<&Linear> {
         let mut v = vec![&self.embed];
         v.extend(
-            [&self.project_in, &self.project_out, &self.lm_head]
-                .into_iter()
-                .flatten(),
+            [
+                &self.project_in,
+                &self.head_transform,
+                &self.project_out,
+                &self.lm_head,
+            ]
+            .into_iter()
+            .flatten(),
         );
         for l in &self.layers {
-            v.extend([&l.attn.q, &l.attn.k, &l.attn.v, &l.attn.o]);
+            v.extend(l.attn.projections());
             fn mlp(m: &GatedMlp) -> [&Linear; 3] {
                 [&m.gate, &m.up, &m.down]
             }
@@ -475,6 +528,7 @@ impl Weights {
     pub fn projections_mut(&mut self) -> Vec<&mut Linear> {
         let mut v: Vec<&mut Linear> = [
             &mut self.project_in,
+            &mut self.head_transform,
             &mut self.project_out,
             &mut self.lm_head,
         ]
@@ -482,8 +536,7 @@ impl Weights {
         .flatten()
         .collect();
         for l in &mut self.layers {
-            let a = &mut l.attn;
-            v.extend([&mut a.q, &mut a.k, &mut a.v, &mut a.o]);
+            v.extend(l.attn.projections_mut());
             fn mlp(m: &mut GatedMlp) -> [&mut Linear; 3] {
                 [&mut m.gate, &mut m.up, &mut m.down]
             }
@@ -519,7 +572,7 @@ impl Weights {
             if let Ffn::Moe(b) = &l.ffn {
                 small += b.score_bias.as_ref().map_or(0, Vec::len);
             }
-            small += l.attn.qk_norm.iter().flatten().map(norm_len).sum::<usize>();
+            small += l.attn.norms().into_iter().map(norm_len).sum::<usize>();
             small += l.attn.sinks.as_ref().map_or(0, Vec::len);
         }
         f(Storage::Owned(small * 4));

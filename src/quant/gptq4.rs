@@ -32,9 +32,36 @@ pub struct Int4Quantized {
     pub zeros: Vec<u8>,
 }
 
-/// Scale (f16-rounded) and zero point of a group of values.
+/// Shrink factors of a group's range tried by [`group_params`]: 1 (the whole range) down to 0.75.
+const CLIP_STEPS: usize = 11;
+
+/// Scale (f16-rounded) and zero point of a group of values: of the grids spanning the group's
+/// range shrunk by 1, 0.975, …, 0.75, the one with the least squared rounding error (clipping
+/// a rare large value buys every other value a finer step; the whole range is a candidate, so
+/// the error is never above the plain grid's).
 fn group_params(values: impl Iterator<Item = f64>, grid: Int4Grid) -> (f64, u8) {
-    let (lo, hi) = values.fold((0f64, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let values: Vec<f64> = values.collect();
+    let mut best = (f64::INFINITY, 0.0, SYMMETRIC_ZERO);
+    for step in 0..CLIP_STEPS {
+        let c = 1.0 - 0.025 * step as f64;
+        let (s, z) = range_params(&values, c, grid);
+        let err: f64 = values
+            .iter()
+            .map(|&v| (v - dequantize(quantize_value(v, s, z), s, z)).powi(2))
+            .sum();
+        if err < best.0 {
+            best = (err, s, z);
+        }
+    }
+    (best.1, best.2)
+}
+
+/// The grid over the group's range shrunk by `c`.
+fn range_params(values: &[f64], c: f64, grid: Int4Grid) -> (f64, u8) {
+    let (lo, hi) = values
+        .iter()
+        .fold((0f64, 0f64), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = (lo * c, hi * c);
     if grid.symmetric {
         // [-7, 7] around zero point 8: the grid stays symmetric, so does the rounding error.
         let m = (-lo).max(hi);
@@ -240,12 +267,32 @@ mod tests {
             let kg = k.div_ceil(grid.group);
             let rtn = rtn4(&w, n, k, grid);
             for j in 0..n {
-                for i in 0..k {
-                    let g = j * kg + i / grid.group;
-                    let s = f64::from(rtn.scales[g]);
-                    let wq = dequantize(rtn.u[j * k + i], s, rtn.zeros[g]);
-                    // Half a step, plus the f16 rounding of the scale over up to 15 steps.
-                    assert!((wq - f64::from(w[j * k + i])).abs() <= s * (0.5 + 15.0 / 1024.0));
+                for g in 0..kg {
+                    let cols = g * grid.group..((g + 1) * grid.group).min(k);
+                    let (s, z) = (f64::from(rtn.scales[j * kg + g]), rtn.zeros[j * kg + g]);
+                    let (mut err, mut plain_err) = (0.0, 0.0);
+                    // The plain grid over the whole range, the searched one's first candidate.
+                    let vals: Vec<f64> = cols.clone().map(|i| f64::from(w[j * k + i])).collect();
+                    let (ps, pz) = range_params(&vals, 1.0, grid);
+                    for i in cols {
+                        let v = f64::from(w[j * k + i]);
+                        let wq = dequantize(rtn.u[j * k + i], s, z);
+                        // Inside the clipped range: half a step, plus the f16 rounding of the
+                        // scale over up to 15 steps; outside it, the nearest end.
+                        let inside = (f64::from(z) + (v / s).round()).clamp(0.0, 15.0)
+                            == f64::from(z) + (v / s).round();
+                        if inside {
+                            assert!((wq - v).abs() <= s * (0.5 + 15.0 / 1024.0));
+                        } else {
+                            assert!(rtn.u[j * k + i] == 0 || rtn.u[j * k + i] == 15);
+                        }
+                        err += (wq - v).powi(2);
+                        plain_err += (dequantize(quantize_value(v, ps, pz), ps, pz) - v).powi(2);
+                    }
+                    assert!(
+                        err <= plain_err,
+                        "the search is never worse than the whole range"
+                    );
                 }
             }
             for act_order in [false, true] {

@@ -57,13 +57,16 @@ impl Rotation {
 
     /// `x ← R·x`.
     pub fn apply(&self, x: &mut [f32]) {
-        debug_assert_eq!(x.len(), self.dim);
+        let mut v: Vec<f64> = x.iter().map(|&a| a as f64).collect();
+        self.apply_f64(&mut v);
+        x.iter_mut().zip(&v).for_each(|(o, a)| *o = *a as f32);
+    }
+
+    /// `x ← R·x` in f64.
+    pub fn apply_f64(&self, v: &mut [f64]) {
+        debug_assert_eq!(v.len(), self.dim);
         let m = self.odd;
-        let mut v: Vec<f64> = x
-            .iter()
-            .zip(&self.signs)
-            .map(|(&a, s)| a as f64 * s)
-            .collect();
+        v.iter_mut().zip(&self.signs).for_each(|(a, s)| *a *= s);
         // Index i = p·m + q: Q_m on each run of m, then H_p across the runs.
         if m > 1 {
             let mut t = vec![0f64; m];
@@ -90,9 +93,28 @@ impl Rotation {
             h *= 2;
         }
         let norm = 1.0 / (self.pow2 as f64).sqrt();
-        x.iter_mut()
-            .zip(&v)
-            .for_each(|(o, a)| *o = (a * norm) as f32);
+        v.iter_mut().for_each(|a| *a *= norm);
+    }
+
+    /// `R·diag(γ)·Rᵀ`, `dim × dim` row-major, computed in f64 and rounded once: what the
+    /// rotated residual stream's normed values go through to meet a head that reads `γ ⊙ n`.
+    pub fn conjugated_scale(&self, gamma: &[f32]) -> Vec<f32> {
+        let d = self.dim;
+        debug_assert_eq!(gamma.len(), d);
+        // Column i of R is R·e_i, so row j of R (column j of Rᵀ) is read off these columns.
+        let mut cols = vec![0f64; d * d];
+        for (i, col) in cols.chunks_exact_mut(d).enumerate() {
+            col[i] = 1.0;
+            self.apply_f64(col);
+        }
+        // Column j of G is R·(γ ⊙ Rᵀ·e_j); G is symmetric, so it is also row j.
+        let mut g = vec![0f32; d * d];
+        for (j, row) in g.chunks_exact_mut(d).enumerate() {
+            let mut v: Vec<f64> = (0..d).map(|i| cols[i * d + j] * gamma[i] as f64).collect();
+            self.apply_f64(&mut v);
+            row.iter_mut().zip(&v).for_each(|(o, a)| *o = *a as f32);
+        }
+        g
     }
 }
 
@@ -212,29 +234,38 @@ impl ModelRotation {
         }
     }
 
-    /// Rotates the embedding rows, untying the head from them (the head is rotated last, by
-    /// [`Self::rotate_head`]: it also takes the final norm's weight). Call before any layer runs.
+    /// Rotates the embedding rows (`E ← E·Rᵀ`). A head tied to them stays tied: it reads the
+    /// final norm's output through `R·diag(γ)·Rᵀ` ([`Self::rotate_head`]), so the model stores
+    /// one `vocab × hidden` matrix, as before rotating. Call before any layer runs.
     pub fn rotate_embeddings(&self, cfg: &mut ModelConfig, w: &mut Weights) -> Result<()> {
-        if w.lm_head.is_none() {
-            let mut head = w.embed.clone();
-            head.name = "lm_head".into();
-            w.lm_head = Some(head);
-        }
-        cfg.tie_word_embeddings = false;
         let ones = vec![1.0; cfg.hidden_size];
         rotate_reader(&mut w.embed, &ones, &self.residual)?;
         cfg.ffn_hadamard_block = self.ffn_block;
         Ok(())
     }
 
-    /// `head ← head·diag(γ)·Rᵀ` with the final norm's γ, which becomes ones.
-    pub fn rotate_head(&self, w: &mut Weights) -> Result<()> {
+    /// Moves the final norm's γ (which becomes ones) into what reads it: an untied head,
+    /// `head ← head·diag(γ)·Rᵀ`; a tied one, whose rows are the rotated embeddings `E·Rᵀ`,
+    /// through `G = R·diag(γ)·Rᵀ` applied before it (`E·Rᵀ·G = E·diag(γ)·Rᵀ`).
+    pub fn rotate_head(&self, cfg: &mut ModelConfig, w: &mut Weights) -> Result<()> {
         let gamma = take_norm_weight(w.final_norm.as_mut())?;
-        let head = w
-            .lm_head
-            .as_mut()
-            .ok_or_else(|| Error::invalid("rotate_embeddings unties the head first"))?;
-        rotate_reader(head, &gamma, &self.residual)
+        if let Some(head) = w.lm_head.as_mut() {
+            return rotate_reader(head, &gamma, &self.residual);
+        }
+        let norm = match &w.final_norm {
+            Some(Norm::Rms { name, .. }) => name,
+            _ => return Err(Error::invalid("rotation needs a final RMSNorm")),
+        };
+        let d = self.residual.dim();
+        w.head_transform = Some(Linear::new(
+            &format!("{norm}.transform"),
+            d,
+            d,
+            self.residual.conjugated_scale(&gamma),
+            None,
+        ));
+        cfg.head_transform = true;
+        Ok(())
     }
 
     /// Rotates one layer's weights (f32; call after they are read, before calibration).
@@ -381,6 +412,52 @@ mod tests {
             }
         }
         m
+    }
+
+    /// `G = R·diag(γ)·Rᵀ` against the three steps done explicitly in f64 on random vectors:
+    /// `Rᵀ` (the transpose of R's dense matrix), the scale, then `R`.
+    #[test]
+    fn conjugated_scale_is_rotate_scale_unrotate() {
+        for d in [8, 96, 576] {
+            let r = Rotation::random(d, 11);
+            let mut rng = SplitMix64::new(d as u64);
+            let mut uniform = || (rng.next_u64() % 20001) as f64 / 10000.0 - 1.0;
+            let gamma: Vec<f32> = (0..d).map(|_| (1.5 * uniform()) as f32).collect();
+            let g = r.conjugated_scale(&gamma);
+            // Dense R in f64: column j is R·e_j.
+            let mut dense = vec![0f64; d * d];
+            for j in 0..d {
+                let mut e = vec![0f64; d];
+                e[j] = 1.0;
+                r.apply_f64(&mut e);
+                (0..d).for_each(|i| dense[i * d + j] = e[i]);
+            }
+            for _ in 0..3 {
+                let x: Vec<f64> = (0..d).map(|_| uniform()).collect();
+                let rt_x: Vec<f64> = (0..d)
+                    .map(|i| (0..d).map(|k| dense[k * d + i] * x[k]).sum())
+                    .collect();
+                let scaled: Vec<f64> = rt_x
+                    .iter()
+                    .zip(&gamma)
+                    .map(|(v, &g)| v * g as f64)
+                    .collect();
+                let want: Vec<f64> = (0..d)
+                    .map(|i| (0..d).map(|k| dense[i * d + k] * scaled[k]).sum())
+                    .collect();
+                let norm = want.iter().map(|v| v * v).sum::<f64>().sqrt();
+                for (i, w) in want.iter().enumerate() {
+                    let got: f64 = (0..d).map(|k| g[i * d + k] as f64 * x[k]).sum();
+                    assert!((got - w).abs() < 1e-6 * norm, "d {d} [{i}]: {got} vs {w}");
+                }
+            }
+            // The identity where γ is all ones.
+            let id = r.conjugated_scale(&vec![1.0; d]);
+            for (i, v) in id.iter().enumerate() {
+                let want = if i / d == i % d { 1.0 } else { 0.0 };
+                assert!((v - want).abs() < 1e-6, "d {d} [{i}] {v}");
+            }
+        }
     }
 
     #[test]

@@ -136,9 +136,14 @@ pub fn write_emoe<'a>(
             p,
         )]);
     }
-    for lin in [&weights.project_in, &weights.project_out, &weights.lm_head]
-        .into_iter()
-        .flatten()
+    for lin in [
+        &weights.project_in,
+        &weights.head_transform,
+        &weights.project_out,
+        &weights.lm_head,
+    ]
+    .into_iter()
+    .flatten()
     {
         add(linear_tensors(lin));
     }
@@ -150,10 +155,10 @@ pub fn write_emoe<'a>(
         add(norm_tensors(&layer.attn_norm));
         add(norm_tensors(&layer.ffn_norm));
         let a = &layer.attn;
-        for lin in [&a.q, &a.k, &a.v, &a.o] {
+        for lin in a.projections() {
             add(linear_tensors(lin));
         }
-        for n in a.qk_norm.iter().flatten() {
+        for n in a.norms() {
             add(norm_tensors(n));
         }
         if let Some(sinks) = &a.sinks {

@@ -5,7 +5,7 @@
 //! Token-by-token decoding (the device KV storage) is checked the same way.
 
 use super::common::device;
-use edgemoe::backend::{engine_for, BackendChoice};
+use edgemoe::backend::{engine_for, Backend, BackendChoice};
 use edgemoe::engine::ppl::perplexity;
 use edgemoe::engine::{BatchItem, Logits};
 use edgemoe::{Engine, Model};
@@ -326,4 +326,74 @@ fn gpt_oss_is_refused_on_cuda() {
         .expect("GPT-OSS on CUDA")
         .to_string();
     assert!(err.contains("attention sinks"), "{err}");
+}
+
+/// Multi-head latent attention has no GPU path: `--backend cuda` refuses a DeepSeek model by
+/// name before touching a device (so this runs on machines without one), and `auto` falls back
+/// to the CPU.
+#[test]
+fn gpu_refuses_latent_attention() {
+    let root = fixture_dir().join("..");
+    for name in ["deepseekv2-tiny", "deepseekv3-tiny"] {
+        let model = Arc::new(Model::load(&root.join(name)).expect("fixture"));
+        let e = match engine_for(model.clone(), BackendChoice::Cuda, 1) {
+            Ok(_) => panic!("{name}: the GPU took a latent-attention model"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("multi-head latent attention") && e.contains("--backend cpu"),
+            "{name}: {e}"
+        );
+        let auto = engine_for(model, BackendChoice::Auto, 1).expect("auto");
+        assert_eq!(auto.backend().name(), "cpu");
+    }
+}
+
+/// A rotated model whose head stays tied to its embeddings reads the final norm through the
+/// `hidden × hidden` head transform (an f32 linear on the device): the tied Llama fixture
+/// rotated with every linear kept f32, and quantized (W8A8 layers, weight-only int8 table as
+/// the head), on the GPU against the CPU engine, prefill and token by token. A transform
+/// skipped or applied transposed moves logits by O(1); the int8 model's tolerance leaves room
+/// for an activation's rounding to flip in another summation order.
+#[test]
+fn gpu_runs_a_tied_head_through_its_transform_as_the_cpu() {
+    if device("model").is_none() {
+        return;
+    }
+    let root = fixture_dir().join("..");
+    for (keep_f32, rel_tol) in [(true, 1e-3f32), (false, 2e-2)] {
+        let model = Model::load(&root.join("llama-tiny")).expect("fixture");
+        let mut opts = edgemoe::quant::QuantOptions::new(edgemoe::quant::Method::Rtn, &model);
+        if keep_f32 {
+            opts.keep_f32 = vec![String::new()];
+            opts.head = edgemoe::quant::HeadQuant::F32;
+        }
+        let model = edgemoe::quant::quantize(model, &[], 0, &opts, |_, _, _| {})
+            .expect("rtn")
+            .0;
+        assert!(model.weights.head_transform.is_some() && model.weights.lm_head.is_none());
+        let model = Arc::new(model);
+        let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 500 + 3).collect();
+        let cpu = engine_for(model.clone(), BackendChoice::Cpu, 0).unwrap();
+        let gpu = engine_for(model.clone(), BackendChoice::Cuda, 0).unwrap();
+        let want = all_logits(&cpu, &tokens);
+        let tol = rel_tol * want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut cache = gpu.new_cache();
+        let mut decoded = Vec::new();
+        for t in tokens.chunks(1) {
+            let mut batch = [BatchItem {
+                tokens: t,
+                cache: &mut cache,
+                logits: Logits::Last,
+            }];
+            decoded.extend(gpu.forward(&mut batch).expect("decode").remove(0));
+        }
+        for (what, got) in [("prefill", all_logits(&gpu, &tokens)), ("decode", decoded)] {
+            let worst = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst <= tol, "f32 {keep_f32} {what}: worst {worst} > {tol}");
+        }
+    }
 }

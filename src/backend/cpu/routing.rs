@@ -3,7 +3,7 @@
 
 use super::ops::softmax;
 use crate::backend::Pick;
-use crate::model::config::GroupedSigmoid;
+use crate::model::config::{GroupedSigmoid, SoftmaxGroups};
 
 /// Top-k experts of one token and their mixing weights.
 pub fn route(router_logits: &[f32], top_k: usize, renormalize: bool) -> Vec<(usize, f32)> {
@@ -124,6 +124,44 @@ pub fn route_grouped_sigmoid(
     picks
 }
 
+/// Every pick of rows `first_row..` under DeepSeek-V2's softmax routing ([`SoftmaxGroups`]),
+/// given their router logits (`rows × experts`): what transformers' DeepseekV2TopkRouter
+/// computes (a group's score is its best expert's; experts of other groups score 0), ties
+/// going to the lower index as in [`route`].
+pub fn route_grouped_softmax(
+    logits: &[f32],
+    experts: usize,
+    g: &SoftmaxGroups,
+    top_k: usize,
+    first_row: usize,
+) -> Vec<Pick> {
+    let experts = experts.max(1);
+    let per_group = experts / g.n_group.max(1);
+    let mut picks = Vec::with_capacity(logits.len() / experts * top_k);
+    for (r, row) in logits.chunks_exact(experts).enumerate() {
+        let mut scores = row.to_vec();
+        softmax(&mut scores);
+        if g.n_group > 1 {
+            let group_best: Vec<f32> = scores
+                .chunks_exact(per_group)
+                .map(|c| c.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+                .collect();
+            let groups = top_indices(&group_best, g.topk_group);
+            for (i, s) in scores.iter_mut().enumerate() {
+                if !groups.contains(&(i / per_group)) {
+                    *s = 0.0;
+                }
+            }
+        }
+        picks.extend(top_indices(&scores, top_k).into_iter().map(|e| Pick {
+            expert: e,
+            row: first_row + r,
+            weight: scores[e] * g.routed_scaling_factor,
+        }));
+    }
+    picks
+}
+
 /// Indices of the `k` largest values, largest first, ties to the lower index.
 fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
     let mut chosen: Vec<usize> = Vec::with_capacity(k);
@@ -171,6 +209,43 @@ mod tests {
         assert_eq!(ids, vec![5, 3]);
         let sum: f32 = picks.iter().map(|p| p.weight).sum();
         assert!((sum - 2.5).abs() < 1e-5, "{sum}");
+    }
+
+    /// Groups {0,1}, {2,3}, {4,5}: group scores are the best single softmax score; the
+    /// chosen experts' plain scores, times the factor, are the weights.
+    #[test]
+    fn grouped_softmax_chooses_within_the_best_groups() {
+        let logits = [2.0, 1.9, 0.0, 3.0, 1.0, 2.9];
+        let mut p = logits.to_vec();
+        softmax(&mut p);
+        let g = SoftmaxGroups {
+            n_group: 3,
+            topk_group: 2,
+            routed_scaling_factor: 1.5,
+        };
+        // Best of each group: 2.0, 3.0, 2.9 → groups 1 and 2; then 3 and 5.
+        let picks = route_grouped_softmax(&logits, 6, &g, 2, 4);
+        let ids: Vec<usize> = picks.iter().map(|p| p.expert).collect();
+        assert_eq!(ids, vec![3, 5]);
+        assert!((picks[0].weight - 1.5 * p[3]).abs() < 1e-7);
+        assert!((picks[1].weight - 1.5 * p[5]).abs() < 1e-7);
+        assert!(picks.iter().all(|p| p.row == 4));
+        // Greedy (one group): the top two over all, 3 then 5, 0 third.
+        let greedy = SoftmaxGroups {
+            n_group: 1,
+            topk_group: 1,
+            ..g
+        };
+        let picks = route_grouped_softmax(&logits, 6, &greedy, 3, 0);
+        let ids: Vec<usize> = picks.iter().map(|p| p.expert).collect();
+        assert_eq!(ids, vec![3, 5, 0]);
+        // One group only: expert 0 of group 0 would be third overall but is shut out.
+        let one = SoftmaxGroups { topk_group: 1, ..g };
+        let ids: Vec<usize> = route_grouped_softmax(&logits, 6, &one, 2, 0)
+            .iter()
+            .map(|p| p.expert)
+            .collect();
+        assert_eq!(ids, vec![3, 2]);
     }
 
     #[test]

@@ -144,14 +144,24 @@ fn naming_op(op: String, e: Error) -> Error {
     }
 }
 
-/// Why the CUDA backend refuses a model's configuration: its attention kernel has no sink
-/// logits (GPT-OSS), and would compute another model's numbers without them.
+/// Why the CUDA backend refuses attention with sink logits (GPT-OSS): its kernel has none, and
+/// would compute another model's numbers without them.
 const SINKS_UNSUPPORTED: &str = "the CUDA backend does not run attention sinks (GPT-OSS); \
      use --backend cpu";
 
-/// [`SINKS_UNSUPPORTED`] where `cfg` has attention sinks, else `None`.
-pub fn unsupported(cfg: &crate::model::config::ModelConfig) -> Option<&'static str> {
-    cfg.options.attention_sinks.then_some(SINKS_UNSUPPORTED)
+/// Why the GPU cannot run a model of `cfg`, or `None`: attention sinks (GPT-OSS) have no kernel,
+/// and multi-head latent attention (DeepSeek-V2/V3) has not been run on a device; both are
+/// refused rather than risk wrong numbers.
+pub fn unsupported_model(cfg: &crate::model::config::ModelConfig) -> Option<String> {
+    let name = cfg.arch.hf_name();
+    if cfg.options.attention_sinks {
+        return Some(format!("{name}: {SINKS_UNSUPPORTED}"));
+    }
+    cfg.options.mla.is_some().then(|| {
+        format!(
+            "{name}: multi-head latent attention has no CUDA path yet; run it with --backend cpu"
+        )
+    })
 }
 
 impl CudaBackend {
@@ -167,8 +177,8 @@ impl CudaBackend {
     }
 
     fn with_weights(model: &crate::Model, routed_experts: bool) -> Result<CudaBackend> {
-        if let Some(why) = unsupported(&model.config) {
-            return Err(crate::Error::invalid(why));
+        if let Some(why) = unsupported_model(&model.config) {
+            return Err(crate::error::Error::invalid(why));
         }
         let backend = CudaBackend::open()?;
         backend
@@ -601,8 +611,7 @@ impl Backend for CudaBackend {
 
     fn rope_table(&self, head_dim: usize, theta: f32, positions: &[usize]) -> DeviceRope {
         // The CPU's angles (ops.rs: Rope), computed the same way so the rotation is identical.
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
+        let inv_freq: Vec<f32> = (0..head_dim / 2)
             .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
             .collect();
         self.rope_table_freqs(&inv_freq, 1.0, positions)

@@ -211,7 +211,10 @@ impl WeightCache {
         let w = &model.weights;
         check_unique_names(model)?;
         self.embedding(gpu, &w.embed)?;
-        for lin in [&w.project_in, &w.project_out].into_iter().flatten() {
+        for lin in [&w.project_in, &w.head_transform, &w.project_out]
+            .into_iter()
+            .flatten()
+        {
             self.linear(gpu, lin)?;
         }
         self.linear(gpu, w.head())?;
@@ -221,7 +224,7 @@ impl WeightCache {
         for layer in &w.layers {
             self.norm(gpu, &layer.attn_norm)?;
             self.norm(gpu, &layer.ffn_norm)?;
-            for lin in [&layer.attn.q, &layer.attn.k, &layer.attn.v, &layer.attn.o] {
+            for lin in layer.attn.projections() {
                 self.linear(gpu, lin)?;
             }
             let mlps: Vec<&crate::model::weights::GatedMlp> = match &layer.ffn {

@@ -43,7 +43,9 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> Resu
     rms_decoder(&l, cfg, layers)
 }
 
-fn moe(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str) -> Result<MoeBlock> {
+/// The experts, router and shared expert under `p` (DeepSeek's names too); the router's
+/// correction bias is read where the routing is grouped sigmoid.
+pub(super) fn moe(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str) -> Result<MoeBlock> {
     let (h, f, n) = (cfg.hidden_size, cfg.expert_ffn, cfg.num_experts);
     let experts = (0..n)
         .map(|e| {
@@ -81,10 +83,13 @@ fn moe(l: &Loader, cfg: &ModelConfig, layer: usize, p: &str) -> Result<MoeBlock>
         )?,
         experts,
         shared,
-        score_bias: Some(l.vector(
-            &format!("{p}.gate.e_score_correction_bias"),
-            n,
-            "n_routed_experts",
-        )?),
+        score_bias: match cfg.options.grouped_sigmoid {
+            Some(_) => Some(l.vector(
+                &format!("{p}.gate.e_score_correction_bias"),
+                n,
+                "n_routed_experts",
+            )?),
+            None => None,
+        },
     })
 }

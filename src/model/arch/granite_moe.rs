@@ -45,6 +45,7 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> Resu
         project_in: None,
         layers,
         final_norm: Some(l.rms_norm("model.norm", h, cfg.norm_eps)?),
+        head_transform: None,
         project_out: None,
         lm_head: lm_head(&l, cfg)?,
     })

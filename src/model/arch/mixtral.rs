@@ -39,6 +39,7 @@ pub fn rms_decoder(l: &Loader, cfg: &ModelConfig, layers: Vec<Layer>) -> Result<
         project_in: None,
         layers,
         final_norm: Some(l.rms_norm("model.norm", h, cfg.norm_eps)?),
+        head_transform: None,
         project_out: None,
         lm_head: lm_head(l, cfg)?,
     })
@@ -89,6 +90,7 @@ pub fn attention_with(
         )?,
         qk_norm: qk_norms(l, cfg, p)?,
         sinks: None,
+        latent: None,
     })
 }
 

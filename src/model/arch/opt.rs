@@ -39,6 +39,7 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> Resu
                     o: l.linear(&format!("{a}.out_proj"), h, h, b, why)?,
                     qk_norm: None,
                     sinks: None,
+                    latent: None,
                 },
                 ffn_norm: l.layer_norm(&format!("{p}.final_layer_norm"), h, cfg.norm_eps)?,
                 ffn: Ffn::Plain(PlainMlp {
@@ -90,6 +91,7 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> Resu
         } else {
             None
         },
+        head_transform: None,
         project_out: if projected {
             Some(l.linear(
                 &format!("{root}.project_out"),

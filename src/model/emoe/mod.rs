@@ -188,6 +188,9 @@ impl TensorClass {
             TensorClass::Experts
         } else if has("shared_expert") {
             TensorClass::SharedExpert
+        } else if has("norm.transform") {
+            // What the head reads the final norm through (a tied, rotated head).
+            TensorClass::Head
         } else if has("norm") {
             TensorClass::Norms
         } else if has("embed_tokens") || has("embed_positions") || has("project_in") {
@@ -302,6 +305,7 @@ mod tests {
             ),
             ("model.layers.0.mlp.gate_proj.weight", TensorClass::Other),
             ("lm_head.weight", TensorClass::Head),
+            ("model.norm.transform.weight", TensorClass::Head),
             (
                 "model.layers.0.block_sparse_moe.experts.3.w1.weight",
                 TensorClass::Experts,

@@ -3,31 +3,24 @@
 
 use super::dashboard;
 use super::openai::{self, Ids};
-use super::peer::Peer;
+use super::wire::{Method, Refusal, Request, Response, Stream};
 use super::{api_for, Reply, Shared, ToScheduler};
 use crate::engine::generation::{FinishReason, GenerateOutput};
 use crate::serve::protocol::{parse_request, Api, PromptInput};
 use serde_json::{json, Value};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use tiny_http::{Header, Method, Request, Response};
 
-fn header(name: &str, value: &str) -> Header {
-    // Names and values here are ASCII constants or numbers, which tiny_http always accepts.
-    Header::from_bytes(name.as_bytes(), value.as_bytes())
-        .unwrap_or_else(|_| Header::from_bytes(&b"X-Invalid"[..], &b"1"[..]).expect("ascii"))
-}
-
-fn json_response(status: u16, body: &Value) -> Response<std::io::Cursor<Vec<u8>>> {
+fn json_response(status: u16, body: &Value) -> Response {
     Response::from_data(body.to_string().into_bytes())
         .with_status_code(status)
-        .with_header(header("Content-Type", "application/json"))
+        .with_header("Content-Type", "application/json")
 }
 
-fn send(request: Request, response: Response<std::io::Cursor<Vec<u8>>>) {
+fn send(request: Request<'_>, response: Response) {
     // A client that left before its answer needs no answer.
-    let _ = request.respond(response);
+    request.respond(response);
 }
 
 fn error_kind(status: u16) -> &'static str {
@@ -40,16 +33,23 @@ fn error_kind(status: u16) -> &'static str {
     }
 }
 
-fn fail(request: Request, status: u16, code: &str, message: &str) {
-    let mut r = json_response(status, &openai::error(message, error_kind(status), code));
+/// An error in OpenAI's shape; a 503 says when to retry.
+fn error_response(status: u16, code: &str, message: &str) -> Response {
+    let r = json_response(status, &openai::error(message, error_kind(status), code));
     if status == 503 {
-        r = r.with_header(header("Retry-After", "1"));
+        return r.with_header("Retry-After", "1");
     }
-    send(request, r);
+    r
 }
 
-pub(super) fn respond_busy(request: Request, message: &str) {
-    fail(request, 503, "overloaded", message);
+fn fail(request: Request<'_>, status: u16, code: &str, message: &str) {
+    send(request, error_response(status, code, message));
+}
+
+/// What the HTTP layer answers a request it cannot serve (malformed, too large, too many
+/// connections).
+pub(super) fn refusal_response(r: &Refusal) -> Response {
+    error_response(r.status, r.code, &r.message)
 }
 
 /// Compares a client's key with ours in time that depends only on the lengths, so response
@@ -63,18 +63,14 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
     std::hint::black_box(diff) == 0 && given.len() == expected.len()
 }
 
-pub(super) fn handle(request: Request, shared: &Shared) {
+pub(super) fn handle(request: Request<'_>, shared: &Shared) {
     let path = request.url().split('?').next().unwrap_or("").to_string();
     // The dashboard's page and script hold no data (they fetch `/v1/stats` with the key the
     // user types in), and a browser cannot send a bearer header when it opens a URL.
     if path != "/health" && !dashboard::is_asset(&path) {
         if let Some(key) = &shared.api_key {
             let expected = format!("Bearer {key}");
-            let given = request
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("Authorization"))
-                .map(|h| h.value.as_str().to_string());
+            let given = request.header("Authorization");
             if !given.is_some_and(|g| same_secret(g.as_bytes(), expected.as_bytes())) {
                 return fail(
                     request,
@@ -101,7 +97,7 @@ pub(super) fn handle(request: Request, shared: &Shared) {
             Some(_) => send(request, json_response(200, &json!({"status": "ok"}))),
             None => {
                 let r = json_response(503, &json!({"status": "loading"}))
-                    .with_header(header("Retry-After", "1"));
+                    .with_header("Retry-After", "1");
                 send(request, r)
             }
         },
@@ -137,7 +133,7 @@ pub(super) fn handle(request: Request, shared: &Shared) {
     }
 }
 
-fn metrics(request: Request, shared: &Shared) {
+fn metrics(request: Request<'_>, shared: &Shared) {
     let (tx, rx) = mpsc::channel();
     if shared.to_scheduler.send(ToScheduler::Metrics(tx)).is_err() {
         return fail(request, 503, "unavailable", "the scheduler has stopped");
@@ -145,32 +141,30 @@ fn metrics(request: Request, shared: &Shared) {
     match rx.recv() {
         Ok(text) => send(
             request,
-            Response::from_data(text.into_bytes()).with_header(header(
-                "Content-Type",
-                "text/plain; version=0.0.4; charset=utf-8",
-            )),
+            Response::from_data(text.into_bytes())
+                .with_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
         ),
         Err(_) => fail(request, 503, "unavailable", "the scheduler has stopped"),
     }
 }
 
 /// A file of the dashboard, with a policy that lets it load nothing from elsewhere.
-fn page(request: Request, path: &str) {
+fn page(request: Request<'_>, path: &str) {
     let Some(a) = dashboard::asset(path) else {
         return fail(request, 404, "not_found", &format!("no route {path}"));
     };
     let r = Response::from_data(a.body.as_bytes().to_vec())
-        .with_header(header("Content-Type", a.content_type))
-        .with_header(header(
+        .with_header("Content-Type", a.content_type)
+        .with_header(
             "Content-Security-Policy",
             dashboard::CONTENT_SECURITY_POLICY,
-        ))
-        .with_header(header("X-Content-Type-Options", "nosniff"))
-        .with_header(header("Cache-Control", "no-cache"));
+        )
+        .with_header("X-Content-Type-Options", "nosniff")
+        .with_header("Cache-Control", "no-cache");
     send(request, r)
 }
 
-fn stats(request: Request, shared: &Shared, model: &str) {
+fn stats(request: Request<'_>, shared: &Shared, model: &str) {
     let (tx, rx) = mpsc::channel();
     if shared.to_scheduler.send(ToScheduler::Stats(tx)).is_err() {
         return fail(request, 503, "unavailable", "the scheduler has stopped");
@@ -178,7 +172,7 @@ fn stats(request: Request, shared: &Shared, model: &str) {
     match rx.recv() {
         Ok(mut v) => {
             v["model"] = json!(model);
-            let r = json_response(200, &v).with_header(header("Cache-Control", "no-store"));
+            let r = json_response(200, &v).with_header("Cache-Control", "no-store");
             send(request, r)
         }
         Err(_) => fail(request, 503, "unavailable", "the scheduler has stopped"),
@@ -186,16 +180,12 @@ fn stats(request: Request, shared: &Shared, model: &str) {
 }
 
 /// Reads at most `limit` bytes of body; `None` when it is longer.
-fn read_body(request: &mut Request, limit: usize) -> Option<std::io::Result<Vec<u8>>> {
-    if request.body_length().is_some_and(|n| n > limit) {
+fn read_body(request: &mut Request<'_>, limit: usize) -> Option<std::io::Result<Vec<u8>>> {
+    if request.body_length().is_some_and(|n| n > limit as u64) {
         return None;
     }
     let mut body = Vec::new();
-    match request
-        .as_reader()
-        .take(limit as u64 + 1)
-        .read_to_end(&mut body)
-    {
+    match request.body().take(limit as u64 + 1).read_to_end(&mut body) {
         Ok(_) if body.len() > limit => None,
         Ok(_) => Some(Ok(body)),
         Err(e) => Some(Err(e)),
@@ -204,7 +194,7 @@ fn read_body(request: &mut Request, limit: usize) -> Option<std::io::Result<Vec<
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-fn complete(mut request: Request, shared: &Shared, api: Api, model: &str) {
+fn complete(mut request: Request<'_>, shared: &Shared, api: Api, model: &str) {
     let limit = shared.max_body_bytes;
     let body = match read_body(&mut request, limit) {
         None => {
@@ -288,10 +278,10 @@ fn complete(mut request: Request, shared: &Shared, api: Api, model: &str) {
         return;
     }
     let mut outs: Vec<Option<GenerateOutput>> = vec![None; n];
-    let mut watch = Watch::new(&request, shared.port);
+    let mut watch = Watch::new();
     let mut next = Some(first);
     loop {
-        if watch.client_left() {
+        if watch.client_left(&request) {
             // Returning drops `rx`: the scheduler's next send fails and cancels the request.
             return;
         }
@@ -330,10 +320,6 @@ fn complete(mut request: Request, shared: &Shared, api: Api, model: &str) {
 
 /// Watches the client of a whole (non-streaming) answer while it is generated.
 struct Watch {
-    port: u16,
-    remote: Option<std::net::SocketAddr>,
-    /// Found on the first check, so quick answers never look for it.
-    peer: Option<Option<Peer>>,
     checked: std::time::Instant,
 }
 
@@ -341,26 +327,19 @@ impl Watch {
     /// How often the client's socket is checked.
     const EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
-    fn new(request: &Request, port: u16) -> Watch {
+    fn new() -> Watch {
         Watch {
-            port,
-            remote: request.remote_addr().copied(),
-            peer: None,
             checked: std::time::Instant::now(),
         }
     }
 
     /// Whether the client has gone, looked at no more often than [`Self::EVERY`].
-    fn client_left(&mut self) -> bool {
+    fn client_left(&mut self, request: &Request<'_>) -> bool {
         if self.checked.elapsed() < Self::EVERY {
             return false;
         }
         self.checked = std::time::Instant::now();
-        let (port, remote) = (self.port, self.remote);
-        let peer = self
-            .peer
-            .get_or_insert_with(|| remote.and_then(|r| Peer::find(port, r)));
-        peer.as_ref().is_some_and(Peer::closed)
+        request.client_closed()
     }
 }
 
@@ -374,12 +353,14 @@ struct Sse<'a> {
 }
 
 impl Sse<'_> {
-    fn run(&self, request: Request, echo: String, first: Reply, rx: mpsc::Receiver<Reply>) {
-        let mut w = request.into_writer();
-        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
-        if w.write_all(head.as_bytes()).is_err() {
+    fn run(&self, request: Request<'_>, echo: String, first: Reply, rx: mpsc::Receiver<Reply>) {
+        let head = [
+            ("Content-Type", "text/event-stream"),
+            ("Cache-Control", "no-cache"),
+        ];
+        let Some(mut w) = request.stream(200, &head) else {
             return;
-        }
+        };
         let mut ok = true;
         for i in 0..self.n {
             if self.chat {
@@ -411,20 +392,20 @@ impl Sse<'_> {
                             let usage = openai::usage_of(done.iter());
                             event(&mut w, &openai::usage_chunk(self.ids, self.chat, usage));
                         }
-                        finish(&mut w);
+                        finish(w);
                         return;
                     }
                 }
                 Reply::Refused(_, code, msg) => {
                     event(&mut w, &openai::error(&msg, "invalid_request_error", code));
-                    finish(&mut w);
+                    finish(w);
                     return;
                 }
             }
         }
     }
 
-    fn text(&self, w: &mut impl Write, index: usize, text: &str) -> bool {
+    fn text(&self, w: &mut Stream<'_>, index: usize, text: &str) -> bool {
         let v = if self.chat {
             openai::chat_chunk(self.ids, index, json!({"content": text}), None)
         } else {
@@ -434,7 +415,7 @@ impl Sse<'_> {
     }
 
     /// The last chunk of one choice (an error event when it failed).
-    fn choice_done(&self, w: &mut impl Write, index: usize, out: &GenerateOutput) -> bool {
+    fn choice_done(&self, w: &mut Stream<'_>, index: usize, out: &GenerateOutput) -> bool {
         if out.finish_reason == FinishReason::Error {
             let msg = failure_message(out);
             return event(w, &openai::error(&msg, "server_error", "generation_failed"));
@@ -456,19 +437,13 @@ fn failure_message(out: &GenerateOutput) -> String {
     }
 }
 
-/// One `data:` event as one HTTP chunk; false when the client is gone.
-fn event(w: &mut impl Write, v: &Value) -> bool {
-    chunk(w, &format!("data: {v}\n\n"))
+/// One `data:` event, sent at once as one HTTP chunk; false when the client is gone.
+fn event(w: &mut Stream<'_>, v: &Value) -> bool {
+    w.send(format!("data: {v}\n\n").as_bytes())
 }
 
-fn chunk(w: &mut impl Write, data: &str) -> bool {
-    write!(w, "{:x}\r\n{data}\r\n", data.len())
-        .and_then(|_| w.flush())
-        .is_ok()
-}
-
-fn finish(w: &mut impl Write) {
-    let _ = chunk(w, "data: [DONE]\n\n") && write!(w, "0\r\n\r\n").and_then(|_| w.flush()).is_ok();
+fn finish(mut w: Stream<'_>) {
+    let _ = w.send(b"data: [DONE]\n\n") && w.finish();
 }
 
 #[cfg(test)]

@@ -1,13 +1,13 @@
 //! `edgemoe serve --http ADDR`: OpenAI-compatible HTTP on the same continuous-batching
 //! scheduler as the JSON-lines mode.
 //!
-//! HTTP is tiny_http's (small, synchronous, no async runtime: the scheduler owns the engine on
-//! one thread and every request gets a plain handler thread). The socket is bound before the
-//! model loads, so `/health` answers 503 while loading. Handlers parse and validate, then send
-//! the request to the scheduler loop with a channel of their own for the replies; a streaming
-//! handler whose client went away drops that channel, and the scheduler cancels the request at
-//! its next token. A streaming handler learns the client left when a write fails; one writing a
-//! whole answer at the end watches the client's socket while it waits (`peer`).
+//! HTTP is our own small synchronous server (`wire`: no async runtime; the scheduler owns the
+//! engine on one thread and every connection gets a plain thread). The socket is bound before
+//! the model loads, so `/health` answers 503 while loading. Handlers parse and validate, then
+//! send the request to the scheduler loop with a channel of their own for the replies; a
+//! streaming handler whose client went away drops that channel, and the scheduler cancels the
+//! request at its next token. A streaming handler learns the client left when a write fails;
+//! one writing a whole answer at the end watches the client's socket while it waits (`peer`).
 
 mod dashboard;
 mod handler;
@@ -17,14 +17,16 @@ mod peer;
 mod stats;
 #[cfg(test)]
 mod tests;
+mod wire;
 
 use super::chat::ChatTemplate;
 use super::protocol::{Api, Request};
 use super::scheduler::{Event, Scheduler, SchedulerOptions};
 use crate::engine::generation::GenerateOutput;
 use crate::engine::Engine;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::TcpListener;
 use std::sync::{mpsc, Arc, OnceLock};
+use std::time::Duration;
 
 /// How the HTTP server listens and what it accepts.
 pub struct HttpOptions {
@@ -36,8 +38,11 @@ pub struct HttpOptions {
     pub scheduler: SchedulerOptions,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
-    /// Most requests handled at once (each has a thread); more are answered 503 at once.
+    /// Most connections open at once (each has a thread); more are answered 503 at once.
     pub max_connections: usize,
+    /// How long an open (keep-alive) connection may wait for its next request. Longer than a
+    /// proxy's idle upstream connections (nginx: 60 s), so the proxy closes them first.
+    pub idle_timeout: Duration,
 }
 
 impl Default for HttpOptions {
@@ -48,6 +53,7 @@ impl Default for HttpOptions {
             scheduler: SchedulerOptions::default(),
             max_body_bytes: 4 << 20,
             max_connections: 512,
+            idle_timeout: Duration::from_secs(75),
         }
     }
 }
@@ -63,12 +69,8 @@ struct Shared {
     to_scheduler: mpsc::Sender<ToScheduler>,
     api_key: Option<String>,
     max_body_bytes: usize,
-    max_connections: usize,
-    handlers: AtomicUsize,
     /// Unix time the server started (OpenAI's `created`).
     created: u64,
-    /// The port the server listens on (finds a request's socket, see `peer`).
-    port: u16,
 }
 
 enum ToScheduler {
@@ -112,7 +114,7 @@ pub fn serve_http(
 /// An HTTP server bound to its address but not serving yet: what a program embedding edgemoe
 /// uses to learn the port it got (`127.0.0.1:0`) before serving.
 pub struct HttpServer {
-    server: tiny_http::Server,
+    listener: TcpListener,
     opts: HttpOptions,
     addr: String,
 }
@@ -120,13 +122,16 @@ pub struct HttpServer {
 impl HttpServer {
     /// Listens on `opts.addr` (requests wait until [`Self::serve`]).
     pub fn bind(opts: HttpOptions) -> anyhow::Result<HttpServer> {
-        let server = tiny_http::Server::http(&opts.addr)
+        let listener = TcpListener::bind(opts.addr.as_str())
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.addr))?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .map_or_else(|| opts.addr.clone(), |a| a.to_string());
-        Ok(HttpServer { server, opts, addr })
+        let addr = listener
+            .local_addr()
+            .map_or_else(|_| opts.addr.clone(), |a| a.to_string());
+        Ok(HttpServer {
+            listener,
+            opts,
+            addr,
+        })
     }
 
     /// The address it listens on, with the port the OS chose for port 0.
@@ -139,8 +144,11 @@ impl HttpServer {
         self,
         load: impl FnOnce() -> anyhow::Result<(Engine, Option<ChatTemplate>)>,
     ) -> anyhow::Result<()> {
-        let HttpServer { server, opts, addr } = self;
-        let ip = server.server_addr().to_ip();
+        let HttpServer {
+            listener,
+            opts,
+            addr,
+        } = self;
         eprintln!("listening on http://{addr}");
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
@@ -148,15 +156,18 @@ impl HttpServer {
             to_scheduler: tx,
             api_key: opts.api_key.clone(),
             max_body_bytes: opts.max_body_bytes,
-            max_connections: opts.max_connections.max(1),
-            handlers: AtomicUsize::new(0),
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            port: ip.map_or(0, |a| a.port()),
         });
-        let accept_shared = Arc::clone(&shared);
-        std::thread::spawn(move || accept(server, accept_shared));
+        let config = wire_config(&opts);
+        let handler_shared = Arc::clone(&shared);
+        let handler: Arc<wire::Handler> =
+            Arc::new(move |request: wire::Request<'_>| handler::handle(request, &handler_shared));
+        std::thread::Builder::new()
+            .name("http-accept".into())
+            .spawn(move || wire::accept(listener, config, handler))
+            .map_err(|e| anyhow::anyhow!("cannot start the accept thread: {e}"))?;
         let (engine, chat) = load()?;
         let model_id = std::path::Path::new(&engine.model().source)
             .file_name()
@@ -171,41 +182,14 @@ impl HttpServer {
     }
 }
 
-fn accept(server: tiny_http::Server, shared: Arc<Shared>) {
-    accept_with(server, shared, |job| {
-        std::thread::Builder::new()
-            .name("http".into())
-            .spawn(job)
-            .map(drop)
-    })
-}
-
-/// A handler job: what runs on a request's own thread.
-type Job = Box<dyn FnOnce() + Send>;
-
-/// [`accept`] with the thread spawner as a parameter (tests make it fail).
-fn accept_with(
-    server: tiny_http::Server,
-    shared: Arc<Shared>,
-    spawn: impl Fn(Job) -> std::io::Result<()>,
-) {
-    for request in server.incoming_requests() {
-        if shared.handlers.fetch_add(1, Ordering::AcqRel) >= shared.max_connections {
-            shared.handlers.fetch_sub(1, Ordering::AcqRel);
-            handler::respond_busy(request, "too many requests in flight; retry later");
-            continue;
-        }
-        let job_shared = Arc::clone(&shared);
-        let job = Box::new(move || {
-            handler::handle(request, &job_shared);
-            job_shared.handlers.fetch_sub(1, Ordering::AcqRel);
-        });
-        if spawn(job).is_err() {
-            // The job was dropped unrun (tiny_http answers its request 500): give back its
-            // place, or max_connections such failures would refuse every request after.
-            shared.handlers.fetch_sub(1, Ordering::AcqRel);
-            eprintln!("serve: cannot start a handler thread");
-        }
+/// The HTTP layer's limits for `opts`.
+fn wire_config(opts: &HttpOptions) -> wire::Config {
+    wire::Config {
+        max_connections: opts.max_connections.max(1),
+        idle_timeout: opts.idle_timeout,
+        head_timeout: Duration::from_secs(30),
+        io_timeout: Duration::from_secs(60),
+        refusal: handler::refusal_response,
     }
 }
 
