@@ -60,7 +60,7 @@ pub enum Error {
     },
 
     /// A config.json naming an architecture edgemoe does not implement.
-    #[error("{path}: unsupported architecture `{name}` (supported: MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM, GraniteMoeForCausalLM, GraniteMoeSharedForCausalLM, Glm4MoeForCausalLM, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, OPTForCausalLM, LlamaForCausalLM)")]
+    #[error("{path}: unsupported architecture `{name}` (supported: MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM, GraniteMoeForCausalLM, GraniteMoeSharedForCausalLM, Glm4MoeForCausalLM, GptOssForCausalLM, DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, OPTForCausalLM, LlamaForCausalLM)")]
     UnknownArchitecture {
         /// The config file.
         path: PathBuf,

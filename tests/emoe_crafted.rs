@@ -327,6 +327,8 @@ fn stores_of_every_fixture_architecture_open() {
         "granitemoeshared-tiny",
         "glm4moe-tiny",
         "glm4moe-tiny-plain",
+        "gptoss-tiny",
+        "gptoss-tiny-legacy",
         "llama-tiny",
     ] {
         let model = Model::load(&root.join(name)).unwrap();

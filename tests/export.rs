@@ -130,6 +130,8 @@ fn every_architecture_fixture_f32_export_is_bit_identical() {
         "granitemoeshared-tiny",
         "glm4moe-tiny",
         "glm4moe-tiny-plain",
+        "gptoss-tiny",
+        "gptoss-tiny-legacy",
         "deepseekv2-tiny",
         "deepseekv3-tiny",
         "deepseekv3-tiny-plain",

@@ -7,6 +7,7 @@
 use edgemoe::engine::{BatchItem, Engine, Logits};
 use edgemoe::model::config::ModelConfig;
 use edgemoe::model::safetensors::SafetensorsFile;
+use edgemoe::model::weights::LinearWeight;
 use edgemoe::quant::{self, Method, QuantOptions};
 use edgemoe::Model;
 use std::path::Path;
@@ -162,6 +163,7 @@ fn rotation_and_smoothing_folds_are_exact_with_qk_norms_and_clip() {
         "granitemoeshared-tiny",
         "glm4moe-tiny",
         "glm4moe-tiny-plain",
+        "gptoss-tiny",
     ] {
         let model = Model::load(&fixture(name)).unwrap();
         let r = reference(name);
@@ -237,6 +239,181 @@ fn glm4_moe_matches_transformers() {
 #[test]
 fn glm4_moe_plain_matches_transformers() {
     check("glm4moe-tiny-plain");
+}
+
+/// Attention sinks, q/k/v/o biases, sliding-window layers (6 tokens) between full ones, YaRN
+/// RoPE with its attention factor, a router with a bias, clamped SwiGLU experts whose gate and
+/// up columns are interleaved in the stacked checkpoint tensors (tools/make_fixtures.py checks
+/// that the window, the clamp limit and YaRN each move the logits).
+#[test]
+fn gpt_oss_matches_transformers() {
+    check("gptoss-tiny");
+}
+
+/// bf16 (the transposed experts kept bf16); full then sliding layers (window 9), one KV head,
+/// top-3, swiglu_alpha 1.2; legacy config (rope_scaling) with YaRN truncated by default.
+#[test]
+fn gpt_oss_legacy_matches_transformers() {
+    let name = "gptoss-tiny-legacy";
+    let model = Model::load(&fixture(name)).unwrap();
+    let edgemoe::model::weights::Ffn::Moe(b) = &model.weights.layers[0].ffn else {
+        panic!("every GPT-OSS layer has experts")
+    };
+    assert!(matches!(b.experts[0].gate.weight, LinearWeight::Half(..)));
+    check_loaded(name, model);
+}
+
+/// The sinks matter to these fixtures: without them the logits leave the tolerance.
+#[test]
+fn gpt_oss_without_sinks_differs() {
+    for name in ["gptoss-tiny", "gptoss-tiny-legacy"] {
+        let mut model = Model::load(&fixture(name)).unwrap();
+        for layer in &mut model.weights.layers {
+            assert!(layer.attn.sinks.take().is_some(), "{name}: no sinks loaded");
+        }
+        let engine = Engine::new(Arc::new(model), 2).unwrap();
+        let r = reference(name);
+        let mut cache = engine.new_cache();
+        let got = engine
+            .forward(&mut [BatchItem {
+                tokens: &r.tokens,
+                cache: &mut cache,
+                logits: Logits::All,
+            }])
+            .unwrap()
+            .remove(0);
+        let max = r.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = got
+            .iter()
+            .zip(&r.logits)
+            .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+        assert!(worst > 1e-2 * max, "{name}: sinks change nothing ({worst})");
+    }
+}
+
+/// A GPT-OSS store keeps each expert under its own names with its biases, and the sinks
+/// beside the attention: written plain, it reads back as transformers' model; RTN-quantized,
+/// its routers stay f32, its experts int8 with their biases, and its store reads back as it.
+#[test]
+fn gpt_oss_stores_match_transformers() {
+    for name in ["gptoss-tiny", "gptoss-tiny-legacy"] {
+        let model = Model::load(&fixture(name)).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("plain.emoe");
+        edgemoe::quant::store::write_emoe(&model, serde_json::json!({"method": "none"}), &path)
+            .unwrap();
+        check_model(name, &path);
+        let opts = QuantOptions {
+            threads: 1,
+            ..QuantOptions::new(Method::Rtn, &model)
+        };
+        let (q, _) = quant::quantize(model, &[], 0, &opts, |_, _, _| {}).unwrap();
+        for layer in &q.weights.layers {
+            let edgemoe::model::weights::Ffn::Moe(b) = &layer.ffn else {
+                panic!("{name}: every GPT-OSS layer has experts")
+            };
+            assert!(b.router.f32_rows().is_some(), "{name}: router quantized");
+            assert!(b.router.bias.is_some(), "{name}: router bias lost");
+            let e = &b.experts[0];
+            assert!(e.up.f32_rows().is_none(), "{name}: experts kept f32");
+            assert!(e.down.bias.is_some(), "{name}: expert bias lost");
+            assert!(layer.attn.sinks.is_some(), "{name}: sinks lost");
+        }
+        let path = tmp.path().join("rtn.emoe");
+        edgemoe::quant::store::write_emoe(&q, serde_json::json!({"method": "rtn"}), &path).unwrap();
+        // The quantized store reads back as the model it was written from.
+        let tokens = reference(name).tokens;
+        let [a, b] = [Arc::new(q), Arc::new(Model::load(&path).unwrap())].map(|m| {
+            let engine = Engine::new(m, 2).unwrap();
+            let mut cache = engine.new_cache();
+            engine
+                .forward(&mut [BatchItem {
+                    tokens: &tokens,
+                    cache: &mut cache,
+                    logits: Logits::All,
+                }])
+                .unwrap()
+                .remove(0)
+        });
+        assert_close(name, "rtn store", &b, &a);
+    }
+}
+
+/// The released checkpoints' MXFP4 experts (`*_blocks` / `*_scales`, random bytes and
+/// exponents): decoded to f32 they give the logits of transformers' own dequantization
+/// (tools/make_gptoss_mxfp4_fixture.py); a direct run holds them as weight-only int8 rows
+/// (one rounding of values already on a coarse grid: near, not equal).
+#[test]
+fn gpt_oss_mxfp4_experts_match_transformers() {
+    let name = "gptoss-tiny-mxfp4";
+    check_loaded(name, Model::load_f32(&fixture(name)).unwrap());
+    let model = Model::load(&fixture(name)).unwrap();
+    for layer in &model.weights.layers {
+        let edgemoe::model::weights::Ffn::Moe(b) = &layer.ffn else {
+            panic!("every GPT-OSS layer has experts")
+        };
+        for e in &b.experts {
+            for lin in [&e.gate, &e.up, &e.down] {
+                assert!(
+                    matches!(lin.weight, LinearWeight::Int8WeightOnly(_)),
+                    "{}: not int8",
+                    lin.name
+                );
+            }
+        }
+    }
+    // `quantize` reads the blocks in place and decodes a layer at a time: the same model as
+    // quantizing the f32 decoding.
+    let rtn = |model: Model| {
+        let opts = QuantOptions {
+            threads: 1,
+            ..QuantOptions::new(Method::Rtn, &model)
+        };
+        Arc::new(
+            quant::quantize(model, &[], 0, &opts, |_, _, _| {})
+                .unwrap()
+                .0,
+        )
+    };
+    let r = reference(name);
+    let [a, b] = [
+        rtn(Model::load_in_place(&fixture(name)).unwrap()),
+        rtn(Model::load_f32(&fixture(name)).unwrap()),
+    ]
+    .map(|m| {
+        let engine = Engine::new(m, 2).unwrap();
+        let mut cache = engine.new_cache();
+        engine
+            .forward(&mut [BatchItem {
+                tokens: &r.tokens,
+                cache: &mut cache,
+                logits: Logits::All,
+            }])
+            .unwrap()
+            .remove(0)
+    });
+    assert_eq!(
+        a, b,
+        "{name}: quantized from the blocks and from f32 differ"
+    );
+    // The direct run's int8 rows: near transformers' logits.
+    let engine = Engine::new(Arc::new(model), 2).unwrap();
+    let mut cache = engine.new_cache();
+    let got = engine
+        .forward(&mut [BatchItem {
+            tokens: &r.tokens,
+            cache: &mut cache,
+            logits: Logits::All,
+        }])
+        .unwrap()
+        .remove(0);
+    let max = r.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(&r.logits)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    eprintln!("{name} int8: worst {worst:.3e} of max |logit| {max:.3}");
+    assert!(worst < 2e-2 * max, "{name} int8: {worst}");
 }
 
 /// Multi-head latent attention with q_proj, complex RoPE under YaRN (the softmax scale's

@@ -51,8 +51,9 @@ def is_router(name: str) -> bool:
     # Mixtral / Qwen2-MoE router (transformers >= 5 module name; on disk it is
     # block_sparse_moe.gate.weight for Mixtral and mlp.gate.weight for Qwen2-MoE).
     # Granite-MoE's is block_sparse_moe.router.weight (router.layer.weight on disk).
+    # GPT-OSS's is mlp.router.weight.
     return (name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight")
-            or name.endswith("block_sparse_moe.router.weight"))
+            or name.endswith("block_sparse_moe.router.weight") or name.endswith("mlp.router.weight"))
 
 
 @torch.no_grad()
@@ -189,8 +190,12 @@ def legacy_config_json(path: str) -> None:
     with open(path) as f:
         cfg = json.load(f)
     rp = cfg.pop("rope_parameters", None)
-    if rp is not None:
-        assert rp.get("rope_type", "default") == "default", rp
+    if rp is not None and rp.get("rope_type", "default") != "default":
+        # Scaled RoPE (GPT-OSS's YaRN): the legacy rope_scaling dict beside rope_theta.
+        rp = dict(rp)
+        cfg["rope_theta"] = rp.pop("rope_theta")
+        cfg["rope_scaling"] = rp
+    elif rp is not None:
         cfg["rope_theta"] = rp["rope_theta"]
         if "partial_rotary_factor" in rp:  # GLM-4-MoE's, top-level in its Hub configs
             cfg["partial_rotary_factor"] = rp["partial_rotary_factor"]

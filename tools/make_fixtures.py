@@ -98,9 +98,9 @@ CORPUS_LINES = [
 
 
 def fixture_specs():
-    from transformers import (DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig, GraniteMoeConfig,
-                              GraniteMoeSharedConfig, LlamaConfig, MixtralConfig, OlmoeConfig, OPTConfig,
-                              Qwen2MoeConfig, Qwen3MoeConfig)
+    from transformers import (DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig, GptOssConfig,
+                              GraniteMoeConfig, GraniteMoeSharedConfig, LlamaConfig, MixtralConfig,
+                              OlmoeConfig, OPTConfig, Qwen2MoeConfig, Qwen3MoeConfig)
 
     common_mixtral = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -152,6 +152,13 @@ def fixture_specs():
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         n_routed_experts=8, num_experts_per_tok=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    # GPT-OSS: biases everywhere, a sink logit per head, sliding-window layers, YaRN RoPE,
+    # clamped SwiGLU experts with interleaved gate/up columns.
+    common_gptoss = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_attention_heads=4,
+        head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     # DeepSeek-V2/V3: multi-head latent attention (values narrower than keys), leading dense
     # layer(s), shared experts; num_key_value_heads set (V3's default 128 would not divide).
@@ -233,6 +240,34 @@ def fixture_specs():
                                   use_qk_norm=False, attention_bias=False,
                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                                    "partial_rotary_factor": 0.25})),
+        # Three layers (sliding, full, sliding) with a 6-token window; YaRN (factor 4 over 256
+        # positions, theta 10^4: the ramp spans frequencies 0..3, not truncated) and its
+        # attention factor; swiglu_limit 1 so that the clamps bite. Each must_matter entry
+        # moves transformers' logits.
+        dict(name="gptoss-tiny", seed=16016, legacy_config=False, dtype=torch.float32, shard=None,
+             gen=dict(bos_token_id=1, eos_token_id=2),
+             must_matter=dict(sliding_window=1000, swiglu_limit=7.0,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+             config=GptOssConfig(**common_gptoss, num_hidden_layers=3, num_key_value_heads=2,
+                                 num_local_experts=8, num_experts_per_tok=2, sliding_window=6,
+                                 swiglu_limit=1.0,
+                                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                  "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                                  "original_max_position_embeddings": 256,
+                                                  "truncate": False})),
+        # bf16; layer types full then sliding (window 9), one KV head, top-3 of 6; legacy config
+        # (rope_scaling beside rope_theta) with YaRN truncated by default (no `truncate` key),
+        # factor 8 over 128 positions, beta_fast 16, a non-default swiglu_alpha.
+        dict(name="gptoss-tiny-legacy", seed=17017, legacy_config=True, dtype=torch.bfloat16,
+             shard=None, gen=dict(bos_token_id=1, eos_token_id=2),
+             must_matter=dict(swiglu_alpha=1.702),
+             config=GptOssConfig(**common_gptoss, num_hidden_layers=2, num_key_value_heads=1,
+                                 num_local_experts=6, num_experts_per_tok=3, sliding_window=9,
+                                 layer_types=["full_attention", "sliding_attention"],
+                                 swiglu_limit=2.0, swiglu_alpha=1.2,
+                                 rope_parameters={"rope_type": "yarn", "rope_theta": 50000.0,
+                                                  "factor": 8.0, "beta_fast": 16.0, "beta_slow": 1.0,
+                                                  "original_max_position_embeddings": 128})),
         # DeepSeek-V2: q_proj (no q LoRA), complex (interleaved) RoPE with YaRN (factor 8 over an
         # original 32 positions, mscale = mscale_all_dim 0.707 as V2's own config: the cos/sin
         # factor is 1, the softmax scale moves), group_limited_greedy (4 groups of 2, best 2),

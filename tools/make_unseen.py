@@ -27,9 +27,9 @@ import hfcommon  # noqa: E402
 
 
 def specs():
-    from transformers import (DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig, GraniteMoeConfig,
-                              GraniteMoeSharedConfig, MixtralConfig, OlmoeConfig, OPTConfig, Qwen2MoeConfig,
-                              Qwen3MoeConfig)
+    from transformers import (DeepseekV2Config, DeepseekV3Config, Glm4MoeConfig, GptOssConfig,
+                              GraniteMoeConfig, GraniteMoeSharedConfig, MixtralConfig, OlmoeConfig, OPTConfig,
+                              Qwen2MoeConfig, Qwen3MoeConfig)
 
     return [
         # bf16, sharded, 6 experts, head_dim 16, v5-style "rope_parameters"
@@ -138,6 +138,31 @@ def specs():
                                   rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                    "partial_rotary_factor": 0.75},
                                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)),
+        # GPT-OSS bf16 sharded: gpt-oss-20b's YaRN (factor 32 over 4096, theta 150000, not
+        # truncated), 4 layers alternating a 16-token window with full attention, 8 experts top-4,
+        # 6 heads / 2 kv of 24
+        dict(name="gptoss-yarn-window16-bf16-sharded", seed=23, dtype=torch.bfloat16, shard="400KB",
+             legacy=False, gen=dict(bos_token_id=1, eos_token_id=2),
+             config=GptOssConfig(vocab_size=2048, hidden_size=96, intermediate_size=48, num_hidden_layers=4,
+                                 num_attention_heads=6, num_key_value_heads=2, head_dim=24,
+                                 num_local_experts=8, num_experts_per_tok=4, sliding_window=16,
+                                 max_position_embeddings=131072,
+                                 rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                                  "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                  "original_max_position_embeddings": 4096},
+                                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)),
+        # GPT-OSS f32, legacy config without rope_scaling (so GptOssConfig's default YaRN, factor 32
+        # over 4096), MQA, layers full / sliding / sliding (window 20),
+        # top-1 of 4, swiglu_limit 3, tied head
+        dict(name="gptoss-defaultyarn-mqa-top1-tied-legacy", seed=24, dtype=torch.float32, shard=None,
+             legacy=True, gen=dict(bos_token_id=1, eos_token_id=2),
+             config=GptOssConfig(vocab_size=2048, hidden_size=64, intermediate_size=32, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                 num_local_experts=4, num_experts_per_tok=1, sliding_window=20,
+                                 layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+                                 swiglu_limit=3.0, max_position_embeddings=512,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                 tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)),
         # DeepSeek-V2-Lite-like bf16 sharded: greedy softmax top-6 of 16, no q LoRA, YaRN over an
         # original 16 positions (ctx 64 runs past it), mscale 0.707 both, 2 shared experts, 1 dense
         dict(name="deepseekv2-lite-like-bf16-sharded", seed=23, dtype=torch.bfloat16, shard="400KB",

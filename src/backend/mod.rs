@@ -26,7 +26,7 @@ pub type DefaultBackend = select::Selected;
 use crate::error::Result;
 pub use crate::kv::{AttentionShape, Segment};
 use crate::kv::{EvictionConfig, KvStorage, LayerCache, SlotStats};
-use crate::model::config::Activation;
+use crate::model::config::{Activation, ClampedSwiglu};
 use crate::model::weights::{GatedMlp, Linear, Norm, Weights};
 use std::borrow::Cow;
 use std::task::Poll;
@@ -184,6 +184,16 @@ pub trait Backend: Send + Sync {
         let cols = data.len() / rows.max(1);
         *x = self.upload_rows(data, cols);
     }
+    /// GPT-OSS's expert activation in place of [`Self::gated_activation`]: `gate` clamped to
+    /// at most `limit`, `up` to `[-limit, limit]`, then `gate ← (up + 1) · gate ·
+    /// sigmoid(alpha · gate)`. This default goes through the host (CUDA runs it so).
+    fn clamped_swiglu(&self, gate: &mut Self::Act, up: &Self::Act, swiglu: ClampedSwiglu) {
+        let rows = self.rows(gate);
+        let mut data = self.to_host(gate).into_owned();
+        cpu::ops::clamped_swiglu(swiglu, &mut data, &self.to_host(up));
+        let cols = data.len() / rows.max(1);
+        *gate = self.upload_rows(data, cols);
+    }
     /// `x·Wᵀ + b` for any stored form of the weights.
     fn linear(&self, lin: &Linear, x: &Self::Act) -> Self::Act;
     /// Several linears of the same input; the backend may run them side by side.
@@ -191,8 +201,9 @@ pub trait Backend: Send + Sync {
         lins.map(|l| self.linear(l, x))
     }
     fn rope_table(&self, head_dim: usize, theta: f32, positions: &[usize]) -> Self::Rope;
-    /// [`Self::rope_table`] from the frequencies themselves (`head_dim / 2` of them: YaRN's).
-    fn rope_table_freqs(&self, inv_freq: &[f32], positions: &[usize]) -> Self::Rope;
+    /// [`Self::rope_table`] from the inverse frequencies themselves (`head_dim / 2` of them),
+    /// cos and sin multiplied by `scale` (YaRN's attention factor).
+    fn rope_table_freqs(&self, inv_freq: &[f32], scale: f32, positions: &[usize]) -> Self::Rope;
     /// Rotates every head of row `r` of `x` by row `first_row + r` of `rope`.
     fn apply_rope(&self, x: &mut Self::Act, rope: &Self::Rope, first_row: usize);
     /// [`Self::apply_rope`] on the first `rotary` values of every `head_dim`-wide head of `x`,

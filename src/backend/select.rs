@@ -72,7 +72,7 @@ mod dispatch {
     use crate::backend::{AttentionShape, Backend, DeviceTiming, ExpertWork, Pick, Segment, Tasks};
     use crate::error::Result;
     use crate::kv::{EvictionConfig, KvStorage, LayerCache, SlotStats};
-    use crate::model::config::Activation;
+    use crate::model::config::{Activation, ClampedSwiglu};
     use crate::model::weights::{GatedMlp, Linear, Norm};
     use std::borrow::Cow;
 
@@ -306,10 +306,19 @@ mod dispatch {
             }
         }
 
-        fn rope_table_freqs(&self, inv_freq: &[f32], positions: &[usize]) -> SelectedRope {
+        fn rope_table_freqs(
+            &self,
+            inv_freq: &[f32],
+            scale: f32,
+            positions: &[usize],
+        ) -> SelectedRope {
             match self {
-                Selected::Cpu(b) => SelectedRope::Cpu(b.rope_table_freqs(inv_freq, positions)),
-                Selected::Cuda(b) => SelectedRope::Cuda(b.rope_table_freqs(inv_freq, positions)),
+                Selected::Cpu(b) => {
+                    SelectedRope::Cpu(b.rope_table_freqs(inv_freq, scale, positions))
+                }
+                Selected::Cuda(b) => {
+                    SelectedRope::Cuda(b.rope_table_freqs(inv_freq, scale, positions))
+                }
             }
         }
 
@@ -447,6 +456,13 @@ mod dispatch {
             match self {
                 Selected::Cpu(b) => b.gated_activation(act, cpu_act!(gate), cpu_act!(up)),
                 Selected::Cuda(b) => b.gated_activation(act, gpu_act!(gate), gpu_act!(up)),
+            }
+        }
+
+        fn clamped_swiglu(&self, gate: &mut SelectedAct, up: &SelectedAct, s: ClampedSwiglu) {
+            match self {
+                Selected::Cpu(b) => b.clamped_swiglu(cpu_act!(gate), cpu_act!(up), s),
+                Selected::Cuda(b) => b.clamped_swiglu(gpu_act!(gate), gpu_act!(up), s),
             }
         }
 

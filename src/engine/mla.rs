@@ -49,17 +49,8 @@ impl<B: Backend> Engine<B> {
             .collect();
         let latent = be.norm(&parts.kv_a_norm, &be.upload_rows(latent, latent_cols));
         let kv = self.linear(&a.v, &latent);
-        // YaRN's attention factor multiplies cos and sin, so the rotated parts (rotation is
-        // linear); it is 1 without YaRN.
-        let rope_factor = cfg.options.yarn.map_or(1.0, |y| y.attention_factor as f32);
         let layout = Layout::new(&m, cfg.num_heads);
-        let (q, k, v) = layout.assemble(
-            &be.to_host(&q),
-            &compressed,
-            &be.to_host(&kv),
-            rows,
-            rope_factor,
-        );
+        let (q, k, v) = layout.assemble(&be.to_host(&q), &compressed, &be.to_host(&kv), rows);
         let cols = cfg.q_dim();
         let (mut q, mut k, v) = (
             be.upload_rows(q, cols),
@@ -121,9 +112,8 @@ impl Layout {
         }
     }
 
-    /// Writes rotated values `from` into `to` (de-interleaved where the model pairs them), times
-    /// `factor`.
-    fn rotated(&self, from: &[f32], to: &mut [f32], factor: f32) {
+    /// Writes rotated values `from` into `to` (de-interleaved where the model pairs them).
+    fn rotated(&self, from: &[f32], to: &mut [f32]) {
         let half = self.rope / 2;
         for (i, &x) in from.iter().enumerate() {
             let at = if self.interleaved {
@@ -131,7 +121,7 @@ impl Layout {
             } else {
                 i
             };
-            to[at] = x * factor;
+            to[at] = x;
         }
     }
 
@@ -144,7 +134,6 @@ impl Layout {
         compressed: &[f32],
         kv: &[f32],
         rows: usize,
-        rope_factor: f32,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let d = self.nope + self.rope;
         let cols = self.heads * d;
@@ -163,9 +152,9 @@ impl Layout {
                 let src_kv =
                     &kv[(r * self.heads + h) * kv_head..(r * self.heads + h + 1) * kv_head];
                 let (qh, kh) = (&mut qo[out..out + d], &mut ko[out..out + d]);
-                self.rotated(&src_q[self.nope..], &mut qh[..self.rope], rope_factor);
+                self.rotated(&src_q[self.nope..], &mut qh[..self.rope]);
                 qh[self.rope..].copy_from_slice(&src_q[..self.nope]);
-                self.rotated(shared, &mut kh[..self.rope], rope_factor);
+                self.rotated(shared, &mut kh[..self.rope]);
                 kh[self.rope..].copy_from_slice(&src_kv[..self.nope]);
                 vo[out..out + self.v].copy_from_slice(&src_kv[self.nope..]);
             }
@@ -196,7 +185,7 @@ mod tests {
             let q: Vec<f32> = (0..rows * 14).map(val).collect();
             let compressed: Vec<f32> = (0..rows * 6).map(|i| val(i + 3)).collect();
             let kv: Vec<f32> = (0..rows * 16).map(|i| val(i + 7)).collect();
-            let (qo, ko, vo) = l.assemble(&q, &compressed, &kv, rows, 1.0);
+            let (qo, ko, vo) = l.assemble(&q, &compressed, &kv, rows);
             for r in 0..rows {
                 for h in 0..2 {
                     let plain_q = &q[r * 14 + h * 7..r * 14 + (h + 1) * 7];

@@ -362,9 +362,13 @@ impl<B: Backend> Engine<B> {
         let dim = cfg.options.rotary_dim.unwrap_or(cfg.head_dim);
         let theta = cfg.rope_theta?;
         Some(match &cfg.options.yarn {
-            Some(y) => self
-                .backend
-                .rope_table_freqs(&y.inv_freq(dim, theta), positions),
+            // YaRN's attention factor multiplies cos and sin, so every rotated value (latent
+            // attention's rotated parts too).
+            Some(y) => self.backend.rope_table_freqs(
+                &y.inv_freq(dim, theta),
+                y.attention_factor as f32,
+                positions,
+            ),
             None => self.backend.rope_table(dim, theta, positions),
         })
     }
@@ -620,7 +624,8 @@ impl<B: Backend> Engine<B> {
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
-            sliding_window: cfg.sliding_window,
+            sliding_window: cfg.window_of(li),
+            sink_logits: a.sinks.as_deref(),
         };
         // Append every sequence's new keys/values first, then attend over all of them at once.
         let mut start = 0;
@@ -824,8 +829,7 @@ impl<B: Backend> Engine<B> {
             return gated_mlp_on(&self.backend, &self.model.config, mlp, x);
         }
         let [mut g, u] = self.linears([&mlp.gate, &mlp.up], x);
-        self.backend
-            .gated_activation(self.model.config.activation, &mut g, &u);
+        gate_activation(&self.backend, &self.model.config, &mut g, &u);
         if let Some(block) = self.model.config.ffn_hadamard_block {
             self.backend.rotate_rows(&mut g, block);
         }
@@ -848,11 +852,24 @@ pub(crate) fn gated_mlp_on<X: Backend>(
     x: &X::Act,
 ) -> X::Act {
     let [mut g, u] = be.linears([&mlp.gate, &mlp.up], x);
-    be.gated_activation(cfg.activation, &mut g, &u);
+    gate_activation(be, cfg, &mut g, &u);
     if let Some(block) = cfg.ffn_hadamard_block {
         be.rotate_rows(&mut g, block);
     }
     be.linear(&mlp.down, &g)
+}
+
+/// A gated MLP's middle: `act(gate) ⊙ up`, or GPT-OSS's clamped SwiGLU where the model has it.
+fn gate_activation<X: Backend>(
+    be: &X,
+    cfg: &crate::model::config::ModelConfig,
+    gate: &mut X::Act,
+    up: &X::Act,
+) {
+    match cfg.options.clamped_swiglu {
+        Some(s) => be.clamped_swiglu(gate, up, s),
+        None => be.gated_activation(cfg.activation, gate, up),
+    }
 }
 
 /// Hands every evicting sequence's rows of `mass` (laid out as

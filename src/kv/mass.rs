@@ -97,8 +97,14 @@ fn for_each_row(
                             / (d as f64).sqrt()
                     })
                     .collect();
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                // A sink logit joins the denominator and takes no weight.
+                let sink = shape.sink_logits.map(|s| f64::from(s[head]));
+                let max = scores
+                    .iter()
+                    .copied()
+                    .chain(sink)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().chain(&sink).map(|s| (s - max).exp()).sum();
                 for (&s, sc) in visible.iter().zip(&scores) {
                     w[s] = (sc - max).exp() / z;
                 }

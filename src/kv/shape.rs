@@ -3,13 +3,16 @@
 
 use super::LayerCache;
 
-/// The attention geometry of a model.
+/// The attention geometry of a model's layer.
 #[derive(Debug, Clone, Copy)]
-pub struct AttentionShape {
+pub struct AttentionShape<'a> {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub sliding_window: Option<usize>,
+    /// One logit per query head that joins its softmax denominator and takes no value
+    /// (GPT-OSS's attention sinks); `None`: none.
+    pub sink_logits: Option<&'a [f32]>,
 }
 
 /// One sequence's part of an attention call: query rows `rows` attend over `cache` (which

@@ -10,6 +10,7 @@ use serde_json::Value;
 use std::path::Path;
 
 mod deepseek;
+pub use crate::model::yarn::Yarn;
 pub use deepseek::{LatentAttention, SoftmaxGroups};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +34,8 @@ pub enum Architecture {
     GraniteMoeShared,
     /// Glm4MoeForCausalLM: <https://huggingface.co/docs/transformers/model_doc/glm4_moe>
     Glm4Moe,
+    /// GptOssForCausalLM: <https://huggingface.co/docs/transformers/model_doc/gpt_oss>
+    GptOss,
     /// DeepseekV2ForCausalLM: <https://huggingface.co/docs/transformers/model_doc/deepseek_v2>
     DeepseekV2,
     /// DeepseekV3ForCausalLM: <https://huggingface.co/docs/transformers/model_doc/deepseek_v3>
@@ -51,6 +54,7 @@ impl Architecture {
             Architecture::GraniteMoe => "GraniteMoeForCausalLM",
             Architecture::GraniteMoeShared => "GraniteMoeSharedForCausalLM",
             Architecture::Glm4Moe => "Glm4MoeForCausalLM",
+            Architecture::GptOss => "GptOssForCausalLM",
             Architecture::DeepseekV2 => "DeepseekV2ForCausalLM",
             Architecture::DeepseekV3 => "DeepseekV3ForCausalLM",
         }
@@ -100,15 +104,36 @@ pub struct ArchOptions {
     /// softmax top-k.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grouped_sigmoid: Option<GroupedSigmoid>,
+    /// Which layers `sliding_window` applies to (GPT-OSS's `layer_types`: true for
+    /// `sliding_attention`); `None`: every layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windowed_layers: Option<Vec<bool>>,
+    /// Each attention head has a learned sink logit (`self_attn.sinks`) that joins its softmax
+    /// denominator and is then dropped (GPT-OSS).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attention_sinks: bool,
+    /// The experts' gated activation is GPT-OSS's clamped SwiGLU in place of
+    /// `act(gate) ⊙ up`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clamped_swiglu: Option<ClampedSwiglu>,
     /// DeepSeek-V2's softmax routing, group-limited or not; `None`: see `grouped_sigmoid`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub softmax_groups: Option<SoftmaxGroups>,
     /// Multi-head latent attention (DeepSeek) in place of q/k/v projections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mla: Option<LatentAttention>,
-    /// YaRN-scaled RoPE frequencies (`rope_type: yarn`); `None`: plain RoPE.
+    /// YaRN-scaled RoPE frequencies and attention factor (`rope_type: yarn`: GPT-OSS,
+    /// DeepSeek); `None`: plain RoPE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub yarn: Option<crate::model::yarn::Yarn>,
+    pub yarn: Option<Yarn>,
+}
+
+/// GPT-OSS's expert activation: `gate` clamped to at most `limit`, `up` to `[-limit, limit]`,
+/// then `(up + 1) · gate · sigmoid(alpha · gate)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ClampedSwiglu {
+    pub alpha: f32,
+    pub limit: f32,
 }
 
 /// DeepSeek-V3-style routing (GLM-4-MoE): scores `sigmoid(logits)`; experts are chosen by
@@ -370,6 +395,7 @@ impl ModelConfig {
             Architecture::GraniteMoe => granite_moe(&f, false)?,
             Architecture::GraniteMoeShared => granite_moe(&f, true)?,
             Architecture::Glm4Moe => glm4_moe(&f)?,
+            Architecture::GptOss => gpt_oss(&f)?,
             Architecture::DeepseekV2 => deepseek::deepseek(&f, false)?,
             Architecture::DeepseekV3 => deepseek::deepseek(&f, true)?,
         };
@@ -521,6 +547,29 @@ impl ModelConfig {
         if let Some(g) = &o.grouped_sigmoid {
             g.check(self.num_experts, self.top_k)?;
         }
+        if let Some(w) = &o.windowed_layers {
+            if w.len() != self.num_layers {
+                return Err((
+                    "layer_types",
+                    format!("{} entries for {} layers", w.len(), self.num_layers),
+                ));
+            }
+        }
+        if let Some(y) = &o.yarn {
+            // Read through Yarn::from_block, but a store's config is deserialized directly.
+            y.check().map_err(|why| ("rope_parameters", why))?;
+        }
+        if let Some(c) = &o.clamped_swiglu {
+            if !(c.alpha.is_finite() && c.limit.is_finite() && c.limit > 0.0) {
+                return Err((
+                    "swiglu_limit",
+                    format!(
+                        "alpha {} and limit {} must be finite, the limit positive",
+                        c.alpha, c.limit
+                    ),
+                ));
+            }
+        }
         if let Some(g) = &o.softmax_groups {
             g.check(self.num_experts, self.top_k)?;
         }
@@ -561,6 +610,15 @@ impl ModelConfig {
         self.layer_ffn.contains(&FfnKind::Moe)
     }
 
+    /// The sliding window of layer `layer`'s attention (GPT-OSS windows only its
+    /// `sliding_attention` layers).
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        match &self.options.windowed_layers {
+            Some(w) if !w.get(layer).copied().unwrap_or(false) => None,
+            _ => self.sliding_window,
+        }
+    }
+
     /// Applies generation_config.json: its eos/bos override the model config's.
     pub fn apply_generation_config(&mut self, json: &Value) {
         if let Some(ids) = token_id_list(json.get("eos_token_id")) {
@@ -595,6 +653,7 @@ fn architecture(f: &Fields) -> Result<Architecture> {
             Some("granitemoe") => return Ok(Architecture::GraniteMoe),
             Some("granitemoeshared") => return Ok(Architecture::GraniteMoeShared),
             Some("glm4_moe") => return Ok(Architecture::Glm4Moe),
+            Some("gpt_oss") => return Ok(Architecture::GptOss),
             Some("deepseek_v2") => return Ok(Architecture::DeepseekV2),
             Some("deepseek_v3") => return Ok(Architecture::DeepseekV3),
             Some(other) => other.to_string(),
@@ -617,6 +676,7 @@ fn architecture(f: &Fields) -> Result<Architecture> {
         "GraniteMoeForCausalLM" => Ok(Architecture::GraniteMoe),
         "GraniteMoeSharedForCausalLM" => Ok(Architecture::GraniteMoeShared),
         "Glm4MoeForCausalLM" => Ok(Architecture::Glm4Moe),
+        "GptOssForCausalLM" => Ok(Architecture::GptOss),
         "DeepseekV2ForCausalLM" => Ok(Architecture::DeepseekV2),
         "DeepseekV3ForCausalLM" => Ok(Architecture::DeepseekV3),
         _ => Err(Error::UnknownArchitecture {
@@ -1137,6 +1197,163 @@ fn glm4_moe(f: &Fields) -> Result<ModelConfig> {
     })
 }
 
+/// Defaults from transformers' GptOssConfig: every layer MoE (a router with a bias, softmax
+/// over the top-k logits, experts with biases and the clamped SwiGLU of `swiglu_alpha` /
+/// `swiglu_limit`), q/k/v/o biases, a sink logit per head, `layer_types` alternating
+/// sliding-window and full attention (sliding first), and YaRN RoPE unless `rope_parameters`
+/// say otherwise.
+fn gpt_oss(f: &Fields) -> Result<ModelConfig> {
+    let hidden = f.positive("hidden_size", Some(2880))?;
+    let heads = f.positive("num_attention_heads", Some(64))?;
+    let kv = f.positive("num_key_value_heads", Some(8))?;
+    // GptOssConfig: head_dim 64 unless set; null means hidden_size / num_attention_heads.
+    let head_dim = match f.json.get("head_dim") {
+        Some(Value::Null) => {
+            if hidden % heads != 0 {
+                return Err(Error::config(
+                    f.path,
+                    "num_attention_heads",
+                    format!("{heads} does not divide hidden_size {hidden}"),
+                ));
+            }
+            hidden / heads
+        }
+        _ => f.positive("head_dim", Some(64))?,
+    };
+    let layers = f.layers(36)?;
+    let ffn = f.positive("intermediate_size", Some(2880))?;
+    let max_positions = f.positive("max_position_embeddings", Some(131072))?;
+    // sliding_window: 128 when absent, none when null.
+    let sliding_window = match f.json.get("sliding_window") {
+        Some(Value::Null) => None,
+        _ => Some(f.positive("sliding_window", Some(128))?),
+    };
+    let windowed = match f.present("layer_types") {
+        None => (0..layers).map(|i| i % 2 == 0).collect(),
+        Some(v) => {
+            let kinds = v.as_array().ok_or_else(|| {
+                Error::config(f.path, "layer_types", "expected a list of layer types")
+            })?;
+            kinds
+                .iter()
+                .map(|k| match k.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(Error::config(
+                        f.path,
+                        "layer_types",
+                        format!("{k} is not sliding_attention or full_attention"),
+                    )),
+                })
+                .collect::<Result<Vec<bool>>>()?
+        }
+    };
+    let (theta, yarn) = gpt_oss_rope(f, max_positions)?;
+    let swiglu = ClampedSwiglu {
+        alpha: f.f32_or("swiglu_alpha", 1.702)?,
+        limit: f.f32_or("swiglu_limit", 7.0)?,
+    };
+    Ok(ModelConfig {
+        arch: Architecture::GptOss,
+        vocab_size: f.positive("vocab_size", Some(201088))?,
+        hidden_size: hidden,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        max_position_embeddings: max_positions,
+        norm_eps: f.f32_or("rms_norm_eps", 1e-5)?,
+        rope_theta: Some(theta),
+        sliding_window,
+        tie_word_embeddings: f.bool_or("tie_word_embeddings", false)?,
+        head_transform: false,
+        // The experts use `options.clamped_swiglu`; hidden_act is not read by GptOss.
+        activation: Activation::Silu,
+        layer_ffn: vec![FfnKind::Moe; layers],
+        dense_ffn: ffn,
+        num_experts: f.positive("num_local_experts", Some(128))?,
+        top_k: f.positive("num_experts_per_tok", Some(4))?,
+        expert_ffn: ffn,
+        // Softmax over the top-k logits: the renormalized top-k of the full softmax.
+        norm_topk_prob: true,
+        shared_expert_ffn: None,
+        attention_bias: f.bool_or("attention_bias", true)?,
+        word_embed_proj_dim: hidden,
+        pre_norm: true,
+        final_norm: true,
+        bos_token_id: f.opt_token_id("bos_token_id")?,
+        ffn_hadamard_block: None,
+        qk_norm: None,
+        clip_qkv: None,
+        options: ArchOptions {
+            windowed_layers: sliding_window.is_some().then_some(windowed),
+            attention_sinks: true,
+            yarn,
+            clamped_swiglu: Some(swiglu),
+            ..ArchOptions::default()
+        },
+        eos_token_ids: f.token_ids("eos_token_id")?,
+    })
+}
+
+/// GPT-OSS's RoPE base (150000 unless set) and YaRN scaling: factor 32 over 4096 positions,
+/// untruncated, when the config gives no RoPE block.
+fn gpt_oss_rope(f: &Fields, max_positions: usize) -> Result<(f32, Option<Yarn>)> {
+    let absent = serde_json::json!({"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+        "beta_slow": 1.0, "truncate": false, "original_max_position_embeddings": 4096});
+    rope_and_yarn(f, max_positions, 150000.0, Some(&absent))
+}
+
+/// The RoPE base and YaRN scaling as transformers standardizes them, for every family that
+/// reads YaRN (GPT-OSS, DeepSeek): `rope_parameters` (transformers 5) or the legacy
+/// `rope_scaling`, else `absent` (the family's default block; `None`: plain RoPE); the base in
+/// the block or at the top level (`default_theta` unless set); `rope_type` default or yarn,
+/// anything else refused naming the field the block came from.
+fn rope_and_yarn(
+    f: &Fields,
+    max_positions: usize,
+    default_theta: f32,
+    absent: Option<&Value>,
+) -> Result<(f32, Option<Yarn>)> {
+    let top_theta = f.f32_or("rope_theta", default_theta)?;
+    let given = ["rope_parameters", "rope_scaling"]
+        .into_iter()
+        .find_map(|field| f.present(field).map(|p| (field, p)));
+    let Some((field, params)) = given.or(absent.map(|p| ("rope_parameters", p))) else {
+        return Ok((top_theta, None));
+    };
+    let bad = |why: String| Error::config(f.path, field, why);
+    let number = |key: &str| -> Result<Option<f64>> {
+        match params.get(key).filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| bad(format!("{key}: expected a number, got {v}"))),
+        }
+    };
+    let theta = number("rope_theta")?.map_or(top_theta, |t| t as f32);
+    if number("partial_rotary_factor")?.is_some_and(|p| p != 1.0) {
+        return Err(bad(
+            "partial_rotary_factor other than 1 is not supported".into()
+        ));
+    }
+    let kind = params
+        .get("rope_type")
+        .or_else(|| params.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match kind {
+        "default" => Ok((theta, None)),
+        "yarn" => Yarn::from_block(params, max_positions)
+            .map(|y| (theta, Some(y)))
+            .map_err(bad),
+        other => Err(bad(format!(
+            "rope_type `{other}` is not supported (default or yarn)"
+        ))),
+    }
+}
+
 /// Defaults from transformers' LlamaConfig.
 fn llama(f: &Fields) -> Result<ModelConfig> {
     let (hidden, heads, kv, head_dim) = attention_shape(f, 4096, 32, None)?;
@@ -1547,17 +1764,110 @@ mod tests {
     }
 
     #[test]
+    fn gpt_oss_follows_transformers() {
+        // GptOssConfig: head_dim 64 (not hidden / heads), sliding layers first and every other,
+        // a window of 128, YaRN ×32 over 4096 positions untruncated, theta 150000.
+        let g = parse(json!({"model_type": "gpt_oss", "num_hidden_layers": 4})).unwrap();
+        assert_eq!((g.head_dim, g.num_heads, g.num_kv_heads), (64, 64, 8));
+        assert_eq!((g.num_experts, g.top_k, g.expert_ffn), (128, 4, 2880));
+        assert_eq!(g.sliding_window, Some(128));
+        let windows: Vec<_> = (0..4).map(|i| g.window_of(i)).collect();
+        assert_eq!(windows, vec![Some(128), None, Some(128), None]);
+        assert_eq!(g.rope_theta, Some(150000.0));
+        let y = g.options.yarn.unwrap();
+        assert_eq!((y.factor, y.original_max_position_embeddings), (32.0, 4096));
+        assert!(!y.truncate);
+        // transformers' get_mscale(32): 0.1·ln 32 + 1.
+        assert!((y.attention_factor - (0.1 * 32f64.ln() + 1.0)).abs() < 1e-12);
+        assert!(g.options.attention_sinks && g.attention_bias && g.norm_topk_prob);
+        let s = g.options.clamped_swiglu.unwrap();
+        assert_eq!((s.alpha, s.limit), (1.702, 7.0));
+        // gpt-oss-20b's config.json (legacy rope_scaling; layer_types listed).
+        let g = parse(
+            json!({"architectures": ["GptOssForCausalLM"], "head_dim": 64,
+            "hidden_size": 2880, "num_attention_heads": 64, "num_hidden_layers": 2,
+            "num_local_experts": 32, "rope_theta": 150000, "sliding_window": 128,
+            "layer_types": ["full_attention", "sliding_attention"], "swiglu_limit": 7.0,
+            "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                "original_max_position_embeddings": 4096, "rope_type": "yarn",
+                "truncate": false}}),
+        )
+        .unwrap();
+        assert_eq!((g.window_of(0), g.window_of(1)), (None, Some(128)));
+        assert_eq!(g.num_experts, 32);
+        // `truncate` absent: true, as transformers reads it; null window and head_dim.
+        let g = parse(json!({"model_type": "gpt_oss", "sliding_window": null,
+            "head_dim": null, "hidden_size": 256, "num_attention_heads": 8,
+            "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                "attention_factor": 1.5}}))
+        .unwrap();
+        let y = g.options.yarn.unwrap();
+        assert!(y.truncate);
+        assert_eq!(
+            (y.attention_factor, y.beta_fast, y.beta_slow),
+            (1.5, 32.0, 1.0)
+        );
+        assert_eq!(y.original_max_position_embeddings, 131072);
+        assert_eq!(
+            (g.head_dim, g.sliding_window, g.window_of(0)),
+            (32, None, None)
+        );
+        let g = parse(json!({"model_type": "gpt_oss",
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}))
+        .unwrap();
+        assert_eq!((g.options.yarn, g.rope_theta), (None, Some(5e5)));
+        for (cfg, field) in [
+            (
+                json!({"model_type": "gpt_oss", "num_hidden_layers": 2,
+                "layer_types": ["sliding_attention"]}),
+                "layer_types",
+            ),
+            (
+                json!({"model_type": "gpt_oss", "layer_types": ["chunked_attention"]}),
+                "layer_types",
+            ),
+            (
+                json!({"model_type": "gpt_oss", "rope_parameters": {"rope_type": "llama3"}}),
+                "rope_parameters",
+            ),
+            (
+                json!({"model_type": "gpt_oss", "rope_scaling": {"rope_type": "yarn",
+                "factor": -2.0}}),
+                "rope_scaling",
+            ),
+            (
+                json!({"model_type": "gpt_oss", "rope_parameters": {"rope_type": "yarn",
+                "factor": 2.0, "truncate": "no"}}),
+                "rope_parameters",
+            ),
+            (
+                json!({"model_type": "gpt_oss", "swiglu_limit": 0.0}),
+                "swiglu_limit",
+            ),
+            (
+                json!({"model_type": "gpt_oss", "sliding_window": 0}),
+                "sliding_window",
+            ),
+        ] {
+            let e = parse(cfg).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let e = parse(json!({"architectures": ["MixtralForCausalLM"], "hidden_size": "big"}))
             .unwrap_err();
         assert!(e.to_string().contains("hidden_size"), "{e}");
         let e = parse(json!({"architectures": ["GPT2LMHeadModel"]})).unwrap_err();
         assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
-        // GPT-OSS is not supported yet: refused by name, with the list of what is.
-        let e = parse(json!({"architectures": ["GptOssForCausalLM"]})).unwrap_err();
+        // An architecture not implemented is refused by name, with the list of what is.
+        let e = parse(json!({"architectures": ["DbrxForCausalLM"]})).unwrap_err();
         let e = e.to_string();
         assert!(
-            e.contains("GptOssForCausalLM") && e.contains("Glm4MoeForCausalLM"),
+            e.contains("DbrxForCausalLM")
+                && e.contains("GptOssForCausalLM")
+                && e.contains("DeepseekV3ForCausalLM"),
             "{e}"
         );
         // A layer count past MAX_LAYERS is refused before the per-layer table is allocated
@@ -1570,6 +1880,7 @@ mod tests {
             "qwen3_moe",
             "olmoe",
             "granitemoe",
+            "gpt_oss",
         ] {
             let e = parse(json!({"model_type": arch, "num_hidden_layers": 1_000_000_000_000u64}))
                 .unwrap_err()

@@ -130,11 +130,12 @@ pub fn export(
             index.display()
         )));
     }
-    let stacked = matches!(
-        cfg.arch,
-        Architecture::GraniteMoe | Architecture::GraniteMoeShared
-    );
-    let tensors = tensors(&model.weights, model.config.ffn_hadamard_block, stacked)?;
+    let layout = match cfg.arch {
+        Architecture::GraniteMoe | Architecture::GraniteMoeShared => ExpertLayout::Granite,
+        Architecture::GptOss => ExpertLayout::GptOss,
+        _ => ExpertLayout::PerExpert,
+    };
+    let tensors = tensors(&model.weights, model.config.ffn_hadamard_block, layout)?;
     let safetensors_bytes =
         write_safetensors(&dir.join("model.safetensors"), &tensors, dtype, progress)?;
     let generated_tokenizer = matches!(model.tokenizer, Tokenizer::Bytes);
@@ -169,6 +170,7 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype: ExportDtype) -> Value {
         Architecture::Olmoe => olmoe_json(cfg),
         Architecture::GraniteMoe | Architecture::GraniteMoeShared => granite_moe_json(cfg),
         Architecture::Glm4Moe => glm4_moe_json(cfg),
+        Architecture::GptOss => gpt_oss_json(cfg),
         Architecture::DeepseekV2 | Architecture::DeepseekV3 => deepseek_json(cfg),
     };
     let m = c.as_object_mut().expect("config is an object");
@@ -372,6 +374,67 @@ fn glm4_moe_json(cfg: &ModelConfig) -> Value {
     })
 }
 
+/// `rope_parameters` as transformers 5 writes them, for every family that reads YaRN (GPT-OSS,
+/// DeepSeek): the base, and YaRN's parameters resolved (the attention factor explicit, so
+/// transformers computes no other; DeepSeek's `mscale_all_dim` where it has one).
+fn rope_parameters_json(cfg: &ModelConfig) -> Value {
+    let theta = cfg.rope_theta.map(f32_json);
+    let Some(y) = &cfg.options.yarn else {
+        return json!({"rope_type": "default", "rope_theta": theta});
+    };
+    let mut rope = json!({
+        "rope_type": "yarn",
+        "rope_theta": theta,
+        "factor": y.factor,
+        "original_max_position_embeddings": y.original_max_position_embeddings,
+        "beta_fast": y.beta_fast,
+        "beta_slow": y.beta_slow,
+        "truncate": y.truncate,
+        "attention_factor": y.attention_factor,
+    });
+    if y.mscale_all_dim != 0.0 {
+        rope["mscale_all_dim"] = json!(y.mscale_all_dim);
+    }
+    rope
+}
+
+fn gpt_oss_json(cfg: &ModelConfig) -> Value {
+    let o = &cfg.options;
+    let rope = rope_parameters_json(cfg);
+    let layer_types: Vec<&str> = (0..cfg.num_layers)
+        .map(|i| match (cfg.sliding_window, &o.windowed_layers) {
+            (Some(_), Some(w)) if !w.get(i).copied().unwrap_or(false) => "full_attention",
+            (Some(_), _) => "sliding_attention",
+            (None, _) => "full_attention",
+        })
+        .collect();
+    let swiglu = o.clamped_swiglu;
+    json!({
+        "architectures": [Architecture::GptOss.hf_name()],
+        "model_type": "gpt_oss",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.expert_ffn,
+        "num_local_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.top_k,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "attention_bias": cfg.attention_bias,
+        "attention_dropout": 0.0,
+        "sliding_window": cfg.sliding_window,
+        "layer_types": layer_types,
+        "swiglu_alpha": swiglu.map(|s| f32_json(s.alpha)),
+        "swiglu_limit": swiglu.map(|s| f32_json(s.limit)),
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": f32_json(cfg.norm_eps),
+        "rope_parameters": rope,
+        "initializer_range": 0.02,
+    })
+}
+
 fn deepseek_json(cfg: &ModelConfig) -> Value {
     let o = &cfg.options;
     let v3 = cfg.arch == Architecture::DeepseekV3;
@@ -387,20 +450,7 @@ fn deepseek_json(cfg: &ModelConfig) -> Value {
         (None, Some(g)) => (g.n_group, g.topk_group, g.routed_scaling_factor),
         (None, None) => (1, 1, 1.0),
     };
-    let mut rope = json!({"rope_type": "default", "rope_theta": cfg.rope_theta.map(f32_json)});
-    if let Some(y) = &o.yarn {
-        rope = json!({
-            "rope_type": "yarn",
-            "rope_theta": cfg.rope_theta.map(f32_json),
-            "factor": y.factor,
-            "original_max_position_embeddings": y.original_max_position_embeddings,
-            "beta_fast": y.beta_fast,
-            "beta_slow": y.beta_slow,
-            "truncate": y.truncate,
-            "attention_factor": y.attention_factor,
-            "mscale_all_dim": y.mscale_all_dim,
-        });
-    }
+    let rope = rope_parameters_json(cfg);
     let m = o.mla;
     let mut v = json!({
         "architectures": [cfg.arch.hf_name()],
@@ -579,6 +629,24 @@ enum Values<'a> {
     /// Several weights one after another in one tensor (Granite's stacked experts), each
     /// with the rotated model's down-projection block where it has one.
     Stacked(Vec<(&'a Linear, Option<usize>)>),
+    /// GPT-OSS's `gate_up_proj`: per expert the `[in, 2·out]` product matrix, the gate's
+    /// columns and the up projection's interleaved (gate even, up odd).
+    Interleaved(Vec<(&'a Linear, &'a Linear)>),
+    /// GPT-OSS's `down_proj`: per expert the transposed weight (`[in, out]`), unrotated.
+    Transposed(Vec<(&'a Linear, Option<usize>)>),
+    /// Values built for the file (GPT-OSS's stacked biases).
+    Owned(Vec<f32>),
+}
+
+/// How a checkpoint lays out its experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExpertLayout {
+    /// One tensor per expert matrix (Mixtral, Qwen, OLMoE, GLM).
+    PerExpert,
+    /// Granite's `input_linear` / `output_linear` stacks.
+    Granite,
+    /// GPT-OSS's `gate_up_proj` / `down_proj` stacks with their biases.
+    GptOss,
 }
 
 struct Tensor<'a> {
@@ -596,6 +664,34 @@ impl Tensor<'_> {
     fn f32s(&self) -> Cow<'_, [f32]> {
         match self.values {
             Values::Floats(v) => Cow::Borrowed(v),
+            Values::Owned(ref v) => Cow::Borrowed(v),
+            Values::Interleaved(ref pairs) => {
+                let mut all = Vec::with_capacity(self.numel());
+                for &(gate, up) in pairs {
+                    let (g, u) = (linear_rows(gate), linear_rows(up));
+                    let (f, h) = (gate.out_features, gate.in_features);
+                    for i in 0..h {
+                        for j in 0..f {
+                            all.extend([g[j * h + i], u[j * h + i]]);
+                        }
+                    }
+                }
+                Cow::Owned(all)
+            }
+            Values::Transposed(ref parts) => {
+                let mut all = Vec::with_capacity(self.numel());
+                for &(l, block) in parts {
+                    let rows = match block {
+                        Some(b) => Cow::Owned(unrotated_rows(l, b)),
+                        None => linear_rows(l),
+                    };
+                    let (n, k) = (l.out_features, l.in_features);
+                    for i in 0..k {
+                        all.extend((0..n).map(|o| rows[o * k + i]));
+                    }
+                }
+                Cow::Owned(all)
+            }
             Values::Weight(l) => linear_rows(l),
             Values::RotatedInput(l, block) => Cow::Owned(unrotated_rows(l, block)),
             Values::Transformed(table, g) => Cow::Owned(transformed_rows(table, g)),
@@ -684,9 +780,8 @@ fn checkpoint_name(prefix: &str) -> String {
 }
 
 /// Every tensor of `w` under its checkpoint name, in the order transformers' modules list
-/// them: embeddings, layers, final norm, head; `stacked`: the experts in Granite's stacked
-/// tensors.
-fn tensors(w: &Weights, ffn_block: Option<usize>, stacked: bool) -> Result<Vec<Tensor<'_>>> {
+/// them: embeddings, layers, final norm, head; the experts as `layout` says.
+fn tensors(w: &Weights, ffn_block: Option<usize>, layout: ExpertLayout) -> Result<Vec<Tensor<'_>>> {
     let mut t = Tensors(Vec::new(), ffn_block);
     t.linear(&w.embed);
     if let Some(p) = &w.positions {
@@ -719,9 +814,14 @@ fn tensors(w: &Weights, ffn_block: Option<usize>, stacked: bool) -> Result<Vec<T
         for n in a.norms() {
             t.norm(n);
         }
+        if let Some(sinks) = &a.sinks {
+            let root = checkpoint_name(a.q.name.trim_end_matches("q_proj"));
+            t.floats(format!("{root}sinks"), vec![sinks.len()], sinks);
+        }
         t.norm(&layer.ffn_norm);
         match &layer.ffn {
-            Ffn::Moe(b) if stacked => t.stacked_moe(b)?,
+            Ffn::Moe(b) if layout == ExpertLayout::Granite => t.stacked_moe(b)?,
+            Ffn::Moe(b) if layout == ExpertLayout::GptOss => t.gpt_oss_moe(b)?,
             Ffn::Moe(b) => {
                 t.linear(&b.router);
                 if let Some(bias) = &b.score_bias {
@@ -846,6 +946,51 @@ impl<'a> Tensors<'a> {
                 values: Values::Stacked(vec![(&m.down, self.1)]),
             });
         }
+        Ok(())
+    }
+
+    /// GPT-OSS's block: the router (with its bias), then `experts.gate_up_proj` `[n, h, 2f]`
+    /// and `experts.down_proj` `[n, f, h]` as products `x·W`, with their stacked biases.
+    fn gpt_oss_moe(&mut self, b: &'a MoeBlock) -> Result<()> {
+        self.linear(&b.router);
+        let p = b.router.name.strip_suffix(".router").ok_or_else(|| {
+            Error::invalid(format!("cannot stack `{}` (no `.router`)", b.router.name))
+        })?;
+        let p = checkpoint_name(p);
+        let (n, first) = (b.experts.len(), b.experts.first());
+        let (f, h) = first.map_or((0, 0), |e| (e.gate.out_features, e.gate.in_features));
+        let bias = |l: &Linear| {
+            l.bias
+                .clone()
+                .ok_or_else(|| Error::invalid(format!("`{}` has no bias to stack", l.name)))
+        };
+        let (mut gate_up_bias, mut down_bias) = (Vec::new(), Vec::new());
+        for e in &b.experts {
+            let (g, u) = (bias(&e.gate)?, bias(&e.up)?);
+            gate_up_bias.extend(g.iter().zip(&u).flat_map(|(&g, &u)| [g, u]));
+            down_bias.extend(bias(&e.down)?);
+        }
+        self.0.push(Tensor {
+            name: format!("{p}.experts.gate_up_proj"),
+            shape: vec![n, h, 2 * f],
+            values: Values::Interleaved(b.experts.iter().map(|e| (&e.gate, &e.up)).collect()),
+        });
+        self.0.push(Tensor {
+            name: format!("{p}.experts.gate_up_proj_bias"),
+            shape: vec![n, 2 * f],
+            values: Values::Owned(gate_up_bias),
+        });
+        let down = b.experts.iter().map(|e| (&e.down, self.1));
+        self.0.push(Tensor {
+            name: format!("{p}.experts.down_proj"),
+            shape: vec![n, f, h],
+            values: Values::Transposed(down.collect()),
+        });
+        self.0.push(Tensor {
+            name: format!("{p}.experts.down_proj_bias"),
+            shape: vec![n, h],
+            values: Values::Owned(down_bias),
+        });
         Ok(())
     }
 

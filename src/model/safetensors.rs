@@ -127,8 +127,8 @@ impl SafetensorsFile {
         &self.map[info.start..info.end]
     }
 
-    /// A tensor as stored: F32, BF16 and F16 in place where aligned (copied otherwise); F64
-    /// narrowed to f32.
+    /// A tensor as stored: F32, BF16 and F16 in place where aligned (copied otherwise), U8 in
+    /// place (GPT-OSS's MXFP4 blocks and exponents); F64 narrowed to f32.
     pub fn stored(&self, name: &str) -> Result<Stored> {
         let info = self.info(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
@@ -138,6 +138,7 @@ impl SafetensorsFile {
             Dtype::F32 => Stored::F32(self.in_place(info, n, crate::model::convert::f32s)),
             Dtype::BF16 => Stored::Half(HalfKind::Bf16, self.in_place(info, n, u16s)),
             Dtype::F16 => Stored::Half(HalfKind::F16, self.in_place(info, n, u16s)),
+            Dtype::U8 => Stored::U8(self.in_place(info, n, <[u8]>::to_vec)),
             _ => Stored::F32(self.read_f32(name)?.into()),
         })
     }

@@ -269,6 +269,9 @@ pub struct Attention {
     /// RMSNorms of the query and key projections' outputs, before RoPE (Qwen3-MoE per head,
     /// OLMoE over the whole projection: `ModelConfig::qk_norm` says which).
     pub qk_norm: Option<[Norm; 2]>,
+    /// One sink logit per query head, joining that head's softmax denominator (GPT-OSS's
+    /// `self_attn.sinks`).
+    pub sinks: Option<Vec<f32>>,
     /// Multi-head latent attention's other parts (DeepSeek; `ModelConfig::options.mla`).
     pub latent: Option<Box<LatentParts>>,
 }
@@ -570,6 +573,7 @@ impl Weights {
                 small += b.score_bias.as_ref().map_or(0, Vec::len);
             }
             small += l.attn.norms().into_iter().map(norm_len).sum::<usize>();
+            small += l.attn.sinks.as_ref().map_or(0, Vec::len);
         }
         f(Storage::Owned(small * 4));
     }
@@ -680,7 +684,12 @@ impl Loader<'_> {
     }
 
     /// What a matrix in a file's quantized blocks becomes (see [`WeightForm`]).
-    fn block_weight(&self, b: Arc<BlockMatrix>, prefix: &str, table: bool) -> Result<LinearWeight> {
+    pub(crate) fn block_weight(
+        &self,
+        b: Arc<BlockMatrix>,
+        prefix: &str,
+        table: bool,
+    ) -> Result<LinearWeight> {
         let decoded = |b: &BlockMatrix| {
             let rows = b.to_rows();
             b.release();

@@ -100,6 +100,31 @@ impl Yarn {
         })
     }
 
+    /// What [`Self::from_block`] guarantees, for a `Yarn` read back from a store's config:
+    /// finite parameters, a positive factor, attention factor and betas, a pretrained length.
+    pub fn check(&self) -> Result<(), String> {
+        for (key, v) in [
+            ("factor", self.factor),
+            ("attention_factor", self.attention_factor),
+            ("beta_fast", self.beta_fast),
+            ("beta_slow", self.beta_slow),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("{key}: {v} must be a positive number"));
+            }
+        }
+        if !self.mscale_all_dim.is_finite() {
+            return Err(format!(
+                "mscale_all_dim: {} must be finite",
+                self.mscale_all_dim
+            ));
+        }
+        if self.original_max_position_embeddings == 0 {
+            return Err("original_max_position_embeddings: must be positive".into());
+        }
+        Ok(())
+    }
+
     /// The `dim / 2` inverse frequencies of a `dim`-wide rotation with base `theta`.
     pub fn inv_freq(&self, dim: usize, theta: f32) -> Vec<f32> {
         let base = f64::from(theta);
@@ -208,6 +233,53 @@ mod tests {
         ] {
             let e = Yarn::from_block(&block, 1024).unwrap_err();
             assert!(e.starts_with(key), "{key}: {e}");
+        }
+    }
+
+    /// Every dimension by how often it turns in the original context: at least `beta_fast`
+    /// turns kept, at most `beta_slow` divided by the factor, between them in between; the
+    /// ramp's ends rounded out under `truncate`.
+    #[test]
+    fn ramp_follows_the_turns_in_the_original_context() {
+        let y = Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: 256,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            truncate: false,
+            attention_factor: 1.25,
+            mscale_all_dim: 0.0,
+        };
+        let (dim, theta) = (16, 10000f32);
+        let (base, f) = (plain(dim, theta), y.inv_freq(dim, theta));
+        let turns = |i: usize| 256.0 * base[i] / (2.0 * std::f32::consts::PI);
+        for i in 0..dim / 2 {
+            if turns(i) >= 32.0 {
+                assert_eq!(f[i], base[i], "{i}");
+            } else if turns(i) <= 1.0 {
+                assert!((f[i] - base[i] / 4.0).abs() < 1e-9, "{i}");
+            } else {
+                assert!(f[i] < base[i] && f[i] > base[i] / 4.0, "{i}");
+            }
+        }
+        let truncated = Yarn {
+            truncate: true,
+            ..y
+        };
+        assert_ne!(truncated.inv_freq(dim, theta), f);
+        assert_eq!(y.check(), Ok(()));
+        for bad in [
+            Yarn { factor: 0.0, ..y },
+            Yarn {
+                beta_slow: f64::NAN,
+                ..y
+            },
+            Yarn {
+                original_max_position_embeddings: 0,
+                ..y
+            },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
         }
     }
 }

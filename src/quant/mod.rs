@@ -253,9 +253,12 @@ pub fn quantize(
     // The down-projection's input is rotated at run time: an up→down smoothing fold would scale
     // the channels before the rotation, not the ones the int8 kernel sees.
     // A clamp between v_proj and o_proj (OLMoE's clip_qkv) does not commute with scaling v's
-    // channels, so o_proj is then smoothed on its own.
+    // channels, so o_proj is then smoothed on its own. GPT-OSS's clamped SwiGLU is not linear
+    // in up's rows, so its down-projections are smoothed on their own too.
     let opts = &QuantOptions {
-        fold_down: opts.fold_down && model.config.ffn_hadamard_block.is_none(),
+        fold_down: opts.fold_down
+            && model.config.ffn_hadamard_block.is_none()
+            && model.config.options.clamped_swiglu.is_none(),
         fold_vo: opts.fold_vo && model.config.clip_qkv.is_none(),
         ..opts.clone()
     };
@@ -655,11 +658,11 @@ fn set_input_scale(members: &mut [&mut Linear], s: &[f32]) {
     }
 }
 
-/// Whether a linear is quantized to int8 (routers — `gate`, Granite's `router.layer` — and
-/// the 1-wide shared-expert gate stay f32).
+/// Whether a linear is quantized to int8 (routers — `gate`, Granite's `router.layer`,
+/// GPT-OSS's `router` — and the 1-wide shared-expert gate stay f32).
 pub fn is_quantized_layer(name: &str) -> bool {
     let last = name.rsplit('.').next().unwrap_or(name);
-    !matches!(last, "gate" | "shared_expert_gate") && !name.ends_with(".router.layer")
+    !matches!(last, "gate" | "router" | "shared_expert_gate") && !name.ends_with(".router.layer")
 }
 
 fn quantize_layer(

@@ -216,10 +216,13 @@ impl ModelRotation {
             .chain(cfg.shared_expert_ffn)
             .filter(|&f| f > 0);
         // One block for every MLP of the model (the engine applies one size).
+        // None under GPT-OSS's clamped SwiGLU: the online transform's random signs go into
+        // up's rows, which only a product linear in `up` lets through.
         let ffn_block = widths
             .map(hadamard_block)
             .try_fold(usize::MAX, |acc, b| b.map(|b| acc.min(b)))
-            .filter(|&b| b != usize::MAX);
+            .filter(|&b| b != usize::MAX)
+            .filter(|_| cfg.options.clamped_swiglu.is_none());
         ModelRotation {
             residual: Rotation::random(cfg.hidden_size, seed),
             seed,

@@ -161,6 +161,15 @@ pub fn write_emoe<'a>(
         for n in a.norms() {
             add(norm_tensors(n));
         }
+        if let Some(sinks) = &a.sinks {
+            // Beside the projections, as the checkpoint names it (`…self_attn.sinks`).
+            let root = a.q.name.trim_end_matches("q_proj");
+            add(vec![f32_tensor(
+                format!("{root}sinks"),
+                vec![sinks.len()],
+                sinks,
+            )]);
+        }
         match &layer.ffn {
             Ffn::Moe(b) => {
                 add(linear_tensors(&b.router));

@@ -198,8 +198,8 @@ impl Backend for Guarded {
     fn rope_table(&self, head_dim: usize, theta: f32, positions: &[usize]) -> RopeTable {
         self.inner.rope_table(head_dim, theta, positions)
     }
-    fn rope_table_freqs(&self, inv_freq: &[f32], positions: &[usize]) -> RopeTable {
-        self.inner.rope_table_freqs(inv_freq, positions)
+    fn rope_table_freqs(&self, inv_freq: &[f32], scale: f32, positions: &[usize]) -> RopeTable {
+        self.inner.rope_table_freqs(inv_freq, scale, positions)
     }
     fn apply_rope(&self, x: &mut Rows, rope: &RopeTable, first_row: usize) {
         self.inner.apply_rope(x, rope, first_row)
@@ -272,6 +272,9 @@ impl Backend for Guarded {
     }
     fn gated_activation(&self, act: Activation, gate: &mut Rows, up: &Rows) {
         self.inner.gated_activation(act, gate, up)
+    }
+    fn clamped_swiglu(&self, gate: &mut Rows, up: &Rows, s: edgemoe::model::config::ClampedSwiglu) {
+        self.inner.clamped_swiglu(gate, up, s)
     }
     fn add(&self, x: &mut Rows, y: &Rows) {
         self.inner.add(x, y)

@@ -9,11 +9,12 @@ use edgemoe::backend::cuda::kv::DeviceKv;
 use edgemoe::backend::{AttentionShape, Backend, Segment};
 use edgemoe::kv::{Budget, KvOptions, LayerCache, Policy, SlotStats};
 
-const SHAPE: AttentionShape = AttentionShape {
+const SHAPE: AttentionShape<'static> = AttentionShape {
     num_heads: 6,
     num_kv_heads: 2,
     head_dim: 32,
     sliding_window: None,
+    sink_logits: None,
 };
 const KV_DIM: usize = 64;
 

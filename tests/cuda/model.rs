@@ -315,6 +315,25 @@ fn gpu_runs_granite_and_glm4_moe_as_the_cpu() {
     }
 }
 
+/// GPT-OSS's attention sinks have no CUDA kernel: the backend refuses the model by name (before
+/// it opens a device, so this runs without one) rather than attend without them; `auto` falls
+/// back to the CPU.
+#[test]
+fn gpu_refuses_attention_sinks() {
+    let root = fixture_dir().join("..");
+    let model = Arc::new(Model::load(&root.join("gptoss-tiny")).expect("fixture"));
+    let err = engine_for(model.clone(), BackendChoice::Cuda, 0)
+        .err()
+        .expect("GPT-OSS on CUDA")
+        .to_string();
+    assert!(
+        err.contains("GptOssForCausalLM") && err.contains("attention sinks"),
+        "{err}"
+    );
+    let auto = engine_for(model, BackendChoice::Auto, 0).expect("auto");
+    assert_eq!(auto.backend().name(), "cpu");
+}
+
 /// Multi-head latent attention has no GPU path: `--backend cuda` refuses a DeepSeek model by
 /// name before touching a device (so this runs on machines without one), and `auto` falls back
 /// to the CPU.

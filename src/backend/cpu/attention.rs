@@ -9,7 +9,7 @@
 
 use super::kv::{host_kv, HostKv};
 use super::simd::{cpu_features, SendPtr};
-use super::vexp::softmax;
+use super::vexp::{softmax, softmax_with_sink};
 use crate::backend::{AttentionShape, Segment};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -304,6 +304,9 @@ fn attend_row<S: Slots + ?Sized>(
             head_dim: d,
             kv_dim: kv_heads * d,
             offset: kv_head * d,
+            sinks: shape
+                .sink_logits
+                .map(|s| &s[kv_head * group..(kv_head + 1) * group]),
         };
         heads.attend(&cache, slots, &mut scores, o);
         if let Some(m) = mass {
@@ -327,9 +330,22 @@ struct HeadGroup<'a> {
     head_dim: usize,
     kv_dim: usize,
     offset: usize,
+    /// The group's sink logits, one a head (GPT-OSS), joining each softmax's denominator.
+    sinks: Option<&'a [f32]>,
 }
 
 impl HeadGroup<'_> {
+    /// Every head's scores (`group` rows of `n`) turned into softmax weights.
+    fn normalize(&self, scores: &mut [f32], n: usize) {
+        match self.sinks {
+            Some(sinks) => scores
+                .chunks_exact_mut(n.max(1))
+                .zip(sinks)
+                .for_each(|(row, &sink)| softmax_with_sink(row, sink)),
+            None => scores.chunks_exact_mut(n.max(1)).for_each(softmax),
+        }
+    }
+
     /// `scores`: scratch of `group × slots.count()` floats.
     fn attend<S: Slots + ?Sized>(
         &self,
@@ -354,13 +370,13 @@ impl HeadGroup<'_> {
             // SAFETY: avx2+fma detected at run time; slots and out bounds asserted above.
             unsafe {
                 self.scores_avx2(cache.keys, slots, scores);
-                scores.chunks_exact_mut(n.max(1)).for_each(softmax);
+                self.normalize(scores, n);
                 self.mix_avx2(cache.values, slots, scores, out);
             }
             return;
         }
         self.scores_scalar(cache.keys, slots, scores);
-        scores.chunks_exact_mut(n.max(1)).for_each(softmax);
+        self.normalize(scores, n);
         self.mix_scalar(cache.values, slots, scores, out);
     }
 
@@ -699,8 +715,13 @@ mod tests {
                         / (d as f64).sqrt()
                 })
                 .collect();
-            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+            let sink = shape.sink_logits.map(|s| f64::from(s[head]));
+            let max = scores
+                .iter()
+                .copied()
+                .chain(sink)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = scores.iter().chain(&sink).map(|s| (s - max).exp()).sum();
             for i in 0..d {
                 out[head * d + i] = visible
                     .iter()
@@ -725,6 +746,7 @@ mod tests {
             num_kv_heads: 3,
             head_dim: 64,
             sliding_window: None,
+            sink_logits: None,
         };
         let kv_dim = 3 * 64;
         // Enough slots that the call is worth the pool (2·slots·h·d ≥ PARALLEL_MIN_MACS).
@@ -772,6 +794,7 @@ mod tests {
             num_kv_heads: 2,
             head_dim: 32,
             sliding_window: Some(40),
+            sink_logits: None,
         };
         let kv_dim = 2 * 32;
         let make = |rng: &mut SplitMix64, positions| random_cache(rng, kv_dim, positions);
@@ -822,21 +845,27 @@ mod tests {
         }
     }
 
+    /// Also with a sink logit per head (GPT-OSS), which takes weight from every slot.
     #[test]
     fn matches_reference_with_gqa_window_and_gaps() {
         let mut rng = SplitMix64::new(7);
-        for (heads, kv_heads, d, window) in [
-            (4, 2, 32, None),
-            (6, 3, 12, Some(5)),
-            (2, 2, 7, None),
-            (6, 2, 16, None),
-            (8, 2, 20, Some(9)),
+        for (heads, kv_heads, d, window, with_sinks) in [
+            (4, 2, 32, None, false),
+            (6, 3, 12, Some(5), false),
+            (2, 2, 7, None, false),
+            (6, 2, 16, None, false),
+            (8, 2, 20, Some(9), false),
+            (4, 2, 32, None, true),
+            (6, 3, 12, Some(5), true),
+            (8, 2, 20, Some(9), true),
         ] {
+            let sinks: Vec<f32> = (0..heads).map(|_| 2.0 * rng.normal()).collect();
             let shape = AttentionShape {
                 num_heads: heads,
                 num_kv_heads: kv_heads,
                 head_dim: d,
                 sliding_window: window,
+                sink_logits: with_sinks.then_some(&sinks[..]),
             };
             let kv_dim = kv_heads * d;
             // Slots out of position order with a gap (as after eviction), 20 tokens.
@@ -875,6 +904,7 @@ mod tests {
                 num_kv_heads: 3,
                 head_dim: 16,
                 sliding_window: window,
+                sink_logits: None,
             };
             let kv_dim = 3 * 16;
             // Three heads over 40 slots: head 0 holds 0..40, head 1 every other token of

@@ -14,7 +14,7 @@ use super::routing::route_rows;
 use crate::backend::{AttentionShape, Backend, Pick, Segment, Tasks};
 use crate::error::{Error, Result};
 use crate::kv::{EvictionConfig, KvStorage, LayerCache, SlotStats};
-use crate::model::config::Activation;
+use crate::model::config::{Activation, ClampedSwiglu};
 use crate::model::weights::{Linear, LinearWeight, Norm, Weights};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -270,8 +270,8 @@ impl Backend for CpuBackend {
         Rope::new(head_dim, theta).table(positions)
     }
 
-    fn rope_table_freqs(&self, inv_freq: &[f32], positions: &[usize]) -> RopeTable {
-        Rope::from_inv_freq(inv_freq).table(positions)
+    fn rope_table_freqs(&self, inv_freq: &[f32], scale: f32, positions: &[usize]) -> RopeTable {
+        Rope::from_freqs(inv_freq.to_vec(), scale).table(positions)
     }
 
     fn apply_rope(&self, x: &mut Rows, rope: &RopeTable, first_row: usize) {
@@ -386,6 +386,10 @@ impl Backend for CpuBackend {
 
     fn gated_activation(&self, act: Activation, gate: &mut Rows, up: &Rows) {
         gated_activation(act, &mut gate.data, &up.data);
+    }
+
+    fn clamped_swiglu(&self, gate: &mut Rows, up: &Rows, swiglu: ClampedSwiglu) {
+        super::ops::clamped_swiglu(swiglu, &mut gate.data, &up.data);
     }
 
     fn add(&self, x: &mut Rows, y: &Rows) {

@@ -1,7 +1,7 @@
 //! Row-wise f32 operations of the forward pass: norms, activations, softmax, RoPE.
 
 use super::simd;
-use crate::model::config::Activation;
+use crate::model::config::{Activation, ClampedSwiglu};
 pub use crate::model::rotation::{dct_entry, hadamard_in_blocks, rotate_rows, rotate_rows_back};
 use crate::model::weights::Norm;
 
@@ -55,6 +55,16 @@ pub fn gated_activation(act: Activation, gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `gate ← (up' + 1) · g · sigmoid(alpha · g)` with `g = min(gate, limit)` and `up'` = `up`
+/// clamped to `[-limit, limit]` (GPT-OSS's experts; transformers' `GptOssExperts._apply_gate`).
+pub fn clamped_swiglu(s: ClampedSwiglu, gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = g.min(s.limit);
+        let u = u.clamp(-s.limit, s.limit);
+        *g = (u + 1.0) * (x * sigmoid(x * s.alpha));
+    }
+}
+
 pub fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
 }
@@ -88,32 +98,37 @@ fn erf(x: f32) -> f32 {
 /// Rotary embedding tables for one head dimension, as transformers computes them (in f32).
 pub struct Rope {
     inv_freq: Vec<f32>,
+    scale: f32,
 }
 
 impl Rope {
+    /// The rotation of the given inverse frequencies, cos and sin multiplied by `scale`
+    /// (YaRN's attention factor; 1 otherwise).
+    pub fn from_freqs(inv_freq: Vec<f32>, scale: f32) -> Rope {
+        Rope { inv_freq, scale }
+    }
+
     pub fn new(head_dim: usize, theta: f32) -> Rope {
         let inv_freq = (0..head_dim / 2)
             .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
             .collect();
-        Rope { inv_freq }
-    }
-
-    /// A rotation of these frequencies (one per pair of values).
-    pub fn from_inv_freq(inv_freq: &[f32]) -> Rope {
         Rope {
-            inv_freq: inv_freq.to_vec(),
+            inv_freq,
+            scale: 1.0,
         }
     }
 
     /// The cos/sin of every angle at each of `positions`, computed once per forward pass and
     /// shared by all layers (sin/cos are the costly part of applying the rotation).
     pub fn table(&self, positions: &[usize]) -> RopeTable {
+        let scale = self.scale;
         let cos_sin = positions
             .iter()
             .flat_map(|&p| {
                 self.inv_freq.iter().map(move |&f| {
                     let a = p as f32 * f;
-                    (a.cos(), a.sin())
+                    // × 1.0 leaves every value as it was (plain RoPE).
+                    (a.cos() * scale, a.sin() * scale)
                 })
             })
             .collect();

@@ -122,6 +122,16 @@ pub fn softmax(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// [`softmax`] of `x` with one more logit, `sink`, in the denominator that is then dropped
+/// (an attention sink): the weights sum to less than one.
+pub fn softmax_with_sink(x: &mut [f32], sink: f32) {
+    let max = simd::max(x).max(sink);
+    x.iter_mut().for_each(|v| *v -= max);
+    exp_in_place(x);
+    let inv = 1.0 / (simd::sum(x) + exp_approx(sink - max));
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
 /// `silu(x) = x / (1 + e^-x)` element-wise.
 pub fn silu_in_place(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]

@@ -144,13 +144,22 @@ fn naming_op(op: String, e: Error) -> Error {
     }
 }
 
-/// Why the GPU cannot run a model of `cfg`, or `None`. Multi-head latent attention
-/// (DeepSeek-V2/V3) has not been run on a device: refused rather than risk wrong numbers.
+/// Why the CUDA backend refuses attention with sink logits (GPT-OSS): its kernel has none, and
+/// would compute another model's numbers without them.
+const SINKS_UNSUPPORTED: &str = "the CUDA backend does not run attention sinks (GPT-OSS); \
+     use --backend cpu";
+
+/// Why the GPU cannot run a model of `cfg`, or `None`: attention sinks (GPT-OSS) have no kernel,
+/// and multi-head latent attention (DeepSeek-V2/V3) has not been run on a device; both are
+/// refused rather than risk wrong numbers.
 pub fn unsupported_model(cfg: &crate::model::config::ModelConfig) -> Option<String> {
+    let name = cfg.arch.hf_name();
+    if cfg.options.attention_sinks {
+        return Some(format!("{name}: {SINKS_UNSUPPORTED}"));
+    }
     cfg.options.mla.is_some().then(|| {
         format!(
-            "{}: multi-head latent attention has no CUDA path yet; run it with --backend cpu",
-            cfg.arch.hf_name()
+            "{name}: multi-head latent attention has no CUDA path yet; run it with --backend cpu"
         )
     })
 }
@@ -315,6 +324,9 @@ impl CudaBackend {
         segments: &[Segment],
         want_mass: bool,
     ) -> Result<(DeviceRows, usize, Vec<f32>)> {
+        if shape.sink_logits.is_some() {
+            return Err(crate::Error::invalid(SINKS_UNSUPPORTED));
+        }
         let qd = shape.num_heads * shape.head_dim;
         let kv_dim = shape.num_kv_heads * shape.head_dim;
         let mut out = self.gpu.zeros::<f32>(q.rows * qd, "attention output")?;
@@ -602,17 +614,18 @@ impl Backend for CudaBackend {
         let inv_freq: Vec<f32> = (0..head_dim / 2)
             .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
             .collect();
-        self.rope_table_freqs(&inv_freq, positions)
+        self.rope_table_freqs(&inv_freq, 1.0, positions)
     }
 
-    fn rope_table_freqs(&self, inv_freq: &[f32], positions: &[usize]) -> DeviceRope {
+    fn rope_table_freqs(&self, inv_freq: &[f32], scale: f32, positions: &[usize]) -> DeviceRope {
         let (half, head_dim) = (inv_freq.len(), 2 * inv_freq.len());
         let mut cos_sin = Vec::with_capacity(positions.len() * half * 2);
         for &p in positions {
             for &f in inv_freq {
                 let a = p as f32 * f;
-                cos_sin.push(a.cos());
-                cos_sin.push(a.sin());
+                // × 1.0 leaves every value as it was (plain RoPE).
+                cos_sin.push(a.cos() * scale);
+                cos_sin.push(a.sin() * scale);
             }
         }
         DeviceRope {

@@ -111,6 +111,7 @@ fn latent_attention(l: &Loader, cfg: &ModelConfig, p: &str) -> Result<Attention>
             "hidden_size, num_attention_heads × v_head_dim",
         )?,
         qk_norm: None,
+        sinks: None,
         latent: Some(Box::new(LatentParts {
             q_a,
             kv_a_norm: l.rms_norm_of(

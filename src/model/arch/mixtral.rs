@@ -89,6 +89,7 @@ pub fn attention_with(
             "hidden_size, num_attention_heads × head_dim",
         )?,
         qk_norm: qk_norms(l, cfg, p)?,
+        sinks: None,
         latent: None,
     })
 }

@@ -3,6 +3,8 @@
 
 pub(crate) mod deepseek;
 pub(crate) mod glm4_moe;
+pub(crate) mod gpt_oss;
+mod gpt_oss_mxfp4;
 pub(crate) mod granite_moe;
 pub(crate) mod llama;
 pub(crate) mod mixtral;
@@ -56,6 +58,7 @@ fn arch_weights(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> 
             granite_moe::load(cfg, src, form)
         }
         Architecture::Glm4Moe => glm4_moe::load(cfg, src, form),
+        Architecture::GptOss => gpt_oss::load(cfg, src, form),
         Architecture::DeepseekV2 | Architecture::DeepseekV3 => deepseek::load(cfg, src, form),
     }
 }

@@ -38,6 +38,7 @@ pub fn load(cfg: &ModelConfig, src: &dyn TensorSource, form: WeightForm) -> Resu
                     v: l.linear(&format!("{a}.v_proj"), h, h, b, why)?,
                     o: l.linear(&format!("{a}.out_proj"), h, h, b, why)?,
                     qk_norm: None,
+                    sinks: None,
                     latent: None,
                 },
                 ffn_norm: l.layer_norm(&format!("{p}.final_layer_norm"), h, cfg.norm_eps)?,

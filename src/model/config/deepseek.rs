@@ -1,9 +1,11 @@
 //! DeepSeek-V2 / V3 configs (transformers' DeepseekV2Config / DeepseekV3Config): multi-head
 //! latent attention, DeepSeek's routings, YaRN.
 
-use super::{activation, ArchOptions, Architecture, FfnKind, Fields, GroupedSigmoid, ModelConfig};
+use super::{
+    activation, rope_and_yarn, ArchOptions, Architecture, FfnKind, Fields, GroupedSigmoid,
+    ModelConfig,
+};
 use crate::error::{Error, Result};
-use crate::model::yarn::Yarn;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -210,7 +212,7 @@ pub(super) fn deepseek(f: &Fields, v3: bool) -> Result<ModelConfig> {
     let head_dim = nope
         .checked_add(rope)
         .ok_or_else(|| refuse("qk_nope_head_dim", format!("{nope} + {rope} overflows")))?;
-    let (theta, yarn) = rope_block(f, max_positions)?;
+    let (theta, yarn) = rope_and_yarn(f, max_positions, 10000.0, None)?;
     let experts = f.positive("n_routed_experts", Some(d.experts))?;
     let top_k = f.positive("num_experts_per_tok", d.top_k)?;
     let scaling = f.f32_or("routed_scaling_factor", d.scaling)?;
@@ -323,42 +325,6 @@ pub(super) fn deepseek(f: &Fields, v3: bool) -> Result<ModelConfig> {
         },
         eos_token_ids: if eos.is_empty() { vec![d.eos] } else { eos },
     })
-}
-
-/// The RoPE base and, for `rope_type: yarn`, its scaling, from `rope_parameters`
-/// (transformers 5) or `rope_scaling` (older configs; the base then at the top level).
-fn rope_block(f: &Fields, max_positions: usize) -> Result<(f32, Option<Yarn>)> {
-    let top_theta = f.f32_or("rope_theta", 10000.0)?;
-    for field in ["rope_parameters", "rope_scaling"] {
-        let Some(p) = f.present(field) else { continue };
-        let kind = p
-            .get("rope_type")
-            .or_else(|| p.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let theta = match p.get("rope_theta") {
-            Some(t) => t.as_f64().ok_or_else(|| {
-                Error::config(
-                    f.path,
-                    field,
-                    format!("rope_theta: expected a number, got {t}"),
-                )
-            })? as f32,
-            None => top_theta,
-        };
-        return match kind {
-            "default" => Ok((theta, None)),
-            "yarn" => Yarn::from_block(p, max_positions)
-                .map(|y| (theta, Some(y)))
-                .map_err(|why| Error::config(f.path, field, why)),
-            other => Err(Error::config(
-                f.path,
-                field,
-                format!("rope_type `{other}` is not supported (default or yarn)"),
-            )),
-        };
-    }
-    Ok((top_theta, None))
 }
 
 #[cfg(test)]
