@@ -526,10 +526,16 @@ fn moe_ggufs_match_transformers() {
 }
 
 /// Several sequences in one batched step give the same logits as each alone (DeepSeek's latent
-/// attention and host routing too).
+/// attention and host routing, GPT-OSS's sinks and per-layer sliding windows too).
 #[test]
 fn batched_decode_matches_single_sequences() {
-    for name in ["qwen2moe-tiny", "deepseekv2-tiny", "deepseekv3-tiny"] {
+    for name in [
+        "qwen2moe-tiny",
+        "deepseekv2-tiny",
+        "deepseekv3-tiny",
+        "gptoss-tiny",
+        "gptoss-tiny-legacy",
+    ] {
         batched_decode_matches_single_sequences_of(name);
     }
 }
