@@ -155,38 +155,51 @@ impl GroupedSigmoid {
         experts: usize,
         top_k: usize,
     ) -> std::result::Result<(), (&'static str, String)> {
-        let n = self.n_group;
-        if n == 0 || !experts.is_multiple_of(n) || experts / n < 2 {
-            return Err((
-                "n_group",
-                format!("{n} must split the {experts} experts into groups of two or more"),
-            ));
-        }
-        if self.topk_group == 0 || self.topk_group > n {
-            return Err((
-                "topk_group",
-                format!("{} is not in 1..={n}", self.topk_group),
-            ));
-        }
-        if top_k > self.topk_group * (experts / n) {
-            return Err((
-                "num_experts_per_tok",
-                format!(
-                    "{top_k} is more than the {} experts of topk_group {} groups",
-                    self.topk_group * (experts / n),
-                    self.topk_group
-                ),
-            ));
-        }
-        let s = self.routed_scaling_factor;
-        if !(s.is_finite() && s != 0.0) {
-            return Err((
-                "routed_scaling_factor",
-                format!("{s} must be a finite non-zero number"),
-            ));
-        }
-        Ok(())
+        check_groups(
+            (self.n_group, self.topk_group, self.routed_scaling_factor),
+            experts,
+            top_k,
+            2,
+        )
     }
+}
+
+/// The checks DeepSeek-style group-limited routings share: `n_group` splits the `experts`
+/// evenly, at least `min_per_group` a group; `topk_group` of them offer at least `top_k`
+/// experts; the scaling factor is a finite non-zero number.
+pub(super) fn check_groups(
+    (n, topk_group, scale): (usize, usize, f32),
+    experts: usize,
+    top_k: usize,
+    min_per_group: usize,
+) -> std::result::Result<(), (&'static str, String)> {
+    if n == 0 || !experts.is_multiple_of(n) || experts / n < min_per_group {
+        let why = if min_per_group > 1 {
+            format!("{n} must split the {experts} experts into groups of two or more")
+        } else {
+            format!("{n} does not split the {experts} experts")
+        };
+        return Err(("n_group", why));
+    }
+    if topk_group == 0 || topk_group > n {
+        return Err(("topk_group", format!("{topk_group} is not in 1..={n}")));
+    }
+    if top_k > topk_group * (experts / n) {
+        return Err((
+            "num_experts_per_tok",
+            format!(
+                "{top_k} is more than the {} experts of topk_group {topk_group} groups",
+                topk_group * (experts / n)
+            ),
+        ));
+    }
+    if !(scale.is_finite() && scale != 0.0) {
+        return Err((
+            "routed_scaling_factor",
+            format!("{scale} must be a finite non-zero number"),
+        ));
+    }
+    Ok(())
 }
 
 impl ArchOptions {

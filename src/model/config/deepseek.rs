@@ -45,36 +45,12 @@ impl SoftmaxGroups {
         experts: usize,
         top_k: usize,
     ) -> std::result::Result<(), (&'static str, String)> {
-        let n = self.n_group;
-        if n == 0 || !experts.is_multiple_of(n) {
-            return Err((
-                "n_group",
-                format!("{n} does not split the {experts} experts"),
-            ));
-        }
-        if self.topk_group == 0 || self.topk_group > n {
-            return Err((
-                "topk_group",
-                format!("{} is not in 1..={n}", self.topk_group),
-            ));
-        }
-        if top_k > self.topk_group * (experts / n) {
-            return Err((
-                "num_experts_per_tok",
-                format!(
-                    "{top_k} is more than the {} experts of topk_group groups",
-                    self.topk_group * (experts / n)
-                ),
-            ));
-        }
-        let s = self.routed_scaling_factor;
-        if !(s.is_finite() && s != 0.0) {
-            return Err((
-                "routed_scaling_factor",
-                format!("{s} must be a finite non-zero number"),
-            ));
-        }
-        Ok(())
+        super::check_groups(
+            (self.n_group, self.topk_group, self.routed_scaling_factor),
+            experts,
+            top_k,
+            1,
+        )
     }
 }
 
