@@ -166,10 +166,6 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         Some(_) => crate::load_model(Some(&a.model))?,
         None => crate::model::Model::load_in_place(&a.model)?,
     };
-    // Before the calibration text is read and tokenized.
-    if let Some(why) = quant::unsupported(&model.config) {
-        anyhow::bail!(why);
-    }
     let mut opts = QuantOptions::new(a.method, &model);
     opts.act_order = a.act_order;
     if !(a.damp.is_finite() && a.damp > 0.0 && a.damp <= 10.0) {
