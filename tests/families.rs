@@ -356,3 +356,32 @@ unsafe fn c_generate(path: &CStr, params: &EdgemoeSessionParams, n: u32) -> Resu
     assert_eq!(edgemoe_model_free(model), EDGEMOE_OK);
     result
 }
+
+/// `edgemoe quantize` with its defaults (haq: calibration, the smoothing folds, the rotation
+/// where exact, GPTQ; layers spilled beside the output) takes every family, DeepSeek's latent
+/// attention too, and the .emoe it writes loads and gives finite logits.
+#[test]
+fn quantize_cli_takes_every_family() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FAMILIES {
+        let out_path = tmp.path().join(format!("{name}.emoe"));
+        let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+            .args(["quantize", "--threads", "2", "--calib-tokens", "512", "--model"])
+            .arg(dir(name))
+            .arg("--calib")
+            .arg(dir("trained-moe").join("calib.txt"))
+            .arg("--out")
+            .arg(&out_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let model = Arc::new(Model::load(&out_path).unwrap());
+        let t = tokens(&model, 16);
+        let out = logits(&Engine::new(model, 2).unwrap(), &t, &[]);
+        assert!(out.iter().flatten().all(|x| x.is_finite()), "{name}");
+    }
+}
