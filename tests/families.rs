@@ -366,7 +366,14 @@ fn quantize_cli_takes_every_family() {
     for name in FAMILIES {
         let out_path = tmp.path().join(format!("{name}.emoe"));
         let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
-            .args(["quantize", "--threads", "2", "--calib-tokens", "512", "--model"])
+            .args([
+                "quantize",
+                "--threads",
+                "2",
+                "--calib-tokens",
+                "512",
+                "--model",
+            ])
             .arg(dir(name))
             .arg("--calib")
             .arg(dir("trained-moe").join("calib.txt"))

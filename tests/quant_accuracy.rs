@@ -225,7 +225,10 @@ fn haq_stays_within_three_tenths_of_a_percent_on_trained_qwen3moe_and_deepseekv3
         let (q, summary) = quant::quantize(m, calib, 256, &opts, |_, _, _| {}).unwrap();
         assert!(summary.gptq > 0, "{name}: {summary:?}");
         assert!(
-            summary.rotation.as_deref().is_some_and(|r| r.starts_with("residual")),
+            summary
+                .rotation
+                .as_deref()
+                .is_some_and(|r| r.starts_with("residual")),
             "{name}: {:?}",
             summary.rotation
         );
@@ -276,7 +279,8 @@ fn latent_attention_folds_and_rotation_keep_the_f32_logits() {
             let m = Model::load(&fixture(name)).unwrap();
             let t = tokens_of(&m, "trained-moe", "heldout.txt");
             let (held, calib) = (&t[..64], &t[64..1088]);
-            let kv_norm = |m: &Model| rms(&m.weights.layers[0].attn.latent.as_ref().unwrap().kv_a_norm);
+            let kv_norm =
+                |m: &Model| rms(&m.weights.layers[0].attn.latent.as_ref().unwrap().kv_a_norm);
             let before = kv_norm(&m);
             let opts = QuantOptions {
                 threads: 2,
@@ -288,7 +292,10 @@ fn latent_attention_folds_and_rotation_keep_the_f32_logits() {
             let (q, summary) = quant::quantize(m, calib, 256, &opts, |_, _, _| {}).unwrap();
             assert_eq!(summary.linears, 0);
             assert_eq!(
-                summary.rotation.as_deref().is_some_and(|r| r.starts_with("residual")),
+                summary
+                    .rotation
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("residual")),
                 rotate,
                 "{name}: {:?}",
                 summary.rotation
@@ -299,7 +306,13 @@ fn latent_attention_folds_and_rotation_keep_the_f32_logits() {
                 "{name}: {:?}",
                 summary.alphas
             );
-            let has_q_a = q.weights.layers[0].attn.latent.as_ref().unwrap().q_a.is_some();
+            let has_q_a = q.weights.layers[0]
+                .attn
+                .latent
+                .as_ref()
+                .unwrap()
+                .q_a
+                .is_some();
             assert_eq!(smoothed(".q_b_proj"), has_q_a, "{name}");
             assert_ne!(kv_norm(&q), before, "{name}: kv_a_layernorm unchanged");
             let got = logits(q, held);
@@ -310,7 +323,10 @@ fn latent_attention_folds_and_rotation_keep_the_f32_logits() {
                 .zip(&want)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             eprintln!("{name} rotate {rotate}: max |logit| {scale:.3}, max difference {worst:.2e}");
-            assert!(worst <= 1e-4 * scale, "{name} rotate {rotate}: {worst} of {scale}");
+            assert!(
+                worst <= 1e-4 * scale,
+                "{name} rotate {rotate}: {worst} of {scale}"
+            );
         }
     }
 }
