@@ -312,3 +312,27 @@ pub fn fold_v_into_o(
     }
     Some(alpha)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// kv_b_proj's rows per head are `[unrotated key | values]`: the value channels are the ones
+    /// after each head's key part, and `for_each_head_values` visits exactly those.
+    #[test]
+    fn latent_value_channels_skip_the_unrotated_keys() {
+        let l = HeadLayout {
+            num_heads: 2,
+            num_kv_heads: 2,
+            head_dim: 3,
+            v_stride: 5,
+            v_offset: 2,
+        };
+        let channels: Vec<usize> = (0..6).map(|c| l.v_channel(c)).collect();
+        assert_eq!(channels, [2, 3, 4, 7, 8, 9]);
+        let mut col: Vec<f32> = (0..10).map(|i| i as f32).collect();
+        let mut seen = Vec::new();
+        l.for_each_head_values(&mut col, |v| seen.extend_from_slice(v));
+        assert_eq!(seen, [2.0, 3.0, 4.0, 7.0, 8.0, 9.0]);
+    }
+}
