@@ -264,6 +264,9 @@ def main():
     print("hf ppl:", ppl)
 
     held_bytes = len(held_text.encode())
+    calib_line = "" if args.arch == "mixtral" else (
+        "\n* `calib.txt`: Psalms 1-40 (`bible -f psa1:1-psa40:17`, references stripped), from the\n"
+        "  training part: what the quantization tests calibrate on.")
     title = "a small Mixtral-architecture MoE" if args.arch == "mixtral" else \
         f"a small {type(model).__name__.removesuffix('ForCausalLM')} MoE (`--arch {args.arch}`)"
     readme = f"""# {os.path.basename(out)}
@@ -278,7 +281,7 @@ used as a real (non-random) reference for the engine's perplexity.
   Bible is expired since the translation was done in 1611").
 * Split: the final {len(held_lines)} verses ({held_bytes} bytes, from
   "{held_lines[0][:40]}...") are held out as `heldout.txt`; neither the tokenizer nor
-  the model saw them. Training part: {len(train_lines)} verses, {len(train_text.encode())} bytes.
+  the model saw them. Training part: {len(train_lines)} verses, {len(train_text.encode())} bytes.{calib_line}
 * Tokenizer: byte-level BPE (tokenizers {tokenizers.__version__}), vocab {vocab}
   (<pad>=0, <s>=1, </s>=2), ByteLevel pre-tokenizer/decoder, no normalizer.
 * Model: {model_line},
