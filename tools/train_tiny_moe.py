@@ -269,7 +269,7 @@ def main():
         "  training part: what the quantization tests calibrate on.")
     title = "a small Mixtral-architecture MoE" if args.arch == "mixtral" else \
         f"a small {type(model).__name__.removesuffix('ForCausalLM')} MoE (`--arch {args.arch}`)"
-    readme = f"""# {os.path.basename(out)}
+    readme = f"""# {folder}
 
 {title[0].upper() + title[1:]} trained by `tools/train_tiny_moe.py` on the CPU,
 used as a real (non-random) reference for the engine's perplexity.
