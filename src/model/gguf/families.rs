@@ -1,0 +1,402 @@
+//! Configs of the GGUF architectures whose transformers configs carry options of their own:
+//! `granitemoe` (Granite-MoE, and GraniteMoeShared when it has a shared MLP), `glm4moe`,
+//! `deepseek2` (DeepSeek-V2, or V3 when its experts are gated by sigmoid) and `gpt-oss`. The
+//! `{arch}.*` keys (llama.cpp's names; errors name the key) are written out as the config.json
+//! transformers would read, and that is parsed by [`ModelConfig::from_json`], so defaults and
+//! checks are the safetensors path's.
+//!
+//! What llama.cpp's layout cannot say is taken as llama.cpp takes it: DeepSeek's YaRN `mscale`
+//! equals `mscale_all_dim` (unless `rope.scaling.yarn_attn_factor` gives the cos/sin factor),
+//! GPT-OSS's `swiglu_alpha` is 1.702, its `swiglu_limit` 7 (unless `swiglu_clamp_exp` says)
+//! and its even layers slide (unless `attention.sliding_window_pattern` says).
+
+use super::parse::Value;
+use super::GgufFile;
+use crate::error::Result;
+use crate::model::config::ModelConfig;
+use serde_json::{json, Map, Value as Json};
+
+/// llama.cpp's `expert_gating_func` values.
+const SOFTMAX: usize = 1;
+const SIGMOID: usize = 2;
+
+impl GgufFile {
+    /// The config of a `granitemoe`, `glm4moe`, `deepseek2` or `gpt-oss` file; `None` for the
+    /// other architectures.
+    pub(super) fn family_config(&self) -> Result<Option<ModelConfig>> {
+        let mut j = match self.architecture() {
+            "granitemoe" => self.granite()?,
+            "glm4moe" => self.glm4_moe()?,
+            "deepseek2" => self.deepseek()?,
+            "gpt-oss" => self.gpt_oss()?,
+            _ => return Ok(None),
+        };
+        self.common(&mut j)?;
+        let mut cfg = ModelConfig::from_json(&Json::Object(j), &self.path)?;
+        if self.architecture() == "glm4moe" {
+            // The rotated width as stored (from_json derives it from a factor, which can round).
+            let (rot, hd) = (self.rope_dims()?, cfg.head_dim);
+            cfg.options.rotary_dim = (rot != hd).then_some(rot);
+            cfg.validate(&self.path)?;
+        }
+        Ok(Some(cfg))
+    }
+
+    fn k(&self, key: &str) -> String {
+        format!("{}.{key}", self.architecture())
+    }
+
+    fn has_tensor(&self, name: &str) -> bool {
+        self.info(name).is_some()
+    }
+
+    /// The keys every family shares.
+    fn common(&self, j: &mut Map<String, Json>) -> Result<()> {
+        let k = |s: &str| self.k(s);
+        let heads = self.positive(&k("attention.head_count"), None)?;
+        j.entry("num_attention_heads").or_insert(json!(heads));
+        j.entry("num_key_value_heads")
+            .or_insert(json!(self.positive(&k("attention.head_count_kv"), Some(heads))?));
+        j.insert(
+            "hidden_size".into(),
+            json!(self.positive(&k("embedding_length"), None)?),
+        );
+        j.entry("num_hidden_layers")
+            .or_insert(json!(self.positive(&k("block_count"), None)?));
+        j.insert(
+            "max_position_embeddings".into(),
+            json!(self.positive(&k("context_length"), Some(2048))?),
+        );
+        j.insert(
+            "rms_norm_eps".into(),
+            json!(self.float(&k("attention.layer_norm_rms_epsilon"), 1e-5)?),
+        );
+        j.entry("rope_theta")
+            .or_insert(json!(self.float(&k("rope.freq_base"), 10000.0)?));
+        j.insert("vocab_size".into(), json!(self.vocab_size()?));
+        j.insert(
+            "tie_word_embeddings".into(),
+            json!(!self.has_tensor("output.weight")),
+        );
+        j.insert(
+            "bos_token_id".into(),
+            json!(self.token_id("tokenizer.ggml.bos_token_id")?),
+        );
+        j.insert("eos_token_id".into(), json!(self.eos_ids()?));
+        j.insert(
+            "num_experts_per_tok".into(),
+            json!(self.positive(&k("expert_used_count"), None)?),
+        );
+        let ffn = self.uint(&k("feed_forward_length"), Some(0))?;
+        if ffn > 0 {
+            j.entry("intermediate_size").or_insert(json!(ffn));
+        }
+        Ok(())
+    }
+
+    /// `rope.dimension_count`, which must be even and at most the head.
+    fn rope_dims(&self) -> Result<usize> {
+        self.positive(&self.k("rope.dimension_count"), None)
+    }
+
+    /// Refuses RoPE scaling where the family has none.
+    fn no_rope_scaling(&self) -> Result<()> {
+        let key = self.k("rope.scaling.type");
+        match self.get(&key) {
+            None => Ok(()),
+            Some(v) if v.as_str() == Some("none") => Ok(()),
+            Some(v) => Err(self.key_error(&key, format!("{v:?}: RoPE scaling is not supported"))),
+        }
+    }
+
+    /// `{arch}.expert_gating_func`: softmax or sigmoid, `default` where absent (as llama.cpp).
+    fn gating(&self, default: usize) -> Result<usize> {
+        let key = self.k("expert_gating_func");
+        match self.uint(&key, Some(default))? {
+            g @ (SOFTMAX | SIGMOID) => Ok(g),
+            g => Err(self.key_error(&key, format!("{g} is not softmax (1) or sigmoid (2)"))),
+        }
+    }
+
+    /// The head width: `attention.key_length`, else hidden / heads; values as wide.
+    fn head_dim(&self) -> Result<Option<usize>> {
+        let key = self.k("attention.key_length");
+        let Some(_) = self.get(&key) else {
+            return Ok(None);
+        };
+        let hd = self.positive(&key, None)?;
+        let vkey = self.k("attention.value_length");
+        if self.positive(&vkey, Some(hd))? != hd {
+            return Err(self.key_error(&vkey, format!("must equal key_length {hd}")));
+        }
+        Ok(Some(hd))
+    }
+
+    /// GraniteMoe(Shared): Mixtral's keys plus the four scalars; a shared MLP makes it
+    /// GraniteMoeShared. q/k rows come permuted (see `rope_permuted_heads`).
+    fn granite(&self) -> Result<Map<String, Json>> {
+        let k = |s: &str| self.k(s);
+        self.no_rope_scaling()?;
+        let hidden = self.positive(&k("embedding_length"), None)?;
+        let heads = self.positive(&k("attention.head_count"), None)?;
+        let rot = self.rope_dims()?;
+        if rot * heads != hidden {
+            return Err(self.key_error(
+                &k("rope.dimension_count"),
+                format!("{rot}: Granite rotates whole heads of hidden / heads"),
+            ));
+        }
+        let ffn = self.uint(&k("feed_forward_length"), Some(0))?;
+        let shared = self.uint(&k("expert_shared_feed_forward_length"), Some(0))?;
+        let (arch, model_type) = if shared > 0 {
+            ("GraniteMoeSharedForCausalLM", "granitemoeshared")
+        } else {
+            ("GraniteMoeForCausalLM", "granitemoe")
+        };
+        let mut j = json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "num_local_experts": self.positive(&k("expert_count"), None)?,
+            "intermediate_size": self.positive(&k("expert_feed_forward_length"), Some(ffn))?,
+            "attention_bias": self.has_tensor("blk.0.attn_q.bias"),
+            "attention_multiplier": self.float(&k("attention.scale"), 1.0)?,
+            "embedding_multiplier": self.float(&k("embedding_scale"), 1.0)?,
+            "residual_multiplier": self.float(&k("residual_scale"), 1.0)?,
+            "logits_scaling": self.float(&k("logit_scale"), 1.0)?,
+        });
+        if shared > 0 {
+            j["shared_intermediate_size"] = json!(shared);
+        }
+        Ok(object(j))
+    }
+
+    /// GLM-4-MoE: `block_count` counts the NextN layers llama.cpp keeps and never runs;
+    /// partial rotary from `rope.dimension_count`; sigmoid routing in groups.
+    fn glm4_moe(&self) -> Result<Map<String, Json>> {
+        let k = |s: &str| self.k(s);
+        self.no_rope_scaling()?;
+        if self.gating(SIGMOID)? != SIGMOID {
+            return Err(self.key_error(
+                &k("expert_gating_func"),
+                "GLM-4-MoE routes by sigmoid (2)",
+            ));
+        }
+        let blocks = self.positive(&k("block_count"), None)?;
+        let nextn = self.uint(&k("nextn_predict_layers"), Some(0))?;
+        if nextn >= blocks {
+            return Err(self.key_error(
+                &k("nextn_predict_layers"),
+                format!("{nextn} leaves none of the {blocks} blocks"),
+            ));
+        }
+        let hidden = self.positive(&k("embedding_length"), None)?;
+        let heads = self.positive(&k("attention.head_count"), None)?;
+        let head_dim = self.head_dim()?.unwrap_or(hidden / heads.max(1));
+        let rot = self.rope_dims()?;
+        if rot > head_dim || rot % 2 != 0 {
+            return Err(self.key_error(
+                &k("rope.dimension_count"),
+                format!("{rot} is not an even width of at most head_dim {head_dim}"),
+            ));
+        }
+        Ok(object(json!({
+            "architectures": ["Glm4MoeForCausalLM"],
+            "num_hidden_layers": blocks - nextn,
+            "head_dim": head_dim,
+            "partial_rotary_factor": rot as f64 / head_dim as f64,
+            "n_routed_experts": self.positive(&k("expert_count"), None)?,
+            "moe_intermediate_size": self.positive(&k("expert_feed_forward_length"), None)?,
+            "n_shared_experts": self.uint(&k("expert_shared_count"), Some(0))?,
+            "first_k_dense_replace": self.uint(&k("leading_dense_block_count"), Some(0))?,
+            "routed_scaling_factor": self.float(&k("expert_weights_scale"), 1.0)?,
+            "norm_topk_prob": self.flag(&k("expert_weights_norm"), false)?,
+            "n_group": self.positive(&k("expert_group_count"), Some(1))?,
+            "topk_group": self.positive(&k("expert_group_used_count"), Some(1))?,
+            "use_qk_norm": self.has_tensor("blk.0.attn_q_norm.weight"),
+            "attention_bias": self.has_tensor("blk.0.attn_q.bias"),
+        })))
+    }
+
+    /// DeepSeek-V2 / V3 (`deepseek2`): V3 when the experts are gated by sigmoid. The latent
+    /// widths from `key_length_mla` / `value_length_mla` (newer converters, which store one
+    /// MQA head of `kv_lora_rank + rope`), else from `key_length` / `value_length` (older ones).
+    fn deepseek(&self) -> Result<Map<String, Json>> {
+        let k = |s: &str| self.k(s);
+        let v3 = self.gating(SOFTMAX)? == SIGMOID;
+        let heads = self.positive(&k("attention.head_count"), None)?;
+        let kv_lora_rank = self.positive(&k("attention.kv_lora_rank"), None)?;
+        let rope = self.rope_dims()?;
+        let (key, value) = if self.get(&k("attention.key_length_mla")).is_some() {
+            ("attention.key_length_mla", "attention.value_length_mla")
+        } else if self.has_tensor("blk.0.attn_k_b.weight") {
+            return Err(self.key_error(
+                &k("attention.key_length_mla"),
+                "missing, though the file splits kv_b_proj (attn_k_b / attn_v_b)",
+            ));
+        } else {
+            ("attention.key_length", "attention.value_length")
+        };
+        let qk = self.positive(&k(key), None)?;
+        let nope = qk.checked_sub(rope).ok_or_else(|| {
+            self.key_error(&k(key), format!("{qk} is narrower than rope.dimension_count {rope}"))
+        })?;
+        let q_lora_rank = match self.get(&k("attention.q_lora_rank")) {
+            None => Json::Null,
+            Some(_) => json!(self.positive(&k("attention.q_lora_rank"), None)?),
+        };
+        let n_group = self.positive(&k("expert_group_count"), Some(1))?;
+        let mut j = object(json!({
+            "architectures": [if v3 { "DeepseekV3ForCausalLM" } else { "DeepseekV2ForCausalLM" }],
+            // One key and value per head once decompressed (the file's MQA head is the latent).
+            "num_key_value_heads": heads,
+            "q_lora_rank": q_lora_rank,
+            "kv_lora_rank": kv_lora_rank,
+            "qk_rope_head_dim": rope,
+            "qk_nope_head_dim": nope,
+            "v_head_dim": self.positive(&k(value), None)?,
+            "n_routed_experts": self.positive(&k("expert_count"), None)?,
+            "moe_intermediate_size": self.positive(&k("expert_feed_forward_length"), None)?,
+            "n_shared_experts": self.uint(&k("expert_shared_count"), Some(0))?,
+            "first_k_dense_replace": self.uint(&k("leading_dense_block_count"), Some(0))?,
+            "routed_scaling_factor": self.float(&k("expert_weights_scale"), 1.0)?,
+            "norm_topk_prob": self.flag(&k("expert_weights_norm"), false)?,
+            "n_group": n_group,
+            "topk_group": self.positive(&k("expert_group_used_count"), Some(1))?,
+            // llama.cpp limits the groups whenever there are several.
+            "topk_method": if v3 { "noaux_tc" } else if n_group > 1 { "group_limited_greedy" } else { "greedy" },
+            "rope_interleave": true,
+            "attention_bias": self.has_tensor("blk.0.attn_kv_a_mqa.bias"),
+        }));
+        if let Some(mut y) = self.yarn()? {
+            // llama.cpp stores 0.1 · mscale_all_dim and takes mscale as equal to it.
+            let key = k("rope.scaling.yarn_log_multiplier");
+            if self.get(&key).is_some() {
+                let m = self.float(&key, 0.0)? * 10.0;
+                y.insert("mscale_all_dim".into(), json!(m));
+                y.insert("mscale".into(), json!(m));
+            }
+            j.insert("rope_parameters".into(), Json::Object(y));
+        }
+        Ok(j)
+    }
+
+    /// The YaRN block of `rope.scaling.*`, without the base; `None` without scaling.
+    fn yarn(&self) -> Result<Option<Map<String, Json>>> {
+        let k = |s: &str| self.k(s);
+        let key = k("rope.scaling.type");
+        match self.get(&key) {
+            None => return Ok(None),
+            Some(v) if v.as_str() == Some("none") => return Ok(None),
+            Some(v) if v.as_str() == Some("yarn") => {}
+            Some(v) => {
+                return Err(self.key_error(&key, format!("{v:?} is not supported (none or yarn)")))
+            }
+        }
+        let mut y = object(json!({
+            "rope_type": "yarn",
+            "rope_theta": self.float(&k("rope.freq_base"), 10000.0)?,
+            "factor": self.float(&k("rope.scaling.factor"), 0.0).and_then(|f| {
+                if f > 0.0 {
+                    Ok(f)
+                } else {
+                    Err(self.key_error(&k("rope.scaling.factor"), "missing or not positive"))
+                }
+            })?,
+            "original_max_position_embeddings":
+                self.positive(&k("rope.scaling.original_context_length"), None)?,
+            "beta_fast": self.float(&k("rope.scaling.yarn_beta_fast"), 32.0)?,
+            "beta_slow": self.float(&k("rope.scaling.yarn_beta_slow"), 1.0)?,
+        }));
+        let attn = k("rope.scaling.yarn_attn_factor");
+        if self.get(&attn).is_some() {
+            y.insert("attention_factor".into(), json!(self.float(&attn, 1.0)?));
+        }
+        Ok(Some(y))
+    }
+
+    /// GPT-OSS: sinks, biases and the clamped SwiGLU are in every file of the arch; the window
+    /// on the even layers (or as `attention.sliding_window_pattern` says); YaRN not truncated.
+    fn gpt_oss(&self) -> Result<Map<String, Json>> {
+        let k = |s: &str| self.k(s);
+        let layers = self.positive(&k("block_count"), None)?;
+        let ffn = self.uint(&k("feed_forward_length"), Some(0))?;
+        let windowed: Vec<bool> = match self.get(&k("attention.sliding_window_pattern")) {
+            None => (0..layers).map(|i| i % 2 == 0).collect(),
+            Some(Value::Array(a)) if a.len() == layers => a
+                .iter()
+                .map(Value::as_bool)
+                .collect::<Option<_>>()
+                .ok_or_else(|| {
+                    self.key_error(&k("attention.sliding_window_pattern"), "expected bools")
+                })?,
+            Some(_) => {
+                return Err(self.key_error(
+                    &k("attention.sliding_window_pattern"),
+                    format!("expected an array of {layers} bools"),
+                ))
+            }
+        };
+        let layer_types: Vec<&str> = windowed
+            .iter()
+            .map(|&w| if w { "sliding_attention" } else { "full_attention" })
+            .collect();
+        let window = match self.uint(&k("attention.sliding_window"), Some(0))? {
+            0 => Json::Null,
+            w => json!(w),
+        };
+        let rope = match self.yarn()? {
+            Some(mut y) => {
+                y.insert("truncate".into(), json!(false));
+                Json::Object(y)
+            }
+            None => json!({"rope_type": "default",
+                           "rope_theta": self.float(&k("rope.freq_base"), 10000.0)?}),
+        };
+        let hidden = self.positive(&k("embedding_length"), None)?;
+        let heads = self.positive(&k("attention.head_count"), None)?;
+        Ok(object(json!({
+            "architectures": ["GptOssForCausalLM"],
+            "head_dim": self.head_dim()?.unwrap_or(hidden / heads.max(1)),
+            "num_local_experts": self.positive(&k("expert_count"), None)?,
+            "intermediate_size": self.positive(&k("expert_feed_forward_length"), Some(ffn))?,
+            "sliding_window": window,
+            "layer_types": layer_types,
+            "rope_parameters": rope,
+            "swiglu_limit": self.swiglu_limit(layers)?,
+            "attention_bias": self.has_tensor("blk.0.attn_q.bias"),
+        })))
+    }
+
+    /// `swiglu_clamp_exp` (one limit per layer, all equal), else llama.cpp's 7.
+    fn swiglu_limit(&self, layers: usize) -> Result<f64> {
+        let key = self.k("swiglu_clamp_exp");
+        let limits: Vec<f64> = match self.get(&key) {
+            None => return Ok(7.0),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(Value::as_f64)
+                .collect::<Option<_>>()
+                .ok_or_else(|| self.key_error(&key, "expected numbers"))?,
+            Some(v) => {
+                return Err(self.key_error(&key, format!("expected an array, got a {}", v.type_name())))
+            }
+        };
+        match limits.first() {
+            Some(&l) if limits.len() == layers && limits.iter().all(|&x| x == l) && l > 0.0 => {
+                Ok(l)
+            }
+            _ => Err(self.key_error(
+                &key,
+                format!("{limits:?}: expected one positive limit for all {layers} layers"),
+            )),
+        }
+    }
+}
+
+/// A `json!({...})` object's map.
+fn object(v: Json) -> Map<String, Json> {
+    match v {
+        Json::Object(m) => m,
+        _ => Map::new(),
+    }
+}
