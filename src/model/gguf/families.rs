@@ -271,7 +271,7 @@ impl GgufFile {
             // llama.cpp stores 0.1 · mscale_all_dim and takes mscale as equal to it.
             let key = k("rope.scaling.yarn_log_multiplier");
             if self.get(&key).is_some() {
-                let m = self.float(&key, 0.0)? * 10.0;
+                let m = decimal(self.float(&key, 0.0)?) * 10.0;
                 y.insert("mscale_all_dim".into(), json!(m));
                 y.insert("mscale".into(), json!(m));
             }
@@ -391,6 +391,12 @@ impl GgufFile {
             )),
         }
     }
+}
+
+/// An f32 key as the shortest decimal that rounds to it: the value the converter wrote
+/// (0.1 · 0.707 is stored as 0.0707f32, whose f32 product by 10 misses 0.707f32).
+fn decimal(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
 }
 
 /// A `json!({...})` object's map.
