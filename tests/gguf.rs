@@ -437,6 +437,111 @@ fn fixture(p: &str) -> PathBuf {
         .join(p)
 }
 
+/// A fixture GGUF with its bytes edited: `key` renamed to a name no reader asks for (same
+/// length, so every offset holds), or its u32 value replaced.
+fn edited(file: &str, key: &str, edit: Edit) -> Vec<u8> {
+    let mut bytes = std::fs::read(fixture(file)).unwrap();
+    // The key as written: u64 length, then the bytes.
+    let at = find(
+        &bytes,
+        &[&(key.len() as u64).to_le_bytes()[..], key.as_bytes()].concat(),
+    ) + 8;
+    match edit {
+        Edit::Rename => *bytes.get_mut(at + key.len() - 1).unwrap() ^= 0x20,
+        Edit::U32(v) => {
+            let ty = at + key.len();
+            assert_eq!(bytes[ty..ty + 4], 4u32.to_le_bytes(), "{key} is a u32");
+            bytes[ty + 4..ty + 8].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+enum Edit {
+    Rename,
+    U32(u32),
+}
+
+fn load_err(bytes: &[u8]) -> String {
+    let (_dir, path) = write_tmp(bytes);
+    match Model::load(&path) {
+        Ok(_) => panic!("loaded a bad file"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The issue-27 families' GGUFs with a key missing or contradicting the tensors: one error
+/// that names the key or the tensor, never a panic or a different model.
+#[test]
+fn family_ggufs_with_hostile_metadata_fail_clearly() {
+    let v2 = "deepseekv2-tiny/deepseekv2-tiny.gguf";
+    let e = load_err(&edited(
+        v2,
+        "deepseek2.attention.kv_lora_rank",
+        Edit::Rename,
+    ));
+    assert!(
+        e.contains("deepseek2.attention.kv_lora_rank") && e.contains("missing"),
+        "{e}"
+    );
+    // The split attn_k_b / attn_v_b need the MLA widths.
+    let e = load_err(&edited(
+        v2,
+        "deepseek2.attention.key_length_mla",
+        Edit::Rename,
+    ));
+    assert!(
+        e.contains("key_length_mla") && e.contains("attn_k_b"),
+        "{e}"
+    );
+    // A latent rank the tensors do not have: the first tensor it sizes says so.
+    let e = load_err(&edited(
+        v2,
+        "deepseek2.attention.kv_lora_rank",
+        Edit::U32(12),
+    ));
+    assert!(
+        e.contains("attn_kv_a_mqa") && e.contains("[20, 64]") && e.contains("kv_lora_rank"),
+        "{e}"
+    );
+    // Sixteen experts claimed, eight stored.
+    let glm = "glm4moe-tiny/glm4moe-tiny.gguf";
+    let e = load_err(&edited(glm, "glm4moe.expert_count", Edit::U32(16)));
+    assert!(
+        e.contains("glm4moe.expert_count")
+            && e.contains("blk.1.ffn_up_exps.weight")
+            && e.contains("holds 8 experts"),
+        "{e}"
+    );
+    // Six do not split into the four groups; the check names the GGUF key.
+    let e = load_err(&edited(glm, "glm4moe.expert_count", Edit::U32(6)));
+    assert!(
+        e.contains("glm4moe.expert_group_count") && e.contains("6 experts"),
+        "{e}"
+    );
+    // GLM-4-MoE routes by sigmoid only.
+    let e = load_err(&edited(glm, "glm4moe.expert_gating_func", Edit::U32(1)));
+    assert!(e.contains("glm4moe.expert_gating_func"), "{e}");
+    // More NextN layers than blocks.
+    let e = load_err(&edited(glm, "glm4moe.nextn_predict_layers", Edit::U32(4)));
+    assert!(e.contains("glm4moe.nextn_predict_layers"), "{e}");
+    // Granite rotates whole heads; a partial rotary width is refused, not run.
+    let granite = "granitemoe-tiny/granitemoe-tiny.gguf";
+    let e = load_err(&edited(
+        granite,
+        "granitemoe.rope.dimension_count",
+        Edit::U32(8),
+    ));
+    assert!(e.contains("granitemoe.rope.dimension_count"), "{e}");
+    // GPT-OSS: an expert count past the stacked experts.
+    let oss = "gptoss-tiny/gptoss-tiny.gguf";
+    let e = load_err(&edited(oss, "gpt-oss.expert_count", Edit::U32(9)));
+    assert!(
+        e.contains("gpt-oss.expert_count") && e.contains("holds 8"),
+        "{e}"
+    );
+}
+
 #[test]
 fn llama_tiny_gguf_config_and_tokenizer_match_the_checkpoint() {
     let gguf = Model::load(&fixture("llama-tiny/llama-tiny.gguf")).unwrap();

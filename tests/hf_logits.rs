@@ -563,7 +563,11 @@ fn family_ggufs_match_transformers() {
             }
             c
         };
-        assert_eq!(comparable(&gguf), comparable(&hf), "{file}: config from GGUF metadata");
+        assert_eq!(
+            comparable(&gguf),
+            comparable(&hf),
+            "{file}: config from GGUF metadata"
+        );
         check_loaded(name, gguf);
     }
 }

@@ -12,8 +12,8 @@
 
 use super::parse::Value;
 use super::GgufFile;
-use crate::error::Result;
-use crate::model::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::config::{FfnKind, ModelConfig};
 use serde_json::{json, Map, Value as Json};
 
 /// llama.cpp's `expert_gating_func` values.
@@ -32,14 +32,82 @@ impl GgufFile {
             _ => return Ok(None),
         };
         self.common(&mut j)?;
-        let mut cfg = ModelConfig::from_json(&Json::Object(j), &self.path)?;
+        let mut cfg =
+            ModelConfig::from_json(&Json::Object(j), &self.path).map_err(|e| self.keyed(e))?;
         if self.architecture() == "glm4moe" {
             // The rotated width as stored (from_json derives it from a factor, which can round).
             let (rot, hd) = (self.rope_dims()?, cfg.head_dim);
             cfg.options.rotary_dim = (rot != hd).then_some(rot);
             cfg.validate(&self.path)?;
         }
+        self.check_expert_count(&cfg)?;
         Ok(Some(cfg))
+    }
+
+    /// `expert_count` against the first stacked expert tensor, so a count that disagrees
+    /// with the file fails naming the key, before any expert is sliced.
+    fn check_expert_count(&self, cfg: &ModelConfig) -> Result<()> {
+        let Some(layer) = cfg.layer_ffn.iter().position(|f| *f == FfnKind::Moe) else {
+            return Ok(());
+        };
+        let name = format!("blk.{layer}.ffn_up_exps.weight");
+        let Some(shape) = self.info(&name).map(|i| i.shape()) else {
+            return Ok(());
+        };
+        match shape.first() {
+            Some(&n) if n == cfg.num_experts => Ok(()),
+            _ => Err(self.key_error(
+                &self.k("expert_count"),
+                format!(
+                    "{}, but `{name}` {shape:?} holds {} experts",
+                    cfg.num_experts,
+                    shape.first().copied().unwrap_or(0)
+                ),
+            )),
+        }
+    }
+
+    /// A config error named by the GGUF key its field came from.
+    fn keyed(&self, e: Error) -> Error {
+        let Error::Config { field, reason, .. } = e else {
+            return e;
+        };
+        let key = match field.as_str() {
+            "hidden_size" => "embedding_length",
+            "num_hidden_layers" => "block_count",
+            "num_attention_heads" => "attention.head_count",
+            "num_key_value_heads" => "attention.head_count_kv",
+            "head_dim" => "attention.key_length",
+            "max_position_embeddings" => "context_length",
+            "rms_norm_eps" => "attention.layer_norm_rms_epsilon",
+            "vocab_size" => "vocab_size",
+            "intermediate_size" => "feed_forward_length",
+            "moe_intermediate_size" => "expert_feed_forward_length",
+            "num_local_experts" | "n_routed_experts" => "expert_count",
+            "num_experts_per_tok" => "expert_used_count",
+            "n_shared_experts" => "expert_shared_count",
+            "first_k_dense_replace" => "leading_dense_block_count",
+            "routed_scaling_factor" => "expert_weights_scale",
+            "norm_topk_prob" => "expert_weights_norm",
+            "n_group" => "expert_group_count",
+            "topk_group" => "expert_group_used_count",
+            "q_lora_rank" => "attention.q_lora_rank",
+            "kv_lora_rank" => "attention.kv_lora_rank",
+            "qk_rope_head_dim" | "partial_rotary_factor" => "rope.dimension_count",
+            "qk_nope_head_dim" => "attention.key_length_mla",
+            "v_head_dim" => "attention.value_length_mla",
+            "rope_parameters" | "rope_scaling" => "rope.scaling.*",
+            "sliding_window" => "attention.sliding_window",
+            "layer_types" => "attention.sliding_window_pattern",
+            "swiglu_limit" => "swiglu_clamp_exp",
+            "shared_intermediate_size" => "expert_shared_feed_forward_length",
+            _ => return Error::config(&self.path, &field, reason),
+        };
+        Error::config(
+            &self.path,
+            &self.k(key),
+            format!("{reason} (as config.json's `{field}`)"),
+        )
     }
 
     fn k(&self, key: &str) -> String {
@@ -55,8 +123,9 @@ impl GgufFile {
         let k = |s: &str| self.k(s);
         let heads = self.positive(&k("attention.head_count"), None)?;
         j.entry("num_attention_heads").or_insert(json!(heads));
-        j.entry("num_key_value_heads")
-            .or_insert(json!(self.positive(&k("attention.head_count_kv"), Some(heads))?));
+        j.entry("num_key_value_heads").or_insert(json!(
+            self.positive(&k("attention.head_count_kv"), Some(heads))?
+        ));
         j.insert(
             "hidden_size".into(),
             json!(self.positive(&k("embedding_length"), None)?),
@@ -176,10 +245,7 @@ impl GgufFile {
         let k = |s: &str| self.k(s);
         self.no_rope_scaling()?;
         if self.gating(SIGMOID)? != SIGMOID {
-            return Err(self.key_error(
-                &k("expert_gating_func"),
-                "GLM-4-MoE routes by sigmoid (2)",
-            ));
+            return Err(self.key_error(&k("expert_gating_func"), "GLM-4-MoE routes by sigmoid (2)"));
         }
         let blocks = self.positive(&k("block_count"), None)?;
         let nextn = self.uint(&k("nextn_predict_layers"), Some(0))?;
@@ -238,7 +304,10 @@ impl GgufFile {
         };
         let qk = self.positive(&k(key), None)?;
         let nope = qk.checked_sub(rope).ok_or_else(|| {
-            self.key_error(&k(key), format!("{qk} is narrower than rope.dimension_count {rope}"))
+            self.key_error(
+                &k(key),
+                format!("{qk} is narrower than rope.dimension_count {rope}"),
+            )
         })?;
         let q_lora_rank = match self.get(&k("attention.q_lora_rank")) {
             None => Json::Null,
@@ -338,7 +407,13 @@ impl GgufFile {
         };
         let layer_types: Vec<&str> = windowed
             .iter()
-            .map(|&w| if w { "sliding_attention" } else { "full_attention" })
+            .map(|&w| {
+                if w {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
             .collect();
         let window = match self.uint(&k("attention.sliding_window"), Some(0))? {
             0 => Json::Null,
@@ -378,7 +453,9 @@ impl GgufFile {
                 .collect::<Option<_>>()
                 .ok_or_else(|| self.key_error(&key, "expected numbers"))?,
             Some(v) => {
-                return Err(self.key_error(&key, format!("expected an array, got a {}", v.type_name())))
+                return Err(
+                    self.key_error(&key, format!("expected an array, got a {}", v.type_name()))
+                )
             }
         };
         match limits.first() {

@@ -18,7 +18,10 @@ impl GgufFile {
         if module != "self_attn.kv_b_proj" || suffix != "weight" {
             return None;
         }
-        if self.info(&format!("blk.{layer}.attn_kv_b.weight")).is_some() {
+        if self
+            .info(&format!("blk.{layer}.attn_kv_b.weight"))
+            .is_some()
+        {
             return None;
         }
         let k = format!("blk.{layer}.attn_k_b.weight");
@@ -28,7 +31,12 @@ impl GgufFile {
 
     /// `kv_b_proj` rebuilt from its split halves, checked against `shape`; `None` where the
     /// file does not split it.
-    pub(super) fn joined_kv_b(&self, hf: &str, shape: &[usize], why: &str) -> Result<Option<Stored>> {
+    pub(super) fn joined_kv_b(
+        &self,
+        hf: &str,
+        shape: &[usize],
+        why: &str,
+    ) -> Result<Option<Stored>> {
         let Some((kn, vn)) = self.split_kv_b(hf) else {
             return Ok(None);
         };
@@ -70,7 +78,11 @@ impl GgufFile {
 }
 
 /// Head by head: the `nope` columns of `k` (`[rank, nope]`) as rows, then `v`'s `[vd, rank]`.
-fn join<T: Copy>(k: &[T], v: &[T], (heads, rank, nope, vd): (usize, usize, usize, usize)) -> Vec<T> {
+fn join<T: Copy>(
+    k: &[T],
+    v: &[T],
+    (heads, rank, nope, vd): (usize, usize, usize, usize),
+) -> Vec<T> {
     let mut out = Vec::with_capacity(heads * (nope + vd) * rank);
     for h in 0..heads {
         let kh = &k[h * rank * nope..(h + 1) * rank * nope];

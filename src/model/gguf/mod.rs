@@ -255,7 +255,8 @@ impl GgufFile {
 
     /// `hf`'s bytes, checked against `shape`.
     fn view(&self, hf: &str, shape: &[usize], why: &str) -> Result<View> {
-        let missing = || match gguf_name_in(&self.arch, hf).or_else(|| gguf_expert(hf).map(|e| e.0)) {
+        let missing = || match gguf_name_in(&self.arch, hf).or_else(|| gguf_expert(hf).map(|e| e.0))
+        {
             Some(g) => self.error(format!("no tensor `{g}` (asked for as `{hf}`)")),
             None => Error::MissingTensor {
                 name: hf.to_string(),
