@@ -530,13 +530,16 @@ fn moe_ggufs_match_transformers() {
 /// glm4moe (NextN-counting block_count, partial rotary, sigmoid groups, exp_probs_b),
 /// deepseek2 as V2 and V3 (kv_b_proj split into attn_k_b / attn_v_b, and the older whole
 /// attn_kv_b), gpt-oss (de-interleaved experts, sinks, windows, YaRN) — config equal to the
-/// checkpoint's and logits to transformers', prefill and token by token. YaRN's f64 fields
+/// checkpoint's and logits to transformers', prefill and token by token; the bf16
+/// GraniteMoeShared checkpoint also as a bf16 GGUF (its permuted q/k rows put back in 16
+/// bits). YaRN's f64 fields
 /// compare at f32: GGUF stores them as f32.
 #[test]
 fn family_ggufs_match_transformers() {
     for (name, file) in [
         ("granitemoe-tiny", "granitemoe-tiny.gguf"),
         ("granitemoeshared-tiny", "granitemoeshared-tiny.gguf"),
+        ("granitemoeshared-tiny", "granitemoeshared-tiny.bf16.gguf"),
         ("glm4moe-tiny", "glm4moe-tiny.gguf"),
         ("deepseekv2-tiny", "deepseekv2-tiny.gguf"),
         ("deepseekv2-tiny", "deepseekv2-tiny.kvb.gguf"),

@@ -22,6 +22,8 @@ package's writer. Called by tools/make_moe_gguf_fixtures.py; all tensors F32.
   gptoss-tiny  arch `gpt-oss`: gate_up_proj transposed and de-interleaved (even columns
       gate, odd up) into ffn_gate_exps / ffn_up_exps (+ .bias), down_proj transposed,
       sinks as attn_sinks.weight, post_attention_norm, sliding_window.
+  granitemoeshared-tiny.bf16.gguf  the bf16 checkpoint with --outtype bf16: matrices BF16
+      (exactly the checkpoint's values), vectors and routers F32.
 
 Where llama.cpp's layout cannot carry a fixture's setting, we write the nearest standard key
 and say so (the reader documents the same): DeepSeek-V3-tiny's mscale (1.0) differs from its
@@ -256,7 +258,7 @@ def permute(t, n_head):
     return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
 
-def convert(name, out, add_tokenizer, legacy=False):
+def convert(name, out, add_tokenizer, legacy=False, bf16=False):
     d = FIX / name
     cfg = json.loads((d / "config.json").read_text())
     arch = ARCH[cfg["model_type"]]
@@ -288,7 +290,15 @@ def convert(name, out, add_tokenizer, legacy=False):
         gptoss_metadata(w, cfg)
     add_tokenizer(w, d / "tokenizer.json", cfg, cfg["vocab_size"])
     for g, t in tensors(cfg, arch, load_state(d), legacy):
-        w.add_tensor(g, np.ascontiguousarray(t.numpy(), dtype=np.float32))
+        t = np.ascontiguousarray(t.numpy(), dtype=np.float32)
+        # --outtype bf16: matrices in bf16; vectors, norms and routers stay F32 as the
+        # converter keeps them.
+        if bf16 and t.ndim >= 2 and ".ffn_gate_inp." not in g:
+            bits = (t.view(np.uint32) >> 16).astype(np.uint16)
+            assert np.array_equal((bits.astype(np.uint32) << 16).view(np.float32), t), g
+            w.add_tensor(g, bits, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            w.add_tensor(g, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -302,3 +312,7 @@ def main(add_tokenizer):
         convert(name, FIX / name / f"{name}.gguf", add_tokenizer)
     convert("deepseekv2-tiny", FIX / "deepseekv2-tiny" / "deepseekv2-tiny.kvb.gguf",
             add_tokenizer, legacy=True)
+    # The checkpoint is bf16, so its bf16 GGUF holds the same values.
+    convert("granitemoeshared-tiny",
+            FIX / "granitemoeshared-tiny" / "granitemoeshared-tiny.bf16.gguf",
+            add_tokenizer, bf16=True)
