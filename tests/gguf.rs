@@ -542,6 +542,68 @@ fn family_ggufs_with_hostile_metadata_fail_clearly() {
     );
 }
 
+/// DeepSeek's split `kv_b_proj` (newer converters' `attn_k_b` `[heads, rank, nope]`, the key
+/// rows transposed, and `attn_v_b` `[heads, v, rank]`) answers as the Hugging Face matrix:
+/// per head the key rows, then the value rows (built here from the HF side, independently);
+/// halves of different head counts are refused naming both.
+#[test]
+fn split_kv_b_reads_back_as_the_hugging_face_matrix() {
+    let (heads, rank, nope, v) = (2usize, 4usize, 3usize, 5usize);
+    let hf: Vec<f32> = (0..heads * (nope + v) * rank).map(|i| i as f32).collect();
+    let row = |h: usize, j: usize| &hf[(h * (nope + v) + j) * rank..][..rank];
+    let k_b: Vec<f32> = (0..heads)
+        .flat_map(|h| (0..rank).flat_map(move |r| (0..nope).map(move |j| (h, r, j))))
+        .map(|(h, r, j)| row(h, j)[r])
+        .collect();
+    let v_b: Vec<f32> = (0..heads)
+        .flat_map(|h| (nope..nope + v).flat_map(move |j| (0..rank).map(move |r| (h, j, r))))
+        .map(|(h, j, r)| row(h, j)[r])
+        .collect();
+    let dims = |a: usize, b: usize, c: usize| [c as u64, b as u64, a as u64];
+    let mut w = Writer::new();
+    w.kv_str("general.architecture", "deepseek2")
+        .tensor(
+            "blk.0.attn_k_b.weight",
+            &dims(heads, rank, nope),
+            F32,
+            f32_bytes(&k_b),
+        )
+        .tensor(
+            "blk.0.attn_v_b.weight",
+            &dims(heads, v, rank),
+            F32,
+            f32_bytes(&v_b),
+        );
+    let (_dir, path) = write_tmp(&w.build());
+    let f = GgufFile::open(&path).unwrap();
+    let name = "model.layers.0.self_attn.kv_b_proj.weight";
+    assert!(f.has(name));
+    let shape = [heads * (nope + v), rank];
+    assert_eq!(values(f.stored(name, &shape, "test").unwrap()), hf);
+    // A config that implies other widths fails on the shape.
+    let e = f.stored(name, &[heads * (nope + v), rank + 1], "kv_lora_rank");
+    assert!(e.err().unwrap().to_string().contains("kv_lora_rank"));
+
+    let mut w = Writer::new();
+    w.kv_str("general.architecture", "deepseek2")
+        .tensor(
+            "blk.0.attn_k_b.weight",
+            &dims(heads, rank, nope),
+            F32,
+            f32_bytes(&k_b),
+        )
+        .tensor(
+            "blk.0.attn_v_b.weight",
+            &dims(1, 2 * v, rank),
+            F32,
+            f32_bytes(&v_b),
+        );
+    let (_dir, path) = write_tmp(&w.build());
+    let f = GgufFile::open(&path).unwrap();
+    let e = f.stored(name, &shape, "test").err().unwrap().to_string();
+    assert!(e.contains("attn_k_b") && e.contains("attn_v_b"), "{e}");
+}
+
 #[test]
 fn llama_tiny_gguf_config_and_tokenizer_match_the_checkpoint() {
     let gguf = Model::load(&fixture("llama-tiny/llama-tiny.gguf")).unwrap();
