@@ -24,6 +24,8 @@ package's writer. Called by tools/make_moe_gguf_fixtures.py; all tensors F32.
       sinks as attn_sinks.weight, post_attention_norm, sliding_window.
   granitemoeshared-tiny.bf16.gguf  the bf16 checkpoint with --outtype bf16: matrices BF16
       (exactly the checkpoint's values), vectors and routers F32.
+  {granitemoe,glm4moe,deepseekv3,gptoss}-tiny.q8_0.gguf  --outtype q8_0: matrices whose rows
+      are whole Q8_0 blocks quantized by `gguf`, routers and the rest F32.
 
 Where llama.cpp's layout cannot carry a fixture's setting, we write the nearest standard key
 and say so (the reader documents the same): DeepSeek-V3-tiny's mscale (1.0) differs from its
@@ -258,7 +260,7 @@ def permute(t, n_head):
     return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
 
-def convert(name, out, add_tokenizer, legacy=False, bf16=False):
+def convert(name, out, add_tokenizer, legacy=False, bf16=False, q8_0=False):
     d = FIX / name
     cfg = json.loads((d / "config.json").read_text())
     arch = ARCH[cfg["model_type"]]
@@ -297,6 +299,10 @@ def convert(name, out, add_tokenizer, legacy=False, bf16=False):
             bits = (t.view(np.uint32) >> 16).astype(np.uint16)
             assert np.array_equal((bits.astype(np.uint32) << 16).view(np.float32), t), g
             w.add_tensor(g, bits, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        elif q8_0 and t.ndim >= 2 and t.shape[-1] % 32 == 0 and ".ffn_gate_inp." not in g:
+            # --outtype q8_0: whole-block matrices Q8_0 (by `gguf`), the rest as above.
+            qt = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(g, gguf.quants.quantize(t, qt), raw_dtype=qt)
         else:
             w.add_tensor(g, t)
     w.write_header_to_file()
@@ -316,3 +322,5 @@ def main(add_tokenizer):
     convert("granitemoeshared-tiny",
             FIX / "granitemoeshared-tiny" / "granitemoeshared-tiny.bf16.gguf",
             add_tokenizer, bf16=True)
+    for name in ["granitemoe-tiny", "glm4moe-tiny", "deepseekv3-tiny", "gptoss-tiny"]:
+        convert(name, FIX / name / f"{name}.q8_0.gguf", add_tokenizer, q8_0=True)
