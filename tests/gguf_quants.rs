@@ -215,3 +215,41 @@ fn family_q8_0_ggufs_decode_in_hugging_face_order() {
         assert!(logits[0].iter().all(|x| x.is_finite()), "{name}");
     }
 }
+
+/// `quantize` from a family's Q8_0 GGUF, a layer at a time from the file's blocks, gives
+/// exactly what quantizing its fully decoded model gives (Granite's permuted q/k rows, GLM's
+/// and GPT-OSS's layouts included; DeepSeek's latent attention is refused by `quantize`).
+#[test]
+fn family_q8_0_ggufs_quantize_from_the_blocks() {
+    for name in ["granitemoe-tiny", "glm4moe-tiny", "gptoss-tiny"] {
+        let q8 = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name)
+            .join(format!("{name}.q8_0.gguf"));
+        let in_place = Model::load_in_place(&q8).unwrap();
+        let decoded = Model::load_f32(&q8).unwrap();
+        let opts = |m: &Model| QuantOptions {
+            threads: 2,
+            rotate: false,
+            ..QuantOptions::new(Method::Rtn, m)
+        };
+        let (o1, o2) = (opts(&in_place), opts(&decoded));
+        let (a, _) = quant::quantize(in_place, &[], 16, &o1, |_, _, _| {}).unwrap();
+        let (b, _) = quant::quantize(decoded, &[], 16, &o2, |_, _, _| {}).unwrap();
+        let mut int8 = 0;
+        for (x, y) in a.weights.linears().iter().zip(b.weights.linears()) {
+            let same = match (&x.weight, &y.weight) {
+                (
+                    LinearWeight::Int8(p) | LinearWeight::Int8WeightOnly(p),
+                    LinearWeight::Int8(q) | LinearWeight::Int8WeightOnly(q),
+                ) => {
+                    int8 += 1;
+                    p == q
+                }
+                _ => x.f32_rows() == y.f32_rows(),
+            };
+            assert!(same, "{name} {}", x.name);
+        }
+        assert!(int8 > a.config.num_experts, "{name}: {int8} int8 matrices");
+    }
+}
