@@ -209,7 +209,7 @@ impl GgufFile {
         let hidden = self.positive(&k("embedding_length"), None)?;
         let heads = self.positive(&k("attention.head_count"), None)?;
         let rot = self.rope_dims()?;
-        if rot * heads != hidden {
+        if rot.checked_mul(heads) != Some(hidden) {
             return Err(self.key_error(
                 &k("rope.dimension_count"),
                 format!("{rot}: Granite rotates whole heads of hidden / heads"),
