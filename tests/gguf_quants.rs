@@ -218,10 +218,10 @@ fn family_q8_0_ggufs_decode_in_hugging_face_order() {
 
 /// `quantize` from a family's Q8_0 GGUF, a layer at a time from the file's blocks, gives
 /// exactly what quantizing its fully decoded model gives (Granite's permuted q/k rows, GLM's
-/// and GPT-OSS's layouts included; DeepSeek's latent attention is refused by `quantize`).
+/// and GPT-OSS's layouts and DeepSeek's split `kv_b` included).
 #[test]
 fn family_q8_0_ggufs_quantize_from_the_blocks() {
-    for name in ["granitemoe-tiny", "glm4moe-tiny", "gptoss-tiny"] {
+    for name in ["granitemoe-tiny", "glm4moe-tiny", "gptoss-tiny", "deepseekv3-tiny"] {
         let q8 = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")
             .join(name)
