@@ -93,6 +93,27 @@ impl Linear {
         }
     }
 
+    /// The weights as f32 rows `[out, in]` whatever the stored form: quantized ones
+    /// dequantized (their rounding kept).
+    pub fn dense_rows(&self) -> Vec<f32> {
+        if let Some(rows) = self.f32_rows() {
+            return rows;
+        }
+        let k = self.in_features;
+        match &self.weight {
+            LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => (0..m.n)
+                .flat_map(|j| {
+                    let s = m.scales[j];
+                    m.row(j)[..k].iter().map(move |&q| q as f32 * s)
+                })
+                .collect(),
+            LinearWeight::Int4(m) => (0..self.out_features)
+                .flat_map(|j| m.dequantize_row(j).into_iter().take(k))
+                .collect(),
+            _ => unreachable!("f32_rows covers the f32 and half forms"),
+        }
+    }
+
     /// Turns a backend's prepared f32 matrix back into the checkpoint's row-major layout.
     pub fn unpack(&mut self) {
         if let LinearWeight::Prepared(w) = &self.weight {
@@ -283,6 +304,44 @@ pub struct LatentParts {
     pub q_a: Option<(Linear, Norm)>,
     /// `kv_a_layernorm`, on the latent before `kv_b_proj`.
     pub kv_a_norm: Norm,
+    /// `kv_b_proj` split per head for the absorbed attention, made from [`Attention::v`] when
+    /// an engine first runs the layer (after every change a load makes to the weights).
+    pub absorbed: OnceLock<AbsorbedHeads>,
+}
+
+/// `kv_b_proj` (`heads × (nope + v)` rows of `rank`) as the absorbed attention multiplies by
+/// it: each head's key half `W_UK` (`nope × rank`) turns that head's unrotated query into a
+/// query against the latent, and its value half `W_UV` (`v × rank`) turns the attention's mix
+/// of latents into the head's output. Per head, so no `heads × rank`-wide product is formed.
+#[derive(Debug, Clone)]
+pub struct AbsorbedHeads {
+    /// Per head `W_UKᵀ` as a linear of `nope` inputs and `rank` outputs.
+    pub uk_t: Vec<Linear>,
+    /// Per head `W_UV` as a linear of `rank` inputs and `v` outputs.
+    pub uv: Vec<Linear>,
+}
+
+impl AbsorbedHeads {
+    /// Splits `kv_b` (any stored form, dequantized to f32) into its heads' halves.
+    pub fn split(kv_b: &Linear, heads: usize, nope: usize, v: usize) -> AbsorbedHeads {
+        let rank = kv_b.in_features;
+        let rows = kv_b.dense_rows();
+        debug_assert_eq!(rows.len(), heads * (nope + v) * rank);
+        let (mut uk_t, mut uv) = (Vec::with_capacity(heads), Vec::with_capacity(heads));
+        for (h, head) in rows.chunks_exact((nope + v) * rank).enumerate() {
+            let (uk, vals) = head.split_at(nope * rank);
+            let mut t = vec![0f32; rank * nope];
+            for (i, row) in uk.chunks_exact(rank).enumerate() {
+                for (c, &w) in row.iter().enumerate() {
+                    t[c * nope + i] = w;
+                }
+            }
+            let name = &kv_b.name;
+            uk_t.push(Linear::new(&format!("{name}.uk_t.{h}"), rank, nope, t, None));
+            uv.push(Linear::new(&format!("{name}.uv.{h}"), v, rank, vals.to_vec(), None));
+        }
+        AbsorbedHeads { uk_t, uv }
+    }
 }
 
 impl Attention {

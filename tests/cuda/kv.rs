@@ -13,6 +13,7 @@ const SHAPE: AttentionShape<'static> = AttentionShape {
     num_heads: 6,
     num_kv_heads: 2,
     head_dim: 32,
+    value_dim: 32,
     sliding_window: None,
     sink_logits: None,
 };
