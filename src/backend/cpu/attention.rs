@@ -1031,7 +1031,7 @@ mod tests {
     /// storage holding that prefix again as separate values; the emitted mass is unchanged.
     #[test]
     fn values_read_from_key_prefixes_match_separate_values() {
-        use crate::kv::KvLayout;
+        use crate::kv::{KvLayout, KvStorage};
         let mut rng = SplitMix64::new(41);
         // 40 = 32 latent + 8 rotary floats a row (odd value widths exercise the tails too).
         for (key_dim, value_dim, heads) in [(40, 32, 4), (24, 13, 3), (576, 512, 2)] {
