@@ -213,14 +213,21 @@ fn kv_eviction_runs_in_every_family() {
 /// after a prefill and decode steps the cache's own accounting holds exactly that per token.
 #[test]
 fn mla_cache_holds_latent_rows() {
-    for name in ["deepseekv2-tiny", "deepseekv3-tiny", "deepseekv3-tiny-plain"] {
+    for name in [
+        "deepseekv2-tiny",
+        "deepseekv3-tiny",
+        "deepseekv3-tiny-plain",
+    ] {
         let model = Arc::new(Model::load(&dir(name)).unwrap());
         let cfg = &model.config;
         let m = cfg.options.mla.unwrap();
         let row = (m.kv_lora_rank + m.qk_rope_head_dim) as u64;
         let formula = cfg.num_layers as u64 * row * 4;
         // Per-head keys and values (what the cache held before) would be far more.
-        assert!(formula < (cfg.num_layers * 2 * cfg.kv_dim() * 4) as u64, "{name}");
+        assert!(
+            formula < (cfg.num_layers * 2 * cfg.kv_dim() * 4) as u64,
+            "{name}"
+        );
 
         let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
             .args(["bench", "-p", "6", "-n", "3", "-r", "1", "--threads", "1"])

@@ -74,7 +74,8 @@ impl<B: Backend> Engine<B> {
         let q_latent: Vec<Vec<f32>> = (0..heads)
             .map(|hd| {
                 let x = be.upload_rows(l.head_cols(&q_nope, hd, l.nope), l.nope);
-                be.to_host(&self.linear(&absorbed.uk_t[hd], &x)).into_owned()
+                be.to_host(&self.linear(&absorbed.uk_t[hd], &x))
+                    .into_owned()
             })
             .collect();
         let q = l.queries(&q_latent, &be.to_host(&q_rope), rows, query_scale(cfg, &m));
@@ -204,7 +205,10 @@ impl Layout {
                 nope.extend_from_slice(&head[..self.nope]);
                 self.rotated(&head[self.nope..], &mut q_rope);
             }
-            self.rotated(&compressed[r * self.row() + self.latent..][..self.rope], &mut k_rope);
+            self.rotated(
+                &compressed[r * self.row() + self.latent..][..self.rope],
+                &mut k_rope,
+            );
         }
         (nope, q_rope, k_rope)
     }

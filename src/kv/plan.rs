@@ -62,12 +62,7 @@ pub fn row_bytes_per_token(layers: usize, layout: KvLayout) -> u64 {
 
 /// [`bytes_per_token`] for layers of `maps` position maps (one per KV head when each head keeps
 /// its own tokens, [`KvOptions::position_maps`]): a position and the statistics per map.
-pub fn bytes_per_token_maps(
-    layers: usize,
-    layout: KvLayout,
-    maps: usize,
-    policy: Policy,
-) -> u64 {
+pub fn bytes_per_token_maps(layers: usize, layout: KvLayout, maps: usize, policy: Policy) -> u64 {
     let stats = match policy {
         Policy::H2o | Policy::Lazy => 3 * 4,
         Policy::Full | Policy::Window => 0,
@@ -195,6 +190,11 @@ mod tests {
             },
             ..demand
         };
-        assert_eq!(full.plan(2, KvLayout::separate(8), 2, 4096).unwrap().bytes_per_token, 2 * 68);
+        assert_eq!(
+            full.plan(2, KvLayout::separate(8), 2, 4096)
+                .unwrap()
+                .bytes_per_token,
+            2 * 68
+        );
     }
 }

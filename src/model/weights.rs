@@ -337,8 +337,20 @@ impl AbsorbedHeads {
                 }
             }
             let name = &kv_b.name;
-            uk_t.push(Linear::new(&format!("{name}.uk_t.{h}"), rank, nope, t, None));
-            uv.push(Linear::new(&format!("{name}.uv.{h}"), v, rank, vals.to_vec(), None));
+            uk_t.push(Linear::new(
+                &format!("{name}.uk_t.{h}"),
+                rank,
+                nope,
+                t,
+                None,
+            ));
+            uv.push(Linear::new(
+                &format!("{name}.uv.{h}"),
+                v,
+                rank,
+                vals.to_vec(),
+                None,
+            ));
         }
         AbsorbedHeads { uk_t, uv }
     }

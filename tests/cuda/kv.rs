@@ -121,7 +121,7 @@ fn device_kv_storage_matches_the_cpu() {
     assert_eq!(rows_of(&g), rows_of(&c), "appends after an eviction");
 
     // Growth by exact reservation, and shrinking to what is held.
-    let mut storage = gpu.new_kv(KV_DIM);
+    let mut storage = gpu.new_kv(edgemoe::kv::KvLayout::separate(KV_DIM));
     storage.reserve_exact(10);
     assert_eq!(storage.capacity_slots(), 10);
     storage.shrink_to(0);

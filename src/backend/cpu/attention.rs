@@ -1073,7 +1073,12 @@ mod tests {
             assert_eq!(got, want_bits);
             let out = &got.2;
             for (t, &pos) in query_pos.iter().enumerate() {
-                let want = reference(&shape, &q[t * heads * key_dim..][..heads * key_dim], pos, &a);
+                let want = reference(
+                    &shape,
+                    &q[t * heads * key_dim..][..heads * key_dim],
+                    pos,
+                    &a,
+                );
                 for (x, y) in out[t * heads * value_dim..][..heads * value_dim]
                     .iter()
                     .zip(&want)

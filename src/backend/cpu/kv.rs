@@ -49,7 +49,10 @@ impl HostKv {
             None => values.len() == keys.len(),
             Some(_) => values.is_empty(),
         };
-        assert!(whole && values_fit, "HostKv: keys and values of whole slots");
+        assert!(
+            whole && values_fit,
+            "HostKv: keys and values of whole slots"
+        );
         HostKv {
             layout,
             keys,
