@@ -15,6 +15,10 @@
 //! token, so each head has its own position map and statistics. All heads hold the same number
 //! of slots, and the tokens a step appends take the same slots in every head; the storage
 //! layout stays `[slot][kv_dim]`.
+//!
+//! A slot is a key and a value of `kv_dim` floats, or under multi-head latent attention one
+//! row whose prefix is the value ([`KvLayout::key_prefix`]: DeepSeek's latent, stored once;
+//! the layer then has one KV head, so eviction keeps or drops whole rows).
 
 pub(crate) mod evict;
 pub(crate) mod mass;
