@@ -9,9 +9,11 @@
 //! whichever step wrote it.
 //!
 //! `W_UK_hᵀ` and `W_UV_h` are split from `kv_b_proj` once ([`AbsorbedHeads`], on the first
-//! step) and applied per step, head by head: folding them into `q_proj`/`o_proj` instead would
-//! multiply those matrices' size by about `kv_lora_rank / v_head_dim` (4× for DeepSeek-V2-Lite),
-//! which a decode step streams every token.
+//! step; bf16 stays bf16) and applied per step, head by head: folding them into
+//! `q_proj`/`o_proj` instead would multiply those matrices' size by about `kv_lora_rank /
+//! v_head_dim` (4× for DeepSeek-V2-Lite), which a decode step streams every token. The split is
+//! a second copy of `kv_b_proj`'s size, which stays loaded (for `export`) but is never
+//! multiplied by.
 //!
 //! The kernel scales scores by `1/sqrt(key width)`; the queries carry the factor that makes it
 //! transformers' `1/sqrt(qk_nope_head_dim + qk_rope_head_dim)` (times YaRN's `mscale²`).
@@ -352,6 +354,40 @@ mod tests {
                 [src[0], src[1], src[2], src[3]]
             };
             assert_eq!(&q_rope[..4], &want);
+        }
+    }
+
+    /// A bf16 `kv_b_proj` splits into bf16 halves holding the same values as the split of its
+    /// f32 widening (the split moves bits, never rounds).
+    #[test]
+    fn half_weights_split_without_rounding() {
+        use crate::model::buf::HalfKind;
+        use crate::model::weights::{Linear, LinearWeight};
+        let (heads, nope, v, rank) = (3, 2, 5, 4);
+        let n = heads * (nope + v) * rank;
+        let bits: Vec<u16> = (0..n)
+            .map(|i| ((i as f32 * 0.37).sin().to_bits() >> 16) as u16)
+            .collect();
+        let mut half = Linear::new("kv_b", heads * (nope + v), rank, vec![0.0; n], None);
+        half.weight = LinearWeight::Half(HalfKind::Bf16, bits.clone().into());
+        let wide = Linear::new(
+            "kv_b",
+            heads * (nope + v),
+            rank,
+            HalfKind::Bf16.widen(&bits),
+            None,
+        );
+        let (a, b) = (
+            AbsorbedHeads::split(&half, heads, nope, v),
+            AbsorbedHeads::split(&wide, heads, nope, v),
+        );
+        for (x, y) in a.uk_t.iter().chain(&a.uv).zip(b.uk_t.iter().chain(&b.uv)) {
+            assert!(matches!(x.weight, LinearWeight::Half(HalfKind::Bf16, _)));
+            assert_eq!(
+                (x.out_features, x.in_features),
+                (y.out_features, y.in_features)
+            );
+            assert_eq!(x.f32_rows(), y.f32_rows());
         }
     }
 }

@@ -322,38 +322,55 @@ pub struct AbsorbedHeads {
 }
 
 impl AbsorbedHeads {
-    /// Splits `kv_b` (any stored form, dequantized to f32) into its heads' halves.
+    /// Splits `kv_b` into its heads' halves: bf16/f16 weights stay half precision (the split
+    /// moves bits and rounds nothing), every other form is split as f32 (quantized ones
+    /// dequantized).
     pub fn split(kv_b: &Linear, heads: usize, nope: usize, v: usize) -> AbsorbedHeads {
-        let rank = kv_b.in_features;
-        let rows = kv_b.dense_rows();
-        debug_assert_eq!(rows.len(), heads * (nope + v) * rank);
-        let (mut uk_t, mut uv) = (Vec::with_capacity(heads), Vec::with_capacity(heads));
-        for (h, head) in rows.chunks_exact((nope + v) * rank).enumerate() {
-            let (uk, vals) = head.split_at(nope * rank);
-            let mut t = vec![0f32; rank * nope];
-            for (i, row) in uk.chunks_exact(rank).enumerate() {
-                for (c, &w) in row.iter().enumerate() {
-                    t[c * nope + i] = w;
-                }
+        let shape = (heads, nope, v, kv_b.in_features);
+        match &kv_b.weight {
+            LinearWeight::Half(kind, w) => {
+                let kind = *kind;
+                split_heads(&w[..], shape, &kv_b.name, |m| {
+                    LinearWeight::Half(kind, m.into())
+                })
             }
-            let name = &kv_b.name;
-            uk_t.push(Linear::new(
-                &format!("{name}.uk_t.{h}"),
-                rank,
-                nope,
-                t,
-                None,
-            ));
-            uv.push(Linear::new(
-                &format!("{name}.uv.{h}"),
-                v,
-                rank,
-                vals.to_vec(),
-                None,
-            ));
+            _ => split_heads(&kv_b.dense_rows(), shape, &kv_b.name, |m| {
+                LinearWeight::F32Rows(m.into())
+            }),
         }
-        AbsorbedHeads { uk_t, uv }
     }
+}
+
+/// [`AbsorbedHeads::split`] of row-major `[heads·(nope + v), rank]` values, each matrix
+/// wrapped by `wrap`.
+fn split_heads<T: Copy + Default>(
+    rows: &[T],
+    (heads, nope, v, rank): (usize, usize, usize, usize),
+    name: &str,
+    wrap: impl Fn(Vec<T>) -> LinearWeight,
+) -> AbsorbedHeads {
+    debug_assert_eq!(rows.len(), heads * (nope + v) * rank);
+    let linear = |name: String, out_features, in_features, m: Vec<T>| Linear {
+        name,
+        out_features,
+        in_features,
+        weight: wrap(m),
+        bias: None,
+        input_scale: None,
+    };
+    let (mut uk_t, mut uv) = (Vec::with_capacity(heads), Vec::with_capacity(heads));
+    for (h, head) in rows.chunks_exact((nope + v) * rank).enumerate() {
+        let (uk, vals) = head.split_at(nope * rank);
+        let mut t = vec![T::default(); rank * nope];
+        for (i, row) in uk.chunks_exact(rank).enumerate() {
+            for (c, &w) in row.iter().enumerate() {
+                t[c * nope + i] = w;
+            }
+        }
+        uk_t.push(linear(format!("{name}.uk_t.{h}"), rank, nope, t));
+        uv.push(linear(format!("{name}.uv.{h}"), v, rank, vals.to_vec()));
+    }
+    AbsorbedHeads { uk_t, uv }
 }
 
 impl Attention {
