@@ -304,4 +304,48 @@ mod tests {
         assert_eq!(own.values(), [3.0, 4.0, 7.0, 8.0, 11.0, 12.0]);
         assert_eq!(cache.positions(), [0, 4, 6]);
     }
+
+    /// Latent rows (values are key prefixes): the storage holds the keys alone. What a cache
+    /// reserves is what the plan counts (one row and a position a slot), an append ignores the
+    /// values it is given, compaction moves the rows in place keeping capacity, and another
+    /// storage adopting it keeps the layout.
+    #[test]
+    fn latent_rows_store_the_keys_alone() {
+        use crate::backend::{cpu::CpuBackend, Backend};
+        use crate::kv::{KvDemand, KvLayout};
+        let layout = KvLayout::key_prefix(6, 4);
+        let mut cache = KvCache::with_layout(2, layout, |l| {
+            Some(Box::new(HostKv::with_layout(l)) as Box<dyn KvStorage>)
+        });
+        cache.reserve(10);
+        assert_eq!(cache.capacity_tokens(), 10);
+        let demand = KvDemand {
+            reach: 10,
+            ..KvDemand::default()
+        };
+        let plan = demand.plan(2, layout, 1, 4096).unwrap();
+        assert_eq!(plan.bytes_per_token, 2 * (6 * 4 + 4));
+        assert_eq!(cache.allocated_bytes() as u64, plan.bytes());
+        let be = CpuBackend::new(1).unwrap();
+        let k = be.upload_rows((0..30).map(|v| v as f32).collect(), 6);
+        let v = be.upload_rows(vec![-1.0; 30], 6);
+        for layer in &mut cache.layers {
+            be.append_kv(layer, &k, &v, 0..5, &[0, 1, 2, 3, 4]);
+        }
+        cache.advance(5);
+        assert_eq!(cache.bytes(), 2 * 5 * (6 * 4 + 4));
+        let own = cache.layers[0].storage_as::<HostKv>().unwrap();
+        assert!(own.values().is_empty() && own.values_in_keys());
+        assert_eq!(own.keys(), (0..30).map(|v| v as f32).collect::<Vec<_>>());
+        compact(&mut cache.layers[0], &mut SlotStats::default(), &[1, 3, 4]).unwrap();
+        let own = host_kv(&cache.layers[0]);
+        let want: Vec<f32> = [1, 3, 4]
+            .iter()
+            .flat_map(|s| (s * 6..s * 6 + 6).map(|v| v as f32))
+            .collect();
+        assert_eq!(own.keys(), want);
+        assert_eq!(cache.layers[0].storage().unwrap().capacity_slots(), 10);
+        let adopted = HostKv::adopt(KvLayout::separate(1), cache.layers[0].storage()).unwrap();
+        assert_eq!((adopted.layout(), adopted.keys()), (layout, &want[..]));
+    }
 }
