@@ -455,7 +455,7 @@ impl<B: Backend> Engine<B> {
                 self.attention_block(li, layer, &mut x, batch, &positions, rope.as_ref());
             kv_bytes += kv;
             self.ffn_block(li, layer, &mut x, ffn_input)?;
-            weight_bytes += layer.attn.weight_bytes();
+            weight_bytes += layer.attn.streamed_bytes();
             weight_bytes += match &layer.ffn {
                 Ffn::Moe(_) => 0,
                 Ffn::Gated(mlp) => mlp.weight_bytes(),
@@ -551,7 +551,7 @@ impl<B: Backend> Engine<B> {
         rope: Option<&B::Rope>,
     ) -> (usize, FfnInput<B::Act>) {
         let decoding = batch.iter().all(|item| item.tokens.len() == 1);
-        let weight_bytes = layer.attn.weight_bytes();
+        let weight_bytes = layer.attn.streamed_bytes();
         let groups = self
             .backend
             .sequence_groups(batch.len(), decoding, weight_bytes);

@@ -406,9 +406,34 @@ impl Attention {
         v
     }
 
-    /// Bytes of the projections' weights.
+    /// Bytes of the projections' weights; under latent attention also the per-head split of
+    /// `kv_b_proj` the engine makes ([`AbsorbedHeads`]: as many values, half precision kept,
+    /// else f32), counted before it exists so that `--mem` plans for it.
     pub fn weight_bytes(&self) -> usize {
-        self.projections().iter().map(|l| l.weight_bytes()).sum()
+        self.projections()
+            .iter()
+            .map(|l| l.weight_bytes())
+            .sum::<usize>()
+            + self.split_bytes()
+    }
+
+    /// Bytes a step reads: [`Self::weight_bytes`] but latent attention's `kv_b_proj`, which
+    /// only its split is multiplied by.
+    pub fn streamed_bytes(&self) -> usize {
+        match &self.latent {
+            None => self.weight_bytes(),
+            Some(_) => self.weight_bytes() - self.v.weight_bytes(),
+        }
+    }
+
+    /// Bytes of the per-head split of latent attention's `kv_b_proj` (0 without one).
+    fn split_bytes(&self) -> usize {
+        let values = self.v.out_features * self.v.in_features;
+        match (&self.latent, &self.v.weight) {
+            (None, _) => 0,
+            (Some(_), LinearWeight::Half(..)) => values * 2,
+            (Some(_), _) => values * 4,
+        }
     }
 }
 
