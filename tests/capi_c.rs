@@ -203,7 +203,11 @@ fn c_program_generates_what_the_rust_api_generates() {
     // The budget was evicted into: half of prompt + max tokens, fewer than the tokens run.
     let budget = (prompt_ids.len() + MAX_TOKENS) / 2;
     assert!(lazy.prompt_tokens + lazy.completion_tokens > budget);
-    let per_token = bytes_per_token(model.config.num_layers, model.config.kv_dim(), Policy::Lazy);
+    let per_token = bytes_per_token(
+        model.config.num_layers,
+        model.config.kv_layout(),
+        Policy::Lazy,
+    );
     assert_eq!(lazy.kv_bytes as u64, budget as u64 * per_token);
     r.code("kv_lazy_session_rc", 0);
     r.code("kv_lazy_rc", 0);

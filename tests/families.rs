@@ -170,6 +170,10 @@ fn kv_eviction_runs_in_every_family() {
                 let mut cache = engine.new_cache();
                 engine.prepare_cache(&mut cache, t.len()).unwrap();
                 let heads = cache.layers[0].position_maps();
+                if name.starts_with("deepseek") {
+                    // One latent row per token, shared by every head: one position map.
+                    assert_eq!(heads, 1, "{name} per {granularity}");
+                }
                 for &tok in &t {
                     let out = engine
                         .forward(&mut [BatchItem {
@@ -190,6 +194,72 @@ fn kv_eviction_runs_in_every_family() {
                 }
                 assert!(cache.eviction().unwrap().evictions > 0, "{name}");
             }
+        }
+    }
+}
+
+/// DeepSeek's KV cache holds one latent row a token and layer, `kv_lora_rank +
+/// qk_rope_head_dim` f32 values, the value read from its prefix and not stored again: `edgemoe
+/// bench` reports that many bytes per token, the `--mem` plan counts them (and a position), and
+/// after a prefill and decode steps the cache's own accounting holds exactly that per token.
+#[test]
+fn mla_cache_holds_latent_rows() {
+    for name in [
+        "deepseekv2-tiny",
+        "deepseekv3-tiny",
+        "deepseekv3-tiny-plain",
+    ] {
+        let model = Arc::new(Model::load(&dir(name)).unwrap());
+        let cfg = &model.config;
+        let m = cfg.options.mla.unwrap();
+        let row = (m.kv_lora_rank + m.qk_rope_head_dim) as u64;
+        let formula = cfg.num_layers as u64 * row * 4;
+        // Per-head keys and values (what the cache held before) would be far more.
+        assert!(
+            formula < (cfg.num_layers * 2 * cfg.kv_dim() * 4) as u64,
+            "{name}"
+        );
+
+        let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+            .args(["bench", "-p", "6", "-n", "3", "-r", "1", "--threads", "1"])
+            .args(["--backend", "cpu", "--json", "--model"])
+            .arg(dir(name))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["kv_bytes_per_token"], formula, "{name}: bench");
+
+        // The plan adds a u32 position a layer (the full policy keeps no statistics).
+        let plan = KvDemand::default().plan_for(cfg).unwrap();
+        let per_token = formula + cfg.num_layers as u64 * 4;
+        assert_eq!(plan.bytes_per_token, per_token, "{name}: plan");
+
+        let engine = Engine::new(model.clone(), 2).unwrap();
+        let mut cache = engine.new_cache();
+        let t = tokens(&model, 11);
+        let (prompt, decode) = t.split_at(7);
+        for step in std::iter::once(prompt).chain(decode.chunks(1)) {
+            engine
+                .forward(&mut [BatchItem {
+                    tokens: step,
+                    cache: &mut cache,
+                    logits: Logits::Last,
+                }])
+                .unwrap();
+        }
+        assert_eq!(cache.bytes() as u64, 11 * per_token, "{name}: cache");
+        for layer in &cache.layers {
+            let s = layer.storage().unwrap();
+            let layout = s.layout();
+            assert_eq!(layout.key_dim as u64, row, "{name}");
+            assert_eq!(layout.value_prefix, Some(m.kv_lora_rank), "{name}");
+            assert_eq!(s.bytes() as u64, 11 * row * 4, "{name}: one row a token");
+            assert!(s.to_host().unwrap().values.is_empty(), "{name}");
         }
     }
 }

@@ -198,7 +198,11 @@ fn a_request_with_its_own_budget_stays_bounded_and_others_are_unaffected() {
         .find(|r| r["id"] == "long")
         .unwrap_or_else(|| panic!("{stats}"));
     let model = edgemoe::load_model(Some(&model_dir())).unwrap();
-    let per_token = bytes_per_token(model.config.num_layers, model.config.kv_dim(), Policy::Lazy);
+    let per_token = bytes_per_token(
+        model.config.num_layers,
+        model.config.kv_layout(),
+        Policy::Lazy,
+    );
     assert_eq!(
         (long["policy"].as_str(), long["budget"].as_u64()),
         (Some("lazy"), Some(150))

@@ -678,10 +678,10 @@ fn a_smaller_kv_budget_leaves_more_expert_slots() {
         .unwrap()
     };
     let probe = *paged(1 << 40, full).plan().unwrap();
-    let full_kv =
-        (sequences * reach) as u64 * bytes_per_token(cfg.num_layers, cfg.kv_dim(), KvPolicy::Full);
-    let lazy_kv =
-        (sequences * budget) as u64 * bytes_per_token(cfg.num_layers, cfg.kv_dim(), KvPolicy::Lazy);
+    let full_kv = (sequences * reach) as u64
+        * bytes_per_token(cfg.num_layers, cfg.kv_layout(), KvPolicy::Full);
+    let lazy_kv = (sequences * budget) as u64
+        * bytes_per_token(cfg.num_layers, cfg.kv_layout(), KvPolicy::Lazy);
     assert_eq!(probe.fixed.kv_bytes, full_kv);
     let other = probe.fixed.total() - full_kv;
     let mem = other + full_kv + 3 * probe.slot_bytes;

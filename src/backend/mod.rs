@@ -25,7 +25,7 @@ pub type DefaultBackend = select::Selected;
 
 use crate::error::Result;
 pub use crate::kv::{AttentionShape, Segment};
-use crate::kv::{EvictionConfig, KvStorage, LayerCache, SlotStats};
+use crate::kv::{EvictionConfig, KvLayout, KvStorage, LayerCache, SlotStats};
 use crate::model::config::{Activation, ClampedSwiglu};
 use crate::model::weights::{GatedMlp, Linear, Norm, Weights};
 use std::borrow::Cow;
@@ -219,12 +219,13 @@ pub trait Backend: Send + Sync {
     ) {
         rope_partial_through_host(self, x, rope, first_row, dims)
     }
-    /// An empty K/V storage in this backend's format, `kv_dim` floats a key: what a new cache's
-    /// layers start with, so the room reserved for them is this backend's memory.
-    fn new_kv(&self, kv_dim: usize) -> Box<dyn KvStorage>;
+    /// An empty K/V storage in this backend's format, slots laid out as `layout`: what a new
+    /// cache's layers start with, so the room reserved for them is this backend's memory.
+    fn new_kv(&self, layout: KvLayout) -> Box<dyn KvStorage>;
     /// Appends rows `rows` of `k` and `v` (one sequence's new tokens, at `positions`) to its
     /// cache, in the backend's own storage (a layer without one, or with another backend's,
-    /// gets it first, holding the same slots).
+    /// gets it first, holding the same slots; a layer without one gets separate keys and
+    /// values). Where the storage's layout reads values from the keys, `v` is not read.
     fn append_kv(
         &self,
         cache: &mut LayerCache,

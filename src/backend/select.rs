@@ -71,7 +71,7 @@ mod dispatch {
     use crate::backend::cuda::{backend::DeviceRope, CudaBackend, DeviceRows};
     use crate::backend::{AttentionShape, Backend, DeviceTiming, ExpertWork, Pick, Segment, Tasks};
     use crate::error::Result;
-    use crate::kv::{EvictionConfig, KvStorage, LayerCache, SlotStats};
+    use crate::kv::{EvictionConfig, KvLayout, KvStorage, LayerCache, SlotStats};
     use crate::model::config::{Activation, ClampedSwiglu};
     use crate::model::weights::{GatedMlp, Linear, Norm};
     use std::borrow::Cow;
@@ -332,10 +332,10 @@ mod dispatch {
             }
         }
 
-        fn new_kv(&self, kv_dim: usize) -> Box<dyn KvStorage> {
+        fn new_kv(&self, layout: KvLayout) -> Box<dyn KvStorage> {
             match self {
-                Selected::Cpu(b) => b.new_kv(kv_dim),
-                Selected::Cuda(b) => b.new_kv(kv_dim),
+                Selected::Cpu(b) => b.new_kv(layout),
+                Selected::Cuda(b) => b.new_kv(layout),
             }
         }
 

@@ -17,6 +17,10 @@ pub struct ModelInfo {
     pub active_params: usize,
     /// How the weights are stored: `f32`, `bf16`, `f16` or `w8a8` (int8 with f32 scales).
     pub weights: String,
+    /// Bytes of keys and values one token adds to the KV cache over all layers (f32 rows as
+    /// [`kv_layout`](crate::model::config::ModelConfig::kv_layout) lays them out: one latent row a layer under
+    /// multi-head latent attention), without its position and policy statistics.
+    pub kv_bytes_per_token: u64,
 }
 
 impl ModelInfo {
@@ -27,6 +31,10 @@ impl ModelInfo {
             params: model.num_params(),
             active_params: model.active_params(),
             weights: weight_format(model).to_string(),
+            kv_bytes_per_token: crate::kv::plan::row_bytes_per_token(
+                model.config.num_layers,
+                model.config.kv_layout(),
+            ),
         }
     }
 }
@@ -87,8 +95,8 @@ pub fn decode_test_name(gen: usize, prompt: usize) -> String {
 
 pub fn table(info: &ModelInfo, results: &[PointResult]) -> String {
     let mut s = String::from(
-        "| model | size | params | active | backend | weights | threads | batch | test | t/s | TTFT ms | ITL p50 ms | ITL p99 ms | MB/token | read GB/s | KV MiB | RSS anon MiB | RSS mapped MiB | peak RSS |\n\
-         | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| model | size | params | active | backend | weights | threads | batch | test | t/s | TTFT ms | ITL p50 ms | ITL p99 ms | MB/token | read GB/s | KV MiB | KV B/token | RSS anon MiB | RSS mapped MiB | peak RSS |\n\
+         | --- | ---: | ---: | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for row in rows(results) {
         let (m, sd) = mean_sd(&row.tps);
@@ -99,7 +107,7 @@ pub fn table(info: &ModelInfo, results: &[PointResult]) -> String {
         let (weights, kv) = row.r.decode_bytes_per_token();
         let read = mean_sd(&row.r.decode_read_bytes_per_s()).0;
         s.push_str(&format!(
-            "| {} | {:.1} MiB | {:.2} M | {:.2} M | {} | {} | {} | {} | {} | {:.1} ± {:.1} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} | {:.0} MiB |\n",
+            "| {} | {:.1} MiB | {:.2} M | {:.2} M | {} | {} | {} | {} | {} | {:.1} ± {:.1} | {} | {} | {} | {} | {} | {:.1} | {} | {:.0} | {:.0} | {:.0} MiB |\n",
             info.name,
             info.size_bytes as f64 / (1 << 20) as f64,
             info.params as f64 / 1e6,
@@ -117,6 +125,7 @@ pub fn table(info: &ModelInfo, results: &[PointResult]) -> String {
             if is_tg { format!("{:.2}", (weights + kv) / 1e6) } else { "".into() },
             if is_tg { format!("{:.1}", read / 1e9) } else { "".into() },
             mib(row.r.memory.kv_bytes as u64),
+            info.kv_bytes_per_token,
             mib(row.r.memory.rss_anon_bytes.unwrap_or(0)),
             mib(row.r.memory.rss_file_bytes.unwrap_or(0)),
             mib(row.r.peak_rss_bytes.unwrap_or(0)),
@@ -154,20 +163,21 @@ pub fn json(info: &ModelInfo, results: &[PointResult]) -> serde_json::Value {
         "params": info.params,
         "active_params": info.active_params,
         "weights": info.weights,
+        "kv_bytes_per_token": info.kv_bytes_per_token,
         "results": tests,
         "raw": results,
     })
 }
 
 pub fn csv(info: &ModelInfo, results: &[PointResult]) -> String {
-    let mut s = String::from("model,backend,weights,threads,batch,prompt,gen,test,tps_mean,tps_sd,ttft_ms,itl_p50_ms,itl_p99_ms,decode_bytes_per_token,decode_read_bytes_per_s,peak_rss_bytes\n");
+    let mut s = String::from("model,backend,weights,threads,batch,prompt,gen,test,tps_mean,tps_sd,ttft_ms,itl_p50_ms,itl_p99_ms,decode_bytes_per_token,decode_read_bytes_per_s,peak_rss_bytes,kv_bytes_per_token\n");
     for row in rows(results) {
         let (m, sd) = mean_sd(&row.tps);
         let itl = row.r.itl_ms();
         let p = &row.r.point;
         let (weights, kv) = row.r.decode_bytes_per_token();
         s.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.0},{:.0},{}\n",
+            "{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.0},{:.0},{},{}\n",
             info.name,
             row.r.backend,
             info.weights,
@@ -183,7 +193,8 @@ pub fn csv(info: &ModelInfo, results: &[PointResult]) -> String {
             quantile(&itl, 0.99),
             weights + kv,
             mean_sd(&row.r.decode_read_bytes_per_s()).0,
-            row.r.peak_rss_bytes.unwrap_or(0)
+            row.r.peak_rss_bytes.unwrap_or(0),
+            info.kv_bytes_per_token
         ));
     }
     s
@@ -207,6 +218,7 @@ mod tests {
             params: 1000,
             active_params: 500,
             weights: "w8a8".into(),
+            kv_bytes_per_token: 4096,
         }
     }
 

@@ -251,12 +251,7 @@ fn device_plan(model: &Model, kv: &KvDemand) -> Result<DevicePlan> {
             }
         }
     }
-    let kv_plan = kv.plan(
-        cfg.num_layers,
-        cfg.kv_dim(),
-        cfg.num_kv_heads,
-        cfg.max_position_embeddings,
-    )?;
+    let kv_plan = kv.plan_for(cfg)?;
     // Activations of a step and the int8 GEMM's quantized inputs: a few rows of the widest
     // matrices per token of a 512-token prefill chunk, with room for the allocator.
     let workspace = 64 << 20;

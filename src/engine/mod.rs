@@ -215,7 +215,7 @@ impl<B: Backend> Engine<B> {
     ) -> Result<()> {
         let plan = kv.resolve(tokens)?;
         self.check_granularity(kv)?;
-        cache.set_eviction(plan, self.model.config.num_kv_heads)?;
+        cache.set_eviction(plan, self.model.config.cache_kv_heads())?;
         if let Some(p) = plan {
             cache.shrink_to(p.budget.min(tokens));
         }
@@ -247,8 +247,8 @@ impl<B: Backend> Engine<B> {
     /// An empty KV cache for one sequence, its layers in the backend's storage.
     pub fn new_cache(&self) -> KvCache {
         let cfg = &self.model.config;
-        KvCache::with_storage(cfg.num_layers, cfg.kv_dim(), |kv_dim| {
-            Some(self.backend.new_kv(kv_dim))
+        KvCache::with_layout(cfg.num_layers, cfg.kv_layout(), |layout| {
+            Some(self.backend.new_kv(layout))
         })
     }
 
@@ -455,7 +455,7 @@ impl<B: Backend> Engine<B> {
                 self.attention_block(li, layer, &mut x, batch, &positions, rope.as_ref());
             kv_bytes += kv;
             self.ffn_block(li, layer, &mut x, ffn_input)?;
-            weight_bytes += layer.attn.weight_bytes();
+            weight_bytes += layer.attn.streamed_bytes();
             weight_bytes += match &layer.ffn {
                 Ffn::Moe(_) => 0,
                 Ffn::Gated(mlp) => mlp.weight_bytes(),
@@ -551,7 +551,7 @@ impl<B: Backend> Engine<B> {
         rope: Option<&B::Rope>,
     ) -> (usize, FfnInput<B::Act>) {
         let decoding = batch.iter().all(|item| item.tokens.len() == 1);
-        let weight_bytes = layer.attn.weight_bytes();
+        let weight_bytes = layer.attn.streamed_bytes();
         let groups = self
             .backend
             .sequence_groups(batch.len(), decoding, weight_bytes);
@@ -616,22 +616,31 @@ impl<B: Backend> Engine<B> {
         let be = &self.backend;
         let h = self.pre_norm(&layer.attn_norm, x);
         let a = &layer.attn;
-        let [q, k, v] = match &a.latent {
-            Some(parts) => self.latent_qkv(a, parts, &h, rope, first_row),
-            None => self.qkv(a, &h, rope, first_row),
-        };
-        let shape = AttentionShape {
-            num_heads: cfg.num_heads,
-            num_kv_heads: cfg.num_kv_heads,
-            head_dim: cfg.head_dim,
-            sliding_window: cfg.window_of(li),
-            sink_logits: a.sinks.as_deref(),
+        // Latent attention appends one row a token, its value the row's prefix (no `v`).
+        let (q, k, v, shape) = match (&a.latent, cfg.options.mla) {
+            (Some(parts), Some(m)) => {
+                let [q, c] = self.latent_qc(a, parts, &h, rope, first_row);
+                (q, c, None, self.latent_shape(&m, li))
+            }
+            _ => {
+                let [q, k, v] = self.qkv(a, &h, rope, first_row);
+                let shape = AttentionShape {
+                    num_heads: cfg.num_heads,
+                    num_kv_heads: cfg.num_kv_heads,
+                    head_dim: cfg.head_dim,
+                    value_dim: cfg.head_dim,
+                    sliding_window: cfg.window_of(li),
+                    sink_logits: a.sinks.as_deref(),
+                };
+                (q, k, Some(v), shape)
+            }
         };
         // Append every sequence's new keys/values first, then attend over all of them at once.
         let mut start = 0;
         for item in batch.iter_mut() {
             let rows = start..start + item.tokens.len();
-            be.append_kv(&mut item.cache.layers[li], &k, &v, rows.clone(), positions);
+            let v = v.as_ref().unwrap_or(&k);
+            be.append_kv(&mut item.cache.layers[li], &k, v, rows.clone(), positions);
             start = rows.end;
         }
         let mut start = 0;
@@ -673,7 +682,7 @@ impl<B: Backend> Engine<B> {
             observe_mass(li, batch, positions, &mass);
         }
         let attn = match &a.latent {
-            Some(_) => self.latent_output(attn),
+            Some(parts) => self.latent_output(a, parts, attn),
             None => attn,
         };
         let o = self.linear(&a.o, &attn);
@@ -685,8 +694,8 @@ impl<B: Backend> Engine<B> {
             Ffn::Moe(block) => Some(self.route(block, &normed, first_row)),
             Ffn::Gated(_) | Ffn::Plain(_) => None,
         };
-        // A slot is one f32 key row and one value row.
-        let kv_bytes = slots_read * 2 * cfg.kv_dim() * std::mem::size_of::<f32>();
+        // A slot is one f32 key row and one value row (or a latent row alone).
+        let kv_bytes = slots_read * cfg.kv_layout().stored_floats() * std::mem::size_of::<f32>();
         (kv_bytes, FfnInput { normed, picks })
     }
 

@@ -135,12 +135,7 @@ impl ExpertService {
                 )),
                 None => PathStats::new(cfg.num_layers, cfg.num_experts),
             });
-        let kv = opts.kv.plan(
-            cfg.num_layers,
-            cfg.kv_dim(),
-            cfg.num_kv_heads,
-            cfg.max_position_embeddings,
-        )?;
+        let kv = opts.kv.plan_for(cfg)?;
         let fixed = fixed_costs(&model, kv);
         let weight_bytes = model.weight_bytes() as u64;
         // The plan needs the slot size, which the pager finds; a zero-slot pager is cheap.

@@ -15,6 +15,10 @@
 //! token, so each head has its own position map and statistics. All heads hold the same number
 //! of slots, and the tokens a step appends take the same slots in every head; the storage
 //! layout stays `[slot][kv_dim]`.
+//!
+//! A slot is a key and a value of `kv_dim` floats, or under multi-head latent attention one
+//! row whose prefix is the value ([`KvLayout::key_prefix`]: DeepSeek's latent, stored once;
+//! the layer then has one KV head, so eviction keeps or drops whole rows).
 
 pub(crate) mod evict;
 pub(crate) mod mass;
@@ -31,7 +35,7 @@ pub use plan::{KvDemand, KvPlan};
 pub use policy::{Budget, EvictionConfig, Granularity, KvOptions, Policy};
 pub use shape::{AttentionShape, Segment};
 pub use stats::SlotStats;
-pub use storage::{HostRows, KvStorage};
+pub use storage::{HostRows, KvLayout, KvStorage};
 
 use crate::error::{Error, Result};
 
@@ -50,7 +54,7 @@ pub struct LayerCache {
 #[derive(Debug)]
 pub struct KvCache {
     pub layers: Vec<LayerCache>,
-    kv_dim: usize,
+    layout: KvLayout,
     /// Position the next appended token takes (tokens seen so far, evicted or not).
     next_position: usize,
     /// The budget and policy, with per-layer slot statistics; `None` keeps every token.
@@ -83,15 +87,25 @@ impl KvCache {
         kv_dim: usize,
         mut make: impl FnMut(usize) -> Option<Box<dyn KvStorage>>,
     ) -> KvCache {
+        KvCache::with_layout(num_layers, KvLayout::separate(kv_dim), |l| make(l.key_dim))
+    }
+
+    /// [`Self::with_storage`] for slots of `layout` (multi-head latent attention's one row a
+    /// token).
+    pub fn with_layout(
+        num_layers: usize,
+        layout: KvLayout,
+        mut make: impl FnMut(KvLayout) -> Option<Box<dyn KvStorage>>,
+    ) -> KvCache {
         KvCache {
             layers: (0..num_layers)
                 .map(|_| LayerCache {
                     positions: Vec::new(),
                     other_heads: Vec::new(),
-                    storage: make(kv_dim),
+                    storage: make(layout),
                 })
                 .collect(),
-            kv_dim,
+            layout,
             next_position: 0,
             eviction: None,
         }
@@ -106,10 +120,10 @@ impl KvCache {
             Some(c) if c.per_head() => kv_heads,
             _ => 1,
         };
-        if heads == 0 || !self.kv_dim.is_multiple_of(heads) {
+        if heads == 0 || !self.layout.key_dim.is_multiple_of(heads) {
             return Err(Error::invalid(format!(
                 "per-KV-head eviction of {heads} heads in a cache of {} floats a slot",
-                self.kv_dim
+                self.layout.key_dim
             )));
         }
         for l in &mut self.layers {
@@ -254,8 +268,14 @@ impl KvCache {
         self.next_position += n;
     }
 
+    /// Floats per key.
     pub fn kv_dim(&self) -> usize {
-        self.kv_dim
+        self.layout.key_dim
+    }
+
+    /// What each slot holds.
+    pub fn layout(&self) -> KvLayout {
+        self.layout
     }
 
     /// Slots held in layer `l`.

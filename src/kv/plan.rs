@@ -3,7 +3,7 @@
 //! `--mem` counts this instead of a fixed guess, so a smaller budget leaves more room for the
 //! expert cache.
 
-use super::{KvOptions, Policy};
+use super::{KvLayout, KvOptions, Policy};
 use crate::error::Result;
 
 /// What a run will ask of KV memory, before it meets a model.
@@ -34,8 +34,9 @@ pub struct KvPlan {
     /// Slots one sequence's cache holds at most, per layer.
     pub tokens_per_sequence: usize,
     pub sequences: usize,
-    /// Bytes one slot takes over all layers: keys, values, its position, and the policy's
-    /// statistics when it ranks by attention.
+    /// Bytes one slot takes over all layers: keys, values (none stored where they are key
+    /// prefixes: latent rows), its position, and the policy's statistics when it ranks by
+    /// attention.
     pub bytes_per_token: u64,
 }
 
@@ -46,20 +47,27 @@ impl KvPlan {
 }
 
 /// Bytes one cached token takes over `layers` layers, as [`super::KvCache::allocated_bytes`]
-/// counts them: f32 keys and values, a u32 position and, for h2o and lazy, an f32 mass and two
-/// u32 step counters per layer.
-pub fn bytes_per_token(layers: usize, kv_dim: usize, policy: Policy) -> u64 {
-    bytes_per_token_maps(layers, kv_dim, 1, policy)
+/// counts them: f32 keys and values as `layout` stores them, a u32 position and, for h2o and
+/// lazy, an f32 mass and two u32 step counters per layer.
+pub fn bytes_per_token(layers: usize, layout: KvLayout, policy: Policy) -> u64 {
+    bytes_per_token_maps(layers, layout, 1, policy)
+}
+
+/// Bytes the keys and values of one token take over `layers` layers: what the cache's rows
+/// hold, without positions or statistics (`layers × (kv_lora_rank + qk_rope_head_dim) × 4`
+/// for latent rows).
+pub fn row_bytes_per_token(layers: usize, layout: KvLayout) -> u64 {
+    layers as u64 * layout.stored_floats() as u64 * 4
 }
 
 /// [`bytes_per_token`] for layers of `maps` position maps (one per KV head when each head keeps
 /// its own tokens, [`KvOptions::position_maps`]): a position and the statistics per map.
-pub fn bytes_per_token_maps(layers: usize, kv_dim: usize, maps: usize, policy: Policy) -> u64 {
+pub fn bytes_per_token_maps(layers: usize, layout: KvLayout, maps: usize, policy: Policy) -> u64 {
     let stats = match policy {
         Policy::H2o | Policy::Lazy => 3 * 4,
         Policy::Full | Policy::Window => 0,
     };
-    layers as u64 * (2 * kv_dim as u64 * 4 + maps as u64 * (4 + stats))
+    row_bytes_per_token(layers, layout) + layers as u64 * maps as u64 * (4 + stats)
 }
 
 impl KvDemand {
@@ -72,13 +80,12 @@ impl KvDemand {
         })
     }
 
-    /// The plan for a model of `layers` layers, `kv_dim` key (= value) floats per token in
-    /// `kv_heads` KV heads and a context of `context` tokens; a budget too small for the policy
-    /// is refused.
+    /// The plan for a model of `layers` layers, slots laid out as `layout` in `kv_heads` KV
+    /// heads and a context of `context` tokens; a budget too small for the policy is refused.
     pub fn plan(
         &self,
         layers: usize,
-        kv_dim: usize,
+        layout: KvLayout,
         kv_heads: usize,
         context: usize,
     ) -> Result<KvPlan> {
@@ -86,8 +93,19 @@ impl KvDemand {
         Ok(KvPlan {
             tokens_per_sequence: self.tokens_per_sequence(context)?,
             sequences: self.sequences.max(1),
-            bytes_per_token: bytes_per_token_maps(layers, kv_dim, maps, self.options.policy),
+            bytes_per_token: bytes_per_token_maps(layers, layout, maps, self.options.policy),
         })
+    }
+
+    /// [`Self::plan`] for the cache `cfg`'s engine makes ([`ModelConfig::kv_layout`](crate::model::config::ModelConfig::kv_layout),
+    /// [`ModelConfig::cache_kv_heads`](crate::model::config::ModelConfig::cache_kv_heads)).
+    pub fn plan_for(&self, cfg: &crate::model::config::ModelConfig) -> Result<KvPlan> {
+        self.plan(
+            cfg.num_layers,
+            cfg.kv_layout(),
+            cfg.cache_kv_heads(),
+            cfg.max_position_embeddings,
+        )
     }
 }
 
@@ -103,7 +121,7 @@ mod tests {
             sequences: 3,
             ..KvDemand::default()
         };
-        let p = full.plan(2, 8, 2, 512).unwrap();
+        let p = full.plan(2, KvLayout::separate(8), 2, 512).unwrap();
         // The context caps the reach; every layer holds keys, values and a position.
         assert_eq!(p.tokens_per_sequence, 512);
         assert_eq!(p.bytes_per_token, 2 * (17 * 4));
@@ -116,7 +134,7 @@ mod tests {
             },
             ..full
         };
-        let p = lazy.plan(2, 8, 2, 4096).unwrap();
+        let p = lazy.plan(2, KvLayout::separate(8), 2, 4096).unwrap();
         assert_eq!(
             (p.tokens_per_sequence, p.bytes_per_token),
             (200, 2 * (68 + 12))
@@ -153,7 +171,7 @@ mod tests {
             reach: 1000,
             sequences: 1,
         };
-        let p = demand.plan(2, 8, 2, 4096).unwrap();
+        let p = demand.plan(2, KvLayout::separate(8), 2, 4096).unwrap();
         assert_eq!(p.bytes_per_token, 2 * (64 + 2 * (4 + 12)));
         let mut cache = KvCache::with_storage(2, 8, |d| {
             Some(Box::new(HostKv::new(d)) as Box<dyn KvStorage>)
@@ -172,6 +190,11 @@ mod tests {
             },
             ..demand
         };
-        assert_eq!(full.plan(2, 8, 2, 4096).unwrap().bytes_per_token, 2 * 68);
+        assert_eq!(
+            full.plan(2, KvLayout::separate(8), 2, 4096)
+                .unwrap()
+                .bytes_per_token,
+            2 * 68
+        );
     }
 }

@@ -7,11 +7,59 @@ use crate::error::Result;
 use std::any::Any;
 use std::borrow::Cow;
 
+/// What one slot of a layer's storage holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Floats per key.
+    pub key_dim: usize,
+    /// `None`: a value row of `key_dim` floats beside each key. `Some(n)`: the value is the
+    /// first `n` floats of the key itself and is not stored again (multi-head latent
+    /// attention's rows: `[latent | rotated shared key]`, the latent read as the value).
+    pub value_prefix: Option<usize>,
+}
+
+impl KvLayout {
+    /// A key and a value of `kv_dim` floats each.
+    pub fn separate(kv_dim: usize) -> KvLayout {
+        KvLayout {
+            key_dim: kv_dim,
+            value_prefix: None,
+        }
+    }
+
+    /// One row of `key_dim` floats whose first `value_dim` are the value.
+    pub fn key_prefix(key_dim: usize, value_dim: usize) -> KvLayout {
+        debug_assert!(value_dim <= key_dim);
+        KvLayout {
+            key_dim,
+            value_prefix: Some(value_dim),
+        }
+    }
+
+    /// Floats per value.
+    pub fn value_dim(&self) -> usize {
+        self.value_prefix.unwrap_or(self.key_dim)
+    }
+
+    /// Floats a slot stores: key and value, or the key alone when the value is its prefix.
+    pub fn stored_floats(&self) -> usize {
+        match self.value_prefix {
+            None => 2 * self.key_dim,
+            Some(_) => self.key_dim,
+        }
+    }
+}
+
 /// A layer's keys and values in a backend's own format: `len_slots()` slots of `kv_dim()`
-/// floats each, slot `s` beside position `s` of the layer's position map.
+/// floats of key each (and as many of value, unless [`Self::layout`] reads the value from the
+/// key), slot `s` beside position `s` of the layer's position map.
 pub trait KvStorage: Send + Sync + std::fmt::Debug + Any {
-    /// Floats per key (= per value).
+    /// Floats per key.
     fn kv_dim(&self) -> usize;
+    /// What a slot holds: by default a key and a value of `kv_dim()` floats each.
+    fn layout(&self) -> KvLayout {
+        KvLayout::separate(self.kv_dim())
+    }
     /// Slots held.
     fn len_slots(&self) -> usize;
     /// Slots it can hold without reallocating.
@@ -46,6 +94,7 @@ pub trait KvStorage: Send + Sync + std::fmt::Debug + Any {
     fn bytes(&self) -> usize;
     /// The held keys and values, `len_slots() × kv_dim()` each, slot-major, on the host: for
     /// reference paths, tests and a backend adopting another's storage, never a hot path.
+    /// Values are empty where the layout reads them from the keys.
     fn to_host(&self) -> Result<HostRows<'_>>;
     /// For the owning backend to reach its concrete type.
     fn as_any(&self) -> &dyn Any;
@@ -57,7 +106,8 @@ pub trait KvStorage: Send + Sync + std::fmt::Debug + Any {
     }
 }
 
-/// A storage's keys and values on the host (borrowed where they live there).
+/// A storage's keys and values on the host (borrowed where they live there); `values` is
+/// empty for a [`KvLayout`] whose values are key prefixes.
 #[derive(Debug)]
 pub struct HostRows<'a> {
     pub keys: Cow<'a, [f32]>,

@@ -615,8 +615,31 @@ impl ModelConfig {
         self.num_heads * self.head_dim
     }
 
+    /// Floats of the key (and value) projections a token: `num_kv_heads × head_dim`. Under
+    /// latent attention the cache holds other rows: see [`Self::kv_layout`].
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
+    }
+
+    /// What the KV cache holds per token and layer: a key and a value of [`Self::kv_dim`]
+    /// floats, or under multi-head latent attention one row `[latent | rotated shared key]`
+    /// (`kv_lora_rank + qk_rope_head_dim` floats) whose latent prefix is the value.
+    pub fn kv_layout(&self) -> crate::kv::KvLayout {
+        match &self.options.mla {
+            Some(m) => {
+                crate::kv::KvLayout::key_prefix(m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank)
+            }
+            None => crate::kv::KvLayout::separate(self.kv_dim()),
+        }
+    }
+
+    /// KV heads the cache holds (what per-KV-head eviction keeps maps for): `num_kv_heads`, or
+    /// 1 under latent attention, whose row every query head shares.
+    pub fn cache_kv_heads(&self) -> usize {
+        match &self.options.mla {
+            Some(_) => 1,
+            None => self.num_kv_heads,
+        }
     }
 
     pub fn is_moe(&self) -> bool {

@@ -93,6 +93,27 @@ impl Linear {
         }
     }
 
+    /// The weights as f32 rows `[out, in]` whatever the stored form: quantized ones
+    /// dequantized (their rounding kept).
+    pub fn dense_rows(&self) -> Vec<f32> {
+        if let Some(rows) = self.f32_rows() {
+            return rows;
+        }
+        let k = self.in_features;
+        match &self.weight {
+            LinearWeight::Int8(m) | LinearWeight::Int8WeightOnly(m) => (0..m.n)
+                .flat_map(|j| {
+                    let s = m.scales[j];
+                    m.row(j)[..k].iter().map(move |&q| q as f32 * s)
+                })
+                .collect(),
+            LinearWeight::Int4(m) => (0..self.out_features)
+                .flat_map(|j| m.dequantize_row(j).into_iter().take(k))
+                .collect(),
+            _ => unreachable!("f32_rows covers the f32 and half forms"),
+        }
+    }
+
     /// Turns a backend's prepared f32 matrix back into the checkpoint's row-major layout.
     pub fn unpack(&mut self) {
         if let LinearWeight::Prepared(w) = &self.weight {
@@ -283,6 +304,73 @@ pub struct LatentParts {
     pub q_a: Option<(Linear, Norm)>,
     /// `kv_a_layernorm`, on the latent before `kv_b_proj`.
     pub kv_a_norm: Norm,
+    /// `kv_b_proj` split per head for the absorbed attention, made from [`Attention::v`] when
+    /// an engine first runs the layer (after every change a load makes to the weights).
+    pub absorbed: OnceLock<AbsorbedHeads>,
+}
+
+/// `kv_b_proj` (`heads × (nope + v)` rows of `rank`) as the absorbed attention multiplies by
+/// it: each head's key half `W_UK` (`nope × rank`) turns that head's unrotated query into a
+/// query against the latent, and its value half `W_UV` (`v × rank`) turns the attention's mix
+/// of latents into the head's output. Per head, so no `heads × rank`-wide product is formed.
+#[derive(Debug, Clone)]
+pub struct AbsorbedHeads {
+    /// Per head `W_UKᵀ` as a linear of `nope` inputs and `rank` outputs.
+    pub uk_t: Vec<Linear>,
+    /// Per head `W_UV` as a linear of `rank` inputs and `v` outputs.
+    pub uv: Vec<Linear>,
+}
+
+impl AbsorbedHeads {
+    /// Splits `kv_b` into its heads' halves: bf16/f16 weights stay half precision (the split
+    /// moves bits and rounds nothing), every other form is split as f32 (quantized ones
+    /// dequantized).
+    pub fn split(kv_b: &Linear, heads: usize, nope: usize, v: usize) -> AbsorbedHeads {
+        let shape = (heads, nope, v, kv_b.in_features);
+        match &kv_b.weight {
+            LinearWeight::Half(kind, w) => {
+                let kind = *kind;
+                split_heads(&w[..], shape, &kv_b.name, |m| {
+                    LinearWeight::Half(kind, m.into())
+                })
+            }
+            _ => split_heads(&kv_b.dense_rows(), shape, &kv_b.name, |m| {
+                LinearWeight::F32Rows(m.into())
+            }),
+        }
+    }
+}
+
+/// [`AbsorbedHeads::split`] of row-major `[heads·(nope + v), rank]` values, each matrix
+/// wrapped by `wrap`.
+fn split_heads<T: Copy + Default>(
+    rows: &[T],
+    (heads, nope, v, rank): (usize, usize, usize, usize),
+    name: &str,
+    wrap: impl Fn(Vec<T>) -> LinearWeight,
+) -> AbsorbedHeads {
+    debug_assert_eq!(rows.len(), heads * (nope + v) * rank);
+    let linear = |name: String, out_features, in_features, m: Vec<T>| Linear {
+        name,
+        out_features,
+        in_features,
+        weight: wrap(m),
+        bias: None,
+        input_scale: None,
+    };
+    let (mut uk_t, mut uv) = (Vec::with_capacity(heads), Vec::with_capacity(heads));
+    for (h, head) in rows.chunks_exact((nope + v) * rank).enumerate() {
+        let (uk, vals) = head.split_at(nope * rank);
+        let mut t = vec![T::default(); rank * nope];
+        for (i, row) in uk.chunks_exact(rank).enumerate() {
+            for (c, &w) in row.iter().enumerate() {
+                t[c * nope + i] = w;
+            }
+        }
+        uk_t.push(linear(format!("{name}.uk_t.{h}"), rank, nope, t));
+        uv.push(linear(format!("{name}.uv.{h}"), v, rank, vals.to_vec()));
+    }
+    AbsorbedHeads { uk_t, uv }
 }
 
 impl Attention {
@@ -318,9 +406,34 @@ impl Attention {
         v
     }
 
-    /// Bytes of the projections' weights.
+    /// Bytes of the projections' weights; under latent attention also the per-head split of
+    /// `kv_b_proj` the engine makes ([`AbsorbedHeads`]: as many values, half precision kept,
+    /// else f32), counted before it exists so that `--mem` plans for it.
     pub fn weight_bytes(&self) -> usize {
-        self.projections().iter().map(|l| l.weight_bytes()).sum()
+        self.projections()
+            .iter()
+            .map(|l| l.weight_bytes())
+            .sum::<usize>()
+            + self.split_bytes()
+    }
+
+    /// Bytes a step reads: [`Self::weight_bytes`] but latent attention's `kv_b_proj`, which
+    /// only its split is multiplied by.
+    pub fn streamed_bytes(&self) -> usize {
+        match &self.latent {
+            None => self.weight_bytes(),
+            Some(_) => self.weight_bytes() - self.v.weight_bytes(),
+        }
+    }
+
+    /// Bytes of the per-head split of latent attention's `kv_b_proj` (0 without one).
+    fn split_bytes(&self) -> usize {
+        let values = self.v.out_features * self.v.in_features;
+        match (&self.latent, &self.v.weight) {
+            (None, _) => 0,
+            (Some(_), LinearWeight::Half(..)) => values * 2,
+            (Some(_), _) => values * 4,
+        }
     }
 }
 

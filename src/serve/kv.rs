@@ -106,9 +106,9 @@ pub fn options(engine: &Engine, req: RequestKv, reach: usize) -> Result<KvOption
         let tokens = demand
             .tokens_per_sequence(cfg.max_position_embeddings)
             .map_err(|e| invalid(e.to_string()))?;
-        let maps = opts.position_maps(cfg.num_kv_heads);
-        let bytes =
-            tokens as u64 * bytes_per_token_maps(cfg.num_layers, cfg.kv_dim(), maps, opts.policy);
+        let maps = opts.position_maps(cfg.cache_kv_heads());
+        let bytes = tokens as u64
+            * bytes_per_token_maps(cfg.num_layers, cfg.kv_layout(), maps, opts.policy);
         let reserved = plan.fixed.kv.tokens_per_sequence as u64 * plan.fixed.kv.bytes_per_token;
         if bytes > reserved {
             return Err((

@@ -521,7 +521,7 @@ mod tests {
             s.step(&mut emit);
         }
         let cfg = &engine.model().config;
-        let full = bytes_per_token(cfg.num_layers, cfg.kv_dim(), Policy::Full) as usize;
+        let full = bytes_per_token(cfg.num_layers, cfg.kv_layout(), Policy::Full) as usize;
         assert_eq!(
             s.kv_bytes(),
             83 * full,
@@ -537,7 +537,7 @@ mod tests {
         let g = Generation::from_tokens_with_kv(&engine, vec![1, 2, 3], &long, kv).unwrap();
         assert!(s.submit(1, g, &mut emit).is_ok());
         s.step(&mut emit);
-        let lazy = bytes_per_token(cfg.num_layers, cfg.kv_dim(), Policy::Lazy) as usize;
+        let lazy = bytes_per_token(cfg.num_layers, cfg.kv_layout(), Policy::Lazy) as usize;
         let (_, gen) = s.running().next().unwrap();
         assert_eq!(gen.cache.allocated_bytes(), 30 * lazy);
         while !s.is_idle() {

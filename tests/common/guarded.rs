@@ -264,8 +264,8 @@ impl Backend for Guarded {
     ) -> edgemoe::Result<()> {
         self.inner.evict(config, cache, stats, now)
     }
-    fn new_kv(&self, kv_dim: usize) -> Box<dyn edgemoe::kv::KvStorage> {
-        self.inner.new_kv(kv_dim)
+    fn new_kv(&self, layout: edgemoe::kv::KvLayout) -> Box<dyn edgemoe::kv::KvStorage> {
+        self.inner.new_kv(layout)
     }
     fn activate(&self, act: Activation, x: &mut Rows) {
         self.inner.activate(act, x)

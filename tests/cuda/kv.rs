@@ -13,6 +13,7 @@ const SHAPE: AttentionShape<'static> = AttentionShape {
     num_heads: 6,
     num_kv_heads: 2,
     head_dim: 32,
+    value_dim: 32,
     sliding_window: None,
     sink_logits: None,
 };
@@ -120,7 +121,7 @@ fn device_kv_storage_matches_the_cpu() {
     assert_eq!(rows_of(&g), rows_of(&c), "appends after an eviction");
 
     // Growth by exact reservation, and shrinking to what is held.
-    let mut storage = gpu.new_kv(KV_DIM);
+    let mut storage = gpu.new_kv(edgemoe::kv::KvLayout::separate(KV_DIM));
     storage.reserve_exact(10);
     assert_eq!(storage.capacity_slots(), 10);
     storage.shrink_to(0);
@@ -134,4 +135,75 @@ fn device_kv_storage_matches_the_cpu() {
     append_both(gpu, &cpu, (&mut from_host, &mut c), &mut rng, 103, 1);
     assert!(from_host.storage_as::<DeviceKv>().is_some());
     assert_eq!(rows_of(&from_host), rows_of(&c), "adopted");
+}
+
+/// Latent rows (multi-head latent attention's layout: one KV head whose value is the first
+/// `value_dim` floats of the key row): the device holds the keys alone, attends with the keys
+/// as values and narrows each head's output to `value_dim`, as the CPU does, within 1e-4;
+/// an eviction keeps the same rows.
+#[test]
+fn latent_rows_match_the_cpu() {
+    use edgemoe::kv::KvLayout;
+    let Some(gpu) = device("kv latent rows") else {
+        return;
+    };
+    let cpu = CpuBackend::new(1).unwrap();
+    let mut rng = Rng(23);
+    let (key_dim, value_dim, heads) = (48, 32, 4);
+    let layout = KvLayout::key_prefix(key_dim, value_dim);
+    let shape = AttentionShape {
+        num_heads: heads,
+        num_kv_heads: 1,
+        head_dim: key_dim,
+        value_dim,
+        sliding_window: None,
+        sink_logits: None,
+    };
+    let mut g = LayerCache::with_storage(Vec::new(), gpu.new_kv(layout)).unwrap();
+    let mut c = LayerCache::with_storage(Vec::new(), cpu.new_kv(layout)).unwrap();
+    for (first, n) in [(0, 30), (30, 1), (31, 1)] {
+        let k = rng.f32s(n * key_dim, 1.0);
+        let positions: Vec<usize> = (first..first + n).collect();
+        let gk = gpu.upload_rows(k.clone(), key_dim);
+        gpu.append_kv(&mut g, &gk, &gk, 0..n, &positions);
+        let ck = cpu.upload_rows(k, key_dim);
+        cpu.append_kv(&mut c, &ck, &ck, 0..n, &positions);
+    }
+    assert_eq!(g.storage().unwrap().layout(), layout);
+    assert_eq!(g.storage().unwrap().bytes(), 32 * key_dim * 4, "keys alone");
+    assert_eq!(rows_of(&g), rows_of(&c), "appends");
+    let q = rng.f32s(heads * key_dim, 1.0);
+    let seg = |cache| [Segment { rows: 0..1, cache }];
+    let (go, gn, gm) = gpu.attention_with_mass(
+        &shape,
+        &gpu.upload_rows(q.clone(), heads * key_dim),
+        &[31],
+        &seg(&g),
+    );
+    let (co, cn, cm) = cpu.attention_with_mass(
+        &shape,
+        &cpu.upload_rows(q, heads * key_dim),
+        &[31],
+        &seg(&c),
+    );
+    let go = gpu.to_host(&go).into_owned();
+    assert_eq!((gn, go.len(), gm.len()), (cn, co.data.len(), cm.len()));
+    assert_eq!(go.len(), heads * value_dim);
+    for (a, b) in go.iter().zip(&co.data).chain(gm.iter().zip(&cm)) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+    let config = KvOptions {
+        policy: Policy::Window,
+        budget: Some(Budget::Tokens(24)),
+        window: 4,
+        sinks: 2,
+        ..KvOptions::default()
+    }
+    .resolve(32)
+    .unwrap()
+    .unwrap();
+    let mut stats = SlotStats::default();
+    gpu.evict(&config, &mut g, &mut stats.clone(), 32).unwrap();
+    cpu.evict(&config, &mut c, &mut stats, 32).unwrap();
+    assert_eq!(rows_of(&g), rows_of(&c), "eviction");
 }

@@ -95,9 +95,8 @@ fn attend_into(
 ) -> usize {
     let (h, d) = (shape.num_heads, shape.head_dim);
     let rows = positions.len();
-    let total = rows * h * d;
     assert!(
-        out.len() >= total && q.len() >= total,
+        out.len() >= rows * h * shape.value_dim && q.len() >= rows * h * d,
         "attend: buffer too small"
     );
     let kvs: Vec<Cow<HostKv>> = segments.iter().map(|seg| host_kv(seg.cache)).collect();
@@ -107,7 +106,12 @@ fn attend_into(
             positions: seg.cache.positions(),
             heads: seg.cache.per_head().then_some(seg.cache),
             keys: kv.keys(),
-            values: kv.values(),
+            // Latent rows: a value is the prefix of its key row, read in place.
+            values: if kv.values_in_keys() {
+                kv.keys()
+            } else {
+                kv.values()
+            },
         };
         row_cache.extend(seg.rows.clone().map(|_| view));
     }
@@ -290,18 +294,21 @@ fn attend_row<S: Slots + ?Sized>(
     slots: &S,
 ) -> usize {
     let (h, d, kv_heads) = (shape.num_heads, shape.head_dim, shape.num_kv_heads);
+    let vd = shape.value_dim;
     let group = h / kv_heads;
     let mut scores = vec![0f32; group * slots.count()];
     for kv_head in kv_heads_of {
         let first = t * h * d + kv_head * group * d;
+        let first_out = t * h * vd + kv_head * group * vd;
         // SAFETY: this task writes only row t's heads of its KV heads (kv_head's group of them
         // here); tasks are disjoint, and `out` outlives them (its length is asserted by
         // `attend`).
-        let o = unsafe { std::slice::from_raw_parts_mut(out.get().add(first), group * d) };
+        let o = unsafe { std::slice::from_raw_parts_mut(out.get().add(first_out), group * vd) };
         let heads = HeadGroup {
             q: &q[first..first + group * d],
             group,
             head_dim: d,
+            value_dim: vd,
             kv_dim: kv_heads * d,
             offset: kv_head * d,
             sinks: shape
@@ -328,6 +335,8 @@ struct HeadGroup<'a> {
     q: &'a [f32],
     group: usize,
     head_dim: usize,
+    /// Floats of a value (and of each head's output), from `offset` in a value row.
+    value_dim: usize,
     kv_dim: usize,
     offset: usize,
     /// The group's sink logits, one a head (GPT-OSS), joining each softmax's denominator.
@@ -361,7 +370,8 @@ impl HeadGroup<'_> {
             "attend: slot outside the cache"
         );
         assert!(
-            out.len() == self.group * self.head_dim && self.offset + self.head_dim <= self.kv_dim
+            out.len() == self.group * self.value_dim
+                && self.offset + self.head_dim.max(self.value_dim) <= self.kv_dim
         );
         // scores[g·n + j]: head g against slot j.
         assert_eq!(scores.len(), self.group * n, "attend: scores scratch size");
@@ -384,6 +394,10 @@ impl HeadGroup<'_> {
         &data[slot * self.kv_dim + self.offset..][..self.head_dim]
     }
 
+    fn value_row<'c>(&self, data: &'c [f32], slot: usize) -> &'c [f32] {
+        &data[slot * self.kv_dim + self.offset..][..self.value_dim]
+    }
+
     fn scores_scalar<S: Slots + ?Sized>(&self, keys: &[f32], slots: &S, scores: &mut [f32]) {
         let (d, n) = (self.head_dim, slots.count());
         let scale = 1.0 / (d as f32).sqrt();
@@ -403,10 +417,10 @@ impl HeadGroup<'_> {
         scores: &[f32],
         out: &mut [f32],
     ) {
-        let (d, n) = (self.head_dim, slots.count());
+        let (d, n) = (self.value_dim, slots.count());
         out.fill(0.0);
         for j in 0..n {
-            let value = self.row(values, slots.at(j));
+            let value = self.value_row(values, slots.at(j));
             for g in 0..self.group {
                 let w = scores[g * n + j];
                 out[g * d..(g + 1) * d]
@@ -476,7 +490,7 @@ impl HeadGroup<'_> {
     }
 
     /// # Safety
-    /// avx2+fma; every slot's row lies inside `values`; `out` holds `group × head_dim`.
+    /// avx2+fma; every slot's row lies inside `values`; `out` holds `group × value_dim`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn mix_avx2<S: Slots + ?Sized>(
@@ -486,7 +500,7 @@ impl HeadGroup<'_> {
         scores: &[f32],
         out: &mut [f32],
     ) {
-        let (d, n) = (self.head_dim, slots.count());
+        let (d, n) = (self.value_dim, slots.count());
         let d8 = d / 8 * 8;
         // Heads that share this KV head go two at a time, so each value row is loaded once
         // for both; a last odd head alone.
@@ -689,14 +703,19 @@ mod tests {
         let (h, d) = (shape.num_heads, shape.head_dim);
         let kv_dim = shape.num_kv_heads * d;
         let group = h / shape.num_kv_heads;
-        let mut out = vec![0f32; h * d];
+        let vd = shape.value_dim;
+        let mut out = vec![0f32; h * vd];
         for head in 0..h {
             let kvh = head / group;
             let cache = CacheView {
                 positions: layer.head_positions(kvh),
                 heads: None,
                 keys: kv.keys(),
-                values: kv.values(),
+                values: if kv.values_in_keys() {
+                    kv.keys()
+                } else {
+                    kv.values()
+                },
             };
             let visible: Vec<usize> = (0..cache.positions.len())
                 .filter(|&s| {
@@ -722,8 +741,8 @@ mod tests {
                 .chain(sink)
                 .fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = scores.iter().chain(&sink).map(|s| (s - max).exp()).sum();
-            for i in 0..d {
-                out[head * d + i] = visible
+            for i in 0..vd {
+                out[head * vd + i] = visible
                     .iter()
                     .zip(&scores)
                     .map(|(&s, sc)| {
@@ -745,6 +764,7 @@ mod tests {
             num_heads: 9,
             num_kv_heads: 3,
             head_dim: 64,
+            value_dim: 64,
             sliding_window: None,
             sink_logits: None,
         };
@@ -793,6 +813,7 @@ mod tests {
             num_heads: 6,
             num_kv_heads: 2,
             head_dim: 32,
+            value_dim: 32,
             sliding_window: Some(40),
             sink_logits: None,
         };
@@ -864,6 +885,7 @@ mod tests {
                 num_heads: heads,
                 num_kv_heads: kv_heads,
                 head_dim: d,
+                value_dim: d,
                 sliding_window: window,
                 sink_logits: with_sinks.then_some(&sinks[..]),
             };
@@ -903,6 +925,7 @@ mod tests {
                 num_heads: 6,
                 num_kv_heads: 3,
                 head_dim: 16,
+                value_dim: 16,
                 sliding_window: window,
                 sink_logits: None,
             };
@@ -997,6 +1020,70 @@ mod tests {
                             at += n;
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Latent rows (multi-head latent attention): one shared KV head whose value is the first
+    /// `value_dim` floats of its key row, stored once. The output is `value_dim` wide per head,
+    /// equals the f64 reference reading the value from the key, and has the same bits as a
+    /// storage holding that prefix again as separate values; the emitted mass is unchanged.
+    #[test]
+    fn values_read_from_key_prefixes_match_separate_values() {
+        use crate::kv::{KvLayout, KvStorage};
+        let mut rng = SplitMix64::new(41);
+        // 40 = 32 latent + 8 rotary floats a row (odd value widths exercise the tails too).
+        for (key_dim, value_dim, heads) in [(40, 32, 4), (24, 13, 3), (576, 512, 2)] {
+            let shape = AttentionShape {
+                num_heads: heads,
+                num_kv_heads: 1,
+                head_dim: key_dim,
+                value_dim,
+                sliding_window: None,
+                sink_logits: None,
+            };
+            let positions: Vec<u32> = (0..70u32).filter(|p| p % 9 != 4).collect();
+            let n = positions.len();
+            let keys: Vec<f32> = (0..n * key_dim).map(|_| rng.normal()).collect();
+            let latent = HostKv::from_layout_rows(
+                KvLayout::key_prefix(key_dim, value_dim),
+                keys.clone(),
+                Vec::new(),
+            );
+            // The same values stored separately (the rest of each value row never read).
+            let separate = HostKv::from_rows(key_dim, keys.clone(), keys.clone());
+            assert_eq!(latent.bytes() * 2, separate.bytes());
+            let a = LayerCache::with_storage(positions.clone(), Box::new(latent)).unwrap();
+            let b = LayerCache::with_storage(positions.clone(), Box::new(separate)).unwrap();
+            let query_pos = [69usize, 30, 0];
+            let q: Vec<f32> = (0..query_pos.len() * heads * key_dim)
+                .map(|_| rng.normal())
+                .collect();
+            let run = |cache: &LayerCache| {
+                let seg = [Segment {
+                    rows: 0..query_pos.len(),
+                    cache,
+                }];
+                let mut out = vec![0f32; query_pos.len() * heads * value_dim];
+                let (slots, mass) = attend_with_mass(&shape, &q, &query_pos, &seg, &mut out);
+                (slots, mass, out)
+            };
+            let (got, want_bits) = (run(&a), run(&b));
+            assert_eq!(got, want_bits);
+            let out = &got.2;
+            for (t, &pos) in query_pos.iter().enumerate() {
+                let want = reference(
+                    &shape,
+                    &q[t * heads * key_dim..][..heads * key_dim],
+                    pos,
+                    &a,
+                );
+                for (x, y) in out[t * heads * value_dim..][..heads * value_dim]
+                    .iter()
+                    .zip(&want)
+                {
+                    assert!((x - y).abs() < 1e-5, "{key_dim}/{value_dim}: {x} vs {y}");
                 }
             }
         }

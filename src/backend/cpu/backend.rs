@@ -13,7 +13,7 @@ use super::parallel::{kernel_threads, largest_first, serially};
 use super::routing::route_rows;
 use crate::backend::{AttentionShape, Backend, Pick, Segment, Tasks};
 use crate::error::{Error, Result};
-use crate::kv::{EvictionConfig, KvStorage, LayerCache, SlotStats};
+use crate::kv::{EvictionConfig, KvLayout, KvStorage, LayerCache, SlotStats};
 use crate::model::config::{Activation, ClampedSwiglu};
 use crate::model::weights::{Linear, LinearWeight, Norm, Weights};
 use rayon::prelude::*;
@@ -294,8 +294,8 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn new_kv(&self, kv_dim: usize) -> Box<dyn KvStorage> {
-        Box::new(HostKv::new(kv_dim))
+    fn new_kv(&self, layout: KvLayout) -> Box<dyn KvStorage> {
+        Box::new(HostKv::with_layout(layout))
     }
 
     fn append_kv(
@@ -306,7 +306,9 @@ impl Backend for CpuBackend {
         rows: std::ops::Range<usize>,
         positions: &[usize],
     ) {
-        let adopt = |other: Option<&dyn KvStorage>, _: &[u32]| HostKv::adopt(k.cols, other);
+        let adopt = |other: Option<&dyn KvStorage>, _: &[u32]| {
+            HostKv::adopt(KvLayout::separate(k.cols), other)
+        };
         let span = rows.start * k.cols..rows.end * k.cols;
         let write = |own: &mut HostKv| {
             own.extend(&k.data[span.clone()], &v.data[span]);
@@ -324,7 +326,7 @@ impl Backend for CpuBackend {
         positions: &[usize],
         segments: &[Segment],
     ) -> (Rows, usize) {
-        let qd = shape.num_heads * shape.head_dim;
+        let qd = shape.num_heads * shape.value_dim;
         let mut out = vec![0f32; positions.len() * qd];
         let slots = attend(shape, &q.data, positions, segments, &mut out);
         (Rows::new(out, qd), slots)
@@ -337,7 +339,7 @@ impl Backend for CpuBackend {
         positions: &[usize],
         segments: &[Segment],
     ) -> (Rows, usize, Vec<f32>) {
-        let qd = shape.num_heads * shape.head_dim;
+        let qd = shape.num_heads * shape.value_dim;
         let mut out = vec![0f32; positions.len() * qd];
         let (slots, mass) = attend_with_mass(shape, &q.data, positions, segments, &mut out);
         (Rows::new(out, qd), slots, mass)
@@ -350,7 +352,7 @@ impl Backend for CpuBackend {
         positions: &[usize],
         segments: &[Segment],
     ) -> (Rows, usize, Vec<f32>) {
-        let qd = shape.num_heads * shape.head_dim;
+        let qd = shape.num_heads * shape.value_dim;
         let mut out = vec![0f32; positions.len() * qd];
         let (slots, mass) = attend_with_head_mass(shape, &q.data, positions, segments, &mut out);
         (Rows::new(out, qd), slots, mass)

@@ -16,7 +16,7 @@ use super::weights::{DeviceWeight, WeightCache};
 use crate::backend::cpu::routing::route_rows;
 use crate::backend::{AttentionShape, Backend, DeviceTiming, ExpertWork, Pick, Segment, Tasks};
 use crate::error::{Error, Result};
-use crate::kv::{KvStorage, LayerCache};
+use crate::kv::{KvLayout, KvStorage, LayerCache};
 use crate::model::config::Activation;
 use crate::model::weights::{GatedMlp, Linear, LinearWeight, Norm};
 use cudarc::driver::{sys, CudaEvent, CudaSlice, CudaStream};
@@ -399,6 +399,19 @@ impl CudaBackend {
                 }
             }
         }
+        if shape.value_dim < shape.head_dim {
+            // The kernel writes head_dim floats a head, reading a key-prefix layout's whole key
+            // row as the value: keep each head's first value_dim (through the host, as the
+            // latent attention's other reshapes go).
+            let full = self.gpu.download(&out, q.rows * qd, "attention output")?;
+            let narrow: Vec<f32> = full
+                .chunks_exact(shape.head_dim)
+                .flat_map(|head| head[..shape.value_dim].iter().copied())
+                .collect();
+            let cols = shape.num_heads * shape.value_dim;
+            let data = self.gpu.upload(&narrow, "attention output")?;
+            return Ok((self.act(data, q.rows, cols), slots_read, mass));
+        }
         Ok((self.act(out, q.rows, qd), slots_read, mass))
     }
 
@@ -653,8 +666,8 @@ impl Backend for CudaBackend {
         x.quant = None;
     }
 
-    fn new_kv(&self, kv_dim: usize) -> Box<dyn KvStorage> {
-        Box::new(DeviceKv::new(self.gpu.clone(), kv_dim))
+    fn new_kv(&self, layout: KvLayout) -> Box<dyn KvStorage> {
+        Box::new(DeviceKv::new(self.gpu.clone(), layout))
     }
 
     fn append_kv(

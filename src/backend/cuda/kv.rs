@@ -2,12 +2,14 @@
 //! that the attention kernel reads directly. Appends copy the new rows device to device;
 //! growth doubles (or takes exactly what the cache reserves) and copies what is held into the
 //! larger buffers; eviction gathers the kept rows into fresh buffers of the same capacity, so a
-//! failure leaves the old ones in place.
+//! failure leaves the old ones in place. Where the layout reads values from the keys
+//! (multi-head latent attention's latent rows) only the keys are held, and the kernel is given
+//! the key buffer as the values.
 
 use super::device::Gpu;
 use super::kernels::AttnInputs;
 use crate::error::{Error, Result};
-use crate::kv::{HostRows, KvStorage};
+use crate::kv::{HostRows, KvLayout, KvStorage};
 use cudarc::driver::{CudaSlice, CudaView};
 use std::any::Any;
 use std::borrow::Cow;
@@ -16,7 +18,8 @@ use std::sync::Arc;
 /// Device memory of `capacity` slots.
 struct Buffers {
     keys: CudaSlice<f32>,
-    values: CudaSlice<f32>,
+    /// `None` where the values are key prefixes.
+    values: Option<CudaSlice<f32>>,
     /// Each slot's position (the kernel masks by it).
     positions: CudaSlice<i32>,
     /// Per-slot validity bytes, all set: the storage holds only live slots.
@@ -25,10 +28,15 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(gpu: &Gpu, kv_dim: usize, capacity: usize) -> Result<Buffers> {
+    fn new(gpu: &Gpu, layout: KvLayout, capacity: usize) -> Result<Buffers> {
+        let kv_dim = layout.key_dim;
+        let values = match layout.value_prefix {
+            None => Some(gpu.zeros(capacity * kv_dim, "KV cache values")?),
+            Some(_) => None,
+        };
         Ok(Buffers {
             keys: gpu.zeros(capacity * kv_dim, "KV cache keys")?,
-            values: gpu.zeros(capacity * kv_dim, "KV cache values")?,
+            values,
             positions: gpu.zeros(capacity, "KV slot positions")?,
             valid: gpu.upload(&vec![1u8; capacity], "KV slot validity")?,
             capacity,
@@ -39,6 +47,7 @@ impl Buffers {
 /// One layer's keys and values on the device: `len` slots of `kv_dim` floats each.
 pub struct DeviceKv {
     gpu: Arc<Gpu>,
+    layout: KvLayout,
     kv_dim: usize,
     len: usize,
     /// `None` until the first slot or reservation.
@@ -48,7 +57,7 @@ pub struct DeviceKv {
 impl std::fmt::Debug for DeviceKv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceKv")
-            .field("kv_dim", &self.kv_dim)
+            .field("layout", &self.layout)
             .field("len", &self.len)
             .field("capacity", &self.capacity_slots())
             .finish()
@@ -61,10 +70,11 @@ fn copy_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ 
 
 impl DeviceKv {
     /// An empty storage (nothing allocated yet).
-    pub fn new(gpu: Arc<Gpu>, kv_dim: usize) -> DeviceKv {
+    pub fn new(gpu: Arc<Gpu>, layout: KvLayout) -> DeviceKv {
         DeviceKv {
             gpu,
-            kv_dim,
+            layout,
+            kv_dim: layout.key_dim,
             len: 0,
             bufs: None,
         }
@@ -78,10 +88,11 @@ impl DeviceKv {
         other: Option<&dyn KvStorage>,
         positions: &[u32],
     ) -> Result<DeviceKv> {
-        let mut kv = DeviceKv::new(gpu, kv_dim);
         let Some(other) = other else {
-            return Ok(kv);
+            return Ok(DeviceKv::new(gpu, KvLayout::separate(kv_dim)));
         };
+        let layout = other.layout();
+        let mut kv = DeviceKv::new(gpu, layout);
         let rows = other.to_host()?;
         let n = positions.len();
         if other.kv_dim() != kv_dim || rows.keys.len() != n * kv_dim {
@@ -94,16 +105,16 @@ impl DeviceKv {
         if n == 0 {
             return Ok(kv);
         }
-        let mut b = Buffers::new(&kv.gpu, kv_dim, n)?;
+        let mut b = Buffers::new(&kv.gpu, layout, n)?;
         let err = copy_error("uploading a KV cache");
         let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
         let stream = &kv.gpu.stream;
         stream
             .memcpy_htod(&rows.keys[..], &mut b.keys)
             .map_err(&err)?;
-        stream
-            .memcpy_htod(&rows.values[..], &mut b.values)
-            .map_err(&err)?;
+        if let Some(values) = &mut b.values {
+            stream.memcpy_htod(&rows.values[..], values).map_err(&err)?;
+        }
         stream.memcpy_htod(&pos, &mut b.positions).map_err(&err)?;
         kv.bufs = Some(b);
         kv.len = n;
@@ -123,7 +134,7 @@ impl DeviceKv {
     /// Moves what is held into new buffers of `capacity` (≥ the slots held) slots; on failure
     /// the old buffers stay.
     fn reallocate(&mut self, capacity: usize) -> Result<()> {
-        let mut fresh = Buffers::new(&self.gpu, self.kv_dim, capacity)?;
+        let mut fresh = Buffers::new(&self.gpu, self.layout, capacity)?;
         let n = self.len;
         if let Some(old) = self.bufs.as_ref().filter(|_| n > 0) {
             let err = copy_error("moving the KV cache to new buffers");
@@ -135,12 +146,11 @@ impl DeviceKv {
                     &mut fresh.keys.slice_mut(rows.clone()),
                 )
                 .map_err(&err)?;
-            stream
-                .memcpy_dtod(
-                    &old.values.slice(rows.clone()),
-                    &mut fresh.values.slice_mut(rows),
-                )
-                .map_err(&err)?;
+            if let (Some(old), Some(fresh)) = (&old.values, &mut fresh.values) {
+                stream
+                    .memcpy_dtod(&old.slice(rows.clone()), &mut fresh.slice_mut(rows))
+                    .map_err(&err)?;
+            }
             stream
                 .memcpy_dtod(
                     &old.positions.slice(0..n),
@@ -153,7 +163,7 @@ impl DeviceKv {
     }
 
     /// Appends `positions.len()` slots whose keys and values are `k` and `v` (on the device,
-    /// slot-major).
+    /// slot-major; `v` unread where the values are key prefixes).
     pub fn append(
         &mut self,
         k: CudaView<f32>,
@@ -183,9 +193,11 @@ impl DeviceKv {
         stream
             .memcpy_dtod(&k, &mut b.keys.slice_mut(at..end))
             .map_err(&err)?;
-        stream
-            .memcpy_dtod(&v, &mut b.values.slice_mut(at..end))
-            .map_err(&err)?;
+        if let Some(values) = &mut b.values {
+            stream
+                .memcpy_dtod(&v, &mut values.slice_mut(at..end))
+                .map_err(&err)?;
+        }
         let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
         stream
             .memcpy_htod(&pos, &mut b.positions.slice_mut(self.len..self.len + rows))
@@ -206,7 +218,7 @@ impl DeviceKv {
             q,
             q_positions,
             keys: &b.keys,
-            values: &b.values,
+            values: b.values.as_ref().unwrap_or(&b.keys),
             slot_positions: &b.positions,
             valid: &b.valid,
             slots: self.len,
@@ -217,6 +229,10 @@ impl DeviceKv {
 impl KvStorage for DeviceKv {
     fn kv_dim(&self) -> usize {
         self.kv_dim
+    }
+
+    fn layout(&self) -> KvLayout {
+        self.layout
     }
 
     fn len_slots(&self) -> usize {
@@ -245,18 +261,14 @@ impl KvStorage for DeviceKv {
         let Some(old) = &self.bufs else {
             return Ok(());
         };
-        let mut fresh = Buffers::new(&self.gpu, self.kv_dim, old.capacity)?;
+        let mut fresh = Buffers::new(&self.gpu, self.layout, old.capacity)?;
         if !kept.is_empty() {
             let index: Vec<usize> = kept.iter().map(|&s| s as usize).collect();
             let gpu = &self.gpu;
             gpu.gather_rows_into(&old.keys, self.len, self.kv_dim, &index, &mut fresh.keys)?;
-            gpu.gather_rows_into(
-                &old.values,
-                self.len,
-                self.kv_dim,
-                &index,
-                &mut fresh.values,
-            )?;
+            if let (Some(old), Some(fresh)) = (&old.values, &mut fresh.values) {
+                gpu.gather_rows_into(old, self.len, self.kv_dim, &index, fresh)?;
+            }
             let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
             gpu.stream
                 .memcpy_htod(&pos, &mut fresh.positions.slice_mut(0..kept.len()))
@@ -282,11 +294,11 @@ impl KvStorage for DeviceKv {
 
     fn allocated_bytes(&self) -> usize {
         // Keys and values (f32), a position (i32) and a validity byte per slot.
-        self.capacity_slots() * (2 * self.kv_dim * 4 + 4 + 1)
+        self.capacity_slots() * (self.layout.stored_floats() * 4 + 4 + 1)
     }
 
     fn bytes(&self) -> usize {
-        self.len * self.kv_dim * 2 * 4
+        self.len * self.layout.stored_floats() * 4
     }
 
     fn to_host(&self) -> Result<HostRows<'_>> {
@@ -299,7 +311,10 @@ impl KvStorage for DeviceKv {
         let n = self.len * self.kv_dim;
         Ok(HostRows {
             keys: Cow::Owned(self.gpu.download(&b.keys, n, "KV cache keys")?),
-            values: Cow::Owned(self.gpu.download(&b.values, n, "KV cache values")?),
+            values: Cow::Owned(match &b.values {
+                Some(v) => self.gpu.download(v, n, "KV cache values")?,
+                None => Vec::new(),
+            }),
         })
     }
 

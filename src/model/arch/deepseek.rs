@@ -120,6 +120,7 @@ fn latent_attention(l: &Loader, cfg: &ModelConfig, p: &str) -> Result<Attention>
                 LATENT_NORM_EPS,
                 "kv_lora_rank",
             )?,
+            absorbed: Default::default(),
         })),
     })
 }
