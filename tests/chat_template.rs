@@ -1,25 +1,88 @@
 //! Chat templates rendered by edgemoe (minijinja) against transformers' `apply_chat_template`
-//! on the same templates and conversations (tests/fixtures/chat/smollm2.json, written by
-//! tools/chat_template_reference.py): SmolLM2-135M-Instruct's real template and a stress
-//! template using whitespace control, namespaces, loop filters and Python string methods.
+//! on the same templates and conversations (tests/fixtures/chat/*.json, written by
+//! tools/chat_template_reference.py): SmolLM2-135M-Instruct's real template, a stress template,
+//! and the real templates of the MoE families (Qwen3, GPT-OSS, DeepSeek-V2 and V3.1, GLM-4.6,
+//! Granite 3.0 and 3.3, OLMoE) over tools, documents, reasoning fields and template variables.
 //! The prompts must be identical, byte for byte.
 
-use edgemoe::serve::chat::ChatTemplate;
+use edgemoe::serve::chat::{ChatInputs, ChatTemplate};
 use serde_json::Value;
 use std::path::PathBuf;
 
-fn fixture() -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/smollm2.json");
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat")
 }
 
+fn read_json(name: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(dir().join(name)).unwrap()).unwrap()
+}
+
+fn fixture() -> Value {
+    read_json("smollm2.json")
+}
+
+/// Renders every case as the fixture gives it and compares with transformers' string.
 fn check(t: &ChatTemplate, cases: &[Value], name: &str) {
     for (i, case) in cases.iter().enumerate() {
         let messages = case["messages"].as_array().unwrap();
         let gen = case["add_generation_prompt"].as_bool().unwrap();
-        let got = t.render(messages, gen).unwrap();
-        assert_eq!(got, case["expected"].as_str().unwrap(), "{name} case {i}");
+        let inputs = ChatInputs {
+            tools: case["tools"].as_array().map(Vec::as_slice),
+            documents: case["documents"].as_array().map(Vec::as_slice),
+            kwargs: case["kwargs"].as_object(),
+        };
+        let got = t
+            .render_with(messages, gen, inputs)
+            .unwrap_or_else(|e| panic!("{name} case {i}: {e}"));
+        let want = case["expected"].as_str().unwrap();
+        if got != want {
+            let at = got
+                .bytes()
+                .zip(want.bytes())
+                .position(|(a, b)| a != b)
+                .unwrap_or(got.len().min(want.len()));
+            let from = at.saturating_sub(80);
+            panic!(
+                "{name} case {i} differs at byte {at}:\n got: {:?}\nwant: {:?}",
+                got.get(from..(at + 80).min(got.len())).unwrap_or(&got),
+                want.get(from..(at + 80).min(want.len())).unwrap_or(want),
+            );
+        }
     }
+}
+
+/// The families' templates, each with the cases its features call for.
+const FAMILIES: [&str; 8] = [
+    "qwen3",
+    "gpt-oss",
+    "deepseek-v3.1",
+    "deepseek-v2",
+    "glm-4.6",
+    "granite-3.0",
+    "granite-3.3",
+    "olmoe",
+];
+
+fn family(name: &str) -> (ChatTemplate, Value) {
+    let f = read_json(&format!("{name}.json"));
+    let source = std::fs::read_to_string(dir().join(f["template"].as_str().unwrap())).unwrap();
+    let token = |k: &str| f[k].as_str().unwrap_or("").to_string();
+    let mut t = ChatTemplate::new(&source, &token("bos_token"), &token("eos_token")).unwrap();
+    t.fix_clock(f["now_unix"].as_i64().unwrap());
+    (t, f)
+}
+
+#[test]
+fn family_templates_match_transformers() {
+    let mut total = 0;
+    for name in FAMILIES {
+        let (t, f) = family(name);
+        let cases = f["cases"].as_array().unwrap();
+        assert!(cases.len() >= 6, "{name}: {} cases", cases.len());
+        check(&t, cases, name);
+        total += cases.len();
+    }
+    eprintln!("{total} family cases equal transformers' prompts");
 }
 
 #[test]

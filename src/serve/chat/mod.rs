@@ -11,11 +11,29 @@ use minijinja::{Environment, ErrorKind};
 use serde_json::Value;
 use std::path::Path;
 
+mod pyjson;
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
 }
+
+/// What a render sees beyond the messages, as transformers' `apply_chat_template` takes it.
+#[derive(Default, Clone, Copy)]
+pub struct ChatInputs<'a> {
+    /// Tool schemas (OpenAI `tools`); `None` renders as transformers' `tools=None`.
+    pub tools: Option<&'a [Value]>,
+    /// Retrieval documents (Granite's `documents`).
+    pub documents: Option<&'a [Value]>,
+    /// Extra template variables (transformers' `**kwargs`, OpenAI's `chat_template_kwargs`):
+    /// `enable_thinking` (Qwen3, GLM), `thinking` (DeepSeek-V3.1, Granite), `reasoning_effort`
+    /// (GPT-OSS), ... They override the special tokens, as in transformers.
+    pub kwargs: Option<&'a serde_json::Map<String, Value>>,
+}
+
+/// Variables the render sets itself; a kwarg of the same name is refused (Python refuses it too).
+const RESERVED: [&str; 4] = ["messages", "tools", "documents", "add_generation_prompt"];
 
 const NAME: &str = "chat_template";
 
@@ -46,7 +64,7 @@ impl ChatTemplate {
             },
         );
         env.add_function("strftime_now", strftime_now);
-        env.add_filter("tojson", tojson);
+        env.add_filter("tojson", pyjson::tojson);
         env.add_template_owned(NAME, source.to_string())
             .map_err(|e| Error::invalid(format!("the chat template does not compile: {e}")))?;
         Ok(ChatTemplate {
@@ -90,21 +108,86 @@ impl ChatTemplate {
     /// Renders `messages` (objects with `role` and `content`); `add_generation_prompt` appends
     /// the opening of the assistant's turn.
     pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, ChatInputs::default())
+    }
+
+    /// [`render`](Self::render) with tools, documents and template variables.
+    pub fn render_with(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        inputs: ChatInputs<'_>,
+    ) -> Result<String> {
         let tmpl = self
             .env
             .get_template(NAME)
             .map_err(|e| Error::invalid(format!("chat template: {e}")))?;
-        let ctx = minijinja::context! {
-            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.as_str(),
-            eos_token => self.eos_token.as_str(),
-            tools => minijinja::Value::from(()),
-            documents => minijinja::Value::from(()),
-        };
-        tmpl.render(ctx)
+        let messages = normalize_messages(messages)?;
+        let mut ctx = serde_json::Map::new();
+        ctx.insert("bos_token".into(), Value::from(self.bos_token.as_str()));
+        ctx.insert("eos_token".into(), Value::from(self.eos_token.as_str()));
+        for (k, v) in inputs.kwargs.into_iter().flatten() {
+            if RESERVED.contains(&k.as_str()) {
+                return Err(Error::invalid(format!(
+                    "chat template variable `{k}` is set by the request itself"
+                )));
+            }
+            ctx.insert(k.clone(), v.clone());
+        }
+        ctx.insert("messages".into(), Value::Array(messages));
+        let list = |l: Option<&[Value]>| l.map_or(Value::Null, |l| Value::Array(l.to_vec()));
+        ctx.insert("tools".into(), list(inputs.tools));
+        ctx.insert("documents".into(), list(inputs.documents));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::Bool(add_generation_prompt),
+        );
+        tmpl.render(minijinja::Value::from(minijinja::value::Serde(&ctx)))
             .map_err(|e| Error::invalid(format!("the chat template failed: {}", describe(&e))))
     }
+
+    /// Makes `strftime_now` read this instant (unix seconds, formatted as UTC) instead of the
+    /// local clock, so that a template that prints today's date renders reproducibly.
+    pub fn fix_clock(&mut self, unix_seconds: i64) {
+        self.env
+            .add_function("strftime_now", move |format: String| {
+                strftime_at(&format, Some(unix_seconds))
+            });
+    }
+}
+
+/// transformers' normalisation of a conversation before its template sees it: keys whose value
+/// is null are dropped, and a message's reasoning under any of its names (`reasoning_content`,
+/// `thinking`, `reasoning`) is also given as `thinking` (GPT-OSS reads it) and
+/// `reasoning_content` (the others do).
+fn normalize_messages(messages: &[Value]) -> Result<Vec<Value>> {
+    const REASONING: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let Value::Object(map) = m else {
+            return Err(Error::invalid(format!(
+                "chat message {i} is not an object"
+            )));
+        };
+        let mut map: serde_json::Map<String, Value> = map
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Some(r) = REASONING.iter().find_map(|k| map.get(*k)).cloned() {
+            // Python builds {"thinking": r, **message, "reasoning_content": r}: `thinking` keeps
+            // the message's own value and place if it has one, else comes first.
+            if !map.contains_key("thinking") {
+                let mut first = serde_json::Map::new();
+                first.insert("thinking".into(), r.clone());
+                first.extend(map);
+                map = first;
+            }
+            map.insert("reasoning_content".into(), r);
+        }
+        out.push(Value::Object(map));
+    }
+    Ok(out)
 }
 
 /// A minijinja error with its cause (e.g. the template's `raise_exception` message).
@@ -146,74 +229,33 @@ fn from_checkpoint_dir(dir: &Path) -> Result<Option<ChatTemplate>> {
 
 /// transformers' `strftime_now(format)`: the local time, formatted by the C library.
 fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error> {
+    strftime_at(&format, None)
+}
+
+/// `format` applied to `at` (unix seconds, as UTC) or, without it, to the local time now.
+fn strftime_at(format: &str, at: Option<i64>) -> std::result::Result<String, minijinja::Error> {
     let fmt = std::ffi::CString::new(format).map_err(|_| {
         minijinja::Error::new(ErrorKind::InvalidOperation, "strftime format holds a NUL")
     })?;
     let mut buf = vec![0u8; 256];
-    // SAFETY: `tm` is written by localtime_r before it is read; `buf` outlives the call and its
-    // length is passed, so strftime writes within it.
+    // SAFETY: `tm` is written by localtime_r/gmtime_r before it is read; `buf` outlives the call
+    // and its length is passed, so strftime writes within it.
     let n = unsafe {
-        let t = libc::time(std::ptr::null_mut());
         let mut tm: libc::tm = std::mem::zeroed();
-        libc::localtime_r(&t, &mut tm);
+        match at {
+            Some(t) => {
+                let t = t as libc::time_t;
+                libc::gmtime_r(&t, &mut tm);
+            }
+            None => {
+                let t = libc::time(std::ptr::null_mut());
+                libc::localtime_r(&t, &mut tm);
+            }
+        }
         libc::strftime(buf.as_mut_ptr().cast(), buf.len(), fmt.as_ptr(), &tm)
     };
     buf.truncate(n);
     Ok(String::from_utf8_lossy(&buf).into_owned())
-}
-
-/// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=indent)`, so with ", "
-/// and ": " separators when not indented, and keys in their order.
-fn tojson(
-    value: minijinja::Value,
-    kwargs: minijinja::value::Kwargs,
-) -> std::result::Result<minijinja::Value, minijinja::Error> {
-    let indent: Option<usize> = kwargs.get("indent")?;
-    kwargs.assert_all_used()?;
-    let v: Value = serde_json::to_value(&value)
-        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-    let mut out = String::new();
-    write_json(&v, indent, 0, &mut out);
-    Ok(minijinja::Value::from_safe_string(out))
-}
-
-fn write_json(v: &Value, indent: Option<usize>, depth: usize, out: &mut String) {
-    let newline = |out: &mut String, depth: usize| {
-        if let Some(n) = indent {
-            out.push('\n');
-            out.push_str(&" ".repeat(n * depth));
-        }
-    };
-    let sep = if indent.is_some() { "," } else { ", " };
-    match v {
-        Value::Array(items) if !items.is_empty() => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(sep);
-                }
-                newline(out, depth + 1);
-                write_json(item, indent, depth + 1, out);
-            }
-            newline(out, depth);
-            out.push(']');
-        }
-        Value::Object(map) if !map.is_empty() => {
-            out.push('{');
-            for (i, (k, item)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(sep);
-                }
-                newline(out, depth + 1);
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push_str(": ");
-                write_json(item, indent, depth + 1, out);
-            }
-            newline(out, depth);
-            out.push('}');
-        }
-        other => out.push_str(&other.to_string()),
-    }
 }
 
 #[cfg(test)]
@@ -260,9 +302,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("only user messages, got tool"), "{err}");
-        let mut s = String::new();
-        write_json(&json!({"a": [1, "é"], "b": {}}), None, 0, &mut s);
-        assert_eq!(s, "{\"a\": [1, \"é\"], \"b\": {}}");
     }
 
     #[test]
