@@ -31,6 +31,18 @@ fn check(t: &ChatTemplate, cases: &[Value], name: &str) {
             documents: case["documents"].as_array().map(Vec::as_slice),
             kwargs: case["kwargs"].as_object(),
         };
+        if !case["error"].is_null() {
+            // transformers raised: edgemoe must fail too, with the template's own message.
+            let err = match t.render_with(messages, gen, inputs) {
+                Ok(p) => panic!("{name} case {i}: rendered {p:?}, transformers raised"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains("the chat template failed"), "{name} case {i}: {err}");
+            if let Some(msg) = case["error"]["message"].as_str() {
+                assert!(err.ends_with(msg), "{name} case {i}: {err}");
+            }
+            continue;
+        }
         let got = t
             .render_with(messages, gen, inputs)
             .unwrap_or_else(|e| panic!("{name} case {i}: {e}"));

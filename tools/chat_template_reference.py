@@ -21,6 +21,7 @@ import json
 import pathlib
 import shutil
 
+import jinja2
 import transformers
 import transformers.utils.chat_template_utils as ctu
 from tokenizers import Tokenizer, models
@@ -217,6 +218,38 @@ def family_cases(name):
     return cases
 
 
+def error_cases(name):
+    """Conversations a template refuses: transformers raises, and so must edgemoe."""
+    if name == "gpt-oss":
+        return [
+            case([{"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "<|channel|>analysis<|message|>hm"}], False),
+            case([{"role": "user", "content": "Hi"}, {"role": "tool", "content": "orphan"}], True),
+            case([{"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "x", "thinking": "y",
+                   "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}], True),
+        ]
+    if name == "glm-4.6":
+        return [case(tool_turns(arguments_as_string=True), True, tools=[WEATHER])]
+    if name == "qwen3":
+        # Content given as a list of parts: the template calls .startswith on it.
+        return [case([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], True)]
+    return []
+
+
+def render_error(tok, source, c):
+    """What transformers raises for `c`: the template's own message, or the Jinja error's type."""
+    try:
+        render(tok, source, c)
+    except jinja2.exceptions.TemplateError as e:
+        # raise_exception raises TemplateError itself; Jinja's own errors are subclasses.
+        own = type(e) is jinja2.exceptions.TemplateError
+        return {"message": str(e) if own else None, "python": type(e).__name__}
+    except Exception as e:  # noqa: BLE001 - a Python error inside the template (e.g. a list has no .startswith)
+        return {"message": None, "python": type(e).__name__}
+    raise SystemExit(f"expected {c} to fail")
+
+
 def render(tok, source, c):
     tok.chat_template = source
     return tok.apply_chat_template(
@@ -296,6 +329,7 @@ def main():
         source = (FIXTURES / f"{name}.jinja").read_text()
         tok = tokenizer(bos, eos)
         cases = [dict(c, expected=render(tok, source, c)) for c in family_cases(name)]
+        cases += [dict(c, error=render_error(tok, source, c)) for c in error_cases(name)]
         write(name, {
             "template": f"{name}.jinja",
             "expected_by": f"transformers {transformers.__version__} apply_chat_template",
