@@ -149,3 +149,105 @@ fn template_errors_are_clear() {
     let err = t.render(&[], true).unwrap_err().to_string();
     assert!(err.contains("roles must alternate"), "{err}");
 }
+
+/// A GGUF string key/value as the format writes it: key, type 8 (string), value.
+fn gguf_string_kv(key: &str, value: &str, out: &mut Vec<u8>) {
+    out.extend((key.len() as u64).to_le_bytes());
+    out.extend(key.as_bytes());
+    out.extend(8u32.to_le_bytes());
+    out.extend((value.len() as u64).to_le_bytes());
+    out.extend(value.as_bytes());
+}
+
+/// `src` with `tokenizer.chat_template` = `template` added as its first key. A padding key
+/// keeps the insertion a multiple of the 32-byte alignment, so the data section (its offsets
+/// relative to its start) moves whole and stays aligned.
+fn with_chat_template(src: &[u8], template: &str) -> Vec<u8> {
+    assert_eq!(&src[..4], b"GGUF");
+    let mut kv = Vec::new();
+    gguf_string_kv("tokenizer.chat_template", template, &mut kv);
+    let pad_key = "edgemoe.test.pad";
+    let bare = 8 + pad_key.len() + 4 + 8;
+    let pad = (32 - (kv.len() + bare) % 32) % 32;
+    gguf_string_kv(pad_key, &" ".repeat(pad), &mut kv);
+    assert_eq!(kv.len() % 32, 0);
+    let n_kv = u64::from_le_bytes(src[16..24].try_into().unwrap());
+    let mut out = src[..16].to_vec();
+    out.extend((n_kv + 2).to_le_bytes());
+    out.extend(kv);
+    out.extend(&src[24..]);
+    out
+}
+
+/// `ChatTemplate::for_model` on a GGUF takes the template from `tokenizer.chat_template` and
+/// bos/eos from the token ids, and renders Qwen3's cases as transformers does; the same file
+/// without the key has no template.
+#[test]
+fn gguf_template_is_the_one_used() {
+    let src = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/qwen3moe-tiny/qwen3moe-tiny.gguf"),
+    )
+    .unwrap();
+    let source = std::fs::read_to_string(dir().join("qwen3.jinja")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("qwen3-chat.gguf");
+    std::fs::write(&path, with_chat_template(&src, &source)).unwrap();
+    let file = edgemoe::model::gguf::GgufFile::open(&path).unwrap();
+    let tokenizer = file.tokenizer().unwrap();
+    let mut t = ChatTemplate::for_model(&path, &tokenizer)
+        .unwrap()
+        .expect("the GGUF carries a chat template");
+    let f = read_json("qwen3.json");
+    t.fix_clock(f["now_unix"].as_i64().unwrap());
+    check(&t, f["cases"].as_array().unwrap(), "qwen3 (gguf)");
+    // bos/eos come from the ids: a template printing them shows the tokens' text.
+    let eos_id = file.get("tokenizer.ggml.eos_token_id").unwrap().as_u64().unwrap();
+    let eos = tokenizer.token_text(eos_id as u32).unwrap();
+    let probe = with_chat_template(&src, "[{{ eos_token }}]");
+    std::fs::write(&path, probe).unwrap();
+    let t = ChatTemplate::for_model(&path, &tokenizer).unwrap().unwrap();
+    assert_eq!(t.render(&[], false).unwrap(), format!("[{eos}]"));
+    // The fixture itself carries none.
+    let bare = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qwen3moe-tiny/qwen3moe-tiny.gguf");
+    assert!(ChatTemplate::for_model(&bare, &tokenizer).unwrap().is_none());
+}
+
+/// A checkpoint directory: `chat_template.jinja` wins over `tokenizer_config.json`'s entry (as
+/// in transformers), whose special tokens (strings or AddedToken objects) are used either way.
+#[test]
+fn checkpoint_dir_template_and_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = serde_json::json!({
+        "chat_template": "config:{{ bos_token }}{{ eos_token }}",
+        "bos_token": {"content": "<s>", "special": true},
+        "eos_token": "</s>",
+    });
+    std::fs::write(tmp.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let src = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/qwen3moe-tiny/qwen3moe-tiny.gguf"),
+    )
+    .unwrap();
+    let gguf = tmp.path().join("t.gguf");
+    std::fs::write(&gguf, &src).unwrap();
+    let tokenizer = edgemoe::model::gguf::GgufFile::open(&gguf)
+        .unwrap()
+        .tokenizer()
+        .unwrap();
+    let render = || {
+        ChatTemplate::for_model(tmp.path(), &tokenizer)
+            .unwrap()
+            .unwrap()
+            .render(&[], false)
+            .unwrap()
+    };
+    assert_eq!(render(), "config:<s></s>");
+    std::fs::write(
+        tmp.path().join("chat_template.jinja"),
+        "file:{{ bos_token }}",
+    )
+    .unwrap();
+    assert_eq!(render(), "file:<s>");
+}

@@ -74,8 +74,8 @@ impl ChatTemplate {
         })
     }
 
-    /// The template a model carries: `tokenizer_config.json`'s `chat_template` (or the
-    /// `chat_template.jinja` beside it) in a checkpoint directory, `tokenizer.chat_template` in a
+    /// The template a model carries: `chat_template.jinja` (or else `tokenizer_config.json`'s
+    /// `chat_template`) in a checkpoint directory, `tokenizer.chat_template` in a
     /// GGUF file; `None` when it has none.
     pub fn for_model(path: &Path, tokenizer: &Tokenizer) -> Result<Option<ChatTemplate>> {
         if path.is_dir() {
@@ -211,15 +211,22 @@ fn from_checkpoint_dir(dir: &Path) -> Result<Option<ChatTemplate>> {
         Value::String(s) => s.clone(),
         v => v["content"].as_str().unwrap_or_default().to_string(),
     };
-    let source = match &config["chat_template"] {
-        Value::String(s) => Some(s.clone()),
-        // A list of named templates: the one called "default".
-        Value::Array(list) => list
-            .iter()
-            .find(|t| t["name"] == "default")
-            .and_then(|t| t["template"].as_str())
-            .map(str::to_string),
-        _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+    // As in transformers, a `chat_template.jinja` file wins over the config's entry.
+    let file = dir.join("chat_template.jinja");
+    let source = match std::fs::read(&file) {
+        Ok(bytes) => Some(String::from_utf8(bytes).map_err(|_| {
+            Error::invalid(format!("{}: not valid UTF-8", file.display()))
+        })?),
+        Err(_) => match &config["chat_template"] {
+            Value::String(s) => Some(s.clone()),
+            // A list of named templates: the one called "default".
+            Value::Array(list) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string),
+            _ => None,
+        },
     };
     match source {
         Some(s) => ChatTemplate::new(&s, &token("bos_token"), &token("eos_token")).map(Some),
