@@ -37,7 +37,10 @@ fn check(t: &ChatTemplate, cases: &[Value], name: &str) {
                 Ok(p) => panic!("{name} case {i}: rendered {p:?}, transformers raised"),
                 Err(e) => e.to_string(),
             };
-            assert!(err.contains("the chat template failed"), "{name} case {i}: {err}");
+            assert!(
+                err.contains("the chat template failed"),
+                "{name} case {i}: {err}"
+            );
             if let Some(msg) = case["error"]["message"].as_str() {
                 assert!(err.ends_with(msg), "{name} case {i}: {err}");
             }
@@ -202,7 +205,11 @@ fn gguf_template_is_the_one_used() {
     t.fix_clock(f["now_unix"].as_i64().unwrap());
     check(&t, f["cases"].as_array().unwrap(), "qwen3 (gguf)");
     // bos/eos come from the ids: a template printing them shows the tokens' text.
-    let eos_id = file.get("tokenizer.ggml.eos_token_id").unwrap().as_u64().unwrap();
+    let eos_id = file
+        .get("tokenizer.ggml.eos_token_id")
+        .unwrap()
+        .as_u64()
+        .unwrap();
     let eos = tokenizer.token_text(eos_id as u32).unwrap();
     let probe = with_chat_template(&src, "[{{ eos_token }}]");
     std::fs::write(&path, probe).unwrap();
@@ -211,7 +218,9 @@ fn gguf_template_is_the_one_used() {
     // The fixture itself carries none.
     let bare = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/qwen3moe-tiny/qwen3moe-tiny.gguf");
-    assert!(ChatTemplate::for_model(&bare, &tokenizer).unwrap().is_none());
+    assert!(ChatTemplate::for_model(&bare, &tokenizer)
+        .unwrap()
+        .is_none());
 }
 
 /// A checkpoint directory: `chat_template.jinja` wins over `tokenizer_config.json`'s entry (as

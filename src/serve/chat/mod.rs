@@ -165,9 +165,7 @@ fn normalize_messages(messages: &[Value]) -> Result<Vec<Value>> {
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         let Value::Object(map) = m else {
-            return Err(Error::invalid(format!(
-                "chat message {i} is not an object"
-            )));
+            return Err(Error::invalid(format!("chat message {i} is not an object")));
         };
         let mut map: serde_json::Map<String, Value> = map
             .iter()
@@ -214,9 +212,10 @@ fn from_checkpoint_dir(dir: &Path) -> Result<Option<ChatTemplate>> {
     // As in transformers, a `chat_template.jinja` file wins over the config's entry.
     let file = dir.join("chat_template.jinja");
     let source = match std::fs::read(&file) {
-        Ok(bytes) => Some(String::from_utf8(bytes).map_err(|_| {
-            Error::invalid(format!("{}: not valid UTF-8", file.display()))
-        })?),
+        Ok(bytes) => Some(
+            String::from_utf8(bytes)
+                .map_err(|_| Error::invalid(format!("{}: not valid UTF-8", file.display())))?,
+        ),
         Err(_) => match &config["chat_template"] {
             Value::String(s) => Some(s.clone()),
             // A list of named templates: the one called "default".
