@@ -116,6 +116,44 @@ SEARCH = {
     },
 }
 
+# Every schema shape GPT-OSS's TypeScript rendering distinguishes (nullable, oneOf, defaults,
+# nested objects, typed arrays, type lists), with floats and non-ASCII text for tojson.
+RICH = {
+    "type": "function",
+    "function": {
+        "name": "book_trip",
+        "description": "Books a trip.\nTwo lines of description, «quoted».",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "to": {"type": "string", "description": "Destination"},
+                "budget": {"type": "number", "default": 1500.5, "description": "In € (max 1e20)"},
+                "nights": {"type": "integer", "default": 3, "nullable": True},
+                "direct": {"type": "boolean", "default": False},
+                "tags": {"type": "array", "items": {"type": "number"}},
+                "legs": {"type": "array", "items": {"type": "object", "properties": {"from": {"type": "string"}}}},
+                "mode": {"oneOf": [{"type": "string", "description": "by name"}, {"type": "integer"}]},
+                "when": {"type": ["string", "null"]},
+                "class": {"type": "string", "enum": ["eco", "biz"], "default": "eco"},
+                "extra": {"type": "object", "properties": {"seat": {"type": "string"}}, "required": ["seat"]},
+            },
+            "required": ["to", "budget"],
+        },
+    },
+}
+
+
+def rich_turns():
+    call = {"type": "function", "function": {"name": "book_trip", "arguments": {
+        "to": "Zürich", "budget": 1200.75, "nights": None, "direct": True, "tags": [1.5, 2, -0.001],
+        "legs": [{"from": "Paris"}], "extra": {"seat": "12A"}, "big": 1e20, "small": 1.5e-7}}}
+    return [
+        {"role": "user", "content": "Book me a trip to Zürich."},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": '{"ok": true}'},
+        {"role": "assistant", "content": "Booked."},
+    ]
+
 
 def tool_turns(arguments_as_string=False, reasoning=None):
     """A user asks, the assistant calls a tool, the tool answers, the assistant answers."""
@@ -176,6 +214,7 @@ def family_cases(name):
         cases += both(inline_think_turns())
         cases += both(tool_turns(), tools=[WEATHER, SEARCH])
         cases += both(tool_turns(arguments_as_string=True, reasoning="Need the weather."), tools=[WEATHER])
+        cases += both(rich_turns(), tools=[RICH])
     elif name == "gpt-oss":
         cases += both(SIMPLE[1], kwargs={"reasoning_effort": "high"})
         cases += both(SIMPLE[0], kwargs={"reasoning_effort": "low", "model_identity": "You are Edge."})
@@ -184,11 +223,15 @@ def family_cases(name):
         # gpt-oss: the developer message comes first; no system turn after it.
         cases += both(turns, tools=[WEATHER, SEARCH])
         cases += both(turns[:4], tools=[WEATHER], kwargs={"builtin_tools": ["browser", "python"]})
+        cases += both(rich_turns(), tools=[RICH, WEATHER])
     elif name == "deepseek-v3.1":
         cases += both(SIMPLE[1], kwargs={"thinking": True})
         cases += both(SIMPLE[0], kwargs={"enable_thinking": True})
         cases += both(inline_think_turns())
         cases += both(tool_turns(arguments_as_string=True), tools=[WEATHER])
+        cases += both(rich_turns())
+        cases += both([{"role": "system", "content": "One."}, {"role": "system", "content": "Two."}]
+                      + SIMPLE[0])
         cases += [case(SIMPLE[0] + [{"role": "assistant", "content": "Paris", "prefix": True}], False,
                        kwargs={"thinking": True})]
     elif name == "glm-4.6":
@@ -199,8 +242,13 @@ def family_cases(name):
         multi = tool_turns()
         multi.insert(4, {"role": "tool", "tool_call_id": "call_2", "content": "second result"})
         cases += both(multi, tools=[WEATHER])
+        cases += both(rich_turns(), tools=[RICH])
+        parts = [{"type": "text", "text": "Hello "}, {"type": "image"}, {"type": "text", "text": "there"}]
+        cases += both([{"role": "system", "content": parts}, {"role": "user", "content": parts}],
+                      kwargs={"enable_thinking": True})
     elif name == "granite-3.0":
         cases += both(SIMPLE[1], tools=[WEATHER, SEARCH])
+        cases += both(SIMPLE[0], tools=[RICH])
         cases += both([
             {"role": "user", "content": "Weather in Paris?"},
             {"role": "assistant_tool_call", "content": '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'},
@@ -210,6 +258,7 @@ def family_cases(name):
         docs = [{"doc_id": 1, "text": "Paris is the capital of France."},
                 {"doc_id": "b", "text": "The Seine runs through it."}]
         cases += both(SIMPLE[0], tools=[WEATHER])
+        cases += both(SIMPLE[0], tools=[RICH])
         cases += both(SIMPLE[0], documents=docs)
         cases += both(SIMPLE[0], tools=[WEATHER], documents=docs)
         cases += both(SIMPLE[0], kwargs={"thinking": True})
