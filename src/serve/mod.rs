@@ -67,7 +67,7 @@ pub fn prepare(
                     m,
                     true,
                     chat::ChatInputs {
-                        kwargs: Some(&req.template_vars),
+                        kwargs: Some(&*req.template_vars),
                         ..Default::default()
                     },
                 )

@@ -54,7 +54,7 @@ pub struct Request {
     pub kv: super::kv::RequestKv,
     /// Variables for the chat template (`chat_template_kwargs`, and `reasoning_effort` as
     /// GPT-OSS's template reads it): e.g. `{"enable_thinking": false}` for Qwen3 and GLM.
-    pub template_vars: Map<String, Value>,
+    pub template_vars: Box<Map<String, Value>>,
 }
 
 impl Request {
@@ -372,7 +372,7 @@ pub fn parse_request(obj: &Map<String, Value>, api: Api) -> Result<Request, Fiel
         penalties,
         n,
         kv,
-        template_vars,
+        template_vars: Box::new(template_vars),
     })
 }
 
@@ -839,7 +839,7 @@ mod tests {
         .unwrap()
         .template_vars;
         assert_eq!(
-            Value::Object(vars),
+            Value::Object(*vars),
             json!({"enable_thinking": false, "x": [1], "reasoning_effort": "high"})
         );
         let (code, msg) = http(
