@@ -260,3 +260,81 @@ fn checkpoint_dir_template_and_tokens() {
     .unwrap();
     assert_eq!(render(), "file:<s>");
 }
+
+/// Broken templates and odd conversations end in `Ok` or one `Err`, never a panic: seeded
+/// mutations (cuts, deleted and repeated spans, stray delimiters) of every family's template,
+/// each compiled and rendered over the fixture's first conversations and over malformed
+/// messages (no role, numbers, nested lists, nulls).
+#[test]
+fn mutated_templates_and_odd_messages_never_panic() {
+    use edgemoe::util::rng::SplitMix64;
+    use serde_json::json;
+    let odd = vec![
+        json!({"content": "no role"}),
+        json!({"role": "user", "content": 42}),
+        json!({"role": "assistant", "content": [[1, {"a": null}]], "tool_calls": "x"}),
+        json!({"role": "tool", "content": null, "reasoning": ["r"]}),
+        json!({"role": "user"}),
+    ];
+    let mut rng = SplitMix64::new(27);
+    let (mut compiled, mut rendered, mut failed) = (0, 0, 0);
+    for name in FAMILIES {
+        let (_, f) = family(name);
+        let source = std::fs::read_to_string(dir().join(f["template"].as_str().unwrap())).unwrap();
+        let cases = f["cases"].as_array().unwrap();
+        let chars: Vec<char> = source.chars().collect();
+        for _ in 0..150 {
+            let mut c = chars.clone();
+            for _ in 0..1 + rng.next_u64() % 3 {
+                let n = c.len().max(1);
+                let at = (rng.next_u64() as usize) % n;
+                let len = 1 + (rng.next_u64() as usize) % 40;
+                match rng.next_u64() % 4 {
+                    0 => c.truncate(at),
+                    1 => drop(c.drain(at..(at + len).min(c.len()))),
+                    2 => {
+                        let span: Vec<char> = c[at..(at + len).min(c.len())].to_vec();
+                        c.splice(at..at, span);
+                    }
+                    _ => {
+                        let stray = ["{%", "%}", "{{", "}}", "{#", "(", "]", "'", "-"];
+                        let s = stray[(rng.next_u64() as usize) % stray.len()];
+                        c.splice(at..at, s.chars());
+                    }
+                }
+            }
+            let mutated: String = c.into_iter().collect();
+            let outcome = std::panic::catch_unwind(|| {
+                let Ok(mut t) = ChatTemplate::new(&mutated, "<s>", "</s>") else {
+                    return (0, 0, 1);
+                };
+                t.fix_clock(0);
+                let (mut ok, mut err) = (0, 0);
+                let convs = cases
+                    .iter()
+                    .take(4)
+                    .map(|c| c["messages"].as_array().unwrap());
+                for msgs in convs.chain(std::iter::once(&odd)) {
+                    match t.render(msgs, true) {
+                        Ok(_) => ok += 1,
+                        Err(e) => {
+                            assert!(!e.to_string().is_empty());
+                            err += 1
+                        }
+                    }
+                }
+                (1, ok, err)
+            });
+            let (c, r, e) = outcome.unwrap_or_else(|_| panic!("{name}: panicked on {mutated:?}"));
+            compiled += c;
+            rendered += r;
+            failed += e;
+        }
+        // The unmutated template on odd messages: an answer either way.
+        let (t, _) = family(name);
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.render(&odd, false)))
+            .unwrap_or_else(|_| panic!("{name}: panicked on odd messages"));
+    }
+    eprintln!("{compiled} mutated templates compiled, {rendered} renders, {failed} errors");
+    assert!(compiled > 100 && rendered > 100 && failed > 100);
+}
