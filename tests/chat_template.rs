@@ -339,3 +339,58 @@ fn mutated_templates_and_odd_messages_never_panic() {
     eprintln!("{compiled} mutated templates compiled, {rendered} renders, {failed} errors");
     assert!(compiled > 100 && rendered > 100 && failed > 100);
 }
+
+/// `quantize` keeps the source's chat template in the `.emoe` header, from a checkpoint
+/// directory (its `chat_template.jinja`) and from a GGUF (`tokenizer.chat_template`), and
+/// `for_model` on the store renders Qwen3's cases as transformers does; a source without one
+/// gives a store without one.
+#[test]
+fn quantized_store_keeps_the_template() {
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3moe-tiny");
+    let source = std::fs::read_to_string(dir().join("qwen3.jinja")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    std::fs::create_dir(&ckpt).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(fixture.join(f), ckpt.join(f)).unwrap();
+    }
+    std::fs::write(ckpt.join("chat_template.jinja"), &source).unwrap();
+    let gguf = tmp.path().join("chat.gguf");
+    let src = std::fs::read(fixture.join("qwen3moe-tiny.gguf")).unwrap();
+    std::fs::write(&gguf, with_chat_template(&src, &source)).unwrap();
+    let f = read_json("qwen3.json");
+    let quantize = |model: &std::path::Path, out: &str| {
+        let out = tmp.path().join(out);
+        let st = std::process::Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+            .args(["quantize", "--method", "rtn", "--model"])
+            .arg(model)
+            .arg("--out")
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "quantize {}", model.display());
+        out
+    };
+    for (model, out) in [(&ckpt, "dir.emoe"), (&gguf, "gguf.emoe")] {
+        let store = quantize(model, out);
+        let file = edgemoe::model::emoe::EmoeFile::open(&store).unwrap();
+        assert_eq!(file.chat_template(), Some(source.as_str()), "{out}");
+        let tokenizer = edgemoe::Model::load(&store).unwrap().tokenizer;
+        let mut t = ChatTemplate::for_model(&store, &tokenizer)
+            .unwrap()
+            .unwrap();
+        t.fix_clock(f["now_unix"].as_i64().unwrap());
+        check(&t, f["cases"].as_array().unwrap(), out);
+    }
+    let bare = quantize(&fixture.join("qwen3moe-tiny.gguf"), "bare.emoe");
+    let tokenizer = edgemoe::Model::load(&bare).unwrap().tokenizer;
+    assert!(ChatTemplate::for_model(&bare, &tokenizer)
+        .unwrap()
+        .is_none());
+}

@@ -75,34 +75,53 @@ impl ChatTemplate {
     }
 
     /// The template a model carries: `chat_template.jinja` (or else `tokenizer_config.json`'s
-    /// `chat_template`) in a checkpoint directory, `tokenizer.chat_template` in a
-    /// GGUF file; `None` when it has none.
+    /// `chat_template`) in a checkpoint directory, `tokenizer.chat_template` in a GGUF file, the
+    /// header's `chat_template` in an `.emoe` store (kept by `quantize`); `None` when it has
+    /// none. The special tokens are the config's (directory) or the texts of the file's bos/eos
+    /// token ids.
     pub fn for_model(path: &Path, tokenizer: &Tokenizer) -> Result<Option<ChatTemplate>> {
         if path.is_dir() {
             return from_checkpoint_dir(path);
         }
-        if path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-        {
+        let text = |id: Option<u64>| {
+            id.and_then(|id| u32::try_from(id).ok())
+                .and_then(|id| tokenizer.token_text(id))
+                .unwrap_or_default()
+        };
+        if is_gguf(path) {
             let file = crate::model::gguf::GgufFile::open(path)?;
             let Some(source) = file.get("tokenizer.chat_template").and_then(|v| v.as_str()) else {
                 return Ok(None);
             };
-            let token = |key: &str| {
-                file.get(key)
-                    .and_then(|v| v.as_u64())
-                    .and_then(|id| u32::try_from(id).ok())
-                    .and_then(|id| tokenizer.token_text(id))
-                    .unwrap_or_default()
-            };
+            let id = |key: &str| file.get(key).and_then(|v| v.as_u64());
             let (bos, eos) = (
-                token("tokenizer.ggml.bos_token_id"),
-                token("tokenizer.ggml.eos_token_id"),
+                text(id("tokenizer.ggml.bos_token_id")),
+                text(id("tokenizer.ggml.eos_token_id")),
             );
             return ChatTemplate::new(source, &bos, &eos).map(Some);
         }
-        Ok(None)
+        let file = crate::model::emoe::EmoeFile::open(path)?;
+        let Some(source) = file.chat_template() else {
+            return Ok(None);
+        };
+        let cfg = file.config();
+        let bos = text(cfg.bos_token_id.map(u64::from));
+        let eos = text(cfg.eos_token_ids.first().map(|&i| u64::from(i)));
+        ChatTemplate::new(source, &bos, &eos).map(Some)
+    }
+
+    /// The template's source as `for_model` finds it, for `quantize` to keep in the store.
+    pub fn source_for_model(path: &Path) -> Result<Option<String>> {
+        if path.is_dir() {
+            return Ok(checkpoint_dir_source(path)?.0);
+        }
+        if is_gguf(path) {
+            let file = crate::model::gguf::GgufFile::open(path)?;
+            let source = file.get("tokenizer.chat_template").and_then(|v| v.as_str());
+            return Ok(source.map(str::to_string));
+        }
+        let file = crate::model::emoe::EmoeFile::open(path)?;
+        Ok(file.chat_template().map(str::to_string))
     }
 
     /// Renders `messages` (objects with `role` and `content`); `add_generation_prompt` appends
@@ -196,18 +215,32 @@ fn describe(e: &minijinja::Error) -> String {
     }
 }
 
+fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
 fn from_checkpoint_dir(dir: &Path) -> Result<Option<ChatTemplate>> {
+    let (source, config) = checkpoint_dir_source(dir)?;
+    // A special token is a string or an AddedToken object with `content`.
+    let token = |key: &str| match &config[key] {
+        Value::String(s) => s.clone(),
+        v => v["content"].as_str().unwrap_or_default().to_string(),
+    };
+    match source {
+        Some(s) => ChatTemplate::new(&s, &token("bos_token"), &token("eos_token")).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// A checkpoint directory's template source and its `tokenizer_config.json` (null if absent).
+fn checkpoint_dir_source(dir: &Path) -> Result<(Option<String>, Value)> {
     let config_path = dir.join("tokenizer_config.json");
     let config: Value = match std::fs::read(&config_path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
             Error::invalid(format!("{}: not valid JSON: {e}", config_path.display()))
         })?,
         Err(_) => Value::Null,
-    };
-    // A special token is a string or an AddedToken object with `content`.
-    let token = |key: &str| match &config[key] {
-        Value::String(s) => s.clone(),
-        v => v["content"].as_str().unwrap_or_default().to_string(),
     };
     // As in transformers, a `chat_template.jinja` file wins over the config's entry.
     let file = dir.join("chat_template.jinja");
@@ -227,10 +260,7 @@ fn from_checkpoint_dir(dir: &Path) -> Result<Option<ChatTemplate>> {
             _ => None,
         },
     };
-    match source {
-        Some(s) => ChatTemplate::new(&s, &token("bos_token"), &token("eos_token")).map(Some),
-        None => Ok(None),
-    }
+    Ok((source, config))
 }
 
 /// transformers' `strftime_now(format)`: the local time, formatted by the C library.
