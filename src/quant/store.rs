@@ -111,11 +111,7 @@ fn norm_tensors(norm: &Norm) -> Vec<TensorData<'_>> {
     }
 }
 
-pub fn write_emoe<'a>(
-    model: &'a Model,
-    quant: serde_json::Value,
-    path: &Path,
-) -> Result<WriteSummary> {
+pub fn write_emoe(model: &Model, quant: serde_json::Value, path: &Path) -> Result<WriteSummary> {
     write_emoe_with_template(model, quant, path, None)
 }
 
