@@ -3,7 +3,10 @@
 //! tools/chat_template_reference.py): SmolLM2-135M-Instruct's real template, a stress template,
 //! and the real templates of the MoE families (Qwen3, GPT-OSS, DeepSeek-V2 and V3.1, GLM-4.6,
 //! Granite 3.0 and 3.3, OLMoE) over tools, documents, reasoning fields and template variables.
-//! The prompts must be identical, byte for byte.
+//! The prompts must be identical, byte for byte; where transformers raises, edgemoe must fail
+//! with the template's message. Also: the template a GGUF, a checkpoint directory and a
+//! quantized `.emoe` carry is the one used; broken templates and odd messages never panic; a
+//! long conversation fits the render's fuel.
 
 use edgemoe::serve::chat::{ChatInputs, ChatTemplate};
 use serde_json::Value;
@@ -393,4 +396,35 @@ fn quantized_store_keeps_the_template() {
     assert!(ChatTemplate::for_model(&bare, &tokenizer)
         .unwrap()
         .is_none());
+}
+
+/// A long real conversation stays inside the render's fuel allowance on the heaviest template
+/// (GPT-OSS renders each tool schema as TypeScript): 32 rich tools and 2000 messages.
+#[test]
+fn long_conversations_fit_the_fuel_allowance() {
+    let (t, f) = family("gpt-oss");
+    let case = f["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["tools"]
+                .as_array()
+                .is_some_and(|t| t[0]["function"]["name"] == "book_trip")
+        })
+        .unwrap();
+    let tools: Vec<Value> = (0..32).map(|_| case["tools"][0].clone()).collect();
+    let mut messages = Vec::new();
+    for i in 0..1000 {
+        messages.push(serde_json::json!({"role": "user", "content": format!("question {i}")}));
+        messages.push(serde_json::json!({"role": "assistant", "content": format!("answer {i}")}));
+    }
+    let started = std::time::Instant::now();
+    let inputs = ChatInputs {
+        tools: Some(&tools),
+        ..Default::default()
+    };
+    let prompt = t.render_with(&messages, true, inputs).unwrap();
+    assert!(prompt.contains("answer 999") && prompt.matches("type book_trip").count() == 32);
+    eprintln!("{} bytes in {:?}", prompt.len(), started.elapsed());
 }

@@ -1,9 +1,11 @@
 //! Chat templates: a checkpoint's Jinja `chat_template` rendered with minijinja the way
 //! transformers' `apply_chat_template` renders it (trim_blocks and lstrip_blocks on, the
 //! tokenizer's special tokens as variables, `raise_exception`, `strftime_now`, a `tojson` that
-//! writes what Python's `json.dumps` writes). The rendered prompt already holds every special
-//! token the template wants, so it is tokenized without the tokenizer adding any (as
-//! transformers does).
+//! writes what Python's `json.dumps` writes, `tools` / `documents` / extra variables, and the
+//! messages cleaned up as transformers does first). The rendered prompt already holds every
+//! special token the template wants, so it is tokenized without the tokenizer adding any (as
+//! transformers does). tests/chat_template.rs holds it to transformers' prompts, byte for byte,
+//! on the real templates of the MoE families.
 
 use crate::error::{Error, Result};
 use crate::model::tokenizer::Tokenizer;
