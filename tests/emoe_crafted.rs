@@ -329,6 +329,9 @@ fn stores_of_every_fixture_architecture_open() {
         "glm4moe-tiny-plain",
         "gptoss-tiny",
         "gptoss-tiny-legacy",
+        "deepseekv2-tiny",
+        "deepseekv3-tiny",
+        "deepseekv3-tiny-plain",
         "llama-tiny",
     ] {
         let model = Model::load(&root.join(name)).unwrap();

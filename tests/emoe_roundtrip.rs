@@ -9,7 +9,13 @@ use std::process::Command;
 use std::sync::Arc;
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trained-moe")
+    fixture("trained-moe")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn logits(model: Arc<Model>, tokens: &[u32]) -> Vec<f32> {
@@ -27,11 +33,23 @@ fn logits(model: Arc<Model>, tokens: &[u32]) -> Vec<f32> {
 
 #[test]
 fn quantized_store_round_trips_exactly() {
-    let model = Model::load(&dir()).unwrap();
+    round_trip(&dir());
+}
+
+/// The same for the trained DeepSeek-V3 (latent attention: q_a_proj and both latent norms,
+/// folded into by haq, in the store) and Qwen3-MoE.
+#[test]
+fn quantized_deepseekv3_and_qwen3moe_stores_round_trip_exactly() {
+    round_trip(&fixture("trained-deepseekv3"));
+    round_trip(&fixture("trained-qwen3moe"));
+}
+
+fn round_trip(dir: &std::path::Path) {
+    let model = Model::load(dir).unwrap();
     let calib = model
         .tokenizer
         .encode(
-            &std::fs::read_to_string(dir().join("calib.txt")).unwrap(),
+            &std::fs::read_to_string(dir.join("calib.txt")).unwrap(),
             false,
         )
         .unwrap();

@@ -33,15 +33,6 @@ const FAMILIES: &[&str] = &[
     "deepseekv3-tiny",
 ];
 
-/// The families `quantize` takes (paging reads an .emoe); DeepSeek's latent attention is not
-/// quantized yet.
-fn quantizable() -> impl Iterator<Item = &'static str> {
-    FAMILIES
-        .iter()
-        .copied()
-        .filter(|f| !f.starts_with("deepseek"))
-}
-
 fn dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -112,7 +103,7 @@ fn paging(mem: u64) -> PagingOptions {
 #[test]
 fn paged_experts_give_the_unlimited_logits_in_every_family() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in quantizable() {
+    for &name in FAMILIES {
         let model = Arc::new(Model::load(&quantized(name, tmp.path())).unwrap());
         let t = tokens(&model, 40);
         let want = logits(&Engine::new(model.clone(), 2).unwrap(), &t[..24], &t[24..]);
@@ -288,11 +279,7 @@ fn serve_gives_the_engines_text_in_every_family() {
 fn c_api_generates_in_every_family() {
     let tmp = tempfile::tempdir().unwrap();
     for name in FAMILIES {
-        let mut paths = vec![(dir(name), false)];
-        if quantizable().any(|q| q == *name) {
-            paths.push((quantized(name, tmp.path()), true));
-        }
-        for (path, budgets) in paths {
+        for (path, budgets) in [(dir(name), false), (quantized(name, tmp.path()), true)] {
             let model = Arc::new(Model::load(&path).unwrap());
             let want = greedy(&model, PROMPT, 16);
             let c_path = CString::new(path.to_str().unwrap()).unwrap();
@@ -368,4 +355,40 @@ unsafe fn c_generate(path: &CStr, params: &EdgemoeSessionParams, n: u32) -> Resu
     };
     assert_eq!(edgemoe_model_free(model), EDGEMOE_OK);
     result
+}
+
+/// `edgemoe quantize` with its defaults (haq: calibration, the smoothing folds, the rotation
+/// where exact, GPTQ; layers spilled beside the output) takes every family, DeepSeek's latent
+/// attention too, and the .emoe it writes loads and gives finite logits.
+#[test]
+fn quantize_cli_takes_every_family() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FAMILIES {
+        let out_path = tmp.path().join(format!("{name}.emoe"));
+        let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+            .args([
+                "quantize",
+                "--threads",
+                "2",
+                "--calib-tokens",
+                "512",
+                "--model",
+            ])
+            .arg(dir(name))
+            .arg("--calib")
+            .arg(dir("trained-moe").join("calib.txt"))
+            .arg("--out")
+            .arg(&out_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let model = Arc::new(Model::load(&out_path).unwrap());
+        let t = tokens(&model, 16);
+        let out = logits(&Engine::new(model, 2).unwrap(), &t, &[]);
+        assert!(out.iter().flatten().all(|x| x.is_finite()), "{name}");
+    }
 }

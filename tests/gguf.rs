@@ -437,6 +437,173 @@ fn fixture(p: &str) -> PathBuf {
         .join(p)
 }
 
+/// A fixture GGUF with its bytes edited: `key` renamed to a name no reader asks for (same
+/// length, so every offset holds), or its u32 value replaced.
+fn edited(file: &str, key: &str, edit: Edit) -> Vec<u8> {
+    let mut bytes = std::fs::read(fixture(file)).unwrap();
+    // The key as written: u64 length, then the bytes.
+    let at = find(
+        &bytes,
+        &[&(key.len() as u64).to_le_bytes()[..], key.as_bytes()].concat(),
+    ) + 8;
+    match edit {
+        Edit::Rename => *bytes.get_mut(at + key.len() - 1).unwrap() ^= 0x20,
+        Edit::U32(v) => {
+            let ty = at + key.len();
+            assert_eq!(bytes[ty..ty + 4], 4u32.to_le_bytes(), "{key} is a u32");
+            bytes[ty + 4..ty + 8].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+enum Edit {
+    Rename,
+    U32(u32),
+}
+
+fn load_err(bytes: &[u8]) -> String {
+    let (_dir, path) = write_tmp(bytes);
+    match Model::load(&path) {
+        Ok(_) => panic!("loaded a bad file"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The issue-27 families' GGUFs with a key missing or contradicting the tensors: one error
+/// that names the key or the tensor, never a panic or a different model.
+#[test]
+fn family_ggufs_with_hostile_metadata_fail_clearly() {
+    let v2 = "deepseekv2-tiny/deepseekv2-tiny.gguf";
+    let e = load_err(&edited(
+        v2,
+        "deepseek2.attention.kv_lora_rank",
+        Edit::Rename,
+    ));
+    assert!(
+        e.contains("deepseek2.attention.kv_lora_rank") && e.contains("missing"),
+        "{e}"
+    );
+    // The split attn_k_b / attn_v_b need the MLA widths.
+    let e = load_err(&edited(
+        v2,
+        "deepseek2.attention.key_length_mla",
+        Edit::Rename,
+    ));
+    assert!(
+        e.contains("key_length_mla") && e.contains("attn_k_b"),
+        "{e}"
+    );
+    // A latent rank the tensors do not have: the first tensor it sizes says so.
+    let e = load_err(&edited(
+        v2,
+        "deepseek2.attention.kv_lora_rank",
+        Edit::U32(12),
+    ));
+    assert!(
+        e.contains("attn_kv_a_mqa") && e.contains("[20, 64]") && e.contains("kv_lora_rank"),
+        "{e}"
+    );
+    // Sixteen experts claimed, eight stored.
+    let glm = "glm4moe-tiny/glm4moe-tiny.gguf";
+    let e = load_err(&edited(glm, "glm4moe.expert_count", Edit::U32(16)));
+    assert!(
+        e.contains("glm4moe.expert_count")
+            && e.contains("blk.1.ffn_up_exps.weight")
+            && e.contains("holds 8 experts"),
+        "{e}"
+    );
+    // Six do not split into the four groups; the check names the GGUF key.
+    let e = load_err(&edited(glm, "glm4moe.expert_count", Edit::U32(6)));
+    assert!(
+        e.contains("glm4moe.expert_group_count") && e.contains("6 experts"),
+        "{e}"
+    );
+    // GLM-4-MoE routes by sigmoid only.
+    let e = load_err(&edited(glm, "glm4moe.expert_gating_func", Edit::U32(1)));
+    assert!(e.contains("glm4moe.expert_gating_func"), "{e}");
+    // More NextN layers than blocks.
+    let e = load_err(&edited(glm, "glm4moe.nextn_predict_layers", Edit::U32(4)));
+    assert!(e.contains("glm4moe.nextn_predict_layers"), "{e}");
+    // Granite rotates whole heads; a partial rotary width is refused, not run.
+    let granite = "granitemoe-tiny/granitemoe-tiny.gguf";
+    let e = load_err(&edited(
+        granite,
+        "granitemoe.rope.dimension_count",
+        Edit::U32(8),
+    ));
+    assert!(e.contains("granitemoe.rope.dimension_count"), "{e}");
+    // GPT-OSS: an expert count past the stacked experts.
+    let oss = "gptoss-tiny/gptoss-tiny.gguf";
+    let e = load_err(&edited(oss, "gpt-oss.expert_count", Edit::U32(9)));
+    assert!(
+        e.contains("gpt-oss.expert_count") && e.contains("holds 8"),
+        "{e}"
+    );
+}
+
+/// DeepSeek's split `kv_b_proj` (newer converters' `attn_k_b` `[heads, rank, nope]`, the key
+/// rows transposed, and `attn_v_b` `[heads, v, rank]`) answers as the Hugging Face matrix:
+/// per head the key rows, then the value rows (built here from the HF side, independently);
+/// halves of different head counts are refused naming both.
+#[test]
+fn split_kv_b_reads_back_as_the_hugging_face_matrix() {
+    let (heads, rank, nope, v) = (2usize, 4usize, 3usize, 5usize);
+    let hf: Vec<f32> = (0..heads * (nope + v) * rank).map(|i| i as f32).collect();
+    let row = |h: usize, j: usize| &hf[(h * (nope + v) + j) * rank..][..rank];
+    let k_b: Vec<f32> = (0..heads)
+        .flat_map(|h| (0..rank).flat_map(move |r| (0..nope).map(move |j| (h, r, j))))
+        .map(|(h, r, j)| row(h, j)[r])
+        .collect();
+    let v_b: Vec<f32> = (0..heads)
+        .flat_map(|h| (nope..nope + v).flat_map(move |j| (0..rank).map(move |r| (h, j, r))))
+        .map(|(h, j, r)| row(h, j)[r])
+        .collect();
+    let dims = |a: usize, b: usize, c: usize| [c as u64, b as u64, a as u64];
+    let mut w = Writer::new();
+    w.kv_str("general.architecture", "deepseek2")
+        .tensor(
+            "blk.0.attn_k_b.weight",
+            &dims(heads, rank, nope),
+            F32,
+            f32_bytes(&k_b),
+        )
+        .tensor(
+            "blk.0.attn_v_b.weight",
+            &dims(heads, v, rank),
+            F32,
+            f32_bytes(&v_b),
+        );
+    let (_dir, path) = write_tmp(&w.build());
+    let f = GgufFile::open(&path).unwrap();
+    let name = "model.layers.0.self_attn.kv_b_proj.weight";
+    assert!(f.has(name));
+    let shape = [heads * (nope + v), rank];
+    assert_eq!(values(f.stored(name, &shape, "test").unwrap()), hf);
+    // A config that implies other widths fails on the shape.
+    let e = f.stored(name, &[heads * (nope + v), rank + 1], "kv_lora_rank");
+    assert!(e.err().unwrap().to_string().contains("kv_lora_rank"));
+
+    let mut w = Writer::new();
+    w.kv_str("general.architecture", "deepseek2")
+        .tensor(
+            "blk.0.attn_k_b.weight",
+            &dims(heads, rank, nope),
+            F32,
+            f32_bytes(&k_b),
+        )
+        .tensor(
+            "blk.0.attn_v_b.weight",
+            &dims(1, 2 * v, rank),
+            F32,
+            f32_bytes(&v_b),
+        );
+    let (_dir, path) = write_tmp(&w.build());
+    let f = GgufFile::open(&path).unwrap();
+    let e = f.stored(name, &shape, "test").err().unwrap().to_string();
+    assert!(e.contains("attn_k_b") && e.contains("attn_v_b"), "{e}");
+}
+
 #[test]
 fn llama_tiny_gguf_config_and_tokenizer_match_the_checkpoint() {
     let gguf = Model::load(&fixture("llama-tiny/llama-tiny.gguf")).unwrap();

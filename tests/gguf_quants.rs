@@ -48,6 +48,7 @@ use edgemoe::model::int8::Int8Matrix;
 use edgemoe::model::weights::LinearWeight;
 use edgemoe::quant::{self, Method, QuantOptions};
 use edgemoe::Model;
+use std::sync::Arc;
 
 fn q8_0_moe() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -141,5 +142,114 @@ fn quantize_decodes_one_layer_at_a_time_and_matches_the_decoded_model() {
             _ => x.f32_rows() == y.f32_rows(),
         };
         assert!(same, "{}", x.name);
+    }
+}
+
+/// The issue-27 families as Q8_0 GGUFs (tools/gguf_families.py: `gguf`'s Q8_0, routers F32).
+/// Decoded (`load_f32`), every matrix is the F32 GGUF's (the checkpoint's own values) within
+/// Q8_0's rounding — half a step of its block's scale `max|x|/127`, plus the f16 scale's
+/// rounding (127 · 2⁻¹¹ of a step), bounded by 0.6 steps — in Hugging Face row order:
+/// Granite's permuted q/k rows put back, GPT-OSS's de-interleaved gate/up, DeepSeek's split
+/// kv_b (F32 halves beside Q8_0 matrices). A direct run holds each quantized matrix as int8
+/// rows equal to RTN of those decoded rows, and runs.
+#[test]
+fn family_q8_0_ggufs_decode_in_hugging_face_order() {
+    use edgemoe::engine::{BatchItem, Engine, Logits};
+    for name in [
+        "granitemoe-tiny",
+        "glm4moe-tiny",
+        "deepseekv3-tiny",
+        "gptoss-tiny",
+    ] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        let q8 = dir.join(format!("{name}.q8_0.gguf"));
+        let exact = Model::load_f32(&dir.join(format!("{name}.gguf"))).unwrap();
+        let decoded = Model::load_f32(&q8).unwrap();
+        let direct = Model::load(&q8).unwrap();
+        let (a, b, c) = (
+            decoded.weights.linears(),
+            exact.weights.linears(),
+            direct.weights.linears(),
+        );
+        assert_eq!((a.len(), a.len()), (b.len(), c.len()), "{name}");
+        let mut int8 = 0;
+        for ((a, b), c) in a.iter().zip(b).zip(c) {
+            assert_eq!((&a.name, &a.name), (&b.name, &c.name));
+            let (got, want) = (a.f32_rows().unwrap(), b.f32_rows().unwrap());
+            if a.in_features % 32 != 0 {
+                assert_eq!(got, want, "{name} {}: F32 in the file", a.name);
+            }
+            for (blk, (g, w)) in got.chunks(32).zip(want.chunks(32)).enumerate() {
+                let step = w.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                for (x, y) in g.iter().zip(w) {
+                    assert!(
+                        (x - y).abs() <= 0.6 * step,
+                        "{name} {} block {blk}: {x} vs {y} (step {step})",
+                        a.name
+                    );
+                }
+            }
+            match &c.weight {
+                LinearWeight::Int8WeightOnly(m) => {
+                    assert_eq!(m, &rtn(&got, a.out_features, a.in_features), "{}", a.name);
+                    int8 += 1;
+                }
+                _ => assert_eq!(c.f32_rows().unwrap(), got, "{name} {}", a.name),
+            }
+        }
+        assert!(
+            int8 > direct.config.num_experts,
+            "{name}: {int8} int8 matrices"
+        );
+        let engine = Engine::new(Arc::new(direct), 1).unwrap();
+        let mut cache = engine.new_cache();
+        let logits = engine
+            .forward(&mut [BatchItem {
+                tokens: &[1, 20, 300, 7],
+                cache: &mut cache,
+                logits: Logits::All,
+            }])
+            .unwrap();
+        assert!(logits[0].iter().all(|x| x.is_finite()), "{name}");
+    }
+}
+
+/// `quantize` from a family's Q8_0 GGUF, a layer at a time from the file's blocks, gives
+/// exactly what quantizing its fully decoded model gives (Granite's permuted q/k rows, GLM's
+/// and GPT-OSS's layouts included; DeepSeek's latent attention is refused by `quantize`).
+#[test]
+fn family_q8_0_ggufs_quantize_from_the_blocks() {
+    for name in ["granitemoe-tiny", "glm4moe-tiny", "gptoss-tiny"] {
+        let q8 = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name)
+            .join(format!("{name}.q8_0.gguf"));
+        let in_place = Model::load_in_place(&q8).unwrap();
+        let decoded = Model::load_f32(&q8).unwrap();
+        let opts = |m: &Model| QuantOptions {
+            threads: 2,
+            rotate: false,
+            ..QuantOptions::new(Method::Rtn, m)
+        };
+        let (o1, o2) = (opts(&in_place), opts(&decoded));
+        let (a, _) = quant::quantize(in_place, &[], 16, &o1, |_, _, _| {}).unwrap();
+        let (b, _) = quant::quantize(decoded, &[], 16, &o2, |_, _, _| {}).unwrap();
+        let mut int8 = 0;
+        for (x, y) in a.weights.linears().iter().zip(b.weights.linears()) {
+            let same = match (&x.weight, &y.weight) {
+                (
+                    LinearWeight::Int8(p) | LinearWeight::Int8WeightOnly(p),
+                    LinearWeight::Int8(q) | LinearWeight::Int8WeightOnly(q),
+                ) => {
+                    int8 += 1;
+                    p == q
+                }
+                _ => x.f32_rows() == y.f32_rows(),
+            };
+            assert!(same, "{name} {}", x.name);
+        }
+        assert!(int8 > a.config.num_experts, "{name}: {int8} int8 matrices");
     }
 }

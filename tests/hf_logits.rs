@@ -525,6 +525,56 @@ fn moe_ggufs_match_transformers() {
     }
 }
 
+/// The issue-27 families as llama.cpp lays them out in GGUF (tools/gguf_families.py, F32):
+/// granitemoe (q/k rows permuted, the four scalars; with a shared MLP, GraniteMoeShared),
+/// glm4moe (NextN-counting block_count, partial rotary, sigmoid groups, exp_probs_b),
+/// deepseek2 as V2 and V3 (kv_b_proj split into attn_k_b / attn_v_b, and the older whole
+/// attn_kv_b), gpt-oss (de-interleaved experts, sinks, windows, YaRN) — config equal to the
+/// checkpoint's and logits to transformers', prefill and token by token; the bf16
+/// GraniteMoeShared checkpoint also as a bf16 GGUF (its permuted q/k rows put back in 16
+/// bits). YaRN's f64 fields
+/// compare at f32: GGUF stores them as f32.
+#[test]
+fn family_ggufs_match_transformers() {
+    for (name, file) in [
+        ("granitemoe-tiny", "granitemoe-tiny.gguf"),
+        ("granitemoeshared-tiny", "granitemoeshared-tiny.gguf"),
+        ("granitemoeshared-tiny", "granitemoeshared-tiny.bf16.gguf"),
+        ("glm4moe-tiny", "glm4moe-tiny.gguf"),
+        ("deepseekv2-tiny", "deepseekv2-tiny.gguf"),
+        ("deepseekv2-tiny", "deepseekv2-tiny.kvb.gguf"),
+        ("deepseekv3-tiny", "deepseekv3-tiny.gguf"),
+        ("gptoss-tiny", "gptoss-tiny.gguf"),
+    ] {
+        let path = fixture(name).join(file);
+        let (gguf, hf) = (
+            Model::load(&path).unwrap(),
+            Model::load(&fixture(name)).unwrap(),
+        );
+        let comparable = |m: &Model| {
+            let mut c = ModelConfig {
+                eos_token_ids: vec![],
+                ..m.config.clone()
+            };
+            if let Some(y) = c.options.yarn.as_mut() {
+                let f32ed = |x: f64| f64::from(x as f32);
+                y.factor = f32ed(y.factor);
+                y.beta_fast = f32ed(y.beta_fast);
+                y.beta_slow = f32ed(y.beta_slow);
+                y.attention_factor = f32ed(y.attention_factor);
+                y.mscale_all_dim = f32ed(y.mscale_all_dim);
+            }
+            c
+        };
+        assert_eq!(
+            comparable(&gguf),
+            comparable(&hf),
+            "{file}: config from GGUF metadata"
+        );
+        check_loaded(name, gguf);
+    }
+}
+
 /// Several sequences in one batched step give the same logits as each alone (DeepSeek's latent
 /// attention and host routing, GPT-OSS's sinks and per-layer sliding windows too).
 #[test]

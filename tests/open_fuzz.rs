@@ -284,12 +284,17 @@ fn every_opener_survives_seeded_mutations() {
     write_emoe(&q, serde_json::json!({"method": "rtn"}), &tied).unwrap();
     let tied = std::fs::read(&tied).unwrap();
     let gguf = std::fs::read(fixture("llama-tiny/llama-tiny.gguf")).unwrap();
+    // The families whose GGUF configs and tensors have readers of their own.
+    let mla = std::fs::read(fixture("deepseekv2-tiny/deepseekv2-tiny.gguf")).unwrap();
+    let oss = std::fs::read(fixture("gptoss-tiny/gptoss-tiny.gguf")).unwrap();
     let st = std::fs::read(fixture("llama-tiny/model.safetensors")).unwrap();
 
     for (kind, good, seed) in [
         (Kind::Emoe, &emoe, 0x0e0e),
         (Kind::Emoe, &tied, 0x7e0e),
         (Kind::Gguf, &gguf, 0x6606),
+        (Kind::Gguf, &mla, 0xd5e2),
+        (Kind::Gguf, &oss, 0x0550),
         (Kind::Safetensors, &st, 0x5afe),
     ] {
         let n = 400;

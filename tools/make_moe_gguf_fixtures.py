@@ -14,6 +14,10 @@ q/k norms attn_q_norm / attn_k_norm; {arch}.expert_count, .expert_used_count,
 interleaved RoPE; the others use NeoX RoPE in llama.cpp and keep transformers' row order.
 tests/hf_logits.rs checks each against the fixture's reference.safetensors logits.
 
+The families of issue 27 (tools/gguf_families.py: granitemoe, granitemoeshared, glm4moe,
+deepseekv2, deepseekv3, gptoss) follow llama.cpp master's conversion modules as of 2026
+(DeepSeek's kv_b_proj split into attn_k_b / attn_v_b with key_length_mla; see that file).
+
 usage: python3 tools/make_moe_gguf_fixtures.py
 """
 import json
@@ -146,6 +150,8 @@ def main():
         convert(name, FIX / name / f"{name}.gguf")
     convert("qwen2moe-tiny", FIX / "qwen2moe-tiny" / "qwen2moe-tiny.q8_0.gguf",
             gguf.GGMLQuantizationType.Q8_0)
+    import gguf_families
+    gguf_families.main(add_tokenizer)
 
 
 if __name__ == "__main__":

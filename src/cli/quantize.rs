@@ -166,10 +166,6 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         Some(_) => crate::load_model(Some(&a.model))?,
         None => crate::model::Model::load_in_place(&a.model)?,
     };
-    // Before the calibration text is read and tokenized.
-    if let Some(why) = quant::unsupported(&model.config) {
-        anyhow::bail!(why);
-    }
     // The checkpoint's chat template travels with the store, so `serve` renders chats from it
     // (read before the long part, which a bad tokenizer_config.json must not waste).
     let template = match a.model.to_str().and_then(|s| s.strip_prefix("builtin:")) {

@@ -68,11 +68,13 @@ impl InputStats {
 }
 
 /// Which record a linear layer's input belongs to; `None` for inputs another layer records.
+/// Under latent attention q_a_proj (or q_proj) and kv_a_proj_with_mqa read the layer's input;
+/// q_b_proj and kv_b_proj have records of their own.
 pub fn stats_key(name: &str) -> Option<String> {
     let (prefix, last) = name.rsplit_once('.').unwrap_or(("", name));
     match last {
-        "q_proj" => Some(format!("{prefix}.qkv_in")),
-        "k_proj" | "v_proj" => None,
+        "q_proj" | "q_a_proj" => Some(format!("{prefix}.qkv_in")),
+        "k_proj" | "v_proj" | "kv_a_proj_with_mqa" => None,
         "w1" | "gate_proj" => Some(format!("{prefix}.gate_up_in")),
         "w3" | "up_proj" => None,
         _ => Some(name.to_string()),
@@ -83,7 +85,9 @@ pub fn stats_key(name: &str) -> Option<String> {
 pub fn input_key(name: &str) -> String {
     let (prefix, last) = name.rsplit_once('.').unwrap_or(("", name));
     match last {
-        "q_proj" | "k_proj" | "v_proj" => format!("{prefix}.qkv_in"),
+        "q_proj" | "k_proj" | "v_proj" | "q_a_proj" | "kv_a_proj_with_mqa" => {
+            format!("{prefix}.qkv_in")
+        }
         "w1" | "w3" | "gate_proj" | "up_proj" => format!("{prefix}.gate_up_in"),
         _ => name.to_string(),
     }

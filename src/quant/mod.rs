@@ -19,9 +19,9 @@ pub mod store;
 use crate::backend::cpu::int8::Int8Matrix;
 use crate::backend::cpu::prepare::prepare_linear;
 use crate::error::{Error, Result};
-use crate::model::config::{Activation, ModelConfig};
+use crate::model::config::Activation;
 use crate::model::int4::Int4Matrix;
-use crate::model::weights::{Ffn, Layer, Linear, LinearWeight};
+use crate::model::weights::{Attention, Ffn, Layer, Linear, LinearWeight};
 use crate::model::Model;
 use calibrate::{input_key, InputStats};
 use gptq::{gptq_factored, GptqOptions, HessianFactor};
@@ -208,9 +208,6 @@ pub fn quantize(
     opts: &QuantOptions,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<(Model, QuantSummary)> {
-    if let Some(why) = unsupported(&model.config) {
-        return Err(Error::invalid(why));
-    }
     let mut summary = QuantSummary {
         calib_tokens: calib.len(),
         ..Default::default()
@@ -268,11 +265,7 @@ pub fn quantize(
         .build()
         .map_err(|e| Error::invalid(format!("thread pool: {e}")))?;
     let pre_norm = model.config.pre_norm;
-    let heads = smooth::HeadLayout {
-        num_heads: model.config.num_heads,
-        num_kv_heads: model.config.num_kv_heads,
-        head_dim: model.config.head_dim,
-    };
+    let heads = smooth::HeadLayout::of(&model.config);
     let shape = (&heads, model.config.activation);
     let mut layers = std::mem::take(&mut model.weights.layers);
     let frame = Arc::new(model);
@@ -349,19 +342,6 @@ pub fn quantize(
     summary.phase_seconds = clock.phases;
     summary.peak_rss_bytes = crate::util::memory::peak_rss_bytes();
     Ok((model, summary))
-}
-
-/// Why `quantize` cannot take a model of `cfg`, or `None`. Multi-head latent attention feeds
-/// its projections from three different inputs (the layer's, the query and key latents), which
-/// the smoothing and rotation folds, written for q/k/v sharing one input, would get wrong.
-pub fn unsupported(cfg: &ModelConfig) -> Option<String> {
-    cfg.options.mla.is_some().then(|| {
-        format!(
-            "{}: quantizing multi-head latent attention is not supported yet \
-             (run the f32/bf16 checkpoint as it is)",
-            cfg.arch.hf_name()
-        )
-    })
 }
 
 /// A `--keep-f32` pattern that names no linear is a typo that would quietly quantize what the
@@ -466,14 +446,17 @@ impl PhaseClock {
     }
 }
 
-/// Every linear of a layer: attention, then the feed-forward block's.
+/// Every linear of a layer: attention, then the feed-forward block's. Linears that read one
+/// input come one after another (quantizing keeps one input's Hessian factor at a time).
 fn layer_linears(layer: &mut Layer) -> Vec<&mut Linear> {
-    let mut all: Vec<&mut Linear> = vec![
-        &mut layer.attn.q,
-        &mut layer.attn.k,
-        &mut layer.attn.v,
-        &mut layer.attn.o,
-    ];
+    let Attention {
+        q, k, v, o, latent, ..
+    } = &mut layer.attn;
+    let mut all: Vec<&mut Linear> = match latent.as_deref_mut().and_then(|l| l.q_a.as_mut()) {
+        // q_a_proj and kv_a_proj_with_mqa read the layer's input, q_b_proj the query latent.
+        Some((q_a, _)) => vec![q_a, k, q, v, o],
+        None => vec![q, k, v, o],
+    };
     match &mut layer.ffn {
         Ffn::Moe(b) => {
             all.push(&mut b.router);
@@ -489,6 +472,22 @@ fn layer_linears(layer: &mut Layer) -> Vec<&mut Linear> {
         Ffn::Plain(m) => all.extend([&mut m.fc1, &mut m.fc2]),
     }
     all
+}
+
+/// The attention linears that read the layer's normed input: q/k/v, or under latent attention
+/// q_a_proj (q_proj without a query latent) and kv_a_proj_with_mqa; q_b_proj and kv_b_proj
+/// read the latents' own norms.
+pub(crate) fn attn_input_linears(a: &mut Attention) -> Vec<&mut Linear> {
+    let Attention {
+        q, k, v, latent, ..
+    } = a;
+    match latent.as_deref_mut() {
+        Some(l) => match &mut l.q_a {
+            Some((q_a, _)) => vec![q_a, k],
+            None => vec![q, k],
+        },
+        None => vec![q, k, v],
+    }
 }
 
 /// The linears of a layer's feed-forward block that read its (normalized) input.
@@ -560,9 +559,9 @@ fn smooth_layer(
     stats: &mut HashMap<String, InputStats>,
     summary: &mut QuantSummary,
 ) {
-    // Attention input: q/k/v read the attention norm's output.
-    let a = &mut layer.attn;
-    let members = vec![&mut a.q, &mut a.k, &mut a.v];
+    // Attention input: q/k/v (latent attention: q_a/q and kv_a) read the attention norm's
+    // output.
+    let members = attn_input_linears(&mut layer.attn);
     smooth_normed(
         members,
         &mut layer.attn_norm,
@@ -571,6 +570,15 @@ fn smooth_layer(
         stats,
         summary,
     );
+    let a = &mut layer.attn;
+    // Latent attention's own norms each feed one linear alone (q_a_layernorm only q_b_proj,
+    // kv_a_layernorm only kv_b_proj, never the residual): 1/s folds into them exactly.
+    if let Some(l) = a.latent.as_deref_mut() {
+        if let Some((_, q_norm)) = &mut l.q_a {
+            smooth_normed(vec![&mut a.q], q_norm, true, opts, stats, summary);
+        }
+        smooth_normed(vec![&mut a.v], &mut l.kv_a_norm, true, opts, stats, summary);
+    }
     // o_proj's input, exactly through v_proj's output channels.
     if opts.fold_vo {
         if let Some(alpha) = smooth::fold_v_into_o(&mut a.v, &mut a.o, heads, stats, opts.alpha) {

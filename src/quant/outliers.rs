@@ -11,8 +11,7 @@ use crate::model::Model;
 pub fn inject(model: &mut Model, channels: &[usize], factor: f32) {
     for layer in &mut model.weights.layers {
         scale_norm(&mut layer.attn_norm, channels, factor);
-        let a = &mut layer.attn;
-        for lin in [&mut a.q, &mut a.k, &mut a.v] {
+        for lin in super::attn_input_linears(&mut layer.attn) {
             divide_columns(lin, channels, factor);
         }
         scale_norm(&mut layer.ffn_norm, channels, factor);

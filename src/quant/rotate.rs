@@ -203,10 +203,13 @@ pub struct ModelRotation {
     pub seed: u64,
     /// Online Hadamard block of the down-projections' input, where one applies.
     pub ffn_block: Option<usize>,
-    /// The head width when it is a power of two: each head's values (v_proj's output, o_proj's
-    /// input) are rotated by a Hadamard transform offline, exactly, since attention mixes value
-    /// vectors only across tokens.
+    /// The value width per head when it is a power of two: each head's values (v_proj's
+    /// output, o_proj's input) are rotated by a Hadamard transform offline, exactly, since
+    /// attention mixes value vectors only across tokens.
     pub head_block: Option<usize>,
+    /// Where the values sit among the value projection's outputs (kv_b_proj's under latent
+    /// attention).
+    pub heads: super::smooth::HeadLayout,
 }
 
 impl ModelRotation {
@@ -223,14 +226,16 @@ impl ModelRotation {
             .try_fold(usize::MAX, |acc, b| b.map(|b| acc.min(b)))
             .filter(|&b| b != usize::MAX)
             .filter(|_| cfg.options.clamped_swiglu.is_none());
+        let heads = super::smooth::HeadLayout::of(cfg);
         ModelRotation {
             residual: Rotation::random(cfg.hidden_size, seed),
             seed,
             ffn_block,
             // Not through a clamp of v (OLMoE's clip_qkv): it does not commute with a rotation.
-            head_block: (cfg.head_dim.is_power_of_two() && cfg.head_dim > 1)
-                .then_some(cfg.head_dim)
+            head_block: (heads.head_dim.is_power_of_two() && heads.head_dim > 1)
+                .then_some(heads.head_dim)
                 .filter(|_| cfg.clip_qkv.is_none()),
+            heads,
         }
     }
 
@@ -272,12 +277,13 @@ impl ModelRotation {
     pub fn rotate_layer(&self, index: usize, layer: &mut Layer) -> Result<()> {
         let r = &self.residual;
         let gamma = take_norm_weight(Some(&mut layer.attn_norm))?;
-        for lin in [&mut layer.attn.q, &mut layer.attn.k, &mut layer.attn.v] {
+        // Latent attention: q_b_proj and kv_b_proj read latents, not the residual stream.
+        for lin in super::attn_input_linears(&mut layer.attn) {
             rotate_reader(lin, &gamma, r)?;
         }
         rotate_writer(&mut layer.attn.o, r)?;
         if let Some(hd) = self.head_block {
-            rotate_heads(&mut layer.attn.v, &mut layer.attn.o, hd)?;
+            rotate_heads(&mut layer.attn.v, &mut layer.attn.o, &self.heads, hd)?;
         }
         let gamma = take_norm_weight(Some(&mut layer.ffn_norm))?;
         for lin in super::ffn_input_linears(&mut layer.ffn) {
@@ -339,10 +345,25 @@ fn rotate_writer(lin: &mut Linear, r: &Rotation) -> Result<()> {
     map_columns(lin, |c| r.apply(c))
 }
 
-/// `W_v ← blockdiag(H)·W_v` (each head's output channels, and the bias) and
+/// `W_v ← blockdiag(H)·W_v` (each head's value channels, and the bias) and
 /// `W_o ← W_o·blockdiag(H)` (rows `w ← H·w` per head; H is symmetric and its own inverse).
-fn rotate_heads(v: &mut Linear, o: &mut Linear, hd: usize) -> Result<()> {
-    map_columns(v, |c| hadamard_in_blocks(c, hd))?;
+fn rotate_heads(
+    v: &mut Linear,
+    o: &mut Linear,
+    heads: &super::smooth::HeadLayout,
+    hd: usize,
+) -> Result<()> {
+    if v.out_features != heads.num_kv_heads * heads.v_stride
+        || o.in_features != heads.num_heads * heads.head_dim
+    {
+        return Err(Error::invalid(format!(
+            "{}: {} outputs do not match the attention's heads",
+            v.name, v.out_features
+        )));
+    }
+    map_columns(v, |c| {
+        heads.for_each_head_values(c, |values| hadamard_in_blocks(values, hd))
+    })?;
     let (mut rows, packed) = rows_of(o)?;
     rows.chunks_exact_mut(o.in_features)
         .for_each(|r| hadamard_in_blocks(r, hd));

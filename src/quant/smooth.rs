@@ -182,11 +182,53 @@ pub fn smooth_group(
     Some((s, alpha))
 }
 
-/// Attention's shape, for the v → o fold.
+/// Attention's shape, for the v → o fold and the per-head value rotation.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HeadLayout {
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    /// Values per head (o_proj reads `num_heads × head_dim`).
     pub head_dim: usize,
+    /// Output channels of the value projection per KV head, and where its values start among
+    /// them: `head_dim` and 0 for v_proj; under latent attention kv_b_proj gives each head its
+    /// unrotated key part first, then its values.
+    pub v_stride: usize,
+    pub v_offset: usize,
+}
+
+impl HeadLayout {
+    pub fn of(cfg: &crate::model::config::ModelConfig) -> HeadLayout {
+        match cfg.options.mla {
+            Some(m) => HeadLayout {
+                num_heads: cfg.num_heads,
+                num_kv_heads: cfg.num_heads,
+                head_dim: m.v_head_dim,
+                v_stride: m.qk_nope_head_dim + m.v_head_dim,
+                v_offset: m.qk_nope_head_dim,
+            },
+            None => HeadLayout {
+                num_heads: cfg.num_heads,
+                num_kv_heads: cfg.num_kv_heads,
+                head_dim: cfg.head_dim,
+                v_stride: cfg.head_dim,
+                v_offset: 0,
+            },
+        }
+    }
+
+    /// The value projection's output channel holding KV channel `c` (`c < num_kv_heads ×
+    /// head_dim`).
+    pub fn v_channel(&self, c: usize) -> usize {
+        (c / self.head_dim) * self.v_stride + self.v_offset + c % self.head_dim
+    }
+
+    /// Applies `f` to each KV head's values within a vector over the value projection's outputs.
+    pub fn for_each_head_values(&self, col: &mut [f32], mut f: impl FnMut(&mut [f32])) {
+        for h in 0..self.num_kv_heads {
+            let start = h * self.v_stride + self.v_offset;
+            f(&mut col[start..start + self.head_dim]);
+        }
+    }
 }
 
 /// Smooths o_proj's input exactly through v_proj: attention mixes value rows linearly, so
@@ -206,8 +248,14 @@ pub fn fold_v_into_o(
         num_heads,
         num_kv_heads,
         head_dim,
+        v_stride,
+        ..
     } = *layout;
-    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 || o.in_features != num_heads * head_dim {
+    if num_kv_heads == 0
+        || num_heads % num_kv_heads != 0
+        || o.in_features != num_heads * head_dim
+        || v.out_features != num_kv_heads * v_stride
+    {
         return None;
     }
     let group = num_heads / num_kv_heads;
@@ -251,16 +299,40 @@ pub fn fold_v_into_o(
         }
     };
     let s_o = s_for(alpha);
-    let inv_kv: Vec<f32> = (0..kv_dim)
-        .map(|c| {
-            let j = (c / head_dim) * group * head_dim + c % head_dim;
-            1.0 / s_o[j]
-        })
-        .collect();
-    v.scale_output_channels(&inv_kv);
+    // v's other output channels (a latent attention's unrotated keys) keep their scale.
+    let mut inv_v = vec![1f32; v.out_features];
+    for c in 0..kv_dim {
+        let j = (c / head_dim) * group * head_dim + c % head_dim;
+        inv_v[layout.v_channel(c)] = 1.0 / s_o[j];
+    }
+    v.scale_output_channels(&inv_v);
     scale_columns(&mut [o], &s_o);
     if let Some(st) = stats.get_mut(&key) {
         rescale_stats(st, &s_o);
     }
     Some(alpha)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// kv_b_proj's rows per head are `[unrotated key | values]`: the value channels are the ones
+    /// after each head's key part, and `for_each_head_values` visits exactly those.
+    #[test]
+    fn latent_value_channels_skip_the_unrotated_keys() {
+        let l = HeadLayout {
+            num_heads: 2,
+            num_kv_heads: 2,
+            head_dim: 3,
+            v_stride: 5,
+            v_offset: 2,
+        };
+        let channels: Vec<usize> = (0..6).map(|c| l.v_channel(c)).collect();
+        assert_eq!(channels, [2, 3, 4, 7, 8, 9]);
+        let mut col: Vec<f32> = (0..10).map(|i| i as f32).collect();
+        let mut seen = Vec::new();
+        l.for_each_head_values(&mut col, |v| seen.extend_from_slice(v));
+        assert_eq!(seen, [2.0, 3.0, 4.0, 7.0, 8.0, 9.0]);
+    }
 }

@@ -1,6 +1,6 @@
 //! What a GGUF file says besides its tensors: the model config (from `{arch}.*` metadata,
 //! llama.cpp's key names, for `llama` — Mixtral when it has `llama.expert_count` —, `qwen2moe`,
-//! `qwen3moe` and `olmoe`) and the tokenizer (from `tokenizer.ggml.*`), rebuilt as a
+//! `qwen3moe` and `olmoe`; the other families in `families`) and the tokenizer (from `tokenizer.ggml.*`), rebuilt as a
 //! `tokenizers` tokenizer.json so it runs, and embeds in an .emoe, like a checkpoint's.
 
 use super::parse::Value;
@@ -11,11 +11,11 @@ use crate::model::tokenizer::Tokenizer;
 use serde_json::{json, Map};
 
 impl GgufFile {
-    fn key_error(&self, key: &str, reason: impl Into<String>) -> Error {
+    pub(super) fn key_error(&self, key: &str, reason: impl Into<String>) -> Error {
         Error::config(&self.path, key, reason)
     }
 
-    fn uint(&self, key: &str, default: Option<usize>) -> Result<usize> {
+    pub(super) fn uint(&self, key: &str, default: Option<usize>) -> Result<usize> {
         match self.get(key) {
             Some(v) => v
                 .as_u64()
@@ -30,14 +30,14 @@ impl GgufFile {
         }
     }
 
-    fn positive(&self, key: &str, default: Option<usize>) -> Result<usize> {
+    pub(super) fn positive(&self, key: &str, default: Option<usize>) -> Result<usize> {
         match self.uint(key, default)? {
             0 => Err(self.key_error(key, "must be positive")),
             v => Ok(v),
         }
     }
 
-    fn float(&self, key: &str, default: f32) -> Result<f32> {
+    pub(super) fn float(&self, key: &str, default: f32) -> Result<f32> {
         match self.get(key) {
             Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| {
                 self.key_error(key, format!("expected a number, got a {}", v.type_name()))
@@ -46,7 +46,7 @@ impl GgufFile {
         }
     }
 
-    fn token_id(&self, key: &str) -> Result<Option<u32>> {
+    pub(super) fn token_id(&self, key: &str) -> Result<Option<u32>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -57,7 +57,7 @@ impl GgufFile {
         }
     }
 
-    fn strings(&self, key: &str) -> Result<Option<Vec<&str>>> {
+    pub(super) fn strings(&self, key: &str) -> Result<Option<Vec<&str>>> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Array(items)) => items
@@ -72,7 +72,7 @@ impl GgufFile {
         }
     }
 
-    fn flag(&self, key: &str, default: bool) -> Result<bool> {
+    pub(super) fn flag(&self, key: &str, default: bool) -> Result<bool> {
         match self.get(key) {
             Some(v) => v.as_bool().ok_or_else(|| {
                 self.key_error(key, format!("expected a bool, got a {}", v.type_name()))
@@ -81,9 +81,35 @@ impl GgufFile {
         }
     }
 
+    /// The vocabulary's size: the token list's, else `{arch}.vocab_size`.
+    pub(super) fn vocab_size(&self) -> Result<usize> {
+        match self.strings("tokenizer.ggml.tokens")? {
+            Some(t) if !t.is_empty() => Ok(t.len()),
+            _ => self.positive(&format!("{}.vocab_size", self.architecture()), None),
+        }
+    }
+
+    /// The stop ids: end of sequence, then end of turn where it differs.
+    pub(super) fn eos_ids(&self) -> Result<Vec<u32>> {
+        let ids = [
+            self.token_id("tokenizer.ggml.eos_token_id")?,
+            self.token_id("tokenizer.ggml.eot_token_id")?,
+        ];
+        Ok(ids.into_iter().flatten().fold(Vec::new(), |mut v, id| {
+            if !v.contains(&id) {
+                v.push(id);
+            }
+            v
+        }))
+    }
+
     /// The model config the metadata describes: `general.architecture` `llama` (Mixtral when
-    /// `llama.expert_count` is set), `qwen2moe`, `qwen3moe` or `olmoe`.
+    /// `llama.expert_count` is set), `qwen2moe`, `qwen3moe` or `olmoe` here; `granitemoe`,
+    /// `glm4moe`, `deepseek2` and `gpt-oss` by `families`.
     pub fn config(&self) -> Result<ModelConfig> {
+        if let Some(cfg) = self.family_config()? {
+            return Ok(cfg);
+        }
         let name = self.architecture();
         let k = |s: &str| format!("{name}.{s}");
         let arch = match name {
@@ -96,7 +122,8 @@ impl GgufFile {
                 return Err(Error::UnknownArchitecture {
                     path: self.path.clone(),
                     name: format!(
-                        "{name} (GGUF general.architecture; supported: llama, qwen2moe, qwen3moe, olmoe)"
+                        "{name} (GGUF general.architecture; supported: llama, qwen2moe, qwen3moe, olmoe, \
+                         granitemoe, glm4moe, deepseek2, gpt-oss)"
                     ),
                 })
             }
@@ -136,23 +163,8 @@ impl GgufFile {
                 ));
             }
         }
-        let tokens = self.strings("tokenizer.ggml.tokens")?;
-        let vocab = match &tokens {
-            Some(t) if !t.is_empty() => t.len(),
-            _ => self.positive(&k("vocab_size"), None)?,
-        };
-        let eos: Vec<u32> = [
-            self.token_id("tokenizer.ggml.eos_token_id")?,
-            self.token_id("tokenizer.ggml.eot_token_id")?,
-        ]
-        .into_iter()
-        .flatten()
-        .fold(Vec::new(), |mut v, id| {
-            if !v.contains(&id) {
-                v.push(id);
-            }
-            v
-        });
+        let vocab = self.vocab_size()?;
+        let eos = self.eos_ids()?;
         let mut cfg = ModelConfig {
             vocab_size: vocab,
             num_heads: heads,

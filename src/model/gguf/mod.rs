@@ -12,14 +12,23 @@
 //! Q6_K, MXFP4) are handed to the loader as [`BlockMatrix`]es, still in the map: a direct run
 //! converts each to int8 at load, `quantize` decodes one at a time (see [`blocks`]); quantized
 //! vectors are dequantized to f32 on reading. llama.cpp's converter permutes the rows of a
-//! Llama's (and Mixtral's) q and k projections for ggml's interleaved RoPE; edgemoe's RoPE
-//! rotates halves as transformers does, so those rows are put back in Hugging Face order here.
-//! Qwen2-MoE, Qwen3-MoE and OLMoE use NeoX RoPE in llama.cpp and are stored unpermuted.
+//! Llama's (Mixtral's, Granite-MoE's) q and k projections for ggml's interleaved RoPE;
+//! edgemoe's RoPE rotates halves as transformers does, so those rows are put back in Hugging
+//! Face order here. Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4-MoE and GPT-OSS use NeoX RoPE in
+//! llama.cpp and are stored unpermuted; DeepSeek's rotated dims are interleaved in both.
+//! Names per architecture are [`names`]'s; DeepSeek's split `kv_b_proj` is joined by `mla`;
+//! configs are read by `llama` (Llama, Mixtral, Qwen, OLMoE) and `families` (Granite, GLM,
+//! DeepSeek, GPT-OSS).
 
 pub mod blocks;
+mod families;
 pub(crate) mod llama;
+mod mla;
+pub mod names;
 pub mod parse;
 pub(crate) mod types;
+
+pub use names::{gguf_expert, gguf_name, gguf_name_in};
 
 use crate::error::{Error, Result};
 use crate::model::buf::{Buf, HalfKind, Plain, SharedMap};
@@ -165,9 +174,11 @@ impl GgufFile {
         Buf::mapped(&self.map, info.start, n).unwrap_or_else(|| copy(self.bytes(info)).into())
     }
 
-    /// For a Llama's q/k projection (GGUF name), the head count its rows were permuted with.
+    /// For a Llama's (or Granite's) q/k projection (GGUF name), the head count its rows were
+    /// permuted with.
     fn rope_permuted_heads(&self, gguf_name: &str) -> Option<usize> {
-        if self.arch != "llama" {
+        // The converters that permute: LlamaModel and its Granite subclasses.
+        if !matches!(self.arch.as_str(), "llama" | "granitemoe") {
             return None;
         }
         let key = if gguf_name.ends_with(".attn_q.weight") || gguf_name.ends_with(".attn_q.bias") {
@@ -177,8 +188,9 @@ impl GgufFile {
         } else {
             return None;
         };
-        let heads = self.get(&format!("llama.{key}"));
-        let heads = heads.or_else(|| self.get("llama.attention.head_count"));
+        let arch = &self.arch;
+        let heads = self.get(&format!("{arch}.{key}"));
+        let heads = heads.or_else(|| self.get(&format!("{arch}.attention.head_count")));
         heads.and_then(Value::as_u64).map(|h| h as usize)
     }
 }
@@ -188,79 +200,6 @@ fn u16s(bytes: &[u8]) -> Vec<u16> {
         .chunks_exact(2)
         .map(|b| u16::from_le_bytes([b[0], b[1]]))
         .collect()
-}
-
-/// The GGUF name llama.cpp gives a Hugging Face tensor name (Llama, Mixtral, Qwen2/3-MoE,
-/// OLMoE), if it has one; experts are [`gguf_expert`]'s.
-pub fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let (layer, module, suffix) = layer_parts(hf)?;
-    let g = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "self_attn.q_norm" => "attn_q_norm",
-        "self_attn.k_norm" => "attn_k_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        // Routers (Qwen2/3-MoE and OLMoE; Mixtral) and Qwen2-MoE's shared expert.
-        "mlp.gate" | "block_sparse_moe.gate" => "ffn_gate_inp",
-        "mlp.shared_expert.gate_proj" => "ffn_gate_shexp",
-        "mlp.shared_expert.up_proj" => "ffn_up_shexp",
-        "mlp.shared_expert.down_proj" => "ffn_down_shexp",
-        "mlp.shared_expert_gate" => "ffn_gate_inp_shexp",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{suffix}"))
-}
-
-/// `model.layers.N.MODULE.SUFFIX` (SUFFIX `weight` or `bias`) split into its parts.
-fn layer_parts(hf: &str) -> Option<(&str, &str, &str)> {
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let (module, suffix) = rest.rsplit_once('.')?;
-    (suffix == "weight" || suffix == "bias").then_some((layer, module, suffix))
-}
-
-/// An expert's projection: the stacked tensor llama.cpp writes (`blk.N.ffn_gate_exps.weight`,
-/// `[n_expert, ...]`), the expert's index in it, and the per-expert name older Mixtral GGUFs
-/// used (`blk.N.ffn_gate.E.weight`).
-pub fn gguf_expert(hf: &str) -> Option<(String, usize, String)> {
-    let (layer, module, suffix) = layer_parts(hf)?;
-    if suffix != "weight" {
-        return None;
-    }
-    let rest = module
-        .strip_prefix("mlp.experts.")
-        .or_else(|| module.strip_prefix("block_sparse_moe.experts."))?;
-    let (expert, proj) = rest.split_once('.')?;
-    let expert: usize = expert.parse().ok()?;
-    let g = match proj {
-        "gate_proj" | "w1" => "ffn_gate",
-        "up_proj" | "w3" => "ffn_up",
-        "down_proj" | "w2" => "ffn_down",
-        _ => return None,
-    };
-    Some((
-        format!("blk.{layer}.{g}_exps.weight"),
-        expert,
-        format!("blk.{layer}.{g}.{expert}.weight"),
-    ))
 }
 
 /// Undoes llama.cpp's `permute` of a q/k projection: within each of `heads` heads, GGUF row
@@ -303,7 +242,7 @@ fn squeezed(shape: &[usize]) -> &[usize] {
 impl GgufFile {
     /// The GGUF tensor (and expert) behind Hugging Face name `hf`.
     fn locate(&self, hf: &str) -> Option<(String, Option<usize>)> {
-        if let Some(g) = gguf_name(hf) {
+        if let Some(g) = gguf_name_in(&self.arch, hf) {
             return self.info(&g).is_some().then_some((g, None));
         }
         let (stacked, e, legacy) = gguf_expert(hf)?;
@@ -316,7 +255,8 @@ impl GgufFile {
 
     /// `hf`'s bytes, checked against `shape`.
     fn view(&self, hf: &str, shape: &[usize], why: &str) -> Result<View> {
-        let missing = || match gguf_name(hf).or_else(|| gguf_expert(hf).map(|e| e.0)) {
+        let missing = || match gguf_name_in(&self.arch, hf).or_else(|| gguf_expert(hf).map(|e| e.0))
+        {
             Some(g) => self.error(format!("no tensor `{g}` (asked for as `{hf}`)")),
             None => Error::MissingTensor {
                 name: hf.to_string(),
@@ -359,10 +299,13 @@ impl GgufFile {
 
 impl TensorSource for GgufFile {
     fn has(&self, name: &str) -> bool {
-        self.locate(name).is_some()
+        self.locate(name).is_some() || self.split_kv_b(name).is_some()
     }
 
     fn stored(&self, name: &str, shape: &[usize], why: &str) -> Result<Stored> {
+        if let Some(joined) = self.joined_kv_b(name, shape, why)? {
+            return Ok(joined);
+        }
         let v = self.view(name, shape, why)?;
         let n: usize = v.shape.iter().product();
         let bytes = &self.map[v.start..v.end];
@@ -400,6 +343,10 @@ impl TensorSource for GgufFile {
     }
 
     fn blocks(&self, name: &str, shape: &[usize], why: &str) -> Result<Option<Arc<BlockMatrix>>> {
+        if self.split_kv_b(name).is_some() {
+            // Rebuilt by `stored` (quantized halves are decoded there).
+            return Ok(None);
+        }
         let v = self.view(name, shape, why)?;
         if !v.ty.is_dequantizable() || shape.len() != 2 {
             return Ok(None);
@@ -428,64 +375,6 @@ impl GgufFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_map_to_llama_cpp() {
-        let cases = [
-            ("model.embed_tokens.weight", Some("token_embd.weight")),
-            ("lm_head.weight", Some("output.weight")),
-            ("model.norm.weight", Some("output_norm.weight")),
-            (
-                "model.layers.12.self_attn.o_proj.weight",
-                Some("blk.12.attn_output.weight"),
-            ),
-            (
-                "model.layers.0.mlp.up_proj.weight",
-                Some("blk.0.ffn_up.weight"),
-            ),
-            (
-                "model.layers.3.post_attention_layernorm.weight",
-                Some("blk.3.ffn_norm.weight"),
-            ),
-            ("model.layers.0.self_attn.q_proj.qweight", None),
-            ("model.layers.x.mlp.up_proj.weight", None),
-            (
-                "model.layers.0.block_sparse_moe.gate.weight",
-                Some("blk.0.ffn_gate_inp.weight"),
-            ),
-            (
-                "model.layers.2.mlp.gate.weight",
-                Some("blk.2.ffn_gate_inp.weight"),
-            ),
-            (
-                "model.layers.1.mlp.shared_expert_gate.weight",
-                Some("blk.1.ffn_gate_inp_shexp.weight"),
-            ),
-            (
-                "model.layers.1.mlp.shared_expert.down_proj.weight",
-                Some("blk.1.ffn_down_shexp.weight"),
-            ),
-            (
-                "model.layers.0.self_attn.k_norm.weight",
-                Some("blk.0.attn_k_norm.weight"),
-            ),
-            ("model.layers.0.mlp.experts.3.up_proj.weight", None),
-        ];
-        for (hf, want) in cases {
-            assert_eq!(gguf_name(hf).as_deref(), want, "{hf}");
-        }
-        let (stacked, e, legacy) =
-            gguf_expert("model.layers.4.block_sparse_moe.experts.7.w2.weight").unwrap();
-        assert_eq!(
-            (stacked.as_str(), e, legacy.as_str()),
-            ("blk.4.ffn_down_exps.weight", 7, "blk.4.ffn_down.7.weight")
-        );
-        let (stacked, e, _) =
-            gguf_expert("model.layers.0.mlp.experts.12.gate_proj.weight").unwrap();
-        assert_eq!((stacked.as_str(), e), ("blk.0.ffn_gate_exps.weight", 12));
-        assert!(gguf_expert("model.layers.0.mlp.experts.1.gate_proj.bias").is_none());
-        assert!(gguf_expert("model.layers.0.mlp.experts.x.gate_proj.weight").is_none());
-    }
 
     /// llama.cpp's permute (reshape to [heads, 2, hd/2], swap the last two) then ours is the
     /// identity.
