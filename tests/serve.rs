@@ -305,3 +305,105 @@ fn chunked_prefill_and_messages_match_generate() {
     let chat_prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nThou shalt<|im_end|>\n<|im_start|>assistant\n";
     assert_eq!(text("chat"), generate(chat_prompt, 10, 0.0, 0));
 }
+
+/// `chat_template_kwargs` reach the template: Qwen3's real template with
+/// `{"enable_thinking": false}` renders transformers' prompt for that (an empty think block),
+/// and without it the plain one (both from tests/fixtures/chat/qwen3.json); a kwarg that is not
+/// an object, an unknown `reasoning_effort` and one given twice are refused by name.
+#[test]
+fn chat_template_kwargs_reach_the_template() {
+    let chat = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat");
+    let fixture: Value =
+        serde_json::from_slice(&std::fs::read(chat.join("qwen3.json")).unwrap()).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    let find = |kwargs: Value| {
+        cases
+            .iter()
+            .find(|c| {
+                c["add_generation_prompt"] == json!(true)
+                    && c["messages"].as_array().unwrap().len() == 4
+                    && c["tools"].is_null()
+                    && c["kwargs"] == kwargs
+            })
+            .unwrap()
+    };
+    let (plain, no_think) = (find(Value::Null), find(json!({"enable_thinking": false})));
+    assert_ne!(plain["expected"], no_think["expected"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+        .args(["serve", "--threads", "2", "--model"])
+        .arg(model_dir())
+        .arg("--chat-template")
+        .arg(chat.join("qwen3.jinja"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let messages = &plain["messages"];
+    let lines = [
+        json!({"id": "plain", "messages": messages, "max_tokens": 8, "temperature": 0}),
+        json!({"id": "nothink", "messages": messages, "max_tokens": 8, "temperature": 0,
+               "chat_template_kwargs": {"enable_thinking": false}}),
+        json!({"id": "notobj", "messages": messages, "chat_template_kwargs": [1]}),
+        json!({"id": "effort", "messages": messages, "reasoning_effort": "extreme"}),
+        json!({"id": "twice", "messages": messages, "reasoning_effort": "low",
+               "chat_template_kwargs": {"reasoning_effort": "high"}}),
+        json!({"id": "reserved", "messages": messages, "chat_template_kwargs": {"messages": []}}),
+    ];
+    for l in &lines {
+        writeln!(stdin, "{l}").unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let mut got: HashMap<String, Value> = HashMap::new();
+    for l in String::from_utf8(out.stdout).unwrap().lines().skip(1) {
+        let v: Value = serde_json::from_str(l).unwrap();
+        got.insert(v["id"].as_str().unwrap().to_string(), v);
+    }
+    let error = |id: &str| {
+        got[id]["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(error("notobj").contains("`chat_template_kwargs` must be an object"));
+    assert!(error("effort").contains("`reasoning_effort`"));
+    assert!(error("twice").contains("not both"));
+    assert!(
+        error("reserved").contains("`messages`"),
+        "{}",
+        error("reserved")
+    );
+    for (id, case) in [("plain", plain), ("nothink", no_think)] {
+        let prompt: &'static str = Box::leak(
+            case["expected"]
+                .as_str()
+                .unwrap()
+                .to_string()
+                .into_boxed_str(),
+        );
+        let want = generate_text(&Req {
+            id: "x",
+            prompt,
+            max_tokens: 8,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            stop: vec![],
+        });
+        assert_eq!(
+            got[id]["choices"][0]["text"].as_str().unwrap(),
+            want,
+            "{id}"
+        );
+        let n = got[id]["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert!(n > 10, "{id}: {n} prompt tokens");
+    }
+    assert!(
+        got["nothink"]["usage"]["prompt_tokens"].as_u64()
+            > got["plain"]["usage"]["prompt_tokens"].as_u64()
+    );
+}

@@ -166,6 +166,12 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         Some(_) => crate::load_model(Some(&a.model))?,
         None => crate::model::Model::load_in_place(&a.model)?,
     };
+    // The checkpoint's chat template travels with the store, so `serve` renders chats from it
+    // (read before the long part, which a bad tokenizer_config.json must not waste).
+    let template = match a.model.to_str().and_then(|s| s.strip_prefix("builtin:")) {
+        Some(_) => None,
+        None => crate::serve::chat::ChatTemplate::source_for_model(&a.model)?,
+    };
     let mut opts = QuantOptions::new(a.method, &model);
     opts.act_order = a.act_order;
     if !(a.damp.is_finite() && a.damp > 0.0 && a.damp <= 10.0) {
@@ -233,7 +239,7 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
         recorded.alphas.clear(); // all equal to the fixed α in the options
     }
     let meta = serde_json::json!({"method": a.method, "options": opts, "summary": recorded});
-    let written = quant::store::write_emoe(&model, meta, &a.out)?;
+    let written = quant::store::write_emoe_with_template(&model, meta, &a.out, template)?;
     println!(
         "quantized {} with {} in {:.1} s → {} ({:.1} MB)",
         a.model.display(),

@@ -111,10 +111,16 @@ fn norm_tensors(norm: &Norm) -> Vec<TensorData<'_>> {
     }
 }
 
-pub fn write_emoe<'a>(
+pub fn write_emoe(model: &Model, quant: serde_json::Value, path: &Path) -> Result<WriteSummary> {
+    write_emoe_with_template(model, quant, path, None)
+}
+
+/// [`write_emoe`], keeping `chat_template` (the source model's) in the header.
+pub fn write_emoe_with_template<'a>(
     model: &'a Model,
     quant: serde_json::Value,
     path: &Path,
+    chat_template: Option<String>,
 ) -> Result<WriteSummary> {
     let tokenizer_json = match &model.tokenizer {
         Tokenizer::Hf(t) => t
@@ -124,6 +130,7 @@ pub fn write_emoe<'a>(
         Tokenizer::Bytes => String::new(),
     };
     let mut w = EmoeWriter::new(&model.config, tokenizer_json, quant);
+    w.set_chat_template(chat_template);
     let weights = &model.weights;
     let mut add = |ts: Vec<TensorData<'a>>| ts.into_iter().for_each(|t| w.add_tensor(t));
     add(linear_tensors(&weights.embed));

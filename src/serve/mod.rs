@@ -63,8 +63,15 @@ pub fn prepare(
                 ));
             };
             (
-                t.render(m, true)
-                    .map_err(|e| ("invalid_prompt", e.to_string()))?,
+                t.render_with(
+                    m,
+                    true,
+                    chat::ChatInputs {
+                        kwargs: Some(&*req.template_vars),
+                        ..Default::default()
+                    },
+                )
+                .map_err(|e| ("invalid_prompt", e.to_string()))?,
                 false,
             )
         }

@@ -52,6 +52,9 @@ pub struct Request {
     pub n: usize,
     /// The request's own KV budget and policy (`kv_budget`, `kv_policy`).
     pub kv: super::kv::RequestKv,
+    /// Variables for the chat template (`chat_template_kwargs`, and `reasoning_effort` as
+    /// GPT-OSS's template reads it): e.g. `{"enable_thinking": false}` for Qwen3 and GLM.
+    pub template_vars: Box<Map<String, Value>>,
 }
 
 impl Request {
@@ -213,6 +216,8 @@ const CHAT_FIELDS: &[&str] = &[
     "functions",
     "function_call",
     "response_format",
+    "chat_template_kwargs",
+    "reasoning_effort",
 ];
 
 /// Refuses any field not in `allowed`, naming it (a misspelt `temperatur` must not silently
@@ -344,6 +349,13 @@ pub fn parse_request(obj: &Map<String, Value>, api: Api) -> Result<Request, Fiel
         }
     };
     let kv = super::kv::parse(obj)?;
+    let template_vars = template_vars(obj)?;
+    if !chat && !template_vars.is_empty() {
+        return Err((
+            "invalid_value",
+            "`chat_template_kwargs` and `reasoning_effort` apply to chats only".into(),
+        ));
+    }
     Ok(Request {
         input,
         stream,
@@ -360,7 +372,50 @@ pub fn parse_request(obj: &Map<String, Value>, api: Api) -> Result<Request, Fiel
         penalties,
         n,
         kv,
+        template_vars: Box::new(template_vars),
     })
+}
+
+/// `chat_template_kwargs` (an object of template variables, as vLLM takes it) plus
+/// `reasoning_effort` (OpenAI's field, given to the template under that name).
+fn template_vars(obj: &Map<String, Value>) -> Result<Map<String, Value>, FieldError> {
+    let mut vars = match obj.get("chat_template_kwargs") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(o)) => o.clone(),
+        Some(other) => {
+            return Err((
+                "invalid_type",
+                format!(
+                    "`chat_template_kwargs` must be an object, got {}",
+                    type_name(other)
+                ),
+            ))
+        }
+    };
+    check_size(
+        "chat_template_kwargs",
+        Value::Object(vars.clone()).to_string().len(),
+    )?;
+    match obj.get("reasoning_effort") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(e)) if ["minimal", "low", "medium", "high"].contains(&e.as_str()) => {
+            if vars.contains_key("reasoning_effort") {
+                return Err((
+                    "invalid_value",
+                    "give `reasoning_effort` or `chat_template_kwargs.reasoning_effort`, not both"
+                        .into(),
+                ));
+            }
+            vars.insert("reasoning_effort".into(), Value::String(e.clone()));
+        }
+        Some(other) => {
+            return Err((
+                "invalid_value",
+                format!("`reasoning_effort` must be \"minimal\", \"low\", \"medium\" or \"high\", got {other}"),
+            ))
+        }
+    }
+    Ok(vars)
 }
 
 /// OpenAI fields edgemoe reads but does not implement: their neutral values pass, any other is
@@ -775,6 +830,26 @@ mod tests {
         assert_eq!(
             ok.max_tokens, None,
             "chat runs to the end of the context by default"
+        );
+        assert!(ok.template_vars.is_empty());
+        let vars = chat(
+            json!({"chat_template_kwargs": {"enable_thinking": false, "x": [1]},
+                               "reasoning_effort": "high"}),
+        )
+        .unwrap()
+        .template_vars;
+        assert_eq!(
+            Value::Object(*vars),
+            json!({"enable_thinking": false, "x": [1], "reasoning_effort": "high"})
+        );
+        let (code, msg) = http(
+            Api::Lines,
+            json!({"prompt": "x", "chat_template_kwargs": {"enable_thinking": true}}),
+        )
+        .unwrap_err();
+        assert!(
+            code == "invalid_value" && msg.contains("chats only"),
+            "{msg}"
         );
         assert_eq!(chat(json!({"n": 3})).unwrap().n, 3);
         for bad in [0, 17] {

@@ -63,6 +63,10 @@ pub struct DataRegion {
 pub(super) struct HeaderJson<'a> {
     pub config: Cow<'a, ModelConfig>,
     pub tokenizer_json: Cow<'a, str>,
+    /// The checkpoint's chat template (absent in files written before it was kept, or for
+    /// models without one); optional, so every version reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<Cow<'a, str>>,
     pub quant: Cow<'a, Value>,
     pub data: DataRegion,
     pub tensors: Vec<TensorEntry>,
@@ -78,6 +82,7 @@ pub struct Header {
     pub header_len: u64,
     pub config: ModelConfig,
     pub tokenizer_json: String,
+    pub chat_template: Option<String>,
     pub quant: Value,
     pub data: DataRegion,
     pub tensors: Vec<TensorEntry>,
@@ -158,6 +163,7 @@ pub fn parse_header(file: &[u8]) -> Result<Header, String> {
         header_len,
         config: raw.config.into_owned(),
         tokenizer_json: raw.tokenizer_json.into_owned(),
+        chat_template: raw.chat_template.map(Cow::into_owned),
         quant: raw.quant.into_owned(),
         data: raw.data,
         tensors: raw.tensors,

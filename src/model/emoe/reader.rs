@@ -121,6 +121,11 @@ impl EmoeFile {
         &self.header.tokenizer_json
     }
 
+    /// The chat template the store was written with, if any.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.header.chat_template.as_deref()
+    }
+
     pub fn quant(&self) -> &serde_json::Value {
         &self.header.quant
     }

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 pub struct EmoeWriter<'a> {
     config: ModelConfig,
     tokenizer_json: String,
+    chat_template: Option<String>,
     quant: Value,
     tensors: Vec<TensorData<'a>>,
     blocks: Vec<PendingBlock<'a>>,
@@ -66,10 +67,16 @@ impl<'a> EmoeWriter<'a> {
         EmoeWriter {
             config: config.clone(),
             tokenizer_json,
+            chat_template: None,
             quant,
             tensors: Vec::new(),
             blocks: Vec::new(),
         }
+    }
+
+    /// Keeps the checkpoint's chat template in the header, so a served store renders chats.
+    pub fn set_chat_template(&mut self, template: Option<String>) {
+        self.chat_template = template;
     }
 
     /// A non-expert tensor (embeddings, attention, norms, router, head, …).
@@ -226,6 +233,7 @@ impl<'a> EmoeWriter<'a> {
         serde_json::to_vec(&HeaderJson {
             config: Cow::Borrowed(&self.config),
             tokenizer_json: Cow::Borrowed(&self.tokenizer_json),
+            chat_template: self.chat_template.as_deref().map(Cow::Borrowed),
             quant: Cow::Borrowed(&self.quant),
             data: DataRegion {
                 offset: data_start,
