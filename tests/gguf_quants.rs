@@ -221,7 +221,12 @@ fn family_q8_0_ggufs_decode_in_hugging_face_order() {
 /// and GPT-OSS's layouts and DeepSeek's split `kv_b` included).
 #[test]
 fn family_q8_0_ggufs_quantize_from_the_blocks() {
-    for name in ["granitemoe-tiny", "glm4moe-tiny", "gptoss-tiny", "deepseekv3-tiny"] {
+    for name in [
+        "granitemoe-tiny",
+        "glm4moe-tiny",
+        "gptoss-tiny",
+        "deepseekv3-tiny",
+    ] {
         let q8 = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")
             .join(name)
