@@ -62,15 +62,19 @@ texts = ["tune-kjv", "tune-code", "tune-docs"]
 by = {(r["variant"], r["text"]): r for r in rows}
 base = "base" if any(r["variant"] == "base" for r in rows) else variants[0]
 print("| variant | " + " | ".join(f"{t} KL" for t in texts)
-      + " | KL mean (millinats) | Δppl mean | bytes vs base |")
-print("|" + " --- |" * (len(texts) + 4))
+      + " | KL mean (millinats) | KL vs base | Δppl mean | bytes vs base |")
+print("|" + " --- |" * (len(texts) + 5))
+def mean_kl(v):
+    return sum(by[(v, t)]["against_reference"]["kl_mean"] * 1000 for t in texts) / len(texts)
+have_base = all((base, t) in by for t in texts)
 for v in variants:
     got = [by[(v, t)] for t in texts if (v, t) in by]
     if len(got) < len(texts):
         continue
     kl = [g["against_reference"]["kl_mean"] * 1000 for g in got]
     dp = [(g["ppl"] / g["against_reference"]["reference_ppl"] - 1) * 100 for g in got]
-    extra = (got[0]["bytes"] - by[(base, texts[0])]["bytes"]) / 2**20 if (base, texts[0]) in by else 0
+    extra = (got[0]["bytes"] - by[(base, texts[0])]["bytes"]) / 2**20 if have_base else 0
+    rel = (mean_kl(v) / mean_kl(base) - 1) * 100 if have_base else 0
     print(f"| {v} | " + " | ".join(f"{k:.2f}" for k in kl)
-          + f" | {sum(kl) / len(kl):.2f} | {sum(dp) / len(dp):+.2f}% | {extra:+.1f} MiB |")
+          + f" | {sum(kl) / len(kl):.2f} | {rel:+.0f}% | {sum(dp) / len(dp):+.2f}% | {extra:+.1f} MiB |")
 PY
