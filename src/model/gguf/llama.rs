@@ -4,6 +4,7 @@
 //! `tokenizers` tokenizer.json so it runs, and embeds in an .emoe, like a checkpoint's.
 
 use super::parse::Value;
+use super::pretok;
 use super::GgufFile;
 use crate::error::{Error, Result};
 use crate::model::config::{Architecture, FfnKind, ModelConfig, QkNorm};
@@ -311,25 +312,17 @@ impl GgufFile {
                        "rstrip": false, "normalized": false, "special": ty == 3})
             })
             .collect();
-        let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
         let pre = self.get("tokenizer.ggml.pre").and_then(Value::as_str);
-        let pre_tokenizer = match pre {
-            None | Some("default") | Some("gpt2") => byte_level(true),
-            // llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM: digits one by one, then GPT-2's split.
-            Some("smollm") => json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-            Some("llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" | "falcon3") => {
-                json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
-                    byte_level(false)]})
-            }
-            Some(other) => {
-                return Err(self.key_error(
-                    "tokenizer.ggml.pre",
-                    format!("pre-tokenizer `{other}` is not supported yet (supported: default, gpt2, smollm, llama-bpe)"),
-                ))
-            }
-        };
+        let (normalizer, pre_tokenizer) = pretok::pre_tokenizer(pre).ok_or_else(|| {
+            self.key_error(
+                "tokenizer.ggml.pre",
+                format!(
+                    "pre-tokenizer `{}` is not supported yet (supported: {})",
+                    pre.unwrap_or_default(),
+                    pretok::SUPPORTED
+                ),
+            )
+        })?;
         let add_bos = self
             .get("tokenizer.ggml.add_bos_token")
             .and_then(Value::as_bool)
@@ -355,7 +348,7 @@ impl GgufFile {
             "truncation": null,
             "padding": null,
             "added_tokens": added,
-            "normalizer": null,
+            "normalizer": normalizer,
             "pre_tokenizer": pre_tokenizer,
             "post_processor": post_processor,
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
@@ -367,9 +360,6 @@ impl GgufFile {
         Ok(tok.to_string())
     }
 }
-
-/// Llama 3's split (llama.cpp's LLAMA_VOCAB_PRE_TYPE_LLAMA3).
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GPT-2's byte → character table: printable bytes stand for themselves, the rest map to
 /// U+0100 onwards in byte order.

@@ -26,6 +26,7 @@ pub(crate) mod llama;
 mod mla;
 pub mod names;
 pub mod parse;
+mod pretok;
 pub(crate) mod types;
 
 pub use names::{gguf_expert, gguf_name, gguf_name_in};

@@ -1,0 +1,63 @@
+//! GGUF `tokenizer.ggml.pre` names: the tokenizer edgemoe rebuilds from a GGUF gives, for each
+//! name llama.cpp's converter writes for the MoE families (qwen2, deepseek-llm, deepseek-v3,
+//! gpt-4o, glm4, olmo, refact, with gpt2, smollm and llama-bpe), the ids Hugging Face
+//! `tokenizers` gives with the real checkpoints' normalizer and pre_tokenizer JSON. Fixtures
+//! (one small BPE trained across word, digit and script boundaries, so each split shows in the
+//! ids) from tools/make_pretok_fixtures.py; no Python at test time.
+
+use edgemoe::model::gguf::GgufFile;
+use std::path::{Path, PathBuf};
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pretok")
+}
+
+fn reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(dir().join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn each_pre_name_gives_the_checkpoints_ids() {
+    let r = reference();
+    let texts: Vec<&str> = r["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let ids = r["ids"].as_object().unwrap();
+    assert_eq!(ids.len(), 10);
+    for (name, want) in ids {
+        let f = GgufFile::open(&dir().join(format!("{name}.gguf"))).unwrap();
+        let tok = f.tokenizer().unwrap_or_else(|e| panic!("{name}: {e}"));
+        for (text, want) in texts.iter().zip(want.as_array().unwrap()) {
+            let want: Vec<u32> = want
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let got = tok.encode(text, false).unwrap();
+            assert_eq!(got, want, "pre `{name}` on {text:?}");
+            // Byte-level throughout: decoding gives the (normalized) text back.
+            if !matches!(name.as_str(), "qwen2" | "olmo") {
+                assert_eq!(tok.decode(&got), *text, "pre `{name}`");
+            }
+        }
+    }
+}
+
+/// The names a converter writes for the same split agree; the test above covers one of each.
+#[test]
+fn aliases_rebuild_the_same_tokenizer() {
+    let json = |name: &str| {
+        let f = GgufFile::open(&dir().join(format!("{name}.gguf"))).unwrap();
+        let tj: serde_json::Value = serde_json::from_str(&f.tokenizer_json().unwrap()).unwrap();
+        (tj["normalizer"].clone(), tj["pre_tokenizer"].clone())
+    };
+    assert_eq!(json("glm4"), json("llama-bpe"));
+    assert_eq!(json("refact"), json("smollm"));
+    assert_ne!(json("qwen2"), json("llama-bpe"));
+    assert_ne!(json("olmo"), json("gpt2"));
+}
