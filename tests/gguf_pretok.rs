@@ -61,3 +61,33 @@ fn aliases_rebuild_the_same_tokenizer() {
     assert_ne!(json("qwen2"), json("llama-bpe"));
     assert_ne!(json("olmo"), json("gpt2"));
 }
+
+/// A name we do not know is refused by name, with the list we do.
+#[test]
+fn an_unknown_pre_name_is_one_clear_error() {
+    let mut bytes = std::fs::read(dir().join("gpt2.gguf")).unwrap();
+    // The key, its string type (8) and length (4), then the value: `gpt2` → `tekn`.
+    let key = b"tokenizer.ggml.pre";
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("the pre key")
+        + key.len()
+        + 4
+        + 8;
+    assert_eq!(&bytes[at..at + 4], b"gpt2");
+    bytes[at..at + 4].copy_from_slice(b"tekn");
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tekn.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let f = GgufFile::open(&path).unwrap();
+    let err = f.tokenizer().err().expect("refused").to_string();
+    assert!(
+        err.contains("pre-tokenizer `tekn` is not supported"),
+        "{err}"
+    );
+    assert!(
+        err.contains("tokenizer.ggml.pre") && err.contains("deepseek-v3"),
+        "{err}"
+    );
+}

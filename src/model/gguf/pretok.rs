@@ -47,9 +47,9 @@ pub(crate) fn pre_tokenizer(name: Option<&str>) -> Option<(Value, Value)> {
                 {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
         ),
         // Llama 3's (and GLM-4.5's, which ships the same split).
-        Some(
-            "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" | "falcon3" | "glm4",
-        ) => (Value::Null, split(&[LLAMA3_SPLIT], false)),
+        Some("llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" | "falcon3" | "glm4") => {
+            (Value::Null, split(&[LLAMA3_SPLIT], false))
+        }
         // Qwen2/Qwen3 (and their MoEs): digits one at a time, NFC first.
         Some("qwen2") => (nfc, split(&[QWEN2_SPLIT], false)),
         // DeepSeek LLM and DeepSeek-V2: five splits, then digits one by one.
