@@ -91,3 +91,36 @@ fn an_unknown_pre_name_is_one_clear_error() {
         "{err}"
     );
 }
+
+/// A SentencePiece vocabulary (`tokenizer.ggml.model` = `llama`, Mixtral's): llama.cpp's
+/// algorithm's ids (the best-scoring adjacent pair joined first, bytes for what the vocabulary
+/// lacks), BOS first by default, and decoding gives the text back.
+#[test]
+fn sentencepiece_vocab_gives_llama_cpps_ids() {
+    let r = reference();
+    let spm = &r["spm"];
+    let f = GgufFile::open(&dir().join("llama-spm.gguf")).unwrap();
+    let tok = f.tokenizer().unwrap();
+    let bos = spm["bos"].as_u64().unwrap() as u32;
+    let texts = spm["texts"].as_array().unwrap();
+    let ids = spm["ids"].as_array().unwrap();
+    let mut bytes_used = false;
+    for (text, want) in texts.iter().zip(ids) {
+        let text = text.as_str().unwrap();
+        let want: Vec<u32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = tok.encode(text, false).unwrap();
+        assert_eq!(got, want, "{text:?}");
+        assert_eq!(tok.decode(&got), text);
+        let with_bos = tok.encode(text, true).unwrap();
+        assert_eq!((with_bos[0], &with_bos[1..]), (bos, &want[..]));
+        bytes_used |= got
+            .iter()
+            .any(|&i| tok.token_text(i).is_some_and(|t| t.starts_with("<0x")));
+    }
+    assert!(bytes_used, "no text fell back to byte tokens");
+}

@@ -3,6 +3,8 @@
 
   tests/fixtures/pretok/NAME.gguf       a vocab-only GGUF: one small byte-level BPE (trained
                                         here), `tokenizer.ggml.pre` = NAME
+  tests/fixtures/pretok/llama-spm.gguf  a SentencePiece BPE vocabulary (`tokenizer.ggml.model` =
+                                        llama, as Mixtral's): pieces, scores, byte tokens
   tests/fixtures/pretok/reference.json  per NAME, the ids Hugging Face `tokenizers` gives the
                                         texts below with that BPE and the normalizer and
                                         pre_tokenizer JSON of the real checkpoints llama.cpp's
@@ -12,7 +14,8 @@ The reference JSON below is each checkpoint's own tokenizer.json section (the mo
 it), not edgemoe's mapping; the Rust test checks edgemoe's rebuilt tokenizer gives the same ids.
 The BPE is trained on whole lines, so its merges cross digit, space, punctuation and script
 boundaries: each pre-tokenizer's splits then change the ids (checked below: every two different
-configurations disagree on some text).
+configurations disagree on some text). The SentencePiece ids are llama.cpp's algorithm run here
+in scalar form, cross-checked against transformers' reading of the same GGUF.
 
 usage: /work/pyenv/bin/python tools/make_pretok_fixtures.py
 """
@@ -154,6 +157,110 @@ def write_gguf(path, name, vocab, merges):
     w.close()
 
 
+# --- SentencePiece BPE (`tokenizer.ggml.model` = llama: Llama 2, Mistral, Mixtral) ---
+
+SPM_CORPUS = [
+    "the quick brown fox jumps over the lazy dog and the cat",
+    "it's a test, isn't it? we'll see what they've done",
+    "hello world hello there the theory of everything",
+    "numbers 123 456 and 2024 in the text",
+    "café naïve résumé über straße",
+]
+SPM_TEXTS = [
+    "Hello world, the quick brown fox!",
+    "  two leading spaces and  double   gaps",
+    " one leading space",
+    "line one\nline two\n\n\ttab",
+    "numbers 12345 and 2024 and 3.14",
+    "emoji 🚀🦙 and CJK 我想在apple工作 fall back to bytes",
+    "café naïve über Ωmega",
+    "it's isn't they've we'll",
+    "trailing space ",
+]
+
+
+def spm_vocab():
+    """A SentencePiece-shaped vocabulary: <unk> <s> </s>, the 256 byte tokens, then pieces with
+    SentencePiece BPE's scores (minus the merge step that made them; single characters last)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=300, min_frequency=1, show_progress=False)
+    tok.train_from_iterator(SPM_CORPUS * 3, trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    made = {m.replace(" ", ""): k for k, m in enumerate(merges)}
+    pieces = sorted(model["vocab"], key=model["vocab"].get)
+    tokens = ["<unk>", "<s>", "</s>"] + ["<0x%02X>" % b for b in range(256)]
+    scores = [0.0] * len(tokens)
+    types = [2, 3, 3] + [6] * 256
+    singles = [p for p in pieces if p not in made]
+
+    def score(p):
+        return -float(made[p]) if p in made else -float(len(merges) + singles.index(p))
+
+    for p in sorted(pieces, key=score, reverse=True):
+        tokens.append(p)
+        scores.append(score(p))
+        types.append(1)
+    return tokens, scores, types
+
+
+def spm_llama_cpp(tokens, scores, text):
+    """llama.cpp's SentencePiece BPE (llm_tokenizer_spm), scalar: `▁` first and for spaces,
+    characters as symbols, repeatedly join the adjacent pair whose joined piece is in the vocabulary
+    with the best score (leftmost on ties), then bytes for what is not in the vocabulary."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    syms = list(("\u2581" + text).replace(" ", "\u2581"))
+    while True:
+        best = None
+        for i in range(len(syms) - 1):
+            j = ids.get(syms[i] + syms[i + 1])
+            if j is not None and (best is None or scores[j] > best[0]):
+                best = (scores[j], i)
+        if best is None:
+            break
+        i = best[1]
+        syms[i:i + 2] = [syms[i] + syms[i + 1]]
+    out = []
+    for s in syms:
+        out += [ids[s]] if s in ids else [ids["<0x%02X>" % b] for b in s.encode()]
+    return out
+
+
+def write_spm(path, tokens, scores, types):
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def spm_fixture():
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        convert_gguf_tokenizer, get_gguf_tokenizer)
+    tokens, scores, types = spm_vocab()
+    path = OUT / "llama-spm.gguf"
+    write_spm(path, tokens, scores, types)
+    want = [spm_llama_cpp(tokens, scores, t) for t in SPM_TEXTS]
+    # transformers' reading of the same file agrees, except that its Metaspace adds no `▁` before
+    # a text that already starts with a space (Mixtral's own tokenizer.json, a Prepend normalizer,
+    # does, as SentencePiece and llama.cpp do).
+    arch, tdict, _ = get_gguf_tokenizer(str(path))
+    hf, _ = convert_gguf_tokenizer(arch, tdict)
+    for text, ids in zip(SPM_TEXTS, want):
+        got = hf.encode(text, add_special_tokens=False).ids
+        assert (got == ids) != text.startswith(" "), (text, got, ids)
+    assert any(tokens[i].startswith("<0x") for ids in want for i in ids)  # byte fallback used
+    return {"texts": SPM_TEXTS, "ids": want, "bos": 1}
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     base = train()
@@ -170,6 +277,7 @@ def main():
         for b in names[i + 1:]:
             if CONFIGS[a] != CONFIGS[b]:
                 assert ref["ids"][a] != ref["ids"][b], (a, b)
+    ref["spm"] = spm_fixture()
     (OUT / "reference.json").write_text(json.dumps(ref, ensure_ascii=False, indent=0) + "\n")
     print("wrote", len(CONFIGS), "GGUFs and reference.json to", OUT)
 

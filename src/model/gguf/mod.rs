@@ -27,6 +27,7 @@ mod mla;
 pub mod names;
 pub mod parse;
 mod pretok;
+mod spm;
 pub(crate) mod types;
 
 pub use names::{gguf_expert, gguf_name, gguf_name_in};
