@@ -28,6 +28,8 @@ fn each_pre_name_gives_the_checkpoints_ids() {
         .collect();
     let ids = r["ids"].as_object().unwrap();
     assert_eq!(ids.len(), 10);
+    // Every name checked before failing, so one wrong mapping does not hide another.
+    let mut wrong = vec![];
     for (name, want) in ids {
         let f = GgufFile::open(&dir().join(format!("{name}.gguf"))).unwrap();
         let tok = f.tokenizer().unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -39,13 +41,18 @@ fn each_pre_name_gives_the_checkpoints_ids() {
                 .map(|v| v.as_u64().unwrap() as u32)
                 .collect();
             let got = tok.encode(text, false).unwrap();
-            assert_eq!(got, want, "pre `{name}` on {text:?}");
+            if got != want {
+                wrong.push(format!(
+                    "pre `{name}` on {text:?}:\n  got  {got:?}\n  want {want:?}"
+                ));
+            }
             // Byte-level throughout: decoding gives the (normalized) text back.
             if !matches!(name.as_str(), "qwen2" | "olmo") {
                 assert_eq!(tok.decode(&got), *text, "pre `{name}`");
             }
         }
     }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
 /// The names a converter writes for the same split agree; the test above covers one of each.
