@@ -18,7 +18,8 @@
 //! llama.cpp and are stored unpermuted; DeepSeek's rotated dims are interleaved in both.
 //! Names per architecture are [`names`]'s; DeepSeek's split `kv_b_proj` is joined by `mla`;
 //! configs are read by `llama` (Llama, Mixtral, Qwen, OLMoE) and `families` (Granite, GLM,
-//! DeepSeek, GPT-OSS).
+//! DeepSeek, GPT-OSS); the tokenizer is rebuilt by `llama`, with `pretok` (what each
+//! `tokenizer.ggml.pre` name stands for) and `spm` (SentencePiece vocabularies).
 
 pub mod blocks;
 mod families;
