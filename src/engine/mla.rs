@@ -63,6 +63,8 @@ impl<B: Backend> Engine<B> {
             .flat_map(|r| r[..l.latent].iter().copied())
             .collect();
         let latent = be.norm(&parts.kv_a_norm, &be.upload_rows(latent, l.latent));
+        // kv_b_proj's input, though it only runs split per head (calibration records it here).
+        self.observe(&a.v, &latent);
         let latent = be.to_host(&latent).into_owned();
         let q = be.to_host(&q).into_owned();
         let (q_nope, q_rope, k_rope) = l.split(&q, &compressed, rows);
@@ -76,8 +78,8 @@ impl<B: Backend> Engine<B> {
         let q_latent: Vec<Vec<f32>> = (0..heads)
             .map(|hd| {
                 let x = be.upload_rows(l.head_cols(&q_nope, hd, l.nope), l.nope);
-                be.to_host(&self.linear(&absorbed.uk_t[hd], &x))
-                    .into_owned()
+                // The split is not a linear of the checkpoint's: nothing to observe.
+                be.to_host(&be.linear(&absorbed.uk_t[hd], &x)).into_owned()
             })
             .collect();
         let q = l.queries(&q_latent, &be.to_host(&q_rope), rows, query_scale(cfg, &m));
@@ -115,7 +117,7 @@ impl<B: Backend> Engine<B> {
         let outs: Vec<Vec<f32>> = (0..heads)
             .map(|hd| {
                 let x = be.upload_rows(l.head_cols(&mixed, hd, l.latent), l.latent);
-                be.to_host(&self.linear(&absorbed.uv[hd], &x)).into_owned()
+                be.to_host(&be.linear(&absorbed.uv[hd], &x)).into_owned()
             })
             .collect();
         be.upload_rows(l.interleave_heads(&outs, l.v), heads * l.v)

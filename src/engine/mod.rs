@@ -816,7 +816,7 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    fn observe(&self, lin: &Linear, x: &B::Act) {
+    pub(crate) fn observe(&self, lin: &Linear, x: &B::Act) {
         if let Some(obs) = &self.observer {
             obs.observe(lin, &self.backend.to_host(x), self.backend.rows(x));
         }

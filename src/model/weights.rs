@@ -374,6 +374,15 @@ fn split_heads<T: Copy + Default>(
 }
 
 impl Attention {
+    /// Drops latent attention's per-head split of `kv_b_proj` ([`LatentParts::absorbed`]),
+    /// so the next step splits the matrix as it is now: whoever edits the weights after an
+    /// engine ran them (quantize's calibration, then its folds and rounding) calls this.
+    pub fn forget_absorbed(&mut self) {
+        if let Some(l) = &mut self.latent {
+            l.absorbed = OnceLock::new();
+        }
+    }
+
     /// Every projection: q/k/v/o, and a latent attention's `q_a_proj`.
     pub fn projections(&self) -> Vec<&Linear> {
         let mut v = vec![&self.q, &self.k, &self.v, &self.o];

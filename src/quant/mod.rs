@@ -306,6 +306,8 @@ pub fn quantize(
         })?;
         // Smoothing leaves the matrices it edited row-major; what stays f32 runs from panels.
         layer_linears(layer).into_iter().for_each(prepare_linear);
+        // Calibration split kv_b_proj as it was before the folds and rounding.
+        layer.attn.forget_absorbed();
         if let Some(s) = &mut spill {
             clock.time("spill", || s.take(layer_linears(layer)))?;
         }

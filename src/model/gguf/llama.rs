@@ -4,6 +4,7 @@
 //! `tokenizers` tokenizer.json so it runs, and embeds in an .emoe, like a checkpoint's.
 
 use super::parse::Value;
+use super::pretok;
 use super::GgufFile;
 use crate::error::{Error, Result};
 use crate::model::config::{Architecture, FfnKind, ModelConfig, QkNorm};
@@ -240,9 +241,10 @@ impl GgufFile {
         let model = self.get("tokenizer.ggml.model").and_then(Value::as_str);
         match model {
             Some("gpt2") => self.byte_level_bpe_json(),
+            Some("llama") => self.sentencepiece_bpe_json(),
             Some(other) => Err(self.key_error(
                 "tokenizer.ggml.model",
-                format!("tokenizer `{other}` is not supported yet (supported: gpt2)"),
+                format!("tokenizer `{other}` is not supported yet (supported: gpt2, llama)"),
             )),
             None => {
                 Err(self.key_error("tokenizer.ggml.model", "missing: the file has no tokenizer"))
@@ -254,25 +256,56 @@ impl GgufFile {
         Tokenizer::from_json_bytes(self.tokenizer_json()?.as_bytes(), &self.path)
     }
 
+    /// `tokenizer.ggml.token_type` (llama.cpp's: 1 normal, 2 unknown, 3 control, 4
+    /// user-defined, 6 byte), one per token, or none.
+    pub(super) fn token_types(&self, n: usize) -> Result<Vec<u64>> {
+        let key = "tokenizer.ggml.token_type";
+        match self.get(key) {
+            None => Ok(vec![]),
+            Some(Value::Array(a)) if a.len() == n => a
+                .iter()
+                .map(Value::as_u64)
+                .collect::<Option<_>>()
+                .ok_or_else(|| self.key_error(key, "expected integers")),
+            Some(_) => Err(self.key_error(key, format!("expected an array of {n} integers"))),
+        }
+    }
+
+    /// The post-processor that puts BOS first when `tokenizer.ggml.add_bos_token` (else
+    /// `default`) says so; null otherwise.
+    pub(super) fn bos_post_processor(
+        &self,
+        tokens: &[&str],
+        default: bool,
+    ) -> Result<serde_json::Value> {
+        let add_bos = self
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(default);
+        let bos = self.token_id("tokenizer.ggml.bos_token_id")?;
+        Ok(match (add_bos, bos) {
+            (true, Some(id)) => {
+                let t = tokens.get(id as usize).ok_or_else(|| {
+                    self.key_error("tokenizer.ggml.bos_token_id", "past the vocabulary")
+                })?;
+                let special = |type_id: u32| json!({"SpecialToken": {"id": t, "type_id": type_id}});
+                let seq =
+                    |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
+                json!({"type": "TemplateProcessing",
+                       "single": [special(0), seq("A", 0)],
+                       "pair": [special(0), seq("A", 0), special(1), seq("B", 1)],
+                       "special_tokens": {*t: {"id": t, "ids": [id], "tokens": [t]}}})
+            }
+            _ => serde_json::Value::Null,
+        })
+    }
+
     fn byte_level_bpe_json(&self) -> Result<String> {
         let tokens = self
             .strings("tokenizer.ggml.tokens")?
             .ok_or_else(|| self.key_error("tokenizer.ggml.tokens", "missing"))?;
         let merges = self.strings("tokenizer.ggml.merges")?.unwrap_or_default();
-        let types: Vec<u64> = match self.get("tokenizer.ggml.token_type") {
-            None => vec![],
-            Some(Value::Array(a)) if a.len() == tokens.len() => a
-                .iter()
-                .map(Value::as_u64)
-                .collect::<Option<_>>()
-                .ok_or_else(|| self.key_error("tokenizer.ggml.token_type", "expected integers"))?,
-            Some(_) => {
-                return Err(self.key_error(
-                    "tokenizer.ggml.token_type",
-                    format!("expected an array of {} integers", tokens.len()),
-                ))
-            }
-        };
+        let types = self.token_types(tokens.len())?;
         let alphabet = byte_alphabet();
         let spelled = |t: &str| t.chars().all(|c| alphabet.contains(&c));
         let mut vocab = Map::new();
@@ -311,51 +344,24 @@ impl GgufFile {
                        "rstrip": false, "normalized": false, "special": ty == 3})
             })
             .collect();
-        let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
         let pre = self.get("tokenizer.ggml.pre").and_then(Value::as_str);
-        let pre_tokenizer = match pre {
-            None | Some("default") | Some("gpt2") => byte_level(true),
-            // llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM: digits one by one, then GPT-2's split.
-            Some("smollm") => json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
-            Some("llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" | "falcon3") => {
-                json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
-                    byte_level(false)]})
-            }
-            Some(other) => {
-                return Err(self.key_error(
-                    "tokenizer.ggml.pre",
-                    format!("pre-tokenizer `{other}` is not supported yet (supported: default, gpt2, smollm, llama-bpe)"),
-                ))
-            }
-        };
-        let add_bos = self
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let bos = self.token_id("tokenizer.ggml.bos_token_id")?;
-        let post_processor = match (add_bos, bos) {
-            (true, Some(id)) => {
-                let t = tokens.get(id as usize).ok_or_else(|| {
-                    self.key_error("tokenizer.ggml.bos_token_id", "past the vocabulary")
-                })?;
-                let special = |type_id: u32| json!({"SpecialToken": {"id": t, "type_id": type_id}});
-                let seq =
-                    |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
-                json!({"type": "TemplateProcessing",
-                       "single": [special(0), seq("A", 0)],
-                       "pair": [special(0), seq("A", 0), special(1), seq("B", 1)],
-                       "special_tokens": {*t: {"id": t, "ids": [id], "tokens": [t]}}})
-            }
-            _ => serde_json::Value::Null,
-        };
+        let (normalizer, pre_tokenizer) = pretok::pre_tokenizer(pre).ok_or_else(|| {
+            self.key_error(
+                "tokenizer.ggml.pre",
+                format!(
+                    "pre-tokenizer `{}` is not supported yet (supported: {})",
+                    pre.unwrap_or_default(),
+                    pretok::SUPPORTED
+                ),
+            )
+        })?;
+        let post_processor = self.bos_post_processor(&tokens, false)?;
         let tok = json!({
             "version": "1.0",
             "truncation": null,
             "padding": null,
             "added_tokens": added,
-            "normalizer": null,
+            "normalizer": normalizer,
             "pre_tokenizer": pre_tokenizer,
             "post_processor": post_processor,
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
@@ -367,9 +373,6 @@ impl GgufFile {
         Ok(tok.to_string())
     }
 }
-
-/// Llama 3's split (llama.cpp's LLAMA_VOCAB_PRE_TYPE_LLAMA3).
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GPT-2's byte → character table: printable bytes stand for themselves, the rest map to
 /// U+0100 onwards in byte order.

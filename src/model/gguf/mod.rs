@@ -18,7 +18,8 @@
 //! llama.cpp and are stored unpermuted; DeepSeek's rotated dims are interleaved in both.
 //! Names per architecture are [`names`]'s; DeepSeek's split `kv_b_proj` is joined by `mla`;
 //! configs are read by `llama` (Llama, Mixtral, Qwen, OLMoE) and `families` (Granite, GLM,
-//! DeepSeek, GPT-OSS).
+//! DeepSeek, GPT-OSS); the tokenizer is rebuilt by `llama`, with `pretok` (what each
+//! `tokenizer.ggml.pre` name stands for) and `spm` (SentencePiece vocabularies).
 
 pub mod blocks;
 mod families;
@@ -26,6 +27,8 @@ pub(crate) mod llama;
 mod mla;
 pub mod names;
 pub mod parse;
+mod pretok;
+mod spm;
 pub(crate) mod types;
 
 pub use names::{gguf_expert, gguf_name, gguf_name_in};
