@@ -46,19 +46,12 @@ impl GgufFile {
             "qk_rope_head_dim": rope,
             "qk_nope_head_dim": nope,
             "v_head_dim": self.positive(&k(value), None)?,
-            "n_routed_experts": self.positive(&k("expert_count"), None)?,
-            "moe_intermediate_size": self.positive(&k("expert_feed_forward_length"), None)?,
-            "n_shared_experts": self.uint(&k("expert_shared_count"), Some(0))?,
-            "first_k_dense_replace": self.uint(&k("leading_dense_block_count"), Some(0))?,
-            "routed_scaling_factor": self.float(&k("expert_weights_scale"), 1.0)?,
-            "norm_topk_prob": self.flag(&k("expert_weights_norm"), false)?,
-            "n_group": n_group,
-            "topk_group": self.positive(&k("expert_group_used_count"), Some(1))?,
             // llama.cpp limits the groups whenever there are several.
             "topk_method": if v3 { "noaux_tc" } else if n_group > 1 { "group_limited_greedy" } else { "greedy" },
             "rope_interleave": true,
             "attention_bias": self.has_tensor("blk.0.attn_kv_a_mqa.bias"),
         }));
+        j.extend(self.grouped_experts()?);
         if let Some(mut y) = self.yarn()? {
             // llama.cpp stores 0.1 · mscale_all_dim and takes mscale as equal to it.
             let key = k("rope.scaling.yarn_log_multiplier");

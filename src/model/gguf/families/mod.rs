@@ -267,11 +267,22 @@ impl GgufFile {
                 format!("{rot} is not an even width of at most head_dim {head_dim}"),
             ));
         }
-        Ok(object(json!({
+        let mut j = object(json!({
             "architectures": ["Glm4MoeForCausalLM"],
             "num_hidden_layers": blocks - nextn,
             "head_dim": head_dim,
             "partial_rotary_factor": rot as f64 / head_dim as f64,
+            "use_qk_norm": self.has_tensor("blk.0.attn_q_norm.weight"),
+            "attention_bias": self.has_tensor("blk.0.attn_q.bias"),
+        }));
+        j.extend(self.grouped_experts()?);
+        Ok(j)
+    }
+
+    /// The routed and shared experts of GLM-4-MoE and DeepSeek, under their config.json names.
+    fn grouped_experts(&self) -> Result<Map<String, Json>> {
+        let k = |s: &str| self.k(s);
+        Ok(object(json!({
             "n_routed_experts": self.positive(&k("expert_count"), None)?,
             "moe_intermediate_size": self.positive(&k("expert_feed_forward_length"), None)?,
             "n_shared_experts": self.uint(&k("expert_shared_count"), Some(0))?,
@@ -280,8 +291,6 @@ impl GgufFile {
             "norm_topk_prob": self.flag(&k("expert_weights_norm"), false)?,
             "n_group": self.positive(&k("expert_group_count"), Some(1))?,
             "topk_group": self.positive(&k("expert_group_used_count"), Some(1))?,
-            "use_qk_norm": self.has_tensor("blk.0.attn_q_norm.weight"),
-            "attention_bias": self.has_tensor("blk.0.attn_q.bias"),
         })))
     }
 }
