@@ -42,6 +42,14 @@ pub struct QuantizeArgs {
     /// SmolLM2-135M, see docs/BENCHMARKS.md), `w8a8` like the other linears, or `f32`.
     #[arg(long, value_enum, default_value = "weight-only")]
     pub head: quant::HeadQuant,
+    /// Round the head (and embeddings tied to it) to nearest, row by row, instead of by GPTQ
+    /// on the head's input (gptq and haq; docs/quantization.md).
+    #[arg(long = "head-rtn")]
+    pub head_rtn: bool,
+    /// GPTQ damping of the head alone (default: --damp). A tied table is also the embeddings,
+    /// which GPTQ does not weigh: more damping leans toward plain rounding.
+    #[arg(long = "head-damp")]
+    pub head_damp: Option<f64>,
     /// Also smooth o_proj / w2 / fc2 inputs, through a per-channel input scale the int8
     /// kernel applies (off by default: it measured no better; docs/quantization.md).
     #[arg(long = "smooth-unnormed")]
@@ -179,6 +187,13 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     }
     opts.damp = a.damp;
     opts.head = a.head;
+    opts.head_gptq = !a.head_rtn;
+    if let Some(d) = a.head_damp {
+        if !(d.is_finite() && d > 0.0 && d <= 10.0) {
+            anyhow::bail!("--head-damp must be in (0, 10], got {d}");
+        }
+        opts.head_damp = Some(d);
+    }
     opts.smooth_unnormed = a.smooth_unnormed;
     opts.fold_down = !a.no_fold_down;
     opts.fold_vo = !a.no_fold_vo;

@@ -325,6 +325,28 @@ impl<B: Backend> Engine<B> {
         Ok(self.backend.run(|| self.embed(tokens, &positions)))
     }
 
+    /// What the head reads for the last layer's hidden states `x` (the quantizer calibrates the
+    /// head on it).
+    pub fn head_input_of(&self, x: B::Act) -> B::Act {
+        self.backend.run(|| self.head_input(x))
+    }
+
+    /// The final norm, a tied head's transform and an output projection, applied to `x`.
+    fn head_input(&self, x: B::Act) -> B::Act {
+        let w = &self.model.weights;
+        let mut hs = match &w.final_norm {
+            Some(norm) => self.backend.norm(norm, &x),
+            None => x,
+        };
+        if let Some(t) = &w.head_transform {
+            hs = self.linear(t, &hs);
+        }
+        if let Some(p) = &w.project_out {
+            hs = self.linear(p, &hs);
+        }
+        hs
+    }
+
     /// Runs `layer` as layer `li` on the hidden states `x` of `item`'s new tokens, appending
     /// their keys and values to the item's cache at `li` (the cache's position does not move).
     /// `layer` need not be the model's own: the quantizer runs each layer's f32 weights, then
@@ -483,16 +505,7 @@ impl<B: Backend> Engine<B> {
             wanted.extend(rows);
             start += n;
         }
-        let mut hs = self.backend.select_rows(&x, &wanted);
-        if let Some(norm) = &w.final_norm {
-            hs = self.backend.norm(norm, &hs);
-        }
-        if let Some(t) = &w.head_transform {
-            hs = self.linear(t, &hs);
-        }
-        if let Some(p) = &w.project_out {
-            hs = self.linear(p, &hs);
-        }
+        let hs = self.head_input(self.backend.select_rows(&x, &wanted));
         let logits = self.linear(w.head(), &hs);
         let mut logits = self.backend.to_host(&logits);
         if let Some(s) = cfg.options.logits_scaling {

@@ -131,7 +131,7 @@ const GRAM_BLOCK: usize = 64;
 
 /// XᵀX (`k × k`) from Xᵀ (`k × rows`): the upper triangle by blocks through the f32 kernel,
 /// mirrored into the lower.
-fn gram(xt: &[f32], k: usize, rows: usize) -> Vec<f32> {
+pub(crate) fn gram(xt: &[f32], k: usize, rows: usize) -> Vec<f32> {
     let mut g = vec![0f32; k * k];
     let mut block = vec![0f32; GRAM_BLOCK * k];
     for b0 in (0..k).step_by(GRAM_BLOCK) {

@@ -92,6 +92,12 @@ impl LayerRunner {
             .collect()
     }
 
+    /// Ends the run: every window's output of the last layer advanced to (the head's input,
+    /// once the final norm is applied).
+    pub fn into_hidden(self) -> Vec<Rows> {
+        self.hidden
+    }
+
     /// Gives back the model frame the runner was made with.
     pub fn into_frame(self) -> Arc<Model> {
         self.engine.model().clone()

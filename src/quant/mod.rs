@@ -8,6 +8,7 @@
 pub(crate) mod calibrate;
 pub mod gptq;
 pub mod gptq4;
+pub(crate) mod head;
 pub mod layerwise;
 pub mod linalg;
 pub mod outliers;
@@ -116,6 +117,11 @@ pub struct QuantOptions {
     pub spill_dir: Option<std::path::PathBuf>,
     /// W4A8 experts (`--bits 4`); `None`: every quantized linear is int8.
     pub int4: Option<Int4Options>,
+    /// Methods with a Hessian (gptq, haq) also round the head, and a tied embedding table with
+    /// it, by GPTQ on the head's input (`head.rs`); off: plain rounding.
+    pub head_gptq: bool,
+    /// The head's GPTQ damping; `None`: `damp`.
+    pub head_damp: Option<f64>,
 }
 
 /// Which linears get 4-bit weights, on which grid.
@@ -173,6 +179,8 @@ impl QuantOptions {
             rotate_seed: 0x005E_ED0F_2024,
             spill_dir: None,
             int4: None,
+            head_gptq: true,
+            head_damp: None,
         }
     }
 }
@@ -214,6 +222,8 @@ pub fn quantize(
     };
     check_keep_f32(&mut model, opts)?;
     let mut clock = PhaseClock::default();
+    let head_gptq = opts.head_gptq && opts.method.uses_hessian() && opts.head != HeadQuant::F32;
+    let mut tied_table_f32 = None;
     let rotation = if !opts.rotate {
         None
     } else if let Some(why) = rotate::unsupported(&model.config, &model.weights) {
@@ -233,8 +243,17 @@ pub fn quantize(
             let tied = model.weights.lm_head.is_none();
             let weight_only = !tied || opts.head == HeadQuant::WeightOnly;
             let embed = &mut model.weights.embed;
+            // A tied table rounded by GPTQ at the end starts from its f32 rows again (and is
+            // counted then).
+            let mut redone = QuantSummary::default();
+            let counted = if tied && head_gptq {
+                tied_table_f32 = Some(embed.clone());
+                &mut redone
+            } else {
+                &mut summary
+            };
             clock.time("quantize", || {
-                round_to_int8(embed, opts, weight_only, &mut summary)
+                round_to_int8(embed, opts, weight_only, None, counted)
             })?;
         }
         summary.rotation = Some(format!(
@@ -323,22 +342,43 @@ pub fn quantize(
         }
         progress("layers", li + 1, total);
     }
-    drop(runner);
+    let last_hidden = runner.map(LayerRunner::into_hidden);
     let mut model = Arc::try_unwrap(frame)
         .map_err(|_| Error::invalid("model still shared after calibration"))?;
-    model.weights.layers = layers;
     if let Some(r) = &rotation {
         clock.time("rotate", || {
             r.rotate_head(&mut model.config, &mut model.weights)
         })?;
     }
+    // The head's input Hessian, from the quantized layers' outputs through the final norm.
+    let mut head_factor = None;
+    if let (true, Some(hidden)) = (head_gptq, &last_hidden) {
+        let (m, h, tokens) = clock.time("calibrate", || {
+            head::head_hessian(model, hidden, opts.threads)
+        })?;
+        model = m;
+        if tokens >= opts.min_tokens {
+            let k = model.weights.head().in_features;
+            let gopts = GptqOptions {
+                damp: opts.head_damp.unwrap_or(opts.damp),
+                act_order: opts.act_order,
+            };
+            head_factor = Some(HessianFactor::new(&h, k, &gopts));
+        }
+    }
+    drop(last_hidden);
+    model.weights.layers = layers;
     if opts.head != HeadQuant::F32 {
         let w = &mut model.weights;
-        // A tied table rotated above is int8 already (rounding skips it).
+        // A tied table rounded above (to calibrate on) is rounded again from its f32 rows by
+        // GPTQ; without GPTQ it is int8 already and rounding skips it.
+        if let (Some(table), Some(_)) = (tied_table_f32.take(), &head_factor) {
+            w.embed = table;
+        }
         let head = w.lm_head.as_mut().unwrap_or(&mut w.embed);
         let weight_only = opts.head == HeadQuant::WeightOnly;
         clock.time("quantize", || {
-            round_to_int8(head, opts, weight_only, &mut summary)
+            round_to_int8(head, opts, weight_only, head_factor.as_ref(), &mut summary)
         })?;
     }
     summary.phase_seconds = clock.phases;
@@ -406,19 +446,24 @@ fn check_keep_f32(model: &mut Model, opts: &QuantOptions) -> Result<()> {
     }
 }
 
-/// Rounds `lin` to int8 (no Hessian: the head and embeddings), keeping f32 activations when
-/// `weight_only`.
+/// Rounds the head or the embeddings `lin` to int8, by GPTQ where its input's `factor` is given,
+/// keeping f32 activations when `weight_only`.
 fn round_to_int8(
     lin: &mut Linear,
     opts: &QuantOptions,
     weight_only: bool,
+    factor: Option<&HessianFactor>,
     summary: &mut QuantSummary,
 ) -> Result<()> {
-    let rtn = QuantOptions {
-        method: Method::Rtn,
+    let method = match factor {
+        Some(_) => opts.method,
+        None => Method::Rtn,
+    };
+    let opts = QuantOptions {
+        method,
         ..opts.clone()
     };
-    quantize_linear(lin, &rtn, None, summary)?;
+    quantize_linear(lin, &opts, factor, summary)?;
     if weight_only {
         let w = std::mem::replace(&mut lin.weight, LinearWeight::F32Rows(Vec::new().into()));
         lin.weight = match w {
