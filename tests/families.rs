@@ -135,7 +135,6 @@ fn kv(policy: Policy, budget: usize, granularity: Granularity) -> KvOptions {
         sinks: 2,
         threshold: 1.0,
         recent: 0.0,
-        interval_floor: 0.0,
         granularity,
     }
 }

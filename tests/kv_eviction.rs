@@ -29,7 +29,6 @@ fn options(policy: Policy, budget: usize) -> KvOptions {
         sinks: 4,
         threshold: 1.0,
         recent: 0.0,
-        interval_floor: 0.0,
         granularity: Granularity::Layer,
     }
 }

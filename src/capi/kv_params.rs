@@ -82,7 +82,6 @@ pub(super) fn kv_options(p: &EdgemoeSessionParams) -> CResult<KvOptions> {
             t => t,
         },
         recent: crate::kv::policy::DEFAULT_RECENT,
-        interval_floor: crate::kv::policy::DEFAULT_INTERVAL_FLOOR,
         granularity,
     };
     // What is left to check (a token budget below the sinks and two windows) names the sizes.

@@ -28,12 +28,6 @@ pub struct KvArgs {
     /// the observation window); the policy ranks only what is older.
     #[arg(long = "kv-recent", default_value_t = crate::kv::policy::DEFAULT_RECENT)]
     pub recent: f32,
-    /// lazy: the least recurrence interval a token is ranked by, as a share of the slots kept
-    /// across an eviction (budget − window), in [0, 4]: a token attended only at shorter
-    /// intervals (a fresh one) counts as one that may recur that far, so newer such tokens go
-    /// first. 0 ranks by the measured interval alone.
-    #[arg(long = "kv-floor", default_value_t = crate::kv::policy::DEFAULT_INTERVAL_FLOOR)]
-    pub interval_floor: f32,
     /// What one eviction decision covers: layer (a slot holds every KV head of its token) |
     /// head (each KV head keeps its own tokens, ranked by its own query heads; CPU only).
     #[arg(long = "kv-granularity", default_value = "layer")]
@@ -62,7 +56,6 @@ impl KvArgs {
                 .threshold
                 .unwrap_or_else(|| granularity.default_threshold()),
             recent: self.recent,
-            interval_floor: self.interval_floor,
             granularity,
         };
         opts.validate()?;

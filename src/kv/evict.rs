@@ -28,16 +28,8 @@ pub fn keep_order(
             // longest recurrence interval: the most overdue go first. A ratio, not a
             // difference, so a fact attended once after 100 steps outlasts prose tokens only
             // ever attended by their neighbours, whatever their age.
-            let fresh_only = std::env::var_os("EDGEMOE_KV_FLOOR_FRESH").is_some();
             let overdue = |s: usize| {
-                let age = now.saturating_sub(positions[s] as usize);
-                let floor = if fresh_only && age >= cfg.interval_floor {
-                    0
-                } else {
-                    cfg.interval_floor as u32
-                };
-                let interval = stats.mri[s].max(floor);
-                (now as f64 - stats.last_hit[s] as f64 + 1.0) / (interval as f64 + 1.0)
+                (now as f64 - stats.last_hit[s] as f64 + 1.0) / (stats.mri[s] as f64 + 1.0)
             };
             overdue(a)
                 .total_cmp(&overdue(b))
@@ -176,7 +168,6 @@ mod tests {
             sinks: 2,
             threshold: 1.0,
             recent: 0.0,
-            interval_floor: 0.0,
             granularity: crate::kv::Granularity::Layer,
         }
         .resolve(0)
@@ -205,40 +196,6 @@ mod tests {
         let lazy = kept_slots_reference(&cfg(Policy::Lazy, 14), &positions, &stats, now);
         // Slot 3 (idle 5 of an MRI of 12) first; the rest by idle time (20 − p): 15, 14, 13.
         assert_eq!(lazy, [0, 1, 3, 13, 14, 15, 16, 17, 18, 19]);
-    }
-
-    /// Lazy with a floor under the interval: tokens whose measured MRI is shorter rank as if
-    /// they had that interval, so the fresh ones go by recency and may outrank an older token
-    /// that recurred at a short interval. Same 20 tokens, keep 10 (sinks 0, 1, recent 16..20):
-    /// floor 0: slot 3 (idle 5 of MRI 12: 6/13), slot 5 (idle 10 of MRI 8: 11/9), then the
-    /// freshest never-attended 15 (6/1) and 14 (7/1). Floor 10: slot 3 still 6/13 (its MRI is
-    /// above the floor), the fresh 15, 14, 13 score 6/11, 7/11, 8/11, slot 5 only 11/11.
-    #[test]
-    fn an_interval_floor_ranks_fresh_tokens_by_recency() {
-        let positions: Vec<u32> = (0..20).collect();
-        let mut stats = SlotStats::default();
-        stats.sync(&positions);
-        stats.last_hit[3] = 15;
-        stats.mri[3] = 12;
-        stats.last_hit[5] = 10;
-        stats.mri[5] = 8;
-        let mut c = cfg(Policy::Lazy, 14);
-        assert_eq!(c.interval_floor, 0);
-        let kept = kept_slots_reference(&c, &positions, &stats, 20);
-        assert_eq!(kept, [0, 1, 3, 5, 14, 15, 16, 17, 18, 19]);
-        c.interval_floor = 10;
-        let kept = kept_slots_reference(&c, &positions, &stats, 20);
-        assert_eq!(kept, [0, 1, 3, 13, 14, 15, 16, 17, 18, 19]);
-        // Resolved from a share of the kept slots: 0.5 × (budget 14 − window 4) = 5.
-        let opts = KvOptions {
-            policy: Policy::Lazy,
-            budget: Some(Budget::Tokens(14)),
-            window: 4,
-            sinks: 2,
-            interval_floor: 0.5,
-            ..KvOptions::default()
-        };
-        assert_eq!(opts.resolve(0).unwrap().unwrap().interval_floor, 5);
     }
 
     /// With a recent share the last `recent` tokens stay whatever the ranking says: here h2o

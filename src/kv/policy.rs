@@ -168,12 +168,6 @@ pub const DEFAULT_HEAD_THRESHOLD: f32 = 16.0;
 /// 0.25, 9.193 at 0.5; at 25% 9.780 at 0, 11.83 at 0.5 (h2o: 11.77 at 0, 12.44 at 0.5).
 pub const DEFAULT_RECENT: f32 = 0.0;
 
-/// Lazy's floor under a token's recurrence interval, as a share of the slots kept across an
-/// eviction (`budget − window`): a token whose measured MRI is shorter (a fresh token, or one
-/// only its neighbours attended) is ranked as if it might recur within this many steps, so
-/// among such tokens the newer go first.
-pub const DEFAULT_INTERVAL_FLOOR: f32 = 0.0;
-
 /// The KV options of a run, before they meet a sequence's length.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KvOptions {
@@ -189,9 +183,6 @@ pub struct KvOptions {
     pub threshold: f32,
     /// Share of the budget protected as recent tokens, in [0, 1) (default `DEFAULT_RECENT`).
     pub recent: f32,
-    /// Lazy's floor under the recurrence interval, as a share of the slots kept across an
-    /// eviction, in [0, 4] (default `DEFAULT_INTERVAL_FLOOR`).
-    pub interval_floor: f32,
     /// Whether a layer evicts as a whole or per KV head.
     pub granularity: Granularity,
 }
@@ -205,7 +196,6 @@ impl Default for KvOptions {
             sinks: DEFAULT_SINKS,
             threshold: DEFAULT_THRESHOLD,
             recent: DEFAULT_RECENT,
-            interval_floor: DEFAULT_INTERVAL_FLOOR,
             granularity: Granularity::Layer,
         }
     }
@@ -222,9 +212,6 @@ pub struct EvictionConfig {
     pub threshold: f32,
     /// The most recent tokens every eviction keeps: at least `window`, at most `keep − sinks`.
     pub recent: usize,
-    /// Lazy: the least recurrence interval a token is ranked by (see
-    /// [`DEFAULT_INTERVAL_FLOOR`]); 0 ranks by the measured MRI alone.
-    pub interval_floor: usize,
     pub granularity: Granularity,
 }
 
@@ -272,9 +259,6 @@ impl KvOptions {
             _ if !(0.0..1.0).contains(&self.recent) => Err(Error::invalid(
                 "--kv-recent must be a share of the budget in [0, 1)",
             )),
-            _ if !(0.0..=4.0).contains(&self.interval_floor) => Err(Error::invalid(
-                "--kv-floor must be a share of the kept slots in [0, 4]",
-            )),
             (_, Some(Budget::Tokens(n))) => self.plan(n).map(|_| ()),
             _ => Ok(()),
         }
@@ -315,8 +299,6 @@ impl KvOptions {
         // Past `keep − sinks` nothing would be left to rank; `least` guarantees it is ≥ window.
         let share = (budget as f64 * f64::from(self.recent)).floor() as usize;
         let recent = share.clamp(self.window, budget - self.window - self.sinks);
-        let interval_floor =
-            ((budget - self.window) as f64 * f64::from(self.interval_floor)).floor() as usize;
         Ok(EvictionConfig {
             policy: self.policy,
             budget,
@@ -324,7 +306,6 @@ impl KvOptions {
             sinks: self.sinks,
             threshold: self.threshold,
             recent,
-            interval_floor,
             granularity: self.granularity,
         })
     }
@@ -392,20 +373,6 @@ mod tests {
 
     /// `sinks + 2·window` once wrapped: a window of 2^63 made the minimum 4 and passed a
     /// 200-token budget that no eviction could then keep.
-    #[test]
-    fn interval_floor_is_checked() {
-        for bad in [-0.1, 4.5, f32::NAN] {
-            let opts = KvOptions {
-                policy: Policy::Lazy,
-                budget: Some(Budget::Tokens(512)),
-                interval_floor: bad,
-                ..KvOptions::default()
-            };
-            let err = opts.validate().unwrap_err().to_string();
-            assert!(err.contains("--kv-floor"), "{bad}: {err}");
-        }
-    }
-
     #[test]
     fn refuses_windows_and_sinks_whose_minimum_overflows() {
         let base = KvOptions {

@@ -69,14 +69,12 @@ mod tests {
                 stats.last_hit[s] = hit.min(now as u32 - 1);
                 stats.mri[s] = (rng.next_u64() % 25) as u32;
             }
-            for (policy, recent, floor) in [
-                (Policy::Window, 0.0, 0.0),
-                (Policy::H2o, 0.0, 0.0),
-                (Policy::Lazy, 0.0, 0.0),
-                (Policy::H2o, 0.5, 0.0),
-                (Policy::Lazy, 0.5, 0.0),
-                (Policy::Lazy, 0.0, 0.5),
-                (Policy::Lazy, 0.0, 2.0),
+            for (policy, recent) in [
+                (Policy::Window, 0.0),
+                (Policy::H2o, 0.0),
+                (Policy::Lazy, 0.0),
+                (Policy::H2o, 0.5),
+                (Policy::Lazy, 0.5),
             ] {
                 for budget in [20, n / 2 + 10, n - 1] {
                     let cfg = KvOptions {
@@ -86,7 +84,6 @@ mod tests {
                         sinks: 3,
                         threshold: 1.0,
                         recent,
-                        interval_floor: floor,
                         granularity: crate::kv::Granularity::Layer,
                     }
                     .resolve(0)
@@ -143,7 +140,6 @@ mod tests {
                     sinks: 2,
                     threshold: 1.0,
                     recent: 0.0,
-                    interval_floor: 0.5,
                     granularity: Granularity::Head,
                 }
                 .resolve(0)
