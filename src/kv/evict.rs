@@ -167,7 +167,7 @@ mod tests {
             window: 4,
             sinks: 2,
             threshold: 1.0,
-            recent: 0.0,
+            recent: Some(0.0),
             granularity: crate::kv::Granularity::Layer,
         }
         .resolve(0)
