@@ -134,7 +134,7 @@ fn kv(policy: Policy, budget: usize, granularity: Granularity) -> KvOptions {
         window: 8,
         sinks: 2,
         threshold: 1.0,
-        recent: 0.0,
+        recent: Some(0.0),
         granularity,
     }
 }

@@ -28,7 +28,7 @@ fn options(policy: Policy, budget: usize) -> KvOptions {
         window: 16,
         sinks: 4,
         threshold: 1.0,
-        recent: 0.0,
+        recent: Some(0.0),
         granularity: Granularity::Layer,
     }
 }

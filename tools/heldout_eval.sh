@@ -3,7 +3,9 @@
 #
 # HELD-OUT texts: tools/data/heldout/{prose,play,docs,code,recall}.txt (tools/make_heldout.py;
 # sources in tools/data/heldout/MANIFEST.md). TUNING texts, shown beside them but never in the
-# mean or the worst: tools/data/recall.txt (KV) and the trained fixture's KJV heldout.txt
+# mean or the worst: tools/data/recall.txt (KV, tune-recall: facts recur 700-1250 tokens
+# apart), tools/data/recall_mixed.txt (KV, tune-mixed, tools/make_recall_mixed.py: facts recur
+# 150-420 and 560-1150 tokens apart, both sides of a 25% budget) and the trained fixture's KJV heldout.txt
 # (quantization; its calib.txt is the calibration text). Each text is cut to its first ~9 KB
 # (one 2048-token window; eight of 256 and two of 1024), so the whole run fits a shared 2-core
 # machine: fewer windows per text than the README's protocol, the same protocol per window.
@@ -24,7 +26,7 @@
 #      when target/exports/heldout/smollm2-METHOD.emoe exists already, QUANT_BYTES (20000:
 #      every text whole), CALIB, QUANT_ARGS (more `quantize` arguments),
 #      KV_POLICIES ("window h2o lazy"; an entry POLICY:FLAG=VALUE[,FLAG=VALUE…] adds flags,
-#      e.g. lazy:--kv-threshold=16 or lazy:--kv-granularity=head,--kv-threshold=16), KV_TEXTS (the tuning recall text and the held-out ones),
+#      e.g. lazy:--kv-threshold=16 or lazy:--kv-granularity=head,--kv-threshold=16), KV_TEXTS (the two tuning recall texts and the held-out ones),
 #      KV_BUDGETS ("50 25"), KV_FULL=0 to skip the full-cache runs, KV_OUT (results-kv): the file name of this run's
 #      KV results, so runs of parts can go side by side.
 # Raw results: target/exports/heldout/results-*.jsonl (one JSON line per run; a run rewrites
@@ -55,6 +57,7 @@ trap 'rm -rf "$tmp"' EXIT
 # The tuning texts, cut like the held-out ones (recall.txt: its first block).
 head -c 9000 tools/data/recall.txt >"$tmp/tune-recall.txt"
 head -c 9600 tests/fixtures/trained-moe/heldout.txt >"$tmp/tune-kjv.txt"
+cp tools/data/recall_mixed.txt "$tmp/tune-mixed.txt"
 cp tools/data/tune/code.txt "$tmp/tune-code.txt"
 cp tools/data/tune/docs.txt "$tmp/tune-docs.txt"
 path() { case $1 in tune-*) echo "$tmp/$1.txt" ;; *) echo "tools/data/heldout/$1.txt" ;; esac; }
@@ -64,6 +67,7 @@ qpath() { head -c "${QUANT_BYTES:-20000}" "$(path "$1")" >"$tmp/q-$1.txt" && ech
 facts() {
   case $1 in
   tune-recall) echo tools/data/recall_facts.txt ;;
+  tune-mixed) echo tools/data/recall_mixed_facts.txt ;;
   recall) echo tools/data/heldout/recall_facts.txt ;;
   esac
 }
@@ -88,7 +92,7 @@ if [ $do_kv = 1 ]; then
   res=$out/${KV_OUT:-results-kv}.jsonl
   : >"$res"
   echo "== KV policies, ctx 2048" >&2
-  for text in ${KV_TEXTS:-tune-recall $held}; do
+  for text in ${KV_TEXTS:-tune-recall tune-mixed $held}; do
     [ "${KV_FULL:-1}" = 0 ] || run "$text" "$MODEL" full 2048
     for b in ${KV_BUDGETS:-50 25}; do
       for entry in ${KV_POLICIES:-window h2o lazy}; do
@@ -139,7 +143,7 @@ for r in rows:  # the f32 reference's ppl, as each quantized run scored it besid
                        "ppl": r["against_reference"]["reference_ppl"],
                        "tokens": r["tokens"], "windows": r["windows"]})
 rows += [v for k, v in by.items() if v not in rows]
-texts = [t for t in ["tune-recall", "tune-kjv", "tune-code", "tune-docs"]
+texts = [t for t in ["tune-recall", "tune-mixed", "tune-kjv", "tune-code", "tune-docs"]
          if any(r["text"] == t for r in rows)] + held
 head = texts + ["held-out mean", "worst held-out"]
 print("| method | " + " | ".join(head) + " |")

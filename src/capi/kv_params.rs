@@ -81,7 +81,7 @@ pub(super) fn kv_options(p: &EdgemoeSessionParams) -> CResult<KvOptions> {
             0.0 => granularity.default_threshold(),
             t => t,
         },
-        recent: crate::kv::policy::DEFAULT_RECENT,
+        recent: None,
         granularity,
     };
     // What is left to check (a token budget below the sinks and two windows) names the sizes.

@@ -25,9 +25,10 @@ pub struct KvArgs {
     #[arg(long = "kv-threshold")]
     pub threshold: Option<f32>,
     /// Share of the budget every policy keeps as the most recent tokens, in [0, 1) (at least
-    /// the observation window); the policy ranks only what is older.
-    #[arg(long = "kv-recent", default_value_t = crate::kv::policy::DEFAULT_RECENT)]
-    pub recent: f32,
+    /// the observation window); the policy ranks only what is older. Default 0.25 for lazy at
+    /// layer granularity, 0 otherwise.
+    #[arg(long = "kv-recent")]
+    pub recent: Option<f32>,
     /// What one eviction decision covers: layer (a slot holds every KV head of its token) |
     /// head (each KV head keeps its own tokens, ranked by its own query heads; CPU only).
     #[arg(long = "kv-granularity", default_value = "layer")]

@@ -167,7 +167,7 @@ mod tests {
             window: 4,
             sinks: 2,
             threshold: 1.0,
-            recent: 0.0,
+            recent: Some(0.0),
             granularity: crate::kv::Granularity::Layer,
         }
         .resolve(0)
@@ -211,6 +211,38 @@ mod tests {
         c.recent = 7;
         let kept = kept_slots_reference(&c, &positions, &stats, 20);
         assert_eq!(kept, [0, 1, 5, 13, 14, 15, 16, 17, 18, 19]);
+    }
+
+    /// Lazy per layer by default keeps the newest quarter of its budget unranked. 60 tokens,
+    /// budget 40, window 4, sinks 2: keep 36. Slots 2..32 were re-attended at step 40 after
+    /// gaps of 100 + s steps (all inside their interval: the larger s, the better); 32..60 were
+    /// never re-attended. With no share (only the window, 56..60 protected) the 30 re-attended
+    /// slots fill the 30 free places; with the default 0.25 the newest 10 (50..60) are
+    /// protected and only the best 24 re-attended ones (8..32) stay.
+    #[test]
+    fn lazy_keeps_a_quarter_recent_by_default() {
+        let positions: Vec<u32> = (0..60).collect();
+        let mut stats = SlotStats::default();
+        stats.sync(&positions);
+        for s in 2..32 {
+            stats.last_hit[s] = 40;
+            stats.mri[s] = 100 + s as u32;
+        }
+        let opts = |recent| KvOptions {
+            policy: Policy::Lazy,
+            budget: Some(Budget::Tokens(40)),
+            window: 4,
+            sinks: 2,
+            recent,
+            ..KvOptions::default()
+        };
+        let plain = opts(Some(0.0)).resolve(0).unwrap().unwrap();
+        let want: Vec<u32> = (0..32).chain(56..60).collect();
+        assert_eq!(kept_slots_reference(&plain, &positions, &stats, 60), want);
+        let default = opts(None).resolve(0).unwrap().unwrap();
+        assert_eq!(default.recent, 10);
+        let want: Vec<u32> = [0, 1].into_iter().chain(8..32).chain(50..60).collect();
+        assert_eq!(kept_slots_reference(&default, &positions, &stats, 60), want);
     }
 
     #[test]

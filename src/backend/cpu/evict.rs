@@ -83,7 +83,7 @@ mod tests {
                         window: 6,
                         sinks: 3,
                         threshold: 1.0,
-                        recent,
+                        recent: Some(recent),
                         granularity: crate::kv::Granularity::Layer,
                     }
                     .resolve(0)
@@ -139,7 +139,7 @@ mod tests {
                     window: 5,
                     sinks: 2,
                     threshold: 1.0,
-                    recent: 0.0,
+                    recent: Some(0.0),
                     granularity: Granularity::Head,
                 }
                 .resolve(0)
