@@ -10,6 +10,9 @@ use super::linalg::{self, inverse_upper_cholesky};
 /// Rows quantized side by side (one task of the pool).
 const ROW_TILE: usize = 16;
 
+/// f64 working values GPTQ holds at once (64 MiB).
+const CHUNK_VALUES: usize = 1 << 23;
+
 pub struct GptqOptions {
     /// Fraction of mean diag(H) added to the diagonal.
     pub damp: f64,
@@ -94,6 +97,16 @@ pub fn gptq(w: &[f32], n: usize, k: usize, h: &[f64], opts: &GptqOptions) -> (Ve
 
 /// [`gptq`] with the input's factor computed already.
 pub fn gptq_factored(w: &[f32], n: usize, f: &HessianFactor) -> (Vec<i8>, Vec<f32>) {
+    gptq_in_chunks(w, n, f, CHUNK_VALUES)
+}
+
+/// [`gptq_factored`] holding at most about `chunk_values` f64 working values at once.
+fn gptq_in_chunks(
+    w: &[f32],
+    n: usize,
+    f: &HessianFactor,
+    chunk_values: usize,
+) -> (Vec<i8>, Vec<f32>) {
     let k = f.k;
     let scales: Vec<f32> = (0..n).map(|j| row_scale(&w[j * k..(j + 1) * k])).collect();
     let Some(hinv) = &f.hinv else {
@@ -105,42 +118,49 @@ pub fn gptq_factored(w: &[f32], n: usize, f: &HessianFactor) -> (Vec<i8>, Vec<f3
         return (q, scales);
     };
     let perm = &f.perm;
-    let mut wp: Vec<f64> = (0..n * k)
-        .map(|idx| {
-            let col = perm[idx % k];
-            if f.dead[col] {
-                0.0
-            } else {
-                w[(idx / k) * k + col] as f64
-            }
-        })
-        .collect();
     // Rows are independent: each quantizes its columns in order, pushing each column's error
-    // onto the columns after it. A tile of rows shares every row of H⁻¹'s factor while it is in
-    // cache, which is what GPTQ's lazy batches achieve for a GPU.
-    let mut q = vec![0i8; n * k];
-    wp.par_chunks_mut(ROW_TILE * k)
-        .zip(q.par_chunks_mut(ROW_TILE * k))
-        .zip(scales.par_chunks(ROW_TILE))
-        .for_each(|((rows, qrows), tile_scales)| {
-            for i in 0..k {
-                let d = hinv[i * k + i];
-                let tail = &hinv[i * k + i + 1..(i + 1) * k];
-                for ((row, qrow), &s) in
-                    rows.chunks_mut(k).zip(qrows.chunks_mut(k)).zip(tile_scales)
-                {
-                    let qi = quantize_value(row[i], s as f64);
-                    qrow[i] = qi;
-                    let e = (row[i] - qi as f64 * s as f64) / d;
-                    linalg::sub_scaled(&mut row[i + 1..], e, tail);
-                }
-            }
-        });
-    // Undo the column permutation.
+    // onto the columns after it. They go in chunks of about `chunk_values` f64 working values,
+    // so a vocabulary-sized head holds one chunk, not an f64 copy of the whole matrix.
+    let chunk_rows = (chunk_values / k.max(1)).max(1).div_ceil(ROW_TILE) * ROW_TILE;
     let mut out = vec![0i8; n * k];
-    for j in 0..n {
-        for (pos, &col) in perm.iter().enumerate() {
-            out[j * k + col] = q[j * k + pos];
+    for (c, out_rows) in out.chunks_mut(chunk_rows * k).enumerate() {
+        let first = c * chunk_rows;
+        let rows_here = out_rows.len() / k;
+        let mut wp: Vec<f64> = (0..rows_here * k)
+            .map(|idx| {
+                let col = perm[idx % k];
+                if f.dead[col] {
+                    0.0
+                } else {
+                    w[(first + idx / k) * k + col] as f64
+                }
+            })
+            .collect();
+        // A tile of rows shares every row of H⁻¹'s factor while it is in cache, which is what
+        // GPTQ's lazy batches achieve for a GPU.
+        let mut q = vec![0i8; rows_here * k];
+        wp.par_chunks_mut(ROW_TILE * k)
+            .zip(q.par_chunks_mut(ROW_TILE * k))
+            .zip(scales[first..first + rows_here].par_chunks(ROW_TILE))
+            .for_each(|((rows, qrows), tile_scales)| {
+                for i in 0..k {
+                    let d = hinv[i * k + i];
+                    let tail = &hinv[i * k + i + 1..(i + 1) * k];
+                    for ((row, qrow), &s) in
+                        rows.chunks_mut(k).zip(qrows.chunks_mut(k)).zip(tile_scales)
+                    {
+                        let qi = quantize_value(row[i], s as f64);
+                        qrow[i] = qi;
+                        let e = (row[i] - qi as f64 * s as f64) / d;
+                        linalg::sub_scaled(&mut row[i + 1..], e, tail);
+                    }
+                }
+            });
+        // Undo the column permutation.
+        for (out_row, q_row) in out_rows.chunks_mut(k).zip(q.chunks(k)) {
+            for (pos, &col) in perm.iter().enumerate() {
+                out_row[col] = q_row[pos];
+            }
         }
     }
     (out, scales)
@@ -166,6 +186,34 @@ mod tests {
             }
         }
         e
+    }
+
+    /// Rows are independent, so quantizing them a chunk at a time changes no value.
+    #[test]
+    fn chunks_of_rows_quantize_as_the_whole_matrix() {
+        let (n, k, rows) = (70, 24, 200);
+        let mut rng = SplitMix64::new(9);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
+        let x: Vec<f32> = (0..rows * k).map(|_| rng.normal()).collect();
+        let mut h = vec![0f64; k * k];
+        for r in x.chunks(k) {
+            for i in 0..k {
+                for j in 0..k {
+                    h[i * k + j] += (r[i] * r[j]) as f64;
+                }
+            }
+        }
+        for act_order in [false, true] {
+            let opts = GptqOptions {
+                damp: 0.01,
+                act_order,
+            };
+            let f = HessianFactor::new(&h, k, &opts);
+            let whole = gptq_in_chunks(&w, n, &f, n * k);
+            // 16-row chunks: 5 chunks, the last one short.
+            let chunked = gptq_in_chunks(&w, n, &f, 3 * k);
+            assert_eq!(whole, chunked);
+        }
     }
 
     #[test]
