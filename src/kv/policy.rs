@@ -208,7 +208,7 @@ pub struct KvOptions {
     /// LazyEviction's significance threshold, in multiples of the uniform attention share.
     pub threshold: f32,
     /// Share of the budget protected as recent tokens, in [0, 1) (`None`: the policy's
-    /// [`default_recent`]).
+    /// `default_recent`).
     pub recent: Option<f32>,
     /// Whether a layer evicts as a whole or per KV head.
     pub granularity: Granularity,
