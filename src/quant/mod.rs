@@ -363,7 +363,14 @@ pub fn quantize(
                 damp: opts.head_damp.unwrap_or(opts.damp),
                 act_order: opts.act_order,
             };
-            head_factor = Some(HessianFactor::new(&h, k, &gopts));
+            let factor = HessianFactor::new(&h, k, &gopts);
+            // GPTQ zeroes the weights of inputs that never fire: harmless in a head, but a tied
+            // table's rows are also the embeddings, whose every coordinate reaches the residual
+            // stream. Such a table is rounded to nearest instead.
+            let tied = model.weights.lm_head.is_none();
+            if !(tied && factor.dead.iter().any(|&d| d)) {
+                head_factor = Some(factor);
+            }
         }
     }
     drop(last_hidden);
