@@ -264,6 +264,20 @@ fn absurd_options_and_missing_files_are_refused_clearly() {
     ]);
     assert!(e.contains("\"self_atn\" matches no linear"), "{e}");
     assert!(!q.exists());
+    // A dense model has no routed experts: --bits 4 alone would quantize nothing to 4 bits.
+    let e = run(&[
+        "quantize",
+        "--method",
+        "rtn",
+        "--bits",
+        "4",
+        "--model",
+        fixture("llama-tiny").to_str().unwrap(),
+        "--out",
+        q.to_str().unwrap(),
+    ]);
+    assert!(e.contains("has none") && e.contains("--int4 NAME"), "{e}");
+    assert!(!q.exists());
     let calib = out.path().join("calib.txt");
     std::fs::write(
         &calib,

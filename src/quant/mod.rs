@@ -413,6 +413,15 @@ fn check_keep_f32(model: &mut Model, opts: &QuantOptions) -> Result<()> {
                     == crate::model::emoe::TensorClass::Experts
             })
             .collect();
+        // Without routed experts `--bits 4` alone would give 4 bits to nothing.
+        if experts.is_empty() && int4.also.is_empty() {
+            return Err(Error::invalid(
+                "--bits 4 gives 4-bit weights to routed experts and this model has none: name \
+                 the linears with --int4 NAME (on a Llama-style dense model, e.g. --int4 q_proj \
+                 --int4 k_proj --int4 o_proj --int4 gate_proj --int4 up_proj, which keeps v_proj \
+                 and down_proj at 8 bits; docs/quantization.md)",
+            ));
+        }
         if let Some(p) = int4
             .keep_int8
             .iter()
