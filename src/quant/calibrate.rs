@@ -109,14 +109,7 @@ impl LinearObserver for Calibrator {
             return;
         };
         let k = linear.in_features;
-        // XᵀX through the f32 kernel: transpose once, then (Xᵀ)(Xᵀ)ᵀ.
-        let mut xt = vec![0f32; k * rows];
-        for r in 0..rows {
-            for c in 0..k {
-                xt[c * rows + r] = x[r * k + c];
-            }
-        }
-        let xtx = gram(&xt, k, rows);
+        let xtx = xtx(x, rows, k);
         let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
         stats
             .entry(key)
@@ -129,9 +122,21 @@ impl LinearObserver for Calibrator {
 /// own start on, since the matrix is symmetric.
 const GRAM_BLOCK: usize = 64;
 
+/// XᵀX (`k × k`) of `rows` input rows `x` (`rows × k`) through the f32 kernel: transpose once,
+/// then (Xᵀ)(Xᵀ)ᵀ.
+pub(crate) fn xtx(x: &[f32], rows: usize, k: usize) -> Vec<f32> {
+    let mut xt = vec![0f32; k * rows];
+    for r in 0..rows {
+        for c in 0..k {
+            xt[c * rows + r] = x[r * k + c];
+        }
+    }
+    gram(&xt, k, rows)
+}
+
 /// XᵀX (`k × k`) from Xᵀ (`k × rows`): the upper triangle by blocks through the f32 kernel,
 /// mirrored into the lower.
-pub(crate) fn gram(xt: &[f32], k: usize, rows: usize) -> Vec<f32> {
+fn gram(xt: &[f32], k: usize, rows: usize) -> Vec<f32> {
     let mut g = vec![0f32; k * k];
     let mut block = vec![0f32; GRAM_BLOCK * k];
     for b0 in (0..k).step_by(GRAM_BLOCK) {

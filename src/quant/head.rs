@@ -4,7 +4,7 @@
 //! quantized layers left them, so GPTQ can round the head (and with it a tied embedding table)
 //! against the error it makes in the logits rather than row by row.
 
-use super::calibrate::gram;
+use super::calibrate::xtx;
 use crate::backend::cpu::backend::{CpuBackend, Rows};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -34,14 +34,8 @@ pub fn head_hessian(
                 )));
             }
             let rows = y.data.len() / k;
-            let mut xt = vec![0f32; k * rows];
-            for (r, row) in y.data.chunks_exact(k).enumerate() {
-                for (c, &v) in row.iter().enumerate() {
-                    xt[c * rows + r] = v;
-                }
-            }
-            // Summed in f64: 16 384 tokens of f32 partial sums per window would lose digits.
-            for (acc, v) in h.iter_mut().zip(gram(&xt, k, rows)) {
+            // Summed over the windows in f64, which f32 sums of ~16 000 tokens would not keep.
+            for (acc, v) in h.iter_mut().zip(xtx(&y.data, rows, k)) {
                 *acc += v as f64;
             }
             tokens += rows;
