@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# edgemoe W4A8 beside llama.cpp Q4_K_M and Q4_0 on the same models (issue 28, point 3): file
+# edgemoe W4A8 and W8A8 beside llama.cpp Q8_0, Q4_K_M and Q4_0 on the same models (issue 28): file
 # size, perplexity loss against the same f32 weights, and prefill / decode speed. Prints one
 # table (markdown).
 #
@@ -20,11 +20,13 @@
 #   perplexity is compared with its own f32 perplexity under its own protocol: the "loss" column,
 #   ppl_quantized / ppl_f32 - 1.
 # speed: builtin:mixtral-bench and builtin:smol-moe. llama.cpp's files: `edgemoe export --dtype
-#   bf16`, `tools/llama_cpp.sh gguf ... bf16`, `llama-quantize` to Q4_K_M and Q4_0. edgemoe's:
-#   `quantize --method rtn --bits 4` of the builtin (routed experts 4-bit, attention and head
-#   int8: the W4A8 default) and W8A8 as `bench --quant rtn`. PAIRS (default 3) alternated rounds
-#   of llama-bench (--repack 0 -t 2 -p 64 -n 64 -r 3) on each GGUF and `edgemoe bench -p 64 -n 64
-#   -b 1 --threads 2 -r 3` on each; the table gives the median of each run's mean tok/s.
+#   bf16`, `tools/llama_cpp.sh gguf ... bf16`, `llama-quantize` to Q8_0, Q4_K_M and Q4_0.
+#   edgemoe's: `quantize --method rtn --bits 4` of the builtin (routed experts 4-bit, attention
+#   and head int8: the W4A8 default) and `quantize --method rtn` (W8A8). PAIRS (default 3)
+#   alternated rounds of llama-bench (--repack 0 -t 2 -p 64 -n 64 -r 3) on each GGUF and `edgemoe
+#   bench -p 64 -n 64 -b 1 --threads 2 -r 3` on each .emoe; the table gives the median of each
+#   run's mean tok/s, and a second table issue 28's ratios (W8A8 against Q8_0, W4A8 against
+#   Q4_K_M and against W8A8).
 #
 # Files go to target/w4_vs_llama/ (ignored by git); converted and quantized models already there
 # are reused (delete the directory to redo them). Needs llama.cpp built by `tools/llama_cpp.sh
@@ -108,22 +110,23 @@ if [[ $what == speed || $what == all ]]; then
     once "$b-bf16.gguf" bash tools/llama_cpp.sh gguf "$b-hf" "$b-bf16.gguf" bf16
     once "$b-q4_k_m.gguf" "$llama/llama-quantize" "$b-bf16.gguf" "$b-q4_k_m.gguf" Q4_K_M
     once "$b-q4_0.gguf" "$llama/llama-quantize" "$b-bf16.gguf" "$b-q4_0.gguf" Q4_0
+    once "$b-q8_0.gguf" "$llama/llama-quantize" "$b-bf16.gguf" "$b-q8_0.gguf" Q8_0
     once "$b-w4a8.emoe" "$edgemoe" quantize --model "builtin:$m" --method rtn --bits 4 \
       --threads 2 --out "$b-w4a8.emoe"
-    for f in q4_k_m q4_0; do row size "$m" "llama.cpp ${f^^}" bytes "$(size "$b-$f.gguf")"; done
-    row size "$m" "edgemoe W4A8" bytes "$(size "$b-w4a8.emoe")"
+    once "$b-w8a8.emoe" "$edgemoe" quantize --model "builtin:$m" --method rtn \
+      --threads 2 --out "$b-w8a8.emoe"
+    for f in q8_0 q4_k_m q4_0; do row size "$m" "llama.cpp ${f^^}" bytes "$(size "$b-$f.gguf")"; done
+    for side in w8a8 w4a8; do row size "$m" "edgemoe ${side^^}" bytes "$(size "$b-$side.emoe")"; done
     for i in $(seq 1 "$pairs"); do
-      for f in q4_k_m q4_0; do
+      for f in q8_0 q4_k_m q4_0; do
         "$llama/llama-bench" -m "$b-$f.gguf" --repack 0 -t 2 -p 64 -n 64 -r 3 -o json 2>/dev/null |
           python3 -c "
 import json, sys
 for r in json.load(sys.stdin):
     print('speed\t$m\tllama.cpp ${f^^}\t%s\t%s' % ('tg' if r['n_gen'] else 'pp', r['avg_ts']))" >>"$rows"
       done
-      for side in w4a8 w8a8; do
-        model=(--model "$b-w4a8.emoe")
-        [[ $side == w8a8 ]] && model=(--model "builtin:$m" --quant rtn)
-        "$edgemoe" bench "${model[@]}" -p 64 -n 64 -b 1 --threads 2 -r 3 --json 2>/dev/null |
+      for side in w8a8 w4a8; do
+        "$edgemoe" bench --model "$b-$side.emoe" -p 64 -n 64 -b 1 --threads 2 -r 3 --json 2>/dev/null |
           python3 -c "
 import json, sys
 for r in json.load(sys.stdin)['results']:
@@ -172,4 +175,20 @@ for model, weights in order:
     cells += [f"{pp:.1f}" if pp else "", f"{tg:.1f}" if tg else "",
               f"{tg / base:.2f}×" if tg and base else ""]
     print("| " + " | ".join(cells) + " |")
+
+# Issue 28's speed ratios, per model: each edgemoe side against llama.cpp at its bits, and W4A8
+# against W8A8 (all medians of the alternated runs above).
+ratios = [("W8A8 pp64 / Q8_0", "edgemoe W8A8", "llama.cpp Q8_0", "pp", 2.0),
+          ("W8A8 tg64 / Q8_0", "edgemoe W8A8", "llama.cpp Q8_0", "tg", 1.3),
+          ("W4A8 tg64 / Q4_K_M", "edgemoe W4A8", "llama.cpp Q4_K_M", "tg", 1.3),
+          ("W4A8 tg64 / W8A8", "edgemoe W4A8", "edgemoe W8A8", "tg", 1.6)]
+if any(k[2] == "speed" for k in vals):
+    print()
+    print("| model | ratio | value | issue 28's bound |")
+    print("| --- | --- | ---: | ---: |")
+    for model in models:
+        for name, a, b, key, bound in ratios:
+            x, y = get(model, a, "speed", key), get(model, b, "speed", key)
+            if x and y:
+                print(f"| {model} | {name} | {x / y:.2f}× | ≥ {bound}× |")
 PY

@@ -53,6 +53,10 @@ pub fn rotate_rows_back(x: &mut [f32], width: usize, block: usize) {
 }
 
 /// Each row's runs of `block` mixed position by position by `C_m` (or `C_mᵀ`).
+///
+/// Output run `k` is `Σ_j C[k][j]·run_j`, built as whole-run multiply-adds over contiguous
+/// values (which vectorize) in the order `j = 0, 1, …` — the same operations, in the same order,
+/// as a dot product over `j` at each position, so the result is that definition's bit for bit.
 fn mix_runs(x: &mut [f32], width: usize, block: usize, transposed: bool) {
     debug_assert!(width.is_multiple_of(block) && x.len().is_multiple_of(width));
     let m = width / block;
@@ -69,18 +73,62 @@ fn mix_runs(x: &mut [f32], width: usize, block: usize, transposed: bool) {
             }
         })
         .collect();
-    let (mut gathered, mut mixed) = (vec![0f32; m], vec![0f32; m]);
+    let mut mixed = vec![0f32; width];
     for row in x.chunks_exact_mut(width) {
-        for t in 0..block {
-            for (j, g) in gathered.iter_mut().enumerate() {
-                *g = row[j * block + t];
+        for (k, out) in mixed.chunks_exact_mut(block).enumerate() {
+            let ck = &c[k * m..(k + 1) * m];
+            out.iter_mut()
+                .zip(&row[..block])
+                .for_each(|(o, &v)| *o = ck[0] * v);
+            for (j, run) in row.chunks_exact(block).enumerate().skip(1) {
+                out.iter_mut().zip(run).for_each(|(o, &v)| *o += ck[j] * v);
             }
-            for (k, out) in mixed.iter_mut().enumerate() {
-                let ck = &c[k * m..(k + 1) * m];
-                *out = ck.iter().zip(&gathered).map(|(a, b)| a * b).sum();
+        }
+        row.copy_from_slice(&mixed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::rng::SplitMix64;
+
+    /// The definition, position by position: gather the `m` values at `t`, dot with `C`'s rows.
+    fn mix_runs_by_position(x: &mut [f32], width: usize, block: usize, transposed: bool) {
+        let m = width / block;
+        for row in x.chunks_exact_mut(width) {
+            for t in 0..block {
+                let gathered: Vec<f32> = (0..m).map(|j| row[j * block + t]).collect();
+                for k in 0..m {
+                    let c = |j: usize| {
+                        if transposed {
+                            dct_entry(m, j, k)
+                        } else {
+                            dct_entry(m, k, j)
+                        }
+                    };
+                    row[k * block + t] = (0..m).map(|j| c(j) * gathered[j]).sum();
+                }
             }
-            for (k, &v) in mixed.iter().enumerate() {
-                row[k * block + t] = v;
+        }
+    }
+
+    #[test]
+    fn run_mixing_equals_the_per_position_dot_products_bit_for_bit() {
+        let mut rng = SplitMix64::new(7);
+        for (m, block, rows) in [(1, 64, 2), (3, 32, 3), (7, 64, 2), (5, 128, 1)] {
+            let width = m * block;
+            let x: Vec<f32> = (0..rows * width).map(|_| rng.normal()).collect();
+            for transposed in [false, true] {
+                let (mut got, mut want) = (x.clone(), x.clone());
+                mix_runs(&mut got, width, block, transposed);
+                mix_runs_by_position(&mut want, width, block, transposed);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "m {m} block {block} t {transposed}"
+                );
             }
         }
     }

@@ -399,7 +399,24 @@ impl Backend for CpuBackend {
     }
 
     fn rotate_rows(&self, x: &mut Rows, block: usize) {
-        rotate_rows(&mut x.data, x.cols, block);
+        // Rows are independent: a prefill's rows split over the pool (one row is a few µs).
+        let cols = x.cols;
+        let rows = x.rows();
+        let threads = if kernel_threads() == 1 {
+            1
+        } else {
+            self.pool.current_num_threads()
+        };
+        if threads > 1 && rows >= 2 * threads {
+            let per_task = rows.div_ceil(threads * 2) * cols;
+            self.pool.install(|| {
+                x.data
+                    .par_chunks_mut(per_task)
+                    .for_each(|rows| rotate_rows(rows, cols, block))
+            });
+        } else {
+            rotate_rows(&mut x.data, cols, block);
+        }
     }
 
     fn route(&self, logits: &Rows, top_k: usize, renormalize: bool, first_row: usize) -> Vec<Pick> {

@@ -89,9 +89,46 @@ fn tile<const R: usize, const C: usize>(
             }
         }
     }
-    for (sums_r, acc_r) in sums.iter_mut().zip(&acc) {
-        for ((s, &a), &row_sum) in sums_r.iter_mut().zip(acc_r).zip(row_sums) {
-            *s = _mm512_reduce_add_epi32(a).wrapping_sub(row_sum.wrapping_mul(128));
-        }
+    // Sixteen horizontal sums at once: `reduce_tile` leaves sum (r, c) in lane 4r + c.
+    let row_sums_x128: [i32; 4] =
+        std::array::from_fn(|c| row_sums.get(c).map_or(0, |s| s.wrapping_mul(128)));
+    let [c0, c1, c2, c3] = row_sums_x128;
+    let correction = _mm512_setr4_epi32(c0, c1, c2, c3);
+    let totals = _mm512_sub_epi32(reduce_tile(&acc), correction);
+    let mut lanes = [0i32; 16];
+    // SAFETY: `lanes` is 16 writable i32; `storeu` has no alignment requirement.
+    unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), totals) };
+    for (r, sums_r) in sums.iter_mut().enumerate().take(R) {
+        sums_r[..C].copy_from_slice(&lanes[4 * r..4 * r + C]);
     }
+}
+
+/// Lane sums of up to 4 × 4 accumulators: lane `4r + c` of the result is the sum of the 16
+/// lanes of `acc[r][c]` (absent accumulators count as zero). A transpose-and-add tree: about
+/// three shuffles or adds per accumulator instead of the eight of a reduction each.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn reduce_tile<const R: usize, const C: usize>(acc: &[[__m512i; C]; R]) -> __m512i {
+    let zero = _mm512_setzero_si512();
+    let at = |r: usize, c: usize| if r < R && c < C { acc[r][c] } else { zero };
+    // One token's four accumulators → per 128-bit lane L: [Σ_L a0, Σ_L a1, Σ_L a2, Σ_L a3].
+    let quad = |r: usize| {
+        if r >= R {
+            return zero;
+        }
+        let pair = |a: __m512i, b: __m512i| {
+            _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b))
+        };
+        let (ab, cd) = (pair(at(r, 0), at(r, 1)), pair(at(r, 2), at(r, 3)));
+        _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd))
+    };
+    // Then the four 128-bit lanes of each token's quad added, the quads landing in lane r.
+    let halves = |a: __m512i, b: __m512i| {
+        _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(a, b),
+        )
+    };
+    let (q01, q23) = (halves(quad(0), quad(1)), halves(quad(2), quad(3)));
+    halves(q01, q23)
 }

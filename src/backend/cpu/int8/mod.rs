@@ -499,11 +499,7 @@ unsafe fn gemm_tiled<K: DotKernel>(
         let mut sums = [[0; TILE]; TILE];
         // SAFETY: the caller guarantees `K`'s features; shapes are checked inside.
         unsafe { K::dots(&xs[..r], &ws[..c], &row_sums[..c], &mut sums) };
-        for (i, row) in sums[..r].iter().enumerate() {
-            for (&j, &acc) in js.iter().zip(&row[..c]) {
-                sink.store(t0 + i, j, acc);
-            }
-        }
+        sink.store_tile(t0, &sums[..r], js);
     };
     if x.rows <= K::GEMM_ROWS {
         streaming_tiles(cols, K::STREAM_COLS, |js| tile(0, x.rows, js));
@@ -615,19 +611,36 @@ impl<'a> ColumnSink<'a> {
     /// Writes `out[t][j]` from its integer dot product.
     #[inline]
     fn store(&self, t: usize, j: usize, acc: i32) {
+        self.store_tile(t, &[[acc; TILE]], &[j]);
+    }
+
+    /// Writes a register tile: `out[t0 + i][js[c]]` from `sums[i][c]`, for `c < js.len()`.
+    /// Bounds are checked once per tile, and each weight row's scale and bias read once.
+    #[inline]
+    fn store_tile(&self, t0: usize, sums: &[[i32; TILE]], js: &[usize]) {
         assert!(
-            t < self.rows && self.cols.contains(&j),
-            "({t}, {j}) outside this task"
+            t0 + sums.len() <= self.rows && js.len() <= TILE,
+            "tokens {t0}..{} outside 0..{}",
+            t0 + sums.len(),
+            self.rows
         );
-        let value = epilogue(
-            acc,
-            self.x_scales[t],
-            self.w_scales[j],
-            self.bias.map(|b| b[j]),
-        );
-        // SAFETY: t < rows and j < n, so the index is inside `out` (`new`'s contract), and j is
-        // one of this sink's columns, which no other live sink writes.
-        unsafe { self.out.0.add(t * self.n + j).write(value) };
+        let mut w_scales = [0f32; TILE];
+        let mut biases = [None; TILE];
+        for (c, &j) in js.iter().enumerate() {
+            assert!(self.cols.contains(&j), "column {j} outside this task");
+            w_scales[c] = self.w_scales[j];
+            biases[c] = self.bias.map(|b| b[j]);
+        }
+        for (i, row) in sums.iter().enumerate() {
+            let x_scale = self.x_scales[t0 + i];
+            for (c, &j) in js.iter().enumerate() {
+                let value = epilogue(row[c], x_scale, w_scales[c], biases[c]);
+                // SAFETY: t0 + i < rows and j < n (checked above), so the index is inside `out`
+                // (`new`'s contract), and j is one of this sink's columns, which no other live
+                // sink writes.
+                unsafe { self.out.0.add((t0 + i) * self.n + j).write(value) };
+            }
+        }
     }
 }
 
