@@ -71,6 +71,28 @@ once() {
   "$@" >"$file.log" 2>&1 || { tail -n 20 "$file.log" >&2; rm -f "$file"; die "making $file failed"; }
 }
 
+# Bytes of weights a llama.cpp decode step reads: every tensor but the embedding table (one row a
+# token; it is the head when there is no output.weight) and, of the routed experts' stacked
+# tensors, top-k of n experts. Its KV cache (f16, a few hundred KiB at 128 tokens) is left out.
+gguf_token_bytes() { # MODEL.gguf -> bytes
+  "${LLAMA_CPP_VENV:-$repo/target/llama.cpp-venv}/bin/python" - "$1" <<'PY'
+import sys
+import gguf
+
+r = gguf.GGUFReader(sys.argv[1])
+arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+used = int(r.fields[f"{arch}.expert_used_count"].parts[-1][0]) if f"{arch}.expert_used_count" in r.fields else 0
+names = {t.name for t in r.tensors}
+total = 0.0
+for t in r.tensors:
+    if t.name == "token_embd.weight" and "output.weight" in names:
+        continue
+    share = used / int(t.shape[-1]) if "_exps." in t.name else 1.0
+    total += int(t.n_bytes) * share
+print(int(total))
+PY
+}
+
 llama_ppl() { # MODEL CTX -> perplexity
   "$llama/llama-perplexity" -m "$1" -f "$text" -c "$2" -b "$2" -t 2 >"$out/ppl.log" 2>&1 ||
     { tail -n 20 "$out/ppl.log" >&2; die "llama-perplexity failed on $1"; }
@@ -115,7 +137,10 @@ if [[ $what == speed || $what == all ]]; then
       --threads 2 --out "$b-w4a8.emoe"
     once "$b-w8a8.emoe" "$edgemoe" quantize --model "builtin:$m" --method rtn \
       --threads 2 --out "$b-w8a8.emoe"
-    for f in q8_0 q4_k_m q4_0; do row size "$m" "llama.cpp ${f^^}" bytes "$(size "$b-$f.gguf")"; done
+    for f in q8_0 q4_k_m q4_0; do
+      row size "$m" "llama.cpp ${f^^}" bytes "$(size "$b-$f.gguf")"
+      row decode "$m" "llama.cpp ${f^^}" bytes "$(gguf_token_bytes "$b-$f.gguf")"
+    done
     for side in w8a8 w4a8; do row size "$m" "edgemoe ${side^^}" bytes "$(size "$b-$side.emoe")"; done
     for i in $(seq 1 "$pairs"); do
       for f in q8_0 q4_k_m q4_0; do
@@ -126,11 +151,17 @@ for r in json.load(sys.stdin):
     print('speed\t$m\tllama.cpp ${f^^}\t%s\t%s' % ('tg' if r['n_gen'] else 'pp', r['avg_ts']))" >>"$rows"
       done
       for side in w8a8 w4a8; do
-        "$edgemoe" bench --model "$b-$side.emoe" -p 64 -n 64 -b 1 --threads 2 -r 3 --json 2>/dev/null |
+        "$edgemoe" bench --model "$b-$side.emoe" -p 64 -n 64 -b 1 --threads 2 -r 3 --json \
+          --membw 2>/dev/null |
           python3 -c "
 import json, sys
-for r in json.load(sys.stdin)['results']:
-    print('speed\t$m\tedgemoe ${side^^}\t%s\t%s' % (r['test'][:2], r['tokens_per_s']['mean']))" >>"$rows"
+d = json.load(sys.stdin)
+for r in d['results']:
+    print('speed\t$m\tedgemoe ${side^^}\t%s\t%s' % (r['test'][:2], r['tokens_per_s']['mean']))
+    if r['test'].startswith('tg'):
+        b = r['decode_bytes_per_token']
+        print('decode\t$m\tedgemoe ${side^^}\tbytes\t%s' % (b['weights'] + b['kv_cache']))
+print('bandwidth\t$m\tmachine\tgbs\t%s' % d['read_bandwidth']['gb_per_s'])" >>"$rows"
       done
     done
   done
@@ -146,7 +177,7 @@ vals = collections.defaultdict(list)
 order = []
 for line in open(sys.argv[1]):
     kind, model, weights, key, value = line.rstrip("\n").split("\t")
-    if (model, weights) not in order:
+    if (model, weights) not in order and kind != "bandwidth":
         order.append((model, weights))
     vals[(model, weights, kind, key)].append(float(value))
 
@@ -175,6 +206,19 @@ for model, weights in order:
     cells += [f"{pp:.1f}" if pp else "", f"{tg:.1f}" if tg else "",
               f"{tg / base:.2f}×" if tg and base else ""]
     print("| " + " | ".join(cells) + " |")
+
+# Decode against the memory roofline: bytes a token reads, the GB/s the measured tok/s mean,
+# and their share of the read bandwidth edgemoe bench --membw measured in the same run.
+if any(k[2] == "decode" for k in vals):
+    print()
+    print("| model | weights | MB/token | tg64 tok/s | GB/s read | of the bandwidth |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for model, weights in order:
+        b, tg = get(model, weights, "decode", "bytes"), get(model, weights, "speed", "tg")
+        bw = get(model, "machine", "bandwidth", "gbs")
+        if b and tg:
+            share = f"{b * tg / 1e9 / bw * 100:.0f}% of {bw:.1f}" if bw else ""
+            print(f"| {model} | {weights} | {b / 1e6:.1f} | {tg:.1f} | {b * tg / 1e9:.1f} | {share} |")
 
 # Issue 28's speed ratios, per model: each edgemoe side against llama.cpp at its bits, and W4A8
 # against W8A8 (all medians of the alternated runs above).

@@ -134,6 +134,28 @@ pub fn table(info: &ModelInfo, results: &[PointResult]) -> String {
     s
 }
 
+/// Lines under the table: the measured read bandwidth, and per decode row the tokens/s that
+/// bandwidth allows for the row's bytes per token (weights and KV cache) and the share reached.
+pub fn roofline(results: &[PointResult], threads: usize, gbs: f64) -> String {
+    let mut s = format!("\nmemory read bandwidth: {gbs:.1} GB/s ({threads} threads)\n");
+    for row in rows(results) {
+        let (weights, kv) = row.r.decode_bytes_per_token();
+        let bytes = weights + kv;
+        if !row.test.starts_with("tg") || bytes <= 0.0 {
+            continue;
+        }
+        let bound = gbs * 1e9 / bytes;
+        let (tps, _) = mean_sd(&row.tps);
+        s += &format!(
+            "{}: {:.1} MB/token bounds decode at {bound:.1} tok/s; measured {tps:.1} ({:.0}%)\n",
+            row.test,
+            bytes / 1e6,
+            100.0 * tps / bound
+        );
+    }
+    s
+}
+
 pub fn json(info: &ModelInfo, results: &[PointResult]) -> serde_json::Value {
     let tests: Vec<_> = rows(results)
         .iter()

@@ -56,6 +56,11 @@ pub struct BenchArgs {
     pub quant: Option<String>,
     #[command(flatten)]
     pub kv: super::kv::KvArgs,
+    /// Also measure this machine's memory read bandwidth (a 1 GiB buffer streamed by the sweep's
+    /// largest thread count) and print it beside the decode figures: the roofline a decode
+    /// step's bytes per token sets.
+    #[arg(long)]
+    pub membw: bool,
     /// Also draw tokens/s into this SVG file: a panel per test kind and swept parameter.
     #[arg(long)]
     pub plot: Option<std::path::PathBuf>,
@@ -195,15 +200,31 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         bar.inc(1);
     }
     bar.finish_and_clear();
+    // Measured after the runs, with the model's pages already resident, so it competes with
+    // nothing; its buffer is freed before anything prints.
+    let bandwidth = a.membw.then(|| {
+        let threads = results.iter().map(|r| r.point.threads).max().unwrap_or(1);
+        (
+            threads,
+            crate::util::membw::read_bandwidth_gbs(1 << 30, threads, 5),
+        )
+    });
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report::json(&info, &results))?
-        );
+        let mut doc = report::json(&info, &results);
+        if let (Some((threads, gbs)), Some(obj)) = (bandwidth, doc.as_object_mut()) {
+            obj.insert(
+                "read_bandwidth".into(),
+                serde_json::json!({"threads": threads, "gb_per_s": gbs}),
+            );
+        }
+        println!("{}", serde_json::to_string_pretty(&doc)?);
     } else if a.csv {
         print!("{}", report::csv(&info, &results));
     } else {
         print!("{}", report::table(&info, &results));
+        if let Some((threads, gbs)) = bandwidth {
+            print!("{}", report::roofline(&results, threads, gbs));
+        }
     }
     if let Some(path) = &a.plot {
         report::plot(path, &results)?;
