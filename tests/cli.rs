@@ -303,3 +303,58 @@ fn synth_moe_writes_only_files_it_can_read() {
         assert!(!out.exists());
     }
 }
+
+/// `bench --membw` prints the measured read bandwidth and, per decode row, the tokens/s it
+/// allows for the row's bytes per token: checked by redoing the arithmetic from the printed
+/// figures (bound × MB/token = bandwidth, share = measured / bound).
+#[test]
+fn bench_membw_prints_a_consistent_roofline() {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgemoe"))
+        .args(["bench", "--model"])
+        .arg(model())
+        .args(["-p", "4", "-n", "4", "-r", "1", "--threads", "1", "--membw"])
+        .output()
+        .expect("run edgemoe bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let number_after = |line: &str, key: &str| -> f64 {
+        let rest = &line[line
+            .find(key)
+            .unwrap_or_else(|| panic!("{key:?} in {line:?}"))
+            + key.len()..];
+        let digits: String = rest
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("a number after {key:?} in {line:?}"))
+    };
+    let bw_line = text
+        .lines()
+        .find(|l| l.starts_with("memory read bandwidth:"))
+        .unwrap_or_else(|| panic!("no bandwidth line in {text}"));
+    let gbs = number_after(bw_line, "bandwidth:");
+    assert!(gbs > 0.0 && bw_line.ends_with("(1 threads)"), "{bw_line}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("tg4@pp4:"))
+        .unwrap_or_else(|| panic!("no roofline row in {text}"));
+    let (mb, bound) = (
+        number_after(row, "tg4@pp4:"),
+        number_after(row, "decode at"),
+    );
+    let (measured, share) = (number_after(row, "measured"), number_after(row, "("));
+    assert!(mb > 0.0, "{row}");
+    // Printed with one decimal: allow for that rounding.
+    assert!(
+        (mb * bound / 1e3 - gbs).abs() <= 0.06 * bound / 1e3 + 0.05 * mb / 1e3 + 0.05,
+        "{row} vs {gbs} GB/s"
+    );
+    assert!((100.0 * measured / bound - share).abs() <= 1.0, "{row}");
+}

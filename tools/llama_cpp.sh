@@ -12,6 +12,10 @@
 #       path faults in these VMs), and make a Python venv for the converter in
 #       target/llama.cpp-venv. Installs cmake/build-essential with apt-get when missing.
 #       A tarball already in target/llama.cpp-sdist is reused (delete it to fetch anew).
+#   tools/llama_cpp.sh build-avx2
+#       The same source built again for AVX2 + FMA + F16C only (no AVX-512, no VNNI) into
+#       target/llama.cpp/build-avx2/bin (llama-bench, llama-quantize, llama-perplexity): the
+#       stand-in for a CPU without AVX-512 (LLAMA_CPP_BIN=... tools/w4_vs_llama.sh).
 #   tools/llama_cpp.sh gguf HF_DIR OUT.gguf [q8_0|f16|bf16|f32]     (default q8_0)
 #       Convert a Hugging Face checkpoint directory (e.g. from `edgemoe export`) with the
 #       sdist's convert_hf_to_gguf.py; q8_0 converts to bf16 first, then runs llama-quantize.
@@ -98,6 +102,25 @@ build() {
     echo "built: $(ls "$bin" | tr '\n' ' ')" >&2
 }
 
+# A second build for the AVX2 stand-in (issue 28): the same source compiled for AVX2 + FMA +
+# F16C only (no AVX-512, no AVX-VNNI), as llama.cpp runs on a CPU without AVX-512, into
+# build-avx2/bin; compare it with edgemoe under EDGEMOE_INT8_TIER=avx2 EDGEMOE_HALF_TIER=avx2.
+build_avx2() {
+    need_tools
+    fetch_source
+    cmake -S "$src" -B "$src/build-avx2" -DCMAKE_BUILD_TYPE=Release \
+        -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+        -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF \
+        -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF \
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+        -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF \
+        -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF >&2
+    cmake --build "$src/build-avx2" --config Release -j "$jobs" \
+        --target llama-bench llama-quantize llama-perplexity >&2
+    echo "built: $(ls "$src/build-avx2/bin" | tr '\n' ' ')" >&2
+}
+
 # The converter's Python packages, in a venv of its own. torch comes from PyPI (the converter
 # imports it; the CPU-only index it names is out of reach here), gguf from the sdist's gguf-py
 # so it matches convert_hf_to_gguf.py, transformers at the version the converter pins.
@@ -166,6 +189,7 @@ run_prompt() {
 
 case ${1:-} in
 build) build ;;
+build-avx2) build_avx2 ;;
 gguf) shift; gguf "$@" ;;
 bench) shift; bench "$@" ;;
 run) shift; run_prompt "$@" ;;

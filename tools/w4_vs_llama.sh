@@ -31,14 +31,16 @@
 # Files go to target/w4_vs_llama/ (ignored by git); converted and quantized models already there
 # are reused (delete the directory to redo them). Needs llama.cpp built by `tools/llama_cpp.sh
 # build` (llama-bench, llama-quantize, llama-perplexity and the converter's venv); honours
-# LLAMA_CPP_DIR and LLAMA_CPP_VENV as that script does. Environment: PAIRS, CTXS (default
-# "256 1024"), METHOD (SmolLM2's edgemoe method, default haq).
+# LLAMA_CPP_DIR and LLAMA_CPP_VENV as that script does, and LLAMA_CPP_BIN (the directory of its
+# binaries: target/llama.cpp/build-avx2/bin after `tools/llama_cpp.sh build-avx2` for the AVX2
+# stand-in, with EDGEMOE_INT8_TIER=avx2 EDGEMOE_HALF_TIER=avx2 for edgemoe). Environment:
+# PAIRS, CTXS (default "256 1024"), METHOD (SmolLM2's edgemoe method, default haq).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 what=${1:-all}
 edgemoe=$(realpath "${2:-target/release/edgemoe}")
-llama=${LLAMA_CPP_DIR:-$repo/target/llama.cpp}/build/bin
+llama=${LLAMA_CPP_BIN:-${LLAMA_CPP_DIR:-$repo/target/llama.cpp}/build/bin}
 pairs=${PAIRS:-3}
 ctxs=${CTXS:-256 1024}
 method=${METHOD:-haq}
