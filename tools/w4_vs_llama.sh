@@ -22,7 +22,8 @@
 # speed: builtin:mixtral-bench and builtin:smol-moe. llama.cpp's files: `edgemoe export --dtype
 #   bf16`, `tools/llama_cpp.sh gguf ... bf16`, `llama-quantize` to Q8_0, Q4_K_M and Q4_0.
 #   edgemoe's: `quantize --method rtn --bits 4` of the builtin (routed experts 4-bit, attention
-#   and head int8: the W4A8 default) and `quantize --method rtn` (W8A8). PAIRS (default 3)
+#   and head int8: the W4A8 default), `quantize --method rtn` (W8A8) and `export --dtype f32`
+#   (the f32 model, for W8A8's decode against it). PAIRS (default 3)
 #   alternated rounds of llama-bench (--repack 0 -t 2 -p 64 -n 64 -r 3) on each GGUF and `edgemoe
 #   bench -p 64 -n 64 -b 1 --threads 2 -r 3` on each .emoe; the table gives the median of each
 #   run's mean tok/s, and a second table issue 28's ratios (W8A8 against Q8_0, W4A8 against
@@ -139,6 +140,7 @@ if [[ $what == speed || $what == all ]]; then
       --threads 2 --out "$b-w4a8.emoe"
     once "$b-w8a8.emoe" "$edgemoe" quantize --model "builtin:$m" --method rtn \
       --threads 2 --out "$b-w8a8.emoe"
+    once "$b-f32/config.json" "$edgemoe" export --model "builtin:$m" --out "$b-f32" --dtype f32
     for f in q8_0 q4_k_m q4_0; do
       row size "$m" "llama.cpp ${f^^}" bytes "$(size "$b-$f.gguf")"
       row decode "$m" "llama.cpp ${f^^}" bytes "$(gguf_token_bytes "$b-$f.gguf")"
@@ -152,8 +154,10 @@ import json, sys
 for r in json.load(sys.stdin):
     print('speed\t$m\tllama.cpp ${f^^}\t%s\t%s' % ('tg' if r['n_gen'] else 'pp', r['avg_ts']))" >>"$rows"
       done
-      for side in w8a8 w4a8; do
-        "$edgemoe" bench --model "$b-$side.emoe" -p 64 -n 64 -b 1 --threads 2 -r 3 --json \
+      for side in w8a8 w4a8 f32; do
+        file=$b-$side.emoe
+        [[ $side == f32 ]] && file=$b-f32
+        "$edgemoe" bench --model "$file" -p 64 -n 64 -b 1 --threads 2 -r 3 --json \
           --membw 2>/dev/null |
           python3 -c "
 import json, sys
@@ -227,7 +231,8 @@ if any(k[2] == "decode" for k in vals):
 ratios = [("W8A8 pp64 / Q8_0", "edgemoe W8A8", "llama.cpp Q8_0", "pp", 2.0),
           ("W8A8 tg64 / Q8_0", "edgemoe W8A8", "llama.cpp Q8_0", "tg", 1.3),
           ("W4A8 tg64 / Q4_K_M", "edgemoe W4A8", "llama.cpp Q4_K_M", "tg", 1.3),
-          ("W4A8 tg64 / W8A8", "edgemoe W4A8", "edgemoe W8A8", "tg", 1.6)]
+          ("W4A8 tg64 / W8A8", "edgemoe W4A8", "edgemoe W8A8", "tg", 1.6),
+          ("W8A8 tg64 / f32", "edgemoe W8A8", "edgemoe F32", "tg", 3.0)]
 if any(k[2] == "speed" for k in vals):
     print()
     print("| model | ratio | value | issue 28's bound |")
