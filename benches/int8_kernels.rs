@@ -11,7 +11,8 @@
 //!
 //! Then the criterion groups `gemv`, `gemm` and `quantize` run (short settings); a filter argument
 //! selects among them as usual. `EDGEMOE_BENCH_SUMMARY=0` skips the summary,
-//! `EDGEMOE_BENCH_CRITERION=0` the criterion groups.
+//! `EDGEMOE_BENCH_CRITERION=0` the criterion groups, `EDGEMOE_BENCH_GEMM=0` the summary's GEMM
+//! table; `EDGEMOE_BENCH_GEMV=NxK,…` replaces the summary's GEMV shapes.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -110,6 +111,27 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
+/// The summary's GEMV shapes: [`GEMV_SHAPES`], or `EDGEMOE_BENCH_GEMV=NxK,NxK,…` (e.g. a
+/// model's own matrices, `3584x1024,1024x3584,32000x1024` for `builtin:mixtral-bench`).
+fn gemv_shapes() -> Vec<(usize, usize)> {
+    let Ok(list) = std::env::var("EDGEMOE_BENCH_GEMV") else {
+        return GEMV_SHAPES.to_vec();
+    };
+    list.split(',')
+        .map(|s| {
+            let (n, k) = s
+                .trim()
+                .split_once('x')
+                .expect("EDGEMOE_BENCH_GEMV: NxK,NxK,…");
+            let dim = |v: &str| {
+                v.parse::<usize>()
+                    .expect("EDGEMOE_BENCH_GEMV: a whole number")
+            };
+            (dim(n), dim(k))
+        })
+        .collect()
+}
+
 /// Weights for a GEMV measurement: copies totalling ≥ 256 MiB, used in turn so that each call
 /// reads its weights from DRAM rather than from the last level cache.
 struct GemvCase {
@@ -152,10 +174,8 @@ impl GemvCase {
 fn print_gemv_table(buf: &[u64]) {
     const ROUNDS: usize = 9;
     let sums: [fn(&[u64]) -> u64; 3] = [sum_u64::<1>, sum_u64::<4>, sum_u64::<8>];
-    let mut cases: Vec<GemvCase> = GEMV_SHAPES
-        .iter()
-        .map(|&(n, k)| GemvCase::new(n, k))
-        .collect();
+    let shapes = gemv_shapes();
+    let mut cases: Vec<GemvCase> = shapes.iter().map(|&(n, k)| GemvCase::new(n, k)).collect();
     println!("| threads | read 1 / 4 / 8 streams | GEMV n×k | GEMV GB/s | ratio |");
     println!("|---|---|---|---|---|");
     for threads in THREADS {
@@ -181,7 +201,7 @@ fn print_gemv_table(buf: &[u64]) {
         }
         let read = read.map(median);
         let read_text = format!("{:.1} / {:.1} / {:.1}", read[0], read[1], read[2]);
-        for (i, (n, k)) in GEMV_SHAPES.into_iter().enumerate() {
+        for (i, &(n, k)) in shapes.iter().enumerate() {
             let (gb, r) = (median(gemv[i].clone()), median(ratio[i].clone()));
             println!("| {threads} | {read_text} | {n}×{k} | {gb:.1} | {r:.2} |");
         }
@@ -370,6 +390,9 @@ fn print_summary() {
     println!("GEMV ratio: GEMV GB/s over the best of the three, per round; medians of 9 rounds.\n");
     print_gemv_table(&buf);
     drop(buf);
+    if !env_enabled("EDGEMOE_BENCH_GEMM") {
+        return;
+    }
 
     let w = random_weights(GEMM_NK, GEMM_NK, 10);
     let wf = pack_f32_weights(&Rng(11).f32s(GEMM_NK * GEMM_NK), GEMM_NK, GEMM_NK);
