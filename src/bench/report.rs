@@ -137,6 +137,9 @@ pub fn table(info: &ModelInfo, results: &[PointResult]) -> String {
 /// Lines under the table: the measured read bandwidth, and per decode row the tokens/s that
 /// bandwidth allows for the row's bytes per token (weights and KV cache) and the share reached.
 pub fn roofline(results: &[PointResult], threads: usize, gbs: f64) -> String {
+    if gbs <= 0.0 || !gbs.is_finite() {
+        return "\nmemory read bandwidth: could not be measured\n".into();
+    }
     let mut s = format!("\nmemory read bandwidth: {gbs:.1} GB/s ({threads} threads)\n");
     for row in rows(results) {
         let (weights, kv) = row.r.decode_bytes_per_token();
