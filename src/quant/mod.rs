@@ -748,6 +748,9 @@ pub fn is_quantized_layer(name: &str) -> bool {
     !matches!(last, "gate" | "router" | "shared_expert_gate") && !name.ends_with(".router.layer")
 }
 
+/// An input's GPTQ factor, with its Hessian where 4-bit scales are refitted on it.
+type FactorAndHessian = (HessianFactor, Option<Vec<f32>>);
+
 fn quantize_layer(
     layer: &mut Layer,
     opts: &QuantOptions,
@@ -758,7 +761,7 @@ fn quantize_layer(
     // after another: only the current one is held, and each record is dropped once factored
     // (a Mixtral layer's eight down-projection Hessians are the largest thing a layer keeps).
     // With the factor, the Hessian itself where a 4-bit linear's scales are refitted on it.
-    let mut current: Option<(String, Option<(HessianFactor, Option<Vec<f32>>)>)> = None;
+    let mut current: Option<(String, Option<FactorAndHessian>)> = None;
     for lin in layer_linears(layer) {
         if !is_quantized_layer(&lin.name) || opts.keeps_f32(&lin.name) {
             continue;
