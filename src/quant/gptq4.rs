@@ -5,7 +5,9 @@
 //! A group's parameters come from the row's values when GPTQ reaches the group's first column,
 //! so they include the error pushed onto them by the columns before (as in GPTQ's grouped
 //! variant); with act-order the columns are visited out of order, so the parameters are taken
-//! from the original weights instead (static groups).
+//! from the original weights instead (static groups). Among a group's candidate ranges GPTQ's
+//! own cost picks by default ([`GroupRule::Gptq`]); once the codes are fixed, each row's
+//! scales can be refitted by least squares on the input's Hessian ([`refit_scales`]).
 
 use rayon::prelude::*;
 
@@ -21,20 +23,6 @@ const ROW_TILE: usize = 16;
 pub struct Int4Grid {
     pub group: usize,
     pub symmetric: bool,
-}
-
-impl Int4Quantized {
-    /// The values `scale · (u − zero)`, row-major `n × k`, in f32.
-    pub fn dequantize(&self, n: usize, k: usize, grid: Int4Grid) -> Vec<f32> {
-        let kg = k.div_ceil(grid.group);
-        (0..n * k)
-            .map(|idx| {
-                let (j, i) = (idx / k, idx % k);
-                let g = j * kg + i / grid.group;
-                dequantize(self.u[idx], f64::from(self.scales[g]), self.zeros[g]) as f32
-            })
-            .collect()
-    }
 }
 
 /// How a group's clipped range is chosen (see [`group_params`]).
