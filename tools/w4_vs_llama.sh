@@ -9,9 +9,9 @@
 #   weights" on both sides: llama.cpp's F32 GGUF is `llama-quantize --allow-requantize` of it to
 #   F32 (the Q4_1 blocks dequantized), and Q4_K_M / Q4_0 are quantized from that F32 file (no
 #   imatrix); edgemoe's f32 is `ppl --gguf-f32` of the same GGUF, and its W4A8 is `quantize
-#   --bits 4` with every attention and MLP linear at 4 bits but v_proj and down_proj (int8, as
-#   llama.cpp's Q4_K_M gives those more bits too; W4_ARGS overrides; the tied embedding / head
-#   stays int8 weight-only) with the haq method on tools/data/calib/mix.txt. The text is the held-out set (tools/data/heldout/:
+#   --bits 4` with every attention and MLP linear at 4 bits, in groups of 32, but v_proj and
+#   down_proj (int8, as llama.cpp's Q4_K_M gives those more bits too; W4_ARGS overrides; the
+#   tied embedding / head stays int8 weight-only) with the haq method on tools/data/calib/mix.txt. The text is the held-out set (tools/data/heldout/:
 #   prose, docs, play, code, recall, concatenated; never calibrated on).
 #   Protocols: llama-perplexity cuts the text into chunks of ctx tokens and scores only the
 #   second half of each chunk (tokens ctx/2+1 .. ctx-1); edgemoe ppl scores every token of
@@ -45,11 +45,12 @@ llama=${LLAMA_CPP_BIN:-${LLAMA_CPP_DIR:-$repo/target/llama.cpp}/build/bin}
 pairs=${PAIRS:-3}
 ctxs=${CTXS:-256 1024}
 method=${METHOD:-haq}
-# SmolLM2's linears at 4 bits: all but v_proj and down_proj, which stay int8 (chosen by KL on
-# the quantization tuning texts within Q4_K_M's file size: docs/quantization.md). The old
-# recipe, every linear at 4 bits, is W4_ARGS="--int4 self_attn --int4 mlp".
+# SmolLM2's linears at 4 bits: all but v_proj and down_proj, which stay int8, in groups of 32
+# (both chosen by KL on the quantization tuning texts within Q4_K_M's file size:
+# docs/quantization.md, fifth and sixth rounds). The first recipe, every linear at 4 bits in
+# groups of 64, is W4_ARGS="--int4 self_attn --int4 mlp --group-size 64".
 # shellcheck disable=SC2206 # a list of arguments
-w4_args=(${W4_ARGS:---int4 q_proj --int4 k_proj --int4 o_proj --int4 gate_proj --int4 up_proj})
+w4_args=(${W4_ARGS:---int4 q_proj --int4 k_proj --int4 o_proj --int4 gate_proj --int4 up_proj --group-size 32})
 out=target/w4_vs_llama
 mkdir -p "$out"
 load0=$(cut -d' ' -f1-3 /proc/loadavg) # other tenants of a shared machine move every timing

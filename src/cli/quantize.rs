@@ -97,6 +97,15 @@ pub struct QuantizeArgs {
     /// (repeatable; e.g. `self_attn`).
     #[arg(long = "int4", value_name = "NAME")]
     pub int4_also: Vec<String>,
+    /// --bits 4: how GPTQ picks each group's clipped range: by GPTQ's own cost on the
+    /// input's Hessian (`gptq`) or by the group's squared rounding error (`mse`).
+    #[arg(long = "group-rule", value_enum, default_value = "gptq")]
+    pub group_rule: quant::gptq4::GroupRule,
+    /// --bits 4: refit each row's group scales by least squares on the input's Hessian once
+    /// GPTQ has fixed the codes (`true` or `false`).
+    #[arg(long = "scale-refit", value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::Set, default_value = "true")]
+    pub scale_refit: bool,
 }
 
 /// The default int4 group size (docs/quantization.md has the measurement behind it).
@@ -115,6 +124,11 @@ fn int4_options(a: &QuantizeArgs) -> anyhow::Result<Option<quant::Int4Options>> 
             (a.asymmetric, "--asymmetric"),
             (!a.keep_int8.is_empty(), "--keep-int8"),
             (!a.int4_also.is_empty(), "--int4"),
+            (
+                a.group_rule != quant::gptq4::GroupRule::Gptq,
+                "--group-rule",
+            ),
+            (!a.scale_refit, "--scale-refit"),
         ];
         if let Some((_, flag)) = stray.iter().find(|(set, _)| *set) {
             anyhow::bail!("{flag} applies to 4-bit weights: add --bits 4");
@@ -202,6 +216,8 @@ pub fn run(a: QuantizeArgs) -> anyhow::Result<()> {
     opts.keep_f32 = a.keep_f32.clone();
     opts.rotate = !a.no_rotate;
     opts.int4 = int4_options(&a)?;
+    opts.int4_rule = a.group_rule;
+    opts.int4_refit = a.scale_refit;
     // Finished layers wait beside the output, on its disk, not in memory.
     opts.spill_dir = Some(super::output_dir(&a.out).to_path_buf());
     match a.alpha.as_deref() {
