@@ -167,9 +167,36 @@ fn gptq_in_chunks(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::util::rng::SplitMix64;
+
+    /// Inputs with a few strong directions (rows of X), and their XᵀX: where GPTQ's
+    /// compensation matters. Shared with the int4 tests.
+    pub(crate) fn correlated_inputs(
+        rng: &mut SplitMix64,
+        rows: usize,
+        k: usize,
+    ) -> (Vec<f32>, Vec<f64>) {
+        let basis: Vec<f32> = (0..8 * k).map(|_| rng.normal()).collect();
+        let mut x = vec![0f32; rows * k];
+        for r in 0..rows {
+            let coef: Vec<f32> = (0..8).map(|_| rng.normal()).collect();
+            for i in 0..k {
+                x[r * k + i] =
+                    (0..8).map(|b| coef[b] * basis[b * k + i]).sum::<f32>() + 0.1 * rng.normal();
+            }
+        }
+        let mut h = vec![0f64; k * k];
+        for r in 0..rows {
+            for i in 0..k {
+                for j in 0..k {
+                    h[i * k + j] += f64::from(x[r * k + i]) * f64::from(x[r * k + j]);
+                }
+            }
+        }
+        (x, h)
+    }
 
     /// Output error ‖(W − Q)Xᵀ‖² summed over the rows of X.
     fn output_error(w: &[f32], q: &[i8], s: &[f32], x: &[f32], n: usize, k: usize) -> f64 {
@@ -222,23 +249,7 @@ mod tests {
         let mut rng = SplitMix64::new(5);
         let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
         // Correlated inputs with a few strong channels: where GPTQ's compensation matters.
-        let basis: Vec<f32> = (0..8 * k).map(|_| rng.normal()).collect();
-        let mut x = vec![0f32; rows * k];
-        for r in 0..rows {
-            let coef: Vec<f32> = (0..8).map(|_| rng.normal()).collect();
-            for i in 0..k {
-                x[r * k + i] =
-                    (0..8).map(|b| coef[b] * basis[b * k + i]).sum::<f32>() + 0.1 * rng.normal();
-            }
-        }
-        let mut h = vec![0f64; k * k];
-        for r in 0..rows {
-            for i in 0..k {
-                for j in 0..k {
-                    h[i * k + j] += x[r * k + i] as f64 * x[r * k + j] as f64;
-                }
-            }
-        }
+        let (x, h) = correlated_inputs(&mut rng, rows, k);
         let scales: Vec<f32> = (0..n).map(|j| row_scale(&w[j * k..(j + 1) * k])).collect();
         let rtn: Vec<i8> = (0..n * k)
             .map(|i| quantize_value(w[i] as f64, scales[i / k] as f64))

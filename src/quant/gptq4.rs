@@ -400,6 +400,7 @@ fn rtn_params(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::gptq::tests::correlated_inputs;
     use crate::quant::gptq::GptqOptions;
     use crate::util::rng::SplitMix64;
 
@@ -426,28 +427,6 @@ mod tests {
             }
         }
         e
-    }
-
-    /// Inputs with a few strong directions, and their XᵀX.
-    fn correlated_inputs(rng: &mut SplitMix64, rows: usize, k: usize) -> (Vec<f32>, Vec<f64>) {
-        let basis: Vec<f32> = (0..8 * k).map(|_| rng.normal()).collect();
-        let mut x = vec![0f32; rows * k];
-        for r in 0..rows {
-            let coef: Vec<f32> = (0..8).map(|_| rng.normal()).collect();
-            for i in 0..k {
-                x[r * k + i] =
-                    (0..8).map(|b| coef[b] * basis[b * k + i]).sum::<f32>() + 0.1 * rng.normal();
-            }
-        }
-        let mut h = vec![0f64; k * k];
-        for r in 0..rows {
-            for i in 0..k {
-                for j in 0..k {
-                    h[i * k + j] += f64::from(x[r * k + i]) * f64::from(x[r * k + j]);
-                }
-            }
-        }
-        (x, h)
     }
 
     /// Row `j`'s (w − ŵ)ᵀ H_d (w − ŵ), H_d = H + damp · mean diag(H) · I, from the dense
@@ -577,23 +556,7 @@ mod tests {
         let (n, k, rows) = (16, 96, 400);
         let mut rng = SplitMix64::new(11);
         let w: Vec<f32> = (0..n * k).map(|_| rng.normal()).collect();
-        let basis: Vec<f32> = (0..8 * k).map(|_| rng.normal()).collect();
-        let mut x = vec![0f32; rows * k];
-        for r in 0..rows {
-            let coef: Vec<f32> = (0..8).map(|_| rng.normal()).collect();
-            for i in 0..k {
-                x[r * k + i] =
-                    (0..8).map(|b| coef[b] * basis[b * k + i]).sum::<f32>() + 0.1 * rng.normal();
-            }
-        }
-        let mut h = vec![0f64; k * k];
-        for r in 0..rows {
-            for i in 0..k {
-                for j in 0..k {
-                    h[i * k + j] += f64::from(x[r * k + i]) * f64::from(x[r * k + j]);
-                }
-            }
-        }
+        let (x, h) = correlated_inputs(&mut rng, rows, k);
         for grid in [
             Int4Grid {
                 group: 32,
