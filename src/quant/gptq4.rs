@@ -25,7 +25,7 @@ pub struct Int4Grid {
     pub symmetric: bool,
 }
 
-/// How a group's clipped range is chosen (see [`group_params`]).
+/// How a group's clipped range is chosen (see `group_params` in this module).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
 )]
