@@ -71,21 +71,25 @@ impl HessianFactor {
         let mut hp: Vec<f64> = (0..k * k)
             .map(|idx| h[perm[idx / k] * k + perm[idx % k]].into())
             .collect();
-        for i in 0..k {
-            if dead[perm[i]] {
-                hp[i * k + i] = 1.0;
-            }
-        }
-        let mean_diag = (0..k).map(|i| hp[i * k + i]).sum::<f64>() / k as f64;
-        for i in 0..k {
-            hp[i * k + i] += opts.damp * mean_diag;
-        }
+        pin_and_damp(&mut hp, k, |i| dead[perm[i]], opts.damp);
         HessianFactor {
             k,
             perm,
             dead,
             hinv: inverse_upper_cholesky(hp, k),
         }
+    }
+}
+
+/// GPTQ's damping of `h` (`k × k`, in place): the diagonal of every input `dead(i)` says never
+/// fires set to 1, then `damp` × the diagonal's mean added to the whole diagonal.
+pub(super) fn pin_and_damp(h: &mut [f64], k: usize, dead: impl Fn(usize) -> bool, damp: f64) {
+    for i in (0..k).filter(|&i| dead(i)) {
+        h[i * k + i] = 1.0;
+    }
+    let mean_diag = (0..k).map(|i| h[i * k + i]).sum::<f64>() / k as f64;
+    for i in 0..k {
+        h[i * k + i] += damp * mean_diag;
     }
 }
 

@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::gptq::HessianFactor;
+use super::gptq::{pin_and_damp, HessianFactor};
 use super::linalg;
 use crate::model::int4::{round_scale, SYMMETRIC_ZERO};
 
@@ -57,19 +57,12 @@ const CLIP_STEPS: usize = 11;
 /// the error is never above the plain grid's).
 fn group_params(values: impl Iterator<Item = f64>, grid: Int4Grid) -> (f64, u8) {
     let values: Vec<f64> = values.collect();
-    let mut best = (f64::INFINITY, 0.0, SYMMETRIC_ZERO);
-    for step in 0..CLIP_STEPS {
-        let c = 1.0 - 0.025 * step as f64;
-        let (s, z) = range_params(&values, c, grid);
-        let err: f64 = values
+    best_range(&values, grid, |s, z| {
+        values
             .iter()
             .map(|&v| (v - dequantize(quantize_value(v, s, z), s, z)).powi(2))
-            .sum();
-        if err < best.0 {
-            best = (err, s, z);
-        }
-    }
-    (best.1, best.2)
+            .sum()
+    })
 }
 
 /// [`group_params`] by GPTQ's own cost: the group's (error-updated) `values` at columns
@@ -84,10 +77,7 @@ fn group_params_gptq(
     scratch: &mut Vec<f64>,
 ) -> (f64, u8) {
     let len = values.len();
-    let mut best = (f64::INFINITY, 0.0, SYMMETRIC_ZERO);
-    for step in 0..CLIP_STEPS {
-        let c = 1.0 - 0.025 * step as f64;
-        let (s, z) = range_params(values, c, grid);
+    best_range(values, grid, |s, z| {
         scratch.clear();
         scratch.extend_from_slice(values);
         let mut cost = 0.0;
@@ -102,8 +92,20 @@ fn group_params_gptq(
                 &hinv[i * k + i + 1..i * k + i0 + len],
             );
         }
-        if cost < best.0 {
-            best = (cost, s, z);
+        cost
+    })
+}
+
+/// Of the [`CLIP_STEPS`] candidate grids over `values`' range shrunk by 1, 0.975, …, the one
+/// with the least `cost(scale, zero)` (the first of equals).
+fn best_range(values: &[f64], grid: Int4Grid, mut cost: impl FnMut(f64, u8) -> f64) -> (f64, u8) {
+    let mut best = (f64::INFINITY, 0.0, SYMMETRIC_ZERO);
+    for step in 0..CLIP_STEPS {
+        let c = 1.0 - 0.025 * step as f64;
+        let (s, z) = range_params(values, c, grid);
+        let err = cost(s, z);
+        if err < best.0 {
+            best = (err, s, z);
         }
     }
     (best.1, best.2)
@@ -334,18 +336,11 @@ pub fn refit_scales(
         .sum()
 }
 
-/// H damped as GPTQ damps it (an input that never fires pinned to 1, then `damp` × the
-/// diagonal's mean added), in f64, and which inputs never fire.
+/// H damped as GPTQ damps it ([`pin_and_damp`]), in f64, and which inputs never fire.
 fn damped(h: &[f32], k: usize, damp: f64) -> (Vec<f64>, Vec<bool>) {
     let dead: Vec<bool> = (0..k).map(|i| h[i * k + i] == 0.0).collect();
     let mut hd: Vec<f64> = h.iter().map(|&v| f64::from(v)).collect();
-    for i in (0..k).filter(|&i| dead[i]) {
-        hd[i * k + i] = 1.0;
-    }
-    let mean_diag = (0..k).map(|i| hd[i * k + i]).sum::<f64>() / k as f64;
-    for i in 0..k {
-        hd[i * k + i] += damp * mean_diag;
-    }
+    pin_and_damp(&mut hd, k, |i| dead[i], damp);
     (hd, dead)
 }
 
