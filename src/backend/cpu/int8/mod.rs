@@ -419,10 +419,16 @@ fn column_chunks(rows: usize, n: usize, k_padded: usize, threads: usize) -> Vec<
     let want = if threads <= 1 {
         1
     } else {
-        (threads * 4)
+        let want = (threads * 4)
             .min(macs / MIN_MACS_PER_CHUNK)
-            .min(n.div_ceil(COL_ALIGN))
-            .max(1)
+            .min(n.div_ceil(COL_ALIGN));
+        // A whole number of chunks per thread: 3 chunks on 2 threads leave one thread a third
+        // of the work idle-waiting at the end.
+        if want >= threads {
+            want - want % threads
+        } else {
+            want.max(1)
+        }
     };
     let size = n.div_ceil(want).next_multiple_of(COL_ALIGN);
     (0..n).step_by(size).map(|s| s..(s + size).min(n)).collect()
@@ -470,6 +476,32 @@ trait DotKernel {
     /// The CPU must have the tier's features. (Shapes are checked: 1 ≤ `xs.len()`, `ws.len()`
     /// ≤ [`TILE`], every slice the same length, a multiple of [`K_ALIGN`].)
     unsafe fn dots(xs: &[&[i8]], ws: &[&[i8]], row_sums: &[i32], sums: &mut TileSums);
+
+    /// One token against [`Self::STREAM_COLS`] runs of `run` consecutive weight rows:
+    /// `w` holds `STREAM_COLS · run` rows of `x.len()` bytes, and `sums[i][s]` becomes the dot
+    /// product of `x` with row `s·run + i` (`row_sums` as in [`Self::dots`], one per row of
+    /// `w`). Decode's GEMV: the kernel walks the runs itself, so no per-tile call or bookkeeping
+    /// sits between the weight streams' loads. This default goes tile by tile through
+    /// [`Self::dots`]; a tier overrides it where that matters.
+    ///
+    /// # Safety
+    /// As [`Self::dots`]. (Shapes are checked.)
+    unsafe fn dot_runs(x: &[i8], w: &[i8], row_sums: &[i32], run: usize, sums: &mut [[i32; TILE]]) {
+        let (kp, c) = (x.len(), Self::STREAM_COLS);
+        assert!(w.len() == c * run * kp && row_sums.len() == c * run && sums.len() == run);
+        let mut tile_sums = [[0; TILE]; TILE];
+        for (i, out) in sums.iter_mut().enumerate() {
+            let ws: [&[i8]; TILE] = std::array::from_fn(|s| {
+                let j = (s * run + i).min(c * run - 1);
+                &w[j * kp..(j + 1) * kp]
+            });
+            let sums_c: [i32; TILE] =
+                std::array::from_fn(|s| row_sums[(s * run + i).min(c * run - 1)]);
+            // SAFETY: the caller guarantees the tier's features.
+            unsafe { Self::dots(&[x], &ws[..c], &sums_c[..c], &mut tile_sums) };
+            *out = tile_sums[0];
+        }
+    }
 }
 
 /// Output channels `cols` of the product, tile by tile.
@@ -501,11 +533,45 @@ unsafe fn gemm_tiled<K: DotKernel>(
         unsafe { K::dots(&xs[..r], &ws[..c], &row_sums[..c], &mut sums) };
         sink.store_tile(t0, &sums[..r], js);
     };
-    if x.rows <= K::GEMM_ROWS {
+    if x.rows == 1 {
+        // SAFETY: the caller guarantees `K`'s features.
+        let rest = unsafe { one_token::<K>(x.row(0), w, cols.clone(), sink) };
+        streaming_tiles(rest, K::STREAM_COLS, |js| tile(0, 1, js));
+    } else if x.rows <= K::GEMM_ROWS {
         streaming_tiles(cols, K::STREAM_COLS, |js| tile(0, x.rows, js));
     } else {
         panel_tiles::<K>(x.rows, w.k_padded, cols, |t0, r, js| tile(t0, r, js));
     }
+}
+
+/// Rows per run in one [`one_token`] block: its sums stay on the stack, and runs of 128 rows
+/// (128 KiB at k = 1024) are long sequential streams.
+const RUN_BLOCK: usize = 128;
+
+/// One token's GEMV over `cols` in blocks of [`DotKernel::STREAM_COLS`] runs
+/// ([`DotKernel::dot_runs`]); returns the columns left over (fewer than `STREAM_COLS`).
+///
+/// # Safety
+/// The CPU must have `K`'s features.
+unsafe fn one_token<K: DotKernel>(
+    x: &[i8],
+    w: &Int8Matrix,
+    cols: Range<usize>,
+    sink: &ColumnSink,
+) -> Range<usize> {
+    let (c, kp) = (K::STREAM_COLS, w.k_padded);
+    let mut sums = [[0; TILE]; RUN_BLOCK];
+    let mut j0 = cols.start;
+    while cols.end - j0 >= c {
+        let run = ((cols.end - j0) / c).min(RUN_BLOCK);
+        let rows = j0..j0 + c * run;
+        let (w_rows, row_sums) = (&w.data[rows.start * kp..rows.end * kp], &w.row_sums[rows]);
+        // SAFETY: the caller guarantees `K`'s features; shapes are checked inside.
+        unsafe { K::dot_runs(x, w_rows, row_sums, run, &mut sums[..run]) };
+        sink.store_runs(j0, c, &sums[..run]);
+        j0 += c * run;
+    }
+    j0..cols.end
 }
 
 /// Tiles for few tokens, where each weight row is read once and memory bandwidth is the limit.
@@ -612,6 +678,33 @@ impl<'a> ColumnSink<'a> {
     #[inline]
     fn store(&self, t: usize, j: usize, acc: i32) {
         self.store_tile(t, &[[acc; TILE]], &[j]);
+    }
+
+    /// Writes token 0's outputs for `c` runs of `sums.len()` columns from `j0`: column
+    /// `j0 + s·run + i` from `sums[i][s]` ([`DotKernel::dot_runs`]'s order).
+    fn store_runs(&self, j0: usize, c: usize, sums: &[[i32; TILE]]) {
+        let run = sums.len();
+        let cols = j0..j0 + c * run;
+        assert!(
+            self.rows >= 1
+                && c <= TILE
+                && self.cols.start <= cols.start
+                && cols.end <= self.cols.end,
+            "columns {cols:?} outside this task's {:?}",
+            self.cols
+        );
+        let x_scale = self.x_scales[0];
+        let w_scales = &self.w_scales[cols.clone()];
+        let bias = self.bias.map(|b| &b[cols]);
+        for s in 0..c {
+            for (i, row) in sums.iter().enumerate() {
+                let j = s * run + i;
+                let value = epilogue(row[s], x_scale, w_scales[j], bias.map(|b| b[j]));
+                // SAFETY: token 0 < rows and j0 + j < cols.end ≤ n (checked above), so the index
+                // is inside `out` (`new`'s contract), in this sink's own columns.
+                unsafe { self.out.0.add(j0 + j).write(value) };
+            }
+        }
     }
 
     /// Writes a register tile: `out[t0 + i][js[c]]` from `sums[i][c]`, for `c < js.len()`.

@@ -366,6 +366,31 @@ fn column_chunks_cover_columns_once() {
         8,
         "large GEMV is split"
     );
+    // 1536 × 576 is worth three chunks by size; two threads get two, not a 2 : 1 split.
+    assert_eq!(
+        column_chunks(1, 1536, 576, 2).len(),
+        2,
+        "whole chunks per thread"
+    );
+}
+
+/// One token's GEMV goes through `dot_runs` in blocks of runs with a narrow tile left over:
+/// several blocks, a partial block and every remainder width, on every tier.
+#[test]
+fn one_token_runs_match_scalar_bitwise() {
+    let mut rng = Rng(5);
+    for &n in &[4, 515, 1030, 2051, 2052, 2053] {
+        for &k in &[64, 130] {
+            let w = random_matrix(&mut rng, n, k);
+            let bias = rng.f32s(n, 1.0);
+            let x = random_activations(&mut rng, 1, k);
+            let reference = run(Tier::Scalar, &x, &w, Some(&bias));
+            for tier in Tier::supported() {
+                let what = format!("{tier} n={n} k={k}");
+                assert_bitwise_eq(&run(tier, &x, &w, Some(&bias)), &reference, &what);
+            }
+        }
+    }
 }
 
 #[test]
