@@ -7,9 +7,12 @@
 //! - int8 GEMV GB/s on 4096 × 14336 weights in both orientations, and its ratio to the best of
 //!   those bandwidths (weights rotate over copies totalling ≥ 256 MiB, so they come from DRAM);
 //! - int8 GEMM GOPS (rows 16, 64, 128, 512; n = k = 4096) against a packed, blocked
-//!   broadcast-FMA f32 matmul on the same shape.
+//!   broadcast-FMA f32 matmul on the same shape;
+//! - the weight-only int8 output head (`int8w::matmul_w8`: f32 activations, one token) GB/s on
+//!   32000 × 1024 (Mixtral-shaped) and 49152 × 576 (SmolLM2-shaped), and its ratio to the best
+//!   read bandwidth, measured in alternation as the GEMV table is.
 //!
-//! Then the criterion groups `gemv`, `gemm` and `quantize` run (short settings); a filter argument
+//! Then the criterion groups `gemv`, `gemm`, `head` and `quantize` run (short settings); a filter argument
 //! selects among them as usual. `EDGEMOE_BENCH_SUMMARY=0` skips the summary,
 //! `EDGEMOE_BENCH_CRITERION=0` the criterion groups, `EDGEMOE_BENCH_GEMM=0` the summary's GEMM
 //! table; `EDGEMOE_BENCH_GEMV=NxK,…` replaces the summary's GEMV shapes.
@@ -19,12 +22,15 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use edgemoe::backend::cpu::int8::*;
+use edgemoe::backend::cpu::int8w;
 use rayon::prelude::*;
 
 const THREADS: [usize; 2] = [1, 2];
 const GEMV_SHAPES: [(usize, usize); 2] = [(14336, 4096), (4096, 14336)];
 const GEMM_ROWS: [usize; 4] = [16, 64, 128, 512];
 const GEMM_NK: usize = 4096;
+/// Output heads: Mixtral-shaped (vocab 32000, d 1024) and SmolLM2-shaped (49152, 576).
+const HEAD_SHAPES: [(usize, usize); 2] = [(32000, 1024), (49152, 576)];
 
 /// Problem sizes for the criterion groups: the real ones under `cargo bench`, small ones when
 /// `cargo test --benches` runs each benchmark once as a smoke test (unoptimized).
@@ -32,18 +38,21 @@ struct Sizes {
     gemv: [(usize, usize); 2],
     gemm_rows: [usize; 4],
     gemm_nk: usize,
+    head: [(usize, usize); 2],
 }
 
 const FULL: Sizes = Sizes {
     gemv: GEMV_SHAPES,
     gemm_rows: GEMM_ROWS,
     gemm_nk: GEMM_NK,
+    head: HEAD_SHAPES,
 };
 
 const SMOKE: Sizes = Sizes {
     gemv: [(224, 64), (64, 224)],
     gemm_rows: [1, 3, 16, 33],
     gemm_nk: 128,
+    head: [(37, 33), (130, 64)],
 };
 
 fn pool(threads: usize) -> rayon::ThreadPool {
@@ -118,6 +127,7 @@ fn gemv_shapes() -> Vec<(usize, usize)> {
         return GEMV_SHAPES.to_vec();
     };
     list.split(',')
+        .filter(|s| !s.trim().is_empty())
         .map(|s| {
             let (n, k) = s
                 .trim()
@@ -175,6 +185,9 @@ fn print_gemv_table(buf: &[u64]) {
     const ROUNDS: usize = 9;
     let sums: [fn(&[u64]) -> u64; 3] = [sum_u64::<1>, sum_u64::<4>, sum_u64::<8>];
     let shapes = gemv_shapes();
+    if shapes.is_empty() {
+        return;
+    }
     let mut cases: Vec<GemvCase> = shapes.iter().map(|&(n, k)| GemvCase::new(n, k)).collect();
     println!("| threads | read 1 / 4 / 8 streams | GEMV n×k | GEMV GB/s | ratio |");
     println!("|---|---|---|---|---|");
@@ -203,6 +216,87 @@ fn print_gemv_table(buf: &[u64]) {
         let read_text = format!("{:.1} / {:.1} / {:.1}", read[0], read[1], read[2]);
         for (i, &(n, k)) in shapes.iter().enumerate() {
             let (gb, r) = (median(gemv[i].clone()), median(ratio[i].clone()));
+            println!("| {threads} | {read_text} | {n}×{k} | {gb:.1} | {r:.2} |");
+        }
+    }
+}
+
+/// Weight-only int8 head weights for a one-token product: copies totalling ≥ 256 MiB, used in
+/// turn (as [`GemvCase`]) so that each call reads its weights from DRAM.
+struct HeadCase {
+    mats: Vec<Int8Matrix>,
+    x: Vec<f32>,
+    out: Vec<f32>,
+    next: usize,
+}
+
+impl HeadCase {
+    fn new(n: usize, k: usize) -> Self {
+        let w = random_weights(n, k, 13);
+        let copies = (256usize << 20).div_ceil(w.data.len()).max(2);
+        let mut case = Self {
+            mats: vec![w; copies],
+            x: Rng(14).f32s(k),
+            out: vec![0f32; n],
+            next: 0,
+        };
+        case.gb_per_s(&pool(1), copies); // warm-up: page in every copy
+        case
+    }
+
+    /// Weight GB/s over `calls` consecutive calls.
+    fn gb_per_s(&mut self, pool: &rayon::ThreadPool, calls: usize) -> f64 {
+        let start = Instant::now();
+        for _ in 0..calls {
+            let w = &self.mats[self.next % self.mats.len()];
+            pool.install(|| int8w::matmul_w8(&self.x, 1, w, None, &mut self.out));
+            self.next += 1;
+        }
+        let bytes = calls * self.mats[0].data.len();
+        bytes as f64 / start.elapsed().as_secs_f64() / 1e9
+    }
+}
+
+/// The weight-only head table: read bandwidth and head GB/s in alternation, as
+/// [`print_gemv_table`] does, medians over rounds (and of per-round ratios).
+fn print_head_table(buf: &[u64]) {
+    const ROUNDS: usize = 9;
+    let sums: [fn(&[u64]) -> u64; 3] = [sum_u64::<1>, sum_u64::<4>, sum_u64::<8>];
+    let mut cases: Vec<HeadCase> = HEAD_SHAPES
+        .iter()
+        .map(|&(n, k)| HeadCase::new(n, k))
+        .collect();
+    println!(
+        "\nWeight-only int8 head (f32 x, 1 token), tier {}:\n",
+        int8w::active_tier()
+    );
+    println!("| threads | read 1 / 4 / 8 streams | head n×k | head GB/s | ratio |");
+    println!("|---|---|---|---|---|");
+    for threads in THREADS {
+        eprintln!("int8 summary: bandwidth and weight-only head, {threads} thread(s)…");
+        let pool = pool(threads);
+        let mut read = [const { Vec::new() }; 3];
+        let mut head = vec![Vec::new(); cases.len()];
+        let mut ratio = vec![Vec::new(); cases.len()];
+        for _ in 0..ROUNDS {
+            let round: Vec<f64> = sums
+                .iter()
+                .map(|&sum| std::mem::size_of_val(buf) as f64 / time_read(buf, &pool, sum) / 1e9)
+                .collect();
+            let best = round.iter().copied().fold(0.0, f64::max);
+            for (all, v) in read.iter_mut().zip(round) {
+                all.push(v);
+            }
+            for (i, case) in cases.iter_mut().enumerate() {
+                let gb = case.gb_per_s(&pool, 6);
+                head[i].push(gb);
+                ratio[i].push(gb / best);
+            }
+        }
+        let read = read.map(median);
+        let read_text = format!("{:.1} / {:.1} / {:.1}", read[0], read[1], read[2]);
+        for (i, &(n, k)) in HEAD_SHAPES.iter().enumerate() {
+            let (gb, r) = (median(head[i].clone()), median(ratio[i].clone()));
             println!("| {threads} | {read_text} | {n}×{k} | {gb:.1} | {r:.2} |");
         }
     }
@@ -389,6 +483,9 @@ fn print_summary() {
     println!("Read GB/s: AVX2 sum over 1 GiB as 1 / 4 / 8 sequential streams per thread.");
     println!("GEMV ratio: GEMV GB/s over the best of the three, per round; medians of 9 rounds.\n");
     print_gemv_table(&buf);
+    if env_enabled("EDGEMOE_BENCH_HEAD") {
+        print_head_table(&buf);
+    }
     drop(buf);
     if !env_enabled("EDGEMOE_BENCH_GEMM") {
         return;
@@ -446,6 +543,28 @@ fn bench_gemm(c: &mut Criterion, sizes: &Sizes) {
     group.finish();
 }
 
+/// The weight-only head on one token (decode) and on 16 (a prefill's worth of rows, each
+/// reading the weights from cache once its tile is loaded). Throughput counts weight bytes.
+fn bench_head(c: &mut Criterion, sizes: &Sizes) {
+    let mut group = c.benchmark_group("head");
+    for (n, k) in sizes.head {
+        let w = random_weights(n, k, 15);
+        for rows in [1, 16] {
+            let x = Rng(16).f32s(rows * k);
+            let mut out = vec![0f32; rows * n];
+            group.throughput(Throughput::Bytes(w.data.len() as u64));
+            for threads in THREADS {
+                let pool = pool(threads);
+                let id = BenchmarkId::new(format!("{n}x{k}/rows{rows}"), format!("{threads}t"));
+                group.bench_function(id, |b| {
+                    b.iter(|| pool.install(|| int8w::matmul_w8(&x, rows, &w, None, &mut out)))
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
 fn bench_quantize(c: &mut Criterion, sizes: &Sizes) {
     let mut group = c.benchmark_group("quantize");
     let k = sizes.gemm_nk;
@@ -480,6 +599,7 @@ fn main() {
             .configure_from_args();
         bench_gemv(&mut c, sizes);
         bench_gemm(&mut c, sizes);
+        bench_head(&mut c, sizes);
         bench_quantize(&mut c, sizes);
         c.final_summary();
     }

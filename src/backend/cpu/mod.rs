@@ -5,7 +5,7 @@ pub(crate) mod backend;
 pub(crate) mod evict;
 pub mod half;
 pub mod int8;
-pub(crate) mod int8w;
+pub mod int8w;
 pub mod kv;
 pub mod matmul;
 pub mod ops;
