@@ -14,12 +14,9 @@
 //! `k·ε` of the sum of magnitudes, not bitwise.
 
 use super::int8::Int8Matrix;
-use super::simd::{cpu_features, SendPtr};
+use super::simd::SendPtr;
 use rayon::prelude::*;
-use std::fmt;
 use std::ops::Range;
-use std::str::FromStr;
-use std::sync::OnceLock;
 
 /// Below this many multiply-adds a call stays on the caller's thread.
 const PARALLEL_MIN_MACS: usize = 1 << 17;
@@ -27,136 +24,10 @@ const PARALLEL_MIN_MACS: usize = 1 << 17;
 /// Weight rows per register tile (and sequential weight streams per thread).
 pub const TILE: usize = 4;
 
-/// Environment variable that forces a lower tier: `scalar`, `avx2` or `avx512`.
-pub const TIER_ENV: &str = "EDGEMOE_INT8W_TIER";
-
-/// A kernel implementation. Ordered: each tier's CPU features include the lower tiers'.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Tier {
-    /// Portable reference: one f32 sum per row, in index order.
-    Scalar,
-    /// AVX2 + FMA: 8 int8 → f32 per vector.
-    Avx2,
-    /// AVX-512 F + BW: 16 int8 → f32 per vector.
-    Avx512,
-}
-
-impl Tier {
-    /// Every tier, lowest first.
-    pub const ALL: [Tier; 3] = [Tier::Scalar, Tier::Avx2, Tier::Avx512];
-
-    /// The name [`TIER_ENV`] takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            Tier::Scalar => "scalar",
-            Tier::Avx2 => "avx2",
-            Tier::Avx512 => "avx512",
-        }
-    }
-
-    /// Whether this CPU can run the tier. `EDGEMOE_CPU=scalar` turns the SIMD tiers off, as it
-    /// does for the f32 kernels.
-    pub fn is_supported(self) -> bool {
-        match self {
-            Tier::Scalar => true,
-            Tier::Avx2 => cpu_features().avx2_fma,
-            Tier::Avx512 => cpu_features().avx2_fma && cpu_has_avx512(),
-        }
-    }
-
-    /// The tiers this CPU can run, lowest first.
-    pub fn supported() -> Vec<Tier> {
-        Tier::ALL.into_iter().filter(|t| t.is_supported()).collect()
-    }
-
-    /// The highest tier this CPU can run.
-    pub fn best_supported() -> Tier {
-        Tier::supported().pop().unwrap_or(Tier::Scalar)
-    }
-}
-
-impl fmt::Display for Tier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// A tier request that cannot be honoured ([`TIER_ENV`], [`resolve_tier`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TierError {
-    /// A tier name that is not `scalar`, `avx2` or `avx512`.
-    UnknownTier(String),
-    /// A tier this CPU cannot run.
-    TierUnsupported(Tier),
-}
-
-impl fmt::Display for TierError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::UnknownTier(s) => write!(
-                f,
-                "unknown weight-only int8 tier {s:?}; expected scalar, avx2 or avx512"
-            ),
-            Self::TierUnsupported(t) => {
-                write!(f, "this CPU cannot run the {t} weight-only int8 kernels")
-            }
-        }
-    }
-}
-
-impl std::error::Error for TierError {}
-
-impl FromStr for Tier {
-    type Err = TierError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Tier::ALL
-            .into_iter()
-            .find(|t| t.name() == s)
-            .ok_or_else(|| TierError::UnknownTier(s.to_owned()))
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn cpu_has_avx512() -> bool {
-    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_avx512() -> bool {
-    false
-}
-
-/// The tier to use given a requested name (`None` or empty: no request) and the best supported
-/// tier. Requests above `best` are refused, never honoured.
-pub fn resolve_tier(requested: Option<&str>, best: Tier) -> Result<Tier, TierError> {
-    match requested.map(str::trim) {
-        None | Some("") => Ok(best),
-        Some(name) => {
-            let tier: Tier = name.parse()?;
-            if tier > best {
-                Err(TierError::TierUnsupported(tier))
-            } else {
-                Ok(tier)
-            }
-        }
-    }
-}
-
-/// The tier [`matmul_w8`] uses: the best this CPU has, or a lower one forced with [`TIER_ENV`].
-/// Decided once per process; a bad or unsupported request falls back to the best tier with one
-/// line on stderr.
-pub fn active_tier() -> Tier {
-    static ACTIVE: OnceLock<Tier> = OnceLock::new();
-    *ACTIVE.get_or_init(|| {
-        let best = Tier::best_supported();
-        let requested = std::env::var(TIER_ENV).ok();
-        resolve_tier(requested.as_deref(), best).unwrap_or_else(|e| {
-            eprintln!("{TIER_ENV}: {e}; using {best}");
-            best
-        })
-    })
-}
+/// The tiers are the half kernels' ([`Tier`], chosen by [`active_tier`], forced lower with
+/// `EDGEMOE_HALF_TIER`): both widen narrow weights to f32 for FMA, on the same CPU features
+/// (AVX2 + FMA, AVX-512 F + BW).
+pub use super::half::{active_tier, Tier};
 
 /// `out[t·n + j] = w.scales[j] · Σ_i x[t·k + i]·w[j][i] (+ bias[j])` for `t < rows`, on
 /// [`active_tier`], split over the pool's threads by output channel.
@@ -524,22 +395,5 @@ mod tests {
                 chunks.len()
             );
         }
-    }
-
-    #[test]
-    fn tier_requests_resolve() {
-        assert_eq!(resolve_tier(None, Tier::Avx2), Ok(Tier::Avx2));
-        assert_eq!(resolve_tier(Some(" "), Tier::Avx512), Ok(Tier::Avx512));
-        assert_eq!(resolve_tier(Some("scalar"), Tier::Avx2), Ok(Tier::Scalar));
-        assert_eq!(
-            resolve_tier(Some("avx512"), Tier::Avx2),
-            Err(TierError::TierUnsupported(Tier::Avx512))
-        );
-        assert!(matches!(
-            resolve_tier(Some("avx9"), Tier::Avx512),
-            Err(TierError::UnknownTier(_))
-        ));
-        assert!(Tier::supported().contains(&Tier::Scalar));
-        assert!(active_tier().is_supported());
     }
 }
