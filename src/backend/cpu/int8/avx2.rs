@@ -161,6 +161,51 @@ impl DotKernel for Avx2 {
         // SAFETY: the caller guarantees AVX2.
         unsafe { dots_avx2(xs, ws, sums) }
     }
+
+    unsafe fn dot_runs(
+        x: &[i8],
+        w: &[i8],
+        _row_sums: &[i32],
+        run: usize,
+        sums: &mut [[i32; TILE]],
+    ) {
+        // SAFETY: the caller guarantees AVX2.
+        unsafe { dot_runs_avx2(x, w, run, sums) }
+    }
+}
+
+/// [`DotKernel::dot_runs`] for four runs: per 32 bytes one `|x|` and four sign-trick
+/// multiply-adds, one horizontal sum per row, nothing else in the loop.
+#[target_feature(enable = "avx2")]
+fn dot_runs_avx2(x: &[i8], w: &[i8], run: usize, sums: &mut [[i32; TILE]]) {
+    const RUNS: usize = 4;
+    const { assert!(TILE == RUNS) };
+    let kp = x.len();
+    assert!(kp.is_multiple_of(K_ALIGN) && w.len() == RUNS * run * kp && sums.len() == run);
+    let (x_chunks, w_chunks) = (x.as_chunks::<32>().0, w.as_chunks::<32>().0);
+    let steps = x_chunks.len();
+    let ones = _mm256_set1_epi16(1);
+    for (i, out) in sums.iter_mut().enumerate() {
+        // Row s·run + i for each run s, sliced once.
+        let row = |s: usize| &w_chunks[(s * run + i) * steps..][..steps];
+        let rows = [row(0), row(1), row(2), row(3)];
+        let mut acc = [_mm256_setzero_si256(); RUNS];
+        for (step, xc) in x_chunks.iter().enumerate() {
+            let xv = load_i8x32(xc);
+            let x_abs = _mm256_abs_epi8(xv);
+            for (a, r) in acc.iter_mut().zip(&rows) {
+                // |x|·(sign(x)·w) = x·w; pairs fit in i16 (module docs), then widen to i32.
+                let pairs = _mm256_maddubs_epi16(x_abs, _mm256_sign_epi8(load_i8x32(&r[step]), xv));
+                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(pairs, ones));
+            }
+        }
+        *out = [
+            hsum_i32(acc[0]),
+            hsum_i32(acc[1]),
+            hsum_i32(acc[2]),
+            hsum_i32(acc[3]),
+        ];
+    }
 }
 
 #[target_feature(enable = "avx2")]
