@@ -170,54 +170,12 @@ impl GemvCase {
         let start = Instant::now();
         for _ in 0..calls {
             let w = &self.mats[self.next % self.mats.len()];
-            gemm(&mut self.out, &self.x, w, None, pool);
+            // Inside the pool, as a decode step calls it (a hop into the pool per call is not).
+            pool.install(|| gemm(&mut self.out, &self.x, w, None, pool));
             self.next += 1;
         }
         let bytes = calls * self.mats[0].data.len();
         bytes as f64 / start.elapsed().as_secs_f64() / 1e9
-    }
-}
-
-/// Memory read bandwidth and GEMV, measured in alternation (per round: one read of `buf` per
-/// stream count, then a few calls per GEMV shape) so that both see the same machine, whose
-/// load may drift. Prints medians over the rounds; the ratio is the median of per-round ratios.
-fn print_gemv_table(buf: &[u64]) {
-    const ROUNDS: usize = 9;
-    let sums: [fn(&[u64]) -> u64; 3] = [sum_u64::<1>, sum_u64::<4>, sum_u64::<8>];
-    let shapes = gemv_shapes();
-    if shapes.is_empty() {
-        return;
-    }
-    let mut cases: Vec<GemvCase> = shapes.iter().map(|&(n, k)| GemvCase::new(n, k)).collect();
-    println!("| threads | read 1 / 4 / 8 streams | GEMV n×k | GEMV GB/s | ratio |");
-    println!("|---|---|---|---|---|");
-    for threads in THREADS {
-        eprintln!("int8 summary: bandwidth and GEMV, {threads} thread(s)…");
-        let pool = pool(threads);
-        let mut read = [const { Vec::new() }; 3];
-        let mut gemv = vec![Vec::new(); cases.len()];
-        let mut ratio = vec![Vec::new(); cases.len()];
-        for _ in 0..ROUNDS {
-            let round: Vec<f64> = sums
-                .iter()
-                .map(|&sum| std::mem::size_of_val(buf) as f64 / time_read(buf, &pool, sum) / 1e9)
-                .collect();
-            let best = round.iter().copied().fold(0.0, f64::max);
-            for (all, v) in read.iter_mut().zip(round) {
-                all.push(v);
-            }
-            for (i, case) in cases.iter_mut().enumerate() {
-                let gb = case.gb_per_s(&pool, 3);
-                gemv[i].push(gb);
-                ratio[i].push(gb / best);
-            }
-        }
-        let read = read.map(median);
-        let read_text = format!("{:.1} / {:.1} / {:.1}", read[0], read[1], read[2]);
-        for (i, &(n, k)) in shapes.iter().enumerate() {
-            let (gb, r) = (median(gemv[i].clone()), median(ratio[i].clone()));
-            println!("| {threads} | {read_text} | {n}×{k} | {gb:.1} | {r:.2} |");
-        }
     }
 }
 
@@ -257,26 +215,58 @@ impl HeadCase {
     }
 }
 
-/// The weight-only head table: read bandwidth and head GB/s in alternation, as
-/// [`print_gemv_table`] does, medians over rounds (and of per-round ratios).
-fn print_head_table(buf: &[u64]) {
+/// A one-token product whose weight GB/s a table reports ([`print_stream_table`]).
+trait Streamed {
+    /// Weight GB/s over `calls` consecutive calls.
+    fn gb_per_s(&mut self, pool: &rayon::ThreadPool, calls: usize) -> f64;
+    /// Weight bytes one call reads.
+    fn call_bytes(&self) -> usize;
+}
+
+impl Streamed for GemvCase {
+    fn gb_per_s(&mut self, pool: &rayon::ThreadPool, calls: usize) -> f64 {
+        GemvCase::gb_per_s(self, pool, calls)
+    }
+    fn call_bytes(&self) -> usize {
+        self.mats[0].data.len()
+    }
+}
+
+impl Streamed for HeadCase {
+    fn gb_per_s(&mut self, pool: &rayon::ThreadPool, calls: usize) -> f64 {
+        HeadCase::gb_per_s(self, pool, calls)
+    }
+    fn call_bytes(&self) -> usize {
+        self.mats[0].data.len()
+    }
+}
+
+/// Calls per timing: at least `min`, and at least 32 MiB of weights, so a small matrix is not
+/// timed over a few microseconds (where the first call's TLB misses dominate).
+fn calls_for(case: &impl Streamed, min: usize) -> usize {
+    min.max((32usize << 20) / case.call_bytes().max(1))
+}
+
+/// Memory read bandwidth and a kernel's weight GB/s (`what`, one case per shape, at least
+/// `calls` per round: [`calls_for`]), measured in alternation (per round: one read of `buf` per stream count, then the
+/// calls per shape) so that both see the same machine, whose load may drift. Prints medians over
+/// the rounds; the ratio is the median of per-round ratios.
+fn print_stream_table(
+    buf: &[u64],
+    what: &str,
+    shapes: &[(usize, usize)],
+    cases: &mut [impl Streamed],
+    calls: usize,
+) {
     const ROUNDS: usize = 9;
     let sums: [fn(&[u64]) -> u64; 3] = [sum_u64::<1>, sum_u64::<4>, sum_u64::<8>];
-    let mut cases: Vec<HeadCase> = HEAD_SHAPES
-        .iter()
-        .map(|&(n, k)| HeadCase::new(n, k))
-        .collect();
-    println!(
-        "\nWeight-only int8 head (f32 x, 1 token), tier {}:\n",
-        int8w::active_tier()
-    );
-    println!("| threads | read 1 / 4 / 8 streams | head n×k | head GB/s | ratio |");
+    println!("| threads | read 1 / 4 / 8 streams | {what} n×k | {what} GB/s | ratio |");
     println!("|---|---|---|---|---|");
     for threads in THREADS {
-        eprintln!("int8 summary: bandwidth and weight-only head, {threads} thread(s)…");
+        eprintln!("int8 summary: bandwidth and {what}, {threads} thread(s)…");
         let pool = pool(threads);
         let mut read = [const { Vec::new() }; 3];
-        let mut head = vec![Vec::new(); cases.len()];
+        let mut kernel = vec![Vec::new(); cases.len()];
         let mut ratio = vec![Vec::new(); cases.len()];
         for _ in 0..ROUNDS {
             let round: Vec<f64> = sums
@@ -288,18 +278,41 @@ fn print_head_table(buf: &[u64]) {
                 all.push(v);
             }
             for (i, case) in cases.iter_mut().enumerate() {
-                let gb = case.gb_per_s(&pool, 6);
-                head[i].push(gb);
+                let gb = case.gb_per_s(&pool, calls_for(case, calls));
+                kernel[i].push(gb);
                 ratio[i].push(gb / best);
             }
         }
         let read = read.map(median);
         let read_text = format!("{:.1} / {:.1} / {:.1}", read[0], read[1], read[2]);
-        for (i, &(n, k)) in HEAD_SHAPES.iter().enumerate() {
-            let (gb, r) = (median(head[i].clone()), median(ratio[i].clone()));
+        for (i, &(n, k)) in shapes.iter().enumerate() {
+            let (gb, r) = (median(kernel[i].clone()), median(ratio[i].clone()));
             println!("| {threads} | {read_text} | {n}×{k} | {gb:.1} | {r:.2} |");
         }
     }
+}
+
+/// The int8 GEMV table (`EDGEMOE_BENCH_GEMV`'s shapes; none: no table).
+fn print_gemv_table(buf: &[u64]) {
+    let shapes = gemv_shapes();
+    if shapes.is_empty() {
+        return;
+    }
+    let mut cases: Vec<GemvCase> = shapes.iter().map(|&(n, k)| GemvCase::new(n, k)).collect();
+    print_stream_table(buf, "GEMV", &shapes, &mut cases, 3);
+}
+
+/// The weight-only head table, as [`print_gemv_table`] for the GEMV.
+fn print_head_table(buf: &[u64]) {
+    let mut cases: Vec<HeadCase> = HEAD_SHAPES
+        .iter()
+        .map(|&(n, k)| HeadCase::new(n, k))
+        .collect();
+    println!(
+        "\nWeight-only int8 head (f32 x, 1 token), tier {}:\n",
+        int8w::active_tier()
+    );
+    print_stream_table(buf, "head", &HEAD_SHAPES, &mut cases, 6);
 }
 
 /// Seconds for one call of `f`.
