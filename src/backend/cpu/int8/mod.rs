@@ -481,27 +481,11 @@ trait DotKernel {
     /// `w` holds `STREAM_COLS · run` rows of `x.len()` bytes, and `sums[i][s]` becomes the dot
     /// product of `x` with row `s·run + i` (`row_sums` as in [`Self::dots`], one per row of
     /// `w`). Decode's GEMV: the kernel walks the runs itself, so no per-tile call or bookkeeping
-    /// sits between the weight streams' loads. This default goes tile by tile through
-    /// [`Self::dots`]; a tier overrides it where that matters.
+    /// sits between the weight streams' loads.
     ///
     /// # Safety
     /// As [`Self::dots`]. (Shapes are checked.)
-    unsafe fn dot_runs(x: &[i8], w: &[i8], row_sums: &[i32], run: usize, sums: &mut [[i32; TILE]]) {
-        let (kp, c) = (x.len(), Self::STREAM_COLS);
-        assert!(w.len() == c * run * kp && row_sums.len() == c * run && sums.len() == run);
-        let mut tile_sums = [[0; TILE]; TILE];
-        for (i, out) in sums.iter_mut().enumerate() {
-            let ws: [&[i8]; TILE] = std::array::from_fn(|s| {
-                let j = (s * run + i).min(c * run - 1);
-                &w[j * kp..(j + 1) * kp]
-            });
-            let sums_c: [i32; TILE] =
-                std::array::from_fn(|s| row_sums[(s * run + i).min(c * run - 1)]);
-            // SAFETY: the caller guarantees the tier's features.
-            unsafe { Self::dots(&[x], &ws[..c], &sums_c[..c], &mut tile_sums) };
-            *out = tile_sums[0];
-        }
-    }
+    unsafe fn dot_runs(x: &[i8], w: &[i8], row_sums: &[i32], run: usize, sums: &mut [[i32; TILE]]);
 }
 
 /// Output channels `cols` of the product, tile by tile.
