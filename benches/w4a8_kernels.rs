@@ -1,5 +1,5 @@
 //! W4A8 against W8A8 kernels on Mixtral-bench's expert shapes (`builtin:mixtral-bench`: hidden
-//! 1024, ffn 3584), one thread, alternated: decode GEMV (M = 1: weight bytes streamed per
+//! 1024, ffn 3584), on one thread and on every core (a decode step's pool), alternated: decode GEMV (M = 1: weight bytes streamed per
 //! second, cycling over `EXPERTS` matrices so they come from DRAM as a decode step's experts
 //! do) and prefill GEMM (M = 64: integer MACs per second), medians of `RUNS` alternated
 //! timings. `cargo bench --bench w4a8_kernels` prints a Markdown table.
@@ -25,13 +25,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut thread_counts = vec![1, cores];
+    thread_counts.dedup();
     let mut seed = 7u64;
-    println!("| shape (n × k) | M | W8A8 | W4A8 | W4A8 / W8A8 |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!("| shape (n × k) | threads | M | W8A8 | W4A8 | W4A8 / W8A8 |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for (n, k) in [(3584usize, 1024usize), (1024, 3584)] {
         let kg = k.div_ceil(64);
         let mut w8s = Vec::new();
@@ -45,7 +44,11 @@ fn main() {
             let s = vec![round_scale(0.01); n * kg];
             w4s.push(Int4Matrix::from_quantized(n, k, 64, &u, &s, None).unwrap());
         }
-        for m in [1usize, 64] {
+        for (&threads, m) in thread_counts.iter().flat_map(|t| [(t, 1usize), (t, 64)]) {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             let x: Vec<f32> = (0..m * k)
                 .map(|_| lcg(&mut seed) as f32 / 2e9 - 1.0)
                 .collect();
@@ -55,12 +58,15 @@ fn main() {
             let (mut t8, mut t4) = (Vec::new(), Vec::new());
             for run in 0..RUNS {
                 let (w8, w4) = (&w8s[run % EXPERTS], &w4s[run % EXPERTS]);
-                let s = Instant::now();
-                gemm(&mut out, &q, w8, None, &pool);
-                t8.push(s.elapsed().as_secs_f64());
-                let s = Instant::now();
-                int4::gemm(&mut out, &q, w4, None, &pool);
-                t4.push(s.elapsed().as_secs_f64());
+                // Inside the pool, as a decode step calls the kernels.
+                pool.install(|| {
+                    let s = Instant::now();
+                    gemm(&mut out, &q, w8, None, &pool);
+                    t8.push(s.elapsed().as_secs_f64());
+                    let s = Instant::now();
+                    int4::gemm(&mut out, &q, w4, None, &pool);
+                    t4.push(s.elapsed().as_secs_f64());
+                });
             }
             let (a, b) = (median(t8), median(t4));
             let (r8, r4, unit) = if m == 1 {
@@ -71,7 +77,7 @@ fn main() {
                 (ops / a / 1e9, ops / b / 1e9, "GOPS")
             };
             println!(
-                "| {n} × {k} | {m} | {r8:.1} {unit} ({:.3} ms) | {r4:.1} {unit} ({:.3} ms) | {:.2}× faster |",
+                "| {n} × {k} | {threads} | {m} | {r8:.1} {unit} ({:.3} ms) | {r4:.1} {unit} ({:.3} ms) | {:.2}× faster |",
                 a * 1e3,
                 b * 1e3,
                 a / b
