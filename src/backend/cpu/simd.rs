@@ -269,3 +269,30 @@ mod tests {
         assert_eq!(max(&[f32::NAN, 1.0]), 1.0);
     }
 }
+
+/// Bytes of a page: the hardware prefetchers do not cross its end.
+pub(crate) const PAGE: usize = 4096;
+/// Lines of the next page asked for when a weight stream enters a page.
+const NEXT_PAGE_LINES: usize = 8;
+
+/// Called every `stride` bytes along a sequential weight stream (`stride` ≤ a page), asks for
+/// the first lines of the next page once per page: when `p` is among the first `stride` bytes
+/// of its page. The hardware prefetchers stop at a page's end and start again cold in the
+/// next one (whose translation is also missed on first touch); asking ahead hides that
+/// restart, which a kernel reading one long stream per thread otherwise pays every 4 KiB: the
+/// int4 GEMV gained by it; the int8 GEMV and head, which read four streams at once, did not
+/// (docs/BENCHMARKS.md, "Issue 28, the int4 GEMV").
+#[inline(always)]
+pub(crate) fn prefetch_next_page(p: *const u8, stride: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if (p as usize) % PAGE < stride {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let next = p.wrapping_add(PAGE - (p as usize) % PAGE);
+        for line in 0..NEXT_PAGE_LINES {
+            // SAFETY: a prefetch is a hint that never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line * 64).cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, stride);
+}

@@ -4,6 +4,7 @@
 use std::arch::x86_64::*;
 
 use super::{TileJob, TileOut, MAX_TOKENS};
+use crate::backend::cpu::simd::prefetch_next_page;
 use crate::model::int4::{STEP_BYTES, STEP_K, SYMMETRIC_ZERO, TILE_ROWS};
 
 /// # Safety
@@ -21,47 +22,56 @@ pub(super) unsafe fn tile(job: &TileJob, f: &mut TileOut) {
     }
 }
 
-/// A step's eight activation bytes as two little-endian i32 (for broadcasts): columns 0..4
-/// and 4..8.
+/// Four activation bytes at `p` as one i32, for a broadcast.
+///
+/// # Safety
+/// `p..p + 4` must be readable.
 #[inline(always)]
-fn quads(x: &[i8; STEP_K]) -> (i32, i32) {
-    let b = x.map(|v| v as u8);
-    (
-        i32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        i32::from_le_bytes([b[4], b[5], b[6], b[7]]),
-    )
+unsafe fn quad(p: *const i8) -> __m512i {
+    // SAFETY: the caller guarantees 4 readable bytes; an unaligned read.
+    _mm512_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 fn tokens<const R: usize>(job: &TileJob, f: &mut TileOut) {
     const { assert!(R <= MAX_TOKENS) };
-    let steps: &[[u8; STEP_BYTES]] = job.data.as_chunks::<STEP_BYTES>().0;
+    let steps = job.k_x / STEP_K;
     assert!(
-        steps.len() * STEP_K >= job.k_x,
+        job.k_x.is_multiple_of(STEP_K) && job.data.len() >= steps * STEP_BYTES,
         "the tile is shorter than the activations"
     );
-    let xs: [&[[i8; STEP_K]]; R] = std::array::from_fn(|t| job.xs[t].as_chunks::<STEP_K>().0);
-    assert!(xs.iter().all(|x| x.len() * STEP_K == job.k_x));
+    assert!(job.xs[..R].iter().all(|x| x.len() == job.k_x));
+    assert!(job.group.is_multiple_of(STEP_K));
     assert!(job.scales.len() >= job.groups() * TILE_ROWS);
     assert!(job
         .zeros
         .is_none_or(|z| z.len() >= job.groups() * TILE_ROWS));
     assert!(job.xsums[..R].iter().all(|s| s.len() >= job.groups()));
+    let (data, per_group) = (job.data.as_ptr(), job.group / STEP_K);
+    let xs: [*const i8; R] = std::array::from_fn(|t| job.xs[t].as_ptr());
 
     let nibbles = _mm512_set1_epi8(0x0f);
     let mut sums = [_mm512_setzero_ps(); R];
     for g in 0..job.groups() {
         let mut lo_acc = [_mm512_setzero_si512(); R];
         let mut hi_acc = [_mm512_setzero_si512(); R];
-        for s in job.steps(g) {
-            // SAFETY: `steps[s]` is 64 readable bytes; `loadu` has no alignment requirement.
-            let v = unsafe { _mm512_loadu_si512(steps[s].as_ptr().cast()) };
+        for s in g * per_group..((g + 1) * per_group).min(steps) {
+            // SAFETY: s < steps: the step's 64 bytes lie in `data` and its 8 activation
+            // bytes in each token's row (asserted above); `loadu` needs no alignment.
+            let p = unsafe { data.add(s * STEP_BYTES) };
+            prefetch_next_page(p, STEP_BYTES);
+            // SAFETY: as above.
+            let v = unsafe { _mm512_loadu_si512(p.cast()) };
             let lo = _mm512_and_si512(v, nibbles);
             let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibbles);
             for t in 0..R {
-                let (q_lo, q_hi) = quads(&xs[t][s]);
-                lo_acc[t] = _mm512_dpbusd_epi32(lo_acc[t], lo, _mm512_set1_epi32(q_lo));
-                hi_acc[t] = _mm512_dpbusd_epi32(hi_acc[t], hi, _mm512_set1_epi32(q_hi));
+                // SAFETY: as above.
+                let (q_lo, q_hi) = unsafe {
+                    let x = xs[t].add(s * STEP_K);
+                    (quad(x), quad(x.add(4)))
+                };
+                lo_acc[t] = _mm512_dpbusd_epi32(lo_acc[t], lo, q_lo);
+                hi_acc[t] = _mm512_dpbusd_epi32(hi_acc[t], hi, q_hi);
             }
         }
         let meta = g * TILE_ROWS..(g + 1) * TILE_ROWS;
