@@ -246,30 +246,6 @@ pub unsafe fn dot_tile_avx2(
     super::matmul::dot_tile_scalar(x, t, tx, w, j, tw, k, acc)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn row_reductions_match_f64() {
-        for len in [0, 1, 7, 8, 31, 32, 33, 100, 257] {
-            let x: Vec<f32> = (0..len)
-                .map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.31)
-                .collect();
-            let want: f64 = x.iter().map(|&v| v as f64).sum();
-            let want_sq: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
-            let want_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            assert!((sum(&x) as f64 - want).abs() < 1e-4, "sum, len {len}");
-            assert!(
-                (sum_squares(&x) as f64 - want_sq).abs() < 1e-3,
-                "squares, len {len}"
-            );
-            assert_eq!(max(&x), want_max, "max, len {len}");
-        }
-        assert_eq!(max(&[f32::NAN, 1.0]), 1.0);
-    }
-}
-
 /// Bytes of a page: the hardware prefetchers do not cross its end.
 pub(crate) const PAGE: usize = 4096;
 /// Lines of the next page asked for when a weight stream enters a page.
@@ -295,4 +271,28 @@ pub(crate) fn prefetch_next_page(p: *const u8, stride: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (p, stride);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_reductions_match_f64() {
+        for len in [0, 1, 7, 8, 31, 32, 33, 100, 257] {
+            let x: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.31)
+                .collect();
+            let want: f64 = x.iter().map(|&v| v as f64).sum();
+            let want_sq: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+            let want_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert!((sum(&x) as f64 - want).abs() < 1e-4, "sum, len {len}");
+            assert!(
+                (sum_squares(&x) as f64 - want_sq).abs() < 1e-3,
+                "squares, len {len}"
+            );
+            assert_eq!(max(&x), want_max, "max, len {len}");
+        }
+        assert_eq!(max(&[f32::NAN, 1.0]), 1.0);
+    }
 }
