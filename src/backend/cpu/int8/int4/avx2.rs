@@ -6,6 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::{TileJob, TileOut, MAX_TOKENS};
+use crate::backend::cpu::simd::prefetch_next_page;
 use crate::model::int4::{STEP_BYTES, STEP_K, SYMMETRIC_ZERO, TILE_ROWS};
 
 /// # Safety
@@ -23,48 +24,57 @@ pub(super) unsafe fn tile(job: &TileJob, f: &mut TileOut) {
     }
 }
 
-/// A step's eight activation bytes as two little-endian i32: columns 0..4 and 4..8.
+/// Four activation bytes at `p` as one i32, for a broadcast.
+///
+/// # Safety
+/// `p..p + 4` must be readable.
 #[inline(always)]
-fn quads(x: &[i8; STEP_K]) -> (i32, i32) {
-    let b = x.map(|v| v as u8);
-    (
-        i32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        i32::from_le_bytes([b[4], b[5], b[6], b[7]]),
-    )
+unsafe fn quad(p: *const i8) -> __m256i {
+    // SAFETY: the caller guarantees 4 readable bytes; an unaligned read.
+    _mm256_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
 }
 
 #[target_feature(enable = "avx2,f16c")]
 fn tokens<const R: usize>(job: &TileJob, f: &mut TileOut) {
     const { assert!(R <= MAX_TOKENS) };
-    let steps: &[[u8; STEP_BYTES]] = job.data.as_chunks::<STEP_BYTES>().0;
+    let steps = job.k_x / STEP_K;
     assert!(
-        steps.len() * STEP_K >= job.k_x,
+        job.k_x.is_multiple_of(STEP_K) && job.data.len() >= steps * STEP_BYTES,
         "the tile is shorter than the activations"
     );
-    let xs: [&[[i8; STEP_K]]; R] = std::array::from_fn(|t| job.xs[t].as_chunks::<STEP_K>().0);
-    assert!(xs.iter().all(|x| x.len() * STEP_K == job.k_x));
+    assert!(job.xs[..R].iter().all(|x| x.len() == job.k_x));
+    assert!(job.group.is_multiple_of(STEP_K));
     assert!(job.scales.len() >= job.groups() * TILE_ROWS);
     assert!(job
         .zeros
         .is_none_or(|z| z.len() >= job.groups() * TILE_ROWS));
     assert!(job.xsums[..R].iter().all(|s| s.len() >= job.groups()));
+    let (data, per_group) = (job.data.as_ptr(), job.group / STEP_K);
+    let xs: [*const i8; R] = std::array::from_fn(|t| job.xs[t].as_ptr());
 
     let nibbles = _mm256_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
     let mut sums = [[_mm256_setzero_ps(); 2]; R];
     for g in 0..job.groups() {
         let mut acc = [[_mm256_setzero_si256(); 2]; R];
-        for s in job.steps(g) {
+        for s in g * per_group..((g + 1) * per_group).min(steps) {
+            // SAFETY: s < steps: the step's 64 bytes lie in `data` and its 8 activation
+            // bytes in each token's row (asserted above).
+            let p = unsafe { data.add(s * STEP_BYTES) };
+            prefetch_next_page(p, STEP_BYTES);
             let mut x_lo = [_mm256_setzero_si256(); R];
             let mut x_hi = [_mm256_setzero_si256(); R];
             for t in 0..R {
-                let (q_lo, q_hi) = quads(&xs[t][s]);
-                x_lo[t] = _mm256_set1_epi32(q_lo);
-                x_hi[t] = _mm256_set1_epi32(q_hi);
+                // SAFETY: as above.
+                unsafe {
+                    let x = xs[t].add(s * STEP_K);
+                    x_lo[t] = quad(x);
+                    x_hi[t] = quad(x.add(4));
+                }
             }
             for h in 0..2 {
-                // SAFETY: bytes 32h..32h+32 of a 64-byte step; `loadu` has no alignment need.
-                let v = unsafe { _mm256_loadu_si256(steps[s][32 * h..].as_ptr().cast()) };
+                // SAFETY: bytes 32h..32h+32 of the step; `loadu` has no alignment need.
+                let v = unsafe { _mm256_loadu_si256(p.add(32 * h).cast()) };
                 let lo = _mm256_and_si256(v, nibbles);
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibbles);
                 for t in 0..R {
