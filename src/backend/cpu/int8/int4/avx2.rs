@@ -72,9 +72,9 @@ fn tokens<const R: usize>(job: &TileJob, f: &mut TileOut) {
                     x_hi[t] = quad(x.add(4));
                 }
             }
-            for h in 0..2 {
-                // SAFETY: bytes 32h..32h+32 of the step; `loadu` has no alignment need.
-                let v = unsafe { _mm256_loadu_si256(p.add(32 * h).cast()) };
+            for (h, offset) in [0, 32].into_iter().enumerate() {
+                // SAFETY: 32 of the step's 64 bytes; `loadu` has no alignment need.
+                let v = unsafe { _mm256_loadu_si256(p.add(offset).cast()) };
                 let lo = _mm256_and_si256(v, nibbles);
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), nibbles);
                 for t in 0..R {
