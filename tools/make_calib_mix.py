@@ -5,6 +5,9 @@
                               (KJV prose, verse, Python, reStructuredText docs) interleaved in
                               ~3 500-character blocks, so a calibration cut short still sees
                               every kind. ~56 000 characters, about 15 000 SmolLM2 tokens.
+  tools/data/calib/mix3.txt   The same, three times as long (`--per-kind 42000 --calib-only
+                              tools/data/calib/mix3.txt`; mix.txt's blocks first): ~168 000
+                              characters, about 42 700 tokens, the W4A8 recipe's calibration.
   tools/data/tune/code.txt    TUNING texts for quantization settings (never calibrated on,
   tools/data/tune/docs.txt    never reported as held-out): Python and reStructuredText, the
                               kinds the KJV tuning text cannot speak for.
