@@ -5,6 +5,9 @@
                               (KJV prose, verse, Python, reStructuredText docs) interleaved in
                               ~3 500-character blocks, so a calibration cut short still sees
                               every kind. ~56 000 characters, about 15 000 SmolLM2 tokens.
+  tools/data/calib/mix3.txt   The same, three times as long (`--per-kind 42000 --calib-only
+                              tools/data/calib/mix3.txt`; mix.txt's blocks first): ~168 000
+                              characters, about 42 700 tokens, the W4A8 recipe's calibration.
   tools/data/tune/code.txt    TUNING texts for quantization settings (never calibrated on,
   tools/data/tune/docs.txt    never reported as held-out): Python and reStructuredText, the
                               kinds the KJV tuning text cannot speak for.
@@ -59,23 +62,44 @@ def cut(text, start, n):
 
 
 def main():
+    # `--per-kind N --calib-only OUT`: only a calibration text of N characters per kind at OUT
+    # (its first PER_KIND characters of each kind interleaved exactly as mix.txt's), the tuning
+    # texts untouched.
+    per_kind, calib_only = PER_KIND, None
+    args = sys.argv[1:]
+    while args:
+        flag, value, args = args[0], args[1], args[2:]
+        if flag == "--per-kind":
+            per_kind = int(value)
+        elif flag == "--calib-only":
+            calib_only = value
+        else:
+            raise SystemExit(f"unknown argument {flag}")
     with tempfile.TemporaryDirectory() as tmp:
         brotli, click = fetch(tmp, "brotli"), fetch(tmp, "click")
         kjv = open(os.path.join(ROOT, "tests/fixtures/trained-moe/calib.txt")).read()
         kinds = [
-            cut(kjv, "", PER_KIND),
-            cut(member(brotli, "tests/testdata/plrabn12.txt"), "Of Man's first disobedience", PER_KIND),
-            CLICK_NOTICE + cut(member(click, "src/click/core.py"), "import enum", PER_KIND),
+            cut(kjv, "", per_kind),
+            cut(member(brotli, "tests/testdata/plrabn12.txt"), "Of Man's first disobedience",
+                per_kind),
+            CLICK_NOTICE + cut(member(click, "src/click/core.py"), "import enum", per_kind),
             cut(member(click, "docs/options.rst") + "\n" + member(click, "docs/commands.rst"),
-                "Options\n", PER_KIND),
+                "Options\n", per_kind),
         ]
         tune = {
             "code": CLICK_NOTICE + cut(member(click, "src/click/types.py"), "import os", 9000),
             "docs": cut(member(click, "docs/advanced.rst"), "Advanced Patterns", 9600),
         }
+    if any(len(k) < per_kind for k in kinds):
+        raise SystemExit(f"a source is shorter than {per_kind} characters")
     blocks = []
-    for b in range(0, PER_KIND, BLOCK):
+    for b in range(0, per_kind, BLOCK):
         blocks += [k[b:b + BLOCK] for k in kinds]
+    if calib_only:
+        with open(calib_only, "w") as f:
+            f.write("\n".join(blocks) + "\n")
+        print(calib_only, os.path.getsize(calib_only), "bytes")
+        return
     os.makedirs(os.path.join(HERE, "data/calib"), exist_ok=True)
     os.makedirs(os.path.join(HERE, "data/tune"), exist_ok=True)
     out = os.path.join(HERE, "data/calib/mix.txt")

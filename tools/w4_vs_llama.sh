@@ -10,8 +10,8 @@
 #   F32 (the Q4_1 blocks dequantized), and Q4_K_M / Q4_0 are quantized from that F32 file (no
 #   imatrix); edgemoe's f32 is `ppl --gguf-f32` of the same GGUF, and its W4A8 is `quantize
 #   --bits 4` with every attention and MLP linear at 4 bits, in groups of 32, but v_proj and
-#   down_proj (int8, as llama.cpp's Q4_K_M gives those more bits too; W4_ARGS overrides; the
-#   tied embedding / head stays int8 weight-only) with the haq method on tools/data/calib/mix.txt. The text is the held-out set (tools/data/heldout/:
+#   up_proj (int8; W4_ARGS overrides; the tied embedding / head stays int8 weight-only) with the
+#   haq method on tools/data/calib/mix3.txt. The text is the held-out set (tools/data/heldout/:
 #   prose, docs, play, code, recall, concatenated; never calibrated on).
 #   Protocols: llama-perplexity cuts the text into chunks of ctx tokens and scores only the
 #   second half of each chunk (tokens ctx/2+1 .. ctx-1); edgemoe ppl scores every token of
@@ -35,7 +35,8 @@
 # LLAMA_CPP_DIR and LLAMA_CPP_VENV as that script does, and LLAMA_CPP_BIN (the directory of its
 # binaries: target/llama.cpp/build-avx2/bin after `tools/llama_cpp.sh build-avx2` for the AVX2
 # stand-in, with EDGEMOE_INT8_TIER=avx2 EDGEMOE_HALF_TIER=avx2 for edgemoe). Environment:
-# PAIRS, CTXS (default "256 1024"), METHOD (SmolLM2's edgemoe method, default haq).
+# PAIRS, CTXS (default "256 1024"), METHOD (SmolLM2's edgemoe method, default haq), W4_ARGS and
+# W4_CALIB (SmolLM2's W4A8 linears and calibration text, below).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -45,12 +46,18 @@ llama=${LLAMA_CPP_BIN:-${LLAMA_CPP_DIR:-$repo/target/llama.cpp}/build/bin}
 pairs=${PAIRS:-3}
 ctxs=${CTXS:-256 1024}
 method=${METHOD:-haq}
-# SmolLM2's linears at 4 bits: all but v_proj and down_proj, which stay int8, in groups of 32
-# (both chosen by KL on the quantization tuning texts within Q4_K_M's file size:
-# docs/quantization.md, fifth and sixth rounds). The first recipe, every linear at 4 bits in
-# groups of 64, is W4_ARGS="--int4 self_attn --int4 mlp --group-size 64".
+# SmolLM2's linears at 4 bits: all but v_proj and up_proj, which stay int8, in groups of 32,
+# calibrated on mix3.txt (three times mix.txt's text) — each chosen by mean KL from f32 on the
+# quantization tuning texts (tools/data/tune/ and the KJV heldout.txt's first 9 600 bytes,
+# tools/quant_sensitivity.sh) within Q4_K_M's file size: docs/quantization.md, fifth, sixth and
+# seventh rounds (v_proj and down_proj int8 on mix.txt, the sixth round's recipe: 48.88
+# millinats; up_proj instead of down_proj 46.15; and on mix3.txt 45.09). The first recipe, every
+# linear at 4 bits in groups of 64, is W4_ARGS="--int4 self_attn --int4 mlp --group-size 64";
+# the sixth round's, W4_ARGS="--int4 q_proj --int4 k_proj --int4 o_proj --int4 gate_proj
+# --int4 up_proj --group-size 32" with W4_CALIB=tools/data/calib/mix.txt.
 # shellcheck disable=SC2206 # a list of arguments
-w4_args=(${W4_ARGS:---int4 q_proj --int4 k_proj --int4 o_proj --int4 gate_proj --int4 up_proj --group-size 32})
+w4_args=(${W4_ARGS:---int4 q_proj --int4 k_proj --int4 o_proj --int4 gate_proj --int4 down_proj --group-size 32})
+w4_calib=${W4_CALIB:-tools/data/calib/mix3.txt}
 out=target/w4_vs_llama
 mkdir -p "$out"
 load0=$(cut -d' ' -f1-3 /proc/loadavg) # other tenants of a shared machine move every timing
@@ -116,8 +123,9 @@ if [[ $what == ppl || $what == all ]]; then
   once "$s-f32.gguf" "$llama/llama-quantize" --allow-requantize "$gguf" "$s-f32.gguf" F32
   once "$s-q4_k_m.gguf" "$llama/llama-quantize" "$s-f32.gguf" "$s-q4_k_m.gguf" Q4_K_M
   once "$s-q4_0.gguf" "$llama/llama-quantize" "$s-f32.gguf" "$s-q4_0.gguf" Q4_0
-  once "$s-w4a8.emoe" "$edgemoe" quantize --model "$gguf" --calib tools/data/calib/mix.txt \
-    --method "$method" --bits 4 "${w4_args[@]}" --threads 2 --out "$s-w4a8.emoe"
+  once "$s-w4a8.emoe" "$edgemoe" quantize --model "$gguf" --calib "$w4_calib" \
+    --calib-tokens 60000 --method "$method" --bits 4 "${w4_args[@]}" --threads 2 \
+    --out "$s-w4a8.emoe"
   grep -h "quantized linears" "$s-w4a8.emoe.log" >&2 || true
   m=SmolLM2-135M
   for f in f32 q4_k_m q4_0; do row size $m "llama.cpp ${f^^}" bytes "$(size "$s-$f.gguf")"; done

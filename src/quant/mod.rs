@@ -6,6 +6,7 @@
 //! `haq` (both).
 
 pub(crate) mod calibrate;
+mod errors;
 pub mod gptq;
 pub mod gptq4;
 pub(crate) mod head;
@@ -806,6 +807,9 @@ fn quantize_linear(
     };
     let w = &rows[..];
     let (n, k) = (lin.out_features, lin.in_features);
+    if let (Some(f), Some(h), Some(int4)) = (factor, hessian, opts.int4.as_ref()) {
+        errors::report(&lin.name, w, n, k, f, h, opts, int4.grid);
+    }
     if let Some(grid) = opts.int4.as_ref().and_then(|o| o.grid_for(&lin.name)) {
         let q = match factor {
             Some(f) if opts.method.uses_hessian() => {
