@@ -49,11 +49,12 @@ pub(super) fn report(
     let Some(path) = std::env::var_os("EDGEMOE_QUANT_ERRORS") else {
         return;
     };
+    // Int8 scales are stored as f32 (the store's int8 layout), so no rounding of them here.
     let (q8, s8) = gptq_factored(w, n, f);
     let w8: Vec<f32> = q8
         .iter()
         .enumerate()
-        .map(|(idx, &q)| f32::from(q) * half::f16::from_f32(s8[idx / k]).to_f32())
+        .map(|(idx, &q)| f32::from(q) * s8[idx / k])
         .collect();
     let mut q4 = gptq4::gptq4_factored(w, n, f, grid, opts.int4_rule);
     if opts.int4_refit && f.hinv.is_some() {
