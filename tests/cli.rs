@@ -304,6 +304,45 @@ fn synth_moe_writes_only_files_it_can_read() {
     }
 }
 
+/// `bench --json` names the kernel tier of every CPU kernel family, and `EDGEMOE_CPU=scalar`
+/// puts every one of them on its portable path (the int8, int4, half and head families have
+/// their own tier variables, which it caps too).
+#[test]
+fn bench_names_kernel_tiers_and_cpu_scalar_caps_them_all() {
+    let tiers = |env: Option<(&str, &str)>| -> serde_json::Value {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgemoe"));
+        cmd.args(["bench", "--model"])
+            .arg(model())
+            .args(["-p", "2", "-n", "2", "-r", "1", "--threads", "1", "--json"])
+            .env_remove("EDGEMOE_CPU")
+            .env_remove("EDGEMOE_INT8_TIER")
+            .env_remove("EDGEMOE_HALF_TIER");
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run edgemoe bench");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        doc["cpu_kernels"].clone()
+    };
+    let families = ["f32", "int8", "int4", "half", "int8_head"];
+    let native = tiers(None);
+    for f in families {
+        assert!(native[f].is_string(), "{f} in {native}");
+    }
+    let scalar = tiers(Some(("EDGEMOE_CPU", "scalar")));
+    for f in families {
+        assert_eq!(
+            scalar[f], "scalar",
+            "{f} under EDGEMOE_CPU=scalar: {scalar}"
+        );
+    }
+}
+
 /// `bench --membw` prints the measured read bandwidth and, per decode row, the tokens/s it
 /// allows for the row's bytes per token: checked by redoing the arithmetic from the printed
 /// figures (bound × MB/token = bandwidth, share = measured / bound).

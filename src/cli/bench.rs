@@ -211,11 +211,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     });
     if a.json {
         let mut doc = report::json(&info, &results);
-        if let (Some((threads, gbs)), Some(obj)) = (bandwidth, doc.as_object_mut()) {
-            obj.insert(
-                "read_bandwidth".into(),
-                serde_json::json!({"threads": threads, "gb_per_s": gbs}),
-            );
+        if let Some(obj) = doc.as_object_mut() {
+            obj.insert("cpu_kernels".into(), crate::backend::cpu::kernel_tiers());
+            if let Some((threads, gbs)) = bandwidth {
+                obj.insert(
+                    "read_bandwidth".into(),
+                    serde_json::json!({"threads": threads, "gb_per_s": gbs}),
+                );
+            }
         }
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else if a.csv {

@@ -10,12 +10,15 @@ pub struct CpuFeatures {
 
 pub fn cpu_features() -> CpuFeatures {
     static FEATURES: OnceLock<CpuFeatures> = OnceLock::new();
-    *FEATURES.get_or_init(|| {
-        let forced_scalar = std::env::var("EDGEMOE_CPU").is_ok_and(|v| v == "scalar");
-        CpuFeatures {
-            avx2_fma: !forced_scalar && detect_avx2_fma(),
-        }
+    *FEATURES.get_or_init(|| CpuFeatures {
+        avx2_fma: !forced_scalar() && detect_avx2_fma(),
     })
+}
+
+/// `EDGEMOE_CPU=scalar`: every kernel family (f32, int8 and int4, bf16/f16 and the weight-only
+/// head, the quantizer's factorizations) runs its portable path.
+pub(crate) fn forced_scalar() -> bool {
+    std::env::var("EDGEMOE_CPU").is_ok_and(|v| v == "scalar")
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -219,7 +219,12 @@ fn cpu_has_avx512() -> bool {
 pub fn active_tier() -> Tier {
     static ACTIVE: OnceLock<Tier> = OnceLock::new();
     *ACTIVE.get_or_init(|| {
-        let best = Tier::best_supported();
+        // `EDGEMOE_CPU=scalar` caps this family too, as it does every kernel.
+        let best = if crate::backend::cpu::simd::forced_scalar() {
+            Tier::Scalar
+        } else {
+            Tier::best_supported()
+        };
         let requested = std::env::var(TIER_ENV).ok();
         resolve_tier(requested.as_deref(), best).unwrap_or_else(|e| {
             eprintln!("edgemoe: {TIER_ENV}: {e}; using the {best} half kernels");
