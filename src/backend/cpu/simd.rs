@@ -250,7 +250,7 @@ pub unsafe fn dot_tile_avx2(
 }
 
 /// Bytes of a page: the hardware prefetchers do not cross its end.
-pub(crate) const PAGE: usize = 4096;
+const PAGE: usize = 4096;
 /// Lines of the next page asked for when a weight stream enters a page.
 const NEXT_PAGE_LINES: usize = 8;
 
